@@ -1,0 +1,43 @@
+"""Wire a configuration into a ready-to-use shelf: model runner, tokenizer, cache engine, generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvshelf.cache.engine import CacheEngine
+from kvshelf.config import KVShelfConfig
+from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.model.loader import LoadedModel, load_model
+from kvshelf.model.runner import ModelRunner
+from kvshelf.storage.memory import MemoryBackend
+
+
+@dataclass
+class Shelf:
+    config: KVShelfConfig
+    model: LoadedModel
+    engine: CacheEngine | None
+    generator: CachedGenerator
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self.model.runner
+
+
+def build_engine(config: KVShelfConfig, runner: ModelRunner) -> CacheEngine | None:
+    if not config.local_cpu:
+        return None
+    return CacheEngine(
+        runner.fingerprint(),
+        MemoryBackend(config.cpu_capacity_bytes),
+        chunk_size=config.chunk_size,
+        save_partial_chunks=config.save_unfull_chunk,
+    )
+
+
+def open_shelf(config: KVShelfConfig | None = None, *, show_progress: bool = True) -> Shelf:
+    config = config or KVShelfConfig()
+    loaded = load_model(config.model, device=config.device, dtype=config.dtype, show_progress=show_progress)
+    engine = build_engine(config, loaded.runner)
+    generator = CachedGenerator(loaded.runner, engine, loaded.tokenizer, store_generated=config.store_generated)
+    return Shelf(config, loaded, engine, generator)

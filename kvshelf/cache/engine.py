@@ -1,0 +1,181 @@
+"""The cache engine: lookup, retrieve and store chunked prefix KV. Knows nothing about models or devices.
+
+KV travels as one tensor per chunk, laid out [layers, 2 (K, V), kv_heads, tokens, head_dim], with keys
+already rotated for their absolute positions (prefix reuse keeps positions, so nothing is re-rotated).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvshelf.cache.fingerprint import ModelFingerprint
+from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkKey, chain_root, chunk_keys
+from kvshelf.errors import ConfigError
+from kvshelf.storage.base import ChunkMeta, StorageBackend, StoredChunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    lookups: int = 0
+    requested_tokens: int = 0
+    hit_tokens: int = 0
+    stored_tokens: int = 0
+    stored_bytes: int = 0
+    retrieved_bytes: int = 0
+    rejected_chunks: int = 0  # stored objects that failed verification and were deleted
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Retrieved:
+    num_tokens: int
+    kv: torch.Tensor | None  # [layers, 2, kv_heads, num_tokens, head_dim] or None on a full miss
+
+
+def validate_chunk_size(chunk_size: int) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise ConfigError(f"chunk_size must be an integer, got {chunk_size!r}")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ConfigError(f"chunk_size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} tokens, got {chunk_size}")
+    return chunk_size
+
+
+class CacheEngine:
+    def __init__(
+        self,
+        fingerprint: ModelFingerprint,
+        backend: StorageBackend,
+        *,
+        chunk_size: int = 256,
+        save_partial_chunks: bool = True,
+    ):
+        self.fingerprint = fingerprint
+        self._fp_digest = fingerprint.digest()
+        self.backend = backend
+        self.chunk_size = validate_chunk_size(chunk_size)
+        self.save_partial_chunks = save_partial_chunks
+        self.stats = EngineStats()
+        self._stats_lock = threading.Lock()
+
+    # -- keys -------------------------------------------------------------------------------------
+    def keys(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkKey]:
+        return chunk_keys(tokens, self.chunk_size, chain_root(self._fp_digest, salt), include_partial=True)
+
+    def _expected_shape(self, num_tokens: int) -> tuple[int, ...]:
+        fp = self.fingerprint
+        return (fp.num_layers, 2, fp.num_kv_heads, num_tokens, fp.head_dim)
+
+    def _verified(self, key: ChunkKey, chunk: StoredChunk | None) -> StoredChunk | None:
+        """The chunk if it is exactly what this key promises; otherwise delete it and report a miss."""
+        if chunk is None:
+            return None
+        meta = chunk.meta
+        problem = None
+        if meta.fingerprint != self._fp_digest:
+            problem = "model fingerprint differs"
+        elif meta.num_tokens != key.num_tokens:
+            problem = f"holds {meta.num_tokens} tokens, key covers {key.num_tokens}"
+        elif tuple(chunk.kv.shape) != self._expected_shape(key.num_tokens) or tuple(meta.shape) != tuple(
+            chunk.kv.shape
+        ):
+            problem = f"shape {tuple(chunk.kv.shape)} != expected {self._expected_shape(key.num_tokens)}"
+        elif chunk.kv.dtype != meta.dtype or str(meta.dtype).removeprefix("torch.") != self.fingerprint.dtype:
+            problem = f"dtype {chunk.kv.dtype} != {self.fingerprint.dtype}"
+        if problem is None:
+            return chunk
+        log.warning("rejecting cached chunk %s from %s: %s", key.hex(), self.backend.name, problem)
+        self.backend.delete(key.digest)
+        with self._stats_lock:
+            self.stats.rejected_chunks += 1
+        return None
+
+    # -- verbs ------------------------------------------------------------------------------------
+    def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
+        """How many leading tokens of `tokens` have cached KV (chunk granular)."""
+        hit = 0
+        for key in self.keys(tokens, salt):
+            if not self.backend.contains(key.digest):
+                break
+            hit = key.end
+        return hit
+
+    def retrieve_chunks(
+        self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None
+    ) -> Iterator[tuple[ChunkKey, torch.Tensor]]:
+        """Yield (key, kv) for the longest cached prefix, stopping at the first miss or at `max_tokens`.
+
+        The last chunk is sliced when `max_tokens` falls inside it. Stats count what was actually yielded.
+        """
+        limit = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
+        hit = 0
+        try:
+            for key in self.keys(tokens, salt):
+                if key.start >= limit:
+                    break
+                chunk = self._verified(key, self.backend.get(key.digest))
+                if chunk is None:
+                    break
+                kv = chunk.kv
+                if key.end > limit:
+                    kv = kv[:, :, :, : limit - key.start]
+                    key = ChunkKey(key.digest, key.start, limit)
+                hit = key.end
+                with self._stats_lock:
+                    self.stats.retrieved_bytes += kv.numel() * kv.element_size()
+                yield key, kv
+        finally:
+            with self._stats_lock:
+                self.stats.lookups += 1
+                self.stats.requested_tokens += limit
+                self.stats.hit_tokens += hit
+
+    def retrieve(self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None) -> Retrieved:
+        parts = [kv for _, kv in self.retrieve_chunks(tokens, salt, max_tokens=max_tokens)]
+        if not parts:
+            return Retrieved(0, None)
+        kv = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0]
+        return Retrieved(kv.shape[3], kv)
+
+    def store(self, tokens: Sequence[int], kv: torch.Tensor, salt: str | None = None, *, start: int = 0) -> int:
+        """Store the chunks of `tokens` whose KV is in `kv`; return how many tokens were newly stored.
+
+        `kv` is [layers, 2, kv_heads, T, head_dim] on any device, covering tokens[0:T] (T may exceed
+        len(tokens)); chunks ending at or before `start`, and chunks already cached, are skipped.
+        """
+        if kv.dim() != 5 or kv.shape[3] < len(tokens):
+            raise ValueError(f"kv must be [layers, 2, heads, >= {len(tokens)} tokens, dim], got {tuple(kv.shape)}")
+        expected = self._expected_shape(kv.shape[3])
+        if tuple(kv.shape) != expected:
+            raise ValueError(f"kv shape {tuple(kv.shape)} does not match the model fingerprint {expected}")
+        stored_tokens = stored_bytes = 0
+        for key in self.keys(tokens, salt):
+            if key.end <= start:
+                continue
+            if key.num_tokens < self.chunk_size and not self.save_partial_chunks:
+                break
+            if self.backend.contains(key.digest):
+                continue
+            piece = kv[:, :, :, key.start : key.end]
+            host = torch.empty(piece.shape, dtype=piece.dtype, device="cpu")
+            host.copy_(piece)
+            meta = ChunkMeta(self._fp_digest, key.num_tokens, tuple(host.shape), host.dtype)
+            chunk = StoredChunk(meta, host)
+            if self.backend.put(key.digest, chunk):
+                stored_tokens += key.num_tokens
+                stored_bytes += chunk.nbytes
+        with self._stats_lock:
+            self.stats.stored_tokens += stored_tokens
+            self.stats.stored_bytes += stored_bytes
+        return stored_tokens
+
+    def clear(self) -> None:
+        self.backend.clear()

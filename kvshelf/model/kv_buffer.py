@@ -1,0 +1,46 @@
+"""The model runner's working KV for one sequence: one dense tensor, written in place, read per layer.
+
+Layout [layers, 2 (K, V), kv_heads, capacity, head_dim], the same as a cached chunk's, so loading a chunk
+is one slice copy and storing one is a slice read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVBuffer:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, *, dtype, device):
+        self.data = torch.zeros(num_layers, 2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.length = 0  # tokens [0, length) hold valid KV
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def _check_room(self, end: int) -> None:
+        if end > self.capacity:
+            raise ValueError(f"KV buffer holds {self.capacity} tokens, asked to write up to token {end}")
+
+    def load_chunk(self, start: int, kv: torch.Tensor) -> None:
+        """Copy a cached chunk [layers, 2, heads, n, dim] into tokens [start, start + n)."""
+        end = start + kv.shape[3]
+        self._check_room(end)
+        self.data[:, :, :, start:end].copy_(kv, non_blocking=True)
+        self.length = max(self.length, end)
+
+    def write_layer(self, layer: int, positions: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K and V ([heads, n, dim]) of one layer at `positions` (a slice or index tensor)."""
+        self.data[layer, 0, :, positions] = k
+        self.data[layer, 1, :, positions] = v
+
+    def layer_kv(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[layer, 0, :, start:end], self.data[layer, 1, :, start:end]
+
+    def tokens(self, end: int | None = None) -> torch.Tensor:
+        """View of all layers' KV for tokens [0, end)."""
+        return self.data[:, :, :, : self.length if end is None else end]

@@ -1,0 +1,245 @@
+"""An explicit per-layer forward over a HF causal LM's own modules, with kvshelf owning the KV.
+
+The runner reuses the model's weights, norms, MLPs and rotary embeddings, and does attention itself so that
+KV can be loaded, stored, re-positioned or partially recomputed between layers. It is the one place on the
+HF path where prefill and decode run.
+
+Supported: Llama/Mistral, Qwen2/Qwen3 (pre-norm blocks) and Gemma 3 (sandwich norms, sliding and global
+layers with their own rope bases).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvshelf.cache.fingerprint import ModelFingerprint
+from kvshelf.errors import UnsupportedModelError
+from kvshelf.model.kv_buffer import KVBuffer
+
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
+
+# Called after each layer's forward: (layer index, runner, kv buffer). Layerwise store hooks in here.
+LayerHook = Callable[[int, "ModelRunner", KVBuffer], None]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    window: int | None  # sliding window in tokens, None for global attention
+    rope_key: str | None  # layer type passed to a per-type rotary embedding (Gemma 3), else None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def _weights_digest(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A digest of the weights from names, shapes and a strided sample of each tensor: cheap, and any
+    fine-tune or different checkpoint changes it."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::stride][:samples_per_tensor].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+class ModelRunner:
+    def __init__(self, model, *, model_id: str | None = None):
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"model type {model_type!r} is not supported; supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+            )
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise UnsupportedModelError("attention logit soft-capping (Gemma 2 style) is not supported")
+        self.model = model.eval()
+        self.config = config
+        self.model_id = model_id or getattr(config, "_name_or_path", None) or model_type
+        inner = model.model
+        self.embed_tokens = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.lm_head = model.lm_head
+        self.rotary = inner.rotary_emb
+        self._rotary_takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self._sandwich_norms = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        attn0 = self.layers[0].self_attn
+        self.num_layers = len(self.layers)
+        self.head_dim = attn0.head_dim
+        self.num_kv_heads = config.num_key_value_heads
+        self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 31))
+        self.layer_specs = [self._layer_spec(i, layer) for i, layer in enumerate(self.layers)]
+        self._fingerprint: ModelFingerprint | None = None
+
+    def _layer_spec(self, index: int, layer) -> LayerSpec:
+        attn = layer.self_attn
+        if hasattr(attn, "sliding_window"):  # Gemma 3, Qwen2/3: per-layer attribute (None on global layers)
+            window = attn.sliding_window
+        else:  # Mistral: one window for every layer, or None
+            window = getattr(self.config, "sliding_window", None)
+        layer_types = getattr(self.config, "layer_types", None)
+        rope_key = layer_types[index] if (self._rotary_takes_type and layer_types) else None
+        return LayerSpec(window=window, rope_key=rope_key)
+
+    # -- identity ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def fingerprint(self) -> ModelFingerprint:
+        if self._fingerprint is None:
+            cfg = self.config
+            extra = {
+                "model_type": cfg.model_type,
+                "rope": getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None),
+                "layers": [(s.window, s.rope_key) for s in self.layer_specs],
+                "scaling": [float(layer.self_attn.scaling) for layer in self.layers[:1]],
+            }
+            self._fingerprint = ModelFingerprint(
+                model_id=str(self.model_id),
+                weights_digest=_weights_digest(self.model),
+                dtype=str(self.dtype).removeprefix("torch."),
+                num_layers=self.num_layers,
+                num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim,
+                extra=extra,
+            )
+        return self._fingerprint
+
+    def new_kv(self, capacity: int) -> KVBuffer:
+        return KVBuffer(
+            self.num_layers, self.num_kv_heads, self.head_dim, capacity, dtype=self.dtype, device=self.device
+        )
+
+    # -- forward pieces ------------------------------------------------------------------------------
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(token_ids.view(1, -1))
+
+    def rope_tables(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
+        """cos/sin per rope kind for these positions, computed once per forward and shared by layers."""
+        pos = positions.view(1, -1)
+        tables = {}
+        for spec in self.layer_specs:
+            if spec.rope_key not in tables:
+                if self._rotary_takes_type:
+                    tables[spec.rope_key] = self.rotary(hidden, pos, spec.rope_key)
+                else:
+                    tables[spec.rope_key] = self.rotary(hidden, pos)
+        return tables
+
+    @staticmethod
+    def attention_mask(positions: torch.Tensor, key_end: int, key_start: int, window: int | None):
+        """Boolean [queries, keys] mask: query at position p sees key j iff j <= p and p - j < window."""
+        keys = torch.arange(key_start, key_end, device=positions.device)
+        q = positions.view(-1, 1)
+        allowed = keys.view(1, -1) <= q
+        if window is not None:
+            allowed &= (q - keys.view(1, -1)) < window
+        return allowed
+
+    def layer_forward(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVBuffer,
+        rope: dict,
+        masks: dict,
+    ) -> torch.Tensor:
+        """Run decoder layer `index` for the tokens at `positions` (KV index = position), writing their K/V
+        into `kv` and attending over every cached token up to the last position."""
+        layer = self.layers[index]
+        spec = self.layer_specs[index]
+        residual = hidden
+        x = layer.input_layernorm(hidden)
+        x = self._attention(index, layer.self_attn, x, positions, kv, rope[spec.rope_key], masks, spec.window)
+        if self._sandwich_norms:
+            x = layer.post_attention_layernorm(x)
+            hidden = residual + x
+            x = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+        else:
+            hidden = residual + x
+            x = layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + x
+
+    def _attention(self, index, attn, x, positions, kv: KVBuffer, cos_sin, masks, window):
+        n = x.shape[1]
+        q = attn.q_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = cos_sin
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        first, last = int(positions[0]), int(positions[-1])
+        contiguous = last - first + 1 == n
+        kv.write_layer(index, slice(first, last + 1) if contiguous else positions, k[0], v[0])
+        end = last + 1
+        # Keys a sliding layer can never see are not read at all.
+        start = max(0, first - window + 1) if window is not None else 0
+        keys, values = kv.layer_kv(index, start, end)
+        mask = None
+        if n > 1 or not contiguous:
+            mask_key = (window, start)
+            if mask_key not in masks:
+                masks[mask_key] = self.attention_mask(positions, end, start, window)
+            mask = masks[mask_key]
+        out = F.scaled_dot_product_attention(
+            q, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=attn.scaling, enable_gqa=True
+        )
+        return attn.o_proj(out.transpose(1, 2).reshape(1, n, -1))
+
+    def final_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(hidden_last))
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits.view(-1).float()
+
+    # -- whole forward -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor | list[int],
+        start: int,
+        kv: KVBuffer,
+        *,
+        layer_hook: LayerHook | None = None,
+    ) -> torch.Tensor:
+        """Compute tokens at positions [start, start + n) over KV already in `kv` for [0, start).
+
+        Returns the logits of the last position only (float32, [vocab]).
+        """
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(-1)
+        n = ids.numel()
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        positions = torch.arange(start, start + n, device=self.device)
+        hidden = self.embed(ids)
+        rope = self.rope_tables(hidden, positions)
+        masks: dict = {}
+        for i in range(self.num_layers):
+            hidden = self.layer_forward(i, hidden, positions, kv, rope, masks)
+            if layer_hook is not None:
+                layer_hook(i, self, kv)
+        kv.length = max(kv.length, start + n)
+        return self.final_logits(hidden[:, -1:])

@@ -1,0 +1,69 @@
+"""The model runner's per-layer forward against the HF model's own forward, for every supported family."""
+
+import pytest
+import torch
+from conftest import FAMILIES
+
+from kvshelf.errors import UnsupportedModelError
+from kvshelf.model.runner import ModelRunner
+
+# fp32 on CPU: our attention and HF's differ only in summation order.
+LOGIT_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_decode_match_hf_forward(family, tiny_models):
+    model = tiny_models(family)
+    runner = ModelRunner(model)
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (90,))  # longer than the tiny sliding window (24)
+    with torch.no_grad():
+        ref = model(ids.view(1, -1)).logits[0]
+
+    kv = runner.new_kv(90)
+    assert torch.allclose(runner.forward(ids, 0, kv), ref[-1], atol=LOGIT_ATOL)
+
+    # Same logits when the prompt is computed in pieces over the KV buffer, then decoded token by token.
+    kv = runner.new_kv(90)
+    runner.forward(ids[:37], 0, kv)
+    assert torch.allclose(runner.forward(ids[37:80], 37, kv), ref[79], atol=LOGIT_ATOL)
+    for pos in range(80, 90):
+        assert torch.allclose(runner.forward(ids[pos : pos + 1], pos, kv), ref[pos], atol=LOGIT_ATOL)
+    assert kv.length == 90
+
+
+def test_layer_specs_reflect_sliding_and_global_layers(tiny_models):
+    gemma = ModelRunner(tiny_models("gemma3"))
+    assert [s.window for s in gemma.layer_specs] == [24, None, 24, None]
+    assert [s.rope_key for s in gemma.layer_specs] == [
+        "sliding_attention",
+        "full_attention",
+        "sliding_attention",
+        "full_attention",
+    ]
+    assert [s.window for s in ModelRunner(tiny_models("qwen2")).layer_specs] == [None, None, 24, 24]
+    assert [s.window for s in ModelRunner(tiny_models("llama")).layer_specs] == [None] * 4
+
+
+def test_layer_hook_sees_every_layer_in_order(tiny_models):
+    runner = ModelRunner(tiny_models("llama"))
+    seen = []
+    runner.forward(list(range(10)), 0, runner.new_kv(10), layer_hook=lambda i, r, kv: seen.append(i))
+    assert seen == [0, 1, 2, 3]
+
+
+def test_fingerprint_is_stable_and_weight_sensitive(tiny_models):
+    from conftest import build_tiny_model
+
+    a = ModelRunner(tiny_models("llama")).fingerprint()
+    assert a == ModelRunner(build_tiny_model("llama")).fingerprint()
+    assert a.digest() != ModelRunner(build_tiny_model("llama", seed=1)).fingerprint().digest()
+    assert a.digest() != ModelRunner(tiny_models("qwen2")).fingerprint().digest()
+
+
+def test_unsupported_model_type_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        ModelRunner(model)
