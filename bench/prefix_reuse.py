@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import pydoc_data.topics
 import statistics
 from pathlib import Path
 
-import pydoc_data.topics
 import torch
 from rich.console import Console
 from rich.progress import Progress
