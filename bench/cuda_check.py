@@ -1,0 +1,125 @@
+"""Check the model runner and prefix reuse on a CUDA GPU (run on the lent H200; CI has no GPU).
+
+    python bench/cuda_check.py [--json out.json]
+
+1. Tiny random Llama/Mistral/Qwen2/Qwen3/Gemma 3 on CUDA, fp32 (TF32 off): runner logits vs the HF model's
+   own forward, and greedy output with vs without prefix reuse. bf16: greedy output with vs without reuse.
+2. A 1B-class random Llama-shaped model in bf16: TTFT of full prefill vs a fully cached prompt at 1K-8K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import FAMILIES, build_tiny_model  # noqa: E402
+
+from kvshelf.cache.engine import CacheEngine  # noqa: E402
+from kvshelf.integrations.hf import CachedGenerator  # noqa: E402
+from kvshelf.model.runner import ModelRunner  # noqa: E402
+from kvshelf.storage.memory import MemoryBackend  # noqa: E402
+
+
+def generator(model) -> CachedGenerator:
+    runner = ModelRunner(model)
+    return CachedGenerator(runner, CacheEngine(runner.fingerprint(), MemoryBackend(8 << 30), chunk_size=64))
+
+
+def tiny_checks(device: str) -> list[dict]:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    for family in FAMILIES:
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build_tiny_model(family).to(device=device, dtype=dtype)
+            gen = generator(model)
+            ids = torch.randint(4, 320, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+            with torch.no_grad():
+                ref = model(torch.tensor([ids], device=device)).logits[0, -1].float()
+            kv = gen.runner.new_kv(len(ids))
+            ours = gen.runner.forward(ids, 0, kv)
+            plain = gen.generate(ids, max_new_tokens=16, use_cache=False, stop_at_eos=False)
+            gen.generate(ids, max_new_tokens=1)
+            warm = gen.generate(ids, max_new_tokens=16, stop_at_eos=False)
+            rows.append(
+                {
+                    "family": family,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "max_logit_diff_vs_hf": (ours - ref).abs().max().item(),
+                    "logit_scale": ref.abs().max().item(),
+                    "hit_tokens": warm.hit_tokens,
+                    "same_greedy_output": warm.token_ids == plain.token_ids,
+                    "max_logit_diff_reuse": (warm.first_logits - plain.first_logits).abs().max().item(),
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def speed_check(device: str, lengths=(1024, 2048, 4096, 8192), repeats=5) -> list[dict]:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=16384,
+    )
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    gen = generator(model)
+    gen.generate(list(range(100)), max_new_tokens=2, use_cache=False)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        gen.generate(ids, max_new_tokens=1)
+        plain, cached = [], []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            plain.append(gen.generate(ids, max_new_tokens=1, use_cache=False).ttft_s)
+            torch.cuda.synchronize()
+            r = gen.generate(ids, max_new_tokens=1)
+            cached.append(r.ttft_s)
+        p, c = statistics.median(plain), statistics.median(cached)
+        rows.append(
+            {
+                "tokens": n,
+                "hit": r.hit_tokens,
+                "full_prefill_s": p,
+                "cached_s": c,
+                "speedup": p / c,
+                "kv_mb": r.loaded_bytes / 1e6,
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU visible")
+    print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
+    out = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "tiny": tiny_checks("cuda"),
+        "speed": speed_check("cuda"),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
