@@ -9,7 +9,7 @@ from kvshelf.config import KVShelfConfig
 from kvshelf.integrations.hf import CachedGenerator
 from kvshelf.model.loader import LoadedModel, load_model
 from kvshelf.model.runner import ModelRunner
-from kvshelf.storage.memory import MemoryBackend
+from kvshelf.storage.factory import build_tiers
 
 
 @dataclass
@@ -23,13 +23,19 @@ class Shelf:
     def runner(self) -> ModelRunner:
         return self.model.runner
 
+    def close(self) -> None:
+        """Finish write-behind and close tier connections."""
+        if self.engine is not None:
+            self.engine.close()
+
 
 def build_engine(config: KVShelfConfig, runner: ModelRunner) -> CacheEngine | None:
-    if not config.local_cpu:
+    tiers = build_tiers(config)
+    if tiers is None:
         return None
     return CacheEngine(
         runner.fingerprint(),
-        MemoryBackend(config.cpu_capacity_bytes),
+        tiers,
         chunk_size=config.chunk_size,
         save_partial_chunks=config.save_unfull_chunk,
     )

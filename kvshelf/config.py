@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from kvshelf.codecs import CODEC_NAMES
 from kvshelf.errors import ConfigError
 
 GB = 1 << 30
@@ -31,10 +32,40 @@ class KVShelfConfig(BaseModel):
     save_unfull_chunk: bool = Field(True, description="also store a prompt's trailing partial chunk")
     store_generated: bool = Field(True, description="also store the KV of generated tokens (multi-turn reuse)")
     cache_salt: str | None = Field(None, description="default tenant salt mixed into every key")
+    # -- tiers -------------------------------------------------------------------------------------
+    local_disk: str | None = Field(None, description="disk tier directory (path or file:// URL); off when unset")
+    max_local_disk_size: float = Field(20.0, gt=0, description="disk tier capacity in GB (LRU)")
+    local_disk_codec: str = Field("int8", description=f"disk tier codec: {', '.join(CODEC_NAMES)}")
+    disk_fsync: bool = Field(False, description="fsync each disk write (durable across power loss, slower)")
+    remote_url: str | None = Field(
+        None,
+        description="remote tier: redis://, rediss://, unix://, valkey://, redis-cluster://h:p,h:p, s3://bucket/prefix",
+    )
+    remote_serde: str = Field("int8", description=f"remote tier codec: {', '.join(CODEC_NAMES)}")
+    remote_ttl_s: int | None = Field(None, gt=0, description="expire remote (Redis) chunks after this many seconds")
+    remote_timeout_s: float = Field(2.0, gt=0, description="remote tier connect/read timeout in seconds")
+    redis_part_bytes: int = Field(8 << 20, ge=1024, description="split Redis values above this size into parts")
+    redis_ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// (TLS) connections")
+    s3_concurrency: int = Field(8, ge=1, le=64, description="parallel S3 transfers")
+    write_queue_size: int = Field(64, ge=1, description="chunks waiting for write-behind to disk/remote tiers")
+    write_block_ms: float = Field(20.0, ge=0, description="longest a request waits on a full write queue, then drops")
+    breaker_failures: int = Field(3, ge=1, description="consecutive tier failures that open its circuit breaker")
+    breaker_reset_s: float = Field(5.0, gt=0, description="seconds an open breaker waits before retrying the tier")
+
+    @field_validator("local_disk_codec", "remote_serde")
+    @classmethod
+    def _known_codec(cls, value: str, info) -> str:
+        if value not in CODEC_NAMES:
+            raise ValueError(f"unknown codec {value!r}; known: {', '.join(CODEC_NAMES)}")
+        return value
 
     @property
     def cpu_capacity_bytes(self) -> int:
         return int(self.max_local_cpu_size * GB)
+
+    @property
+    def disk_capacity_bytes(self) -> int:
+        return int(self.max_local_disk_size * GB)
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -75,3 +75,32 @@ def tiny_models():
         return cache[family]
 
     return get
+
+
+# -- real services (see services.py): started once per test session, never mocked, never skipped ------
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    from services import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    from services import RedisCluster
+
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from services import S3Server, s3_env
+
+    s3_env()
+    server = S3Server().start()
+    yield server
+    server.kill()

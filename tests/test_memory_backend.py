@@ -27,7 +27,7 @@ def test_large_put_evicts_several_and_oversized_is_refused():
     for i in range(4):
         tier.put(bytes([i]), chunk(100))
     assert tier.put(b"big", chunk(300))
-    assert len(tier) == 2 and tier.used_bytes == 400
+    assert tier.num_chunks == 2 and tier.used_bytes == 400
     assert not tier.put(b"huge", chunk(800))
     assert not tier.contains(b"huge")
 
@@ -36,13 +36,13 @@ def test_overwrite_delete_clear_keep_accounting():
     tier = MemoryBackend(capacity_bytes=1000)
     tier.put(b"k", chunk(100))
     tier.put(b"k", chunk(200))
-    assert tier.used_bytes == 200 and len(tier) == 1
+    assert tier.used_bytes == 200 and tier.num_chunks == 1
     tier.delete(b"k")
     tier.delete(b"missing")
     assert tier.used_bytes == 0
     tier.put(b"a", chunk(100))
     tier.clear()
-    assert tier.used_bytes == 0 and len(tier) == 0
+    assert tier.used_bytes == 0 and tier.num_chunks == 0
 
 
 def test_capacity_must_be_positive():

@@ -102,8 +102,9 @@ class CacheEngine:
     def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
         """How many leading tokens of `tokens` have cached KV (chunk granular)."""
         hit = 0
-        for key in self.keys(tokens, salt):
-            if not self.backend.contains(key.digest):
+        keys = self.keys(tokens, salt)
+        for key, present in zip(keys, self.backend.contains_many([k.digest for k in keys]), strict=True):
+            if not present:
                 break
             hit = key.end
         return hit
@@ -157,12 +158,12 @@ class CacheEngine:
         if tuple(kv.shape) != expected:
             raise ValueError(f"kv shape {tuple(kv.shape)} does not match the model fingerprint {expected}")
         stored_tokens = stored_bytes = 0
-        for key in self.keys(tokens, salt):
-            if key.end <= start:
-                continue
-            if key.num_tokens < self.chunk_size and not self.save_partial_chunks:
-                break
-            if self.backend.contains(key.digest):
+        keys = [k for k in self.keys(tokens, salt) if k.end > start]
+        if not self.save_partial_chunks:
+            keys = [k for k in keys if k.num_tokens == self.chunk_size]
+        present = self.backend.contains_many([k.digest for k in keys]) if keys else []
+        for key, already in zip(keys, present, strict=True):
+            if already:
                 continue
             piece = kv[:, :, :, key.start : key.end]
             host = torch.empty(piece.shape, dtype=piece.dtype, device="cpu")
@@ -179,3 +180,6 @@ class CacheEngine:
 
     def clear(self) -> None:
         self.backend.clear()
+
+    def close(self) -> None:
+        self.backend.close()

@@ -29,9 +29,15 @@ class StoredChunk:
 
 
 class StorageBackend(ABC):
-    """A keyed store of chunks with a byte capacity. Implementations must be thread-safe."""
+    """A keyed store of chunks. Implementations must be thread-safe.
+
+    Byte tiers raise on I/O trouble (refused, timeout, disk full); the tier manager turns that into a
+    miss or a dropped store. A corrupt or foreign object is never returned: it is a miss.
+    """
 
     name: str = "backend"
+    # True when put() is cheap enough to run on the request path (memory); others are written behind.
+    inline_put: bool = False
 
     @abstractmethod
     def put(self, key: bytes, chunk: StoredChunk) -> bool:
@@ -44,6 +50,10 @@ class StorageBackend(ABC):
     @abstractmethod
     def contains(self, key: bytes) -> bool: ...
 
+    def contains_many(self, keys: list[bytes]) -> list[bool]:
+        """Batched contains (one round trip on remote tiers)."""
+        return [self.contains(k) for k in keys]
+
     @abstractmethod
     def delete(self, key: bytes) -> None: ...
 
@@ -52,11 +62,13 @@ class StorageBackend(ABC):
 
     @property
     @abstractmethod
-    def used_bytes(self) -> int: ...
+    def used_bytes(self) -> int | None:
+        """Bytes held, or None where the tier cannot tell cheaply (remote stores)."""
 
     @property
     @abstractmethod
-    def capacity_bytes(self) -> int: ...
+    def capacity_bytes(self) -> int | None:
+        """Byte capacity, or None where the store itself manages space (Redis maxmemory, S3)."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    def close(self) -> None:  # noqa: B027 - optional hook, most tiers hold nothing to release
+        """Release connections and threads."""

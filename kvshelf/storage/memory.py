@@ -10,6 +10,7 @@ from kvshelf.storage.base import StorageBackend, StoredChunk
 
 class MemoryBackend(StorageBackend):
     name = "cpu"
+    inline_put = True
 
     def __init__(self, capacity_bytes: int):
         if capacity_bytes <= 0:
@@ -66,5 +67,6 @@ class MemoryBackend(StorageBackend):
     def capacity_bytes(self) -> int:
         return self._capacity
 
-    def __len__(self) -> int:
+    @property
+    def num_chunks(self) -> int:
         return len(self._items)

@@ -1,0 +1,20 @@
+"""`none`: the KV bytes as they are. Lossless; the hot tier's codec."""
+
+from __future__ import annotations
+
+import torch
+
+from kvshelf.codecs.base import Codec, tensor_bytes, tensor_from_bytes
+
+
+class RawCodec(Codec):
+    name = "none"
+
+    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes:
+        return tensor_bytes(kv)
+
+    def decode_layer(self, data, shape, dtype, layer, num_layers) -> torch.Tensor:
+        expected = torch.Size(shape).numel() * dtype.itemsize
+        if len(data) != expected:
+            raise ValueError(f"raw segment has {len(data)} bytes, expected {expected}")
+        return tensor_from_bytes(data, dtype, shape)

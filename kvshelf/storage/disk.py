@@ -1,0 +1,178 @@
+"""Warm tier: one file per chunk in a local directory, with a byte capacity and LRU eviction.
+
+Writes are atomic (temp file in the same directory, optional fsync, rename), so a crash leaves either the
+old state or the new, never a half file under a real name. On start the index is rebuilt from the files:
+leftover temp files are removed, and so is any file whose header or size does not check out.
+One process owns a directory; processes that share KV share it through Redis or S3.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+from kvshelf.codecs import Codec
+from kvshelf.storage.format import FormatError, read_header
+from kvshelf.storage.serialized import ByteStore
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".kvs"
+TMP_MARK = ".tmp-"
+_HEADER_PROBE = 64 * 1024  # headers are a few hundred bytes; read at most this much when indexing
+
+
+class DiskBackend(ByteStore):
+    name = "disk"
+
+    def __init__(self, path: str | os.PathLike, capacity_bytes: int, codec: Codec, *, fsync: bool = False):
+        super().__init__(codec)
+        if capacity_bytes <= 0:
+            raise ValueError(f"disk tier capacity must be > 0 bytes, got {capacity_bytes}")
+        self.root = Path(path).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._capacity = int(capacity_bytes)
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, int] = OrderedDict()  # name -> size, least recently used first
+        self._used = 0
+        self.evictions = 0
+        self._rebuild_index()
+
+    # -- paths and index ---------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        return self.root / name[:2] / (name + SUFFIX)
+
+    def _rebuild_index(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        removed = 0
+        for path in self.root.glob("*/*"):
+            if TMP_MARK in path.name or path.suffix != SUFFIX:
+                if TMP_MARK in path.name:  # a write that never reached its rename
+                    path.unlink(missing_ok=True)
+                    removed += 1
+                continue
+            try:
+                st = path.stat()
+                with open(path, "rb") as f:
+                    header, _ = read_header(f.read(_HEADER_PROBE), expected_size=st.st_size)
+                if header.get("key") != path.stem:
+                    raise FormatError("file name and header key differ")
+            except (OSError, FormatError) as err:
+                log.warning("disk tier: removing damaged file %s: %s", path, err)
+                path.unlink(missing_ok=True)
+                removed += 1
+                continue
+            found.append((st.st_mtime, path.stem, st.st_size))
+        for _, name, size in sorted(found):
+            self._index[name] = size
+            self._used += size
+        if removed:
+            self.corrupt_objects += removed
+        log.info(
+            "disk tier %s: %d chunks, %d bytes; %d damaged or partial files removed",
+            self.root,
+            len(self._index),
+            self._used,
+            removed,
+        )
+        with self._lock:
+            self._evict_until(0)
+
+    def _evict_until(self, incoming: int) -> None:
+        """Drop least recently used files until `incoming` more bytes fit. Caller holds the lock."""
+        while self._index and self._used + incoming > self._capacity:
+            name, size = self._index.popitem(last=False)
+            self._used -= size
+            self.evictions += 1
+            self._path(name).unlink(missing_ok=True)
+
+    # -- byte verbs ----------------------------------------------------------------------------------
+    def _put_bytes(self, name: str, blob: bytes) -> bool:
+        size = len(blob)
+        if size > self._capacity:
+            return False
+        with self._lock:
+            if name in self._index:
+                self._index.move_to_end(name)
+                return True
+            self._evict_until(size)
+            # Reserve the space now so concurrent writers cannot overshoot the capacity.
+            self._used += size
+        path = self._path(name)
+        tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+            if self.fsync:
+                dir_fd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._used -= size
+            raise
+        with self._lock:
+            if name in self._index:  # a concurrent writer of the same chunk won: keep one count
+                self._used -= size
+            else:
+                self._index[name] = size
+        return True
+
+    def _get_bytes(self, name: str) -> bytes | None:
+        with self._lock:
+            if name not in self._index:
+                return None
+            self._index.move_to_end(name)
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:  # removed behind our back
+            self._forget(name)
+            return None
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            size = self._index.pop(name, None)
+            if size is not None:
+                self._used -= size
+
+    def _delete_name(self, name: str) -> None:
+        self._forget(name)
+        self._path(name).unlink(missing_ok=True)
+
+    def contains(self, key: bytes) -> bool:
+        with self._lock:
+            return key.hex() in self._index
+
+    def clear(self) -> None:
+        with self._lock:
+            names = list(self._index)
+            self._index.clear()
+            self._used = 0
+        for name in names:
+            self._path(name).unlink(missing_ok=True)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._index)

@@ -1,0 +1,58 @@
+"""Build the tier stack a configuration asks for: CPU memory, then local disk, then one remote store."""
+
+from __future__ import annotations
+
+from kvshelf.codecs import get_codec
+from kvshelf.config import KVShelfConfig
+from kvshelf.errors import ConfigError
+from kvshelf.storage.base import StorageBackend
+from kvshelf.storage.tiers import TierManager
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster", "rediss-cluster")
+
+
+def remote_backend(config: KVShelfConfig) -> StorageBackend:
+    url = config.remote_url or ""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    codec = get_codec(config.remote_serde, key="remote_serde")
+    if scheme in REDIS_SCHEMES:
+        from kvshelf.storage.redis import RedisBackend
+
+        return RedisBackend(
+            url,
+            codec,
+            ttl_s=config.remote_ttl_s,
+            part_bytes=config.redis_part_bytes,
+            timeout_s=config.remote_timeout_s,
+            ssl_ca_certs=config.redis_ssl_ca_certs,
+        )
+    if scheme == "s3":
+        from kvshelf.storage.s3 import S3Backend
+
+        return S3Backend.from_url(url, codec, concurrency=config.s3_concurrency, timeout_s=config.remote_timeout_s)
+    raise ConfigError(f"remote_url: unsupported scheme in {url!r}; use one of {', '.join(REDIS_SCHEMES)}, s3")
+
+
+def build_tiers(config: KVShelfConfig) -> TierManager | None:
+    backends: list[StorageBackend] = []
+    if config.local_cpu:
+        from kvshelf.storage.memory import MemoryBackend
+
+        backends.append(MemoryBackend(config.cpu_capacity_bytes))
+    if config.local_disk:
+        from kvshelf.storage.disk import DiskBackend
+
+        path = config.local_disk.removeprefix("file://")
+        codec = get_codec(config.local_disk_codec, key="local_disk_codec")
+        backends.append(DiskBackend(path, config.disk_capacity_bytes, codec, fsync=config.disk_fsync))
+    if config.remote_url:
+        backends.append(remote_backend(config))
+    if not backends:
+        return None
+    return TierManager(
+        backends,
+        write_queue_size=config.write_queue_size,
+        write_block_s=config.write_block_ms / 1000,
+        breaker_failures=config.breaker_failures,
+        breaker_reset_s=config.breaker_reset_s,
+    )

@@ -1,0 +1,119 @@
+"""kvshelf's byte format for one stored chunk. Self-describing, versioned, checksummed; never pickle.
+
+    offset  size  field
+    0       4     magic b"KVSH"
+    4       2     format version (little-endian u16)
+    6       2     reserved, 0
+    8       4     header length H (u32)
+    12      8     xxh3-64 of the header bytes
+    20      8     xxh3-64 of the payload bytes
+    28      H     header: UTF-8 JSON (key, fingerprint, codec + params, dtype, shape, layer range,
+                  tokens, per-layer segment offsets)
+    28+H    ...   payload: one codec segment per layer, back to back
+
+Every read checks all of it; any mismatch raises FormatError, which tiers turn into a miss and a delete.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import torch
+import xxhash
+
+from kvshelf.codecs import Codec, get_codec
+from kvshelf.errors import KVShelfError
+from kvshelf.storage.base import ChunkMeta, StoredChunk
+
+MAGIC = b"KVSH"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sHHIQQ")
+PREFIX_SIZE = _PREFIX.size  # 28
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+class FormatError(KVShelfError):
+    """A stored object is truncated, corrupted, of an unknown version, or not the object asked for."""
+
+
+def encode_chunk(key: bytes, chunk: StoredChunk, codec: Codec) -> bytes:
+    kv = chunk.kv
+    num_layers = kv.shape[0]
+    segments = [codec.encode_layer(kv[i], i, num_layers) for i in range(num_layers)]
+    offsets = [0]
+    for seg in segments:
+        offsets.append(offsets[-1] + len(seg))
+    header = {
+        "key": key.hex(),
+        "fingerprint": chunk.meta.fingerprint.hex(),
+        "codec": codec.name,
+        "codec_params": codec.params(),
+        "dtype": str(kv.dtype).removeprefix("torch."),
+        "shape": list(kv.shape),
+        "layers": [0, num_layers],
+        "num_tokens": chunk.meta.num_tokens,
+        "layer_offsets": offsets,
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    payload = b"".join(segments)
+    prefix = _PREFIX.pack(
+        MAGIC, FORMAT_VERSION, 0, len(head), xxhash.xxh3_64_intdigest(head), xxhash.xxh3_64_intdigest(payload)
+    )
+    return prefix + head + payload
+
+
+def read_header(blob: bytes | memoryview, *, expected_size: int | None = None) -> tuple[dict, int]:
+    """Parse and verify the prefix and header; return (header, payload offset). Payload is not checked."""
+    view = memoryview(blob)
+    if len(view) < PREFIX_SIZE:
+        raise FormatError(f"object of {len(view)} bytes is shorter than the {PREFIX_SIZE}-byte prefix")
+    magic, version, reserved, head_len, head_sum, _ = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise FormatError(f"bad magic {bytes(magic)!r}")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"format version {version} is not supported (this kvshelf reads {FORMAT_VERSION})")
+    if reserved != 0:
+        raise FormatError(f"reserved prefix field is {reserved}, expected 0")
+    head = view[PREFIX_SIZE : PREFIX_SIZE + head_len]
+    if len(head) != head_len or xxhash.xxh3_64_intdigest(head) != head_sum:
+        raise FormatError("header truncated or corrupted")
+    try:
+        header = json.loads(bytes(head))
+        payload_len = header["layer_offsets"][-1]
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise FormatError(f"header unreadable: {err}") from None
+    start = PREFIX_SIZE + head_len
+    if expected_size is not None and expected_size != start + payload_len:
+        raise FormatError(f"object is {expected_size} bytes, header says {start + payload_len}")
+    return header, start
+
+
+def decode_chunk(blob: bytes | memoryview, expected_key: bytes) -> StoredChunk:
+    view = memoryview(blob)
+    header, start = read_header(view)
+    *_, payload_sum = _PREFIX.unpack_from(view)
+    payload = view[start:]
+    try:
+        if header["key"] != expected_key.hex():
+            raise FormatError(f"object holds key {header['key']}, asked for {expected_key.hex()}")
+        offsets = header["layer_offsets"]
+        if len(payload) != offsets[-1]:
+            raise FormatError(f"payload is {len(payload)} bytes, header says {offsets[-1]}")
+        if xxhash.xxh3_64_intdigest(payload) != payload_sum:
+            raise FormatError("payload checksum mismatch")
+        dtype = _DTYPES[header["dtype"]]
+        shape = tuple(int(s) for s in header["shape"])
+        codec = get_codec(header["codec"], header["codec_params"])
+        num_layers = shape[0]
+        if len(offsets) != num_layers + 1 or header["layers"] != [0, num_layers]:
+            raise FormatError("layer table does not match the shape")
+        kv = torch.empty(shape, dtype=dtype)
+        for i in range(num_layers):
+            kv[i] = codec.decode_layer(payload[offsets[i] : offsets[i + 1]], shape[1:], dtype, i, num_layers)
+        meta = ChunkMeta(bytes.fromhex(header["fingerprint"]), int(header["num_tokens"]), shape, dtype)
+    except FormatError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError, KVShelfError) as err:
+        raise FormatError(f"object does not decode: {err}") from None
+    return StoredChunk(meta, kv)

@@ -1,0 +1,49 @@
+"""Base for tiers that hold bytes (disk, Redis, S3): encode with the tier's codec, verify on every read."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import abstractmethod
+
+from kvshelf.codecs import Codec
+from kvshelf.storage.base import StorageBackend, StoredChunk
+from kvshelf.storage.format import FormatError, decode_chunk, encode_chunk
+
+log = logging.getLogger(__name__)
+
+
+class ByteStore(StorageBackend):
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        self.corrupt_objects = 0  # objects that failed verification and were deleted
+        self._corrupt_lock = threading.Lock()
+
+    # Subclasses implement raw byte access under a string name (the key's hex digest).
+    @abstractmethod
+    def _put_bytes(self, name: str, blob: bytes) -> bool: ...
+
+    @abstractmethod
+    def _get_bytes(self, name: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _delete_name(self, name: str) -> None: ...
+
+    def put(self, key: bytes, chunk: StoredChunk) -> bool:
+        return self._put_bytes(key.hex(), encode_chunk(key, chunk, self.codec))
+
+    def get(self, key: bytes) -> StoredChunk | None:
+        blob = self._get_bytes(key.hex())
+        if blob is None:
+            return None
+        try:
+            return decode_chunk(blob, key)
+        except FormatError as err:
+            log.warning("%s tier: deleting damaged object %s: %s", self.name, key.hex(), err)
+            with self._corrupt_lock:
+                self.corrupt_objects += 1
+            self._delete_name(key.hex())
+            return None
+
+    def delete(self, key: bytes) -> None:
+        self._delete_name(key.hex())
