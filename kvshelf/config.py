@@ -44,7 +44,7 @@ class KVShelfConfig(BaseModel):
     remote_serde: str = Field("int8", description=f"remote tier codec: {', '.join(CODEC_NAMES)}")
     remote_ttl_s: int | None = Field(None, gt=0, description="expire remote (Redis) chunks after this many seconds")
     remote_timeout_s: float = Field(2.0, gt=0, description="remote tier connect/read timeout in seconds")
-    redis_part_bytes: int = Field(8 << 20, ge=1024, description="split Redis values above this size into parts")
+    redis_part_bytes: int = Field(32 << 20, ge=1024, description="split Redis values above this size into parts")
     redis_ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// (TLS) connections")
     s3_concurrency: int = Field(8, ge=1, le=64, description="parallel S3 transfers")
     write_queue_size: int = Field(64, ge=1, description="chunks waiting for write-behind to disk/remote tiers")

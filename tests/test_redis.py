@@ -108,3 +108,74 @@ def test_cluster_round_trip_and_parts(redis_cluster):
     b.clear()
     assert not any(b.contains_many(list(chunks)))
     b.close()
+
+
+def test_tls_with_auth(tmp_path):
+    """rediss:// with a CA bundle and a password, against a TLS-only redis-server."""
+    import subprocess
+
+    from services import free_port, redis_bin, wait_for
+
+    cert, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key_file),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            redis_bin(),
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key_file),
+            "--tls-ca-cert-file",
+            str(cert),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "pw",
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"rediss://:pw@127.0.0.1:{port}/0"
+        b = RedisBackend(url, RAW, prefix="tls:", ssl_ca_certs=str(cert))
+        wait_for(lambda: b.client.ping(), what="TLS redis-server")
+        b.put(key(1), make_chunk(seed=1))
+        assert torch.equal(b.get(key(1)).kv, make_chunk(seed=1).kv)
+        # Without the CA bundle the server's self-signed certificate is refused.
+        untrusting = RedisBackend(url, RAW, prefix="tls:")
+        with pytest.raises(Exception, match="(?i)certificate|ssl"):
+            untrusting.get(key(1))
+        b.close()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -7,6 +7,7 @@ stored in the chunk header so decoding never depends on the reader's configurati
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 
 import torch
@@ -14,13 +15,15 @@ import torch
 
 class Codec(ABC):
     name: str
+    # True when a chunk's payload is its tensor's bytes in layer order, so it can be viewed without decoding.
+    raw_layout: bool = False
 
     def params(self) -> dict:
         """Settings that decoding needs; recorded in every chunk header."""
         return {}
 
     @abstractmethod
-    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes:
+    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes | memoryview:
         """Encode one layer's KV, [2, kv_heads, tokens, head_dim], on CPU."""
 
     @abstractmethod
@@ -30,11 +33,19 @@ class Codec(ABC):
         """Decode a segment back to a [2, kv_heads, tokens, head_dim] tensor of `dtype`."""
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of a CPU tensor (any dtype, bf16 included)."""
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor (any dtype, bf16 included), without a copy when the
+    tensor is contiguous. The view keeps the tensor's memory alive."""
+    return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
+
+
+def tensor_view(data: memoryview | bytes | bytearray, dtype: torch.dtype, shape) -> torch.Tensor:
+    """A tensor over `data` without a copy. Read-only by contract when `data` is immutable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write into it
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape) -> torch.Tensor:
-    buf = bytearray(data)  # a private, writable copy: the result must not alias the caller's buffer
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+    """A tensor holding a private, writable copy of `data`."""
+    return tensor_view(bytearray(data), dtype, shape)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from kvshelf.codecs.base import Codec, tensor_bytes, tensor_from_bytes
+from kvshelf.codecs.base import Codec, tensor_bytes, tensor_view
 
 
 class RawCodec(Codec):
     name = "none"
+    raw_layout = True
 
-    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes:
+    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> memoryview:
         return tensor_bytes(kv)
 
     def decode_layer(self, data, shape, dtype, layer, num_layers) -> torch.Tensor:
         expected = torch.Size(shape).numel() * dtype.itemsize
         if len(data) != expected:
             raise ValueError(f"raw segment has {len(data)} bytes, expected {expected}")
-        return tensor_from_bytes(data, dtype, shape)
+        return tensor_view(data, dtype, shape)

@@ -92,8 +92,8 @@ class DiskBackend(ByteStore):
             self._path(name).unlink(missing_ok=True)
 
     # -- byte verbs ----------------------------------------------------------------------------------
-    def _put_bytes(self, name: str, blob: bytes) -> bool:
-        size = len(blob)
+    def _put_bytes(self, name: str, parts: list) -> bool:
+        size = sum(len(p) for p in parts)
         if size > self._capacity:
             return False
         with self._lock:
@@ -107,8 +107,9 @@ class DiskBackend(ByteStore):
         tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
         try:
             path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(blob)
+            with open(tmp, "wb", buffering=0) as f:
+                for part in parts:
+                    f.write(part)
                 if self.fsync:
                     f.flush()
                     os.fsync(f.fileno())
@@ -137,8 +138,8 @@ class DiskBackend(ByteStore):
                 return None
             self._index.move_to_end(name)
         try:
-            with open(self._path(name), "rb") as f:
-                return f.read()
+            with open(self._path(name), "rb", buffering=0) as f:
+                return f.read()  # one copy out of the page cache; decoding views it, never copies again
         except FileNotFoundError:  # removed behind our back
             self._forget(name)
             return None

@@ -23,6 +23,7 @@ import torch
 import xxhash
 
 from kvshelf.codecs import Codec, get_codec
+from kvshelf.codecs.base import tensor_view
 from kvshelf.errors import KVShelfError
 from kvshelf.storage.base import ChunkMeta, StoredChunk
 
@@ -37,13 +38,17 @@ class FormatError(KVShelfError):
     """A stored object is truncated, corrupted, of an unknown version, or not the object asked for."""
 
 
-def encode_chunk(key: bytes, chunk: StoredChunk, codec: Codec) -> bytes:
+def encode_chunk_parts(key: bytes, chunk: StoredChunk, codec: Codec) -> list[bytes | memoryview]:
+    """The encoded object as a list of buffers (prefix + header, then one segment per layer), so that
+    writers can send it without joining; raw segments are views of the tensor, not copies."""
     kv = chunk.kv
     num_layers = kv.shape[0]
     segments = [codec.encode_layer(kv[i], i, num_layers) for i in range(num_layers)]
     offsets = [0]
+    payload_hash = xxhash.xxh3_64()
     for seg in segments:
         offsets.append(offsets[-1] + len(seg))
+        payload_hash.update(seg)
     header = {
         "key": key.hex(),
         "fingerprint": chunk.meta.fingerprint.hex(),
@@ -56,11 +61,12 @@ def encode_chunk(key: bytes, chunk: StoredChunk, codec: Codec) -> bytes:
         "layer_offsets": offsets,
     }
     head = json.dumps(header, separators=(",", ":")).encode()
-    payload = b"".join(segments)
-    prefix = _PREFIX.pack(
-        MAGIC, FORMAT_VERSION, 0, len(head), xxhash.xxh3_64_intdigest(head), xxhash.xxh3_64_intdigest(payload)
-    )
-    return prefix + head + payload
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(head), xxhash.xxh3_64_intdigest(head), payload_hash.intdigest())
+    return [prefix + head, *segments]
+
+
+def encode_chunk(key: bytes, chunk: StoredChunk, codec: Codec) -> bytes:
+    return b"".join(encode_chunk_parts(key, chunk, codec))
 
 
 def read_header(blob: bytes | memoryview, *, expected_size: int | None = None) -> tuple[dict, int]:
@@ -108,9 +114,15 @@ def decode_chunk(blob: bytes | memoryview, expected_key: bytes) -> StoredChunk:
         num_layers = shape[0]
         if len(offsets) != num_layers + 1 or header["layers"] != [0, num_layers]:
             raise FormatError("layer table does not match the shape")
-        kv = torch.empty(shape, dtype=dtype)
-        for i in range(num_layers):
-            kv[i] = codec.decode_layer(payload[offsets[i] : offsets[i + 1]], shape[1:], dtype, i, num_layers)
+        if codec.raw_layout:
+            expected = torch.Size(shape).numel() * dtype.itemsize
+            if len(payload) != expected:
+                raise FormatError(f"raw payload is {len(payload)} bytes, shape needs {expected}")
+            kv = tensor_view(payload, dtype, shape)  # no copy: the chunk is read-only
+        else:
+            kv = torch.empty(shape, dtype=dtype)
+            for i in range(num_layers):
+                kv[i] = codec.decode_layer(payload[offsets[i] : offsets[i + 1]], shape[1:], dtype, i, num_layers)
         meta = ChunkMeta(bytes.fromhex(header["fingerprint"]), int(header["num_tokens"]), shape, dtype)
     except FormatError:
         raise

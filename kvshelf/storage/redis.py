@@ -67,7 +67,7 @@ class RedisBackend(ByteStore):
         *,
         prefix: str = "kvshelf:",
         ttl_s: int | None = None,
-        part_bytes: int = 8 << 20,
+        part_bytes: int = 32 << 20,
         timeout_s: float = 2.0,
         ssl_ca_certs: str | None = None,
     ):
@@ -86,8 +86,9 @@ class RedisBackend(ByteStore):
     def _part_keys(self, name: str, n: int) -> list[str]:
         return [f"{self._key(name)}:{i}" for i in range(n)]
 
-    def _put_bytes(self, name: str, blob: bytes) -> bool:
+    def _put_bytes(self, name: str, parts: list) -> bool:
         key = self._key(name)
+        blob = b"".join(parts)
         if len(blob) <= self.part_bytes:
             self.client.set(key, blob, ex=self.ttl_s)
             return True

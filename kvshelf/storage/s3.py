@@ -83,7 +83,8 @@ class S3Backend(ByteStore):
     def _object(self, name: str) -> str:
         return f"{self.prefix}{name}.kvs"
 
-    def _put_bytes(self, name: str, blob: bytes) -> bool:
+    def _put_bytes(self, name: str, parts: list) -> bool:
+        blob = b"".join(parts)
         if len(blob) < self.multipart_bytes:
             self.client.put_object(Bucket=self.bucket, Key=self._object(name), Body=blob)
         else:

@@ -8,7 +8,7 @@ from abc import abstractmethod
 
 from kvshelf.codecs import Codec
 from kvshelf.storage.base import StorageBackend, StoredChunk
-from kvshelf.storage.format import FormatError, decode_chunk, encode_chunk
+from kvshelf.storage.format import FormatError, decode_chunk, encode_chunk_parts
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,8 @@ class ByteStore(StorageBackend):
 
     # Subclasses implement raw byte access under a string name (the key's hex digest).
     @abstractmethod
-    def _put_bytes(self, name: str, blob: bytes) -> bool: ...
+    def _put_bytes(self, name: str, parts: list[bytes | memoryview]) -> bool:
+        """Store the concatenation of `parts` (passed unjoined so writers can skip a copy)."""
 
     @abstractmethod
     def _get_bytes(self, name: str) -> bytes | None: ...
@@ -30,7 +31,7 @@ class ByteStore(StorageBackend):
     def _delete_name(self, name: str) -> None: ...
 
     def put(self, key: bytes, chunk: StoredChunk) -> bool:
-        return self._put_bytes(key.hex(), encode_chunk(key, chunk, self.codec))
+        return self._put_bytes(key.hex(), encode_chunk_parts(key, chunk, self.codec))
 
     def get(self, key: bytes) -> StoredChunk | None:
         blob = self._get_bytes(key.hex())
