@@ -38,6 +38,7 @@ def build_engine(config: KVShelfConfig, runner: ModelRunner) -> CacheEngine | No
         tiers,
         chunk_size=config.chunk_size,
         save_partial_chunks=config.save_unfull_chunk,
+        pin_memory=config.pin_memory,
     )
 
 

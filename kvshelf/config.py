@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -29,6 +29,8 @@ class KVShelfConfig(BaseModel):
     chunk_size: int = Field(256, ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE, description="tokens per KV chunk")
     local_cpu: bool = Field(True, description="keep KV chunks in CPU memory")
     max_local_cpu_size: float = Field(5.0, gt=0, description="CPU tier capacity in GB")
+    cpu_eviction: Literal["lru", "lfu"] = Field("lru", description="CPU tier eviction policy: lru or lfu")
+    pin_memory: bool = Field(True, description="keep CPU copies of GPU KV in pinned (page-locked) memory")
     save_unfull_chunk: bool = Field(True, description="also store a prompt's trailing partial chunk")
     store_generated: bool = Field(True, description="also store the KV of generated tokens (multi-turn reuse)")
     cache_salt: str | None = Field(None, description="default tenant salt mixed into every key")

@@ -48,3 +48,30 @@ def test_overwrite_delete_clear_keep_accounting():
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError, match="capacity"):
         MemoryBackend(0)
+
+
+def test_lfu_keeps_frequently_used_chunks():
+    tier = MemoryBackend(capacity_bytes=300, policy="lfu")
+    for i in range(3):
+        tier.put(bytes([i]), chunk(100))
+    for _ in range(3):
+        tier.get(bytes([0]))
+    tier.get(bytes([2]))
+    tier.put(b"new", chunk(100))  # 1 was never used again: it goes, although 0 is older
+    assert not tier.contains(bytes([1])) and tier.contains(bytes([0])) and tier.contains(bytes([2]))
+    tier.put(b"new2", chunk(100))  # "new" (0 uses) goes before 2 (1 use)
+    assert not tier.contains(b"new") and tier.contains(bytes([2]))
+    # Under LRU the same sequence would have evicted 0's neighbours by age instead.
+    lru = MemoryBackend(capacity_bytes=300, policy="lru")
+    for i in range(3):
+        lru.put(bytes([i]), chunk(100))
+    lru.get(bytes([0]))
+    lru.put(b"new", chunk(100))
+    assert not lru.contains(bytes([1])) and lru.contains(bytes([0]))
+    lru.put(b"new2", chunk(100))
+    assert not lru.contains(bytes([2]))
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="eviction"):
+        MemoryBackend(100, policy="fifo")

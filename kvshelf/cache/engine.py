@@ -57,12 +57,15 @@ class CacheEngine:
         *,
         chunk_size: int = 256,
         save_partial_chunks: bool = True,
+        pin_memory: bool = True,
     ):
         self.fingerprint = fingerprint
         self._fp_digest = fingerprint.digest()
         self.backend = backend
         self.chunk_size = validate_chunk_size(chunk_size)
         self.save_partial_chunks = save_partial_chunks
+        # Host copies of GPU KV go to page-locked memory: faster, asynchronous-capable copies back.
+        self.pin_memory = pin_memory
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()
 
@@ -166,7 +169,9 @@ class CacheEngine:
             if already:
                 continue
             piece = kv[:, :, :, key.start : key.end]
-            host = torch.empty(piece.shape, dtype=piece.dtype, device="cpu")
+            host = torch.empty(
+                piece.shape, dtype=piece.dtype, device="cpu", pin_memory=self.pin_memory and piece.is_cuda
+            )
             host.copy_(piece)
             meta = ChunkMeta(self._fp_digest, key.num_tokens, tuple(host.shape), host.dtype)
             chunk = StoredChunk(meta, host)

@@ -38,7 +38,7 @@ def build_tiers(config: KVShelfConfig) -> TierManager | None:
     if config.local_cpu:
         from kvshelf.storage.memory import MemoryBackend
 
-        backends.append(MemoryBackend(config.cpu_capacity_bytes))
+        backends.append(MemoryBackend(config.cpu_capacity_bytes, policy=config.cpu_eviction))
     if config.local_disk:
         from kvshelf.storage.disk import DiskBackend
 
