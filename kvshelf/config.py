@@ -1,17 +1,21 @@
-"""kvshelf's configuration: one definitions table, read from a YAML file, env vars and CLI overrides.
+"""kvshelf's configuration: one definitions table, read from YAML, env vars and CLI overrides.
 
-Precedence: defaults < YAML file < environment (KVSHELF_<NAME>, or LMCACHE_<NAME> for LMCache's names)
-< explicit overrides (CLI flags). Unknown keys and bad values fail with the key's name.
+Precedence: defaults < YAML file < environment < CLI. The YAML file may use the flat keys below (LMCache's
+names where LMCache has one) or the nested form in NESTED_KEYS (`storage: {cpu, disk, remote}`, ...).
+Env vars are `KVSHELF_<KEY>` or `LMCACHE_<KEY>` (KVSHELF_ wins). Unknown keys and bad values fail with
+the key's name and what is allowed.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from kvshelf.codecs import CODEC_NAMES
@@ -23,43 +27,83 @@ GB = 1 << 30
 class KVShelfConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # -- model and chunking ------------------------------------------------------------------------
     model: str = Field("gemma3-270m", description="local HF model folder, or 'gemma3-270m' (the default model)")
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N' or 'auto'")
     dtype: str = Field("auto", description="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on CUDA)")
     chunk_size: int = Field(256, ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE, description="tokens per KV chunk")
+    save_unfull_chunk: bool = Field(True, description="also store a prompt's trailing partial chunk")
+    store_generated: bool = Field(True, description="also store the KV of generated tokens (multi-turn reuse)")
+    cache_salt: str | None = Field(None, description="default tenant salt mixed into every key")
+    # -- CPU tier ----------------------------------------------------------------------------------
     local_cpu: bool = Field(True, description="keep KV chunks in CPU memory")
     max_local_cpu_size: float = Field(5.0, gt=0, description="CPU tier capacity in GB")
     cpu_eviction: Literal["lru", "lfu"] = Field("lru", description="CPU tier eviction policy: lru or lfu")
     pin_memory: bool = Field(True, description="keep CPU copies of GPU KV in pinned (page-locked) memory")
-    save_unfull_chunk: bool = Field(True, description="also store a prompt's trailing partial chunk")
-    store_generated: bool = Field(True, description="also store the KV of generated tokens (multi-turn reuse)")
-    cache_salt: str | None = Field(None, description="default tenant salt mixed into every key")
-    # -- tiers -------------------------------------------------------------------------------------
+    # -- disk tier ---------------------------------------------------------------------------------
     local_disk: str | None = Field(None, description="disk tier directory (path or file:// URL); off when unset")
     max_local_disk_size: float = Field(20.0, gt=0, description="disk tier capacity in GB (LRU)")
     local_disk_codec: str = Field("int8", description=f"disk tier codec: {', '.join(CODEC_NAMES)}")
     disk_fsync: bool = Field(False, description="fsync each disk write (durable across power loss, slower)")
+    # -- remote tier -------------------------------------------------------------------------------
     remote_url: str | None = Field(
-        None,
-        description="remote tier: redis://, rediss://, unix://, valkey://, redis-cluster://h:p,h:p, s3://bucket/prefix",
+        None, description="remote tier: redis://, rediss://, unix://, valkey://, redis-cluster://h:p,h:p, s3://b/p"
     )
     remote_serde: str = Field("int8", description=f"remote tier codec: {', '.join(CODEC_NAMES)}")
+    quantization_bits: int | None = Field(None, ge=2, le=8, description="codec precision; None: the codec's own")
     remote_ttl_s: int | None = Field(None, gt=0, description="expire remote (Redis) chunks after this many seconds")
     remote_timeout_s: float = Field(2.0, gt=0, description="remote tier connect/read timeout in seconds")
     redis_part_bytes: int = Field(32 << 20, ge=1024, description="split Redis values above this size into parts")
     redis_ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// (TLS) connections")
     s3_concurrency: int = Field(8, ge=1, le=64, description="parallel S3 transfers")
+    # -- write-behind and faults -------------------------------------------------------------------
     write_queue_size: int = Field(64, ge=1, description="chunks waiting for write-behind to disk/remote tiers")
     write_block_ms: float = Field(20.0, ge=0, description="longest a request waits on a full write queue, then drops")
     breaker_failures: int = Field(3, ge=1, description="consecutive tier failures that open its circuit breaker")
     breaker_reset_s: float = Field(5.0, gt=0, description="seconds an open breaker waits before retrying the tier")
+    # -- blending and layerwise (later features; enabling them before they exist is an error) ------
+    enable_blending: bool = Field(False, description="CacheBlend: reuse KV of non-prefix chunks")
+    blend_special_str: str = Field("<|CHUNK_SEP|>", description="separator between blendable chunks")
+    blend_check_layers: list[int] = Field([1], description="layers where fresh and cached KV are compared")
+    blend_recompute_ratios: list[float] = Field([0.15], description="fraction of tokens recomputed per check layer")
+    use_layerwise: bool = Field(False, description="load and store KV one layer at a time")
+    use_async_load: bool = Field(True, description="layerwise: prefetch later layers in the background")
+    buffer_size: int = Field(4, ge=1, description="layerwise: layers buffered ahead of the compute")
+    # -- server and metrics ------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="server bind address (loopback unless you mean otherwise)")
+    port: int = Field(8000, ge=1, le=65535, description="server port")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on the server")
+    served_model_name: str | None = Field(None, description="model name the server reports; default: the folder")
+    metrics_prefix: str = Field("kvshelf_", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*_$", description="Prometheus prefix")
+    extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
     @field_validator("local_disk_codec", "remote_serde")
     @classmethod
-    def _known_codec(cls, value: str, info) -> str:
+    def _known_codec(cls, value: str) -> str:
         if value not in CODEC_NAMES:
             raise ValueError(f"unknown codec {value!r}; known: {', '.join(CODEC_NAMES)}")
         return value
+
+    @field_validator("blend_recompute_ratios")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 <= r <= 1.0 for r in value):
+            raise ValueError(f"each ratio must be within [0, 1], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _bits_fit_codec(self) -> KVShelfConfig:
+        if (
+            self.quantization_bits is not None
+            and self.quantization_bits != 8
+            and "int8"
+            in (
+                self.remote_serde,
+                self.local_disk_codec,
+            )
+        ):
+            raise ValueError(f"quantization_bits={self.quantization_bits}: the int8 codec has 8 bits only")
+        return self
 
     @property
     def cpu_capacity_bytes(self) -> int:
@@ -70,52 +114,154 @@ class KVShelfConfig(BaseModel):
         return int(self.max_local_disk_size * GB)
 
 
+# Nested YAML keys and the flat key each one sets. `enabled: false` under disk/remote unsets the tier.
+NESTED_KEYS: dict[str, str] = {
+    "storage.cpu.enabled": "local_cpu",
+    "storage.cpu.size": "max_local_cpu_size",
+    "storage.cpu.eviction": "cpu_eviction",
+    "storage.cpu.pin_memory": "pin_memory",
+    "storage.disk.path": "local_disk",
+    "storage.disk.size": "max_local_disk_size",
+    "storage.disk.compression": "local_disk_codec",
+    "storage.disk.fsync": "disk_fsync",
+    "storage.remote.url": "remote_url",
+    "storage.remote.compression": "remote_serde",
+    "storage.remote.ttl": "remote_ttl_s",
+    "storage.remote.timeout": "remote_timeout_s",
+    "compression.algorithm": "remote_serde",
+    "compression.quantization_bits": "quantization_bits",
+    "blending.enabled": "enable_blending",
+    "blending.special_str": "blend_special_str",
+    "blending.check_layers": "blend_check_layers",
+    "blending.recompute_ratios": "blend_recompute_ratios",
+    "layerwise.enabled": "use_layerwise",
+    "layerwise.async_load": "use_async_load",
+    "layerwise.buffer_size": "buffer_size",
+    "server.host": "host",
+    "server.port": "port",
+    "server.api_key": "api_key",
+    "metrics.prefix": "metrics_prefix",
+}
+_TIER_SWITCHES = {"storage.disk.enabled": "local_disk", "storage.remote.enabled": "remote_url"}
+_SECTIONS = {k.split(".")[0] for k in NESTED_KEYS} | {"storage"}
+
+
+def _flatten(data: dict, source: str) -> dict[str, Any]:
+    """Turn a YAML mapping with nested sections into flat keys; flat keys pass through."""
+    flat: dict[str, Any] = {}
+    switches: dict[str, bool] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if path in NESTED_KEYS:
+            flat[NESTED_KEYS[path]] = node
+        elif path in _TIER_SWITCHES:
+            switches[path] = bool(node)
+        elif isinstance(node, dict) and any(k.startswith(path + ".") for k in [*NESTED_KEYS, *_TIER_SWITCHES]):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}")
+        else:
+            known = sorted(k for k in [*NESTED_KEYS, *_TIER_SWITCHES] if k.startswith(path.split(".")[0] + "."))
+            raise ConfigError(f"unknown config key {path!r} (from {source}); known under it: {', '.join(known)}")
+
+    for key, value in data.items():
+        if key in _SECTIONS and isinstance(value, dict) and key != "extra_config":
+            walk(value, key)
+        else:
+            flat[key] = value
+    for path, enabled in switches.items():
+        field = _TIER_SWITCHES[path]
+        if not enabled:
+            flat[field] = None
+        elif flat.get(field) is None:
+            need = "path" if field == "local_disk" else "url"
+            raise ConfigError(f"{path} is true but {path.rsplit('.', 1)[0]}.{need} is not set (from {source})")
+    return flat
+
+
+def _parse_env(name: str, raw: str) -> Any:
+    annotation = str(KVShelfConfig.model_fields[name].annotation)
+    if annotation.startswith(("list", "dict")):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return [v.strip() for v in raw.split(",") if v.strip()]
+    if raw.lower() in ("none", "null", "") and "None" in annotation:
+        return None
+    return raw
+
+
+def _env_values(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    values, sources = {}, {}
+    for name in KVShelfConfig.model_fields:
+        for prefix in ("LMCACHE_", "KVSHELF_"):  # later wins: KVSHELF_ over LMCACHE_
+            var = prefix + name.upper()
+            if var in environ:
+                values[name] = _parse_env(name, environ[var])
+                sources[name] = f"env {var}"
+    return values, sources
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        key = ".".join(str(p) for p in e["loc"]) or "(config)"
         if e["type"] == "extra_forbidden":
-            allowed = ", ".join(KVShelfConfig.model_fields)
-            lines.append(f"unknown config key {key!r} (from {source}); known keys: {allowed}")
+            near = difflib.get_close_matches(key, list(KVShelfConfig.model_fields), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            lines.append(f"unknown config key {key!r} (from {source}); {hint}`kvshelf config show` lists every key")
         else:
             lines.append(f"config key {key!r} (from {source}): {e['msg']}, got {e.get('input')!r}")
     return "; ".join(lines)
 
 
-def _env_values(environ: dict[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name in KVShelfConfig.model_fields:
-        for prefix in ("LMCACHE_", "KVSHELF_"):  # KVSHELF_ wins when both are set
-            raw = environ.get(prefix + name.upper())
-            if raw is not None:
-                values[name] = raw
-    return values
-
-
-def load_config(
+def load_config_with_sources(
     path: str | os.PathLike | None = None,
     *,
     environ: dict[str, str] | None = None,
     overrides: dict[str, Any] | None = None,
-) -> KVShelfConfig:
+) -> tuple[KVShelfConfig, dict[str, str]]:
+    """The effective config and, for each key, where its value came from."""
     environ = dict(os.environ if environ is None else environ)
     path = path or environ.get("KVSHELF_CONFIG_FILE") or environ.get("LMCACHE_CONFIG_FILE")
-    merged: dict[str, Any] = {}
-    layers: list[tuple[str, dict]] = []
+    layers: list[tuple[str, dict, dict]] = []
     if path:
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"config file {str(file)!r} does not exist")
-        data = yaml.safe_load(file.read_text()) or {}
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(file)!r} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(file)!r} must hold a mapping of keys to values")
-        layers.append((str(file), data))
-    layers.append(("environment", _env_values(environ)))
-    layers.append(("overrides", {k: v for k, v in (overrides or {}).items() if v is not None}))
-    for source, values in layers:
+        flat = _flatten(data, str(file))
+        layers.append((str(file), flat, dict.fromkeys(flat, f"file {file}")))
+    env_values, env_sources = _env_values(environ)
+    layers.append(("environment", env_values, env_sources))
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    layers.append(("command line", cli, dict.fromkeys(cli, "command line")))
+    merged: dict[str, Any] = {}
+    sources = dict.fromkeys(KVShelfConfig.model_fields, "default")
+    for source, values, where in layers:
         merged.update(values)
+        sources.update(where)
         try:
             KVShelfConfig.model_validate(merged)
         except ValidationError as err:
             raise ConfigError(_format_error(err, source)) from None
-    return KVShelfConfig.model_validate(merged)
+    return KVShelfConfig.model_validate(merged), sources
+
+
+def load_config(path=None, *, environ=None, overrides=None) -> KVShelfConfig:
+    return load_config_with_sources(path, environ=environ, overrides=overrides)[0]
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, Any]:
+    """CLI `--set key=value` pairs; values are YAML scalars/lists (`--set blend_check_layers=[1,2]`)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

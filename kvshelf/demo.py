@@ -97,11 +97,14 @@ def _print_table(console: Console, rows: list[dict], shelf: Shelf) -> None:
         answer = (r["answer"] or "").strip().replace("\n", " ")
         console.print(f"[bold]Q{i}[/] {r['question']}\n   [dim]->[/] {answer[:100]}")
     if shelf.engine is not None:
-        backend = shelf.engine.backend
         fp = shelf.runner.fingerprint()
         per_token = fp.num_layers * 2 * fp.num_kv_heads * fp.head_dim * shelf.runner.dtype.itemsize
+        tiers = ", ".join(
+            f"{name} {t['used_bytes'] / 1e6:.1f} MB"
+            for name, t in shelf.engine.backend.stats().items()
+            if t["used_bytes"] is not None
+        )
         console.print(
-            f"cache: {len(backend)} chunks, {backend.used_bytes / 1e6:.1f} MB in the CPU tier "
-            f"({per_token / 1024:.1f} KiB of KV per token, chunk size {shelf.engine.chunk_size}); "
-            f"first question is cold, later ones reuse the documents' KV."
+            f"cache: {tiers} ({per_token / 1024:.1f} KiB of KV per token, chunk size {shelf.engine.chunk_size}); "
+            "the first question is cold, later ones reuse the documents' KV."
         )

@@ -1,6 +1,6 @@
 import pytest
 
-from kvshelf.config import load_config
+from kvshelf.config import load_config, load_config_with_sources, parse_assignments
 from kvshelf.errors import ConfigError
 
 
@@ -41,3 +41,84 @@ def test_missing_or_malformed_file(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(path, environ={})
+
+
+def test_nested_form_maps_to_flat_keys(tmp_path):
+    path = tmp_path / "nested.yaml"
+    path.write_text(
+        """
+storage:
+  cpu: {enabled: true, size: 3, eviction: lfu}
+  disk: {enabled: true, path: /tmp/kv, size: 7, compression: none}
+  remote: {enabled: true, url: "redis://localhost:6379", compression: int8, ttl: 60}
+compression: {quantization_bits: 8}
+server: {port: 9001}
+metrics: {prefix: lmcache_}
+extra_config: {anything: [1, 2]}
+"""
+    )
+    cfg, sources = load_config_with_sources(path, environ={})
+    assert (cfg.max_local_cpu_size, cfg.cpu_eviction, cfg.local_disk, cfg.max_local_disk_size) == (
+        3,
+        "lfu",
+        "/tmp/kv",
+        7,
+    )
+    assert (cfg.local_disk_codec, cfg.remote_url, cfg.remote_ttl_s, cfg.port) == (
+        "none",
+        "redis://localhost:6379",
+        60,
+        9001,
+    )
+    assert cfg.metrics_prefix == "lmcache_" and cfg.extra_config == {"anything": [1, 2]}
+    assert sources["remote_url"] == f"file {path}" and sources["chunk_size"] == "default"
+
+
+def test_nested_switches_and_unknown_nested_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("storage:\n  disk: {enabled: false, path: /tmp/x}\n")
+    assert load_config(path, environ={}).local_disk is None
+    path.write_text("storage:\n  disk: {enabled: true}\n")
+    with pytest.raises(ConfigError, match="storage.disk.enabled is true but storage.disk.path"):
+        load_config(path, environ={})
+    path.write_text("storage:\n  disk: {pth: /tmp/x}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'storage.disk.pth'.*storage.disk.path"):
+        load_config(path, environ={})
+
+
+def test_lmcache_flat_names_and_env_lists():
+    env = {
+        "LMCACHE_LOCAL_DISK": "file:///tmp/d",
+        "LMCACHE_MAX_LOCAL_DISK_SIZE": "3",
+        "LMCACHE_REMOTE_SERDE": "naive",
+        "LMCACHE_ENABLE_BLENDING": "false",
+        "LMCACHE_BLEND_CHECK_LAYERS": "1,2",
+        "LMCACHE_BLEND_RECOMPUTE_RATIOS": "[0.1, 0.2]",
+        "KVSHELF_REMOTE_TTL_S": "none",
+    }
+    cfg, sources = load_config_with_sources(environ=env)
+    assert cfg.local_disk == "file:///tmp/d" and cfg.remote_serde == "naive"
+    assert cfg.blend_check_layers == [1, 2] and cfg.blend_recompute_ratios == [0.1, 0.2]
+    assert sources["blend_check_layers"] == "env LMCACHE_BLEND_CHECK_LAYERS"
+
+
+def test_bad_values_name_the_key():
+    for overrides, key in [
+        ({"remote_serde": "zip"}, "remote_serde"),
+        ({"blend_recompute_ratios": [1.5]}, "blend_recompute_ratios"),
+        ({"metrics_prefix": "bad-prefix"}, "metrics_prefix"),
+        ({"quantization_bits": 4}, "quantization_bits"),
+        ({"cpu_eviction": "fifo"}, "cpu_eviction"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            load_config(environ={}, overrides=overrides)
+
+
+def test_cli_assignments():
+    assert parse_assignments(["chunk_size=64", "blend_check_layers=[1, 3]", "remote_url=redis://h:1"]) == {
+        "chunk_size": 64,
+        "blend_check_layers": [1, 3],
+        "remote_url": "redis://h:1",
+    }
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_assignments(["oops"])
