@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
+from kvshelf.errors import ConfigError
 from kvshelf.integrations.hf import CachedGenerator
 from kvshelf.model.loader import LoadedModel, load_model
 from kvshelf.model.runner import ModelRunner
@@ -42,8 +43,23 @@ def build_engine(config: KVShelfConfig, runner: ModelRunner) -> CacheEngine | No
     )
 
 
+def check_supported(config: KVShelfConfig) -> None:
+    """Refuse settings for features this version does not have, rather than ignore them."""
+    if config.enable_blending:
+        raise ConfigError(
+            "enable_blending: CacheBlend is not available in this kvshelf version yet; "
+            "unset enable_blending (prefix reuse still works)"
+        )
+    if config.use_layerwise:
+        raise ConfigError(
+            "use_layerwise: layerwise KV loading is not available in this kvshelf version yet; "
+            "unset use_layerwise (whole-prompt loading is used)"
+        )
+
+
 def open_shelf(config: KVShelfConfig | None = None, *, show_progress: bool = True) -> Shelf:
     config = config or KVShelfConfig()
+    check_supported(config)
     loaded = load_model(config.model, device=config.device, dtype=config.dtype, show_progress=show_progress)
     engine = build_engine(config, loaded.runner)
     generator = CachedGenerator(loaded.runner, engine, loaded.tokenizer, store_generated=config.store_generated)

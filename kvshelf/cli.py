@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvshelf.config import KVShelfConfig, load_config
+from kvshelf.config import KVShelfConfig, load_config, load_config_with_sources, parse_assignments
 from kvshelf.errors import KVShelfError
 
 app = typer.Typer(help="kvshelf: reuse, tier and compress the KV cache of LLM prompts.", no_args_is_help=True)
@@ -18,13 +18,14 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML config file")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any config key: --set chunk_size=128")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="local HF model folder or 'gemma3-270m'")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or auto")]
 ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", help="tokens per KV chunk")]
 
 
-def _config(config: str | None, **overrides) -> KVShelfConfig:
-    return load_config(config, overrides=overrides)
+def _config(config: str | None, sets: list[str] | None = None, **overrides) -> KVShelfConfig:
+    return load_config(config, overrides={**parse_assignments(sets or []), **overrides})
 
 
 def _fail(err: Exception) -> None:
@@ -54,7 +55,7 @@ def demo(
     from kvshelf.demo import run_demo
 
     try:
-        cfg = _config(config, model=model, device=device, chunk_size=chunk_size)
+        cfg = _config(config, None, model=model, device=device, chunk_size=chunk_size)
         shelf = open_shelf(cfg)
         rows = run_demo(shelf, quick=quick, max_new_tokens=max_new_tokens, console=console)
     except KVShelfError as err:
@@ -76,7 +77,7 @@ def generate(
     from kvshelf.app import open_shelf
 
     try:
-        shelf = open_shelf(_config(config, model=model, device=device))
+        shelf = open_shelf(_config(config, None, model=model, device=device))
         result = shelf.generator.generate(prompt, max_new_tokens=max_new_tokens)
     except KVShelfError as err:
         _fail(err)
@@ -100,18 +101,86 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
-def config_show(config: ConfigOpt = None) -> None:
-    """Print the effective configuration."""
+def config_show(config: ConfigOpt = None, sets: SetOpt = None) -> None:
+    """Print the effective configuration and where each value came from."""
     try:
-        cfg = _config(config)
+        cfg, sources = load_config_with_sources(config, overrides=parse_assignments(sets or []))
     except KVShelfError as err:
         _fail(err)
-    table = Table(title="kvshelf config")
-    table.add_column("key")
-    table.add_column("value")
-    table.add_column("meaning")
+    table = Table(title="kvshelf config (defaults < file < env < command line)")
+    for col in ("key", "value", "from", "meaning"):
+        table.add_column(col, overflow="fold")
     for name, field in KVShelfConfig.model_fields.items():
-        table.add_row(name, repr(getattr(cfg, name)), field.description or "")
+        value = getattr(cfg, name)
+        shown = "***" if name == "api_key" and value else repr(value)
+        table.add_row(name, shown, sources[name], field.description or "")
+    console.print(table)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
+) -> None:
+    """Run the OpenAI-compatible server with the KV cache (/v1/completions, /v1/chat/completions, /metrics)."""
+    from kvshelf.server import serve as run_server
+
+    try:
+        run_server(_config(config, sets, model=model, device=device, host=host, port=port))
+    except KVShelfError as err:
+        _fail(err)
+
+
+@app.command()
+def stats(
+    url: Annotated[str, typer.Option(help="server base URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="KVSHELF_API_KEY", help="API key, if the server wants one")
+    ] = None,
+) -> None:
+    """Pretty-print a running server's cache statistics."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = httpx.get(f"{url.rstrip('/')}/api/v1/cache/stats", headers=headers, timeout=10)
+        resp.raise_for_status()
+    except httpx.HTTPError as err:
+        _fail(KVShelfError(f"could not read stats from {url}: {err}"))
+    body = resp.json()
+    if not body.get("enabled"):
+        console.print("the server runs without a KV cache")
+        return
+    e = body["engine"]
+    console.print(
+        f"[bold]{body['model']['id']}[/] ({body['model']['dtype']}, {body['model']['layers']} layers), "
+        f"chunk size {body['chunk_size']}: {e['hit_tokens']}/{e['requested_tokens']} prompt tokens hit "
+        f"({e['hit_rate']:.1%}), {e['stored_tokens']} stored, {e['rejected_chunks']} rejected"
+    )
+    table = Table(title="tiers")
+    cols = ["tier", "used", "capacity", "hits", "misses", "errors", "dropped writes", "corrupt", "breaker"]
+    for col in cols:
+        table.add_column(col, justify="right")
+
+    def mb(v):
+        return "-" if v is None else f"{v / 1e6:.1f} MB"
+
+    for name, t in body["tiers"].items():
+        table.add_row(
+            name,
+            mb(t["used_bytes"]),
+            mb(t["capacity_bytes"]),
+            str(t["hits"]),
+            str(t["misses"]),
+            str(t["errors"]),
+            str(t["dropped_writes"]),
+            str(t["corrupt_objects"]),
+            "open" if t["breaker_open"] else "closed",
+        )
     console.print(table)
 
 

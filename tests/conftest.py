@@ -104,3 +104,18 @@ def s3_server():
     server = S3Server().start()
     yield server
     server.kill()
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in-process (256 byte tokens + specials), for the tiny models' vocab."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_tokens = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(sorted(byte_tokens))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    tok.add_bos_token = True
+    return tok

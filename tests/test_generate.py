@@ -96,3 +96,30 @@ def test_equality_checks_are_sensitive_to_wrong_kv(tiny_models):
     warm = gen.generate(ids, max_new_tokens=1)
     assert warm.hit_tokens == 47
     assert not torch.allclose(warm.first_logits, plain.first_logits, atol=LOGIT_ATOL)
+
+
+def test_sampling_is_seeded_and_cache_neutral(tiny_models):
+    gen = make_generator(tiny_models("qwen2"))
+    ids = prompt(50, seed=13)
+    kw = dict(max_new_tokens=10, stop_at_eos=False, temperature=1.5, seed=7)
+    plain = gen.generate(ids, use_cache=False, **kw)
+    gen.generate(ids, max_new_tokens=1)
+    warm = gen.generate(ids, **kw)
+    assert warm.hit_tokens == 49 and warm.token_ids == plain.token_ids
+    assert gen.generate(ids, use_cache=False, **{**kw, "seed": 8}).token_ids != plain.token_ids
+    # top_p so small that only the most likely token survives: greedy.
+    greedy = gen.generate(ids, max_new_tokens=10, stop_at_eos=False, use_cache=False)
+    assert gen.generate(ids, use_cache=False, **{**kw, "top_p": 1e-9}).token_ids == greedy.token_ids
+
+
+def test_stream_yields_tokens_then_result(tiny_models):
+    gen = make_generator(tiny_models("llama"))
+    stream = gen.stream(prompt(20, seed=14), max_new_tokens=5, stop_at_eos=False)
+    seen = []
+    while True:
+        try:
+            seen.append(next(stream))
+        except StopIteration as done:
+            result = done.value
+            break
+    assert seen == result.token_ids and len(seen) == 5 and result.finish_reason == "length"

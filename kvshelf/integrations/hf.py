@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,7 @@ class GenerationResult:
     ttft_s: float  # request start to first token chosen
     total_s: float
     first_logits: torch.Tensor = field(repr=False)  # float32 [vocab] logits that chose the first token
+    finish_reason: str = "length"  # "stop" (end-of-sequence token) or "length" (max_new_tokens reached)
 
 
 class CachedGenerator:
@@ -68,8 +69,7 @@ class CachedGenerator:
         if max_new_tokens < 1:
             raise PromptError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
-    @torch.inference_mode()
-    def generate(
+    def stream(
         self,
         prompt: str | Sequence[int],
         *,
@@ -77,41 +77,56 @@ class CachedGenerator:
         salt: str | None = None,
         use_cache: bool = True,
         stop_at_eos: bool = True,
-    ) -> GenerationResult:
-        """Greedy generation. With the cache, the KV of every prompt token but the last may come from it:
-        the last one is always computed, since its logits choose the first new token."""
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Generator[int, None, GenerationResult]:
+        """Yield each new token id as it is chosen; the generator's return value is the GenerationResult.
+
+        With the cache, the KV of every prompt token but the last may come from it: the last one is always
+        computed, since its logits choose the first new token. temperature 0 is greedy. `should_stop` is
+        asked after each yielded token (a stop string seen, a client gone) and ends generation cleanly.
+        """
         t0 = time.perf_counter()
         ids = self.encode(prompt)
         self._check_length(len(ids), max_new_tokens)
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise PromptError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        rng = torch.Generator().manual_seed(seed) if seed is not None else None
         engine = self.engine if use_cache else None
-        kv = self.runner.new_kv(len(ids) + max_new_tokens)
-
-        hit = loaded = 0
-        if engine is not None:
-            for key, chunk in engine.retrieve_chunks(ids, salt, max_tokens=len(ids) - 1):
-                kv.load_chunk(key.start, chunk)
-                hit = key.end
-                loaded += chunk.numel() * chunk.element_size()
-
-        logits = self.runner.forward(ids[hit:], hit, kv)
-        next_id = int(torch.argmax(logits))
-        ttft = time.perf_counter() - t0
-        first_logits = logits
-
-        stored = engine.store(ids, kv.data, salt, start=hit) if engine is not None else 0
-
+        with torch.inference_mode():
+            kv = self.runner.new_kv(len(ids) + max_new_tokens)
+            hit = loaded = 0
+            if engine is not None:
+                for key, chunk in engine.retrieve_chunks(ids, salt, max_tokens=len(ids) - 1):
+                    kv.load_chunk(key.start, chunk)
+                    hit = key.end
+                    loaded += chunk.numel() * chunk.element_size()
+            logits = self.runner.forward(ids[hit:], hit, kv)
+            first_logits = logits
+            next_id = _choose(logits, temperature, top_p, rng)
+            ttft = time.perf_counter() - t0
+            stored = engine.store(ids, kv.data, salt, start=hit) if engine is not None else 0
         out = [next_id]
-        while len(out) < max_new_tokens and not (stop_at_eos and next_id in self.eos_ids):
-            logits = self.runner.forward([next_id], len(ids) + len(out) - 1, kv)
-            next_id = int(torch.argmax(logits))
+        yield next_id
+        finish = "length"
+        while True:
+            if (stop_at_eos and next_id in self.eos_ids) or (should_stop is not None and should_stop()):
+                finish = "stop"
+                break
+            if len(out) >= max_new_tokens:
+                break
+            with torch.inference_mode():
+                logits = self.runner.forward([next_id], len(ids) + len(out) - 1, kv)
+                next_id = _choose(logits, temperature, top_p, rng)
             out.append(next_id)
-
+            yield next_id
         if engine is not None and self.store_generated and len(out) > 1:
             # Multi-turn chat resends the answer as part of the next prompt: keep its KV too. The last
             # token was never fed through the model, so it has no KV.
-            seq = ids + out[:-1]
-            stored += engine.store(seq, kv.data, salt, start=len(ids))
-
+            with torch.inference_mode():
+                stored += engine.store(ids + out[:-1], kv.data, salt, start=len(ids))
         text = self.tokenizer.decode(out, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerationResult(
             token_ids=out,
@@ -123,4 +138,25 @@ class CachedGenerator:
             ttft_s=ttft,
             total_s=time.perf_counter() - t0,
             first_logits=first_logits,
+            finish_reason=finish,
         )
+
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
+        """Run `stream` to the end; same arguments."""
+        stream = self.stream(prompt, **kwargs)
+        while True:
+            try:
+                next(stream)
+            except StopIteration as done:
+                return done.value
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_p: float, rng: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=rng))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from abc import abstractmethod
 
 from kvshelf.codecs import Codec
+from kvshelf.metrics import metrics
 from kvshelf.storage.base import StorageBackend, StoredChunk
 from kvshelf.storage.format import FormatError, decode_chunk, encode_chunk_parts
 
@@ -31,14 +33,22 @@ class ByteStore(StorageBackend):
     def _delete_name(self, name: str) -> None: ...
 
     def put(self, key: bytes, chunk: StoredChunk) -> bool:
-        return self._put_bytes(key.hex(), encode_chunk_parts(key, chunk, self.codec))
+        t0 = time.perf_counter()
+        parts = encode_chunk_parts(key, chunk, self.codec)
+        metrics().observe_codec(
+            self.codec.name, "encode", time.perf_counter() - t0, chunk.nbytes, sum(len(p) for p in parts)
+        )
+        return self._put_bytes(key.hex(), parts)
 
     def get(self, key: bytes) -> StoredChunk | None:
         blob = self._get_bytes(key.hex())
         if blob is None:
             return None
         try:
-            return decode_chunk(blob, key)
+            t0 = time.perf_counter()
+            chunk = decode_chunk(blob, key)
+            metrics().observe_codec(self.codec.name, "decode", time.perf_counter() - t0, chunk.nbytes, len(blob))
+            return chunk
         except FormatError as err:
             log.warning("%s tier: deleting damaged object %s: %s", self.name, key.hex(), err)
             with self._corrupt_lock:
