@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvshelf.blend.blender import Blender
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
 from kvshelf.errors import ConfigError
@@ -45,11 +46,6 @@ def build_engine(config: KVShelfConfig, runner: ModelRunner) -> CacheEngine | No
 
 def check_supported(config: KVShelfConfig) -> None:
     """Refuse settings for features this version does not have, rather than ignore them."""
-    if config.enable_blending:
-        raise ConfigError(
-            "enable_blending: CacheBlend is not available in this kvshelf version yet; "
-            "unset enable_blending (prefix reuse still works)"
-        )
     if config.use_layerwise:
         raise ConfigError(
             "use_layerwise: layerwise KV loading is not available in this kvshelf version yet; "
@@ -62,5 +58,20 @@ def open_shelf(config: KVShelfConfig | None = None, *, show_progress: bool = Tru
     check_supported(config)
     loaded = load_model(config.model, device=config.device, dtype=config.dtype, show_progress=show_progress)
     engine = build_engine(config, loaded.runner)
-    generator = CachedGenerator(loaded.runner, engine, loaded.tokenizer, store_generated=config.store_generated)
+    blender = None
+    if config.enable_blending:
+        try:
+            blender = Blender(
+                loaded.runner, engine, check_layers=config.blend_check_layers, ratios=config.blend_recompute_ratios
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    generator = CachedGenerator(
+        loaded.runner,
+        engine,
+        loaded.tokenizer,
+        store_generated=config.store_generated,
+        blender=blender,
+        blend_separator=config.blend_special_str,
+    )
     return Shelf(config, loaded, engine, generator)

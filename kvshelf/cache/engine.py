@@ -6,11 +6,13 @@ already rotated for their absolute positions (prefix reuse keeps positions, so n
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvshelf.cache.fingerprint import ModelFingerprint
@@ -30,6 +32,8 @@ class EngineStats:
     stored_bytes: int = 0
     retrieved_bytes: int = 0
     rejected_chunks: int = 0  # stored objects that failed verification and were deleted
+    blend_lookups: int = 0  # position-independent chunk lookups (CacheBlend)
+    blend_hits: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -182,6 +186,39 @@ class CacheEngine:
             self.stats.stored_tokens += stored_tokens
             self.stats.stored_bytes += stored_bytes
         return stored_tokens
+
+    # -- position-independent chunks (CacheBlend) -------------------------------------------------
+    def blend_key(self, tokens: Sequence[int], salt: str | None = None) -> bytes:
+        """Key of a chunk's KV computed on its own: depends on its tokens, not on what precedes it."""
+        ids = np.asarray(tokens, dtype="<i8")
+        h = hashlib.blake2b(digest_size=16, person=b"kvshelf-blend")
+        h.update(chain_root(self._fp_digest, salt))
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(ids.tobytes())
+        return h.digest()
+
+    def get_blend_chunk(self, key: bytes, num_tokens: int) -> torch.Tensor | None:
+        chunk = self._verified(ChunkKey(key, 0, num_tokens), self.backend.get(key))
+        with self._stats_lock:
+            self.stats.blend_lookups += 1
+            if chunk is not None:
+                self.stats.blend_hits += 1
+                self.stats.retrieved_bytes += chunk.nbytes
+        return None if chunk is None else chunk.kv
+
+    def put_blend_chunk(self, key: bytes, kv: torch.Tensor) -> bool:
+        if tuple(kv.shape) != self._expected_shape(kv.shape[3]):
+            raise ValueError(f"kv shape {tuple(kv.shape)} does not match the model fingerprint")
+        host = torch.empty(kv.shape, dtype=kv.dtype, device="cpu", pin_memory=self.pin_memory and kv.is_cuda)
+        host.copy_(kv)
+        ok = self.backend.put(
+            key, StoredChunk(ChunkMeta(self._fp_digest, kv.shape[3], tuple(kv.shape), kv.dtype), host)
+        )
+        if ok:
+            with self._stats_lock:
+                self.stats.stored_tokens += kv.shape[3]
+                self.stats.stored_bytes += host.numel() * host.element_size()
+        return ok
 
     def clear(self) -> None:
         self.backend.clear()

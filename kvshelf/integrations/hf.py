@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvshelf.blend.blender import Blender, BlendInfo
+from kvshelf.blend.segment import Segmented, split_text, split_tokens
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.errors import PromptError
 from kvshelf.model.runner import ModelRunner
@@ -25,16 +27,28 @@ class GenerationResult:
     total_s: float
     first_logits: torch.Tensor = field(repr=False)  # float32 [vocab] logits that chose the first token
     finish_reason: str = "length"  # "stop" (end-of-sequence token) or "length" (max_new_tokens reached)
+    blend: BlendInfo | None = None  # set when CacheBlend prefilled the prompt
 
 
 class CachedGenerator:
     """Prefix-reusing generation over a ModelRunner. `engine=None` disables caching (plain recompute)."""
 
-    def __init__(self, runner: ModelRunner, engine: CacheEngine | None, tokenizer=None, *, store_generated=True):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        engine: CacheEngine | None,
+        tokenizer=None,
+        *,
+        store_generated=True,
+        blender: Blender | None = None,
+        blend_separator: str = "<|CHUNK_SEP|>",
+    ):
         self.runner = runner
         self.engine = engine
         self.tokenizer = tokenizer
         self.store_generated = store_generated
+        self.blender = blender
+        self.blend_separator = blend_separator
         gen_cfg = getattr(runner.model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None) or getattr(runner.config, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -44,6 +58,28 @@ class CachedGenerator:
                 tid = tokenizer.convert_tokens_to_ids(token) if token else None
                 if isinstance(tid, int) and tid != tokenizer.unk_token_id:
                     self.eos_ids.add(tid)
+
+    def segment(self, prompt: str | Sequence[int], chunks: Sequence[str] | None) -> Segmented | None:
+        """The prompt cut into blendable chunks, or None when blending does not apply to it."""
+        if self.blender is None:
+            if chunks is not None:
+                raise PromptError("chunks were given but blending is off (set enable_blending)")
+            return None
+        if self.tokenizer is None:
+            raise PromptError("blending needs a tokenizer to find or encode the chunks")
+        if chunks is not None:
+            if not isinstance(prompt, str):
+                raise PromptError("with explicit chunks, the prompt is the text that follows them (the question)")
+            seg = split_text(self.tokenizer, None, self.blend_separator, chunks=list(chunks), suffix=prompt)
+        elif isinstance(prompt, str):
+            seg = split_text(self.tokenizer, prompt, self.blend_separator)
+        else:
+            seg = split_tokens(self.tokenizer, prompt, self.blend_separator)
+        if not seg.chunks:
+            return None  # no separator: an ordinary prompt, served by prefix reuse
+        if not seg.suffix:
+            raise PromptError("the blended prompt has nothing after its last chunk: add the question")
+        return seg
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -81,15 +117,22 @@ class CachedGenerator:
         top_p: float = 1.0,
         seed: int | None = None,
         should_stop: Callable[[], bool] | None = None,
+        chunks: Sequence[str] | None = None,
     ) -> Generator[int, None, GenerationResult]:
         """Yield each new token id as it is chosen; the generator's return value is the GenerationResult.
 
         With the cache, the KV of every prompt token but the last may come from it: the last one is always
         computed, since its logits choose the first new token. temperature 0 is greedy. `should_stop` is
         asked after each yielded token (a stop string seen, a client gone) and ends generation cleanly.
+
+        With a blender, a prompt holding the blend separator (or `chunks` given, with `prompt` as the text
+        after them) is prefilled by CacheBlend instead: chunk KV is reused at any position.
         """
         t0 = time.perf_counter()
-        ids = self.encode(prompt)
+        if isinstance(prompt, str) and not prompt and chunks is None:
+            raise PromptError("prompt is empty")
+        seg = self.segment(prompt, chunks) if use_cache or chunks is not None else None
+        ids = seg.token_ids if seg is not None else self.encode(prompt)
         self._check_length(len(ids), max_new_tokens)
         if temperature < 0 or not 0 < top_p <= 1:
             raise PromptError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
@@ -98,16 +141,23 @@ class CachedGenerator:
         with torch.inference_mode():
             kv = self.runner.new_kv(len(ids) + max_new_tokens)
             hit = loaded = 0
-            if engine is not None:
-                for key, chunk in engine.retrieve_chunks(ids, salt, max_tokens=len(ids) - 1):
-                    kv.load_chunk(key.start, chunk)
-                    hit = key.end
-                    loaded += chunk.numel() * chunk.element_size()
-            logits = self.runner.forward(ids[hit:], hit, kv)
+            blend_info = None
+            if seg is not None:
+                logits, blend_info = self.blender.prefill(seg, kv, salt if use_cache else None)
+                hit, loaded = blend_info.reused_tokens, blend_info.loaded_bytes
+            else:
+                if engine is not None:
+                    for key, chunk in engine.retrieve_chunks(ids, salt, max_tokens=len(ids) - 1):
+                        kv.load_chunk(key.start, chunk)
+                        hit = key.end
+                        loaded += chunk.numel() * chunk.element_size()
+                logits = self.runner.forward(ids[hit:], hit, kv)
             first_logits = logits
             next_id = _choose(logits, temperature, top_p, rng)
             ttft = time.perf_counter() - t0
-            stored = engine.store(ids, kv.data, salt, start=hit) if engine is not None else 0
+            # Blended KV is approximate: it must never be served later as exact prefix KV.
+            exact = blend_info is None
+            stored = engine.store(ids, kv.data, salt, start=hit) if engine is not None and exact else 0
         out = [next_id]
         yield next_id
         finish = "length"
@@ -122,7 +172,7 @@ class CachedGenerator:
                 next_id = _choose(logits, temperature, top_p, rng)
             out.append(next_id)
             yield next_id
-        if engine is not None and self.store_generated and len(out) > 1:
+        if engine is not None and exact and self.store_generated and len(out) > 1:
             # Multi-turn chat resends the answer as part of the next prompt: keep its KV too. The last
             # token was never fed through the model, so it has no KV.
             with torch.inference_mode():
@@ -139,6 +189,7 @@ class CachedGenerator:
             total_s=time.perf_counter() - t0,
             first_logits=first_logits,
             finish_reason=finish,
+            blend=blend_info,
         )
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:

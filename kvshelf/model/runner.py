@@ -145,6 +145,25 @@ class ModelRunner:
                     tables[spec.rope_key] = self.rotary(hidden, pos)
         return tables
 
+    def inv_freq(self, layer: int) -> torch.Tensor:
+        """The rotary inverse frequencies a layer uses (Gemma 3 has one set per layer type)."""
+        key = self.layer_specs[layer].rope_key
+        return getattr(self.rotary, f"{key}_inv_freq") if key is not None else self.rotary.inv_freq
+
+    def rerotate(self, k: torch.Tensor, delta: int, layer: int) -> torch.Tensor:
+        """Move keys ([..., tokens, head_dim], already rotated) by `delta` positions.
+
+        RoPE rotations compose, R(a + d) = R(d) R(a), so rotating cached keys by the position difference
+        equals computing them at the new position (any attention scaling of the tables is already in k).
+        """
+        if delta == 0:
+            return k
+        angles = delta * self.inv_freq(layer).to(device=k.device, dtype=torch.float32)
+        emb = torch.cat((angles, angles))
+        cos, sin = emb.cos(), emb.sin()
+        kf = k.float()
+        return (kf * cos + rotate_half(kf) * sin).to(k.dtype)
+
     @staticmethod
     def attention_mask(positions: torch.Tensor, key_end: int, key_start: int, window: int | None):
         """Boolean [queries, keys] mask: query at position p sees key j iff j <= p and p - j < window."""

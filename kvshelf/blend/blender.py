@@ -1,0 +1,143 @@
+"""CacheBlend on kvshelf's model runner: reuse the KV of chunks at any position, recompute the few
+tokens whose KV deviates most.
+
+Each chunk's KV is cached on its own, computed as `prefix + chunk` (the prefix is the BOS token, the
+attention sink every real prompt starts with) and keyed by the chunk's tokens alone, so it serves the
+chunk wherever it appears. For a prompt `prefix, chunk, sep, chunk, sep, ..., suffix`:
+
+1. every chunk's KV is loaded (or computed alone and stored, on a miss) and its keys re-rotated to the
+   chunk's position in this prompt;
+2. layers up to the first check layer run on every token, so the check layer's fresh K and V are exact;
+3. at each check layer, fresh and cached K and V of the chunk tokens are compared (squared error, K and
+   V each normalised by their mean energy) and only the top `ratio` fraction of all chunk tokens stays
+   active; the prefix, separators and suffix always do;
+4. later layers compute only active tokens, attending over the fused KV: fresh where computed, cached
+   elsewhere. The fused KV is what decoding continues from.
+
+Fused KV is approximate, so it is never stored under prefix-cache keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from kvshelf.blend.segment import Segmented
+from kvshelf.cache.engine import CacheEngine
+from kvshelf.metrics import metrics
+from kvshelf.model.kv_buffer import KVBuffer
+from kvshelf.model.runner import ModelRunner
+
+
+@dataclass
+class BlendInfo:
+    chunks: int = 0
+    chunk_hits: int = 0
+    chunk_tokens: int = 0
+    reused_tokens: int = 0  # chunk tokens whose cached KV survived to the last layer
+    recomputed_tokens: int = 0  # chunk tokens recomputed in the last layer
+    computed_alone: int = 0  # chunks that missed and were computed on their own first
+    loaded_bytes: int = 0
+    selected_per_check: list[int] = field(default_factory=list)
+
+
+class Blender:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        engine: CacheEngine | None,
+        *,
+        check_layers: list[int],
+        ratios: list[float],
+    ):
+        if len(ratios) not in (1, len(check_layers)):
+            raise ValueError(
+                f"blend_recompute_ratios has {len(ratios)} values for {len(check_layers)} check layers; "
+                "give one ratio, or one per check layer"
+            )
+        bad = [c for c in check_layers if not 0 <= c < runner.num_layers]
+        if bad or not check_layers:
+            raise ValueError(f"blend_check_layers must be within 0..{runner.num_layers - 1}, got {check_layers}")
+        self.runner = runner
+        self.engine = engine
+        self.check_layers = sorted(check_layers)
+        self.ratios = ratios * len(check_layers) if len(ratios) == 1 else ratios
+
+    # -- chunk KV ----------------------------------------------------------------------------------------
+    def _chunk_kv(self, seg: Segmented, chunk: list[int], salt, info: BlendInfo) -> torch.Tensor:
+        """The chunk's KV as cached (keys rotated for positions len(prefix)...), computing it on a miss."""
+        info.chunks += 1
+        key = self.engine.blend_key(chunk, salt) if self.engine is not None else None
+        if key is not None:
+            cached = self.engine.get_blend_chunk(key, len(chunk))
+            if cached is not None:
+                info.chunk_hits += 1
+                info.loaded_bytes += cached.numel() * cached.element_size()
+                return cached
+        info.computed_alone += 1
+        alone = self.runner.new_kv(len(seg.prefix) + len(chunk))
+        self.runner.forward(seg.prefix + chunk, 0, alone)
+        kv = alone.data[:, :, :, len(seg.prefix) :]
+        if key is not None:
+            self.engine.put_blend_chunk(key, kv)
+        return kv
+
+    # -- the blended prefill -------------------------------------------------------------------------------
+    def prefill(self, seg: Segmented, kv: KVBuffer, salt: str | None = None) -> tuple[torch.Tensor, BlendInfo]:
+        runner, info = self.runner, BlendInfo()
+        ids = seg.token_ids
+        n = len(ids)
+        device = runner.device
+        chunk_mask = torch.zeros(n, dtype=torch.bool)
+        base = len(seg.prefix)
+        for kind, start, end in seg.layout():
+            if kind != "chunk":
+                continue
+            chunk_mask[start:end] = True
+            cached = self._chunk_kv(seg, ids[start:end], salt, info).to(device)
+            for layer in range(runner.num_layers):
+                kv.data[layer, 0, :, start:end] = runner.rerotate(cached[layer, 0], start - base, layer)
+                kv.data[layer, 1, :, start:end] = cached[layer, 1]
+        info.chunk_tokens = int(chunk_mask.sum())
+        m = metrics()
+        m.blend_lookups.inc(info.chunks)
+        m.blend_hits.inc(info.chunk_hits)
+
+        positions = torch.arange(n, device=device)
+        is_chunk = chunk_mask.to(device)
+        hidden = runner.embed(torch.as_tensor(ids, device=device))
+        rope = runner.rope_tables(hidden, positions)
+        masks: dict = {}
+        checks = dict(zip(self.check_layers, self.ratios, strict=True))
+        for layer in range(runner.num_layers):
+            ratio = checks.get(layer)
+            if ratio is not None:
+                before = kv.data[layer, :, :, positions[is_chunk]].clone()
+            hidden = runner.layer_forward(layer, hidden, positions, kv, rope, masks)
+            if ratio is None or info.chunk_tokens == 0:
+                continue
+            keep = self._select(kv.data[layer, :, :, positions[is_chunk]], before, is_chunk, ratio, info)
+            positions, is_chunk, hidden = positions[keep], is_chunk[keep], hidden[:, keep]
+            rope = {k: (cos[:, keep], sin[:, keep]) for k, (cos, sin) in rope.items()}
+            masks = {}
+        kv.length = max(kv.length, n)
+        info.recomputed_tokens = int(is_chunk.sum())
+        info.reused_tokens = info.chunk_tokens - info.recomputed_tokens
+        return runner.final_logits(hidden[:, -1:]), info
+
+    def _select(self, fresh, cached, is_chunk, ratio: float, info: BlendInfo) -> torch.Tensor:
+        """Indices (into the active tokens) that stay active: every non-chunk token, plus the chunk tokens
+        with the largest KV deviation, `ratio` of all chunk tokens."""
+        fresh, cached = fresh.float(), cached.float()  # [2, heads, chunk tokens, dim]
+        energy = cached.pow(2).mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        deviation = ((fresh - cached).pow(2) / energy).sum(dim=(0, 1, 3))  # per chunk token
+        budget = min(len(deviation), math.ceil(ratio * info.chunk_tokens))
+        chosen = torch.topk(deviation, budget).indices if budget else deviation.new_empty(0, dtype=torch.long)
+        keep_chunk = torch.zeros(len(deviation), dtype=torch.bool, device=deviation.device)
+        keep_chunk[chosen] = True
+        keep = ~is_chunk.clone()
+        keep[is_chunk] = keep_chunk
+        info.selected_per_check.append(budget)
+        return keep.nonzero().view(-1)

@@ -1,0 +1,142 @@
+"""CacheBlend on tiny models of every family: re-rotation, selective recompute, segmentation."""
+
+import logging
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_tokenizer
+
+from kvshelf.blend.blender import Blender
+from kvshelf.blend.segment import split_text, split_tokens
+from kvshelf.cache.engine import CacheEngine
+from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.model.runner import ModelRunner
+from kvshelf.storage.memory import MemoryBackend
+
+SEP = "<|CHUNK_SEP|>"
+DOCS = ["Alpha facts: the key is 4821. " * 3, "Beta notes about rivers and seas. " * 3, "Gamma: ünïcödé text ✓. " * 2]
+QUESTION = "Question: what is the key?"
+
+
+def make(model, ratios=(0.15,), check_layers=(1,)):
+    runner = ModelRunner(model)
+    engine = CacheEngine(runner.fingerprint(), MemoryBackend(1 << 28), chunk_size=16)
+    blender = Blender(runner, engine, check_layers=list(check_layers), ratios=list(ratios))
+    return CachedGenerator(runner, engine, tiny_tokenizer(), blender=blender, blend_separator=SEP)
+
+
+def blended(docs) -> str:
+    return SEP.join(docs) + SEP + QUESTION
+
+
+def kl(p_logits, q_logits) -> float:
+    p, q = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    return float((p.exp() * (p - q)).sum())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rerotation_equals_direct_computation(family, tiny_models):
+    runner = ModelRunner(tiny_models(family))
+    torch.manual_seed(0)
+    chunk = torch.randint(4, 300, (12,)).tolist()
+    alone = runner.new_kv(13)
+    runner.forward([1] + chunk, 0, alone)
+    for shift in (5, 37):
+        direct = runner.new_kv(1 + shift + 12)
+        runner.forward([1] + [7] * shift + chunk, 0, direct)
+        for layer in range(runner.num_layers):
+            moved = runner.rerotate(alone.data[layer, 0, :, 1:], shift, layer)
+            if layer == 0:  # layer-0 keys depend on the token and its position only: must match exactly
+                assert torch.allclose(moved, direct.data[0, 0, :, 1 + shift :], atol=1e-5)
+        # Re-rotating back and forth is the identity.
+        k = alone.data[2, 0, :, 1:]
+        assert torch.allclose(runner.rerotate(runner.rerotate(k, shift, 2), -shift, 2), k, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_recompute_equals_full_prefill(family, tiny_models):
+    gen = make(tiny_models(family), ratios=(1.0,))
+    prompt = blended(DOCS)
+    full = gen.generate(gen.segment(prompt, None).token_ids, max_new_tokens=6, use_cache=False, stop_at_eos=False)
+    blend = gen.generate(prompt, max_new_tokens=6, stop_at_eos=False)
+    assert (
+        blend.blend is not None
+        and blend.blend.chunks == 3
+        and blend.blend.recomputed_tokens == blend.blend.chunk_tokens
+    )
+    assert torch.allclose(blend.first_logits, full.first_logits, atol=1e-4)
+    assert blend.token_ids == full.token_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_reordered_documents_hit_every_chunk_and_recompute_helps(family, tiny_models):
+    gen = make(tiny_models(family), ratios=(0.3,))
+    gen.generate(blended(DOCS), max_new_tokens=1)
+    reordered = blended([DOCS[2], DOCS[0], DOCS[1]])
+    full = gen.generate(gen.segment(reordered, None).token_ids, max_new_tokens=1, use_cache=False)
+    warm = gen.generate(reordered, max_new_tokens=1)
+    info = warm.blend
+    assert info.chunk_hits == 3 and info.computed_alone == 0
+    assert info.recomputed_tokens == pytest.approx(0.3 * info.chunk_tokens, abs=1)
+    no_recompute = make(tiny_models(family), ratios=(0.0,))
+    no_recompute.engine = gen.engine
+    no_recompute.blender.engine = gen.engine
+    zero = no_recompute.generate(reordered, max_new_tokens=1)
+    assert zero.blend.recomputed_tokens == 0
+    assert kl(full.first_logits, warm.first_logits) < kl(full.first_logits, zero.first_logits)
+
+
+def test_gradual_filtering_over_several_check_layers(tiny_models):
+    gen = make(tiny_models("qwen3"), check_layers=(1, 2), ratios=(0.5, 0.2))
+    out = gen.generate(blended(DOCS), max_new_tokens=1)
+    n = out.blend.chunk_tokens
+    assert out.blend.selected_per_check == [-(-n // 2), -(-n * 2 // 10)]
+    with pytest.raises(ValueError, match="ratio"):
+        Blender(gen.runner, None, check_layers=[1, 2], ratios=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="check_layers"):
+        Blender(gen.runner, None, check_layers=[99], ratios=[0.1])
+
+
+def test_blended_kv_is_never_stored_as_prefix_kv(tiny_models):
+    gen = make(tiny_models("llama"))
+    out = gen.generate(blended(DOCS), max_new_tokens=4)
+    ids = gen.segment(blended(DOCS), None).token_ids
+    assert out.stored_tokens == 0 and gen.engine.lookup(ids) == 0
+
+
+def test_explicit_chunk_list_and_plain_prompts(tiny_models, caplog):
+    gen = make(tiny_models("gemma3"))
+    listed = gen.generate(QUESTION, chunks=DOCS, max_new_tokens=3, stop_at_eos=False)
+    joined = gen.generate(blended(DOCS), max_new_tokens=3, stop_at_eos=False)
+    assert listed.token_ids == joined.token_ids and joined.blend.chunk_hits == 3
+    plain = gen.generate("no separator here", max_new_tokens=2)
+    assert plain.blend is None  # an ordinary prompt: prefix reuse
+    with caplog.at_level(logging.WARNING):
+        gen.generate(QUESTION, chunks=[f"a {SEP} b", "c"], max_new_tokens=1)
+    assert "separator" in caplog.text
+
+
+def test_segmentation_edge_cases():
+    tok = tiny_tokenizer()
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    seg = split_text(tok, f"{SEP}a{SEP}{SEP}b{SEP}q", SEP)  # separator first, adjacent separators
+    assert seg.chunks == [enc("a"), enc("b")] and seg.suffix == enc("q") and seg.prefix == tok("x")["input_ids"][:1]
+    assert split_text(tok, "no separator", SEP).chunks == []
+    assert split_text(tok, f"a{SEP}", SEP).suffix == []  # separator at the end: no question
+    assert split_text(tok, f"  {SEP}ü✓{SEP}q", SEP).chunks == [enc("ü✓")]  # blank chunks dropped, unicode kept
+    # Token prompts: the separator is found however whitespace sits around it.
+    ids = tok(f"doc one {SEP} doc two\n{SEP}\nthe question")["input_ids"]
+    seg = split_tokens(tok, ids, SEP)
+    assert [tok.decode(c) for c in seg.chunks] == [
+        "doc one",
+        "doc two",
+    ]  # whitespace around it goes too and tok.decode(seg.suffix) == "the question"
+    assert split_tokens(tok, tok("plain")["input_ids"], SEP).chunks == []
+
+
+def test_missing_question_is_an_error(tiny_models):
+    from kvshelf.errors import PromptError
+
+    gen = make(tiny_models("llama"))
+    with pytest.raises(PromptError, match="question"):
+        gen.generate(SEP.join(DOCS) + SEP, max_new_tokens=1)
