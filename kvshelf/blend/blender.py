@@ -7,10 +7,11 @@ chunk wherever it appears. For a prompt `prefix, chunk, sep, chunk, sep, ..., su
 
 1. every chunk's KV is loaded (or computed alone and stored, on a miss) and its keys re-rotated to the
    chunk's position in this prompt;
-2. layers up to the first check layer run on every token, so the check layer's fresh K and V are exact;
-3. at each check layer, fresh and cached K and V of the chunk tokens are compared (squared error, K and
-   V each normalised by their mean energy) and only the top `ratio` fraction of all chunk tokens stays
-   active; the prefix, separators and suffix always do;
+2. layers below the first check layer run on every token, so the check layer's fresh K and V are exact;
+3. at each check layer, fresh K and V of the active tokens (projections only) are compared with the
+   cached ones (squared error, K and V each normalised by their mean energy) and only the top `ratio`
+   fraction of all chunk tokens stays active for the rest of the layer and above; the prefix,
+   separators and suffix always do;
 4. later layers compute only active tokens, attending over the fused KV: fresh where computed, cached
    elsewhere. The fused KV is what decoding continues from.
 
@@ -113,15 +114,17 @@ class Blender:
         checks = dict(zip(self.check_layers, self.ratios, strict=True))
         for layer in range(runner.num_layers):
             ratio = checks.get(layer)
-            if ratio is not None:
-                before = kv.data[layer, :, :, positions[is_chunk]].clone()
+            if ratio is not None and info.chunk_tokens:
+                # Fresh K and V of every active token (projections only: cheap), compared with the cached
+                # ones; the full layer then runs only for the tokens that stay active. The others keep
+                # their fresh K and V at this layer and their cached KV above it.
+                cached = kv.data[layer, :, :, positions[is_chunk]].clone()
+                runner.write_kv(layer, hidden, positions, kv, rope)
+                keep = self._select(kv.data[layer, :, :, positions[is_chunk]], cached, is_chunk, ratio, info)
+                positions, is_chunk, hidden = positions[keep], is_chunk[keep], hidden[:, keep]
+                rope = {k: (cos[:, keep], sin[:, keep]) for k, (cos, sin) in rope.items()}
+                masks = {}
             hidden = runner.layer_forward(layer, hidden, positions, kv, rope, masks)
-            if ratio is None or info.chunk_tokens == 0:
-                continue
-            keep = self._select(kv.data[layer, :, :, positions[is_chunk]], before, is_chunk, ratio, info)
-            positions, is_chunk, hidden = positions[keep], is_chunk[keep], hidden[:, keep]
-            rope = {k: (cos[:, keep], sin[:, keep]) for k, (cos, sin) in rope.items()}
-            masks = {}
         kv.length = max(kv.length, n)
         info.recomputed_tokens = int(is_chunk.sum())
         info.reused_tokens = info.chunk_tokens - info.recomputed_tokens

@@ -199,19 +199,39 @@ class ModelRunner:
             x = layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden + x
 
-    def _attention(self, index, attn, x, positions, kv: KVBuffer, cos_sin, masks, window):
+    def _kv_states(self, attn, x, cos, sin):
         n = x.shape[1]
-        q = attn.q_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        return apply_rope(k, cos, sin), v
+
+    @staticmethod
+    def _slots(positions: torch.Tensor, n: int) -> slice | torch.Tensor:
+        first, last = int(positions[0]), int(positions[-1])
+        return slice(first, last + 1) if last - first + 1 == n else positions
+
+    def write_kv(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, kv: KVBuffer, rope: dict) -> None:
+        """Compute and store layer `index`'s K and V for these tokens without running the rest of the layer
+        (CacheBlend compares them with cached KV before deciding which tokens to compute)."""
+        layer = self.layers[index]
+        cos, sin = rope[self.layer_specs[index].rope_key]
+        k, v = self._kv_states(layer.self_attn, layer.input_layernorm(hidden), cos.unsqueeze(1), sin.unsqueeze(1))
+        kv.write_layer(index, self._slots(positions, hidden.shape[1]), k[0], v[0])
+
+    def _attention(self, index, attn, x, positions, kv: KVBuffer, cos_sin, masks, window):
+        n = x.shape[1]
         cos, sin = cos_sin
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = attn.q_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q = apply_rope(q, cos, sin)
+        k, v = self._kv_states(attn, x, cos, sin)
         first, last = int(positions[0]), int(positions[-1])
         contiguous = last - first + 1 == n
-        kv.write_layer(index, slice(first, last + 1) if contiguous else positions, k[0], v[0])
+        kv.write_layer(index, self._slots(positions, n), k[0], v[0])
         end = last + 1
         # Keys a sliding layer can never see are not read at all.
         start = max(0, first - window + 1) if window is not None else 0
