@@ -83,7 +83,9 @@ def builtin_samples(n: int, seed: int = 0) -> list[dict]:
 
 
 def prompt_text(docs: list[str], question: str) -> str:
-    return "Answer the question using the documents.\n\n" + SEP.join(docs) + SEP + f"\nQuestion: {question}\nAnswer:"
+    # The instruction is a chunk of its own, so it is cached once whatever document follows it.
+    parts = ["Answer the question using the documents.\n", *docs]
+    return SEP.join(parts) + SEP + f"\nQuestion: {question}\nAnswer:"
 
 
 def kl(ref: torch.Tensor, other: torch.Tensor) -> float:

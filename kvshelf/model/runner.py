@@ -263,10 +263,12 @@ class ModelRunner:
         kv: KVBuffer,
         *,
         layer_hook: LayerHook | None = None,
+        all_logits: bool = False,
     ) -> torch.Tensor:
         """Compute tokens at positions [start, start + n) over KV already in `kv` for [0, start).
 
-        Returns the logits of the last position only (float32, [vocab]).
+        Returns the logits of the last position only (float32, [vocab]), or of every position
+        ([n, vocab]) with `all_logits` (perplexity measurements).
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(-1)
         n = ids.numel()
@@ -281,4 +283,6 @@ class ModelRunner:
             if layer_hook is not None:
                 layer_hook(i, self, kv)
         kv.length = max(kv.length, start + n)
+        if all_logits:
+            return self.final_logits(hidden).view(n, -1)
         return self.final_logits(hidden[:, -1:])

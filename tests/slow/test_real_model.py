@@ -103,3 +103,36 @@ def test_cli_reports_missing_model(tmp_path):
     )
     assert proc.returncode == 2
     assert "not found" in proc.stderr and "never downloads" in proc.stderr
+
+
+def test_blend_on_real_model(shelf):
+    from kvshelf.blend.blender import Blender
+    from kvshelf.blend.segment import split_tokens
+    from kvshelf.integrations.hf import CachedGenerator
+
+    sep = "<|CHUNK_SEP|>"
+    tok = shelf.model.tokenizer
+    t = pydoc_data.topics.topics
+    docs = [t["assert"], t["del"], t["pass"]]
+    # Gemma's tokenizer merges text glued to the separator; splitting token ids still finds every one.
+    glued = tok("intro" + sep + docs[0] + sep + "tail" + sep + "q")["input_ids"]
+    assert len(split_tokens(tok, glued, sep).chunks) == 3
+
+    def gen(ratio):
+        blender = Blender(shelf.runner, shelf.engine, check_layers=[1], ratios=[ratio])
+        return CachedGenerator(shelf.runner, shelf.engine, tok, blender=blender, blend_separator=sep)
+
+    first = sep.join(docs) + sep + "\nQuestion: what does pass do?\nAnswer:"
+    gen(0.15).generate(first, max_new_tokens=1)
+    moved = sep.join([docs[2], docs[0], docs[1]]) + sep + "\nQuestion: what does pass do?\nAnswer:"
+    ids = gen(0.15).segment(moved, None).token_ids
+    full = gen(0.15).generate(ids, max_new_tokens=1, use_cache=False)
+
+    def kl(r):
+        p, q = torch.log_softmax(full.first_logits, -1), torch.log_softmax(r.first_logits, -1)
+        return float((p.exp() * (p - q)).sum())
+
+    exact = gen(1.0).generate(moved, max_new_tokens=1)
+    assert exact.blend.chunk_hits == 3 and kl(exact) < 1e-4
+    zero, part = gen(0.0).generate(moved, max_new_tokens=1), gen(0.15).generate(moved, max_new_tokens=1)
+    assert part.blend.recomputed_tokens > 0 and kl(part) < kl(zero)

@@ -1,0 +1,158 @@
+"""KV codecs on the real model: size against quality, measured on real text.
+
+    python bench/codec_quality.py [--prefix 2048] [--files a.txt b.py ...] [--codecs none int8 cachegen ...]
+
+For each text (stdlib prose, stdlib Python source, a list; plus any files given): prefill `prefix`
+tokens, round-trip the KV through each codec in 256-token chunks exactly as a tier stores it, then
+continue from the decoded KV:
+- perplexity of the next 128 held-out tokens (teacher-forced), change vs uncompressed KV;
+- greedy agreement: the uncompressed run's 64 greedy tokens, teacher-forced, and the share of positions
+  where the compressed run picks the same token;
+- mean next-token KL divergence from the uncompressed run over those positions;
+- bits per stored value (the whole stored object: header, scales, tables, payload) and size vs fp16.
+A codec spec is a name with optional parameters: cachegen:bits=3,early_bits=5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import keyword
+import math
+import pydoc_data.topics
+import statistics
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from kvshelf.codecs import get_codec
+from kvshelf.model.loader import load_model
+from kvshelf.storage.base import ChunkMeta, StoredChunk
+from kvshelf.storage.format import decode_chunk, encode_chunk
+
+CHUNK = 256
+
+
+def builtin_texts() -> dict[str, str]:
+    import json as json_mod
+
+    topics = pydoc_data.topics.topics
+    prose = "\n\n".join(topics[k] for k in ("for", "with", "exceptions", "class", "function", "try", "import"))
+    code = inspect.getsource(json_mod.decoder) + inspect.getsource(json_mod.encoder) + inspect.getsource(argparse)
+    items = sorted(
+        set(dir(__builtins__) if isinstance(__builtins__, dict) else dir(__builtins__)) | set(keyword.kwlist)
+    )
+    listing = "\n".join(f"{i + 1}. {name}: {len(name)} letters" for i, name in enumerate(items * 6))
+    return {"prose": prose, "code": code, "list": listing}
+
+
+def parse_spec(spec: str):
+    name, _, rest = spec.partition(":")
+    params = {}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        params[k] = json.loads(v) if v not in ("true", "false") else v == "true"
+    return name, params
+
+
+def round_trip(kv: torch.Tensor, codec) -> tuple[torch.Tensor, int]:
+    out, total = torch.empty_like(kv), 0
+    for start in range(0, kv.shape[3], CHUNK):
+        piece = kv[:, :, :, start : start + CHUNK].contiguous()
+        chunk = StoredChunk(ChunkMeta(b"\0" * 32, piece.shape[3], tuple(piece.shape), piece.dtype), piece)
+        key = start.to_bytes(16, "little")
+        blob = encode_chunk(key, chunk, codec)
+        total += len(blob)
+        out[:, :, :, start : start + CHUNK] = decode_chunk(blob, key).kv
+    return out, total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prefix", type=int, default=2048)
+    ap.add_argument("--files", nargs="*", default=[])
+    ap.add_argument("--codecs", nargs="+", default=["none", "int8", "cachegen", "cachegen:bits=3,early_bits=5"])
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--json", default="bench/results/codec_quality.json")
+    args = ap.parse_args()
+    console = Console()
+    lm = load_model(args.model, device="cpu")
+    runner, tok = lm.runner, lm.tokenizer
+    texts = builtin_texts()
+    texts.update({Path(f).name: Path(f).read_text(errors="replace") for f in args.files})
+    n_cont, n_greedy = 128, 64
+    results = {spec: {"bits": [], "dppl": [], "agree": [], "kl": []} for spec in args.codecs}
+    with Progress(console=console, transient=True) as progress, torch.inference_mode():
+        task = progress.add_task("codecs", total=len(texts) * (len(args.codecs) + 1))
+        for name, text in texts.items():
+            ids = tok(text)["input_ids"]
+            if len(ids) < args.prefix + n_cont:
+                console.print(f"[yellow]skipping {name}: {len(ids)} tokens < {args.prefix + n_cont}[/]")
+                continue
+            prefix, cont = ids[: args.prefix], ids[args.prefix : args.prefix + n_cont]
+            base = runner.new_kv(args.prefix + n_cont + n_greedy)
+            runner.forward(prefix, 0, base)
+            ref_kv = base.data[:, :, :, : args.prefix].clone()
+            # Reference continuation and greedy tokens from uncompressed KV.
+            work = runner.new_kv(args.prefix + n_cont + n_greedy)
+            work.data[:, :, :, : args.prefix] = ref_kv
+            ref_cont = runner.forward(cont, args.prefix, work, all_logits=True)
+            greedy, g = [], None
+            work.data[:, :, :, : args.prefix] = ref_kv
+            logits = runner.forward(prefix[-1:], args.prefix - 1, work)
+            for _ in range(n_greedy):
+                g = int(logits.argmax())
+                greedy.append(g)
+                logits = runner.forward([g], args.prefix + len(greedy) - 1, work)
+            work.data[:, :, :, : args.prefix] = ref_kv
+            ref_greedy = runner.forward(prefix[-1:] + greedy[:-1], args.prefix - 1, work, all_logits=True)
+            progress.advance(task)
+
+            def nll(logits, targets):
+                return float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(targets[1:])))
+
+            ref_ppl = math.exp(nll(ref_cont, cont))
+            for spec in args.codecs:
+                codec_name, params = parse_spec(spec)
+                kv, nbytes = round_trip(ref_kv, get_codec(codec_name, params))
+                work.data[:, :, :, : args.prefix] = kv
+                cont_logits = runner.forward(cont, args.prefix, work, all_logits=True)
+                work.data[:, :, :, : args.prefix] = kv
+                g_logits = runner.forward(prefix[-1:] + greedy[:-1], args.prefix - 1, work, all_logits=True)
+                p, q = torch.log_softmax(ref_greedy, -1), torch.log_softmax(g_logits, -1)
+                r = results[spec]
+                r["bits"].append(8 * nbytes / ref_kv.numel())
+                r["dppl"].append(100 * (math.exp(nll(cont_logits, cont)) / ref_ppl - 1))
+                r["agree"].append(float((g_logits.argmax(-1) == torch.tensor(greedy)).float().mean()))
+                r["kl"].append(float((p.exp() * (p - q)).sum(-1).mean()))
+                progress.advance(task)
+    table = Table(title=f"KV codecs on {runner.model_id}, {args.prefix}-token prefixes, {len(texts)} texts (means)")
+    for col in ["codec", "bits/value", "x vs fp16", "delta ppl", "greedy agreement", "KL"]:
+        table.add_column(col, justify="right")
+    summary = []
+    for spec, r in results.items():
+        if not r["bits"]:
+            continue
+        row = {k: statistics.fmean(v) for k, v in r.items()}
+        row["codec"] = spec
+        summary.append(row)
+        table.add_row(
+            spec,
+            f"{row['bits']:.2f}",
+            f"{16 / row['bits']:.2f}x",
+            f"{row['dppl']:+.2f}%",
+            f"{row['agree']:.1%}",
+            f"{row['kl']:.5f}",
+        )
+    console.print(table)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "per_text": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""`cachegen`: layer-dependent quantisation + entropy coding with an ANS coder (constriction).
+
+Per layer segment (self-contained, so one layer decodes alone):
+- K is quantised with one scale per (head, channel) over the chunk's tokens (K has outlier channels),
+  V with one scale per (head, token) (the KIVI split); symmetric, `bits` bits in late layers and
+  `early_bits` in the first `early_fraction` of layers, which shape later layers' inputs most.
+- Optionally (`delta=True`) each group of `group` tokens is coded as differences from its first token,
+  which pays where neighbouring tokens' KV is similar.
+- The symbols of K and of V are entropy-coded with an asymmetric numeral system coder against a
+  histogram of this segment's own symbols, stored in the segment (a few dozen bytes per layer, not a CDF
+  per channel): the probability model is calibrated on the model's actual KV, chunk by chunk, and
+  decoding needs nothing but the segment and the codec parameters in the chunk header.
+
+Segment layout (little-endian): magic b"CG", K bits (u8), V bits (u8), flags (u8), reserved (u8),
+K alphabet size (u16), V alphabet size (u16), K words (u32), V words (u32); then K scales fp16 [H, D],
+V scales fp16 [H, T], K counts u32, V counts u32, K ANS words u32, V ANS words u32.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import torch
+
+from kvshelf.codecs.base import Codec
+
+try:
+    import constriction
+except ImportError:  # pragma: no cover - a declared dependency; the error names it
+    constriction = None
+
+_HEAD = struct.Struct("<2sBBBBHHII")
+_DELTA = 1
+
+
+def _model(counts: np.ndarray):
+    probs = counts.astype(np.float64)
+    probs /= probs.sum()
+    # perfect=False: constriction gives every symbol a non-zero probability, so any symbol decodes.
+    return constriction.stream.model.Categorical(probs, perfect=False)
+
+
+def _encode_symbols(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.bincount(symbols, minlength=alphabet).astype(np.uint32)
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(symbols.astype(np.int32), _model(counts))
+    return counts, coder.get_compressed().astype(np.uint32)
+
+
+def _decode_symbols(words: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+    coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32))
+    return coder.decode(_model(counts), n)
+
+
+class CacheGenCodec(Codec):
+    name = "cachegen"
+
+    def __init__(
+        self,
+        bits: int = 4,
+        early_bits: int = 6,
+        early_fraction: float = 0.34,
+        v_bits: int | None = None,
+        delta: bool = False,
+        group: int = 16,
+    ):
+        if constriction is None:
+            raise ImportError("the cachegen codec needs the 'constriction' package")
+        for name, value in (("bits", bits), ("early_bits", early_bits)):
+            if not 2 <= value <= 8:
+                raise ValueError(f"cachegen {name} must be within 2..8, got {value}")
+        if v_bits is not None and not 2 <= v_bits <= 8:
+            raise ValueError(f"cachegen v_bits must be within 2..8, got {v_bits}")
+        if not 0 <= early_fraction <= 1:
+            raise ValueError(f"cachegen early_fraction must be within 0..1, got {early_fraction}")
+        self.bits, self.early_bits, self.early_fraction = bits, early_bits, early_fraction
+        self.v_bits, self.delta, self.group = v_bits, delta, group
+
+    def params(self) -> dict:
+        return {
+            "bits": self.bits,
+            "early_bits": self.early_bits,
+            "early_fraction": self.early_fraction,
+            "v_bits": self.v_bits,
+            "delta": self.delta,
+            "group": self.group,
+        }
+
+    def layer_bits(self, layer: int, num_layers: int) -> tuple[int, int]:
+        """(K bits, V bits) for a layer: early layers get `early_bits` for both."""
+        if layer < round(self.early_fraction * num_layers):
+            return self.early_bits, self.early_bits
+        return self.bits, self.v_bits or self.bits
+
+    # -- quantisation ------------------------------------------------------------------------------------
+    @staticmethod
+    def _quantize(x: torch.Tensor, dim: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+        levels = (1 << (bits - 1)) - 1
+        scale = (x.abs().amax(dim=dim, keepdim=True).float() / levels).to(torch.float16).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(x.float() / scale).clamp_(-levels, levels).to(torch.int32)
+        return q.numpy(), scale.to(torch.float16).numpy()
+
+    def _to_symbols(self, q: np.ndarray, levels: int) -> tuple[np.ndarray, int]:
+        """[heads, tokens, dim] ints -> flat non-negative symbols (after optional token deltas)."""
+        if self.delta:
+            t = q.shape[1]
+            anchors = np.repeat(q[:, :: self.group], self.group, axis=1)[:, :t]
+            d = q - anchors
+            d[:, :: self.group] = q[:, :: self.group]  # anchors themselves are coded as they are
+            return (d + 2 * levels).reshape(-1), 4 * levels + 1
+        return (q + levels).reshape(-1), 2 * levels + 1
+
+    def _from_symbols(self, sym: np.ndarray, levels: int, shape) -> np.ndarray:
+        if self.delta:
+            d = sym.astype(np.int32).reshape(shape) - 2 * levels
+            t = shape[1]
+            anchors = np.repeat(d[:, :: self.group], self.group, axis=1)[:, :t]
+            q = d + anchors
+            q[:, :: self.group] = d[:, :: self.group]
+            return q
+        return sym.astype(np.int32).reshape(shape) - levels
+
+    # -- codec verbs -------------------------------------------------------------------------------------
+    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes:
+        bits_k, bits_v = self.layer_bits(layer, num_layers)
+        qk, sk = self._quantize(kv[0], dim=1, bits=bits_k)  # scale per (head, channel)
+        qv, sv = self._quantize(kv[1], dim=2, bits=bits_v)  # scale per (head, token)
+        lk, lv = (1 << (bits_k - 1)) - 1, (1 << (bits_v - 1)) - 1
+        sym_k, alpha_k = self._to_symbols(qk, lk)
+        sym_v, alpha_v = self._to_symbols(qv, lv)
+        ck, wk = _encode_symbols(sym_k, alpha_k)
+        cv, wv = _encode_symbols(sym_v, alpha_v)
+        head = _HEAD.pack(b"CG", bits_k, bits_v, _DELTA if self.delta else 0, 0, alpha_k, alpha_v, len(wk), len(wv))
+        return b"".join([head, sk.tobytes(), sv.tobytes(), ck.tobytes(), cv.tobytes(), wk.tobytes(), wv.tobytes()])
+
+    def decode_layer(self, data, shape, dtype, layer, num_layers) -> torch.Tensor:
+        _, heads, tokens, dim = shape
+        buf = memoryview(data)
+        magic, bits_k, bits_v, flags, _, alpha_k, alpha_v, nk, nv = _HEAD.unpack_from(buf)
+        if (
+            magic != b"CG"
+            or (bits_k, bits_v) != self.layer_bits(layer, num_layers)
+            or flags != (_DELTA if self.delta else 0)
+        ):
+            raise ValueError("cachegen segment header does not match the codec parameters")
+        lk, lv = (1 << (bits_k - 1)) - 1, (1 << (bits_v - 1)) - 1
+        sizes = [heads * dim * 2, heads * tokens * 2, alpha_k * 4, alpha_v * 4, nk * 4, nv * 4]
+        if len(buf) != _HEAD.size + sum(sizes):
+            raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {_HEAD.size + sum(sizes)}")
+        off = _HEAD.size
+        parts = []
+        for size in sizes:
+            parts.append(buf[off : off + size])
+            off += size
+        sk = np.frombuffer(parts[0], np.float16).reshape(heads, 1, dim).astype(np.float32)
+        sv = np.frombuffer(parts[1], np.float16).reshape(heads, tokens, 1).astype(np.float32)
+        ck, cv = np.frombuffer(parts[2], np.uint32), np.frombuffer(parts[3], np.uint32)
+        n = heads * tokens * dim
+        qk = self._from_symbols(_decode_symbols(np.frombuffer(parts[4], np.uint32), ck, n), lk, (heads, tokens, dim))
+        qv = self._from_symbols(_decode_symbols(np.frombuffer(parts[5], np.uint32), cv, n), lv, (heads, tokens, dim))
+        out = np.stack((qk * sk, qv * sv)).astype(np.float32)
+        return torch.from_numpy(out).to(dtype)
