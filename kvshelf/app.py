@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from kvshelf.blend.blender import Blender
@@ -12,6 +13,8 @@ from kvshelf.integrations.hf import CachedGenerator
 from kvshelf.model.loader import LoadedModel, load_model
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.factory import build_tiers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,11 +48,11 @@ def build_engine(config: KVShelfConfig, runner: ModelRunner) -> CacheEngine | No
 
 
 def check_supported(config: KVShelfConfig) -> None:
-    """Refuse settings for features this version does not have, rather than ignore them."""
-    if config.use_layerwise:
-        raise ConfigError(
-            "use_layerwise: layerwise KV loading is not available in this kvshelf version yet; "
-            "unset use_layerwise (whole-prompt loading is used)"
+    """Refuse or explain settings that this version cannot honour as asked, rather than ignore them."""
+    if config.use_layerwise and config.enable_blending:
+        log.warning(
+            "use_layerwise with enable_blending: blended prompts load their chunks whole (CacheBlend needs "
+            "every chunk's KV before its check layer); prompts without separators load layer by layer"
         )
 
 
@@ -73,5 +76,8 @@ def open_shelf(config: KVShelfConfig | None = None, *, show_progress: bool = Tru
         store_generated=config.store_generated,
         blender=blender,
         blend_separator=config.blend_special_str,
+        layerwise=config.use_layerwise and engine is not None,
+        async_load=config.use_async_load,
+        buffer_layers=config.buffer_size,
     )
     return Shelf(config, loaded, engine, generator)

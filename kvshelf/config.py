@@ -50,7 +50,9 @@ class KVShelfConfig(BaseModel):
         None, description="remote tier: redis://, rediss://, unix://, valkey://, redis-cluster://h:p,h:p, s3://b/p"
     )
     remote_serde: str = Field("int8", description=f"remote tier codec: {', '.join(CODEC_NAMES)}")
-    quantization_bits: int | None = Field(None, ge=2, le=8, description="codec precision; None: the codec's own")
+    quantization_bits: int | None = Field(
+        None, ge=2, le=8, description="cachegen precision in bits (late layers; early layers get more)"
+    )
     remote_ttl_s: int | None = Field(None, gt=0, description="expire remote (Redis) chunks after this many seconds")
     remote_timeout_s: float = Field(2.0, gt=0, description="remote tier connect/read timeout in seconds")
     redis_part_bytes: int = Field(32 << 20, ge=1024, description="split Redis values above this size into parts")

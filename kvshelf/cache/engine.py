@@ -81,22 +81,26 @@ class CacheEngine:
         fp = self.fingerprint
         return (fp.num_layers, 2, fp.num_kv_heads, num_tokens, fp.head_dim)
 
-    def _verified(self, key: ChunkKey, chunk: StoredChunk | None) -> StoredChunk | None:
-        """The chunk if it is exactly what this key promises; otherwise delete it and report a miss."""
+    def _verified(self, key: ChunkKey, chunk):
+        """The chunk (or chunk reader) if it is exactly what this key promises; otherwise delete it and
+        report a miss."""
         if chunk is None:
             return None
         meta = chunk.meta
+        kv = getattr(chunk, "kv", None)
         problem = None
         if meta.fingerprint != self._fp_digest:
             problem = "model fingerprint differs"
         elif meta.num_tokens != key.num_tokens:
             problem = f"holds {meta.num_tokens} tokens, key covers {key.num_tokens}"
-        elif tuple(chunk.kv.shape) != self._expected_shape(key.num_tokens) or tuple(meta.shape) != tuple(
-            chunk.kv.shape
+        elif tuple(meta.shape) != self._expected_shape(key.num_tokens) or (
+            kv is not None and tuple(kv.shape) != tuple(meta.shape)
         ):
-            problem = f"shape {tuple(chunk.kv.shape)} != expected {self._expected_shape(key.num_tokens)}"
-        elif chunk.kv.dtype != meta.dtype or str(meta.dtype).removeprefix("torch.") != self.fingerprint.dtype:
-            problem = f"dtype {chunk.kv.dtype} != {self.fingerprint.dtype}"
+            problem = f"shape {tuple(meta.shape)} != expected {self._expected_shape(key.num_tokens)}"
+        elif (kv is not None and kv.dtype != meta.dtype) or str(meta.dtype).removeprefix(
+            "torch."
+        ) != self.fingerprint.dtype:
+            problem = f"dtype {meta.dtype} != {self.fingerprint.dtype}"
         if problem is None:
             return chunk
         log.warning("rejecting cached chunk %s from %s: %s", key.hex(), self.backend.name, problem)
@@ -146,6 +150,30 @@ class CacheEngine:
                 self.stats.requested_tokens += limit
                 self.stats.hit_tokens += hit
 
+    def retrieve_layerwise(
+        self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None
+    ) -> LayerwiseRetrieval | None:
+        """Open the longest cached prefix for layer-by-layer loading; None on a full miss.
+
+        Chunks are fetched and verified now (bytes tiers read their objects), layers decode as the
+        caller asks for them, in order, so loading layer i+1 can overlap computing layer i.
+        """
+        limit = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
+        opened: list[tuple[ChunkKey, object]] = []
+        keys = [k for k in self.keys(tokens, salt) if k.start < limit]
+        present = self.backend.contains_many([k.digest for k in keys]) if keys else []
+        for key, here in zip(keys, present, strict=True):
+            reader = self._verified(key, self.backend.open(key.digest)) if here else None
+            if reader is None:
+                break
+            opened.append((ChunkKey(key.digest, key.start, min(key.end, limit)), reader))
+        hit = opened[-1][0].end if opened else 0
+        with self._stats_lock:
+            self.stats.lookups += 1
+            self.stats.requested_tokens += limit
+            self.stats.hit_tokens += hit
+        return LayerwiseRetrieval(opened, self.fingerprint.num_layers, self._stats_lock, self.stats) if opened else None
+
     def retrieve(self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None) -> Retrieved:
         parts = [kv for _, kv in self.retrieve_chunks(tokens, salt, max_tokens=max_tokens)]
         if not parts:
@@ -164,21 +192,26 @@ class CacheEngine:
         expected = self._expected_shape(kv.shape[3])
         if tuple(kv.shape) != expected:
             raise ValueError(f"kv shape {tuple(kv.shape)} does not match the model fingerprint {expected}")
-        stored_tokens = stored_bytes = 0
         keys = [k for k in self.keys(tokens, salt) if k.end > start]
         if not self.save_partial_chunks:
             keys = [k for k in keys if k.num_tokens == self.chunk_size]
         present = self.backend.contains_many([k.digest for k in keys]) if keys else []
-        for key, already in zip(keys, present, strict=True):
-            if already:
-                continue
+        keys = [k for k, already in zip(keys, present, strict=True) if not already]
+        hosts = []
+        for key in keys:
             piece = kv[:, :, :, key.start : key.end]
             host = torch.empty(
                 piece.shape, dtype=piece.dtype, device="cpu", pin_memory=self.pin_memory and piece.is_cuda
             )
             host.copy_(piece)
-            meta = ChunkMeta(self._fp_digest, key.num_tokens, tuple(host.shape), host.dtype)
-            chunk = StoredChunk(meta, host)
+            hosts.append(host)
+        return self.put_chunks(keys, hosts)
+
+    def put_chunks(self, keys: list[ChunkKey], hosts: list[torch.Tensor]) -> int:
+        """Store host tensors [layers, 2, heads, key.num_tokens, dim] under their keys; tokens stored."""
+        stored_tokens = stored_bytes = 0
+        for key, host in zip(keys, hosts, strict=True):
+            chunk = StoredChunk(ChunkMeta(self._fp_digest, key.num_tokens, tuple(host.shape), host.dtype), host)
             if self.backend.put(key.digest, chunk):
                 stored_tokens += key.num_tokens
                 stored_bytes += chunk.nbytes
@@ -225,3 +258,21 @@ class CacheEngine:
 
     def close(self) -> None:
         self.backend.close()
+
+
+class LayerwiseRetrieval:
+    """The cached prefix of one request, readable one layer at a time (all chunks of layer i together)."""
+
+    def __init__(self, chunks: list, num_layers: int, stats_lock: threading.Lock, stats: EngineStats):
+        self.chunks = chunks
+        self.num_layers = num_layers
+        self.num_tokens = chunks[-1][0].end
+        self._stats_lock, self._stats = stats_lock, stats
+
+    def layer(self, i: int) -> torch.Tensor:
+        """[2, kv_heads, num_tokens, head_dim] for layer i."""
+        parts = [reader.layer(i)[:, :, : key.num_tokens] for key, reader in self.chunks]
+        out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        with self._stats_lock:
+            self._stats.retrieved_bytes += out.numel() * out.element_size()
+        return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +13,12 @@ from kvshelf.blend.blender import Blender, BlendInfo
 from kvshelf.blend.segment import Segmented, split_text, split_tokens
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.errors import PromptError
+from kvshelf.layerwise.loader import LayerLoadError, LayerwiseLoader
+from kvshelf.layerwise.saver import LayerwiseSaver
+from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.model.runner import ModelRunner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +48,9 @@ class CachedGenerator:
         store_generated=True,
         blender: Blender | None = None,
         blend_separator: str = "<|CHUNK_SEP|>",
+        layerwise: bool = False,
+        async_load: bool = True,
+        buffer_layers: int = 4,
     ):
         self.runner = runner
         self.engine = engine
@@ -49,6 +58,10 @@ class CachedGenerator:
         self.store_generated = store_generated
         self.blender = blender
         self.blend_separator = blend_separator
+        self.layerwise = layerwise
+        self.async_load = async_load
+        self.buffer_layers = buffer_layers
+        self.layerwise_stats = LayerwiseStats(runner.num_layers)
         gen_cfg = getattr(runner.model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None) or getattr(runner.config, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -141,10 +154,12 @@ class CachedGenerator:
         with torch.inference_mode():
             kv = self.runner.new_kv(len(ids) + max_new_tokens)
             hit = loaded = 0
-            blend_info = None
+            blend_info = saver = None
             if seg is not None:
                 logits, blend_info = self.blender.prefill(seg, kv, salt if use_cache else None)
                 hit, loaded = blend_info.reused_tokens, blend_info.loaded_bytes
+            elif engine is not None and self.layerwise:
+                logits, hit, loaded, saver = self._prefill_layerwise(engine, ids, salt, kv)
             else:
                 if engine is not None:
                     for key, chunk in engine.retrieve_chunks(ids, salt, max_tokens=len(ids) - 1):
@@ -157,7 +172,12 @@ class CachedGenerator:
             ttft = time.perf_counter() - t0
             # Blended KV is approximate: it must never be served later as exact prefix KV.
             exact = blend_info is None
-            stored = engine.store(ids, kv.data, salt, start=hit) if engine is not None and exact else 0
+            if engine is None or not exact:
+                stored = 0
+            elif self.layerwise and saver is not None:
+                stored = saver.finish()
+            else:
+                stored = engine.store(ids, kv.data, salt, start=hit)
         out = [next_id]
         yield next_id
         finish = "length"
@@ -191,6 +211,32 @@ class CachedGenerator:
             finish_reason=finish,
             blend=blend_info,
         )
+
+    def _prefill_layerwise(self, engine: CacheEngine, ids: list[int], salt, kv):
+        """Prefill with the cached prefix loaded layer by layer behind the compute, and the new chunks stored
+        layer by layer behind it. A load that fails mid-way is recomputed from scratch: never partial KV."""
+        retrieval = engine.retrieve_layerwise(ids, salt, max_tokens=len(ids) - 1)
+        hit = retrieval.num_tokens if retrieval is not None else 0
+        saver = LayerwiseSaver(engine, ids, salt, hit, kv)
+        if retrieval is None:
+            return self.runner.forward(ids, 0, kv, layer_hook=saver.on_layer), 0, 0, saver
+        self.layerwise_stats.count(requests=1)
+        loader = LayerwiseLoader(
+            retrieval, kv, buffer_layers=self.buffer_layers, stats=self.layerwise_stats, start_thread=self.async_load
+        )
+        try:
+            logits = self.runner.forward(ids[hit:], hit, kv, layer_pre_hook=loader.wait, layer_hook=saver.on_layer)
+        except LayerLoadError as err:
+            log.warning("layerwise load failed (%s): recomputing the whole prompt", err)
+            self.layerwise_stats.count(fallbacks=1)
+            loader.close()
+            saver.abort()
+            saver = LayerwiseSaver(engine, ids, salt, 0, kv)
+            return self.runner.forward(ids, 0, kv, layer_hook=saver.on_layer), 0, 0, saver
+        finally:
+            loader.close()
+        per_token = kv.data[:, :, :, :1].numel() * kv.data.element_size()
+        return logits, hit, hit * per_token, saver
 
     def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
         """Run `stream` to the end; same arguments."""

@@ -24,7 +24,8 @@ from kvshelf.model.kv_buffer import KVBuffer
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
-# Called after each layer's forward: (layer index, runner, kv buffer). Layerwise store hooks in here.
+# Called before / after each layer's forward: (layer index, runner, kv buffer). Layerwise load and store
+# hook in here.
 LayerHook = Callable[[int, "ModelRunner", KVBuffer], None]
 
 
@@ -263,6 +264,7 @@ class ModelRunner:
         kv: KVBuffer,
         *,
         layer_hook: LayerHook | None = None,
+        layer_pre_hook: LayerHook | None = None,
         all_logits: bool = False,
     ) -> torch.Tensor:
         """Compute tokens at positions [start, start + n) over KV already in `kv` for [0, start).
@@ -279,8 +281,10 @@ class ModelRunner:
         rope = self.rope_tables(hidden, positions)
         masks: dict = {}
         for i in range(self.num_layers):
+            if layer_pre_hook is not None:  # e.g. wait until layer i's cached KV has been loaded
+                layer_pre_hook(i, self, kv)
             hidden = self.layer_forward(i, hidden, positions, kv, rope, masks)
-            if layer_hook is not None:
+            if layer_hook is not None:  # e.g. start storing layer i while layer i+1 computes
                 layer_hook(i, self, kv)
         kv.length = max(kv.length, start + n)
         if all_logits:

@@ -280,7 +280,11 @@ def create_app(shelf: Shelf, metrics: Metrics) -> FastAPI:
 
     @app.get("/api/v1/layerwise/stats", dependencies=[Depends(require_key)])
     async def layerwise_stats():
-        return {"enabled": config.use_layerwise, "layer_times": [], "num_layers": runner.num_layers}
+        return {
+            "enabled": shelf.generator.layerwise,
+            "num_layers": runner.num_layers,
+            **shelf.generator.layerwise_stats.as_dict(),
+        }
 
     @app.post("/api/v1/cache/clear", dependencies=[Depends(require_key)])
     async def clear():

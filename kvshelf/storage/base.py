@@ -27,6 +27,10 @@ class StoredChunk:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    def layer(self, i: int) -> torch.Tensor:
+        """Layer i's KV, [2, kv_heads, tokens, head_dim] (the same verb as a lazily decoded chunk's)."""
+        return self.kv[i]
+
 
 class StorageBackend(ABC):
     """A keyed store of chunks. Implementations must be thread-safe.
@@ -46,6 +50,11 @@ class StorageBackend(ABC):
     @abstractmethod
     def get(self, key: bytes) -> StoredChunk | None:
         """The chunk under `key`, or None on a miss."""
+
+    def open(self, key: bytes):
+        """The chunk under `key` for layer-by-layer reading (an object with `.meta` and `.layer(i)`), or None.
+        Tiers that store bytes return it verified but not yet decoded."""
+        return self.get(key)
 
     @abstractmethod
     def contains(self, key: bytes) -> bool: ...

@@ -8,13 +8,20 @@ from kvshelf.errors import ConfigError
 from kvshelf.storage.base import StorageBackend
 from kvshelf.storage.tiers import TierManager
 
+
+def tier_codec(config: KVShelfConfig, name: str, key: str):
+    """A tier's codec; `quantization_bits` sets cachegen's precision (its late-layer bits)."""
+    params = {"bits": config.quantization_bits} if name == "cachegen" and config.quantization_bits else None
+    return get_codec(name, params, key=key)
+
+
 REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster", "rediss-cluster")
 
 
 def remote_backend(config: KVShelfConfig) -> StorageBackend:
     url = config.remote_url or ""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    codec = get_codec(config.remote_serde, key="remote_serde")
+    codec = tier_codec(config, config.remote_serde, "remote_serde")
     if scheme in REDIS_SCHEMES:
         from kvshelf.storage.redis import RedisBackend
 
@@ -43,7 +50,7 @@ def build_tiers(config: KVShelfConfig) -> TierManager | None:
         from kvshelf.storage.disk import DiskBackend
 
         path = config.local_disk.removeprefix("file://")
-        codec = get_codec(config.local_disk_codec, key="local_disk_codec")
+        codec = tier_codec(config, config.local_disk_codec, "local_disk_codec")
         backends.append(DiskBackend(path, config.disk_capacity_bytes, codec, fsync=config.disk_fsync))
     if config.remote_url:
         backends.append(remote_backend(config))

@@ -95,7 +95,40 @@ def read_header(blob: bytes | memoryview, *, expected_size: int | None = None) -
     return header, start
 
 
-def decode_chunk(blob: bytes | memoryview, expected_key: bytes) -> StoredChunk:
+class EncodedChunk:
+    """A verified stored object whose layers decode on demand (layerwise loading decodes layer by layer)."""
+
+    def __init__(self, meta: ChunkMeta, codec: Codec, payload: memoryview, offsets: list[int]):
+        self.meta, self.codec, self._payload, self._offsets = meta, codec, payload, offsets
+
+    @property
+    def num_layers(self) -> int:
+        return self.meta.shape[0]
+
+    def layer(self, i: int) -> torch.Tensor:
+        """Layer i's KV, [2, kv_heads, tokens, head_dim]."""
+        shape, dtype = self.meta.shape, self.meta.dtype
+        seg = self._payload[self._offsets[i] : self._offsets[i + 1]]
+        try:
+            if self.codec.raw_layout:
+                return tensor_view(seg, dtype, shape[1:])
+            return self.codec.decode_layer(seg, shape[1:], dtype, i, shape[0])
+        except (ValueError, RuntimeError, TypeError) as err:
+            raise FormatError(f"layer {i} does not decode: {err}") from None
+
+    def decode_all(self) -> StoredChunk:
+        shape, dtype = self.meta.shape, self.meta.dtype
+        if self.codec.raw_layout:
+            kv = tensor_view(self._payload, dtype, shape)  # no copy: the chunk is read-only
+        else:
+            kv = torch.empty(shape, dtype=dtype)
+            for i in range(shape[0]):
+                kv[i] = self.layer(i)
+        return StoredChunk(self.meta, kv)
+
+
+def open_chunk(blob: bytes | memoryview, expected_key: bytes) -> EncodedChunk:
+    """Verify everything about a stored object (prefix, header, key, layer table, payload checksum)."""
     view = memoryview(blob)
     header, start = read_header(view)
     *_, payload_sum = _PREFIX.unpack_from(view)
@@ -103,7 +136,7 @@ def decode_chunk(blob: bytes | memoryview, expected_key: bytes) -> StoredChunk:
     try:
         if header["key"] != expected_key.hex():
             raise FormatError(f"object holds key {header['key']}, asked for {expected_key.hex()}")
-        offsets = header["layer_offsets"]
+        offsets = [int(o) for o in header["layer_offsets"]]
         if len(payload) != offsets[-1]:
             raise FormatError(f"payload is {len(payload)} bytes, header says {offsets[-1]}")
         if xxhash.xxh3_64_intdigest(payload) != payload_sum:
@@ -114,18 +147,15 @@ def decode_chunk(blob: bytes | memoryview, expected_key: bytes) -> StoredChunk:
         num_layers = shape[0]
         if len(offsets) != num_layers + 1 or header["layers"] != [0, num_layers]:
             raise FormatError("layer table does not match the shape")
-        if codec.raw_layout:
-            expected = torch.Size(shape).numel() * dtype.itemsize
-            if len(payload) != expected:
-                raise FormatError(f"raw payload is {len(payload)} bytes, shape needs {expected}")
-            kv = tensor_view(payload, dtype, shape)  # no copy: the chunk is read-only
-        else:
-            kv = torch.empty(shape, dtype=dtype)
-            for i in range(num_layers):
-                kv[i] = codec.decode_layer(payload[offsets[i] : offsets[i + 1]], shape[1:], dtype, i, num_layers)
+        if codec.raw_layout and len(payload) != torch.Size(shape).numel() * dtype.itemsize:
+            raise FormatError(f"raw payload is {len(payload)} bytes, shape {shape} needs more or less")
         meta = ChunkMeta(bytes.fromhex(header["fingerprint"]), int(header["num_tokens"]), shape, dtype)
     except FormatError:
         raise
     except (KeyError, ValueError, TypeError, RuntimeError, KVShelfError) as err:
         raise FormatError(f"object does not decode: {err}") from None
-    return StoredChunk(meta, kv)
+    return EncodedChunk(meta, codec, payload, offsets)
+
+
+def decode_chunk(blob: bytes | memoryview, expected_key: bytes) -> StoredChunk:
+    return open_chunk(blob, expected_key).decode_all()

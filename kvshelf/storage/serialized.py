@@ -10,7 +10,7 @@ from abc import abstractmethod
 from kvshelf.codecs import Codec
 from kvshelf.metrics import metrics
 from kvshelf.storage.base import StorageBackend, StoredChunk
-from kvshelf.storage.format import FormatError, decode_chunk, encode_chunk_parts
+from kvshelf.storage.format import EncodedChunk, FormatError, encode_chunk_parts, open_chunk
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +41,34 @@ class ByteStore(StorageBackend):
         return self._put_bytes(key.hex(), parts)
 
     def get(self, key: bytes) -> StoredChunk | None:
+        encoded = self.open(key)
+        if encoded is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            chunk = encoded.decode_all()
+        except FormatError as err:
+            self._reject(key, err)
+            return None
+        metrics().observe_codec(self.codec.name, "decode", time.perf_counter() - t0, chunk.nbytes, 0)
+        return chunk
+
+    def open(self, key: bytes) -> EncodedChunk | None:
+        """Fetch and verify the object; layers decode when asked for."""
         blob = self._get_bytes(key.hex())
         if blob is None:
             return None
         try:
-            t0 = time.perf_counter()
-            chunk = decode_chunk(blob, key)
-            metrics().observe_codec(self.codec.name, "decode", time.perf_counter() - t0, chunk.nbytes, len(blob))
-            return chunk
+            return open_chunk(blob, key)
         except FormatError as err:
-            log.warning("%s tier: deleting damaged object %s: %s", self.name, key.hex(), err)
-            with self._corrupt_lock:
-                self.corrupt_objects += 1
-            self._delete_name(key.hex())
+            self._reject(key, err)
             return None
+
+    def _reject(self, key: bytes, err: Exception) -> None:
+        log.warning("%s tier: deleting damaged object %s: %s", self.name, key.hex(), err)
+        with self._corrupt_lock:
+            self.corrupt_objects += 1
+        self._delete_name(key.hex())
 
     def delete(self, key: bytes) -> None:
         self._delete_name(key.hex())

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from kvshelf.storage.base import StorageBackend, StoredChunk
 from kvshelf.storage.breaker import CircuitBreaker
 
@@ -108,6 +110,19 @@ class TierManager(StorageBackend):
                 if top.call(top.backend.put, key, chunk, default=False):
                     top.count(promotions=1)
             return chunk
+        return None
+
+    def open(self, key: bytes):
+        """Like get, for layer-by-layer reading; a lower-tier hit is promoted once all its layers were read."""
+        for i, tier in enumerate(self.tiers):
+            reader = tier.call(tier.backend.open, key)
+            if reader is None:
+                tier.count(misses=1)
+                continue
+            tier.count(hits=1)
+            if i > 0 and self.tiers[0].backend.inline_put:
+                return _PromotingReader(reader, key, self.tiers[0])
+            return reader
         return None
 
     def contains(self, key: bytes) -> bool:
@@ -222,3 +237,20 @@ class TierManager(StorageBackend):
             }
             for t in self.tiers
         }
+
+
+class _PromotingReader:
+    """Passes layers through and, once every layer has been read, copies the chunk up into `top`."""
+
+    def __init__(self, reader, key: bytes, top: Tier):
+        self.meta, self._reader, self._key, self._top = reader.meta, reader, key, top
+        self._layers: dict[int, torch.Tensor] = {}
+
+    def layer(self, i: int) -> torch.Tensor:
+        layer = self._reader.layer(i)
+        self._layers[i] = layer
+        if len(self._layers) == self.meta.shape[0]:
+            chunk = StoredChunk(self.meta, torch.stack([self._layers[j] for j in range(len(self._layers))]))
+            if self._top.call(self._top.backend.put, self._key, chunk, default=False):
+                self._top.count(promotions=1)
+        return layer
