@@ -19,8 +19,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import FAMILIES, build_tiny_model  # noqa: E402
+from conftest import FAMILIES, build_tiny_model, tiny_tokenizer  # noqa: E402
 
+from kvshelf.blend.blender import Blender  # noqa: E402
 from kvshelf.cache.engine import CacheEngine  # noqa: E402
 from kvshelf.integrations.hf import CachedGenerator  # noqa: E402
 from kvshelf.model.runner import ModelRunner  # noqa: E402
@@ -48,8 +49,21 @@ def tiny_checks(device: str) -> list[dict]:
             plain = gen.generate(ids, max_new_tokens=16, use_cache=False, stop_at_eos=False)
             gen.generate(ids, max_new_tokens=1)
             warm = gen.generate(ids, max_new_tokens=16, stop_at_eos=False)
+            layered = CachedGenerator(gen.runner, gen.engine, layerwise=True, buffer_layers=2)
+            lw = layered.generate(ids, max_new_tokens=16, stop_at_eos=False)
+            sep = "<|SEP|>"
+            tok = tiny_tokenizer()
+            blender = Blender(gen.runner, gen.engine, check_layers=[1], ratios=[1.0])
+            bgen = CachedGenerator(gen.runner, gen.engine, tok, blender=blender, blend_separator=sep)
+            text = sep.join(["alpha " * 20, "beta " * 25]) + sep + "question"
+            full_b = bgen.generate(bgen.segment(text, None).token_ids, max_new_tokens=4, use_cache=False)
+            blended = bgen.generate(text, max_new_tokens=4)
             rows.append(
                 {
+                    "layerwise_same_output": lw.token_ids == plain.token_ids and lw.hit_tokens == warm.hit_tokens,
+                    "blend_full_recompute_same_output": blended.token_ids == full_b.token_ids,
+                    "blend_max_logit_diff": (blended.first_logits - full_b.first_logits).abs().max().item(),
+                    "pinned_cpu_tier": all(c.kv.is_pinned() for c in gen.engine.backend._items.values()),
                     "family": family,
                     "dtype": str(dtype).removeprefix("torch."),
                     "max_logit_diff_vs_hf": (ours - ref).abs().max().item(),

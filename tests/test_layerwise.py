@@ -65,12 +65,12 @@ class SlowRetrieval:
         self.num_layers, self.num_tokens = inner.num_layers, inner.num_tokens
         self.loaded = []
 
-    def layer(self, i):
+    def layer_parts(self, i):
         time.sleep(self.delay)
         if i == self.fail_at:
             raise OSError("tier went away")
         self.loaded.append(i)
-        return self.inner.layer(i)
+        return self.inner.layer_parts(i)
 
 
 def test_loader_never_runs_more_than_buffer_layers_ahead(tiny_models):

@@ -269,6 +269,16 @@ class LayerwiseRetrieval:
         self.num_tokens = chunks[-1][0].end
         self._stats_lock, self._stats = stats_lock, stats
 
+    def layer_parts(self, i: int) -> list[tuple[int, int, torch.Tensor]]:
+        """Layer i chunk by chunk: (start, end, [2, kv_heads, end - start, head_dim]), no concatenation."""
+        parts = []
+        for key, reader in self.chunks:
+            part = reader.layer(i)[:, :, : key.num_tokens]
+            parts.append((key.start, key.end, part))
+        with self._stats_lock:
+            self._stats.retrieved_bytes += sum(p.numel() * p.element_size() for _, _, p in parts)
+        return parts
+
     def layer(self, i: int) -> torch.Tensor:
         """[2, kv_heads, num_tokens, head_dim] for layer i."""
         parts = [reader.layer(i)[:, :, : key.num_tokens] for key, reader in self.chunks]

@@ -32,6 +32,10 @@ class Codec(ABC):
     ) -> torch.Tensor:
         """Decode a segment back to a [2, kv_heads, tokens, head_dim] tensor of `dtype`."""
 
+    def decode_layer_on(self, data, shape, dtype, layer: int, num_layers: int, device) -> torch.Tensor:
+        """Decode straight onto `device`; codecs that can finish decoding there (dequantise on a GPU) do."""
+        return self.decode_layer(data, shape, dtype, layer, num_layers).to(device)
+
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor (any dtype, bf16 included), without a copy when the

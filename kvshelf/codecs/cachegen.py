@@ -135,7 +135,7 @@ class CacheGenCodec(Codec):
         head = _HEAD.pack(b"CG", bits_k, bits_v, _DELTA if self.delta else 0, 0, alpha_k, alpha_v, len(wk), len(wv))
         return b"".join([head, sk.tobytes(), sv.tobytes(), ck.tobytes(), cv.tobytes(), wk.tobytes(), wv.tobytes()])
 
-    def decode_layer(self, data, shape, dtype, layer, num_layers) -> torch.Tensor:
+    def _decode_parts(self, data, shape, layer, num_layers):
         _, heads, tokens, dim = shape
         buf = memoryview(data)
         magic, bits_k, bits_v, flags, _, alpha_k, alpha_v, nk, nv = _HEAD.unpack_from(buf)
@@ -154,11 +154,29 @@ class CacheGenCodec(Codec):
         for size in sizes:
             parts.append(buf[off : off + size])
             off += size
-        sk = np.frombuffer(parts[0], np.float16).reshape(heads, 1, dim).astype(np.float32)
-        sv = np.frombuffer(parts[1], np.float16).reshape(heads, tokens, 1).astype(np.float32)
+        sk = np.frombuffer(parts[0], np.float16).reshape(heads, 1, dim)
+        sv = np.frombuffer(parts[1], np.float16).reshape(heads, tokens, 1)
         ck, cv = np.frombuffer(parts[2], np.uint32), np.frombuffer(parts[3], np.uint32)
         n = heads * tokens * dim
         qk = self._from_symbols(_decode_symbols(np.frombuffer(parts[4], np.uint32), ck, n), lk, (heads, tokens, dim))
         qv = self._from_symbols(_decode_symbols(np.frombuffer(parts[5], np.uint32), cv, n), lv, (heads, tokens, dim))
-        out = np.stack((qk * sk, qv * sv)).astype(np.float32)
+        return qk, qv, sk, sv
+
+    def decode_layer(self, data, shape, dtype, layer, num_layers) -> torch.Tensor:
+        qk, qv, sk, sv = self._decode_parts(data, shape, layer, num_layers)
+        out = np.stack((qk * sk.astype(np.float32), qv * sv.astype(np.float32))).astype(np.float32)
         return torch.from_numpy(out).to(dtype)
+
+    def decode_layer_on(self, data, shape, dtype, layer, num_layers, device) -> torch.Tensor:
+        """Entropy decoding on the CPU; the small integer symbols and fp16 scales go to the device, where
+        the dequantisation runs (4x fewer bytes over PCIe than fp32 KV)."""
+        if torch.device(device).type == "cpu":
+            return self.decode_layer(data, shape, dtype, layer, num_layers)
+        qk, qv, sk, sv = self._decode_parts(data, shape, layer, num_layers)
+        q = torch.from_numpy(np.stack((qk, qv)).astype(np.int8)).to(device, non_blocking=True)
+        sk_d = torch.from_numpy(sk.copy()).to(device).float()
+        sv_d = torch.from_numpy(sv.copy()).to(device).float()
+        out = q.float()
+        out[0].mul_(sk_d)
+        out[1].mul_(sv_d)
+        return out.to(dtype)

@@ -70,18 +70,25 @@ class LayerwiseLoader:
                 if self._closed:
                     return
                 t0 = time.perf_counter()
-                layer = self.retrieval.layer(i)
+                nbytes = 0
+                keep_alive = []
                 if self._cuda:
-                    staging = torch.empty(layer.shape, dtype=layer.dtype, pin_memory=True)
-                    staging.copy_(layer)
                     with torch.cuda.stream(self._stream):
-                        self.kv.data[i, :, :, : self.n].copy_(staging, non_blocking=True)
+                        for start, end, part in self.retrieval.layer_parts(i):
+                            if not part.is_pinned():  # pageable memory cannot be copied asynchronously
+                                staged = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+                                part = staged.copy_(part)
+                            self.kv.data[i, :, :, start:end].copy_(part, non_blocking=True)
+                            keep_alive.append(part)  # until the copy has run
+                            nbytes += part.numel() * part.element_size()
                         event = torch.cuda.Event()
                         event.record(self._stream)
-                    self._events[i] = (event, staging)  # keep the staging buffer alive until consumed
+                    self._events[i] = (event, keep_alive)
                 else:
-                    self.kv.data[i, :, :, : self.n].copy_(layer)
-                self.stats.record(i, load_s=time.perf_counter() - t0, nbytes=layer.numel() * layer.element_size())
+                    for start, end, part in self.retrieval.layer_parts(i):
+                        self.kv.data[i, :, :, start:end].copy_(part)
+                        nbytes += part.numel() * part.element_size()
+                self.stats.record(i, load_s=time.perf_counter() - t0, nbytes=nbytes)
                 self._ready[i].set()
         except BaseException as err:  # reported to the request through wait(); it then recomputes
             self._error = err

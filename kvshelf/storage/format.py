@@ -105,11 +105,13 @@ class EncodedChunk:
     def num_layers(self) -> int:
         return self.meta.shape[0]
 
-    def layer(self, i: int) -> torch.Tensor:
-        """Layer i's KV, [2, kv_heads, tokens, head_dim]."""
+    def layer(self, i: int, device=None) -> torch.Tensor:
+        """Layer i's KV, [2, kv_heads, tokens, head_dim], on the CPU or decoded onto `device`."""
         shape, dtype = self.meta.shape, self.meta.dtype
         seg = self._payload[self._offsets[i] : self._offsets[i + 1]]
         try:
+            if device is not None:
+                return self.codec.decode_layer_on(seg, shape[1:], dtype, i, shape[0], device)
             if self.codec.raw_layout:
                 return tensor_view(seg, dtype, shape[1:])
             return self.codec.decode_layer(seg, shape[1:], dtype, i, shape[0])

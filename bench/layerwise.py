@@ -1,0 +1,186 @@
+"""TTFT with whole-prompt KV loading vs layerwise loading, per tier and codec, as ratios in one run.
+
+    python bench/layerwise.py [--tokens 2048] [--suffix 32] [--tiers cpu disk redis] [--codecs none cachegen]
+    python bench/layerwise.py --device cuda --llama8b --tokens 4096 --suffix 256 --tiers cpu
+
+A prompt of `tokens` tokens is cached; the measured request is that prompt plus `suffix` new tokens.
+For each tier (alone in the stack, so every load comes from it) and codec:
+- whole: load every cached chunk, then compute the suffix (kvshelf's ordinary path);
+- layerwise: the loader thread brings layer i+1.. while the model computes layer i;
+- load only / compute only: the two halves measured apart;
+- overlap efficiency = (whole - layerwise) / min(load, compute): 1.0 when the shorter half hides fully.
+With --llama8b a randomly initialised model of Llama-3-8B's shape (bf16) is built on the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from kvshelf.cache.engine import CacheEngine  # noqa: E402
+from kvshelf.codecs import get_codec  # noqa: E402
+from kvshelf.integrations.hf import CachedGenerator  # noqa: E402
+from kvshelf.model.runner import ModelRunner  # noqa: E402
+from kvshelf.storage.disk import DiskBackend  # noqa: E402
+from kvshelf.storage.memory import MemoryBackend  # noqa: E402
+from kvshelf.storage.tiers import TierManager  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def llama8b(device):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+    )
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return model.eval(), "random Llama-3-8B shape"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--suffix", type=int, default=32)
+    ap.add_argument("--tiers", nargs="+", default=["cpu", "disk", "redis"])
+    ap.add_argument("--codecs", nargs="+", default=["none", "cachegen"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--llama8b", action="store_true")
+    ap.add_argument("--json", default="bench/results/layerwise.json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.llama8b:
+        model, name = llama8b(device)
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (args.tokens + args.suffix,), generator=torch.Generator().manual_seed(0)).tolist()
+    else:
+        import pydoc_data.topics
+
+        from kvshelf.model.loader import load_model
+
+        lm = load_model(device=args.device)
+        model, name = lm.runner.model, lm.path.name
+        text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+        ids = lm.tokenizer(text)["input_ids"][: args.tokens + args.suffix]
+    runner = ModelRunner(model)
+    work = Path(tempfile.mkdtemp(prefix="kvshelf-layerwise-"))
+    redis_server = None
+    rows = []
+    console = Console()
+    for tier_name in args.tiers:
+        for codec_name in args.codecs if tier_name != "cpu" else ["none"]:
+            if tier_name == "cpu":
+                backend = MemoryBackend(64 << 30)
+            elif tier_name == "disk":
+                backend = DiskBackend(work / f"disk-{codec_name}", 64 << 30, get_codec(codec_name))
+            else:
+                from services import RedisServer
+
+                from kvshelf.storage.redis import RedisBackend
+
+                redis_server = redis_server or RedisServer(work / "redis").start()
+                backend = RedisBackend(redis_server.url, get_codec(codec_name), prefix=f"lw{codec_name}:")
+            tiers = TierManager([backend])
+            engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=256)
+            whole = CachedGenerator(runner, engine, store_generated=False)
+            layered = CachedGenerator(runner, engine, layerwise=True, buffer_layers=4, store_generated=False)
+            prefix = ids[: args.tokens]
+            whole.generate(prefix + ids[args.tokens : args.tokens + 1], max_new_tokens=1)
+            tiers.flush()
+            request = ids
+            t_whole, t_layer, t_load, t_compute = [], [], [], []
+            for _ in range(args.repeats):
+                for gen, times in ((whole, t_whole), (layered, t_layer)):
+                    sync(device)
+                    r = gen.generate(request, max_new_tokens=1)
+                    sync(device)
+                    times.append(r.ttft_s)
+                    assert r.hit_tokens == args.tokens, (r.hit_tokens, args.tokens)
+                # The halves apart: loading alone, and computing the suffix over KV already in place.
+                with torch.inference_mode():
+                    kv = runner.new_kv(len(request))
+                    sync(device)
+                    t = time.perf_counter()
+                    for key, chunk in engine.retrieve_chunks(request, max_tokens=len(request) - 1):
+                        kv.load_chunk(key.start, chunk)
+                    sync(device)
+                    t_load.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    runner.forward(request[args.tokens :], args.tokens, kv)
+                    sync(device)
+                    t_compute.append(time.perf_counter() - t)
+            w, lw = statistics.median(t_whole), statistics.median(t_layer)
+            load, comp = statistics.median(t_load), statistics.median(t_compute)
+            rows.append(
+                {
+                    "tier": tier_name,
+                    "codec": codec_name,
+                    "whole_s": w,
+                    "layerwise_s": lw,
+                    "load_s": load,
+                    "compute_s": comp,
+                    "speedup": w / lw,
+                    "overlap_efficiency": (w - lw) / min(load, comp),
+                    "layerwise_vs_max": lw / max(load, comp),
+                }
+            )
+            console.print(rows[-1])
+            tiers.close()
+    if redis_server is not None:
+        redis_server.kill()
+    table = Table(title=f"layerwise loading, {name} on {device}, {args.tokens} cached + {args.suffix} new tokens")
+    for col in [
+        "tier",
+        "codec",
+        "load only",
+        "compute only",
+        "whole",
+        "layerwise",
+        "speed-up",
+        "overlap eff.",
+        "layerwise / max(load, compute)",
+    ]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r["tier"],
+            r["codec"],
+            f"{r['load_s'] * 1e3:.1f} ms",
+            f"{r['compute_s'] * 1e3:.1f} ms",
+            f"{r['whole_s'] * 1e3:.1f} ms",
+            f"{r['layerwise_s'] * 1e3:.1f} ms",
+            f"{r['speedup']:.2f}x",
+            f"{r['overlap_efficiency']:.0%}",
+            f"{r['layerwise_vs_max']:.2f}",
+        )
+    console.print(table)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
