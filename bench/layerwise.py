@@ -70,8 +70,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--llama8b", action="store_true")
     ap.add_argument("--json", default="bench/results/layerwise.json")
+    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--no-layer-store", action="store_true", help="store after the first token, not per layer")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+        logging.getLogger("kvshelf.integrations.hf").setLevel(logging.DEBUG)
     if args.llama8b:
         model, name = llama8b(device)
         vocab = model.config.vocab_size
@@ -106,14 +113,25 @@ def main() -> None:
             tiers = TierManager([backend])
             engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=256)
             whole = CachedGenerator(runner, engine, store_generated=False)
-            layered = CachedGenerator(runner, engine, layerwise=True, buffer_layers=4, store_generated=False)
+            layered = CachedGenerator(
+                runner,
+                engine,
+                layerwise=True,
+                buffer_layers=4,
+                store_generated=False,
+                layerwise_store=not args.no_layer_store,
+            )
             prefix = ids[: args.tokens]
+            engine.save_partial_chunks = False  # cache exactly the prefix's full chunks
             whole.generate(prefix + ids[args.tokens : args.tokens + 1], max_new_tokens=1)
             tiers.flush()
-            request = ids
+            vocab = runner.config.vocab_size
+            rng = torch.Generator().manual_seed(1)
             t_whole, t_layer, t_load, t_compute = [], [], [], []
             for _ in range(args.repeats):
                 for gen, times in ((whole, t_whole), (layered, t_layer)):
+                    # A new suffix each time: only the shared prefix is cached, as for a new question.
+                    request = prefix + torch.randint(0, vocab, (args.suffix,), generator=rng).tolist()
                     sync(device)
                     r = gen.generate(request, max_new_tokens=1)
                     sync(device)
@@ -145,6 +163,8 @@ def main() -> None:
                     "speedup": w / lw,
                     "overlap_efficiency": (w - lw) / min(load, comp),
                     "layerwise_vs_max": lw / max(load, comp),
+                    "loader_ms_per_request": 1e3 * sum(layered.layerwise_stats.as_dict()["layer_times"]),
+                    "waited_ms_per_request": 1e3 * sum(layered.layerwise_stats.as_dict()["wait_times"]),
                 }
             )
             console.print(rows[-1])

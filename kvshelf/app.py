@@ -79,5 +79,6 @@ def open_shelf(config: KVShelfConfig | None = None, *, show_progress: bool = Tru
         layerwise=config.use_layerwise and engine is not None,
         async_load=config.use_async_load,
         buffer_layers=config.buffer_size,
+        layerwise_store=config.layerwise_store,
     )
     return Shelf(config, loaded, engine, generator)

@@ -70,7 +70,11 @@ class KVShelfConfig(BaseModel):
     blend_recompute_ratios: list[float] = Field([0.15], description="fraction of tokens recomputed per check layer")
     use_layerwise: bool = Field(False, description="load and store KV one layer at a time")
     use_async_load: bool = Field(True, description="layerwise: prefetch later layers in the background")
-    buffer_size: int = Field(4, ge=1, description="layerwise: layers buffered ahead of the compute")
+    buffer_size: int = Field(4, ge=1, description="layerwise: layers loaded ahead of the compute (>= 1 layer)")
+    layerwise_store: bool = Field(
+        False,
+        description="layerwise: copy new KV out layer by layer during the prefill (default: after the first token)",
+    )
     # -- server and metrics ------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="server bind address (loopback unless you mean otherwise)")
     port: int = Field(8000, ge=1, le=65535, description="server port")
@@ -139,6 +143,7 @@ NESTED_KEYS: dict[str, str] = {
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",
+    "layerwise.store": "layerwise_store",
     "server.host": "host",
     "server.port": "port",
     "server.api_key": "api_key",

@@ -26,6 +26,7 @@ def prompt(n, seed):
 def gens(model, backend, **kw):
     runner = ModelRunner(model)
     engine = CacheEngine(runner.fingerprint(), backend, chunk_size=16)
+    kw.setdefault("layerwise_store", True)
     return CachedGenerator(runner, engine), CachedGenerator(runner, engine, layerwise=True, **kw)
 
 
@@ -65,12 +66,13 @@ class SlowRetrieval:
         self.num_layers, self.num_tokens = inner.num_layers, inner.num_tokens
         self.loaded = []
 
-    def layer_parts(self, i):
+    def layer_parts(self, i, j=None):
         time.sleep(self.delay)
-        if i == self.fail_at:
+        j = i + 1 if j is None else j
+        if self.fail_at is not None and i <= self.fail_at < j:
             raise OSError("tier went away")
-        self.loaded.append(i)
-        return self.inner.layer_parts(i)
+        self.loaded.extend(range(i, j))
+        return self.inner.layer_parts(i, j)
 
 
 def test_loader_never_runs_more_than_buffer_layers_ahead(tiny_models):

@@ -269,11 +269,13 @@ class LayerwiseRetrieval:
         self.num_tokens = chunks[-1][0].end
         self._stats_lock, self._stats = stats_lock, stats
 
-    def layer_parts(self, i: int) -> list[tuple[int, int, torch.Tensor]]:
-        """Layer i chunk by chunk: (start, end, [2, kv_heads, end - start, head_dim]), no concatenation."""
+    def layer_parts(self, i: int, j: int | None = None) -> list[tuple[int, int, torch.Tensor]]:
+        """Layers i..j-1 (default: layer i alone) chunk by chunk, without concatenating:
+        (start, end, [j - i, 2, kv_heads, end - start, head_dim])."""
+        j = i + 1 if j is None else j
         parts = []
         for key, reader in self.chunks:
-            part = reader.layer(i)[:, :, : key.num_tokens]
+            part = reader.layers(i, j)[:, :, :, : key.num_tokens]
             parts.append((key.start, key.end, part))
         with self._stats_lock:
             self._stats.retrieved_bytes += sum(p.numel() * p.element_size() for _, _, p in parts)

@@ -51,6 +51,7 @@ class CachedGenerator:
         layerwise: bool = False,
         async_load: bool = True,
         buffer_layers: int = 4,
+        layerwise_store: bool = False,
     ):
         self.runner = runner
         self.engine = engine
@@ -61,6 +62,7 @@ class CachedGenerator:
         self.layerwise = layerwise
         self.async_load = async_load
         self.buffer_layers = buffer_layers
+        self.layerwise_store = layerwise_store
         self.layerwise_stats = LayerwiseStats(runner.num_layers)
         gen_cfg = getattr(runner.model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None) or getattr(runner.config, "eos_token_id", None)
@@ -174,7 +176,7 @@ class CachedGenerator:
             exact = blend_info is None
             if engine is None or not exact:
                 stored = 0
-            elif self.layerwise and saver is not None:
+            elif saver is not None:
                 stored = saver.finish()
             else:
                 stored = engine.store(ids, kv.data, salt, start=hit)
@@ -215,24 +217,33 @@ class CachedGenerator:
     def _prefill_layerwise(self, engine: CacheEngine, ids: list[int], salt, kv):
         """Prefill with the cached prefix loaded layer by layer behind the compute, and the new chunks stored
         layer by layer behind it. A load that fails mid-way is recomputed from scratch: never partial KV."""
+        t0 = time.perf_counter()
         retrieval = engine.retrieve_layerwise(ids, salt, max_tokens=len(ids) - 1)
         hit = retrieval.num_tokens if retrieval is not None else 0
-        saver = LayerwiseSaver(engine, ids, salt, hit, kv)
+        t1 = time.perf_counter()
+        saver = LayerwiseSaver(engine, ids, salt, hit, kv) if self.layerwise_store else None
+        log.debug(
+            "layerwise: opened %d cached tokens in %.1f ms, saver ready in %.1f ms",
+            hit,
+            (t1 - t0) * 1e3,
+            (time.perf_counter() - t1) * 1e3,
+        )
+        on_layer = saver.on_layer if saver is not None else None
         if retrieval is None:
-            return self.runner.forward(ids, 0, kv, layer_hook=saver.on_layer), 0, 0, saver
+            return self.runner.forward(ids, 0, kv, layer_hook=on_layer), 0, 0, saver
         self.layerwise_stats.count(requests=1)
         loader = LayerwiseLoader(
             retrieval, kv, buffer_layers=self.buffer_layers, stats=self.layerwise_stats, start_thread=self.async_load
         )
         try:
-            logits = self.runner.forward(ids[hit:], hit, kv, layer_pre_hook=loader.wait, layer_hook=saver.on_layer)
+            logits = self.runner.forward(ids[hit:], hit, kv, layer_pre_hook=loader.wait, layer_hook=on_layer)
         except LayerLoadError as err:
             log.warning("layerwise load failed (%s): recomputing the whole prompt", err)
             self.layerwise_stats.count(fallbacks=1)
             loader.close()
-            saver.abort()
-            saver = LayerwiseSaver(engine, ids, salt, 0, kv)
-            return self.runner.forward(ids, 0, kv, layer_hook=saver.on_layer), 0, 0, saver
+            if saver is not None:
+                saver.abort()
+            return self.runner.forward(ids, 0, kv), 0, 0, None  # stored whole, after the first token
         finally:
             loader.close()
         per_token = kv.data[:, :, :, :1].numel() * kv.data.element_size()

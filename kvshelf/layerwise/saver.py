@@ -27,12 +27,8 @@ class LayerwiseSaver:
             keys = [k for k in keys if k.num_tokens == engine.chunk_size]
         present = engine.backend.contains_many([k.digest for k in keys]) if keys else []
         self.keys = [k for k, here in zip(keys, present, strict=True) if not here]
-        pin = engine.pin_memory and kv.data.is_cuda
-        shape = kv.data.shape
-        self.host = [
-            torch.empty((shape[0], 2, shape[2], k.num_tokens, shape[4]), dtype=kv.data.dtype, pin_memory=pin)
-            for k in self.keys
-        ]
+        self._pin = engine.pin_memory and kv.data.is_cuda
+        self.host: list[torch.Tensor] = []  # allocated by the saver thread: pinning memory is slow
         self._stream = torch.cuda.Stream(device=kv.data.device) if kv.data.is_cuda else None
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
@@ -55,6 +51,13 @@ class LayerwiseSaver:
 
     def _copy_layers(self) -> None:
         try:
+            shape = self.kv.data.shape
+            self.host = [
+                torch.empty(
+                    (shape[0], 2, shape[2], k.num_tokens, shape[4]), dtype=self.kv.data.dtype, pin_memory=self._pin
+                )
+                for k in self.keys
+            ]
             while (item := self._queue.get()) is not _DONE:
                 i, event = item
                 if self._stream is not None:

@@ -31,6 +31,10 @@ class StoredChunk:
         """Layer i's KV, [2, kv_heads, tokens, head_dim] (the same verb as a lazily decoded chunk's)."""
         return self.kv[i]
 
+    def layers(self, i: int, j: int) -> torch.Tensor:
+        """Layers i..j-1, [j - i, 2, kv_heads, tokens, head_dim]: one view, one copy for the caller."""
+        return self.kv[i:j]
+
 
 class StorageBackend(ABC):
     """A keyed store of chunks. Implementations must be thread-safe.

@@ -118,6 +118,13 @@ class EncodedChunk:
         except (ValueError, RuntimeError, TypeError) as err:
             raise FormatError(f"layer {i} does not decode: {err}") from None
 
+    def layers(self, i: int, j: int) -> torch.Tensor:
+        """Layers i..j-1 ([j - i, 2, kv_heads, tokens, head_dim]); a view when the codec is raw."""
+        if self.codec.raw_layout:
+            shape = self.meta.shape
+            return tensor_view(self._payload[self._offsets[i] : self._offsets[j]], self.meta.dtype, (j - i, *shape[1:]))
+        return torch.stack([self.layer(k) for k in range(i, j)])
+
     def decode_all(self) -> StoredChunk:
         shape, dtype = self.meta.shape, self.meta.dtype
         if self.codec.raw_layout:

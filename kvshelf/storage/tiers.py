@@ -246,6 +246,9 @@ class _PromotingReader:
         self.meta, self._reader, self._key, self._top = reader.meta, reader, key, top
         self._layers: dict[int, torch.Tensor] = {}
 
+    def layers(self, i: int, j: int) -> torch.Tensor:
+        return torch.stack([self.layer(k) for k in range(i, j)])
+
     def layer(self, i: int) -> torch.Tensor:
         layer = self._reader.layer(i)
         self._layers[i] = layer
