@@ -75,7 +75,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefix", type=int, default=2048)
     ap.add_argument("--files", nargs="*", default=[])
-    ap.add_argument("--codecs", nargs="+", default=["none", "int8", "cachegen", "cachegen:bits=3,early_bits=5"])
+    ap.add_argument(
+        "--codecs",
+        nargs="+",
+        default=["none", "int8", "cachegen", "cachegen:bits=4,early_bits=5", "cachegen:bits=3,early_bits=4"],
+    )
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--json", default="bench/results/codec_quality.json")
     args = ap.parse_args()

@@ -25,17 +25,18 @@ def chunk_of(kv):
 
 
 @pytest.mark.parametrize("delta", [False, True])
-def test_round_trip_error_is_within_half_a_step(delta):
+def test_round_trip_error_is_within_half_a_step_and_outliers_are_exact(delta):
     codec = CacheGenCodec(bits=4, early_bits=6, delta=delta)
     kv = kv_like()
+    kv[:, :, :, 0, :] *= 100.0  # an attention-sink token: far beyond 16 RMS in V, kept as escapes
     back = decode_chunk(encode_chunk(KEY, chunk_of(kv), codec), KEY).kv
     for layer in range(kv.shape[0]):
         bk, bv = codec.layer_bits(layer, kv.shape[0])
         k, v = kv[layer, 0], kv[layer, 1]
-        step_k = k.abs().amax(dim=1, keepdim=True) / ((1 << (bk - 1)) - 1)
-        step_v = v.abs().amax(dim=2, keepdim=True) / ((1 << (bv - 1)) - 1)
-        assert ((back[layer, 0] - k).abs() <= step_k * 0.501 + 1e-3).all()
-        assert ((back[layer, 1] - v).abs() <= step_v * 0.501 + 1e-3).all()
+        step_k = k.pow(2).mean(dim=1, keepdim=True).sqrt() / (1 << (bk - 3))
+        step_v = v.pow(2).mean(dim=2, keepdim=True).sqrt() / (1 << (bv - 3))
+        assert ((back[layer, 0] - k).abs() <= step_k * 0.51 + 1e-2).all()
+        assert ((back[layer, 1] - v).abs() <= step_v * 0.51 + 1e-2).all()
 
 
 def test_delta_coding_is_lossless_on_the_quantised_values():
@@ -54,7 +55,7 @@ def test_layer_dependent_precision_and_size():
     blob = encode_chunk(KEY, chunk_of(kv), codec)
     header, _ = read_header(blob)
     assert header["codec"] == "cachegen" and header["codec_params"]["bits"] == 3
-    assert len(blob) < raw / 3  # entropy-coded 3-6 bit symbols: well under a third of fp16
+    assert len(blob) < raw / 2.5  # entropy-coded symbols: well under half of fp16
 
 
 def test_decoding_uses_the_parameters_in_the_header():
@@ -83,5 +84,8 @@ def test_bf16_kv():
     back = decode_chunk(encode_chunk(KEY, chunk_of(kv), CacheGenCodec(bits=8, early_bits=8)), KEY).kv
     assert back.dtype == torch.bfloat16
     err = (back.float() - kv.float()).abs()
-    scale = kv.float().abs().amax(dim=3, keepdim=True)  # 8 bits: within ~half a step of each channel's range
-    assert (err <= scale / 127 + 0.02).all()
+    # 8 bits: step = rms / 32 (K: per channel over tokens, V: per token over channels), plus bf16 rounding
+    rms_k = kv[:, 0].float().pow(2).mean(dim=2, keepdim=True).sqrt()
+    rms_v = kv[:, 1].float().pow(2).mean(dim=3, keepdim=True).sqrt()
+    assert (err[:, 0] <= rms_k / 60 + 0.01 * kv[:, 0].float().abs()).all()
+    assert (err[:, 1] <= rms_v / 60 + 0.01 * kv[:, 1].float().abs()).all()

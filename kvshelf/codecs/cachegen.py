@@ -1,19 +1,22 @@
 """`cachegen`: layer-dependent quantisation + entropy coding with an ANS coder (constriction).
 
 Per layer segment (self-contained, so one layer decodes alone):
-- K is quantised with one scale per (head, channel) over the chunk's tokens (K has outlier channels),
-  V with one scale per (head, token) (the KIVI split); symmetric, `bits` bits in late layers and
-  `early_bits` in the first `early_fraction` of layers, which shape later layers' inputs most.
-- Optionally (`delta=True`) each group of `group` tokens is coded as differences from its first token,
-  which pays where neighbouring tokens' KV is similar.
+- Uniform quantisation with a step tied to the RMS, not the absmax, so that a few large values do not
+  coarsen all the others: one step per (head, channel) over the chunk's tokens for K (K has outlier
+  channels), one per (head, token) for V. step = rms / 2**(bits - 3); `bits` in late layers and
+  `early_bits` in the first `early_fraction` of layers, which shape every later layer's input.
+- Values more than 16 RMS out (attention-sink tokens, outlier channels) are kept exactly as escapes.
+- Optionally (`delta=True`) each group of `group` tokens is coded as differences from its first token.
+  On Gemma 3 270M's real KV this costs bits (RoPE makes neighbouring keys differ), so it is off.
 - The symbols of K and of V are entropy-coded with an asymmetric numeral system coder against a
-  histogram of this segment's own symbols, stored in the segment (a few dozen bytes per layer, not a CDF
-  per channel): the probability model is calibrated on the model's actual KV, chunk by chunk, and
+  histogram of this segment's own symbols, stored in the segment (a few hundred bytes per layer, not a
+  CDF per channel): the probability model is calibrated on the model's actual KV, chunk by chunk, and
   decoding needs nothing but the segment and the codec parameters in the chunk header.
 
 Segment layout (little-endian): magic b"CG", K bits (u8), V bits (u8), flags (u8), reserved (u8),
-K alphabet size (u16), V alphabet size (u16), K words (u32), V words (u32); then K scales fp16 [H, D],
-V scales fp16 [H, T], K counts u32, V counts u32, K ANS words u32, V ANS words u32.
+K alphabet size (u16), V alphabet size (u16), K words (u32), V words (u32), K escapes (u32), V escapes
+(u32); then K steps fp16 [H, D], V steps fp16 [H, T], K counts u32, V counts u32, K ANS words u32, V ANS
+words u32, K escape positions i32, V escape positions i32, K escape values fp16, V escape values fp16.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ except ImportError:  # pragma: no cover - a declared dependency; the error names
     constriction = None
 
 _HEAD = struct.Struct("<2sBBBBHHII")
+_ESC = struct.Struct("<II")  # escape counts for K and V
 _DELTA = 1
 
 
@@ -58,7 +62,7 @@ class CacheGenCodec(Codec):
 
     def __init__(
         self,
-        bits: int = 4,
+        bits: int = 5,
         early_bits: int = 6,
         early_fraction: float = 0.34,
         v_bits: int | None = None,
@@ -95,12 +99,21 @@ class CacheGenCodec(Codec):
 
     # -- quantisation ------------------------------------------------------------------------------------
     @staticmethod
-    def _quantize(x: torch.Tensor, dim: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-        levels = (1 << (bits - 1)) - 1
-        scale = (x.abs().amax(dim=dim, keepdim=True).float() / levels).to(torch.float16).float()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(x.float() / scale).clamp_(-levels, levels).to(torch.int32)
-        return q.numpy(), scale.to(torch.float16).numpy()
+    def _quantize(x: torch.Tensor, dim: int, bits: int):
+        """Uniform quantisation with a step tied to the RMS along `dim` (not the absmax, so a few outliers
+        do not coarsen everything else): step = rms / 2**(bits - 3), symbols within +-2**(bits + 1).
+        Values beyond that range (attention-sink tokens, outlier channels) are kept exactly, as escapes."""
+        xf = x.float()
+        levels = 1 << (bits + 1)
+        rms = xf.pow(2).mean(dim=dim, keepdim=True).sqrt()
+        step = (rms / (1 << (bits - 3)) if bits >= 3 else rms * (1 << (3 - bits))).to(torch.float16).float()
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        q = torch.round(xf / step)
+        escape = q.abs() > levels
+        q = torch.where(escape, torch.zeros_like(q), q).to(torch.int32)
+        idx = escape.reshape(-1).nonzero().view(-1).to(torch.int32)
+        vals = x.reshape(-1)[idx.long()].to(torch.float16)
+        return q.numpy(), step.to(torch.float16).numpy(), idx.numpy(), vals.numpy()
 
     def _to_symbols(self, q: np.ndarray, levels: int) -> tuple[np.ndarray, int]:
         """[heads, tokens, dim] ints -> flat non-negative symbols (after optional token deltas)."""
@@ -125,15 +138,31 @@ class CacheGenCodec(Codec):
     # -- codec verbs -------------------------------------------------------------------------------------
     def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes:
         bits_k, bits_v = self.layer_bits(layer, num_layers)
-        qk, sk = self._quantize(kv[0], dim=1, bits=bits_k)  # scale per (head, channel)
-        qv, sv = self._quantize(kv[1], dim=2, bits=bits_v)  # scale per (head, token)
-        lk, lv = (1 << (bits_k - 1)) - 1, (1 << (bits_v - 1)) - 1
+        qk, sk, ik, ek = self._quantize(kv[0], dim=1, bits=bits_k)  # step per (head, channel)
+        qv, sv, iv, ev = self._quantize(kv[1], dim=2, bits=bits_v)  # step per (head, token)
+        lk, lv = 1 << (bits_k + 1), 1 << (bits_v + 1)
         sym_k, alpha_k = self._to_symbols(qk, lk)
         sym_v, alpha_v = self._to_symbols(qv, lv)
         ck, wk = _encode_symbols(sym_k, alpha_k)
         cv, wv = _encode_symbols(sym_v, alpha_v)
         head = _HEAD.pack(b"CG", bits_k, bits_v, _DELTA if self.delta else 0, 0, alpha_k, alpha_v, len(wk), len(wv))
-        return b"".join([head, sk.tobytes(), sv.tobytes(), ck.tobytes(), cv.tobytes(), wk.tobytes(), wv.tobytes()])
+        escapes = _ESC.pack(len(ik), len(iv))
+        return b"".join(
+            [
+                head,
+                escapes,
+                sk.tobytes(),
+                sv.tobytes(),
+                ck.tobytes(),
+                cv.tobytes(),
+                wk.tobytes(),
+                wv.tobytes(),
+                ik.tobytes(),
+                iv.tobytes(),
+                ek.tobytes(),
+                ev.tobytes(),
+            ]
+        )
 
     def _decode_parts(self, data, shape, layer, num_layers):
         _, heads, tokens, dim = shape
@@ -145,12 +174,24 @@ class CacheGenCodec(Codec):
             or flags != (_DELTA if self.delta else 0)
         ):
             raise ValueError("cachegen segment header does not match the codec parameters")
-        lk, lv = (1 << (bits_k - 1)) - 1, (1 << (bits_v - 1)) - 1
-        sizes = [heads * dim * 2, heads * tokens * 2, alpha_k * 4, alpha_v * 4, nk * 4, nv * 4]
-        if len(buf) != _HEAD.size + sum(sizes):
-            raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {_HEAD.size + sum(sizes)}")
-        off = _HEAD.size
-        parts = []
+        n_ek, n_ev = _ESC.unpack_from(buf, _HEAD.size)
+        lk, lv = 1 << (bits_k + 1), 1 << (bits_v + 1)
+        sizes = [
+            heads * dim * 2,
+            heads * tokens * 2,
+            alpha_k * 4,
+            alpha_v * 4,
+            nk * 4,
+            nv * 4,
+            n_ek * 4,
+            n_ev * 4,
+            n_ek * 2,
+            n_ev * 2,
+        ]
+        start = _HEAD.size + _ESC.size
+        if len(buf) != start + sum(sizes):
+            raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {start + sum(sizes)}")
+        parts, off = [], start
         for size in sizes:
             parts.append(buf[off : off + size])
             off += size
@@ -160,23 +201,37 @@ class CacheGenCodec(Codec):
         n = heads * tokens * dim
         qk = self._from_symbols(_decode_symbols(np.frombuffer(parts[4], np.uint32), ck, n), lk, (heads, tokens, dim))
         qv = self._from_symbols(_decode_symbols(np.frombuffer(parts[5], np.uint32), cv, n), lv, (heads, tokens, dim))
-        return qk, qv, sk, sv
+        escapes = (
+            np.frombuffer(parts[6], np.int32),
+            np.frombuffer(parts[7], np.int32),
+            np.frombuffer(parts[8], np.float16),
+            np.frombuffer(parts[9], np.float16),
+        )
+        if any((e >= n).any() or (e < 0).any() for e in escapes[:2]):
+            raise ValueError("cachegen escape index out of range")
+        return qk, qv, sk, sv, escapes
 
     def decode_layer(self, data, shape, dtype, layer, num_layers) -> torch.Tensor:
-        qk, qv, sk, sv = self._decode_parts(data, shape, layer, num_layers)
-        out = np.stack((qk * sk.astype(np.float32), qv * sv.astype(np.float32))).astype(np.float32)
+        qk, qv, sk, sv, (ik, iv, ek, ev) = self._decode_parts(data, shape, layer, num_layers)
+        k = (qk * sk.astype(np.float32)).reshape(-1)
+        v = (qv * sv.astype(np.float32)).reshape(-1)
+        k[ik] = ek
+        v[iv] = ev
+        out = np.stack((k, v)).reshape(shape).astype(np.float32)
         return torch.from_numpy(out).to(dtype)
 
     def decode_layer_on(self, data, shape, dtype, layer, num_layers, device) -> torch.Tensor:
-        """Entropy decoding on the CPU; the small integer symbols and fp16 scales go to the device, where
-        the dequantisation runs (4x fewer bytes over PCIe than fp32 KV)."""
+        """Entropy decoding on the CPU; the small integer symbols, fp16 steps and escapes go to the device,
+        where the dequantisation runs (fewer bytes over PCIe than fp32 KV)."""
         if torch.device(device).type == "cpu":
             return self.decode_layer(data, shape, dtype, layer, num_layers)
-        qk, qv, sk, sv = self._decode_parts(data, shape, layer, num_layers)
-        q = torch.from_numpy(np.stack((qk, qv)).astype(np.int8)).to(device, non_blocking=True)
-        sk_d = torch.from_numpy(sk.copy()).to(device).float()
-        sv_d = torch.from_numpy(sv.copy()).to(device).float()
+        qk, qv, sk, sv, (ik, iv, ek, ev) = self._decode_parts(data, shape, layer, num_layers)
+        small = np.int8 if max(np.abs(qk).max(initial=0), np.abs(qv).max(initial=0)) < 128 else np.int16
+        q = torch.from_numpy(np.stack((qk, qv)).astype(small)).to(device, non_blocking=True)
         out = q.float()
-        out[0].mul_(sk_d)
-        out[1].mul_(sv_d)
+        out[0].mul_(torch.from_numpy(sk.copy()).to(device).float())
+        out[1].mul_(torch.from_numpy(sv.copy()).to(device).float())
+        flat_k, flat_v = out[0].view(-1), out[1].view(-1)
+        flat_k[torch.from_numpy(ik.astype(np.int64)).to(device)] = torch.from_numpy(ek.copy()).to(device).float()
+        flat_v[torch.from_numpy(iv.astype(np.int64)).to(device)] = torch.from_numpy(ev.copy()).to(device).float()
         return out.to(dtype)
