@@ -98,32 +98,31 @@ class TierManager(StorageBackend):
             self._writer.start()
 
     # -- reads ---------------------------------------------------------------------------------------
+    def _first_hit(self, verb: str, key: bytes):
+        """(tier, result) from the first tier whose `verb` finds the key, counting hits and misses."""
+        for tier in self.tiers:
+            found = tier.call(getattr(tier.backend, verb), key)
+            if found is not None:
+                tier.count(hits=1)
+                return tier, found
+            tier.count(misses=1)
+        return None, None
+
+    def _promotes(self, tier: Tier | None) -> bool:
+        return tier is not None and tier is not self.tiers[0] and self.tiers[0].backend.inline_put
+
     def get(self, key: bytes) -> StoredChunk | None:
-        for i, tier in enumerate(self.tiers):
-            chunk = tier.call(tier.backend.get, key)
-            if chunk is None:
-                tier.count(misses=1)
-                continue
-            tier.count(hits=1)
-            if i > 0 and self.tiers[0].backend.inline_put:
-                top = self.tiers[0]
-                if top.call(top.backend.put, key, chunk, default=False):
-                    top.count(promotions=1)
-            return chunk
-        return None
+        tier, chunk = self._first_hit("get", key)
+        if self._promotes(tier):
+            top = self.tiers[0]
+            if top.call(top.backend.put, key, chunk, default=False):
+                top.count(promotions=1)
+        return chunk
 
     def open(self, key: bytes):
         """Like get, for layer-by-layer reading; a lower-tier hit is promoted once all its layers were read."""
-        for i, tier in enumerate(self.tiers):
-            reader = tier.call(tier.backend.open, key)
-            if reader is None:
-                tier.count(misses=1)
-                continue
-            tier.count(hits=1)
-            if i > 0 and self.tiers[0].backend.inline_put:
-                return _PromotingReader(reader, key, self.tiers[0])
-            return reader
-        return None
+        tier, reader = self._first_hit("open", key)
+        return _PromotingReader(reader, key, self.tiers[0]) if self._promotes(tier) else reader
 
     def contains(self, key: bytes) -> bool:
         return self.contains_many([key])[0]
