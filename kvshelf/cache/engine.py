@@ -280,11 +280,3 @@ class LayerwiseRetrieval:
         with self._stats_lock:
             self._stats.retrieved_bytes += sum(p.numel() * p.element_size() for _, _, p in parts)
         return parts
-
-    def layer(self, i: int) -> torch.Tensor:
-        """[2, kv_heads, num_tokens, head_dim] for layer i."""
-        parts = [reader.layer(i)[:, :, : key.num_tokens] for key, reader in self.chunks]
-        out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-        with self._stats_lock:
-            self._stats.retrieved_bytes += out.numel() * out.element_size()
-        return out

@@ -48,8 +48,3 @@ def tensor_view(data: memoryview | bytes | bytearray, dtype: torch.dtype, shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write into it
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
-
-
-def tensor_from_bytes(data: memoryview | bytes, dtype: torch.dtype, shape) -> torch.Tensor:
-    """A tensor holding a private, writable copy of `data`."""
-    return tensor_view(bytearray(data), dtype, shape)

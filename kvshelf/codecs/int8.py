@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvshelf.codecs.base import Codec, tensor_bytes, tensor_from_bytes
+from kvshelf.codecs.base import Codec, tensor_bytes, tensor_view
 
 
 def _quantize(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +35,8 @@ class Int8Codec(Codec):
         if len(data) != sum(sizes):
             raise ValueError(f"int8 segment has {len(data)} bytes, expected {sum(sizes)}")
         offs = np.cumsum([0, *sizes])
-        sk = tensor_from_bytes(data[offs[0] : offs[1]], torch.float32, (heads, 1, dim))
-        sv = tensor_from_bytes(data[offs[1] : offs[2]], torch.float32, (heads, tokens, 1))
-        qk = tensor_from_bytes(data[offs[2] : offs[3]], torch.int8, (heads, tokens, dim))
-        qv = tensor_from_bytes(data[offs[3] : offs[4]], torch.int8, (heads, tokens, dim))
+        sk = tensor_view(data[offs[0] : offs[1]], torch.float32, (heads, 1, dim))
+        sv = tensor_view(data[offs[1] : offs[2]], torch.float32, (heads, tokens, 1))
+        qk = tensor_view(data[offs[2] : offs[3]], torch.int8, (heads, tokens, dim))
+        qv = tensor_view(data[offs[3] : offs[4]], torch.int8, (heads, tokens, dim))
         return torch.stack((qk.float() * sk, qv.float() * sv)).to(dtype)
