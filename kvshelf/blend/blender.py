@@ -1,17 +1,18 @@
 """CacheBlend on kvshelf's model runner: reuse the KV of chunks at any position, recompute the few
 tokens whose KV deviates most.
 
-Each chunk's KV is cached on its own, computed as `prefix + chunk` (the prefix is the BOS token, the
-attention sink every real prompt starts with) and keyed by the chunk's tokens alone, so it serves the
-chunk wherever it appears. For a prompt `prefix, chunk, sep, chunk, sep, ..., suffix`:
+Each chunk's KV is cached on its own, computed as `prefix + chunk + sep` (the prefix is the BOS token,
+the attention sink every real prompt starts with; the separator that follows every chunk is cached with
+it) and keyed by those tokens alone, so it serves the chunk wherever it appears. For a prompt
+`prefix, chunk, sep, chunk, sep, ..., suffix`:
 
 1. every chunk's KV is loaded (or computed alone and stored, on a miss) and its keys re-rotated to the
    chunk's position in this prompt;
 2. layers below the first check layer run on every token, so the check layer's fresh K and V are exact;
 3. at each check layer, fresh K and V of the active tokens (projections only) are compared with the
    cached ones (squared error, K and V each normalised by their mean energy) and only the top `ratio`
-   fraction of all chunk tokens stays active for the rest of the layer and above; the prefix,
-   separators and suffix always do;
+   fraction of all chunk tokens stays active for the rest of the layer and above; the prefix and the
+   suffix always do;
 4. later layers compute only active tokens, attending over the fused KV: fresh where computed, cached
    elsewhere. The fused KV is what decoding continues from.
 
@@ -93,9 +94,7 @@ class Blender:
         device = runner.device
         chunk_mask = torch.zeros(n, dtype=torch.bool)
         base = len(seg.prefix)
-        for kind, start, end in seg.layout():
-            if kind != "chunk":
-                continue
+        for start, end in self._cached_spans(seg):
             chunk_mask[start:end] = True
             cached = self._chunk_kv(seg, ids[start:end], salt, info).to(device)
             for layer in range(runner.num_layers):
@@ -129,6 +128,18 @@ class Blender:
         info.recomputed_tokens = int(is_chunk.sum())
         info.reused_tokens = info.chunk_tokens - info.recomputed_tokens
         return runner.final_logits(hidden[:, -1:]), info
+
+    @staticmethod
+    def _cached_spans(seg: Segmented) -> list[tuple[int, int]]:
+        """Each chunk together with the separator after it: the separator is the same after every chunk,
+        so it is cached with the chunk instead of being recomputed in every layer of every request."""
+        spans, layout = [], seg.layout()
+        for k, (kind, start, end) in enumerate(layout):
+            if kind == "chunk":
+                if k + 1 < len(layout) and layout[k + 1][0] == "sep":
+                    end = layout[k + 1][2]
+                spans.append((start, end))
+        return spans
 
     def _select(self, fresh, cached, is_chunk, ratio: float, info: BlendInfo) -> torch.Tensor:
         """Indices (into the active tokens) that stay active: every non-chunk token, plus the chunk tokens
