@@ -146,3 +146,12 @@ def test_missing_question_is_an_error(tiny_models):
     gen = make(tiny_models("llama"))
     with pytest.raises(PromptError, match="question"):
         gen.generate(SEP.join(DOCS) + SEP, max_new_tokens=1)
+
+
+def test_without_cache_a_blend_prompt_is_prefilled_exactly(tiny_models):
+    gen = make(tiny_models("qwen3"), ratios=(0.0,))
+    ids = gen.segment(blended(DOCS), None).token_ids
+    plain = gen.generate(ids, max_new_tokens=3, use_cache=False, stop_at_eos=False)
+    listed = gen.generate(QUESTION, chunks=DOCS, max_new_tokens=3, use_cache=False, stop_at_eos=False)
+    assert listed.blend is None and listed.token_ids == plain.token_ids
+    assert torch.equal(listed.first_logits, plain.first_logits)

@@ -148,6 +148,8 @@ class CachedGenerator:
             raise PromptError("prompt is empty")
         seg = self.segment(prompt, chunks) if use_cache or chunks is not None else None
         ids = seg.token_ids if seg is not None else self.encode(prompt)
+        if seg is not None and (not use_cache or self.engine is None):
+            seg = None  # no cache to blend from: the joined prompt is prefilled as it is, exactly
         self._check_length(len(ids), max_new_tokens)
         if temperature < 0 or not 0 < top_p <= 1:
             raise PromptError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
@@ -158,7 +160,7 @@ class CachedGenerator:
             hit = loaded = 0
             blend_info = saver = None
             if seg is not None:
-                logits, blend_info = self.blender.prefill(seg, kv, salt if use_cache else None)
+                logits, blend_info = self.blender.prefill(seg, kv, salt)
                 hit, loaded = blend_info.reused_tokens, blend_info.loaded_bytes
             elif engine is not None and self.layerwise:
                 logits, hit, loaded, saver = self._prefill_layerwise(engine, ids, salt, kv)
