@@ -26,6 +26,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from common import save_results
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -165,9 +166,7 @@ def main() -> None:
         results.append({"method": name, "ttft_s": ttft, "speedup": base / ttft, "accuracy": acc, "kl": mean_kl})
         table.add_row(name, f"{ttft:.3f} s", f"{base / ttft:.1f}x", f"{acc:.0%}", f"{mean_kl:.4f}")
     console.print(table)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    save_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from common import save_results
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -153,9 +154,7 @@ def main() -> None:
             f"{row['kl']:.5f}",
         )
     console.print(table)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"summary": summary, "per_text": results}, indent=2))
+    save_results(args.json, {"summary": summary, "per_text": results})
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ dequantisation runs there; cachegen's entropy decoding runs on the CPU and its d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
+from common import save_results
 from rich.console import Console
 from rich.table import Table
 
@@ -160,9 +159,7 @@ def main() -> None:
     for r in rows:
         table.add_row(*[r["codec"]] + [f"{r[c]:.1f}" if isinstance(r.get(c), float) else "-" for c in cols[1:]])
     console.print(table)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    save_results(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ With --llama8b a randomly initialised model of Llama-3-8B's shape (bf16) is buil
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from common import save_results  # noqa: E402
 
 from kvshelf.cache.engine import CacheEngine  # noqa: E402
 from kvshelf.codecs import get_codec  # noqa: E402
@@ -197,9 +198,7 @@ def main() -> None:
             f"{r['layerwise_vs_max']:.2f}",
         )
     console.print(table)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    save_results(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ the KV of all but the last prompt token from the CPU tier and computes that last
 from __future__ import annotations
 
 import argparse
-import json
 import pydoc_data.topics
 import statistics
-from pathlib import Path
 
 import torch
+from common import save_results
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -83,9 +82,7 @@ def main() -> None:
             f"{r['kv_mb']:.1f} MB",
         )
     console.print(table)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    save_results(args.json, rows)
 
 
 if __name__ == "__main__":

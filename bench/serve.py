@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import save_results  # noqa: E402
 from services import free_port, wait_for  # noqa: E402
 
 DOCS = ["for", "with", "exceptions"]
@@ -167,9 +168,7 @@ def main() -> None:
         f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x",
     )
     console.print(table)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    save_results(args.json, results)
 
 
 if __name__ == "__main__":

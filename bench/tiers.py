@@ -11,7 +11,6 @@ Services are started by the benchmark on loopback ports (needs Debian's redis-se
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import save_results  # noqa: E402
 from services import RedisServer, S3Server, s3_env  # noqa: E402
 
 from kvshelf.codecs import get_codec  # noqa: E402
@@ -213,9 +213,7 @@ def main() -> None:
         )
     console.print(table)
     console.print("MB/s count the uncompressed fp32 KV bytes moved; int8 rows move ~4x fewer bytes per chunk.")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    save_results(args.json, rows)
 
 
 if __name__ == "__main__":
