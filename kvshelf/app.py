@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from kvshelf.advice.cost import CostModel
+from kvshelf.advice.guard import Guard
 from kvshelf.blend.blender import Blender
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
@@ -69,6 +71,10 @@ def open_shelf(config: KVShelfConfig | None = None, *, show_progress: bool = Tru
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    guard = None
+    if config.guard and engine is not None:
+        cost = CostModel.for_runner(loaded.runner)
+        guard = Guard(cost, min_tokens=config.min_cached_tokens or config.chunk_size)
     generator = CachedGenerator(
         loaded.runner,
         engine,
@@ -80,5 +86,6 @@ def open_shelf(config: KVShelfConfig | None = None, *, show_progress: bool = Tru
         async_load=config.use_async_load,
         buffer_layers=config.buffer_size,
         layerwise_store=config.layerwise_store,
+        guard=guard,
     )
     return Shelf(config, loaded, engine, generator)

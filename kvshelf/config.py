@@ -75,6 +75,11 @@ class KVShelfConfig(BaseModel):
         False,
         description="layerwise: copy new KV out layer by layer during the prefill (default: after the first token)",
     )
+    # -- the never-slower guard -------------------------------------------------------------------
+    guard: bool = Field(True, description="use the cache per request only where measured costs say it pays")
+    min_cached_tokens: int | None = Field(
+        None, ge=1, description="prompts shorter than this skip the cache (default: one chunk)"
+    )
     # -- server and metrics ------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="server bind address (loopback unless you mean otherwise)")
     port: int = Field(8000, ge=1, le=65535, description="server port")

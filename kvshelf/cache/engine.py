@@ -120,6 +120,24 @@ class CacheEngine:
             hit = key.end
         return hit
 
+    def plan(self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None) -> dict[str, int]:
+        """Tokens of the longest cached prefix, per tier that holds them (for deciding whether to load)."""
+        limit = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
+        keys = [k for k in self.keys(tokens, salt) if k.start < limit]
+        if not keys:
+            return {}
+        digests = [k.digest for k in keys]
+        if hasattr(self.backend, "locate"):
+            where = self.backend.locate(digests)
+        else:
+            where = [self.backend.name if here else None for here in self.backend.contains_many(digests)]
+        plan: dict[str, int] = {}
+        for key, tier in zip(keys, where, strict=True):
+            if tier is None:
+                break
+            plan[tier] = plan.get(tier, 0) + min(key.end, limit) - key.start
+        return plan
+
     def retrieve_chunks(
         self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None
     ) -> Iterator[tuple[ChunkKey, torch.Tensor]]:

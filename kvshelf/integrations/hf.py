@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvshelf.advice.guard import Guard
 from kvshelf.blend.blender import Blender, BlendInfo
 from kvshelf.blend.segment import Segmented, split_text, split_tokens
 from kvshelf.cache.engine import CacheEngine
@@ -52,6 +53,7 @@ class CachedGenerator:
         async_load: bool = True,
         buffer_layers: int = 4,
         layerwise_store: bool = False,
+        guard: Guard | None = None,
     ):
         self.runner = runner
         self.engine = engine
@@ -63,6 +65,7 @@ class CachedGenerator:
         self.async_load = async_load
         self.buffer_layers = buffer_layers
         self.layerwise_store = layerwise_store
+        self.guard = guard
         self.layerwise_stats = LayerwiseStats(runner.num_layers)
         gen_cfg = getattr(runner.model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None) or getattr(runner.config, "eos_token_id", None)
@@ -155,6 +158,13 @@ class CachedGenerator:
             raise PromptError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
         rng = torch.Generator().manual_seed(seed) if seed is not None else None
         engine = self.engine if use_cache else None
+        load, plan = True, {}
+        if engine is not None and seg is None and self.guard is not None:
+            if not self.guard.use_cache(len(ids)):
+                engine = None  # too short to pay: no lookup, no store
+            else:
+                plan = engine.plan(ids, salt, max_tokens=len(ids) - 1)
+                load = bool(plan) and self.guard.worth_loading(plan)
         with torch.inference_mode():
             kv = self.runner.new_kv(len(ids) + max_new_tokens)
             hit = loaded = 0
@@ -163,13 +173,16 @@ class CachedGenerator:
                 logits, blend_info = self.blender.prefill(seg, kv, salt)
                 hit, loaded = blend_info.reused_tokens, blend_info.loaded_bytes
             elif engine is not None and self.layerwise:
-                logits, hit, loaded, saver = self._prefill_layerwise(engine, ids, salt, kv)
+                logits, hit, loaded, saver = self._prefill_layerwise(engine, ids, salt, kv, load=load)
             else:
-                if engine is not None:
+                if engine is not None and load:
+                    t_load = time.perf_counter()
                     for key, chunk in engine.retrieve_chunks(ids, salt, max_tokens=len(ids) - 1):
                         kv.load_chunk(key.start, chunk)
                         hit = key.end
                         loaded += chunk.numel() * chunk.element_size()
+                    if self.guard is not None and len(plan) == 1:  # one tier served it: learn its speed
+                        self.guard.cost.observe_load(next(iter(plan)), loaded, time.perf_counter() - t_load)
                 logits = self.runner.forward(ids[hit:], hit, kv)
             first_logits = logits
             next_id = _choose(logits, temperature, top_p, rng)
@@ -216,11 +229,11 @@ class CachedGenerator:
             blend=blend_info,
         )
 
-    def _prefill_layerwise(self, engine: CacheEngine, ids: list[int], salt, kv):
+    def _prefill_layerwise(self, engine: CacheEngine, ids: list[int], salt, kv, *, load: bool = True):
         """Prefill with the cached prefix loaded layer by layer behind the compute, and the new chunks stored
         layer by layer behind it. A load that fails mid-way is recomputed from scratch: never partial KV."""
         t0 = time.perf_counter()
-        retrieval = engine.retrieve_layerwise(ids, salt, max_tokens=len(ids) - 1)
+        retrieval = engine.retrieve_layerwise(ids, salt, max_tokens=len(ids) - 1) if load else None
         hit = retrieval.num_tokens if retrieval is not None else 0
         t1 = time.perf_counter()
         saver = LayerwiseSaver(engine, ids, salt, hit, kv) if self.layerwise_store else None

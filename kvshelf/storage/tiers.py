@@ -124,19 +124,24 @@ class TierManager(StorageBackend):
         tier, reader = self._first_hit("open", key)
         return _PromotingReader(reader, key, self.tiers[0]) if self._promotes(tier) else reader
 
-    def contains(self, key: bytes) -> bool:
-        return self.contains_many([key])[0]
-
-    def contains_many(self, keys: list[bytes]) -> list[bool]:
-        found = [False] * len(keys)
+    def locate(self, keys: list[bytes]) -> list[str | None]:
+        """For each key, the name of the first tier that holds it (None: no tier)."""
+        where: list[str | None] = [None] * len(keys)
         for tier in self.tiers:
-            todo = [i for i, f in enumerate(found) if not f]
+            todo = [i for i, w in enumerate(where) if w is None]
             if not todo:
                 break
             flags = tier.call(tier.backend.contains_many, [keys[i] for i in todo])
             for i, flag in zip(todo, flags or [], strict=False):
-                found[i] = bool(flag)
-        return found
+                if flag:
+                    where[i] = tier.name
+        return where
+
+    def contains(self, key: bytes) -> bool:
+        return self.contains_many([key])[0]
+
+    def contains_many(self, keys: list[bytes]) -> list[bool]:
+        return [w is not None for w in self.locate(keys)]
 
     # -- writes --------------------------------------------------------------------------------------
     def put(self, key: bytes, chunk: StoredChunk) -> bool:

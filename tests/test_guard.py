@@ -1,0 +1,71 @@
+"""The never-slower guard: short prompts skip the cache, slow tiers are not loaded from, costs are measured."""
+
+import torch
+
+from kvshelf.advice.cost import CostModel, measure_prefill
+from kvshelf.advice.guard import LOAD_SLOWER, SHORT_PROMPT, Guard
+from kvshelf.cache.engine import CacheEngine
+from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.metrics import configure
+from kvshelf.model.runner import ModelRunner
+from kvshelf.storage.memory import MemoryBackend
+from kvshelf.storage.tiers import TierManager
+
+
+def prompt(n, seed):
+    return torch.randint(4, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def setup(model, **cost_kw):
+    runner = ModelRunner(model)
+    engine = CacheEngine(runner.fingerprint(), TierManager([MemoryBackend(1 << 26)]), chunk_size=16)
+    cost = CostModel(prefill_tokens_per_s=10_000.0, kv_bytes_per_token=1024, **cost_kw)
+    guarded = CachedGenerator(runner, engine, guard=Guard(cost, min_tokens=32))
+    return guarded, CachedGenerator(runner, engine)
+
+
+def bypasses(m, reason):
+    return m.registry.get_sample_value("kvshelf_bypasses_total", {"reason": reason}) or 0
+
+
+def test_short_prompts_skip_lookup_and_store(tiny_models):
+    m = configure("kvshelf_")
+    guarded, plain = setup(tiny_models("llama"))
+    short = prompt(20, 1)
+    out = guarded.generate(short, max_new_tokens=2)
+    assert out.stored_tokens == 0 and guarded.engine.lookup(short) == 0
+    assert bypasses(m, SHORT_PROMPT) == 1
+    long = prompt(40, 2)
+    assert guarded.generate(long, max_new_tokens=2).stored_tokens >= 40
+    assert guarded.generate(long, max_new_tokens=2).hit_tokens == 39
+
+
+def test_a_tier_slower_than_recompute_is_not_loaded_from(tiny_models):
+    m = configure("kvshelf_")
+    guarded, plain = setup(tiny_models("qwen3"), tier_bytes_per_s={"cpu": 1.0})  # 1 byte/s: hopeless
+    ids = prompt(50, 3)
+    plain.generate(ids, max_new_tokens=1)
+    out = guarded.generate(ids, max_new_tokens=5, stop_at_eos=False)
+    assert out.hit_tokens == 0 and bypasses(m, LOAD_SLOWER) == 1
+    assert out.token_ids == plain.generate(ids, max_new_tokens=5, stop_at_eos=False, use_cache=False).token_ids
+
+
+def test_a_fast_tier_is_loaded_from_and_its_speed_learned(tiny_models):
+    guarded, plain = setup(tiny_models("gemma3"))
+    ids = prompt(50, 4)
+    plain.generate(ids, max_new_tokens=1)
+    before = guarded.guard.cost.tier_bytes_per_s["cpu"]
+    assert guarded.generate(ids, max_new_tokens=1).hit_tokens == 49
+    assert guarded.guard.cost.tier_bytes_per_s["cpu"] != before  # one observed load moved the estimate
+
+
+def test_cost_model_is_measured_once_and_saved(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path))
+    runner = ModelRunner(tiny_models("llama"))
+    assert measure_prefill(runner, 64) > 0
+    first = CostModel.for_runner(runner, calibration_tokens=64)
+    saved = list((tmp_path / "cost").glob("*.json"))
+    assert len(saved) == 1 and first.prefill_tokens_per_s > 0
+    again = CostModel.for_runner(runner, calibration_tokens=64)
+    assert again.prefill_tokens_per_s == first.prefill_tokens_per_s  # read back, not re-measured
+    assert first.recompute_s(1000) > 0 and first.load_s({"cpu": 1000}) < first.load_s({"s3": 1000})
