@@ -184,5 +184,118 @@ def stats(
     console.print(table)
 
 
+def _read_trace(path: str, tokenizer, separator: str):
+    """JSONL lines: {"prompt": text} | {"tokens": [ids]} | {"documents": [texts], "question": text}."""
+    from pathlib import Path
+
+    from kvshelf.advice.advise import Request
+
+    file = Path(path)
+    if not file.is_file():
+        raise KVShelfError(f"trace file {path!r} does not exist")
+    requests, texts = [], []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as err:
+            raise KVShelfError(f"{path}:{n}: not JSON: {err}") from None
+        if "documents" in item:
+            chunks = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in item["documents"]]
+            text = separator.join(item["documents"]) + separator + item.get("question", "")
+            requests.append(Request(tokenizer(text)["input_ids"], chunks=chunks))
+        elif "tokens" in item:
+            requests.append(Request([int(t) for t in item["tokens"]]))
+            text = None
+        elif "prompt" in item:
+            text = item["prompt"]
+            requests.append(Request(tokenizer(text)["input_ids"]))
+        else:
+            raise KVShelfError(f"{path}:{n}: expected a 'prompt', 'tokens' or 'documents' field")
+        texts.append(text if text is not None else item["tokens"])
+    if not requests:
+        raise KVShelfError(f"{path} holds no requests")
+    return requests, texts
+
+
+@app.command()
+def advise(
+    trace: Annotated[str | None, typer.Option(help="JSONL workload trace")] = None,
+    scenario: Annotated[
+        str | None, typer.Option(help="short-chat, long-rag, multi-turn, cross-node, disaggregated")
+    ] = None,
+    gpu: Annotated[bool, typer.Option(help="the serving machine has a GPU")] = False,
+    shared: Annotated[bool, typer.Option(help="several instances/nodes should share the cache")] = False,
+    out: Annotated[str | None, typer.Option(help="write the recommended config to this YAML file")] = None,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Recommend prefix reuse / CacheBlend / codecs / tiers / layerwise for a workload, from measured costs."""
+    import yaml
+
+    from kvshelf.advice.advise import analyse, synthetic_trace
+    from kvshelf.advice.cost import CostModel
+    from kvshelf.model.loader import load_model
+
+    try:
+        cfg = _config(config, None, model=model, device=device)
+        if (trace is None) == (scenario is None):
+            raise KVShelfError("give exactly one of --trace FILE or --scenario NAME")
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        cost = CostModel.for_runner(lm.runner)
+        requests = _read_trace(trace, lm.tokenizer, cfg.blend_special_str)[0] if trace else synthetic_trace(scenario)
+        result = analyse(
+            requests, cost, chunk_size=cfg.chunk_size, gpu=gpu, shared=shared, cpu_capacity_gb=cfg.max_local_cpu_size
+        )
+    except (KVShelfError, ValueError) as err:
+        _fail(err)
+    console.print(
+        f"{result.requests} requests, {result.mean_prompt_tokens:.0f} tokens on average; prefix reuse would serve "
+        f"{result.prefix_hit_rate:.0%} of prompt tokens, chunk reuse {result.blend_hit_rate:.0%} of chunk tokens; "
+        f"measured prefill {cost.prefill_tokens_per_s:.0f} tokens/s"
+    )
+    table = Table(title="predicted mean TTFT and storage")
+    table.add_column("mode")
+    table.add_column("TTFT", justify="right")
+    for mode, t in result.predicted_ttft_s.items():
+        table.add_row(mode, f"{t:.3f} s")
+    for codec, gb in result.predicted_storage_gb.items():
+        table.add_row(f"storage, {codec}", f"{gb:.2f} GB")
+    console.print(table)
+    for reason in result.reasons:
+        console.print(f"- {reason}")
+    text = yaml.safe_dump(result.config, sort_keys=False)
+    console.print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+
+
+@app.command("bench")
+def bench_trace(
+    trace: Annotated[str, typer.Option(help="JSONL workload trace (as for advise)")],
+    config: ConfigOpt = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 1,
+) -> None:
+    """Replay a trace with a config and measure mean TTFT against no cache (checks advise's prediction)."""
+    import statistics
+
+    from kvshelf.app import open_shelf
+
+    try:
+        shelf = open_shelf(_config(config, None))
+        _, texts = _read_trace(trace, shelf.model.tokenizer, shelf.config.blend_special_str)
+        gen = shelf.generator
+        gen.generate("warm-up", max_new_tokens=1, use_cache=False)
+        plain = [gen.generate(t, max_new_tokens=max_new_tokens, use_cache=False).ttft_s for t in texts]
+        cached = [gen.generate(t, max_new_tokens=max_new_tokens).ttft_s for t in texts]
+    except KVShelfError as err:
+        _fail(err)
+    a, b = statistics.fmean(plain), statistics.fmean(cached)
+    console.print(f"{len(texts)} requests: mean TTFT {a:.3f} s without the cache, {b:.3f} s with it ({a / b:.2f}x)")
+
+
 if __name__ == "__main__":
     app()

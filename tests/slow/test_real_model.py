@@ -136,3 +136,30 @@ def test_blend_on_real_model(shelf):
     assert exact.blend.chunk_hits == 3 and kl(exact) < 1e-4
     zero, part = gen(0.0).generate(moved, max_new_tokens=1), gen(0.15).generate(moved, max_new_tokens=1)
     assert part.blend.recomputed_tokens > 0 and kl(part) < kl(zero)
+
+
+def test_advise_writes_a_config_that_bench_replays(tmp_path):
+    cfg = tmp_path / "advised.yaml"
+    trace = tmp_path / "trace.jsonl"
+    t = pydoc_data.topics.topics
+    lines = [
+        {"documents": [t["assert"], t["del"]], "question": "What does del do?"},
+        {"documents": [t["del"], t["assert"]], "question": "What does assert do?"},
+    ]
+    trace.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    run = [sys.executable, "-m", "kvshelf.cli"]
+    proc = subprocess.run(
+        [*run, "advise", "--trace", str(trace), "--device", "cpu", "--out", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "predicted mean TTFT" in proc.stdout and cfg.is_file()
+    proc = subprocess.run(
+        [*run, "bench", "--trace", str(trace), "--config", str(cfg)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mean TTFT" in proc.stdout
+    bad = subprocess.run([*run, "advise"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "exactly one of" in bad.stderr
