@@ -64,11 +64,17 @@ def codecs(data) -> None:
 
 def blend(rows) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    for r in rows:
+    for i, r in enumerate(rows):
         ax.scatter(r["speedup"], 100 * r["accuracy"], s=40)
         ax.annotate(
-            r["method"], (r["speedup"], 100 * r["accuracy"]), fontsize=7, textcoords="offset points", xytext=(4, -10)
+            r["method"],
+            (r["speedup"], 100 * r["accuracy"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(4, 7 if i % 2 else -11),
+            rotation=20,
         )
+    ax.set_ylim(top=ax.get_ylim()[1] + 4)
     ax.set(
         xlabel="TTFT speed-up vs full prefill (x)",
         ylabel="answer accuracy (%)",
