@@ -210,20 +210,22 @@ class CacheEngine:
         expected = self._expected_shape(kv.shape[3])
         if tuple(kv.shape) != expected:
             raise ValueError(f"kv shape {tuple(kv.shape)} does not match the model fingerprint {expected}")
+        keys = self.keys_to_store(tokens, salt, start=start)
+        hosts = [self._to_host(kv[:, :, :, key.start : key.end]) for key in keys]
+        return self.put_chunks(keys, hosts)
+
+    def keys_to_store(self, tokens: Sequence[int], salt: str | None = None, *, start: int = 0) -> list[ChunkKey]:
+        """Chunks of `tokens` ending after `start` that no tier holds yet (partial ones only if configured)."""
         keys = [k for k in self.keys(tokens, salt) if k.end > start]
         if not self.save_partial_chunks:
             keys = [k for k in keys if k.num_tokens == self.chunk_size]
         present = self.backend.contains_many([k.digest for k in keys]) if keys else []
-        keys = [k for k, already in zip(keys, present, strict=True) if not already]
-        hosts = []
-        for key in keys:
-            piece = kv[:, :, :, key.start : key.end]
-            host = torch.empty(
-                piece.shape, dtype=piece.dtype, device="cpu", pin_memory=self.pin_memory and piece.is_cuda
-            )
-            host.copy_(piece)
-            hosts.append(host)
-        return self.put_chunks(keys, hosts)
+        return [k for k, already in zip(keys, present, strict=True) if not already]
+
+    def _to_host(self, piece: torch.Tensor) -> torch.Tensor:
+        """A CPU copy of `piece` to keep: pinned when it comes from a GPU (fast copies back)."""
+        host = torch.empty(piece.shape, dtype=piece.dtype, device="cpu", pin_memory=self.pin_memory and piece.is_cuda)
+        return host.copy_(piece)
 
     def put_chunks(self, keys: list[ChunkKey], hosts: list[torch.Tensor]) -> int:
         """Store host tensors [layers, 2, heads, key.num_tokens, dim] under their keys; tokens stored."""
@@ -260,16 +262,7 @@ class CacheEngine:
     def put_blend_chunk(self, key: bytes, kv: torch.Tensor) -> bool:
         if tuple(kv.shape) != self._expected_shape(kv.shape[3]):
             raise ValueError(f"kv shape {tuple(kv.shape)} does not match the model fingerprint")
-        host = torch.empty(kv.shape, dtype=kv.dtype, device="cpu", pin_memory=self.pin_memory and kv.is_cuda)
-        host.copy_(kv)
-        ok = self.backend.put(
-            key, StoredChunk(ChunkMeta(self._fp_digest, kv.shape[3], tuple(kv.shape), kv.dtype), host)
-        )
-        if ok:
-            with self._stats_lock:
-                self.stats.stored_tokens += kv.shape[3]
-                self.stats.stored_bytes += host.numel() * host.element_size()
-        return ok
+        return self.put_chunks([ChunkKey(key, 0, kv.shape[3])], [self._to_host(kv)]) > 0
 
     def clear(self) -> None:
         self.backend.clear()

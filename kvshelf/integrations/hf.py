@@ -147,8 +147,6 @@ class CachedGenerator:
         after them) is prefilled by CacheBlend instead: chunk KV is reused at any position.
         """
         t0 = time.perf_counter()
-        if isinstance(prompt, str) and not prompt and chunks is None:
-            raise PromptError("prompt is empty")
         seg = self.segment(prompt, chunks) if use_cache or chunks is not None else None
         ids = seg.token_ids if seg is not None else self.encode(prompt)
         if seg is not None and (not use_cache or self.engine is None):

@@ -22,11 +22,7 @@ class LayerwiseSaver:
     def __init__(self, engine: CacheEngine, tokens: list[int], salt: str | None, start: int, kv: KVBuffer):
         self.engine, self.tokens, self.salt = engine, tokens, salt
         self.kv = kv
-        keys = [k for k in engine.keys(tokens, salt) if k.end > start]
-        if not engine.save_partial_chunks:
-            keys = [k for k in keys if k.num_tokens == engine.chunk_size]
-        present = engine.backend.contains_many([k.digest for k in keys]) if keys else []
-        self.keys = [k for k, here in zip(keys, present, strict=True) if not here]
+        self.keys = engine.keys_to_store(tokens, salt, start=start)
         self._pin = engine.pin_memory and kv.data.is_cuda
         self.host: list[torch.Tensor] = []  # allocated by the saver thread: pinning memory is slow
         self._stream = torch.cuda.Stream(device=kv.data.device) if kv.data.is_cuda else None

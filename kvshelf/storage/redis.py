@@ -136,13 +136,5 @@ class RedisBackend(ByteStore):
         for k in self.client.scan_iter(match=f"{self.prefix}*", count=1000):
             self.client.delete(k)
 
-    @property
-    def used_bytes(self) -> None:
-        return None
-
-    @property
-    def capacity_bytes(self) -> None:
-        return None
-
     def close(self) -> None:
         self.client.close()

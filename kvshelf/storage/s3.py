@@ -122,14 +122,6 @@ class S3Backend(ByteStore):
             if objects:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
 
-    @property
-    def used_bytes(self) -> None:
-        return None
-
-    @property
-    def capacity_bytes(self) -> None:
-        return None
-
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.client.close()

@@ -72,3 +72,12 @@ class ByteStore(StorageBackend):
 
     def delete(self, key: bytes) -> None:
         self._delete_name(key.hex())
+
+    # Remote stores manage their own space (Redis maxmemory, S3 lifecycle); the disk tier overrides these.
+    @property
+    def used_bytes(self) -> int | None:
+        return None
+
+    @property
+    def capacity_bytes(self) -> int | None:
+        return None
