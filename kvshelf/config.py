@@ -86,6 +86,9 @@ class KVShelfConfig(BaseModel):
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' on the server")
     served_model_name: str | None = Field(None, description="model name the server reports; default: the folder")
     metrics_prefix: str = Field("kvshelf_", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*_$", description="Prometheus prefix")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="inside vLLM: serve kvshelf's /metrics on this port (on `host`)"
+    )
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
     @field_validator("local_disk_codec", "remote_serde")
@@ -153,6 +156,7 @@ NESTED_KEYS: dict[str, str] = {
     "server.port": "port",
     "server.api_key": "api_key",
     "metrics.prefix": "metrics_prefix",
+    "metrics.port": "metrics_port",
 }
 _TIER_SWITCHES = {"storage.disk.enabled": "local_disk", "storage.remote.enabled": "remote_url"}
 _SECTIONS = {k.split(".")[0] for k in NESTED_KEYS} | {"storage"}

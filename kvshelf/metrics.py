@@ -49,6 +49,9 @@ class Metrics:
         self.blend_lookups = Counter(p + "blend_lookups", "Chunks looked up for blending", registry=r)
         self.blend_hits = Counter(p + "blend_hits", "Blend chunk lookups that hit", registry=r)
         self.bypasses = Counter(p + "bypasses", "Requests or chunks that skipped the cache", ["reason"], registry=r)
+        self.load_failures = Counter(
+            p + "load_failures", "Cached KV loads that failed; the tokens were recomputed", ["integration"], registry=r
+        )
         self.requests = Counter(p + "requests", "Generation requests", ["endpoint"], registry=r)
         self.request_errors = Counter(p + "request_errors", "Requests that failed", ["endpoint"], registry=r)
         self.ttft_seconds = Histogram(

