@@ -158,3 +158,18 @@ def test_soak_2000_requests_bounded_memory_no_leaked_threads(tiny_models):
     assert rss[1] - rss[0] < 64 << 20, rss  # growth is bounded by the tier, not by the request count
     assert backend.used_bytes <= 64 << 20
     assert layered.layerwise_stats.as_dict()["requests"] > 1000
+
+
+def test_row_layout_of_kv_buffer_slices():
+    from kvshelf.layerwise.strided_copy import copy_to_device, row_layout
+
+    kv = torch.zeros(6, 2, 3, 40, 8)  # [layers, K/V, heads, capacity, dim]
+    # layers 1..4 of tokens 16..32: 3 * 2 * 3 rows of 16 * 8 values, one token-capacity (40 * 8) apart
+    assert row_layout(kv[1:4, :, :, 16:32]) == (18, 128, 320)
+    assert row_layout(kv[2:3, :, :, 0:40]) == (1, 1920, 1920)  # one layer, all tokens: contiguous
+    assert row_layout(kv[:, :, :, 16:32].transpose(0, 1)) is None  # rows not equally spaced
+    assert row_layout(kv[:, :, :, ::2]) == (720, 8, 16)  # every other token: rows of one token
+    # off a GPU the copy is PyTorch's own
+    src = torch.randn(3, 2, 3, 16, 8)
+    copy_to_device(kv[1:4, :, :, 16:32], src)
+    assert torch.equal(kv[1:4, :, :, 16:32], src)

@@ -1,10 +1,13 @@
 """Load a request's cached KV layer by layer in a background thread while the model computes.
 
-The loader writes layer i into the request's KV (a `LayerTarget`) and signals it; the model runner waits for layer
-i just before computing it (`wait`, used as the runner's pre-layer hook), so loading layers i+1.. overlaps
-computing layer i. At most `buffer_layers` layers are loaded ahead of the compute. On a GPU the copy of
-each layer goes through a pinned host buffer on a separate CUDA stream, and the compute stream waits on
-that layer's event: no device-wide synchronisation.
+The loader writes layer i into the request's KV (a `LayerTarget`) and signals it; the model runner waits
+for layer i just before computing it (`wait`, used as the runner's pre-layer hook), so loading layers
+i+1.. overlaps computing layer i. At most `buffer_layers` layers are loaded ahead of the compute. On a
+GPU each chunk's layer group goes from pinned host memory (staged there if needed) to the device on a
+separate CUDA stream, as one 2-D memcpy (strided_copy.py), and the compute stream waits on that group's
+event: no device-wide synchronisation. Issuing the copies from this thread keeps them off the thread
+that launches the model's kernels (the driver call releases the GIL), which on a launch-bound prefill is
+what decides whether the load hides.
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ class LayerTarget(Protocol):
 
     def write_layers(self, i: int, j: int, start: int, part: torch.Tensor, *, non_blocking: bool = False) -> None:
         """Write layers i..j-1 of cached tokens [start, start + n) from `part` [j - i, 2, heads, n, dim]."""
+
+
+def layer_groups(num_layers: int, buffer_layers: int) -> list[tuple[int, int]]:
+    """Layer ranges moved together: layer 0 alone (the compute starts as soon as it is in), then groups of
+    up to 4 (one copy per chunk per group: per-copy overhead, not bandwidth, is what a layer-at-a-time loop
+    pays for on a GPU), never larger than the buffer."""
+    group = max(1, min(buffer_layers, 4))
+    bounds = [0, *range(1, num_layers, group), num_layers] if num_layers > 1 else [0, num_layers]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 class LayerLoadError(RuntimeError):
@@ -61,54 +73,20 @@ class LayerwiseLoader:
         self._stream = torch.cuda.Stream(device=kv.device) if self._cuda else None
         self._events: list = [None] * self.num_layers
         self._thread = threading.Thread(target=self._run, name="kvshelf-layer-loader", daemon=True)
-        if self._cuda and self._enqueue_pinned():
-            return  # every copy is queued on the load stream; the GPU itself overlaps them with compute
         if start_thread:
             self._thread.start()
         else:  # synchronous loading (use_async_load=false): everything now, on this thread, so no buffer limit
             self.buffer_layers = self.num_layers
             self._run()
 
-    def _enqueue_pinned(self) -> bool:
-        """When every cached chunk already sits in pinned host memory (the CPU tier on a GPU host), queue
-        all layer copies on the load stream right away, one event per layer group, and let each layer's
-        compute wait on its event on the GPU. No thread: a Python thread would only contend for the CPU
-        that launches the model's kernels. Returns False when some chunk needs decoding or staging."""
-        try:
-            whole = self.retrieval.layer_parts(0, self.num_layers)
-        except Exception:
-            return False  # let the thread path load (and report) it layer by layer
-        if not all(part.is_pinned() for _, _, part in whole):
-            return False
-        group = max(1, min(self.buffer_layers, 4))
-        with torch.cuda.stream(self._stream):
-            for i in range(0, self.num_layers, group):
-                j = min(i + group, self.num_layers)
-                t0 = time.perf_counter()
-                for start, _end, part in whole:
-                    self.kv.write_layers(i, j, start, part[i:j], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self._stream)
-                per_layer = (time.perf_counter() - t0) / (j - i)
-                nbytes = sum(p[i:j].numel() * p.element_size() for _, _, p in whole) // (j - i)
-                for k in range(i, j):
-                    self._events[k] = (event, whole)
-                    self.stats.record(k, load_s=per_layer, nbytes=nbytes)
-                    self._ready[k].set()
-        return True
-
     def _run(self) -> None:
         with torch.inference_mode():  # per thread; the request's tensors were made under it
             self._load_all()
 
     def _load_all(self) -> None:
-        # Layers move in groups (one copy per chunk per group): per-copy overhead, not bandwidth, is
-        # what a layer-at-a-time loop pays for on a GPU. A group is never larger than the buffer.
-        group = max(1, min(self.buffer_layers, 4))
         pinned: list[bool] | None = None
         try:
-            for i in range(0, self.num_layers, group):
-                j = min(i + group, self.num_layers)
+            for i, j in layer_groups(self.num_layers, self.buffer_layers):
                 with self._room:
                     while j > self._consumed + self.buffer_layers and not self._closed:
                         self._room.wait()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from kvshelf.layerwise.strided_copy import copy_to_device
+
 
 class KVBuffer:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, *, dtype, device):
@@ -28,10 +30,8 @@ class KVBuffer:
 
     def load_chunk(self, start: int, kv: torch.Tensor) -> None:
         """Copy a cached chunk [layers, 2, heads, n, dim] into tokens [start, start + n)."""
-        end = start + kv.shape[3]
-        self._check_room(end)
-        self.data[:, :, :, start:end].copy_(kv, non_blocking=True)
-        self.length = max(self.length, end)
+        self.write_layers(0, self.data.shape[0], start, kv, non_blocking=True)
+        self.length = max(self.length, start + kv.shape[3])
 
     @property
     def device(self) -> torch.device:
@@ -40,7 +40,11 @@ class KVBuffer:
     def write_layers(self, i: int, j: int, start: int, part: torch.Tensor, *, non_blocking: bool = False) -> None:
         """Copy layers i..j-1 of a cached piece [j - i, 2, heads, n, dim] into tokens [start, start + n)."""
         self._check_room(start + part.shape[3])
-        self.data[i:j, :, :, start : start + part.shape[3]].copy_(part, non_blocking=non_blocking)
+        dst = self.data[i:j, :, :, start : start + part.shape[3]]
+        if non_blocking and dst.is_cuda and part.device.type == "cpu":
+            copy_to_device(dst, part)  # one 2-D memcpy instead of a temporary, a memcpy and a kernel
+        else:
+            dst.copy_(part, non_blocking=non_blocking)
 
     def write_layer(self, layer: int, positions: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write K and V ([heads, n, dim]) of one layer at `positions` (a slice or index tensor)."""
