@@ -4,7 +4,8 @@
 
 1. Tiny random Llama/Mistral/Qwen2/Qwen3/Gemma 3 on CUDA, fp32 (TF32 off): runner logits vs the HF model's
    own forward, and greedy output with vs without prefix reuse. bf16: greedy output with vs without reuse.
-2. A 1B-class random Llama-shaped model in bf16: TTFT of full prefill vs a fully cached prompt at 1K-8K.
+2. The vLLM connector's worker half on CUDA tensors (a probed block layout, a save, a layerwise load).
+3. A 1B-class random Llama-shaped model in bf16: TTFT of full prefill vs a fully cached prompt at 1K-8K.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from conftest import FAMILIES, build_tiny_model, tiny_tokenizer  # noqa: E402
 
 from kvshelf.blend.blender import Blender  # noqa: E402
 from kvshelf.cache.engine import CacheEngine  # noqa: E402
+from kvshelf.cache.fingerprint import ModelFingerprint  # noqa: E402
 from kvshelf.integrations.hf import CachedGenerator  # noqa: E402
 from kvshelf.model.runner import ModelRunner  # noqa: E402
 from kvshelf.storage.memory import MemoryBackend  # noqa: E402
@@ -118,6 +120,76 @@ def speed_check(device: str, lengths=(1024, 2048, 4096, 8192), repeats=5) -> lis
     return rows
 
 
+def vllm_worker_check(device: str) -> dict:
+    """The vLLM connector's worker half on CUDA tensors (no vLLM here): a block layout unlike the CPU
+    backend's ([blocks, block_size, K|V, heads, dim], written by a plain-torch cache writer), probed, then
+    a save out of paged blocks and a layerwise load (loader thread, CUDA load stream) into other blocks."""
+    from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
+    from kvshelf.integrations.vllm.worker import WorkerSide
+
+    layers, heads, dim, bs, nb = 4, 2, 64, 16, 32
+    fp = ModelFingerprint("tiny", "w", "bfloat16", layers, heads, dim, extra={"engine": "vllm"})
+
+    def write(key, value, cache, slots):
+        flat = cache.view(-1, 2, heads, dim)
+        flat[slots, 0], flat[slots, 1] = key, value
+
+    def caches():
+        return {
+            f"model.layers.{i}.self_attn.attn": torch.zeros(nb, bs, 2, heads, dim, dtype=torch.bfloat16, device=device)
+            for i in range(layers)
+        }
+
+    results = {}
+    for layerwise in (False, True):
+        engine = CacheEngine(fp, MemoryBackend(1 << 30), chunk_size=32)
+        tokens = list(range(100, 200))
+        kv = [
+            (
+                torch.randn(100, heads, dim, device=device).bfloat16(),
+                torch.randn(100, heads, dim, device=device).bfloat16(),
+            )
+            for _ in range(layers)
+        ]
+        src = caches()
+        blocks_a = [7, 3, 9, 12, 5, 6, 8]
+        slots = torch.tensor([blocks_a[t // bs] * bs + t % bs for t in range(100)], device=device)
+        for cache, (k, v) in zip(src.values(), kv, strict=True):
+            write(k, v, cache, slots)
+        side = WorkerSide(engine, block_size=bs, layerwise=layerwise, async_load=True, buffer_layers=1)
+        side.register(src, write)
+        plan = StepPlan(saves=[SaveSpec("a", tokens, blocks_a, None)])
+        side.start_saves(plan)
+        for name, cache in src.items():
+            side.save_layer(name, cache)
+        side.finish_saves()
+        stored = engine.retrieve(tokens).kv
+        saved_ok = all(
+            torch.equal(stored[i, 0], k.transpose(0, 1).cpu()) and torch.equal(stored[i, 1], v.transpose(0, 1).cpu())
+            for i, (k, v) in enumerate(kv)
+        )
+        dst = caches()
+        loader_side = WorkerSide(engine, block_size=bs, layerwise=layerwise, async_load=True, buffer_layers=1)
+        loader_side.register(dst, write)
+        blocks_b = [1, 2, 4, 10, 11, 13, 14]
+        loader_side.start_load(StepPlan(loads=[LoadSpec("b", tokens[:96], blocks_b, 16, 96, None)]))
+        for name in dst:
+            loader_side.wait_layer(name)
+        loader_side.finish_loads()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        loaded_ok = not loader_side.take_failed_blocks()
+        for i, name in enumerate(loader_side.names):
+            got = loader_side.layout.view(blocks_b, 0, 96, device=device).gather(dst[name])
+            k, v = kv[i]
+            loaded_ok &= torch.equal(got[0, :, 16:], k[16:96].transpose(0, 1))
+            loaded_ok &= torch.equal(got[1, :, 16:], v[16:96].transpose(0, 1))
+            loaded_ok &= bool(torch.all(got[:, :, :16] == 0))
+        results["layerwise" if layerwise else "whole"] = {"saved_exact": saved_ok, "loaded_exact": bool(loaded_ok)}
+    print(results, flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -129,6 +201,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "tiny": tiny_checks("cuda"),
+        "vllm_worker": vllm_worker_check("cuda"),
         "speed": speed_check("cuda"),
     }
     if args.json:

@@ -71,6 +71,10 @@ class LayerwiseLoader:
         self._closed = False
         self._cuda = kv.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=kv.device) if self._cuda else None
+        if self._stream is not None:
+            # Copies start after everything already queued for this KV (its allocation and zeroing, a
+            # serving engine's block zeroing, index tensors built for the target).
+            self._stream.wait_stream(torch.cuda.current_stream(kv.device))
         self._events: list = [None] * self.num_layers
         self._thread = threading.Thread(target=self._run, name="kvshelf-layer-loader", daemon=True)
         if start_thread:
