@@ -5,7 +5,8 @@ Used by tests/slow/test_vllm_connector.py and bench/vllm_ttft.py, one vLLM engin
     python tests/vllm_driver.py SPEC.json OUT.json   ->   OUT.json: {"results": [...], "stats": {...}}
 
 SPEC: {"model": dir, "prompts": [[token ids] or "text", ...], "kvshelf": {extra config} | null,
-       "prefix_caching": bool, "max_tokens": int, "corrupt_dir_before": index | null, "corrupt_dir": path}
+       "prefix_caching": bool, "max_tokens": int, "corrupt_dir_before": index | null, "corrupt_dir": path,
+       "multiprocessing": bool (vLLM's engine core and worker in their own processes; no connector stats)}
 Each result: {"token_ids": [...], "seconds": wall time of the request, "cached": vLLM's num_cached_tokens}.
 """
 
@@ -14,20 +15,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 
-def _set_env(workdir: Path) -> None:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler and worker in this process
+def _set_env(workdir: Path, multiprocessing: bool = False) -> None:
+    # In-process (scheduler and worker here, connector_stats() readable) unless asked for vLLM's usual
+    # process split, where the scheduler reaches the worker's engine over kvshelf's lookup socket.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocessing else "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    for var, sub in (
-        ("VLLM_CACHE_ROOT", "vllm"),
-        ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
-        ("VLLM_RPC_BASE_PATH", "rpc"),
-    ):
+    for var, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
         os.environ.setdefault(var, str(workdir / sub))
+    # vLLM's IPC socket paths must fit in 107 bytes: a short private folder, not the test's deep one
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", tempfile.mkdtemp(prefix="vrpc-", dir="/tmp"))
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,7 +50,7 @@ def corrupt_files(folder: Path) -> int:
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     workdir = Path(spec.get("workdir") or Path(spec_path).parent)
-    _set_env(workdir)
+    _set_env(workdir, bool(spec.get("multiprocessing", False)))
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt

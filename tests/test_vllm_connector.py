@@ -134,7 +134,7 @@ def test_matched_tokens_are_block_aligned_and_leave_the_last_token():
     eng = engine(chunk_size=64)
     tokens = list(range(1000, 1256))  # 256 tokens = 4 chunks, all stored
     eng.store(tokens, torch.randn(LAYERS, 2, HEADS, 256, DIM))
-    side = SchedulerSide(eng, block_size=BS, min_tokens=64)
+    side = SchedulerSide(eng.lookup, block_size=BS, min_tokens=64)
     # the whole prompt is cached but vLLM must compute its last token: the hit stops at 192 (3 chunks)
     assert side.num_new_matched_tokens(request("a", tokens), 0) == (192, False)
     # vLLM's own prefix cache already has 128: kvshelf adds the rest
@@ -142,7 +142,7 @@ def test_matched_tokens_are_block_aligned_and_leave_the_last_token():
     assert side.num_new_matched_tokens(request("c", tokens), 192) == (0, False)
     assert side.num_new_matched_tokens(request("d", tokens, salt="other tenant"), 0) == (0, False)
     assert side.num_new_matched_tokens(request("e", tokens[:40]), 0) == (0, False)  # below min_tokens
-    big_blocks = SchedulerSide(eng, block_size=128, min_tokens=64)
+    big_blocks = SchedulerSide(eng.lookup, block_size=128, min_tokens=64)
     assert big_blocks.num_new_matched_tokens(request("f", tokens), 0) == (128, False)
 
 
@@ -150,7 +150,7 @@ def test_plan_loads_what_was_allocated_and_saves_when_the_prefill_completes():
     eng = engine(chunk_size=64)
     tokens = list(range(300))
     eng.store(tokens[:128], torch.randn(LAYERS, 2, HEADS, 128, DIM))
-    side = SchedulerSide(eng, block_size=BS, min_tokens=64)
+    side = SchedulerSide(eng.lookup, block_size=BS, min_tokens=64)
     assert side.num_new_matched_tokens(request("r", tokens), 32) == (96, False)
     side.after_alloc(request("r", tokens), 96)
     blocks = list(range(1, 11))
@@ -289,3 +289,28 @@ def test_engine_is_shared_per_process_and_exports_metrics_on_its_port():
     fresh = acquire_engine(fp, config)
     assert fresh is not worker_engine and fresh.lookup(tokens) == 0
     release_engine(fresh)
+
+
+def test_scheduler_reaches_the_worker_engine_over_its_lookup_socket(tmp_path):
+    import threading
+
+    from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer
+
+    eng = engine(chunk_size=64)
+    tokens = list(range(5, 261))
+    eng.store(tokens, torch.randn(LAYERS, 2, HEADS, 256, DIM), salt="tenant-a")
+    path = str(tmp_path / "lookup.sock")
+    before = threading.active_count()
+    server = LookupServer(path, b"engine-id", eng.lookup)
+    client = LookupClient(path, b"engine-id")
+    assert client.lookup(tokens, "tenant-a") == 256
+    assert client.lookup(tokens, None) == 0 and client.lookup(tokens[:100], "tenant-a") == 64
+    assert client.lookup([], "tenant-a") == 0
+    # the scheduler side over the socket, as in `vllm serve`
+    side = SchedulerSide(client.lookup, block_size=BS, min_tokens=64)
+    assert side.num_new_matched_tokens(request("r", tokens, salt="tenant-a"), 0) == (192, False)
+    assert LookupClient(path, b"wrong key").lookup(tokens, "tenant-a") == 0  # refused: a miss, not an error
+    client.close()
+    server.close()
+    assert LookupClient(path, b"engine-id").lookup(tokens, "tenant-a") == 0  # worker gone: a miss
+    assert threading.active_count() == before  # every server thread joined

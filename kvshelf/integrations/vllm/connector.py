@@ -5,7 +5,9 @@
         "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"local_disk": "/var/cache/kv"}}'
 
 The scheduler half answers how many prompt tokens kvshelf holds and plans each step's loads and saves;
-the worker half moves KV between vLLM's paged blocks and kvshelf chunks (worker.py).
+the worker half owns kvshelf's engine and moves KV between vLLM's paged blocks and kvshelf chunks
+(worker.py). The scheduler asks the worker's engine directly when both share a process, and over the
+worker's lookup socket when vLLM runs them apart (lookup.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, socket_path
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan
 from kvshelf.integrations.vllm.shared import acquire_engine, connector_config, release_engine, vllm_fingerprint
 from kvshelf.integrations.vllm.worker import WorkerSide
@@ -36,14 +39,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Worker halves of this process, for `connector_stats()` (tests, benchmarks, the stats endpoint).
-_workers: list[WorkerSide] = []
+# Worker halves of this process by vLLM engine id: the scheduler half looks up in-process when its
+# worker lives here (single-process engines), over the worker's socket otherwise.
+_workers: dict[str, WorkerSide] = {}
 
 
 def connector_stats() -> dict:
     """Counters summed over this process's kvshelf connectors (worker side)."""
     total: dict[str, int] = {}
-    for worker in _workers:
+    for worker in _workers.values():
         for name, value in worker.stats.as_dict().items():
             total[name] = total.get(name, 0) + value
     return total
@@ -63,10 +67,14 @@ class KVShelfConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = vllm_config.kv_transfer_config
         self.config = connector_config(transfer.kv_connector_extra_config)
-        self.engine = acquire_engine(vllm_fingerprint(vllm_config), self.config)
+        fingerprint = vllm_fingerprint(vllm_config)  # checks the settings in both roles
+        self._engine_id = str(transfer.engine_id)
         block_size = vllm_config.cache_config.block_size
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._server: LookupServer | None = None
+        self._client: LookupClient | None = None
+        self.engine = None
         if role == KVConnectorRole.SCHEDULER:
             if transfer.kv_load_failure_policy != "recompute":
                 # A cache miss must never fail a request: a chunk that cannot be loaded is recomputed.
@@ -75,12 +83,13 @@ class KVShelfConnector(KVConnectorBase_V1):
                 )
                 transfer.kv_load_failure_policy = "recompute"
             self._scheduler = SchedulerSide(
-                self.engine,
+                self._lookup,
                 block_size=block_size,
                 min_tokens=self.config.min_cached_tokens or self.config.chunk_size,
                 default_salt=self.config.cache_salt,
             )
         else:
+            self.engine = acquire_engine(fingerprint, self.config)
             self._worker = WorkerSide(
                 self.engine,
                 block_size=block_size,
@@ -88,7 +97,16 @@ class KVShelfConnector(KVConnectorBase_V1):
                 async_load=self.config.use_async_load,
                 buffer_layers=self.config.buffer_size,
             )
-            _workers.append(self._worker)
+            self._server = LookupServer(socket_path(self._engine_id), self._engine_id.encode(), self.engine.lookup)
+            _workers[self._engine_id] = self._worker
+
+    def _lookup(self, tokens: list[int], salt: str | None) -> int:
+        worker = _workers.get(self._engine_id)
+        if worker is not None:  # the worker shares this process (and its CPU tier)
+            return worker.engine.lookup(tokens, salt)
+        if self._client is None:
+            self._client = LookupClient(socket_path(self._engine_id), self._engine_id.encode())
+        return self._client.lookup(tokens, salt)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -131,11 +149,14 @@ class KVShelfConnector(KVConnectorBase_V1):
         return self._worker.take_failed_blocks() if self._worker is not None else set()
 
     def shutdown(self) -> None:
+        if self._client is not None:
+            self._client.close()
         if self._worker is not None:
+            self._server.close()
             self._worker.close()
-            if self._worker in _workers:
-                _workers.remove(self._worker)
-        release_engine(self.engine)
+            if _workers.get(self._engine_id) is self._worker:
+                del _workers[self._engine_id]
+            release_engine(self.engine)
 
     # -- scheduler side ---------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:

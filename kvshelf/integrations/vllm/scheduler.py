@@ -7,9 +7,8 @@ Plain Python over vLLM's request and scheduler-output objects (duck-typed), so i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from kvshelf.cache.engine import CacheEngine
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,15 @@ class _Tracked:
 
 
 class SchedulerSide:
-    def __init__(self, engine: CacheEngine, *, block_size: int, min_tokens: int, default_salt: str | None = None):
-        self.engine = engine
+    def __init__(
+        self,
+        lookup: Callable[[list[int], str | None], int],
+        *,
+        block_size: int,
+        min_tokens: int,
+        default_salt: str | None = None,
+    ):
+        self.lookup = lookup  # the worker's engine.lookup, in this process or over its socket
         self.block_size = block_size
         self.min_tokens = min_tokens
         self.default_salt = default_salt
@@ -73,7 +79,7 @@ class SchedulerSide:
             return 0, False
         usable = len(tokens) - 1
         try:
-            hit = self.engine.lookup(tokens[:usable], self._salt(request))
+            hit = self.lookup(tokens[:usable], self._salt(request))
         except Exception as err:  # a tier that cannot answer is a miss, never a failed request
             log.warning("kvshelf lookup failed for request %s: %s", request.request_id, err)
             return 0, False

@@ -1,8 +1,6 @@
-"""One kvshelf engine per process, shared by the connector's scheduler and worker halves.
-
-vLLM builds two connector objects (scheduler role and worker role); with one worker they live in the same
-process. They must see the same tiers, or the scheduler's lookups would miss what the worker stored in
-CPU memory. The engine is keyed by the model fingerprint and the kvshelf configuration.
+"""The connector's kvshelf engine: its configuration, the model fingerprint from vLLM's config, and one
+engine per process and configuration (the worker half owns it; the scheduler half asks it, see
+connector.py), with kvshelf's metrics exported from the process that holds it.
 """
 
 from __future__ import annotations
