@@ -280,6 +280,21 @@ class LayerwiseRetrieval:
         self.num_tokens = chunks[-1][0].end
         self._stats_lock, self._stats = stats_lock, stats
 
+    def in_memory(self) -> list[tuple[int, torch.Tensor, int]] | None:
+        """(first token, whole chunk tensor, tokens used) when every chunk is already a tensor in memory
+        (the CPU tier), for loaders that copy straight from it; None when some chunk needs decoding."""
+        out = []
+        for key, reader in self.chunks:
+            kv = getattr(reader, "kv", None)
+            if not isinstance(kv, torch.Tensor):
+                return None
+            out.append((key.start, kv, key.num_tokens))
+        return out
+
+    def count_retrieved(self, nbytes: int) -> None:
+        with self._stats_lock:
+            self._stats.retrieved_bytes += nbytes
+
     def layer_parts(self, i: int, j: int | None = None) -> list[tuple[int, int, torch.Tensor]]:
         """Layers i..j-1 (default: layer i alone) chunk by chunk, without concatenating:
         (start, end, [j - i, 2, kv_heads, end - start, head_dim])."""

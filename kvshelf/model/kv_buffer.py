@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kvshelf.layerwise.strided_copy import copy_to_device
+from kvshelf.layerwise.strided_copy import ChunkRowCopier, copy_to_device
 
 
 class KVBuffer:
@@ -45,6 +45,12 @@ class KVBuffer:
             copy_to_device(dst, part)  # one 2-D memcpy instead of a temporary, a memcpy and a kernel
         else:
             dst.copy_(part, non_blocking=non_blocking)
+
+    def row_copier(self, chunks: list[tuple[int, torch.Tensor, int]]) -> ChunkRowCopier:
+        """A copier of pinned host chunks (first token, tensor, tokens) into this GPU buffer, group by group."""
+        for start, _src, tokens in chunks:
+            self._check_room(start + tokens)
+        return ChunkRowCopier(self.data, chunks)
 
     def write_layer(self, layer: int, positions: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write K and V ([heads, n, dim]) of one layer at `positions` (a slice or index tensor)."""
