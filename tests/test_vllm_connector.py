@@ -171,6 +171,22 @@ def test_plan_loads_what_was_allocated_and_saves_when_the_prefill_completes():
     assert side.build_plan(step(cached=[("r", None, 301, False)], scheduled={"r": 1})) == StepPlan()
 
 
+def test_a_preempted_request_is_loaded_again_into_its_new_blocks():
+    eng = engine(chunk_size=64)
+    tokens = list(range(300))
+    eng.store(tokens[:256], torch.randn(LAYERS, 2, HEADS, 256, DIM))
+    side = SchedulerSide(eng.lookup, block_size=BS, min_tokens=64)
+    assert side.num_new_matched_tokens(request("r", tokens), 0) == (256, False)
+    side.after_alloc(request("r", tokens), 256)
+    first = side.build_plan(step(new=[new_req("r", tokens, list(range(1, 11)), 256, 44)], scheduled={"r": 44}))
+    assert [(ld.start, ld.end) for ld in first.loads] == [(0, 256)]
+    # preempted, its blocks freed; when it is scheduled again vLLM asks for its cached tokens again
+    assert side.num_new_matched_tokens(request("r", tokens), 0) == (256, False)
+    side.after_alloc(request("r", tokens), 256)
+    again = side.build_plan(step(cached=[("r", list(range(20, 30)), 256, True)], scheduled={"r": 44}))
+    assert again.loads == [LoadSpec("r", tokens[:256], list(range(20, 30)), 0, 256, None)]
+
+
 def test_bad_kvshelf_settings_in_extra_config_fail_at_start_naming_the_key():
     with pytest.raises(ConfigError, match="local_disk_codec"):
         connector_config({"local_disk": "/tmp/x", "local_disk_codec": "zip"})

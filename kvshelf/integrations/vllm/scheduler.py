@@ -120,6 +120,12 @@ class SchedulerSide:
                 tracked.block_ids = list(new_blocks[0]) if new_blocks else []
             elif new_blocks:
                 tracked.block_ids.extend(new_blocks[0])
+            load = self._loads.pop(req_id, None)  # a resumed request is looked up (and loaded) again
+            if load is not None:
+                start, end = load
+                plan.loads.append(
+                    LoadSpec(req_id, tracked.tokens[:end], list(tracked.block_ids), start, end, tracked.salt)
+                )
             self._maybe_save(plan, req_id, tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         return plan
 
