@@ -5,7 +5,8 @@
 KV comes from the real model (a 2048-token prefill of stdlib text, stored as fp16) or from a file saved
 earlier with --save-kv (how the GPU machine gets real KV without the model). Throughput is MB/s of fp16
 KV, over 256-token chunks encoded with kvshelf's stored format (headers and checksums included).
-"One core" runs chunks one after another with one torch thread; "all cores" runs them on a thread pool.
+"One core" runs chunks one after another with one torch thread; "all cores" runs them on a thread pool,
+with cachegen's entropy coding in one worker process per core (`codec_workers`; its coder holds the GIL).
 With --device cuda, decoding lands the KV on the GPU: raw and int8 bytes are copied over and the int8
 dequantisation runs there; cachegen's entropy decoding runs on the CPU and its dequantisation on the GPU.
 """
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvshelf.codecs import get_codec
+from kvshelf.codecs import pool as codec_pool
 from kvshelf.storage.base import ChunkMeta, StoredChunk
 from kvshelf.storage.format import encode_chunk, open_chunk
 
@@ -66,6 +68,7 @@ def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, dev
     keys = [i.to_bytes(16, "little") for i in range(len(chunks))]
     mode = "1 core" if threads == 1 else f"{cores} cores"
     torch.set_num_threads(1 if threads == 1 else cores)
+    codec_pool.configure(0 if threads == 1 else cores)  # cachegen's coder in `cores` worker processes
     with ThreadPoolExecutor(threads) as pool:
 
         def encode():

@@ -1,27 +1,33 @@
-"""kvshelf: store, tier, compress and reuse the KV cache of LLM prompts."""
+"""kvshelf: store, tier, compress and reuse the KV cache of LLM prompts.
 
-from kvshelf.cache.engine import CacheEngine
-from kvshelf.cache.fingerprint import ModelFingerprint
-from kvshelf.config import KVShelfConfig, load_config
-from kvshelf.errors import ConfigError, KVShelfError, ModelNotFoundError, PromptError, UnsupportedModelError
-from kvshelf.integrations.hf import CachedGenerator, GenerationResult
-from kvshelf.model.runner import ModelRunner
-from kvshelf.storage.memory import MemoryBackend
+The names below load on first use, so that `import kvshelf.codecs` (codec worker processes, the vLLM
+connector) does not pull in transformers and the model code.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CacheEngine",
-    "CachedGenerator",
-    "ConfigError",
-    "GenerationResult",
-    "KVShelfConfig",
-    "KVShelfError",
-    "MemoryBackend",
-    "ModelFingerprint",
-    "ModelNotFoundError",
-    "ModelRunner",
-    "PromptError",
-    "UnsupportedModelError",
-    "load_config",
-]
+_EXPORTS = {
+    "CacheEngine": "kvshelf.cache.engine",
+    "CachedGenerator": "kvshelf.integrations.hf",
+    "ConfigError": "kvshelf.errors",
+    "GenerationResult": "kvshelf.integrations.hf",
+    "KVShelfConfig": "kvshelf.config",
+    "KVShelfError": "kvshelf.errors",
+    "MemoryBackend": "kvshelf.storage.memory",
+    "ModelFingerprint": "kvshelf.cache.fingerprint",
+    "ModelNotFoundError": "kvshelf.errors",
+    "ModelRunner": "kvshelf.model.runner",
+    "PromptError": "kvshelf.errors",
+    "UnsupportedModelError": "kvshelf.errors",
+    "load_config": "kvshelf.config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kvshelf' has no attribute {name!r}")

@@ -53,6 +53,9 @@ class KVShelfConfig(BaseModel):
     quantization_bits: int | None = Field(
         None, ge=2, le=8, description="cachegen precision in bits (late layers; early layers get more)"
     )
+    codec_workers: int = Field(
+        0, ge=0, le=64, description="processes for cachegen's entropy decoding (0: in the calling process)"
+    )
     remote_ttl_s: int | None = Field(None, gt=0, description="expire remote (Redis) chunks after this many seconds")
     remote_timeout_s: float = Field(2.0, gt=0, description="remote tier connect/read timeout in seconds")
     redis_part_bytes: int = Field(32 << 20, ge=1024, description="split Redis values above this size into parts")
@@ -144,6 +147,7 @@ NESTED_KEYS: dict[str, str] = {
     "storage.remote.timeout": "remote_timeout_s",
     "compression.algorithm": "remote_serde",
     "compression.quantization_bits": "quantization_bits",
+    "compression.workers": "codec_workers",
     "blending.enabled": "enable_blending",
     "blending.special_str": "blend_special_str",
     "blending.check_layers": "blend_check_layers",

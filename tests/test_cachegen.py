@@ -89,3 +89,22 @@ def test_bf16_kv():
     rms_v = kv[:, 1].float().pow(2).mean(dim=3, keepdim=True).sqrt()
     assert (err[:, 0] <= rms_k / 60 + 0.01 * kv[:, 0].float().abs()).all()
     assert (err[:, 1] <= rms_v / 60 + 0.01 * kv[:, 1].float().abs()).all()
+
+
+def test_worker_processes_code_exactly_what_one_process_codes():
+    from kvshelf.codecs import pool
+
+    kv = kv_like(layers=6, tokens=128)
+    codec = CacheGenCodec()
+    key = b"k" * 16
+    alone = encode_chunk(key, chunk_of(kv), codec)
+    try:
+        pool.configure(2)
+        spread = encode_chunk(key, chunk_of(kv), codec)
+        assert spread == alone  # encoding never depends on the pool
+        decoded = decode_chunk(spread, key).kv
+    finally:
+        pool.configure(0)
+    assert torch.equal(decoded, decode_chunk(alone, key).kv)
+    with pytest.raises(ValueError, match="codec_workers"):
+        pool.configure(-1)

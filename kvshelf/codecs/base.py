@@ -32,6 +32,17 @@ class Codec(ABC):
     ) -> torch.Tensor:
         """Decode a segment back to a [2, kv_heads, tokens, head_dim] tensor of `dtype`."""
 
+    def encode_layers(self, kv: torch.Tensor) -> list[bytes | memoryview]:
+        """Encode every layer of a chunk, [layers, 2, kv_heads, tokens, head_dim]; codecs may spread the
+        layers over several cores."""
+        return [self.encode_layer(kv[i], i, kv.shape[0]) for i in range(kv.shape[0])]
+
+    def decode_layers(
+        self, segments: list, shape: tuple[int, ...], dtype: torch.dtype, layers: list[int], num_layers: int
+    ):
+        """Decode several segments (of the given layer indices) of one chunk; may use several cores."""
+        return [self.decode_layer(seg, shape, dtype, i, num_layers) for seg, i in zip(segments, layers, strict=True)]
+
     def decode_layer_on(self, data, shape, dtype, layer: int, num_layers: int, device) -> torch.Tensor:
         """Decode straight onto `device`; codecs that can finish decoding there (dequantise on a GPU) do."""
         return self.decode_layer(data, shape, dtype, layer, num_layers).to(device)

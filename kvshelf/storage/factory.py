@@ -41,6 +41,9 @@ def remote_backend(config: KVShelfConfig) -> StorageBackend:
 
 
 def build_tiers(config: KVShelfConfig) -> TierManager | None:
+    from kvshelf.codecs import pool
+
+    pool.configure(config.codec_workers)
     backends: list[StorageBackend] = []
     if config.local_cpu:
         from kvshelf.storage.memory import MemoryBackend

@@ -43,7 +43,7 @@ def encode_chunk_parts(key: bytes, chunk: StoredChunk, codec: Codec) -> list[byt
     writers can send it without joining; raw segments are views of the tensor, not copies."""
     kv = chunk.kv
     num_layers = kv.shape[0]
-    segments = [codec.encode_layer(kv[i], i, num_layers) for i in range(num_layers)]
+    segments = codec.encode_layers(kv)
     offsets = [0]
     payload_hash = xxhash.xxh3_64()
     for seg in segments:
@@ -123,16 +123,22 @@ class EncodedChunk:
         if self.codec.raw_layout:
             shape = self.meta.shape
             return tensor_view(self._payload[self._offsets[i] : self._offsets[j]], self.meta.dtype, (j - i, *shape[1:]))
-        return torch.stack([self.layer(k) for k in range(i, j)])
+        return torch.stack(self._decode(list(range(i, j))))
+
+    def _decode(self, layers: list[int]) -> list[torch.Tensor]:
+        shape, dtype = self.meta.shape, self.meta.dtype
+        segments = [self._payload[self._offsets[k] : self._offsets[k + 1]] for k in layers]
+        try:
+            return self.codec.decode_layers(segments, shape[1:], dtype, layers, shape[0])
+        except (ValueError, RuntimeError, TypeError) as err:
+            raise FormatError(f"layers {layers[0]}..{layers[-1]} do not decode: {err}") from None
 
     def decode_all(self) -> StoredChunk:
         shape, dtype = self.meta.shape, self.meta.dtype
         if self.codec.raw_layout:
             kv = tensor_view(self._payload, dtype, shape)  # no copy: the chunk is read-only
         else:
-            kv = torch.empty(shape, dtype=dtype)
-            for i in range(shape[0]):
-                kv[i] = self.layer(i)
+            kv = torch.stack(self._decode(list(range(shape[0]))))
         return StoredChunk(self.meta, kv)
 
 

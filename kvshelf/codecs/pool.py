@@ -1,0 +1,70 @@
+"""Worker processes for entropy coding, so that cachegen uses more than one core.
+
+The ANS coder (constriction) holds Python's GIL while it runs, so threads cannot share its work. With
+`codec_workers: N` the K and V streams of a chunk's layers are entropy-decoded in N worker processes
+(decoding is the slow direction, ~45 M symbols/s per core; encoding stays in-process).
+What crosses the process boundary is the coder's input and output arrays (symbols, counts, words) that
+this process just made or is about to use, never data read from storage. 0 workers codes in-process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_workers = 0
+_pool: ProcessPoolExecutor | None = None
+
+
+def configure(workers: int) -> None:
+    """Use `workers` processes from now on (0: code in this process). Restarts the pool if it changes."""
+    global _workers
+    if workers < 0:
+        raise ValueError(f"codec_workers must be >= 0, got {workers}")
+    with _lock:
+        if workers != _workers:
+            _shutdown_locked()
+            _workers = workers
+
+
+def workers() -> int:
+    return _workers
+
+
+def map_calls(fn: Callable, args: Iterable[tuple]) -> list:
+    """[fn(*a) for a in args], in the worker processes when there are any."""
+    calls = list(args)
+    with _lock:
+        pool = _pool_locked() if _workers and len(calls) > 1 else None
+    if pool is None:
+        return [fn(*a) for a in calls]
+    return list(pool.map(fn, *zip(*calls, strict=True)))
+
+
+def _pool_locked() -> ProcessPoolExecutor:
+    global _pool
+    if _pool is None:
+        # spawn, not fork: the parent runs torch's thread pools, which a forked child must not inherit
+        _pool = ProcessPoolExecutor(max_workers=_workers, mp_context=multiprocessing.get_context("spawn"))
+        log.info("codec worker pool: %d processes", _workers)
+    return _pool
+
+
+def _shutdown_locked() -> None:
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=True, cancel_futures=True)
+        _pool = None
+
+
+@atexit.register
+def shutdown() -> None:
+    with _lock:
+        _shutdown_locked()
