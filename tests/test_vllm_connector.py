@@ -330,3 +330,35 @@ def test_scheduler_reaches_the_worker_engine_over_its_lookup_socket(tmp_path):
     server.close()
     assert LookupClient(path, b"engine-id").lookup(tokens, "tenant-a") == 0  # worker gone: a miss
     assert threading.active_count() == before  # every server thread joined
+
+
+@pytest.mark.parametrize("async_load", [True, False])
+def test_a_layer_that_fails_mid_load_fails_the_whole_load(monkeypatch, async_load):
+    eng = engine(chunk_size=64)
+    tokens = list(range(192))
+    eng.store(tokens, torch.randn(LAYERS, 2, HEADS, 192, DIM))
+    opened = eng.retrieve_layerwise
+
+    def failing_from_layer_1(*args, **kwargs):
+        retrieval = opened(*args, **kwargs)
+        real = retrieval.layer_parts
+
+        def layer_parts(i, j=None):
+            if i >= 1:
+                raise OSError("tier went away mid-load")
+            return real(i, j)
+
+        retrieval.layer_parts = layer_parts
+        return retrieval
+
+    monkeypatch.setattr(eng, "retrieve_layerwise", failing_from_layer_1)
+    caches = paged_caches()
+    side = worker(eng, caches, layerwise=True, async_load=async_load)
+    blocks = [1, 2, 3, 4, 5, 6]
+    plan = StepPlan(
+        loads=[LoadSpec("r", tokens[:160], blocks, 32, 160, None)], saves=[SaveSpec("r", tokens, blocks, None)]
+    )
+    run_step(side, caches, plan)
+    # layer 0 arrived, later layers did not: nothing of the load may be used, from its first token on
+    assert side.take_failed_blocks() == {2, 3, 4, 5}
+    assert side.stats.failed_loads == 1 and side.stats.saved_requests == 0 and side.stats.loaded_tokens == 0

@@ -167,6 +167,11 @@ class LayerwiseLoader:
             self._consumed = i + 1
             self._room.notify_all()
 
+    @property
+    def error(self) -> BaseException | None:
+        """Why loading stopped early, if it did (after close(): final)."""
+        return self._error
+
     def close(self) -> None:
         """Stop loading (if still running) and join the thread."""
         with self._room:

@@ -79,7 +79,8 @@ class PagedTarget:
 class _ActiveLoad:
     def __init__(self, spec: LoadSpec, loader: LayerwiseLoader | None, got: int):
         self.spec, self.loader, self.got = spec, loader, got
-        self.failed = False
+        self.reported_from: int | None = None  # first token whose blocks went back to vLLM as failed
+        self.loader_failed = False  # the loader itself broke: nothing it wrote may be used
 
 
 class _ActiveSave:
@@ -169,6 +170,8 @@ class WorkerSide:
     def _fail(self, load: _ActiveLoad, from_token: int, why: str) -> None:
         """Report every block of the request holding tokens >= from_token among those meant to load."""
         spec = load.spec
+        if load.reported_from is not None and load.reported_from <= from_token:
+            return  # already reported
         # This step's KV of the request is computed over blocks that were not loaded: never store it. The
         # scheduler plans the save again once vLLM has recomputed the blocks.
         self._saves = [save for save in self._saves if save.spec.req_id != spec.req_id]
@@ -177,10 +180,10 @@ class WorkerSide:
         blocks = set(spec.block_ids[first:last])
         with self._lock:
             self._failed_blocks |= blocks
-        if not load.failed:
+        if load.reported_from is None:
             self.stats.failed_loads += 1
             metrics().load_failures.labels("vllm").inc()
-        load.failed = True
+        load.reported_from = from_token
         self.stats.failed_blocks += len(blocks)
         log.warning(
             "kvshelf: request %s: tokens %d..%d not loaded (%s); vLLM recomputes %d block(s)",
@@ -196,21 +199,23 @@ class WorkerSide:
         if i is None:
             return
         for load in self._loads:
-            if load.loader is None or load.failed:
+            if load.loader is None or load.loader_failed:
                 continue
             try:
                 load.loader.wait(i)
             except LayerLoadError as err:
+                load.loader_failed = True
                 self._fail(load, load.spec.start, str(err))
 
     def finish_loads(self) -> None:
         for load in self._loads:
             if load.loader is not None:
                 load.loader.close()
-                if load.loader._error is not None and not load.failed:
-                    self._fail(load, load.spec.start, str(load.loader._error))
-            if not load.failed:
-                self.stats.loaded_tokens += load.got - load.spec.start
+                if load.loader.error is not None:
+                    load.loader_failed = True
+                    self._fail(load, load.spec.start, str(load.loader.error))
+                if not load.loader_failed:
+                    self.stats.loaded_tokens += min(load.got, load.spec.end) - load.spec.start
         self._loads.clear()
 
     def take_failed_blocks(self) -> set[int]:
