@@ -362,3 +362,20 @@ def test_a_layer_that_fails_mid_load_fails_the_whole_load(monkeypatch, async_loa
     # layer 0 arrived, later layers did not: nothing of the load may be used, from its first token on
     assert side.take_failed_blocks() == {2, 3, 4, 5}
     assert side.stats.failed_loads == 1 and side.stats.saved_requests == 0 and side.stats.loaded_tokens == 0
+
+
+def test_a_worker_that_never_answers_is_a_miss_not_a_stuck_scheduler(tmp_path):
+    import socket
+
+    from kvshelf.integrations.vllm.lookup import LookupClient
+
+    path = str(tmp_path / "silent.sock")
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(path)
+    silent.listen(1)  # connections are queued, never answered
+    try:
+        client = LookupClient(path, b"engine-id", timeout_s=0.2)
+        assert client.lookup(list(range(100)), None) == 0
+        client.close()
+    finally:
+        silent.close()
