@@ -54,7 +54,7 @@ class KVShelfConfig(BaseModel):
         None, ge=2, le=8, description="cachegen precision in bits (late layers; early layers get more)"
     )
     codec_workers: int = Field(
-        0, ge=0, le=64, description="processes for cachegen's entropy decoding (0: in the calling process)"
+        0, ge=0, le=64, description="processes for cachegen's decoding (0: in the calling process)"
     )
     remote_ttl_s: int | None = Field(None, gt=0, description="expire remote (Redis) chunks after this many seconds")
     remote_timeout_s: float = Field(2.0, gt=0, description="remote tier connect/read timeout in seconds")

@@ -233,25 +233,24 @@ class CacheGenCodec(Codec):
         return self._finish_parts(fixed, *[_decode_symbols(*job) for job in jobs])
 
     @staticmethod
-    def _dequantize(parts, shape, dtype) -> torch.Tensor:
+    def _dequantize(parts, shape) -> np.ndarray:
         qk, qv, sk, sv, (ik, iv, ek, ev) = parts
         k = (qk * sk.astype(np.float32)).reshape(-1)
         v = (qv * sv.astype(np.float32)).reshape(-1)
         k[ik] = ek
         v[iv] = ev
-        out = np.stack((k, v)).reshape(shape).astype(np.float32)
-        return torch.from_numpy(out).to(dtype)
+        return np.stack((k, v)).reshape(shape).astype(np.float32)
 
     def decode_layer(self, data, shape, dtype, layer, num_layers) -> torch.Tensor:
-        return self._dequantize(self._decode_parts(data, shape, layer, num_layers), shape, dtype)
+        return torch.from_numpy(self._dequantize(self._decode_parts(data, shape, layer, num_layers), shape)).to(dtype)
 
     def decode_layers(self, segments, shape, dtype, layers, num_layers) -> list[torch.Tensor]:
-        parsed = [self._parse(seg, shape, i, num_layers) for seg, i in zip(segments, layers, strict=True)]
-        symbols = pool.map_calls(_decode_symbols, [job for _, jobs in parsed for job in jobs])
-        return [
-            self._dequantize(self._finish_parts(fixed, symbols[2 * i], symbols[2 * i + 1]), shape, dtype)
-            for i, (fixed, _) in enumerate(parsed)
+        # With worker processes, each layer decodes whole in one of them (parse, entropy-decode, dequantise):
+        # only the segment's bytes go out and fp32 values come back.
+        jobs = [
+            (self.params(), bytes(seg), tuple(shape), i, num_layers) for seg, i in zip(segments, layers, strict=True)
         ]
+        return [torch.from_numpy(values).to(dtype) for values in pool.map_calls(_decode_segment, jobs)]
 
     def decode_layer_on(self, data, shape, dtype, layer, num_layers, device) -> torch.Tensor:
         """Entropy decoding on the CPU; the small integer symbols, fp16 steps and escapes go to the device,
@@ -268,3 +267,9 @@ class CacheGenCodec(Codec):
         flat_k[torch.from_numpy(ik.astype(np.int64)).to(device)] = torch.from_numpy(ek.copy()).to(device).float()
         flat_v[torch.from_numpy(iv.astype(np.int64)).to(device)] = torch.from_numpy(ev.copy()).to(device).float()
         return out.to(dtype)
+
+
+def _decode_segment(params: dict, data: bytes, shape: tuple, layer: int, num_layers: int) -> np.ndarray:
+    """One layer's segment to fp32 values (runs in a codec worker process, or inline without workers)."""
+    codec = CacheGenCodec(**params)
+    return codec._dequantize(codec._decode_parts(data, shape, layer, num_layers), shape)

@@ -1,10 +1,10 @@
-"""Worker processes for entropy coding, so that cachegen uses more than one core.
+"""Worker processes for cachegen decoding, so that it uses more than one core.
 
 The ANS coder (constriction) holds Python's GIL while it runs, so threads cannot share its work. With
-`codec_workers: N` the K and V streams of a chunk's layers are entropy-decoded in N worker processes
-(decoding is the slow direction, ~45 M symbols/s per core; encoding stays in-process).
-What crosses the process boundary is the coder's input and output arrays (symbols, counts, words) that
-this process just made or is about to use, never data read from storage. 0 workers codes in-process.
+`codec_workers: N` the layers of a chunk are decoded in N worker processes (decoding is the slow
+direction, ~45 M symbols/s per core; encoding stays in-process: measured, shipping it out did not pay).
+A worker gets a segment's bytes, which the calling process has already verified (checksum, key,
+header), and returns plain float arrays; nothing is unpickled from storage. 0 workers: in-process.
 """
 
 from __future__ import annotations
