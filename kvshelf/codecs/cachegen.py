@@ -137,41 +137,20 @@ class CacheGenCodec(Codec):
         return sym.astype(np.int32).reshape(shape) - levels
 
     # -- codec verbs -------------------------------------------------------------------------------------
-    # Each verb runs in three steps (quantise / entropy-code / assemble, and parse / entropy-decode /
-    # dequantise) so that the coder's work for all layers of a chunk can go to worker processes at once.
-    def _prepare(self, kv: torch.Tensor, layer: int, num_layers: int):
+    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes:
         bits_k, bits_v = self.layer_bits(layer, num_layers)
         qk, sk, ik, ek = self._quantize(kv[0], dim=1, bits=bits_k)  # step per (head, channel)
         qv, sv, iv, ev = self._quantize(kv[1], dim=2, bits=bits_v)  # step per (head, token)
         sym_k, alpha_k = self._to_symbols(qk, 1 << (bits_k + 1))
         sym_v, alpha_v = self._to_symbols(qv, 1 << (bits_v + 1))
-        return (bits_k, bits_v, alpha_k, alpha_v, sk, sv, ik, iv, ek, ev), [(sym_k, alpha_k), (sym_v, alpha_v)]
-
-    def _assemble(self, prep, coded_k, coded_v) -> bytes:
-        bits_k, bits_v, alpha_k, alpha_v, sk, sv, ik, iv, ek, ev = prep
-        (ck, wk), (cv, wv) = coded_k, coded_v
-        flags = _DELTA if self.delta else 0
-        head = _HEAD.pack(b"CG", bits_k, bits_v, flags, 0, alpha_k, alpha_v, len(wk), len(wv))
+        ck, wk = _encode_symbols(sym_k, alpha_k)
+        cv, wv = _encode_symbols(sym_v, alpha_v)
+        head = _HEAD.pack(b"CG", bits_k, bits_v, _DELTA if self.delta else 0, 0, alpha_k, alpha_v, len(wk), len(wv))
         escapes = _ESC.pack(len(ik), len(iv))
-        parts = [head, escapes, sk, sv, ck, cv, wk, wv, ik, iv, ek, ev]
-        return b"".join(p if isinstance(p, bytes) else p.tobytes() for p in parts)
+        arrays = [sk, sv, ck, cv, wk, wv, ik, iv, ek, ev]
+        return b"".join([head, escapes, *(a.tobytes() for a in arrays)])
 
-    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes:
-        return self.encode_layers(kv.unsqueeze(0), first=layer, num_layers=num_layers)[0]
-
-    def encode_layers(self, kv: torch.Tensor, *, first: int = 0, num_layers: int | None = None) -> list[bytes]:
-        num_layers = kv.shape[0] if num_layers is None else num_layers
-        preps, jobs = [], []
-        for i in range(kv.shape[0]):
-            prep, layer_jobs = self._prepare(kv[i], first + i, num_layers)
-            preps.append(prep)
-            jobs.extend(layer_jobs)
-        # Encoding stays in this process: measured, shipping symbols to workers cost more than it saved
-        # (the coder encodes ~200 M symbols/s; quantisation dominates), while decoding gains from them.
-        coded = [_encode_symbols(*job) for job in jobs]
-        return [self._assemble(prep, coded[2 * i], coded[2 * i + 1]) for i, prep in enumerate(preps)]
-
-    def _parse(self, data, shape, layer, num_layers):
+    def _decode_parts(self, data, shape, layer, num_layers):
         _, heads, tokens, dim = shape
         buf = memoryview(data)
         magic, bits_k, bits_v, flags, _, alpha_k, alpha_v, nk, nv = _HEAD.unpack_from(buf)
@@ -182,6 +161,7 @@ class CacheGenCodec(Codec):
         ):
             raise ValueError("cachegen segment header does not match the codec parameters")
         n_ek, n_ev = _ESC.unpack_from(buf, _HEAD.size)
+        lk, lv = 1 << (bits_k + 1), 1 << (bits_v + 1)
         sizes = [
             heads * dim * 2,
             heads * tokens * 2,
@@ -201,6 +181,9 @@ class CacheGenCodec(Codec):
         for size in sizes:
             parts.append(buf[off : off + size])
             off += size
+        sk = np.frombuffer(parts[0], np.float16).reshape(heads, 1, dim)
+        sv = np.frombuffer(parts[1], np.float16).reshape(heads, tokens, 1)
+        ck, cv = np.frombuffer(parts[2], np.uint32), np.frombuffer(parts[3], np.uint32)
         n = heads * tokens * dim
         escapes = (
             np.frombuffer(parts[6], np.int32),
@@ -210,27 +193,9 @@ class CacheGenCodec(Codec):
         )
         if any((e >= n).any() or (e < 0).any() for e in escapes[:2]):
             raise ValueError("cachegen escape index out of range")
-        fixed = (
-            1 << (bits_k + 1),
-            1 << (bits_v + 1),
-            (heads, tokens, dim),
-            np.frombuffer(parts[0], np.float16).reshape(heads, 1, dim),
-            np.frombuffer(parts[1], np.float16).reshape(heads, tokens, 1),
-            escapes,
-        )
-        jobs = [
-            (np.frombuffer(parts[4], np.uint32), np.frombuffer(parts[2], np.uint32), n),
-            (np.frombuffer(parts[5], np.uint32), np.frombuffer(parts[3], np.uint32), n),
-        ]
-        return fixed, jobs
-
-    def _finish_parts(self, fixed, sym_k, sym_v):
-        lk, lv, shape3, sk, sv, escapes = fixed
-        return self._from_symbols(sym_k, lk, shape3), self._from_symbols(sym_v, lv, shape3), sk, sv, escapes
-
-    def _decode_parts(self, data, shape, layer, num_layers):
-        fixed, jobs = self._parse(data, shape, layer, num_layers)
-        return self._finish_parts(fixed, *[_decode_symbols(*job) for job in jobs])
+        qk = self._from_symbols(_decode_symbols(np.frombuffer(parts[4], np.uint32), ck, n), lk, (heads, tokens, dim))
+        qv = self._from_symbols(_decode_symbols(np.frombuffer(parts[5], np.uint32), cv, n), lv, (heads, tokens, dim))
+        return qk, qv, sk, sv, escapes
 
     @staticmethod
     def _dequantize(parts, shape) -> np.ndarray:
@@ -245,8 +210,10 @@ class CacheGenCodec(Codec):
         return torch.from_numpy(self._dequantize(self._decode_parts(data, shape, layer, num_layers), shape)).to(dtype)
 
     def decode_layers(self, segments, shape, dtype, layers, num_layers) -> list[torch.Tensor]:
-        # With worker processes, each layer decodes whole in one of them (parse, entropy-decode, dequantise):
-        # only the segment's bytes go out and fp32 values come back.
+        if not pool.workers():
+            return super().decode_layers(segments, shape, dtype, layers, num_layers)
+        # Each layer decodes whole in a worker (parse, entropy-decode, dequantise): only the segment's
+        # bytes go out and fp32 values come back. Encoding stays in-process: measured, it did not pay.
         jobs = [
             (self.params(), bytes(seg), tuple(shape), i, num_layers) for seg, i in zip(segments, layers, strict=True)
         ]

@@ -35,6 +35,7 @@ def configure(workers: int) -> None:
 
 
 def workers() -> int:
+    """How many worker processes decode (0: decoding runs in the calling process)."""
     return _workers
 
 

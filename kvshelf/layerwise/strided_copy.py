@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 
 import torch
@@ -31,8 +30,6 @@ def _load_memcpy2d():
         if _looked:
             return _memcpy2d
         _looked = True
-        if os.environ.get("KVSHELF_MEMCPY2D", "1") == "0":  # diagnostic switch: PyTorch's copies only
-            return None
         try:
             with open("/proc/self/maps") as maps:
                 paths = {line.split()[-1] for line in maps if "libcudart.so" in line}

@@ -117,10 +117,6 @@ class PagedView:
         index = layout.position[:, :, offsets, :] + (blocks * layout.block_numel).view(1, 1, -1, 1)
         self.index = index.to(device) if device is not None else index
 
-    @property
-    def num_tokens(self) -> int:
-        return self.end - self.start
-
     def gather(self, layer: torch.Tensor) -> torch.Tensor:
         """K and V of the tokens as [2, heads, tokens, dim] (a new tensor on the layer's device)."""
         return layer.view(-1)[self.index]
