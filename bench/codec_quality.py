@@ -10,27 +10,29 @@ continue from the decoded KV:
   where the compressed run picks the same token;
 - mean next-token KL divergence from the uncompressed run over those positions;
 - bits per stored value (the whole stored object: header, scales, tables, payload) and size vs fp16.
-A codec spec is a name with optional parameters: cachegen:bits=3,early_bits=5.
+A codec spec is a name with optional parameters: cachegen:bits=3,early_bits=5. `cachegen` alone is the
+calibrated codec (the calibration is computed from the model on a different text, or loaded when one was
+saved for this model); `cachegen:calibration=none` is its uncalibrated mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import keyword
 import math
 import pydoc_data.topics
 import statistics
+import time
 from pathlib import Path
 
 import torch
-from common import save_results
+from common import codec_from_spec, parse_spec, save_results
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from kvshelf.codecs import get_codec
+from kvshelf.model.calibrate import calibration_for
 from kvshelf.model.loader import load_model
 from kvshelf.storage.base import ChunkMeta, StoredChunk
 from kvshelf.storage.format import decode_chunk, encode_chunk
@@ -38,7 +40,9 @@ from kvshelf.storage.format import decode_chunk, encode_chunk
 CHUNK = 256
 
 
-def builtin_texts() -> dict[str, str]:
+def builtin_texts(extended: bool = False) -> dict[str, str]:
+    import calendar
+    import collections
     import json as json_mod
 
     topics = pydoc_data.topics.topics
@@ -48,23 +52,19 @@ def builtin_texts() -> dict[str, str]:
         set(dir(__builtins__) if isinstance(__builtins__, dict) else dir(__builtins__)) | set(keyword.kwlist)
     )
     listing = "\n".join(f"{i + 1}. {name}: {len(name)} letters" for i, name in enumerate(items * 6))
-    return {"prose": prose, "code": code, "list": listing}
-
-
-def parse_spec(spec: str):
-    name, _, rest = spec.partition(":")
-    params = {}
-    for kv in filter(None, rest.split(",")):
-        k, _, v = kv.partition("=")
-        params[k] = json.loads(v) if v not in ("true", "false") else v == "true"
-    return name, params
+    texts = {"prose": prose, "code": code, "list": listing}
+    if extended:  # three more, for tighter means (none overlaps the calibration text)
+        texts["reference"] = "\n\n".join(topics[k] for k in ("execmodel", "customization", "formatstrings"))
+        texts["source"] = inspect.getsource(collections)
+        texts["calendar"] = "\n".join(calendar.TextCalendar().formatyear(y) for y in range(2020, 2032))
+    return texts
 
 
 def round_trip(kv: torch.Tensor, codec) -> tuple[torch.Tensor, int]:
     out, total = torch.empty_like(kv), 0
     for start in range(0, kv.shape[3], CHUNK):
         piece = kv[:, :, :, start : start + CHUNK].contiguous()
-        chunk = StoredChunk(ChunkMeta(b"\0" * 32, piece.shape[3], tuple(piece.shape), piece.dtype), piece)
+        chunk = StoredChunk(ChunkMeta(b"\0" * 32, piece.shape[3], tuple(piece.shape), piece.dtype, start), piece)
         key = start.to_bytes(16, "little")
         blob = encode_chunk(key, chunk, codec)
         total += len(blob)
@@ -76,10 +76,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefix", type=int, default=2048)
     ap.add_argument("--files", nargs="*", default=[])
+    ap.add_argument("--texts", type=int, choices=(3, 6), default=6, help="built-in texts to score (3 or 6)")
     ap.add_argument(
         "--codecs",
         nargs="+",
-        default=["none", "int8", "cachegen", "cachegen:bits=4,early_bits=5", "cachegen:bits=3,early_bits=4"],
+        default=["none", "int8", "cachegen:calibration=none", "cachegen:bits=4", "cachegen", "cachegen:bits=6"],
     )
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--json", default="bench/results/codec_quality.json")
@@ -87,7 +88,13 @@ def main() -> None:
     console = Console()
     lm = load_model(args.model, device="cpu")
     runner, tok = lm.runner, lm.tokenizer
-    texts = builtin_texts()
+    cal = None
+    if any(parse_spec(spec)[0] == "cachegen" and "calibration" not in parse_spec(spec)[1] for spec in args.codecs):
+        t0 = time.perf_counter()
+        with console.status("calibrating cachegen on the model (once per model, then cached)"):
+            cal = calibration_for(runner, tok)
+        console.print(f"calibration {cal.digest} from {cal.info['tokens']} tokens: {time.perf_counter() - t0:.1f} s")
+    texts = builtin_texts(extended=args.texts == 6)
     texts.update({Path(f).name: Path(f).read_text(errors="replace") for f in args.files})
     n_cont, n_greedy = 128, 64
     results = {spec: {"bits": [], "dppl": [], "agree": [], "kl": []} for spec in args.codecs}
@@ -122,8 +129,7 @@ def main() -> None:
 
             ref_ppl = math.exp(nll(ref_cont, cont))
             for spec in args.codecs:
-                codec_name, params = parse_spec(spec)
-                kv, nbytes = round_trip(ref_kv, get_codec(codec_name, params))
+                kv, nbytes = round_trip(ref_kv, codec_from_spec(spec, cal))
                 work.data[:, :, :, : args.prefix] = kv
                 cont_logits = runner.forward(cont, args.prefix, work, all_logits=True)
                 work.data[:, :, :, : args.prefix] = kv

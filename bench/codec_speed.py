@@ -1,14 +1,17 @@
 """Encode/decode speed of each KV codec, one core and all cores, against zstd and lz4 on the raw bytes.
 
     python bench/codec_speed.py [--kv FILE.safetensors] [--save-kv FILE.safetensors] [--device cpu|cuda]
+                                [--calibration FILE.kvcal]
 
 KV comes from the real model (a 2048-token prefill of stdlib text, stored as fp16) or from a file saved
 earlier with --save-kv (how the GPU machine gets real KV without the model). Throughput is MB/s of fp16
 KV, over 256-token chunks encoded with kvshelf's stored format (headers and checksums included).
-"One core" runs chunks one after another with one torch thread; "all cores" runs them on a thread pool,
-with cachegen's entropy coding in one worker process per core (`codec_workers`; its coder holds the GIL).
+"One core" runs chunks one after another; "all cores" runs them on a thread pool of one thread per core
+(torch at one thread each), with cachegen's entropy decoding in one worker process per core (`codec_workers`).
 With --device cuda, decoding lands the KV on the GPU: raw and int8 bytes are copied over and the int8
-dequantisation runs there; cachegen's entropy decoding runs on the CPU and its dequantisation on the GPU.
+dequantisation runs there; cachegen's entropy decoding runs on the CPU, its inverse transform (calibrated)
+or dequantisation (uncalibrated) on the GPU. `cachegen` is the calibrated codec (the model's calibration,
+or --calibration FILE where there is no model), `cachegen:calibration=none` the uncalibrated one.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from common import save_results
+from common import codec_from_spec, save_results
 from rich.console import Console
 from rich.table import Table
 
-from kvshelf.codecs import get_codec
+from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import pool as codec_pool
 from kvshelf.storage.base import ChunkMeta, StoredChunk
 from kvshelf.storage.format import encode_chunk, open_chunk
@@ -32,9 +35,10 @@ from kvshelf.storage.format import encode_chunk, open_chunk
 CHUNK = 256
 
 
-def real_kv(prefix: int) -> torch.Tensor:
+def real_kv(prefix: int) -> tuple[torch.Tensor, calib.Calibration]:
     import pydoc_data.topics
 
+    from kvshelf.model.calibrate import calibration_for
     from kvshelf.model.loader import load_model
 
     lm = load_model(device="cpu")
@@ -43,14 +47,14 @@ def real_kv(prefix: int) -> torch.Tensor:
     kv = lm.runner.new_kv(prefix)
     with torch.inference_mode():
         lm.runner.forward(ids, 0, kv)
-    return kv.data.clone().to(torch.float16)
+    return kv.data.clone().to(torch.float16), calibration_for(lm.runner, lm.tokenizer)
 
 
 def chunks_of(kv: torch.Tensor) -> list[StoredChunk]:
     out = []
     for s in range(0, kv.shape[3], CHUNK):
         piece = kv[:, :, :, s : s + CHUNK].contiguous()
-        out.append(StoredChunk(ChunkMeta(b"\0" * 32, piece.shape[3], tuple(piece.shape), piece.dtype), piece))
+        out.append(StoredChunk(ChunkMeta(b"\0" * 32, piece.shape[3], tuple(piece.shape), piece.dtype, s), piece))
     return out
 
 
@@ -63,11 +67,11 @@ def rate(nbytes: int, fn, repeats: int = 3) -> float:
     return nbytes / statistics.median(times) / 1e6
 
 
-def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, device, cores: int) -> dict:
-    codec = get_codec(spec)
+def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, device, cores: int, cal) -> dict:
+    codec = codec_from_spec(spec, cal)
     keys = [i.to_bytes(16, "little") for i in range(len(chunks))]
     mode = "1 core" if threads == 1 else f"{cores} cores"
-    torch.set_num_threads(1 if threads == 1 else cores)
+    torch.set_num_threads(1)  # parallelism comes from the thread pool (and codec workers), not from torch
     codec_pool.configure(0 if threads == 1 else cores)  # cachegen's coder in `cores` worker processes
     with ThreadPoolExecutor(threads) as pool:
 
@@ -87,11 +91,16 @@ def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, dev
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        return {
+        out = {
             f"encode {mode}": rate(nbytes, encode),
             f"decode {mode}": rate(nbytes, decode),
             "ratio vs fp16": nbytes / sum(len(b) for b in blobs),
         }
+        if device.type != "cpu":  # the device path must decode what the CPU path decodes
+            on_device = torch.stack([layer.cpu() for layer in decode_one((keys[1], blobs[1]))])
+            on_cpu = open_chunk(blobs[1], keys[1]).decode_all().kv
+            out["max |device - cpu|"] = float((on_device.float() - on_cpu.float()).abs().max())
+        return out
 
 
 def main() -> None:
@@ -100,15 +109,19 @@ def main() -> None:
     ap.add_argument("--save-kv", default=None)
     ap.add_argument("--prefix", type=int, default=2048)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--codecs", nargs="+", default=["none", "int8", "cachegen"])
+    ap.add_argument("--codecs", nargs="+", default=["none", "int8", "cachegen:calibration=none", "cachegen"])
+    ap.add_argument("--calibration", default=None, help="a .kvcal file (default: the model's, made if needed)")
     ap.add_argument("--json", default="bench/results/codec_speed.json")
     args = ap.parse_args()
+    cal = None
     if args.kv:
         from safetensors.torch import load_file
 
         kv = load_file(args.kv)["kv"]
     else:
-        kv = real_kv(args.prefix)
+        kv, cal = real_kv(args.prefix)
+    if args.calibration:
+        cal = calib.load(args.calibration)
     if args.save_kv:
         from safetensors.torch import save_file
 
@@ -122,7 +135,7 @@ def main() -> None:
     for spec in args.codecs:
         row = {"codec": spec}
         for threads in (1, cores):
-            row.update(measure(spec, chunks, nbytes, threads, device, cores))
+            row.update(measure(spec, chunks, nbytes, threads, device, cores, cal))
         rows.append(row)
 
     raw = [c.kv.numpy().tobytes() for c in chunks]
@@ -162,6 +175,9 @@ def main() -> None:
     for r in rows:
         table.add_row(*[r["codec"]] + [f"{r[c]:.1f}" if isinstance(r.get(c), float) else "-" for c in cols[1:]])
     console.print(table)
+    for r in rows:
+        if "max |device - cpu|" in r:
+            console.print(f"{r['codec']}: max |{device} decode - cpu decode| = {r['max |device - cpu|']:.2e}")
     save_results(args.json, rows)
 
 

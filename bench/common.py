@@ -11,3 +11,26 @@ def save_results(path: str, data) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
+
+
+def parse_spec(spec: str):
+    name, _, rest = spec.partition(":")
+    params = {}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        params[k] = v if v == "none" else json.loads(v) if v not in ("true", "false") else v == "true"
+    return name, params
+
+
+def codec_from_spec(spec: str, calibration=None):
+    """A codec from "name:k=v,...". Plain `cachegen` uses `calibration` (a Calibration) when given;
+    `cachegen:calibration=none` is its uncalibrated mode."""
+    from kvshelf.codecs import get_codec
+
+    name, params = parse_spec(spec)
+    if name == "cachegen":
+        if params.get("calibration") == "none":
+            params.pop("calibration")
+        elif calibration is not None:
+            params["calibration"] = calibration.digest
+    return get_codec(name, params)

@@ -44,7 +44,7 @@ def codecs(data) -> None:
     for r in rows:
         ax.scatter(16 / r["bits"], r["dppl"], s=40)
         ax.annotate(
-            r["codec"].replace("cachegen:", "cg "),
+            r["codec"].replace("cachegen:calibration=none", "cachegen uncalibrated").replace("cachegen:", "cg "),
             (16 / r["bits"], r["dppl"]),
             fontsize=7,
             textcoords="offset points",

@@ -14,7 +14,7 @@ from kvshelf.errors import ConfigError
 from kvshelf.integrations.hf import CachedGenerator
 from kvshelf.model.loader import LoadedModel, load_model
 from kvshelf.model.runner import ModelRunner
-from kvshelf.storage.factory import build_tiers
+from kvshelf.storage.factory import build_tiers, uses_cachegen
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,26 @@ class Shelf:
             self.engine.close()
 
 
-def build_engine(config: KVShelfConfig, runner: ModelRunner) -> CacheEngine | None:
-    tiers = build_tiers(config)
+def codec_calibration(config: KVShelfConfig, runner: ModelRunner, tokenizer=None) -> str | None:
+    """The digest of the calibration cachegen tiers should use, making it first if needed; None when no
+    tier uses cachegen or calibration is off. Computing one takes a few dozen short forwards, once per
+    model: it is kept in the cache folder and found again by the model's fingerprint."""
+    if config.codec_calibration == "off" or not uses_cachegen(config):
+        return None
+    from kvshelf.codecs.calibration import CalibrationError
+    from kvshelf.model.calibrate import calibration_for
+
+    path = None if config.codec_calibration == "auto" else config.codec_calibration
+    if path is None and tokenizer is None:
+        raise ConfigError("codec_calibration: auto needs the model's tokenizer; give a .kvcal path or off")
+    try:
+        return calibration_for(runner, tokenizer, path=path).digest
+    except CalibrationError as err:
+        raise ConfigError(f"codec_calibration: {err}") from None
+
+
+def build_engine(config: KVShelfConfig, runner: ModelRunner, tokenizer=None) -> CacheEngine | None:
+    tiers = build_tiers(config, codec_calibration(config, runner, tokenizer))
     if tiers is None:
         return None
     return CacheEngine(
@@ -62,7 +80,7 @@ def open_shelf(config: KVShelfConfig | None = None, *, show_progress: bool = Tru
     config = config or KVShelfConfig()
     check_supported(config)
     loaded = load_model(config.model, device=config.device, dtype=config.dtype, show_progress=show_progress)
-    engine = build_engine(config, loaded.runner)
+    engine = build_engine(config, loaded.runner, loaded.tokenizer)
     blender = None
     if config.enable_blending:
         try:

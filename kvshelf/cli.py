@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -94,6 +95,33 @@ def fetch_model(model: ModelOpt = None) -> None:
         console.print(str(resolve_model(model)))
     except KVShelfError as err:
         _fail(err)
+
+
+@app.command()
+def calibrate(
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    out: Annotated[str | None, typer.Option(help="also copy the .kvcal file into this folder")] = None,
+) -> None:
+    """Make (or find) the model's cachegen calibration and print its file: share it with other machines,
+    or give it to vLLM's connector as codec_calibration."""
+    import shutil
+
+    from kvshelf.codecs.calibration import SUFFIX, default_dir
+    from kvshelf.model.calibrate import calibration_for
+    from kvshelf.model.loader import load_model
+
+    cfg = _config(None, model=model, device=device)
+    try:
+        loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        cal = calibration_for(loaded.runner, loaded.tokenizer)
+    except KVShelfError as err:
+        _fail(err)
+    path = default_dir() / f"{cal.digest}{SUFFIX}"
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        path = Path(shutil.copy2(path, Path(out) / path.name))
+    console.print(str(path))
 
 
 config_app = typer.Typer(help="Inspect configuration.")

@@ -51,7 +51,16 @@ class KVShelfConfig(BaseModel):
     )
     remote_serde: str = Field("int8", description=f"remote tier codec: {', '.join(CODEC_NAMES)}")
     quantization_bits: int | None = Field(
-        None, ge=2, le=8, description="cachegen precision in bits (late layers; early layers get more)"
+        None,
+        ge=2,
+        le=8,
+        description="cachegen precision level, default 5 (calibrated: each level halves the step; "
+        "uncalibrated: bits of late layers, early layers get one more)",
+    )
+    codec_calibration: str = Field(
+        "auto",
+        description="cachegen calibration: auto (computed from the model once, kept in the cache folder), "
+        "off (uncalibrated cachegen), or the path of a .kvcal file (e.g. from `kvshelf calibrate`)",
     )
     codec_workers: int = Field(
         0, ge=0, le=64, description="processes for cachegen's decoding (0: in the calling process)"
@@ -101,6 +110,13 @@ class KVShelfConfig(BaseModel):
             raise ValueError(f"unknown codec {value!r}; known: {', '.join(CODEC_NAMES)}")
         return value
 
+    @field_validator("codec_calibration")
+    @classmethod
+    def _calibration_source(cls, value: str) -> str:
+        if value not in ("auto", "off") and not value.endswith(".kvcal"):
+            raise ValueError("must be auto, off or a path to a .kvcal file")
+        return value
+
     @field_validator("blend_recompute_ratios")
     @classmethod
     def _ratios(cls, value: list[float]) -> list[float]:
@@ -148,6 +164,7 @@ NESTED_KEYS: dict[str, str] = {
     "compression.algorithm": "remote_serde",
     "compression.quantization_bits": "quantization_bits",
     "compression.workers": "codec_workers",
+    "compression.calibration": "codec_calibration",
     "blending.enabled": "enable_blending",
     "blending.special_str": "blend_special_str",
     "blending.check_layers": "blend_check_layers",

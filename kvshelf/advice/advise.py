@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 from kvshelf.advice.cost import CostModel
 
-# Stored size per fp32 value of each codec, measured on the default model (BENCHMARKS.md).
-CODEC_BITS = {"none": 32.0, "int8": 8.13, "cachegen": 4.48}
+# Stored size per fp32 value of each codec, measured on the default model (BENCHMARKS.md; cachegen:
+# calibrated, level 5).
+CODEC_BITS = {"none": 32.0, "int8": 8.13, "cachegen": 2.65}
 
 
 @dataclass
@@ -157,7 +158,8 @@ def _recommend(a: Advice, cost: CostModel, *, chunk_size, gpu, cpu_capacity_gb, 
         cfg.update({"remote_url": "redis://cache-host:6379/0", "remote_serde": "cachegen"})
         why.append(
             f"instances share KV: a remote tier; cachegen stores it in {a.predicted_storage_gb['cachegen']:.1f} "
-            "GB (3.6x less than fp16) where the network is the bottleneck"
+            "GB (6x less than fp16, calibrated once per model; every instance needs the same .kvcal file) "
+            "where the network is the bottleneck"
         )
     if gpu and a.mean_prompt_tokens >= 8192:
         cfg.update({"use_layerwise": True, "buffer_size": 4})

@@ -83,7 +83,7 @@ class Blender:
         self.runner.forward(seg.prefix + chunk, 0, alone)
         kv = alone.data[:, :, :, len(seg.prefix) :]
         if key is not None:
-            self.engine.put_blend_chunk(key, kv)
+            self.engine.put_blend_chunk(key, kv, position=len(seg.prefix))
         return kv
 
     # -- the blended prefill -------------------------------------------------------------------------------

@@ -227,11 +227,13 @@ class CacheEngine:
         host = torch.empty(piece.shape, dtype=piece.dtype, device="cpu", pin_memory=self.pin_memory and piece.is_cuda)
         return host.copy_(piece)
 
-    def put_chunks(self, keys: list[ChunkKey], hosts: list[torch.Tensor]) -> int:
-        """Store host tensors [layers, 2, heads, key.num_tokens, dim] under their keys; tokens stored."""
+    def put_chunks(self, keys: list[ChunkKey], hosts: list[torch.Tensor], *, position: int = 0) -> int:
+        """Store host tensors [layers, 2, heads, key.num_tokens, dim] under their keys; tokens stored.
+        Each chunk's KV was computed at RoPE positions from `key.start + position` on."""
         stored_tokens = stored_bytes = 0
         for key, host in zip(keys, hosts, strict=True):
-            chunk = StoredChunk(ChunkMeta(self._fp_digest, key.num_tokens, tuple(host.shape), host.dtype), host)
+            meta = ChunkMeta(self._fp_digest, key.num_tokens, tuple(host.shape), host.dtype, key.start + position)
+            chunk = StoredChunk(meta, host)
             if self.backend.put(key.digest, chunk):
                 stored_tokens += key.num_tokens
                 stored_bytes += chunk.nbytes
@@ -259,10 +261,11 @@ class CacheEngine:
                 self.stats.retrieved_bytes += chunk.nbytes
         return None if chunk is None else chunk.kv
 
-    def put_blend_chunk(self, key: bytes, kv: torch.Tensor) -> bool:
+    def put_blend_chunk(self, key: bytes, kv: torch.Tensor, position: int = 0) -> bool:
+        """Store a chunk's KV computed on its own, its first token at RoPE position `position`."""
         if tuple(kv.shape) != self._expected_shape(kv.shape[3]):
             raise ValueError(f"kv shape {tuple(kv.shape)} does not match the model fingerprint")
-        return self.put_chunks([ChunkKey(key, 0, kv.shape[3])], [self._to_host(kv)]) > 0
+        return self.put_chunks([ChunkKey(key, 0, kv.shape[3])], [self._to_host(kv)], position=position) > 0
 
     def clear(self) -> None:
         self.backend.clear()

@@ -1,8 +1,9 @@
 """Codec interface: how one layer of a chunk's KV becomes bytes and back.
 
 A chunk is encoded layer by layer so that one layer decodes alone (layerwise loading). A segment must be
-self-contained: everything needed to decode it is in the segment plus the codec's params, which are
-stored in the chunk header so decoding never depends on the reader's configuration.
+self-contained: everything needed to decode it is in the segment plus the codec's params and the chunk's
+`position` (the RoPE position of its first token), which are stored in the chunk header so decoding never
+depends on the reader's configuration.
 """
 
 from __future__ import annotations
@@ -23,29 +24,44 @@ class Codec(ABC):
         return {}
 
     @abstractmethod
-    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes | memoryview:
-        """Encode one layer's KV, [2, kv_heads, tokens, head_dim], on CPU."""
+    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int, position: int = 0) -> bytes | memoryview:
+        """Encode one layer's KV, [2, kv_heads, tokens, head_dim], on CPU, computed at positions position..."""
 
     @abstractmethod
     def decode_layer(
-        self, data: memoryview, shape: tuple[int, ...], dtype: torch.dtype, layer: int, num_layers: int
+        self,
+        data: memoryview,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        layer: int,
+        num_layers: int,
+        position: int = 0,
     ) -> torch.Tensor:
         """Decode a segment back to a [2, kv_heads, tokens, head_dim] tensor of `dtype`."""
 
-    def encode_layers(self, kv: torch.Tensor) -> list[bytes | memoryview]:
+    def encode_layers(self, kv: torch.Tensor, position: int = 0) -> list[bytes | memoryview]:
         """Encode every layer of a chunk, [layers, 2, kv_heads, tokens, head_dim]; codecs may spread the
         layers over several cores."""
-        return [self.encode_layer(kv[i], i, kv.shape[0]) for i in range(kv.shape[0])]
+        return [self.encode_layer(kv[i], i, kv.shape[0], position) for i in range(kv.shape[0])]
 
     def decode_layers(
-        self, segments: list, shape: tuple[int, ...], dtype: torch.dtype, layers: list[int], num_layers: int
+        self,
+        segments: list,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        layers: list[int],
+        num_layers: int,
+        position: int = 0,
     ):
         """Decode several segments (of the given layer indices) of one chunk; may use several cores."""
-        return [self.decode_layer(seg, shape, dtype, i, num_layers) for seg, i in zip(segments, layers, strict=True)]
+        return [
+            self.decode_layer(seg, shape, dtype, i, num_layers, position)
+            for seg, i in zip(segments, layers, strict=True)
+        ]
 
-    def decode_layer_on(self, data, shape, dtype, layer: int, num_layers: int, device) -> torch.Tensor:
+    def decode_layer_on(self, data, shape, dtype, layer: int, num_layers: int, device, position: int = 0):
         """Decode straight onto `device`; codecs that can finish decoding there (dequantise on a GPU) do."""
-        return self.decode_layer(data, shape, dtype, layer, num_layers).to(device)
+        return self.decode_layer(data, shape, dtype, layer, num_layers, position).to(device)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

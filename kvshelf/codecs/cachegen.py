@@ -1,5 +1,17 @@
 """`cachegen`: layer-dependent quantisation + entropy coding with an ANS coder (constriction).
 
+Two modes, chosen by whether the codec has a calibration (kvshelf.codecs.calibration):
+
+CALIBRATED (the default where kvshelf runs the model): K is rotated back to before RoPE, every
+(layer, K|V, head) vector goes through the calibration's transform (cost weighting + principal axes),
+and one uniform step per (layer, K|V), set from measured sensitivity and the precision level `bits`
+(each level halves it), quantises all coefficients. Each coefficient's symbols over the chunk's tokens
+get a class (a quarter-octave of their spread, one byte) and are entropy-coded against a discretised
+Gaussian of that spread, so no probability table is stored at all. Segment: magic b"CG", level (u8),
+flags (u8, bit 2), then for K and for V: classes u8 [heads * dim], ANS words (u32 count + u32 words),
+escapes (u32 count, i32 positions, i32 values) for symbols beyond their class's range.
+
+UNCALIBRATED (no calibration: e.g. inside vLLM, which runs the model itself):
 Per layer segment (self-contained, so one layer decodes alone):
 - Uniform quantisation with a step tied to the RMS, not the absmax, so that a few large values do not
   coarsen all the others: one step per (head, channel) over the chunk's tokens for K (K has outlier
@@ -26,6 +38,7 @@ import struct
 import numpy as np
 import torch
 
+from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import pool
 from kvshelf.codecs.base import Codec
 
@@ -37,6 +50,10 @@ except ImportError:  # pragma: no cover - a declared dependency; the error names
 _HEAD = struct.Struct("<2sBBBBHHII")
 _ESC = struct.Struct("<II")  # escape counts for K and V
 _DELTA = 1
+_CALIBRATED = 2
+_CAL_HEAD = struct.Struct("<2sBB")
+_COUNTS = struct.Struct("<II")  # ANS words, escapes
+_SPREAD_CLASSES = 64  # spreads 2**-3 .. 2**12.75 symbols, in quarter octaves
 
 
 def _model(counts: np.ndarray):
@@ -58,6 +75,81 @@ def _decode_symbols(words: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray
     return coder.decode(_model(counts), n)
 
 
+def _spread_of(cls: int) -> float:
+    return 2.0 ** (cls / 4 - 3)
+
+
+_class_models: dict[int, tuple] = {}
+
+
+def _class_model(cls: int):
+    """(model, half-range) for a spread class: a discretised Gaussian over [-r, r], built once."""
+    if cls not in _class_models:
+        sigma = _spread_of(cls)
+        r = int(np.ceil(8 * sigma)) + 2
+        edges = torch.arange(-r - 0.5, r + 1.5, dtype=torch.float64) / sigma
+        probs = torch.diff(torch.special.ndtr(edges)).clamp_min(1e-12).numpy()
+        _class_models[cls] = (constriction.stream.model.Categorical(probs / probs.sum(), perfect=False), r)
+    return _class_models[cls]
+
+
+def _encode_classes(q: np.ndarray) -> list[bytes]:
+    """Symbols [heads, tokens, dim] -> classes, ANS words and escapes, coded column by column of the same class."""
+    heads, tokens, dim = q.shape
+    cols = q.transpose(0, 2, 1).reshape(heads * dim, tokens)  # one row per (head, channel) coefficient
+    spread = np.sqrt((cols.astype(np.float64) ** 2).mean(axis=1))
+    classes = np.clip(np.round(4 * (np.log2(np.maximum(spread, 2.0**-3)) + 3)), 0, _SPREAD_CLASSES - 1)
+    classes = classes.astype(np.uint8)
+    order = np.argsort(classes, kind="stable")
+    coder = constriction.stream.stack.AnsCoder()
+    esc_pos, esc_val = [], []
+    groups = np.split(order, np.flatnonzero(np.diff(classes[order])) + 1)
+    for group in reversed(groups):  # a stack: the first group is encoded last, decoded first
+        model, r = _class_model(int(classes[group[0]]))
+        block = cols[group]
+        out = np.abs(block) >= r
+        if out.any():
+            rows, toks = np.nonzero(out)
+            h, d = np.divmod(group[rows], dim)
+            esc_pos.append((h * tokens + toks) * dim + d)
+            esc_val.append(block[out])
+        coder.encode_reverse((np.clip(block, -r, r) + r).reshape(-1).astype(np.int32), model)
+    words = coder.get_compressed().astype(np.uint32)
+    pos = np.concatenate(esc_pos).astype(np.int32) if esc_pos else np.zeros(0, np.int32)
+    val = np.concatenate(esc_val).astype(np.int32) if esc_val else np.zeros(0, np.int32)
+    return [classes.tobytes(), _COUNTS.pack(len(words), len(pos)), words.tobytes(), pos.tobytes(), val.tobytes()]
+
+
+def _decode_classes(buf: memoryview, off: int, heads: int, tokens: int, dim: int) -> tuple[np.ndarray, int]:
+    """The inverse of _encode_classes, reading at `off`; returns (symbols [heads, tokens, dim], new offset)."""
+    n_cols = heads * dim
+    if len(buf) < off + n_cols + _COUNTS.size:
+        raise ValueError("cachegen segment is truncated")
+    classes = np.frombuffer(buf[off : off + n_cols], np.uint8)
+    if (classes >= _SPREAD_CLASSES).any():
+        raise ValueError("cachegen spread class out of range")
+    n_words, n_esc = _COUNTS.unpack_from(buf, off + n_cols)
+    off += n_cols + _COUNTS.size
+    end = off + 4 * n_words + 8 * n_esc
+    if len(buf) < end:
+        raise ValueError("cachegen segment is truncated")
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(buf[off : off + 4 * n_words], np.uint32).copy())
+    off += 4 * n_words
+    pos = np.frombuffer(buf[off : off + 4 * n_esc], np.int32)
+    val = np.frombuffer(buf[off + 4 * n_esc : end], np.int32)
+    cols = np.empty((n_cols, tokens), np.int32)
+    order = np.argsort(classes, kind="stable")
+    for group in np.split(order, np.flatnonzero(np.diff(classes[order])) + 1):
+        model, r = _class_model(int(classes[group[0]]))
+        cols[group] = coder.decode(model, len(group) * tokens).reshape(len(group), tokens) - r
+    q = cols.reshape(heads, dim, tokens).transpose(0, 2, 1).copy()
+    if n_esc:
+        if (pos < 0).any() or (pos >= q.size).any():
+            raise ValueError("cachegen escape index out of range")
+        q.reshape(-1)[pos] = val
+    return q, end
+
+
 class CacheGenCodec(Codec):
     name = "cachegen"
 
@@ -69,6 +161,7 @@ class CacheGenCodec(Codec):
         v_bits: int | None = None,
         delta: bool = False,
         group: int = 16,
+        calibration: str | None = None,
     ):
         if constriction is None:
             raise ImportError("the cachegen codec needs the 'constriction' package")
@@ -81,6 +174,8 @@ class CacheGenCodec(Codec):
             raise ValueError(f"cachegen early_fraction must be within 0..1, got {early_fraction}")
         self.bits, self.early_bits, self.early_fraction = bits, early_bits, early_fraction
         self.v_bits, self.delta, self.group = v_bits, delta, group
+        # A digest; the transforms themselves come from this process's registry or the calibration folder.
+        self.calibration = calib.lookup(calibration) if calibration else None
 
     def params(self) -> dict:
         return {
@@ -90,6 +185,7 @@ class CacheGenCodec(Codec):
             "v_bits": self.v_bits,
             "delta": self.delta,
             "group": self.group,
+            **({"calibration": self.calibration.digest} if self.calibration is not None else {}),
         }
 
     def layer_bits(self, layer: int, num_layers: int) -> tuple[int, int]:
@@ -137,7 +233,9 @@ class CacheGenCodec(Codec):
         return sym.astype(np.int32).reshape(shape) - levels
 
     # -- codec verbs -------------------------------------------------------------------------------------
-    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes:
+    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int, position: int = 0) -> bytes:
+        if self.calibration is not None:
+            return self._encode_calibrated(kv, layer, position)
         bits_k, bits_v = self.layer_bits(layer, num_layers)
         qk, sk, ik, ek = self._quantize(kv[0], dim=1, bits=bits_k)  # step per (head, channel)
         qv, sv, iv, ev = self._quantize(kv[1], dim=2, bits=bits_v)  # step per (head, token)
@@ -206,24 +304,66 @@ class CacheGenCodec(Codec):
         v[iv] = ev
         return np.stack((k, v)).reshape(shape).astype(np.float32)
 
-    def decode_layer(self, data, shape, dtype, layer, num_layers) -> torch.Tensor:
+    def decode_layer(self, data, shape, dtype, layer, num_layers, position=0) -> torch.Tensor:
+        if self.calibration is not None:
+            return self._finish_calibrated(_symbols_calibrated(data, shape, self.bits), layer, position, "cpu").to(
+                dtype
+            )
         return torch.from_numpy(self._dequantize(self._decode_parts(data, shape, layer, num_layers), shape)).to(dtype)
 
-    def decode_layers(self, segments, shape, dtype, layers, num_layers) -> list[torch.Tensor]:
+    def decode_layers(self, segments, shape, dtype, layers, num_layers, position=0) -> list[torch.Tensor]:
         if not pool.workers():
-            return super().decode_layers(segments, shape, dtype, layers, num_layers)
-        # Each layer decodes whole in a worker (parse, entropy-decode, dequantise): only the segment's
-        # bytes go out and fp32 values come back. Encoding stays in-process: measured, it did not pay.
+            return super().decode_layers(segments, shape, dtype, layers, num_layers, position)
+        # Each layer's entropy decoding runs in a worker; only the segment's bytes go out. Uncalibrated
+        # segments come back as values; calibrated ones as integer symbols, transformed here (the
+        # workers need no calibration). Encoding stays in-process: measured, it did not pay.
+        if self.calibration is not None:
+            jobs = [(bytes(seg), tuple(shape), self.bits) for seg in segments]
+            symbols = pool.map_calls(_symbols_calibrated, jobs)
+            return [
+                self._finish_calibrated(q, i, position, "cpu").to(dtype) for q, i in zip(symbols, layers, strict=True)
+            ]
         jobs = [
             (self.params(), bytes(seg), tuple(shape), i, num_layers) for seg, i in zip(segments, layers, strict=True)
         ]
         return [torch.from_numpy(values).to(dtype) for values in pool.map_calls(_decode_segment, jobs)]
 
-    def decode_layer_on(self, data, shape, dtype, layer, num_layers, device) -> torch.Tensor:
-        """Entropy decoding on the CPU; the small integer symbols, fp16 steps and escapes go to the device,
-        where the dequantisation runs (fewer bytes over PCIe than fp32 KV)."""
+    # -- calibrated mode ---------------------------------------------------------------------------------
+    def _calibrated_steps(self, layer: int, tensors: dict) -> torch.Tensor:
+        return tensors["step"][layer] * 2.0 ** (5 - self.bits)
+
+    def _encode_calibrated(self, kv: torch.Tensor, layer: int, position: int) -> bytes:
+        cal = self.calibration
+        cal.check_fits(tuple(kv.shape))
+        t = cal.tensors_on("cpu")
+        x = kv.float()
+        keys = calib.rotate(x[0], t["inv_freq"][layer], position, -1.0)
+        steps = self._calibrated_steps(layer, t)
+        parts = [_CAL_HEAD.pack(b"CG", self.bits, _CALIBRATED)]
+        for kind, vals in enumerate((keys, x[1])):
+            coeffs = torch.einsum("hij,htj->hti", t["forward"][layer, kind], vals - t["mean"][layer, kind][:, None])
+            q = torch.round(coeffs / steps[kind]).clamp_(-(2**30), 2**30).to(torch.int32)
+            parts += _encode_classes(q.numpy())
+        return b"".join(parts)
+
+    def _finish_calibrated(self, q: np.ndarray, layer: int, position: int, device) -> torch.Tensor:
+        """Integer symbols [2, heads, tokens, dim] -> float32 KV on `device` (inverse transform, RoPE again)."""
+        t = self.calibration.tensors_on(device)
+        coeffs = torch.from_numpy(q).to(device, non_blocking=True).float()
+        coeffs *= self._calibrated_steps(layer, t).view(2, 1, 1, 1)
+        x = torch.einsum("khij,khtj->khti", t["inverse"][layer], coeffs) + t["mean"][layer][:, :, None]
+        x[0] = calib.rotate(x[0], t["inv_freq"][layer], position, 1.0)
+        return x
+
+    def decode_layer_on(self, data, shape, dtype, layer, num_layers, device, position=0) -> torch.Tensor:
+        """Entropy decoding on the CPU; the small integer symbols (and the uncalibrated mode's fp16 steps
+        and escapes) go to the device, where the dequantisation or inverse transform runs."""
         if torch.device(device).type == "cpu":
-            return self.decode_layer(data, shape, dtype, layer, num_layers)
+            return self.decode_layer(data, shape, dtype, layer, num_layers, position)
+        if self.calibration is not None:
+            return self._finish_calibrated(_symbols_calibrated(data, shape, self.bits), layer, position, device).to(
+                dtype
+            )
         qk, qv, sk, sv, (ik, iv, ek, ev) = self._decode_parts(data, shape, layer, num_layers)
         small = np.int8 if max(np.abs(qk).max(initial=0), np.abs(qv).max(initial=0)) < 128 else np.int16
         q = torch.from_numpy(np.stack((qk, qv)).astype(small)).to(device, non_blocking=True)
@@ -234,6 +374,24 @@ class CacheGenCodec(Codec):
         flat_k[torch.from_numpy(ik.astype(np.int64)).to(device)] = torch.from_numpy(ek.copy()).to(device).float()
         flat_v[torch.from_numpy(iv.astype(np.int64)).to(device)] = torch.from_numpy(ev.copy()).to(device).float()
         return out.to(dtype)
+
+
+def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:
+    """A calibrated segment's integer symbols, [2, heads, tokens, dim] (runs in a codec worker, or inline)."""
+    _, heads, tokens, dim = shape
+    buf = memoryview(data)
+    if len(buf) < _CAL_HEAD.size:
+        raise ValueError("cachegen segment is truncated")
+    magic, level_read, flags = _CAL_HEAD.unpack_from(buf)
+    if magic != b"CG" or flags != _CALIBRATED or level != level_read:
+        raise ValueError("cachegen segment header does not match the codec parameters")
+    k, off = _decode_classes(buf, _CAL_HEAD.size, heads, tokens, dim)
+    v, off = _decode_classes(buf, off, heads, tokens, dim)
+    if off != len(buf):
+        raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {off}")
+    q = np.stack((k, v))
+    # int16 when it fits: half the bytes back from a worker process, or over PCIe to a GPU
+    return q.astype(np.int16) if np.abs(q).max(initial=0) < 32768 else q
 
 
 def _decode_segment(params: dict, data: bytes, shape: tuple, layer: int, num_layers: int) -> np.ndarray:

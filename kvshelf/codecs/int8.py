@@ -23,13 +23,13 @@ def _quantize(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Codec(Codec):
     name = "int8"
 
-    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int) -> bytes:
+    def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int, position: int = 0) -> bytes:
         k, v = kv[0], kv[1]  # [heads, tokens, dim]
         qk, sk = _quantize(k, dim=1)  # per (head, channel): scale [heads, 1, dim]
         qv, sv = _quantize(v, dim=2)  # per (head, token): scale [heads, tokens, 1]
         return b"".join(tensor_bytes(t) for t in (sk, sv, qk, qv))
 
-    def decode_layer(self, data, shape, dtype, layer, num_layers) -> torch.Tensor:
+    def decode_layer(self, data, shape, dtype, layer, num_layers, position=0) -> torch.Tensor:
         _, heads, tokens, dim = shape
         sizes = [heads * dim * 4, heads * tokens * 4, heads * tokens * dim, heads * tokens * dim]
         if len(data) != sum(sizes):

@@ -16,6 +16,7 @@ class ChunkMeta:
     num_tokens: int
     shape: tuple[int, ...]  # [layers, 2 (K, V), kv_heads, tokens, head_dim]
     dtype: torch.dtype
+    position: int = 0  # RoPE position its first token was computed at (codecs that undo RoPE need it)
 
 
 @dataclass(frozen=True)

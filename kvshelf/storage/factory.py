@@ -9,19 +9,31 @@ from kvshelf.storage.base import StorageBackend
 from kvshelf.storage.tiers import TierManager
 
 
-def tier_codec(config: KVShelfConfig, name: str, key: str):
-    """A tier's codec; `quantization_bits` sets cachegen's precision (its late-layer bits)."""
-    params = {"bits": config.quantization_bits} if name == "cachegen" and config.quantization_bits else None
+def uses_cachegen(config: KVShelfConfig) -> bool:
+    return "cachegen" in (
+        config.local_disk_codec if config.local_disk else None,
+        config.remote_serde if config.remote_url else None,
+    )
+
+
+def tier_codec(config: KVShelfConfig, name: str, key: str, calibration: str | None = None):
+    """A tier's codec; `quantization_bits` sets cachegen's precision, `calibration` (a digest) its mode."""
+    params = {}
+    if name == "cachegen":
+        if config.quantization_bits:
+            params["bits"] = config.quantization_bits
+        if calibration:
+            params["calibration"] = calibration
     return get_codec(name, params, key=key)
 
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster", "rediss-cluster")
 
 
-def remote_backend(config: KVShelfConfig) -> StorageBackend:
+def remote_backend(config: KVShelfConfig, calibration: str | None = None) -> StorageBackend:
     url = config.remote_url or ""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    codec = tier_codec(config, config.remote_serde, "remote_serde")
+    codec = tier_codec(config, config.remote_serde, "remote_serde", calibration)
     if scheme in REDIS_SCHEMES:
         from kvshelf.storage.redis import RedisBackend
 
@@ -40,7 +52,8 @@ def remote_backend(config: KVShelfConfig) -> StorageBackend:
     raise ConfigError(f"remote_url: unsupported scheme in {url!r}; use one of {', '.join(REDIS_SCHEMES)}, s3")
 
 
-def build_tiers(config: KVShelfConfig) -> TierManager | None:
+def build_tiers(config: KVShelfConfig, calibration: str | None = None) -> TierManager | None:
+    """The tiers; cachegen tiers code with the calibration of this digest when one is given."""
     from kvshelf.codecs import pool
 
     pool.configure(config.codec_workers)
@@ -53,10 +66,10 @@ def build_tiers(config: KVShelfConfig) -> TierManager | None:
         from kvshelf.storage.disk import DiskBackend
 
         path = config.local_disk.removeprefix("file://")
-        codec = tier_codec(config, config.local_disk_codec, "local_disk_codec")
+        codec = tier_codec(config, config.local_disk_codec, "local_disk_codec", calibration)
         backends.append(DiskBackend(path, config.disk_capacity_bytes, codec, fsync=config.disk_fsync))
     if config.remote_url:
-        backends.append(remote_backend(config))
+        backends.append(remote_backend(config, calibration))
     if not backends:
         return None
     return TierManager(

@@ -8,7 +8,7 @@
     12      8     xxh3-64 of the header bytes
     20      8     xxh3-64 of the payload bytes
     28      H     header: UTF-8 JSON (key, fingerprint, codec + params, dtype, shape, layer range,
-                  tokens, per-layer segment offsets)
+                  tokens, RoPE position of the first token, per-layer segment offsets)
     28+H    ...   payload: one codec segment per layer, back to back
 
 Every read checks all of it; any mismatch raises FormatError, which tiers turn into a miss and a delete.
@@ -24,6 +24,7 @@ import xxhash
 
 from kvshelf.codecs import Codec, get_codec
 from kvshelf.codecs.base import tensor_view
+from kvshelf.codecs.calibration import MissingCalibration
 from kvshelf.errors import KVShelfError
 from kvshelf.storage.base import ChunkMeta, StoredChunk
 
@@ -38,12 +39,16 @@ class FormatError(KVShelfError):
     """A stored object is truncated, corrupted, of an unknown version, or not the object asked for."""
 
 
+class UnreadableHere(FormatError):
+    """A sound object this process cannot decode (its cachegen calibration is not here): a miss, kept."""
+
+
 def encode_chunk_parts(key: bytes, chunk: StoredChunk, codec: Codec) -> list[bytes | memoryview]:
     """The encoded object as a list of buffers (prefix + header, then one segment per layer), so that
     writers can send it without joining; raw segments are views of the tensor, not copies."""
     kv = chunk.kv
     num_layers = kv.shape[0]
-    segments = codec.encode_layers(kv)
+    segments = codec.encode_layers(kv, chunk.meta.position)
     offsets = [0]
     payload_hash = xxhash.xxh3_64()
     for seg in segments:
@@ -58,6 +63,7 @@ def encode_chunk_parts(key: bytes, chunk: StoredChunk, codec: Codec) -> list[byt
         "shape": list(kv.shape),
         "layers": [0, num_layers],
         "num_tokens": chunk.meta.num_tokens,
+        "position": chunk.meta.position,
         "layer_offsets": offsets,
     }
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -111,10 +117,10 @@ class EncodedChunk:
         seg = self._payload[self._offsets[i] : self._offsets[i + 1]]
         try:
             if device is not None:
-                return self.codec.decode_layer_on(seg, shape[1:], dtype, i, shape[0], device)
+                return self.codec.decode_layer_on(seg, shape[1:], dtype, i, shape[0], device, self.meta.position)
             if self.codec.raw_layout:
                 return tensor_view(seg, dtype, shape[1:])
-            return self.codec.decode_layer(seg, shape[1:], dtype, i, shape[0])
+            return self.codec.decode_layer(seg, shape[1:], dtype, i, shape[0], self.meta.position)
         except (ValueError, RuntimeError, TypeError) as err:
             raise FormatError(f"layer {i} does not decode: {err}") from None
 
@@ -129,7 +135,7 @@ class EncodedChunk:
         shape, dtype = self.meta.shape, self.meta.dtype
         segments = [self._payload[self._offsets[k] : self._offsets[k + 1]] for k in layers]
         try:
-            return self.codec.decode_layers(segments, shape[1:], dtype, layers, shape[0])
+            return self.codec.decode_layers(segments, shape[1:], dtype, layers, shape[0], self.meta.position)
         except (ValueError, RuntimeError, TypeError) as err:
             raise FormatError(f"layers {layers[0]}..{layers[-1]} do not decode: {err}") from None
 
@@ -158,13 +164,19 @@ def open_chunk(blob: bytes | memoryview, expected_key: bytes) -> EncodedChunk:
             raise FormatError("payload checksum mismatch")
         dtype = _DTYPES[header["dtype"]]
         shape = tuple(int(s) for s in header["shape"])
-        codec = get_codec(header["codec"], header["codec_params"])
+        try:
+            codec = get_codec(header["codec"], header["codec_params"])
+        except MissingCalibration as err:
+            raise UnreadableHere(str(err)) from None
         num_layers = shape[0]
         if len(offsets) != num_layers + 1 or header["layers"] != [0, num_layers]:
             raise FormatError("layer table does not match the shape")
         if codec.raw_layout and len(payload) != torch.Size(shape).numel() * dtype.itemsize:
             raise FormatError(f"raw payload is {len(payload)} bytes, shape {shape} needs more or less")
-        meta = ChunkMeta(bytes.fromhex(header["fingerprint"]), int(header["num_tokens"]), shape, dtype)
+        position = int(header.get("position", 0))
+        if position < 0:
+            raise FormatError(f"chunk position {position} is negative")
+        meta = ChunkMeta(bytes.fromhex(header["fingerprint"]), int(header["num_tokens"]), shape, dtype, position)
     except FormatError:
         raise
     except (KeyError, ValueError, TypeError, RuntimeError, KVShelfError) as err:

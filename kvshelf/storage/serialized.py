@@ -10,7 +10,7 @@ from abc import abstractmethod
 from kvshelf.codecs import Codec
 from kvshelf.metrics import metrics
 from kvshelf.storage.base import StorageBackend, StoredChunk
-from kvshelf.storage.format import EncodedChunk, FormatError, encode_chunk_parts, open_chunk
+from kvshelf.storage.format import EncodedChunk, FormatError, UnreadableHere, encode_chunk_parts, open_chunk
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ class ByteStore(StorageBackend):
         self.codec = codec
         self.corrupt_objects = 0  # objects that failed verification and were deleted
         self._corrupt_lock = threading.Lock()
+        self._unreadable_seen: set[str] = set()
 
     # Subclasses implement raw byte access under a string name (the key's hex digest).
     @abstractmethod
@@ -60,6 +61,13 @@ class ByteStore(StorageBackend):
             return None
         try:
             return open_chunk(blob, key)
+        except UnreadableHere as err:
+            # Another instance's calibration: the object is fine for them, so it stays.
+            if str(err) not in self._unreadable_seen:
+                self._unreadable_seen.add(str(err))
+                log.warning("%s tier: %s; such chunks are misses here", self.name, err)
+            metrics().bypasses.labels("unknown_calibration").inc()
+            return None
         except FormatError as err:
             self._reject(key, err)
             return None

@@ -18,7 +18,7 @@ from kvshelf.cache.engine import CacheEngine
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.config import KVShelfConfig, load_config
 from kvshelf.errors import ConfigError
-from kvshelf.storage.factory import build_tiers
+from kvshelf.storage.factory import build_tiers, uses_cachegen
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,24 @@ def _key(fp: ModelFingerprint, config: KVShelfConfig) -> str:
     return fp.hex() + ":" + config.model_dump_json() + f":{os.getpid()}"
 
 
+def _calibration(fp: ModelFingerprint, config: KVShelfConfig) -> str | None:
+    """vLLM runs the model, so kvshelf cannot calibrate cachegen here: it uses a .kvcal file when
+    `codec_calibration` names one (made by `kvshelf calibrate` on the same model), else runs uncalibrated."""
+    if not uses_cachegen(config) or config.codec_calibration == "off":
+        return None
+    if config.codec_calibration == "auto":
+        log.info("cachegen runs uncalibrated in vLLM; `kvshelf calibrate` makes a file for codec_calibration")
+        return None
+    from kvshelf.codecs import calibration
+
+    try:
+        cal = calibration.load(config.codec_calibration)
+        cal.check_fits((fp.num_layers, 2, fp.num_kv_heads, 1, fp.head_dim))
+    except calibration.CalibrationError as err:
+        raise ConfigError(f"codec_calibration: {err}") from None
+    return cal.digest
+
+
 def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig) -> CacheEngine:
     key = _key(fp, config)
     with _lock:
@@ -101,7 +119,7 @@ def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig) -> CacheEngine:
             engine, users = _engines[key]
             _engines[key] = (engine, users + 1)
             return engine
-        tiers = build_tiers(config)
+        tiers = build_tiers(config, _calibration(fp, config))
         if tiers is None:
             raise ConfigError("the kvshelf connector needs at least one tier: local_cpu, local_disk or remote_url")
         engine = CacheEngine(
