@@ -41,113 +41,19 @@ import torch
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import pool
 from kvshelf.codecs.base import Codec
-
-try:
-    import constriction
-except ImportError:  # pragma: no cover - a declared dependency; the error names it
-    constriction = None
+from kvshelf.codecs.entropy import (
+    constriction,
+    decode_by_class,
+    decode_symbols,
+    encode_by_class,
+    encode_symbols,
+)
 
 _HEAD = struct.Struct("<2sBBBBHHII")
 _ESC = struct.Struct("<II")  # escape counts for K and V
 _DELTA = 1
 _CALIBRATED = 2
 _CAL_HEAD = struct.Struct("<2sBB")
-_COUNTS = struct.Struct("<II")  # ANS words, escapes
-_SPREAD_CLASSES = 64  # spreads 2**-3 .. 2**12.75 symbols, in quarter octaves
-
-
-def _model(counts: np.ndarray):
-    probs = counts.astype(np.float64)
-    probs /= probs.sum()
-    # perfect=False: constriction gives every symbol a non-zero probability, so any symbol decodes.
-    return constriction.stream.model.Categorical(probs, perfect=False)
-
-
-def _encode_symbols(symbols: np.ndarray, alphabet: int) -> tuple[np.ndarray, np.ndarray]:
-    counts = np.bincount(symbols, minlength=alphabet).astype(np.uint32)
-    coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(symbols.astype(np.int32), _model(counts))
-    return counts, coder.get_compressed().astype(np.uint32)
-
-
-def _decode_symbols(words: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
-    coder = constriction.stream.stack.AnsCoder(words.astype(np.uint32))
-    return coder.decode(_model(counts), n)
-
-
-def _spread_of(cls: int) -> float:
-    return 2.0 ** (cls / 4 - 3)
-
-
-_class_models: dict[int, tuple] = {}
-
-
-def _class_model(cls: int):
-    """(model, half-range) for a spread class: a discretised Gaussian over [-r, r], built once."""
-    if cls not in _class_models:
-        sigma = _spread_of(cls)
-        r = int(np.ceil(8 * sigma)) + 2
-        edges = torch.arange(-r - 0.5, r + 1.5, dtype=torch.float64) / sigma
-        probs = torch.diff(torch.special.ndtr(edges)).clamp_min(1e-12).numpy()
-        _class_models[cls] = (constriction.stream.model.Categorical(probs / probs.sum(), perfect=False), r)
-    return _class_models[cls]
-
-
-def _encode_classes(q: np.ndarray) -> list[bytes]:
-    """Symbols [heads, tokens, dim] -> classes, ANS words and escapes, coded column by column of the same class."""
-    heads, tokens, dim = q.shape
-    cols = q.transpose(0, 2, 1).reshape(heads * dim, tokens)  # one row per (head, channel) coefficient
-    spread = np.sqrt((cols.astype(np.float64) ** 2).mean(axis=1))
-    classes = np.clip(np.round(4 * (np.log2(np.maximum(spread, 2.0**-3)) + 3)), 0, _SPREAD_CLASSES - 1)
-    classes = classes.astype(np.uint8)
-    order = np.argsort(classes, kind="stable")
-    coder = constriction.stream.stack.AnsCoder()
-    esc_pos, esc_val = [], []
-    groups = np.split(order, np.flatnonzero(np.diff(classes[order])) + 1)
-    for group in reversed(groups):  # a stack: the first group is encoded last, decoded first
-        model, r = _class_model(int(classes[group[0]]))
-        block = cols[group]
-        out = np.abs(block) >= r
-        if out.any():
-            rows, toks = np.nonzero(out)
-            h, d = np.divmod(group[rows], dim)
-            esc_pos.append((h * tokens + toks) * dim + d)
-            esc_val.append(block[out])
-        coder.encode_reverse((np.clip(block, -r, r) + r).reshape(-1).astype(np.int32), model)
-    words = coder.get_compressed().astype(np.uint32)
-    pos = np.concatenate(esc_pos).astype(np.int32) if esc_pos else np.zeros(0, np.int32)
-    val = np.concatenate(esc_val).astype(np.int32) if esc_val else np.zeros(0, np.int32)
-    return [classes.tobytes(), _COUNTS.pack(len(words), len(pos)), words.tobytes(), pos.tobytes(), val.tobytes()]
-
-
-def _decode_classes(buf: memoryview, off: int, heads: int, tokens: int, dim: int) -> tuple[np.ndarray, int]:
-    """The inverse of _encode_classes, reading at `off`; returns (symbols [heads, tokens, dim], new offset)."""
-    n_cols = heads * dim
-    if len(buf) < off + n_cols + _COUNTS.size:
-        raise ValueError("cachegen segment is truncated")
-    classes = np.frombuffer(buf[off : off + n_cols], np.uint8)
-    if (classes >= _SPREAD_CLASSES).any():
-        raise ValueError("cachegen spread class out of range")
-    n_words, n_esc = _COUNTS.unpack_from(buf, off + n_cols)
-    off += n_cols + _COUNTS.size
-    end = off + 4 * n_words + 8 * n_esc
-    if len(buf) < end:
-        raise ValueError("cachegen segment is truncated")
-    coder = constriction.stream.stack.AnsCoder(np.frombuffer(buf[off : off + 4 * n_words], np.uint32).copy())
-    off += 4 * n_words
-    pos = np.frombuffer(buf[off : off + 4 * n_esc], np.int32)
-    val = np.frombuffer(buf[off + 4 * n_esc : end], np.int32)
-    cols = np.empty((n_cols, tokens), np.int32)
-    order = np.argsort(classes, kind="stable")
-    for group in np.split(order, np.flatnonzero(np.diff(classes[order])) + 1):
-        model, r = _class_model(int(classes[group[0]]))
-        cols[group] = coder.decode(model, len(group) * tokens).reshape(len(group), tokens) - r
-    q = cols.reshape(heads, dim, tokens).transpose(0, 2, 1).copy()
-    if n_esc:
-        if (pos < 0).any() or (pos >= q.size).any():
-            raise ValueError("cachegen escape index out of range")
-        q.reshape(-1)[pos] = val
-    return q, end
 
 
 class CacheGenCodec(Codec):
@@ -241,8 +147,8 @@ class CacheGenCodec(Codec):
         qv, sv, iv, ev = self._quantize(kv[1], dim=2, bits=bits_v)  # step per (head, token)
         sym_k, alpha_k = self._to_symbols(qk, 1 << (bits_k + 1))
         sym_v, alpha_v = self._to_symbols(qv, 1 << (bits_v + 1))
-        ck, wk = _encode_symbols(sym_k, alpha_k)
-        cv, wv = _encode_symbols(sym_v, alpha_v)
+        ck, wk = encode_symbols(sym_k, alpha_k)
+        cv, wv = encode_symbols(sym_v, alpha_v)
         head = _HEAD.pack(b"CG", bits_k, bits_v, _DELTA if self.delta else 0, 0, alpha_k, alpha_v, len(wk), len(wv))
         escapes = _ESC.pack(len(ik), len(iv))
         arrays = [sk, sv, ck, cv, wk, wv, ik, iv, ek, ev]
@@ -291,8 +197,8 @@ class CacheGenCodec(Codec):
         )
         if any((e >= n).any() or (e < 0).any() for e in escapes[:2]):
             raise ValueError("cachegen escape index out of range")
-        qk = self._from_symbols(_decode_symbols(np.frombuffer(parts[4], np.uint32), ck, n), lk, (heads, tokens, dim))
-        qv = self._from_symbols(_decode_symbols(np.frombuffer(parts[5], np.uint32), cv, n), lv, (heads, tokens, dim))
+        qk = self._from_symbols(decode_symbols(np.frombuffer(parts[4], np.uint32), ck, n), lk, (heads, tokens, dim))
+        qv = self._from_symbols(decode_symbols(np.frombuffer(parts[5], np.uint32), cv, n), lv, (heads, tokens, dim))
         return qk, qv, sk, sv, escapes
 
     @staticmethod
@@ -343,7 +249,7 @@ class CacheGenCodec(Codec):
         for kind, vals in enumerate((keys, x[1])):
             coeffs = torch.einsum("hij,htj->hti", t["forward"][layer, kind], vals - t["mean"][layer, kind][:, None])
             q = torch.round(coeffs / steps[kind]).clamp_(-(2**30), 2**30).to(torch.int32)
-            parts += _encode_classes(q.numpy())
+            parts += encode_by_class(q.numpy())
         return b"".join(parts)
 
     def _finish_calibrated(self, q: np.ndarray, layer: int, position: int, device) -> torch.Tensor:
@@ -385,8 +291,8 @@ def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:
     magic, level_read, flags = _CAL_HEAD.unpack_from(buf)
     if magic != b"CG" or flags != _CALIBRATED or level != level_read:
         raise ValueError("cachegen segment header does not match the codec parameters")
-    k, off = _decode_classes(buf, _CAL_HEAD.size, heads, tokens, dim)
-    v, off = _decode_classes(buf, off, heads, tokens, dim)
+    k, off = decode_by_class(buf, _CAL_HEAD.size, heads, tokens, dim)
+    v, off = decode_by_class(buf, off, heads, tokens, dim)
     if off != len(buf):
         raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {off}")
     q = np.stack((k, v))
