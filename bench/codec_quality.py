@@ -75,6 +75,8 @@ def round_trip(kv: torch.Tensor, codec) -> tuple[torch.Tensor, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefix", type=int, default=2048)
+    ap.add_argument("--cont", type=int, default=128, help="held-out tokens scored for perplexity")
+    ap.add_argument("--greedy", type=int, default=64, help="greedy tokens compared for agreement")
     ap.add_argument("--files", nargs="*", default=[])
     ap.add_argument("--texts", type=int, choices=(3, 6), default=6, help="built-in texts to score (3 or 6)")
     ap.add_argument(
@@ -96,7 +98,7 @@ def main() -> None:
         console.print(f"calibration {cal.digest} from {cal.info['tokens']} tokens: {time.perf_counter() - t0:.1f} s")
     texts = builtin_texts(extended=args.texts == 6)
     texts.update({Path(f).name: Path(f).read_text(errors="replace") for f in args.files})
-    n_cont, n_greedy = 128, 64
+    n_cont, n_greedy = args.cont, args.greedy
     results = {spec: {"bits": [], "dppl": [], "agree": [], "kl": []} for spec in args.codecs}
     with Progress(console=console, transient=True) as progress, torch.inference_mode():
         task = progress.add_task("codecs", total=len(texts) * (len(args.codecs) + 1))

@@ -212,9 +212,8 @@ class CacheGenCodec(Codec):
 
     def decode_layer(self, data, shape, dtype, layer, num_layers, position=0) -> torch.Tensor:
         if self.calibration is not None:
-            return self._finish_calibrated(_symbols_calibrated(data, shape, self.bits), layer, position, "cpu").to(
-                dtype
-            )
+            q = _symbols_calibrated(data, shape, self.bits)
+            return self._finish_calibrated(q, layer, position, "cpu").to(dtype)
         return torch.from_numpy(self._dequantize(self._decode_parts(data, shape, layer, num_layers), shape)).to(dtype)
 
     def decode_layers(self, segments, shape, dtype, layers, num_layers, position=0) -> list[torch.Tensor]:

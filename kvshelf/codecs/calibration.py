@@ -56,7 +56,7 @@ class Calibration:
     inverse: torch.Tensor  # [layers, 2, kv_heads, head_dim, head_dim]: x = inverse @ coefficients + mean
     step: torch.Tensor  # [layers, 2]: quantisation step of the coefficients at precision level 5
     info: dict = field(default_factory=dict)  # provenance: model digest, tokens used, KL target
-    _device_copies: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # digest, copies on devices
 
     def __post_init__(self):
         layers, two, heads, dim = self.mean.shape
@@ -89,15 +89,15 @@ class Calibration:
     def digest(self) -> str:
         """Names the calibration: a hash of its version, tensors (fixed order, float32 bytes) and info.
         Not a hash of the file: safetensors does not promise the same bytes for the same content."""
-        if "_digest" not in self._device_copies:
+        if "_digest" not in self._cache:
             h = hashlib.blake2b(digest_size=16, person=b"kvshelf-calib")
             h.update(f"{CALIBRATION_VERSION}\n{json.dumps(self.info, sort_keys=True)}".encode())
             for name in _TENSORS:
                 t = getattr(self, name).float().contiguous()
                 h.update(f"{name}{list(t.shape)}".encode())
                 h.update(t.numpy().tobytes())
-            self._device_copies["_digest"] = h.hexdigest()
-        return self._device_copies["_digest"]
+            self._cache["_digest"] = h.hexdigest()
+        return self._cache["_digest"]
 
     @classmethod
     def from_bytes(cls, data: bytes, expected_digest: str | None = None) -> Calibration:
@@ -125,9 +125,9 @@ class Calibration:
     def tensors_on(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """The transforms on `device` (cached: a GPU decoder uploads them once)."""
         key = str(torch.device(device))
-        if key not in self._device_copies:
-            self._device_copies[key] = {n: getattr(self, n).to(device) for n in _TENSORS}
-        return self._device_copies[key]
+        if key not in self._cache:
+            self._cache[key] = {n: getattr(self, n).to(device) for n in _TENSORS}
+        return self._cache[key]
 
     def check_fits(self, shape: tuple[int, ...]) -> None:
         """Refuse KV of another layout: [layers, 2, heads, tokens, dim] or a layer's [2, heads, tokens, dim]."""
