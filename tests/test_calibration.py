@@ -286,3 +286,8 @@ def test_vllm_side_uses_a_calibration_file_or_runs_uncalibrated(gemma_runner, ge
     wrong = dataclasses.replace(fp, head_dim=fp.head_dim * 2)  # a model of another layout
     with pytest.raises(ConfigError, match="codec_calibration"):
         _calibration(wrong, KVShelfConfig(**disk, codec_calibration=str(path)))
+
+
+def test_a_calibration_digest_is_never_a_path():
+    with pytest.raises(ConfigError, match="not a calibration digest"):
+        get_codec("cachegen", {"calibration": "../../etc/passwd"})

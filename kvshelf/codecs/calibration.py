@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,8 @@ def load(path: str | Path) -> Calibration:
 
 def lookup(digest: str) -> Calibration:
     """The calibration with this digest: registered in this process, or a file in the default directory."""
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{32}", digest):
+        raise CalibrationError(f"{digest!r} is not a calibration digest")  # it names a file: no paths
     with _lock:
         cal = _registry.get(digest)
     if cal is not None:
