@@ -291,3 +291,19 @@ def test_vllm_side_uses_a_calibration_file_or_runs_uncalibrated(gemma_runner, ge
 def test_a_calibration_digest_is_never_a_path():
     with pytest.raises(ConfigError, match="not a calibration digest"):
         get_codec("cachegen", {"calibration": "../../etc/passwd"})
+
+
+def test_worker_processes_encode_calibrated_chunks_byte_for_byte(gemma_calibration):
+    from kvshelf.codecs import pool
+
+    layers, heads, dim = gemma_calibration.layout
+    kv = torch.randn(layers, 2, heads, 40, dim, generator=torch.Generator().manual_seed(6))
+    chunk = StoredChunk(ChunkMeta(b"\0" * 32, 40, tuple(kv.shape), kv.dtype, 77), kv)
+    codec = CacheGenCodec(calibration=gemma_calibration.digest)
+    alone = encode_chunk(KEY, chunk, codec)
+    try:
+        pool.configure(2)  # transforms here, entropy coding in the workers
+        spread = encode_chunk(KEY, chunk, codec)
+    finally:
+        pool.configure(0)
+    assert spread == alone

@@ -237,19 +237,33 @@ class CacheGenCodec(Codec):
     def _calibrated_steps(self, layer: int, tensors: dict) -> torch.Tensor:
         return tensors["step"][layer] * 2.0 ** (5 - self.bits)
 
-    def _encode_calibrated(self, kv: torch.Tensor, layer: int, position: int) -> bytes:
+    def _calibrated_symbols(self, kv: torch.Tensor, layer: int, position: int) -> np.ndarray:
+        """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape (transform, quantise)."""
         cal = self.calibration
         cal.check_fits(tuple(kv.shape))
         t = cal.tensors_on("cpu")
         x = kv.float()
         keys = calib.rotate(x[0], t["inv_freq"][layer], position, -1.0)
         steps = self._calibrated_steps(layer, t)
-        parts = [_CAL_HEAD.pack(b"CG", self.bits, _CALIBRATED)]
+        out = []
         for kind, vals in enumerate((keys, x[1])):
             coeffs = torch.einsum("hij,htj->hti", t["forward"][layer, kind], vals - t["mean"][layer, kind][:, None])
-            q = torch.round(coeffs / steps[kind]).clamp_(-(2**30), 2**30).to(torch.int32)
-            parts += encode_by_class(q.numpy())
-        return b"".join(parts)
+            out.append(torch.round(coeffs / steps[kind]).clamp_(-(2**30), 2**30).to(torch.int32))
+        return torch.stack(out).numpy()
+
+    def _encode_calibrated(self, kv: torch.Tensor, layer: int, position: int) -> bytes:
+        return _code_calibrated(self._calibrated_symbols(kv, layer, position), self.bits)
+
+    def encode_layers(self, kv: torch.Tensor, position: int = 0) -> list[bytes]:
+        if self.calibration is None or not pool.workers():
+            return super().encode_layers(kv, position)
+        # The transforms run here (torch, no GIL held); the entropy coding, which holds the GIL, runs in
+        # the workers on the integer symbols (int16 when they fit: fewer bytes to ship).
+        jobs = []
+        for i in range(kv.shape[0]):
+            q = self._calibrated_symbols(kv[i], i, position)
+            jobs.append((q.astype(np.int16) if np.abs(q).max(initial=0) < 32768 else q, self.bits))
+        return pool.map_calls(_code_calibrated, jobs)
 
     def _finish_calibrated(self, q: np.ndarray, layer: int, position: int, device) -> torch.Tensor:
         """Integer symbols [2, heads, tokens, dim] -> float32 KV on `device` (inverse transform, RoPE again)."""
@@ -279,6 +293,14 @@ class CacheGenCodec(Codec):
         flat_k[torch.from_numpy(ik.astype(np.int64)).to(device)] = torch.from_numpy(ek.copy()).to(device).float()
         flat_v[torch.from_numpy(iv.astype(np.int64)).to(device)] = torch.from_numpy(ev.copy()).to(device).float()
         return out.to(dtype)
+
+
+def _code_calibrated(q: np.ndarray, level: int) -> bytes:
+    """A calibrated segment from integer symbols [2, heads, tokens, dim] (in a codec worker, or inline)."""
+    parts = [_CAL_HEAD.pack(b"CG", level, _CALIBRATED)]
+    for kind in range(2):
+        parts += encode_by_class(q[kind].astype(np.int32, copy=False))
+    return b"".join(parts)
 
 
 def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:

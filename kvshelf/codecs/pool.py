@@ -1,10 +1,11 @@
-"""Worker processes for cachegen decoding, so that it uses more than one core.
+"""Worker processes for cachegen's entropy coding, so that it uses more than one core.
 
 The ANS coder (constriction) holds Python's GIL while it runs, so threads cannot share its work. With
-`codec_workers: N` the layers of a chunk are decoded in N worker processes (decoding is the slow
-direction, ~45 M symbols/s per core; encoding stays in-process: measured, shipping it out did not pay).
-A worker gets a segment's bytes, which the calling process has already verified (checksum, key,
-header), and returns plain float arrays; nothing is unpickled from storage. 0 workers: in-process.
+`codec_workers: N` the layers of a chunk are entropy-decoded in N worker processes, and in the calibrated
+mode entropy-coded there too (its transforms run in the calling process; for the uncalibrated mode,
+shipping encoding out measured slower than doing it in-process). A worker gets a segment's bytes, which
+the calling process has already verified (checksum, key, header), or integer symbols, and returns plain
+arrays or bytes; nothing is unpickled from storage. 0 workers: in-process.
 """
 
 from __future__ import annotations
