@@ -115,7 +115,8 @@ def test_escapes_keep_values_far_outside_their_class(gemma_calibration):
 
 
 def test_a_chunk_whose_calibration_is_unknown_is_a_miss_not_garbage(gemma_calibration, tmp_path, monkeypatch):
-    kv = torch.randn(*gemma_calibration.layout[:1], 2, *gemma_calibration.layout[1:2], 16, gemma_calibration.layout[2])
+    layers, heads, dim = gemma_calibration.layout
+    kv = torch.randn(layers, 2, heads, 16, dim)
     codec = CacheGenCodec(calibration=gemma_calibration.digest)
     blob = encode_chunk(KEY, StoredChunk(ChunkMeta(b"\0" * 32, 16, tuple(kv.shape), kv.dtype), kv), codec)
     monkeypatch.setattr(calib, "_registry", {})

@@ -130,10 +130,17 @@ class Calibration:
             self._cache[key] = {n: getattr(self, n).to(device) for n in _TENSORS}
         return self._cache[key]
 
+    def check_layout(self, layout: tuple[int, int, int]) -> None:
+        """Refuse a model of another (layers, kv_heads, head_dim)."""
+        if self.layout != tuple(layout):
+            raise CalibrationError(
+                f"calibration for (layers, kv heads, head dim) {self.layout}, the model has {layout}"
+            )
+
     def check_fits(self, shape: tuple[int, ...]) -> None:
-        """Refuse KV of another layout: [layers, 2, heads, tokens, dim] or a layer's [2, heads, tokens, dim]."""
+        """Refuse a layer's KV [2, heads, tokens, dim] of another layout."""
         layers, heads, dim = self.layout
-        if (shape[-3], shape[-1]) != (heads, dim) or (len(shape) == 5 and shape[0] != layers):
+        if len(shape) != 4 or (shape[1], shape[3]) != (heads, dim):
             raise CalibrationError(f"calibration for {layers} layers x {heads} heads x {dim} dims, KV is {shape}")
 
 
@@ -197,6 +204,7 @@ def save(cal: Calibration, directory: Path | None = None) -> Path:
 
 
 def load(path: str | Path) -> Calibration:
+    """A calibration file, verified against its digest when it is named by one, and registered."""
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} does not exist")

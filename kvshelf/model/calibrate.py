@@ -81,7 +81,7 @@ def _kl_slopes(runner, kv, cached, continuation, ref_logp, draft: calib.Calibrat
 
     layers, prefix = cached.shape[0], cached.shape[3]
     codec = CacheGenCodec(bits=5)
-    codec.calibration = draft
+    codec.calibration = draft  # a draft: used here only, never registered or stored
     slope = torch.zeros(layers, 2)
     for i in range(layers):
         exact = kv.data[i, :, :, :prefix].clone()
@@ -160,7 +160,7 @@ def calibration_for(runner: ModelRunner, tokenizer, *, path: str | None = None) 
     for this model; else computed now (from the built-in text) and saved there for next time."""
     if path:
         cal = calib.load(path)
-        cal.check_fits((runner.num_layers, 2, runner.num_kv_heads, 1, runner.head_dim))
+        cal.check_layout((runner.num_layers, runner.num_kv_heads, runner.head_dim))
         return cal
     model = runner.fingerprint().digest().hex()
     folder = calib.default_dir()

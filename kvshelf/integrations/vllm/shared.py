@@ -106,7 +106,7 @@ def _calibration(fp: ModelFingerprint, config: KVShelfConfig) -> str | None:
 
     try:
         cal = calibration.load(config.codec_calibration)
-        cal.check_fits((fp.num_layers, 2, fp.num_kv_heads, 1, fp.head_dim))
+        cal.check_layout((fp.num_layers, fp.num_kv_heads, fp.head_dim))
     except calibration.CalibrationError as err:
         raise ConfigError(f"codec_calibration: {err}") from None
     return cal.digest
