@@ -101,6 +101,25 @@ class KVShelfConfig(BaseModel):
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="inside vLLM: serve kvshelf's /metrics on this port (on `host`)"
     )
+    # -- issue #16: a server safe to expose (tenants, limits, cancellation, honest metrics) ----------
+    api_keys_file: str | None = Field(
+        None, description="YAML/JSON file of API keys: {key: tenant} or {key: {tenant: name, admin: bool}}"
+    )
+    tenant_secret: str | None = Field(
+        None, description="server secret for tenants' cache salts (default: random per start; set it for disk/remote)"
+    )
+    usage_details: bool = Field(False, description="add usage.kvshelf (cached tokens, ttft) to responses")
+    server_docs: bool = Field(False, description="serve /docs, /redoc and /openapi.json")
+    server_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics on this port of metrics_host instead of the API port"
+    )
+    metrics_host: str = Field("127.0.0.1", description="bind address of server_metrics_port")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body the server reads (413 above)")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest a client may take to send a request body (408)")
+    max_waiting_requests: int = Field(32, ge=0, description="requests queued for the model before 429s")
+    request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queueing included (504)")
+    max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted (default: model context)")
+    max_output_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
     @field_validator("local_disk_codec", "remote_serde")
@@ -176,6 +195,7 @@ NESTED_KEYS: dict[str, str] = {
     "server.host": "host",
     "server.port": "port",
     "server.api_key": "api_key",
+    "server.api_keys_file": "api_keys_file",
     "metrics.prefix": "metrics_prefix",
     "metrics.port": "metrics_port",
 }

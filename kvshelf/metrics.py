@@ -54,6 +54,10 @@ class Metrics:
         )
         self.requests = Counter(p + "requests", "Generation requests", ["endpoint"], registry=r)
         self.request_errors = Counter(p + "request_errors", "Requests that failed", ["endpoint"], registry=r)
+        self.rejected_requests = Counter(
+            p + "rejected_requests", "Requests refused before generation", ["reason"], registry=r
+        )
+        self.cancelled_requests = Counter(p + "cancelled_requests", "Requests stopped early", ["reason"], registry=r)
         self.ttft_seconds = Histogram(
             p + "time_to_first_token_seconds", "Request start to first token", registry=r, buckets=_TTFT_BUCKETS
         )
@@ -73,23 +77,41 @@ class Metrics:
         else:
             self.decompression_seconds.labels(codec).observe(seconds)
 
-    def watch_engine(self, engine) -> None:
-        """Export the engine's and its tiers' own counters at scrape time."""
-        self.registry.register(_EngineCollector(self.prefix, engine))
+    def watch_engine(self, engine, requests=None) -> None:
+        """Export the engine's and its tiers' own counters at scrape time. With `requests` (a
+        RequestStats), requested/hit tokens are counted per request, bypasses included, and the engine's
+        own lookup counts become lookup_requested_tokens / lookup_hit_tokens."""
+        self.registry.register(_EngineCollector(self.prefix, engine, requests))
 
 
 class _EngineCollector:
-    def __init__(self, prefix: str, engine):
+    def __init__(self, prefix: str, engine, requests=None):
         self.prefix = prefix
         self.engine = engine
+        self.requests = requests
+
+    def _request_families(self):
+        p, r = self.prefix, self.requests.as_dict()
+        requested = CounterMetricFamily(
+            p + "requested_tokens",
+            "Prompt tokens of every request; reason: looked_up, or why the cache was not asked",
+            labels=["reason"],
+        )
+        for reason, v in r["by_reason"].items():
+            requested.add_metric([reason], v["tokens"])
+        yield requested
+        yield CounterMetricFamily(p + "hit_tokens", "Prompt tokens whose KV came from the cache", value=r["hit_tokens"])
 
     def collect(self):
         p = self.prefix
         s = self.engine.stats
+        lookup = "lookup_" if self.requests is not None else ""
+        if self.requests is not None:
+            yield from self._request_families()
         for name, value, doc in [
-            ("requested_tokens", s.requested_tokens, "Prompt tokens looked up in the cache"),
-            ("hit_tokens", s.hit_tokens, "Prompt tokens whose KV came from the cache"),
-            ("stored_tokens", s.stored_tokens, "Tokens whose KV was stored"),
+            (lookup + "requested_tokens", s.requested_tokens, "Prompt tokens looked up in the cache"),
+            (lookup + "hit_tokens", s.hit_tokens, "Looked-up prompt tokens whose KV came from the cache"),
+            ("stored_tokens", s.stored_tokens, "Tokens whose KV a tier accepted (write-behind may drop it later)"),
             ("retrieved_bytes", s.retrieved_bytes, "KV bytes loaded from the cache"),
             ("rejected_chunks", s.rejected_chunks, "Cached chunks that failed verification"),
         ]:
@@ -106,6 +128,7 @@ class _EngineCollector:
                 ("hits", "Chunk reads that hit in a tier"),
                 ("misses", "Chunk reads that missed in a tier"),
                 ("errors", "Tier calls that failed (refused, timeout, I/O error)"),
+                ("puts", "Chunk writes a tier completed"),
                 ("dropped_writes", "Writes a tier never got (full queue, open breaker, error)"),
                 ("corrupt_objects", "Stored objects that failed verification and were deleted"),
                 ("promotions", "Chunks copied up into a tier from a lower one"),

@@ -25,7 +25,7 @@ KEY = "test-key"
 
 
 def make_shelf(**overrides) -> Shelf:
-    config = KVShelfConfig(chunk_size=16, served_model_name="tiny", api_key=KEY, **overrides)
+    config = KVShelfConfig(chunk_size=16, served_model_name="tiny", api_key=KEY, usage_details=True, **overrides)
     runner = ModelRunner(build_tiny_model("llama"))
     tok = tiny_tokenizer()
     engine = build_engine(config, runner)
@@ -169,7 +169,9 @@ def test_concurrent_requests_are_all_answered_correctly(server):
 def test_metrics_stats_and_clear(client, server):
     client.completions.create(model="tiny", prompt=DOC + "m", max_tokens=2, temperature=0)
     client.completions.create(model="tiny", prompt=DOC + "m", max_tokens=2, temperature=0)
-    text = httpx.get(server.url + "/metrics").text
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    text = httpx.get(server.url + "/metrics", headers=headers).text
     for name in [
         "kvshelf_hit_tokens_total",
         "kvshelf_requested_tokens_total",
@@ -182,12 +184,11 @@ def test_metrics_stats_and_clear(client, server):
         "kvshelf_bypasses_total",
     ]:
         assert name in text, name
-    headers = {"Authorization": f"Bearer {KEY}"}
     stats = httpx.get(server.url + "/api/v1/cache/stats", headers=headers).json()
     assert stats["engine"]["hit_tokens"] > 0 and stats["tiers"]["cpu"]["used_bytes"] > 0
     layerwise = httpx.get(server.url + "/api/v1/layerwise/stats", headers=headers).json()
     assert layerwise["enabled"] is False
-    assert httpx.post(server.url + "/api/v1/cache/clear", headers=headers).json() == {"cleared": True}
+    assert httpx.post(server.url + "/api/v1/cache/clear", headers=headers).json() == {"cleared": ["cpu"]}
     assert httpx.get(server.url + "/api/v1/cache/stats", headers=headers).json()["tiers"]["cpu"]["used_bytes"] == 0
 
 

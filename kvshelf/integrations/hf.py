@@ -12,7 +12,9 @@ import torch
 from kvshelf.advice.guard import Guard
 from kvshelf.blend.blender import Blender, BlendInfo
 from kvshelf.blend.segment import Segmented, split_text, split_tokens
+from kvshelf.cache import requests as reasons
 from kvshelf.cache.engine import CacheEngine
+from kvshelf.cache.requests import RequestStats
 from kvshelf.errors import PromptError
 from kvshelf.layerwise.loader import LayerLoadError, LayerwiseLoader
 from kvshelf.layerwise.saver import LayerwiseSaver
@@ -35,6 +37,7 @@ class GenerationResult:
     first_logits: torch.Tensor = field(repr=False)  # float32 [vocab] logits that chose the first token
     finish_reason: str = "length"  # "stop" (end-of-sequence token) or "length" (max_new_tokens reached)
     blend: BlendInfo | None = None  # set when CacheBlend prefilled the prompt
+    cache_reason: str = reasons.LOOKED_UP  # why the cache was or was not asked (kvshelf.cache.requests)
 
 
 class CachedGenerator:
@@ -67,6 +70,7 @@ class CachedGenerator:
         self.layerwise_store = layerwise_store
         self.guard = guard
         self.layerwise_stats = LayerwiseStats(runner.num_layers)
+        self.request_stats = RequestStats()  # every request's prompt and hit tokens (issue #16)
         gen_cfg = getattr(runner.model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None) or getattr(runner.config, "eos_token_id", None)
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -136,6 +140,7 @@ class CachedGenerator:
         seed: int | None = None,
         should_stop: Callable[[], bool] | None = None,
         chunks: Sequence[str] | None = None,
+        on_logits: Callable[[torch.Tensor, int], None] | None = None,
     ) -> Generator[int, None, GenerationResult]:
         """Yield each new token id as it is chosen; the generator's return value is the GenerationResult.
 
@@ -145,6 +150,7 @@ class CachedGenerator:
 
         With a blender, a prompt holding the blend separator (or `chunks` given, with `prompt` as the text
         after them) is prefilled by CacheBlend instead: chunk KV is reused at any position.
+        `on_logits(logits, token_id)` sees the logits each new token was chosen from (logprobs).
         """
         t0 = time.perf_counter()
         seg = self.segment(prompt, chunks) if use_cache or chunks is not None else None
@@ -157,19 +163,25 @@ class CachedGenerator:
         rng = torch.Generator().manual_seed(seed) if seed is not None else None
         engine = self.engine if use_cache else None
         load, plan = True, {}
+        reason = reasons.LOOKED_UP if engine is not None else reasons.CACHE_OFF
         if engine is not None and seg is None and self.guard is not None:
             if not self.guard.use_cache(len(ids)):
-                engine = None  # too short to pay: no lookup, no store
+                engine, reason = None, reasons.SHORT_PROMPT  # too short to pay: no lookup, no store
             else:
                 plan = engine.plan(ids, salt, max_tokens=len(ids) - 1)
                 load = bool(plan) and self.guard.worth_loading(plan)
+                if plan and not load:
+                    reason = reasons.LOAD_SLOWER
         with torch.inference_mode():
             kv = self.runner.new_kv(len(ids) + max_new_tokens)
             hit = loaded = 0
             blend_info = saver = None
             if seg is not None:
                 logits, blend_info = self.blender.prefill(seg, kv, salt)
-                hit, loaded = blend_info.reused_tokens, blend_info.loaded_bytes
+                # Chunks that missed were computed alone just now: their tokens are computed, not hits.
+                # (Per-chunk reuse is not reported: the hit chunks' share of the reused tokens is used.)
+                hit = blend_info.reused_tokens * blend_info.chunk_hits // max(blend_info.chunks, 1)
+                loaded = blend_info.loaded_bytes
             elif engine is not None and self.layerwise:
                 logits, hit, loaded, saver = self._prefill_layerwise(engine, ids, salt, kv, load=load)
             else:
@@ -184,7 +196,12 @@ class CachedGenerator:
                 logits = self.runner.forward(ids[hit:], hit, kv)
             first_logits = logits
             next_id = _choose(logits, temperature, top_p, rng)
+            if on_logits is not None:
+                on_logits(logits, next_id)
             ttft = time.perf_counter() - t0
+            if reason == reasons.LOOKED_UP and hit == 0 and engine is not None and engine.backend.unavailable_tiers():
+                reason = reasons.TIER_DOWN
+            self.request_stats.record(len(ids), hit, reason)
             # Blended KV is approximate: it must never be served later as exact prefix KV.
             exact = blend_info is None
             if engine is None or not exact:
@@ -205,6 +222,8 @@ class CachedGenerator:
             with torch.inference_mode():
                 logits = self.runner.forward([next_id], len(ids) + len(out) - 1, kv)
                 next_id = _choose(logits, temperature, top_p, rng)
+            if on_logits is not None:
+                on_logits(logits, next_id)
             out.append(next_id)
             yield next_id
         if engine is not None and exact and self.store_generated and len(out) > 1:
@@ -225,6 +244,7 @@ class CachedGenerator:
             first_logits=first_logits,
             finish_reason=finish,
             blend=blend_info,
+            cache_reason=reason,
         )
 
     def _prefill_layerwise(self, engine: CacheEngine, ids: list[int], salt, kv, *, load: bool = True):

@@ -19,15 +19,37 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def uvicorn_config(app, config: KVShelfConfig, **overrides):
+    """uvicorn settings that bound what one client can hold: idle keep-alive connections are closed after
+    5 s, and open connections beyond what the queue can use are refused with 503."""
+    import uvicorn
+
+    settings = dict(
+        host=config.host,
+        port=config.port,
+        log_level="info",
+        timeout_keep_alive=5,
+        limit_concurrency=max(64, 4 * (config.max_waiting_requests + 1)),
+        server_header=False,
+    )
+    settings.update(overrides)
+    return uvicorn.Config(app, **settings)
+
+
 def serve(config: KVShelfConfig) -> None:
     import uvicorn
+    from prometheus_client import start_http_server
 
     from kvshelf import metrics as metrics_mod
     from kvshelf.app import open_shelf
     from kvshelf.server.app import create_app
 
-    if not is_loopback(config.host) and not config.api_key:
+    if not is_loopback(config.host) and not (config.api_key or config.api_keys_file):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
     shelf = open_shelf(config)
-    app = create_app(shelf, metrics_mod.configure(config.metrics_prefix))
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    metrics = metrics_mod.configure(config.metrics_prefix)
+    app = create_app(shelf, metrics)
+    if config.server_metrics_port is not None:
+        start_http_server(config.server_metrics_port, addr=config.metrics_host, registry=metrics.registry)
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.server_metrics_port)
+    uvicorn.Server(uvicorn_config(app, config)).run()

@@ -74,6 +74,10 @@ class StorageBackend(ABC):
     @abstractmethod
     def clear(self) -> None: ...
 
+    def unavailable_tiers(self) -> list[str]:
+        """Names of tiers being skipped right now (an open circuit breaker); a plain backend has none."""
+        return []
+
     @property
     @abstractmethod
     def used_bytes(self) -> int | None:

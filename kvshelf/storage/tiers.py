@@ -222,6 +222,9 @@ class TierManager(StorageBackend):
         for tier in self.tiers:
             tier.call(tier.backend.clear)
 
+    def unavailable_tiers(self) -> list[str]:
+        return [t.name for t in self.tiers if t.breaker.is_open]
+
     @property
     def used_bytes(self) -> int:
         return self.tiers[0].backend.used_bytes or 0
