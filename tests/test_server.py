@@ -2,63 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
-from conftest import build_tiny_model, tiny_tokenizer
-
-from kvshelf.app import Shelf, build_engine
-from kvshelf.config import KVShelfConfig
-from kvshelf.integrations.hf import CachedGenerator
-from kvshelf.metrics import Metrics
-from kvshelf.model.loader import LoadedModel
-from kvshelf.model.runner import ModelRunner
-from kvshelf.server.app import create_app
-
-KEY = "test-key"
-
-
-def make_shelf(**overrides) -> Shelf:
-    config = KVShelfConfig(chunk_size=16, served_model_name="tiny", api_key=KEY, usage_details=True, **overrides)
-    runner = ModelRunner(build_tiny_model("llama"))
-    tok = tiny_tokenizer()
-    engine = build_engine(config, runner)
-    return Shelf(config, LoadedModel(runner, tok, Path("tiny")), engine, CachedGenerator(runner, engine, tok))
-
-
-class RunningServer:
-    def __init__(self, shelf: Shelf):
-        self.shelf = shelf
-        self.metrics = Metrics("kvshelf_")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(
-            uvicorn.Config(create_app(shelf, self.metrics), host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
+from serving import KEY, RunningServer, make_shelf
 
 
 @pytest.fixture(scope="module")
