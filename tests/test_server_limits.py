@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import httpx
 import pytest
@@ -178,9 +177,7 @@ def test_the_request_deadline_ends_a_long_generation():
     shelf = make_shelf(request_timeout_s=0.5)
     slow = SlowModel(shelf, 0.02)
     with RunningServer(shelf) as s:
-        r = httpx.post(
-            s.url + "/v1/completions", headers=AUTH, json={"prompt": DOC, "max_tokens": 400}, timeout=30
-        )
+        r = httpx.post(s.url + "/v1/completions", headers=AUTH, json={"prompt": DOC, "max_tokens": 400}, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
         s.wait_for("kvshelf_cancelled_requests_total", {"reason": "deadline"}, 1)
         assert slow.calls < 200
