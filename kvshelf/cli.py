@@ -189,8 +189,14 @@ def stats(
         f"chunk size {body['chunk_size']}: {e['hit_tokens']}/{e['requested_tokens']} prompt tokens hit "
         f"({e['hit_rate']:.1%}), {e['stored_tokens']} stored, {e['rejected_chunks']} rejected"
     )
+    reasons = {r: v for r, v in e.get("by_reason", {}).items() if v["requests"]}
+    if reasons:
+        console.print(
+            "requests by cache path: "
+            + ", ".join(f"{r} {v['requests']} ({v['tokens']} tokens)" for r, v in sorted(reasons.items()))
+        )
     table = Table(title="tiers")
-    cols = ["tier", "used", "capacity", "hits", "misses", "errors", "dropped writes", "corrupt", "breaker"]
+    cols = ["tier", "used", "capacity", "hits", "misses", "errors", "writes", "dropped writes", "corrupt", "breaker"]
     for col in cols:
         table.add_column(col, justify="right")
 
@@ -205,6 +211,7 @@ def stats(
             str(t["hits"]),
             str(t["misses"]),
             str(t["errors"]),
+            str(t["puts"]),
             str(t["dropped_writes"]),
             str(t["corrupt_objects"]),
             "open" if t["breaker_open"] else "closed",

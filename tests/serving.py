@@ -9,12 +9,12 @@ from pathlib import Path
 
 from conftest import build_tiny_model, tiny_tokenizer
 
+from kvshelf import metrics as metrics_mod
 from kvshelf.advice.cost import CostModel
 from kvshelf.advice.guard import Guard
 from kvshelf.app import Shelf, build_engine
 from kvshelf.config import KVShelfConfig
 from kvshelf.integrations.hf import CachedGenerator
-from kvshelf.metrics import Metrics
 from kvshelf.model.loader import LoadedModel
 from kvshelf.model.runner import ModelRunner
 from kvshelf.server import uvicorn_config
@@ -53,7 +53,7 @@ class SlowModel:
 class RunningServer:
     def __init__(self, shelf: Shelf):
         self.shelf = shelf
-        self.metrics = Metrics("kvshelf_")
+        self.metrics = metrics_mod.configure("kvshelf_")  # the process-wide set, as `kvshelf serve` does
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
