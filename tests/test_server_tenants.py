@@ -3,6 +3,8 @@ cached-token details, /metrics and remote clears are for those allowed to see or
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import yaml
@@ -19,9 +21,7 @@ DOC = "The quick brown fox jumps over the lazy dog. " * 2
 @pytest.fixture(scope="module")
 def keys_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    path.write_text(
-        yaml.safe_dump({ALICE: "alice", BOB: {"tenant": "bob"}, ROOT: {"tenant": "ops", "admin": True}})
-    )
+    path.write_text(yaml.safe_dump({ALICE: "alice", BOB: {"tenant": "bob"}, ROOT: {"tenant": "ops", "admin": True}}))
     return str(path)
 
 
@@ -120,5 +120,5 @@ def test_bad_keys_files_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_keys_file(str(tmp_path / "missing.yaml"))
     good = tmp_path / "keys.json"
-    good.write_text('{"%s": {"tenant": "alice", "admin": true}}' % ALICE)
+    good.write_text(json.dumps({ALICE: {"tenant": "alice", "admin": True}}))
     assert load_keys_file(str(good)) == {ALICE: Tenant("alice", admin=True)}
