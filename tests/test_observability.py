@@ -76,3 +76,30 @@ def test_codec_metrics_record_real_traffic(tmp_path):
     ratio = m.registry.get_sample_value("kvshelf_compression_ratio", {"codec": "int8"})
     assert 3.0 < ratio < 4.0  # fp32 -> int8 plus scales and header
     assert m.registry.get_sample_value("kvshelf_decompression_duration_seconds_count", {"codec": "int8"}) == 1
+
+
+def test_promtool_unit_tests_fire_the_alerts_on_their_series():
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: scripts/test installs Debian's prometheus package"
+    tests = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
+    proc = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout + proc.stderr
+
+
+def test_request_level_counts_replace_the_engine_lookup_counts(tmp_path):
+    from kvshelf.cache.requests import RequestStats
+
+    m = Metrics("kvshelf_")
+    fp = ModelFingerprint("m", "w", "float32", 3, 2, 8)
+    tiers = TierManager([MemoryBackend(1 << 20)])
+    requests = RequestStats()
+    m.watch_engine(CacheEngine(fp, tiers, chunk_size=16), requests)
+    requests.record(100, 40, "looked_up")
+    requests.record(10, 0, "short_prompt")
+    get = m.registry.get_sample_value
+    assert get("kvshelf_requested_tokens_total", {"reason": "looked_up"}) == 100
+    assert get("kvshelf_requested_tokens_total", {"reason": "short_prompt"}) == 10
+    assert get("kvshelf_hit_tokens_total") == 40
+    assert get("kvshelf_lookup_requested_tokens_total") == 0  # the engine was never asked
+    tiers.close()
