@@ -23,7 +23,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, socket_path
+from kvshelf.errors import ConfigError
+from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, engine_paths, read_key
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan
 from kvshelf.integrations.vllm.shared import acquire_engine, connector_config, release_engine, vllm_fingerprint
 from kvshelf.integrations.vllm.worker import WorkerSide
@@ -97,7 +98,7 @@ class KVShelfConnector(KVConnectorBase_V1):
                 async_load=self.config.use_async_load,
                 buffer_layers=self.config.buffer_size,
             )
-            self._server = LookupServer(socket_path(self._engine_id), self._engine_id.encode(), self.engine.lookup)
+            self._server = LookupServer.for_engine(self._engine_id, self.engine.lookup, key=self._configured_key())
             _workers[self._engine_id] = self._worker
 
     def _lookup(self, tokens: list[int], salt: str | None) -> int:
@@ -105,8 +106,24 @@ class KVShelfConnector(KVConnectorBase_V1):
         if worker is not None:  # the worker shares this process (and its CPU tier)
             return worker.engine.lookup(tokens, salt)
         if self._client is None:
-            self._client = LookupClient(socket_path(self._engine_id), self._engine_id.encode())
+            path, key_file = engine_paths(self._engine_id)
+            key = self._configured_key()
+            self._client = LookupClient(path, key if key is not None else lambda: read_key(key_file))
         return self._client.lookup(tokens, salt)
+
+    def _configured_key(self) -> bytes | None:
+        """A lookup key from the config (extra_config.lookup_key, 64 hex digits), when one is set there;
+        otherwise the worker makes one and shares it through a 0600 file."""
+        key = self.config.extra_config.get("lookup_key")
+        if key is None:
+            return None
+        try:
+            raw = bytes.fromhex(str(key))
+        except ValueError:
+            raw = b""
+        if len(raw) != 32:
+            raise ConfigError("extra_config.lookup_key must be 64 hex digits (32 random bytes)")
+        return raw
 
     @property
     def requires_kv_delivery(self) -> bool:
