@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 from kvshelf.codecs import get_codec
 from kvshelf.config import KVShelfConfig
 from kvshelf.errors import ConfigError
@@ -25,6 +29,44 @@ def tier_codec(config: KVShelfConfig, name: str, key: str, calibration: str | No
         if calibration:
             params["calibration"] = calibration
     return get_codec(name, params, key=key)
+
+
+log = logging.getLogger(__name__)
+
+
+def check_disk_path(raw: str) -> Path:
+    """The disk tier's folder, or a one-line ConfigError saying why it cannot be one."""
+    path = Path(raw.removeprefix("file://")).expanduser().absolute()
+    for virtual in ("/proc", "/sys", "/dev"):
+        if path == Path(virtual) or Path(virtual) in path.parents:
+            raise ConfigError(f"local_disk: {str(path)!r} is under {virtual}, which cannot hold files")
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink():
+            raise ConfigError(f"local_disk: {str(existing)!r} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is under {str(existing)!r}, which is a file"
+        raise ConfigError(f"local_disk: {str(path)!r} {what}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"local_disk: {str(existing)!r} is not writable by this user")
+    return path
+
+
+def warn_if_unreachable(backend: StorageBackend, url: str) -> bool:
+    """One warning line when the remote tier does not answer now (it is still used: it may come back)."""
+    try:
+        backend.contains_many([bytes(16)])
+    except Exception as err:  # any failure: refused, timeout, DNS, auth
+        where = url.split("@")[-1]  # never log a password from the URL
+        log.warning(
+            "remote tier %s is unreachable at start-up (%s: %s); requests recompute until it answers",
+            where,
+            type(err).__name__,
+            str(err).splitlines()[0] if str(err) else "",
+        )
+        return False
+    return True
 
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster", "rediss-cluster")
@@ -65,11 +107,13 @@ def build_tiers(config: KVShelfConfig, calibration: str | None = None) -> TierMa
     if config.local_disk:
         from kvshelf.storage.disk import DiskBackend
 
-        path = config.local_disk.removeprefix("file://")
+        path = check_disk_path(config.local_disk)
         codec = tier_codec(config, config.local_disk_codec, "local_disk_codec", calibration)
         backends.append(DiskBackend(path, config.disk_capacity_bytes, codec, fsync=config.disk_fsync))
     if config.remote_url:
-        backends.append(remote_backend(config, calibration))
+        remote = remote_backend(config, calibration)
+        warn_if_unreachable(remote, config.remote_url)
+        backends.append(remote)
     if not backends:
         return None
     return TierManager(
