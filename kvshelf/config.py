@@ -115,7 +115,9 @@ class KVShelfConfig(BaseModel):
     )
     metrics_host: str = Field("127.0.0.1", description="bind address of server_metrics_port")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="largest request body the server reads (413 above)")
-    body_timeout_s: float = Field(30.0, gt=0, description="longest a client may take to send a request body (408)")
+    read_timeout_s: float = Field(
+        30.0, gt=0, description="longest a client may take to send a request's head, then its body"
+    )
     max_waiting_requests: int = Field(32, ge=0, description="requests queued for the model before 429s")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queueing included (504)")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted (default: model context)")

@@ -34,7 +34,7 @@ def raw_request(port: int, head: str, body: bytes = b"", timeout_s: float = 15.0
 
 @pytest.fixture(scope="module")
 def server():
-    shelf = make_shelf(max_body_bytes=64 << 10, body_timeout_s=0.5, max_waiting_requests=1, max_output_tokens=400)
+    shelf = make_shelf(max_body_bytes=64 << 10, read_timeout_s=0.5, max_waiting_requests=1, max_output_tokens=400)
     slow = SlowModel(shelf)
     with RunningServer(shelf) as running:
         running.slow = slow
@@ -181,3 +181,14 @@ def test_the_request_deadline_ends_a_long_generation():
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
         s.wait_for("kvshelf_cancelled_requests_total", {"reason": "deadline"}, 1)
         assert slow.calls < 200
+
+
+def test_a_client_that_never_finishes_its_headers_is_let_go(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        assert s.recv(100) == b""  # closed by the server (read_timeout_s = 0.5), not held open
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(1000).startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\n")  # a second, unfinished head on the kept-alive connection
+        assert s.recv(100) == b""

@@ -20,9 +20,12 @@ def is_loopback(host: str) -> bool:
 
 
 def uvicorn_config(app, config: KVShelfConfig, **overrides):
-    """uvicorn settings that bound what one client can hold: idle keep-alive connections are closed after
-    5 s, and open connections beyond what the queue can use are refused with 503."""
+    """uvicorn settings that bound what one client can hold: a request head must arrive within
+    read_timeout_s, idle keep-alive connections are closed after 5 s, and connections beyond what the
+    queue can use are refused with 503."""
     import uvicorn
+
+    from kvshelf.server.transport import HeadDeadlineProtocol
 
     settings = dict(
         host=config.host,
@@ -31,6 +34,7 @@ def uvicorn_config(app, config: KVShelfConfig, **overrides):
         timeout_keep_alive=5,
         limit_concurrency=max(64, 4 * (config.max_waiting_requests + 1)),
         server_header=False,
+        http=HeadDeadlineProtocol.with_timeout(config.read_timeout_s),
     )
     settings.update(overrides)
     return uvicorn.Config(app, **settings)

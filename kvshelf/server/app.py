@@ -69,7 +69,7 @@ def create_app(shelf: Shelf, metrics: Metrics) -> FastAPI:
         Gate,
         tenants=tenants,
         max_body_bytes=config.max_body_bytes,
-        body_timeout_s=config.body_timeout_s,
+        read_timeout_s=config.read_timeout_s,
         open_paths=PUBLIC_PATHS,
     )
     errors.install(app)

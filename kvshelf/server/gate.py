@@ -2,7 +2,7 @@
 
 - the API key is checked from the headers alone: an unauthenticated client never gets its body read;
 - the body is read here, up to `max_body_bytes` (413 above, or at once when Content-Length says so) and
-  within `body_timeout_s` (408: a client that sends headers and then trickles or stalls is let go);
+  within `read_timeout_s` (408: a client that sends headers and then trickles or stalls is let go);
 - the route then gets the body replayed; later `receive()` calls reach the client again (so a handler
   can notice a disconnect).
 The tenant found by the key travels in `scope["state"]["tenant"]` (Starlette's `request.state.tenant`).
@@ -53,11 +53,11 @@ class Gate:
         tenants: Tenants,
         *,
         max_body_bytes: int,
-        body_timeout_s: float,
+        read_timeout_s: float,
         open_paths: frozenset[str] = PUBLIC_PATHS,
     ):
         self.app, self.tenants = app, tenants
-        self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
+        self.max_body_bytes, self.read_timeout_s = max_body_bytes, read_timeout_s
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,10 +86,10 @@ class Gate:
             await send_error(send, 413, f"request body over {self.max_body_bytes} bytes", "invalid_request_error")
             return
         try:
-            body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+            body = await asyncio.wait_for(self._read_body(receive), self.read_timeout_s)
         except TimeoutError:
             await send_error(
-                send, 408, f"request body not received within {self.body_timeout_s:g} s", "invalid_request_error"
+                send, 408, f"request body not received within {self.read_timeout_s:g} s", "invalid_request_error"
             )
             return
         except _TooLarge:
