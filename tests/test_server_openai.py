@@ -58,6 +58,7 @@ def assert_openai_400(r: httpx.Response, *words: str) -> dict:
         ('{"prompt": ["a", "b"]}', ["one prompt"]),
         ('{"prompt": "x", "cache_salt": ""}', ["cache_salt"]),
         ('{"prompt": "x", "cache_salt": "' + "s" * 1025 + '"}', ["cache_salt", "1024"]),
+        ('{"prompt": "x", "stop": [' + ", ".join(['"s"'] * 17) + "]}", ["stop", "16"]),
         ('{"prompt": "x",', ["not valid JSON"]),
         ('{"max_tokens": 2}', ["prompt", "required"]),
     ],
