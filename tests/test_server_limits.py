@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -141,6 +142,11 @@ def test_an_abandoned_request_stops_and_frees_the_model(server):
                 )
         r = httpx.post(server.url + "/v1/completions", headers=AUTH, json={"prompt": DOC, "max_tokens": 2}, timeout=60)
         assert r.status_code == 200
+        tasks = server.server.server_state.tasks  # uvicorn's in-flight request handlers
+        deadline = time.monotonic() + 20
+        while tasks:  # every abandoned handler ended (not parked until its deadline)
+            assert time.monotonic() < deadline, f"{len(tasks)} request handlers still running"
+            time.sleep(0.05)
         names = [t.name for t in threading.enumerate()]
         assert names.count("kvshelf-generate") == 1
         assert threading.active_count() <= threads_before + 6  # at most the bounded tokenizer pool
@@ -192,3 +198,32 @@ def test_a_client_that_never_finishes_its_headers_is_let_go(server):
         assert s.recv(1000).startswith(b"HTTP/1.1 200")
         s.sendall(b"GET /health HTTP/1.1\r\n")  # a second, unfinished head on the kept-alive connection
         assert s.recv(100) == b""
+
+
+def test_a_request_abandoned_while_waiting_never_runs_and_its_handler_ends(server):
+    set_delay(server, 0.02)
+    try:
+        admitted = server.sample("kvshelf_requests_total", {"endpoint": "completions"})
+        results: list = []
+        running = _generate_in_thread(server, results, max_tokens=150, temperature=0)  # ~3 s of decoding
+        server.wait_for("kvshelf_requests_total", {"endpoint": "completions"}, admitted + 1)
+        started = server.slow.calls
+        with pytest.raises(httpx.ReadTimeout):  # waits behind it, then its client gives up
+            httpx.post(
+                server.url + "/v1/completions",
+                headers=AUTH,
+                json={"prompt": DOC + "waiting", "max_tokens": 5},
+                timeout=httpx.Timeout(10, read=0.3),
+            )
+        tasks = server.server.server_state.tasks
+        deadline = time.monotonic() + 20
+        while len(tasks) > 1:  # only the running request's handler is left, long before it finishes
+            assert time.monotonic() < deadline, f"{len(tasks)} request handlers still running"
+            time.sleep(0.02)
+        calls = server.slow.calls
+        assert calls - started < 100  # the running request was still decoding: the waiting one ended first
+        running.join(60)
+        assert results[0].status_code == 200
+        assert server.slow.calls - calls <= 150  # the abandoned request never ran after it
+    finally:
+        set_delay(server, 0.0)

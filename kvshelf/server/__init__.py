@@ -34,6 +34,7 @@ def uvicorn_config(app, config: KVShelfConfig, **overrides):
         timeout_keep_alive=5,
         limit_concurrency=max(64, 4 * (config.max_waiting_requests + 1)),
         server_header=False,
+        timeout_graceful_shutdown=30,
         http=HeadDeadlineProtocol.with_timeout(config.read_timeout_s),
     )
     settings.update(overrides)

@@ -197,6 +197,7 @@ def create_app(shelf: Shelf, metrics: Metrics) -> FastAPI:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
             job.cancelled.set()
+            job.events.put_nowait(("error", Cancelled("the client went away")))  # end this handler now
 
         watcher = asyncio.create_task(watch())
         try:

@@ -77,8 +77,9 @@ class GenerationWorker:
         with self._cond:
             if self._stopping:
                 raise QueueFull
-            if any(j.cancelled.is_set() for j in self._waiting):
-                self._waiting = deque(j for j in self._waiting if not j.cancelled.is_set())
+            for gone in [j for j in self._waiting if j.cancelled.is_set()]:
+                self._waiting.remove(gone)
+                gone.emit("error", Cancelled("cancelled before it started"))
             idle = not self._busy and not self._waiting
             if not idle and len(self._waiting) >= self._max_waiting:
                 raise QueueFull
@@ -98,8 +99,9 @@ class GenerationWorker:
     def _loop(self) -> None:
         while (job := self._next()) is not None:
             try:
-                if job.cancelled.is_set():
-                    continue  # its client left while it waited
+                if job.cancelled.is_set():  # its client left while it waited
+                    job.emit("error", Cancelled("cancelled before it started"))
+                    continue
                 if job.expired():
                     job.emit("error", DeadlineExceeded("the request deadline passed while it waited for the model"))
                     continue
@@ -119,6 +121,7 @@ class GenerationWorker:
             self._stopping = True
             for job in self._waiting:
                 job.cancelled.set()
+                job.emit("error", Cancelled("the server is shutting down"))
             self._waiting.clear()
             if self._current is not None:
                 self._current.cancelled.set()
