@@ -66,11 +66,14 @@ def test_salts_are_keyed_by_the_server_secret():
     assert a.salt(Tenant("a"), "bc") != a.salt(Tenant("ab"), "c")  # no ambiguity from concatenation
 
 
-def test_metrics_need_an_admin_key_and_clear_touches_local_tiers_only(server):
+def test_metrics_and_stats_need_an_admin_key_and_clear_touches_local_tiers_only(server):
     assert httpx.get(server.url + "/metrics").status_code == 401
     assert httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {BOB}"}).status_code == 403
     r = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ROOT}"})
     assert r.status_code == 200 and "kvshelf_hit_tokens_total" in r.text
+    for path in ("/api/v1/cache/stats", "/api/v1/layerwise/stats"):
+        assert httpx.get(server.url + path, headers={"Authorization": f"Bearer {BOB}"}).status_code == 403
+        assert httpx.get(server.url + path, headers={"Authorization": f"Bearer {ROOT}"}).status_code == 200
     bob = {"Authorization": f"Bearer {BOB}"}
     assert httpx.post(server.url + "/api/v1/cache/clear", headers=bob).json() == {"cleared": ["cpu"]}
     denied = httpx.post(server.url + "/api/v1/cache/clear", headers=bob, json={"remote": True})

@@ -27,7 +27,7 @@ from kvshelf.integrations.hf import GenerationResult
 from kvshelf.metrics import Metrics
 from kvshelf.server import errors
 from kvshelf.server.errors import APIError
-from kvshelf.server.gate import ADMIN_PATHS, PUBLIC_PATHS, Gate
+from kvshelf.server.gate import PUBLIC_PATHS, Gate
 from kvshelf.server.outputs import Logprobs, TextStream
 from kvshelf.server.protocol import ChatRequest, CompletionRequest, _Request, chat_prompt
 from kvshelf.server.tenants import Tenant, Tenants
@@ -338,9 +338,9 @@ def create_app(shelf: Shelf, metrics: Metrics) -> FastAPI:
     async def health():
         return {"status": "ok", "model": model_name}
 
-    if metrics_here:  # an admin key is asked for it (the gate), unless the server has no keys at all
+    if metrics_here:  # an admin key is asked for it and the stats (the gate), unless the server has no keys
 
-        @app.get(next(iter(ADMIN_PATHS)))
+        @app.get("/metrics")
         async def prometheus():
             return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

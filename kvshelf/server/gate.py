@@ -21,7 +21,8 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 PUBLIC_PATHS = frozenset({"/health"})
-ADMIN_PATHS = frozenset({"/metrics"})  # other tenants' reuse shows there
+# Cache-wide counters show other tenants' reuse: admin keys only.
+ADMIN_PATHS = frozenset({"/metrics", "/api/v1/cache/stats", "/api/v1/layerwise/stats"})
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
