@@ -108,8 +108,23 @@ def test_usage_details_only_when_enabled():
 
 
 def test_metrics_on_their_own_port_leave_the_api_port():
-    with RunningServer(make_shelf(server_metrics_port=9, api_key=None)) as s:
+    import socket
+
+    from kvshelf.server import start_metrics_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    shelf = make_shelf(server_metrics_port=port, api_key=None)
+    with RunningServer(shelf) as s:
         assert httpx.get(s.url + "/metrics").status_code == 404
+        stop = start_metrics_server(shelf.config, s.metrics)
+        try:
+            httpx.post(s.url + "/v1/completions", json={"prompt": DOC, "max_tokens": 1}).raise_for_status()
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            assert 'kvshelf_requests_total{endpoint="completions"} 1.0' in text
+        finally:
+            stop()
 
 
 def test_bad_keys_files_are_one_line_errors(tmp_path):

@@ -43,7 +43,6 @@ def uvicorn_config(app, config: KVShelfConfig, **overrides):
 
 def serve(config: KVShelfConfig) -> None:
     import uvicorn
-    from prometheus_client import start_http_server
 
     from kvshelf import metrics as metrics_mod
     from kvshelf.app import open_shelf
@@ -54,7 +53,26 @@ def serve(config: KVShelfConfig) -> None:
     shelf = open_shelf(config)
     metrics = metrics_mod.configure(config.metrics_prefix)
     app = create_app(shelf, metrics)
-    if config.server_metrics_port is not None:
-        start_http_server(config.server_metrics_port, addr=config.metrics_host, registry=metrics.registry)
-        log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.server_metrics_port)
-    uvicorn.Server(uvicorn_config(app, config)).run()
+    stop_metrics = start_metrics_server(config, metrics)
+    try:
+        uvicorn.Server(uvicorn_config(app, config)).run()
+    finally:
+        stop_metrics()
+
+
+def start_metrics_server(config: KVShelfConfig, metrics):
+    """/metrics on its own address when `server_metrics_port` is set (then not on the API port); returns
+    the function that stops it (and joins its thread)."""
+    if config.server_metrics_port is None:
+        return lambda: None
+    from prometheus_client import start_http_server
+
+    server, thread = start_http_server(config.server_metrics_port, addr=config.metrics_host, registry=metrics.registry)
+    log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.server_metrics_port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    return stop
