@@ -8,8 +8,8 @@ import torch
 
 from kvshelf.codecs import get_codec
 from kvshelf.errors import ConfigError
-from kvshelf.storage.base import ChunkMeta, StoredChunk
 from kvshelf.storage.auth import model_tag
+from kvshelf.storage.base import ChunkMeta, StoredChunk
 from kvshelf.storage.expect import Expected
 from kvshelf.storage.format import FORMAT_VERSION, PREFIX_SIZE, FormatError, decode_chunk, encode_chunk, read_header
 
