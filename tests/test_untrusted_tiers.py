@@ -414,3 +414,40 @@ def test_the_server_starts_with_junk_in_the_disk_folder(tmp_path):
         )
         assert r.status_code == 200, r.text
     shelf.close()
+
+
+# -- configuration -------------------------------------------------------------------------------------
+def test_remote_auth_key_from_the_environment_and_one_warning_without_it(redis_server, caplog, tmp_path):
+    from kvshelf.config import load_config
+    from kvshelf.errors import ConfigError
+    from kvshelf.storage.factory import build_tiers
+
+    secret = "from the environment, long enough"
+    cfg = load_config(environ={"KVSHELF_REMOTE_AUTH_KEY": secret, "KVSHELF_REMOTE_URL": redis_server.url})
+    assert cfg.remote_auth_key == secret
+    with pytest.raises(ConfigError, match="remote_auth_key"):
+        load_config(environ={"KVSHELF_REMOTE_AUTH_KEY": "short"})
+    with caplog.at_level("WARNING", logger="kvshelf.storage.factory"):
+        keyed = build_tiers(cfg.model_copy(update={"local_disk": str(tmp_path / "d")}))
+        assert not [r for r in caplog.records if "trusted as is" in r.message]
+        plain = build_tiers(cfg.model_copy(update={"remote_auth_key": None}))
+    warnings = [r for r in caplog.records if "trusted as is" in r.message]
+    assert len(warnings) == 1 and "remote_auth_key" in warnings[0].message
+    from kvshelf.storage.factory import _redacted
+
+    assert _redacted("redis://:s3cret@cache:6379/0") == "redis://cache:6379/0"  # no password in the log
+    # The keyed stack signs in every byte tier: disk and remote.
+    assert [t.backend.auth is not None for t in keyed.tiers[1:]] == [True, True]
+    assert plain.tiers[-1].backend.auth is None
+    keyed.close()
+    plain.close()
+
+
+def test_config_show_hides_the_secret():
+    from typer.testing import CliRunner
+
+    from kvshelf.cli import app
+
+    result = CliRunner().invoke(app, ["config", "show", "--set", "remote_auth_key=a very secret key here"])
+    assert result.exit_code == 0, result.output
+    assert "a very secret key here" not in result.output and "remote_auth_key" in result.output
