@@ -436,8 +436,8 @@ def test_remote_auth_key_from_the_environment_and_one_warning_without_it(redis_s
     from kvshelf.storage.factory import _redacted
 
     assert _redacted("redis://:s3cret@cache:6379/0") == "redis://cache:6379/0"  # no password in the log
-    # The keyed stack signs in every byte tier: disk and remote.
-    assert [t.backend.auth is not None for t in keyed.tiers[1:]] == [True, True]
+    # The keyed stack signs objects in the shared tier; the process's own disk folder is not a boundary.
+    assert [t.backend.auth is not None for t in keyed.tiers[1:]] == [False, True]
     assert plain.tiers[-1].backend.auth is None
     keyed.close()
     plain.close()

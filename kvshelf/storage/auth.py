@@ -22,6 +22,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kvshelf.errors import ConfigError
@@ -54,15 +57,63 @@ class ObjectAuth:
     def __repr__(self) -> str:  # never print keys
         return "ObjectAuth(<keys hidden>)"
 
-    def mac(self, chunk_key: bytes, parts) -> bytes:
-        """HMAC-SHA256 over the domain, the chunk key and `parts` (buffers, in order)."""
+    def mac(self, chunk_key: bytes, head: bytes | memoryview, payload: list) -> bytes:
+        """HMAC-SHA256 over the domain, the chunk key, `head` (prefix and header) and the payload (the
+        concatenation of the `payload` buffers). The payload enters as the SHA-256 digests of its 1 MiB
+        blocks, computed on several cores for large objects (hashlib releases the GIL): the same
+        security (SHA-256 is collision resistant), a fraction of the wall time on a many-core host."""
+        digests, size = _block_digests(payload)
         h = hmac.new(self.mac_key, digestmod=hashlib.sha256)
         h.update(_DOMAIN)
         h.update(len(chunk_key).to_bytes(2, "little"))
         h.update(chunk_key)
-        for p in parts:
-            h.update(p)
+        h.update(len(head).to_bytes(4, "little"))
+        h.update(head)
+        h.update(size.to_bytes(8, "little"))
+        h.update(digests)
         return h.digest()
+
+
+MAC_BLOCK = 1 << 20
+_threads: ThreadPoolExecutor | None = None
+_threads_lock = threading.Lock()
+
+
+def _digest(pieces: list[memoryview]) -> bytes:
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(p)
+    return h.digest()
+
+
+def _block_digests(buffers: list) -> tuple[bytes, int]:
+    """SHA-256 of each MAC_BLOCK-sized block of the buffers' concatenation (joined), and its length."""
+    blocks: list[list[memoryview]] = []
+    current: list[memoryview] = []
+    room, size = MAC_BLOCK, 0
+    for buf in buffers:
+        view = memoryview(buf).cast("B")
+        size += len(view)
+        while len(view):
+            take = view[:room]
+            current.append(take)
+            view, room = view[len(take) :], room - len(take)
+            if room == 0:
+                blocks.append(current)
+                current, room = [], MAC_BLOCK
+    if current or not blocks:
+        blocks.append(current)
+    if len(blocks) < 4:
+        return b"".join(_digest(b) for b in blocks), size
+    return b"".join(_pool().map(_digest, blocks)), size
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _threads
+    with _threads_lock:
+        if _threads is None:
+            _threads = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kvshelf-mac")
+        return _threads
 
 
 def codec_id(name: str, params: dict) -> bytes:

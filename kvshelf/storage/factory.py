@@ -89,9 +89,10 @@ def build_tiers(config: KVShelfConfig, calibration: str | None = None) -> TierMa
 
         path = config.local_disk.removeprefix("file://")
         codec = tier_codec(config, config.local_disk_codec, "local_disk_codec", calibration)
-        backends.append(
-            DiskBackend(path, config.disk_capacity_bytes, codec, fsync=config.disk_fsync, auth=object_auth(config))
-        )
+        # No MAC on the disk tier: its folder belongs to this process on this host, and whoever can
+        # write it can write the model and the code as well; a MAC there would cost (measured, see
+        # BENCHMARKS.md) without guarding a boundary. Its reads are bounded and checked like any tier's.
+        backends.append(DiskBackend(path, config.disk_capacity_bytes, codec, fsync=config.disk_fsync))
     if config.remote_url:
         if not config.remote_auth_key:
             log.warning(

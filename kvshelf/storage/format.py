@@ -8,7 +8,8 @@ authenticated; never pickle.
     8       4     header length H (u32, at most 64 KiB)
     12      8     xxh3-64 of the header bytes
     20      8     xxh3-64 of the payload bytes
-    28      32    HMAC-SHA256 over (domain, chunk key, bytes 0..27, header, payload); zeros without a MAC
+    28      32    HMAC-SHA256 over (domain, chunk key, bytes 0..27, header, payload: kvshelf.storage.auth);
+                  zeros without a MAC
     60      H     header: UTF-8 JSON object, exactly these fields: key (hex), model (a tag of the model
                   fingerprint bound to the key: kvshelf.storage.auth.model_tag), codec, codec_params,
                   dtype, shape [layers, 2, kv_heads, tokens, head_dim], num_tokens, position (RoPE
@@ -90,7 +91,7 @@ def encode_chunk_parts(
     fields = (MAGIC, FORMAT_VERSION, flags, len(head), xxhash.xxh3_64_intdigest(head), payload_hash.intdigest())
     prefix = bytearray(_PREFIX.pack(*fields, _NO_MAC))
     if auth is not None:
-        prefix[_MAC_AT:] = auth.mac(key, [prefix[:_MAC_AT], head, *segments])
+        prefix[_MAC_AT:] = auth.mac(key, bytes(prefix[:_MAC_AT]) + head, segments)
     return [bytes(prefix) + head, *segments]
 
 
@@ -294,7 +295,7 @@ def open_chunk(
         if auth is not None:
             if not flags & FLAG_MAC:
                 raise FormatError("object carries no MAC, and this instance requires one (remote_auth_key)")
-            if not hmac.compare_digest(auth.mac(expected_key, [view[:_MAC_AT], head, payload]), mac):
+            if not hmac.compare_digest(auth.mac(expected_key, bytes(view[:_MAC_AT]) + bytes(head), [payload]), mac):
                 raise FormatError("MAC mismatch: object not written by an instance holding remote_auth_key")
         elif flags & FLAG_MAC:
             raise FormatError("object carries a MAC but this instance has no remote_auth_key")
