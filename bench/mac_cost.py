@@ -104,10 +104,9 @@ def main() -> None:
                 # The MAC alone over this object (what a put and a get add), timed apart: far less noisy
                 # than the difference of two end-to-end medians on a busy machine.
                 blob = encode_chunk(key(0), chunk, codec, AUTH)
-                head_len = PREFIX_SIZE + int.from_bytes(blob[8:12], "little")
-                mac_s = alternated([lambda i: AUTH.mac(key(0), blob[:28] + blob[60:head_len], [blob[head_len:]])], 30)[
-                    0
-                ]
+                start = PREFIX_SIZE + int.from_bytes(blob[8:12], "little")
+                head, payload = blob[:28] + blob[PREFIX_SIZE:start], memoryview(blob)[start:]
+                mac_s = alternated([lambda i, h=head, p=payload: AUTH.mac(key(0), h, [p])], 30)[0]
                 for op, (plain, mac) in (("put", puts), ("get", gets)):
                     rows.append(
                         {
