@@ -134,14 +134,17 @@ def test_values_overwritten_in_place_or_copied_between_names_fail_the_mac(redis_
     assert victim.corrupt_objects == 2 and not client.exists(n1) and not client.exists(n2)
 
 
-def test_names_in_the_store_reveal_no_chunk_key(redis_pair):
+def test_the_store_reveals_no_chunk_key_and_no_fingerprint(redis_pair):
     victim, client = redis_pair
     k = b"\x07" * 16
     victim.put(k, chunk_of())
     names = [n.decode() for n in client.scan_iter(match="victim:*")]
     assert len(names) == 1 and k.hex() not in names[0]
-    assert RedisBackend.__init__ and victim.name_of(k) != RedisBackend(client_url(client), get_codec("none")).name_of(k)
-    value = client.get(names[0])
+    unkeyed = RedisBackend(client_url(client), get_codec("none"))
+    assert victim.name_of(k) != unkeyed.name_of(k)  # names are keyed: not computable without the secret
+    unkeyed.close()
+    value = client.get(names[0])  # nor do the values: no chunk key, no fingerprint
+    assert k.hex().encode() not in value
     assert FP.hex().encode() not in value and model_tag(FP, k, None).encode() not in value
 
 

@@ -103,7 +103,7 @@ def _block_digests(buffers: list) -> tuple[bytes, int]:
                 current, room = [], MAC_BLOCK
     if current or not blocks:
         blocks.append(current)
-    if len(blocks) < 4:
+    if len(blocks) < 2:
         return b"".join(_digest(b) for b in blocks), size
     return b"".join(_pool().map(_digest, blocks)), size
 
@@ -139,3 +139,11 @@ def model_tag(fingerprint: bytes, chunk_key: bytes, auth: ObjectAuth | None) -> 
     h.update(fingerprint)
     h.update(chunk_key)
     return h.hexdigest()
+
+
+def key_field(chunk_key: bytes, auth: ObjectAuth | None) -> str:
+    """The chunk key as a header writes it: in hex without a secret (a value copied under another key is
+    caught by it), keyed with one (the MAC binds the key already, and the store then shows no chunk key)."""
+    if auth is None:
+        return chunk_key.hex()
+    return hashlib.blake2b(chunk_key, digest_size=16, key=auth.tag_key, person=b"kvshelf-keyfield").hexdigest()

@@ -19,14 +19,15 @@ from pathlib import Path
 
 from kvshelf.codecs import Codec
 from kvshelf.storage.auth import ObjectAuth
-from kvshelf.storage.format import FormatError, read_header
+from kvshelf.storage.expect import MAX_HEADER_BYTES
+from kvshelf.storage.format import PREFIX_SIZE, FormatError, read_header
 from kvshelf.storage.serialized import ByteStore, ObjectTooLarge
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".kvs"
 TMP_MARK = ".tmp-"
-_HEADER_PROBE = 64 * 1024  # headers are a few hundred bytes; read at most this much when indexing
+_HEADER_PROBE = PREFIX_SIZE + MAX_HEADER_BYTES  # the most a header can take; read no more when indexing
 
 
 class DiskBackend(ByteStore):

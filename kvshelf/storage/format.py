@@ -10,7 +10,8 @@ authenticated; never pickle.
     20      8     xxh3-64 of the payload bytes
     28      32    HMAC-SHA256 over (domain, chunk key, bytes 0..27, header, payload: kvshelf.storage.auth);
                   zeros without a MAC
-    60      H     header: UTF-8 JSON object, exactly these fields: key (hex), model (a tag of the model
+    60      H     header: UTF-8 JSON object, exactly these fields: key (hex; keyed with a MAC key:
+                  kvshelf.storage.auth.key_field), model (a tag of the model
                   fingerprint bound to the key: kvshelf.storage.auth.model_tag), codec, codec_params,
                   dtype, shape [layers, 2, kv_heads, tokens, head_dim], num_tokens, position (RoPE
                   position of the first token), layer_offsets (one segment per layer)
@@ -38,7 +39,7 @@ from kvshelf.codecs.base import tensor_view
 from kvshelf.codecs.calibration import MissingCalibration
 from kvshelf.codecs.pool import CodecPoolError
 from kvshelf.errors import KVShelfError
-from kvshelf.storage.auth import MAC_SIZE, ObjectAuth, model_tag
+from kvshelf.storage.auth import MAC_SIZE, ObjectAuth, key_field, model_tag
 from kvshelf.storage.base import ChunkMeta, StoredChunk
 from kvshelf.storage.expect import GENERIC, MAX_HEADER_BYTES, MAX_POSITION, Expected
 
@@ -76,7 +77,7 @@ def encode_chunk_parts(
         offsets.append(offsets[-1] + len(seg))
         payload_hash.update(seg)
     header = {
-        "key": key.hex(),
+        "key": key_field(key, auth),
         "model": model_tag(chunk.meta.fingerprint, key, auth),
         "codec": codec.name,
         "codec_params": codec.params(),
@@ -302,8 +303,8 @@ def open_chunk(
         if xxhash.xxh3_64_intdigest(head) != head_sum:
             raise FormatError("header checksum mismatch")
         header = _parse_header(head)
-        if header["key"] != expected_key.hex():
-            raise FormatError(f"object holds key {header['key']!r}, asked for {expected_key.hex()}")
+        if header["key"] != key_field(expected_key, auth):
+            raise FormatError(f"object holds key {header['key']!r}, asked for {key_field(expected_key, auth)}")
         fingerprint = b""  # unknown: the engine accepts no chunk whose fingerprint it cannot confirm
         if expected is not None and expected.fingerprint is not None:
             if not hmac.compare_digest(str(header["model"]), model_tag(expected.fingerprint, expected_key, auth)):
