@@ -2,9 +2,11 @@
 
 A shared store (Redis, S3) is writable by anyone who reaches it, and everything that decides whether a
 stored chunk is loaded (its name, key, checksums, header) can be computed by a writer who guesses the
-prompt. With `remote_auth_key` (a secret every trusted instance shares) each object carries an
-HMAC-SHA256 over its chunk key, prefix, header and payload; an object whose MAC is missing or wrong is a
-miss and is deleted. From the one secret three keys are derived (keyed BLAKE2b, one per purpose), so a
+prompt. With `remote_auth_key` (a secret every trusted instance shares) each object carries a MAC over
+its chunk key, prefix, header and payload; an object whose MAC is missing or wrong is a miss and is
+deleted. The MAC is BLAKE3 in its keyed mode (a PRF, like HMAC-SHA256 or keyed BLAKE2b): measured, it
+runs 5-9x faster than either here (about 10 GB/s per core against 1.4-2.1 GB/s), which is what keeps
+its cost within a few percent of a remote tier's throughput (BENCHMARKS.md). From the one secret three keys are derived (keyed BLAKE2b, one per purpose), so a
 key used for one job says nothing about another:
 
 - "object-mac": the MAC of each object;
@@ -20,16 +22,14 @@ store is trusted as is, which start-up says once in the log).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+from blake3 import blake3
 
 from kvshelf.errors import ConfigError
 
-MAC_SIZE = 32  # HMAC-SHA256
+MAC_SIZE = 32
 MIN_SECRET_BYTES = 16
 _DOMAIN = b"kvshelf-object-v2"
 
@@ -58,62 +58,17 @@ class ObjectAuth:
         return "ObjectAuth(<keys hidden>)"
 
     def mac(self, chunk_key: bytes, head: bytes | memoryview, payload: list) -> bytes:
-        """HMAC-SHA256 over the domain, the chunk key, `head` (prefix and header) and the payload (the
-        concatenation of the `payload` buffers). The payload enters as the SHA-256 digests of its 1 MiB
-        blocks, computed on several cores for large objects (hashlib releases the GIL): the same
-        security (SHA-256 is collision resistant), a fraction of the wall time on a many-core host."""
-        digests, size = _block_digests(payload)
-        h = hmac.new(self.mac_key, digestmod=hashlib.sha256)
+        """Keyed BLAKE3 over the domain, the chunk key, `head` (prefix and header) and the payload (the
+        concatenation of the `payload` buffers, hashed as they are: no join)."""
+        h = blake3(key=self.mac_key, max_threads=blake3.AUTO)  # large payloads hash on several cores
         h.update(_DOMAIN)
         h.update(len(chunk_key).to_bytes(2, "little"))
         h.update(chunk_key)
         h.update(len(head).to_bytes(4, "little"))
         h.update(head)
-        h.update(size.to_bytes(8, "little"))
-        h.update(digests)
-        return h.digest()
-
-
-MAC_BLOCK = 1 << 20
-_threads: ThreadPoolExecutor | None = None
-_threads_lock = threading.Lock()
-
-
-def _digest(pieces: list[memoryview]) -> bytes:
-    h = hashlib.sha256()
-    for p in pieces:
-        h.update(p)
-    return h.digest()
-
-
-def _block_digests(buffers: list) -> tuple[bytes, int]:
-    """SHA-256 of each MAC_BLOCK-sized block of the buffers' concatenation (joined), and its length."""
-    blocks: list[list[memoryview]] = []
-    current: list[memoryview] = []
-    room, size = MAC_BLOCK, 0
-    for buf in buffers:
-        view = memoryview(buf).cast("B")
-        size += len(view)
-        while len(view):
-            take = view[:room]
-            current.append(take)
-            view, room = view[len(take) :], room - len(take)
-            if room == 0:
-                blocks.append(current)
-                current, room = [], MAC_BLOCK
-    if current or not blocks:
-        blocks.append(current)
-    if len(blocks) < 2:
-        return b"".join(_digest(b) for b in blocks), size
-    return b"".join(_pool().map(_digest, blocks)), size
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _threads
-    with _threads_lock:
-        if _threads is None:
-            _threads = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kvshelf-mac")
-        return _threads
+        for buf in payload:
+            h.update(buf)
+        return h.digest(MAC_SIZE)
 
 
 def codec_id(name: str, params: dict) -> bytes:

@@ -8,7 +8,7 @@ authenticated; never pickle.
     8       4     header length H (u32, at most 64 KiB)
     12      8     xxh3-64 of the header bytes
     20      8     xxh3-64 of the payload bytes
-    28      32    HMAC-SHA256 over (domain, chunk key, bytes 0..27, header, payload: kvshelf.storage.auth);
+    28      32    keyed BLAKE3 MAC over (domain, chunk key, bytes 0..27, header, payload: kvshelf.storage.auth);
                   zeros without a MAC
     60      H     header: UTF-8 JSON object, exactly these fields: key (hex; keyed with a MAC key:
                   kvshelf.storage.auth.key_field), model (a tag of the model
