@@ -12,7 +12,8 @@ a `maxmemory` and an `allkeys-lru` policy, or pass a TTL.
 Reads trust no value: a server-side script returns a value's size instead of the value when it is
 larger than the largest chunk the read expects, and a manifest must add up (parts x part size = total,
 total within that limit) before a part is fetched; all parts come in one round trip, and a delete
-removes the value and its parts with one UNLINK.
+removes the value and its parts with one UNLINK. The server must allow scripting (EVALSHA, SCRIPT LOAD)
+for kvshelf's user; a server that refuses it makes every read a tier fault.
 """
 
 from __future__ import annotations
