@@ -454,3 +454,15 @@ def test_config_show_hides_the_secret():
     result = CliRunner().invoke(app, ["config", "show", "--set", "remote_auth_key=a very secret key here"])
     assert result.exit_code == 0, result.output
     assert "a very secret key here" not in result.output and "remote_auth_key" in result.output
+
+
+def test_files_of_the_previous_format_version_are_removed_quietly_at_start(tmp_path):
+    disk = DiskBackend(tmp_path, 1 << 30, get_codec("none"))
+    disk.put(b"\x0f" * 16, chunk_of())
+    path = disk._path(disk.name_of(b"\x0f" * 16))
+    old = bytearray(path.read_bytes())
+    struct.pack_into("<H", old, 4, FORMAT_VERSION - 1)  # as written by kvshelf before the upgrade
+    path.write_bytes(bytes(old))
+    again = DiskBackend(tmp_path, 1 << 30, get_codec("none"))
+    assert again.num_chunks == 0 and not path.exists()
+    assert again.corrupt_objects == 0 and again._outdated == 1  # an upgrade, not damage

@@ -20,7 +20,7 @@ from pathlib import Path
 from kvshelf.codecs import Codec
 from kvshelf.storage.auth import ObjectAuth
 from kvshelf.storage.expect import MAX_HEADER_BYTES
-from kvshelf.storage.format import PREFIX_SIZE, FormatError, read_header
+from kvshelf.storage.format import PREFIX_SIZE, FormatError, OtherVersion, read_header
 from kvshelf.storage.serialized import ByteStore, ObjectTooLarge
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class DiskBackend(ByteStore):
         regular file, leaving it alone)."""
         found: list[tuple[float, str, int]] = []
         removed = 0
+        self._outdated = 0
         try:
             subdirs = [d for d in self.root.iterdir() if d.is_dir() and not d.is_symlink()]
         except OSError as err:
@@ -87,17 +88,20 @@ class DiskBackend(ByteStore):
         if removed:
             self.corrupt_objects += removed
         log.info(
-            "disk tier %s: %d chunks, %d bytes; %d damaged or partial files removed",
+            "disk tier %s: %d chunks, %d bytes; %d damaged or partial files removed, %d of another format "
+            "version (written by another kvshelf version) removed",
             self.root,
             len(self._index),
             self._used,
             removed,
+            self._outdated,
         )
         with self._lock:
             self._evict_until(0)
 
     def _index_entry(self, path: Path):
-        """(mtime, name, size) for a sound object file; () for something left alone; None when removed."""
+        """(mtime, name, size) for a sound object file; None for a damaged one (removed); () for anything
+        else (left alone, or a file of another format version, removed and counted apart)."""
         try:
             st = path.lstat()
             if not stat.S_ISREG(st.st_mode):
@@ -113,11 +117,16 @@ class DiskBackend(ByteStore):
             if self.name_of(bytes.fromhex(header["key"])) != path.stem or path.parent.name != path.stem[:2]:
                 raise FormatError("file name is not this tier's name for the key in its header")
         except Exception as err:  # noqa: BLE001 - damage of any kind: remove, never fail the start
-            log.warning("disk tier: removing damaged file %s: %s: %s", path, type(err).__name__, err)
+            outdated = isinstance(err, OtherVersion)
+            if not outdated:  # an upgrade's old files are counted in one line, not one each
+                log.warning("disk tier: removing damaged file %s: %s: %s", path, type(err).__name__, err)
             try:
                 path.unlink(missing_ok=True)
             except OSError as unlink_err:
                 log.warning("disk tier: cannot remove %s: %s", path, unlink_err)
+            if outdated:
+                self._outdated += 1
+                return ()
             return None
         return (st.st_mtime, path.stem, st.st_size)
 

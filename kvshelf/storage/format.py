@@ -60,6 +60,10 @@ class FormatError(KVShelfError):
     """A stored object is truncated, corrupted, forged, of an unknown version, or not the object asked for."""
 
 
+class OtherVersion(FormatError):
+    """An object of another format version (e.g. written before an upgrade): a miss, like any damage."""
+
+
 class UnreadableHere(FormatError):
     """A sound object this process cannot decode (its cachegen calibration is not here)."""
 
@@ -121,7 +125,7 @@ def _prefix(view: memoryview) -> tuple[int, int, int, int, bytes]:
     if magic != MAGIC:
         raise FormatError(f"bad magic {bytes(magic)!r}")
     if version != FORMAT_VERSION:
-        raise FormatError(f"format version {version} is not supported (this kvshelf reads {FORMAT_VERSION})")
+        raise OtherVersion(f"format version {version} is not supported (this kvshelf reads {FORMAT_VERSION})")
     if flags & ~FLAG_MAC:
         raise FormatError(f"unknown prefix flags {flags:#x}")
     if not flags & FLAG_MAC and mac != _NO_MAC:
