@@ -275,3 +275,19 @@ def test_the_mac_of_a_large_payload_does_not_depend_on_how_it_is_split(cuts, fli
     changed[flip] ^= 1
     assert AUTH.mac(KEY, b"head", [bytes(changed)]) != whole
     assert AUTH.mac(KEY, b"head", [payload[:-1]]) != whole and OTHER_AUTH.mac(KEY, b"head", [payload]) != whole
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("shape", [LAYERS, 2, True, TOKENS, DIM]),  # True == 1 in Python: not a head count
+        ("shape", [float(LAYERS), 2, HEADS, TOKENS, DIM]),
+        ("num_tokens", float(TOKENS)),
+        ("position", False),
+    ],
+)
+def test_numbers_that_only_look_right_are_refused(field, value):
+    header, payload = split(VALID[("none", False)])
+    header[field] = value
+    with pytest.raises(FormatError, match="integer"):
+        read(forge(json.dumps(header).encode(), payload), "none")

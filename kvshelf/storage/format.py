@@ -191,9 +191,9 @@ def _check_header(header: dict, codec: Codec | None, expected: Expected | None):
         tokens = _int(shape[3], 1, lim.max_tokens, "token count")
     else:
         want = expected.largest_shape()
-        if [shape[0], shape[1], shape[2], shape[4]] != [want[0], 2, want[2], want[4]]:
-            raise FormatError(f"shape {shape!r} does not fit the expected {list(want)}")
-        layers, heads, dim = want[0], want[2], want[4]
+        layers = _int(shape[0], want[0], want[0], "layer count")
+        heads = _int(shape[2], want[2], want[2], "KV head count")
+        dim = _int(shape[4], want[4], want[4], "head dim")
         hi = want[3]
         tokens = _int(shape[3], hi if expected.exact else 1, hi, "token count")
         if expected.dtype is not None and header["dtype"] != expected.dtype:
