@@ -466,3 +466,16 @@ def test_files_of_the_previous_format_version_are_removed_quietly_at_start(tmp_p
     again = DiskBackend(tmp_path, 1 << 30, get_codec("none"))
     assert again.num_chunks == 0 and not path.exists()
     assert again.corrupt_objects == 0 and again._outdated == 1  # an upgrade, not damage
+
+
+def test_io_errors_stay_tier_faults_and_delete_nothing(tmp_path, monkeypatch):
+    disk = DiskBackend(tmp_path, 1 << 30, get_codec("int8"))
+    disk.put(b"\x10" * 16, chunk_of())
+
+    def failing_read(name, limit):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(disk, "_get_bytes", failing_read)
+    with pytest.raises(OSError):
+        disk.get(b"\x10" * 16)  # the tier manager counts it as a fault (breaker), not as damage
+    assert disk.contains(b"\x10" * 16) and disk.corrupt_objects == 0
