@@ -102,10 +102,10 @@ class S3Backend(ByteStore):
             raise
         body = resp["Body"]
         size = resp.get("ContentLength")
-        if size is None or size > limit:  # refused on the response headers: the body is never read
+        if size is not None and size > limit:  # refused on the response headers: the body is never read
             body.close()
             raise ObjectTooLarge(f"object of {size} bytes; no expected chunk is larger than {limit}")
-        blob = body.read(limit + 1)
+        blob = body.read(limit + 1)  # bounded even where a server sends no length
         body.close()
         if len(blob) > limit:
             raise ObjectTooLarge(f"object is larger than {limit} bytes")
