@@ -6,7 +6,8 @@ against that before any decoding, and size their reads by it (an object larger t
 possible encoding of that shape is refused before it is read). The tier stack's verbs take only a key,
 so the engine hands its expectation down in a context variable around each read (`expecting`); a read
 made outside any expectation (tests, tools) is held to `GENERIC` limits and returns chunks whose
-fingerprint is unknown, which the engine never accepts.
+fingerprint is unknown, which the engine never accepts. Code that runs a tier read on another thread
+(a deadline, a pool) must carry the context along: `executor.submit(contextvars.copy_context().run, fn)`.
 """
 
 from __future__ import annotations
