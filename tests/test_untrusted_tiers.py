@@ -479,3 +479,45 @@ def test_io_errors_stay_tier_faults_and_delete_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         disk.get(b"\x10" * 16)  # the tier manager counts it as a fault (breaker), not as damage
     assert disk.contains(b"\x10" * 16) and disk.corrupt_objects == 0
+
+
+def test_a_read_that_lost_the_engines_expectation_is_a_miss_and_deletes_nothing(redis_server):
+    """A tier read moved to a thread without the context (kvshelf.storage.expect) cannot confirm the
+    model: the engine treats it as a miss and deletes nothing from the shared store."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvshelf.storage.base import StorageBackend
+
+    backend = RedisBackend(redis_server.url, get_codec("none"), prefix="ctx:", auth=AUTH)
+
+    class ThreadHop(StorageBackend):  # what a careless deadline wrapper would do
+        name = "hop"
+
+        def __init__(self, inner):
+            self.inner, self.pool = inner, ThreadPoolExecutor(1)
+
+        def get(self, key):
+            return self.pool.submit(self.inner.get, key).result()
+
+        def put(self, key, chunk):
+            return self.inner.put(key, chunk)
+
+        def contains(self, key):
+            return self.inner.contains(key)
+
+        def delete(self, key):
+            self.inner.delete(key)
+
+        def clear(self):
+            self.inner.clear()
+
+        used_bytes = capacity_bytes = None
+
+    engine = CacheEngine(FPRINT, ThreadHop(backend), chunk_size=CHUNK)
+    tokens = list(range(CHUNK))
+    engine.store(tokens, chunk_of().kv)
+    assert engine.retrieve(tokens).num_tokens == 0
+    assert backend.contains(engine.keys(tokens)[0].digest) and engine.stats.rejected_chunks == 0
+    assert CacheEngine(FPRINT, backend, chunk_size=CHUNK).retrieve(tokens).num_tokens == CHUNK
+    backend.clear()
+    backend.close()
