@@ -521,3 +521,9 @@ def test_a_read_that_lost_the_engines_expectation_is_a_miss_and_deletes_nothing(
     assert CacheEngine(FPRINT, backend, chunk_size=CHUNK).retrieve(tokens).num_tokens == CHUNK
     backend.clear()
     backend.close()
+
+
+def test_a_chunk_no_read_would_accept_is_not_written(tmp_path):
+    disk = DiskBackend(tmp_path, 1 << 30, get_codec("none"))
+    long_doc = StoredChunk(ChunkMeta(FP, 8193, (1, 2, 1, 8193, 1), torch.float32), torch.zeros(1, 2, 1, 8193, 1))
+    assert not disk.put(b"\x11" * 16, long_doc) and disk.num_chunks == 0

@@ -65,6 +65,8 @@ class ByteStore(StorageBackend):
         return PREFIX_SIZE + MAX_HEADER_BYTES + layers * seg
 
     def put(self, key: bytes, chunk: StoredChunk) -> bool:
+        if chunk.meta.num_tokens > GENERIC.max_tokens or chunk.kv.numel() > GENERIC.max_values:
+            return False  # no read would accept it (e.g. a blended document longer than 8192 tokens)
         t0 = time.perf_counter()
         parts = encode_chunk_parts(key, chunk, self.codec, self.auth)
         metrics().observe_codec(
