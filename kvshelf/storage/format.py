@@ -206,8 +206,9 @@ def _check_header(header: dict, codec: Codec | None, expected: Expected | None):
     if expected is not None and expected.position is not None and position != expected.position:
         raise FormatError(f"chunk position {position} != expected {expected.position}")
     offsets = header["layer_offsets"]
-    if not isinstance(offsets, list) or len(offsets) != layers + 1 or offsets[0] != 0:
+    if not isinstance(offsets, list) or len(offsets) != layers + 1:
         raise FormatError("layer table does not match the shape")
+    _int(offsets[0], 0, 0, "first layer offset")
     per_layer = (2, heads, tokens, dim)
     cap = codec.max_segment_bytes(per_layer, dtype) if codec is not None else lim.max_object_bytes
     for a, b in zip(offsets, offsets[1:], strict=False):
