@@ -140,7 +140,7 @@ def config_show(config: ConfigOpt = None, sets: SetOpt = None) -> None:
         table.add_column(col, overflow="fold")
     for name, field in KVShelfConfig.model_fields.items():
         value = getattr(cfg, name)
-        shown = "***" if name in ("api_key", "tenant_secret") and value else repr(value)
+        shown = "***" if name in ("api_key", "tenant_secret", "remote_auth_key") and value else repr(value)
         table.add_row(name, shown, sources[name], field.description or "")
     console.print(table)
 

@@ -70,6 +70,14 @@ class KVShelfConfig(BaseModel):
     redis_part_bytes: int = Field(32 << 20, ge=1024, description="split Redis values above this size into parts")
     redis_ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// (TLS) connections")
     s3_concurrency: int = Field(8, ge=1, le=64, description="parallel S3 transfers")
+    # -- issue #15: shared tiers that trust no one (stored objects) ---------------------------------
+    remote_auth_key: str | None = Field(
+        None,
+        min_length=16,
+        description="secret shared by trusted instances: every object in the disk and remote tiers carries "
+        "a MAC keyed from it, and objects without a valid one are misses (deleted); unset: the remote "
+        "tier is trusted as is",
+    )
     # -- write-behind and faults -------------------------------------------------------------------
     write_queue_size: int = Field(64, ge=1, description="chunks waiting for write-behind to disk/remote tiers")
     write_block_ms: float = Field(20.0, ge=0, description="longest a request waits on a full write queue, then drops")

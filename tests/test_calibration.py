@@ -224,17 +224,24 @@ def test_config_names_a_bad_calibration_setting():
         )
 
 
-def test_a_tier_keeps_chunks_it_cannot_read_here(gemma_calibration, tmp_path, monkeypatch):
-    from kvshelf.storage.disk import DiskBackend
+def test_instances_with_other_calibrations_neither_block_nor_reuse_each_other(gemma_calibration, redis_server):
+    """The codec and its calibration name the stored object: an instance with another calibration (or
+    none) sees a miss, stores its own object next to it, and deletes nothing of the other's."""
+    from kvshelf.storage.redis import RedisBackend
 
     layers, heads, dim = gemma_calibration.layout
     kv = torch.randn(layers, 2, heads, 16, dim)
-    disk = DiskBackend(tmp_path / "d", 1 << 30, CacheGenCodec(calibration=gemma_calibration.digest))
-    assert disk.put(KEY, StoredChunk(ChunkMeta(b"\0" * 32, 16, tuple(kv.shape), kv.dtype), kv))
-    monkeypatch.setattr(calib, "_registry", {})
-    monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path / "elsewhere"))
-    assert disk.get(KEY) is None and disk.contains(KEY)  # a miss here, not deleted for the others
-    assert disk.corrupt_objects == 0
+    chunk = StoredChunk(ChunkMeta(b"\0" * 32, 16, tuple(kv.shape), kv.dtype), kv)
+    calibrated = RedisBackend(redis_server.url, CacheGenCodec(calibration=gemma_calibration.digest), prefix="cal:")
+    plain = RedisBackend(redis_server.url, CacheGenCodec(), prefix="cal:")
+    assert calibrated.put(KEY, chunk)
+    assert not plain.contains(KEY) and plain.get(KEY) is None  # not blocked: not even seen
+    assert plain.put(KEY, chunk) and plain.get(KEY) is not None
+    assert calibrated.get(KEY) is not None  # both objects live side by side
+    assert calibrated.corrupt_objects == plain.corrupt_objects == 0
+    calibrated.clear()
+    calibrated.close()
+    plain.close()
 
 
 def test_worker_processes_decode_calibrated_chunks_exactly(gemma_calibration):

@@ -55,18 +55,18 @@ def test_damaged_files_are_removed_on_restart(tmp_path):
     for i in range(4):
         disk.put(key(i), make_chunk(seed=i))
     paths = {p.stem: p for p in files(tmp_path)}
-    truncated, header_hit, renamed = paths[key(0).hex()], paths[key(1).hex()], paths[key(2).hex()]
+    truncated, header_hit, renamed = (paths[disk.name_of(key(i))] for i in range(3))
     truncated.write_bytes(truncated.read_bytes()[:100])
     data = bytearray(header_hit.read_bytes())
     data[40] ^= 0xFF
     header_hit.write_bytes(bytes(data))
-    os.rename(renamed, renamed.with_name(key(7).hex() + ".kvs"))  # a file under another key's name
+    os.rename(renamed, renamed.with_name(disk.name_of(key(7)) + ".kvs"))  # a file under another key's name
     (tmp_path / "ab").mkdir(exist_ok=True)
     (tmp_path / "ab" / ("ab" * 16 + ".kvs" + TMP_MARK + "x")).write_bytes(b"partial")
     again = DiskBackend(tmp_path, 1 << 30, RAW)
     assert again.num_chunks == 1 and again.contains(key(3))
     assert again.corrupt_objects == 4
-    assert [p.stem for p in files(tmp_path)] == [key(3).hex()]
+    assert [p.stem for p in files(tmp_path)] == [disk.name_of(key(3))]
 
 
 def test_payload_damage_is_a_miss_and_deletes_the_file(tmp_path):

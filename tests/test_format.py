@@ -8,7 +8,9 @@ import torch
 
 from kvshelf.codecs import get_codec
 from kvshelf.errors import ConfigError
+from kvshelf.storage.auth import model_tag
 from kvshelf.storage.base import ChunkMeta, StoredChunk
+from kvshelf.storage.expect import Expected
 from kvshelf.storage.format import FORMAT_VERSION, PREFIX_SIZE, FormatError, decode_chunk, encode_chunk, read_header
 
 KEY = bytes(range(16))
@@ -24,16 +26,20 @@ def chunk(dtype=torch.float32, shape=(3, 2, 2, 16, 8), seed=0) -> StoredChunk:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_raw_round_trip_is_exact(dtype):
     c = chunk(dtype)
-    back = decode_chunk(encode_chunk(KEY, c, get_codec("none")), KEY)
+    expected = Expected(3, 2, 8, str(dtype).removeprefix("torch."), 16, position=0, fingerprint=FP)
+    back = decode_chunk(encode_chunk(KEY, c, get_codec("none")), KEY, expected=expected)
     assert back.kv.dtype == dtype and torch.equal(back.kv, c.kv)
     assert back.meta == c.meta
+    # Without an expectation the model is unknown: the engine never accepts such a chunk.
+    assert decode_chunk(encode_chunk(KEY, c, get_codec("none")), KEY).meta.fingerprint == b""
 
 
 def test_header_is_self_describing():
     blob = encode_chunk(KEY, chunk(), get_codec("int8"))
     header, start = read_header(blob, expected_size=len(blob))
     assert header["codec"] == "int8" and header["dtype"] == "float32" and header["shape"] == [3, 2, 2, 16, 8]
-    assert header["key"] == KEY.hex() and header["fingerprint"] == FP.hex() and header["layers"] == [0, 3]
+    assert header["key"] == KEY.hex() and header["model"] == model_tag(FP, KEY, None)
+    assert FP.hex() not in blob.hex()  # the fingerprint itself is never written
     assert len(header["layer_offsets"]) == 4 and start + header["layer_offsets"][-1] == len(blob)
     assert blob[:4] == b"KVSH" and struct.unpack_from("<H", blob, 4)[0] == FORMAT_VERSION
 

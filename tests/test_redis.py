@@ -49,7 +49,7 @@ def test_large_values_are_split_into_parts(redis_server):
 def test_ttl_is_set(redis_server):
     b = RedisBackend(redis_server.url, RAW, prefix="ttl:", ttl_s=100)
     b.put(key(1), make_chunk())
-    ttl = redis_server.client().ttl(b._key(key(1).hex()))
+    ttl = redis_server.client().ttl(b._key(b.name_of(key(1))))
     assert 0 < ttl <= 100
     b.clear()
 
@@ -57,15 +57,15 @@ def test_ttl_is_set(redis_server):
 def test_corrupted_or_foreign_values_are_misses_and_deleted(backend, redis_server):
     client = redis_server.client()
     backend.put(key(1), make_chunk(seed=1))
-    raw = bytearray(client.get(backend._key(key(1).hex())))
+    raw = bytearray(client.get(backend._key(backend.name_of(key(1)))))
     raw[len(raw) // 2] ^= 0x10
-    client.set(backend._key(key(1).hex()), bytes(raw))
+    client.set(backend._key(backend.name_of(key(1))), bytes(raw))
     assert backend.get(key(1)) is None and not backend.contains(key(1))
-    client.set(backend._key(key(2).hex()), b"not a chunk at all")
+    client.set(backend._key(backend.name_of(key(2))), b"not a chunk at all")
     assert backend.get(key(2)) is None
     # A valid object copied under another key's name is caught by the key in its header.
     backend.put(key(3), make_chunk(seed=3))
-    client.set(backend._key(key(4).hex()), client.get(backend._key(key(3).hex())))
+    client.set(backend._key(backend.name_of(key(4))), client.get(backend._key(backend.name_of(key(3)))))
     assert backend.get(key(4)) is None and backend.get(key(3)) is not None
     assert backend.corrupt_objects == 3
 

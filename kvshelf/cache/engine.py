@@ -19,6 +19,7 @@ from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkKey, chain_root, chunk_keys
 from kvshelf.errors import ConfigError
 from kvshelf.storage.base import ChunkMeta, StorageBackend, StoredChunk
+from kvshelf.storage.expect import Expected, expecting
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,19 @@ class CacheEngine:
         fp = self.fingerprint
         return (fp.num_layers, 2, fp.num_kv_heads, num_tokens, fp.head_dim)
 
+    def _expect(self, num_tokens: int, position: int | None) -> Expected:
+        """What a read of this chunk must find; byte tiers check it before decoding (issue #15)."""
+        fp = self.fingerprint
+        return Expected(
+            fp.num_layers,
+            fp.num_kv_heads,
+            fp.head_dim,
+            fp.dtype,
+            num_tokens,
+            position=position,
+            fingerprint=self._fp_digest,
+        )
+
     def _verified(self, key: ChunkKey, chunk):
         """The chunk (or chunk reader) if it is exactly what this key promises; otherwise delete it and
         report a miss."""
@@ -89,6 +103,11 @@ class CacheEngine:
         meta = chunk.meta
         kv = getattr(chunk, "kv", None)
         problem = None
+        if meta.fingerprint == b"":  # a byte tier read without this engine's expectation: a bug, not damage
+            log.error(
+                "chunk %s from %s was read without the engine's expectation; a miss", key.hex(), self.backend.name
+            )
+            return None
         if meta.fingerprint != self._fp_digest:
             problem = "model fingerprint differs"
         elif meta.num_tokens != key.num_tokens:
@@ -151,7 +170,8 @@ class CacheEngine:
             for key in self.keys(tokens, salt):
                 if key.start >= limit:
                     break
-                chunk = self._verified(key, self.backend.get(key.digest))
+                with expecting(self._expect(key.num_tokens, key.start)):
+                    chunk = self._verified(key, self.backend.get(key.digest))
                 if chunk is None:
                     break
                 kv = chunk.kv
@@ -181,7 +201,10 @@ class CacheEngine:
         keys = [k for k in self.keys(tokens, salt) if k.start < limit]
         present = self.backend.contains_many([k.digest for k in keys]) if keys else []
         for key, here in zip(keys, present, strict=True):
-            reader = self._verified(key, self.backend.open(key.digest)) if here else None
+            if not here:
+                break
+            with expecting(self._expect(key.num_tokens, key.start)):
+                reader = self._verified(key, self.backend.open(key.digest))
             if reader is None:
                 break
             opened.append((ChunkKey(key.digest, key.start, min(key.end, limit)), reader))
@@ -253,7 +276,8 @@ class CacheEngine:
         return h.digest()
 
     def get_blend_chunk(self, key: bytes, num_tokens: int) -> torch.Tensor | None:
-        chunk = self._verified(ChunkKey(key, 0, num_tokens), self.backend.get(key))
+        with expecting(self._expect(num_tokens, None)):
+            chunk = self._verified(ChunkKey(key, 0, num_tokens), self.backend.get(key))
         with self._stats_lock:
             self.stats.blend_lookups += 1
             if chunk is not None:

@@ -39,6 +39,11 @@ class Codec(ABC):
     ) -> torch.Tensor:
         """Decode a segment back to a [2, kv_heads, tokens, head_dim] tensor of `dtype`."""
 
+    def max_segment_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """The largest segment this codec writes for one layer of `shape` ([2, kv_heads, tokens, head_dim]):
+        readers refuse larger objects before reading them. Default: the raw size."""
+        return _numel(shape) * dtype.itemsize
+
     def encode_layers(self, kv: torch.Tensor, position: int = 0) -> list[bytes | memoryview]:
         """Encode every layer of a chunk, [layers, 2, kv_heads, tokens, head_dim]; codecs may spread the
         layers over several cores."""
@@ -62,6 +67,13 @@ class Codec(ABC):
     def decode_layer_on(self, data, shape, dtype, layer: int, num_layers: int, device, position: int = 0):
         """Decode straight onto `device`; codecs that can finish decoding there (dequantise on a GPU) do."""
         return self.decode_layer(data, shape, dtype, layer, num_layers, position).to(device)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -71,13 +71,20 @@ class CacheGenCodec(Codec):
     ):
         if constriction is None:
             raise ImportError("the cachegen codec needs the 'constriction' package")
-        for name, value in (("bits", bits), ("early_bits", early_bits)):
-            if not 2 <= value <= 8:
-                raise ValueError(f"cachegen {name} must be within 2..8, got {value}")
-        if v_bits is not None and not 2 <= v_bits <= 8:
-            raise ValueError(f"cachegen v_bits must be within 2..8, got {v_bits}")
-        if not 0 <= early_fraction <= 1:
-            raise ValueError(f"cachegen early_fraction must be within 0..1, got {early_fraction}")
+        # Parameters also come from stored headers: check types, not only ranges.
+        for name, value in (("bits", bits), ("early_bits", early_bits), ("v_bits", v_bits)):
+            if value is None and name == "v_bits":
+                continue
+            if type(value) is not int or not 2 <= value <= 8:
+                raise ValueError(f"cachegen {name} must be an integer within 2..8, got {value!r}")
+        if type(early_fraction) not in (int, float) or not 0 <= early_fraction <= 1:
+            raise ValueError(f"cachegen early_fraction must be within 0..1, got {early_fraction!r}")
+        if type(delta) is not bool:
+            raise ValueError(f"cachegen delta must be true or false, got {delta!r}")
+        if type(group) is not int or not 1 <= group <= 1 << 16:
+            raise ValueError(f"cachegen group must be an integer within 1..65536, got {group!r}")
+        if calibration is not None and not isinstance(calibration, str):
+            raise ValueError(f"cachegen calibration must be a digest, got {calibration!r}")
         self.bits, self.early_bits, self.early_fraction = bits, early_bits, early_fraction
         self.v_bits, self.delta, self.group = v_bits, delta, group
         # A digest; the transforms themselves come from this process's registry or the calibration folder.
@@ -93,6 +100,13 @@ class CacheGenCodec(Codec):
             "group": self.group,
             **({"calibration": self.calibration.digest} if self.calibration is not None else {}),
         }
+
+    def max_segment_bytes(self, shape, dtype) -> int:
+        """No segment this codec writes is larger: per value at most a 24-bit ANS symbol (constriction's
+        smallest probability is 2**-24) and an escape (8 bytes), plus per-row steps/classes and tables."""
+        _, heads, tokens, dim = shape
+        values = 2 * heads * tokens * dim
+        return 12 * values + 4 * heads * (dim + tokens) + 64 * 1024
 
     def layer_bits(self, layer: int, num_layers: int) -> tuple[int, int]:
         """(K bits, V bits) for a layer: early layers get `early_bits` for both."""
@@ -127,6 +141,9 @@ class CacheGenCodec(Codec):
             d[:, :: self.group] = q[:, :: self.group]  # anchors themselves are coded as they are
             return (d + 2 * levels).reshape(-1), 4 * levels + 1
         return (q + levels).reshape(-1), 2 * levels + 1
+
+    def _to_symbols_alphabet(self, levels: int) -> int:
+        return 4 * levels + 1 if self.delta else 2 * levels + 1
 
     def _from_symbols(self, sym: np.ndarray, levels: int, shape) -> np.ndarray:
         if self.delta:
@@ -166,6 +183,11 @@ class CacheGenCodec(Codec):
             raise ValueError("cachegen segment header does not match the codec parameters")
         n_ek, n_ev = _ESC.unpack_from(buf, _HEAD.size)
         lk, lv = 1 << (bits_k + 1), 1 << (bits_v + 1)
+        if (alpha_k, alpha_v) != (self._to_symbols_alphabet(lk), self._to_symbols_alphabet(lv)):
+            raise ValueError("cachegen alphabet sizes do not match the codec parameters")
+        n = heads * tokens * dim
+        if max(n_ek, n_ev) > n:
+            raise ValueError("cachegen segment has more escapes than values")
         sizes = [
             heads * dim * 2,
             heads * tokens * 2,
@@ -188,7 +210,8 @@ class CacheGenCodec(Codec):
         sk = np.frombuffer(parts[0], np.float16).reshape(heads, 1, dim)
         sv = np.frombuffer(parts[1], np.float16).reshape(heads, tokens, 1)
         ck, cv = np.frombuffer(parts[2], np.uint32), np.frombuffer(parts[3], np.uint32)
-        n = heads * tokens * dim
+        if not ck.any() or not cv.any():
+            raise ValueError("cachegen symbol histogram is empty")
         escapes = (
             np.frombuffer(parts[6], np.int32),
             np.frombuffer(parts[7], np.int32),

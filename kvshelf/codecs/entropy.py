@@ -89,7 +89,8 @@ def encode_by_class(q: np.ndarray) -> list[bytes]:
 
 
 def decode_by_class(buf: memoryview, off: int, heads: int, tokens: int, dim: int) -> tuple[np.ndarray, int]:
-    """The inverse of encode_by_class, reading at `off`; returns (symbols [heads, tokens, dim], new offset)."""
+    """The inverse of encode_by_class, reading at `off`; returns (symbols [heads, tokens, dim], new offset).
+    The caller's (validated) shape fixes how many symbols are decoded: never more, whatever the bytes say."""
     n_cols = heads * dim
     if len(buf) < off + n_cols + _COUNTS.size:
         raise ValueError("cachegen segment is truncated")
@@ -97,6 +98,8 @@ def decode_by_class(buf: memoryview, off: int, heads: int, tokens: int, dim: int
     if (classes >= _SPREAD_CLASSES).any():
         raise ValueError("cachegen spread class out of range")
     n_words, n_esc = _COUNTS.unpack_from(buf, off + n_cols)
+    if n_esc > n_cols * tokens:
+        raise ValueError("cachegen segment has more escapes than values")
     off += n_cols + _COUNTS.size
     end = off + 4 * n_words + 8 * n_esc
     if len(buf) < end:

@@ -29,6 +29,10 @@ class Int8Codec(Codec):
         qv, sv = _quantize(v, dim=2)  # per (head, token): scale [heads, tokens, 1]
         return b"".join(tensor_bytes(t) for t in (sk, sv, qk, qv))
 
+    def max_segment_bytes(self, shape, dtype) -> int:
+        _, heads, tokens, dim = shape
+        return heads * dim * 4 + heads * tokens * 4 + 2 * heads * tokens * dim
+
     def decode_layer(self, data, shape, dtype, layer, num_layers, position=0) -> torch.Tensor:
         _, heads, tokens, dim = shape
         sizes = [heads * dim * 4, heads * tokens * 4, heads * tokens * dim, heads * tokens * dim]

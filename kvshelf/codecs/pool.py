@@ -16,6 +16,9 @@ import multiprocessing
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from kvshelf.errors import KVShelfError
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +43,43 @@ def workers() -> int:
     return _workers
 
 
+class CodecPoolError(KVShelfError):
+    """The worker pool failed (a worker died, e.g. OOM-killed): a fault of this process, never a sign that
+    the data is damaged. The pool is rebuilt; the caller treats the read as a tier fault (kept, retried)."""
+
+
 def map_calls(fn: Callable, args: Iterable[tuple]) -> list:
-    """[fn(*a) for a in args], in the worker processes when there are any."""
+    """[fn(*a) for a in args], in the worker processes when there are any. Exceptions raised by `fn`
+    come back as they are; a broken pool is replaced and the calls tried once more on the new one, then
+    CodecPoolError."""
     calls = list(args)
+    for attempt in range(2):
+        with _lock:
+            pool = _pool_locked() if _workers and len(calls) > 1 else None
+        if pool is None:
+            return [fn(*a) for a in calls]
+        try:
+            futures = [pool.submit(fn, *a) for a in calls]
+        except (BrokenProcessPool, RuntimeError) as err:  # broken, or shut down under us
+            _discard(pool, err)
+            continue
+        try:
+            return [f.result() for f in futures]
+        except BrokenProcessPool as err:
+            _discard(pool, err)
+            if attempt:
+                break
+    raise CodecPoolError("codec worker pool failed twice in a row (workers dying); decoding is a tier fault")
+
+
+def _discard(pool: ProcessPoolExecutor, err: BaseException) -> None:
+    """Forget a broken pool so the next call builds a new one."""
+    global _pool
+    log.warning("codec worker pool broken (%s: %s); starting a new one", type(err).__name__, err)
     with _lock:
-        pool = _pool_locked() if _workers and len(calls) > 1 else None
-    if pool is None:
-        return [fn(*a) for a in calls]
-    return list(pool.map(fn, *zip(*calls, strict=True)))
+        if _pool is pool:
+            _pool = None
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _pool_locked() -> ProcessPoolExecutor:

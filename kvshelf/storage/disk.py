@@ -2,7 +2,8 @@
 
 Writes are atomic (temp file in the same directory, optional fsync, rename), so a crash leaves either the
 old state or the new, never a half file under a real name. On start the index is rebuilt from the files:
-leftover temp files are removed, and so is any file whose header or size does not check out.
+leftover temp files are removed, and so is any file whose header, name or size does not check out (a
+file of any content never stops the start; what is not a regular file is left alone).
 One process owns a directory; processes that share KV share it through Redis or S3.
 """
 
@@ -10,27 +11,38 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
 
 from kvshelf.codecs import Codec
-from kvshelf.storage.format import FormatError, read_header
-from kvshelf.storage.serialized import ByteStore
+from kvshelf.storage.auth import ObjectAuth
+from kvshelf.storage.expect import MAX_HEADER_BYTES
+from kvshelf.storage.format import PREFIX_SIZE, FormatError, OtherVersion, read_header
+from kvshelf.storage.serialized import ByteStore, ObjectTooLarge
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".kvs"
 TMP_MARK = ".tmp-"
-_HEADER_PROBE = 64 * 1024  # headers are a few hundred bytes; read at most this much when indexing
+_HEADER_PROBE = PREFIX_SIZE + MAX_HEADER_BYTES  # the most a header can take; read no more when indexing
 
 
 class DiskBackend(ByteStore):
     name = "disk"
 
-    def __init__(self, path: str | os.PathLike, capacity_bytes: int, codec: Codec, *, fsync: bool = False):
-        super().__init__(codec)
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        capacity_bytes: int,
+        codec: Codec,
+        *,
+        fsync: bool = False,
+        auth: ObjectAuth | None = None,
+    ):
+        super().__init__(codec, auth=auth)
         if capacity_bytes <= 0:
             raise ValueError(f"disk tier capacity must be > 0 bytes, got {capacity_bytes}")
         self.root = Path(path).expanduser()
@@ -48,40 +60,75 @@ class DiskBackend(ByteStore):
         return self.root / name[:2] / (name + SUFFIX)
 
     def _rebuild_index(self) -> None:
+        """Index the files found; remove leftovers and anything that does not check out. No file, of any
+        content or kind, stops the start: the worst is a warning and a removal (or, for what is not a
+        regular file, leaving it alone)."""
         found: list[tuple[float, str, int]] = []
         removed = 0
-        for path in self.root.glob("*/*"):
-            if TMP_MARK in path.name or path.suffix != SUFFIX:
-                if TMP_MARK in path.name:  # a write that never reached its rename
-                    path.unlink(missing_ok=True)
-                    removed += 1
-                continue
+        self._outdated = 0
+        try:
+            subdirs = [d for d in self.root.iterdir() if d.is_dir() and not d.is_symlink()]
+        except OSError as err:
+            raise OSError(f"disk tier: cannot list {self.root}: {err}") from err
+        for sub in subdirs:
             try:
-                st = path.stat()
-                with open(path, "rb") as f:
-                    header, _ = read_header(f.read(_HEADER_PROBE), expected_size=st.st_size)
-                if header.get("key") != path.stem:
-                    raise FormatError("file name and header key differ")
-            except (OSError, FormatError) as err:
-                log.warning("disk tier: removing damaged file %s: %s", path, err)
-                path.unlink(missing_ok=True)
-                removed += 1
+                paths = list(sub.iterdir())
+            except OSError as err:
+                log.warning("disk tier: skipping unreadable folder %s: %s", sub, err)
                 continue
-            found.append((st.st_mtime, path.stem, st.st_size))
+            for path in paths:
+                entry = self._index_entry(path)
+                if entry is None:
+                    removed += 1
+                elif entry != ():
+                    found.append(entry)
         for _, name, size in sorted(found):
             self._index[name] = size
             self._used += size
         if removed:
             self.corrupt_objects += removed
         log.info(
-            "disk tier %s: %d chunks, %d bytes; %d damaged or partial files removed",
+            "disk tier %s: %d chunks, %d bytes; %d damaged or partial files removed, %d of another format "
+            "version (written by another kvshelf version) removed",
             self.root,
             len(self._index),
             self._used,
             removed,
+            self._outdated,
         )
         with self._lock:
             self._evict_until(0)
+
+    def _index_entry(self, path: Path):
+        """(mtime, name, size) for a sound object file; None for a damaged one (removed); () for anything
+        else (left alone, or a file of another format version, removed and counted apart)."""
+        try:
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("disk tier: leaving %s alone: not a regular file", path)
+                return ()
+            if TMP_MARK in path.name:  # a write that never reached its rename
+                path.unlink(missing_ok=True)
+                return None
+            if path.suffix != SUFFIX:
+                return ()
+            with open(path, "rb") as f:
+                header, _ = read_header(f.read(_HEADER_PROBE), expected_size=st.st_size)
+            if self.name_of(bytes.fromhex(header["key"])) != path.stem or path.parent.name != path.stem[:2]:
+                raise FormatError("file name is not this tier's name for the key in its header")
+        except Exception as err:  # noqa: BLE001 - damage of any kind: remove, never fail the start
+            outdated = isinstance(err, OtherVersion)
+            if not outdated:  # an upgrade's old files are counted in one line, not one each
+                log.warning("disk tier: removing damaged file %s: %s: %s", path, type(err).__name__, err)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as unlink_err:
+                log.warning("disk tier: cannot remove %s: %s", path, unlink_err)
+            if outdated:
+                self._outdated += 1
+                return ()
+            return None
+        return (st.st_mtime, path.stem, st.st_size)
 
     def _evict_until(self, incoming: int) -> None:
         """Drop least recently used files until `incoming` more bytes fit. Caller holds the lock."""
@@ -132,13 +179,16 @@ class DiskBackend(ByteStore):
                 self._index[name] = size
         return True
 
-    def _get_bytes(self, name: str) -> bytes | None:
+    def _get_bytes(self, name: str, limit: int) -> bytes | None:
         with self._lock:
             if name not in self._index:
                 return None
             self._index.move_to_end(name)
         try:
             with open(self._path(name), "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > limit:
+                    raise ObjectTooLarge(f"file of {size} bytes; no expected chunk is larger than {limit}")
                 return f.read()  # one copy out of the page cache; decoding views it, never copies again
         except FileNotFoundError:  # removed behind our back
             self._forget(name)
@@ -155,8 +205,9 @@ class DiskBackend(ByteStore):
         self._path(name).unlink(missing_ok=True)
 
     def contains(self, key: bytes) -> bool:
+        name = self.name_of(key)
         with self._lock:
-            return key.hex() in self._index
+            return name in self._index
 
     def clear(self) -> None:
         with self._lock:

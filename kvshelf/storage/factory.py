@@ -5,12 +5,23 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from kvshelf.codecs import get_codec
 from kvshelf.config import KVShelfConfig
 from kvshelf.errors import ConfigError
+from kvshelf.storage.auth import ObjectAuth
 from kvshelf.storage.base import StorageBackend
 from kvshelf.storage.tiers import TierManager
+
+log = logging.getLogger(__name__)
+
+
+def _redacted(url: str) -> str:
+    """The URL without credentials, for logs."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def uses_cachegen(config: KVShelfConfig) -> bool:
@@ -58,10 +69,9 @@ def warn_if_unreachable(backend: StorageBackend, url: str) -> bool:
     try:
         backend.contains_many([bytes(16)])
     except Exception as err:  # any failure: refused, timeout, DNS, auth
-        where = url.split("@")[-1]  # never log a password from the URL
         log.warning(
             "remote tier %s is unreachable at start-up (%s: %s); requests recompute until it answers",
-            where,
+            _redacted(url),
             type(err).__name__,
             str(err).splitlines()[0] if str(err) else "",
         )
@@ -72,8 +82,14 @@ def warn_if_unreachable(backend: StorageBackend, url: str) -> bool:
 REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster", "rediss-cluster")
 
 
+def object_auth(config: KVShelfConfig) -> ObjectAuth | None:
+    """The keys of `remote_auth_key` (issue #15), or None: then the remote tier is trusted as is."""
+    return ObjectAuth.from_secret(config.remote_auth_key) if config.remote_auth_key else None
+
+
 def remote_backend(config: KVShelfConfig, calibration: str | None = None) -> StorageBackend:
     url = config.remote_url or ""
+    auth = object_auth(config)
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     codec = tier_codec(config, config.remote_serde, "remote_serde", calibration)
     if scheme in REDIS_SCHEMES:
@@ -86,11 +102,14 @@ def remote_backend(config: KVShelfConfig, calibration: str | None = None) -> Sto
             part_bytes=config.redis_part_bytes,
             timeout_s=config.remote_timeout_s,
             ssl_ca_certs=config.redis_ssl_ca_certs,
+            auth=auth,
         )
     if scheme == "s3":
         from kvshelf.storage.s3 import S3Backend
 
-        return S3Backend.from_url(url, codec, concurrency=config.s3_concurrency, timeout_s=config.remote_timeout_s)
+        return S3Backend.from_url(
+            url, codec, concurrency=config.s3_concurrency, timeout_s=config.remote_timeout_s, auth=auth
+        )
     raise ConfigError(f"remote_url: unsupported scheme in {url!r}; use one of {', '.join(REDIS_SCHEMES)}, s3")
 
 
@@ -109,8 +128,18 @@ def build_tiers(config: KVShelfConfig, calibration: str | None = None) -> TierMa
 
         path = check_disk_path(config.local_disk)
         codec = tier_codec(config, config.local_disk_codec, "local_disk_codec", calibration)
+        # No MAC on the disk tier: its folder belongs to this process on this host, and whoever can
+        # write it can write the model and the code as well; a MAC there would cost (measured, see
+        # BENCHMARKS.md) without guarding a boundary. Its reads are bounded and checked like any tier's.
         backends.append(DiskBackend(path, config.disk_capacity_bytes, codec, fsync=config.disk_fsync))
     if config.remote_url:
+        if not config.remote_auth_key:
+            log.warning(
+                "remote tier %s is trusted as is: without remote_auth_key anyone who can write it can make "
+                "this instance load KV of their choosing; set remote_auth_key (the same secret on every "
+                "trusted instance) to authenticate stored objects",
+                _redacted(config.remote_url),
+            )
         remote = remote_backend(config, calibration)
         warn_if_unreachable(remote, config.remote_url)
         backends.append(remote)

@@ -1,22 +1,34 @@
-"""kvshelf's byte format for one stored chunk. Self-describing, versioned, checksummed; never pickle.
+"""kvshelf's byte format for one stored chunk. Self-describing, versioned, checksummed, optionally
+authenticated; never pickle.
 
     offset  size  field
     0       4     magic b"KVSH"
-    4       2     format version (little-endian u16)
-    6       2     reserved, 0
-    8       4     header length H (u32)
+    4       2     format version (little-endian u16), 2
+    6       2     flags: bit 0 = the MAC field holds a MAC; other bits 0
+    8       4     header length H (u32, at most 64 KiB)
     12      8     xxh3-64 of the header bytes
     20      8     xxh3-64 of the payload bytes
-    28      H     header: UTF-8 JSON (key, fingerprint, codec + params, dtype, shape, layer range,
-                  tokens, RoPE position of the first token, per-layer segment offsets)
-    28+H    ...   payload: one codec segment per layer, back to back
+    28      32    keyed BLAKE3 MAC over (domain, chunk key, bytes 0..27, header, payload: kvshelf.storage.auth);
+                  zeros without a MAC
+    60      H     header: UTF-8 JSON object, exactly these fields: key (hex; keyed with a MAC key:
+                  kvshelf.storage.auth.key_field), model (a tag of the model
+                  fingerprint bound to the key: kvshelf.storage.auth.model_tag), codec, codec_params,
+                  dtype, shape [layers, 2, kv_heads, tokens, head_dim], num_tokens, position (RoPE
+                  position of the first token), layer_offsets (one segment per layer)
+    60+H    ...   payload: one codec segment per layer, back to back
 
-Every read checks all of it; any mismatch raises FormatError, which tiers turn into a miss and a delete.
+Reading checks the MAC first when the reader has a key (a hostile header is never even parsed), then
+the checksums, then every header field's type and range against what the read expects (shape, dtype,
+tokens, the largest segment the codec can write) before anything is decoded. Whatever goes wrong while
+parsing or decoding stored bytes is a FormatError, which tiers turn into a miss and a delete. Version 1
+objects (plain fingerprint, no MAC field) are misses.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import re
 import struct
 
 import torch
@@ -25,29 +37,43 @@ import xxhash
 from kvshelf.codecs import Codec, get_codec
 from kvshelf.codecs.base import tensor_view
 from kvshelf.codecs.calibration import MissingCalibration
+from kvshelf.codecs.pool import CodecPoolError
 from kvshelf.errors import KVShelfError
+from kvshelf.storage.auth import MAC_SIZE, ObjectAuth, key_field, model_tag
 from kvshelf.storage.base import ChunkMeta, StoredChunk
+from kvshelf.storage.expect import GENERIC, MAX_HEADER_BYTES, MAX_POSITION, Expected
 
 MAGIC = b"KVSH"
-FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<4sHHIQQ")
-PREFIX_SIZE = _PREFIX.size  # 28
+FORMAT_VERSION = 2
+FLAG_MAC = 1
+_PREFIX = struct.Struct("<4sHHIQQ32s")
+PREFIX_SIZE = _PREFIX.size  # 60
+_MAC_AT = PREFIX_SIZE - MAC_SIZE  # the MAC covers the prefix bytes before it
+_NO_MAC = bytes(MAC_SIZE)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+_FIELDS = {"key", "model", "codec", "codec_params", "dtype", "shape", "num_tokens", "position", "layer_offsets"}
+_MAX_DEPTH = 3  # {"codec_params": {...}} and lists inside the object: deeper is not a kvshelf header
+_BRACKETS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 class FormatError(KVShelfError):
-    """A stored object is truncated, corrupted, of an unknown version, or not the object asked for."""
+    """A stored object is truncated, corrupted, forged, of an unknown version, or not the object asked for."""
+
+
+class OtherVersion(FormatError):
+    """An object of another format version (e.g. written before an upgrade): a miss, like any damage."""
 
 
 class UnreadableHere(FormatError):
-    """A sound object this process cannot decode (its cachegen calibration is not here): a miss, kept."""
+    """A sound object this process cannot decode (its cachegen calibration is not here)."""
 
 
-def encode_chunk_parts(key: bytes, chunk: StoredChunk, codec: Codec) -> list[bytes | memoryview]:
+def encode_chunk_parts(
+    key: bytes, chunk: StoredChunk, codec: Codec, auth: ObjectAuth | None = None
+) -> list[bytes | memoryview]:
     """The encoded object as a list of buffers (prefix + header, then one segment per layer), so that
     writers can send it without joining; raw segments are views of the tensor, not copies."""
     kv = chunk.kv
-    num_layers = kv.shape[0]
     segments = codec.encode_layers(kv, chunk.meta.position)
     offsets = [0]
     payload_hash = xxhash.xxh3_64()
@@ -55,54 +81,146 @@ def encode_chunk_parts(key: bytes, chunk: StoredChunk, codec: Codec) -> list[byt
         offsets.append(offsets[-1] + len(seg))
         payload_hash.update(seg)
     header = {
-        "key": key.hex(),
-        "fingerprint": chunk.meta.fingerprint.hex(),
+        "key": key_field(key, auth),
+        "model": model_tag(chunk.meta.fingerprint, key, auth),
         "codec": codec.name,
         "codec_params": codec.params(),
         "dtype": str(kv.dtype).removeprefix("torch."),
         "shape": list(kv.shape),
-        "layers": [0, num_layers],
         "num_tokens": chunk.meta.num_tokens,
         "position": chunk.meta.position,
         "layer_offsets": offsets,
     }
     head = json.dumps(header, separators=(",", ":")).encode()
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(head), xxhash.xxh3_64_intdigest(head), payload_hash.intdigest())
-    return [prefix + head, *segments]
+    flags = FLAG_MAC if auth is not None else 0
+    fields = (MAGIC, FORMAT_VERSION, flags, len(head), xxhash.xxh3_64_intdigest(head), payload_hash.intdigest())
+    prefix = bytearray(_PREFIX.pack(*fields, _NO_MAC))
+    if auth is not None:
+        prefix[_MAC_AT:] = auth.mac(key, bytes(prefix[:_MAC_AT]) + head, segments)
+    return [bytes(prefix) + head, *segments]
 
 
-def encode_chunk(key: bytes, chunk: StoredChunk, codec: Codec) -> bytes:
-    return b"".join(encode_chunk_parts(key, chunk, codec))
+def encode_chunk(key: bytes, chunk: StoredChunk, codec: Codec, auth: ObjectAuth | None = None) -> bytes:
+    return b"".join(encode_chunk_parts(key, chunk, codec, auth))
 
 
-def read_header(blob: bytes | memoryview, *, expected_size: int | None = None) -> tuple[dict, int]:
-    """Parse and verify the prefix and header; return (header, payload offset). Payload is not checked."""
-    view = memoryview(blob)
+def _json_depth(head: bytes) -> int:
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(head):
+        tok = m.group()
+        if tok in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > _MAX_DEPTH:
+                break
+        elif tok in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _prefix(view: memoryview) -> tuple[int, int, int, int, bytes]:
     if len(view) < PREFIX_SIZE:
         raise FormatError(f"object of {len(view)} bytes is shorter than the {PREFIX_SIZE}-byte prefix")
-    magic, version, reserved, head_len, head_sum, _ = _PREFIX.unpack_from(view)
+    magic, version, flags, head_len, head_sum, payload_sum, mac = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise FormatError(f"bad magic {bytes(magic)!r}")
     if version != FORMAT_VERSION:
-        raise FormatError(f"format version {version} is not supported (this kvshelf reads {FORMAT_VERSION})")
-    if reserved != 0:
-        raise FormatError(f"reserved prefix field is {reserved}, expected 0")
-    head = view[PREFIX_SIZE : PREFIX_SIZE + head_len]
-    if len(head) != head_len or xxhash.xxh3_64_intdigest(head) != head_sum:
-        raise FormatError("header truncated or corrupted")
+        raise OtherVersion(f"format version {version} is not supported (this kvshelf reads {FORMAT_VERSION})")
+    if flags & ~FLAG_MAC:
+        raise FormatError(f"unknown prefix flags {flags:#x}")
+    if not flags & FLAG_MAC and mac != _NO_MAC:
+        raise FormatError("MAC field of an object without a MAC is not zero")
+    if head_len > MAX_HEADER_BYTES:
+        raise FormatError(f"header of {head_len} bytes is larger than {MAX_HEADER_BYTES}")
+    return flags, head_len, head_sum, payload_sum, mac
+
+
+def _parse_header(head: memoryview) -> dict:
+    raw = bytes(head)
+    if _json_depth(raw) > _MAX_DEPTH:
+        raise FormatError(f"header JSON is nested deeper than {_MAX_DEPTH}")
+    header = json.loads(raw)
+    if not isinstance(header, dict) or set(header) != _FIELDS:
+        got = sorted(header) if isinstance(header, dict) else type(header).__name__
+        raise FormatError(f"header fields are {got}, expected {sorted(_FIELDS)}")
+    return header
+
+
+def read_header(blob: bytes | memoryview, *, expected_size: int | None = None) -> tuple[dict, int]:
+    """Parse and check the prefix and header (types and generic ranges); return (header, payload offset).
+    Neither the payload nor the MAC is checked: for indexing files, not for loading them."""
+    view = memoryview(blob)
     try:
-        header = json.loads(bytes(head))
-        payload_len = header["layer_offsets"][-1]
-    except (ValueError, KeyError, IndexError, TypeError) as err:
-        raise FormatError(f"header unreadable: {err}") from None
+        _, head_len, head_sum, _, _ = _prefix(view)
+        head = view[PREFIX_SIZE : PREFIX_SIZE + head_len]
+        if len(head) != head_len or xxhash.xxh3_64_intdigest(head) != head_sum:
+            raise FormatError("header truncated or corrupted")
+        header = _parse_header(head)
+        shape, _, offsets = _check_header(header, None, None)
+    except FormatError:
+        raise
+    except Exception as err:  # noqa: BLE001 - anything at all in stored bytes is damage
+        raise FormatError(f"header unreadable: {type(err).__name__}: {err}") from None
     start = PREFIX_SIZE + head_len
-    if expected_size is not None and expected_size != start + payload_len:
-        raise FormatError(f"object is {expected_size} bytes, header says {start + payload_len}")
+    if expected_size is not None and expected_size != start + offsets[-1]:
+        raise FormatError(f"object is {expected_size} bytes, header says {start + offsets[-1]}")
     return header, start
 
 
+def _int(value, lo: int, hi: int, what: str) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise FormatError(f"header {what} is {value!r}, expected an integer within {lo}..{hi}")
+    return value
+
+
+def _check_header(header: dict, codec: Codec | None, expected: Expected | None):
+    """Types and ranges of every field, against `expected` when given; returns (shape, dtype, offsets)."""
+    if not isinstance(header["key"], str) or not isinstance(header["model"], str):
+        raise FormatError("header key/model are not strings")
+    dtype = _DTYPES.get(header["dtype"]) if isinstance(header["dtype"], str) else None
+    if dtype is None:
+        raise FormatError(f"header dtype {header['dtype']!r} is not one of {sorted(_DTYPES)}")
+    shape = header["shape"]
+    if not isinstance(shape, list) or len(shape) != 5:
+        raise FormatError(f"header shape {shape!r} is not [layers, 2, kv_heads, tokens, head_dim]")
+    lim = GENERIC
+    if expected is None:
+        layers = _int(shape[0], 1, lim.max_layers, "layer count")
+        heads = _int(shape[2], 1, lim.max_kv_heads, "KV head count")
+        dim = _int(shape[4], 1, lim.max_head_dim, "head dim")
+        tokens = _int(shape[3], 1, lim.max_tokens, "token count")
+    else:
+        want = expected.largest_shape()
+        layers = _int(shape[0], want[0], want[0], "layer count")
+        heads = _int(shape[2], want[2], want[2], "KV head count")
+        dim = _int(shape[4], want[4], want[4], "head dim")
+        hi = want[3]
+        tokens = _int(shape[3], hi if expected.exact else 1, hi, "token count")
+        if expected.dtype is not None and header["dtype"] != expected.dtype:
+            raise FormatError(f"dtype {header['dtype']} != expected {expected.dtype}")
+    _int(shape[1], 2, 2, "K/V dimension")
+    if layers * 2 * heads * tokens * dim > lim.max_values:
+        raise FormatError(f"shape {shape!r} holds more than {lim.max_values} values")
+    _int(header["num_tokens"], tokens, tokens, "num_tokens (must equal the shape's tokens)")
+    position = _int(header["position"], 0, MAX_POSITION, "position")
+    if expected is not None and expected.position is not None and position != expected.position:
+        raise FormatError(f"chunk position {position} != expected {expected.position}")
+    offsets = header["layer_offsets"]
+    if not isinstance(offsets, list) or len(offsets) != layers + 1:
+        raise FormatError("layer table does not match the shape")
+    _int(offsets[0], 0, 0, "first layer offset")
+    per_layer = (2, heads, tokens, dim)
+    cap = codec.max_segment_bytes(per_layer, dtype) if codec is not None else lim.max_object_bytes
+    for a, b in zip(offsets, offsets[1:], strict=False):
+        _int(b, 0, lim.max_object_bytes, "layer offset")
+        if not 0 <= b - a <= cap:
+            raise FormatError(f"layer segment of {b - a} bytes is outside 0..{cap}")
+    return tuple(shape), dtype, offsets
+
+
 class EncodedChunk:
-    """A verified stored object whose layers decode on demand (layerwise loading decodes layer by layer)."""
+    """A verified stored object whose layers decode on demand (layerwise loading decodes layer by layer).
+    The shape was checked against the read's expectation, so no decoder makes more than that."""
 
     def __init__(self, meta: ChunkMeta, codec: Codec, payload: memoryview, offsets: list[int]):
         self.meta, self.codec, self._payload, self._offsets = meta, codec, payload, offsets
@@ -117,12 +235,16 @@ class EncodedChunk:
         seg = self._payload[self._offsets[i] : self._offsets[i + 1]]
         try:
             if device is not None:
-                return self.codec.decode_layer_on(seg, shape[1:], dtype, i, shape[0], device, self.meta.position)
-            if self.codec.raw_layout:
-                return tensor_view(seg, dtype, shape[1:])
-            return self.codec.decode_layer(seg, shape[1:], dtype, i, shape[0], self.meta.position)
-        except (ValueError, RuntimeError, TypeError) as err:
-            raise FormatError(f"layer {i} does not decode: {err}") from None
+                out = self.codec.decode_layer_on(seg, shape[1:], dtype, i, shape[0], device, self.meta.position)
+            elif self.codec.raw_layout:
+                out = tensor_view(seg, dtype, shape[1:])
+            else:
+                out = self.codec.decode_layer(seg, shape[1:], dtype, i, shape[0], self.meta.position)
+        except (FormatError, CodecPoolError):
+            raise
+        except Exception as err:  # noqa: BLE001 - any failure to decode stored bytes is damage
+            raise FormatError(f"layer {i} does not decode: {type(err).__name__}: {err}") from None
+        return _checked(out, shape[1:], dtype, f"layer {i}")
 
     def layers(self, i: int, j: int) -> torch.Tensor:
         """Layers i..j-1 ([j - i, 2, kv_heads, tokens, head_dim]); a view when the codec is raw."""
@@ -135,9 +257,12 @@ class EncodedChunk:
         shape, dtype = self.meta.shape, self.meta.dtype
         segments = [self._payload[self._offsets[k] : self._offsets[k + 1]] for k in layers]
         try:
-            return self.codec.decode_layers(segments, shape[1:], dtype, layers, shape[0], self.meta.position)
-        except (ValueError, RuntimeError, TypeError) as err:
-            raise FormatError(f"layers {layers[0]}..{layers[-1]} do not decode: {err}") from None
+            out = self.codec.decode_layers(segments, shape[1:], dtype, layers, shape[0], self.meta.position)
+        except (FormatError, CodecPoolError):
+            raise  # a dead worker is this process's fault, not the data's
+        except Exception as err:  # noqa: BLE001
+            raise FormatError(f"layers {layers[0]}..{layers[-1]} do not decode: {type(err).__name__}: {err}") from None
+        return [_checked(t, shape[1:], dtype, f"layer {k}") for t, k in zip(out, layers, strict=True)]
 
     def decode_all(self) -> StoredChunk:
         shape, dtype = self.meta.shape, self.meta.dtype
@@ -148,41 +273,84 @@ class EncodedChunk:
         return StoredChunk(self.meta, kv)
 
 
-def open_chunk(blob: bytes | memoryview, expected_key: bytes) -> EncodedChunk:
-    """Verify everything about a stored object (prefix, header, key, layer table, payload checksum)."""
+def _checked(t: torch.Tensor, shape, dtype, what: str) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise FormatError(f"{what} decoded to {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+    return t
+
+
+def open_chunk(
+    blob: bytes | memoryview,
+    expected_key: bytes,
+    codec: Codec | None = None,
+    *,
+    auth: ObjectAuth | None = None,
+    expected: Expected | None = None,
+) -> EncodedChunk:
+    """Verify everything about a stored object before any decoding: MAC (with `auth`), prefix, header
+    checksum and fields, key, model tag (with `expected`'s fingerprint), shape, layer table, payload
+    checksum. `codec`: the reading tier's codec, which the header must name exactly; None decodes with
+    whatever codec the header names (tools and tests)."""
     view = memoryview(blob)
-    header, start = read_header(view)
-    *_, payload_sum = _PREFIX.unpack_from(view)
-    payload = view[start:]
     try:
-        if header["key"] != expected_key.hex():
-            raise FormatError(f"object holds key {header['key']}, asked for {expected_key.hex()}")
-        offsets = [int(o) for o in header["layer_offsets"]]
+        flags, head_len, head_sum, payload_sum, mac = _prefix(view)
+        start = PREFIX_SIZE + head_len
+        head, payload = view[PREFIX_SIZE:start], view[start:]
+        if len(head) != head_len:
+            raise FormatError("header truncated")
+        if auth is not None:
+            if not flags & FLAG_MAC:
+                raise FormatError("object carries no MAC, and this instance requires one (remote_auth_key)")
+            if not hmac.compare_digest(auth.mac(expected_key, bytes(view[:_MAC_AT]) + bytes(head), [payload]), mac):
+                raise FormatError("MAC mismatch: object not written by an instance holding remote_auth_key")
+        elif flags & FLAG_MAC:
+            raise FormatError("object carries a MAC but this instance has no remote_auth_key")
+        if xxhash.xxh3_64_intdigest(head) != head_sum:
+            raise FormatError("header checksum mismatch")
+        header = _parse_header(head)
+        if header["key"] != key_field(expected_key, auth):
+            raise FormatError(f"object holds key {header['key']!r}, asked for {key_field(expected_key, auth)}")
+        fingerprint = b""  # unknown: the engine accepts no chunk whose fingerprint it cannot confirm
+        if expected is not None and expected.fingerprint is not None:
+            if not hmac.compare_digest(str(header["model"]), model_tag(expected.fingerprint, expected_key, auth)):
+                raise FormatError("model fingerprint differs")
+            fingerprint = expected.fingerprint
+        codec = _codec_for(header, codec)
+        shape, dtype, offsets = _check_header(header, codec, expected)
         if len(payload) != offsets[-1]:
             raise FormatError(f"payload is {len(payload)} bytes, header says {offsets[-1]}")
         if xxhash.xxh3_64_intdigest(payload) != payload_sum:
             raise FormatError("payload checksum mismatch")
-        dtype = _DTYPES[header["dtype"]]
-        shape = tuple(int(s) for s in header["shape"])
-        try:
-            codec = get_codec(header["codec"], header["codec_params"])
-        except MissingCalibration as err:
-            raise UnreadableHere(str(err)) from None
-        num_layers = shape[0]
-        if len(offsets) != num_layers + 1 or header["layers"] != [0, num_layers]:
-            raise FormatError("layer table does not match the shape")
         if codec.raw_layout and len(payload) != torch.Size(shape).numel() * dtype.itemsize:
             raise FormatError(f"raw payload is {len(payload)} bytes, shape {shape} needs more or less")
-        position = int(header.get("position", 0))
-        if position < 0:
-            raise FormatError(f"chunk position {position} is negative")
-        meta = ChunkMeta(bytes.fromhex(header["fingerprint"]), int(header["num_tokens"]), shape, dtype, position)
+        meta = ChunkMeta(fingerprint, shape[3], shape, dtype, header["position"])
     except FormatError:
         raise
-    except (KeyError, ValueError, TypeError, RuntimeError, KVShelfError) as err:
-        raise FormatError(f"object does not decode: {err}") from None
+    except Exception as err:  # noqa: BLE001 - RecursionError, OverflowError, MemoryError...: all damage
+        raise FormatError(f"object does not parse: {type(err).__name__}: {err}") from None
     return EncodedChunk(meta, codec, payload, offsets)
 
 
-def decode_chunk(blob: bytes | memoryview, expected_key: bytes) -> StoredChunk:
-    return open_chunk(blob, expected_key).decode_all()
+def _codec_for(header: dict, codec: Codec | None) -> Codec:
+    if codec is not None:
+        if header["codec"] != codec.name or header["codec_params"] != codec.params():
+            raise FormatError(f"object coded with {header['codec']} {header['codec_params']}, not this tier's codec")
+        return codec
+    params = header["codec_params"]
+    if not isinstance(header["codec"], str) or not isinstance(params, dict):
+        raise FormatError("header codec/codec_params have the wrong types")
+    try:
+        return get_codec(header["codec"], params)
+    except MissingCalibration as err:
+        raise UnreadableHere(str(err)) from None
+
+
+def decode_chunk(
+    blob: bytes | memoryview,
+    expected_key: bytes,
+    codec: Codec | None = None,
+    *,
+    auth: ObjectAuth | None = None,
+    expected: Expected | None = None,
+) -> StoredChunk:
+    return open_chunk(blob, expected_key, codec, auth=auth, expected=expected).decode_all()

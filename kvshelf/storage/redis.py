@@ -4,8 +4,16 @@ URLs: redis://[user:pass@]host:port/db, rediss:// (TLS), unix:///path.sock, valk
 (same protocols), redis-cluster://[user:pass@]host:port,host:port (TLS: rediss-cluster://).
 Values above `part_bytes` are split into parts written first, then a small manifest under the main
 key: a reader that sees the manifest finds every part, and a crash mid-write leaves no manifest, so a
-miss. A hash tag keeps a chunk's parts in one cluster slot. Space is the server's business: give it a
-`maxmemory` and an `allkeys-lru` policy, or pass a TTL.
+miss. A hash tag keeps a chunk's parts in one cluster slot. Parts carry the manifest's TTL; without a
+TTL they are written with a grace expiry (PART_GRACE_S) that is removed once the manifest is in place,
+so a write that dies half way leaves nothing behind for long. Space is the server's business: give it
+a `maxmemory` and an `allkeys-lru` policy, or pass a TTL.
+
+Reads trust no value: a server-side script returns a value's size instead of the value when it is
+larger than the largest chunk the read expects, and a manifest must add up (parts x part size = total,
+total within that limit) before a part is fetched; all parts come in one round trip, and a delete
+removes the value and its parts with one UNLINK. The server must allow scripting (EVALSHA, SCRIPT LOAD)
+for kvshelf's user; a server that refuses it makes every read a tier fault.
 """
 
 from __future__ import annotations
@@ -18,10 +26,13 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from kvshelf.codecs import Codec
 from kvshelf.errors import ConfigError
-from kvshelf.storage.serialized import ByteStore
+from kvshelf.storage.auth import ObjectAuth
+from kvshelf.storage.expect import GENERIC
+from kvshelf.storage.format import FormatError
+from kvshelf.storage.serialized import ByteStore, ObjectTooLarge
 
-_MANIFEST = struct.Struct("<4sIQ")  # magic, part count, total bytes
-_MANIFEST_MAGIC = b"KVSP"
+_MANIFEST = struct.Struct("<4sIIQ")  # magic, part count, part bytes, total bytes
+_MANIFEST_MAGIC = b"KVS2"
 
 
 def _client(url: str, *, timeout_s: float, ssl_ca_certs: str | None):
@@ -57,6 +68,31 @@ def _client(url: str, *, timeout_s: float, ssl_ca_certs: str | None):
     return redis.Redis.from_url(url, **common, **extra)
 
 
+# One round trip per read, and the size is known before the value travels: a value larger than the
+# caller's limit comes back as its length (a number), another type as -1, a missing key as nil.
+_READ = """
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'none' then return false end
+if t ~= 'string' then return -1 end
+local n = redis.call('STRLEN', KEYS[1])
+if n > tonumber(ARGV[1]) then return n end
+return redis.call('GET', KEYS[1])
+"""
+# All parts of one value in one round trip (they share a slot), each checked against the part size.
+_READ_PARTS = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  local t = redis.call('TYPE', k)['ok']
+  if t == 'none' then return 0 end
+  if t ~= 'string' or redis.call('STRLEN', k) > tonumber(ARGV[1]) then return -1 end
+  out[i] = redis.call('GET', k)
+end
+return out
+"""
+PART_GRACE_S = 600  # parts carry an expiry until their manifest is written: a crashed write leaves nothing
+MAX_PARTS = 1 << 16
+
+
 class RedisBackend(ByteStore):
     name = "redis"
 
@@ -70,8 +106,9 @@ class RedisBackend(ByteStore):
         part_bytes: int = 32 << 20,
         timeout_s: float = 2.0,
         ssl_ca_certs: str | None = None,
+        auth: ObjectAuth | None = None,
     ):
-        super().__init__(codec)
+        super().__init__(codec, auth=auth)
         if part_bytes < 1024:
             raise ConfigError(f"redis part size must be >= 1024 bytes, got {part_bytes}")
         self.url = url
@@ -79,6 +116,8 @@ class RedisBackend(ByteStore):
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.part_bytes = part_bytes
+        self._read = self.client.register_script(_READ)
+        self._read_parts = self.client.register_script(_READ_PARTS)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}{{{name}}}"  # {...}: the cluster hash tag
@@ -92,49 +131,79 @@ class RedisBackend(ByteStore):
         if len(blob) <= self.part_bytes:
             self.client.set(key, blob, ex=self.ttl_s)
             return True
-        parts = [blob[i : i + self.part_bytes] for i in range(0, len(blob), self.part_bytes)]
+        pieces = [blob[i : i + self.part_bytes] for i in range(0, len(blob), self.part_bytes)]
+        part_keys = self._part_keys(name, len(pieces))
         pipe = self.client.pipeline(transaction=False)
-        for part_key, part in zip(self._part_keys(name, len(parts)), parts, strict=True):
-            pipe.set(part_key, part, ex=self.ttl_s)
+        for part_key, part in zip(part_keys, pieces, strict=True):
+            pipe.set(part_key, part, ex=self.ttl_s or PART_GRACE_S)
         pipe.execute()
         # The manifest goes last: until it exists, readers see a miss.
-        self.client.set(key, _MANIFEST.pack(_MANIFEST_MAGIC, len(parts), len(blob)), ex=self.ttl_s)
+        self.client.set(key, _MANIFEST.pack(_MANIFEST_MAGIC, len(pieces), self.part_bytes, len(blob)), ex=self.ttl_s)
+        if self.ttl_s is None:  # kept as long as their manifest: allkeys-lru or a delete reclaims them
+            pipe = self.client.pipeline(transaction=False)
+            for part_key in part_keys:
+                pipe.persist(part_key)
+            pipe.execute()
         return True
 
-    def _get_bytes(self, name: str) -> bytes | None:
-        head = self.client.get(self._key(name))
-        if head is None or not head.startswith(_MANIFEST_MAGIC):
+    @staticmethod
+    def _manifest(head: bytes, limit: int) -> tuple[int, int, int] | None:
+        """(parts, part bytes, total) of a manifest, None if `head` is not one; FormatError if one that
+        announces more than `limit` bytes or a part count its sizes do not give."""
+        if len(head) != _MANIFEST.size or not head.startswith(_MANIFEST_MAGIC):
+            return None
+        _, count, part_bytes, total = _MANIFEST.unpack(head)
+        if total > limit:
+            raise ObjectTooLarge(f"manifest announces {total} bytes; no expected chunk is larger than {limit}")
+        if part_bytes < 1024 or count != -(-total // part_bytes) or not 2 <= count <= MAX_PARTS:
+            raise FormatError(f"manifest of {count} parts x {part_bytes} bytes does not add up to {total} bytes")
+        return count, part_bytes, total
+
+    def _get_bytes(self, name: str, limit: int) -> bytes | None:
+        key = self._key(name)
+        head = self._read(keys=[key], args=[limit])
+        if head is None:
+            return None
+        if isinstance(head, int):
+            if head < 0:
+                raise FormatError("value is not a Redis string")
+            raise ObjectTooLarge(f"value of {head} bytes; no expected chunk is larger than {limit}")
+        manifest = self._manifest(head, limit)
+        if manifest is None:
             return head
-        if len(head) != _MANIFEST.size:
-            return head  # not a manifest after all; the format check will reject it
-        _, count, total = _MANIFEST.unpack(head)
-        parts = self.client.mget(self._part_keys(name, count))
-        if any(p is None for p in parts):
-            return b""  # a part expired or was evicted: fails verification, so it is deleted as damaged
+        count, part_bytes, total = manifest
+        parts = self._read_parts(keys=self._part_keys(name, count), args=[part_bytes])
+        if isinstance(parts, int):
+            raise FormatError("a part is missing (expired, evicted)" if parts == 0 else "a part is not a sound part")
         blob = b"".join(parts)
-        return blob if len(blob) == total else b""
+        if len(blob) != total:
+            raise FormatError(f"parts hold {len(blob)} bytes, the manifest says {total}")
+        return blob
 
     def _delete_name(self, name: str) -> None:
         key = self._key(name)
-        head = self.client.get(key)
         keys = [key]
-        if head is not None and head.startswith(_MANIFEST_MAGIC) and len(head) == _MANIFEST.size:
-            keys += self._part_keys(name, _MANIFEST.unpack(head)[1])
-        for k in keys:  # one by one: keys in a multi-key DEL must share a slot, and these do, but stay simple
-            self.client.delete(k)
+        try:
+            head = self.client.getrange(key, 0, _MANIFEST.size)  # bounded: never a whole planted value
+            manifest = self._manifest(head, GENERIC.max_object_bytes)
+        except (redis.ResponseError, FormatError):  # another type, or a manifest that does not add up
+            manifest = None
+        if manifest is not None:
+            keys += self._part_keys(name, manifest[0])
+        self.client.unlink(*keys)  # one call: the parts share the key's hash tag, so its slot
 
     def contains(self, key: bytes) -> bool:
-        return bool(self.client.exists(self._key(key.hex())))
+        return bool(self.client.exists(self._key(self.name_of(key))))
 
     def contains_many(self, keys: list[bytes]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)
         for k in keys:
-            pipe.exists(self._key(k.hex()))
+            pipe.exists(self._key(self.name_of(k)))
         return [bool(r) for r in pipe.execute()]
 
     def clear(self) -> None:
         for k in self.client.scan_iter(match=f"{self.prefix}*", count=1000):
-            self.client.delete(k)
+            self.client.unlink(k)
 
     def close(self) -> None:
         self.client.close()

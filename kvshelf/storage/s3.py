@@ -19,7 +19,8 @@ from botocore.exceptions import ClientError
 
 from kvshelf.codecs import Codec
 from kvshelf.errors import ConfigError
-from kvshelf.storage.serialized import ByteStore
+from kvshelf.storage.auth import ObjectAuth
+from kvshelf.storage.serialized import ByteStore, ObjectTooLarge
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
@@ -55,8 +56,9 @@ class S3Backend(ByteStore):
         multipart_bytes: int = 16 << 20,
         concurrency: int = 8,
         timeout_s: float = 5.0,
+        auth: ObjectAuth | None = None,
     ):
-        super().__init__(codec)
+        super().__init__(codec, auth=auth)
         self.bucket = bucket
         self.prefix = prefix
         self.client = boto3.client(
@@ -91,21 +93,30 @@ class S3Backend(ByteStore):
             self.client.upload_fileobj(io.BytesIO(blob), self.bucket, self._object(name), Config=self.transfer)
         return True
 
-    def _get_bytes(self, name: str) -> bytes | None:
+    def _get_bytes(self, name: str, limit: int) -> bytes | None:
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._object(name))
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in _NOT_FOUND:
                 return None
             raise
-        return resp["Body"].read()
+        body = resp["Body"]
+        size = resp.get("ContentLength")
+        if size is not None and size > limit:  # refused on the response headers: the body is never read
+            body.close()
+            raise ObjectTooLarge(f"object of {size} bytes; no expected chunk is larger than {limit}")
+        blob = body.read(limit + 1)  # bounded even where a server sends no length
+        body.close()
+        if len(blob) > limit:
+            raise ObjectTooLarge(f"object is larger than {limit} bytes")
+        return blob
 
     def _delete_name(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._object(name))
 
     def contains(self, key: bytes) -> bool:
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._object(key.hex()))
+            self.client.head_object(Bucket=self.bucket, Key=self._object(self.name_of(key)))
             return True
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in _NOT_FOUND:

@@ -1,4 +1,12 @@
-"""Base for tiers that hold bytes (disk, Redis, S3): encode with the tier's codec, verify on every read."""
+"""Base for tiers that hold bytes (disk, Redis, S3): encode with the tier's codec, verify on every read.
+
+Objects are stored under a name derived from the chunk key and the tier's codec (its parameters and
+cachegen calibration included), keyed with `remote_auth_key` when there is one (kvshelf.storage.auth).
+Instances with other codecs, calibrations or secrets therefore use other names: they neither read nor
+block each other's objects. Reads are held to what the engine expects (kvshelf.storage.expect): an
+object larger than the largest encoding of the expected chunk is refused before it is read, and its
+header is checked before anything decodes.
+"""
 
 from __future__ import annotations
 
@@ -7,42 +15,67 @@ import threading
 import time
 from abc import abstractmethod
 
+import torch
+
 from kvshelf.codecs import Codec
 from kvshelf.metrics import metrics
+from kvshelf.storage import expect
+from kvshelf.storage.auth import ObjectAuth, codec_id, object_name
 from kvshelf.storage.base import StorageBackend, StoredChunk
-from kvshelf.storage.format import EncodedChunk, FormatError, UnreadableHere, encode_chunk_parts, open_chunk
+from kvshelf.storage.expect import GENERIC, MAX_HEADER_BYTES, Expected
+from kvshelf.storage.format import PREFIX_SIZE, EncodedChunk, FormatError, encode_chunk_parts, open_chunk
 
 log = logging.getLogger(__name__)
 
 
+class ObjectTooLarge(FormatError):
+    """A stored object is larger than any chunk this read could expect; refused before reading it."""
+
+
 class ByteStore(StorageBackend):
-    def __init__(self, codec: Codec):
+    def __init__(self, codec: Codec, *, auth: ObjectAuth | None = None):
         self.codec = codec
+        self.auth = auth
+        self._codec_id = codec_id(codec.name, codec.params())
         self.corrupt_objects = 0  # objects that failed verification and were deleted
         self._corrupt_lock = threading.Lock()
-        self._unreadable_seen: set[str] = set()
 
-    # Subclasses implement raw byte access under a string name (the key's hex digest).
+    # Subclasses implement raw byte access under a string name (object_name of the key and codec).
     @abstractmethod
     def _put_bytes(self, name: str, parts: list[bytes | memoryview]) -> bool:
         """Store the concatenation of `parts` (passed unjoined so writers can skip a copy)."""
 
     @abstractmethod
-    def _get_bytes(self, name: str) -> bytes | None: ...
+    def _get_bytes(self, name: str, limit: int) -> bytes | None:
+        """The object, or None when there is none; raise ObjectTooLarge, without reading it, when it is
+        larger than `limit` bytes."""
 
     @abstractmethod
     def _delete_name(self, name: str) -> None: ...
 
+    def name_of(self, key: bytes) -> str:
+        return object_name(key, self._codec_id, self.auth)
+
+    def max_object_bytes(self, expected: Expected | None) -> int:
+        """The largest object a read expecting `expected` can accept (this tier's codec)."""
+        if expected is None:
+            return GENERIC.max_object_bytes
+        layers, _, heads, tokens, dim = expected.largest_shape()
+        seg = self.codec.max_segment_bytes((2, heads, tokens, dim), torch.float32)  # the widest dtype: a bound
+        return PREFIX_SIZE + MAX_HEADER_BYTES + layers * seg
+
     def put(self, key: bytes, chunk: StoredChunk) -> bool:
+        if chunk.meta.num_tokens > GENERIC.max_tokens or chunk.kv.numel() > GENERIC.max_values:
+            return False  # no read would accept it (e.g. a blended document longer than 8192 tokens)
         t0 = time.perf_counter()
-        parts = encode_chunk_parts(key, chunk, self.codec)
+        parts = encode_chunk_parts(key, chunk, self.codec, self.auth)
         metrics().observe_codec(
             self.codec.name, "encode", time.perf_counter() - t0, chunk.nbytes, sum(len(p) for p in parts)
         )
-        return self._put_bytes(key.hex(), parts)
+        return self._put_bytes(self.name_of(key), parts)
 
-    def get(self, key: bytes) -> StoredChunk | None:
-        encoded = self.open(key)
+    def get(self, key: bytes, expected: Expected | None = None) -> StoredChunk | None:
+        encoded = self.open(key, expected)
         if encoded is None:
             return None
         t0 = time.perf_counter()
@@ -54,32 +87,27 @@ class ByteStore(StorageBackend):
         metrics().observe_codec(self.codec.name, "decode", time.perf_counter() - t0, chunk.nbytes, 0)
         return chunk
 
-    def open(self, key: bytes) -> EncodedChunk | None:
-        """Fetch and verify the object; layers decode when asked for."""
-        blob = self._get_bytes(key.hex())
-        if blob is None:
-            return None
+    def open(self, key: bytes, expected: Expected | None = None) -> EncodedChunk | None:
+        """Fetch and verify the object; layers decode when asked for. `expected` defaults to the engine's
+        expectation for this read (kvshelf.storage.expect.expecting). I/O errors propagate (tier faults)."""
+        expected = expected or expect.current()
         try:
-            return open_chunk(blob, key)
-        except UnreadableHere as err:
-            # Another instance's calibration: the object is fine for them, so it stays.
-            if str(err) not in self._unreadable_seen:
-                self._unreadable_seen.add(str(err))
-                log.warning("%s tier: %s; such chunks are misses here", self.name, err)
-            metrics().bypasses.labels("unknown_calibration").inc()
-            return None
+            blob = self._get_bytes(self.name_of(key), self.max_object_bytes(expected))
+            if blob is None:
+                return None
+            return open_chunk(blob, key, self.codec, auth=self.auth, expected=expected)
         except FormatError as err:
             self._reject(key, err)
             return None
 
     def _reject(self, key: bytes, err: Exception) -> None:
-        log.warning("%s tier: deleting damaged object %s: %s", self.name, key.hex(), err)
+        log.warning("%s tier: deleting damaged object for chunk %s: %s", self.name, key.hex(), err)
         with self._corrupt_lock:
             self.corrupt_objects += 1
-        self._delete_name(key.hex())
+        self._delete_name(self.name_of(key))
 
     def delete(self, key: bytes) -> None:
-        self._delete_name(key.hex())
+        self._delete_name(self.name_of(key))
 
     # Remote stores manage their own space (Redis maxmemory, S3 lifecycle); the disk tier overrides these.
     @property
