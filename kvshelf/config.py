@@ -114,7 +114,8 @@ class KVShelfConfig(BaseModel):
         None, description="YAML/JSON file of API keys: {key: tenant} or {key: {tenant: name, admin: bool}}"
     )
     tenant_secret: str | None = Field(
-        None, description="server secret for tenants' cache salts (default: random per start; set it for disk/remote)"
+        None,
+        description="server secret for tenants' cache salts (default: one made once per host in the cache folder; set the same on instances that share a remote tier)",
     )
     usage_details: bool = Field(False, description="add usage.kvshelf (cached tokens, ttft) to responses")
     server_docs: bool = Field(False, description="serve /docs, /redoc and /openapi.json")

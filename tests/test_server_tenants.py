@@ -140,3 +140,15 @@ def test_bad_keys_files_are_one_line_errors(tmp_path):
     good = tmp_path / "keys.json"
     good.write_text(json.dumps({ALICE: {"tenant": "alice", "admin": True}}))
     assert load_keys_file(str(good)) == {ALICE: Tenant("alice", admin=True)}
+
+
+def test_without_a_configured_secret_salts_survive_a_restart(tmp_path, monkeypatch):
+    """The host's own secret is made once (0600) and read again, so disk KV is found after a restart."""
+    monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path))
+    alice = Tenant("alice")
+    first = Tenants(KVShelfConfig()).salt(alice, None)
+    assert Tenants(KVShelfConfig()).salt(alice, None) == first
+    secret = tmp_path / "server" / "tenant_secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path / "other-host"))
+    assert Tenants(KVShelfConfig()).salt(alice, None) != first

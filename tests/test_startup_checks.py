@@ -45,7 +45,9 @@ def test_a_good_disk_path_passes(tmp_path):
 
 def test_an_unreachable_remote_tier_is_one_warning_line(caplog):
     with socket_closed_port() as port:
-        config = KVShelfConfig(remote_url=f"redis://:secretpw@127.0.0.1:{port}/0", remote_timeout_s=0.5)
+        config = KVShelfConfig(
+            remote_url=f"redis://:secretpw@127.0.0.1:{port}/0", remote_timeout_s=0.5, remote_auth_key="k" * 32
+        )
         with caplog.at_level(logging.WARNING, logger="kvshelf.storage.factory"):
             tiers = build_tiers(config)
     try:
@@ -59,7 +61,7 @@ def test_an_unreachable_remote_tier_is_one_warning_line(caplog):
 
 def test_a_reachable_remote_tier_is_quiet(redis_server, caplog):
     with caplog.at_level(logging.WARNING, logger="kvshelf.storage.factory"):
-        tiers = build_tiers(KVShelfConfig(remote_url=redis_server.url))
+        tiers = build_tiers(KVShelfConfig(remote_url=redis_server.url, remote_auth_key="k" * 32))
     tiers.close()
     assert not [r for r in caplog.records if r.name == "kvshelf.storage.factory"]
 

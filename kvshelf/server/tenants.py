@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,30 @@ def load_keys_file(path: str) -> dict[str, Tenant]:
     return keys
 
 
+def _local_secret() -> str:
+    """This host's tenant secret, made once and kept (0600) in the cache folder, so that salts, and with
+    them the disk and remote KV, survive a restart when no tenant_secret is configured."""
+    from kvshelf.model.provision import cache_root
+
+    path = cache_root() / "server" / "tenant_secret"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".tenant_secret.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    try:
+        os.link(tmp, path)  # the first writer wins; a concurrent start reads the winner's secret
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()
+
+
 class Tenants:
     """API key -> tenant, and tenant (+ client salt) -> cache salt."""
 
@@ -69,14 +94,13 @@ class Tenants:
             self.keys.update(load_keys_file(config.api_keys_file))
         if config.api_key:
             self.keys[config.api_key] = Tenant("default", admin=True)
-        secret = config.tenant_secret
-        if secret is None:
-            secret = secrets.token_hex(32)
-            if config.local_disk or config.remote_url:
-                log.warning(
-                    "tenant_secret is not set: tenants' cache salts change at every start, so disk/remote KV "
-                    "stored now will not be found after a restart"
-                )
+        secret = config.tenant_secret or _local_secret()
+        if config.tenant_secret is None and config.remote_url:
+            log.warning(
+                "tenant_secret is not set: this host's own secret derives the tenants' salts, so other "
+                "instances sharing the remote tier cannot reuse this one's KV; set the same tenant_secret "
+                "on every instance"
+            )
         self._secret = secret.encode()
         self._base = config.cache_salt or ""
 
