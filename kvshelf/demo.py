@@ -281,7 +281,7 @@ def _print_reorder(console: Console, question: str, value: str, rows, ratio: flo
     console.print(table)
     console.print(
         f"  {question} [dim](planted: {value})[/] Prefix caching stops at the first document that moved; "
-        "CacheBlend reuses each document's KV at its new position and recomputes the {ratio:.0%} of tokens "
+        f"CacheBlend reuses each document's KV at its new position and recomputes the {ratio:.0%} of tokens "
         "whose KV deviates most (its output may differ slightly from a full prefill)."
     )
 
@@ -340,6 +340,7 @@ def _child(cfg_path: str, prompt_path: str, max_new_tokens: int) -> None:
     gen = CachedGenerator(shelf.runner, shelf.engine, shelf.model.tokenizer, guard=shelf.generator.guard)
     with open(prompt_path) as f:
         prompt = f.read()
+    gen.generate("warm-up", max_new_tokens=1, use_cache=False)  # as in the first process: start-up costs apart
     t0 = time.perf_counter()
     a = ask(gen, shelf.model.tokenizer, prompt, max_new_tokens)
     ask_s = time.perf_counter() - t0
