@@ -35,7 +35,11 @@ def _fail(err: Exception) -> None:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="log what kvshelf does (INFO level) to stderr")
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -73,6 +77,7 @@ def demo(
 def generate(
     prompt: Annotated[str, typer.Argument(help="prompt text")],
     config: ConfigOpt = None,
+    sets: SetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     max_new_tokens: Annotated[int, typer.Option()] = 32,
@@ -81,7 +86,7 @@ def generate(
     from kvshelf.app import open_shelf
 
     try:
-        shelf = open_shelf(_config(config, None, model=model, device=device))
+        shelf = open_shelf(_config(config, sets, model=model, device=device))
         result = shelf.generator.generate(prompt, max_new_tokens=max_new_tokens)
     except KVShelfError as err:
         _fail(err)
@@ -102,6 +107,8 @@ def fetch_model(model: ModelOpt = None) -> None:
 
 @app.command()
 def calibrate(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     out: Annotated[str | None, typer.Option(help="also copy the .kvcal file into this folder")] = None,
@@ -114,8 +121,8 @@ def calibrate(
     from kvshelf.model.calibrate import calibration_for
     from kvshelf.model.loader import load_model
 
-    cfg = _config(None, model=model, device=device)
     try:
+        cfg = _config(config, sets, model=model, device=device)
         loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         cal = calibration_for(loaded.runner, loaded.tokenizer)
     except KVShelfError as err:
@@ -144,8 +151,37 @@ def config_show(config: ConfigOpt = None, sets: SetOpt = None) -> None:
     for name, field in KVShelfConfig.model_fields.items():
         value = getattr(cfg, name)
         shown = "***" if name == "api_key" and value else repr(value)
+        effective = _effective(name, cfg)
+        if effective is not None:
+            shown += f" -> {effective}"
         table.add_row(name, shown, sources[name], field.description or "")
     console.print(table)
+
+
+def _effective(name: str, cfg: KVShelfConfig) -> str | None:
+    """What an unset or automatic setting amounts to, for `config show`."""
+    value = getattr(cfg, name)
+    if name in ("device", "dtype") and value == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "device":
+            return device
+        return "float32" if device == "cpu" else "bfloat16"
+    if value is not None:
+        return None
+    return {
+        "quantization_bits": "5 (cachegen's default level)",
+        "min_cached_tokens": f"{cfg.chunk_size} (one chunk)",
+        "served_model_name": "the model folder's name",
+        "local_disk": "off",
+        "remote_url": "off",
+        "cache_salt": "none (one tenant)",
+        "remote_ttl_s": "never expire",
+        "metrics_port": "off",
+        "redis_ssl_ca_certs": "the system's CA bundle",
+        "api_key": "none (no authentication)",
+    }.get(name)
 
 
 @app.command()
@@ -260,6 +296,7 @@ def advise(
     shared: Annotated[bool, typer.Option(help="several instances/nodes should share the cache")] = False,
     out: Annotated[str | None, typer.Option(help="write the recommended config to this YAML file")] = None,
     config: ConfigOpt = None,
+    sets: SetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -271,7 +308,7 @@ def advise(
     from kvshelf.model.loader import load_model
 
     try:
-        cfg = _config(config, None, model=model, device=device)
+        cfg = _config(config, sets, model=model, device=device)
         if (trace is None) == (scenario is None):
             raise KVShelfError("give exactly one of --trace FILE or --scenario NAME")
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
@@ -308,6 +345,7 @@ def advise(
 def bench_trace(
     trace: Annotated[str, typer.Option(help="JSONL workload trace (as for advise)")],
     config: ConfigOpt = None,
+    sets: SetOpt = None,
     max_new_tokens: Annotated[int, typer.Option()] = 1,
 ) -> None:
     """Replay a trace with a config and measure mean TTFT against no cache (checks advise's prediction)."""
@@ -316,7 +354,7 @@ def bench_trace(
     from kvshelf.app import open_shelf
 
     try:
-        shelf = open_shelf(_config(config, None))
+        shelf = open_shelf(_config(config, sets))
         _, texts = _read_trace(trace, shelf.model.tokenizer, shelf.config.blend_special_str)
         gen = shelf.generator
         gen.generate("warm-up", max_new_tokens=1, use_cache=False)
