@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,31 @@ ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", help="tokens per K
 
 def _config(config: str | None, sets: list[str] | None = None, **overrides) -> KVShelfConfig:
     return load_config(config, overrides={**parse_assignments(sets or []), **overrides})
+
+
+@contextmanager
+def _steps(out: Console, what: str, total: int):
+    """A progress bar over `total` steps; yields step(description, fn, *args, **kwargs) -> fn's result."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn(f"[bold]{what}[/] {{task.description}}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=out,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("", total=total)
+
+        def step(description: str, fn, *args, **kwargs):
+            progress.update(task, description=description)
+            result = fn(*args, **kwargs)
+            progress.advance(task)
+            return result
+
+        yield step
 
 
 def _fail(err: Exception) -> None:
@@ -358,8 +384,21 @@ def bench_trace(
         _, texts = _read_trace(trace, shelf.model.tokenizer, shelf.config.blend_special_str)
         gen = shelf.generator
         gen.generate("warm-up", max_new_tokens=1, use_cache=False)
-        plain = [gen.generate(t, max_new_tokens=max_new_tokens, use_cache=False).ttft_s for t in texts]
-        cached = [gen.generate(t, max_new_tokens=max_new_tokens).ttft_s for t in texts]
+        with _steps(console, "bench", 2 * len(texts)) as step:
+            plain = [
+                step(
+                    f"request {i}/{len(texts)} without the cache",
+                    gen.generate,
+                    t,
+                    max_new_tokens=max_new_tokens,
+                    use_cache=False,
+                ).ttft_s
+                for i, t in enumerate(texts, 1)
+            ]
+            cached = [
+                step(f"request {i}/{len(texts)} with the cache", gen.generate, t, max_new_tokens=max_new_tokens).ttft_s
+                for i, t in enumerate(texts, 1)
+            ]
     except KVShelfError as err:
         _fail(err)
     a, b = statistics.fmean(plain), statistics.fmean(cached)
