@@ -277,82 +277,79 @@ def stats(
     console.print(table)
 
 
-def _read_trace(path: str, tokenizer, separator: str):
-    """JSONL lines: {"prompt": text} | {"tokens": [ids]} | {"documents": [texts], "question": text}."""
-    from pathlib import Path
-
-    from kvshelf.advice.advise import Request
-
-    file = Path(path)
-    if not file.is_file():
-        raise KVShelfError(f"trace file {path!r} does not exist")
-    requests, texts = [], []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as err:
-            raise KVShelfError(f"{path}:{n}: not JSON: {err}") from None
-        if "documents" in item:
-            chunks = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in item["documents"]]
-            text = separator.join(item["documents"]) + separator + item.get("question", "")
-            requests.append(Request(tokenizer(text)["input_ids"], chunks=chunks))
-        elif "tokens" in item:
-            requests.append(Request([int(t) for t in item["tokens"]]))
-            text = None
-        elif "prompt" in item:
-            text = item["prompt"]
-            requests.append(Request(tokenizer(text)["input_ids"]))
-        else:
-            raise KVShelfError(f"{path}:{n}: expected a 'prompt', 'tokens' or 'documents' field")
-        texts.append(text if text is not None else item["tokens"])
-    if not requests:
-        raise KVShelfError(f"{path} holds no requests")
-    return requests, texts
-
-
 @app.command()
 def advise(
     trace: Annotated[str | None, typer.Option(help="JSONL workload trace")] = None,
-    scenario: Annotated[
-        str | None, typer.Option(help="short-chat, long-rag, multi-turn, cross-node, disaggregated")
-    ] = None,
+    scenario: Annotated[str | None, typer.Option(help="short-chat, long-rag, multi-turn or cross-node")] = None,
     gpu: Annotated[bool, typer.Option(help="the serving machine has a GPU")] = False,
     shared: Annotated[bool, typer.Option(help="several instances/nodes should share the cache")] = False,
     out: Annotated[str | None, typer.Option(help="write the recommended config to this YAML file")] = None,
+    ab_requests: Annotated[
+        int, typer.Option(help="check the advice on this many of the trace's first requests (0: predict only)")
+    ] = 6,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
 ) -> None:
-    """Recommend prefix reuse / CacheBlend / codecs / tiers / layerwise for a workload, from measured costs."""
+    """Recommend prefix reuse / CacheBlend / codecs / tiers / layerwise for a workload, from measured costs,
+    and check the recommendation by a short measured A/B on the trace before writing it."""
     import yaml
 
-    from kvshelf.advice.advise import analyse, synthetic_trace
+    from kvshelf.advice.advise import analyse, check_scenario, synthetic_trace
     from kvshelf.advice.cost import CostModel
+    from kvshelf.advice.trace import read_items, tokenize
+    from kvshelf.advice.verify import baseline, candidates, verify
+    from kvshelf.integrations.hf import CachedGenerator
     from kvshelf.model.loader import load_model
 
     try:
+        # Every argument is checked before the model loads.
         cfg = _config(config, sets, model=model, device=device)
         if (trace is None) == (scenario is None):
             raise KVShelfError("give exactly one of --trace FILE or --scenario NAME")
+        if scenario is not None:
+            check_scenario(scenario)
+        if ab_requests < 0:
+            raise KVShelfError(f"--ab-requests must be >= 0, got {ab_requests}")
+        items = read_items(trace) if trace else None
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         cost = CostModel.for_runner(lm.runner)
-        requests = _read_trace(trace, lm.tokenizer, cfg.blend_special_str)[0] if trace else synthetic_trace(scenario)
+        verdict = None
+        if items is not None:
+            requests, texts = tokenize(items, lm.tokenizer, cfg.blend_special_str)
+            sample = texts[:ab_requests]
+            if sample:
+                plain = CachedGenerator(lm.runner, None, lm.tokenizer)
+                plain.generate("warm-up", max_new_tokens=1, use_cache=False)
+                with _steps(console, "advise: no-cache baseline", len(sample)) as step:
+                    base_ttfts = baseline(plain, sample, cost, step=step)
+                observed = cost.prefill_disagrees(min_observations=min(3, len(sample)))
+                if observed is not None:
+                    console.print(
+                        f"the saved prefill speed ({cost.prefill_tokens_per_s:.0f} tokens/s) differs from this "
+                        f"trace's prefills ({observed:.0f} tokens/s) by more than 30%: measuring it again"
+                    )
+                    cost.remeasure_prefill(lm.runner)
+        else:
+            requests = synthetic_trace(scenario)
         result = analyse(
             requests, cost, chunk_size=cfg.chunk_size, gpu=gpu, shared=shared, cpu_capacity_gb=cfg.max_local_cpu_size
         )
+        if items is not None and sample:
+            total = len(sample) * len(candidates(result.config))
+            with _steps(console, "advise: checking", total) as step:
+                verdict = verify(lm, cfg, result.config, sample, base_ttfts, step=step)
     except (KVShelfError, ValueError) as err:
         _fail(err)
     console.print(
         f"{result.requests} requests, {result.mean_prompt_tokens:.0f} tokens on average; prefix reuse would serve "
         f"{result.prefix_hit_rate:.0%} of prompt tokens, chunk reuse {result.blend_hit_rate:.0%} of chunk tokens; "
-        f"measured prefill {cost.prefill_tokens_per_s:.0f} tokens/s"
+        f"prefill {cost.prefill_tokens_per_s:.0f} tokens/s (measured here)"
     )
     table = Table(title="predicted mean TTFT and storage")
     table.add_column("mode")
-    table.add_column("TTFT", justify="right")
+    table.add_column("predicted", justify="right")
     for mode, t in result.predicted_ttft_s.items():
         table.add_row(mode, f"{t:.3f} s")
     for codec, gb in result.predicted_storage_gb.items():
@@ -360,7 +357,25 @@ def advise(
     console.print(table)
     for reason in result.reasons:
         console.print(f"- {reason}")
-    text = yaml.safe_dump(result.config, sort_keys=False)
+    chosen = result.config
+    if verdict is not None:
+        table = Table(title=f"measured mean TTFT, first {verdict.requests} requests of the trace, fresh cache")
+        table.add_column("config")
+        table.add_column("measured", justify="right")
+        table.add_column("vs no cache", justify="right")
+        table.add_row("no cache", f"{verdict.baseline_ttft_s:.3f} s", "")
+        for trial in verdict.trials:
+            table.add_row(
+                trial.label, f"{trial.mean_ttft_s:.3f} s", f"{verdict.baseline_ttft_s / trial.mean_ttft_s:.2f}x"
+            )
+        console.print(table)
+        for note in verdict.notes:
+            console.print(f"[yellow]- {note}[/]")
+        chosen = verdict.chosen
+    else:
+        why = "a synthetic scenario" if scenario else "--ab-requests 0"
+        console.print(f"[yellow]- predicted only ({why}): check it with `kvshelf bench --trace FILE --config FILE`[/]")
+    text = yaml.safe_dump(chosen, sort_keys=False)
     console.print(text)
     if out:
         with open(out, "w") as f:
@@ -377,11 +392,13 @@ def bench_trace(
     """Replay a trace with a config and measure mean TTFT against no cache (checks advise's prediction)."""
     import statistics
 
+    from kvshelf.advice.trace import read_items, tokenize
     from kvshelf.app import open_shelf
 
     try:
+        items = read_items(trace)
         shelf = open_shelf(_config(config, sets))
-        _, texts = _read_trace(trace, shelf.model.tokenizer, shelf.config.blend_special_str)
+        _, texts = tokenize(items, shelf.model.tokenizer, shelf.config.blend_special_str)
         gen = shelf.generator
         gen.generate("warm-up", max_new_tokens=1, use_cache=False)
         with _steps(console, "bench", 2 * len(texts)) as step:
