@@ -322,24 +322,19 @@ def advise(
             if sample:
                 plain = CachedGenerator(lm.runner, None, lm.tokenizer)
                 plain.generate("warm-up", max_new_tokens=1, use_cache=False)
-                with _steps(console, "advise: no-cache baseline", len(sample)) as step:
-                    base_ttfts = baseline(plain, sample, cost, step=step)
-                observed = cost.prefill_disagrees(min_observations=min(3, len(sample)))
-                if observed is not None:
-                    console.print(
-                        f"the saved prefill speed ({cost.prefill_tokens_per_s:.0f} tokens/s) differs from this "
-                        f"trace's prefills ({observed:.0f} tokens/s) by more than 30%: measuring it again"
-                    )
-                    cost.remeasure_prefill(lm.runner)
+                probe = sample[:3]
+                with _steps(console, "advise: prefill speed on the trace", len(probe)) as step:
+                    baseline(plain, probe, cost, step=step)
+                _check_prefill(cost, lm.runner, len(probe))
         else:
             requests = synthetic_trace(scenario)
         result = analyse(
             requests, cost, chunk_size=cfg.chunk_size, gpu=gpu, shared=shared, cpu_capacity_gb=cfg.max_local_cpu_size
         )
         if items is not None and sample:
-            total = len(sample) * len(candidates(result.config))
+            total = 2 * len(sample) * len(candidates(result.config))
             with _steps(console, "advise: checking", total) as step:
-                verdict = verify(lm, cfg, result.config, sample, base_ttfts, step=step)
+                verdict = verify(lm, cfg, result.config, sample, plain, step=step)
     except (KVShelfError, ValueError) as err:
         _fail(err)
     console.print(
@@ -360,13 +355,14 @@ def advise(
     chosen = result.config
     if verdict is not None:
         table = Table(title=f"measured mean TTFT, first {verdict.requests} requests of the trace, fresh cache")
-        table.add_column("config")
-        table.add_column("measured", justify="right")
-        table.add_column("vs no cache", justify="right")
-        table.add_row("no cache", f"{verdict.baseline_ttft_s:.3f} s", "")
+        for col in ("config", "with it", "no cache (paired)", "speed-up"):
+            table.add_column(col, justify="left" if col == "config" else "right")
         for trial in verdict.trials:
             table.add_row(
-                trial.label, f"{trial.mean_ttft_s:.3f} s", f"{verdict.baseline_ttft_s / trial.mean_ttft_s:.2f}x"
+                trial.label,
+                f"{trial.mean_ttft_s:.3f} s",
+                f"{trial.no_cache_ttft_s:.3f} s",
+                f"{trial.no_cache_ttft_s / trial.mean_ttft_s:.2f}x",
             )
         console.print(table)
         for note in verdict.notes:
@@ -380,6 +376,25 @@ def advise(
     if out:
         with open(out, "w") as f:
             f.write(text)
+
+
+def _check_prefill(cost, runner, observations: int) -> None:
+    """Measure the prefill speed again when the trace's own prefills disagree with it by more than 30%;
+    when they still disagree, the trace's figure (its real prompt lengths) is the one to predict with."""
+    observed = cost.prefill_disagrees(min_observations=observations)
+    if observed is None:
+        return
+    console.print(
+        f"the saved prefill speed ({cost.prefill_tokens_per_s:.0f} tokens/s) differs from this trace's prefills "
+        f"({observed:.0f} tokens/s) by more than 30%: measuring it again"
+    )
+    cost.remeasure_prefill(runner)
+    if abs(observed - cost.prefill_tokens_per_s) > 0.3 * cost.prefill_tokens_per_s:
+        console.print(
+            f"measured again: {cost.prefill_tokens_per_s:.0f} tokens/s, still far from the trace's; predicting with "
+            f"the trace's own {observed:.0f} tokens/s (a busy machine, or prompt lengths unlike the measurement's)"
+        )
+        cost.prefill_tokens_per_s = observed
 
 
 @app.command("bench")

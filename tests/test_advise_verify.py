@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from kvshelf.advice.verify import NO_CACHE, candidates, verify
 from kvshelf.cli import app
 from kvshelf.config import KVShelfConfig
+from kvshelf.integrations.hf import CachedGenerator
 from kvshelf.model.loader import LoadedModel
 from kvshelf.model.runner import ModelRunner
 
@@ -38,28 +39,34 @@ def loaded(tiny_models, tmp_path, monkeypatch):
     return LoadedModel(ModelRunner(tiny_models("llama")), tiny_tokenizer(), tmp_path)
 
 
+def check(loaded, config, texts, ttfts):
+    """verify() with scripted TTFTs: per request, the no-cache run then the cached one."""
+    plain = CachedGenerator(loaded.runner, None, loaded.tokenizer)
+    return verify(loaded, KVShelfConfig(), config, texts, plain, step=scripted(ttfts))
+
+
 def test_a_recommendation_that_measures_faster_is_kept(loaded):
     texts = ["a long shared document. " * 3 + "question one"] * 3
-    v = verify(loaded, KVShelfConfig(), RECOMMENDED, texts, [1.0, 1.0, 1.0], step=scripted([1.0, 0.2, 0.2]))
+    v = check(loaded, RECOMMENDED, texts, [1.0, 1.0, 1.0, 0.2, 1.0, 0.2])
     assert v.chosen == RECOMMENDED and v.chosen_label == "recommended" and not v.notes
-    assert v.trials[0].mean_ttft_s == pytest.approx(0.4666, abs=1e-3)
+    assert v.trials[0].mean_ttft_s == pytest.approx(0.4666, abs=1e-3) and v.trials[0].no_cache_ttft_s == 1.0
 
 
 def test_a_slower_recommendation_falls_back_and_says_so(loaded):
     texts = ["first document. question", "second document. question"]
-    v = verify(loaded, KVShelfConfig(), RECOMMENDED, texts, [1.0, 1.0], step=scripted([1.5, 1.5, 0.5, 0.9]))
+    v = check(loaded, RECOMMENDED, texts, [1.0, 1.5, 1.0, 1.5, 1.0, 0.5, 1.0, 0.9])
     assert v.chosen_label == "without CacheBlend" and "enable_blending" not in v.chosen
     assert "measured slower than no cache" in v.notes[0]
 
 
 def test_when_every_candidate_is_slower_the_advice_is_no_cache(loaded):
-    v = verify(loaded, KVShelfConfig(), {"local_cpu": True}, ["one", "two"], [1.0, 1.0], step=scripted([1.0, 1.2]))
+    v = check(loaded, {"local_cpu": True}, ["one", "two"], [1.0, 1.0, 1.0, 1.2])
     assert v.chosen == NO_CACHE and "recommending no cache" in v.notes[0]
 
 
 def test_remote_placeholder_is_not_measured_and_said(loaded):
     rec = {"local_cpu": True, "remote_url": "redis://cache-host:6379/0", "local_disk": "/var/cache/kvshelf"}
-    v = verify(loaded, KVShelfConfig(), rec, ["one"], [1.0], step=scripted([0.5]))
+    v = check(loaded, rec, ["one"], [1.0, 0.5])
     assert v.chosen == rec and "not part of the measurement" in v.notes[0]
 
 

@@ -1,9 +1,9 @@
 """Check `kvshelf advise`'s recommendation by a short A/B on the user's own trace before it is written.
 
-The first requests of the trace run without a cache (the baseline; their prefills also check the cost
-model's prefill speed), then with each candidate config on a fresh, empty cache, in trace order. The
-first candidate whose mean TTFT beats the baseline is the one recommended; when none does, the advice
-is to run without a cache, and says so. Tiers that cannot be reached from here (a remote tier's
+The first requests of the trace are replayed in order with each candidate config on a fresh, empty
+cache, each request right after the same request without a cache: pairs close in time, so that a busy
+machine slows both sides alike. The first candidate whose mean TTFT beats its no-cache runs is the one
+recommended; when none does, the advice is to run without a cache, and says so. Tiers that cannot be reached from here (a remote tier's
 placeholder URL) are left out of the measurement, and that is said too.
 """
 
@@ -26,15 +26,16 @@ class Trial:
     label: str
     config: dict
     mean_ttft_s: float
+    no_cache_ttft_s: float  # the same requests without a cache, each run just before
 
-    def beats(self, baseline_s: float) -> bool:
-        return self.mean_ttft_s < baseline_s
+    @property
+    def faster(self) -> bool:
+        return self.mean_ttft_s < self.no_cache_ttft_s
 
 
 @dataclass
 class Verdict:
     requests: int
-    baseline_ttft_s: float
     trials: list[Trial] = field(default_factory=list)
     chosen: dict = field(default_factory=dict)
     chosen_label: str = ""
@@ -77,37 +78,47 @@ def _measurable(base: KVShelfConfig, candidate: dict, disk_dir: str, notes: list
     return KVShelfConfig.model_validate(data)
 
 
-def verify(loaded, base: KVShelfConfig, config: dict, texts: list, baseline_ttfts: list[float], *, step) -> Verdict:
-    """Replay `texts` with each candidate on a fresh cache; choose the first that beats the baseline."""
+def verify(loaded, base: KVShelfConfig, config: dict, texts: list, plain, *, step) -> Verdict:
+    """Replay `texts` with each candidate on a fresh cache, each request paired with a no-cache run by
+    the generator `plain`; choose the first candidate that beats its no-cache runs."""
     from kvshelf.app import open_shelf
 
-    verdict = Verdict(len(texts), statistics.fmean(baseline_ttfts))
+    verdict = Verdict(len(texts))
+    n = len(texts)
     for label, candidate in candidates(config):
         disk_dir = tempfile.mkdtemp(prefix="kvshelf-advise-")
+        without, with_cache = [], []
         try:
             shelf = open_shelf(_measurable(base, candidate, disk_dir, verdict.notes), loaded=loaded)
             try:
-                ttfts = [
-                    step(f"{label}: request {i}/{len(texts)}", shelf.generator.generate, t, max_new_tokens=1).ttft_s
-                    for i, t in enumerate(texts, 1)
-                ]
+                for i, t in enumerate(texts, 1):
+                    r = step(
+                        f"{label}: request {i}/{n} without a cache",
+                        plain.generate,
+                        t,
+                        max_new_tokens=1,
+                        use_cache=False,
+                    )
+                    without.append(r.ttft_s)
+                    r = step(f"{label}: request {i}/{n} with it", shelf.generator.generate, t, max_new_tokens=1)
+                    with_cache.append(r.ttft_s)
             finally:
                 shelf.close()
         finally:
             shutil.rmtree(disk_dir, ignore_errors=True)
-        trial = Trial(label, candidate, statistics.fmean(ttfts))
+        trial = Trial(label, candidate, statistics.fmean(with_cache), statistics.fmean(without))
         verdict.trials.append(trial)
-        if trial.beats(verdict.baseline_ttft_s):
+        if trial.faster:
             verdict.chosen, verdict.chosen_label = candidate, label
             if label != "recommended":
+                first = verdict.trials[0]
                 verdict.notes.append(
-                    f"the recommended config measured slower than no cache ({verdict.trials[0].mean_ttft_s:.2f} s vs "
-                    f"{verdict.baseline_ttft_s:.2f} s): falling back to the config {label}"
+                    f"the recommended config measured slower than no cache ({first.mean_ttft_s:.2f} s vs "
+                    f"{first.no_cache_ttft_s:.2f} s): falling back to the config {label}"
                 )
             return verdict
     verdict.chosen, verdict.chosen_label = dict(NO_CACHE), "no cache"
     verdict.notes.append(
-        f"every candidate measured slower than no cache on the first {len(texts)} requests of this trace "
-        f"(no cache {verdict.baseline_ttft_s:.2f} s): recommending no cache"
+        f"every candidate measured slower than no cache on the first {n} requests of this trace: recommending no cache"
     )
     return verdict
