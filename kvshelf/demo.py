@@ -145,7 +145,7 @@ def _run(cfg: KVShelfConfig, quick: bool, max_new_tokens: int, console: Console)
     from kvshelf.integrations.hf import CachedGenerator
 
     facts = FACTS[:2] if quick else FACTS
-    console.print(f"[bold]kvshelf demo[/]: loading {cfg.model} ({cfg.device}, {cfg.dtype})")
+    console.print(f"[bold]kvshelf demo[/]: loading the model ({cfg.model})")
     shelf = open_shelf(cfg)
     tok = shelf.model.tokenizer
     sep = cfg.blend_special_str
