@@ -142,11 +142,19 @@ def _progress(console: Console) -> Progress:
 
 def _run(cfg: KVShelfConfig, quick: bool, max_new_tokens: int, console: Console) -> dict:
     from kvshelf.app import open_shelf
-    from kvshelf.integrations.hf import CachedGenerator
 
     facts = FACTS[:2] if quick else FACTS
     console.print(f"[bold]kvshelf demo[/]: loading the model ({cfg.model})")
     shelf = open_shelf(cfg)
+    try:
+        return _story(shelf, cfg, facts, max_new_tokens, console)
+    finally:
+        shelf.close()
+
+
+def _story(shelf, cfg: KVShelfConfig, facts: list, max_new_tokens: int, console: Console) -> dict:
+    from kvshelf.integrations.hf import CachedGenerator
+
     tok = shelf.model.tokenizer
     sep = cfg.blend_special_str
     # One generator per mode over the same model and cache: prefix reuse only, and CacheBlend.
@@ -245,7 +253,6 @@ def _run(cfg: KVShelfConfig, quick: bool, max_new_tokens: int, console: Console)
         f"{sum(answers)} of {len(answers)} answers correct; every warm answer the same as its cold one: "
         f"{'yes' if all(r['same_answer'] for r in out['prefix']) and out['restart']['same_answer'] else 'NO'}."
     )
-    shelf.close()
     return out
 
 
