@@ -276,10 +276,9 @@ def load_config_with_sources(
         layers.append((str(file), flat, dict.fromkeys(flat, f"file {file}")))
     env_values, env_sources = _env_values(environ)
     # issue 21: LMCache keys (LMCACHE_<KEY>, file, --set) are mapped to kvshelf's or refused with a reason.
-    lm_env = lmcache_env(environ)
-    mapped_env = translate(lm_env, "environment")
+    mapped_env = translate({**lmcache_env(environ), **env_values}, "environment")  # kvshelf's own names win
     env_sources.update(dict.fromkeys(set(mapped_env) - set(env_values), "env LMCACHE_*"))
-    env_values = {**mapped_env, **env_values}
+    env_values = mapped_env
     layers.append(("environment", env_values, env_sources))
     cli = translate({k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
     layers.append(("command line", cli, dict.fromkeys(cli, "command line")))

@@ -50,6 +50,16 @@ def test_unsupported_features_switched_off_are_accepted():
     assert cfg.local_cpu is True
 
 
+def test_lmcache_remote_url_from_the_environment_is_refused():
+    with pytest.raises(ConfigError, match="lm://.*from environment"):
+        load_config(environ={"LMCACHE_REMOTE_URL": "lm://localhost:65432"})
+
+
+def test_kvshelf_names_win_over_mapped_lmcache_keys():
+    cfg = load_config(environ={"LMCACHE_SAVE_DECODE_CACHE": "false", "KVSHELF_STORE_GENERATED": "true"})
+    assert cfg.store_generated is True
+
+
 def test_env_refusal_names_the_environment():
     with pytest.raises(ConfigError, match="enable_p2p.*from environment"):
         load_config(environ={"LMCACHE_ENABLE_P2P": "True"})
