@@ -212,7 +212,7 @@ def _recommend(a: Advice, cost: CostModel, *, chunk_size, gpu, cpu_capacity_gb, 
     if shared:
         cfg.update({"remote_url": "redis://cache-host:6379/0", "remote_serde": "cachegen"})
         why.append(
-            f"instances share KV: a remote tier; cachegen stores it in {a.predicted_storage_gb['cachegen']:.1f} "
+            f"instances share KV: a remote tier; cachegen stores it in {a.predicted_storage_gb['cachegen']:.2f} "
             "GB (6x less than fp16, calibrated once per model; every instance needs the same .kvcal file) "
             "where the network is the bottleneck"
         )
