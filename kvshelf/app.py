@@ -76,10 +76,14 @@ def check_supported(config: KVShelfConfig) -> None:
         )
 
 
-def open_shelf(config: KVShelfConfig | None = None, *, show_progress: bool = True) -> Shelf:
+def open_shelf(
+    config: KVShelfConfig | None = None, *, show_progress: bool = True, loaded: LoadedModel | None = None
+) -> Shelf:
+    """A shelf for `config`; `loaded` reuses a model already loaded (it must be the config's model)."""
     config = config or KVShelfConfig()
     check_supported(config)
-    loaded = load_model(config.model, device=config.device, dtype=config.dtype, show_progress=show_progress)
+    if loaded is None:
+        loaded = load_model(config.model, device=config.device, dtype=config.dtype, show_progress=show_progress)
     engine = build_engine(config, loaded.runner, loaded.tokenizer)
     blender = None
     if config.enable_blending:

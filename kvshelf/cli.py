@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -29,13 +30,42 @@ def _config(config: str | None, sets: list[str] | None = None, **overrides) -> K
     return load_config(config, overrides={**parse_assignments(sets or []), **overrides})
 
 
+@contextmanager
+def _steps(out: Console, what: str, total: int):
+    """A progress bar over `total` steps; yields step(description, fn, *args, **kwargs) -> fn's result."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn(f"[bold]{what}[/] {{task.description}}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=out,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("", total=total)
+
+        def step(description: str, fn, *args, **kwargs):
+            progress.update(task, description=description)
+            result = fn(*args, **kwargs)
+            progress.advance(task)
+            return result
+
+        yield step
+
+
 def _fail(err: Exception) -> None:
     err_console.print(f"[red]error:[/] {err}")
     raise typer.Exit(2)
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="log what kvshelf does (INFO level) to stderr")
+    ] = False,
+) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -44,32 +74,36 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 @app.command()
 def demo(
     config: ConfigOpt = None,
+    sets: SetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     chunk_size: ChunkOpt = None,
-    quick: Annotated[bool, typer.Option(help="two short documents and two questions")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per answer")] = 16,
-    json_out: Annotated[str | None, typer.Option("--json", help="also write the rows to this JSON file")] = None,
+    quick: Annotated[bool, typer.Option(help="two questions instead of three")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens per answer (answers stop at a newline)")] = 8,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="also write the measurements to this JSON file")
+    ] = None,
 ) -> None:
-    """RAG-style demo on the default model: TTFT without and with kvshelf, per question."""
-    from kvshelf.app import open_shelf
+    """The product in four steps on the default model: prefix reuse (cold vs warm), documents reordered
+    (CacheBlend vs prefix caching vs full prefill), a restart served from the disk tier, bytes per tier and
+    codec. The demo turns CacheBlend on and uses a fresh temporary disk tier of its own."""
     from kvshelf.demo import run_demo
 
     try:
-        cfg = _config(config, None, model=model, device=device, chunk_size=chunk_size)
-        shelf = open_shelf(cfg)
-        rows = run_demo(shelf, quick=quick, max_new_tokens=max_new_tokens, console=console)
+        cfg = _config(config, sets, model=model, device=device, chunk_size=chunk_size)
+        out = run_demo(cfg, quick=quick, max_new_tokens=max_new_tokens, console=console)
     except KVShelfError as err:
         _fail(err)
     if json_out:
         with open(json_out, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(out, f, indent=2)
 
 
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="prompt text")],
     config: ConfigOpt = None,
+    sets: SetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     max_new_tokens: Annotated[int, typer.Option()] = 32,
@@ -78,7 +112,7 @@ def generate(
     from kvshelf.app import open_shelf
 
     try:
-        shelf = open_shelf(_config(config, None, model=model, device=device))
+        shelf = open_shelf(_config(config, sets, model=model, device=device))
         result = shelf.generator.generate(prompt, max_new_tokens=max_new_tokens)
     except KVShelfError as err:
         _fail(err)
@@ -99,6 +133,8 @@ def fetch_model(model: ModelOpt = None) -> None:
 
 @app.command()
 def calibrate(
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     out: Annotated[str | None, typer.Option(help="also copy the .kvcal file into this folder")] = None,
@@ -111,8 +147,8 @@ def calibrate(
     from kvshelf.model.calibrate import calibration_for
     from kvshelf.model.loader import load_model
 
-    cfg = _config(None, model=model, device=device)
     try:
+        cfg = _config(config, sets, model=model, device=device)
         loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         cal = calibration_for(loaded.runner, loaded.tokenizer)
     except KVShelfError as err:
@@ -141,8 +177,37 @@ def config_show(config: ConfigOpt = None, sets: SetOpt = None) -> None:
     for name, field in KVShelfConfig.model_fields.items():
         value = getattr(cfg, name)
         shown = "***" if name in ("api_key", "tenant_secret", "remote_auth_key") and value else repr(value)
+        effective = _effective(name, cfg)
+        if effective is not None:
+            shown += f" -> {effective}"
         table.add_row(name, shown, sources[name], field.description or "")
     console.print(table)
+
+
+def _effective(name: str, cfg: KVShelfConfig) -> str | None:
+    """What an unset or automatic setting amounts to, for `config show`."""
+    value = getattr(cfg, name)
+    if name in ("device", "dtype") and value == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "device":
+            return device
+        return "float32" if device == "cpu" else "bfloat16"
+    if value is not None:
+        return None
+    return {
+        "quantization_bits": "5 (cachegen's default level)",
+        "min_cached_tokens": f"{cfg.chunk_size} (one chunk)",
+        "served_model_name": "the model folder's name",
+        "local_disk": "off",
+        "remote_url": "off",
+        "cache_salt": "none (one tenant)",
+        "remote_ttl_s": "never expire",
+        "metrics_port": "off",
+        "redis_ssl_ca_certs": "the system's CA bundle",
+        "api_key": "none (no authentication)",
+    }.get(name)
 
 
 @app.command()
@@ -219,81 +284,74 @@ def stats(
     console.print(table)
 
 
-def _read_trace(path: str, tokenizer, separator: str):
-    """JSONL lines: {"prompt": text} | {"tokens": [ids]} | {"documents": [texts], "question": text}."""
-    from pathlib import Path
-
-    from kvshelf.advice.advise import Request
-
-    file = Path(path)
-    if not file.is_file():
-        raise KVShelfError(f"trace file {path!r} does not exist")
-    requests, texts = [], []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as err:
-            raise KVShelfError(f"{path}:{n}: not JSON: {err}") from None
-        if "documents" in item:
-            chunks = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in item["documents"]]
-            text = separator.join(item["documents"]) + separator + item.get("question", "")
-            requests.append(Request(tokenizer(text)["input_ids"], chunks=chunks))
-        elif "tokens" in item:
-            requests.append(Request([int(t) for t in item["tokens"]]))
-            text = None
-        elif "prompt" in item:
-            text = item["prompt"]
-            requests.append(Request(tokenizer(text)["input_ids"]))
-        else:
-            raise KVShelfError(f"{path}:{n}: expected a 'prompt', 'tokens' or 'documents' field")
-        texts.append(text if text is not None else item["tokens"])
-    if not requests:
-        raise KVShelfError(f"{path} holds no requests")
-    return requests, texts
-
-
 @app.command()
 def advise(
     trace: Annotated[str | None, typer.Option(help="JSONL workload trace")] = None,
-    scenario: Annotated[
-        str | None, typer.Option(help="short-chat, long-rag, multi-turn, cross-node, disaggregated")
-    ] = None,
+    scenario: Annotated[str | None, typer.Option(help="short-chat, long-rag, multi-turn or cross-node")] = None,
     gpu: Annotated[bool, typer.Option(help="the serving machine has a GPU")] = False,
     shared: Annotated[bool, typer.Option(help="several instances/nodes should share the cache")] = False,
     out: Annotated[str | None, typer.Option(help="write the recommended config to this YAML file")] = None,
+    ab_requests: Annotated[
+        int, typer.Option(help="check the advice on this many of the trace's first requests (0: predict only)")
+    ] = 6,
     config: ConfigOpt = None,
+    sets: SetOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
 ) -> None:
-    """Recommend prefix reuse / CacheBlend / codecs / tiers / layerwise for a workload, from measured costs."""
+    """Recommend prefix reuse / CacheBlend / codecs / tiers / layerwise for a workload, from measured costs,
+    and check the recommendation by a short measured A/B on the trace before writing it."""
     import yaml
 
-    from kvshelf.advice.advise import analyse, synthetic_trace
+    from kvshelf.advice.advise import analyse, check_scenario, synthetic_trace
     from kvshelf.advice.cost import CostModel
+    from kvshelf.advice.trace import read_items, tokenize
+    from kvshelf.advice.verify import baseline, candidates, verify
+    from kvshelf.integrations.hf import CachedGenerator
     from kvshelf.model.loader import load_model
 
     try:
-        cfg = _config(config, None, model=model, device=device)
+        # Every argument is checked before the model loads.
+        cfg = _config(config, sets, model=model, device=device)
         if (trace is None) == (scenario is None):
             raise KVShelfError("give exactly one of --trace FILE or --scenario NAME")
+        if scenario is not None:
+            check_scenario(scenario)
+        if ab_requests < 0:
+            raise KVShelfError(f"--ab-requests must be >= 0, got {ab_requests}")
+        items = read_items(trace) if trace else None
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         cost = CostModel.for_runner(lm.runner)
-        requests = _read_trace(trace, lm.tokenizer, cfg.blend_special_str)[0] if trace else synthetic_trace(scenario)
+        verdict = None
+        if items is not None:
+            requests, texts = tokenize(items, lm.tokenizer, cfg.blend_special_str)
+            sample = texts[:ab_requests]
+            if sample:
+                plain = CachedGenerator(lm.runner, None, lm.tokenizer)
+                plain.generate("warm-up", max_new_tokens=1, use_cache=False)
+                probe = sample[:3]
+                with _steps(console, "advise: prefill speed on the trace", len(probe)) as step:
+                    baseline(plain, probe, cost, step=step)
+                _check_prefill(cost, lm.runner, len(probe))
+        else:
+            requests = synthetic_trace(scenario)
         result = analyse(
             requests, cost, chunk_size=cfg.chunk_size, gpu=gpu, shared=shared, cpu_capacity_gb=cfg.max_local_cpu_size
         )
+        if items is not None and sample:
+            total = 2 * len(sample) * len(candidates(result.config))
+            with _steps(console, "advise: checking", total) as step:
+                verdict = verify(lm, cfg, result.config, sample, plain, step=step)
     except (KVShelfError, ValueError) as err:
         _fail(err)
     console.print(
         f"{result.requests} requests, {result.mean_prompt_tokens:.0f} tokens on average; prefix reuse would serve "
         f"{result.prefix_hit_rate:.0%} of prompt tokens, chunk reuse {result.blend_hit_rate:.0%} of chunk tokens; "
-        f"measured prefill {cost.prefill_tokens_per_s:.0f} tokens/s"
+        f"prefill {cost.prefill_tokens_per_s:.0f} tokens/s (measured here)"
     )
     table = Table(title="predicted mean TTFT and storage")
     table.add_column("mode")
-    table.add_column("TTFT", justify="right")
+    table.add_column("predicted", justify="right")
     for mode, t in result.predicted_ttft_s.items():
         table.add_row(mode, f"{t:.3f} s")
     for codec, gb in result.predicted_storage_gb.items():
@@ -301,31 +359,85 @@ def advise(
     console.print(table)
     for reason in result.reasons:
         console.print(f"- {reason}")
-    text = yaml.safe_dump(result.config, sort_keys=False)
+    chosen = result.config
+    if verdict is not None:
+        table = Table(title=f"measured mean TTFT, first {verdict.requests} requests of the trace, fresh cache")
+        for col in ("config", "with it", "no cache (paired)", "speed-up"):
+            table.add_column(col, justify="left" if col == "config" else "right")
+        for trial in verdict.trials:
+            table.add_row(
+                trial.label,
+                f"{trial.mean_ttft_s:.3f} s",
+                f"{trial.no_cache_ttft_s:.3f} s",
+                f"{trial.no_cache_ttft_s / trial.mean_ttft_s:.2f}x",
+            )
+        console.print(table)
+        for note in verdict.notes:
+            console.print(f"[yellow]- {note}[/]")
+        chosen = verdict.chosen
+    else:
+        why = "a synthetic scenario" if scenario else "--ab-requests 0"
+        console.print(f"[yellow]- predicted only ({why}): check it with `kvshelf bench --trace FILE --config FILE`[/]")
+    text = yaml.safe_dump(chosen, sort_keys=False)
     console.print(text)
     if out:
         with open(out, "w") as f:
             f.write(text)
 
 
+def _check_prefill(cost, runner, observations: int) -> None:
+    """Measure the prefill speed again when the trace's own prefills disagree with it by more than 30%;
+    when they still disagree, the trace's figure (its real prompt lengths) is the one to predict with."""
+    observed = cost.prefill_disagrees(min_observations=observations)
+    if observed is None:
+        return
+    console.print(
+        f"the saved prefill speed ({cost.prefill_tokens_per_s:.0f} tokens/s) differs from this trace's prefills "
+        f"({observed:.0f} tokens/s) by more than 30%: measuring it again"
+    )
+    cost.remeasure_prefill(runner)
+    if abs(observed - cost.prefill_tokens_per_s) > 0.3 * cost.prefill_tokens_per_s:
+        console.print(
+            f"measured again: {cost.prefill_tokens_per_s:.0f} tokens/s, still far from the trace's; predicting with "
+            f"the trace's own {observed:.0f} tokens/s (a busy machine, or prompt lengths unlike the measurement's)"
+        )
+        cost.prefill_tokens_per_s = observed
+
+
 @app.command("bench")
 def bench_trace(
     trace: Annotated[str, typer.Option(help="JSONL workload trace (as for advise)")],
     config: ConfigOpt = None,
+    sets: SetOpt = None,
     max_new_tokens: Annotated[int, typer.Option()] = 1,
 ) -> None:
     """Replay a trace with a config and measure mean TTFT against no cache (checks advise's prediction)."""
     import statistics
 
+    from kvshelf.advice.trace import read_items, tokenize
     from kvshelf.app import open_shelf
 
     try:
-        shelf = open_shelf(_config(config, None))
-        _, texts = _read_trace(trace, shelf.model.tokenizer, shelf.config.blend_special_str)
+        items = read_items(trace)
+        shelf = open_shelf(_config(config, sets))
+        _, texts = tokenize(items, shelf.model.tokenizer, shelf.config.blend_special_str)
         gen = shelf.generator
         gen.generate("warm-up", max_new_tokens=1, use_cache=False)
-        plain = [gen.generate(t, max_new_tokens=max_new_tokens, use_cache=False).ttft_s for t in texts]
-        cached = [gen.generate(t, max_new_tokens=max_new_tokens).ttft_s for t in texts]
+        with _steps(console, "bench", 2 * len(texts)) as step:
+            plain = [
+                step(
+                    f"request {i}/{len(texts)} without the cache",
+                    gen.generate,
+                    t,
+                    max_new_tokens=max_new_tokens,
+                    use_cache=False,
+                ).ttft_s
+                for i, t in enumerate(texts, 1)
+            ]
+            cached = [
+                step(f"request {i}/{len(texts)} with the cache", gen.generate, t, max_new_tokens=max_new_tokens).ttft_s
+                for i, t in enumerate(texts, 1)
+            ]
     except KVShelfError as err:
         _fail(err)
     a, b = statistics.fmean(plain), statistics.fmean(cached)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from kvshelf.codecs import CODEC_NAMES
 from kvshelf.errors import ConfigError
+from kvshelf.lmcache_compat import lmcache_env, translate
 
 GB = 1 << 30
 
@@ -302,11 +303,15 @@ def load_config_with_sources(
             raise ConfigError(f"config file {str(file)!r} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(file)!r} must hold a mapping of keys to values")
-        flat = _flatten(data, str(file))
+        flat = translate(_flatten(data, str(file)), f"file {file}")
         layers.append((str(file), flat, dict.fromkeys(flat, f"file {file}")))
     env_values, env_sources = _env_values(environ)
+    # issue 21: LMCache keys (LMCACHE_<KEY>, file, --set) are mapped to kvshelf's or refused with a reason.
+    mapped_env = translate({**lmcache_env(environ), **env_values}, "environment")  # kvshelf's own names win
+    env_sources.update(dict.fromkeys(set(mapped_env) - set(env_values), "env LMCACHE_*"))
+    env_values = mapped_env
     layers.append(("environment", env_values, env_sources))
-    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cli = translate({k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
     layers.append(("command line", cli, dict.fromkeys(cli, "command line")))
     merged: dict[str, Any] = {}
     sources = dict.fromkeys(KVShelfConfig.model_fields, "default")

