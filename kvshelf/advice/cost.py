@@ -2,8 +2,9 @@
 
 - Prefill speed: one timed forward of a calibration prompt, cached per model fingerprint, device and
   thread count in the kvshelf cache dir (re-measured when any of those change).
-- Tier speed: effective bytes/s of each tier (fetch + verify + decode), learned from every load as an
-  exponential moving average, seeded with conservative defaults until the first loads are seen.
+- Tier speed: effective bytes/s of each tier (fetch + verify + decode), learned from every load: a
+  slowdown at once, a speed-up as an exponential moving average; seeded with conservative defaults
+  until the first loads are seen.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class CostModel:
     prefill_tokens_per_s: float
     kv_bytes_per_token: int
     tier_bytes_per_s: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TIER_BYTES_PER_S))
+    measured_tiers: set[str] = field(default_factory=set)  # tiers whose speed comes from loads seen here
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def recompute_s(self, tokens: int) -> float:
@@ -42,11 +44,16 @@ class CostModel:
         )
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
+        """Learn from one load: a slower speed is believed at once (a tier that became slow must stop
+        being loaded from on the next request), a faster one through a moving average (one lucky load
+        does not make a tier fast)."""
         if nbytes <= 0 or seconds <= 0:
             return
+        seen = nbytes / seconds
         with self._lock:
-            old = self.tier_bytes_per_s.get(tier, nbytes / seconds)
-            self.tier_bytes_per_s[tier] = (1 - _EMA) * old + _EMA * nbytes / seconds
+            old = self.tier_bytes_per_s.get(tier, seen)
+            self.tier_bytes_per_s[tier] = seen if seen < old else (1 - _EMA) * old + _EMA * seen
+            self.measured_tiers.add(tier)
 
     @classmethod
     def for_runner(cls, runner, *, calibration_tokens: int = 256, use_saved: bool = True) -> CostModel:
