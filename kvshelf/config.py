@@ -80,13 +80,13 @@ class KVShelfConfig(BaseModel):
         None,
         gt=0,
         description="longest one read or lookup of the disk/remote tier may take in total, however slowly "
-        "it trickles (default: remote_timeout_s); an overrun is a miss and a tier fault",
+        "it trickles (default: 2x remote_timeout_s); an overrun is a miss and a tier fault",
     )
     tier_write_deadline_s: float | None = Field(
         None, gt=0, description="the same for one write-behind (default: 5x tier_deadline_s)"
     )
     tier_slow_s: float | None = Field(
-        None, gt=0, description="a read slower than this counts against the tier's breaker (default: half the deadline)"
+        None, gt=0, description="a read slower than this counts against the tier's breaker (default: off)"
     )
     tier_workers: int = Field(
         4, ge=1, le=64, description="calls in flight per disk/remote tier; all busy (stuck) means the tier is skipped"

@@ -246,8 +246,9 @@ class TierManager(StorageBackend):
         workers: int = 4,
     ):
         """`deadline_s` bounds each read of a tier that is not inline (None: unbounded), `write_deadline_s`
-        each write (default 5x `deadline_s`); reads slower than `slow_s` (default half the deadline) count
-        against the tier's breaker; `workers` calls per tier may be in flight at once."""
+        each write (default 5x `deadline_s`); reads slower than `slow_s` (default: off; reads cut by a
+        request's budget always count) count against the tier's breaker; `workers` calls per tier may be
+        in flight at once."""
         if not backends:
             raise ValueError("a tier manager needs at least one tier")
         if deadline_s is not None and deadline_s <= 0:
@@ -255,7 +256,6 @@ class TierManager(StorageBackend):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         write_deadline_s = write_deadline_s or (5 * deadline_s if deadline_s is not None else None)
-        slow_s = slow_s or (deadline_s / 2 if deadline_s is not None else None)
         self.tiers = [
             Tier(
                 b,
