@@ -159,9 +159,10 @@ class CachedGenerator:
         engine = self.engine if use_cache else None
         load, plan = True, {}
         guard = self.guard if engine is not None and seg is None else None
-        # With a guard, the request's tier reads (lookup and load) may take at most what recomputing costs.
-        budget = tier_budget(guard.budget_s(len(ids)) if guard is not None else None)
-        with budget:
+        # With a guard, the request's tier reads (lookup and load; later the lookups before storing) may
+        # take at most what recomputing costs, each time.
+        budget_s = guard.budget_s(len(ids)) if guard is not None else None
+        with tier_budget(budget_s):
             if guard is not None:
                 if not guard.use_cache(len(ids)):
                     engine = None  # too short to pay: no lookup, no store
@@ -200,7 +201,8 @@ class CachedGenerator:
             elif saver is not None:
                 stored = saver.finish()
             else:
-                stored = engine.store(ids, kv.data, salt, start=hit)
+                with tier_budget(budget_s):
+                    stored = engine.store(ids, kv.data, salt, start=hit)
         out = [next_id]
         yield next_id
         finish = "length"
@@ -218,7 +220,7 @@ class CachedGenerator:
         if engine is not None and exact and self.store_generated and len(out) > 1:
             # Multi-turn chat resends the answer as part of the next prompt: keep its KV too. The last
             # token was never fed through the model, so it has no KV.
-            with torch.inference_mode():
+            with torch.inference_mode(), tier_budget(budget_s):
                 stored += engine.store(ids + out[:-1], kv.data, salt, start=len(ids))
         text = self.tokenizer.decode(out, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerationResult(
