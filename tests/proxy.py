@@ -201,3 +201,65 @@ class FaultProxy:
             self._close(s)
         with self._lock:
             self._sockets -= set(sockets)
+
+
+class ProxyProcess:
+    """A FaultProxy in a child process: its forwarding threads then take no interpreter time from the
+    process under test (a slow network does not slow the client's own Python). Same verbs."""
+
+    def __init__(self, target_port: int, **kw):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._ctl, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(target_port, kw, child), daemon=True)
+        self.port: int | None = None
+
+    def start(self) -> ProxyProcess:
+        self._proc.start()
+        if not self._ctl.poll(30):
+            self._proc.kill()
+            raise RuntimeError("the fault proxy process did not start")
+        self.port = self._ctl.recv()
+        return self
+
+    def set_mode(self, mode: str, **kw) -> None:
+        self._ctl.send((mode, kw))
+        reply = self._ctl.recv()
+        if reply != "ok":
+            raise ValueError(reply)
+
+    def stop(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError, EOFError):
+                self._ctl.send(None)
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _serve(target_port: int, kw: dict, ctl) -> None:
+    proxy = FaultProxy(target_port, **kw).start()
+    ctl.send(proxy.port)
+    try:
+        while True:
+            try:
+                msg = ctl.recv()
+            except EOFError:  # the parent is gone
+                return
+            if msg is None:
+                return
+            try:
+                proxy.set_mode(msg[0], **msg[1])
+                ctl.send("ok")
+            except ValueError as err:
+                ctl.send(str(err))
+    finally:
+        proxy.stop()

@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import torch
@@ -198,7 +197,9 @@ class Tier:
             return default
         try:
             result = future.result(timeout=left if cut else limit)
-        except FutureTimeout:
+        except Exception as err:
+            if future.done():  # the call itself failed (its own socket timeout included)
+                return self._failed(fn, err, default)
             waited = time.monotonic() - t0
             if cut:  # the request's budget ran out: slower than this request could use
                 self.count(slow=1)
@@ -207,8 +208,6 @@ class Tier:
                 return default
             self.count(timeouts=1)
             return self._failed(fn, TierTimeout(f"no answer within the {limit:.3g} s deadline"), default)
-        except Exception as err:
-            return self._failed(fn, err, default)
         elapsed = time.monotonic() - t0
         if not write and self.slow_s is not None and elapsed > self.slow_s:
             self.count(slow=1)
