@@ -84,6 +84,25 @@ class KVShelfConfig(BaseModel):
     write_block_ms: float = Field(20.0, ge=0, description="longest a request waits on a full write queue, then drops")
     breaker_failures: int = Field(3, ge=1, description="consecutive tier failures that open its circuit breaker")
     breaker_reset_s: float = Field(5.0, gt=0, description="seconds an open breaker waits before retrying the tier")
+    # -- issue #15: deadlines on the disk and remote tiers, write-behind bounded in bytes ----------------
+    tier_deadline_s: float | None = Field(
+        None,
+        gt=0,
+        description="longest one read or lookup of the disk/remote tier may take in total, however slowly "
+        "it trickles (default: 2x remote_timeout_s); an overrun is a miss and a tier fault",
+    )
+    tier_write_deadline_s: float | None = Field(
+        None, gt=0, description="the same for one write-behind (default: 5x tier_deadline_s)"
+    )
+    tier_slow_s: float | None = Field(
+        None, gt=0, description="a read slower than this counts against the tier's breaker (default: off)"
+    )
+    tier_workers: int = Field(
+        4, ge=1, le=64, description="calls in flight per disk/remote tier; all busy (stuck) means the tier is skipped"
+    )
+    write_queue_bytes: int = Field(
+        256 << 20, ge=1 << 20, description="bytes of chunks waiting for write-behind (besides write_queue_size)"
+    )
     # -- blending and layerwise (later features; enabling them before they exist is an error) ------
     enable_blending: bool = Field(False, description="CacheBlend: reuse KV of non-prefix chunks")
     blend_special_str: str = Field("<|CHUNK_SEP|>", description="separator between blendable chunks")

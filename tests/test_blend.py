@@ -155,3 +155,37 @@ def test_without_cache_a_blend_prompt_is_prefilled_exactly(tiny_models):
     listed = gen.generate(QUESTION, chunks=DOCS, max_new_tokens=3, use_cache=False, stop_at_eos=False)
     assert listed.blend is None and listed.token_ids == plain.token_ids
     assert torch.equal(listed.first_logits, plain.first_logits)
+
+
+def test_a_chunk_cached_behind_a_bos_is_placed_exactly_at_other_offsets(tiny_models):
+    from kvshelf.blend.blender import BlendInfo
+    from kvshelf.blend.segment import Segmented
+
+    gen = make(tiny_models("llama"))
+    runner, blender = gen.runner, gen.blender
+    first = gen.segment(blended(DOCS[:2]), None)
+    assert first.prefix  # the tokenizer adds a BOS: chunks are computed (and stored) at position 1
+    blender.prefill(first, runner.new_kv(len(first.token_ids)))
+    reordered = Segmented(first.prefix, [first.chunks[1], first.chunks[0]], first.suffix, first.separator)
+    no_bos = Segmented([], reordered.chunks, reordered.suffix, reordered.separator)
+    for seg, hits in ((reordered, 2), (no_bos, 0)):  # without the BOS: other keys, computed at position 0
+        info = BlendInfo()
+        kv = runner.new_kv(len(seg.token_ids))
+        mask = blender.place_chunks(seg, kv, None, info)
+        assert info.chunk_hits == hits
+        direct = runner.new_kv(len(seg.token_ids))
+        runner.forward(seg.token_ids, 0, direct)
+        # Layer 0's K and V depend only on each token and its position: placed KV must equal direct KV.
+        assert torch.allclose(kv.data[0, :, :, mask], direct.data[0, :, :, mask], atol=1e-5)
+
+
+def test_a_blend_chunk_stored_at_another_position_is_rejected(tiny_models):
+    gen = make(tiny_models("llama"))
+    engine = gen.engine
+    chunk = list(range(10, 22))
+    assert engine.blend_key(chunk, prefix=[1]) != engine.blend_key(chunk)  # the context is part of the key
+    key = engine.blend_key(chunk, prefix=[1])
+    kv = torch.randn(engine._expected_shape(len(chunk)))
+    engine.put_blend_chunk(key, kv, position=5)
+    assert engine.get_blend_chunk(key, len(chunk), position=1) is None
+    assert engine.stats.rejected_chunks == 1

@@ -129,3 +129,27 @@ def test_disk_full_drops_the_write_without_raising(tmp_path):
     assert not any(TMP_MARK in p.name for p in files(tmp_path))  # the failed write cleaned up
     again = DiskBackend(tmp_path, 1 << 30, RAW)
     assert again.contains(key(1)) and not again.contains(key(2))
+
+
+def test_concurrent_writers_never_overshoot_the_capacity(tmp_path, monkeypatch):
+    """Space reserved by writes in flight cannot be evicted: a write that would not fit is dropped."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import kvshelf.storage.disk as disk_module
+
+    one = files_after_put(tmp_path).stat().st_size
+    real_replace = os.replace
+
+    def slow_replace(src, dst):  # keeps several writes in flight at once, as a slow disk would
+        time.sleep(0.02)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(disk_module.os, "replace", slow_replace)
+    disk = DiskBackend(tmp_path / "d", 3 * one, RAW)
+    chunks = [make_chunk(seed=i) for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: disk.put(key(i), chunks[i]), range(24)))
+    on_disk = sum(p.stat().st_size for p in files(tmp_path / "d"))
+    assert disk.used_bytes <= 3 * one and on_disk <= 3 * one
+    assert on_disk == disk.used_bytes

@@ -152,3 +152,16 @@ def test_stats_count_hits_and_requests():
     engine.retrieve(tokens)
     engine.retrieve(list(range(100, 132)))
     assert engine.stats.requested_tokens == 64 and engine.stats.hit_tokens == 32 and engine.stats.lookups == 2
+
+
+def test_a_prefix_chunk_computed_at_another_position_is_rejected():
+    backend = MemoryBackend(1 << 26)
+    engine = make_engine(backend=backend)
+    tokens = list(range(32))
+    engine.store(tokens, random_kv(32))
+    second = engine.keys(tokens)[1]  # starts at 16
+    kv = random_kv(16)
+    shifted = StoredChunk(ChunkMeta(FP.digest(), 16, tuple(kv.shape), kv.dtype, position=15), kv)
+    backend.put(second.digest, shifted)
+    assert engine.retrieve(tokens).num_tokens == 16  # the first chunk only: the second's RoPE is off by one
+    assert not backend.contains(second.digest) and engine.stats.rejected_chunks == 1

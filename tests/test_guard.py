@@ -1,5 +1,6 @@
 """The never-slower guard: short prompts skip the cache, slow tiers are not loaded from, costs are measured."""
 
+import pytest
 import torch
 
 from kvshelf.advice.cost import CostModel, measure_prefill
@@ -69,3 +70,42 @@ def test_cost_model_is_measured_once_and_saved(tiny_models, tmp_path, monkeypatc
     again = CostModel.for_runner(runner, calibration_tokens=64)
     assert again.prefill_tokens_per_s == first.prefill_tokens_per_s  # read back, not re-measured
     assert first.recompute_s(1000) > 0 and first.load_s({"cpu": 1000}) < first.load_s({"s3": 1000})
+
+
+def test_a_tier_measured_slow_is_bypassed_then_retried(tiny_models):
+    from kvshelf.advice.guard import TIER_SLOW
+
+    m = configure("kvshelf_")
+    guarded, plain = setup(tiny_models("llama"))
+    now = [0.0]
+    guarded.guard = Guard(guarded.guard.cost, min_tokens=32, retry_slow_after_s=30.0, clock=lambda: now[0])
+    ids = prompt(50, 5)
+    plain.generate(ids, max_new_tokens=1)
+    expected = plain.generate(ids, max_new_tokens=4, stop_at_eos=False, use_cache=False).token_ids
+    guarded.guard.cost.observe_load("cpu", 1000, 10.0)  # a load measured at 100 B/s: far slower than recompute
+    out = guarded.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    assert out.hit_tokens == 0 and out.token_ids == expected and bypasses(m, TIER_SLOW) == 1
+    now[0] = 31.0  # the retry is due: one request loads and measures the tier again
+    out = guarded.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    assert out.hit_tokens == 49 and out.token_ids == expected
+    assert guarded.guard.cost.tier_bytes_per_s["cpu"] > 100.0  # the fast load moved the estimate up
+
+
+def test_the_layerwise_path_learns_tier_speed_too(tiny_models):
+    runner = ModelRunner(tiny_models("qwen2"))
+    engine = CacheEngine(runner.fingerprint(), TierManager([MemoryBackend(1 << 26)]), chunk_size=16)
+    cost = CostModel(prefill_tokens_per_s=10_000.0, kv_bytes_per_token=1024)
+    gen = CachedGenerator(runner, engine, guard=Guard(cost, min_tokens=32), layerwise=True)
+    ids = prompt(50, 6)
+    gen.generate(ids, max_new_tokens=1)
+    assert "cpu" not in cost.measured_tiers
+    assert gen.generate(ids, max_new_tokens=1).hit_tokens == 49
+    assert "cpu" in cost.measured_tiers
+
+
+def test_observed_time_is_split_over_the_tiers_by_predicted_share():
+    cost = CostModel(prefill_tokens_per_s=1000.0, kv_bytes_per_token=100, tier_bytes_per_s={"a": 1e6, "b": 1e5})
+    guard = Guard(cost, min_tokens=1)
+    guard.observe({"a": 100, "b": 100}, 1.1)  # predicted 0.01 s + 0.1 s: b gets 10/11 of the time
+    assert cost.tier_bytes_per_s["b"] == pytest.approx(100 * 100 / 1.0)
+    assert cost.tier_bytes_per_s["a"] == pytest.approx(100 * 100 / 0.1)

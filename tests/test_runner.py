@@ -67,3 +67,50 @@ def test_unsupported_model_type_is_refused():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         ModelRunner(model)
+
+
+def test_one_changed_embedding_row_changes_the_fingerprint():
+    from conftest import build_tiny_model
+
+    from kvshelf.model import runner as runner_mod
+
+    base = build_tiny_model("gemma3")
+    tuned = build_tiny_model("gemma3")
+    with torch.no_grad():  # a fine-tune that touched one token's row, off the old strided sample
+        tuned.model.embed_tokens.weight[77, 1] += 1e-3
+    assert runner_mod._sampled_digest(base) == runner_mod._sampled_digest(tuned)  # what the old digest saw
+    assert ModelRunner(base).fingerprint().digest() != ModelRunner(tuned).fingerprint().digest()
+
+
+def test_a_folder_model_is_hashed_once_and_again_when_its_files_change(tmp_path, monkeypatch):
+    from conftest import build_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from kvshelf.model import runner as runner_mod
+
+    monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    build_tiny_model("llama").save_pretrained(folder)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+    first = ModelRunner(load()).fingerprint().weights_digest
+    assert first == runner_mod._full_digest(load())
+    assert len(list((tmp_path / "cache" / "digests").glob("weights-*.json"))) == 1
+
+    calls = []
+    full = runner_mod._full_digest
+    monkeypatch.setattr(runner_mod, "_full_digest", lambda m: calls.append(1) or full(m))
+    assert ModelRunner(load()).fingerprint().weights_digest == first and not calls  # remembered
+
+    changed = load()
+    with torch.no_grad():
+        changed.model.embed_tokens.weight[5] += 1.0  # changed in memory after loading: hashed again
+    assert ModelRunner(changed).fingerprint().weights_digest != first and len(calls) == 1
+
+    tuned = load()
+    with torch.no_grad():
+        tuned.model.embed_tokens.weight[9, 3] += 1e-3
+    tuned.save_pretrained(folder)  # the files changed (size/mtime/inode): hashed again
+    assert ModelRunner(load()).fingerprint().weights_digest not in (first,) and len(calls) == 2

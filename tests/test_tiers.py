@@ -157,3 +157,15 @@ def test_memory_only_manager_has_no_writer_thread():
     assert tiers._writer is None
     assert tiers.put(key(1), make_chunk()) and tiers.get(key(1)) is not None
     tiers.close()
+
+
+def test_breaker_opens_on_failures_among_successes_not_only_in_a_row():
+    breaker = CircuitBreaker("t", failure_threshold=3, reset_after_s=10)
+    for _ in range(3):  # a trickling tier: small replies succeed, every value read times out
+        breaker.record_failure(TimeoutError())
+        breaker.record_success()
+    assert breaker.is_open
+    rare = CircuitBreaker("r", failure_threshold=3, reset_after_s=10)
+    for i in range(60):  # one error in ten calls: stays closed
+        rare.record_failure(OSError()) if i % 10 == 0 else rare.record_success()
+    assert not rare.is_open

@@ -3,8 +3,9 @@
 - Prefill speed: the median of several short timed forwards, kept per model fingerprint, device and
   thread count in the kvshelf cache dir; measured again when any of those change, when the measurement
   is older than MAX_PREFILL_AGE_S, or on request when observed prefills disagree with it by > 30%.
-- Tier speed: effective bytes/s of each tier (fetch + verify + decode), learned from every load as an
-  exponential moving average, seeded with conservative defaults until the first loads are seen.
+- Tier speed: effective bytes/s of each tier (fetch + verify + decode), learned from every load: a
+  slowdown at once, a speed-up as an exponential moving average; seeded with conservative defaults
+  until the first loads are seen.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class CostModel:
     prefill_tokens_per_s: float
     kv_bytes_per_token: int
     tier_bytes_per_s: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TIER_BYTES_PER_S))
+    measured_tiers: set[str] = field(default_factory=set)  # tiers whose speed comes from loads seen here
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     observed_prefill: list[float] = field(default_factory=list, repr=False)  # tokens/s of full prefills seen
     prefill_source: Path | None = field(default=None, repr=False)  # the file the prefill speed is kept in
@@ -54,11 +56,16 @@ class CostModel:
         )
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
+        """Learn from one load: a slower speed is believed at once (a tier that became slow must stop
+        being loaded from on the next request), a faster one through a moving average (one lucky load
+        does not make a tier fast)."""
         if nbytes <= 0 or seconds <= 0:
             return
+        seen = nbytes / seconds
         with self._lock:
-            old = self.tier_bytes_per_s.get(tier, nbytes / seconds)
-            self.tier_bytes_per_s[tier] = (1 - _EMA) * old + _EMA * nbytes / seconds
+            old = self.tier_bytes_per_s.get(tier, seen)
+            self.tier_bytes_per_s[tier] = seen if seen < old else (1 - _EMA) * old + _EMA * seen
+            self.measured_tiers.add(tier)
 
     @classmethod
     def for_runner(

@@ -2,25 +2,51 @@
 
 - Prompts shorter than `min_tokens` skip the cache entirely: no lookup, no store (a chunk or less of
   prompt has little to reuse, and remote lookups would only add latency).
-- A cached prefix is loaded only when its predicted load time (per tier, measured bandwidth) beats
-  recomputing it; otherwise the request recomputes.
+- A cached prefix is not loaded when a tier holding part of it was last measured slower than
+  recomputing (`tier_slow`; one request is let through every `retry_slow_after_s` to see whether it
+  recovered), nor when its predicted load time (per tier, measured speed) does not beat recomputing it
+  (`load_slower_than_recompute`).
+- Loads learn: every request that loaded (plain, layerwise) reports its measured load time, which is
+  split over the tiers that served it; a tier that got slower is believed at once (see CostModel).
+- A request's tier reads (lookups and loads) run under a budget of what recomputing the prompt costs
+  (`budget_s`): a tier that cannot answer in that time is cut off, and the request recomputes.
 Every skip is counted in `bypasses_total{reason}`.
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 from kvshelf.advice.cost import CostModel
 from kvshelf.metrics import metrics
 
 SHORT_PROMPT = "short_prompt"
 LOAD_SLOWER = "load_slower_than_recompute"
+TIER_SLOW = "tier_slow"
 
 
 class Guard:
-    def __init__(self, cost: CostModel, *, min_tokens: int, margin: float = 1.0):
+    def __init__(
+        self,
+        cost: CostModel,
+        *,
+        min_tokens: int,
+        margin: float = 1.0,
+        min_budget_s: float = 0.25,
+        retry_slow_after_s: float = 30.0,
+        clock=time.monotonic,
+    ):
         self.cost = cost
         self.min_tokens = min_tokens
         self.margin = margin  # load must be this many times faster than recompute
+        # A floor under the per-request tier budget: a tiny prompt recomputes in milliseconds, less
+        # than a scheduler hiccup; below this a healthy tier would be cut off by noise.
+        self.min_budget_s = min_budget_s
+        self.retry_slow_after_s = retry_slow_after_s
+        self._clock = clock
+        self._slow_retry_at: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def use_cache(self, prompt_tokens: int) -> bool:
         if prompt_tokens < self.min_tokens:
@@ -28,11 +54,53 @@ class Guard:
             return False
         return True
 
+    def budget_s(self, prompt_tokens: int) -> float:
+        """Longest the request's tier reads may take: what recomputing the whole prompt costs."""
+        return max(self.min_budget_s, self.cost.recompute_s(prompt_tokens) / self.margin)
+
     def worth_loading(self, tokens_by_tier: dict[str, int]) -> bool:
         hit = sum(tokens_by_tier.values())
         if hit == 0:
+            return False
+        slow = [tier for tier in tokens_by_tier if self._slower_than_recompute(tier)]
+        if slow:
+            if self._retry_due(slow):
+                return True  # a probe: this load measures the slow tier(s) again
+            metrics().bypasses.labels(TIER_SLOW).inc()
             return False
         if self.cost.load_s(tokens_by_tier) * self.margin < self.cost.recompute_s(hit):
             return True
         metrics().bypasses.labels(LOAD_SLOWER).inc()
         return False
+
+    def _slower_than_recompute(self, tier: str) -> bool:
+        """Measured here (not a default guess) to load a token slower than it recomputes."""
+        return tier in self.cost.measured_tiers and self.cost.load_s({tier: 1}) * self.margin >= self.cost.recompute_s(
+            1
+        )
+
+    def _retry_due(self, slow: list[str]) -> bool:
+        """True for one request every `retry_slow_after_s` per slow tier: its load measures the tier again."""
+        now = self._clock()
+        with self._lock:
+            due = [t for t in slow if now >= self._slow_retry_at.setdefault(t, now + self.retry_slow_after_s)]
+            if len(due) < len(slow):
+                return False
+            for tier in slow:
+                self._slow_retry_at[tier] = now + self.retry_slow_after_s
+            return True
+
+    def observe(self, tokens_by_tier: dict[str, int], seconds: float) -> None:
+        """A request loaded (or tried to load) the planned tokens in `seconds`: learn each tier's speed.
+
+        The time is split over the tiers in proportion to their predicted share. A load cut short (a
+        miss, a deadline, the budget) still counts the planned bytes: the tier delivered at most that in
+        this time, so its speed is not overestimated.
+        """
+        if seconds <= 0 or not tokens_by_tier:
+            return
+        per_token = self.cost.kv_bytes_per_token
+        predicted = {tier: self.cost.load_s({tier: n}) for tier, n in tokens_by_tier.items() if n > 0}
+        total = sum(predicted.values())
+        for tier, share in predicted.items():
+            self.cost.observe_load(tier, tokens_by_tier[tier] * per_token, seconds * share / total)

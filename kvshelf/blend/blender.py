@@ -6,8 +6,8 @@ the attention sink every real prompt starts with; the separator that follows eve
 it) and keyed by those tokens alone, so it serves the chunk wherever it appears. For a prompt
 `prefix, chunk, sep, chunk, sep, ..., suffix`:
 
-1. every chunk's KV is loaded (or computed alone and stored, on a miss) and its keys re-rotated to the
-   chunk's position in this prompt;
+1. every chunk's KV is loaded (or computed alone and stored, on a miss) and its keys re-rotated from the
+   position it was computed at (stored with it, and part of its key) to the chunk's position here;
 2. layers below the first check layer run on every token, so the check layer's fresh K and V are exact;
 3. at each check layer, fresh K and V of the active tokens (projections only) are compared with the
    cached ones (squared error, K and V each normalised by their mean energy) and only the top `ratio`
@@ -68,23 +68,39 @@ class Blender:
         self.ratios = ratios * len(check_layers) if len(ratios) == 1 else ratios
 
     # -- chunk KV ----------------------------------------------------------------------------------------
-    def _chunk_kv(self, seg: Segmented, chunk: list[int], salt, info: BlendInfo) -> torch.Tensor:
-        """The chunk's KV as cached (keys rotated for positions len(prefix)...), computing it on a miss."""
+    def _chunk_kv(self, seg: Segmented, chunk: list[int], salt, info: BlendInfo) -> tuple[torch.Tensor, int]:
+        """The chunk's KV as cached and the position its first token was computed at, computing it (after
+        the prefix, at position len(prefix)) on a miss."""
         info.chunks += 1
-        key = self.engine.blend_key(chunk, salt) if self.engine is not None else None
+        position = len(seg.prefix)
+        key = self.engine.blend_key(chunk, salt, prefix=seg.prefix) if self.engine is not None else None
         if key is not None:
-            cached = self.engine.get_blend_chunk(key, len(chunk))
+            cached = self.engine.get_blend_chunk(key, len(chunk), position=position)
             if cached is not None:
                 info.chunk_hits += 1
-                info.loaded_bytes += cached.numel() * cached.element_size()
-                return cached
+                info.loaded_bytes += cached.nbytes
+                return cached.kv, cached.meta.position
         info.computed_alone += 1
-        alone = self.runner.new_kv(len(seg.prefix) + len(chunk))
+        alone = self.runner.new_kv(position + len(chunk))
         self.runner.forward(seg.prefix + chunk, 0, alone)
-        kv = alone.data[:, :, :, len(seg.prefix) :]
+        kv = alone.data[:, :, :, position:]
         if key is not None:
-            self.engine.put_blend_chunk(key, kv, position=len(seg.prefix))
-        return kv
+            self.engine.put_blend_chunk(key, kv, position=position)
+        return kv, position
+
+    def place_chunks(self, seg: Segmented, kv: KVBuffer, salt, info: BlendInfo) -> torch.Tensor:
+        """Write every chunk's cached KV into `kv` at its place in this prompt, keys rotated from the
+        position they were computed at to the new one; the mask of chunk tokens."""
+        runner = self.runner
+        chunk_mask = torch.zeros(len(seg.token_ids), dtype=torch.bool)
+        for start, end in self._cached_spans(seg):
+            chunk_mask[start:end] = True
+            cached, computed_at = self._chunk_kv(seg, seg.token_ids[start:end], salt, info)
+            cached = cached.to(runner.device)
+            for layer in range(runner.num_layers):
+                kv.data[layer, 0, :, start:end] = runner.rerotate(cached[layer, 0], start - computed_at, layer)
+                kv.data[layer, 1, :, start:end] = cached[layer, 1]
+        return chunk_mask
 
     # -- the blended prefill -------------------------------------------------------------------------------
     def prefill(self, seg: Segmented, kv: KVBuffer, salt: str | None = None) -> tuple[torch.Tensor, BlendInfo]:
@@ -92,14 +108,7 @@ class Blender:
         ids = seg.token_ids
         n = len(ids)
         device = runner.device
-        chunk_mask = torch.zeros(n, dtype=torch.bool)
-        base = len(seg.prefix)
-        for start, end in self._cached_spans(seg):
-            chunk_mask[start:end] = True
-            cached = self._chunk_kv(seg, ids[start:end], salt, info).to(device)
-            for layer in range(runner.num_layers):
-                kv.data[layer, 0, :, start:end] = runner.rerotate(cached[layer, 0], start - base, layer)
-                kv.data[layer, 1, :, start:end] = cached[layer, 1]
+        chunk_mask = self.place_chunks(seg, kv, salt, info)
         info.chunk_tokens = int(chunk_mask.sum())
         m = metrics()
         m.blend_lookups.inc(info.chunks)

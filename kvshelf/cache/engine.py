@@ -95,13 +95,15 @@ class CacheEngine:
             fingerprint=self._fp_digest,
         )
 
-    def _verified(self, key: ChunkKey, chunk):
+    def _verified(self, key: ChunkKey, chunk, *, position: int | None = None):
         """The chunk (or chunk reader) if it is exactly what this key promises; otherwise delete it and
-        report a miss."""
+        report a miss. Its KV must have been computed at RoPE position `position` on (default: key.start,
+        where a prefix chunk sits)."""
         if chunk is None:
             return None
         meta = chunk.meta
         kv = getattr(chunk, "kv", None)
+        position = key.start if position is None else position
         problem = None
         if meta.fingerprint == b"":  # a byte tier read without this engine's expectation: a bug, not damage
             log.error(
@@ -112,6 +114,8 @@ class CacheEngine:
             problem = "model fingerprint differs"
         elif meta.num_tokens != key.num_tokens:
             problem = f"holds {meta.num_tokens} tokens, key covers {key.num_tokens}"
+        elif meta.position != position:
+            problem = f"computed at position {meta.position}, key wants {position}"
         elif tuple(meta.shape) != self._expected_shape(key.num_tokens) or (
             kv is not None and tuple(kv.shape) != tuple(meta.shape)
         ):
@@ -266,24 +270,29 @@ class CacheEngine:
         return stored_tokens
 
     # -- position-independent chunks (CacheBlend) -------------------------------------------------
-    def blend_key(self, tokens: Sequence[int], salt: str | None = None) -> bytes:
-        """Key of a chunk's KV computed on its own: depends on its tokens, not on what precedes it."""
+    def blend_key(self, tokens: Sequence[int], salt: str | None = None, *, prefix: Sequence[int] = ()) -> bytes:
+        """Key of a chunk's KV computed on its own after `prefix` (the BOS; its first token then sits at
+        position len(prefix)): depends on its tokens and that context, not on what precedes it in a prompt."""
         ids = np.asarray(tokens, dtype="<i8")
+        before = np.asarray(prefix, dtype="<i8")
         h = hashlib.blake2b(digest_size=16, person=b"kvshelf-blend")
         h.update(chain_root(self._fp_digest, salt))
+        h.update(len(before).to_bytes(4, "little"))
+        h.update(before.tobytes())
         h.update(len(ids).to_bytes(4, "little"))
         h.update(ids.tobytes())
         return h.digest()
 
-    def get_blend_chunk(self, key: bytes, num_tokens: int) -> torch.Tensor | None:
-        with expecting(self._expect(num_tokens, None)):
-            chunk = self._verified(ChunkKey(key, 0, num_tokens), self.backend.get(key))
+    def get_blend_chunk(self, key: bytes, num_tokens: int, *, position: int = 0) -> StoredChunk | None:
+        """The chunk under a blend key, if its KV was computed at `position` (where its key says)."""
+        with expecting(self._expect(num_tokens, position)):
+            chunk = self._verified(ChunkKey(key, 0, num_tokens), self.backend.get(key), position=position)
         with self._stats_lock:
             self.stats.blend_lookups += 1
             if chunk is not None:
                 self.stats.blend_hits += 1
                 self.stats.retrieved_bytes += chunk.nbytes
-        return None if chunk is None else chunk.kv
+        return chunk
 
     def put_blend_chunk(self, key: bytes, kv: torch.Tensor, position: int = 0) -> bool:
         """Store a chunk's KV computed on its own, its first token at RoPE position `position`."""

@@ -20,6 +20,7 @@ from kvshelf.layerwise.loader import LayerLoadError, LayerwiseLoader
 from kvshelf.layerwise.saver import LayerwiseSaver
 from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.model.runner import ModelRunner
+from kvshelf.storage.tiers import tier_budget
 
 log = logging.getLogger(__name__)
 
@@ -164,36 +165,44 @@ class CachedGenerator:
         engine = self.engine if use_cache else None
         load, plan = True, {}
         reason = reasons.LOOKED_UP if engine is not None else reasons.CACHE_OFF
-        if engine is not None and seg is None and self.guard is not None:
-            if not self.guard.use_cache(len(ids)):
-                engine, reason = None, reasons.SHORT_PROMPT  # too short to pay: no lookup, no store
-            else:
-                plan = engine.plan(ids, salt, max_tokens=len(ids) - 1)
-                load = bool(plan) and self.guard.worth_loading(plan)
-                if plan and not load:
-                    reason = reasons.LOAD_SLOWER
+        guard = self.guard if engine is not None and seg is None else None
+        # With a guard, the request's tier reads (lookup and load; later the lookups before storing) may
+        # take at most what recomputing costs, each time.
+        budget_s = guard.budget_s(len(ids)) if guard is not None else None
+        with tier_budget(budget_s):
+            if guard is not None:
+                if not guard.use_cache(len(ids)):
+                    engine, reason = None, reasons.SHORT_PROMPT  # too short to pay: no lookup, no store
+                else:
+                    plan = engine.plan(ids, salt, max_tokens=len(ids) - 1)
+                    load = bool(plan) and guard.worth_loading(plan)
+                    if plan and not load:
+                        reason = reasons.LOAD_SLOWER
+            with torch.inference_mode():
+                kv = self.runner.new_kv(len(ids) + max_new_tokens)
+                hit = loaded = 0
+                blend_info = saver = None
+                if seg is not None:
+                    logits, blend_info = self.blender.prefill(seg, kv, salt)
+                    # Chunks that missed were computed alone just now: their tokens are computed, not hits.
+                    # (Per-chunk reuse is not reported: the hit chunks' share of the reused tokens is used.)
+                    hit = blend_info.reused_tokens * blend_info.chunk_hits // max(blend_info.chunks, 1)
+                    loaded = blend_info.loaded_bytes
+                elif engine is not None and self.layerwise:
+                    logits, hit, loaded, saver = self._prefill_layerwise(
+                        engine, ids, salt, kv, load=load, plan=plan if guard is not None else None
+                    )
+                else:
+                    if engine is not None and load:
+                        t_load = time.perf_counter()
+                        for key, chunk in engine.retrieve_chunks(ids, salt, max_tokens=len(ids) - 1):
+                            kv.load_chunk(key.start, chunk)
+                            hit = key.end
+                            loaded += chunk.numel() * chunk.element_size()
+                        if guard is not None:  # learn each tier's speed from this request's load
+                            guard.observe(plan, time.perf_counter() - t_load)
+                    logits = self.runner.forward(ids[hit:], hit, kv)
         with torch.inference_mode():
-            kv = self.runner.new_kv(len(ids) + max_new_tokens)
-            hit = loaded = 0
-            blend_info = saver = None
-            if seg is not None:
-                logits, blend_info = self.blender.prefill(seg, kv, salt)
-                # Chunks that missed were computed alone just now: their tokens are computed, not hits.
-                # (Per-chunk reuse is not reported: the hit chunks' share of the reused tokens is used.)
-                hit = blend_info.reused_tokens * blend_info.chunk_hits // max(blend_info.chunks, 1)
-                loaded = blend_info.loaded_bytes
-            elif engine is not None and self.layerwise:
-                logits, hit, loaded, saver = self._prefill_layerwise(engine, ids, salt, kv, load=load)
-            else:
-                if engine is not None and load:
-                    t_load = time.perf_counter()
-                    for key, chunk in engine.retrieve_chunks(ids, salt, max_tokens=len(ids) - 1):
-                        kv.load_chunk(key.start, chunk)
-                        hit = key.end
-                        loaded += chunk.numel() * chunk.element_size()
-                    if self.guard is not None and len(plan) == 1:  # one tier served it: learn its speed
-                        self.guard.cost.observe_load(next(iter(plan)), loaded, time.perf_counter() - t_load)
-                logits = self.runner.forward(ids[hit:], hit, kv)
             first_logits = logits
             next_id = _choose(logits, temperature, top_p, rng)
             if on_logits is not None:
@@ -209,7 +218,8 @@ class CachedGenerator:
             elif saver is not None:
                 stored = saver.finish()
             else:
-                stored = engine.store(ids, kv.data, salt, start=hit)
+                with tier_budget(budget_s):
+                    stored = engine.store(ids, kv.data, salt, start=hit)
         out = [next_id]
         yield next_id
         finish = "length"
@@ -229,7 +239,7 @@ class CachedGenerator:
         if engine is not None and exact and self.store_generated and len(out) > 1:
             # Multi-turn chat resends the answer as part of the next prompt: keep its KV too. The last
             # token was never fed through the model, so it has no KV.
-            with torch.inference_mode():
+            with torch.inference_mode(), tier_budget(budget_s):
                 stored += engine.store(ids + out[:-1], kv.data, salt, start=len(ids))
         text = self.tokenizer.decode(out, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerationResult(
@@ -247,10 +257,14 @@ class CachedGenerator:
             cache_reason=reason,
         )
 
-    def _prefill_layerwise(self, engine: CacheEngine, ids: list[int], salt, kv, *, load: bool = True):
+    def _prefill_layerwise(
+        self, engine: CacheEngine, ids: list[int], salt, kv, *, load: bool = True, plan: dict | None = None
+    ):
         """Prefill with the cached prefix loaded layer by layer behind the compute, and the new chunks stored
-        layer by layer behind it. A load that fails mid-way is recomputed from scratch: never partial KV."""
+        layer by layer behind it. A load that fails mid-way is recomputed from scratch: never partial KV.
+        With a `plan` (the guard's), the load time (opening plus the loader's layer loads) is learned."""
         t0 = time.perf_counter()
+        loader_s0 = sum(self.layerwise_stats.load_s)
         retrieval = engine.retrieve_layerwise(ids, salt, max_tokens=len(ids) - 1) if load else None
         hit = retrieval.num_tokens if retrieval is not None else 0
         t1 = time.perf_counter()
@@ -263,6 +277,8 @@ class CachedGenerator:
         )
         on_layer = saver.on_layer if saver is not None else None
         if retrieval is None:
+            if load and plan and self.guard is not None:  # planned but nothing opened in time: learn that
+                self.guard.observe(plan, t1 - t0)
             return self.runner.forward(ids, 0, kv, layer_hook=on_layer), 0, 0, saver
         self.layerwise_stats.count(requests=1)
         loader = LayerwiseLoader(
@@ -279,6 +295,8 @@ class CachedGenerator:
             return self.runner.forward(ids, 0, kv), 0, 0, None  # stored whole, after the first token
         finally:
             loader.close()
+            if plan and self.guard is not None:
+                self.guard.observe(plan, (t1 - t0) + sum(self.layerwise_stats.load_s) - loader_s0)
         per_token = kv.data[:, :, :, :1].numel() * kv.data.element_size()
         return logits, hit, hit * per_token, saver
 

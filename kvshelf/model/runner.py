@@ -14,11 +14,18 @@ import hashlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kvshelf.cache.fingerprint import ModelFingerprint
+from kvshelf.cache.fingerprint import (
+    WEIGHT_SUFFIXES,
+    ModelFingerprint,
+    cached_digest,
+    file_identity,
+    weight_files,
+)
 from kvshelf.errors import UnsupportedModelError
 from kvshelf.model.kv_buffer import KVBuffer
 
@@ -44,9 +51,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def _weights_digest(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
-    """A digest of the weights from names, shapes and a strided sample of each tensor: cheap, and any
-    fine-tune or different checkpoint changes it."""
+def _sampled_digest(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """Names, shapes and a strided sample of each tensor: cheap, but blind to most single-row changes.
+    Only used to notice that weights in memory no longer match a remembered full digest."""
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
@@ -55,6 +62,38 @@ def _weights_digest(model: torch.nn.Module, samples_per_tensor: int = 4096) -> s
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+def _full_digest(model: torch.nn.Module) -> str:
+    """BLAKE2b over every byte of every tensor (names, shapes and dtypes too): any changed value changes it."""
+    h = hashlib.blake2b(digest_size=32, person=b"kvshelf-weights")
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\0".encode())
+        step = max(1, (64 << 20) // max(1, flat.element_size()))  # host copies of GPU tensors in 64 MiB pieces
+        for i in range(0, flat.numel(), step):
+            piece = flat[i : i + step].to("cpu").contiguous()
+            h.update(piece.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """The digest of all weights. A model loaded from a folder remembers it in the kvshelf cache folder by
+    its files' (path, size, mtime, inode), the library versions and dtypes, and a cheap sample of the
+    weights in memory (so weights changed after loading are hashed again): a restart does not re-hash."""
+    folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+    files = weight_files(folder) if folder.is_dir() else []
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        return _full_digest(model)
+    import transformers
+
+    identity = {
+        "files": file_identity(files),
+        "sample": _sampled_digest(model),
+        "dtypes": sorted({str(t.dtype) for t in model.state_dict().values()}),
+        "versions": [torch.__version__, transformers.__version__],
+    }
+    return cached_digest("weights", identity, lambda: _full_digest(model))
 
 
 class ModelRunner:

@@ -148,6 +148,8 @@ class DiskBackend(ByteStore):
                 self._index.move_to_end(name)
                 return True
             self._evict_until(size)
+            if self._used + size > self._capacity:
+                return False  # the rest is reserved by writes in flight, which cannot be evicted: drop this one
             # Reserve the space now so concurrent writers cannot overshoot the capacity.
             self._used += size
         path = self._path(name)

@@ -148,7 +148,12 @@ def build_tiers(config: KVShelfConfig, calibration: str | None = None) -> TierMa
     return TierManager(
         backends,
         write_queue_size=config.write_queue_size,
+        write_queue_bytes=config.write_queue_bytes,
         write_block_s=config.write_block_ms / 1000,
         breaker_failures=config.breaker_failures,
         breaker_reset_s=config.breaker_reset_s,
+        deadline_s=config.tier_deadline_s or 2 * config.remote_timeout_s,  # a connect and a read
+        write_deadline_s=config.tier_write_deadline_s,
+        slow_s=config.tier_slow_s,
+        workers=config.tier_workers,
     )

@@ -3,17 +3,28 @@
 - get: first tier that has the chunk wins; a hit below the first tier is promoted into the first tier
   (CPU memory).
 - put: inline into cheap tiers (memory), and through a bounded queue to a background writer for the
-  rest (write-through). A full queue blocks the caller at most `write_block_s`, then drops the write.
+  rest (write-through). The queue is bounded in chunks and in bytes; a full queue blocks the caller at
+  most `write_block_s`, then drops the write.
 - faults: any exception from a tier is a miss (get/contains) or a dropped write (put), counted, logged,
   and fed to that tier's circuit breaker; nothing reaches the caller, which recomputes.
+- deadlines: calls to tiers that are not inline (disk, Redis, S3) run on a few worker threads of their
+  own and the caller waits at most `deadline_s` (`write_deadline_s` for writes) in total, however the
+  tier trickles its bytes; an overrun is a miss and a fault, and the stuck call ends in the background.
+  Every worker of a tier busy means the tier is stuck: it is skipped (no thread growth). A caller may
+  also put a whole request under a budget (`tier_budget`): calls then end when the budget does, and a
+  call cut by the budget, like a read slower than `slow_s`, counts against the tier's breaker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +34,96 @@ from kvshelf.storage.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 _STOP = object()
+_budget = threading.local()
+
+
+class TierTimeout(TimeoutError):
+    """A tier call that did not finish within its deadline or the request's budget."""
+
+
+class TierSlow(TimeoutError):
+    """A tier read that succeeded, but slower than the tier may be to pay."""
+
+
+class TierStuck(RuntimeError):
+    """Every worker of a tier is still busy with earlier calls that overran."""
+
+
+@contextlib.contextmanager
+def tier_budget(seconds: float | None) -> Iterator[None]:
+    """Bound the tier reads this thread makes inside the block to `seconds` in total (None: no budget).
+
+    Reads still running when the budget ends are cut (a miss, counted against the tier as slow);
+    later reads inside the block are not made. Budgets nest: the tighter one wins.
+    """
+    outer = getattr(_budget, "until", None)
+    until = None if seconds is None else time.monotonic() + max(0.0, seconds)
+    bounds = [t for t in (outer, until) if t is not None]
+    _budget.until = min(bounds) if bounds else None
+    try:
+        yield
+    finally:
+        _budget.until = outer
+
+
+def _budget_left() -> float | None:
+    until = getattr(_budget, "until", None)
+    return None if until is None else until - time.monotonic()
+
+
+class _Lanes:
+    """A tier's bounded set of worker threads: at most `size` calls in flight, none queued behind them."""
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size = name, size
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._free = threading.Semaphore(size)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable, args: tuple) -> Future | None:
+        """A future for fn(*args), or None when every worker is busy."""
+        if not self._free.acquire(blocking=False):
+            return None
+        with self._lock:
+            if not self._threads:
+                for i in range(self.size):
+                    t = threading.Thread(target=self._work, name=f"kvshelf-{self.name}-{i}", daemon=True)
+                    t.start()
+                    self._threads.append(t)
+        future: Future = Future()
+        # The caller's context travels with the call: byte tiers read the engine's expectation from it.
+        self._jobs.put((future, contextvars.copy_context(), fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, context, fn, args = job
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(context.run(fn, *args))
+                    except BaseException as err:  # handed to the caller (a tier fault), if it still waits
+                        future.set_exception(err)
+            finally:
+                self._free.release()
+
+    def close(self, wait_s: float) -> None:
+        """Stop the workers; a worker still stuck in a call after `wait_s` is left behind (daemon), said loudly."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._jobs.put(None)
+        until = time.monotonic() + wait_s
+        stuck = 0
+        for t in threads:
+            t.join(max(0.0, until - time.monotonic()))
+            stuck += t.is_alive()
+        if stuck:
+            log.warning("tier %s: %d call(s) still stuck at shutdown; their threads are left behind", self.name, stuck)
 
 
 @dataclass
@@ -32,19 +133,36 @@ class TierStats:
     puts: int = 0
     put_bytes: int = 0
     errors: int = 0  # exceptions from the tier (refused, timeout, disk full, ...)
-    skipped: int = 0  # calls not made because the breaker was open
+    skipped: int = 0  # calls not made because the breaker was open or the request's budget was spent
     dropped_writes: int = 0  # writes lost to a full queue, an open breaker or an error
     promotions: int = 0  # chunks copied up into this tier from a lower one
+    timeouts: int = 0  # calls cut by their deadline (also counted in errors)
+    slow: int = 0  # reads cut by the request's budget or slower than `slow_s`: breaker failures, not errors
+    stuck: int = 0  # calls not made because every worker of the tier was busy with overrunning calls
 
 
 class Tier:
-    """One backend with its breaker and stats."""
+    """One backend with its breaker, stats and (for tiers that are not inline) deadline and workers."""
 
-    def __init__(self, backend: StorageBackend, breaker: CircuitBreaker):
+    def __init__(
+        self,
+        backend: StorageBackend,
+        breaker: CircuitBreaker,
+        *,
+        deadline_s: float | None = None,
+        write_deadline_s: float | None = None,
+        slow_s: float | None = None,
+        workers: int = 4,
+    ):
         self.backend = backend
         self.breaker = breaker
         self.stats = TierStats()
         self._lock = threading.Lock()
+        timed = not backend.inline_put and deadline_s is not None
+        self.deadline_s = deadline_s if timed else None
+        self.write_deadline_s = (write_deadline_s or deadline_s) if timed else None
+        self.slow_s = slow_s if timed else None
+        self.lanes = _Lanes(backend.name, workers) if timed else None
 
     @property
     def name(self) -> str:
@@ -55,20 +173,60 @@ class Tier:
             for field, delta in deltas.items():
                 setattr(self.stats, field, getattr(self.stats, field) + delta)
 
-    def call(self, fn: Callable, *args, default=None):
-        """Run fn(*args) against the tier; on an open breaker or any error return `default`."""
+    def call(self, fn: Callable, *args, default=None, write: bool = False):
+        """Run fn(*args) against the tier; on an open breaker, an overrun or any error return `default`."""
+        limit = self.write_deadline_s if write else self.deadline_s
+        left = None if (write or limit is None) else _budget_left()
+        if left is not None and left <= 0:
+            self.count(skipped=1)  # the request's budget is spent: no new call
+            return default
         if not self.breaker.allow():
             self.count(skipped=1)
             return default
-        try:
-            result = fn(*args)
-        except Exception as err:  # a tier fault is a miss, never a crash
-            self.count(errors=1)
-            log.warning("tier %s: %s failed: %s: %s", self.name, fn.__name__, type(err).__name__, err)
-            self.breaker.record_failure(err)
+        if self.lanes is None:
+            try:
+                result = fn(*args)
+            except Exception as err:  # a tier fault is a miss, never a crash
+                return self._failed(fn, err, default)
+            self.breaker.record_success()
+            return result
+        cut = left is not None and left < limit
+        t0 = time.monotonic()
+        future = self.lanes.submit(fn, args)
+        if future is None:
+            self.count(stuck=1)
+            self.breaker.record_failure(TierStuck(f"all {self.lanes.size} workers busy"))
             return default
+        try:
+            result = future.result(timeout=left if cut else limit)
+        except Exception as err:
+            if future.done():  # the call itself failed (its own socket timeout included)
+                return self._failed(fn, err, default)
+            waited = time.monotonic() - t0
+            if cut:  # the request's budget ran out: slower than this request could use
+                self.count(slow=1)
+                log.info("tier %s: %s cut after %.3f s by the request's budget", self.name, fn.__name__, waited)
+                self.breaker.record_failure(TierSlow(f"{fn.__name__} overran the request's budget"))
+                return default
+            self.count(timeouts=1)
+            return self._failed(fn, TierTimeout(f"no answer within the {limit:.3g} s deadline"), default)
+        elapsed = time.monotonic() - t0
+        if not write and self.slow_s is not None and elapsed > self.slow_s:
+            self.count(slow=1)
+            self.breaker.record_failure(TierSlow(f"{fn.__name__} took {elapsed:.3f} s > {self.slow_s:.3g} s"))
+            return result  # the answer is good, only late: use it
         self.breaker.record_success()
         return result
+
+    def _failed(self, fn: Callable, err: Exception, default):
+        self.count(errors=1)
+        log.warning("tier %s: %s failed: %s: %s", self.name, fn.__name__, type(err).__name__, err)
+        self.breaker.record_failure(err)
+        return default
+
+    def close(self) -> None:
+        if self.lanes is not None:
+            self.lanes.close(self.deadline_s or 0.0)  # writes were flushed before: only overruns are left
 
 
 class TierManager(StorageBackend):
@@ -79,18 +237,42 @@ class TierManager(StorageBackend):
         backends: list[StorageBackend],
         *,
         write_queue_size: int = 64,
+        write_queue_bytes: int = 256 << 20,
         write_block_s: float = 0.02,
         breaker_failures: int = 3,
         breaker_reset_s: float = 5.0,
+        deadline_s: float | None = 2.0,
+        write_deadline_s: float | None = None,
+        slow_s: float | None = None,
+        workers: int = 4,
     ):
+        """`deadline_s` bounds each read of a tier that is not inline (None: unbounded), `write_deadline_s`
+        each write (default 5x `deadline_s`); reads slower than `slow_s` (default: off; reads cut by a
+        request's budget always count) count against the tier's breaker; `workers` calls per tier may be
+        in flight at once."""
         if not backends:
             raise ValueError("a tier manager needs at least one tier")
+        if deadline_s is not None and deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        write_deadline_s = write_deadline_s or (5 * deadline_s if deadline_s is not None else None)
         self.tiers = [
-            Tier(b, CircuitBreaker(b.name, failure_threshold=breaker_failures, reset_after_s=breaker_reset_s))
+            Tier(
+                b,
+                CircuitBreaker(b.name, failure_threshold=breaker_failures, reset_after_s=breaker_reset_s),
+                deadline_s=deadline_s,
+                write_deadline_s=write_deadline_s,
+                slow_s=slow_s,
+                workers=workers,
+            )
             for b in backends
         ]
         self.write_block_s = write_block_s
+        self.write_queue_bytes = write_queue_bytes
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue_size)
+        self._queued_bytes = 0  # bytes of the chunks in the queue or being written
+        self._space = threading.Condition()
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None
         if any(not t.backend.inline_put for t in self.tiers):
@@ -153,21 +335,45 @@ class TierManager(StorageBackend):
             else:
                 behind = True
         if behind:
-            try:
-                if self.write_block_s > 0:
-                    self._queue.put((key, chunk), timeout=self.write_block_s)
-                else:
-                    self._queue.put_nowait((key, chunk))
+            if self._enqueue(key, chunk):
                 stored = True
-            except queue.Full:
+            else:
                 for tier in self.tiers:
                     if not tier.backend.inline_put:
                         tier.count(dropped_writes=1)
                 log.warning("tier write queue full: dropping the write-behind of chunk %s", key.hex())
         return stored
 
-    def _put_one(self, tier: Tier, key: bytes, chunk: StoredChunk) -> bool:
-        ok = tier.call(tier.backend.put, key, chunk, default=False)
+    def _enqueue(self, key: bytes, chunk: StoredChunk) -> bool:
+        """Queue a write-behind within the chunk and byte bounds, waiting at most `write_block_s` for room.
+        A chunk larger than the byte bound alone still goes through an empty queue (else it never could)."""
+        size = chunk.nbytes
+        until = time.monotonic() + self.write_block_s
+        with self._space:
+            while self._queued_bytes and self._queued_bytes + size > self.write_queue_bytes:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return False
+                self._space.wait(left)
+            self._queued_bytes += size
+        try:
+            left = until - time.monotonic()
+            if left > 0:
+                self._queue.put((key, chunk), timeout=left)
+            else:
+                self._queue.put_nowait((key, chunk))
+            return True
+        except queue.Full:
+            self._release(size)
+            return False
+
+    def _release(self, size: int) -> None:
+        with self._space:
+            self._queued_bytes -= size
+            self._space.notify_all()
+
+    def _put_one(self, tier: Tier, key: bytes, chunk: StoredChunk, *, write: bool = False) -> bool:
+        ok = tier.call(tier.backend.put, key, chunk, default=False, write=write)
         if ok:
             tier.count(puts=1, put_bytes=chunk.nbytes)
         else:
@@ -177,19 +383,23 @@ class TierManager(StorageBackend):
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
+            size = 0
             try:
                 if item is _STOP:
                     return
                 key, chunk = item
+                size = chunk.nbytes
                 for tier in self.tiers:
                     # Skip a tier that has it already (e.g. a chunk loaded from it and stored again).
                     if not tier.backend.inline_put and not tier.call(tier.backend.contains, key, default=False):
-                        self._put_one(tier, key, chunk)
+                        self._put_one(tier, key, chunk, write=True)
             except BaseException as err:  # a bug, not a tier fault (those are caught in Tier.call): be loud
                 self._writer_error = err
                 log.exception("tier writer thread crashed")
                 raise
             finally:
+                if size:
+                    self._release(size)
                 self._queue.task_done()
 
     def flush(self, timeout_s: float | None = None) -> None:
@@ -207,10 +417,11 @@ class TierManager(StorageBackend):
         if self._writer is not None and self._writer.is_alive():
             self._queue.put(_STOP)
             self._writer.join()
+        for tier in self.tiers:
+            tier.close()
+            tier.backend.close()
         if self._writer_error is not None:
             raise RuntimeError("the tier writer thread crashed") from self._writer_error
-        for tier in self.tiers:
-            tier.backend.close()
 
     # -- admin ---------------------------------------------------------------------------------------
     def delete(self, key: bytes) -> None:
@@ -220,7 +431,12 @@ class TierManager(StorageBackend):
     def clear(self) -> None:
         self.flush()
         for tier in self.tiers:
-            tier.call(tier.backend.clear)
+            tier.call(tier.backend.clear, write=True)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of write-behind chunks queued or being written."""
+        return self._queued_bytes
 
     def unavailable_tiers(self) -> list[str]:
         return [t.name for t in self.tiers if t.breaker.is_open]
@@ -241,6 +457,7 @@ class TierManager(StorageBackend):
                 "used_bytes": t.backend.used_bytes,
                 "capacity_bytes": t.backend.capacity_bytes,
                 "corrupt_objects": getattr(t.backend, "corrupt_objects", 0),
+                "deadline_s": t.deadline_s,
             }
             for t in self.tiers
         }

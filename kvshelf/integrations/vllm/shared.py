@@ -6,7 +6,6 @@ connector.py), with kvshelf's metrics exported from the process that holds it.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import os
@@ -15,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from kvshelf.cache.engine import CacheEngine
-from kvshelf.cache.fingerprint import ModelFingerprint
+from kvshelf.cache.fingerprint import (
+    WEIGHT_SUFFIXES,
+    ModelFingerprint,
+    cached_digest,
+    file_identity,
+    hash_files,
+    weight_files,
+)
 from kvshelf.config import KVShelfConfig, load_config
 from kvshelf.errors import ConfigError
 from kvshelf.storage.factory import build_tiers, uses_cachegen
@@ -39,21 +45,32 @@ def connector_config(extra: dict[str, Any] | None) -> KVShelfConfig:
     return load_config(path, overrides=extra)
 
 
-def _files_digest(folder: Path) -> str:
-    """Names, sizes and sampled bytes of a local checkpoint's files: cheap, and changes with the weights."""
-    h = hashlib.blake2b(digest_size=16)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
-    for path in files:
-        size = path.stat().st_size
-        h.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
-            for i in range(16):  # 16 x 64 KiB spread over the file
-                f.seek(size * i // 16)
-                h.update(f.read(1 << 16))
-    for name in ("config.json", "generation_config.json"):
-        if (folder / name).is_file():
-            h.update((folder / name).read_bytes())
-    return h.hexdigest()
+def _files_digest(paths: list[Path]) -> str:
+    """Every byte of a local checkpoint's files, hashed once and remembered by (path, size, mtime, inode)."""
+    return cached_digest("files", file_identity(paths), lambda: hash_files(paths))
+
+
+def weights_digest(model: str, revision: str | None) -> str:
+    """What pins the weights vLLM loads: a local folder's (or single file's) bytes, or a hub model's
+    snapshot commit from the local Hugging Face cache. Never the bare model name."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        files = weight_files(path)
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+            raise ConfigError(f"model folder {str(path)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        return "files:" + _files_digest(files)
+    if path.is_file():
+        return "files:" + _files_digest([path])
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(repo_id=model, revision=revision, local_files_only=True))
+    except Exception as err:  # not in the local cache (or not a hub id): keys must not guess
+        raise ConfigError(
+            f"kvshelf cannot pin the weights of {model!r} (revision {revision or 'main'}): no local snapshot "
+            f"({type(err).__name__}); download the model first or pass its local folder"
+        ) from None
+    return f"hub:{model}@{snapshot.name}"
 
 
 def vllm_fingerprint(vllm_config) -> ModelFingerprint:
@@ -67,8 +84,7 @@ def vllm_fingerprint(vllm_config) -> ModelFingerprint:
     cache_dtype = vllm_config.cache_config.cache_dtype
     if cache_dtype not in (None, "auto"):
         raise ConfigError(f"kv_cache_dtype={cache_dtype!r}: kvshelf's connector needs kv_cache_dtype='auto'")
-    folder = Path(mc.model)
-    weights = _files_digest(folder) if folder.is_dir() else f"{mc.model}@{mc.revision or 'main'}"
+    weights = weights_digest(str(mc.model), mc.revision)
     text = mc.hf_text_config
     extra = {
         "engine": "vllm",
