@@ -175,9 +175,10 @@ class CachedGenerator:
                     engine, reason = None, reasons.SHORT_PROMPT  # too short to pay: no lookup, no store
                 else:
                     plan = engine.plan(ids, salt, max_tokens=len(ids) - 1)
-                    load = bool(plan) and guard.worth_loading(plan)
-                    if plan and not load:
-                        reason = reasons.LOAD_SLOWER
+                    decision = guard.load_decision(plan) if plan else None
+                    load = bool(plan) and decision is None
+                    if decision is not None:
+                        reason = decision  # the guard's bypass reason: loading slower, or a tier measured slow
             with torch.inference_mode():
                 kv = self.runner.new_kv(len(ids) + max_new_tokens)
                 hit = loaded = 0
