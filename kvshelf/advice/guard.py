@@ -19,7 +19,7 @@ import threading
 import time
 
 from kvshelf.advice.cost import CostModel
-from kvshelf.metrics import metrics
+from kvshelf.metrics import Metrics
 
 SHORT_PROMPT = "short_prompt"
 LOAD_SLOWER = "load_slower_than_recompute"
@@ -36,8 +36,10 @@ class Guard:
         min_budget_s: float = 0.25,
         retry_slow_after_s: float = 30.0,
         clock=time.monotonic,
+        metrics: Metrics | None = None,
     ):
         self.cost = cost
+        self.metrics = metrics or Metrics()  # the shelf's: where bypasses are counted
         self.min_tokens = min_tokens
         self.margin = margin  # load must be this many times faster than recompute
         # A floor under the per-request tier budget: a tiny prompt recomputes in milliseconds, less
@@ -50,7 +52,7 @@ class Guard:
 
     def use_cache(self, prompt_tokens: int) -> bool:
         if prompt_tokens < self.min_tokens:
-            metrics().bypasses.labels(SHORT_PROMPT).inc()
+            self.metrics.bypasses.labels(SHORT_PROMPT).inc()
             return False
         return True
 
@@ -66,11 +68,11 @@ class Guard:
         if slow:
             if self._retry_due(slow):
                 return True  # a probe: this load measures the slow tier(s) again
-            metrics().bypasses.labels(TIER_SLOW).inc()
+            self.metrics.bypasses.labels(TIER_SLOW).inc()
             return False
         if self.cost.load_s(tokens_by_tier) * self.margin < self.cost.recompute_s(hit):
             return True
-        metrics().bypasses.labels(LOAD_SLOWER).inc()
+        self.metrics.bypasses.labels(LOAD_SLOWER).inc()
         return False
 
     def _slower_than_recompute(self, tier: str) -> bool:

@@ -21,7 +21,7 @@ from fastapi import Body, FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvshelf.app import Shelf
+from kvshelf.assembly import Shelf
 from kvshelf.errors import KVShelfError
 from kvshelf.integrations.hf import GenerationResult
 from kvshelf.metrics import Metrics
