@@ -283,7 +283,11 @@ def test_damaged_calibrated_segments_raise_instead_of_decoding_garbage(gemma_cal
 
 
 def test_vllm_side_uses_a_calibration_file_or_runs_uncalibrated(gemma_runner, gemma_calibration, tmp_path):
-    from kvshelf.integrations.vllm.shared import _calibration
+    from kvshelf.assembly import tier_calibration
+
+    def _calibration(fp, config):  # what the connector's engine gets: vLLM runs the model (no runner here)
+        cal = tier_calibration(config.tier_codecs()["disk"], fp)
+        return cal.digest if cal is not None else None
 
     fp = gemma_runner.fingerprint()
     path = calib.save(gemma_calibration, tmp_path)

@@ -75,7 +75,7 @@ class Shelf:
 
 def tier_calibration(
     spec: TierCodec,
-    fingerprint: ModelFingerprint,
+    fingerprint: ModelFingerprint | None,
     *,
     runner: ModelRunner | None = None,
     tokenizer=None,
@@ -86,11 +86,11 @@ def tier_calibration(
     folder: only where kvshelf runs the model (`runner`); inside vLLM `auto` runs uncalibrated."""
     if spec.name != "cachegen" or spec.calibration == "off":
         return None
-    layout = (fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim)
     try:
         if spec.calibration != "auto":
             cal = calib.load(spec.calibration)
-            cal.check_layout(layout)
+            if fingerprint is not None:
+                cal.check_layout((fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim))
         elif runner is None:
             log.info("cachegen runs uncalibrated in vLLM; `kvshelf calibrate` makes a file for codec_calibration")
             return None
@@ -108,7 +108,8 @@ def tier_calibration(
 def codec_calibration(config: KVShelfConfig, runner: ModelRunner, tokenizer=None) -> str | None:
     """The digest of the calibration the first cachegen tier uses (None: none or off)."""
     for spec in config.tier_codecs().values():
-        cal = tier_calibration(spec, runner.fingerprint(), runner=runner, tokenizer=tokenizer)
+        fingerprint = runner.fingerprint() if runner is not None else None
+        cal = tier_calibration(spec, fingerprint, runner=runner, tokenizer=tokenizer)
         if cal is not None:
             return cal.digest
     return None
