@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvshelf.storage.expect import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
 DIGEST_SIZE = 16  # 128-bit keys: collisions are not a practical concern at any cache size.
-MIN_CHUNK_SIZE = 16
-MAX_CHUNK_SIZE = 8192
+__all__ = ["DIGEST_SIZE", "MAX_CHUNK_SIZE", "MIN_CHUNK_SIZE", "ChunkKey", "chain_root", "chunk_keys"]
 
 
 @dataclass(frozen=True)
