@@ -1,6 +1,7 @@
-"""Turn a configuration into a shelf: tiers, codecs, calibrations, engine, metrics, codec processes, and
-(for kvshelf's own generation loop) the model, guard, blender and generator. Every runtime assembles
-here: `kvshelf serve`, `generate`, `demo`, `bench`, `advise`, `calibrate` and the vLLM connector.
+"""Turn a configuration into a shelf for kvshelf's own request path: the engine half (engine.py: tiers,
+codecs, calibrations, cache engine, metrics, codec processes), then the model, guard, blender and
+generator. `kvshelf serve`, `generate`, `demo`, `bench` and `advise` assemble here; the vLLM connector
+uses engine.py alone.
 
 What a shelf owns (its metrics, codec processes and calibrations) is made here and passed down; nothing
 is process-wide, so two shelves in one process do not interfere.
@@ -9,18 +10,15 @@ is process-wide, so two shelves in one process do not interfere.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvshelf.advice.cost import CostModel
 from kvshelf.advice.guard import Guard
+from kvshelf.assembly.engine import Owned, min_cached_tokens, open_engine
 from kvshelf.assembly.runtimes import check_runtime
-from kvshelf.assembly.tiers import build_tiers
 from kvshelf.blend.blender import Blender
 from kvshelf.cache.engine import CacheEngine
-from kvshelf.cache.fingerprint import ModelFingerprint
-from kvshelf.codecs import calibration as calib
-from kvshelf.codecs.pool import CodecProcesses
-from kvshelf.config import KVShelfConfig, TierCodec
+from kvshelf.config import KVShelfConfig
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.hf import CachedGenerator
 from kvshelf.metrics import Metrics
@@ -28,22 +26,6 @@ from kvshelf.model.loader import LoadedModel, load_model
 from kvshelf.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Owned:
-    """What one shelf owns and passes down to what it builds."""
-
-    metrics: Metrics
-    codec_processes: CodecProcesses
-    calibrations: calib.Calibrations = field(default_factory=calib.Calibrations)
-
-    @classmethod
-    def for_config(cls, config: KVShelfConfig) -> Owned:
-        return cls(Metrics(config.metrics_prefix), CodecProcesses(config.codec_workers))
-
-    def close(self) -> None:
-        self.codec_processes.close()
 
 
 @dataclass
@@ -73,88 +55,6 @@ class Shelf:
         self.owned.close()
 
 
-def tier_calibration(
-    spec: TierCodec,
-    fingerprint: ModelFingerprint | None,
-    *,
-    runner: ModelRunner | None = None,
-    tokenizer=None,
-    calibrations: calib.Calibrations | None = None,
-) -> calib.Calibration | None:
-    """The calibration a cachegen tier codes with: a .kvcal file (checked against the model's KV layout);
-    or, with `auto`, the model's own, made once from a few dozen short forwards and kept in the cache
-    folder: only where kvshelf runs the model (`runner`); inside vLLM `auto` runs uncalibrated."""
-    if spec.name != "cachegen" or spec.calibration == "off":
-        return None
-    try:
-        if spec.calibration != "auto":
-            cal = calib.load(spec.calibration)
-            if fingerprint is not None:
-                cal.check_layout((fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim))
-        elif runner is None:
-            log.info("cachegen runs uncalibrated in vLLM; `kvshelf calibrate` makes a file for codec_calibration")
-            return None
-        elif tokenizer is None:
-            raise ConfigError(f"{spec.calibration_key}: auto needs the model's tokenizer; give a .kvcal path or off")
-        else:
-            from kvshelf.model.calibrate import calibration_for
-
-            cal = calibration_for(runner, tokenizer)
-    except calib.CalibrationError as err:
-        raise ConfigError(f"{spec.calibration_key}: {err}") from None
-    return calibrations.add(cal) if calibrations is not None else cal
-
-
-def codec_calibration(config: KVShelfConfig, runner: ModelRunner, tokenizer=None) -> str | None:
-    """The digest of the calibration the first cachegen tier uses (None: none or off)."""
-    for spec in config.tier_codecs().values():
-        fingerprint = runner.fingerprint() if runner is not None else None
-        cal = tier_calibration(spec, fingerprint, runner=runner, tokenizer=tokenizer)
-        if cal is not None:
-            return cal.digest
-    return None
-
-
-def open_engine(
-    config: KVShelfConfig,
-    fingerprint: ModelFingerprint,
-    *,
-    owned: Owned,
-    runner: ModelRunner | None = None,
-    tokenizer=None,
-) -> CacheEngine | None:
-    """The cache engine for a model: its tiers with their codecs and calibrations; None without tiers."""
-    specs = config.tier_codecs()
-    calibrations = {
-        tier: tier_calibration(spec, fingerprint, runner=runner, tokenizer=tokenizer, calibrations=owned.calibrations)
-        for tier, spec in specs.items()
-    }
-    tiers = build_tiers(
-        config,
-        calibrations,
-        metrics=owned.metrics,
-        processes=owned.codec_processes,
-        calibrations=owned.calibrations,
-    )
-    if tiers is None:
-        return None
-    return CacheEngine(
-        fingerprint,
-        tiers,
-        chunk_size=config.chunk_size,
-        save_unfull_chunk=config.save_unfull_chunk,
-        pin_memory=config.pin_memory,
-    )
-
-
-def build_engine(
-    config: KVShelfConfig, runner: ModelRunner, tokenizer=None, *, owned: Owned | None = None
-) -> CacheEngine | None:
-    return open_engine(
-        config, runner.fingerprint(), owned=owned or Owned.for_config(config), runner=runner, tokenizer=tokenizer
-    )
-
-
 def check_supported(config: KVShelfConfig) -> None:
     """Refuse or explain settings that this version cannot honour as asked, rather than ignore them."""
     if config.use_layerwise and config.enable_blending:
@@ -162,11 +62,6 @@ def check_supported(config: KVShelfConfig) -> None:
             "use_layerwise with enable_blending: blended prompts load their chunks whole (CacheBlend needs "
             "every chunk's KV before its check layer); prompts without separators load layer by layer"
         )
-
-
-def min_cached_tokens(config: KVShelfConfig) -> int:
-    """Prompts shorter than this skip the cache (the one place its default, one chunk, is written)."""
-    return config.min_cached_tokens or config.chunk_size
 
 
 def open_shelf(

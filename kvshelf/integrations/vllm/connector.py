@@ -23,7 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvshelf.assembly import min_cached_tokens
+from kvshelf.assembly.engine import min_cached_tokens
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, engine_paths, read_key
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan

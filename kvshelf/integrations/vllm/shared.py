@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kvshelf.assembly import Owned, check_runtime, open_engine
+from kvshelf.assembly.engine import Owned, open_engine
+from kvshelf.assembly.runtimes import check_runtime
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.cache.fingerprint import (
     WEIGHT_SUFFIXES,
