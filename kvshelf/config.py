@@ -138,9 +138,9 @@ class KVShelfConfig(BaseModel):
     write_queue_bytes: int = Field(
         256 << 20, ge=1 << 20, description="bytes of chunks waiting for write-behind (besides write_queue_size)"
     )
-    # -- blending and layerwise (later features; enabling them before they exist is an error) ------
-    enable_blending: bool = Field(False, description="CacheBlend: reuse KV of non-prefix chunks")
-    blend_special_str: str = Field("<|CHUNK_SEP|>", description="separator between blendable chunks")
+    # -- blending and layerwise --------------------------------------------------------------------------
+    enable_blending: bool = Field(False, description="CacheBlend: reuse the KV of documents anywhere in a prompt")
+    blend_special_str: str = Field("<|CHUNK_SEP|>", description="separator between blendable documents")
     blend_check_layers: list[int] = Field([1], description="layers where fresh and cached KV are compared")
     blend_recompute_ratios: list[float] = Field([0.15], description="fraction of tokens recomputed per check layer")
     use_layerwise: bool = Field(False, description="load and store KV one layer at a time")

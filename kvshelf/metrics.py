@@ -47,8 +47,8 @@ class Metrics:
             registry=r,
             buckets=_LATENCY_BUCKETS,
         )
-        self.blend_lookups = Counter(p + "blend_lookups", "Chunks looked up for blending", registry=r)
-        self.blend_hits = Counter(p + "blend_hits", "Blend chunk lookups that hit", registry=r)
+        self.blend_lookups = Counter(p + "blend_lookups", "Documents looked up for blending", registry=r)
+        self.blend_hits = Counter(p + "blend_hits", "Blend document lookups that hit", registry=r)
         self.bypasses = Counter(p + "bypasses", "Requests or chunks that skipped the cache", ["reason"], registry=r)
         self.load_failures = Counter(
             p + "load_failures", "Cached KV loads that failed; the tokens were recomputed", ["integration"], registry=r
