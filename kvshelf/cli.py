@@ -200,6 +200,10 @@ def _effective(name: str, cfg: KVShelfConfig) -> str | None:
         return None
     return {
         "quantization_bits": "5 (cachegen's default level)",
+        "local_disk_codec_level": "quantization_bits (cachegen only)",
+        "remote_serde_level": "quantization_bits (cachegen only)",
+        "local_disk_codec_calibration": "codec_calibration (cachegen only)",
+        "remote_serde_calibration": "codec_calibration (cachegen only)",
         "min_cached_tokens": f"{cfg.chunk_size} (one chunk)",
         "served_model_name": "the model folder's name",
         "local_disk": "off",
