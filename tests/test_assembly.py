@@ -80,6 +80,7 @@ def test_a_key_the_runtime_ignores_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="'host'"):
         connector_config({"host": "0.0.0.0"})
     connector_config({"local_cpu": True, "min_cached_tokens": 64, "use_layerwise": True})  # honoured there
+    connector_config({"enable_blending": False, "guard": True})  # set to their defaults: nothing is ignored
     cfg = load_config(environ={}, overrides={"host": "0.0.0.0", "api_key": "k" * 16})
     check_runtime(cfg, "serve")
     with pytest.raises(ConfigError, match="'api_key' \\(and host\\).*`generate`"):

@@ -1,6 +1,6 @@
 """Which config keys each runtime honours. A key that was set (in a file, the environment or on the
-command line; defaults do not count) but that the runtime would ignore is refused with one line naming
-it: a setting must never be silently without effect."""
+command line) to something other than its default, but that the runtime would ignore, is refused with
+one line naming it: a setting must never be silently without effect."""
 
 from __future__ import annotations
 
@@ -109,7 +109,14 @@ assert all(keys <= set(KVShelfConfig.model_fields) for keys in RUNTIMES.values()
 def check_runtime(config: KVShelfConfig, runtime: str) -> None:
     """Refuse keys set in `config` that `runtime` ignores (one line, naming the first such key)."""
     honoured = RUNTIMES[runtime]
-    ignored = sorted(set(config.model_fields_set) - honoured)
+    fields = KVShelfConfig.model_fields
+    # A key set to its default changes nothing either way (LMCache files often say `enable_blending:
+    # false`): only a value that would have an effect, were it honoured, is refused.
+    ignored = sorted(
+        k
+        for k in set(config.model_fields_set) - honoured
+        if getattr(config, k) != fields[k].get_default(call_default_factory=True)
+    )
     if ignored:
         key = ignored[0]
         more = f" (and {', '.join(ignored[1:])})" if len(ignored) > 1 else ""
