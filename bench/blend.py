@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from kvshelf.app import open_shelf
+from kvshelf.assembly import open_shelf
 from kvshelf.blend.blender import Blender
 from kvshelf.config import KVShelfConfig
 from kvshelf.integrations.hf import CachedGenerator

@@ -68,11 +68,11 @@ def rate(nbytes: int, fn, repeats: int = 3) -> float:
 
 
 def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, device, cores: int, cal) -> dict:
-    codec = codec_from_spec(spec, cal)
+    processes = codec_pool.CodecProcesses(0 if threads == 1 else cores)  # cachegen's coder in `cores` processes
+    codec = codec_from_spec(spec, cal, processes)
     keys = [i.to_bytes(16, "little") for i in range(len(chunks))]
     mode = "1 core" if threads == 1 else f"{cores} cores"
     torch.set_num_threads(1)  # parallelism comes from the thread pool (and codec workers), not from torch
-    codec_pool.configure(0 if threads == 1 else cores)  # cachegen's coder in `cores` worker processes
     with ThreadPoolExecutor(threads) as pool:
 
         def encode():
@@ -81,7 +81,7 @@ def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, dev
         blobs = encode()
 
         def decode_one(kb):
-            enc = open_chunk(kb[1], kb[0])
+            enc = open_chunk(kb[1], kb[0], codec)
             if device.type == "cpu":
                 return enc.decode_all().kv
             return [enc.layer(i, device=device) for i in range(enc.num_layers)]

@@ -22,9 +22,9 @@ def parse_spec(spec: str):
     return name, params
 
 
-def codec_from_spec(spec: str, calibration=None):
+def codec_from_spec(spec: str, calibration=None, processes=None):
     """A codec from "name:k=v,...". Plain `cachegen` uses `calibration` (a Calibration) when given;
-    `cachegen:calibration=none` is its uncalibrated mode."""
+    `cachegen:calibration=none` is its uncalibrated mode; `processes` (a CodecProcesses) its coder's."""
     from kvshelf.codecs import get_codec
 
     name, params = parse_spec(spec)
@@ -32,5 +32,5 @@ def codec_from_spec(spec: str, calibration=None):
         if params.get("calibration") == "none":
             params.pop("calibration")
         elif calibration is not None:
-            params["calibration"] = calibration.digest
-    return get_codec(name, params)
+            params["calibration"] = calibration
+    return get_codec(name, params, processes=processes)

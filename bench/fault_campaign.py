@@ -31,12 +31,12 @@ from services import RedisServer, S3Server, s3_env  # noqa: E402
 
 from kvshelf.advice.cost import CostModel, measure_prefill  # noqa: E402
 from kvshelf.advice.guard import Guard  # noqa: E402
+from kvshelf.assembly.tiers import build_tiers  # noqa: E402
 from kvshelf.cache.engine import CacheEngine  # noqa: E402
 from kvshelf.config import KVShelfConfig  # noqa: E402
 from kvshelf.integrations.hf import CachedGenerator  # noqa: E402
-from kvshelf.metrics import configure  # noqa: E402
+from kvshelf.metrics import Metrics  # noqa: E402
 from kvshelf.model.runner import ModelRunner  # noqa: E402
-from kvshelf.storage.factory import build_tiers  # noqa: E402
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -85,10 +85,10 @@ SCENARIOS = [
 
 
 def run_one(name, store, fault, runner, prefill_tokens_per_s, batch, expected, workdir: Path, n: int) -> dict:
-    m = configure("kvshelf_")
+    m = Metrics()
     fp = runner.fingerprint()
     cost = CostModel(prefill_tokens_per_s, fp.num_layers * 2 * fp.num_kv_heads * fp.head_dim * 4)  # learns afresh
-    guard = None if name.endswith("guard off") else Guard(cost, min_tokens=16)
+    guard = None if name.endswith("guard off") else Guard(cost, min_tokens=16, metrics=m)
     if store == "redis":
         server = RedisServer(workdir / f"redis-{time.monotonic_ns()}").start()
         port, handle = server.port, server
@@ -107,7 +107,7 @@ def run_one(name, store, fault, runner, prefill_tokens_per_s, batch, expected, w
         else f"s3://campaign/c?endpoint=http://127.0.0.1:{proxy.port}"
     )
     config = KVShelfConfig(local_cpu=False, remote_url=url, remote_serde="int8", chunk_size=16)
-    tiers = build_tiers(config)
+    tiers = build_tiers(config, metrics=m)
     gen = CachedGenerator(runner, CacheEngine(fp, tiers, chunk_size=16), guard=guard)
     try:
         for p in batch[:2]:

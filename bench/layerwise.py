@@ -127,7 +127,7 @@ def main() -> None:
                 layerwise_store=not args.no_layer_store,
             )
             prefix = ids[: args.tokens]
-            engine.save_partial_chunks = False  # cache exactly the prefix's full chunks
+            engine.save_unfull_chunk = False  # cache exactly the prefix's full chunks
             whole.generate(prefix + ids[args.tokens : args.tokens + 1], max_new_tokens=1)
             tiers.flush()
             vocab = runner.config.vocab_size

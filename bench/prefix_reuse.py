@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from kvshelf.app import open_shelf
+from kvshelf.assembly import open_shelf
 from kvshelf.config import KVShelfConfig
 
 

@@ -109,10 +109,10 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option()] = 32,
 ) -> None:
     """Generate a greedy continuation of PROMPT (one-shot; the cache lives for this process only)."""
-    from kvshelf.app import open_shelf
+    from kvshelf.assembly import open_shelf
 
     try:
-        shelf = open_shelf(_config(config, sets, model=model, device=device))
+        shelf = open_shelf(_config(config, sets, model=model, device=device), runtime="generate")
         result = shelf.generator.generate(prompt, max_new_tokens=max_new_tokens)
     except KVShelfError as err:
         _fail(err)
@@ -143,12 +143,14 @@ def calibrate(
     or give it to vLLM's connector as codec_calibration."""
     import shutil
 
+    from kvshelf.assembly import check_runtime
     from kvshelf.codecs.calibration import SUFFIX, default_dir
     from kvshelf.model.calibrate import calibration_for
     from kvshelf.model.loader import load_model
 
     try:
         cfg = _config(config, sets, model=model, device=device)
+        check_runtime(cfg, "calibrate")
         loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         cal = calibration_for(loaded.runner, loaded.tokenizer)
     except KVShelfError as err:
@@ -198,6 +200,10 @@ def _effective(name: str, cfg: KVShelfConfig) -> str | None:
         return None
     return {
         "quantization_bits": "5 (cachegen's default level)",
+        "local_disk_codec_level": "quantization_bits (cachegen only)",
+        "remote_serde_level": "quantization_bits (cachegen only)",
+        "local_disk_codec_calibration": "codec_calibration (cachegen only)",
+        "remote_serde_calibration": "codec_calibration (cachegen only)",
         "min_cached_tokens": f"{cfg.chunk_size} (one chunk)",
         "served_model_name": "the model folder's name",
         "local_disk": "off",
@@ -307,12 +313,14 @@ def advise(
     from kvshelf.advice.cost import CostModel
     from kvshelf.advice.trace import read_items, tokenize
     from kvshelf.advice.verify import baseline, candidates, verify
+    from kvshelf.assembly import check_runtime, open_shelf
     from kvshelf.integrations.hf import CachedGenerator
     from kvshelf.model.loader import load_model
 
     try:
         # Every argument is checked before the model loads.
         cfg = _config(config, sets, model=model, device=device)
+        check_runtime(cfg, "advise")
         if (trace is None) == (scenario is None):
             raise KVShelfError("give exactly one of --trace FILE or --scenario NAME")
         if scenario is not None:
@@ -341,7 +349,7 @@ def advise(
         if items is not None and sample:
             total = 2 * len(sample) * len(candidates(result.config))
             with _steps(console, "advise: checking", total) as step:
-                verdict = verify(lm, cfg, result.config, sample, plain, step=step)
+                verdict = verify(lm, cfg, result.config, sample, plain, step=step, open_shelf=open_shelf)
     except (KVShelfError, ValueError) as err:
         _fail(err)
     console.print(
@@ -415,11 +423,11 @@ def bench_trace(
     import statistics
 
     from kvshelf.advice.trace import read_items, tokenize
-    from kvshelf.app import open_shelf
+    from kvshelf.assembly import open_shelf
 
     try:
         items = read_items(trace)
-        shelf = open_shelf(_config(config, sets))
+        shelf = open_shelf(_config(config, sets), runtime="bench")
         _, texts = tokenize(items, shelf.model.tokenizer, shelf.config.blend_special_str)
         gen = shelf.generator
         gen.generate("warm-up", max_new_tokens=1, use_cache=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +22,22 @@ from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from kvshelf.codecs import CODEC_NAMES
 from kvshelf.errors import ConfigError
 from kvshelf.lmcache_compat import lmcache_env, translate
+from kvshelf.storage.urls import REMOTE_SCHEMES, remote_scheme
 
 GB = 1 << 30
+
+
+@dataclass(frozen=True)
+class TierCodec:
+    """One tier's codec spec: its name, cachegen level (None: the codec's default) and calibration
+    (auto, off or a .kvcal path), with the config keys they came from (for error messages)."""
+
+    name: str
+    level: int | None
+    calibration: str
+    codec_key: str
+    level_key: str
+    calibration_key: str
 
 
 class KVShelfConfig(BaseModel):
@@ -48,29 +63,49 @@ class KVShelfConfig(BaseModel):
     disk_fsync: bool = Field(False, description="fsync each disk write (durable across power loss, slower)")
     # -- remote tier -------------------------------------------------------------------------------
     remote_url: str | None = Field(
-        None, description="remote tier: redis://, rediss://, unix://, valkey://, redis-cluster://h:p,h:p, s3://b/p"
+        None,
+        description="remote tier URL, one of "
+        + ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
+        + " (clusters: redis-cluster://h:p,h:p; S3: s3://bucket/prefix)",
     )
     remote_serde: str = Field("int8", description=f"remote tier codec: {', '.join(CODEC_NAMES)}")
     quantization_bits: int | None = Field(
         None,
         ge=2,
         le=8,
-        description="cachegen precision level, default 5 (calibrated: each level halves the step; "
-        "uncalibrated: bits of late layers, early layers get one more)",
+        description="cachegen level of every cachegen tier without its own (local_disk_codec_level, "
+        "remote_serde_level); default 5 (calibrated: each level halves the step; uncalibrated: bits of "
+        "late layers, early layers get one more)",
     )
     codec_calibration: str = Field(
         "auto",
-        description="cachegen calibration: auto (computed from the model once, kept in the cache folder), "
-        "off (uncalibrated cachegen), or the path of a .kvcal file (e.g. from `kvshelf calibrate`)",
+        description="cachegen calibration of every cachegen tier without its own: auto (computed from the "
+        "model once, kept in the cache folder), off (uncalibrated cachegen), or the path of a .kvcal file "
+        "(e.g. from `kvshelf calibrate`)",
     )
     codec_workers: int = Field(
-        0, ge=0, le=64, description="processes for cachegen's decoding (0: in the calling process)"
+        0, ge=0, le=64, description="codec processes for cachegen's entropy coding (0: in the calling process)"
     )
     remote_ttl_s: int | None = Field(None, gt=0, description="expire remote (Redis) chunks after this many seconds")
     remote_timeout_s: float = Field(2.0, gt=0, description="remote tier connect/read timeout in seconds")
     redis_part_bytes: int = Field(32 << 20, ge=1024, description="split Redis values above this size into parts")
     redis_ssl_ca_certs: str | None = Field(None, description="CA bundle for rediss:// (TLS) connections")
     s3_concurrency: int = Field(8, ge=1, le=64, description="parallel S3 transfers")
+    # -- issue #14: each tier's codec spec (name above; level and calibration here, else the shared ones) --
+    local_disk_codec_level: int | None = Field(
+        None, ge=2, le=8, description="the disk tier's cachegen level (default: quantization_bits)"
+    )
+    local_disk_codec_calibration: str | None = Field(
+        None,
+        description="the disk tier's cachegen calibration: auto, off or a .kvcal path (default: codec_calibration)",
+    )
+    remote_serde_level: int | None = Field(
+        None, ge=2, le=8, description="the remote tier's cachegen level (default: quantization_bits)"
+    )
+    remote_serde_calibration: str | None = Field(
+        None,
+        description="the remote tier's cachegen calibration: auto, off or a .kvcal path (default: codec_calibration)",
+    )
     # -- issue #15: shared tiers that trust no one (stored objects) ---------------------------------
     remote_auth_key: str | None = Field(
         None,
@@ -103,9 +138,9 @@ class KVShelfConfig(BaseModel):
     write_queue_bytes: int = Field(
         256 << 20, ge=1 << 20, description="bytes of chunks waiting for write-behind (besides write_queue_size)"
     )
-    # -- blending and layerwise (later features; enabling them before they exist is an error) ------
-    enable_blending: bool = Field(False, description="CacheBlend: reuse KV of non-prefix chunks")
-    blend_special_str: str = Field("<|CHUNK_SEP|>", description="separator between blendable chunks")
+    # -- blending and layerwise --------------------------------------------------------------------------
+    enable_blending: bool = Field(False, description="CacheBlend: reuse the KV of documents anywhere in a prompt")
+    blend_special_str: str = Field("<|CHUNK_SEP|>", description="separator between blendable documents")
     blend_check_layers: list[int] = Field([1], description="layers where fresh and cached KV are compared")
     blend_recompute_ratios: list[float] = Field([0.15], description="fraction of tokens recomputed per check layer")
     use_layerwise: bool = Field(False, description="load and store KV one layer at a time")
@@ -160,10 +195,10 @@ class KVShelfConfig(BaseModel):
             raise ValueError(f"unknown codec {value!r}; known: {', '.join(CODEC_NAMES)}")
         return value
 
-    @field_validator("codec_calibration")
+    @field_validator("codec_calibration", "local_disk_codec_calibration", "remote_serde_calibration")
     @classmethod
-    def _calibration_source(cls, value: str) -> str:
-        if value not in ("auto", "off") and not value.endswith(".kvcal"):
+    def _calibration_source(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("auto", "off") and not value.endswith(".kvcal"):
             raise ValueError("must be auto, off or a path to a .kvcal file")
         return value
 
@@ -175,18 +210,49 @@ class KVShelfConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _bits_fit_codec(self) -> KVShelfConfig:
-        if (
-            self.quantization_bits is not None
-            and self.quantization_bits != 8
-            and "int8"
-            in (
-                self.remote_serde,
-                self.local_disk_codec,
+    def _levels_fit_codecs(self) -> KVShelfConfig:
+        """Levels and calibrations apply to cachegen tiers only; the bug this replaces checked the disk
+        codec (int8 by default) even with no disk tier (issue #14)."""
+        for spec in self.tier_codecs().values():
+            if spec.name == "cachegen":
+                continue
+            for key, value in ((spec.level_key, spec.level), (spec.calibration_key, spec.calibration)):
+                if value is not None and key not in ("quantization_bits", "codec_calibration"):
+                    what = "8 bits only" if spec.name == "int8" else "no level"
+                    raise ValueError(f"{key}={value}: the {spec.codec_key} codec {spec.name!r} has {what}")
+        if self.quantization_bits not in (None, 8) and not self.uses_cachegen():
+            raise ValueError(
+                f"quantization_bits={self.quantization_bits}: no enabled tier uses cachegen (the int8 codec has "
+                "8 bits only); set local_disk_codec or remote_serde to cachegen"
             )
-        ):
-            raise ValueError(f"quantization_bits={self.quantization_bits}: the int8 codec has 8 bits only")
         return self
+
+    def tier_codecs(self) -> dict[str, TierCodec]:
+        """The codec spec of each enabled byte tier (disk, remote), per-tier keys over the shared ones.
+        The CPU tier keeps tensors as they are: it has no codec."""
+        out = {}
+        for tier, enabled, codec_key in (
+            ("disk", self.local_disk, "local_disk_codec"),
+            ("remote", self.remote_url, "remote_serde"),
+        ):
+            if not enabled:
+                continue
+            name = getattr(self, codec_key)
+            level = getattr(self, codec_key + "_level")
+            calibration = getattr(self, codec_key + "_calibration")
+            shared = name == "cachegen"  # the shared keys reach cachegen tiers only
+            out[tier] = TierCodec(
+                name=name,
+                level=level if level is not None else (self.quantization_bits if shared else None),
+                calibration=calibration or (self.codec_calibration if shared else "off"),
+                codec_key=codec_key,
+                level_key=(codec_key + "_level") if level is not None else "quantization_bits",
+                calibration_key=(codec_key + "_calibration") if calibration is not None else "codec_calibration",
+            )
+        return out
+
+    def uses_cachegen(self) -> bool:
+        return any(spec.name == "cachegen" for spec in self.tier_codecs().values())
 
     @property
     def cpu_capacity_bytes(self) -> int:
@@ -206,9 +272,15 @@ NESTED_KEYS: dict[str, str] = {
     "storage.disk.path": "local_disk",
     "storage.disk.size": "max_local_disk_size",
     "storage.disk.compression": "local_disk_codec",
+    "storage.disk.codec.name": "local_disk_codec",
+    "storage.disk.codec.level": "local_disk_codec_level",
+    "storage.disk.codec.calibration": "local_disk_codec_calibration",
     "storage.disk.fsync": "disk_fsync",
     "storage.remote.url": "remote_url",
     "storage.remote.compression": "remote_serde",
+    "storage.remote.codec.name": "remote_serde",
+    "storage.remote.codec.level": "remote_serde_level",
+    "storage.remote.codec.calibration": "remote_serde_calibration",
     "storage.remote.ttl": "remote_ttl_s",
     "storage.remote.timeout": "remote_timeout_s",
     "compression.algorithm": "remote_serde",
@@ -341,7 +413,13 @@ def load_config_with_sources(
             KVShelfConfig.model_validate(merged)
         except ValidationError as err:
             raise ConfigError(_format_error(err, source)) from None
-    return KVShelfConfig.model_validate(merged), sources
+    config = KVShelfConfig.model_validate(merged)
+    if config.remote_url:
+        try:
+            remote_scheme(config.remote_url)
+        except ValueError as err:
+            raise ConfigError(f"config key 'remote_url' (from {sources['remote_url']}): {err}") from None
+    return config, sources
 
 
 def load_config(path=None, *, environ=None, overrides=None) -> KVShelfConfig:

@@ -123,7 +123,11 @@ def run_demo(
     console = console or Console()
     disk_dir = tempfile.mkdtemp(prefix="kvshelf-demo-disk-")
     try:
-        return _run(demo_config(config or KVShelfConfig(), disk_dir), quick, max_new_tokens, console)
+        from kvshelf.assembly.runtimes import check_runtime
+
+        config = config or KVShelfConfig()
+        check_runtime(config, "demo")
+        return _run(demo_config(config, disk_dir), quick, max_new_tokens, console)
     finally:
         shutil.rmtree(disk_dir, ignore_errors=True)
 
@@ -141,11 +145,11 @@ def _progress(console: Console) -> Progress:
 
 
 def _run(cfg: KVShelfConfig, quick: bool, max_new_tokens: int, console: Console) -> dict:
-    from kvshelf.app import open_shelf
+    from kvshelf.assembly import open_shelf
 
     facts = FACTS[:2] if quick else FACTS
     console.print(f"[bold]kvshelf demo[/]: loading the model ({cfg.model})")
-    shelf = open_shelf(cfg)
+    shelf = open_shelf(cfg, runtime=None)  # run_demo checked the user's keys; demo_config sets the rest
     try:
         return _story(shelf, cfg, facts, max_new_tokens, console)
     finally:
@@ -341,12 +345,12 @@ def _restart(cfg: KVShelfConfig, prompt: str, max_new_tokens: int) -> dict:
 
 def _child(cfg_path: str, prompt_path: str, max_new_tokens: int) -> None:
     """The restarted process: open a shelf on the same config and ask once; one JSON line on stdout."""
-    from kvshelf.app import open_shelf
+    from kvshelf.assembly import open_shelf
     from kvshelf.integrations.hf import CachedGenerator
 
     with open(cfg_path) as f:
         cfg = KVShelfConfig.model_validate(json.load(f))
-    shelf = open_shelf(cfg, show_progress=False)
+    shelf = open_shelf(cfg, show_progress=False, runtime=None)  # the parent checked the user's keys
     gen = CachedGenerator(shelf.runner, shelf.engine, shelf.model.tokenizer, guard=shelf.generator.guard)
     with open(prompt_path) as f:
         prompt = f.read()
@@ -373,8 +377,9 @@ def _child(cfg_path: str, prompt_path: str, max_new_tokens: int) -> None:
 
 def _bytes(shelf, prompt: str, tokenizer) -> dict:
     """Bytes each tier holds, and the KV of the documents' whole chunks under each codec."""
+    from kvshelf.assembly.tiers import tier_codec
     from kvshelf.codecs.calibration import default_dir
-    from kvshelf.storage.factory import tier_codec
+    from kvshelf.config import TierCodec
 
     tiers = {
         name: {"used_bytes": t["used_bytes"], "codec": "none" if name in ("cpu", "memory") else None}
@@ -394,7 +399,9 @@ def _bytes(shelf, prompt: str, tokenizer) -> dict:
         calibration = calibration_for(shelf.runner, tokenizer).digest
     codecs = {}
     for name in ("none", "int8", "cachegen"):
-        codec = tier_codec(shelf.config, name, "codec", calibration)
+        level = shelf.config.quantization_bits if name == "cachegen" else None
+        spec = TierCodec(name, level, "auto", "codec", "quantization_bits", "codec_calibration")
+        codec = tier_codec(spec, calibration, processes=shelf.owned.codec_processes)
         size = 0
         for key, kv in chunks:
             size += sum(len(part) for part in codec.encode_layers(kv, position=key.start))

@@ -1,8 +1,9 @@
 """Prometheus metrics under one configurable prefix (`kvshelf_` by default, `lmcache_` for LMCache rules).
 
-Events (codec timings, layer loads, blend lookups, bypasses, requests) are observed where they happen
-through the module-level `metrics()`; totals that the engine and tiers already count are read at scrape
-time by a collector, so nothing is counted twice.
+One `Metrics` per shelf: the assembly (kvshelf/assembly) makes it and passes it down to whatever
+observes events (codec timings, layer loads, blend lookups, bypasses, requests); totals that the engine
+and tiers already count are read at scrape time by a collector, so nothing is counted twice. Two shelves
+in one process have two registries and never see each other's series.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class Metrics:
             registry=r,
             buckets=_LATENCY_BUCKETS,
         )
-        self.blend_lookups = Counter(p + "blend_lookups", "Chunks looked up for blending", registry=r)
-        self.blend_hits = Counter(p + "blend_hits", "Blend chunk lookups that hit", registry=r)
+        self.blend_lookups = Counter(p + "blend_lookups", "Documents looked up for blending", registry=r)
+        self.blend_hits = Counter(p + "blend_hits", "Blend document lookups that hit", registry=r)
         self.bypasses = Counter(p + "bypasses", "Requests or chunks that skipped the cache", ["reason"], registry=r)
         self.load_failures = Counter(
             p + "load_failures", "Cached KV loads that failed; the tokens were recomputed", ["integration"], registry=r
@@ -116,7 +117,7 @@ class _EngineCollector:
             ("rejected_chunks", s.rejected_chunks, "Cached chunks that failed verification"),
         ]:
             yield CounterMetricFamily(p + name, doc, value=value)
-        tiers = self.engine.backend.stats() if hasattr(self.engine.backend, "stats") else {}
+        tiers = self.engine.backend.stats()
         families = {
             "usage": GaugeMetricFamily(p + "tier_usage_bytes", "Bytes held by a tier", labels=["tier"]),
             "capacity": GaugeMetricFamily(p + "tier_capacity_bytes", "Byte capacity of a tier", labels=["tier"]),
@@ -146,17 +147,10 @@ class _EngineCollector:
         yield from counters.values()
 
 
-_current = Metrics()
-_current_lock = threading.Lock()
+# Transitional (issue #14, split in two branches): blend/ and layerwise/ observe here until their classes
+# take a `metrics` argument like the rest; nothing serves this set. Removed when that half is merged.
+_UNOWNED = Metrics()
 
 
 def metrics() -> Metrics:
-    return _current
-
-
-def configure(prefix: str) -> Metrics:
-    """Start a fresh metrics set under `prefix` (the server calls this once at start-up)."""
-    global _current
-    with _current_lock:
-        _current = Metrics(prefix)
-    return _current
+    return _UNOWNED

@@ -9,10 +9,9 @@ from pathlib import Path
 
 from conftest import build_tiny_model, tiny_tokenizer
 
-from kvshelf import metrics as metrics_mod
 from kvshelf.advice.cost import CostModel
 from kvshelf.advice.guard import Guard
-from kvshelf.app import Shelf, build_engine
+from kvshelf.assembly import Owned, Shelf, build_engine
 from kvshelf.config import KVShelfConfig
 from kvshelf.integrations.hf import CachedGenerator
 from kvshelf.model.loader import LoadedModel
@@ -29,10 +28,15 @@ def make_shelf(*, guard: bool = False, **overrides) -> Shelf:
     config = KVShelfConfig(**settings)
     runner = ModelRunner(build_tiny_model("llama"))
     tok = tiny_tokenizer()
-    engine = build_engine(config, runner)
-    rules = Guard(CostModel.for_runner(runner), min_tokens=config.min_cached_tokens or 16) if guard else None
+    owned = Owned.for_config(config)
+    engine = build_engine(config, runner, owned=owned)
+    rules = (
+        Guard(CostModel.for_runner(runner), min_tokens=config.min_cached_tokens or 16, metrics=owned.metrics)
+        if guard
+        else None
+    )
     gen = CachedGenerator(runner, engine, tok, guard=rules)
-    return Shelf(config, LoadedModel(runner, tok, Path("tiny")), engine, gen)
+    return Shelf(config, LoadedModel(runner, tok, Path("tiny")), engine, gen, owned)
 
 
 class SlowModel:
@@ -53,7 +57,7 @@ class SlowModel:
 class RunningServer:
     def __init__(self, shelf: Shelf):
         self.shelf = shelf
-        self.metrics = metrics_mod.configure("kvshelf_")  # the process-wide set, as `kvshelf serve` does
+        self.metrics = shelf.metrics  # the shelf's own set, as `kvshelf serve` does
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

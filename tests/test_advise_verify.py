@@ -8,6 +8,7 @@ from conftest import tiny_tokenizer
 from typer.testing import CliRunner
 
 from kvshelf.advice.verify import NO_CACHE, candidates, verify
+from kvshelf.assembly import open_shelf
 from kvshelf.cli import app
 from kvshelf.config import KVShelfConfig
 from kvshelf.integrations.hf import CachedGenerator
@@ -42,7 +43,7 @@ def loaded(tiny_models, tmp_path, monkeypatch):
 def check(loaded, config, texts, ttfts):
     """verify() with scripted TTFTs: per request, the no-cache run then the cached one."""
     plain = CachedGenerator(loaded.runner, None, loaded.tokenizer)
-    return verify(loaded, KVShelfConfig(), config, texts, plain, step=scripted(ttfts))
+    return verify(loaded, KVShelfConfig(), config, texts, plain, step=scripted(ttfts), open_shelf=open_shelf)
 
 
 def test_a_recommendation_that_measures_faster_is_kept(loaded):

@@ -92,19 +92,19 @@ def test_bf16_kv():
 
 
 def test_worker_processes_code_exactly_what_one_process_codes():
-    from kvshelf.codecs import pool
+    from kvshelf.codecs.pool import CodecProcesses
 
     kv = kv_like(layers=6, tokens=128)
     codec = CacheGenCodec()
     key = b"k" * 16
     alone = encode_chunk(key, chunk_of(kv), codec)
+    processes = CodecProcesses(2)
     try:
-        pool.configure(2)
-        spread = encode_chunk(key, chunk_of(kv), codec)
+        spread = encode_chunk(key, chunk_of(kv), CacheGenCodec(processes=processes))
         assert spread == alone  # encoding never depends on the pool
-        decoded = decode_chunk(spread, key).kv
+        decoded = decode_chunk(spread, key, CacheGenCodec(processes=processes)).kv
     finally:
-        pool.configure(0)
+        processes.close()
     assert torch.equal(decoded, decode_chunk(alone, key).kv)
     with pytest.raises(ValueError, match="codec_workers"):
-        pool.configure(-1)
+        CodecProcesses(-1)

@@ -175,7 +175,7 @@ def test_calibration_is_made_once_per_model_and_found_again(gemma_runner, tmp_pa
 
 
 def test_engine_tiers_code_with_the_calibration(gemma_runner, tmp_path, monkeypatch):
-    from kvshelf.app import build_engine
+    from kvshelf.assembly import build_engine
     from tests.conftest import tiny_tokenizer
 
     monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path / "cache"))
@@ -216,7 +216,7 @@ def test_config_names_a_bad_calibration_setting():
     with pytest.raises(ValueError, match="codec_calibration"):
         KVShelfConfig(codec_calibration="sometimes")
     with pytest.raises(ConfigError, match="codec_calibration"):
-        from kvshelf.app import codec_calibration
+        from kvshelf.assembly import codec_calibration
 
         codec_calibration(
             KVShelfConfig(local_disk="/tmp/x", local_disk_codec="cachegen", codec_calibration="/nonexistent/a.kvcal"),
@@ -255,11 +255,11 @@ def test_worker_processes_decode_calibrated_chunks_exactly(gemma_calibration):
         CacheGenCodec(calibration=gemma_calibration.digest),
     )
     alone = decode_chunk(blob, KEY).kv
+    processes = pool.CodecProcesses(2)  # workers entropy-decode; the transforms run here (workers need no calibration)
     try:
-        pool.configure(2)  # workers entropy-decode; the transforms run here (workers need no calibration)
-        spread = decode_chunk(blob, KEY).kv
+        spread = decode_chunk(blob, KEY, CacheGenCodec(calibration=gemma_calibration.digest, processes=processes)).kv
     finally:
-        pool.configure(0)
+        processes.close()
     assert torch.equal(spread, alone)
 
 
@@ -283,7 +283,11 @@ def test_damaged_calibrated_segments_raise_instead_of_decoding_garbage(gemma_cal
 
 
 def test_vllm_side_uses_a_calibration_file_or_runs_uncalibrated(gemma_runner, gemma_calibration, tmp_path):
-    from kvshelf.integrations.vllm.shared import _calibration
+    from kvshelf.assembly import tier_calibration
+
+    def _calibration(fp, config):  # what the connector's engine gets: vLLM runs the model (no runner here)
+        cal = tier_calibration(config.tier_codecs()["disk"], fp)
+        return cal.digest if cal is not None else None
 
     fp = gemma_runner.fingerprint()
     path = calib.save(gemma_calibration, tmp_path)
@@ -309,9 +313,9 @@ def test_worker_processes_encode_calibrated_chunks_byte_for_byte(gemma_calibrati
     chunk = StoredChunk(ChunkMeta(b"\0" * 32, 40, tuple(kv.shape), kv.dtype, 77), kv)
     codec = CacheGenCodec(calibration=gemma_calibration.digest)
     alone = encode_chunk(KEY, chunk, codec)
+    processes = pool.CodecProcesses(2)  # transforms here, entropy coding in the workers
     try:
-        pool.configure(2)  # transforms here, entropy coding in the workers
-        spread = encode_chunk(KEY, chunk, codec)
+        spread = encode_chunk(KEY, chunk, CacheGenCodec(calibration=gemma_calibration.digest, processes=processes))
     finally:
-        pool.configure(0)
+        processes.close()
     assert spread == alone

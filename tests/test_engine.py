@@ -61,7 +61,7 @@ def test_max_tokens_slices_the_last_chunk():
 
 
 def test_partial_chunks_optional():
-    engine = make_engine(save_partial_chunks=False)
+    engine = make_engine(save_unfull_chunk=False)
     assert engine.store(list(range(40)), random_kv(40)) == 32
     assert engine.lookup(list(range(40))) == 32
 

@@ -7,7 +7,7 @@ from kvshelf.advice.cost import CostModel, measure_prefill
 from kvshelf.advice.guard import LOAD_SLOWER, SHORT_PROMPT, Guard
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.integrations.hf import CachedGenerator
-from kvshelf.metrics import configure
+from kvshelf.metrics import Metrics
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.memory import MemoryBackend
 from kvshelf.storage.tiers import TierManager
@@ -17,11 +17,11 @@ def prompt(n, seed):
     return torch.randint(4, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def setup(model, **cost_kw):
+def setup(model, metrics=None, **cost_kw):
     runner = ModelRunner(model)
     engine = CacheEngine(runner.fingerprint(), TierManager([MemoryBackend(1 << 26)]), chunk_size=16)
     cost = CostModel(prefill_tokens_per_s=10_000.0, kv_bytes_per_token=1024, **cost_kw)
-    guarded = CachedGenerator(runner, engine, guard=Guard(cost, min_tokens=32))
+    guarded = CachedGenerator(runner, engine, guard=Guard(cost, min_tokens=32, metrics=metrics))
     return guarded, CachedGenerator(runner, engine)
 
 
@@ -30,8 +30,8 @@ def bypasses(m, reason):
 
 
 def test_short_prompts_skip_lookup_and_store(tiny_models):
-    m = configure("kvshelf_")
-    guarded, plain = setup(tiny_models("llama"))
+    m = Metrics()
+    guarded, plain = setup(tiny_models("llama"), m)
     short = prompt(20, 1)
     out = guarded.generate(short, max_new_tokens=2)
     assert out.stored_tokens == 0 and guarded.engine.lookup(short) == 0
@@ -42,8 +42,8 @@ def test_short_prompts_skip_lookup_and_store(tiny_models):
 
 
 def test_a_tier_slower_than_recompute_is_not_loaded_from(tiny_models):
-    m = configure("kvshelf_")
-    guarded, plain = setup(tiny_models("qwen3"), tier_bytes_per_s={"cpu": 1.0})  # 1 byte/s: hopeless
+    m = Metrics()
+    guarded, plain = setup(tiny_models("qwen3"), m, tier_bytes_per_s={"cpu": 1.0})  # 1 byte/s: hopeless
     ids = prompt(50, 3)
     plain.generate(ids, max_new_tokens=1)
     out = guarded.generate(ids, max_new_tokens=5, stop_at_eos=False)
@@ -75,10 +75,10 @@ def test_cost_model_is_measured_once_and_saved(tiny_models, tmp_path, monkeypatc
 def test_a_tier_measured_slow_is_bypassed_then_retried(tiny_models):
     from kvshelf.advice.guard import TIER_SLOW
 
-    m = configure("kvshelf_")
-    guarded, plain = setup(tiny_models("llama"))
+    m = Metrics()
+    guarded, plain = setup(tiny_models("llama"), m)
     now = [0.0]
-    guarded.guard = Guard(guarded.guard.cost, min_tokens=32, retry_slow_after_s=30.0, clock=lambda: now[0])
+    guarded.guard = Guard(guarded.guard.cost, min_tokens=32, retry_slow_after_s=30.0, clock=lambda: now[0], metrics=m)
     ids = prompt(50, 5)
     plain.generate(ids, max_new_tokens=1)
     expected = plain.generate(ids, max_new_tokens=4, stop_at_eos=False, use_cache=False).token_ids

@@ -10,7 +10,7 @@ FP_B = b"b" * 32
 def test_keys_cover_tokens_in_chunks_with_partial_tail():
     keys = chunk_keys(list(range(70)), 32, chain_root(FP_A))
     assert [(k.start, k.end) for k in keys] == [(0, 32), (32, 64), (64, 70)]
-    assert [k.start for k in chunk_keys(list(range(70)), 32, chain_root(FP_A), include_partial=False)] == [0, 32]
+    assert [k.start for k in chunk_keys(list(range(70)), 32, chain_root(FP_A), include_unfull_chunk=False)] == [0, 32]
 
 
 def test_keys_are_deterministic_and_chained():

@@ -67,10 +67,8 @@ def test_lmcache_prefix(tmp_path):
 
 
 def test_codec_metrics_record_real_traffic(tmp_path):
-    from kvshelf import metrics as metrics_mod
-
-    m = metrics_mod.configure("kvshelf_")
-    disk = DiskBackend(tmp_path, 1 << 24, get_codec("int8"))
+    m = Metrics()
+    disk = DiskBackend(tmp_path, 1 << 24, get_codec("int8"), metrics=m)
     disk.put(key(1), make_chunk(tokens=64))
     disk.get(key(1))
     ratio = m.registry.get_sample_value("kvshelf_compression_ratio", {"codec": "int8"})

@@ -13,7 +13,7 @@ from kvshelf.advice.guard import TIER_SLOW, Guard
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.codecs import get_codec
 from kvshelf.integrations.hf import CachedGenerator
-from kvshelf.metrics import configure
+from kvshelf.metrics import Metrics
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.redis import RedisBackend
 from kvshelf.storage.s3 import S3Backend
@@ -77,17 +77,17 @@ def test_a_redis_that_trickles_stalls_or_lags_never_holds_a_request(mode, delay_
 
 
 def test_the_guard_stops_loading_from_a_redis_that_trickles_its_values(redis_server, tiny_models):
-    m = configure("kvshelf_")
+    m = Metrics()
     runner = ModelRunner(tiny_models("qwen3"))
     batch = prompts(8)
     expected = plain_outputs(runner, batch)
     # Lookups (tiny replies) stay quick, values (kilobytes) trickle: only loading is slow.
     cost = CostModel(prefill_tokens_per_s=20_000.0, kv_bytes_per_token=runner.fingerprint().num_layers * 2 * 2 * 16 * 4)
-    guard = Guard(cost, min_tokens=32, min_budget_s=0.25, retry_slow_after_s=600)
+    guard = Guard(cost, min_tokens=32, min_budget_s=0.25, retry_slow_after_s=600, metrics=m)
     with FaultProxy(redis_server.port) as proxy:
         tiers = redis_tiers(proxy, breaker_failures=100)  # the guard alone must react
         try:
-            engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=16, save_partial_chunks=False)
+            engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=16, save_unfull_chunk=False)
             gen = CachedGenerator(runner, engine, guard=guard)
             campaign(gen, batch[:2], expected[:2])
             tiers.flush()

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
+from kvshelf.assembly.tiers import build_tiers, check_disk_path
 from kvshelf.config import KVShelfConfig
 from kvshelf.errors import ConfigError
-from kvshelf.storage.factory import build_tiers, check_disk_path
 
 
 @pytest.mark.parametrize(
@@ -48,10 +48,10 @@ def test_an_unreachable_remote_tier_is_one_warning_line(caplog):
         config = KVShelfConfig(
             remote_url=f"redis://:secretpw@127.0.0.1:{port}/0", remote_timeout_s=0.5, remote_auth_key="k" * 32
         )
-        with caplog.at_level(logging.WARNING, logger="kvshelf.storage.factory"):
+        with caplog.at_level(logging.WARNING, logger="kvshelf.assembly.tiers"):
             tiers = build_tiers(config)
     try:
-        lines = [r.getMessage() for r in caplog.records if r.name == "kvshelf.storage.factory"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "kvshelf.assembly.tiers"]
         assert len(lines) == 1 and "unreachable at start-up" in lines[0] and "\n" not in lines[0]
         assert "secretpw" not in lines[0]
         assert [t.name for t in tiers.tiers] == ["cpu", "redis"]  # still used: it may come back
@@ -60,10 +60,10 @@ def test_an_unreachable_remote_tier_is_one_warning_line(caplog):
 
 
 def test_a_reachable_remote_tier_is_quiet(redis_server, caplog):
-    with caplog.at_level(logging.WARNING, logger="kvshelf.storage.factory"):
+    with caplog.at_level(logging.WARNING, logger="kvshelf.assembly.tiers"):
         tiers = build_tiers(KVShelfConfig(remote_url=redis_server.url, remote_auth_key="k" * 32))
     tiers.close()
-    assert not [r for r in caplog.records if r.name == "kvshelf.storage.factory"]
+    assert not [r for r in caplog.records if r.name == "kvshelf.assembly.tiers"]
 
 
 class socket_closed_port:

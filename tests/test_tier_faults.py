@@ -10,6 +10,7 @@ import pytest
 import torch
 from services import RedisServer, S3Server
 
+from kvshelf.assembly.tiers import build_tiers
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.codecs import get_codec
 from kvshelf.config import KVShelfConfig, load_config
@@ -17,7 +18,6 @@ from kvshelf.errors import ConfigError
 from kvshelf.integrations.hf import CachedGenerator
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.disk import DiskBackend
-from kvshelf.storage.factory import build_tiers
 from kvshelf.storage.redis import RedisBackend
 from kvshelf.storage.s3 import S3Backend
 from kvshelf.storage.tiers import TierManager

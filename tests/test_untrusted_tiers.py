@@ -340,27 +340,27 @@ def test_decode_bombs_within_generic_limits_stay_bounded_without_an_expectation(
 
 # -- codec worker pool: a dead worker is a fault, never damage -------------------------------------------
 def test_a_killed_worker_is_replaced_and_no_sound_chunk_is_deleted(tmp_path, monkeypatch):
-    codec = CacheGenCodec()
+    processes = pool.CodecProcesses(2)
+    codec = CacheGenCodec(processes=processes)
     disk = DiskBackend(tmp_path, 1 << 30, codec)
     key = b"\x0c" * 16
     disk.put(key, chunk_of(seed=5))
     try:
-        pool.configure(2)
         first = disk.get(key).kv
-        broken = pool._pool
+        broken = processes._pool
         for pid in list(broken._processes):
             os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
         again = disk.get(key)  # the broken pool is replaced, the chunk decodes
-        assert again is not None and torch.equal(again.kv, first) and pool._pool is not broken
+        assert again is not None and torch.equal(again.kv, first) and processes._pool is not broken
         assert disk.corrupt_objects == 0
         # A pool that keeps failing is a tier fault: the read raises, the object stays.
-        monkeypatch.setattr(pool, "map_calls", lambda *a: (_ for _ in ()).throw(CodecPoolError("workers died")))
+        monkeypatch.setattr(processes, "map_calls", lambda *a: (_ for _ in ()).throw(CodecPoolError("workers died")))
         with pytest.raises(CodecPoolError):
             disk.get(key)
         assert disk.contains(key) and disk.corrupt_objects == 0
     finally:
-        pool.configure(0)
+        processes.close()
 
 
 # -- the disk index survives any file ------------------------------------------------------------------
@@ -421,22 +421,22 @@ def test_the_server_starts_with_junk_in_the_disk_folder(tmp_path):
 
 # -- configuration -------------------------------------------------------------------------------------
 def test_remote_auth_key_from_the_environment_and_one_warning_without_it(redis_server, caplog, tmp_path):
+    from kvshelf.assembly.tiers import build_tiers
     from kvshelf.config import load_config
     from kvshelf.errors import ConfigError
-    from kvshelf.storage.factory import build_tiers
 
     secret = "from the environment, long enough"
     cfg = load_config(environ={"KVSHELF_REMOTE_AUTH_KEY": secret, "KVSHELF_REMOTE_URL": redis_server.url})
     assert cfg.remote_auth_key == secret
     with pytest.raises(ConfigError, match="remote_auth_key"):
         load_config(environ={"KVSHELF_REMOTE_AUTH_KEY": "short"})
-    with caplog.at_level("WARNING", logger="kvshelf.storage.factory"):
+    with caplog.at_level("WARNING", logger="kvshelf.assembly.tiers"):
         keyed = build_tiers(cfg.model_copy(update={"local_disk": str(tmp_path / "d")}))
         assert not [r for r in caplog.records if "trusted as is" in r.message]
         plain = build_tiers(cfg.model_copy(update={"remote_auth_key": None}))
     warnings = [r for r in caplog.records if "trusted as is" in r.message]
     assert len(warnings) == 1 and "remote_auth_key" in warnings[0].message
-    from kvshelf.storage.factory import _redacted
+    from kvshelf.assembly.tiers import _redacted
 
     assert _redacted("redis://:s3cret@cache:6379/0") == "redis://cache:6379/0"  # no password in the log
     # The keyed stack signs objects in the shared tier; the process's own disk folder is not a boundary.

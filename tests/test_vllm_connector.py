@@ -134,7 +134,7 @@ def test_matched_tokens_are_block_aligned_and_leave_the_last_token():
     eng = engine(chunk_size=64)
     tokens = list(range(1000, 1256))  # 256 tokens = 4 chunks, all stored
     eng.store(tokens, torch.randn(LAYERS, 2, HEADS, 256, DIM))
-    side = SchedulerSide(eng.lookup, block_size=BS, min_tokens=64)
+    side = SchedulerSide(eng.lookup, block_size=BS, min_cached_tokens=64)
     # the whole prompt is cached but vLLM must compute its last token: the hit stops at 192 (3 chunks)
     assert side.num_new_matched_tokens(request("a", tokens), 0) == (192, False)
     # vLLM's own prefix cache already has 128: kvshelf adds the rest
@@ -142,7 +142,7 @@ def test_matched_tokens_are_block_aligned_and_leave_the_last_token():
     assert side.num_new_matched_tokens(request("c", tokens), 192) == (0, False)
     assert side.num_new_matched_tokens(request("d", tokens, salt="other tenant"), 0) == (0, False)
     assert side.num_new_matched_tokens(request("e", tokens[:40]), 0) == (0, False)  # below min_tokens
-    big_blocks = SchedulerSide(eng.lookup, block_size=128, min_tokens=64)
+    big_blocks = SchedulerSide(eng.lookup, block_size=128, min_cached_tokens=64)
     assert big_blocks.num_new_matched_tokens(request("f", tokens), 0) == (128, False)
 
 
@@ -150,7 +150,7 @@ def test_plan_loads_what_was_allocated_and_saves_when_the_prefill_completes():
     eng = engine(chunk_size=64)
     tokens = list(range(300))
     eng.store(tokens[:128], torch.randn(LAYERS, 2, HEADS, 128, DIM))
-    side = SchedulerSide(eng.lookup, block_size=BS, min_tokens=64)
+    side = SchedulerSide(eng.lookup, block_size=BS, min_cached_tokens=64)
     assert side.num_new_matched_tokens(request("r", tokens), 32) == (96, False)
     side.after_alloc(request("r", tokens), 96)
     blocks = list(range(1, 11))
@@ -175,7 +175,7 @@ def test_a_preempted_request_is_loaded_again_into_its_new_blocks():
     eng = engine(chunk_size=64)
     tokens = list(range(300))
     eng.store(tokens[:256], torch.randn(LAYERS, 2, HEADS, 256, DIM))
-    side = SchedulerSide(eng.lookup, block_size=BS, min_tokens=64)
+    side = SchedulerSide(eng.lookup, block_size=BS, min_cached_tokens=64)
     assert side.num_new_matched_tokens(request("r", tokens), 0) == (256, False)
     side.after_alloc(request("r", tokens), 256)
     first = side.build_plan(step(new=[new_req("r", tokens, list(range(1, 11)), 256, 44)], scheduled={"r": 44}))
@@ -197,7 +197,7 @@ def test_bad_kvshelf_settings_in_extra_config_fail_at_start_naming_the_key():
 
 # -- worker side --------------------------------------------------------------------------------------
 def worker(eng, caches, *, layerwise=False, async_load=False) -> WorkerSide:
-    side = WorkerSide(eng, block_size=BS, layerwise=layerwise, async_load=async_load, buffer_layers=1)
+    side = WorkerSide(eng, block_size=BS, use_layerwise=layerwise, use_async_load=async_load, buffer_size=1)
     side.register(caches, cpu_writer())
     return side
 
@@ -323,7 +323,7 @@ def test_scheduler_reaches_the_worker_engine_over_its_lookup_socket(tmp_path):
     assert client.lookup(tokens, None) == 0 and client.lookup(tokens[:100], "tenant-a") == 64
     assert client.lookup([], "tenant-a") == 0
     # the scheduler side over the socket, as in `vllm serve`
-    side = SchedulerSide(client.lookup, block_size=BS, min_tokens=64)
+    side = SchedulerSide(client.lookup, block_size=BS, min_cached_tokens=64)
     assert side.num_new_matched_tokens(request("r", tokens, salt="tenant-a"), 0) == (192, False)
     assert LookupClient(path, b"wrong key").lookup(tokens, "tenant-a") == 0  # refused: a miss, not an error
     client.close()

@@ -213,15 +213,19 @@ def _recommend(a: Advice, cost: CostModel, *, chunk_size, gpu, cpu_capacity_gb, 
         cfg.update({"remote_url": "redis://cache-host:6379/0", "remote_serde": "cachegen"})
         why.append(
             f"instances share KV: a remote tier; cachegen stores it in {a.predicted_storage_gb['cachegen']:.2f} "
-            "GB (6x less than fp16, calibrated once per model; every instance needs the same .kvcal file) "
+            "GB (calibrated once per model; every instance needs the same .kvcal file) "
             "where the network is the bottleneck"
         )
     if gpu and a.mean_prompt_tokens >= 8192:
         cfg.update({"use_layerwise": True, "buffer_size": 4})
-        why.append("long prompts on a GPU: layerwise loading overlaps the load with the compute (1.14x measured)")
+        why.append(
+            "long prompts on a GPU: layerwise loading overlaps the load with the compute "
+            "(measured: BENCHMARKS.md, Layerwise loading)"
+        )
     else:
         why.append(
-            "layerwise loading off: it pays only on GPUs with long cached prefixes (it lost 4-10% on a 2-core CPU)"
+            "layerwise loading off: it pays only on GPUs with long cached prefixes, and costs a little on a small "
+            "CPU (BENCHMARKS.md, Layerwise loading)"
         )
     a.config = cfg
 

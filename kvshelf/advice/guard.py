@@ -21,7 +21,7 @@ import time
 
 from kvshelf.advice.cost import CostModel
 from kvshelf.cache.requests import LOAD_SLOWER, SHORT_PROMPT, TIER_SLOW
-from kvshelf.metrics import metrics
+from kvshelf.metrics import Metrics
 
 
 class Guard:
@@ -34,8 +34,10 @@ class Guard:
         min_budget_s: float = 0.25,
         retry_slow_after_s: float = 30.0,
         clock=time.monotonic,
+        metrics: Metrics | None = None,
     ):
         self.cost = cost
+        self.metrics = metrics or Metrics()  # the shelf's: where bypasses are counted
         self.min_tokens = min_tokens
         self.margin = margin  # load must be this many times faster than recompute
         # A floor under the per-request tier budget: a tiny prompt recomputes in milliseconds, less
@@ -48,7 +50,7 @@ class Guard:
 
     def use_cache(self, prompt_tokens: int) -> bool:
         if prompt_tokens < self.min_tokens:
-            metrics().bypasses.labels(SHORT_PROMPT).inc()
+            self.metrics.bypasses.labels(SHORT_PROMPT).inc()
             return False
         return True
 
@@ -70,11 +72,11 @@ class Guard:
         if slow:
             if self._retry_due(slow):
                 return None  # a probe: this load measures the slow tier(s) again
-            metrics().bypasses.labels(TIER_SLOW).inc()
+            self.metrics.bypasses.labels(TIER_SLOW).inc()
             return TIER_SLOW
         if self.cost.load_s(tokens_by_tier) * self.margin < self.cost.recompute_s(hit):
             return None
-        metrics().bypasses.labels(LOAD_SLOWER).inc()
+        self.metrics.bypasses.labels(LOAD_SLOWER).inc()
         return LOAD_SLOWER
 
     def _slower_than_recompute(self, tier: str) -> bool:

@@ -78,10 +78,10 @@ def _measurable(base: KVShelfConfig, candidate: dict, disk_dir: str, notes: list
     return KVShelfConfig.model_validate(data)
 
 
-def verify(loaded, base: KVShelfConfig, config: dict, texts: list, plain, *, step) -> Verdict:
+def verify(loaded, base: KVShelfConfig, config: dict, texts: list, plain, *, step, open_shelf) -> Verdict:
     """Replay `texts` with each candidate on a fresh cache, each request paired with a no-cache run by
-    the generator `plain`; choose the first candidate that beats its no-cache runs."""
-    from kvshelf.app import open_shelf
+    the generator `plain`; choose the first candidate that beats its no-cache runs. `open_shelf` is the
+    assembly's (passed in: advice/ sits below the assembly, which builds its guard)."""
 
     verdict = Verdict(len(texts))
     n = len(texts)
@@ -89,7 +89,8 @@ def verify(loaded, base: KVShelfConfig, config: dict, texts: list, plain, *, ste
         disk_dir = tempfile.mkdtemp(prefix="kvshelf-advise-")
         without, with_cache = [], []
         try:
-            shelf = open_shelf(_measurable(base, candidate, disk_dir, verdict.notes), loaded=loaded)
+            # runtime=None: the caller checked the user's keys; the candidate sets every key on purpose
+            shelf = open_shelf(_measurable(base, candidate, disk_dir, verdict.notes), loaded=loaded, runtime=None)
             try:
                 for i, t in enumerate(texts, 1):
                     r = step(

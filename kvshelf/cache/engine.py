@@ -61,14 +61,14 @@ class CacheEngine:
         backend: StorageBackend,
         *,
         chunk_size: int = 256,
-        save_partial_chunks: bool = True,
+        save_unfull_chunk: bool = True,
         pin_memory: bool = True,
     ):
         self.fingerprint = fingerprint
         self._fp_digest = fingerprint.digest()
         self.backend = backend
         self.chunk_size = validate_chunk_size(chunk_size)
-        self.save_partial_chunks = save_partial_chunks
+        self.save_unfull_chunk = save_unfull_chunk
         # Host copies of GPU KV go to page-locked memory: faster, asynchronous-capable copies back.
         self.pin_memory = pin_memory
         self.stats = EngineStats()
@@ -76,7 +76,7 @@ class CacheEngine:
 
     # -- keys -------------------------------------------------------------------------------------
     def keys(self, tokens: Sequence[int], salt: str | None = None) -> list[ChunkKey]:
-        return chunk_keys(tokens, self.chunk_size, chain_root(self._fp_digest, salt), include_partial=True)
+        return chunk_keys(tokens, self.chunk_size, chain_root(self._fp_digest, salt), include_unfull_chunk=True)
 
     def _expected_shape(self, num_tokens: int) -> tuple[int, ...]:
         fp = self.fingerprint
@@ -102,7 +102,7 @@ class CacheEngine:
         if chunk is None:
             return None
         meta = chunk.meta
-        kv = getattr(chunk, "kv", None)
+        kv = chunk.kv
         position = key.start if position is None else position
         problem = None
         if meta.fingerprint == b"":  # a byte tier read without this engine's expectation: a bug, not damage
@@ -150,10 +150,7 @@ class CacheEngine:
         if not keys:
             return {}
         digests = [k.digest for k in keys]
-        if hasattr(self.backend, "locate"):
-            where = self.backend.locate(digests)
-        else:
-            where = [self.backend.name if here else None for here in self.backend.contains_many(digests)]
+        where = self.backend.locate(digests)
         plan: dict[str, int] = {}
         for key, tier in zip(keys, where, strict=True):
             if tier is None:
@@ -244,7 +241,7 @@ class CacheEngine:
     def keys_to_store(self, tokens: Sequence[int], salt: str | None = None, *, start: int = 0) -> list[ChunkKey]:
         """Chunks of `tokens` ending after `start` that no tier holds yet (partial ones only if configured)."""
         keys = [k for k in self.keys(tokens, salt) if k.end > start]
-        if not self.save_partial_chunks:
+        if not self.save_unfull_chunk:
             keys = [k for k in keys if k.num_tokens == self.chunk_size]
         present = self.backend.contains_many([k.digest for k in keys]) if keys else []
         return [k for k, already in zip(keys, present, strict=True) if not already]
@@ -321,7 +318,7 @@ class LayerwiseRetrieval:
         (the CPU tier), for loaders that copy straight from it; None when some chunk needs decoding."""
         out = []
         for key, reader in self.chunks:
-            kv = getattr(reader, "kv", None)
+            kv = reader.kv
             if not isinstance(kv, torch.Tensor):
                 return None
             out.append((key.start, kv, key.num_tokens))

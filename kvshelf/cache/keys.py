@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvshelf.storage.expect import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
 DIGEST_SIZE = 16  # 128-bit keys: collisions are not a practical concern at any cache size.
-MIN_CHUNK_SIZE = 16
-MAX_CHUNK_SIZE = 8192
+__all__ = ["DIGEST_SIZE", "MAX_CHUNK_SIZE", "MIN_CHUNK_SIZE", "ChunkKey", "chain_root", "chunk_keys"]
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,16 @@ def chunk_keys(
     chunk_size: int,
     root: bytes,
     *,
-    include_partial: bool = True,
+    include_unfull_chunk: bool = True,
 ) -> list[ChunkKey]:
-    """Keys for each chunk of `tokens`; the trailing partial chunk gets a key too when `include_partial`."""
+    """Keys for each chunk of `tokens`; the trailing unfull (partial) chunk gets a key too when `include_unfull_chunk`."""
     ids = np.asarray(tokens, dtype=np.int64)
     if ids.ndim != 1:
         raise ValueError(f"tokens must be a flat sequence of ids, got shape {ids.shape}")
     keys: list[ChunkKey] = []
     prev = root
     n = len(ids)
-    stop = n if include_partial else n - n % chunk_size
+    stop = n if include_unfull_chunk else n - n % chunk_size
     for start in range(0, stop, chunk_size):
         end = min(start + chunk_size, n)
         h = hashlib.blake2b(digest_size=DIGEST_SIZE, person=b"kvshelf-chunk")

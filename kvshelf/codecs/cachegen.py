@@ -67,7 +67,10 @@ class CacheGenCodec(Codec):
         v_bits: int | None = None,
         delta: bool = False,
         group: int = 16,
-        calibration: str | None = None,
+        calibration: str | calib.Calibration | None = None,
+        *,
+        processes: pool.CodecProcesses | None = None,
+        calibrations: calib.Calibrations | None = None,
     ):
         if constriction is None:
             raise ImportError("the cachegen codec needs the 'constriction' package")
@@ -83,12 +86,16 @@ class CacheGenCodec(Codec):
             raise ValueError(f"cachegen delta must be true or false, got {delta!r}")
         if type(group) is not int or not 1 <= group <= 1 << 16:
             raise ValueError(f"cachegen group must be an integer within 1..65536, got {group!r}")
-        if calibration is not None and not isinstance(calibration, str):
+        if calibration is not None and not isinstance(calibration, str | calib.Calibration):
             raise ValueError(f"cachegen calibration must be a digest, got {calibration!r}")
         self.bits, self.early_bits, self.early_fraction = bits, early_bits, early_fraction
         self.v_bits, self.delta, self.group = v_bits, delta, group
-        # A digest; the transforms themselves come from this process's registry or the calibration folder.
-        self.calibration = calib.lookup(calibration) if calibration else None
+        # A calibration, or its digest: then the transforms come from `calibrations` (the owner's
+        # registry) or the calibration folder.
+        if isinstance(calibration, str):
+            calibration = (calibrations.lookup if calibrations else calib.lookup)(calibration)
+        self.calibration = calibration or None
+        self.processes = processes or pool.IN_PROCESS
 
     def params(self) -> dict:
         return {
@@ -240,21 +247,21 @@ class CacheGenCodec(Codec):
         return torch.from_numpy(self._dequantize(self._decode_parts(data, shape, layer, num_layers), shape)).to(dtype)
 
     def decode_layers(self, segments, shape, dtype, layers, num_layers, position=0) -> list[torch.Tensor]:
-        if not pool.workers():
+        if not self.processes.workers:
             return super().decode_layers(segments, shape, dtype, layers, num_layers, position)
         # Each layer's entropy decoding runs in a worker; only the segment's bytes go out. Uncalibrated
         # segments come back as values; calibrated ones as integer symbols, transformed here (the
         # workers need no calibration). Encoding stays in-process: measured, it did not pay.
         if self.calibration is not None:
             jobs = [(bytes(seg), tuple(shape), self.bits) for seg in segments]
-            symbols = pool.map_calls(_symbols_calibrated, jobs)
+            symbols = self.processes.map_calls(_symbols_calibrated, jobs)
             return [
                 self._finish_calibrated(q, i, position, "cpu").to(dtype) for q, i in zip(symbols, layers, strict=True)
             ]
         jobs = [
             (self.params(), bytes(seg), tuple(shape), i, num_layers) for seg, i in zip(segments, layers, strict=True)
         ]
-        return [torch.from_numpy(values).to(dtype) for values in pool.map_calls(_decode_segment, jobs)]
+        return [torch.from_numpy(values).to(dtype) for values in self.processes.map_calls(_decode_segment, jobs)]
 
     # -- calibrated mode ---------------------------------------------------------------------------------
     def _calibrated_steps(self, layer: int, tensors: dict) -> torch.Tensor:
@@ -278,7 +285,7 @@ class CacheGenCodec(Codec):
         return _code_calibrated(self._calibrated_symbols(kv, layer, position), self.bits)
 
     def encode_layers(self, kv: torch.Tensor, position: int = 0) -> list[bytes]:
-        if self.calibration is None or not pool.workers():
+        if self.calibration is None or not self.processes.workers:
             return super().encode_layers(kv, position)
         # The transforms run here (torch, no GIL held); the entropy coding, which holds the GIL, runs in
         # the workers on the integer symbols (int16 when they fit: fewer bytes to ship).
@@ -286,7 +293,7 @@ class CacheGenCodec(Codec):
         for i in range(kv.shape[0]):
             q = self._calibrated_symbols(kv[i], i, position)
             jobs.append((q.astype(np.int16) if np.abs(q).max(initial=0) < 32768 else q, self.bits))
-        return pool.map_calls(_code_calibrated, jobs)
+        return self.processes.map_calls(_code_calibrated, jobs)
 
     def _finish_calibrated(self, q: np.ndarray, layer: int, position: int, device) -> torch.Tensor:
         """Integer symbols [2, heads, tokens, dim] -> float32 KV on `device` (inverse transform, RoPE again)."""

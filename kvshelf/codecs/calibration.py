@@ -175,6 +175,27 @@ def fit_transform(samples: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Te
 
 
 # -- where calibrations live -------------------------------------------------------------------------------
+class Calibrations:
+    """The calibrations one owner (a shelf) gave its codecs, by digest; other digests are looked up in
+    the calibration folder. Owned and passed down, so shelves never see each other's."""
+
+    def __init__(self, *cals: Calibration):
+        self._lock = threading.Lock()
+        self._by_digest = {cal.digest: cal for cal in cals}
+
+    def add(self, cal: Calibration) -> Calibration:
+        with self._lock:
+            self._by_digest[cal.digest] = cal
+        return cal
+
+    def lookup(self, digest: str) -> Calibration:
+        with self._lock:
+            cal = self._by_digest.get(digest)
+        return cal if cal is not None else lookup(digest)
+
+
+# Content-addressed (a digest names exactly one calibration's bytes), so what it holds cannot differ
+# between users; tools and tests register here, shelves keep their own `Calibrations`.
 _lock = threading.Lock()
 _registry: dict[str, Calibration] = {}
 

@@ -44,14 +44,13 @@ def uvicorn_config(app, config: KVShelfConfig, **overrides):
 def serve(config: KVShelfConfig) -> None:
     import uvicorn
 
-    from kvshelf import metrics as metrics_mod
-    from kvshelf.app import open_shelf
+    from kvshelf.assembly import open_shelf
     from kvshelf.server.app import create_app
 
     if not is_loopback(config.host) and not (config.api_key or config.api_keys_file):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
-    shelf = open_shelf(config)
-    metrics = metrics_mod.configure(config.metrics_prefix)
+    shelf = open_shelf(config, runtime="serve")
+    metrics = shelf.metrics  # the shelf's own registry: what /metrics serves
     app = create_app(shelf, metrics)
     stop_metrics = start_metrics_server(config, metrics)
     try:

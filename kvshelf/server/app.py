@@ -1,6 +1,6 @@
 """kvshelf's OpenAI-compatible server: completions and chat over the HF runner with the KV cache.
 
-Generation runs one request at a time in one worker thread (kvshelf.server.worker) fed by a bounded
+Generation runs one request at a time in one generation thread (kvshelf.server.generation_queue) fed by a bounded
 FIFO; the event loop stays free for health checks, metrics and stats meanwhile. Keys, body size and
 body read time are checked before any route runs (kvshelf.server.gate). A request whose client goes
 away, streaming or not, or whose deadline passes, stops at its next token.
@@ -21,17 +21,17 @@ from fastapi import Body, FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvshelf.app import Shelf
+from kvshelf.assembly import Shelf
 from kvshelf.errors import KVShelfError
 from kvshelf.integrations.hf import GenerationResult
 from kvshelf.metrics import Metrics
 from kvshelf.server import errors
 from kvshelf.server.errors import APIError
 from kvshelf.server.gate import PUBLIC_PATHS, Gate
+from kvshelf.server.generation_queue import Cancelled, DeadlineExceeded, GenerationQueue, Job, QueueFull
 from kvshelf.server.outputs import Logprobs, TextStream
 from kvshelf.server.protocol import ChatRequest, CompletionRequest, _Request, chat_prompt
 from kvshelf.server.tenants import Tenant, Tenants
-from kvshelf.server.worker import Cancelled, DeadlineExceeded, GenerationWorker, Job, QueueFull
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 64
@@ -46,14 +46,14 @@ def create_app(shelf: Shelf, metrics: Metrics) -> FastAPI:
     vocab_size = int(getattr(runner.config, "vocab_size", 0) or len(tokenizer))
     max_prompt = min(config.max_prompt_tokens or runner.max_positions, runner.max_positions)
     tenants = Tenants(config)
-    worker = GenerationWorker(config.max_waiting_requests)
+    queue = GenerationQueue(config.max_waiting_requests)
     durations = [1.0]  # recent generation times (s), for Retry-After
     metrics_here = config.server_metrics_port is None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        await asyncio.to_thread(worker.close)
+        await asyncio.to_thread(queue.close)
         shelf.close()  # finish write-behind, close tier connections
 
     docs = config.server_docs
@@ -118,7 +118,7 @@ def create_app(shelf: Shelf, metrics: Metrics) -> FastAPI:
         """Queue the generation; 429 with Retry-After when too many already wait."""
         top = req.top_logprobs_wanted()
 
-        def run(job: Job) -> None:  # in the worker thread
+        def run(job: Job) -> None:  # in the generation thread
             t0 = time.monotonic()
             try:
                 text = TextStream(tokenizer, req.stop_strings)
@@ -158,13 +158,13 @@ def create_app(shelf: Shelf, metrics: Metrics) -> FastAPI:
 
         job = Job(run, asyncio.get_running_loop(), time.monotonic() + config.request_timeout_s)
         try:
-            worker.submit(job)
+            queue.submit(job)
         except QueueFull:
             metrics.rejected_requests.labels("queue_full").inc()
-            wait = math.ceil(sum(durations) / len(durations) * (worker.waiting + 1))
+            wait = math.ceil(sum(durations) / len(durations) * (queue.waiting + 1))
             raise APIError(
                 429,
-                f"the server is busy ({worker.waiting} requests waiting); retry later",
+                f"the server is busy ({queue.waiting} requests waiting); retry later",
                 "rate_limit_error",
                 code="queue_full",
                 headers={"Retry-After": str(max(1, wait))},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -37,6 +38,18 @@ class StoredChunk:
         return self.kv[i:j]
 
 
+class ChunkReader(Protocol):
+    """What `StorageBackend.open` returns: a chunk whose layers are read one at a time. `kv` is the whole
+    tensor when it is already decoded in memory (a StoredChunk), else None (layers decode on demand)."""
+
+    meta: ChunkMeta
+    kv: torch.Tensor | None
+
+    def layer(self, i: int) -> torch.Tensor: ...
+
+    def layers(self, i: int, j: int) -> torch.Tensor: ...
+
+
 class StorageBackend(ABC):
     """A keyed store of chunks. Implementations must be thread-safe.
 
@@ -56,8 +69,8 @@ class StorageBackend(ABC):
     def get(self, key: bytes) -> StoredChunk | None:
         """The chunk under `key`, or None on a miss."""
 
-    def open(self, key: bytes):
-        """The chunk under `key` for layer-by-layer reading (an object with `.meta` and `.layer(i)`), or None.
+    def open(self, key: bytes) -> ChunkReader | None:
+        """The chunk under `key` for layer-by-layer reading, or None.
         Tiers that store bytes return it verified but not yet decoded."""
         return self.get(key)
 
@@ -73,6 +86,20 @@ class StorageBackend(ABC):
 
     @abstractmethod
     def clear(self) -> None: ...
+
+    def locate(self, keys: list[bytes]) -> list[str | None]:
+        """For each key, the name of the tier that holds it, or None (one batched call)."""
+        return [self.name if here else None for here in self.contains_many(keys)]
+
+    def flush(self, timeout_s: float | None = None) -> None:  # noqa: B027 - nothing queued by default
+        """Wait until writes behind the request path are done (a tier stack's write-behind)."""
+
+    def stats(self) -> dict[str, dict]:
+        """Counters per tier (a tier stack's); a plain backend reports none."""
+        return {}
+
+    # Stored objects that failed verification and were deleted (byte tiers count them).
+    corrupt_objects: int = 0
 
     def unavailable_tiers(self) -> list[str]:
         """Names of tiers being skipped right now (an open circuit breaker); a plain backend has none."""

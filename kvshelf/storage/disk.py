@@ -18,6 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from kvshelf.codecs import Codec
+from kvshelf.metrics import Metrics
 from kvshelf.storage.auth import ObjectAuth
 from kvshelf.storage.expect import MAX_HEADER_BYTES
 from kvshelf.storage.format import PREFIX_SIZE, FormatError, OtherVersion, read_header
@@ -41,8 +42,9 @@ class DiskBackend(ByteStore):
         *,
         fsync: bool = False,
         auth: ObjectAuth | None = None,
+        metrics: Metrics | None = None,
     ):
-        super().__init__(codec, auth=auth)
+        super().__init__(codec, auth=auth, metrics=metrics)
         if capacity_bytes <= 0:
             raise ValueError(f"disk tier capacity must be > 0 bytes, got {capacity_bytes}")
         self.root = Path(path).expanduser()

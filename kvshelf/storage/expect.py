@@ -17,7 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kvshelf.cache.keys import MAX_CHUNK_SIZE
+# The chunk sizes kvshelf supports (tokens per chunk). Defined here, at the bottom of the layering, because
+# stored objects are bounded by it; cache/keys.py re-exports them (storage never imports cache).
+MIN_CHUNK_SIZE = 16
+MAX_CHUNK_SIZE = 8192
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_POSITION = 1 << 31

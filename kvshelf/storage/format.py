@@ -222,6 +222,8 @@ class EncodedChunk:
     """A verified stored object whose layers decode on demand (layerwise loading decodes layer by layer).
     The shape was checked against the read's expectation, so no decoder makes more than that."""
 
+    kv = None  # a ChunkReader (storage/base.py) not decoded yet
+
     def __init__(self, meta: ChunkMeta, codec: Codec, payload: memoryview, offsets: list[int]):
         self.meta, self.codec, self._payload, self._offsets = meta, codec, payload, offsets
 

@@ -1,7 +1,8 @@
 """Cold/shared tier: Redis or Valkey through redis-py, single node or cluster.
 
 URLs: redis://[user:pass@]host:port/db, rediss:// (TLS), unix:///path.sock, valkey:// and valkeys://
-(same protocols), redis-cluster://[user:pass@]host:port,host:port (TLS: rediss-cluster://).
+(same protocols), redis-cluster://[user:pass@]host:port,host:port (TLS: rediss-cluster://; also
+valkey-cluster:// and valkeys-cluster://): the table in storage/urls.py.
 Values above `part_bytes` are split into parts written first, then a small manifest under the main
 key: a reader that sees the manifest finds every part, and a crash mid-write leaves no manifest, so a
 miss. A hash tag keeps a chunk's parts in one cluster slot. Parts carry the manifest's TTL; without a
@@ -26,19 +27,25 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from kvshelf.codecs import Codec
 from kvshelf.errors import ConfigError
+from kvshelf.metrics import Metrics
 from kvshelf.storage.auth import ObjectAuth
 from kvshelf.storage.expect import GENERIC
 from kvshelf.storage.format import FormatError
 from kvshelf.storage.serialized import ByteStore, ObjectTooLarge
+from kvshelf.storage.urls import REMOTE_SCHEMES, url_scheme
 
 _MANIFEST = struct.Struct("<4sIIQ")  # magic, part count, part bytes, total bytes
 _MANIFEST_MAGIC = b"KVS2"
 
 
 def _client(url: str, *, timeout_s: float, ssl_ca_certs: str | None):
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    scheme = url_scheme(url)
+    entry = REMOTE_SCHEMES.get(scheme)
+    if entry is None or entry.store != "redis":
+        redis_schemes = ", ".join(f"{s}://" for s, e in REMOTE_SCHEMES.items() if e.store == "redis")
+        raise ConfigError(f"remote_url: unsupported scheme {scheme!r} for Redis; use {redis_schemes}")
     common = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    if scheme in ("redis-cluster", "rediss-cluster", "valkey-cluster", "valkeys-cluster"):
+    if entry.cluster:
         parts = urlsplit(url.replace(scheme + "://", "x://", 1))
         hosts = parts.netloc.rsplit("@", 1)[-1]
         nodes = []
@@ -47,23 +54,16 @@ def _client(url: str, *, timeout_s: float, ssl_ca_certs: str | None):
             if not host or not port.isdigit():
                 raise ConfigError(f"remote_url: cluster node {hp!r} must be host:port")
             nodes.append(ClusterNode(host, int(port)))
-        tls = scheme.startswith(("rediss", "valkeys"))
         return RedisCluster(
             startup_nodes=nodes,
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
-            ssl=tls,
-            ssl_ca_certs=ssl_ca_certs if tls else None,
+            ssl=entry.tls,
+            ssl_ca_certs=ssl_ca_certs if entry.tls else None,
             **common,
         )
-    if scheme in ("valkey", "valkeys"):
-        url = "redis" + url[len("valkey") :]
-        scheme = "redis" + scheme[len("valkey") :]
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(
-            f"remote_url: unsupported scheme {scheme!r} for Redis; use redis://, rediss://, unix://, valkey://, "
-            "valkeys:// or redis-cluster://"
-        )
+    url = entry.native + url[len(scheme) :]
+    scheme = entry.native
     extra = {"ssl_ca_certs": ssl_ca_certs} if (scheme == "rediss" and ssl_ca_certs) else {}
     return redis.Redis.from_url(url, **common, **extra)
 
@@ -107,8 +107,9 @@ class RedisBackend(ByteStore):
         timeout_s: float = 2.0,
         ssl_ca_certs: str | None = None,
         auth: ObjectAuth | None = None,
+        metrics: Metrics | None = None,
     ):
-        super().__init__(codec, auth=auth)
+        super().__init__(codec, auth=auth, metrics=metrics)
         if part_bytes < 1024:
             raise ConfigError(f"redis part size must be >= 1024 bytes, got {part_bytes}")
         self.url = url

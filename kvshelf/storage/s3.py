@@ -19,6 +19,7 @@ from botocore.exceptions import ClientError
 
 from kvshelf.codecs import Codec
 from kvshelf.errors import ConfigError
+from kvshelf.metrics import Metrics
 from kvshelf.storage.auth import ObjectAuth
 from kvshelf.storage.serialized import ByteStore, ObjectTooLarge
 
@@ -57,8 +58,9 @@ class S3Backend(ByteStore):
         concurrency: int = 8,
         timeout_s: float = 5.0,
         auth: ObjectAuth | None = None,
+        metrics: Metrics | None = None,
     ):
-        super().__init__(codec, auth=auth)
+        super().__init__(codec, auth=auth, metrics=metrics)
         self.bucket = bucket
         self.prefix = prefix
         self.client = boto3.client(

@@ -18,7 +18,7 @@ from abc import abstractmethod
 import torch
 
 from kvshelf.codecs import Codec
-from kvshelf.metrics import metrics
+from kvshelf.metrics import Metrics
 from kvshelf.storage import expect
 from kvshelf.storage.auth import ObjectAuth, codec_id, object_name
 from kvshelf.storage.base import StorageBackend, StoredChunk
@@ -33,9 +33,10 @@ class ObjectTooLarge(FormatError):
 
 
 class ByteStore(StorageBackend):
-    def __init__(self, codec: Codec, *, auth: ObjectAuth | None = None):
+    def __init__(self, codec: Codec, *, auth: ObjectAuth | None = None, metrics: Metrics | None = None):
         self.codec = codec
         self.auth = auth
+        self.metrics = metrics or Metrics()  # the shelf's, where codec timings are observed
         self._codec_id = codec_id(codec.name, codec.params())
         self.corrupt_objects = 0  # objects that failed verification and were deleted
         self._corrupt_lock = threading.Lock()
@@ -69,7 +70,7 @@ class ByteStore(StorageBackend):
             return False  # no read would accept it (e.g. a blended document longer than 8192 tokens)
         t0 = time.perf_counter()
         parts = encode_chunk_parts(key, chunk, self.codec, self.auth)
-        metrics().observe_codec(
+        self.metrics.observe_codec(
             self.codec.name, "encode", time.perf_counter() - t0, chunk.nbytes, sum(len(p) for p in parts)
         )
         return self._put_bytes(self.name_of(key), parts)
@@ -84,7 +85,7 @@ class ByteStore(StorageBackend):
         except FormatError as err:
             self._reject(key, err)
             return None
-        metrics().observe_codec(self.codec.name, "decode", time.perf_counter() - t0, chunk.nbytes, 0)
+        self.metrics.observe_codec(self.codec.name, "decode", time.perf_counter() - t0, chunk.nbytes, 0)
         return chunk
 
     def open(self, key: bytes, expected: Expected | None = None) -> EncodedChunk | None:

@@ -456,7 +456,7 @@ class TierManager(StorageBackend):
                 "breaker_open": t.breaker.is_open,
                 "used_bytes": t.backend.used_bytes,
                 "capacity_bytes": t.backend.capacity_bytes,
-                "corrupt_objects": getattr(t.backend, "corrupt_objects", 0),
+                "corrupt_objects": t.backend.corrupt_objects,
                 "deadline_s": t.deadline_s,
             }
             for t in self.tiers
@@ -465,6 +465,8 @@ class TierManager(StorageBackend):
 
 class _PromotingReader:
     """Passes layers through and, once every layer has been read, copies the chunk up into `top`."""
+
+    kv = None  # a ChunkReader whose layers decode on demand
 
     def __init__(self, reader, key: bytes, top: Tier):
         self.meta, self._reader, self._key, self._top = reader.meta, reader, key, top

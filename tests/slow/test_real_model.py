@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvshelf.app import open_shelf
+from kvshelf.assembly import open_shelf
 from kvshelf.config import KVShelfConfig
 
 pytestmark = pytest.mark.slow

@@ -23,10 +23,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from kvshelf.assembly.engine import min_cached_tokens
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, engine_paths, read_key
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan
-from kvshelf.integrations.vllm.shared import acquire_engine, connector_config, release_engine, vllm_fingerprint
+from kvshelf.integrations.vllm.shared import (
+    acquire_engine,
+    connector_config,
+    owned_by,
+    release_engine,
+    vllm_fingerprint,
+)
 from kvshelf.integrations.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -86,7 +93,7 @@ class KVShelfConnector(KVConnectorBase_V1):
             self._scheduler = SchedulerSide(
                 self._lookup,
                 block_size=block_size,
-                min_tokens=self.config.min_cached_tokens or self.config.chunk_size,
+                min_cached_tokens=min_cached_tokens(self.config),
                 default_salt=self.config.cache_salt,
             )
         else:
@@ -94,9 +101,10 @@ class KVShelfConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(
                 self.engine,
                 block_size=block_size,
-                layerwise=self.config.use_layerwise,
-                async_load=self.config.use_async_load,
-                buffer_layers=self.config.buffer_size,
+                use_layerwise=self.config.use_layerwise,
+                use_async_load=self.config.use_async_load,
+                buffer_size=self.config.buffer_size,
+                metrics=owned_by(self.engine).metrics,
             )
             self._server = LookupServer.for_engine(self._engine_id, self.engine.lookup, key=self._configured_key())
             _workers[self._engine_id] = self._worker

@@ -56,12 +56,12 @@ class SchedulerSide:
         lookup: Callable[[list[int], str | None], int],
         *,
         block_size: int,
-        min_tokens: int,
+        min_cached_tokens: int,
         default_salt: str | None = None,
     ):
         self.lookup = lookup  # the worker's engine.lookup, in this process or over its socket
         self.block_size = block_size
-        self.min_tokens = min_tokens
+        self.min_cached_tokens = min_cached_tokens
         self.default_salt = default_salt
         self._asked: dict[str, tuple[int, int]] = {}  # req_id -> (tokens vLLM had computed, cached end)
         self._loads: dict[str, tuple[int, int]] = {}  # req_id -> token range to load in its first step
@@ -75,7 +75,7 @@ class SchedulerSide:
         token (vLLM must compute at least one to sample from)."""
         tokens = list(request.prompt_token_ids or [])
         self._tracked.setdefault(request.request_id, _Tracked(tokens, self._salt(request)))
-        if len(tokens) < self.min_tokens:
+        if len(tokens) < self.min_cached_tokens:
             return 0, False
         usable = len(tokens) - 1
         try:
@@ -130,7 +130,7 @@ class SchedulerSide:
         return plan
 
     def _maybe_save(self, plan: StepPlan, req_id: str, tracked: _Tracked, computed_after_step: int) -> None:
-        if tracked.saved or len(tracked.tokens) < self.min_tokens or computed_after_step < len(tracked.tokens):
+        if tracked.saved or len(tracked.tokens) < self.min_cached_tokens or computed_after_step < len(tracked.tokens):
             return
         tracked.saved = True
         plan.saves.append(SaveSpec(req_id, tracked.tokens, list(tracked.block_ids), tracked.salt))

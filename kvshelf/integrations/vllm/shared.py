@@ -1,6 +1,7 @@
 """The connector's kvshelf engine: its configuration, the model fingerprint from vLLM's config, and one
 engine per process and configuration (the worker half owns it; the scheduler half asks it, see
-connector.py), with kvshelf's metrics exported from the process that holds it.
+connector.py), assembled by kvshelf.assembly like every runtime's, with its metrics exported from the
+process that holds it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kvshelf.assembly.engine import Owned, open_engine
+from kvshelf.assembly.runtimes import check_runtime
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.cache.fingerprint import (
     WEIGHT_SUFFIXES,
@@ -24,7 +27,6 @@ from kvshelf.cache.fingerprint import (
 )
 from kvshelf.config import KVShelfConfig, load_config
 from kvshelf.errors import ConfigError
-from kvshelf.storage.factory import build_tiers, uses_cachegen
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE_KEYS = ("kvshelf_config_file", "config_file")
 
 _lock = threading.Lock()
-_engines: dict[str, tuple[CacheEngine, int]] = {}
+# The connector is built twice per process (scheduler and worker roles): they share one engine here.
+_engines: dict[str, tuple[CacheEngine, Owned, int]] = {}
 
 
 def connector_config(extra: dict[str, Any] | None) -> KVShelfConfig:
@@ -42,7 +45,9 @@ def connector_config(extra: dict[str, Any] | None) -> KVShelfConfig:
     path = None
     for key in CONFIG_FILE_KEYS:
         path = extra.pop(key, None) or path
-    return load_config(path, overrides=extra)
+    config = load_config(path, overrides=extra)
+    check_runtime(config, "vllm")
+    return config
 
 
 def _files_digest(paths: list[Path]) -> str:
@@ -110,89 +115,75 @@ def _key(fp: ModelFingerprint, config: KVShelfConfig) -> str:
     return fp.hex() + ":" + config.model_dump_json() + f":{os.getpid()}"
 
 
-def _calibration(fp: ModelFingerprint, config: KVShelfConfig) -> str | None:
-    """vLLM runs the model, so kvshelf cannot calibrate cachegen here: it uses a .kvcal file when
-    `codec_calibration` names one (made by `kvshelf calibrate` on the same model), else runs uncalibrated."""
-    if not uses_cachegen(config) or config.codec_calibration == "off":
-        return None
-    if config.codec_calibration == "auto":
-        log.info("cachegen runs uncalibrated in vLLM; `kvshelf calibrate` makes a file for codec_calibration")
-        return None
-    from kvshelf.codecs import calibration
-
-    try:
-        cal = calibration.load(config.codec_calibration)
-        cal.check_layout((fp.num_layers, fp.num_kv_heads, fp.head_dim))
-    except calibration.CalibrationError as err:
-        raise ConfigError(f"codec_calibration: {err}") from None
-    return cal.digest
-
-
 def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig) -> CacheEngine:
+    """This process's engine for `config`, made on first use (see `owned_by` for what it owns)."""
     key = _key(fp, config)
     with _lock:
         if key in _engines:
-            engine, users = _engines[key]
-            _engines[key] = (engine, users + 1)
+            engine, owned, users = _engines[key]
+            _engines[key] = (engine, owned, users + 1)
             return engine
-        tiers = build_tiers(config, _calibration(fp, config))
-        if tiers is None:
+        owned = Owned.for_config(config)
+        engine = open_engine(config, fp, owned=owned)  # vLLM runs the model: no runner, `auto` is uncalibrated
+        if engine is None:
+            owned.close()
             raise ConfigError("the kvshelf connector needs at least one tier: local_cpu, local_disk or remote_url")
-        engine = CacheEngine(
-            fp,
-            tiers,
-            chunk_size=config.chunk_size,
-            save_partial_chunks=config.save_unfull_chunk,
-            pin_memory=config.pin_memory,
-        )
-        _engines[key] = (engine, 1)
-        _export_metrics(engine, config)
-        log.info("kvshelf engine for %s: tiers %s", fp.model_id, [t.backend.name for t in tiers.tiers])
+        _engines[key] = (engine, owned, 1)
+        _export_metrics(engine, owned, config)
+        log.info("kvshelf engine for %s: tiers %s", fp.model_id, [t.backend.name for t in engine.backend.tiers])
         return engine
+
+
+def owned_by(engine: CacheEngine) -> Owned:
+    """What an engine from acquire_engine owns: its metrics, codec processes and calibrations."""
+    with _lock:
+        for held, owned, _ in _engines.values():
+            if held is engine:
+                return owned
+    raise KeyError("engine not acquired here")
 
 
 _metrics_server_port: int | None = None
 
 
-def _export_metrics(engine: CacheEngine, config: KVShelfConfig) -> None:
+def _export_metrics(engine: CacheEngine, owned: Owned, config: KVShelfConfig) -> None:
     """kvshelf's metrics (engine, tiers, codecs, load failures) on their own port: vLLM's /metrics may be
     served by another process than the one holding the connector."""
     global _metrics_server_port
     from prometheus_client import start_http_server
 
-    from kvshelf import metrics as metrics_mod
-
-    registry = metrics_mod.configure(config.metrics_prefix)
-    registry.watch_engine(engine)
+    owned.metrics.watch_engine(engine)
     if config.metrics_port is not None and _metrics_server_port is None:
-        start_http_server(config.metrics_port, addr=config.host, registry=registry.registry)
+        start_http_server(config.metrics_port, addr=config.metrics_host, registry=owned.metrics.registry)
         _metrics_server_port = config.metrics_port
-        log.info("kvshelf metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+        log.info("kvshelf metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
 
 
 def release_engine(engine: CacheEngine) -> None:
     """Drop one user; the last one closes the engine (flushing write-behind)."""
     with _lock:
-        for key, (held, users) in list(_engines.items()):
+        for key, (held, owned, users) in list(_engines.items()):
             if held is engine:
                 if users > 1:
-                    _engines[key] = (held, users - 1)
+                    _engines[key] = (held, owned, users - 1)
                     return
                 del _engines[key]
                 break
         else:
             return
     engine.close()
+    owned.close()
 
 
 @atexit.register
 def close_all() -> None:
     """Close every engine still open (flushes write-behind to disk and remote tiers) at exit."""
     with _lock:
-        engines = [engine for engine, _ in _engines.values()]
+        held = [(engine, owned) for engine, owned, _ in _engines.values()]
         _engines.clear()
-    for engine in engines:
+    for engine, owned in held:
         try:
             engine.close()
+            owned.close()
         except Exception as err:  # exiting anyway: say so, do not mask the exit
             log.warning("kvshelf: closing an engine at exit failed: %s", err)

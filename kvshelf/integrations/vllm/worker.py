@@ -24,7 +24,7 @@ from kvshelf.integrations.vllm.paged import CacheWriter, PagedLayout, PagedView
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
 from kvshelf.layerwise.loader import LayerLoadError, LayerwiseLoader
 from kvshelf.layerwise.stats import LayerwiseStats
-from kvshelf.metrics import metrics
+from kvshelf.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,15 @@ class WorkerSide:
         engine: CacheEngine,
         *,
         block_size: int,
-        layerwise: bool,
-        async_load: bool,
-        buffer_layers: int,
+        use_layerwise: bool,
+        use_async_load: bool,
+        buffer_size: int,
+        metrics: Metrics | None = None,
     ):
         self.engine = engine
         self.block_size = block_size
-        self.layerwise, self.async_load, self.buffer_layers = layerwise, async_load, buffer_layers
+        self.use_layerwise, self.use_async_load, self.buffer_size = use_layerwise, use_async_load, buffer_size
+        self.metrics = metrics or Metrics()  # the shelf's
         self.names: list[str] = []
         self.index: dict[str, int] = {}
         self.layers: list[torch.Tensor] = []
@@ -161,9 +163,9 @@ class WorkerSide:
         load.loader = LayerwiseLoader(
             retrieval,
             PagedTarget(self.layers, view),
-            buffer_layers=self.buffer_layers if self.layerwise else retrieval.num_layers,
+            buffer_layers=self.buffer_size if self.use_layerwise else retrieval.num_layers,
             stats=self.layer_stats,
-            start_thread=self.layerwise and self.async_load,
+            start_thread=self.use_layerwise and self.use_async_load,
         )
         return load
 
@@ -182,7 +184,7 @@ class WorkerSide:
             self._failed_blocks |= blocks
         if load.reported_from is None:
             self.stats.failed_loads += 1
-            metrics().load_failures.labels("vllm").inc()
+            self.metrics.load_failures.labels("vllm").inc()
         load.reported_from = from_token
         self.stats.failed_blocks += len(blocks)
         log.warning(

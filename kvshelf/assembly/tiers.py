@@ -1,4 +1,7 @@
-"""Build the tier stack a configuration asks for: CPU memory, then local disk, then one remote store."""
+"""Build the tier stack a configuration asks for: CPU memory, then local disk, then one remote store.
+
+This reads the config; storage/ itself never does (it gets codecs, paths and numbers).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +11,20 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kvshelf.codecs import get_codec
-from kvshelf.config import KVShelfConfig
+from kvshelf.codecs.calibration import Calibration, Calibrations
+from kvshelf.codecs.pool import CodecProcesses
+from kvshelf.config import KVShelfConfig, TierCodec
 from kvshelf.errors import ConfigError
+from kvshelf.metrics import Metrics
 from kvshelf.storage.auth import ObjectAuth
 from kvshelf.storage.base import StorageBackend
 from kvshelf.storage.tiers import TierManager
+from kvshelf.storage.urls import remote_scheme
 
 log = logging.getLogger(__name__)
+
+# What a tier's cachegen calibration resolved to: a Calibration, a digest (tools, tests) or None.
+TierCalibration = Calibration | str | None
 
 
 def _redacted(url: str) -> str:
@@ -25,24 +35,24 @@ def _redacted(url: str) -> str:
 
 
 def uses_cachegen(config: KVShelfConfig) -> bool:
-    return "cachegen" in (
-        config.local_disk_codec if config.local_disk else None,
-        config.remote_serde if config.remote_url else None,
-    )
+    return config.uses_cachegen()
 
 
-def tier_codec(config: KVShelfConfig, name: str, key: str, calibration: str | None = None):
-    """A tier's codec; `quantization_bits` sets cachegen's precision, `calibration` (a digest) its mode."""
+def tier_codec(
+    spec: TierCodec,
+    calibration: TierCalibration = None,
+    *,
+    processes: CodecProcesses | None = None,
+    calibrations: Calibrations | None = None,
+):
+    """A tier's codec from its spec; `calibration` sets cachegen's calibrated mode."""
     params = {}
-    if name == "cachegen":
-        if config.quantization_bits:
-            params["bits"] = config.quantization_bits
-        if calibration:
+    if spec.name == "cachegen":
+        if spec.level:
+            params["bits"] = spec.level
+        if calibration is not None:
             params["calibration"] = calibration
-    return get_codec(name, params, key=key)
-
-
-log = logging.getLogger(__name__)
+    return get_codec(spec.name, params, key=spec.codec_key, processes=processes, calibrations=calibrations)
 
 
 def check_disk_path(raw: str) -> Path:
@@ -79,20 +89,19 @@ def warn_if_unreachable(backend: StorageBackend, url: str) -> bool:
     return True
 
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-cluster", "rediss-cluster")
-
-
 def object_auth(config: KVShelfConfig) -> ObjectAuth | None:
     """The keys of `remote_auth_key` (issue #15), or None: then the remote tier is trusted as is."""
     return ObjectAuth.from_secret(config.remote_auth_key) if config.remote_auth_key else None
 
 
-def remote_backend(config: KVShelfConfig, calibration: str | None = None) -> StorageBackend:
+def remote_backend(config: KVShelfConfig, codec, metrics: Metrics | None = None) -> StorageBackend:
     url = config.remote_url or ""
     auth = object_auth(config)
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    codec = tier_codec(config, config.remote_serde, "remote_serde", calibration)
-    if scheme in REDIS_SCHEMES:
+    try:
+        scheme = remote_scheme(url)
+    except ValueError as err:
+        raise ConfigError(f"remote_url: {err}") from None
+    if scheme.store == "redis":
         from kvshelf.storage.redis import RedisBackend
 
         return RedisBackend(
@@ -103,21 +112,32 @@ def remote_backend(config: KVShelfConfig, calibration: str | None = None) -> Sto
             timeout_s=config.remote_timeout_s,
             ssl_ca_certs=config.redis_ssl_ca_certs,
             auth=auth,
+            metrics=metrics,
         )
-    if scheme == "s3":
-        from kvshelf.storage.s3 import S3Backend
+    from kvshelf.storage.s3 import S3Backend
 
-        return S3Backend.from_url(
-            url, codec, concurrency=config.s3_concurrency, timeout_s=config.remote_timeout_s, auth=auth
-        )
-    raise ConfigError(f"remote_url: unsupported scheme in {url!r}; use one of {', '.join(REDIS_SCHEMES)}, s3")
+    return S3Backend.from_url(
+        url, codec, concurrency=config.s3_concurrency, timeout_s=config.remote_timeout_s, auth=auth, metrics=metrics
+    )
 
 
-def build_tiers(config: KVShelfConfig, calibration: str | None = None) -> TierManager | None:
-    """The tiers; cachegen tiers code with the calibration of this digest when one is given."""
-    from kvshelf.codecs import pool
+def build_tiers(
+    config: KVShelfConfig,
+    calibration: TierCalibration | dict[str, TierCalibration] = None,
+    *,
+    metrics: Metrics | None = None,
+    processes: CodecProcesses | None = None,
+    calibrations: Calibrations | None = None,
+) -> TierManager | None:
+    """The tiers; `calibration` (one for every cachegen tier, or one per tier name: disk, remote) sets
+    cachegen's calibrated mode. `metrics`, `processes` and `calibrations` are the owner's, passed down."""
+    specs = config.tier_codecs()
+    processes = processes or CodecProcesses(config.codec_workers)
+    per_tier = calibration if isinstance(calibration, dict) else dict.fromkeys(specs, calibration)
 
-    pool.configure(config.codec_workers)
+    def codec(tier: str):
+        return tier_codec(specs[tier], per_tier.get(tier), processes=processes, calibrations=calibrations)
+
     backends: list[StorageBackend] = []
     if config.local_cpu:
         from kvshelf.storage.memory import MemoryBackend
@@ -127,11 +147,12 @@ def build_tiers(config: KVShelfConfig, calibration: str | None = None) -> TierMa
         from kvshelf.storage.disk import DiskBackend
 
         path = check_disk_path(config.local_disk)
-        codec = tier_codec(config, config.local_disk_codec, "local_disk_codec", calibration)
         # No MAC on the disk tier: its folder belongs to this process on this host, and whoever can
         # write it can write the model and the code as well; a MAC there would cost (measured, see
         # BENCHMARKS.md) without guarding a boundary. Its reads are bounded and checked like any tier's.
-        backends.append(DiskBackend(path, config.disk_capacity_bytes, codec, fsync=config.disk_fsync))
+        backends.append(
+            DiskBackend(path, config.disk_capacity_bytes, codec("disk"), fsync=config.disk_fsync, metrics=metrics)
+        )
     if config.remote_url:
         if not config.remote_auth_key:
             log.warning(
@@ -140,7 +161,7 @@ def build_tiers(config: KVShelfConfig, calibration: str | None = None) -> TierMa
                 "trusted instance) to authenticate stored objects",
                 _redacted(config.remote_url),
             )
-        remote = remote_backend(config, calibration)
+        remote = remote_backend(config, codec("remote"), metrics)
         warn_if_unreachable(remote, config.remote_url)
         backends.append(remote)
     if not backends:

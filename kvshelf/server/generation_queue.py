@@ -34,7 +34,7 @@ class Cancelled(Exception):
 
 @dataclass
 class Job:
-    """One generation: `run(job)` executes in the worker thread and reports through `emit`."""
+    """One generation: `run(job)` executes in the generation thread and reports through `emit`."""
 
     run: Callable[[Job], None]
     loop: asyncio.AbstractEventLoop
@@ -55,7 +55,7 @@ class Job:
         return self.cancelled.is_set() or self.expired()
 
 
-class GenerationWorker:
+class GenerationQueue:
     def __init__(self, max_waiting: int):
         self._max_waiting = max_waiting  # jobs waiting behind the running one
         self._waiting: deque[Job] = deque()
@@ -108,7 +108,7 @@ class GenerationWorker:
                 job.run(job)
             except BaseException as err:  # run() reports its own errors: reaching here is a bug, be loud
                 self._error = err
-                log.exception("generation worker crashed")
+                log.exception("generation thread crashed")
                 job.emit("error", err)
                 raise
             finally:
@@ -130,4 +130,4 @@ class GenerationWorker:
         if self._thread.is_alive():
             log.error("the generation thread did not stop within %.0f s", timeout_s)
         if self._error is not None:
-            raise RuntimeError("the generation worker crashed") from self._error
+            raise RuntimeError("the generation thread crashed") from self._error

@@ -1,4 +1,11 @@
-"""Wire a configuration into a ready-to-use shelf: model runner, tokenizer, cache engine, generator."""
+"""Turn a configuration into a shelf for kvshelf's own request path: the engine half (engine.py: tiers,
+codecs, calibrations, cache engine, metrics, codec processes), then the model, guard, blender and
+generator. `kvshelf serve`, `generate`, `demo`, `bench` and `advise` assemble here; the vLLM connector
+uses engine.py alone.
+
+What a shelf owns (its metrics, codec processes and calibrations) is made here and passed down; nothing
+is process-wide, so two shelves in one process do not interfere.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,16 @@ from dataclasses import dataclass
 
 from kvshelf.advice.cost import CostModel
 from kvshelf.advice.guard import Guard
+from kvshelf.assembly.engine import Owned, min_cached_tokens, open_engine
+from kvshelf.assembly.runtimes import check_runtime
 from kvshelf.blend.blender import Blender
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.metrics import Metrics
 from kvshelf.model.loader import LoadedModel, load_model
 from kvshelf.model.runner import ModelRunner
-from kvshelf.storage.factory import build_tiers, uses_cachegen
 
 log = logging.getLogger(__name__)
 
@@ -25,46 +34,25 @@ class Shelf:
     model: LoadedModel
     engine: CacheEngine | None
     generator: CachedGenerator
+    owned: Owned | None = None  # made from the config when not given
+
+    def __post_init__(self) -> None:
+        if self.owned is None:
+            self.owned = Owned.for_config(self.config)
 
     @property
     def runner(self) -> ModelRunner:
         return self.model.runner
 
+    @property
+    def metrics(self) -> Metrics:
+        return self.owned.metrics
+
     def close(self) -> None:
-        """Finish write-behind and close tier connections."""
+        """Finish write-behind, close tier connections, stop the codec processes."""
         if self.engine is not None:
             self.engine.close()
-
-
-def codec_calibration(config: KVShelfConfig, runner: ModelRunner, tokenizer=None) -> str | None:
-    """The digest of the calibration cachegen tiers should use, making it first if needed; None when no
-    tier uses cachegen or calibration is off. Computing one takes a few dozen short forwards, once per
-    model: it is kept in the cache folder and found again by the model's fingerprint."""
-    if config.codec_calibration == "off" or not uses_cachegen(config):
-        return None
-    from kvshelf.codecs.calibration import CalibrationError
-    from kvshelf.model.calibrate import calibration_for
-
-    path = None if config.codec_calibration == "auto" else config.codec_calibration
-    if path is None and tokenizer is None:
-        raise ConfigError("codec_calibration: auto needs the model's tokenizer; give a .kvcal path or off")
-    try:
-        return calibration_for(runner, tokenizer, path=path).digest
-    except CalibrationError as err:
-        raise ConfigError(f"codec_calibration: {err}") from None
-
-
-def build_engine(config: KVShelfConfig, runner: ModelRunner, tokenizer=None) -> CacheEngine | None:
-    tiers = build_tiers(config, codec_calibration(config, runner, tokenizer))
-    if tiers is None:
-        return None
-    return CacheEngine(
-        runner.fingerprint(),
-        tiers,
-        chunk_size=config.chunk_size,
-        save_partial_chunks=config.save_unfull_chunk,
-        pin_memory=config.pin_memory,
-    )
+        self.owned.close()
 
 
 def check_supported(config: KVShelfConfig) -> None:
@@ -77,14 +65,24 @@ def check_supported(config: KVShelfConfig) -> None:
 
 
 def open_shelf(
-    config: KVShelfConfig | None = None, *, show_progress: bool = True, loaded: LoadedModel | None = None
+    config: KVShelfConfig | None = None,
+    *,
+    show_progress: bool = True,
+    loaded: LoadedModel | None = None,
+    runtime: str | None = "library",
 ) -> Shelf:
-    """A shelf for `config`; `loaded` reuses a model already loaded (it must be the config's model)."""
+    """A shelf for `config`; `loaded` reuses a model already loaded (it must be the config's model).
+    `runtime` names who runs it (see assembly/runtimes.py): keys set that it ignores are refused."""
     config = config or KVShelfConfig()
+    if runtime is not None:
+        check_runtime(config, runtime)
     check_supported(config)
     if loaded is None:
         loaded = load_model(config.model, device=config.device, dtype=config.dtype, show_progress=show_progress)
-    engine = build_engine(config, loaded.runner, loaded.tokenizer)
+    owned = Owned.for_config(config)
+    engine = open_engine(
+        config, loaded.runner.fingerprint(), owned=owned, runner=loaded.runner, tokenizer=loaded.tokenizer
+    )
     blender = None
     if config.enable_blending:
         try:
@@ -96,7 +94,7 @@ def open_shelf(
     guard = None
     if config.guard and engine is not None:
         cost = CostModel.for_runner(loaded.runner)
-        guard = Guard(cost, min_tokens=config.min_cached_tokens or config.chunk_size)
+        guard = Guard(cost, min_tokens=min_cached_tokens(config), metrics=owned.metrics)
     generator = CachedGenerator(
         loaded.runner,
         engine,
@@ -110,4 +108,4 @@ def open_shelf(
         layerwise_store=config.layerwise_store,
         guard=guard,
     )
-    return Shelf(config, loaded, engine, generator)
+    return Shelf(config, loaded, engine, generator, owned)

@@ -1,0 +1,123 @@
+"""Which config keys each runtime honours. A key that was set (in a file, the environment or on the
+command line) to something other than its default, but that the runtime would ignore, is refused with
+one line naming it: a setting must never be silently without effect."""
+
+from __future__ import annotations
+
+from kvshelf.config import KVShelfConfig
+from kvshelf.errors import ConfigError
+
+MODEL = frozenset({"model", "device", "dtype"})
+# The cache engine and its tiers (every runtime with a cache honours these).
+CACHE = frozenset(
+    {
+        "chunk_size",
+        "save_unfull_chunk",
+        "local_cpu",
+        "max_local_cpu_size",
+        "cpu_eviction",
+        "pin_memory",
+        "local_disk",
+        "max_local_disk_size",
+        "local_disk_codec",
+        "local_disk_codec_level",
+        "local_disk_codec_calibration",
+        "disk_fsync",
+        "remote_url",
+        "remote_serde",
+        "remote_serde_level",
+        "remote_serde_calibration",
+        "quantization_bits",
+        "codec_calibration",
+        "codec_workers",
+        "remote_ttl_s",
+        "remote_timeout_s",
+        "redis_part_bytes",
+        "redis_ssl_ca_certs",
+        "s3_concurrency",
+        "remote_auth_key",
+        "write_queue_size",
+        "write_queue_bytes",
+        "write_block_ms",
+        "breaker_failures",
+        "breaker_reset_s",
+        "tier_deadline_s",
+        "tier_write_deadline_s",
+        "tier_slow_s",
+        "tier_workers",
+        "metrics_prefix",
+    }
+)
+# kvshelf's own generation loop (transformers): what the request path does with the cache.
+GENERATION = frozenset(
+    {
+        "store_generated",
+        "enable_blending",
+        "blend_special_str",
+        "blend_check_layers",
+        "blend_recompute_ratios",
+        "use_layerwise",
+        "use_async_load",
+        "buffer_size",
+        "layerwise_store",
+        "guard",
+        "min_cached_tokens",
+    }
+)
+SERVER = frozenset(
+    {
+        "host",
+        "port",
+        "api_key",
+        "api_keys_file",
+        "tenant_secret",
+        "cache_salt",
+        "served_model_name",
+        "usage_details",
+        "server_docs",
+        "server_metrics_port",
+        "metrics_host",
+        "max_body_bytes",
+        "read_timeout_s",
+        "max_waiting_requests",
+        "request_timeout_s",
+        "max_prompt_tokens",
+        "max_output_tokens",
+    }
+)
+# Inside vLLM: vLLM runs the model and schedules; kvshelf stores, loads (layer by layer if asked) and
+# answers lookups.
+VLLM = (
+    CACHE
+    | {"use_layerwise", "use_async_load", "buffer_size", "min_cached_tokens", "cache_salt"}
+    | {"metrics_port", "metrics_host", "extra_config"}
+)
+
+RUNTIMES: dict[str, frozenset[str]] = {
+    "serve": MODEL | CACHE | GENERATION | SERVER,
+    "generate": MODEL | CACHE | GENERATION,
+    "library": MODEL | CACHE | GENERATION,  # open_shelf from Python: the README's examples
+    "demo": MODEL | CACHE | GENERATION,
+    "bench": MODEL | CACHE | GENERATION,
+    "advise": MODEL | CACHE | GENERATION,  # the base of the candidates it measures
+    "calibrate": MODEL,
+    "vllm": frozenset(VLLM),
+}
+assert all(keys <= set(KVShelfConfig.model_fields) for keys in RUNTIMES.values())
+
+
+def check_runtime(config: KVShelfConfig, runtime: str) -> None:
+    """Refuse keys set in `config` that `runtime` ignores (one line, naming the first such key)."""
+    honoured = RUNTIMES[runtime]
+    fields = KVShelfConfig.model_fields
+    # A key set to its default changes nothing either way (LMCache files often say `enable_blending:
+    # false`): only a value that would have an effect, were it honoured, is refused.
+    ignored = sorted(
+        k
+        for k in set(config.model_fields_set) - honoured
+        if getattr(config, k) != fields[k].get_default(call_default_factory=True)
+    )
+    if ignored:
+        key = ignored[0]
+        more = f" (and {', '.join(ignored[1:])})" if len(ignored) > 1 else ""
+        raise ConfigError(f"config key {key!r}{more} is set but `{runtime}` does not use it; unset it for this runtime")
