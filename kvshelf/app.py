@@ -11,7 +11,8 @@ from kvshelf.blend.blender import Blender
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
 from kvshelf.errors import ConfigError
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
+from kvshelf.metrics import metrics
 from kvshelf.model.loader import LoadedModel, load_model
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.factory import build_tiers, uses_cachegen
@@ -89,7 +90,11 @@ def open_shelf(
     if config.enable_blending:
         try:
             blender = Blender(
-                loaded.runner, engine, check_layers=config.blend_check_layers, ratios=config.blend_recompute_ratios
+                loaded.runner,
+                engine,
+                check_layers=config.blend_check_layers,
+                ratios=config.blend_recompute_ratios,
+                metrics=metrics(),
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None
@@ -103,11 +108,12 @@ def open_shelf(
         loaded.tokenizer,
         store_generated=config.store_generated,
         blender=blender,
-        blend_separator=config.blend_special_str,
-        layerwise=config.use_layerwise and engine is not None,
-        async_load=config.use_async_load,
-        buffer_layers=config.buffer_size,
+        blend_special_str=config.blend_special_str,
+        use_layerwise=config.use_layerwise and engine is not None,
+        use_async_load=config.use_async_load,
+        buffer_size=config.buffer_size,
         layerwise_store=config.layerwise_store,
         guard=guard,
+        metrics=metrics(),
     )
     return Shelf(config, loaded, engine, generator)

@@ -307,7 +307,7 @@ def advise(
     from kvshelf.advice.cost import CostModel
     from kvshelf.advice.trace import read_items, tokenize
     from kvshelf.advice.verify import baseline, candidates, verify
-    from kvshelf.integrations.hf import CachedGenerator
+    from kvshelf.generation import CachedGenerator
     from kvshelf.model.loader import load_model
 
     try:

@@ -153,7 +153,7 @@ def _run(cfg: KVShelfConfig, quick: bool, max_new_tokens: int, console: Console)
 
 
 def _story(shelf, cfg: KVShelfConfig, facts: list, max_new_tokens: int, console: Console) -> dict:
-    from kvshelf.integrations.hf import CachedGenerator
+    from kvshelf.generation import CachedGenerator
 
     tok = shelf.model.tokenizer
     sep = cfg.blend_special_str
@@ -342,7 +342,7 @@ def _restart(cfg: KVShelfConfig, prompt: str, max_new_tokens: int) -> dict:
 def _child(cfg_path: str, prompt_path: str, max_new_tokens: int) -> None:
     """The restarted process: open a shelf on the same config and ask once; one JSON line on stdout."""
     from kvshelf.app import open_shelf
-    from kvshelf.integrations.hf import CachedGenerator
+    from kvshelf.generation import CachedGenerator
 
     with open(cfg_path) as f:
         cfg = KVShelfConfig.model_validate(json.load(f))

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from kvshelf.advice.verify import NO_CACHE, candidates, verify
 from kvshelf.cli import app
 from kvshelf.config import KVShelfConfig
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.model.loader import LoadedModel
 from kvshelf.model.runner import ModelRunner
 

@@ -9,7 +9,7 @@ from conftest import FAMILIES, tiny_tokenizer
 from kvshelf.blend.blender import Blender
 from kvshelf.blend.segment import split_text, split_tokens
 from kvshelf.cache.engine import CacheEngine
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.memory import MemoryBackend
 
@@ -22,7 +22,7 @@ def make(model, ratios=(0.15,), check_layers=(1,)):
     runner = ModelRunner(model)
     engine = CacheEngine(runner.fingerprint(), MemoryBackend(1 << 28), chunk_size=16)
     blender = Blender(runner, engine, check_layers=list(check_layers), ratios=list(ratios))
-    return CachedGenerator(runner, engine, tiny_tokenizer(), blender=blender, blend_separator=SEP)
+    return CachedGenerator(runner, engine, tiny_tokenizer(), blender=blender, blend_special_str=SEP)
 
 
 def blended(docs) -> str:

@@ -28,7 +28,7 @@ import torch
 
 from kvshelf.blend.segment import Segmented
 from kvshelf.cache.engine import CacheEngine
-from kvshelf.metrics import metrics
+from kvshelf.metrics import Metrics
 from kvshelf.model.kv_buffer import KVBuffer
 from kvshelf.model.runner import ModelRunner
 
@@ -53,6 +53,7 @@ class Blender:
         *,
         check_layers: list[int],
         ratios: list[float],
+        metrics: Metrics | None = None,
     ):
         if len(ratios) not in (1, len(check_layers)):
             raise ValueError(
@@ -66,6 +67,7 @@ class Blender:
         self.engine = engine
         self.check_layers = sorted(check_layers)
         self.ratios = ratios * len(check_layers) if len(ratios) == 1 else ratios
+        self.metrics = metrics if metrics is not None else Metrics()
 
     # -- chunk KV ----------------------------------------------------------------------------------------
     def _chunk_kv(self, seg: Segmented, chunk: list[int], salt, info: BlendInfo) -> tuple[torch.Tensor, int]:
@@ -78,7 +80,7 @@ class Blender:
             cached = self.engine.get_blend_chunk(key, len(chunk), position=position)
             if cached is not None:
                 info.chunk_hits += 1
-                info.loaded_bytes += cached.nbytes
+                info.loaded_bytes += len(chunk) * self.runner.kv_bytes_per_token
                 return cached.kv, cached.meta.position
         info.computed_alone += 1
         alone = self.runner.new_kv(position + len(chunk))
@@ -105,38 +107,31 @@ class Blender:
     # -- the blended prefill -------------------------------------------------------------------------------
     def prefill(self, seg: Segmented, kv: KVBuffer, salt: str | None = None) -> tuple[torch.Tensor, BlendInfo]:
         runner, info = self.runner, BlendInfo()
-        ids = seg.token_ids
-        n = len(ids)
-        device = runner.device
         chunk_mask = self.place_chunks(seg, kv, salt, info)
         info.chunk_tokens = int(chunk_mask.sum())
-        m = metrics()
-        m.blend_lookups.inc(info.chunks)
-        m.blend_hits.inc(info.chunk_hits)
-
-        positions = torch.arange(n, device=device)
-        is_chunk = chunk_mask.to(device)
-        hidden = runner.embed(torch.as_tensor(ids, device=device))
-        rope = runner.rope_tables(hidden, positions)
-        masks: dict = {}
+        self.metrics.blend_lookups.inc(info.chunks)
+        self.metrics.blend_hits.inc(info.chunk_hits)
         checks = dict(zip(self.check_layers, self.ratios, strict=True))
-        for layer in range(runner.num_layers):
+        is_chunk = chunk_mask.to(runner.device)  # of the tokens still computed
+
+        def select(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor | None:
+            # Fresh K and V of every active token (projections only: cheap), compared with the cached
+            # ones; the full layer then runs only for the tokens that stay active. The others keep their
+            # fresh K and V at this layer and their cached KV above it.
+            nonlocal is_chunk
             ratio = checks.get(layer)
-            if ratio is not None and info.chunk_tokens:
-                # Fresh K and V of every active token (projections only: cheap), compared with the cached
-                # ones; the full layer then runs only for the tokens that stay active. The others keep
-                # their fresh K and V at this layer and their cached KV above it.
-                cached = kv.data[layer, :, :, positions[is_chunk]].clone()
-                runner.write_kv(layer, hidden, positions, kv, rope)
-                keep = self._select(kv.data[layer, :, :, positions[is_chunk]], cached, is_chunk, ratio, info)
-                positions, is_chunk, hidden = positions[keep], is_chunk[keep], hidden[:, keep]
-                rope = {k: (cos[:, keep], sin[:, keep]) for k, (cos, sin) in rope.items()}
-                masks = {}
-            hidden = runner.layer_forward(layer, hidden, positions, kv, rope, masks)
-        kv.length = max(kv.length, n)
+            if ratio is None or not info.chunk_tokens:
+                return None
+            cached = kv.data[layer, :, :, positions[is_chunk]].clone()
+            runner.write_kv(layer, hidden, positions, kv, rope)
+            keep = self._select(kv.data[layer, :, :, positions[is_chunk]], cached, is_chunk, ratio, info)
+            is_chunk = is_chunk[keep]
+            return keep
+
+        logits = runner.forward(seg.token_ids, 0, kv, select_tokens=select)
         info.recomputed_tokens = int(is_chunk.sum())
         info.reused_tokens = info.chunk_tokens - info.recomputed_tokens
-        return runner.final_logits(hidden[:, -1:]), info
+        return logits, info
 
     @staticmethod
     def _cached_spans(seg: Segmented) -> list[tuple[int, int]]:

@@ -27,6 +27,7 @@ from kvshelf.cache.fingerprint import (
     weight_files,
 )
 from kvshelf.errors import UnsupportedModelError
+from kvshelf.kvmath.rope import apply_rope, shift_keys
 from kvshelf.model.kv_buffer import KVBuffer
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
@@ -35,20 +36,16 @@ SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 # hook in here.
 LayerHook = Callable[[int, "ModelRunner", KVBuffer], None]
 
+# Called before each layer with (layer index, hidden states, positions, rope tables) of the tokens still
+# computed; returns the indices (into those tokens) that continue through this layer and above, or None
+# for all of them. CacheBlend narrows the computed tokens at its check layers this way.
+TokenSelector = Callable[[int, torch.Tensor, torch.Tensor, dict], "torch.Tensor | None"]
+
 
 @dataclass(frozen=True)
 class LayerSpec:
     window: int | None  # sliding window in tokens, None for global attention
     rope_key: str | None  # layer type passed to a per-type rotary embedding (Gemma 3), else None
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
 
 
 def _sampled_digest(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
@@ -164,6 +161,11 @@ class ModelRunner:
             )
         return self._fingerprint
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes of one token over all layers (K and V) in the runner's dtype."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
     def new_kv(self, capacity: int) -> KVBuffer:
         return KVBuffer(
             self.num_layers, self.num_kv_heads, self.head_dim, capacity, dtype=self.dtype, device=self.device
@@ -191,18 +193,8 @@ class ModelRunner:
         return getattr(self.rotary, f"{key}_inv_freq") if key is not None else self.rotary.inv_freq
 
     def rerotate(self, k: torch.Tensor, delta: int, layer: int) -> torch.Tensor:
-        """Move keys ([..., tokens, head_dim], already rotated) by `delta` positions.
-
-        RoPE rotations compose, R(a + d) = R(d) R(a), so rotating cached keys by the position difference
-        equals computing them at the new position (any attention scaling of the tables is already in k).
-        """
-        if delta == 0:
-            return k
-        angles = delta * self.inv_freq(layer).to(device=k.device, dtype=torch.float32)
-        emb = torch.cat((angles, angles))
-        cos, sin = emb.cos(), emb.sin()
-        kf = k.float()
-        return (kf * cos + rotate_half(kf) * sin).to(k.dtype)
+        """Move keys ([..., tokens, head_dim], already rotated) by `delta` positions (kvmath.rope.shift_keys)."""
+        return shift_keys(k, self.inv_freq(layer), delta)
 
     @staticmethod
     def attention_mask(positions: torch.Tensor, key_end: int, key_start: int, window: int | None):
@@ -294,7 +286,7 @@ class ModelRunner:
             logits = torch.tanh(logits / softcap) * softcap
         return logits.view(-1).float()
 
-    # -- whole forward -------------------------------------------------------------------------------
+    # -- whole forward: the one per-layer loop ------------------------------------------------------------
     @torch.inference_mode()
     def forward(
         self,
@@ -304,17 +296,21 @@ class ModelRunner:
         *,
         layer_hook: LayerHook | None = None,
         layer_pre_hook: LayerHook | None = None,
+        select_tokens: TokenSelector | None = None,
         all_logits: bool = False,
     ) -> torch.Tensor:
         """Compute tokens at positions [start, start + n) over KV already in `kv` for [0, start).
 
         Returns the logits of the last position only (float32, [vocab]), or of every position
-        ([n, vocab]) with `all_logits` (perplexity measurements).
+        ([n, vocab]) with `all_logits` (perplexity measurements). With `select_tokens`, layers compute
+        only the tokens it keeps (their KV elsewhere stays as it is in `kv`); it must keep the last token.
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(-1)
         n = ids.numel()
         if n == 0:
             raise ValueError("forward needs at least one token")
+        if all_logits and select_tokens is not None:
+            raise ValueError("all_logits needs every token computed in every layer (no select_tokens)")
         positions = torch.arange(start, start + n, device=self.device)
         hidden = self.embed(ids)
         rope = self.rope_tables(hidden, positions)
@@ -322,6 +318,10 @@ class ModelRunner:
         for i in range(self.num_layers):
             if layer_pre_hook is not None:  # e.g. wait until layer i's cached KV has been loaded
                 layer_pre_hook(i, self, kv)
+            if select_tokens is not None and (keep := select_tokens(i, hidden, positions, rope)) is not None:
+                positions, hidden = positions[keep], hidden[:, keep]
+                rope = {key: (cos[:, keep], sin[:, keep]) for key, (cos, sin) in rope.items()}
+                masks = {}
             hidden = self.layer_forward(i, hidden, positions, kv, rope, masks)
             if layer_hook is not None:  # e.g. start storing layer i while layer i+1 computes
                 layer_hook(i, self, kv)

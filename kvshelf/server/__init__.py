@@ -50,8 +50,8 @@ def serve(config: KVShelfConfig) -> None:
 
     if not is_loopback(config.host) and not (config.api_key or config.api_keys_file):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
+    metrics = metrics_mod.configure(config.metrics_prefix)  # before the shelf: its generator observes into it
     shelf = open_shelf(config)
-    metrics = metrics_mod.configure(config.metrics_prefix)
     app = create_app(shelf, metrics)
     stop_metrics = start_metrics_server(config, metrics)
     try:

@@ -114,7 +114,7 @@ def test_cli_reports_missing_model(tmp_path):
 def test_blend_on_real_model(shelf):
     from kvshelf.blend.blender import Blender
     from kvshelf.blend.segment import split_tokens
-    from kvshelf.integrations.hf import CachedGenerator
+    from kvshelf.generation import CachedGenerator
 
     sep = "<|CHUNK_SEP|>"
     tok = shelf.model.tokenizer
@@ -126,7 +126,7 @@ def test_blend_on_real_model(shelf):
 
     def gen(ratio):
         blender = Blender(shelf.runner, shelf.engine, check_layers=[1], ratios=[ratio])
-        return CachedGenerator(shelf.runner, shelf.engine, tok, blender=blender, blend_separator=sep)
+        return CachedGenerator(shelf.runner, shelf.engine, tok, blender=blender, blend_special_str=sep)
 
     first = sep.join(docs) + sep + "\nQuestion: what does pass do?\nAnswer:"
     gen(0.15).generate(first, max_new_tokens=1)
