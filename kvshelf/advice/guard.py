@@ -18,17 +18,15 @@ Every skip is counted in `bypasses_total{reason}`.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
 from kvshelf.advice.cost import PREFILL_TOLERANCE, CostModel
+from kvshelf.cache.requests import LOAD_SLOWER, SHORT_PROMPT, TIER_SLOW
 from kvshelf.metrics import metrics
 
 log = logging.getLogger(__name__)
-
-SHORT_PROMPT = "short_prompt"
-LOAD_SLOWER = "load_slower_than_recompute"
-TIER_SLOW = "tier_slow"
 
 
 class Guard:
@@ -61,28 +59,33 @@ class Guard:
 
     def budget_s(self, prompt_tokens: int) -> float:
         """Longest the request's tier reads may take: what recomputing the whole prompt costs."""
+        if self.margin <= 0:  # loading is always wanted: no budget short of the tiers' own deadlines
+            return math.inf
         return max(self.min_budget_s, self.cost.recompute_s(prompt_tokens) / self.margin)
 
     def worth_loading(self, tokens_by_tier: dict[str, int]) -> bool:
+        return self.load_decision(tokens_by_tier) is None
+
+    def load_decision(self, tokens_by_tier: dict[str, int]) -> str | None:
+        """None when the cached prefix should be loaded; otherwise why not (a bypass reason, counted)."""
         hit = sum(tokens_by_tier.values())
         if hit == 0:
-            return False
+            return LOAD_SLOWER
         slow = [tier for tier in tokens_by_tier if self._slower_than_recompute(tier)]
         if slow:
             if self._retry_due(slow):
-                return True  # a probe: this load measures the slow tier(s) again
+                return None  # a probe: this load measures the slow tier(s) again
             metrics().bypasses.labels(TIER_SLOW).inc()
-            return False
+            return TIER_SLOW
         if self.cost.load_s(tokens_by_tier) * self.margin < self.cost.recompute_s(hit):
-            return True
+            return None
         metrics().bypasses.labels(LOAD_SLOWER).inc()
-        return False
+        return LOAD_SLOWER
 
     def _slower_than_recompute(self, tier: str) -> bool:
-        """Measured here (not a default guess) to load a token slower than it recomputes."""
-        return tier in self.cost.measured_tiers and self.cost.load_s({tier: 1}) * self.margin >= self.cost.recompute_s(
-            1
-        )
+        """Measured here (not a default guess) to load a token slower than it recomputes (no margin: a tier
+        is slow when loading from it loses outright, not merely when the margin is not met)."""
+        return tier in self.cost.measured_tiers and self.cost.load_s({tier: 1}) >= self.cost.recompute_s(1)
 
     def _retry_due(self, slow: list[str]) -> bool:
         """True for one request every `retry_slow_after_s` per slow tier: its load measures the tier again."""

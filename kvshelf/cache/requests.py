@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 LOOKED_UP = "looked_up"  # the cache was asked (a hit or a miss)
 SHORT_PROMPT = "short_prompt"  # the guard: too short for the cache to pay
 LOAD_SLOWER = "load_slower_than_recompute"  # the guard: a cached prefix exists, recomputing is faster
+TIER_SLOW = "tier_slow"  # the guard: a tier holding the prefix was measured slower than recompute
 TIER_DOWN = "tier_down"  # a miss while a tier's breaker was open
 CACHE_OFF = "cache_off"  # the request or the server disabled the cache
-REASONS = (LOOKED_UP, SHORT_PROMPT, LOAD_SLOWER, TIER_DOWN, CACHE_OFF)
+REASONS = (LOOKED_UP, SHORT_PROMPT, LOAD_SLOWER, TIER_SLOW, TIER_DOWN, CACHE_OFF)
 
 
 @dataclass

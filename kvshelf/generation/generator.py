@@ -157,9 +157,10 @@ class CachedGenerator:
                     request.engine, reason = None, reasons.SHORT_PROMPT  # too short to pay: no lookup, no store
                 else:
                     plan = engine.plan(ids, salt, max_tokens=len(ids) - 1)
-                    request.load = bool(plan) and guard.worth_loading(plan)
-                    if plan and not request.load:
-                        reason = reasons.LOAD_SLOWER
+                    decision = guard.load_decision(plan) if plan else None
+                    request.load = bool(plan) and decision is None
+                    if decision is not None:
+                        reason = decision  # the guard's bypass reason: loading slower, or a tier measured slow
             engine = request.engine
             with torch.inference_mode():
                 kv = self.runner.new_kv(len(ids) + max_new_tokens)
