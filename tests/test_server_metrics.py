@@ -91,8 +91,8 @@ def test_cold_blend_chunks_are_computed_not_hits(tiny_models):
     gen = CachedGenerator(runner, engine, tiny_tokenizer(), blender=blender, blend_special_str="<|SEP|>")
     prompt = "<|SEP|>".join(["Alpha facts: the key is 4821. " * 2, "Beta notes about rivers. " * 2]) + "<|SEP|>Q?"
     cold = gen.generate(prompt, max_new_tokens=1)
-    assert cold.blend.chunk_hits == 0 and cold.hit_tokens == 0
+    assert cold.blend.document_hits == 0 and cold.hit_tokens == 0
     warm = gen.generate(prompt, max_new_tokens=1)
-    assert warm.blend.chunk_hits == 2 and warm.hit_tokens == warm.blend.reused_tokens > 0
+    assert warm.blend.document_hits == 2 and warm.hit_tokens == warm.blend.reused_tokens > 0
     stats = gen.request_stats.as_dict()
     assert stats["hit_tokens"] == warm.hit_tokens and stats["requested_tokens"] == 2 * cold.prompt_tokens

@@ -20,7 +20,7 @@ class BlendPrefill:
         logits, info = self.blender.prefill(request.documents, kv, request.salt)
         # Documents that missed were computed alone just now: their tokens are computed, not hits.
         # (Per-document reuse is not reported: the hit documents' share of the reused tokens is used.)
-        hit = info.reused_tokens * info.chunk_hits // max(info.chunks, 1)
+        hit = info.reused_tokens * info.document_hits // max(info.documents, 1)
         return PrefillOutcome(
             logits,
             hit_tokens=hit,

@@ -121,7 +121,7 @@ class CachedGenerator:
         top_p: float = 1.0,
         seed: int | None = None,
         should_stop: Callable[[], bool] | None = None,
-        chunks: Sequence[str] | None = None,
+        documents: Sequence[str] | None = None,
         on_logits: Callable[[torch.Tensor, int], None] | None = None,
     ) -> Generator[int, None, GenerationResult]:
         """Yield each new token id as it is chosen; the generator's return value is the GenerationResult.
@@ -130,12 +130,12 @@ class CachedGenerator:
         computed, since its logits choose the first new token. temperature 0 is greedy. `should_stop` is
         asked after each yielded token (a stop string seen, a client gone) and ends generation cleanly.
 
-        With a blender, a prompt holding the blend separator (or `chunks` given: the documents, with
+        With a blender, a prompt holding the blend separator (or `documents` given, with
         `prompt` as the text after them) is prefilled by CacheBlend instead: document KV is reused at any
         position. `on_logits(logits, token_id)` sees the logits each new token was chosen from (logprobs).
         """
         t0 = time.perf_counter()
-        seg = self.segment(prompt, chunks) if use_cache or chunks is not None else None
+        seg = self.segment(prompt, documents) if use_cache or documents is not None else None
         ids = seg.token_ids if seg is not None else self.encode(prompt)
         if seg is not None and (not use_cache or self.engine is None):
             seg = None  # no cache to blend from: the joined prompt is prefilled as it is, exactly

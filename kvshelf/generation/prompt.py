@@ -28,22 +28,22 @@ def segment(
     """The prompt cut into CacheBlend documents, or None when blending does not apply to it."""
     if not blending:
         if documents is not None:
-            raise PromptError("chunks were given but blending is off (set enable_blending)")
+            raise PromptError("documents were given but blending is off (set enable_blending)")
         return None
     if tokenizer is None:
-        raise PromptError("blending needs a tokenizer to find or encode the chunks")
+        raise PromptError("blending needs a tokenizer to find or encode the documents")
     if documents is not None:
         if not isinstance(prompt, str):
-            raise PromptError("with explicit chunks, the prompt is the text that follows them (the question)")
-        seg = split_text(tokenizer, None, separator, chunks=list(documents), suffix=prompt)
+            raise PromptError("with explicit documents, the prompt is the text that follows them (the question)")
+        seg = split_text(tokenizer, None, separator, documents=list(documents), suffix=prompt)
     elif isinstance(prompt, str):
         seg = split_text(tokenizer, prompt, separator)
     else:
         seg = split_tokens(tokenizer, prompt, separator)
-    if not seg.chunks:
+    if not seg.documents:
         return None  # no separator: an ordinary prompt, served by prefix reuse
     if not seg.suffix:
-        raise PromptError("the blended prompt has nothing after its last chunk: add the question")
+        raise PromptError("the blended prompt has nothing after its last document: add the question")
     return seg
 
 

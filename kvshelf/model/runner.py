@@ -10,25 +10,18 @@ layers with their own rope bases).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kvshelf.cache.fingerprint import (
-    WEIGHT_SUFFIXES,
-    ModelFingerprint,
-    cached_digest,
-    file_identity,
-    weight_files,
-)
+from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.errors import UnsupportedModelError
 from kvshelf.kvmath.rope import apply_rope, shift_keys
 from kvshelf.model.kv_buffer import KVBuffer
+from kvshelf.model.weights import weights_digest
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
@@ -46,51 +39,6 @@ TokenSelector = Callable[[int, torch.Tensor, torch.Tensor, dict], "torch.Tensor 
 class LayerSpec:
     window: int | None  # sliding window in tokens, None for global attention
     rope_key: str | None  # layer type passed to a per-type rotary embedding (Gemma 3), else None
-
-
-def _sampled_digest(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
-    """Names, shapes and a strided sample of each tensor: cheap, but blind to most single-row changes.
-    Only used to notice that weights in memory no longer match a remembered full digest."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        stride = max(1, flat.numel() // samples_per_tensor)
-        sample = flat[::stride][:samples_per_tensor].to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _full_digest(model: torch.nn.Module) -> str:
-    """BLAKE2b over every byte of every tensor (names, shapes and dtypes too): any changed value changes it."""
-    h = hashlib.blake2b(digest_size=32, person=b"kvshelf-weights")
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\0".encode())
-        step = max(1, (64 << 20) // max(1, flat.element_size()))  # host copies of GPU tensors in 64 MiB pieces
-        for i in range(0, flat.numel(), step):
-            piece = flat[i : i + step].to("cpu").contiguous()
-            h.update(piece.view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    """The digest of all weights. A model loaded from a folder remembers it in the kvshelf cache folder by
-    its files' (path, size, mtime, inode), the library versions and dtypes, and a cheap sample of the
-    weights in memory (so weights changed after loading are hashed again): a restart does not re-hash."""
-    folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
-    files = weight_files(folder) if folder.is_dir() else []
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        return _full_digest(model)
-    import transformers
-
-    identity = {
-        "files": file_identity(files),
-        "sample": _sampled_digest(model),
-        "dtypes": sorted({str(t.dtype) for t in model.state_dict().values()}),
-        "versions": [torch.__version__, transformers.__version__],
-    }
-    return cached_digest("weights", identity, lambda: _full_digest(model))
 
 
 class ModelRunner:
@@ -152,7 +100,7 @@ class ModelRunner:
             }
             self._fingerprint = ModelFingerprint(
                 model_id=str(self.model_id),
-                weights_digest=_weights_digest(self.model),
+                weights_digest=weights_digest(self.model),
                 dtype=str(self.dtype).removeprefix("torch."),
                 num_layers=self.num_layers,
                 num_kv_heads=self.num_kv_heads,
