@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvshelf.advice.guard import Guard
 from kvshelf.blend.blender import Blender, BlendInfo
 from kvshelf.blend.segment import Segmented
 from kvshelf.cache import requests as reasons
@@ -26,6 +25,7 @@ from kvshelf.generation.blend import BlendPrefill
 from kvshelf.generation.layerwise import LayerwisePrefill
 from kvshelf.generation.outcome import PrefillOutcome, PrefillRequest, PrefillStrategy
 from kvshelf.generation.plain import PlainPrefill
+from kvshelf.generation.policy import CachePolicy
 from kvshelf.generation.sampling import choose
 from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.metrics import Metrics
@@ -67,7 +67,7 @@ class CachedGenerator:
         use_async_load: bool = True,
         buffer_size: int = 4,
         layerwise_store: bool = False,
-        guard: Guard | None = None,
+        guard: CachePolicy | None = None,
         metrics: Metrics | None = None,
     ):
         self.runner = runner
@@ -213,7 +213,7 @@ class CachedGenerator:
             cache_reason=reason,
         )
 
-    def _learn(self, guard: Guard | None, plan: dict, prompt_tokens: int, outcome: PrefillOutcome) -> None:
+    def _learn(self, guard: CachePolicy | None, plan: dict, prompt_tokens: int, outcome: PrefillOutcome) -> None:
         """The guard observes every outcome: tier speeds from a load tried, prefill speed from a full prefill."""
         if guard is not None and plan and outcome.load_s is not None:
             guard.observe(plan, outcome.load_s)

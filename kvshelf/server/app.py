@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvshelf.app import Shelf
 from kvshelf.errors import KVShelfError
-from kvshelf.integrations.hf import GenerationResult
+from kvshelf.generation import GenerationResult
 from kvshelf.metrics import Metrics
 from kvshelf.server import errors
 from kvshelf.server.errors import APIError
