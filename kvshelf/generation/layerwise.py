@@ -57,7 +57,7 @@ class LayerwisePrefill:
                 kv,
                 buffer_size=self.buffer_size,
                 stats=self.stats,
-                start_thread=self.use_async_load,
+                use_async_load=self.use_async_load,
                 metrics=self.metrics,
             )
             failed: LayerLoadError | None = None

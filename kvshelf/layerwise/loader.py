@@ -61,7 +61,7 @@ class LayerwiseLoader:
         *,
         buffer_size: int,
         stats: LayerwiseStats,
-        start_thread: bool = True,
+        use_async_load: bool = True,
         metrics: Metrics | None = None,
     ):
         self.retrieval = retrieval
@@ -84,7 +84,7 @@ class LayerwiseLoader:
             self._stream.wait_stream(torch.cuda.current_stream(kv.device))
         self._events: list = [None] * self.num_layers
         self._thread = threading.Thread(target=self._run, name="kvshelf-layer-loader", daemon=True)
-        if start_thread:
+        if use_async_load:  # a background thread loads while the model computes
             self._thread.start()
         else:  # synchronous loading (use_async_load=false): everything now, on this thread, so no buffer limit
             self.buffer_size = self.num_layers

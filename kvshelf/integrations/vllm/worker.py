@@ -167,7 +167,7 @@ class WorkerSide:
             PagedTarget(self.layers, view),
             buffer_size=self.buffer_layers if self.layerwise else retrieval.num_layers,
             stats=self.layer_stats,
-            start_thread=self.layerwise and self.async_load,
+            use_async_load=self.layerwise and self.async_load,
             metrics=metrics(),
         )
         return load
