@@ -66,6 +66,10 @@ def test_the_guard_learns_prefill_speed_from_full_prefills_and_measures_again(ti
     assert cost.observed_prefill == []
     gen.generate(prompt(48, 3), max_new_tokens=1)  # a hit: not a full prefill
     assert cost.observed_prefill == []
+    cost.prefill_tokens_per_s = 1e12
+    for seed in (4, 5, 6):
+        gen.generate(prompt(48, seed), max_new_tokens=1, use_cache=False)
+    assert cost.prefill_tokens_per_s == 1e12  # measured again at most once per remeasure_prefill_after_s
 
 
 def test_a_speed_given_by_hand_is_observed_but_never_replaced(tiny_models):

@@ -38,6 +38,7 @@ class Guard:
         margin: float = 1.0,
         min_budget_s: float = 0.25,
         retry_slow_after_s: float = 30.0,
+        remeasure_prefill_after_s: float = 600.0,
         clock=time.monotonic,
     ):
         self.cost = cost
@@ -49,6 +50,10 @@ class Guard:
         self.retry_slow_after_s = retry_slow_after_s
         self._clock = clock
         self._slow_retry_at: dict[str, float] = {}
+        # Measuring the prefill speed again stalls the request that triggers it (a few short forwards):
+        # at most once per this many seconds.
+        self.remeasure_prefill_after_s = remeasure_prefill_after_s
+        self._remeasure_at = -math.inf
         self._lock = threading.Lock()
 
     def use_cache(self, prompt_tokens: int) -> bool:
@@ -123,8 +128,9 @@ class Guard:
         if self.cost.prefill_source is None:
             return
         observed = self.cost.prefill_disagrees()
-        if observed is None:
+        if observed is None or self._clock() < self._remeasure_at:
             return
+        self._remeasure_at = self._clock() + self.remeasure_prefill_after_s
         before = self.cost.prefill_tokens_per_s
         self.cost.remeasure_prefill(runner, show_progress=False)
         rate = self.cost.prefill_tokens_per_s
