@@ -165,7 +165,8 @@ class CachedGenerator:
             with torch.inference_mode():
                 kv = self.runner.new_kv(len(ids) + max_new_tokens)
                 outcome = self.strategy(request).prefill(request, kv)
-        self._learn(guard, plan, len(ids), outcome)
+        if guard is not None and plan and outcome.load_s is not None:  # every strategy's load teaches the guard
+            guard.observe(plan, outcome.load_s)
         hit = outcome.hit_tokens
         with torch.inference_mode():
             next_id = choose(outcome.logits, temperature, top_p, rng)
@@ -178,6 +179,10 @@ class CachedGenerator:
             stored = self._store_prompt(engine, request, outcome, kv, budget_s)
         out = [next_id]
         yield next_id
+        if self.guard is not None and outcome.exact and hit == 0:
+            # A full prefill checks the guard's prefill speed (which may measure it again: after the first
+            # token, so that this request's time to first token does not carry it).
+            self.guard.observe_prefill(len(ids), outcome.compute_s, self.runner)
         finish = "length"
         while True:
             if (stop_at_eos and next_id in self.eos_ids) or (should_stop is not None and should_stop()):
@@ -212,13 +217,6 @@ class CachedGenerator:
             blend=outcome.blend,
             cache_reason=reason,
         )
-
-    def _learn(self, guard: CachePolicy | None, plan: dict, prompt_tokens: int, outcome: PrefillOutcome) -> None:
-        """The guard observes every outcome: tier speeds from a load tried, prefill speed from a full prefill."""
-        if guard is not None and plan and outcome.load_s is not None:
-            guard.observe(plan, outcome.load_s)
-        if self.guard is not None and outcome.exact and outcome.hit_tokens == 0:
-            self.guard.observe_prefill(prompt_tokens, outcome.compute_s, self.runner)
 
     @staticmethod
     def _store_prompt(engine, request: PrefillRequest, outcome: PrefillOutcome, kv, budget_s) -> int:
