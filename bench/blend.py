@@ -34,7 +34,7 @@ from rich.table import Table
 from kvshelf.assembly import open_shelf
 from kvshelf.blend.blender import Blender
 from kvshelf.config import KVShelfConfig
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 
 SEP = "<|CHUNK_SEP|>"
 CITIES = ["Valmora", "Keswin", "Orlath", "Dunmere", "Sarvik", "Pellow", "Ithren", "Marrow"]
@@ -116,7 +116,7 @@ def main() -> None:
 
     def blend_gen(ratio: float) -> CachedGenerator:
         blender = Blender(runner, engine, check_layers=[args.check_layer], ratios=[ratio])
-        return CachedGenerator(runner, engine, tok, blender=blender, blend_separator=SEP)
+        return CachedGenerator(runner, engine, tok, blender=blender, blend_special_str=SEP)
 
     methods = {"full prefill": None, "prefix caching": shelf.generator, "full reuse (0%)": blend_gen(0.0)}
     methods.update({f"CacheBlend {r:.0%}": blend_gen(r) for r in args.ratios})

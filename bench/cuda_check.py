@@ -25,7 +25,7 @@ from conftest import FAMILIES, build_tiny_model, tiny_tokenizer  # noqa: E402
 from kvshelf.blend.blender import Blender  # noqa: E402
 from kvshelf.cache.engine import CacheEngine  # noqa: E402
 from kvshelf.cache.fingerprint import ModelFingerprint  # noqa: E402
-from kvshelf.integrations.hf import CachedGenerator  # noqa: E402
+from kvshelf.generation import CachedGenerator  # noqa: E402
 from kvshelf.model.runner import ModelRunner  # noqa: E402
 from kvshelf.storage.memory import MemoryBackend  # noqa: E402
 
@@ -51,12 +51,12 @@ def tiny_checks(device: str) -> list[dict]:
             plain = gen.generate(ids, max_new_tokens=16, use_cache=False, stop_at_eos=False)
             gen.generate(ids, max_new_tokens=1)
             warm = gen.generate(ids, max_new_tokens=16, stop_at_eos=False)
-            layered = CachedGenerator(gen.runner, gen.engine, layerwise=True, buffer_layers=2)
+            layered = CachedGenerator(gen.runner, gen.engine, use_layerwise=True, buffer_size=2)
             lw = layered.generate(ids, max_new_tokens=16, stop_at_eos=False)
             sep = "<|SEP|>"
             tok = tiny_tokenizer()
             blender = Blender(gen.runner, gen.engine, check_layers=[1], ratios=[1.0])
-            bgen = CachedGenerator(gen.runner, gen.engine, tok, blender=blender, blend_separator=sep)
+            bgen = CachedGenerator(gen.runner, gen.engine, tok, blender=blender, blend_special_str=sep)
             text = sep.join(["alpha " * 20, "beta " * 25]) + sep + "question"
             full_b = bgen.generate(bgen.segment(text, None).token_ids, max_new_tokens=4, use_cache=False)
             blended = bgen.generate(text, max_new_tokens=4)
@@ -156,7 +156,7 @@ def vllm_worker_check(device: str) -> dict:
         slots = torch.tensor([blocks_a[t // bs] * bs + t % bs for t in range(100)], device=device)
         for cache, (k, v) in zip(src.values(), kv, strict=True):
             write(k, v, cache, slots)
-        side = WorkerSide(engine, block_size=bs, layerwise=layerwise, async_load=True, buffer_layers=1)
+        side = WorkerSide(engine, block_size=bs, use_layerwise=layerwise, use_async_load=True, buffer_size=1)
         side.register(src, write)
         plan = StepPlan(saves=[SaveSpec("a", tokens, blocks_a, None)])
         side.start_saves(plan)
@@ -169,7 +169,7 @@ def vllm_worker_check(device: str) -> dict:
             for i, (k, v) in enumerate(kv)
         )
         dst = caches()
-        loader_side = WorkerSide(engine, block_size=bs, layerwise=layerwise, async_load=True, buffer_layers=1)
+        loader_side = WorkerSide(engine, block_size=bs, use_layerwise=layerwise, use_async_load=True, buffer_size=1)
         loader_side.register(dst, write)
         blocks_b = [1, 2, 4, 10, 11, 13, 14]
         loader_side.start_load(StepPlan(loads=[LoadSpec("b", tokens[:96], blocks_b, 16, 96, None)]))

@@ -34,7 +34,7 @@ from kvshelf.advice.guard import Guard  # noqa: E402
 from kvshelf.assembly.tiers import build_tiers  # noqa: E402
 from kvshelf.cache.engine import CacheEngine  # noqa: E402
 from kvshelf.config import KVShelfConfig  # noqa: E402
-from kvshelf.integrations.hf import CachedGenerator  # noqa: E402
+from kvshelf.generation import CachedGenerator  # noqa: E402
 from kvshelf.metrics import Metrics  # noqa: E402
 from kvshelf.model.runner import ModelRunner  # noqa: E402
 

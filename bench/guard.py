@@ -26,7 +26,7 @@ from kvshelf.advice.cost import CostModel  # noqa: E402
 from kvshelf.advice.guard import Guard  # noqa: E402
 from kvshelf.cache.engine import CacheEngine  # noqa: E402
 from kvshelf.codecs import get_codec  # noqa: E402
-from kvshelf.integrations.hf import CachedGenerator  # noqa: E402
+from kvshelf.generation import CachedGenerator  # noqa: E402
 from kvshelf.model.loader import load_model  # noqa: E402
 from kvshelf.storage.disk import DiskBackend  # noqa: E402
 from kvshelf.storage.memory import MemoryBackend  # noqa: E402

@@ -33,7 +33,7 @@ from common import save_results  # noqa: E402
 
 from kvshelf.cache.engine import CacheEngine  # noqa: E402
 from kvshelf.codecs import get_codec  # noqa: E402
-from kvshelf.integrations.hf import CachedGenerator  # noqa: E402
+from kvshelf.generation import CachedGenerator  # noqa: E402
 from kvshelf.model.runner import ModelRunner  # noqa: E402
 from kvshelf.storage.disk import DiskBackend  # noqa: E402
 from kvshelf.storage.memory import MemoryBackend  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
         import logging
 
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
-        logging.getLogger("kvshelf.integrations.hf").setLevel(logging.DEBUG)
+        logging.getLogger("kvshelf.generation").setLevel(logging.DEBUG)
     if args.llama8b:
         model, name = llama8b(device)
         vocab = model.config.vocab_size
@@ -121,8 +121,8 @@ def main() -> None:
             layered = CachedGenerator(
                 runner,
                 engine,
-                layerwise=True,
-                buffer_layers=args.buffer_size,
+                use_layerwise=True,
+                buffer_size=args.buffer_size,
                 store_generated=False,
                 layerwise_store=not args.no_layer_store,
             )

@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CacheEngine": "kvshelf.cache.engine",
-    "CachedGenerator": "kvshelf.integrations.hf",
+    "CachedGenerator": "kvshelf.generation",
     "ConfigError": "kvshelf.errors",
-    "GenerationResult": "kvshelf.integrations.hf",
+    "GenerationResult": "kvshelf.generation",
     "KVShelfConfig": "kvshelf.config",
     "KVShelfError": "kvshelf.errors",
     "MemoryBackend": "kvshelf.storage.memory",

@@ -314,7 +314,7 @@ def advise(
     from kvshelf.advice.trace import read_items, tokenize
     from kvshelf.advice.verify import baseline, candidates, verify
     from kvshelf.assembly import check_runtime, open_shelf
-    from kvshelf.integrations.hf import CachedGenerator
+    from kvshelf.generation import CachedGenerator
     from kvshelf.model.loader import load_model
 
     try:

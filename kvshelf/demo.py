@@ -92,7 +92,7 @@ def ask(gen, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> Answer:
             break
     text = tokenizer.decode(r.token_ids, skip_special_tokens=True).split("\n")[0].strip()
     hit = r.hit_tokens
-    if r.blend is not None and r.blend.chunk_hits == 0:
+    if r.blend is not None and r.blend.document_hits == 0:
         hit = 0  # every document was computed alone (and stored) first: nothing came from the cache
     return Answer(text, r.token_ids, r.ttft_s, r.prompt_tokens, hit)
 
@@ -157,7 +157,7 @@ def _run(cfg: KVShelfConfig, quick: bool, max_new_tokens: int, console: Console)
 
 
 def _story(shelf, cfg: KVShelfConfig, facts: list, max_new_tokens: int, console: Console) -> dict:
-    from kvshelf.integrations.hf import CachedGenerator
+    from kvshelf.generation import CachedGenerator
 
     tok = shelf.model.tokenizer
     sep = cfg.blend_special_str
@@ -346,7 +346,7 @@ def _restart(cfg: KVShelfConfig, prompt: str, max_new_tokens: int) -> dict:
 def _child(cfg_path: str, prompt_path: str, max_new_tokens: int) -> None:
     """The restarted process: open a shelf on the same config and ask once; one JSON line on stdout."""
     from kvshelf.assembly import open_shelf
-    from kvshelf.integrations.hf import CachedGenerator
+    from kvshelf.generation import CachedGenerator
 
     with open(cfg_path) as f:
         cfg = KVShelfConfig.model_validate(json.load(f))

@@ -145,12 +145,3 @@ class _EngineCollector:
                 family.add_metric([tier], t[field])
         yield from families.values()
         yield from counters.values()
-
-
-# Transitional (issue #14, split in two branches): blend/ and layerwise/ observe here until their classes
-# take a `metrics` argument like the rest; nothing serves this set. Removed when that half is merged.
-_UNOWNED = Metrics()
-
-
-def metrics() -> Metrics:
-    return _UNOWNED

@@ -13,7 +13,7 @@ from kvshelf.advice.cost import CostModel
 from kvshelf.advice.guard import Guard
 from kvshelf.assembly import Owned, Shelf, build_engine
 from kvshelf.config import KVShelfConfig
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.model.loader import LoadedModel
 from kvshelf.model.runner import ModelRunner
 from kvshelf.server import uvicorn_config

@@ -11,7 +11,7 @@ from kvshelf.advice.verify import NO_CACHE, candidates, verify
 from kvshelf.assembly import open_shelf
 from kvshelf.cli import app
 from kvshelf.config import KVShelfConfig
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.model.loader import LoadedModel
 from kvshelf.model.runner import ModelRunner
 

@@ -5,7 +5,7 @@ import pytest
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import load_config
 from kvshelf.errors import ConfigError, ModelNotFoundError, PromptError
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.model.provision import resolve_model
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.memory import MemoryBackend

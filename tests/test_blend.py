@@ -9,7 +9,7 @@ from conftest import FAMILIES, tiny_tokenizer
 from kvshelf.blend.blender import Blender
 from kvshelf.blend.segment import split_text, split_tokens
 from kvshelf.cache.engine import CacheEngine
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.memory import MemoryBackend
 
@@ -22,7 +22,7 @@ def make(model, ratios=(0.15,), check_layers=(1,)):
     runner = ModelRunner(model)
     engine = CacheEngine(runner.fingerprint(), MemoryBackend(1 << 28), chunk_size=16)
     blender = Blender(runner, engine, check_layers=list(check_layers), ratios=list(ratios))
-    return CachedGenerator(runner, engine, tiny_tokenizer(), blender=blender, blend_separator=SEP)
+    return CachedGenerator(runner, engine, tiny_tokenizer(), blender=blender, blend_special_str=SEP)
 
 
 def blended(docs) -> str:
@@ -61,8 +61,8 @@ def test_full_recompute_equals_full_prefill(family, tiny_models):
     blend = gen.generate(prompt, max_new_tokens=6, stop_at_eos=False)
     assert (
         blend.blend is not None
-        and blend.blend.chunks == 3
-        and blend.blend.recomputed_tokens == blend.blend.chunk_tokens
+        and blend.blend.documents == 3
+        and blend.blend.recomputed_tokens == blend.blend.document_tokens
     )
     assert torch.allclose(blend.first_logits, full.first_logits, atol=1e-4)
     assert blend.token_ids == full.token_ids
@@ -76,8 +76,8 @@ def test_reordered_documents_hit_every_chunk_and_recompute_helps(family, tiny_mo
     full = gen.generate(gen.segment(reordered, None).token_ids, max_new_tokens=1, use_cache=False)
     warm = gen.generate(reordered, max_new_tokens=1)
     info = warm.blend
-    assert info.chunk_hits == 3 and info.computed_alone == 0
-    assert info.recomputed_tokens == pytest.approx(0.3 * info.chunk_tokens, abs=1)
+    assert info.document_hits == 3 and info.computed_alone == 0
+    assert info.recomputed_tokens == pytest.approx(0.3 * info.document_tokens, abs=1)
     no_recompute = make(tiny_models(family), ratios=(0.0,))
     no_recompute.engine = gen.engine
     no_recompute.blender.engine = gen.engine
@@ -95,7 +95,7 @@ def test_reordered_documents_hit_every_chunk_and_recompute_helps(family, tiny_mo
 def test_gradual_filtering_over_several_check_layers(tiny_models):
     gen = make(tiny_models("qwen3"), check_layers=(1, 2), ratios=(0.5, 0.2))
     out = gen.generate(blended(DOCS), max_new_tokens=1)
-    n = out.blend.chunk_tokens
+    n = out.blend.document_tokens
     assert out.blend.selected_per_check == [-(-n // 2), -(-n * 2 // 10)]
     with pytest.raises(ValueError, match="ratio"):
         Blender(gen.runner, None, check_layers=[1, 2], ratios=[0.1, 0.2, 0.3])
@@ -112,13 +112,13 @@ def test_blended_kv_is_never_stored_as_prefix_kv(tiny_models):
 
 def test_explicit_chunk_list_and_plain_prompts(tiny_models, caplog):
     gen = make(tiny_models("gemma3"))
-    listed = gen.generate(QUESTION, chunks=DOCS, max_new_tokens=3, stop_at_eos=False)
+    listed = gen.generate(QUESTION, documents=DOCS, max_new_tokens=3, stop_at_eos=False)
     joined = gen.generate(blended(DOCS), max_new_tokens=3, stop_at_eos=False)
-    assert listed.token_ids == joined.token_ids and joined.blend.chunk_hits == 3
+    assert listed.token_ids == joined.token_ids and joined.blend.document_hits == 3
     plain = gen.generate("no separator here", max_new_tokens=2)
     assert plain.blend is None  # an ordinary prompt: prefix reuse
     with caplog.at_level(logging.WARNING):
-        gen.generate(QUESTION, chunks=[f"a {SEP} b", "c"], max_new_tokens=1)
+        gen.generate(QUESTION, documents=[f"a {SEP} b", "c"], max_new_tokens=1)
     assert "separator" in caplog.text
 
 
@@ -126,18 +126,18 @@ def test_segmentation_edge_cases():
     tok = tiny_tokenizer()
     enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
     seg = split_text(tok, f"{SEP}a{SEP}{SEP}b{SEP}q", SEP)  # separator first, adjacent separators
-    assert seg.chunks == [enc("a"), enc("b")] and seg.suffix == enc("q") and seg.prefix == tok("x")["input_ids"][:1]
-    assert split_text(tok, "no separator", SEP).chunks == []
+    assert seg.documents == [enc("a"), enc("b")] and seg.suffix == enc("q") and seg.prefix == tok("x")["input_ids"][:1]
+    assert split_text(tok, "no separator", SEP).documents == []
     assert split_text(tok, f"a{SEP}", SEP).suffix == []  # separator at the end: no question
-    assert split_text(tok, f"  {SEP}ü✓{SEP}q", SEP).chunks == [enc("ü✓")]  # blank chunks dropped, unicode kept
+    assert split_text(tok, f"  {SEP}ü✓{SEP}q", SEP).documents == [enc("ü✓")]  # blank chunks dropped, unicode kept
     # Token prompts: the separator is found however whitespace sits around it.
     ids = tok(f"doc one {SEP} doc two\n{SEP}\nthe question")["input_ids"]
     seg = split_tokens(tok, ids, SEP)
-    assert [tok.decode(c) for c in seg.chunks] == [
+    assert [tok.decode(c) for c in seg.documents] == [
         "doc one",
         "doc two",
     ]  # whitespace around it goes too and tok.decode(seg.suffix) == "the question"
-    assert split_tokens(tok, tok("plain")["input_ids"], SEP).chunks == []
+    assert split_tokens(tok, tok("plain")["input_ids"], SEP).documents == []
 
 
 def test_missing_question_is_an_error(tiny_models):
@@ -152,7 +152,7 @@ def test_without_cache_a_blend_prompt_is_prefilled_exactly(tiny_models):
     gen = make(tiny_models("qwen3"), ratios=(0.0,))
     ids = gen.segment(blended(DOCS), None).token_ids
     plain = gen.generate(ids, max_new_tokens=3, use_cache=False, stop_at_eos=False)
-    listed = gen.generate(QUESTION, chunks=DOCS, max_new_tokens=3, use_cache=False, stop_at_eos=False)
+    listed = gen.generate(QUESTION, documents=DOCS, max_new_tokens=3, use_cache=False, stop_at_eos=False)
     assert listed.blend is None and listed.token_ids == plain.token_ids
     assert torch.equal(listed.first_logits, plain.first_logits)
 
@@ -166,13 +166,13 @@ def test_a_chunk_cached_behind_a_bos_is_placed_exactly_at_other_offsets(tiny_mod
     first = gen.segment(blended(DOCS[:2]), None)
     assert first.prefix  # the tokenizer adds a BOS: chunks are computed (and stored) at position 1
     blender.prefill(first, runner.new_kv(len(first.token_ids)))
-    reordered = Segmented(first.prefix, [first.chunks[1], first.chunks[0]], first.suffix, first.separator)
-    no_bos = Segmented([], reordered.chunks, reordered.suffix, reordered.separator)
+    reordered = Segmented(first.prefix, [first.documents[1], first.documents[0]], first.suffix, first.separator)
+    no_bos = Segmented([], reordered.documents, reordered.suffix, reordered.separator)
     for seg, hits in ((reordered, 2), (no_bos, 0)):  # without the BOS: other keys, computed at position 0
         info = BlendInfo()
         kv = runner.new_kv(len(seg.token_ids))
-        mask = blender.place_chunks(seg, kv, None, info)
-        assert info.chunk_hits == hits
+        mask = blender.place_documents(seg, kv, None, info)
+        assert info.document_hits == hits
         direct = runner.new_kv(len(seg.token_ids))
         runner.forward(seg.token_ids, 0, direct)
         # Layer 0's K and V depend only on each token and its position: placed KV must equal direct KV.

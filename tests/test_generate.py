@@ -5,7 +5,7 @@ import torch
 from conftest import FAMILIES
 
 from kvshelf.cache.engine import CacheEngine
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.base import StoredChunk
 from kvshelf.storage.memory import MemoryBackend

@@ -6,7 +6,7 @@ import torch
 from kvshelf.advice.cost import CostModel, measure_prefill
 from kvshelf.advice.guard import LOAD_SLOWER, SHORT_PROMPT, Guard
 from kvshelf.cache.engine import CacheEngine
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.metrics import Metrics
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.memory import MemoryBackend
@@ -95,7 +95,7 @@ def test_the_layerwise_path_learns_tier_speed_too(tiny_models):
     runner = ModelRunner(tiny_models("qwen2"))
     engine = CacheEngine(runner.fingerprint(), TierManager([MemoryBackend(1 << 26)]), chunk_size=16)
     cost = CostModel(prefill_tokens_per_s=10_000.0, kv_bytes_per_token=1024)
-    gen = CachedGenerator(runner, engine, guard=Guard(cost, min_tokens=32), layerwise=True)
+    gen = CachedGenerator(runner, engine, guard=Guard(cost, min_tokens=32), use_layerwise=True)
     ids = prompt(50, 6)
     gen.generate(ids, max_new_tokens=1)
     assert "cpu" not in cost.measured_tiers

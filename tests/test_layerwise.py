@@ -10,7 +10,7 @@ from conftest import build_tiny_model
 
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.codecs import get_codec
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.layerwise.loader import LayerwiseLoader
 from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.model.runner import ModelRunner
@@ -27,14 +27,14 @@ def gens(model, backend, **kw):
     runner = ModelRunner(model)
     engine = CacheEngine(runner.fingerprint(), backend, chunk_size=16)
     kw.setdefault("layerwise_store", True)
-    return CachedGenerator(runner, engine), CachedGenerator(runner, engine, layerwise=True, **kw)
+    return CachedGenerator(runner, engine), CachedGenerator(runner, engine, use_layerwise=True, **kw)
 
 
 @pytest.mark.parametrize("codec", ["none", "int8", "cachegen"])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_layerwise_equals_whole_prompt_loading(tmp_path, tiny_models, codec, family):
     tiers = TierManager([DiskBackend(tmp_path, 1 << 28, get_codec(codec))])
-    whole, layered = gens(tiny_models(family), tiers, buffer_layers=2)
+    whole, layered = gens(tiny_models(family), tiers, buffer_size=2)
     ids = prompt(70, 1)
     whole.generate(ids, max_new_tokens=1)
     tiers.flush()
@@ -75,7 +75,7 @@ class SlowRetrieval:
         return self.inner.layer_parts(i, j)
 
 
-def test_loader_never_runs_more_than_buffer_layers_ahead(tiny_models):
+def test_loader_never_runs_more_than_buffer_size_ahead(tiny_models):
     model = build_tiny_model("llama")
     model.model.layers.extend([model.model.layers[0]] * 0)
     runner = ModelRunner(model)
@@ -84,7 +84,7 @@ def test_loader_never_runs_more_than_buffer_layers_ahead(tiny_models):
     CachedGenerator(runner, engine).generate(ids, max_new_tokens=1)
     slow = SlowRetrieval(engine.retrieve_layerwise(ids, max_tokens=39), delay=0.0)
     kv = runner.new_kv(40)
-    loader = LayerwiseLoader(slow, kv, buffer_layers=1, stats=LayerwiseStats(runner.num_layers))
+    loader = LayerwiseLoader(slow, kv, buffer_size=1, stats=LayerwiseStats(runner.num_layers))
     ahead = []
     for i in range(runner.num_layers):
         time.sleep(0.02)  # the "compute" is slow: the loader must wait for it
@@ -111,7 +111,7 @@ def test_failed_layer_load_recomputes_and_is_correct(tiny_models, monkeypatch):
 
 def test_synchronous_mode(tiny_models):
     backend = MemoryBackend(1 << 26)
-    whole, layered = gens(tiny_models("mistral"), backend, async_load=False)
+    whole, layered = gens(tiny_models("mistral"), backend, use_async_load=False)
     ids = prompt(45, 5)
     whole.generate(ids, max_new_tokens=1)
     assert layered.generate(ids, max_new_tokens=4).token_ids == whole.generate(ids, max_new_tokens=4).token_ids
@@ -119,7 +119,7 @@ def test_synchronous_mode(tiny_models):
 
 def test_concurrent_requests_never_mix_layers(tiny_models):
     backend = MemoryBackend(1 << 28)
-    whole, layered = gens(tiny_models("gemma3"), backend, buffer_layers=1)
+    whole, layered = gens(tiny_models("gemma3"), backend, buffer_size=1)
     prompts = [prompt(40, 100 + i) for i in range(6)]
     expected = [whole.generate(p, max_new_tokens=4, use_cache=False, stop_at_eos=False).token_ids for p in prompts]
     for p in prompts:
@@ -144,7 +144,7 @@ def test_concurrent_requests_never_mix_layers(tiny_models):
 @pytest.mark.slow
 def test_soak_2000_requests_bounded_memory_no_leaked_threads(tiny_models):
     backend = MemoryBackend(64 << 20)  # small: eviction runs throughout
-    _, layered = gens(tiny_models("llama"), backend, buffer_layers=2)
+    _, layered = gens(tiny_models("llama"), backend, buffer_size=2)
     proc = psutil.Process()
     threads_before = threading.active_count()
     rss = []
@@ -161,7 +161,7 @@ def test_soak_2000_requests_bounded_memory_no_leaked_threads(tiny_models):
 
 
 def test_row_layout_of_kv_buffer_slices():
-    from kvshelf.layerwise.strided_copy import copy_to_device, row_layout
+    from kvshelf.kvmath.strided_copy import copy_to_device, row_layout
 
     kv = torch.zeros(6, 2, 3, 40, 8)  # [layers, K/V, heads, capacity, dim]
     # layers 1..4 of tokens 16..32: 3 * 2 * 3 rows of 16 * 8 values, one token-capacity (40 * 8) apart

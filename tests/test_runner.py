@@ -72,13 +72,13 @@ def test_unsupported_model_type_is_refused():
 def test_one_changed_embedding_row_changes_the_fingerprint():
     from conftest import build_tiny_model
 
-    from kvshelf.model import runner as runner_mod
+    from kvshelf.model import weights as weights_mod
 
     base = build_tiny_model("gemma3")
     tuned = build_tiny_model("gemma3")
     with torch.no_grad():  # a fine-tune that touched one token's row, off the old strided sample
         tuned.model.embed_tokens.weight[77, 1] += 1e-3
-    assert runner_mod._sampled_digest(base) == runner_mod._sampled_digest(tuned)  # what the old digest saw
+    assert weights_mod.sampled_digest(base) == weights_mod.sampled_digest(tuned)  # what the old digest saw
     assert ModelRunner(base).fingerprint().digest() != ModelRunner(tuned).fingerprint().digest()
 
 
@@ -86,7 +86,7 @@ def test_a_folder_model_is_hashed_once_and_again_when_its_files_change(tmp_path,
     from conftest import build_tiny_model
     from transformers import AutoModelForCausalLM
 
-    from kvshelf.model import runner as runner_mod
+    from kvshelf.model import weights as weights_mod
 
     monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path / "cache"))
     folder = tmp_path / "model"
@@ -96,12 +96,12 @@ def test_a_folder_model_is_hashed_once_and_again_when_its_files_change(tmp_path,
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
     first = ModelRunner(load()).fingerprint().weights_digest
-    assert first == runner_mod._full_digest(load())
+    assert first == weights_mod.full_digest(load())
     assert len(list((tmp_path / "cache" / "digests").glob("weights-*.json"))) == 1
 
     calls = []
-    full = runner_mod._full_digest
-    monkeypatch.setattr(runner_mod, "_full_digest", lambda m: calls.append(1) or full(m))
+    full = weights_mod.full_digest
+    monkeypatch.setattr(weights_mod, "full_digest", lambda m: calls.append(1) or full(m))
     assert ModelRunner(load()).fingerprint().weights_digest == first and not calls  # remembered
 
     changed = load()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from kvshelf.blend.blender import Blender
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.cli import app as cli
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.memory import MemoryBackend
 
@@ -88,11 +88,11 @@ def test_cold_blend_chunks_are_computed_not_hits(tiny_models):
     runner = ModelRunner(tiny_models("llama"))
     engine = CacheEngine(runner.fingerprint(), MemoryBackend(1 << 28), chunk_size=16)
     blender = Blender(runner, engine, check_layers=[1], ratios=[0.15])
-    gen = CachedGenerator(runner, engine, tiny_tokenizer(), blender=blender, blend_separator="<|SEP|>")
+    gen = CachedGenerator(runner, engine, tiny_tokenizer(), blender=blender, blend_special_str="<|SEP|>")
     prompt = "<|SEP|>".join(["Alpha facts: the key is 4821. " * 2, "Beta notes about rivers. " * 2]) + "<|SEP|>Q?"
     cold = gen.generate(prompt, max_new_tokens=1)
-    assert cold.blend.chunk_hits == 0 and cold.hit_tokens == 0
+    assert cold.blend.document_hits == 0 and cold.hit_tokens == 0
     warm = gen.generate(prompt, max_new_tokens=1)
-    assert warm.blend.chunk_hits == 2 and warm.hit_tokens == warm.blend.reused_tokens > 0
+    assert warm.blend.document_hits == 2 and warm.hit_tokens == warm.blend.reused_tokens > 0
     stats = gen.request_stats.as_dict()
     assert stats["hit_tokens"] == warm.hit_tokens and stats["requested_tokens"] == 2 * cold.prompt_tokens

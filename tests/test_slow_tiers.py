@@ -12,7 +12,7 @@ from kvshelf.advice.cost import CostModel
 from kvshelf.advice.guard import TIER_SLOW, Guard
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.codecs import get_codec
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.metrics import Metrics
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.redis import RedisBackend

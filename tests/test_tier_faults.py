@@ -15,7 +15,7 @@ from kvshelf.cache.engine import CacheEngine
 from kvshelf.codecs import get_codec
 from kvshelf.config import KVShelfConfig, load_config
 from kvshelf.errors import ConfigError
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.disk import DiskBackend
 from kvshelf.storage.redis import RedisBackend
@@ -133,7 +133,7 @@ CHILD = textwrap.dedent(
     from conftest import build_tiny_model
     from kvshelf.cache.engine import CacheEngine
     from kvshelf.codecs import get_codec
-    from kvshelf.integrations.hf import CachedGenerator
+    from kvshelf.generation import CachedGenerator
     from kvshelf.model.runner import ModelRunner
     from kvshelf.storage.redis import RedisBackend
     from kvshelf.storage.tiers import TierManager

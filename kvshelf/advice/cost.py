@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvshelf.model.provision import cache_root
+from kvshelf.paths import cache_root
 
 log = logging.getLogger(__name__)
 

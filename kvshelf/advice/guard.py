@@ -8,6 +8,8 @@
   (`load_slower_than_recompute`).
 - Loads learn: every request that loaded (plain, layerwise) reports its measured load time, which is
   split over the tiers that served it; a tier that got slower is believed at once (see CostModel).
+- Full prefills (nothing loaded) check the measured prefill speed: when requests keep disagreeing with
+  it by more than 30%, it is measured again, and still disagreeing, the requests' own speed is believed.
 - A request's tier reads (lookups and loads) run under a budget of what recomputing the prompt costs
   (`budget_s`): a tier that cannot answer in that time is cut off, and the request recomputes.
 Every skip is counted in `bypasses_total{reason}`.
@@ -15,13 +17,16 @@ Every skip is counted in `bypasses_total{reason}`.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 
-from kvshelf.advice.cost import CostModel
+from kvshelf.advice.cost import PREFILL_TOLERANCE, CostModel
 from kvshelf.cache.requests import LOAD_SLOWER, SHORT_PROMPT, TIER_SLOW
 from kvshelf.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 class Guard:
@@ -33,6 +38,7 @@ class Guard:
         margin: float = 1.0,
         min_budget_s: float = 0.25,
         retry_slow_after_s: float = 30.0,
+        remeasure_prefill_after_s: float = 600.0,
         clock=time.monotonic,
         metrics: Metrics | None = None,
     ):
@@ -46,6 +52,10 @@ class Guard:
         self.retry_slow_after_s = retry_slow_after_s
         self._clock = clock
         self._slow_retry_at: dict[str, float] = {}
+        # Measuring the prefill speed again stalls the request that triggers it (a few short forwards):
+        # at most once per this many seconds.
+        self.remeasure_prefill_after_s = remeasure_prefill_after_s
+        self._remeasure_at = -math.inf
         self._lock = threading.Lock()
 
     def use_cache(self, prompt_tokens: int) -> bool:
@@ -109,3 +119,29 @@ class Guard:
         total = sum(predicted.values())
         for tier, share in predicted.items():
             self.cost.observe_load(tier, tokens_by_tier[tier] * per_token, seconds * share / total)
+
+    def observe_prefill(self, tokens: int, seconds: float, runner) -> None:
+        """A full prefill of `tokens` (nothing loaded) took `seconds`. Prompts shorter than `min_tokens` are
+        not a measure of prefill speed (fixed costs dominate). A speed given by hand (a CostModel not
+        measured here, e.g. in a test) is observed but never replaced."""
+        if tokens < self.min_tokens:
+            return
+        self.cost.observe_prefill(tokens, seconds)
+        if self.cost.prefill_source is None:
+            return
+        observed = self.cost.prefill_disagrees()
+        if observed is None or self._clock() < self._remeasure_at:
+            return
+        self._remeasure_at = self._clock() + self.remeasure_prefill_after_s
+        before = self.cost.prefill_tokens_per_s
+        self.cost.remeasure_prefill(runner, show_progress=False)
+        rate = self.cost.prefill_tokens_per_s
+        if abs(observed - rate) > PREFILL_TOLERANCE * rate:
+            self.cost.prefill_tokens_per_s = observed  # a busy machine, or prompts unlike the measurement's
+        log.info(
+            "prefill speed: requests saw %.0f tokens/s against %.0f saved; measured again %.0f; using %.0f",
+            observed,
+            before,
+            rate,
+            self.cost.prefill_tokens_per_s,
+        )

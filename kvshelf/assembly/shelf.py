@@ -20,7 +20,7 @@ from kvshelf.blend.blender import Blender
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
 from kvshelf.errors import ConfigError
-from kvshelf.integrations.hf import CachedGenerator
+from kvshelf.generation import CachedGenerator
 from kvshelf.metrics import Metrics
 from kvshelf.model.loader import LoadedModel, load_model
 from kvshelf.model.runner import ModelRunner
@@ -87,7 +87,11 @@ def open_shelf(
     if config.enable_blending:
         try:
             blender = Blender(
-                loaded.runner, engine, check_layers=config.blend_check_layers, ratios=config.blend_recompute_ratios
+                loaded.runner,
+                engine,
+                check_layers=config.blend_check_layers,
+                ratios=config.blend_recompute_ratios,
+                metrics=owned.metrics,
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None
@@ -101,11 +105,12 @@ def open_shelf(
         loaded.tokenizer,
         store_generated=config.store_generated,
         blender=blender,
-        blend_separator=config.blend_special_str,
-        layerwise=config.use_layerwise and engine is not None,
-        async_load=config.use_async_load,
-        buffer_layers=config.buffer_size,
+        blend_special_str=config.blend_special_str,
+        use_layerwise=config.use_layerwise and engine is not None,
+        use_async_load=config.use_async_load,
+        buffer_size=config.buffer_size,
         layerwise_store=config.layerwise_store,
         guard=guard,
+        metrics=owned.metrics,
     )
     return Shelf(config, loaded, engine, generator, owned)

@@ -1,4 +1,4 @@
-"""Cut a prompt into blendable chunks and a suffix.
+"""Cut a prompt into blendable documents and a suffix.
 
 Text prompts are split on the separator string before tokenizing, and every piece is tokenized on its
 own: the separator can then never merge with its neighbours into other tokens, whatever the tokenizer
@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Segmented:
-    prefix: list[int]  # tokens before the first chunk (BOS), always computed
-    chunks: list[list[int]]  # blendable chunks, each followed in the prompt by `separator`
+    prefix: list[int]  # tokens before the first document (BOS), always computed
+    documents: list[list[int]]  # blendable documents, each followed in the prompt by `separator`
     suffix: list[int]  # the question: always computed fully
     separator: list[int]
 
     def layout(self) -> list[tuple[str, int, int]]:
-        """(kind, start, end) spans in prompt order: prefix, chunk, sep, chunk, sep, ..., suffix."""
+        """(kind, start, end) spans in prompt order: prefix, document, sep, document, sep, ..., suffix."""
         spans, pos = [], 0
 
         def add(kind, n):
@@ -33,8 +33,8 @@ class Segmented:
             pos += n
 
         add("prefix", len(self.prefix))
-        for chunk in self.chunks:
-            add("chunk", len(chunk))
+        for document in self.documents:
+            add("document", len(document))
             add("sep", len(self.separator))
         add("suffix", len(self.suffix))
         return spans
@@ -42,8 +42,8 @@ class Segmented:
     @property
     def token_ids(self) -> list[int]:
         ids = list(self.prefix)
-        for chunk in self.chunks:
-            ids += chunk + self.separator
+        for document in self.documents:
+            ids += document + self.separator
         return ids + self.suffix
 
 
@@ -58,31 +58,31 @@ def _bos(tokenizer) -> list[int]:
 
 
 def split_text(
-    tokenizer, text: str | None, separator: str, *, chunks: Sequence[str] | None = None, suffix: str | None = None
+    tokenizer, text: str | None, separator: str, *, documents: Sequence[str] | None = None, suffix: str | None = None
 ) -> Segmented:
-    """Split `text` on `separator` (the last piece is the suffix), or take `chunks` + `suffix` as given.
+    """Split `text` on `separator` (the last piece is the suffix), or take `documents` + `suffix` as given.
 
-    Empty pieces (adjacent separators, a separator at either end) are dropped. Returns no chunks when
+    Empty pieces (adjacent separators, a separator at either end) are dropped. Returns no documents when
     the separator does not occur.
     """
     if not separator:
         raise ValueError("blend_special_str must not be empty")
-    if chunks is None:
+    if documents is None:
         if text is None:
-            raise ValueError("give either a text with separators or a list of chunks")
+            raise ValueError("give either a text with separators or a list of documents")
         pieces = text.split(separator)
-        chunks, suffix = pieces[:-1], pieces[-1]
+        documents, suffix = pieces[:-1], pieces[-1]
     sep_ids = _encode(tokenizer, separator)
     seg = Segmented(_bos(tokenizer), [], _encode(tokenizer, suffix or ""), sep_ids)
-    for piece in chunks:
+    for piece in documents:
         if separator in piece:
             log.warning(
-                "blend chunk contains the separator %r inside its own text; choose a rarer separator "
+                "blend document contains the separator %r inside its own text; choose a rarer separator "
                 "such as <|CHUNK_SEP|>",
                 separator,
             )
         if piece.strip():
-            seg.chunks.append(_encode(tokenizer, piece))
+            seg.documents.append(_encode(tokenizer, piece))
     return seg
 
 

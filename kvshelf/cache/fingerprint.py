@@ -79,7 +79,7 @@ def hash_files(paths: list[Path]) -> str:
 def cached_digest(kind: str, identity: object, compute: Callable[[], str]) -> str:
     """`compute()`, remembered in the kvshelf cache folder under `identity` (any JSON value that changes
     whenever the digest could): a digest of gigabytes is computed once, not at every start."""
-    from kvshelf.model.provision import cache_root
+    from kvshelf.paths import cache_root
 
     blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
     name = hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()

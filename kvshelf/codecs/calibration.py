@@ -33,6 +33,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvshelf.errors import KVShelfError
+from kvshelf.kvmath.rope import rotate_keys as rotate  # noqa: F401  (cachegen codes K before RoPE: calib.rotate)
+from kvshelf.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +146,6 @@ class Calibration:
             raise CalibrationError(f"calibration for {layers} layers x {heads} heads x {dim} dims, KV is {shape}")
 
 
-# -- RoPE: K is coded before rotation --------------------------------------------------------------------
-def rotate(k: torch.Tensor, inv_freq: torch.Tensor, position: int, sign: float) -> torch.Tensor:
-    """Rotate keys [heads, tokens, dim] (rotate-half convention) by sign * their positions' angles;
-    sign -1 undoes RoPE for tokens at position, position + 1, ..., sign +1 applies it again."""
-    pos = torch.arange(position, position + k.shape[-2], device=k.device, dtype=torch.float64)
-    angles = (pos[:, None] * inv_freq.to(k.device, torch.float64)[None]).float()
-    cos, sin = angles.cos(), angles.sin() * sign
-    half = k.shape[-1] // 2
-    a, b = k[..., :half], k[..., half:]
-    return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
-
-
 def fit_transform(samples: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean, forward and inverse transform for vectors `samples` [n, dim] whose errors cost e^T W e with
     W = `weight` [dim, dim] (symmetric, positive semi-definite): whiten the cost, then rotate onto the
@@ -201,8 +191,6 @@ _registry: dict[str, Calibration] = {}
 
 
 def default_dir() -> Path:
-    from kvshelf.model.provision import cache_root  # no model code: the path rule only
-
     return cache_root() / "calibrations"
 
 

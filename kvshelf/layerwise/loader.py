@@ -2,9 +2,9 @@
 
 The loader writes layer i into the request's KV (a `LayerTarget`) and signals it; the model runner waits
 for layer i just before computing it (`wait`, used as the runner's pre-layer hook), so loading layers
-i+1.. overlaps computing layer i. At most `buffer_layers` layers are loaded ahead of the compute. On a
+i+1.. overlaps computing layer i. At most `buffer_size` layers are loaded ahead of the compute. On a
 GPU each chunk's layer group goes from pinned host memory (staged there if needed) to the device on a
-separate CUDA stream, as one 2-D memcpy (strided_copy.py), and the compute stream waits on that group's
+separate CUDA stream, as one 2-D memcpy (kvmath/strided_copy.py), and the compute stream waits on that group's
 event: no device-wide synchronisation. Issuing the copies from this thread keeps them off the thread
 that launches the model's kernels (the driver call releases the GIL), which on a launch-bound prefill is
 what decides whether the load hides.
@@ -20,8 +20,9 @@ from typing import Protocol
 import torch
 
 from kvshelf.cache.engine import LayerwiseRetrieval
+from kvshelf.kvmath.strided_copy import ChunkRowCopier
 from kvshelf.layerwise.stats import LayerwiseStats
-from kvshelf.metrics import metrics
+from kvshelf.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,16 @@ class LayerTarget(Protocol):
     def write_layers(self, i: int, j: int, start: int, part: torch.Tensor, *, non_blocking: bool = False) -> None:
         """Write layers i..j-1 of cached tokens [start, start + n) from `part` [j - i, 2, heads, n, dim]."""
 
+    def row_copier(self, chunks: list[tuple[int, torch.Tensor, int]]) -> ChunkRowCopier | None:
+        """A 2-D memcpy copier of pinned host chunks (first token, tensor, tokens) into this target on a
+        GPU, or None where the target has no such fast path (the loader then writes layer groups)."""
 
-def layer_groups(num_layers: int, buffer_layers: int) -> list[tuple[int, int]]:
+
+def layer_groups(num_layers: int, buffer_size: int) -> list[tuple[int, int]]:
     """Layer ranges moved together: layer 0 alone (the compute starts as soon as it is in), then groups of
     up to 4 (one copy per chunk per group: per-copy overhead, not bandwidth, is what a layer-at-a-time loop
     pays for on a GPU), never larger than the buffer."""
-    group = max(1, min(buffer_layers, 4))
+    group = max(1, min(buffer_size, 4))
     bounds = [0, *range(1, num_layers, group), num_layers] if num_layers > 1 else [0, num_layers]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
@@ -54,15 +59,17 @@ class LayerwiseLoader:
         retrieval: LayerwiseRetrieval,
         kv: LayerTarget,
         *,
-        buffer_layers: int,
+        buffer_size: int,
         stats: LayerwiseStats,
-        start_thread: bool = True,
+        use_async_load: bool = True,
+        metrics: Metrics | None = None,
     ):
         self.retrieval = retrieval
         self.kv = kv
         self.n = retrieval.num_tokens
-        self.buffer_layers = max(1, buffer_layers)
+        self.buffer_size = max(1, buffer_size)  # layers loaded ahead of the compute, at most
         self.stats = stats
+        self.metrics = metrics  # the owner's; None: waits are not observed as a metric
         self.num_layers = retrieval.num_layers
         self._ready = [threading.Event() for _ in range(self.num_layers)]
         self._consumed = 0
@@ -77,10 +84,10 @@ class LayerwiseLoader:
             self._stream.wait_stream(torch.cuda.current_stream(kv.device))
         self._events: list = [None] * self.num_layers
         self._thread = threading.Thread(target=self._run, name="kvshelf-layer-loader", daemon=True)
-        if start_thread:
+        if use_async_load:  # a background thread loads while the model computes
             self._thread.start()
         else:  # synchronous loading (use_async_load=false): everything now, on this thread, so no buffer limit
-            self.buffer_layers = self.num_layers
+            self.buffer_size = self.num_layers
             self._run()
 
     def _run(self) -> None:
@@ -91,9 +98,9 @@ class LayerwiseLoader:
         pinned: list[bool] | None = None
         try:
             copier = self._row_copier() if self._cuda else None
-            for i, j in layer_groups(self.num_layers, self.buffer_layers):
+            for i, j in layer_groups(self.num_layers, self.buffer_size):
                 with self._room:
-                    while j > self._consumed + self.buffer_layers and not self._closed:
+                    while j > self._consumed + self.buffer_size and not self._closed:
                         self._room.wait()
                 if self._closed:
                     return
@@ -139,14 +146,13 @@ class LayerwiseLoader:
             for event in self._ready:
                 event.set()
 
-    def _row_copier(self):
+    def _row_copier(self) -> ChunkRowCopier | None:
         """The fast path when every chunk is a pinned tensor in memory and the target offers it."""
         chunks = self.retrieval.in_memory()
-        make = getattr(self.kv, "row_copier", None)
-        if chunks is None or make is None or not all(kv.is_pinned() for _, kv, _ in chunks):
+        if chunks is None or not all(kv.is_pinned() for _, kv, _ in chunks):
             return None
         try:
-            return make(chunks)
+            return self.kv.row_copier(chunks)
         except (ValueError, RuntimeError) as err:
             log.info("layerwise: no 2-D memcpy fast path (%s)", err)
             return None
@@ -162,7 +168,8 @@ class LayerwiseLoader:
             torch.cuda.current_stream(self.kv.device).wait_event(event)
         waited = time.perf_counter() - t0
         self.stats.record(i, wait_s=waited)
-        metrics().layerwise_load_latency.observe(waited)
+        if self.metrics is not None:
+            self.metrics.layerwise_load_latency.observe(waited)
         with self._room:
             self._consumed = i + 1
             self._room.notify_all()

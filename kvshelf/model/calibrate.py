@@ -20,6 +20,7 @@ import textwrap
 import torch
 
 from kvshelf.codecs import calibration as calib
+from kvshelf.kvmath.rope import rotate_keys
 from kvshelf.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def _calibrate(runner: ModelRunner, token_ids: list[int], continuation: int | No
     inverse = torch.zeros(layers, 2, heads, dim, dim)
     rms = torch.zeros(layers, 2)
     for i in range(layers):
-        keys = calib.rotate(cached[i, 0], inv_freq[i], 0, -1.0)
+        keys = rotate_keys(cached[i, 0], inv_freq[i], 0, -1.0)  # K is coded before RoPE
         weights = (torch.diag_embed(_query_energy(runner, queries[i], i)), _output_gram(runner, i))
         for kind, vals in enumerate((keys, cached[i, 1])):
             sq = 0.0

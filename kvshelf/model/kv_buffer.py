@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kvshelf.layerwise.strided_copy import ChunkRowCopier, copy_to_device
+from kvshelf.kvmath.strided_copy import ChunkRowCopier, copy_to_device
 
 
 class KVBuffer:
@@ -23,6 +23,12 @@ class KVBuffer:
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+    @property
+    def token_nbytes(self) -> int:
+        """KV bytes of one token over all layers: how loaded bytes are counted everywhere."""
+        layers, kv, heads, _capacity, dim = self.data.shape
+        return layers * kv * heads * dim * self.data.element_size()
 
     def _check_room(self, end: int) -> None:
         if end > self.capacity:
@@ -46,8 +52,9 @@ class KVBuffer:
         else:
             dst.copy_(part, non_blocking=non_blocking)
 
-    def row_copier(self, chunks: list[tuple[int, torch.Tensor, int]]) -> ChunkRowCopier:
-        """A copier of pinned host chunks (first token, tensor, tokens) into this GPU buffer, group by group."""
+    def row_copier(self, chunks: list[tuple[int, torch.Tensor, int]]) -> ChunkRowCopier | None:
+        """A copier of pinned host chunks (first token, tensor, tokens) into this GPU buffer, group by group
+        (the layerwise loader's fast path; `LayerTarget.row_copier`)."""
         for start, _src, tokens in chunks:
             self._check_room(start + tokens)
         return ChunkRowCopier(self.data, chunks)

@@ -16,20 +16,13 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kvshelf.errors import ModelNotFoundError
+from kvshelf.paths import cache_root
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "gemma-3-270m", "default"}
 _COMPLETE_MARKER = ".kvshelf-complete"
-
-
-def cache_root() -> Path:
-    """Where kvshelf keeps converted models: $KVSHELF_CACHE_DIR, else $XDG_CACHE_HOME/kvshelf, else ~/.cache/kvshelf."""
-    if env := os.environ.get("KVSHELF_CACHE_DIR"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "kvshelf"
 
 
 def default_model_dir() -> Path:

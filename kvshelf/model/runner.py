@@ -10,24 +10,18 @@ layers with their own rope bases).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kvshelf.cache.fingerprint import (
-    WEIGHT_SUFFIXES,
-    ModelFingerprint,
-    cached_digest,
-    file_identity,
-    weight_files,
-)
+from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.errors import UnsupportedModelError
+from kvshelf.kvmath.rope import apply_rope, shift_keys
 from kvshelf.model.kv_buffer import KVBuffer
+from kvshelf.model.weights import weights_digest
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
@@ -35,65 +29,16 @@ SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 # hook in here.
 LayerHook = Callable[[int, "ModelRunner", KVBuffer], None]
 
+# Called before each layer with (layer index, hidden states, positions, rope tables) of the tokens still
+# computed; returns the indices (into those tokens) that continue through this layer and above, or None
+# for all of them. CacheBlend narrows the computed tokens at its check layers this way.
+TokenSelector = Callable[[int, torch.Tensor, torch.Tensor, dict], "torch.Tensor | None"]
+
 
 @dataclass(frozen=True)
 class LayerSpec:
     window: int | None  # sliding window in tokens, None for global attention
     rope_key: str | None  # layer type passed to a per-type rotary embedding (Gemma 3), else None
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
-def _sampled_digest(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
-    """Names, shapes and a strided sample of each tensor: cheap, but blind to most single-row changes.
-    Only used to notice that weights in memory no longer match a remembered full digest."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        stride = max(1, flat.numel() // samples_per_tensor)
-        sample = flat[::stride][:samples_per_tensor].to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _full_digest(model: torch.nn.Module) -> str:
-    """BLAKE2b over every byte of every tensor (names, shapes and dtypes too): any changed value changes it."""
-    h = hashlib.blake2b(digest_size=32, person=b"kvshelf-weights")
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\0".encode())
-        step = max(1, (64 << 20) // max(1, flat.element_size()))  # host copies of GPU tensors in 64 MiB pieces
-        for i in range(0, flat.numel(), step):
-            piece = flat[i : i + step].to("cpu").contiguous()
-            h.update(piece.view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _weights_digest(model: torch.nn.Module) -> str:
-    """The digest of all weights. A model loaded from a folder remembers it in the kvshelf cache folder by
-    its files' (path, size, mtime, inode), the library versions and dtypes, and a cheap sample of the
-    weights in memory (so weights changed after loading are hashed again): a restart does not re-hash."""
-    folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
-    files = weight_files(folder) if folder.is_dir() else []
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        return _full_digest(model)
-    import transformers
-
-    identity = {
-        "files": file_identity(files),
-        "sample": _sampled_digest(model),
-        "dtypes": sorted({str(t.dtype) for t in model.state_dict().values()}),
-        "versions": [torch.__version__, transformers.__version__],
-    }
-    return cached_digest("weights", identity, lambda: _full_digest(model))
 
 
 class ModelRunner:
@@ -155,7 +100,7 @@ class ModelRunner:
             }
             self._fingerprint = ModelFingerprint(
                 model_id=str(self.model_id),
-                weights_digest=_weights_digest(self.model),
+                weights_digest=weights_digest(self.model),
                 dtype=str(self.dtype).removeprefix("torch."),
                 num_layers=self.num_layers,
                 num_kv_heads=self.num_kv_heads,
@@ -163,6 +108,11 @@ class ModelRunner:
                 extra=extra,
             )
         return self._fingerprint
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes of one token over all layers (K and V) in the runner's dtype."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     def new_kv(self, capacity: int) -> KVBuffer:
         return KVBuffer(
@@ -191,18 +141,8 @@ class ModelRunner:
         return getattr(self.rotary, f"{key}_inv_freq") if key is not None else self.rotary.inv_freq
 
     def rerotate(self, k: torch.Tensor, delta: int, layer: int) -> torch.Tensor:
-        """Move keys ([..., tokens, head_dim], already rotated) by `delta` positions.
-
-        RoPE rotations compose, R(a + d) = R(d) R(a), so rotating cached keys by the position difference
-        equals computing them at the new position (any attention scaling of the tables is already in k).
-        """
-        if delta == 0:
-            return k
-        angles = delta * self.inv_freq(layer).to(device=k.device, dtype=torch.float32)
-        emb = torch.cat((angles, angles))
-        cos, sin = emb.cos(), emb.sin()
-        kf = k.float()
-        return (kf * cos + rotate_half(kf) * sin).to(k.dtype)
+        """Move keys ([..., tokens, head_dim], already rotated) by `delta` positions (kvmath.rope.shift_keys)."""
+        return shift_keys(k, self.inv_freq(layer), delta)
 
     @staticmethod
     def attention_mask(positions: torch.Tensor, key_end: int, key_start: int, window: int | None):
@@ -294,7 +234,7 @@ class ModelRunner:
             logits = torch.tanh(logits / softcap) * softcap
         return logits.view(-1).float()
 
-    # -- whole forward -------------------------------------------------------------------------------
+    # -- whole forward: the one per-layer loop ------------------------------------------------------------
     @torch.inference_mode()
     def forward(
         self,
@@ -304,17 +244,21 @@ class ModelRunner:
         *,
         layer_hook: LayerHook | None = None,
         layer_pre_hook: LayerHook | None = None,
+        select_tokens: TokenSelector | None = None,
         all_logits: bool = False,
     ) -> torch.Tensor:
         """Compute tokens at positions [start, start + n) over KV already in `kv` for [0, start).
 
         Returns the logits of the last position only (float32, [vocab]), or of every position
-        ([n, vocab]) with `all_logits` (perplexity measurements).
+        ([n, vocab]) with `all_logits` (perplexity measurements). With `select_tokens`, layers compute
+        only the tokens it keeps (their KV elsewhere stays as it is in `kv`); it must keep the last token.
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(-1)
         n = ids.numel()
         if n == 0:
             raise ValueError("forward needs at least one token")
+        if all_logits and select_tokens is not None:
+            raise ValueError("all_logits needs every token computed in every layer (no select_tokens)")
         positions = torch.arange(start, start + n, device=self.device)
         hidden = self.embed(ids)
         rope = self.rope_tables(hidden, positions)
@@ -322,6 +266,10 @@ class ModelRunner:
         for i in range(self.num_layers):
             if layer_pre_hook is not None:  # e.g. wait until layer i's cached KV has been loaded
                 layer_pre_hook(i, self, kv)
+            if select_tokens is not None and (keep := select_tokens(i, hidden, positions, rope)) is not None:
+                positions, hidden = positions[keep], hidden[:, keep]
+                rope = {key: (cos[:, keep], sin[:, keep]) for key, (cos, sin) in rope.items()}
+                masks = {}
             hidden = self.layer_forward(i, hidden, positions, kv, rope, masks)
             if layer_hook is not None:  # e.g. start storing layer i while layer i+1 computes
                 layer_hook(i, self, kv)

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvshelf.assembly import Shelf
 from kvshelf.errors import KVShelfError
-from kvshelf.integrations.hf import GenerationResult
+from kvshelf.generation import GenerationResult
 from kvshelf.metrics import Metrics
 from kvshelf.server import errors
 from kvshelf.server.errors import APIError
@@ -350,7 +350,11 @@ def create_app(shelf: Shelf, metrics: Metrics) -> FastAPI:
 
     @app.get("/api/v1/layerwise/stats")
     async def layerwise_stats():
-        return {"enabled": generator.layerwise, "num_layers": runner.num_layers, **generator.layerwise_stats.as_dict()}
+        return {
+            "enabled": generator.use_layerwise,
+            "num_layers": runner.num_layers,
+            **generator.layerwise_stats.as_dict(),
+        }
 
     @app.post("/api/v1/cache/clear")
     async def clear(request: Request, remote: bool = Body(False, embed=True)):

@@ -64,7 +64,7 @@ def load_keys_file(path: str) -> dict[str, Tenant]:
 def _local_secret() -> str:
     """This host's tenant secret, made once and kept (0600) in the cache folder, so that salts, and with
     them the disk and remote KV, survive a restart when no tenant_secret is configured."""
-    from kvshelf.model.provision import cache_root
+    from kvshelf.paths import cache_root
 
     path = cache_root() / "server" / "tenant_secret"
     try:

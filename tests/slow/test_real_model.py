@@ -114,7 +114,7 @@ def test_cli_reports_missing_model(tmp_path):
 def test_blend_on_real_model(shelf):
     from kvshelf.blend.blender import Blender
     from kvshelf.blend.segment import split_tokens
-    from kvshelf.integrations.hf import CachedGenerator
+    from kvshelf.generation import CachedGenerator
 
     sep = "<|CHUNK_SEP|>"
     tok = shelf.model.tokenizer
@@ -122,11 +122,11 @@ def test_blend_on_real_model(shelf):
     docs = [t["assert"], t["del"], t["pass"]]
     # Gemma's tokenizer merges text glued to the separator; splitting token ids still finds every one.
     glued = tok("intro" + sep + docs[0] + sep + "tail" + sep + "q")["input_ids"]
-    assert len(split_tokens(tok, glued, sep).chunks) == 3
+    assert len(split_tokens(tok, glued, sep).documents) == 3
 
     def gen(ratio):
         blender = Blender(shelf.runner, shelf.engine, check_layers=[1], ratios=[ratio])
-        return CachedGenerator(shelf.runner, shelf.engine, tok, blender=blender, blend_separator=sep)
+        return CachedGenerator(shelf.runner, shelf.engine, tok, blender=blender, blend_special_str=sep)
 
     first = sep.join(docs) + sep + "\nQuestion: what does pass do?\nAnswer:"
     gen(0.15).generate(first, max_new_tokens=1)
@@ -139,7 +139,7 @@ def test_blend_on_real_model(shelf):
         return float((p.exp() * (p - q)).sum())
 
     exact = gen(1.0).generate(moved, max_new_tokens=1)
-    assert exact.blend.chunk_hits == 3 and kl(exact) < 1e-4
+    assert exact.blend.document_hits == 3 and kl(exact) < 1e-4
     zero, part = gen(0.0).generate(moved, max_new_tokens=1), gen(0.15).generate(moved, max_new_tokens=1)
     assert part.blend.recomputed_tokens > 0 and kl(part) < kl(zero)
 

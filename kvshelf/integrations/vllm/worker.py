@@ -4,8 +4,9 @@ Loads go through kvshelf's layerwise loader (a background thread that stays `buf
 when `use_layerwise` and `use_async_load` are on; otherwise everything is loaded before the forward), with
 vLLM's paged blocks as the target. A load that fails is never half-used: the blocks from the first token
 that could not be loaded onwards are reported to vLLM, which recomputes them.
-Saves copy each layer's new KV out right after vLLM computed it (`save_kv_layer`) and hand whole chunks
-to the engine at the end of the step.
+Saves copy each layer's new KV out right after vLLM computed it (`save_kv_layer`) into the same
+layer-by-layer host copies as the HF path (`layerwise.saver.HostChunks`) and hand whole chunks to the
+engine at the end of the step, never a chunk with a layer nobody wrote.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from kvshelf.cache.engine import CacheEngine
-from kvshelf.cache.keys import ChunkKey
 from kvshelf.integrations.vllm.paged import CacheWriter, PagedLayout, PagedView
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
+from kvshelf.kvmath.strided_copy import ChunkRowCopier
 from kvshelf.layerwise.loader import LayerLoadError, LayerwiseLoader
+from kvshelf.layerwise.saver import HostChunks, IncompleteSaveError
 from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.metrics import Metrics
 
@@ -75,6 +77,9 @@ class PagedTarget:
         for k in range(i, j):
             self.view.scatter(self.layers[k], part[k - i, :, :, lo - start : hi - start], first=lo - self.view.start)
 
+    def row_copier(self, chunks: list[tuple[int, torch.Tensor, int]]) -> ChunkRowCopier | None:
+        return None  # paged blocks are not one strided slice: the loader writes layer groups
+
 
 class _ActiveLoad:
     def __init__(self, spec: LoadSpec, loader: LayerwiseLoader | None, got: int):
@@ -84,9 +89,8 @@ class _ActiveLoad:
 
 
 class _ActiveSave:
-    def __init__(self, spec: SaveSpec, keys: list[ChunkKey], view: PagedView, hosts: list[torch.Tensor]):
-        self.spec, self.keys, self.view, self.hosts = spec, keys, view, hosts
-        self.layers_done: set[int] = set()
+    def __init__(self, spec: SaveSpec, view: PagedView, chunks: HostChunks):
+        self.spec, self.view, self.chunks = spec, view, chunks
 
 
 class WorkerSide:
@@ -163,9 +167,10 @@ class WorkerSide:
         load.loader = LayerwiseLoader(
             retrieval,
             PagedTarget(self.layers, view),
-            buffer_layers=self.buffer_size if self.use_layerwise else retrieval.num_layers,
+            buffer_size=self.buffer_size if self.use_layerwise else retrieval.num_layers,
             stats=self.layer_stats,
-            start_thread=self.use_layerwise and self.use_async_load,
+            use_async_load=self.use_layerwise and self.use_async_load,
+            metrics=self.metrics,
         )
         return load
 
@@ -238,26 +243,23 @@ class WorkerSide:
                 continue
             lo, hi = keys[0].start, keys[-1].end
             view = self.layout.view(spec.block_ids, lo, hi, device=self.layers[0].device)
-            hosts = [
-                torch.empty(
-                    (fp.num_layers, 2, fp.num_kv_heads, k.num_tokens, fp.head_dim),
-                    dtype=self.layers[0].dtype,
-                    pin_memory=self.engine.pin_memory and self.layers[0].is_cuda,
-                )
-                for k in keys
-            ]
-            self._saves.append(_ActiveSave(spec, keys, view, hosts))
+            chunks = HostChunks(
+                self.engine,
+                keys,
+                num_layers=fp.num_layers,
+                num_kv_heads=fp.num_kv_heads,
+                head_dim=fp.head_dim,
+                dtype=self.layers[0].dtype,
+                pin=self.engine.pin_memory and self.layers[0].is_cuda,
+            )
+            self._saves.append(_ActiveSave(spec, view, chunks))
 
     def save_layer(self, name: str, layer: torch.Tensor) -> None:
         i = self.index.get(name)
         if i is None or not self._saves:
             return
         for save in self._saves:
-            kv = save.view.gather(layer)
-            for key, host in zip(save.keys, save.hosts, strict=True):
-                a, b = key.start - save.view.start, key.end - save.view.start
-                host[i].copy_(kv[:, :, a:b], non_blocking=True)
-            save.layers_done.add(i)
+            save.chunks.write_layer(i, save.view.gather(layer), save.view.start, non_blocking=True)
 
     def finish_saves(self) -> None:
         if not self._saves:
@@ -265,12 +267,11 @@ class WorkerSide:
         if self.layers and self.layers[0].is_cuda:
             torch.cuda.current_stream(self.layers[0].device).synchronize()  # host copies complete
         for save in self._saves:
-            missing = len(self.layers) - len(save.layers_done)
-            if missing:  # never store a chunk with layers nobody wrote
-                log.warning("kvshelf: not storing request %s: %d layer(s) were not saved", save.spec.req_id, missing)
-                continue
             try:
-                stored = self.engine.put_chunks(save.keys, save.hosts)
+                stored = save.chunks.store()
+            except IncompleteSaveError as err:  # never store a chunk with layers nobody wrote
+                log.warning("kvshelf: not storing request %s: %s", save.spec.req_id, err)
+                continue
             except Exception as err:
                 log.warning("kvshelf: storing request %s failed: %s", save.spec.req_id, err)
                 continue
