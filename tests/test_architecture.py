@@ -1,0 +1,34 @@
+"""docs/architecture.md must describe the layering that CI enforces (pyproject's import-linter contract)
+and name every package of kvshelf."""
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def contract_layers() -> list[list[str]]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = [c["layers"] for c in config["contracts"] if c["type"] == "layers"]
+    return [[p.strip().removeprefix("kvshelf.") for p in row.split("|")] for row in layers]
+
+
+def doc_layers() -> list[list[str]]:
+    rows = []
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+        m = re.match(r"\| (\d+) \| (.+?) \| ", line)
+        if m:
+            rows.append([p.strip(" `\\") for p in m.group(2).split("|")])
+    return rows
+
+
+def test_the_documented_layers_are_the_enforced_ones():
+    assert doc_layers() == contract_layers()
+
+
+def test_every_package_has_a_layer():
+    layered = {p for row in contract_layers() for p in row}
+    packages = {p.name for p in (ROOT / "kvshelf").iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in (ROOT / "kvshelf").glob("*.py") if p.stem != "__init__"}
+    assert packages | modules == layered
