@@ -7,9 +7,10 @@ CALIBRATED (the default where kvshelf runs the model): K is rotated back to befo
 and one uniform step per (layer, K|V), set from measured sensitivity and the precision level `bits`
 (each level halves it), quantises all coefficients. Each coefficient's symbols over the chunk's tokens
 get a class (a quarter-octave of their spread, one byte) and are entropy-coded against a discretised
-Gaussian of that spread, so no probability table is stored at all. Segment: magic b"CG", level (u8),
-flags (u8, bit 2), then for K and for V: classes u8 [heads * dim], ANS words (u32 count + u32 words),
-escapes (u32 count, i32 positions, i32 values) for symbols beyond their class's range.
+Gaussian of that spread, so no probability table is stored at all. The coder is an interleaved rANS with
+static 14-bit tables (kvshelf.codecs.rans; params "coder": 2), decoded on the CPU without the GIL and on a
+GPU from the same bytes (kvshelf.codecs.rans_gpu). Segment: magic b"CG", level (u8), flags (u8, bits 2
+and 4), then a rANS part for K and one for V (classes, escapes, block word counts and states, words).
 
 UNCALIBRATED (no calibration: e.g. inside vLLM, which runs the model itself):
 Per layer segment (self-contained, so one layer decodes alone):
@@ -39,13 +40,11 @@ import numpy as np
 import torch
 
 from kvshelf.codecs import calibration as calib
-from kvshelf.codecs import pool
+from kvshelf.codecs import pool, rans
 from kvshelf.codecs.base import Codec
 from kvshelf.codecs.entropy import (
     constriction,
-    decode_by_class,
     decode_symbols,
-    encode_by_class,
     encode_symbols,
 )
 
@@ -53,6 +52,8 @@ _HEAD = struct.Struct("<2sBBBBHHII")
 _ESC = struct.Struct("<II")  # escape counts for K and V
 _DELTA = 1
 _CALIBRATED = 2
+_RANS = 4  # calibrated segments written by the interleaved rANS coder (params "coder": 2)
+CODER = 2  # 1 was constriction's ANS over class groups: such chunks are misses now
 _CAL_HEAD = struct.Struct("<2sBB")
 
 
@@ -68,6 +69,7 @@ class CacheGenCodec(Codec):
         delta: bool = False,
         group: int = 16,
         calibration: str | None = None,
+        coder: int = CODER,
     ):
         if constriction is None:
             raise ImportError("the cachegen codec needs the 'constriction' package")
@@ -83,12 +85,16 @@ class CacheGenCodec(Codec):
             raise ValueError(f"cachegen delta must be true or false, got {delta!r}")
         if type(group) is not int or not 1 <= group <= 1 << 16:
             raise ValueError(f"cachegen group must be an integer within 1..65536, got {group!r}")
+        if type(coder) is not int or coder != CODER:
+            raise ValueError(f"cachegen coder {coder!r} is not supported (this kvshelf codes with coder {CODER})")
         if calibration is not None and not isinstance(calibration, str):
             raise ValueError(f"cachegen calibration must be a digest, got {calibration!r}")
         self.bits, self.early_bits, self.early_fraction = bits, early_bits, early_fraction
         self.v_bits, self.delta, self.group = v_bits, delta, group
         # A digest; the transforms themselves come from this process's registry or the calibration folder.
         self.calibration = calib.lookup(calibration) if calibration else None
+        if self.calibration is not None:
+            rans.check_tables()
 
     def params(self) -> dict:
         return {
@@ -98,7 +104,7 @@ class CacheGenCodec(Codec):
             "v_bits": self.v_bits,
             "delta": self.delta,
             "group": self.group,
-            **({"calibration": self.calibration.digest} if self.calibration is not None else {}),
+            **({"calibration": self.calibration.digest, "coder": CODER} if self.calibration is not None else {}),
         }
 
     def max_segment_bytes(self, shape, dtype) -> int:
@@ -242,15 +248,12 @@ class CacheGenCodec(Codec):
     def decode_layers(self, segments, shape, dtype, layers, num_layers, position=0) -> list[torch.Tensor]:
         if not pool.workers():
             return super().decode_layers(segments, shape, dtype, layers, num_layers, position)
-        # Each layer's entropy decoding runs in a worker; only the segment's bytes go out. Uncalibrated
-        # segments come back as values; calibrated ones as integer symbols, transformed here (the
-        # workers need no calibration). Encoding stays in-process: measured, it did not pay.
         if self.calibration is not None:
-            jobs = [(bytes(seg), tuple(shape), self.bits) for seg in segments]
-            symbols = pool.map_calls(_symbols_calibrated, jobs)
-            return [
-                self._finish_calibrated(q, i, position, "cpu").to(dtype) for q, i in zip(symbols, layers, strict=True)
-            ]
+            # The rANS decoder (numba) and the transforms (torch) release the GIL: threads, no processes.
+            jobs = [(seg, shape, dtype, i, num_layers, position) for seg, i in zip(segments, layers, strict=True)]
+            return pool.map_threads(self.decode_layer, jobs)
+        # Each layer's entropy decoding runs in a worker; only the segment's bytes go out. Uncalibrated
+        # segments come back as values. Encoding stays in-process: measured, it did not pay.
         jobs = [
             (self.params(), bytes(seg), tuple(shape), i, num_layers) for seg, i in zip(segments, layers, strict=True)
         ]
@@ -280,13 +283,8 @@ class CacheGenCodec(Codec):
     def encode_layers(self, kv: torch.Tensor, position: int = 0) -> list[bytes]:
         if self.calibration is None or not pool.workers():
             return super().encode_layers(kv, position)
-        # The transforms run here (torch, no GIL held); the entropy coding, which holds the GIL, runs in
-        # the workers on the integer symbols (int16 when they fit: fewer bytes to ship).
-        jobs = []
-        for i in range(kv.shape[0]):
-            q = self._calibrated_symbols(kv[i], i, position)
-            jobs.append((q.astype(np.int16) if np.abs(q).max(initial=0) < 32768 else q, self.bits))
-        return pool.map_calls(_code_calibrated, jobs)
+        # Transforms (torch) and rANS coding (numba) release the GIL: layers side by side on threads.
+        return pool.map_threads(self._encode_calibrated, [(kv[i], i, position) for i in range(kv.shape[0])])
 
     def _finish_calibrated(self, q: np.ndarray, layer: int, position: int, device) -> torch.Tensor:
         """Integer symbols [2, heads, tokens, dim] -> float32 KV on `device` (inverse transform, RoPE again)."""
@@ -298,14 +296,19 @@ class CacheGenCodec(Codec):
         return x
 
     def decode_layer_on(self, data, shape, dtype, layer, num_layers, device, position=0) -> torch.Tensor:
-        """Entropy decoding on the CPU; the small integer symbols (and the uncalibrated mode's fp16 steps
-        and escapes) go to the device, where the dequantisation or inverse transform runs."""
+        """Calibrated: on a CUDA device the entropy decoding runs there too (kvshelf.codecs.rans_gpu, Triton),
+        from the segment's bytes; elsewhere on the CPU. Uncalibrated: entropy decoding on the CPU, the small
+        integer symbols, fp16 steps and escapes go to the device, where the dequantisation runs."""
         if torch.device(device).type == "cpu":
             return self.decode_layer(data, shape, dtype, layer, num_layers, position)
         if self.calibration is not None:
-            return self._finish_calibrated(_symbols_calibrated(data, shape, self.bits), layer, position, device).to(
-                dtype
-            )
+            from kvshelf.codecs import rans_gpu
+
+            if rans_gpu.available(device):
+                q = rans_gpu.decode_segment(data, shape, self.bits, device)
+            else:
+                q = _symbols_calibrated(data, shape, self.bits)
+            return self._finish_calibrated(q, layer, position, device).to(dtype)
         qk, qv, sk, sv, (ik, iv, ek, ev) = self._decode_parts(data, shape, layer, num_layers)
         small = np.int8 if max(np.abs(qk).max(initial=0), np.abs(qv).max(initial=0)) < 128 else np.int16
         q = torch.from_numpy(np.stack((qk, qv)).astype(small)).to(device, non_blocking=True)
@@ -319,29 +322,35 @@ class CacheGenCodec(Codec):
 
 
 def _code_calibrated(q: np.ndarray, level: int) -> bytes:
-    """A calibrated segment from integer symbols [2, heads, tokens, dim] (in a codec worker, or inline)."""
-    parts = [_CAL_HEAD.pack(b"CG", level, _CALIBRATED)]
-    for kind in range(2):
-        parts += encode_by_class(q[kind].astype(np.int32, copy=False))
-    return b"".join(parts)
+    """A calibrated segment from integer symbols [2, heads, tokens, dim]."""
+    return b"".join([_CAL_HEAD.pack(b"CG", level, _CALIBRATED | _RANS), rans.encode_part(q[0]), rans.encode_part(q[1])])
 
 
-def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:
-    """A calibrated segment's integer symbols, [2, heads, tokens, dim] (runs in a codec worker, or inline)."""
+def calibrated_parts(data, shape: tuple, level: int) -> tuple[np.ndarray, list[rans.Part]]:
+    """A calibrated segment's bytes (uint8) and its two validated rANS parts (K, V)."""
     _, heads, tokens, dim = shape
-    buf = memoryview(data)
+    buf = np.frombuffer(data, np.uint8)[:]
+    buf.flags.writeable = False  # one array type for the compiled decoder, whatever held the bytes
     if len(buf) < _CAL_HEAD.size:
         raise ValueError("cachegen segment is truncated")
     magic, level_read, flags = _CAL_HEAD.unpack_from(buf)
-    if magic != b"CG" or flags != _CALIBRATED or level != level_read:
+    if magic != b"CG" or flags != _CALIBRATED | _RANS or level != level_read:
         raise ValueError("cachegen segment header does not match the codec parameters")
-    k, off = decode_by_class(buf, _CAL_HEAD.size, heads, tokens, dim)
-    v, off = decode_by_class(buf, off, heads, tokens, dim)
-    if off != len(buf):
-        raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {off}")
-    q = np.stack((k, v))
-    # int16 when it fits: half the bytes back from a worker process, or over PCIe to a GPU
-    return q.astype(np.int16) if np.abs(q).max(initial=0) < 32768 else q
+    k = rans.Part(buf, _CAL_HEAD.size, heads, tokens, dim)
+    v = rans.Part(buf, k.end, heads, tokens, dim)
+    if v.end != len(buf):
+        raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {v.end}")
+    return buf, [k, v]
+
+
+def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:
+    """A calibrated segment's integer symbols, [2, heads, tokens, dim] int32."""
+    _, heads, tokens, dim = shape
+    buf, parts = calibrated_parts(data, shape, level)
+    q = np.empty((2, heads, tokens, dim), np.int32)
+    for kind, part in enumerate(parts):
+        rans.decode_part(buf, part, q[kind])
+    return q
 
 
 def _decode_segment(params: dict, data: bytes, shape: tuple, layer: int, num_layers: int) -> np.ndarray:

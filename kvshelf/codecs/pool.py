@@ -1,4 +1,7 @@
-"""Worker processes for cachegen's entropy coding, so that it uses more than one core.
+"""Worker processes (and threads) for cachegen's entropy coding, so that it uses more than one core.
+
+Calibrated cachegen codes with a numba rANS coder that releases the GIL: its layers run on `codec_workers`
+threads (map_threads), no processes. What follows is about the uncalibrated mode's constriction coder.
 
 The ANS coder (constriction) holds Python's GIL while it runs, so threads cannot share its work. With
 `codec_workers: N` the layers of a chunk are entropy-decoded in N worker processes, and in the calibrated
@@ -15,7 +18,7 @@ import logging
 import multiprocessing
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from kvshelf.errors import KVShelfError
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _workers = 0
 _pool: ProcessPoolExecutor | None = None
+_threads: ThreadPoolExecutor | None = None
 
 
 def configure(workers: int) -> None:
@@ -72,6 +76,20 @@ def map_calls(fn: Callable, args: Iterable[tuple]) -> list:
     raise CodecPoolError("codec worker pool failed twice in a row (workers dying); decoding is a tier fault")
 
 
+def map_threads(fn: Callable, args: Iterable[tuple]) -> list:
+    """[fn(*a) for a in args] on `workers()` threads (for code that releases the GIL); exceptions come back
+    as they are. Inline when there are no workers or only one call."""
+    global _threads
+    calls = list(args)
+    with _lock:
+        if _workers and len(calls) > 1 and _threads is None:
+            _threads = ThreadPoolExecutor(max_workers=_workers, thread_name_prefix="kvshelf-codec")
+        threads = _threads if _workers and len(calls) > 1 else None
+    if threads is None:
+        return [fn(*a) for a in calls]
+    return [f.result() for f in [threads.submit(fn, *a) for a in calls]]
+
+
 def _discard(pool: ProcessPoolExecutor, err: BaseException) -> None:
     """Forget a broken pool so the next call builds a new one."""
     global _pool
@@ -92,7 +110,10 @@ def _pool_locked() -> ProcessPoolExecutor:
 
 
 def _shutdown_locked() -> None:
-    global _pool
+    global _pool, _threads
+    if _threads is not None:
+        _threads.shutdown(wait=True, cancel_futures=True)
+        _threads = None
     if _pool is not None:
         _pool.shutdown(wait=True, cancel_futures=True)
         _pool = None

@@ -1,0 +1,324 @@
+"""Interleaved rANS over spread classes: cachegen's calibrated entropy coder, decodable on a CPU (numba,
+without Python's GIL) and on a GPU (kvshelf.codecs.rans_gpu reads the same bytes).
+
+The model is the one the constriction coder used (kvshelf.codecs.entropy): every coefficient row (one
+(head, channel) over a chunk's tokens) gets a spread class (quarter octaves of its RMS, one byte stored)
+and is coded against a discretised Gaussian of that spread over [-r, r], r = ceil(8 spread) + 2; symbols
+at or beyond r are coded at the edge and kept exactly as escapes. Here the Gaussians are STATIC tables of
+14-bit frequencies computed from the class alone (nothing but the class bytes is stored). For wide classes
+(spread > 8) a symbol u = v + r is split into `u >> k`, coded against the Gaussian's mass per bin of 2**k,
+and k uniform low bits, so that no table has more than ~135 symbols.
+
+Interleaving: the rows of one (K|V) part are cut into blocks of W lanes (W = gcd(rows, 32)); lane j of a
+block codes R rows (rows j, j + W, ...), token after token, all W lanes in lock step sharing one stream of
+16-bit words (as GPU rANS coders do: a warp decodes a block, each lane reading the words it needs in lane
+order). Per block: one word count and W final states (u32) are stored; decoding must end with every state
+back at its initial value and every word consumed, or the segment is refused.
+
+Part layout (little-endian): classes u8 [rows], escapes u32, word counts u32 [blocks], states u32
+[blocks * W], words u16 [sum of counts], escape positions i32 [escapes], escape values i32 [escapes].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from math import gcd
+
+import numpy as np
+from numba import njit
+
+PROB_BITS = 14
+PROB_SCALE = 1 << PROB_BITS
+STATE_LOW = 1 << 16  # states live in [2**16, 2**32); words are 16 bits
+SPREAD_CLASSES = 64  # spreads 2**-3 .. 2**12.75, in quarter octaves (as kvshelf.codecs.entropy)
+LANES = 32
+SYMBOLS_PER_LANE = 2048  # rows per lane are chosen to give each lane about this many symbols
+_ESC = struct.Struct("<I")
+# The tables come from floating-point maths (erfc): a platform whose libm rounds differently would build
+# other tables and decode garbage. They are pinned: a mismatch refuses to code at all.
+TABLES_DIGEST = "095a560742246aad79d9d7973bffe944"
+
+
+class RansError(ValueError):
+    """A rANS part is malformed: truncated, inconsistent counts, or a stream that does not decode."""
+
+
+def spread_of(cls: int) -> float:
+    return 2.0 ** (cls / 4 - 3)
+
+
+def _class_table(cls: int) -> tuple[np.ndarray, int, int]:
+    """(14-bit frequencies of the high symbols, radius r, low bits k) for a spread class."""
+    sigma = spread_of(cls)
+    r = int(math.ceil(8 * sigma)) + 2
+    k = max(0, math.ceil(math.log2(sigma)) - 3)
+    width = 1 << k
+    n = (2 * r >> k) + 1
+    probs = []
+    for h in range(n):
+        lo, hi = h * width - r, min(h * width + width - 1, 2 * r) - r  # values v of this bin
+        cdf = lambda x: 0.5 * math.erfc(-x / (sigma * math.sqrt(2)))  # noqa: E731
+        probs.append(cdf(hi + 0.5) - cdf(lo - 0.5))
+    p = np.array(probs, np.float64)
+    p /= p.sum()
+    freq = 1 + np.floor(p * (PROB_SCALE - n)).astype(np.int64)  # every symbol decodable
+    freq[int(np.argmax(p))] += PROB_SCALE - int(freq.sum())
+    return freq, r, k
+
+
+def _build_tables():
+    tabs = [_class_table(c) for c in range(SPREAD_CLASSES)]
+    width = max(len(f) for f, _, _ in tabs)
+    freq = np.zeros((SPREAD_CLASSES, width), np.uint32)
+    cum = np.zeros((SPREAD_CLASSES, width), np.uint32)
+    symbol = np.zeros((SPREAD_CLASSES, PROB_SCALE), np.uint8)
+    radius = np.zeros(SPREAD_CLASSES, np.int32)
+    low_bits = np.zeros(SPREAD_CLASSES, np.int32)
+    for c, (f, r, k) in enumerate(tabs):
+        freq[c, : len(f)] = f
+        cum[c, : len(f)] = np.concatenate(([0], np.cumsum(f)[:-1]))
+        symbol[c] = np.repeat(np.arange(len(f)), f)
+        radius[c], low_bits[c] = r, k
+    return freq, cum, symbol, radius, low_bits
+
+
+FREQ, CUM, SYMBOL, RADIUS, LOW_BITS = _build_tables()
+
+
+def tables_digest() -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in (FREQ, RADIUS, LOW_BITS):
+        h.update(t.tobytes())
+    return h.hexdigest()
+
+
+def check_tables() -> None:
+    if tables_digest() != TABLES_DIGEST:
+        raise RuntimeError(
+            f"cachegen's rANS tables built here ({tables_digest()}) differ from the pinned ones ({TABLES_DIGEST}):"
+            " this platform's floating-point maths would code other bytes"
+        )
+
+
+def layout(rows: int, tokens: int) -> tuple[int, int, int]:
+    """(lanes per block W, rows per lane R, blocks) for a part of `rows` rows of `tokens` symbols."""
+    width = gcd(rows, LANES)
+    per_lane = 1
+    while per_lane * 2 * tokens <= SYMBOLS_PER_LANE and (rows // width) % (per_lane * 2) == 0 and per_lane < 1 << 16:
+        per_lane *= 2
+    return width, per_lane, rows // (width * per_lane)
+
+
+def classes_of(cols: np.ndarray) -> np.ndarray:
+    """Spread class of each row (as kvshelf.codecs.entropy.encode_by_class)."""
+    spread = np.sqrt((cols.astype(np.float64) ** 2).mean(axis=1))
+    classes = np.clip(np.round(4 * (np.log2(np.maximum(spread, 2.0**-3)) + 3)), 0, SPREAD_CLASSES - 1)
+    return classes.astype(np.uint8)
+
+
+# -- the coder proper (numba: no GIL, so threads decode layers side by side) ----------------------------------
+@njit(nogil=True, cache=True)
+def _encode(u, cls, width, per_lane, freq, cum, low_bits):  # pragma: no cover - compiled
+    rows, tokens = u.shape
+    blocks = rows // (width * per_lane)
+    cap = width * per_lane * tokens * 2  # at most one word per (high or low) symbol
+    buf = np.empty(blocks * cap, np.uint16)
+    counts = np.zeros(blocks, np.uint32)
+    states = np.empty(blocks * width, np.uint32)
+    x = np.empty(width, np.uint64)
+    for b in range(blocks):
+        end = (b + 1) * cap
+        pos = end
+        for j in range(width):
+            x[j] = STATE_LOW
+        base = b * width * per_lane
+        for i in range(per_lane - 1, -1, -1):
+            for t in range(tokens - 1, -1, -1):
+                for j in range(width - 1, -1, -1):
+                    row = base + j + width * i
+                    c = cls[row]
+                    k = low_bits[c]
+                    v = u[row, t]
+                    s = x[j]
+                    if k > 0:  # the low bits, uniform: decoded after the high symbol, so coded before it
+                        f = np.uint64(1) << np.uint64(PROB_BITS - k)
+                        if s >= f << np.uint64(32 - PROB_BITS):
+                            pos -= 1
+                            buf[pos] = s & 0xFFFF
+                            s >>= np.uint64(16)
+                        s = ((s // f) << np.uint64(PROB_BITS)) + s % f + np.uint64(v & ((1 << k) - 1)) * f
+                    h = v >> k
+                    f = np.uint64(freq[c, h])
+                    if s >= f << np.uint64(32 - PROB_BITS):
+                        pos -= 1
+                        buf[pos] = s & 0xFFFF
+                        s >>= np.uint64(16)
+                    s = ((s // f) << np.uint64(PROB_BITS)) + s % f + np.uint64(cum[c, h])
+                    x[j] = s
+        counts[b] = end - pos
+        for j in range(width):
+            states[b * width + j] = x[j]
+        # move the block's words to the front of its slot: the caller cuts [b * cap, b * cap + count)
+        n = end - pos
+        for w in range(n):
+            buf[b * cap + w] = buf[pos + w]
+    return buf, counts, states, cap
+
+
+@njit(nogil=True, cache=True)
+def _decode(
+    buf, states_at, words_at, word_start, cls, width, per_lane, tokens, dim, symbol, freq, cum, low_bits, radius, out
+):  # pragma: no cover - compiled  # noqa: E501
+    """Decode a part into out [heads, tokens, dim] (rows = head * dim + channel). 0 when the stream decoded
+    exactly (every word used, every state back to its start), else an error code; never writes outside out."""
+    rows = cls.shape[0]
+    blocks = rows // (width * per_lane)
+    mask = np.uint64(PROB_SCALE - 1)
+    x = np.empty(width, np.uint64)
+    for b in range(blocks):
+        for j in range(width):
+            o = states_at + 4 * (b * width + j)
+            x[j] = (
+                np.uint64(buf[o])
+                | (np.uint64(buf[o + 1]) << np.uint64(8))
+                | (np.uint64(buf[o + 2]) << np.uint64(16))
+                | (np.uint64(buf[o + 3]) << np.uint64(24))
+            )
+        p = words_at + 2 * word_start[b]
+        end = words_at + 2 * word_start[b + 1]
+        base = b * width * per_lane
+        for i in range(per_lane):
+            for t in range(tokens):
+                for j in range(width):
+                    row = base + j + width * i
+                    c = cls[row]
+                    s = x[j]
+                    slot = s & mask
+                    h = symbol[c, slot]
+                    s = np.uint64(freq[c, h]) * (s >> np.uint64(PROB_BITS)) + slot - np.uint64(cum[c, h])
+                    if s < STATE_LOW:
+                        if p >= end:
+                            return 1
+                        s = (s << np.uint64(16)) | np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8))
+                        p += 2
+                    v = np.int64(h)
+                    k = low_bits[c]
+                    if k > 0:
+                        slot = s & mask
+                        sh = np.uint64(PROB_BITS - k)
+                        s = ((s >> np.uint64(PROB_BITS)) << sh) + (slot & ((np.uint64(1) << sh) - np.uint64(1)))
+                        if s < STATE_LOW:
+                            if p >= end:
+                                return 1
+                            s = (s << np.uint64(16)) | np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8))
+                            p += 2
+                        v = (v << k) | np.int64(slot >> sh)
+                    x[j] = s
+                    out[row // dim, t, row % dim] = v - radius[c]
+        if p != end:
+            return 2
+        for j in range(width):
+            if x[j] != STATE_LOW:
+                return 3
+    return 0
+
+
+# -- parts: bytes in and out, validated before any decoding -------------------------------------------------------
+def encode_part(q: np.ndarray) -> bytes:
+    """Integer symbols [heads, tokens, dim] -> one part's bytes."""
+    heads, tokens, dim = q.shape
+    rows = heads * dim
+    cols = q.transpose(0, 2, 1).reshape(rows, tokens)
+    classes = classes_of(cols)
+    r = RADIUS[classes][:, None]
+    out = np.abs(cols) >= r
+    if out.any():
+        rr, tt = np.nonzero(out)
+        h, d = np.divmod(rr, dim)
+        order = np.argsort((h * tokens + tt) * dim + d, kind="stable")
+        pos = ((h * tokens + tt) * dim + d)[order].astype(np.int32)
+        val = cols[out][order].astype(np.int32)
+    else:
+        pos = val = np.zeros(0, np.int32)
+    u = (np.clip(cols, -r, r) + r).astype(np.int32)
+    width, per_lane, _ = layout(rows, tokens)
+    buf, counts, states, cap = _encode(u, classes, width, per_lane, FREQ, CUM, LOW_BITS)
+    words = [buf[b * cap : b * cap + int(n)] for b, n in enumerate(counts)]
+    return b"".join(
+        [
+            classes.tobytes(),
+            _ESC.pack(len(pos)),
+            counts.astype("<u4").tobytes(),
+            states.astype("<u4").tobytes(),
+            *(w.astype("<u2").tobytes() for w in words),
+            pos.astype("<i4").tobytes(),
+            val.astype("<i4").tobytes(),
+        ]
+    )
+
+
+class Part:
+    """A validated part inside a segment: offsets of its arrays and what decoding needs."""
+
+    __slots__ = ("classes", "esc_pos", "esc_val", "states_at", "words_at", "word_start", "layout", "end")
+
+    def __init__(self, buf: np.ndarray, off: int, heads: int, tokens: int, dim: int):
+        rows = heads * dim
+        width, per_lane, blocks = layout(rows, tokens)
+        size = len(buf)
+        if size < off + rows + _ESC.size + 4 * blocks + 4 * blocks * width:
+            raise RansError("cachegen segment is truncated")
+        self.classes = buf[off : off + rows]
+        if (self.classes >= SPREAD_CLASSES).any():
+            raise RansError("cachegen spread class out of range")
+        off += rows
+        (n_esc,) = _ESC.unpack_from(buf, off)
+        if n_esc > rows * tokens:
+            raise RansError("cachegen segment has more escapes than values")
+        off += _ESC.size
+        counts = buf[off : off + 4 * blocks].view("<u4").astype(np.int64)
+        if (counts > width * per_lane * tokens * 2).any():
+            raise RansError("cachegen block has more words than its symbols can use")
+        self.word_start = np.concatenate(([0], np.cumsum(counts)))
+        off += 4 * blocks
+        self.states_at = off
+        off += 4 * blocks * width
+        self.words_at = off
+        off += 2 * int(self.word_start[-1])
+        self.end = off + 8 * n_esc
+        if size < self.end:
+            raise RansError("cachegen segment is truncated")
+        self.esc_pos = buf[off : off + 4 * n_esc].view("<i4")
+        self.esc_val = buf[off + 4 * n_esc : self.end].view("<i4")
+        if n_esc and ((self.esc_pos < 0).any() or (self.esc_pos >= rows * tokens).any()):
+            raise RansError("cachegen escape index out of range")
+        self.layout = (width, per_lane, blocks)
+
+
+def decode_part(buf: np.ndarray, part: Part, out: np.ndarray) -> None:
+    """Decode a validated part into out [heads, tokens, dim] int32 (escapes included)."""
+    heads, tokens, dim = out.shape
+    width, per_lane, _ = part.layout
+    err = _decode(
+        buf,
+        part.states_at,
+        part.words_at,
+        part.word_start,
+        part.classes,
+        width,
+        per_lane,
+        tokens,
+        dim,
+        SYMBOL,
+        FREQ,
+        CUM,
+        LOW_BITS,
+        RADIUS,
+        out,
+    )
+    if err:
+        raise RansError(f"cachegen entropy stream does not decode (code {err})")
+    if len(part.esc_pos):
+        out.reshape(-1)[part.esc_pos] = part.esc_val
