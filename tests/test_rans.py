@@ -1,0 +1,148 @@
+"""cachegen's interleaved rANS coder (kvshelf.codecs.rans): exact round trips, bounded decoding, pinned tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvshelf.codecs import rans
+
+PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def symbols(seed: int, heads: int, tokens: int, dim: int, log_spread=(-4.0, 13.0), escapes: int = 0) -> np.ndarray:
+    """Rounded Gaussians, one spread per (head, channel) row (drawn over every class), some far outliers."""
+    rng = np.random.default_rng(seed)
+    spread = 2.0 ** rng.uniform(*log_spread, size=(heads, 1, dim))
+    q = np.round(rng.standard_normal((heads, tokens, dim)) * spread).astype(np.int64)
+    for _ in range(escapes):
+        q[rng.integers(heads), rng.integers(tokens), rng.integers(dim)] = rng.integers(-(2**30), 2**30)
+    return q.astype(np.int32)
+
+
+def round_trip(q: np.ndarray) -> tuple[np.ndarray, bytes]:
+    data = rans.encode_part(q)
+    buf = np.frombuffer(data, np.uint8)
+    part = rans.Part(buf, 0, *q.shape)
+    assert part.end == len(data)
+    out = np.full(q.shape, -7, np.int32)
+    rans.decode_part(buf, part, out)
+    return out, data
+
+
+def test_tables_are_pinned_and_sum_to_the_scale():
+    rans.check_tables()
+    assert rans.tables_digest() == rans.TABLES_DIGEST
+    for c in range(rans.SPREAD_CLASSES):
+        n = (2 * int(rans.RADIUS[c]) >> int(rans.LOW_BITS[c])) + 1
+        f = rans.FREQ[c, :n].astype(np.int64)
+        assert f.sum() == rans.PROB_SCALE and (f >= 1).all() and not rans.FREQ[c, n:].any()
+        assert (np.bincount(rans.SYMBOL[c], minlength=n)[:n] == f).all()
+        assert rans.LOW_BITS[c] < rans.PROB_BITS and n <= 256
+
+
+@PROPS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    heads=st.integers(1, 3),
+    tokens=st.integers(1, 70),
+    dim=st.sampled_from([2, 4, 6, 8, 10, 32, 64]),
+    escapes=st.integers(0, 5),
+)
+def test_round_trip_is_exact_for_any_spreads_shapes_and_escapes(seed, heads, tokens, dim, escapes):
+    q = symbols(seed, heads, tokens, dim, escapes=escapes)
+    out, _ = round_trip(q)
+    assert np.array_equal(out, q)
+
+
+def test_every_spread_class_round_trips():
+    # rows at every class's spread; a copy of each with values at the range's edge: exactly r (an escape)
+    # and just inside it (coded)
+    tokens = 96
+    rng = np.random.default_rng(1)
+    spreads = np.array([rans.spread_of(c) for c in range(64)])
+    z = rng.standard_normal((tokens, 64))
+    plain = np.round(z / np.sqrt((z**2).mean(0)) * spreads).astype(np.int32)  # RMS at the class's spread
+    plain[:, 0] = 0  # class 0: all zeros
+    edges = plain.copy()
+    edges[0], edges[1] = rans.RADIUS, -rans.RADIUS + 1
+    q = np.concatenate((plain, edges), axis=1)[None]
+    assert set(rans.classes_of(plain.T)) >= {0, *range(16, 64)}
+    out, _ = round_trip(q)
+    assert np.array_equal(out, q)
+
+
+def test_size_is_close_to_the_information_under_the_model():
+    q = symbols(3, 2, 256, 64, log_spread=(-1.0, 5.0))
+    _, data = round_trip(q)
+    cols = q.transpose(0, 2, 1).reshape(-1, q.shape[1])
+    cls = rans.classes_of(cols)
+    bits = 0.0
+    for row, c in zip(cols, cls, strict=True):
+        r, k = int(rans.RADIUS[c]), int(rans.LOW_BITS[c])
+        u = np.clip(row, -r, r) + r
+        bits += -np.log2(rans.FREQ[c, u >> k] / rans.PROB_SCALE).sum() + k * len(u)
+    ideal = bits / 8 + len(cls)  # and the class bytes
+    assert ideal <= len(data) < ideal * 1.03 + 64
+
+
+def test_lanes_blocks_and_rows_per_lane_follow_the_shape():
+    assert rans.layout(256, 256) == (32, 8, 1)  # Gemma 3 270M: 1 head x 256 dims, 256-token chunks
+    assert rans.layout(1024, 256) == (32, 8, 4)
+    assert rans.layout(8, 16) == (8, 1, 1)
+    assert rans.layout(6, 5) == (2, 1, 3)
+    width, per_lane, blocks = rans.layout(512, 3)
+    assert width * per_lane * blocks == 512
+
+
+@PROPS
+@given(data=st.data())
+def test_hostile_parts_raise_or_decode_within_bounds(data):
+    q = symbols(data.draw(st.integers(0, 1000)), 1, 24, 8, escapes=2)
+    good = rans.encode_part(q)
+    kind = data.draw(st.sampled_from(["flip", "truncate", "overwrite", "extend"]))
+    pos = data.draw(st.integers(0, len(good) - 1))
+    if kind == "flip":
+        bad = good[:pos] + bytes([good[pos] ^ (1 << data.draw(st.integers(0, 7)))]) + good[pos + 1 :]
+    elif kind == "truncate":
+        bad = good[:pos]
+    elif kind == "overwrite":
+        extra = data.draw(st.binary(min_size=1, max_size=16))
+        bad = good[:pos] + extra + good[pos + len(extra) :]
+    else:
+        bad = good + data.draw(st.binary(min_size=1, max_size=16))
+    buf = np.frombuffer(bad, np.uint8)
+    guard = np.full((3, *q.shape), 12345, np.int32)  # the decoder gets the middle; the rest must stay
+    try:
+        part = rans.Part(buf, 0, *q.shape)
+        rans.decode_part(buf, part, guard[1])
+    except rans.RansError:
+        pass
+    assert (guard[0] == 12345).all() and (guard[2] == 12345).all()
+
+
+def test_damage_in_the_words_or_states_is_refused():
+    q = symbols(5, 1, 64, 32, log_spread=(0.0, 3.0))
+    data = bytearray(rans.encode_part(q))
+    part = rans.Part(np.frombuffer(bytes(data), np.uint8), 0, *q.shape)
+    refused = 0
+    for at in (part.states_at, part.words_at + 10, part.words_at + 200):
+        bad = bytearray(data)
+        bad[at] ^= 0x10
+        buf = np.frombuffer(bytes(bad), np.uint8)
+        with pytest.raises(rans.RansError):
+            rans.decode_part(buf, rans.Part(buf, 0, *q.shape), np.empty(q.shape, np.int32))
+        refused += 1
+    assert refused == 3
+
+
+def test_escape_positions_out_of_range_are_refused():
+    q = symbols(6, 1, 8, 4, escapes=1)
+    data = bytearray(rans.encode_part(q))
+    part = rans.Part(np.frombuffer(bytes(data), np.uint8), 0, *q.shape)
+    at = part.end - 8 * len(part.esc_pos)
+    data[at : at + 4] = (10**6).to_bytes(4, "little")
+    with pytest.raises(rans.RansError, match="escape index"):
+        rans.Part(np.frombuffer(bytes(data), np.uint8), 0, *q.shape)
