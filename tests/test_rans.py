@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -9,6 +14,7 @@ from hypothesis import strategies as st
 
 from kvshelf.codecs import rans
 
+ROOT = Path(__file__).resolve().parents[1]
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -146,3 +152,43 @@ def test_escape_positions_out_of_range_are_refused():
     data[at : at + 4] = (10**6).to_bytes(4, "little")
     with pytest.raises(rans.RansError, match="escape index"):
         rans.Part(np.frombuffer(bytes(data), np.uint8), 0, *q.shape)
+
+
+_KERNEL_CHECK = """
+import numpy as np
+from kvshelf.codecs import rans_gpu
+from kvshelf.codecs.cachegen import _code_calibrated, _symbols_calibrated
+from test_rans import symbols
+
+shape = (2, 2, 12, 16)
+segs, want = [], []
+for seed in range(2):  # every class from zeros to the widest (low bits), escapes too
+    q = np.stack([symbols(seed * 2 + kind, 2, 12, 16, escapes=2) for kind in range(2)])
+    segs.append(_code_calibrated(q, 5))
+    want.append(q)
+    assert np.array_equal(_symbols_calibrated(segs[-1], shape, 5), q)
+got = rans_gpu.decode_segments(segs, shape, 5, "cpu")
+assert np.array_equal(got.numpy(), np.stack(want)), "GPU kernel decoded other symbols"
+bad = bytearray(segs[0])
+bad[-40] ^= 0x01  # inside V's words or escapes
+try:
+    rans_gpu.decode_segments([bytes(bad)], shape, 5, "cpu")
+    raise AssertionError("damaged segment decoded")
+except ValueError:
+    pass
+print("same symbols")
+"""
+
+
+def test_gpu_kernel_decodes_the_same_symbols_as_the_cpu_decoder():
+    # Triton's interpreter runs the GPU kernel on the CPU (CI has no GPU): same bytes, same symbols. It
+    # must be chosen before triton is imported, hence a process of its own.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    run = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "same symbols" in run.stdout, run.stderr[-3000:]
+
+
+def test_gpu_module_imports_and_declines_without_cuda():
+    from kvshelf.codecs import rans_gpu
+
+    assert not rans_gpu.available("cpu")

@@ -12,7 +12,8 @@ and k uniform low bits, so that no table has more than ~135 symbols.
 Interleaving: the rows of one (K|V) part are cut into blocks of W lanes (W = gcd(rows, 32)); lane j of a
 block codes R rows (rows j, j + W, ...), token after token, all W lanes in lock step sharing one stream of
 16-bit words (as GPU rANS coders do: a warp decodes a block, each lane reading the words it needs in lane
-order). Per block: one word count and W final states (u32) are stored; decoding must end with every state
+order; a step reads every lane's word for its high symbol, then every lane's word for its low bits).
+Per block: one word count and W final states (u32) are stored; decoding must end with every state
 back at its initial value and every word consumed, or the segment is refused.
 
 Part layout (little-endian): classes u8 [rows], escapes u32, word counts u32 [blocks], states u32
@@ -136,27 +137,29 @@ def _encode(u, cls, width, per_lane, freq, cum, low_bits):  # pragma: no cover -
         base = b * width * per_lane
         for i in range(per_lane - 1, -1, -1):
             for t in range(tokens - 1, -1, -1):
+                # a step decodes every lane's high symbol, then every lane's low bits: coded in reverse
                 for j in range(width - 1, -1, -1):
                     row = base + j + width * i
-                    c = cls[row]
-                    k = low_bits[c]
-                    v = u[row, t]
-                    s = x[j]
-                    if k > 0:  # the low bits, uniform: decoded after the high symbol, so coded before it
+                    k = low_bits[cls[row]]
+                    if k > 0:
+                        s = x[j]
                         f = np.uint64(1) << np.uint64(PROB_BITS - k)
                         if s >= f << np.uint64(32 - PROB_BITS):
                             pos -= 1
                             buf[pos] = s & 0xFFFF
                             s >>= np.uint64(16)
-                        s = ((s // f) << np.uint64(PROB_BITS)) + s % f + np.uint64(v & ((1 << k) - 1)) * f
-                    h = v >> k
+                        x[j] = ((s // f) << np.uint64(PROB_BITS)) + s % f + np.uint64(u[row, t] & ((1 << k) - 1)) * f
+                for j in range(width - 1, -1, -1):
+                    row = base + j + width * i
+                    c = cls[row]
+                    h = u[row, t] >> low_bits[c]
+                    s = x[j]
                     f = np.uint64(freq[c, h])
                     if s >= f << np.uint64(32 - PROB_BITS):
                         pos -= 1
                         buf[pos] = s & 0xFFFF
                         s >>= np.uint64(16)
-                    s = ((s // f) << np.uint64(PROB_BITS)) + s % f + np.uint64(cum[c, h])
-                    x[j] = s
+                    x[j] = ((s // f) << np.uint64(PROB_BITS)) + s % f + np.uint64(cum[c, h])
         counts[b] = end - pos
         for j in range(width):
             states[b * width + j] = x[j]
@@ -177,6 +180,7 @@ def _decode(
     blocks = rows // (width * per_lane)
     mask = np.uint64(PROB_SCALE - 1)
     x = np.empty(width, np.uint64)
+    high = np.empty(width, np.int64)
     for b in range(blocks):
         for j in range(width):
             o = states_at + 4 * (b * width + j)
@@ -191,7 +195,7 @@ def _decode(
         base = b * width * per_lane
         for i in range(per_lane):
             for t in range(tokens):
-                for j in range(width):
+                for j in range(width):  # every lane's high symbol...
                     row = base + j + width * i
                     c = cls[row]
                     s = x[j]
@@ -203,9 +207,15 @@ def _decode(
                             return 1
                         s = (s << np.uint64(16)) | np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8))
                         p += 2
-                    v = np.int64(h)
+                    x[j] = s
+                    high[j] = h
+                for j in range(width):  # ...then the low bits of the lanes that have them
+                    row = base + j + width * i
+                    c = cls[row]
+                    v = np.int64(high[j])
                     k = low_bits[c]
                     if k > 0:
+                        s = x[j]
                         slot = s & mask
                         sh = np.uint64(PROB_BITS - k)
                         s = ((s >> np.uint64(PROB_BITS)) << sh) + (slot & ((np.uint64(1) << sh) - np.uint64(1)))
@@ -214,8 +224,8 @@ def _decode(
                                 return 1
                             s = (s << np.uint64(16)) | np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8))
                             p += 2
+                        x[j] = s
                         v = (v << k) | np.int64(slot >> sh)
-                    x[j] = s
                     out[row // dim, t, row % dim] = v - radius[c]
         if p != end:
             return 2
