@@ -286,12 +286,17 @@ class CacheGenCodec(Codec):
         # Transforms (torch) and rANS coding (numba) release the GIL: layers side by side on threads.
         return pool.map_threads(self._encode_calibrated, [(kv[i], i, position) for i in range(kv.shape[0])])
 
-    def _finish_calibrated(self, q: np.ndarray, layer: int, position: int, device) -> torch.Tensor:
-        """Integer symbols [2, heads, tokens, dim] -> float32 KV on `device` (inverse transform, RoPE again)."""
+    def _finish_calibrated(self, q, layer: int, position: int, device) -> torch.Tensor:
+        """Integer symbols [2, heads, tokens, dim] (numpy, or a tensor already on `device`) -> float32 KV on
+        `device`: one batched matmul by the inverse transform with the steps folded in, the mean as its
+        bias, then RoPE on K again."""
+        scaled, mean = self.calibration.decode_transform(self.bits, device)
+        coeffs = q if isinstance(q, torch.Tensor) else torch.from_numpy(q).to(device, non_blocking=True)
+        two, heads, tokens, dim = coeffs.shape
+        coeffs = coeffs.reshape(two * heads, tokens, dim).float()
+        bias = mean[layer].reshape(two * heads, 1, dim).expand(two * heads, tokens, dim)
+        x = torch.baddbmm(bias, coeffs, scaled[layer].reshape(two * heads, dim, dim)).view(two, heads, tokens, dim)
         t = self.calibration.tensors_on(device)
-        coeffs = torch.from_numpy(q).to(device, non_blocking=True).float()
-        coeffs *= self._calibrated_steps(layer, t).view(2, 1, 1, 1)
-        x = torch.einsum("khij,khtj->khti", t["inverse"][layer], coeffs) + t["mean"][layer][:, :, None]
         x[0] = calib.rotate(x[0], t["inv_freq"][layer], position, 1.0)
         return x
 

@@ -174,13 +174,16 @@ def _encode(u, cls, width, per_lane, freq, cum, low_bits):  # pragma: no cover -
 def _decode(
     buf, states_at, words_at, word_start, cls, width, per_lane, tokens, dim, symbol, freq, cum, low_bits, radius, out
 ):  # pragma: no cover - compiled  # noqa: E501
-    """Decode a part into out [heads, tokens, dim] (rows = head * dim + channel). 0 when the stream decoded
+    """Decode a part into out, [heads, tokens, dim] flattened (rows = head * dim + channel). 0 when the stream decoded
     exactly (every word used, every state back to its start), else an error code; never writes outside out."""
     rows = cls.shape[0]
     blocks = rows // (width * per_lane)
     mask = np.uint64(PROB_SCALE - 1)
     x = np.empty(width, np.uint64)
-    high = np.empty(width, np.int64)
+    lane_cls = np.empty(width, np.int64)
+    lane_low = np.empty(width, np.int64)
+    lane_rad = np.empty(width, np.int64)
+    lane_at = np.empty(width, np.int64)
     for b in range(blocks):
         for j in range(width):
             o = states_at + 4 * (b * width + j)
@@ -194,10 +197,17 @@ def _decode(
         end = words_at + 2 * word_start[b + 1]
         base = b * width * per_lane
         for i in range(per_lane):
+            any_low = False
+            for j in range(width):  # per lane: its row's class, low bits, radius and place in out
+                row = base + j + width * i
+                lane_cls[j] = cls[row]
+                lane_low[j] = low_bits[cls[row]]
+                lane_rad[j] = radius[cls[row]]
+                lane_at[j] = (row // dim) * tokens * dim + row % dim
+                any_low |= lane_low[j] > 0
             for t in range(tokens):
                 for j in range(width):  # every lane's high symbol...
-                    row = base + j + width * i
-                    c = cls[row]
+                    c = lane_cls[j]
                     s = x[j]
                     slot = s & mask
                     h = symbol[c, slot]
@@ -208,12 +218,11 @@ def _decode(
                         s = (s << np.uint64(16)) | np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8))
                         p += 2
                     x[j] = s
-                    high[j] = h
+                    out[lane_at[j] + t * dim] = np.int64(h) - lane_rad[j]
+                if not any_low:
+                    continue
                 for j in range(width):  # ...then the low bits of the lanes that have them
-                    row = base + j + width * i
-                    c = cls[row]
-                    v = np.int64(high[j])
-                    k = low_bits[c]
+                    k = lane_low[j]
                     if k > 0:
                         s = x[j]
                         slot = s & mask
@@ -225,8 +234,8 @@ def _decode(
                             s = (s << np.uint64(16)) | np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8))
                             p += 2
                         x[j] = s
-                        v = (v << k) | np.int64(slot >> sh)
-                    out[row // dim, t, row % dim] = v - radius[c]
+                        o = lane_at[j] + t * dim
+                        out[o] = (((out[o] + lane_rad[j]) << k) | np.int64(slot >> sh)) - lane_rad[j]
         if p != end:
             return 2
         for j in range(width):
@@ -310,6 +319,8 @@ class Part:
 def decode_part(buf: np.ndarray, part: Part, out: np.ndarray) -> None:
     """Decode a validated part into out [heads, tokens, dim] int32 (escapes included)."""
     heads, tokens, dim = out.shape
+    if not out.flags.c_contiguous or out.dtype != np.int32:
+        raise TypeError("rANS parts decode into a C-contiguous int32 array")
     width, per_lane, _ = part.layout
     err = _decode(
         buf,
@@ -326,7 +337,7 @@ def decode_part(buf: np.ndarray, part: Part, out: np.ndarray) -> None:
         CUM,
         LOW_BITS,
         RADIUS,
-        out,
+        out.reshape(-1),
     )
     if err:
         raise RansError(f"cachegen entropy stream does not decode (code {err})")
