@@ -15,12 +15,15 @@ Importing this module needs neither CUDA nor Triton (CI has neither): both load 
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import torch
 
 from kvshelf.codecs import rans
+from kvshelf.codecs.cachegen import calibrated_parts
 
+_WARPS = 1  # a block's 32 lanes are one warp: prefix sums by shuffles, no shared memory
 _DESC = 10  # int64 fields per block: states, words, end, classes, first row, output base, W, R, T, dim
 
 
@@ -117,57 +120,89 @@ def _tables(device: str) -> tuple[torch.Tensor, ...]:
     )
 
 
-def decode_segments(segments: list, shape: tuple, level: int, device) -> torch.Tensor:
-    """Calibrated segments (one chunk-layer each, all of `shape`) -> their integer symbols on `device`,
-    int32 [len(segments), 2, heads, tokens, dim]; one host-to-device copy, one kernel, one check."""
-    from kvshelf.codecs.cachegen import calibrated_parts
+_local = threading.local()  # each thread's pinned staging buffer (a call syncs before it returns)
 
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    buf = getattr(_local, "pinned", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).pin_memory()
+        _local.pinned = buf
+    return buf[:nbytes]
+
+
+def stage(segments: list, shape: tuple, level: int, device) -> tuple:
+    """Check calibrated segments on the CPU, build the kernel's block descriptors and copy both, with the
+    bytes, to `device` (through pinned memory on CUDA)."""
     _, heads, tokens, dim = shape
     device = torch.device(device)
     part_size = heads * tokens * dim
-    descs, escapes, bufs, base = [], [], [], 0
+    descs, esc_pos, esc_val, bufs, base = [], [], [], [], 0
     for s, data in enumerate(segments):
         buf, parts = calibrated_parts(data, shape, level)
         for kind, part in enumerate(parts):
             width, per_lane, blocks = part.layout
             cls_at = base + (part.classes.ctypes.data - buf.ctypes.data)
             out0 = (2 * s + kind) * part_size
-            for b in range(blocks):
-                descs.append(
-                    (
-                        base + part.states_at + 4 * b * width,
-                        base + part.words_at + 2 * int(part.word_start[b]),
-                        base + part.words_at + 2 * int(part.word_start[b + 1]),
-                        cls_at,
-                        b * width * per_lane,
-                        out0,
-                        width,
-                        per_lane,
-                        tokens,
-                        dim,
-                    )
-                )
+            d = np.empty((blocks, _DESC), np.int64)
+            d[:, 0] = base + part.states_at + 4 * width * np.arange(blocks)
+            d[:, 1] = base + part.words_at + 2 * part.word_start[:-1]
+            d[:, 2] = base + part.words_at + 2 * part.word_start[1:]
+            d[:, 3] = cls_at
+            d[:, 4] = width * per_lane * np.arange(blocks)
+            d[:, 5:] = (out0, width, per_lane, tokens, dim)
+            descs.append(d)
             if len(part.esc_pos):
-                escapes.append((part.esc_pos.astype(np.int64) + out0, part.esc_val.astype(np.int32)))
+                esc_pos.append(part.esc_pos.astype(np.int64) + out0)
+                esc_val.append(part.esc_val.astype(np.int32))
         bufs.append(buf)
         base += len(buf)
-    host = torch.from_numpy(np.concatenate(bufs) if len(bufs) > 1 else bufs[0].copy())
-    desc = torch.tensor(descs, dtype=torch.int64)
-    if device.type == "cuda":  # pinned: the copies run asynchronously
-        host, desc = host.pin_memory(), desc.pin_memory()
-    data = host.to(device, non_blocking=True)
-    desc = desc.to(device, non_blocking=True)
-    out = torch.empty((len(segments), 2, heads, tokens, dim), dtype=torch.int32, device=device)
-    err = torch.empty(len(descs), dtype=torch.int32, device=device)
-    symbol, freq, cum, low_bits, radius = _tables(str(device))
-    _kernel()[(len(descs),)](data, desc, symbol, freq, cum, low_bits, radius, out, err, FW=freq.shape[1])
-    if escapes:
-        pos = torch.from_numpy(np.concatenate([p for p, _ in escapes])).to(device, non_blocking=True)
-        val = torch.from_numpy(np.concatenate([v for _, v in escapes])).to(device, non_blocking=True)
+    desc = np.concatenate(descs).reshape(-1)
+    escapes = (np.concatenate(esc_pos), np.concatenate(esc_val)) if esc_pos else None
+    n_esc = 0 if escapes is None else len(escapes[0])
+    # one copy: segment bytes, descriptors, escape positions and values, each 8-byte aligned
+    sizes = [base, desc.nbytes, 8 * n_esc, 4 * n_esc]
+    offs = np.concatenate(([0], np.cumsum([(n + 7) // 8 * 8 for n in sizes])))
+    host = _pinned(int(offs[-1])) if device.type == "cuda" else torch.empty(int(offs[-1]), dtype=torch.uint8)
+    view = host.numpy()
+    at = 0
+    for buf in bufs:
+        view[at : at + len(buf)] = buf
+        at += len(buf)
+    view[offs[1] : offs[1] + desc.nbytes] = desc.view(np.uint8)
+    if escapes is not None:
+        view[offs[2] : offs[2] + 8 * n_esc] = escapes[0].view(np.uint8)
+        view[offs[3] : offs[3] + 4 * n_esc] = escapes[1].view(np.uint8)
+    dev = host.to(device, non_blocking=True)
+    return (
+        dev[: offs[0] + base],
+        dev[offs[1] : offs[1] + desc.nbytes].view(torch.int64),
+        (dev[offs[2] : offs[2] + 8 * n_esc].view(torch.int64), dev[offs[3] : offs[3] + 4 * n_esc].view(torch.int32)),
+        (len(segments), 2, heads, tokens, dim),
+    )
+
+
+def run_staged(staged: tuple) -> torch.Tensor:
+    """Decode staged segments: int32 symbols [segments, 2, heads, tokens, dim] on their device."""
+    data, desc, (pos, val), out_shape = staged
+    n_blocks = desc.numel() // _DESC
+    out = torch.empty(out_shape, dtype=torch.int32, device=data.device)
+    err = torch.empty(n_blocks, dtype=torch.int32, device=data.device)
+    symbol, freq, cum, low_bits, radius = _tables(str(data.device))
+    _kernel()[(n_blocks,)](
+        data, desc, symbol, freq, cum, low_bits, radius, out, err, FW=freq.shape[1], num_warps=_WARPS
+    )
+    if pos.numel():
         out.view(-1)[pos] = val
     if bool(err.any()):  # a cache never serves what did not decode exactly
         raise rans.RansError("cachegen entropy stream does not decode (GPU)")
     return out
+
+
+def decode_segments(segments: list, shape: tuple, level: int, device) -> torch.Tensor:
+    """Calibrated segments (one chunk-layer each, all of `shape`) -> their integer symbols on `device`,
+    int32 [len(segments), 2, heads, tokens, dim]; one host-to-device copy, one kernel, one check."""
+    return run_staged(stage(segments, shape, level, device))
 
 
 def decode_segment(data, shape: tuple, level: int, device) -> torch.Tensor:
