@@ -192,3 +192,35 @@ def test_gpu_module_imports_and_declines_without_cuda():
     from kvshelf.codecs import rans_gpu
 
     assert not rans_gpu.available("cpu")
+
+
+@PROPS
+@given(data=st.data())
+def test_the_gpu_staging_scan_accepts_exactly_what_the_cpu_checks_accept(data):
+    from kvshelf.codecs import rans_gpu
+    from kvshelf.codecs.cachegen import _code_calibrated, calibrated_parts
+
+    shape = (2, 1, 24, 8)
+    q = np.stack([symbols(data.draw(st.integers(0, 1000)) + kind, 1, 24, 8, escapes=2) for kind in range(2)])
+    good = _code_calibrated(q, 5)
+    pos = data.draw(st.integers(0, len(good) - 1))
+    extra = data.draw(st.binary(min_size=0, max_size=8))
+    bad = data.draw(st.sampled_from([good[:pos] + extra + good[pos + len(extra) :], good[:pos], good + extra]))
+    try:
+        calibrated_parts(bad, shape, 5)
+        cpu_ok = True
+    except ValueError:
+        cpu_ok = False
+    try:
+        staged = rans_gpu.stage([good, bad], shape, 5, "cpu")
+        scan_ok = True
+    except rans.RansError:
+        scan_ok = False
+    assert cpu_ok == scan_ok
+    if scan_ok:  # the staged escapes are the CPU's, placed in the second segment's output
+        _, parts = calibrated_parts(bad, shape, 5)
+        part_size = 24 * 8
+        want = np.concatenate(
+            [p.esc_pos.astype(np.int64) + (2 + k) * part_size for k, p in enumerate(parts)] + [np.zeros(0, np.int64)]
+        )
+        assert np.array_equal(staged[2][0].numpy()[-len(want) :] if len(want) else want, want)

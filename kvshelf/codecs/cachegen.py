@@ -328,7 +328,12 @@ class CacheGenCodec(Codec):
 
 def _code_calibrated(q: np.ndarray, level: int) -> bytes:
     """A calibrated segment from integer symbols [2, heads, tokens, dim]."""
-    return b"".join([_CAL_HEAD.pack(b"CG", level, _CALIBRATED | _RANS), rans.encode_part(q[0]), rans.encode_part(q[1])])
+    return b"".join([calibrated_head(level), rans.encode_part(q[0]), rans.encode_part(q[1])])
+
+
+def calibrated_head(level: int) -> bytes:
+    """The 4 bytes every calibrated segment of precision `level` begins with."""
+    return _CAL_HEAD.pack(b"CG", level, _CALIBRATED | _RANS)
 
 
 def calibrated_parts(data, shape: tuple, level: int) -> tuple[np.ndarray, list[rans.Part]]:

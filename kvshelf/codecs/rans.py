@@ -247,6 +247,82 @@ def _decode(
     return 0
 
 
+@njit(nogil=True, cache=True)
+def _u32(buf, o):  # pragma: no cover - compiled
+    return np.int64(buf[o]) | (np.int64(buf[o + 1]) << 8) | (np.int64(buf[o + 2]) << 16) | (np.int64(buf[o + 3]) << 24)
+
+
+@njit(nogil=True, cache=True)
+def scan_segments(
+    buf, starts, lengths, head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
+):  # pragma: no cover - compiled  # noqa: E501
+    """Check calibrated segments lying in buf at starts/lengths (a 4-byte header equal to `head`, then a K
+    and a V part) as Part does, and write the GPU kernel's block descriptors (absolute offsets in buf) into
+    desc [segments * 2 * blocks, 10] and the escapes (positions in the output [segments, 2, heads, tokens,
+    dim], values) into esc_pos / esc_val. Returns (escapes, 0), or (0, error code)."""
+    rows = heads * dim
+    blocks = rows // (width * per_lane)
+    part_size = rows * tokens
+    n_esc_all = 0
+    d = 0
+    for s in range(starts.shape[0]):
+        o = starts[s]
+        stop = o + lengths[s]
+        if lengths[s] < 4:
+            return 0, 1
+        for i in range(4):
+            if buf[o + i] != head[i]:
+                return 0, 2
+        off = o + 4
+        for kind in range(2):
+            if off + rows + 4 + 4 * blocks + 4 * blocks * width > stop:
+                return 0, 3
+            cls_at = off
+            for r in range(rows):
+                if buf[off + r] >= SPREAD_CLASSES:
+                    return 0, 4
+            off += rows
+            n_esc = _u32(buf, off)
+            if n_esc > part_size:
+                return 0, 5
+            off += 4
+            states_at = off + 4 * blocks
+            words_at = states_at + 4 * blocks * width
+            out0 = (2 * s + kind) * part_size
+            word = 0
+            for b in range(blocks):
+                count = _u32(buf, off + 4 * b)
+                if count > width * per_lane * tokens * 2:
+                    return 0, 6
+                desc[d, 0] = states_at + 4 * b * width
+                desc[d, 1] = words_at + 2 * word
+                word += count
+                desc[d, 2] = words_at + 2 * word
+                desc[d, 3] = cls_at
+                desc[d, 4] = b * width * per_lane
+                desc[d, 5] = out0
+                desc[d, 6] = width
+                desc[d, 7] = per_lane
+                desc[d, 8] = tokens
+                desc[d, 9] = dim
+                d += 1
+            off = words_at + 2 * word
+            if off + 8 * n_esc > stop or n_esc_all + n_esc > esc_pos.shape[0]:
+                return 0, 3
+            for e in range(n_esc):
+                pos = _u32(buf, off + 4 * e)
+                if pos >= part_size:  # as an i32, negative positions read as >= 2**31 here
+                    return 0, 7
+                esc_pos[n_esc_all] = out0 + pos
+                v = _u32(buf, off + 4 * n_esc + 4 * e)
+                esc_val[n_esc_all] = v - (np.int64(1) << 32) if v >= np.int64(1) << 31 else v
+                n_esc_all += 1
+            off += 8 * n_esc
+        if off != stop:
+            return 0, 8
+    return n_esc_all, 0
+
+
 # -- parts: bytes in and out, validated before any decoding -------------------------------------------------------
 def encode_part(q: np.ndarray) -> bytes:
     """Integer symbols [heads, tokens, dim] -> one part's bytes."""
@@ -284,7 +360,7 @@ def encode_part(q: np.ndarray) -> bytes:
 class Part:
     """A validated part inside a segment: offsets of its arrays and what decoding needs."""
 
-    __slots__ = ("classes", "esc_pos", "esc_val", "states_at", "words_at", "word_start", "layout", "end")
+    __slots__ = ("classes_at", "classes", "esc_pos", "esc_val", "states_at", "words_at", "word_start", "layout", "end")
 
     def __init__(self, buf: np.ndarray, off: int, heads: int, tokens: int, dim: int):
         rows = heads * dim
@@ -292,6 +368,7 @@ class Part:
         size = len(buf)
         if size < off + rows + _ESC.size + 4 * blocks + 4 * blocks * width:
             raise RansError("cachegen segment is truncated")
+        self.classes_at = off
         self.classes = buf[off : off + rows]
         if (self.classes >= SPREAD_CLASSES).any():
             raise RansError("cachegen spread class out of range")

@@ -5,7 +5,8 @@ there too (CacheGenCodec._finish_calibrated).
 One program decodes one block: its W lanes are a warp's worth of vector elements that step together,
 each lane reading the 16-bit words it needs from the block's shared stream at its exclusive prefix sum
 (the layout the encoder wrote for that). Segments are checked on the CPU first (header, counts, classes,
-escape positions: kvshelf.codecs.cachegen.calibrated_parts), and the kernel bounds every word it reads by
+escape positions, lengths: kvshelf.codecs.rans.scan_segments, the checks of rans.Part compiled), and the
+kernel bounds every word it reads by
 its block's end, so hostile bytes cannot make it read or write outside its buffers; a stream that does not
 decode exactly (words left or missing, a state not back at its start) is refused as on the CPU.
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from kvshelf.codecs import rans
-from kvshelf.codecs.cachegen import calibrated_parts
+from kvshelf.codecs.cachegen import calibrated_head
 
 _WARPS = 1  # a block's 32 lanes are one warp: prefix sums by shuffles, no shared memory
 _DESC = 10  # int64 fields per block: states, words, end, classes, first row, output base, W, R, T, dim
@@ -120,70 +121,67 @@ def _tables(device: str) -> tuple[torch.Tensor, ...]:
     )
 
 
-_local = threading.local()  # each thread's pinned staging buffer (a call syncs before it returns)
+_local = threading.local()  # each thread's pinned staging buffer and the event of its last copy
 
 
 def _pinned(nbytes: int) -> torch.Tensor:
     buf = getattr(_local, "pinned", None)
     if buf is None or buf.numel() < nbytes:
         buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).pin_memory()
-        _local.pinned = buf
+        _local.pinned, _local.copied = buf, None
+    if _local.copied is not None:
+        _local.copied.synchronize()  # the previous copy out of this buffer has finished
     return buf[:nbytes]
 
 
 def stage(segments: list, shape: tuple, level: int, device) -> tuple:
-    """Check calibrated segments on the CPU, build the kernel's block descriptors and copy both, with the
-    bytes, to `device` (through pinned memory on CUDA)."""
+    """Copy calibrated segments into one (pinned, on CUDA) staging buffer, check them there and write the
+    kernel's block descriptors and the escapes beside them (rans.scan_segments, one compiled call), then
+    copy it all to `device` at once."""
     _, heads, tokens, dim = shape
     device = torch.device(device)
-    part_size = heads * tokens * dim
-    descs, esc_pos, esc_val, bufs, base = [], [], [], [], 0
-    for s, data in enumerate(segments):
-        buf, parts = calibrated_parts(data, shape, level)
-        for kind, part in enumerate(parts):
-            width, per_lane, blocks = part.layout
-            cls_at = base + (part.classes.ctypes.data - buf.ctypes.data)
-            out0 = (2 * s + kind) * part_size
-            d = np.empty((blocks, _DESC), np.int64)
-            d[:, 0] = base + part.states_at + 4 * width * np.arange(blocks)
-            d[:, 1] = base + part.words_at + 2 * part.word_start[:-1]
-            d[:, 2] = base + part.words_at + 2 * part.word_start[1:]
-            d[:, 3] = cls_at
-            d[:, 4] = width * per_lane * np.arange(blocks)
-            d[:, 5:] = (out0, width, per_lane, tokens, dim)
-            descs.append(d)
-            if len(part.esc_pos):
-                esc_pos.append(part.esc_pos.astype(np.int64) + out0)
-                esc_val.append(part.esc_val.astype(np.int32))
-        bufs.append(buf)
-        base += len(buf)
-    desc = np.concatenate(descs).reshape(-1)
-    escapes = (np.concatenate(esc_pos), np.concatenate(esc_val)) if esc_pos else None
-    n_esc = 0 if escapes is None else len(escapes[0])
-    # one copy: segment bytes, descriptors, escape positions and values, each 8-byte aligned
-    sizes = [base, desc.nbytes, 8 * n_esc, 4 * n_esc]
-    offs = np.concatenate(([0], np.cumsum([(n + 7) // 8 * 8 for n in sizes])))
+    rows = heads * dim
+    width, per_lane, blocks = rans.layout(rows, tokens)
+    lengths = np.fromiter((len(memoryview(s)) for s in segments), np.int64, len(segments))
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    base = int(lengths.sum())
+    n_desc = len(segments) * 2 * blocks
+    max_esc = min(base // 8, len(segments) * 2 * rows * tokens)  # an escape takes 8 bytes of a segment
+    align = lambda n: (n + 7) // 8 * 8  # noqa: E731
+    offs = np.cumsum([0, align(base), align(n_desc * _DESC * 8), align(max_esc * 8), align(max_esc * 4)])
     host = _pinned(int(offs[-1])) if device.type == "cuda" else torch.empty(int(offs[-1]), dtype=torch.uint8)
     view = host.numpy()
-    at = 0
-    for buf in bufs:
-        view[at : at + len(buf)] = buf
-        at += len(buf)
-    view[offs[1] : offs[1] + desc.nbytes] = desc.view(np.uint8)
-    if escapes is not None:
-        view[offs[2] : offs[2] + 8 * n_esc] = escapes[0].view(np.uint8)
-        view[offs[3] : offs[3] + 4 * n_esc] = escapes[1].view(np.uint8)
-    dev = host.to(device, non_blocking=True)
+    for at, data in zip(starts, segments, strict=True):
+        view[at : at + len(memoryview(data))] = np.frombuffer(data, np.uint8)
+    desc = view[offs[1] : offs[2]].view(np.int64).reshape(-1, _DESC)[:n_desc]
+    esc_pos = view[offs[2] : offs[3]].view(np.int64)[:max_esc]
+    esc_val = view[offs[3] : offs[4]].view(np.int32)[:max_esc]
+    head = np.frombuffer(calibrated_head(level), np.uint8)
+    n_esc, err = rans.scan_segments(
+        view[:base], starts, lengths, head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
+    )
+    if err:
+        raise rans.RansError(f"cachegen segment does not parse (code {err})")
+    end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
+    dev = host[:end].to(device, non_blocking=True)
+    if device.type == "cuda":
+        _local.copied = torch.cuda.Event()
+        _local.copied.record()
     return (
-        dev[: offs[0] + base],
-        dev[offs[1] : offs[1] + desc.nbytes].view(torch.int64),
-        (dev[offs[2] : offs[2] + 8 * n_esc].view(torch.int64), dev[offs[3] : offs[3] + 4 * n_esc].view(torch.int32)),
+        dev[:base],
+        dev[offs[1] : offs[1] + n_desc * _DESC * 8].view(torch.int64),
+        (
+            dev[offs[2] : offs[2] + 8 * n_esc].view(torch.int64),
+            dev[offs[3] : offs[3] + 4 * n_esc].view(torch.int32),
+        ),
         (len(segments), 2, heads, tokens, dim),
     )
 
 
-def run_staged(staged: tuple) -> torch.Tensor:
-    """Decode staged segments: int32 symbols [segments, 2, heads, tokens, dim] on their device."""
+def run_staged(staged: tuple, check: bool = True):
+    """Decode staged segments: int32 symbols [segments, 2, heads, tokens, dim] on their device. With
+    check=False nothing waits for the GPU: returns (symbols, error flags), and the caller must see that
+    no flag is set (err.any() is False) before it uses the symbols."""
     data, desc, (pos, val), out_shape = staged
     n_blocks = desc.numel() // _DESC
     out = torch.empty(out_shape, dtype=torch.int32, device=data.device)
@@ -194,6 +192,8 @@ def run_staged(staged: tuple) -> torch.Tensor:
     )
     if pos.numel():
         out.view(-1)[pos] = val
+    if not check:
+        return out, err
     if bool(err.any()):  # a cache never serves what did not decode exactly
         raise rans.RansError("cachegen entropy stream does not decode (GPU)")
     return out
