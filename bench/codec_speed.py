@@ -103,6 +103,67 @@ def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, dev
         return out
 
 
+def coders(kv: torch.Tensor, cal, cores: int) -> list[dict]:
+    """Calibrated cachegen's entropy coders alone, on the same integer symbols of every chunk-layer: the
+    rANS coder (numba; threads) against the constriction ANS coder it replaced (holds the GIL: one thread).
+    MB/s of the fp16 KV the symbols stand for; first call = numba's compile or cache load."""
+    from kvshelf.codecs import rans
+    from kvshelf.codecs.cachegen import CacheGenCodec, _code_calibrated, _symbols_calibrated
+    from kvshelf.codecs.entropy import decode_by_class, encode_by_class
+
+    codec = CacheGenCodec(calibration=cal.digest)
+    layers = kv.shape[0]
+    symbols = []
+    for s in range(0, kv.shape[3], CHUNK):
+        piece = kv[:, :, :, s : s + CHUNK]
+        symbols += [codec._calibrated_symbols(piece[i], i, s) for i in range(layers)]
+    nbytes = sum(q.size for q in symbols) * 2
+    shapes = [(2, *q.shape[1:]) for q in symbols]
+    t = time.perf_counter()
+    rans.encode_part(symbols[0][0])
+    first_encode = time.perf_counter() - t
+    new = [_code_calibrated(q, codec.bits) for q in symbols]
+    t = time.perf_counter()
+    _symbols_calibrated(new[0], shapes[0], codec.bits)
+    first_decode = time.perf_counter() - t
+
+    def old_encode(q):
+        return b"".join(encode_by_class(q[0]) + encode_by_class(q[1]))
+
+    def old_decode(blob, shape):
+        buf = memoryview(blob)
+        _, off = decode_by_class(buf, 0, *shape[1:])
+        decode_by_class(buf, off, *shape[1:])
+
+    old = [old_encode(q) for q in symbols]
+    rows = [
+        {
+            "coder": "constriction ANS (coder 1)",
+            "bytes": sum(map(len, old)),
+            "encode 1 thread": rate(nbytes, lambda: [old_encode(q) for q in symbols]),
+            "decode 1 thread": rate(nbytes, lambda: [old_decode(b, sh) for b, sh in zip(old, shapes, strict=True)]),
+        }
+    ]
+    row = {"coder": "interleaved rANS (coder 2)", "bytes": sum(map(len, new))}
+    for threads in sorted({1, cores}):
+        with ThreadPoolExecutor(threads) as pool:
+            row[f"encode {threads} thread{'s' * (threads > 1)}"] = rate(
+                nbytes, lambda pool=pool: list(pool.map(lambda q: _code_calibrated(q, codec.bits), symbols))
+            )
+            row[f"decode {threads} thread{'s' * (threads > 1)}"] = rate(
+                nbytes,
+                lambda pool=pool: list(
+                    pool.map(lambda bs: _symbols_calibrated(bs[0], bs[1], codec.bits), zip(new, shapes, strict=True))
+                ),
+            )
+    row["first encode call s"], row["first decode call s"] = first_encode, first_decode
+    rows.append(row)
+    rows[1]["size vs coder 1"] = rows[1]["bytes"] / rows[0]["bytes"]
+    for k in ("encode 1 thread", "decode 1 thread"):
+        rows[1][f"{k} vs coder 1"] = rows[1][k] / rows[0][k]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv", default=None)
@@ -112,6 +173,7 @@ def main() -> None:
     ap.add_argument("--codecs", nargs="+", default=["none", "int8", "cachegen:calibration=none", "cachegen"])
     ap.add_argument("--calibration", default=None, help="a .kvcal file (default: the model's, made if needed)")
     ap.add_argument("--json", default="bench/results/codec_speed.json")
+    ap.add_argument("--coders", action="store_true", help="also the entropy coders alone: rANS vs constriction")
     args = ap.parse_args()
     cal = None
     if args.kv:
@@ -138,6 +200,12 @@ def main() -> None:
             row.update(measure(spec, chunks, nbytes, threads, device, cores, cal))
         rows.append(row)
 
+    if args.coders and cal is not None:
+        coder_rows = coders(kv, cal, cores)
+        for r in coder_rows:
+            console_line = ", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items())
+            print(console_line)
+        rows.extend(coder_rows)
     raw = [c.kv.numpy().tobytes() for c in chunks]
     try:
         import lz4.frame
@@ -173,6 +241,8 @@ def main() -> None:
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
+        if "codec" not in r:
+            continue
         table.add_row(*[r["codec"]] + [f"{r[c]:.1f}" if isinstance(r.get(c), float) else "-" for c in cols[1:]])
     console.print(table)
     for r in rows:
