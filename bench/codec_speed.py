@@ -7,11 +7,14 @@ KV comes from the real model (a 2048-token prefill of stdlib text, stored as fp1
 earlier with --save-kv (how the GPU machine gets real KV without the model). Throughput is MB/s of fp16
 KV, over 256-token chunks encoded with kvshelf's stored format (headers and checksums included).
 "One core" runs chunks one after another; "all cores" runs them on a thread pool of one thread per core
-(torch at one thread each), with cachegen's entropy decoding in one worker process per core (`codec_workers`).
+(torch at one thread each) and `codec_workers` = cores: calibrated cachegen's layers on that many threads
+(its rANS coder releases the GIL), the uncalibrated mode's entropy decoding in worker processes.
 With --device cuda, decoding lands the KV on the GPU: raw and int8 bytes are copied over and the int8
-dequantisation runs there; cachegen's entropy decoding runs on the CPU, its inverse transform (calibrated)
-or dequantisation (uncalibrated) on the GPU. `cachegen` is the calibrated codec (the model's calibration,
-or --calibration FILE where there is no model), `cachegen:calibration=none` the uncalibrated one.
+dequantisation runs there; calibrated cachegen decodes entirely there (Triton rANS kernel, inverse
+transform, RoPE), the uncalibrated mode entropy-decodes on the CPU and dequantises there. `cachegen` is the
+calibrated codec (the model's calibration, or --calibration FILE where there is no model),
+`cachegen:calibration=none` the uncalibrated one. --coders adds calibrated cachegen's entropy coders alone
+on the same symbols: the rANS coder against the constriction coder it replaced.
 """
 
 from __future__ import annotations
