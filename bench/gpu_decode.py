@@ -97,6 +97,28 @@ def gpu_side(codec, segs, shape, chunks, layers, device, results, label):
         timed(lambda i=i: gpu_layer(codec, [s[i] for s in segs], shape, i, 0, device), 5, True) for i in range(layers)
     ]
     results[f"{label} GPU end to end GB/s per layer"] = nbytes_layer / statistics.median(per_layer) / 1e9
+    # the codec's batched entry point (what a layerwise loader calls per layer), and one chunk at a time
+    positions = [p for p, _ in chunks]
+    batched = [
+        timed(
+            lambda i=i: codec.decode_chunks_on(
+                [s[i] for s in segs], shape, torch.float16, i, layers, device, positions
+            ),
+            3,
+            True,
+        )
+        for i in range(layers)
+    ]
+    results[f"{label} decode_chunks_on GB/s per layer"] = nbytes_layer / statistics.median(batched) / 1e9
+    single = timed(
+        lambda: [
+            codec.decode_layer_on(s[0], shape, torch.float16, 0, layers, device, p)
+            for s, p in zip(segs, positions, strict=True)
+        ],
+        3,
+        True,
+    )
+    results[f"{label} decode_layer_on chunk by chunk GB/s"] = nbytes_layer / single / 1e9
 
     # layers one after another without waiting for the GPU in between (as a layerwise loader can: the CPU
     # checks and stages layer i + 1 while the GPU decodes layer i); every layer's error flags checked at the end

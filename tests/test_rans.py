@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -156,6 +157,7 @@ def test_escape_positions_out_of_range_are_refused():
 
 _KERNEL_CHECK = """
 import numpy as np
+import torch
 from kvshelf.codecs import rans_gpu
 from kvshelf.codecs.cachegen import _code_calibrated, _symbols_calibrated
 from test_rans import symbols
@@ -224,3 +226,27 @@ def test_the_gpu_staging_scan_accepts_exactly_what_the_cpu_checks_accept(data):
             [p.esc_pos.astype(np.int64) + (2 + k) * part_size for k, p in enumerate(parts)] + [np.zeros(0, np.int64)]
         )
         assert np.array_equal(staged[2][0].numpy()[-len(want) :] if len(want) else want, want)
+
+
+def test_decoding_a_layer_of_several_chunks_equals_chunk_by_chunk():
+    from kvshelf.codecs import calibration as calib
+    from kvshelf.codecs.cachegen import CacheGenCodec
+
+    layers, heads, tokens, dim = 2, 1, 16, 8
+    eye = torch.eye(dim).expand(layers, 2, heads, dim, dim).clone()
+    cal = calib.Calibration(
+        inv_freq=torch.rand(layers, dim // 2, generator=torch.Generator().manual_seed(1)),
+        mean=torch.zeros(layers, 2, heads, dim),
+        forward=eye,
+        inverse=eye.clone(),
+        step=torch.full((layers, 2), 0.05),
+        info={"test": "chunks"},
+    )
+    calib.register(cal)
+    codec = CacheGenCodec(calibration=cal.digest)
+    kv = torch.randn(3, layers, 2, heads, tokens, dim, generator=torch.Generator().manual_seed(2))
+    segs = [codec.encode_layer(kv[c, 1], 1, layers, c * tokens) for c in range(3)]
+    shape = (2, heads, tokens, dim)
+    got = codec.decode_chunks_on(segs, shape, torch.float32, 1, layers, "cpu", [0, tokens, 2 * tokens])
+    for c in range(3):
+        assert torch.equal(got[c], codec.decode_layer(segs[c], shape, torch.float32, 1, layers, c * tokens))

@@ -325,6 +325,22 @@ class CacheGenCodec(Codec):
         flat_v[torch.from_numpy(iv.astype(np.int64)).to(device)] = torch.from_numpy(ev.copy()).to(device).float()
         return out.to(dtype)
 
+    def decode_chunks_on(self, segments, shape, dtype, layer, num_layers, device, positions) -> list[torch.Tensor]:
+        """Calibrated, on a CUDA device: one staging copy and one rANS kernel for the layer of every chunk;
+        consecutive chunks (positions a chunk apart) share one inverse transform and RoPE."""
+        from kvshelf.codecs import rans_gpu
+
+        positions = list(positions)
+        if self.calibration is None or len(segments) < 2 or not rans_gpu.available(device):
+            return super().decode_chunks_on(segments, shape, dtype, layer, num_layers, device, positions)
+        q = rans_gpu.decode_segments(segments, shape, self.bits, device)  # [chunks, 2, heads, tokens, dim]
+        n, two, heads, tokens, dim = q.shape
+        if positions == list(range(positions[0], positions[0] + n * tokens, tokens)):
+            q = q.permute(1, 2, 0, 3, 4).reshape(two, heads, n * tokens, dim)
+            kv = self._finish_calibrated(q, layer, positions[0], device).to(dtype)
+            return list(kv.split(tokens, dim=2))
+        return [self._finish_calibrated(q[i], layer, p, device).to(dtype) for i, p in enumerate(positions)]
+
 
 def _code_calibrated(q: np.ndarray, level: int) -> bytes:
     """A calibrated segment from integer symbols [2, heads, tokens, dim]."""
