@@ -260,22 +260,18 @@ class CacheGenCodec(Codec):
         return [torch.from_numpy(values).to(dtype) for values in pool.map_calls(_decode_segment, jobs)]
 
     # -- calibrated mode ---------------------------------------------------------------------------------
-    def _calibrated_steps(self, layer: int, tensors: dict) -> torch.Tensor:
-        return tensors["step"][layer] * 2.0 ** (5 - self.bits)
-
     def _calibrated_symbols(self, kv: torch.Tensor, layer: int, position: int) -> np.ndarray:
-        """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape (transform, quantise)."""
+        """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape: K rotated back to
+        before RoPE, then one batched matmul by the forward transforms (steps and means folded in), rounded."""
         cal = self.calibration
         cal.check_fits(tuple(kv.shape))
-        t = cal.tensors_on("cpu")
-        x = kv.float()
-        keys = calib.rotate(x[0], t["inv_freq"][layer], position, -1.0)
-        steps = self._calibrated_steps(layer, t)
-        out = []
-        for kind, vals in enumerate((keys, x[1])):
-            coeffs = torch.einsum("hij,htj->hti", t["forward"][layer, kind], vals - t["mean"][layer, kind][:, None])
-            out.append(torch.round(coeffs / steps[kind]).clamp_(-(2**30), 2**30).to(torch.int32))
-        return torch.stack(out).numpy()
+        scaled, bias = cal.encode_transform(self.bits, "cpu")
+        two, heads, tokens, dim = kv.shape
+        keys = calib.rotate(kv[0].float(), cal.tensors_on("cpu")["inv_freq"][layer], position, -1.0)
+        x = torch.stack((keys, kv[1].float())).reshape(two * heads, tokens, dim)
+        bias = bias[layer].reshape(two * heads, 1, dim).expand(two * heads, tokens, dim)
+        coeffs = torch.baddbmm(bias, x, scaled[layer].reshape(two * heads, dim, dim))
+        return coeffs.round_().clamp_(-(2**30), 2**30).to(torch.int32).reshape(two, heads, tokens, dim).numpy()
 
     def _encode_calibrated(self, kv: torch.Tensor, layer: int, position: int) -> bytes:
         return _code_calibrated(self._calibrated_symbols(kv, layer, position), self.bits)

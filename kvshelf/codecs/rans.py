@@ -124,14 +124,18 @@ def classes_of(cols: np.ndarray) -> np.ndarray:
 
 # -- the coder proper (numba: no GIL, so threads decode layers side by side) ----------------------------------
 @njit(nogil=True, cache=True)
-def _encode(u, cls, width, per_lane, freq, cum, low_bits):  # pragma: no cover - compiled
-    rows, tokens = u.shape
+def _encode(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits):  # pragma: no cover - compiled
+    """u: symbols + radius, [heads, tokens, dim] flattened (row = head * dim + channel), as decoded."""
+    rows = cls.shape[0]
     blocks = rows // (width * per_lane)
     cap = width * per_lane * tokens * 2  # at most one word per (high or low) symbol
     buf = np.empty(blocks * cap, np.uint16)
     counts = np.zeros(blocks, np.uint32)
     states = np.empty(blocks * width, np.uint32)
     x = np.empty(width, np.uint64)
+    lane_cls = np.empty(width, np.int64)
+    lane_low = np.empty(width, np.int64)
+    lane_row = np.empty(width, np.int64)
     for b in range(blocks):
         end = (b + 1) * cap
         pos = end
@@ -139,30 +143,39 @@ def _encode(u, cls, width, per_lane, freq, cum, low_bits):  # pragma: no cover -
             x[j] = STATE_LOW
         base = b * width * per_lane
         for i in range(per_lane - 1, -1, -1):
+            any_low = False
+            for j in range(width):
+                row = base + j + width * i
+                lane_cls[j] = cls[row]
+                lane_low[j] = low_bits[cls[row]]
+                lane_row[j] = (row // dim) * tokens * dim + row % dim
+                any_low |= lane_low[j] > 0
             for t in range(tokens - 1, -1, -1):
                 # a step decodes every lane's high symbol, then every lane's low bits: coded in reverse
+                if any_low:
+                    for j in range(width - 1, -1, -1):
+                        k = lane_low[j]
+                        if k > 0:  # uniform low bits: a power-of-two frequency, no division
+                            s = x[j]
+                            sh = np.uint64(PROB_BITS - k)
+                            if s >= np.uint64(1) << (sh + np.uint64(32 - PROB_BITS)):
+                                pos -= 1
+                                buf[pos] = s & 0xFFFF
+                                s >>= np.uint64(16)
+                            low = np.uint64(u[lane_row[j] + t * dim] & ((1 << k) - 1))
+                            x[j] = ((s >> sh) << np.uint64(PROB_BITS)) + (s & ((np.uint64(1) << sh) - 1)) + (low << sh)
                 for j in range(width - 1, -1, -1):
-                    row = base + j + width * i
-                    k = low_bits[cls[row]]
-                    if k > 0:
-                        s = x[j]
-                        f = np.uint64(1) << np.uint64(PROB_BITS - k)
-                        if s >= f << np.uint64(32 - PROB_BITS):
-                            pos -= 1
-                            buf[pos] = s & 0xFFFF
-                            s >>= np.uint64(16)
-                        x[j] = ((s // f) << np.uint64(PROB_BITS)) + s % f + np.uint64(u[row, t] & ((1 << k) - 1)) * f
-                for j in range(width - 1, -1, -1):
-                    row = base + j + width * i
-                    c = cls[row]
-                    h = u[row, t] >> low_bits[c]
+                    c = lane_cls[j]
+                    h = u[lane_row[j] + t * dim] >> lane_low[j]
                     s = x[j]
-                    f = np.uint64(freq[c, h])
-                    if s >= f << np.uint64(32 - PROB_BITS):
+                    f = freq[c, h]
+                    if s >= np.uint64(f) << np.uint64(32 - PROB_BITS):
                         pos -= 1
                         buf[pos] = s & 0xFFFF
                         s >>= np.uint64(16)
-                    x[j] = ((s // f) << np.uint64(PROB_BITS)) + s % f + np.uint64(cum[c, h])
+                    s32 = np.uint32(s)  # below 2**32 here: a 32-bit division
+                    q = s32 // f
+                    x[j] = (np.uint64(q) << np.uint64(PROB_BITS)) + np.uint64(s32 - q * f) + np.uint64(cum[c, h])
         counts[b] = end - pos
         for j in range(width):
             states[b * width + j] = x[j]
@@ -330,8 +343,7 @@ def encode_part(q: np.ndarray) -> bytes:
     rows = heads * dim
     cols = q.transpose(0, 2, 1).reshape(rows, tokens)
     classes = classes_of(cols)
-    r = RADIUS[classes][:, None]
-    out = np.abs(cols) >= r
+    out = np.abs(cols) >= RADIUS[classes][:, None]
     if out.any():
         rr, tt = np.nonzero(out)
         h, d = np.divmod(rr, dim)
@@ -340,9 +352,10 @@ def encode_part(q: np.ndarray) -> bytes:
         val = cols[out][order].astype(np.int32)
     else:
         pos = val = np.zeros(0, np.int32)
-    u = (np.clip(cols, -r, r) + r).astype(np.int32)
+    r3 = RADIUS[classes].reshape(heads, 1, dim)
+    u = (np.clip(q, -r3, r3) + r3).astype(np.int32).reshape(-1)  # in q's own order: lanes read side by side
     width, per_lane, _ = layout(rows, tokens)
-    buf, counts, states, cap = _encode(u, classes, width, per_lane, FREQ, CUM, LOW_BITS)
+    buf, counts, states, cap = _encode(u, classes, width, per_lane, tokens, dim, FREQ, CUM, LOW_BITS)
     words = [buf[b * cap : b * cap + int(n)] for b, n in enumerate(counts)]
     return b"".join(
         [
