@@ -250,3 +250,7 @@ def test_decoding_a_layer_of_several_chunks_equals_chunk_by_chunk():
     got = codec.decode_chunks_on(segs, shape, torch.float32, 1, layers, "cpu", [0, tokens, 2 * tokens])
     for c in range(3):
         assert torch.equal(got[c], codec.decode_layer(segs[c], shape, torch.float32, 1, layers, c * tokens))
+
+
+def test_warm_up_compiles_and_checks_the_tables():
+    rans.warm_up()
