@@ -254,3 +254,50 @@ def test_decoding_a_layer_of_several_chunks_equals_chunk_by_chunk():
 
 def test_warm_up_compiles_and_checks_the_tables():
     rans.warm_up()
+
+
+def test_chunks_of_the_former_coder_are_misses_not_garbage():
+    from kvshelf.codecs import calibration as calib
+    from kvshelf.codecs.cachegen import CacheGenCodec, calibrated_parts
+    from kvshelf.codecs.entropy import encode_by_class
+    from kvshelf.storage.base import ChunkMeta, StoredChunk
+    from kvshelf.storage.format import FormatError, encode_chunk, open_chunk
+
+    q = symbols(9, 1, 16, 8)
+    former = b"".join([b"CG\x05\x02", *encode_by_class(q), *encode_by_class(q)])  # coder 1's layout
+    with pytest.raises(ValueError, match="header"):
+        calibrated_parts(former, (2, 1, 16, 8), 5)
+    layers, dim = 2, 8
+    eye = torch.eye(dim).expand(layers, 2, 1, dim, dim).clone()
+    cal = calib.Calibration(
+        inv_freq=torch.zeros(layers, dim // 2),
+        mean=torch.zeros(layers, 2, 1, dim),
+        forward=eye,
+        inverse=eye.clone(),
+        step=torch.full((layers, 2), 0.05),
+        info={"test": "former coder"},
+    )
+    calib.register(cal)
+    codec = CacheGenCodec(calibration=cal.digest)
+    assert codec.params()["coder"] == 2
+    with pytest.raises(ValueError, match="coder"):
+        CacheGenCodec(calibration=cal.digest, coder=1)
+    # an object whose header names the former coder's parameters (no "coder") is refused by a tier
+    kv = torch.randn(layers, 2, 1, 16, dim)
+    blob = encode_chunk(b"k" * 16, StoredChunk(ChunkMeta(b"\0" * 32, 16, tuple(kv.shape), kv.dtype), kv), codec)
+    assert open_chunk(blob, b"k" * 16, codec).decode_all().kv.shape == kv.shape
+
+    class Former(CacheGenCodec):  # what coder 1 wrote: its parameters (no "coder") and its segments
+        def params(self):
+            return {k: v for k, v in super().params().items() if k != "coder"}
+
+        def encode_layer(self, kv, layer, num_layers, position=0):
+            q = self._calibrated_symbols(kv, layer, position)
+            return b"".join([b"CG\x05\x02", *encode_by_class(q[0]), *encode_by_class(q[1])])
+
+    chunk = StoredChunk(ChunkMeta(b"\0" * 32, 16, tuple(kv.shape), kv.dtype), kv)
+    old_blob = encode_chunk(b"k" * 16, chunk, Former(calibration=cal.digest))
+    with pytest.raises(FormatError):  # a tier's codec: other parameters
+        open_chunk(old_blob, b"k" * 16, codec)
+    with pytest.raises(FormatError):  # the header's parameters: a coder-2 codec, refusing coder 1's bytes
+        open_chunk(old_blob, b"k" * 16).decode_all()
