@@ -45,7 +45,9 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def decode_blocks(buf, desc, symbol, freq, cum, low_bits, radius, out, err, FW: tl.constexpr):
+    def decode_blocks(
+        buf, desc, symbol, freq, cum, low_bits, radius, out, err, FW: tl.constexpr, P: tl.constexpr, LOW: tl.constexpr
+    ):
         pid = tl.program_id(0)
         d = desc + pid * 10
         states_at = tl.load(d)
@@ -71,15 +73,15 @@ def _kernel():
             c = tl.load(buf + cls_at + row, mask=active, other=0).to(tl.int64)
             k = tl.load(low_bits + c)
             rad = tl.load(radius + c)
-            shift = 14 - k
+            shift = P - k
             has_low = (k > 0) & active
             dst = out + out0 + (row // dim) * tokens * dim + row % dim
             for t in range(tokens):
-                slot = x & 16383
-                h = tl.load(symbol + c * 16384 + slot).to(tl.int64)
+                slot = x & ((1 << P) - 1)
+                h = tl.load(symbol + c * (1 << P) + slot).to(tl.int64)
                 f = tl.load(freq + c * FW + h).to(tl.int64)
-                x = f * (x >> 14) + slot - tl.load(cum + c * FW + h).to(tl.int64)
-                need = (x < 65536) & active
+                x = f * (x >> P) + slot - tl.load(cum + c * FW + h).to(tl.int64)
+                need = (x < LOW) & active
                 n = need.to(tl.int32)
                 at = p + 2 * (tl.cumsum(n, 0) - n)
                 ok = need & (at + 2 <= end)
@@ -88,10 +90,10 @@ def _kernel():
                 bad |= (need & (at + 2 > end)).to(tl.int32)
                 x = tl.where(need, (x << 16) | w, x)
                 p += 2 * tl.sum(n, 0)
-                slot = x & 16383
+                slot = x & ((1 << P) - 1)
                 low = slot >> shift
-                x = tl.where(has_low, ((x >> 14) << shift) + (slot & ((1 << shift) - 1)), x)
-                need = (x < 65536) & has_low
+                x = tl.where(has_low, ((x >> P) << shift) + (slot & ((1 << shift) - 1)), x)
+                need = (x < LOW) & has_low
                 n = need.to(tl.int32)
                 at = p + 2 * (tl.cumsum(n, 0) - n)
                 ok = need & (at + 2 <= end)
@@ -102,7 +104,7 @@ def _kernel():
                 p += 2 * tl.sum(n, 0)
                 v = tl.where(has_low, (h << k) | low, h) - rad
                 tl.store(dst + t * dim, v.to(tl.int32), mask=active)
-        bad |= ((x != 65536) & active).to(tl.int32)
+        bad |= ((x != LOW) & active).to(tl.int32)
         code = tl.max(bad, 0) + 2 * (p != end).to(tl.int32)
         tl.store(err + pid, code)
 
@@ -188,7 +190,19 @@ def run_staged(staged: tuple, check: bool = True):
     err = torch.empty(n_blocks, dtype=torch.int32, device=data.device)
     symbol, freq, cum, low_bits, radius = _tables(str(data.device))
     _kernel()[(n_blocks,)](
-        data, desc, symbol, freq, cum, low_bits, radius, out, err, FW=freq.shape[1], num_warps=_WARPS
+        data,
+        desc,
+        symbol,
+        freq,
+        cum,
+        low_bits,
+        radius,
+        out,
+        err,
+        FW=freq.shape[1],
+        P=rans.PROB_BITS,
+        LOW=rans.STATE_LOW,
+        num_warps=_WARPS,
     )
     if pos.numel():
         out.view(-1)[pos] = val
