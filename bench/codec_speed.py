@@ -109,8 +109,7 @@ def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, dev
 def coders(kv: torch.Tensor, cal, cores: int) -> list[dict]:
     """Calibrated cachegen's entropy coders alone, on the same integer symbols of every chunk-layer: the
     rANS coder (numba; threads) against the constriction ANS coder it replaced (holds the GIL: one thread).
-    MB/s of the fp16 KV the symbols stand for; first call = numba's compile or cache load."""
-    from kvshelf.codecs import rans
+    MB/s of the fp16 KV the symbols stand for (numba's first-call cost: bench/gpu_decode.py)."""
     from kvshelf.codecs.cachegen import CacheGenCodec, _code_calibrated, _symbols_calibrated
     from kvshelf.codecs.entropy import decode_by_class, encode_by_class
 
@@ -122,13 +121,7 @@ def coders(kv: torch.Tensor, cal, cores: int) -> list[dict]:
         symbols += [codec._calibrated_symbols(piece[i], i, s) for i in range(layers)]
     nbytes = sum(q.size for q in symbols) * 2
     shapes = [(2, *q.shape[1:]) for q in symbols]
-    t = time.perf_counter()
-    rans.encode_part(symbols[0][0])
-    first_encode = time.perf_counter() - t
     new = [_code_calibrated(q, codec.bits) for q in symbols]
-    t = time.perf_counter()
-    _symbols_calibrated(new[0], shapes[0], codec.bits)
-    first_decode = time.perf_counter() - t
 
     def old_encode(q):
         return b"".join(encode_by_class(q[0]) + encode_by_class(q[1]))
@@ -159,7 +152,6 @@ def coders(kv: torch.Tensor, cal, cores: int) -> list[dict]:
                     pool.map(lambda bs: _symbols_calibrated(bs[0], bs[1], codec.bits), zip(new, shapes, strict=True))
                 ),
             )
-    row["first encode call s"], row["first decode call s"] = first_encode, first_decode
     rows.append(row)
     rows[1]["size vs coder 1"] = rows[1]["bytes"] / rows[0]["bytes"]
     for k in ("encode 1 thread", "decode 1 thread"):
