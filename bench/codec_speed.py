@@ -7,11 +7,14 @@ KV comes from the real model (a 2048-token prefill of stdlib text, stored as fp1
 earlier with --save-kv (how the GPU machine gets real KV without the model). Throughput is MB/s of fp16
 KV, over 256-token chunks encoded with kvshelf's stored format (headers and checksums included).
 "One core" runs chunks one after another; "all cores" runs them on a thread pool of one thread per core
-(torch at one thread each), with cachegen's entropy decoding in one worker process per core (`codec_workers`).
+(torch at one thread each) and `codec_workers` = cores: calibrated cachegen's layers on that many threads
+(its rANS coder releases the GIL), the uncalibrated mode's entropy decoding in worker processes.
 With --device cuda, decoding lands the KV on the GPU: raw and int8 bytes are copied over and the int8
-dequantisation runs there; cachegen's entropy decoding runs on the CPU, its inverse transform (calibrated)
-or dequantisation (uncalibrated) on the GPU. `cachegen` is the calibrated codec (the model's calibration,
-or --calibration FILE where there is no model), `cachegen:calibration=none` the uncalibrated one.
+dequantisation runs there; calibrated cachegen decodes entirely there (Triton rANS kernel, inverse
+transform, RoPE), the uncalibrated mode entropy-decodes on the CPU and dequantises there. `cachegen` is the
+calibrated codec (the model's calibration, or --calibration FILE where there is no model),
+`cachegen:calibration=none` the uncalibrated one. --coders adds calibrated cachegen's entropy coders alone
+on the same symbols: the rANS coder against the constriction coder it replaced.
 """
 
 from __future__ import annotations
@@ -103,6 +106,59 @@ def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, dev
         return out
 
 
+def coders(kv: torch.Tensor, cal, cores: int) -> list[dict]:
+    """Calibrated cachegen's entropy coders alone, on the same integer symbols of every chunk-layer: the
+    rANS coder (numba; threads) against the constriction ANS coder it replaced (holds the GIL: one thread).
+    MB/s of the fp16 KV the symbols stand for (numba's first-call cost: bench/gpu_decode.py)."""
+    from kvshelf.codecs.cachegen import CacheGenCodec, _code_calibrated, _symbols_calibrated
+    from kvshelf.codecs.entropy import decode_by_class, encode_by_class
+
+    codec = CacheGenCodec(calibration=cal.digest)
+    layers = kv.shape[0]
+    symbols = []
+    for s in range(0, kv.shape[3], CHUNK):
+        piece = kv[:, :, :, s : s + CHUNK]
+        symbols += [codec._calibrated_symbols(piece[i], i, s) for i in range(layers)]
+    nbytes = sum(q.size for q in symbols) * 2
+    shapes = [(2, *q.shape[1:]) for q in symbols]
+    new = [_code_calibrated(q, codec.bits) for q in symbols]
+
+    def old_encode(q):
+        return b"".join(encode_by_class(q[0]) + encode_by_class(q[1]))
+
+    def old_decode(blob, shape):
+        buf = memoryview(blob)
+        _, off = decode_by_class(buf, 0, *shape[1:])
+        decode_by_class(buf, off, *shape[1:])
+
+    old = [old_encode(q) for q in symbols]
+    rows = [
+        {
+            "coder": "constriction ANS (coder 1)",
+            "bytes": sum(map(len, old)),
+            "encode 1 thread": rate(nbytes, lambda: [old_encode(q) for q in symbols]),
+            "decode 1 thread": rate(nbytes, lambda: [old_decode(b, sh) for b, sh in zip(old, shapes, strict=True)]),
+        }
+    ]
+    row = {"coder": "interleaved rANS (coder 2)", "bytes": sum(map(len, new))}
+    for threads in sorted({1, cores}):
+        with ThreadPoolExecutor(threads) as pool:
+            row[f"encode {threads} thread{'s' * (threads > 1)}"] = rate(
+                nbytes, lambda pool=pool: list(pool.map(lambda q: _code_calibrated(q, codec.bits), symbols))
+            )
+            row[f"decode {threads} thread{'s' * (threads > 1)}"] = rate(
+                nbytes,
+                lambda pool=pool: list(
+                    pool.map(lambda bs: _symbols_calibrated(bs[0], bs[1], codec.bits), zip(new, shapes, strict=True))
+                ),
+            )
+    rows.append(row)
+    rows[1]["size vs coder 1"] = rows[1]["bytes"] / rows[0]["bytes"]
+    for k in ("encode 1 thread", "decode 1 thread"):
+        rows[1][f"{k} vs coder 1"] = rows[1][k] / rows[0][k]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv", default=None)
@@ -112,6 +168,7 @@ def main() -> None:
     ap.add_argument("--codecs", nargs="+", default=["none", "int8", "cachegen:calibration=none", "cachegen"])
     ap.add_argument("--calibration", default=None, help="a .kvcal file (default: the model's, made if needed)")
     ap.add_argument("--json", default="bench/results/codec_speed.json")
+    ap.add_argument("--coders", action="store_true", help="also the entropy coders alone: rANS vs constriction")
     args = ap.parse_args()
     cal = None
     if args.kv:
@@ -138,6 +195,12 @@ def main() -> None:
             row.update(measure(spec, chunks, nbytes, threads, device, cores, cal))
         rows.append(row)
 
+    if args.coders and cal is not None:
+        coder_rows = coders(kv, cal, cores)
+        for r in coder_rows:
+            console_line = ", ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in r.items())
+            print(console_line)
+        rows.extend(coder_rows)
     raw = [c.kv.numpy().tobytes() for c in chunks]
     try:
         import lz4.frame
@@ -173,6 +236,8 @@ def main() -> None:
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
+        if "codec" not in r:
+            continue
         table.add_row(*[r["codec"]] + [f"{r[c]:.1f}" if isinstance(r.get(c), float) else "-" for c in cols[1:]])
     console.print(table)
     for r in rows:

@@ -68,6 +68,14 @@ class Codec(ABC):
         """Decode straight onto `device`; codecs that can finish decoding there (dequantise on a GPU) do."""
         return self.decode_layer(data, shape, dtype, layer, num_layers, position).to(device)
 
+    def decode_chunks_on(self, segments, shape, dtype, layer: int, num_layers: int, device, positions) -> list:
+        """One layer of several chunks of the same `shape` (their segments, at RoPE `positions`) decoded onto
+        `device`; codecs that batch their work over chunks (cachegen on a GPU: one kernel) do."""
+        return [
+            self.decode_layer_on(seg, shape, dtype, layer, num_layers, device, pos)
+            for seg, pos in zip(segments, positions, strict=True)
+        ]
+
 
 def _numel(shape) -> int:
     n = 1

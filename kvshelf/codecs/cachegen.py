@@ -7,9 +7,10 @@ CALIBRATED (the default where kvshelf runs the model): K is rotated back to befo
 and one uniform step per (layer, K|V), set from measured sensitivity and the precision level `bits`
 (each level halves it), quantises all coefficients. Each coefficient's symbols over the chunk's tokens
 get a class (a quarter-octave of their spread, one byte) and are entropy-coded against a discretised
-Gaussian of that spread, so no probability table is stored at all. Segment: magic b"CG", level (u8),
-flags (u8, bit 2), then for K and for V: classes u8 [heads * dim], ANS words (u32 count + u32 words),
-escapes (u32 count, i32 positions, i32 values) for symbols beyond their class's range.
+Gaussian of that spread, so no probability table is stored at all. The coder is an interleaved rANS with
+static 14-bit tables (kvshelf.codecs.rans; params "coder": 2), decoded on the CPU without the GIL and on a
+GPU from the same bytes (kvshelf.codecs.rans_gpu). Segment: magic b"CG", level (u8), flags (u8, bits 2
+and 4), then a rANS part for K and one for V (classes, escapes, block word counts and states, words).
 
 UNCALIBRATED (no calibration: e.g. inside vLLM, which runs the model itself):
 Per layer segment (self-contained, so one layer decodes alone):
@@ -39,13 +40,11 @@ import numpy as np
 import torch
 
 from kvshelf.codecs import calibration as calib
-from kvshelf.codecs import pool
+from kvshelf.codecs import pool, rans
 from kvshelf.codecs.base import Codec
 from kvshelf.codecs.entropy import (
     constriction,
-    decode_by_class,
     decode_symbols,
-    encode_by_class,
     encode_symbols,
 )
 
@@ -53,6 +52,8 @@ _HEAD = struct.Struct("<2sBBBBHHII")
 _ESC = struct.Struct("<II")  # escape counts for K and V
 _DELTA = 1
 _CALIBRATED = 2
+_RANS = 4  # calibrated segments written by the interleaved rANS coder (params "coder": 2)
+CODER = 2  # 1 was constriction's ANS over class groups: such chunks are misses now
 _CAL_HEAD = struct.Struct("<2sBB")
 
 
@@ -68,6 +69,7 @@ class CacheGenCodec(Codec):
         delta: bool = False,
         group: int = 16,
         calibration: str | calib.Calibration | None = None,
+        coder: int = CODER,
         *,
         processes: pool.CodecProcesses | None = None,
         calibrations: calib.Calibrations | None = None,
@@ -86,6 +88,8 @@ class CacheGenCodec(Codec):
             raise ValueError(f"cachegen delta must be true or false, got {delta!r}")
         if type(group) is not int or not 1 <= group <= 1 << 16:
             raise ValueError(f"cachegen group must be an integer within 1..65536, got {group!r}")
+        if type(coder) is not int or coder != CODER:
+            raise ValueError(f"cachegen coder {coder!r} is not supported (this kvshelf codes with coder {CODER})")
         if calibration is not None and not isinstance(calibration, str | calib.Calibration):
             raise ValueError(f"cachegen calibration must be a digest, got {calibration!r}")
         self.bits, self.early_bits, self.early_fraction = bits, early_bits, early_fraction
@@ -96,6 +100,8 @@ class CacheGenCodec(Codec):
             calibration = (calibrations.lookup if calibrations else calib.lookup)(calibration)
         self.calibration = calibration or None
         self.processes = processes or pool.IN_PROCESS
+        if self.calibration is not None:
+            rans.check_tables()
 
     def params(self) -> dict:
         return {
@@ -105,7 +111,7 @@ class CacheGenCodec(Codec):
             "v_bits": self.v_bits,
             "delta": self.delta,
             "group": self.group,
-            **({"calibration": self.calibration.digest} if self.calibration is not None else {}),
+            **({"calibration": self.calibration.digest, "coder": CODER} if self.calibration is not None else {}),
         }
 
     def max_segment_bytes(self, shape, dtype) -> int:
@@ -249,37 +255,30 @@ class CacheGenCodec(Codec):
     def decode_layers(self, segments, shape, dtype, layers, num_layers, position=0) -> list[torch.Tensor]:
         if not self.processes.workers:
             return super().decode_layers(segments, shape, dtype, layers, num_layers, position)
-        # Each layer's entropy decoding runs in a worker; only the segment's bytes go out. Uncalibrated
-        # segments come back as values; calibrated ones as integer symbols, transformed here (the
-        # workers need no calibration). Encoding stays in-process: measured, it did not pay.
         if self.calibration is not None:
-            jobs = [(bytes(seg), tuple(shape), self.bits) for seg in segments]
-            symbols = self.processes.map_calls(_symbols_calibrated, jobs)
-            return [
-                self._finish_calibrated(q, i, position, "cpu").to(dtype) for q, i in zip(symbols, layers, strict=True)
-            ]
+            # The rANS decoder (numba) and the transforms (torch) release the GIL: threads, no processes.
+            jobs = [(seg, shape, dtype, i, num_layers, position) for seg, i in zip(segments, layers, strict=True)]
+            return self.processes.map_threads(self.decode_layer, jobs)
+        # Each layer's entropy decoding runs in a worker; only the segment's bytes go out. Uncalibrated
+        # segments come back as values. Encoding stays in-process: measured, it did not pay.
         jobs = [
             (self.params(), bytes(seg), tuple(shape), i, num_layers) for seg, i in zip(segments, layers, strict=True)
         ]
         return [torch.from_numpy(values).to(dtype) for values in self.processes.map_calls(_decode_segment, jobs)]
 
     # -- calibrated mode ---------------------------------------------------------------------------------
-    def _calibrated_steps(self, layer: int, tensors: dict) -> torch.Tensor:
-        return tensors["step"][layer] * 2.0 ** (5 - self.bits)
-
     def _calibrated_symbols(self, kv: torch.Tensor, layer: int, position: int) -> np.ndarray:
-        """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape (transform, quantise)."""
+        """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape: K rotated back to
+        before RoPE, then one batched matmul by the forward transforms (steps and means folded in), rounded."""
         cal = self.calibration
         cal.check_fits(tuple(kv.shape))
-        t = cal.tensors_on("cpu")
-        x = kv.float()
-        keys = calib.rotate(x[0], t["inv_freq"][layer], position, -1.0)
-        steps = self._calibrated_steps(layer, t)
-        out = []
-        for kind, vals in enumerate((keys, x[1])):
-            coeffs = torch.einsum("hij,htj->hti", t["forward"][layer, kind], vals - t["mean"][layer, kind][:, None])
-            out.append(torch.round(coeffs / steps[kind]).clamp_(-(2**30), 2**30).to(torch.int32))
-        return torch.stack(out).numpy()
+        scaled, bias = cal.encode_transform(self.bits, "cpu")
+        two, heads, tokens, dim = kv.shape
+        keys = calib.rotate(kv[0].float(), cal.tensors_on("cpu")["inv_freq"][layer], position, -1.0)
+        x = torch.stack((keys, kv[1].float())).reshape(two * heads, tokens, dim)
+        bias = bias[layer].reshape(two * heads, 1, dim).expand(two * heads, tokens, dim)
+        coeffs = torch.baddbmm(bias, x, scaled[layer].reshape(two * heads, dim, dim))
+        return coeffs.round_().clamp_(-(2**30), 2**30).to(torch.int32).reshape(two, heads, tokens, dim).numpy()
 
     def _encode_calibrated(self, kv: torch.Tensor, layer: int, position: int) -> bytes:
         return _code_calibrated(self._calibrated_symbols(kv, layer, position), self.bits)
@@ -287,32 +286,37 @@ class CacheGenCodec(Codec):
     def encode_layers(self, kv: torch.Tensor, position: int = 0) -> list[bytes]:
         if self.calibration is None or not self.processes.workers:
             return super().encode_layers(kv, position)
-        # The transforms run here (torch, no GIL held); the entropy coding, which holds the GIL, runs in
-        # the workers on the integer symbols (int16 when they fit: fewer bytes to ship).
-        jobs = []
-        for i in range(kv.shape[0]):
-            q = self._calibrated_symbols(kv[i], i, position)
-            jobs.append((q.astype(np.int16) if np.abs(q).max(initial=0) < 32768 else q, self.bits))
-        return self.processes.map_calls(_code_calibrated, jobs)
+        # Transforms (torch) and rANS coding (numba) release the GIL: layers side by side on threads.
+        return self.processes.map_threads(self._encode_calibrated, [(kv[i], i, position) for i in range(kv.shape[0])])
 
-    def _finish_calibrated(self, q: np.ndarray, layer: int, position: int, device) -> torch.Tensor:
-        """Integer symbols [2, heads, tokens, dim] -> float32 KV on `device` (inverse transform, RoPE again)."""
+    def _finish_calibrated(self, q, layer: int, position: int, device) -> torch.Tensor:
+        """Integer symbols [2, heads, tokens, dim] (numpy, or a tensor already on `device`) -> float32 KV on
+        `device`: one batched matmul by the inverse transform with the steps folded in, the mean as its
+        bias, then RoPE on K again."""
+        scaled, mean = self.calibration.decode_transform(self.bits, device)
+        coeffs = q if isinstance(q, torch.Tensor) else torch.from_numpy(q).to(device, non_blocking=True)
+        two, heads, tokens, dim = coeffs.shape
+        coeffs = coeffs.reshape(two * heads, tokens, dim).float()
+        bias = mean[layer].reshape(two * heads, 1, dim).expand(two * heads, tokens, dim)
+        x = torch.baddbmm(bias, coeffs, scaled[layer].reshape(two * heads, dim, dim)).view(two, heads, tokens, dim)
         t = self.calibration.tensors_on(device)
-        coeffs = torch.from_numpy(q).to(device, non_blocking=True).float()
-        coeffs *= self._calibrated_steps(layer, t).view(2, 1, 1, 1)
-        x = torch.einsum("khij,khtj->khti", t["inverse"][layer], coeffs) + t["mean"][layer][:, :, None]
         x[0] = calib.rotate(x[0], t["inv_freq"][layer], position, 1.0)
         return x
 
     def decode_layer_on(self, data, shape, dtype, layer, num_layers, device, position=0) -> torch.Tensor:
-        """Entropy decoding on the CPU; the small integer symbols (and the uncalibrated mode's fp16 steps
-        and escapes) go to the device, where the dequantisation or inverse transform runs."""
+        """Calibrated: on a CUDA device the entropy decoding runs there too (kvshelf.codecs.rans_gpu, Triton),
+        from the segment's bytes; elsewhere on the CPU. Uncalibrated: entropy decoding on the CPU, the small
+        integer symbols, fp16 steps and escapes go to the device, where the dequantisation runs."""
         if torch.device(device).type == "cpu":
             return self.decode_layer(data, shape, dtype, layer, num_layers, position)
         if self.calibration is not None:
-            return self._finish_calibrated(_symbols_calibrated(data, shape, self.bits), layer, position, device).to(
-                dtype
-            )
+            from kvshelf.codecs import rans_gpu
+
+            if rans_gpu.available(device):
+                q = rans_gpu.decode_segment(data, shape, self.bits, device)
+            else:
+                q = _symbols_calibrated(data, shape, self.bits)
+            return self._finish_calibrated(q, layer, position, device).to(dtype)
         qk, qv, sk, sv, (ik, iv, ek, ev) = self._decode_parts(data, shape, layer, num_layers)
         small = np.int8 if max(np.abs(qk).max(initial=0), np.abs(qv).max(initial=0)) < 128 else np.int16
         q = torch.from_numpy(np.stack((qk, qv)).astype(small)).to(device, non_blocking=True)
@@ -324,31 +328,58 @@ class CacheGenCodec(Codec):
         flat_v[torch.from_numpy(iv.astype(np.int64)).to(device)] = torch.from_numpy(ev.copy()).to(device).float()
         return out.to(dtype)
 
+    def decode_chunks_on(self, segments, shape, dtype, layer, num_layers, device, positions) -> list[torch.Tensor]:
+        """Calibrated, on a CUDA device: one staging copy and one rANS kernel for the layer of every chunk;
+        consecutive chunks (positions a chunk apart) share one inverse transform and RoPE."""
+        from kvshelf.codecs import rans_gpu
+
+        positions = list(positions)
+        if self.calibration is None or len(segments) < 2 or not rans_gpu.available(device):
+            return super().decode_chunks_on(segments, shape, dtype, layer, num_layers, device, positions)
+        q = rans_gpu.decode_segments(segments, shape, self.bits, device)  # [chunks, 2, heads, tokens, dim]
+        n, two, heads, tokens, dim = q.shape
+        if positions == list(range(positions[0], positions[0] + n * tokens, tokens)):
+            q = q.permute(1, 2, 0, 3, 4).reshape(two, heads, n * tokens, dim)
+            kv = self._finish_calibrated(q, layer, positions[0], device).to(dtype)
+            return list(kv.split(tokens, dim=2))
+        return [self._finish_calibrated(q[i], layer, p, device).to(dtype) for i, p in enumerate(positions)]
+
 
 def _code_calibrated(q: np.ndarray, level: int) -> bytes:
-    """A calibrated segment from integer symbols [2, heads, tokens, dim] (in a codec worker, or inline)."""
-    parts = [_CAL_HEAD.pack(b"CG", level, _CALIBRATED)]
-    for kind in range(2):
-        parts += encode_by_class(q[kind].astype(np.int32, copy=False))
-    return b"".join(parts)
+    """A calibrated segment from integer symbols [2, heads, tokens, dim]."""
+    return b"".join([calibrated_head(level), rans.encode_part(q[0]), rans.encode_part(q[1])])
 
 
-def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:
-    """A calibrated segment's integer symbols, [2, heads, tokens, dim] (runs in a codec worker, or inline)."""
+def calibrated_head(level: int) -> bytes:
+    """The 4 bytes every calibrated segment of precision `level` begins with."""
+    return _CAL_HEAD.pack(b"CG", level, _CALIBRATED | _RANS)
+
+
+def calibrated_parts(data, shape: tuple, level: int) -> tuple[np.ndarray, list[rans.Part]]:
+    """A calibrated segment's bytes (uint8) and its two validated rANS parts (K, V)."""
     _, heads, tokens, dim = shape
-    buf = memoryview(data)
+    buf = np.frombuffer(data, np.uint8)[:]
+    buf.flags.writeable = False  # one array type for the compiled decoder, whatever held the bytes
     if len(buf) < _CAL_HEAD.size:
         raise ValueError("cachegen segment is truncated")
     magic, level_read, flags = _CAL_HEAD.unpack_from(buf)
-    if magic != b"CG" or flags != _CALIBRATED or level != level_read:
+    if magic != b"CG" or flags != _CALIBRATED | _RANS or level != level_read:
         raise ValueError("cachegen segment header does not match the codec parameters")
-    k, off = decode_by_class(buf, _CAL_HEAD.size, heads, tokens, dim)
-    v, off = decode_by_class(buf, off, heads, tokens, dim)
-    if off != len(buf):
-        raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {off}")
-    q = np.stack((k, v))
-    # int16 when it fits: half the bytes back from a worker process, or over PCIe to a GPU
-    return q.astype(np.int16) if np.abs(q).max(initial=0) < 32768 else q
+    k = rans.Part(buf, _CAL_HEAD.size, heads, tokens, dim)
+    v = rans.Part(buf, k.end, heads, tokens, dim)
+    if v.end != len(buf):
+        raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {v.end}")
+    return buf, [k, v]
+
+
+def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:
+    """A calibrated segment's integer symbols, [2, heads, tokens, dim] int32."""
+    _, heads, tokens, dim = shape
+    buf, parts = calibrated_parts(data, shape, level)
+    q = np.empty((2, heads, tokens, dim), np.int32)
+    for kind, part in enumerate(parts):
+        rans.decode_part(buf, part, q[kind])
+    return q
 
 
 def _decode_segment(params: dict, data: bytes, shape: tuple, layer: int, num_layers: int) -> np.ndarray:

@@ -132,6 +132,29 @@ class Calibration:
             self._cache[key] = {n: getattr(self, n).to(device) for n in _TENSORS}
         return self._cache[key]
 
+    def decode_transform(self, level: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inverse transforms with the coefficient steps of precision `level` folded in, transposed for
+        coefficients @ matrix: [layers, 2, heads, dim, dim]; means [layers, 2, heads, dim]) on `device`,
+        cached: what a decoder multiplies integer symbols by."""
+        key = f"decode-{level}-{torch.device(device)}"
+        if key not in self._cache:
+            steps = self.step * 2.0 ** (5 - level)  # as cachegen's encoder: each level halves the steps
+            scaled = (self.inverse * steps[:, :, None, None, None]).transpose(-1, -2).contiguous()
+            self._cache[key] = (scaled.to(device), self.mean.to(device))
+        return self._cache[key]
+
+    def encode_transform(self, level: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(forward transforms divided by the coefficient steps of precision `level`, transposed for
+        vectors @ matrix: [layers, 2, heads, dim, dim]; the mean's coefficients, negated and divided
+        likewise: [layers, 2, heads, dim]) on `device`, cached: x @ scaled + bias = coefficients / step."""
+        key = f"encode-{level}-{torch.device(device)}"
+        if key not in self._cache:
+            steps = (self.step * 2.0 ** (5 - level))[:, :, None, None]
+            scaled = (self.forward.transpose(-1, -2) / steps[..., None]).contiguous()
+            bias = -torch.einsum("lkhj,lkhij->lkhi", self.mean, self.forward) / steps
+            self._cache[key] = (scaled.to(device), bias.contiguous().to(device))
+        return self._cache[key]
+
     def check_layout(self, layout: tuple[int, int, int]) -> None:
         """Refuse a model of another (layers, kv_heads, head_dim)."""
         if self.layout != tuple(layout):

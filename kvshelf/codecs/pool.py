@@ -1,4 +1,7 @@
-"""Worker processes for cachegen's entropy coding, so that it uses more than one core.
+"""Worker processes (and threads) for cachegen's entropy coding, so that it uses more than one core.
+
+Calibrated cachegen codes with a numba rANS coder that releases the GIL: its layers run on `codec_workers`
+threads (map_threads), no processes. What follows is about the uncalibrated mode's constriction coder.
 
 The ANS coder (constriction) holds Python's GIL while it runs, so threads cannot share its work. With
 `codec_workers: N` the layers of a chunk are entropy-decoded in N worker processes, and in the calibrated
@@ -19,7 +22,7 @@ import multiprocessing
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from kvshelf.errors import KVShelfError
@@ -41,6 +44,7 @@ class CodecProcesses:
         self.workers = workers
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
+        self._threads: ThreadPoolExecutor | None = None
 
     def map_calls(self, fn: Callable, args: Iterable[tuple]) -> list:
         """[fn(*a) for a in args], in the worker processes when there are any. Exceptions raised by `fn`
@@ -65,6 +69,19 @@ class CodecProcesses:
                     break
         raise CodecPoolError("codec worker pool failed twice in a row (workers dying); decoding is a tier fault")
 
+    def map_threads(self, fn: Callable, args: Iterable[tuple]) -> list:
+        """[fn(*a) for a in args] on `workers` threads (for code that releases the GIL: the calibrated
+        mode's rANS coder and torch); exceptions come back as they are. Inline with no workers or one call."""
+        calls = list(args)
+        if not self.workers or len(calls) < 2:
+            return [fn(*a) for a in calls]
+        with self._lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kvshelf-codec")
+                _open.add(self)
+            threads = self._threads
+        return [f.result() for f in [threads.submit(fn, *a) for a in calls]]
+
     def _discard(self, pool: ProcessPoolExecutor, err: BaseException) -> None:
         """Forget a broken pool so the next call builds a new one."""
         log.warning("codec worker pool broken (%s: %s); starting a new one", type(err).__name__, err)
@@ -84,6 +101,9 @@ class CodecProcesses:
     def close(self) -> None:
         """Stop the processes (a later call starts them again)."""
         with self._lock:
+            if self._threads is not None:
+                self._threads.shutdown(wait=True, cancel_futures=True)
+                self._threads = None
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
