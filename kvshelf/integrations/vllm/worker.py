@@ -103,8 +103,12 @@ class WorkerSide:
         use_async_load: bool,
         buffer_size: int,
         metrics: Metrics | None = None,
+        stores: bool = True,
     ):
         self.engine = engine
+        # False on a tensor-parallel rank whose KV heads another rank holds too (replicated heads: the
+        # same keys, the same KV): the first of those ranks stores them, every one of them loads.
+        self.stores = stores
         self.block_size = block_size
         self.use_layerwise, self.use_async_load, self.buffer_size = use_layerwise, use_async_load, buffer_size
         self.metrics = metrics or Metrics()  # the shelf's
@@ -233,7 +237,7 @@ class WorkerSide:
     # -- saving ---------------------------------------------------------------------------------------
     def start_saves(self, plan: StepPlan) -> None:
         fp = self.engine.fingerprint
-        for spec in plan.saves:
+        for spec in plan.saves if self.stores else ():
             try:
                 keys = self.engine.keys_to_store(spec.tokens, spec.salt)
             except Exception as err:
