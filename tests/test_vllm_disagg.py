@@ -4,6 +4,8 @@ sharing one tier in this process."""
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +14,7 @@ from test_vllm_connector import BS, DIM, LAYERS, cpu_writer, new_req, request, s
 
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.errors import ConfigError
+from kvshelf.integrations.vllm.published import PublishedLayers, layer_fingerprint
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan, least_hit, role_flags
 from kvshelf.integrations.vllm.shared import kv_head_shard, stores_shard, vllm_fingerprint
 from kvshelf.integrations.vllm.worker import WorkerSide
@@ -225,3 +228,85 @@ def test_replicated_kv_heads_are_stored_once_and_loaded_by_every_rank(model_dir)
     assert worker.stats.loaded_tokens == 128
     got = gathered(worker, caches, [5, 6, 7, 8], 128, 2)
     assert torch.equal(got[0, 0], kv[2][0][:, 0]) and torch.equal(got[1, 0], kv[2][1][:, 0])
+
+
+# -- per-layer publication (transfer overlapping the producer's prefill) --------------------------------
+def test_each_published_layer_has_its_own_namespace(model_dir):
+    fp = vllm_fingerprint(fake_vllm_config(model_dir, total_heads=2, tp=1))
+    layers = [layer_fingerprint(fp, i) for i in range(LAYERS)]
+    assert len({f.hex() for f in layers} | {fp.hex()}) == LAYERS + 1
+    assert all(f.num_layers == 1 and f.num_kv_heads == fp.num_kv_heads for f in layers)
+    with pytest.raises(ValueError, match="layer 3"):
+        layer_fingerprint(fp, LAYERS)
+
+
+def producer_and_consumer(model_dir, *, wait_s: float, async_load: bool = True):
+    fp = vllm_fingerprint(fake_vllm_config(model_dir, total_heads=2, tp=1))
+    shared_tier = MemoryBackend(1 << 30)
+    p_eng, c_eng = CacheEngine(fp, shared_tier, chunk_size=64), CacheEngine(fp, shared_tier, chunk_size=64)
+    caches_p, caches_c = paged(2), paged(2)
+    producer = WorkerSide(
+        p_eng, block_size=BS, use_layerwise=True, use_async_load=True, buffer_size=1,
+        published=PublishedLayers(p_eng), publish=True,
+    )  # fmt: skip
+    consumer = WorkerSide(
+        c_eng, block_size=BS, use_layerwise=True, use_async_load=async_load, buffer_size=1,
+        published=PublishedLayers(c_eng, wait_s=wait_s),
+    )  # fmt: skip
+    producer.register(caches_p, cpu_writer())
+    consumer.register(caches_c, cpu_writer())
+    return producer, caches_p, consumer, caches_c
+
+
+@pytest.mark.parametrize("async_load", [True, False])
+def test_a_consumer_loads_layers_while_the_producer_still_computes(model_dir, async_load):
+    producer, caches_p, consumer, caches_c = producer_and_consumer(model_dir, wait_s=10, async_load=async_load)
+    tokens = list(range(2000, 2200))
+    kv = full_kv(200, 2, seed=3)
+    blocks_p, blocks_c = [1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]
+    write_tokens(caches_p, blocks_p, kv)
+    producer.start_saves(StepPlan(saves=[SaveSpec("p", tokens, blocks_p, None)]))
+    names = producer.names
+    producer.save_layer(names[0], caches_p[names[0]])  # vLLM has computed layer 0 only
+    # the decode instance sees the prompt under way (first layer published), no whole chunk yet
+    assert consumer.engine.lookup(tokens[:199]) == 0 and consumer.lookup(tokens[:199], None) == 192
+
+    def rest_of_the_prefill():
+        for name in names[1:]:
+            time.sleep(0.1)
+            producer.save_layer(name, caches_p[name])
+        producer.finish_saves()
+
+    thread = threading.Thread(target=rest_of_the_prefill)
+    thread.start()
+    try:
+        run_step(consumer, caches_c, StepPlan(loads=[LoadSpec("c", tokens[:192], blocks_c, 0, 192, None)]))
+    finally:
+        thread.join()
+    assert consumer.take_failed_blocks() == set() and consumer.stats.loaded_tokens == 192
+    for layer, (k, v) in enumerate(kv):
+        got = gathered(consumer, caches_c, blocks_c, 192, layer)
+        assert torch.equal(got[0], k[:192].transpose(0, 1)) and torch.equal(got[1], v[:192].transpose(0, 1))
+    assert consumer.engine.lookup(tokens) == 200  # the whole chunks are stored at the end of the step too
+
+
+def test_a_producer_that_stops_mid_prefill_makes_the_consumer_recompute(model_dir):
+    producer, caches_p, consumer, caches_c = producer_and_consumer(model_dir, wait_s=0.3)
+    tokens = list(range(128))
+    write_tokens(caches_p, [1, 2, 3, 4], full_kv(128, 2))
+    producer.start_saves(StepPlan(saves=[SaveSpec("p", tokens, [1, 2, 3, 4], None)]))
+    for name in producer.names[:2]:  # the producer dies after two of three layers
+        producer.save_layer(name, caches_p[name])
+    assert consumer.lookup(tokens[:127], None) == 64 and consumer.lookup(tokens, None) == 128  # layer 0 is there
+    run_step(consumer, caches_c, StepPlan(loads=[LoadSpec("c", tokens, [5, 6, 7, 8], 0, 128, None)]))
+    assert consumer.take_failed_blocks() == {5, 6, 7, 8}
+    assert consumer.stats.failed_loads == 1 and consumer.stats.loaded_tokens == 0
+
+
+def test_kv_both_and_a_non_publishing_producer_publish_nothing(model_dir):
+    fp = vllm_fingerprint(fake_vllm_config(model_dir, total_heads=2, tp=1))
+    eng = CacheEngine(fp, MemoryBackend(1 << 30), chunk_size=64)
+    caches = paged(2)
+    write_tokens(caches, [1, 2], full_kv(64, 2))
+    run_step(side(eng, caches), caches, StepPlan(saves=[SaveSpec("r", list(range(64)), [1, 2], None)]))
+    assert eng.lookup(list(range(64))) == 64 and PublishedLayers(eng).lookup(list(range(64))) == 0

@@ -26,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvshelf.assembly.engine import min_cached_tokens
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, engine_paths, read_key
+from kvshelf.integrations.vllm.published import PublishedLayers
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan, least_hit, role_flags
 from kvshelf.integrations.vllm.shared import (
     acquire_engine,
@@ -89,6 +90,7 @@ class KVShelfConnector(KVConnectorBase_V1):
             rank = get_tensor_model_parallel_rank()
         fingerprint = vllm_fingerprint(vllm_config, rank)  # checks the settings in both roles
         self._engine_id = str(transfer.engine_id)
+        loads, stores = role_flags(transfer.kv_role)  # kv_producer: stores only; kv_consumer: loads only
         self._lookup_id = lookup_id(self._engine_id, rank)
         block_size = vllm_config.cache_config.block_size
         self._scheduler: SchedulerSide | None = None
@@ -103,7 +105,6 @@ class KVShelfConnector(KVConnectorBase_V1):
                     "kvshelf: setting kv_load_failure_policy='recompute' (was %r)", transfer.kv_load_failure_policy
                 )
                 transfer.kv_load_failure_policy = "recompute"
-            loads, stores = role_flags(transfer.kv_role)
             self._scheduler = SchedulerSide(
                 self._lookup,
                 block_size=block_size,
@@ -114,6 +115,11 @@ class KVShelfConnector(KVConnectorBase_V1):
             )
         else:
             self.engine = acquire_engine(fingerprint, self.config)
+            # kv_both stays as it was; a producer publishes layers (unless publish_layers is off), a
+            # consumer reads them (see published.py)
+            published = None
+            if not stores or (not loads and self.config.publish_layers):
+                published = PublishedLayers(self.engine, wait_s=self.config.published_layer_wait_s)
             self._worker = WorkerSide(
                 self.engine,
                 block_size=block_size,
@@ -122,8 +128,10 @@ class KVShelfConnector(KVConnectorBase_V1):
                 buffer_size=self.config.buffer_size,
                 metrics=owned_by(self.engine).metrics,
                 stores=stores_shard(self._tp_size, vllm_config.model_config.get_total_num_kv_heads(), rank),
+                published=published,
+                publish=not loads,
             )
-            self._server = LookupServer.for_engine(self._lookup_id, self.engine.lookup, key=self._configured_key())
+            self._server = LookupServer.for_engine(self._lookup_id, self._worker.lookup, key=self._configured_key())
             _workers[self._lookup_id] = self._worker
 
     def _lookup(self, tokens: list[int], salt: str | None) -> int:
@@ -134,7 +142,7 @@ class KVShelfConnector(KVConnectorBase_V1):
         name = lookup_id(self._engine_id, rank)
         worker = _workers.get(name)
         if worker is not None:  # the worker shares this process (and its CPU tier)
-            return worker.engine.lookup(tokens, salt)
+            return worker.lookup(tokens, salt)
         if rank not in self._clients:
             path, key_file = engine_paths(name)
             key = self._configured_key()
