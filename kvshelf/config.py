@@ -187,9 +187,9 @@ class KVShelfConfig(BaseModel):
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted (default: model context)")
     max_output_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     # -- issue #20: disaggregated prefill inside vLLM (kv_role kv_producer / kv_consumer) -------------
-    publish_layers: bool = Field(
-        True,
-        description="inside vLLM as kv_producer: publish each layer of a prompt's new chunks as it is computed, so a kv_consumer can load it before the prefill ends",
+    publish_layers: bool | None = Field(
+        None,
+        description="inside vLLM as kv_producer: publish each layer of a prompt's new chunks as it is computed, so a kv_consumer can load it before the prefill ends (default: on unless a tier codes with cachegen, whose bit allocation depends on the layer)",
     )
     published_layer_wait_s: float = Field(
         10.0,

@@ -310,3 +310,15 @@ def test_kv_both_and_a_non_publishing_producer_publish_nothing(model_dir):
     write_tokens(caches, [1, 2], full_kv(64, 2))
     run_step(side(eng, caches), caches, StepPlan(saves=[SaveSpec("r", list(range(64)), [1, 2], None)]))
     assert eng.lookup(list(range(64))) == 64 and PublishedLayers(eng).lookup(list(range(64))) == 0
+
+
+def test_layers_are_published_unless_a_tier_codes_with_cachegen():
+    from kvshelf.config import KVShelfConfig
+    from kvshelf.integrations.vllm.published import publishes_layers
+
+    assert publishes_layers(KVShelfConfig(remote_url="redis://127.0.0.1:1", remote_serde="int8"))
+    cachegen = dict(remote_url="redis://127.0.0.1:1", remote_serde="cachegen")
+    assert not publishes_layers(KVShelfConfig(**cachegen))
+    assert not publishes_layers(KVShelfConfig(publish_layers=False))
+    with pytest.raises(ConfigError, match="remote codes with cachegen"):
+        publishes_layers(KVShelfConfig(publish_layers=True, **cachegen))

@@ -26,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvshelf.assembly.engine import min_cached_tokens
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, engine_paths, read_key
-from kvshelf.integrations.vllm.published import PublishedLayers
+from kvshelf.integrations.vllm.published import PublishedLayers, publishes_layers
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan, least_hit, role_flags
 from kvshelf.integrations.vllm.shared import (
     acquire_engine,
@@ -118,7 +118,7 @@ class KVShelfConnector(KVConnectorBase_V1):
             # kv_both stays as it was; a producer publishes layers (unless publish_layers is off), a
             # consumer reads them (see published.py)
             published = None
-            if not stores or (not loads and self.config.publish_layers):
+            if not stores or (not loads and publishes_layers(self.config)):
                 published = PublishedLayers(self.engine, wait_s=self.config.published_layer_wait_s)
             self._worker = WorkerSide(
                 self.engine,

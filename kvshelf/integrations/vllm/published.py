@@ -24,6 +24,31 @@ import torch
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.cache.keys import ChunkKey
+from kvshelf.config import KVShelfConfig
+from kvshelf.errors import ConfigError
+
+
+def cachegen_tiers(config: KVShelfConfig) -> list[str]:
+    """Tiers that code with cachegen: its bits per layer and calibrated transforms depend on the layer's
+    index, which a one-layer object does not carry (it would be coded as layer 0 of 1)."""
+    tiers = []
+    if config.local_disk and config.local_disk_codec == "cachegen":
+        tiers.append("local_disk")
+    if config.remote_url and config.remote_serde == "cachegen":
+        tiers.append("remote")
+    return tiers
+
+
+def publishes_layers(config: KVShelfConfig) -> bool:
+    """Whether a kv_producer publishes layers: `publish_layers`, by default on unless a tier codes with
+    cachegen (then whole chunks only); asking for it with a cachegen tier is refused."""
+    coded = cachegen_tiers(config)
+    if config.publish_layers and coded:
+        raise ConfigError(
+            f"publish_layers needs a tier codec other than cachegen ({', '.join(coded)} codes with cachegen, "
+            "whose bits depend on the layer index); set publish_layers: false or use int8/none there"
+        )
+    return not coded if config.publish_layers is None else config.publish_layers
 
 
 class LayerNotPublished(RuntimeError):
