@@ -404,3 +404,47 @@ def test_the_connector_wires_the_roles(model_dir, connectors):
 
     with pytest.raises(ConfigError, match="kv_role 'kv_sender'"):
         make(connector_config_for(model_dir, role="kv_sender", total_heads=2, tp=1, engine_id="bad"), Role.SCHEDULER)
+
+
+def test_published_layers_travel_through_redis_with_the_tiers_codec(model_dir, redis_server):
+    from kvshelf.assembly.engine import Owned, open_engine
+    from kvshelf.config import KVShelfConfig
+
+    config = KVShelfConfig(
+        chunk_size=64, local_cpu=False, remote_url=redis_server.url, remote_serde="int8", pin_memory=False
+    )
+    fp = vllm_fingerprint(fake_vllm_config(model_dir, total_heads=2, tp=1))
+    owned = [Owned.for_config(config), Owned.for_config(config)]
+    p_eng, c_eng = (open_engine(config, fp, owned=o) for o in owned)  # two instances, one Redis
+    try:
+        p_eng.clear()
+        caches_p, caches_c = paged(2), paged(2)
+        producer = WorkerSide(
+            p_eng, block_size=BS, use_layerwise=True, use_async_load=True, buffer_size=1,
+            published=PublishedLayers(p_eng), publish=True,
+        )  # fmt: skip
+        consumer = WorkerSide(
+            c_eng, block_size=BS, use_layerwise=True, use_async_load=True, buffer_size=1,
+            published=PublishedLayers(c_eng, wait_s=10),
+        )  # fmt: skip
+        producer.register(caches_p, cpu_writer())
+        consumer.register(caches_c, cpu_writer())
+        tokens = list(range(7000, 7128))
+        kv = full_kv(128, 2, seed=5)
+        write_tokens(caches_p, [1, 2, 3, 4], kv)
+        producer.start_saves(StepPlan(saves=[SaveSpec("p", tokens, [1, 2, 3, 4], None)]))
+        for name in producer.names:  # every layer published (write-behind to Redis), no whole chunk yet
+            producer.save_layer(name, caches_p[name])
+        run_step(consumer, caches_c, StepPlan(loads=[LoadSpec("c", tokens, [5, 6, 7, 8], 0, 128, None)]))
+        assert consumer.take_failed_blocks() == set() and consumer.stats.loaded_tokens == 128
+        assert c_eng.lookup(tokens) == 0  # it came from the published layers
+        for layer, (k, v) in enumerate(kv):
+            got = gathered(consumer, caches_c, [5, 6, 7, 8], 128, layer)
+            want = torch.stack([k.transpose(0, 1), v.transpose(0, 1)])
+            assert not torch.equal(got, want)  # int8 on the wire: close, not exact
+            assert (got - want).abs().max() < 0.05 * want.abs().max()
+        producer.finish_saves()
+    finally:
+        for eng, o in zip((p_eng, c_eng), owned, strict=True):
+            eng.close()
+            o.close()
