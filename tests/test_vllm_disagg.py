@@ -309,7 +309,7 @@ def test_kv_both_and_a_non_publishing_producer_publish_nothing(model_dir):
     caches = paged(2)
     write_tokens(caches, [1, 2], full_kv(64, 2))
     run_step(side(eng, caches), caches, StepPlan(saves=[SaveSpec("r", list(range(64)), [1, 2], None)]))
-    assert eng.lookup(list(range(64))) == 64 and PublishedLayers(eng).lookup(list(range(64))) == 0
+    assert eng.lookup(list(range(64))) == 64 and PublishedLayers(eng).extend(list(range(64)), None, 0) == 0
 
 
 def test_layers_are_published_unless_a_tier_codes_with_cachegen():
@@ -407,6 +407,8 @@ def test_the_connector_wires_the_roles(model_dir, connectors):
 
 
 def test_published_layers_travel_through_redis_with_the_tiers_codec(model_dir, redis_server):
+    from services import wait_for
+
     from kvshelf.assembly.engine import Owned, open_engine
     from kvshelf.config import KVShelfConfig
 
@@ -435,6 +437,8 @@ def test_published_layers_travel_through_redis_with_the_tiers_codec(model_dir, r
         producer.start_saves(StepPlan(saves=[SaveSpec("p", tokens, [1, 2, 3, 4], None)]))
         for name in producer.names:  # every layer published (write-behind to Redis), no whole chunk yet
             producer.save_layer(name, caches_p[name])
+        # the consumer's scheduler schedules the load once its lookup sees the first layer (write-behind)
+        wait_for(lambda: consumer.lookup(tokens, None) == 128, 10, "layer 0 in Redis")
         run_step(consumer, caches_c, StepPlan(loads=[LoadSpec("c", tokens, [5, 6, 7, 8], 0, 128, None)]))
         assert consumer.take_failed_blocks() == set() and consumer.stats.loaded_tokens == 128
         assert c_eng.lookup(tokens) == 0  # it came from the published layers
@@ -448,3 +452,21 @@ def test_published_layers_travel_through_redis_with_the_tiers_codec(model_dir, r
         for eng, o in zip((p_eng, c_eng), owned, strict=True):
             eng.close()
             o.close()
+
+
+def test_a_consumer_loads_a_whole_chunk_prefix_then_published_layers(model_dir):
+    producer, caches_p, consumer, caches_c = producer_and_consumer(model_dir, wait_s=10)
+    tokens = list(range(5000, 5193))  # 193 tokens: the scheduler looks up the first 192
+    kv = full_kv(193, 2, seed=7)
+    dense = torch.stack([torch.stack([k.transpose(0, 1), v.transpose(0, 1)]) for k, v in kv])  # [L, 2, H, T, D]
+    producer.engine.store(tokens[:64], dense[:, :, :, :64])  # an earlier request's prefix, stored whole
+    blocks_p, blocks_c = [1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]
+    write_tokens(caches_p, blocks_p, kv)
+    producer.start_saves(StepPlan(saves=[SaveSpec("p", tokens, blocks_p, None)]))
+    for name in producer.names:  # publishes the new chunks' layers only: [64, 128), [128, 192), [192, 193)
+        producer.save_layer(name, caches_p[name])
+    assert consumer.engine.lookup(tokens[:192]) == 64 and consumer.lookup(tokens[:192], None) == 192
+    run_step(consumer, caches_c, StepPlan(loads=[LoadSpec("c", tokens[:192], blocks_c, 0, 192, None)]))
+    assert consumer.take_failed_blocks() == set() and consumer.stats.loaded_tokens == 192
+    for layer in range(LAYERS):
+        assert torch.equal(gathered(consumer, caches_c, blocks_c, 192, layer), dense[layer, :, :, :192])

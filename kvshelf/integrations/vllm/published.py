@@ -91,26 +91,43 @@ class PublishedLayers:
         # A copy of the one layer: the host buffer goes on being written (and is stored whole later).
         return eng.put_chunks(mine, [host[layer : layer + 1].clone() for host in hosts])
 
-    def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
-        """Tokens whose first layer is published (the producer is under way; later layers may follow)."""
-        return self.layers[0].lookup(tokens, salt)
+    def extend(self, tokens: Sequence[int], salt: str | None, start: int) -> int:
+        """End of the run of chunks from token `start` (a chunk boundary: where the whole chunks end) whose
+        first layer is published (the producer is under way; later layers may follow)."""
+        eng = self.layers[0]
+        keys = [k for k in eng.keys(tokens, salt) if k.start >= start]
+        hit = start
+        for key, here in zip(keys, eng.backend.contains_many([k.digest for k in keys]) if keys else [], strict=True):
+            if not here:
+                break
+            hit = key.end
+        return hit
 
-    def open(self, tokens: Sequence[int], salt: str | None, end: int) -> PublishedRetrieval | None:
-        """A loader source for tokens [0, end) of `tokens` over published layers; None if layer 0 has none."""
+    def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
+        """Tokens held as whole chunks, then as published layers."""
+        return self.extend(tokens, salt, self.engine.lookup(tokens, salt))
+
+    def open(self, tokens: Sequence[int], salt: str | None, end: int, prefix=None) -> PublishedRetrieval | None:
+        """A loader source for tokens [0, end) of `tokens`: the whole chunks of `prefix` (an opened
+        `LayerwiseRetrieval`, or None), then published layers; None if no layer follows the prefix."""
+        start = prefix.num_tokens if prefix is not None else 0
         tokens = list(tokens[:end])
-        got = self.lookup(tokens, salt)
-        if got <= 0:
+        got = self.extend(tokens, salt, start)
+        if got <= start:
             return None
-        return PublishedRetrieval(self, tokens[:got], salt, deadline=time.monotonic() + self.wait_s)
+        return PublishedRetrieval(self, tokens[:got], salt, start, prefix, deadline=time.monotonic() + self.wait_s)
 
 
 class PublishedRetrieval:
     """What `layerwise.LayerwiseLoader` reads (like `cache.engine.LayerwiseRetrieval`): layer i of the
-    request's chunks, read when the loader asks for it, after waiting for the producer to publish it
-    (until one deadline for the whole load)."""
+    request's whole chunks (the prefix), then of its published chunks, each read when the loader asks for
+    it after waiting for the producer to publish it (until one deadline for the whole load)."""
 
-    def __init__(self, published: PublishedLayers, tokens: list[int], salt: str | None, *, deadline: float):
-        self.published, self.tokens, self.salt, self.deadline = published, tokens, salt, deadline
+    def __init__(
+        self, published: PublishedLayers, tokens: list[int], salt: str | None, start: int, prefix, *, deadline: float
+    ):
+        self.published, self.tokens, self.salt, self.start = published, tokens, salt, start
+        self.prefix, self.deadline = prefix, deadline
         self.num_layers = published.num_layers
         self.num_tokens = len(tokens)
 
@@ -118,26 +135,33 @@ class PublishedRetrieval:
         return None  # read layer by layer, never as whole chunks
 
     def count_retrieved(self, nbytes: int) -> None:
-        pass  # each layer engine counts what it reads
+        pass  # each engine counts what it reads
 
     def _layer(self, i: int) -> list[tuple[int, int, torch.Tensor]]:
         eng = self.published.layers[i]
-        while eng.lookup(self.tokens, self.salt) < self.num_tokens:
+        keys = [k for k in eng.keys(self.tokens, self.salt) if k.start >= self.start]
+        while not all(eng.backend.contains_many([k.digest for k in keys])):
             if time.monotonic() >= self.deadline:
                 raise LayerNotPublished(
-                    f"layer {i} of {self.num_tokens} tokens was not published within {self.published.wait_s} s"
+                    f"layer {i} of tokens {self.start}..{self.num_tokens} was not published within "
+                    f"{self.published.wait_s} s"
                 )
             time.sleep(self.published.poll_s)
-        parts = [(key.start, key.end, kv) for key, kv in eng.retrieve_chunks(self.tokens, self.salt)]
-        if not parts or parts[-1][1] < self.num_tokens:  # evicted or damaged between the check and the read
-            raise LayerNotPublished(f"layer {i}: only {parts[-1][1] if parts else 0} of {self.num_tokens} tokens read")
+        parts = []
+        for key in keys:  # read and checked like any chunk: fingerprint (model and layer), tokens, position
+            chunk = eng.get_blend_chunk(key.digest, key.num_tokens, position=key.start)
+            if chunk is None:  # evicted or damaged between the check and the read
+                raise LayerNotPublished(f"layer {i}: tokens {key.start}..{key.end} could not be read")
+            parts.append((key.start, key.end, chunk.kv))
         return parts
 
     def layer_parts(self, i: int, j: int | None = None) -> list[tuple[int, int, torch.Tensor]]:
         """Layers i..j-1 chunk by chunk: (start, end, [j - i, 2, heads, end - start, dim])."""
         j = i + 1 if j is None else j
+        parts = self.prefix.layer_parts(i, j) if self.prefix is not None else []
         per_layer = [self._layer(k) for k in range(i, j)]
-        return [
+        parts += [
             (pieces[0][0], pieces[0][1], torch.cat([kv for _, _, kv in pieces], dim=0))
             for pieces in zip(*per_layer, strict=True)
         ]
+        return parts

@@ -158,7 +158,7 @@ class WorkerSide:
         """Cached tokens: whole chunks, or on a consumer also a producer's published first layer."""
         hit = self.engine.lookup(tokens, salt)
         if self.published is not None and not self.publish and hit < len(tokens):
-            hit = max(hit, self.published.lookup(tokens, salt))
+            hit = self.published.extend(tokens, salt, hit)
         return hit
 
     # -- loading --------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ class WorkerSide:
         got = retrieval.num_tokens if retrieval is not None else 0
         if got < spec.end and self.published is not None and not self.publish:
             try:  # the producer may still be computing: load the layers it publishes as they come
-                published = self.published.open(spec.tokens, spec.salt, spec.end)
+                published = self.published.open(spec.tokens, spec.salt, spec.end, prefix=retrieval)
             except Exception as err:
                 log.warning("kvshelf: opening published layers for request %s failed: %s", spec.req_id, err)
                 published = None
