@@ -155,7 +155,7 @@ def create_proxy_app(settings: ProxySettings):
 
         async def relay():
             try:
-                async for piece in upstream.aiter_raw():
+                async for piece in upstream.aiter_bytes():  # decoded: no content-encoding is passed on
                     yield piece
             except httpx.HTTPError as err:  # the client sees the stream end early; say why here
                 log.warning("kvshelf proxy: decode stream from %s broke off: %s", url, err)
