@@ -93,7 +93,7 @@ class SchedulerSide:
         stores: bool = True,
     ):
         self.loads, self.stores = loads, stores  # from kv_role (role_flags)
-        self.lookup = lookup  # the worker's engine.lookup, in this process or over its socket
+        self.lookup = lookup  # the worker's lookup (least over TP ranks), in this process or over its socket
         self.block_size = block_size
         self.min_cached_tokens = min_cached_tokens
         self.default_salt = default_salt
