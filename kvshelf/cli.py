@@ -235,6 +235,27 @@ def serve(
 
 
 @app.command()
+def proxy(
+    prefill: Annotated[list[str], typer.Option(help="a prefill instance (vLLM, kv_role=kv_producer); repeat")],
+    decode: Annotated[list[str], typer.Option(help="a decode instance (vLLM, kv_role=kv_consumer); repeat")],
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8100,
+    prefill_timeout: Annotated[float, typer.Option(help="seconds a prefill may take before decode computes")] = 120.0,
+    read_timeout: Annotated[float, typer.Option(help="seconds to wait for a decode instance's next bytes")] = 600.0,
+) -> None:
+    """Route OpenAI completions through a prefill instance (max_tokens=1), then a decode instance."""
+    from kvshelf.server.proxy import ProxySettings, run_proxy
+
+    try:
+        settings = ProxySettings.of(
+            prefill, decode, host=host, port=port, prefill_timeout_s=prefill_timeout, read_timeout_s=read_timeout
+        )
+    except KVShelfError as err:
+        _fail(err)
+    run_proxy(settings)
+
+
+@app.command()
 def stats(
     url: Annotated[str, typer.Option(help="server base URL")] = "http://127.0.0.1:8000",
     api_key: Annotated[

@@ -186,6 +186,16 @@ class KVShelfConfig(BaseModel):
     request_timeout_s: float = Field(600.0, gt=0, description="per-request deadline, queueing included (504)")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt accepted (default: model context)")
     max_output_tokens: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    # -- issue #20: disaggregated prefill inside vLLM (kv_role kv_producer / kv_consumer) -------------
+    publish_layers: bool | None = Field(
+        None,
+        description="inside vLLM as kv_producer: publish each layer of a prompt's new chunks as it is computed, so a kv_consumer can load it before the prefill ends (default: on unless a tier codes with cachegen, whose bit allocation depends on the layer)",
+    )
+    published_layer_wait_s: float = Field(
+        10.0,
+        gt=0,
+        description="inside vLLM as kv_consumer: longest a load waits for layers the producer has not published yet (then vLLM recomputes)",
+    )
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
     @field_validator("local_disk_codec", "remote_serde")

@@ -26,12 +26,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvshelf.assembly.engine import min_cached_tokens
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, engine_paths, read_key
-from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan
+from kvshelf.integrations.vllm.published import PublishedLayers, publishes_layers
+from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan, least_hit, role_flags
 from kvshelf.integrations.vllm.shared import (
     acquire_engine,
     connector_config,
     owned_by,
     release_engine,
+    stores_shard,
     vllm_fingerprint,
 )
 from kvshelf.integrations.vllm.worker import WorkerSide
@@ -50,6 +52,11 @@ log = logging.getLogger(__name__)
 # Worker halves of this process by vLLM engine id: the scheduler half looks up in-process when its
 # worker lives here (single-process engines), over the worker's socket otherwise.
 _workers: dict[str, WorkerSide] = {}
+
+
+def lookup_id(engine_id: str, rank: int) -> str:
+    """The name of a tensor-parallel rank's lookup socket (rank 0 keeps the engine id: TP=1 unchanged)."""
+    return engine_id if rank == 0 else f"{engine_id}#tp{rank}"
 
 
 def connector_stats() -> dict:
@@ -75,13 +82,21 @@ class KVShelfConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = vllm_config.kv_transfer_config
         self.config = connector_config(transfer.kv_connector_extra_config)
-        fingerprint = vllm_fingerprint(vllm_config)  # checks the settings in both roles
+        self._tp_size = vllm_config.parallel_config.tensor_parallel_size
+        rank = 0
+        if role != KVConnectorRole.SCHEDULER and self._tp_size > 1:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+        fingerprint = vllm_fingerprint(vllm_config, rank)  # checks the settings in both roles
         self._engine_id = str(transfer.engine_id)
+        loads, stores = role_flags(transfer.kv_role)  # kv_producer: stores only; kv_consumer: loads only
+        self._lookup_id = lookup_id(self._engine_id, rank)
         block_size = vllm_config.cache_config.block_size
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         self._server: LookupServer | None = None
-        self._client: LookupClient | None = None
+        self._clients: dict[int, LookupClient] = {}
         self.engine = None
         if role == KVConnectorRole.SCHEDULER:
             if transfer.kv_load_failure_policy != "recompute":
@@ -95,9 +110,16 @@ class KVShelfConnector(KVConnectorBase_V1):
                 block_size=block_size,
                 min_cached_tokens=min_cached_tokens(self.config),
                 default_salt=self.config.cache_salt,
+                loads=loads,
+                stores=stores,
             )
         else:
             self.engine = acquire_engine(fingerprint, self.config)
+            # kv_both stays as it was; a producer publishes layers (unless publish_layers is off), a
+            # consumer reads them (see published.py)
+            published = None
+            if not stores or (not loads and publishes_layers(self.config)):
+                published = PublishedLayers(self.engine, wait_s=self.config.published_layer_wait_s)
             self._worker = WorkerSide(
                 self.engine,
                 block_size=block_size,
@@ -105,19 +127,27 @@ class KVShelfConnector(KVConnectorBase_V1):
                 use_async_load=self.config.use_async_load,
                 buffer_size=self.config.buffer_size,
                 metrics=owned_by(self.engine).metrics,
+                stores=stores_shard(self._tp_size, vllm_config.model_config.get_total_num_kv_heads(), rank),
+                published=published,
+                publish=not loads,
             )
-            self._server = LookupServer.for_engine(self._engine_id, self.engine.lookup, key=self._configured_key())
-            _workers[self._engine_id] = self._worker
+            self._server = LookupServer.for_engine(self._lookup_id, self._worker.lookup, key=self._configured_key())
+            _workers[self._lookup_id] = self._worker
 
     def _lookup(self, tokens: list[int], salt: str | None) -> int:
-        worker = _workers.get(self._engine_id)
+        """Tokens every tensor-parallel rank holds (each rank keeps its own head shard): the least hit."""
+        return least_hit(self._rank_lookup(rank, tokens, salt) for rank in range(self._tp_size))
+
+    def _rank_lookup(self, rank: int, tokens: list[int], salt: str | None) -> int:
+        name = lookup_id(self._engine_id, rank)
+        worker = _workers.get(name)
         if worker is not None:  # the worker shares this process (and its CPU tier)
-            return worker.engine.lookup(tokens, salt)
-        if self._client is None:
-            path, key_file = engine_paths(self._engine_id)
+            return worker.lookup(tokens, salt)
+        if rank not in self._clients:
+            path, key_file = engine_paths(name)
             key = self._configured_key()
-            self._client = LookupClient(path, key if key is not None else lambda: read_key(key_file))
-        return self._client.lookup(tokens, salt)
+            self._clients[rank] = LookupClient(path, key if key is not None else lambda: read_key(key_file))
+        return self._clients[rank].lookup(tokens, salt)
 
     def _configured_key(self) -> bytes | None:
         """A lookup key from the config (extra_config.lookup_key, 64 hex digits), when one is set there;
@@ -174,13 +204,13 @@ class KVShelfConnector(KVConnectorBase_V1):
         return self._worker.take_failed_blocks() if self._worker is not None else set()
 
     def shutdown(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        for client in self._clients.values():
+            client.close()
         if self._worker is not None:
             self._server.close()
             self._worker.close()
-            if _workers.get(self._engine_id) is self._worker:
-                del _workers[self._engine_id]
+            if _workers.get(self._lookup_id) is self._worker:
+                del _workers[self._lookup_id]
             release_engine(self.engine)
 
     # -- scheduler side ---------------------------------------------------------------------------------

@@ -7,10 +7,41 @@ Plain Python over vLLM's request and scheduler-output objects (duck-typed), so i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from kvshelf.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+# vLLM's KVTransferConfig.kv_role -> (loads cached prompts, stores prompts). A producer (prefill instance
+# of a disaggregated pair) stores every prompt and never loads; a consumer (decode instance) loads and
+# never stores prompts; kv_both (and no role) does both.
+KV_ROLES: dict[str | None, tuple[bool, bool]] = {
+    "kv_producer": (False, True),
+    "kv_consumer": (True, False),
+    "kv_both": (True, True),
+    None: (True, True),
+}
+
+
+def role_flags(kv_role: str | None) -> tuple[bool, bool]:
+    """(loads, stores) for vLLM's `kv_role`; an unknown role is refused, naming it."""
+    try:
+        return KV_ROLES[kv_role]
+    except KeyError:
+        known = ", ".join(repr(r) for r in KV_ROLES if r is not None)
+        raise ConfigError(f"kv_role {kv_role!r} is not one kvshelf knows ({known})") from None
+
+
+def least_hit(hits: Iterable[int]) -> int:
+    """The cached tokens all tensor-parallel ranks hold (each looked up in turn; stops at the first miss)."""
+    least = None
+    for hit in hits:
+        least = hit if least is None else min(least, hit)
+        if least <= 0:
+            return 0
+    return least or 0
 
 
 @dataclass
@@ -58,8 +89,11 @@ class SchedulerSide:
         block_size: int,
         min_cached_tokens: int,
         default_salt: str | None = None,
+        loads: bool = True,
+        stores: bool = True,
     ):
-        self.lookup = lookup  # the worker's engine.lookup, in this process or over its socket
+        self.loads, self.stores = loads, stores  # from kv_role (role_flags)
+        self.lookup = lookup  # the worker's lookup (least over TP ranks), in this process or over its socket
         self.block_size = block_size
         self.min_cached_tokens = min_cached_tokens
         self.default_salt = default_salt
@@ -75,8 +109,8 @@ class SchedulerSide:
         token (vLLM must compute at least one to sample from)."""
         tokens = list(request.prompt_token_ids or [])
         self._tracked.setdefault(request.request_id, _Tracked(tokens, self._salt(request)))
-        if len(tokens) < self.min_cached_tokens:
-            return 0, False
+        if not self.loads or len(tokens) < self.min_cached_tokens:
+            return 0, False  # a producer never loads: it computes (and stores) every prompt
         usable = len(tokens) - 1
         try:
             hit = self.lookup(tokens[:usable], self._salt(request))
@@ -130,7 +164,12 @@ class SchedulerSide:
         return plan
 
     def _maybe_save(self, plan: StepPlan, req_id: str, tracked: _Tracked, computed_after_step: int) -> None:
-        if tracked.saved or len(tracked.tokens) < self.min_cached_tokens or computed_after_step < len(tracked.tokens):
+        if (
+            not self.stores
+            or tracked.saved
+            or len(tracked.tokens) < self.min_cached_tokens
+            or computed_after_step < len(tracked.tokens)
+        ):
             return
         tracked.saved = True
         plan.saves.append(SaveSpec(req_id, tracked.tokens, list(tracked.block_ids), tracked.salt))

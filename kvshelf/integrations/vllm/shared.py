@@ -78,13 +78,49 @@ def weights_digest(model: str, revision: str | None) -> str:
     return f"hub:{model}@{snapshot.name}"
 
 
-def vllm_fingerprint(vllm_config) -> ModelFingerprint:
-    """What makes vLLM's KV for this model reusable, from vLLM's own config (both roles compute it alike)."""
+def kv_head_shard(total_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int, int]:
+    """(first head, end head, replicas) of the KV heads tensor-parallel `rank` holds, as vLLM's QKV
+    projection splits them: T <= H gives rank r the heads [r*H/T, (r+1)*H/T); T > H replicates each head on
+    T/H consecutive ranks (rank r holds head r // (T/H)). `replicas` ranks hold the same heads."""
+    if tp_size < 1 or not 0 <= rank < tp_size:
+        raise ConfigError(f"tensor parallel rank {rank} is outside 0..{tp_size - 1}")
+    if total_kv_heads < 1:
+        raise ConfigError(f"the model has {total_kv_heads} KV heads")
+    if tp_size <= total_kv_heads:
+        if total_kv_heads % tp_size:
+            raise ConfigError(f"{total_kv_heads} KV heads do not split over tensor_parallel_size={tp_size}")
+        per = total_kv_heads // tp_size
+        return rank * per, (rank + 1) * per, 1
+    if tp_size % total_kv_heads:
+        raise ConfigError(f"tensor_parallel_size={tp_size} is not a multiple of the {total_kv_heads} KV heads")
+    replicas = tp_size // total_kv_heads
+    head = rank // replicas
+    return head, head + 1, replicas
+
+
+def stores_shard(tp_size: int, total_kv_heads: int, rank: int) -> bool:
+    """Whether `rank` stores its shard: of the ranks holding a replicated head (identical KV, identical
+    keys), only the first stores; all of them load."""
+    _, _, replicas = kv_head_shard(total_kv_heads, tp_size, rank)
+    return rank % replicas == 0
+
+
+def vllm_fingerprint(vllm_config, tp_rank: int = 0) -> ModelFingerprint:
+    """What makes vLLM's KV for this model reusable, from vLLM's own config (both roles compute it alike).
+    With tensor parallelism each rank holds a shard of the KV heads: the fingerprint (so every chunk key)
+    carries the TP size and this rank's head range, so ranks never read each other's shards, nor an
+    instance of another TP size its chunks (a miss; kvshelf does not re-shard)."""
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
-    if pc.tensor_parallel_size != 1 or pc.pipeline_parallel_size != 1:
+    if pc.pipeline_parallel_size != 1:
         raise ConfigError(
-            "kvshelf's vLLM connector supports tensor_parallel_size=1 and pipeline_parallel_size=1 only "
-            f"(got {pc.tensor_parallel_size} and {pc.pipeline_parallel_size})"
+            f"kvshelf's vLLM connector supports pipeline_parallel_size=1 only (got {pc.pipeline_parallel_size})"
+        )
+    tp_size = pc.tensor_parallel_size
+    total_heads = mc.get_total_num_kv_heads()
+    first, end, _ = kv_head_shard(total_heads, tp_size, tp_rank)
+    if end - first != mc.get_num_kv_heads(pc):
+        raise ConfigError(
+            f"vLLM gives each rank {mc.get_num_kv_heads(pc)} KV heads, kvshelf's split gives {end - first}"
         )
     cache_dtype = vllm_config.cache_config.cache_dtype
     if cache_dtype not in (None, "auto"):
@@ -99,13 +135,14 @@ def vllm_fingerprint(vllm_config) -> ModelFingerprint:
         "sliding_window": getattr(text, "sliding_window", None),
         "layer_types": getattr(text, "layer_types", None),
         "quantization": mc.quantization,
+        "tp": {"size": tp_size, "kv_heads": [first, end], "total_kv_heads": total_heads},
     }
     return ModelFingerprint(
         model_id=str(mc.served_model_name or mc.model),
         weights_digest=weights,
         dtype=str(mc.dtype).removeprefix("torch."),
         num_layers=mc.get_num_layers(pc),
-        num_kv_heads=mc.get_num_kv_heads(pc),
+        num_kv_heads=end - first,
         head_dim=mc.get_head_size(),
         extra=json.loads(json.dumps(extra, default=str)),
     )

@@ -21,6 +21,7 @@ import torch
 
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.integrations.vllm.paged import CacheWriter, PagedLayout, PagedView
+from kvshelf.integrations.vllm.published import PublishedLayers
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, StepPlan
 from kvshelf.kvmath.strided_copy import ChunkRowCopier
 from kvshelf.layerwise.loader import LayerLoadError, LayerwiseLoader
@@ -103,8 +104,17 @@ class WorkerSide:
         use_async_load: bool,
         buffer_size: int,
         metrics: Metrics | None = None,
+        stores: bool = True,
+        published: PublishedLayers | None = None,
+        publish: bool = False,
     ):
         self.engine = engine
+        # Disaggregated prefill: a producer publishes each layer as it is computed (`publish`); a consumer
+        # loads published layers when the whole chunks are not there yet (`published` without `publish`).
+        self.published, self.publish = published, publish and published is not None
+        # False on a tensor-parallel rank whose KV heads another rank holds too (replicated heads: the
+        # same keys, the same KV): the first of those ranks stores them, every one of them loads.
+        self.stores = stores
         self.block_size = block_size
         self.use_layerwise, self.use_async_load, self.buffer_size = use_layerwise, use_async_load, buffer_size
         self.metrics = metrics or Metrics()  # the shelf's
@@ -144,6 +154,13 @@ class WorkerSide:
             self.block_size,
         )
 
+    def lookup(self, tokens: list[int], salt: str | None) -> int:
+        """Cached tokens: whole chunks, or on a consumer also a producer's published first layer."""
+        hit = self.engine.lookup(tokens, salt)
+        if self.published is not None and not self.publish and hit < len(tokens):
+            hit = self.published.extend(tokens, salt, hit)
+        return hit
+
     # -- loading --------------------------------------------------------------------------------------
     def start_load(self, plan: StepPlan) -> None:
         for spec in plan.loads:
@@ -157,6 +174,14 @@ class WorkerSide:
             log.warning("kvshelf: opening cached KV for request %s failed: %s", spec.req_id, err)
             retrieval = None
         got = retrieval.num_tokens if retrieval is not None else 0
+        if got < spec.end and self.published is not None and not self.publish:
+            try:  # the producer may still be computing: load the layers it publishes as they come
+                published = self.published.open(spec.tokens, spec.salt, spec.end, prefix=retrieval)
+            except Exception as err:
+                log.warning("kvshelf: opening published layers for request %s failed: %s", spec.req_id, err)
+                published = None
+            if published is not None and published.num_tokens > got:
+                retrieval, got = published, published.num_tokens
         load = _ActiveLoad(spec, None, got)
         if got < spec.end:  # evicted or damaged since the scheduler's lookup: vLLM recomputes the rest
             self._fail(load, max(got, spec.start), "not all of it is cached any more")
@@ -233,7 +258,7 @@ class WorkerSide:
     # -- saving ---------------------------------------------------------------------------------------
     def start_saves(self, plan: StepPlan) -> None:
         fp = self.engine.fingerprint
-        for spec in plan.saves:
+        for spec in plan.saves if self.stores else ():
             try:
                 keys = self.engine.keys_to_store(spec.tokens, spec.salt)
             except Exception as err:
@@ -259,7 +284,12 @@ class WorkerSide:
         if i is None or not self._saves:
             return
         for save in self._saves:
-            save.chunks.write_layer(i, save.view.gather(layer), save.view.start, non_blocking=True)
+            save.chunks.write_layer(i, save.view.gather(layer), save.view.start, non_blocking=not self.publish)
+            if self.publish:  # the host copy is complete (a blocking copy): publish this layer now
+                try:
+                    self.published.publish(i, save.spec.tokens, save.spec.salt, save.chunks.keys, save.chunks.hosts)
+                except Exception as err:  # a consumer then waits, and computes the prompt itself
+                    log.warning("kvshelf: publishing layer %d of request %s failed: %s", i, save.spec.req_id, err)
 
     def finish_saves(self) -> None:
         if not self._saves:
