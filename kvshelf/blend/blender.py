@@ -17,6 +17,11 @@ it) and keyed by those tokens alone, so it serves the document wherever it appea
    elsewhere. The fused KV is what decoding continues from.
 
 Fused KV is approximate, so it is never stored under prefix-cache keys.
+
+A request whose documents are mostly new (less than `min_cached_share` of the document tokens cached) is
+not blended: computing the new documents alone and then blending costs more than a plain prefill (1.3-1.4x
+measured at 1K tokens, issue #18). It is prefilled exactly, and the missing documents' position-independent
+KV is computed after its first token (`compute_missing`), so that the next request with them blends.
 """
 
 from __future__ import annotations
@@ -43,6 +48,22 @@ class BlendInfo:
     computed_alone: int = 0  # documents that missed and were computed on their own first
     loaded_bytes: int = 0
     selected_per_check: list[int] = field(default_factory=list)
+    exact: bool = False  # too few documents cached: the prompt was prefilled exactly, not blended
+    deferred: int = 0  # documents whose KV is computed after the first token (counted in computed_alone once done)
+
+
+@dataclass
+class Document:
+    """One document (with its separator) in a prompt: where it sits, its blend key, whether it is cached."""
+
+    start: int
+    end: int
+    key: bytes | None
+    cached: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
 
 
 class Blender:
@@ -54,7 +75,10 @@ class Blender:
         check_layers: list[int],
         ratios: list[float],
         metrics: Metrics | None = None,
+        min_cached_share: float = 0.5,
     ):
+        if not 0 <= min_cached_share <= 1:
+            raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
         if len(ratios) not in (1, len(check_layers)):
             raise ValueError(
                 f"blend_recompute_ratios has {len(ratios)} values for {len(check_layers)} check layers; "
@@ -68,6 +92,38 @@ class Blender:
         self.check_layers = sorted(check_layers)
         self.ratios = ratios * len(check_layers) if len(ratios) == 1 else ratios
         self.metrics = metrics if metrics is not None else Metrics()
+        # Blend only when at least this share of the document tokens is cached. Blending costs about a
+        # third of a plain prefill at 15% recompute (issue #18: 3.3x at 1.5K tokens), and each missing
+        # document computed alone about its share of one: with half the tokens cached, 0.5 + 0.3 < 1.
+        self.min_cached_share = min_cached_share
+
+    # -- which documents are cached ----------------------------------------------------------------------------
+    def documents(self, seg: Segmented, salt) -> list[Document]:
+        """The prompt's documents, each with its blend key and whether a tier holds it (no KV is read)."""
+        spans = self._cached_spans(seg)
+        if self.engine is None:
+            return [Document(start, end, None, False) for start, end in spans]
+        keys = [self.engine.blend_key(seg.token_ids[s:e], salt, prefix=seg.prefix) for s, e in spans]
+        held = self.engine.backend.contains_many(keys)
+        return [Document(s, e, k, bool(h)) for (s, e), k, h in zip(spans, keys, held, strict=True)]
+
+    def should_blend(self, documents: list[Document]) -> bool:
+        total = sum(d.tokens for d in documents)
+        cached = sum(d.tokens for d in documents if d.cached)
+        return total > 0 and cached > 0 and cached >= self.min_cached_share * total
+
+    def compute_missing(self, seg: Segmented, documents: list[Document], salt, info: BlendInfo) -> None:
+        """Compute and store the position-independent KV of the documents not cached (off the critical path:
+        after a request's first token), so that the next request with them blends."""
+        position = len(seg.prefix)
+        for doc in documents:
+            if doc.cached or doc.key is None:
+                continue
+            alone = self.runner.new_kv(position + doc.tokens)
+            self.runner.forward(seg.prefix + seg.token_ids[doc.start : doc.end], 0, alone)
+            self.engine.put_blend_chunk(doc.key, alone.data[:, :, :, position:], position=position)
+            info.computed_alone += 1
+            info.deferred -= 1
 
     # -- document KV ----------------------------------------------------------------------------------------
     def _document_kv(self, seg: Segmented, document: list[int], salt, info: BlendInfo) -> tuple[torch.Tensor, int]:

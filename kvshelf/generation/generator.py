@@ -179,6 +179,11 @@ class CachedGenerator:
             stored = self._store_prompt(engine, request, outcome, kv, budget_s)
         out = [next_id]
         yield next_id
+        if outcome.after_first_token is not None:
+            # Off the first token's critical path (a cold blend's documents computed alone). A stream closed
+            # at its first token skips it: the documents are then computed by a later request.
+            with torch.inference_mode():
+                outcome.after_first_token()
         if self.guard is not None and outcome.exact and hit == 0:
             # A full prefill checks the guard's prefill speed (which may measure it again: after the first
             # token, so that this request's time to first token does not carry it).
@@ -197,7 +202,7 @@ class CachedGenerator:
                 on_logits(logits, next_id)
             out.append(next_id)
             yield next_id
-        if engine is not None and outcome.exact and self.store_generated and len(out) > 1:
+        if engine is not None and outcome.store_from is not None and self.store_generated and len(out) > 1:
             # Multi-turn chat resends the answer as part of the next prompt: keep its KV too. The last
             # token was never fed through the model, so it has no KV.
             with torch.inference_mode(), tier_budget(budget_s):
