@@ -110,7 +110,7 @@ class Blender:
     def should_blend(self, documents: list[Document]) -> bool:
         total = sum(d.tokens for d in documents)
         cached = sum(d.tokens for d in documents if d.cached)
-        return total > 0 and cached > 0 and cached >= self.min_cached_share * total
+        return total > 0 and cached >= self.min_cached_share * total  # 0: always blend (computing misses first)
 
     def compute_missing(self, seg: Segmented, documents: list[Document], salt, info: BlendInfo) -> None:
         """Compute and store the position-independent KV of the documents not cached (off the critical path:
