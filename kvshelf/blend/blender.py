@@ -27,6 +27,7 @@ KV is computed after its first token (`compute_missing`), so that the next reque
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -112,9 +113,10 @@ class Blender:
         cached = sum(d.tokens for d in documents if d.cached)
         return total > 0 and cached >= self.min_cached_share * total  # 0: always blend (computing misses first)
 
-    def compute_missing(self, seg: Segmented, documents: list[Document], salt, info: BlendInfo) -> None:
-        """Compute and store the position-independent KV of the documents not cached (off the critical path:
-        after a request's first token), so that the next request with them blends."""
+    def compute_missing(self, seg: Segmented, documents: list[Document], salt, info: BlendInfo) -> Iterator[None]:
+        """Compute and store the position-independent KV of the documents not cached, one document per step
+        (the generator runs a step between decoded tokens, off the first token's critical path), so that the
+        next request with them blends."""
         position = len(seg.prefix)
         for doc in documents:
             if doc.cached or doc.key is None:
@@ -124,6 +126,7 @@ class Blender:
             self.engine.put_blend_chunk(doc.key, alone.data[:, :, :, position:], position=position)
             info.computed_alone += 1
             info.deferred -= 1
+            yield
 
     # -- document KV ----------------------------------------------------------------------------------------
     def _document_kv(self, seg: Segmented, document: list[int], salt, info: BlendInfo) -> tuple[torch.Tensor, int]:

@@ -51,14 +51,11 @@ class BlendPrefill:
         logits = blender.runner.forward(request.ids, 0, kv)
         compute_s = time.perf_counter() - t0
 
-        def after_first_token() -> None:
-            blender.compute_missing(seg, documents, request.salt, info)
-
         return PrefillOutcome(
             logits,
             exact=True,
             store_prefix=False,  # a blended prompt is served from document KV, never from prefix KV
             compute_s=compute_s,
             blend=info,
-            after_first_token=after_first_token if missing else None,
+            deferred=blender.compute_missing(seg, documents, request.salt, info) if missing else None,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,8 +37,9 @@ class PrefillOutcome:
     saver: LayerwiseSaver | None = None  # new chunks already being stored layer by layer: finish, not store
     blend: BlendInfo | None = None
     store_prefix: bool = True  # False: exact KV that is not worth keeping under prefix keys (a cold blend)
-    # Work that must not delay the first token (a cold blend's documents computed alone): run after it.
-    after_first_token: Callable[[], None] | None = field(default=None, repr=False)
+    # Work that must not delay the first token (a cold blend's documents computed alone): the generator runs
+    # one step after each token it streams, and the rest once the answer is complete.
+    deferred: Iterator[None] | None = field(default=None, repr=False)
 
     @property
     def store_from(self) -> int | None:
