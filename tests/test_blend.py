@@ -168,7 +168,7 @@ def test_a_chunk_cached_behind_a_bos_is_placed_exactly_at_other_offsets(tiny_mod
     runner, blender = gen.runner, gen.blender
     first = gen.segment(blended(DOCS[:2]), None)
     assert first.prefix  # the tokenizer adds a BOS: chunks are computed (and stored) at position 1
-    blender.prefill(first, runner.new_kv(len(first.token_ids)))
+    list(blender.compute_missing(first, blender.documents(first, None), None, BlendInfo()))  # stores them
     reordered = Segmented(first.prefix, [first.documents[1], first.documents[0]], first.suffix, first.separator)
     no_bos = Segmented([], reordered.documents, reordered.suffix, reordered.separator)
     for seg, hits in ((reordered, 2), (no_bos, 0)):  # without the BOS: other keys, computed at position 0
@@ -252,5 +252,17 @@ def test_a_partly_cached_request_blends_only_above_the_cached_share(tiny_models)
     gen.blender.min_cached_share = share
     above = gen.generate(blended(DOCS), max_new_tokens=1)
     assert not above.blend.exact and above.blend.document_hits == 1 and above.blend.computed_alone == 2
+    # Only the cached document is placed and blended; the two new ones were computed in place (hits: none).
+    info = above.blend
+    assert info.placed_tokens == documents[0].tokens and above.hit_tokens == info.reused_tokens
+    assert info.recomputed_tokens == -(-15 * info.placed_tokens // 100)
+    # Nothing cached and blending forced: every token is computed in place, which is a plain prefill.
+    gen.engine.clear()
+    gen.blender.min_cached_share = 0.0
+    ids = gen.segment(blended(DOCS), None).token_ids
+    forced = gen.generate(blended(DOCS), max_new_tokens=1)
+    full = gen.generate(ids, max_new_tokens=1, use_cache=False)
+    assert not forced.blend.exact and forced.blend.placed_tokens == 0 and forced.hit_tokens == 0
+    assert torch.allclose(forced.first_logits, full.first_logits, atol=1e-4)
     with pytest.raises(ValueError, match="min_cached_share"):
         Blender(gen.runner, None, check_layers=[1], ratios=[0.1], min_cached_share=1.5)

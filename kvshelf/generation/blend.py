@@ -1,7 +1,8 @@
 """CacheBlend prefill: documents' KV reused at any position, a few tokens recomputed (kvshelf.blend).
 
-A request with too few of its documents cached is prefilled exactly instead (never slower than a plain
-prefill, issue #18); its missing documents are computed alone after the first token, for the next request.
+Documents not cached are computed in place (with the prompt) and, after the first token, alone for the next
+request; a request with too few of its documents cached is prefilled exactly instead (never slower than a
+plain prefill, issue #18).
 """
 
 from __future__ import annotations
@@ -26,17 +27,15 @@ class BlendPrefill:
         if not blender.should_blend(documents):
             return self._exact(request, kv, documents)
         t0 = time.perf_counter()
-        logits, info = blender.prefill(seg, kv, request.salt)
-        # Documents that missed were computed alone just now: their tokens are computed, not hits.
-        # (Per-document reuse is not reported: the hit documents' share of the reused tokens is used.)
-        hit = info.reused_tokens * info.document_hits // max(info.documents, 1)
+        logits, info = blender.prefill(seg, kv, request.salt, documents)
         return PrefillOutcome(
             logits,
-            hit_tokens=hit,
+            hit_tokens=info.reused_tokens,  # only cached documents are placed: missing ones count as computed
             loaded_bytes=info.loaded_bytes,
             exact=False,  # fused KV is approximate: never stored under prefix keys
             compute_s=time.perf_counter() - t0,
             blend=info,
+            deferred=blender.compute_missing(seg, documents, request.salt, info) if info.deferred else None,
         )
 
     def _exact(self, request: PrefillRequest, kv: KVBuffer, documents) -> PrefillOutcome:
