@@ -191,7 +191,7 @@ def main() -> None:
 
     methods = {"full prefill": None, "prefix caching": shelf.generator, "full reuse (0%)": blend_gen(0.0)}
     methods.update({f"CacheBlend {r:.0%}": blend_gen(r) for r in args.ratios})
-    rows = {m: {"ttft": [], "correct": [], "kl": []} for m in methods}
+    rows = {m: {"ttft": [], "correct": [], "kl": [], "answers": []} for m in methods}
     types, lengths = [], []
     probe = methods["full reuse (0%)"]
     probe.generate("warm-up", max_new_tokens=1, use_cache=False)
@@ -225,6 +225,7 @@ def main() -> None:
                 answer = tok.decode(r.token_ids, skip_special_tokens=True)
                 rows[name]["ttft"].append(r.ttft_s)
                 rows[name]["correct"].append(sample["answer"].lower() in answer.lower())
+                rows[name]["answers"].append(answer)
                 rows[name]["kl"].append(kl(ref, r.first_logits))
             progress.advance(task)
 
@@ -262,7 +263,12 @@ def main() -> None:
             cells.append(f"{statistics.fmean(mine):.0%}" + ("" if r is rows["full prefill"] else f" ({show(vs)})"))
         by_type.add_row(name, *cells)
     console.print(by_type)
-    save_results(args.json, {"methods": results, "per_type": per_type, "prompt_tokens": lengths})
+    answers = {name: r["answers"] for name, r in rows.items()}  # per sample, to see what a method got wrong
+    expected = [s["answer"] for s in samples]
+    save_results(
+        args.json,
+        {"methods": results, "per_type": per_type, "prompt_tokens": lengths, "expected": expected, "answers": answers},
+    )
 
 
 def show(vs: dict) -> str:
