@@ -99,7 +99,7 @@ class Blender:
         self.metrics = metrics if metrics is not None else Metrics()
         # Blend only when at least this share of the document tokens is cached. A blend costs about the
         # missing share of a plain prefill (computed in place) plus a third to a half of the cached share
-        # (issue #18: full hits 2.1-3.3x faster at 1.5-2K tokens); below half cached it would save < 30%.
+        # (issue #18: full hits 3.3-4.4x faster at 1.5-2.6K tokens); below half cached it would save < 30%.
         self.min_cached_share = min_cached_share
 
     # -- which documents are cached ----------------------------------------------------------------------------
