@@ -58,6 +58,7 @@ def test_full_recompute_equals_full_prefill(family, tiny_models):
     gen = make(tiny_models(family), ratios=(1.0,))
     prompt = blended(DOCS)
     full = gen.generate(gen.segment(prompt, None).token_ids, max_new_tokens=6, use_cache=False, stop_at_eos=False)
+    gen.generate(prompt, max_new_tokens=1)  # cold: prefilled exactly, the documents computed after it
     blend = gen.generate(prompt, max_new_tokens=6, stop_at_eos=False)
     assert (
         blend.blend is not None
@@ -94,6 +95,7 @@ def test_reordered_documents_hit_every_chunk_and_recompute_helps(family, tiny_mo
 
 def test_gradual_filtering_over_several_check_layers(tiny_models):
     gen = make(tiny_models("qwen3"), check_layers=(1, 2), ratios=(0.5, 0.2))
+    gen.generate(blended(DOCS), max_new_tokens=1)  # cold: caches the documents
     out = gen.generate(blended(DOCS), max_new_tokens=1)
     n = out.blend.document_tokens
     assert out.blend.selected_per_check == [-(-n // 2), -(-n * 2 // 10)]
@@ -112,9 +114,10 @@ def test_blended_kv_is_never_stored_as_prefix_kv(tiny_models):
 
 def test_explicit_chunk_list_and_plain_prompts(tiny_models, caplog):
     gen = make(tiny_models("gemma3"))
+    gen.generate(QUESTION, documents=DOCS, max_new_tokens=1)  # cold: caches the documents for the two below
     listed = gen.generate(QUESTION, documents=DOCS, max_new_tokens=3, stop_at_eos=False)
     joined = gen.generate(blended(DOCS), max_new_tokens=3, stop_at_eos=False)
-    assert listed.token_ids == joined.token_ids and joined.blend.document_hits == 3
+    assert listed.token_ids == joined.token_ids and listed.blend.document_hits == joined.blend.document_hits == 3
     plain = gen.generate("no separator here", max_new_tokens=2)
     assert plain.blend is None  # an ordinary prompt: prefix reuse
     with caplog.at_level(logging.WARNING):
@@ -165,7 +168,7 @@ def test_a_chunk_cached_behind_a_bos_is_placed_exactly_at_other_offsets(tiny_mod
     runner, blender = gen.runner, gen.blender
     first = gen.segment(blended(DOCS[:2]), None)
     assert first.prefix  # the tokenizer adds a BOS: chunks are computed (and stored) at position 1
-    blender.prefill(first, runner.new_kv(len(first.token_ids)))
+    list(blender.compute_missing(first, blender.documents(first, None), None, BlendInfo()))  # stores them
     reordered = Segmented(first.prefix, [first.documents[1], first.documents[0]], first.suffix, first.separator)
     no_bos = Segmented([], reordered.documents, reordered.suffix, reordered.separator)
     for seg, hits in ((reordered, 2), (no_bos, 0)):  # without the BOS: other keys, computed at position 0
@@ -189,3 +192,77 @@ def test_a_blend_chunk_stored_at_another_position_is_rejected(tiny_models):
     engine.put_blend_chunk(key, kv, position=5)
     assert engine.get_blend_chunk(key, len(chunk), position=1) is None
     assert engine.stats.rejected_chunks == 1
+
+
+# -- a cold request is never slower than a plain prefill (issue #18) ------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_cold_request_is_prefilled_exactly_and_the_next_one_blends(family, tiny_models):
+    gen = make(tiny_models(family))
+    prompt = blended(DOCS)
+    ids = gen.segment(prompt, None).token_ids
+    full = gen.generate(ids, max_new_tokens=5, use_cache=False, stop_at_eos=False)
+    cold = gen.generate(prompt, max_new_tokens=5, stop_at_eos=False)
+    assert cold.blend.exact and cold.token_ids == full.token_ids
+    assert torch.equal(cold.first_logits, full.first_logits)
+    # Computed, not hits; the documents were computed alone (after the first token) and nothing else stored.
+    assert cold.hit_tokens == 0 and cold.blend.document_hits == 0 and cold.loaded_bytes == 0
+    assert cold.blend.computed_alone == 3 and cold.blend.deferred == 0
+    assert cold.stored_tokens == 0 and gen.engine.lookup(ids) == 0
+    warm = gen.generate(blended([DOCS[1], DOCS[2], DOCS[0]]), max_new_tokens=1)
+    assert not warm.blend.exact and warm.blend.document_hits == 3 and warm.blend.computed_alone == 0
+    assert warm.hit_tokens == warm.blend.reused_tokens > 0
+
+
+def test_the_first_token_comes_before_the_documents_are_computed(tiny_models):
+    gen = make(tiny_models("llama"))
+    seg = gen.segment(blended(DOCS), None)
+    keys = [gen.engine.blend_key(seg.token_ids[s:e], prefix=seg.prefix) for s, e in gen.blender._cached_spans(seg)]
+    forwards = []
+    forward = gen.runner.forward
+    gen.runner.forward = lambda ids, *a, **k: forwards.append(len(ids)) or forward(ids, *a, **k)
+    stream = gen.stream(blended(DOCS), max_new_tokens=3, stop_at_eos=False)
+    next(stream)
+    # One forward so far, the whole prompt; no document's KV computed or stored yet.
+    assert forwards == [len(seg.token_ids)] and not any(gen.engine.backend.contains_many(keys))
+    while True:
+        try:
+            next(stream)
+        except StopIteration as done:
+            result = done.value
+            break
+    assert all(gen.engine.backend.contains_many(keys)) and result.blend.computed_alone == 3
+    # Then one document alone after each token streamed (the decode steps between them), never two in a row.
+    alone = [len(seg.prefix) + e - s for s, e in gen.blender._cached_spans(seg)]
+    assert forwards[1:] == [alone[0], 1, alone[1], 1, alone[2]]
+
+
+def test_a_partly_cached_request_blends_only_above_the_cached_share(tiny_models):
+    model = tiny_models("qwen3")
+    gen = make(model)
+    gen.generate(blended(DOCS[:1]), max_new_tokens=1)  # caches DOCS[0] alone
+    seg = gen.segment(blended(DOCS), None)
+    documents = gen.blender.documents(seg, None)
+    share = sum(d.tokens for d in documents if d.cached) / sum(d.tokens for d in documents)
+    assert [d.cached for d in documents] == [True, False, False] and 0 < share < 1
+    gen.blender.min_cached_share = share + 0.01
+    below = gen.generate(blended(DOCS), max_new_tokens=1)
+    assert below.blend.exact and below.hit_tokens == 0 and below.blend.computed_alone == 2
+    gen.engine.clear()
+    gen.generate(blended(DOCS[:1]), max_new_tokens=1)
+    gen.blender.min_cached_share = share
+    above = gen.generate(blended(DOCS), max_new_tokens=1)
+    assert not above.blend.exact and above.blend.document_hits == 1 and above.blend.computed_alone == 2
+    # Only the cached document is placed and blended; the two new ones were computed in place (hits: none).
+    info = above.blend
+    assert info.placed_tokens == documents[0].tokens and above.hit_tokens == info.reused_tokens
+    assert info.recomputed_tokens == -(-15 * info.placed_tokens // 100)
+    # Nothing cached and blending forced: every token is computed in place, which is a plain prefill.
+    gen.engine.clear()
+    gen.blender.min_cached_share = 0.0
+    ids = gen.segment(blended(DOCS), None).token_ids
+    forced = gen.generate(blended(DOCS), max_new_tokens=1)
+    full = gen.generate(ids, max_new_tokens=1, use_cache=False)
+    assert not forced.blend.exact and forced.blend.placed_tokens == 0 and forced.hit_tokens == 0
+    assert torch.allclose(forced.first_logits, full.first_logits, atol=1e-4)
+    with pytest.raises(ValueError, match="min_cached_share"):
+        Blender(gen.runner, None, check_layers=[1], ratios=[0.1], min_cached_share=1.5)

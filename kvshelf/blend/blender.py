@@ -6,22 +6,31 @@ the attention sink every real prompt starts with; the separator that follows eve
 it) and keyed by those tokens alone, so it serves the document wherever it appears. For a prompt
 `prefix, document, sep, document, sep, ..., suffix`:
 
-1. every document's KV is loaded (or computed alone and stored, on a miss) and its keys re-rotated from the
-   position it was computed at (stored with it, and part of its key) to the document's position here;
+1. every cached document's KV is loaded and its keys re-rotated from the position it was computed at
+   (stored with it, and part of its key) to the document's position here; a document not cached is
+   computed in place with the prompt in every layer, like the question;
 2. layers below the first check layer run on every token, so the check layer's fresh K and V are exact;
 3. at each check layer, fresh K and V of the active tokens (projections only) are compared with the
    cached ones (squared error, K and V each normalised by their mean energy) and only the top `ratio`
-   fraction of all document tokens stays active for the rest of the layer and above; the prefix and the
-   suffix always do;
+   fraction of the placed document tokens stays active for the rest of the layer and above; the prefix,
+   the documents not cached and the suffix always do;
 4. later layers compute only active tokens, attending over the fused KV: fresh where computed, cached
    elsewhere. The fused KV is what decoding continues from.
 
 Fused KV is approximate, so it is never stored under prefix-cache keys.
+
+The first request with new documents is never slower than a plain prefill (issue #18; computing each new
+document alone before blending made it 1.3-2.4x slower): a missing document's position-independent KV
+(computed alone, after the prefix) is computed after the request's first token (`compute_missing`), so that
+the next request with it blends. A request with less than `min_cached_share` of its document tokens cached
+is not blended at all but prefilled exactly (kvshelf.generation.blend): the little it would save is not
+worth an approximate answer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,11 +47,28 @@ class BlendInfo:
     documents: int = 0
     document_hits: int = 0
     document_tokens: int = 0
-    reused_tokens: int = 0  # document tokens whose cached KV survived to the last layer
-    recomputed_tokens: int = 0  # document tokens recomputed in the last layer
-    computed_alone: int = 0  # documents that missed and were computed on their own first
+    placed_tokens: int = 0  # tokens of the cached documents, placed from the cache (the others are computed)
+    reused_tokens: int = 0  # placed tokens whose cached KV survived to the last layer
+    recomputed_tokens: int = 0  # placed tokens recomputed in the last layer
+    computed_alone: int = 0  # documents that missed, computed on their own (after the first token) and stored
     loaded_bytes: int = 0
     selected_per_check: list[int] = field(default_factory=list)
+    exact: bool = False  # too few documents cached: the prompt was prefilled exactly, not blended
+    deferred: int = 0  # documents whose KV is computed after the first token (counted in computed_alone once done)
+
+
+@dataclass
+class Document:
+    """One document (with its separator) in a prompt: where it sits, its blend key, whether it is cached."""
+
+    start: int
+    end: int
+    key: bytes | None
+    cached: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
 
 
 class Blender:
@@ -54,7 +80,10 @@ class Blender:
         check_layers: list[int],
         ratios: list[float],
         metrics: Metrics | None = None,
+        min_cached_share: float = 0.5,
     ):
+        if not 0 <= min_cached_share <= 1:
+            raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
         if len(ratios) not in (1, len(check_layers)):
             raise ValueError(
                 f"blend_recompute_ratios has {len(ratios)} values for {len(check_layers)} check layers; "
@@ -68,51 +97,85 @@ class Blender:
         self.check_layers = sorted(check_layers)
         self.ratios = ratios * len(check_layers) if len(ratios) == 1 else ratios
         self.metrics = metrics if metrics is not None else Metrics()
+        # Blend only when at least this share of the document tokens is cached. A blend costs about the
+        # missing share of a plain prefill (computed in place) plus a third to a half of the cached share
+        # (issue #18: full hits 3.3-4.4x faster at 1.5-2.6K tokens); below half cached it would save < 30%.
+        self.min_cached_share = min_cached_share
+
+    # -- which documents are cached ----------------------------------------------------------------------------
+    def documents(self, seg: Segmented, salt) -> list[Document]:
+        """The prompt's documents, each with its blend key and whether a tier holds it (no KV is read)."""
+        spans = self._cached_spans(seg)
+        if self.engine is None:
+            return [Document(start, end, None, False) for start, end in spans]
+        keys = [self.engine.blend_key(seg.token_ids[s:e], salt, prefix=seg.prefix) for s, e in spans]
+        held = self.engine.backend.contains_many(keys)
+        return [Document(s, e, k, bool(h)) for (s, e), k, h in zip(spans, keys, held, strict=True)]
+
+    def should_blend(self, documents: list[Document]) -> bool:
+        total = sum(d.tokens for d in documents)
+        cached = sum(d.tokens for d in documents if d.cached)
+        return total > 0 and cached >= self.min_cached_share * total  # 0: always blend
+
+    def compute_missing(self, seg: Segmented, documents: list[Document], salt, info: BlendInfo) -> Iterator[None]:
+        """Compute and store the position-independent KV of the documents not cached, one document per step
+        (the generator runs a step between decoded tokens, off the first token's critical path), so that the
+        next request with them blends."""
+        position = len(seg.prefix)
+        for doc in documents:
+            if doc.cached or doc.key is None:
+                continue
+            alone = self.runner.new_kv(position + doc.tokens)
+            self.runner.forward(seg.prefix + seg.token_ids[doc.start : doc.end], 0, alone)
+            self.engine.put_blend_chunk(doc.key, alone.data[:, :, :, position:], position=position)
+            info.computed_alone += 1
+            info.deferred -= 1
+            yield
 
     # -- document KV ----------------------------------------------------------------------------------------
-    def _document_kv(self, seg: Segmented, document: list[int], salt, info: BlendInfo) -> tuple[torch.Tensor, int]:
-        """The document's KV as cached and the position its first token was computed at, computing it (after
-        the prefix, at position len(prefix)) on a miss."""
-        info.documents += 1
-        position = len(seg.prefix)
-        key = self.engine.blend_key(document, salt, prefix=seg.prefix) if self.engine is not None else None
-        if key is not None:
-            cached = self.engine.get_blend_chunk(key, len(document), position=position)
-            if cached is not None:
-                info.document_hits += 1
-                info.loaded_bytes += len(document) * self.runner.kv_bytes_per_token
-                return cached.kv, cached.meta.position
-        info.computed_alone += 1
-        alone = self.runner.new_kv(position + len(document))
-        self.runner.forward(seg.prefix + document, 0, alone)
-        kv = alone.data[:, :, :, position:]
-        if key is not None:
-            self.engine.put_blend_chunk(key, kv, position=position)
-        return kv, position
-
-    def place_documents(self, seg: Segmented, kv: KVBuffer, salt, info: BlendInfo) -> torch.Tensor:
-        """Write every document's cached KV into `kv` at its place in this prompt, keys rotated from the
-        position they were computed at to the new one; the mask of document tokens."""
+    def place_documents(
+        self, seg: Segmented, kv: KVBuffer, salt, info: BlendInfo, documents: list[Document] | None = None
+    ) -> torch.Tensor:
+        """Write every cached document's KV into `kv` at its place in this prompt, keys rotated from the
+        position they were computed at to the new one; the mask of the tokens placed. A document not cached
+        (or gone or rejected since `documents` was asked) is left out of the mask: it is computed in place with
+        the prompt, exactly like the question, and marked not cached for `compute_missing`."""
         runner = self.runner
+        documents = documents if documents is not None else self.documents(seg, salt)
         document_mask = torch.zeros(len(seg.token_ids), dtype=torch.bool)
-        for start, end in self._cached_spans(seg):
-            document_mask[start:end] = True
-            cached, computed_at = self._document_kv(seg, seg.token_ids[start:end], salt, info)
-            cached = cached.to(runner.device)
+        position = len(seg.prefix)
+        for doc in documents:
+            info.documents += 1
+            info.document_tokens += doc.tokens
+            cached = self.engine.get_blend_chunk(doc.key, doc.tokens, position=position) if doc.cached else None
+            if cached is None:
+                doc.cached = False
+                continue
+            info.document_hits += 1
+            info.loaded_bytes += doc.tokens * runner.kv_bytes_per_token
+            document_mask[doc.start : doc.end] = True
+            stored, computed_at = cached.kv.to(runner.device), cached.meta.position
             for layer in range(runner.num_layers):
-                kv.data[layer, 0, :, start:end] = runner.rerotate(cached[layer, 0], start - computed_at, layer)
-                kv.data[layer, 1, :, start:end] = cached[layer, 1]
+                kv.data[layer, 0, :, doc.start : doc.end] = runner.rerotate(
+                    stored[layer, 0], doc.start - computed_at, layer
+                )
+                kv.data[layer, 1, :, doc.start : doc.end] = stored[layer, 1]
+        info.placed_tokens = int(document_mask.sum())
         return document_mask
 
     # -- the blended prefill -------------------------------------------------------------------------------
-    def prefill(self, seg: Segmented, kv: KVBuffer, salt: str | None = None) -> tuple[torch.Tensor, BlendInfo]:
+    def prefill(
+        self, seg: Segmented, kv: KVBuffer, salt: str | None = None, documents: list[Document] | None = None
+    ) -> tuple[torch.Tensor, BlendInfo]:
+        """Blend the cached documents; the others are computed in place (all layers, like the question). Their
+        position-independent KV is not computed here: `compute_missing` does it, off the critical path."""
         runner, info = self.runner, BlendInfo()
-        document_mask = self.place_documents(seg, kv, salt, info)
-        info.document_tokens = int(document_mask.sum())
+        document_mask = self.place_documents(seg, kv, salt, info, documents)
+        info.deferred = info.documents - info.document_hits
         self.metrics.blend_lookups.inc(info.documents)
         self.metrics.blend_hits.inc(info.document_hits)
         checks = dict(zip(self.check_layers, self.ratios, strict=True))
-        is_document = document_mask.to(runner.device)  # of the tokens still computed
+        is_document = document_mask.to(runner.device)  # of the tokens still computed: placed ones
 
         def select(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor | None:
             # Fresh K and V of every active token (projections only: cheap), compared with the cached
@@ -120,7 +183,7 @@ class Blender:
             # fresh K and V at this layer and their cached KV above it.
             nonlocal is_document
             ratio = checks.get(layer)
-            if ratio is None or not info.document_tokens:
+            if ratio is None or not info.placed_tokens:
                 return None
             cached = kv.data[layer, :, :, positions[is_document]].clone()
             runner.write_kv(layer, hidden, positions, kv, rope)
@@ -130,7 +193,7 @@ class Blender:
 
         logits = runner.forward(seg.token_ids, 0, kv, select_tokens=select)
         info.recomputed_tokens = int(is_document.sum())
-        info.reused_tokens = info.document_tokens - info.recomputed_tokens
+        info.reused_tokens = info.placed_tokens - info.recomputed_tokens
         return logits, info
 
     @staticmethod
@@ -151,7 +214,7 @@ class Blender:
         fresh, cached = fresh.float(), cached.float()  # [2, heads, document tokens, dim]
         energy = cached.pow(2).mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
         deviation = ((fresh - cached).pow(2) / energy).sum(dim=(0, 1, 3))  # per document token
-        budget = min(len(deviation), math.ceil(ratio * info.document_tokens))
+        budget = min(len(deviation), math.ceil(ratio * info.placed_tokens))
         chosen = torch.topk(deviation, budget).indices if budget else deviation.new_empty(0, dtype=torch.long)
         keep_document = torch.zeros(len(deviation), dtype=torch.bool, device=deviation.device)
         keep_document[chosen] = True

@@ -1,10 +1,15 @@
-"""CacheBlend prefill: documents' KV reused at any position, a few tokens recomputed (kvshelf.blend)."""
+"""CacheBlend prefill: documents' KV reused at any position, a few tokens recomputed (kvshelf.blend).
+
+Documents not cached are computed in place (with the prompt) and, after the first token, alone for the next
+request; a request with too few of its documents cached is prefilled exactly instead (never slower than a
+plain prefill, issue #18).
+"""
 
 from __future__ import annotations
 
 import time
 
-from kvshelf.blend.blender import Blender
+from kvshelf.blend.blender import Blender, BlendInfo
 from kvshelf.generation.outcome import PrefillOutcome, PrefillRequest
 from kvshelf.model.kv_buffer import KVBuffer
 
@@ -14,18 +19,42 @@ class BlendPrefill:
         self.blender = blender
 
     def prefill(self, request: PrefillRequest, kv: KVBuffer) -> PrefillOutcome:
-        if request.documents is None:
+        seg = request.documents
+        if seg is None:
             raise ValueError("a blended prefill needs the prompt cut into documents")
+        blender = self.blender
+        documents = blender.documents(seg, request.salt)
+        if not blender.should_blend(documents):
+            return self._exact(request, kv, documents)
         t0 = time.perf_counter()
-        logits, info = self.blender.prefill(request.documents, kv, request.salt)
-        # Documents that missed were computed alone just now: their tokens are computed, not hits.
-        # (Per-document reuse is not reported: the hit documents' share of the reused tokens is used.)
-        hit = info.reused_tokens * info.document_hits // max(info.documents, 1)
+        logits, info = blender.prefill(seg, kv, request.salt, documents)
         return PrefillOutcome(
             logits,
-            hit_tokens=hit,
+            hit_tokens=info.reused_tokens,  # only cached documents are placed: missing ones count as computed
             loaded_bytes=info.loaded_bytes,
             exact=False,  # fused KV is approximate: never stored under prefix keys
             compute_s=time.perf_counter() - t0,
             blend=info,
+            deferred=blender.compute_missing(seg, documents, request.salt, info) if info.deferred else None,
+        )
+
+    def _exact(self, request: PrefillRequest, kv: KVBuffer, documents) -> PrefillOutcome:
+        """A plain prefill of the whole prompt (its answer equals full prefill's); the documents not cached
+        are computed alone after the first token. Nothing came from the cache: no hit tokens."""
+        blender, seg = self.blender, request.documents
+        missing = sum(1 for d in documents if not d.cached and d.key is not None)
+        info = BlendInfo(documents=len(documents), document_tokens=sum(d.tokens for d in documents), exact=True)
+        info.deferred = missing
+        blender.metrics.blend_lookups.inc(len(documents))  # looked up (no hit used): the hit rate stays honest
+        t0 = time.perf_counter()
+        logits = blender.runner.forward(request.ids, 0, kv)
+        compute_s = time.perf_counter() - t0
+
+        return PrefillOutcome(
+            logits,
+            exact=True,
+            store_prefix=False,  # a blended prompt is served from document KV, never from prefix KV
+            compute_s=compute_s,
+            blend=info,
+            deferred=blender.compute_missing(seg, documents, request.salt, info) if missing else None,
         )

@@ -9,7 +9,7 @@ stored (prompt, then the answer); decoding continues on the model runner.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -179,6 +179,10 @@ class CachedGenerator:
             stored = self._store_prompt(engine, request, outcome, kv, budget_s)
         out = [next_id]
         yield next_id
+        # Work kept off the first token (a cold blend's documents computed alone): one step after each token
+        # streamed, so no gap between two tokens carries more than one step. A stream closed early skips
+        # the rest: those documents are computed by a later request.
+        self._run_deferred(outcome.deferred)
         if self.guard is not None and outcome.exact and hit == 0:
             # A full prefill checks the guard's prefill speed (which may measure it again: after the first
             # token, so that this request's time to first token does not carry it).
@@ -197,7 +201,9 @@ class CachedGenerator:
                 on_logits(logits, next_id)
             out.append(next_id)
             yield next_id
-        if engine is not None and outcome.exact and self.store_generated and len(out) > 1:
+            self._run_deferred(outcome.deferred)
+        self._run_deferred(outcome.deferred, every_step=True)
+        if engine is not None and outcome.store_from is not None and self.store_generated and len(out) > 1:
             # Multi-turn chat resends the answer as part of the next prompt: keep its KV too. The last
             # token was never fed through the model, so it has no KV.
             with torch.inference_mode(), tier_budget(budget_s):
@@ -217,6 +223,15 @@ class CachedGenerator:
             blend=outcome.blend,
             cache_reason=reason,
         )
+
+    @staticmethod
+    def _run_deferred(steps: Iterator[None] | None, *, every_step: bool = False) -> None:
+        if steps is None:
+            return
+        with torch.inference_mode():
+            for _ in steps:
+                if not every_step:
+                    return
 
     @staticmethod
     def _store_prompt(engine, request: PrefillRequest, outcome: PrefillOutcome, kv, budget_s) -> int:

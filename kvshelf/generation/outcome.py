@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -35,11 +36,15 @@ class PrefillOutcome:
     compute_s: float = 0.0  # time of the forward that produced `logits`
     saver: LayerwiseSaver | None = None  # new chunks already being stored layer by layer: finish, not store
     blend: BlendInfo | None = None
+    store_prefix: bool = True  # False: exact KV that is not worth keeping under prefix keys (a cold blend)
+    # Work that must not delay the first token (a cold blend's documents computed alone): the generator runs
+    # one step after each token it streams, and the rest once the answer is complete.
+    deferred: Iterator[None] | None = field(default=None, repr=False)
 
     @property
     def store_from(self) -> int | None:
         """The first prompt token to store after the prefill: None when nothing may be stored."""
-        return self.hit_tokens if self.exact else None
+        return self.hit_tokens if self.exact and self.store_prefix else None
 
 
 class PrefillStrategy(Protocol):
