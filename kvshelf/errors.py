@@ -19,3 +19,8 @@ class UnsupportedModelError(KVShelfError, ValueError):
 
 class PromptError(KVShelfError, ValueError):
     """The prompt is empty, too long for the model, or otherwise unusable."""
+
+
+class Interrupted(KVShelfError):
+    """A forward pass was stopped between two layers because its caller no longer wants the result (a
+    client gone, a deadline passed). Nothing computed by it is stored."""

@@ -150,3 +150,27 @@ def test_selecting_every_token_changes_nothing(tiny_models, family):
     assert seen == [(i, 30) for i in range(runner.num_layers)]
     with pytest.raises(ValueError, match="all_logits"):
         runner.forward(ids, 0, b, select_tokens=select, all_logits=True)
+
+
+@pytest.mark.parametrize("use_layerwise", [False, True])
+def test_a_caller_that_stops_wanting_the_answer_interrupts_the_prefill_between_layers(tiny_models, use_layerwise):
+    """A client gone mid-prefill stops the forward at the next layer; nothing is stored; the next request
+    is answered as if the interrupted one never ran."""
+    from kvshelf.errors import Interrupted
+
+    runner = ModelRunner(tiny_models("llama"))
+    engine = engine_for(runner)
+    gen = CachedGenerator(runner, engine, use_layerwise=use_layerwise)
+    ids = prompt(60, 7)
+    asked = []
+
+    def gone_after_two_layers() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(Interrupted):
+        gen.generate(ids, max_new_tokens=4, should_stop=gone_after_two_layers)
+    assert len(asked) == 3  # asked before layers 0, 1, 2: stopped before layer 2 of 4
+    assert engine.lookup(ids) == 0  # nothing of the interrupted prefill was stored
+    again = gen.generate(ids, max_new_tokens=4)
+    assert again.token_ids == CachedGenerator(runner, None).generate(ids, max_new_tokens=4).token_ids

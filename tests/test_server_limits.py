@@ -227,3 +227,28 @@ def test_a_request_abandoned_while_waiting_never_runs_and_its_handler_ends(serve
         assert server.slow.calls - calls <= 150  # the abandoned request never ran after it
     finally:
         set_delay(server, 0.0)
+
+
+def test_a_client_gone_mid_prefill_stops_the_prefill_between_layers():
+    """The prefill itself is interrupted (not run to its end) when the client of a non-streaming request
+    hangs up: the forward stops at the next layer."""
+    shelf = make_shelf()
+    layers_run = []
+
+    def slow_layer(_module, _args):
+        layers_run.append(1)
+        time.sleep(0.5)
+
+    for layer in shelf.runner.layers:
+        layer.mlp.register_forward_pre_hook(slow_layer)
+    with RunningServer(shelf) as server:
+        before = server.sample("kvshelf_cancelled_requests_total", {"reason": "client_gone"})
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                server.url + "/v1/completions",
+                headers=AUTH,
+                json={"prompt": DOC, "max_tokens": 4},
+                timeout=httpx.Timeout(10, read=0.3),
+            )
+        server.wait_for("kvshelf_cancelled_requests_total", {"reason": "client_gone"}, before + 1)
+        assert len(layers_run) < len(shelf.runner.layers)  # stopped inside the prefill, before its last layer

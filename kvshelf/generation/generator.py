@@ -29,7 +29,7 @@ from kvshelf.generation.policy import CachePolicy
 from kvshelf.generation.sampling import choose
 from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.metrics import Metrics
-from kvshelf.model.runner import ModelRunner
+from kvshelf.model.runner import ModelRunner, interruptible
 from kvshelf.storage.tiers import tier_budget
 
 
@@ -128,7 +128,8 @@ class CachedGenerator:
 
         With the cache, the KV of every prompt token but the last may come from it: the last one is always
         computed, since its logits choose the first new token. temperature 0 is greedy. `should_stop` is
-        asked after each yielded token (a stop string seen, a client gone) and ends generation cleanly.
+        asked after each yielded token (a stop string seen, a client gone) and ends generation cleanly;
+        during the prefill it is asked between layers, and a true answer raises errors.Interrupted.
 
         With a blender, a prompt holding the blend separator (or `documents` given, with
         `prompt` as the text after them) is prefilled by CacheBlend instead: document KV is reused at any
@@ -162,7 +163,8 @@ class CachedGenerator:
                     if decision is not None:
                         reason = decision  # the guard's bypass reason: loading slower, or a tier measured slow
             engine = request.engine
-            with torch.inference_mode():
+            # A caller that stops wanting the answer (should_stop) interrupts the prefill between layers.
+            with torch.inference_mode(), interruptible(should_stop):
                 kv = self.runner.new_kv(len(ids) + max_new_tokens)
                 outcome = self.strategy(request).prefill(request, kv)
         if guard is not None and plan and outcome.load_s is not None:  # every strategy's load teaches the guard

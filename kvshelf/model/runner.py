@@ -10,18 +10,35 @@ layers with their own rope bases).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kvshelf.cache.fingerprint import ModelFingerprint
-from kvshelf.errors import UnsupportedModelError
+from kvshelf.errors import Interrupted, UnsupportedModelError
 from kvshelf.kvmath.rope import apply_rope, shift_keys
 from kvshelf.model.kv_buffer import KVBuffer
 from kvshelf.model.weights import weights_digest
+
+# Asked between layers by every forward of this thread's context: a long prefill whose caller has gone
+# stops at the next layer instead of running to its end (see `interruptible`).
+_stop_check: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("kvshelf_stop", default=None)
+
+
+@contextlib.contextmanager
+def interruptible(should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    """Forwards inside the block raise Interrupted between layers once `should_stop()` is true."""
+    token = _stop_check.set(should_stop)
+    try:
+        yield
+    finally:
+        _stop_check.reset(token)
+
 
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
@@ -263,7 +280,10 @@ class ModelRunner:
         hidden = self.embed(ids)
         rope = self.rope_tables(hidden, positions)
         masks: dict = {}
+        should_stop = _stop_check.get()
         for i in range(self.num_layers):
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"forward stopped before layer {i}: its caller no longer wants it")
             if layer_pre_hook is not None:  # e.g. wait until layer i's cached KV has been loaded
                 layer_pre_hook(i, self, kv)
             if select_tokens is not None and (keep := select_tokens(i, hidden, positions, rope)) is not None:

@@ -22,7 +22,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvshelf.assembly import Shelf
-from kvshelf.errors import KVShelfError
+from kvshelf.errors import Interrupted, KVShelfError
 from kvshelf.generation import GenerationResult
 from kvshelf.metrics import Metrics
 from kvshelf.server import errors
@@ -151,6 +151,13 @@ def create_app(shelf: Shelf, metrics: Metrics) -> FastAPI:
                     return
                 job.emit("text", (text.finish(), lp.take() if lp else None))
                 job.emit("done", {"result": result, "text": text.text, "logprobs": lp})
+            except Interrupted:  # the prefill stopped between layers: the client went away or time ran out
+                if job.expired() and not job.cancelled.is_set():
+                    metrics.cancelled_requests.labels("deadline").inc()
+                    job.emit("error", DeadlineExceeded(f"request deadline of {config.request_timeout_s:g} s passed"))
+                else:
+                    metrics.cancelled_requests.labels("client_gone").inc()
+                    job.emit("error", Cancelled("the client went away"))
             except Exception as err:  # reported to the client as an error response, never swallowed
                 job.emit("error", err)
             finally:
