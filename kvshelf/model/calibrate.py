@@ -140,10 +140,10 @@ def _calibrate(runner: ModelRunner, token_ids: list[int], continuation: int | No
     for i, layer in enumerate(runner.layers):
         attn = layer.self_attn
 
-        def grab(_m, _inp, out, i=i, attn=attn):
+        def grab(_m, _inp, out, i=i, q_norm=runner.layer_specs[i].q_norm):
             q = out.view(out.shape[0], out.shape[1], -1, dim)
-            if hasattr(attn, "q_norm"):
-                q = attn.q_norm(q)
+            if q_norm is not None:
+                q = q_norm(q)
             queries[i].append(q[0].detach().float().cpu())
 
         hooks.append(attn.q_proj.register_forward_hook(grab))

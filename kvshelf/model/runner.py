@@ -56,6 +56,8 @@ TokenSelector = Callable[[int, torch.Tensor, torch.Tensor, dict], "torch.Tensor 
 class LayerSpec:
     window: int | None  # sliding window in tokens, None for global attention
     rope_key: str | None  # layer type passed to a per-type rotary embedding (Gemma 3), else None
+    q_norm: Callable | None = None  # per-head RMSNorm of queries / keys (Qwen3, Gemma 3), else None
+    k_norm: Callable | None = None
 
 
 class ModelRunner:
@@ -95,7 +97,9 @@ class ModelRunner:
             window = getattr(self.config, "sliding_window", None)
         layer_types = getattr(self.config, "layer_types", None)
         rope_key = layer_types[index] if (self._rotary_takes_type and layer_types) else None
-        return LayerSpec(window=window, rope_key=rope_key)
+        # Found once here, not probed on every forward.
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return LayerSpec(window=window, rope_key=rope_key, q_norm=q_norm, k_norm=k_norm)
 
     # -- identity ----------------------------------------------------------------------------------
     @property
@@ -196,12 +200,12 @@ class ModelRunner:
             x = layer.mlp(layer.post_attention_layernorm(hidden))
         return hidden + x
 
-    def _kv_states(self, attn, x, cos, sin):
+    def _kv_states(self, index, attn, x, cos, sin):
         n = x.shape[1]
         k = attn.k_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
-        if hasattr(attn, "k_norm"):
-            k = attn.k_norm(k)
+        if (k_norm := self.layer_specs[index].k_norm) is not None:
+            k = k_norm(k)
         return apply_rope(k, cos, sin), v
 
     @staticmethod
@@ -214,7 +218,9 @@ class ModelRunner:
         (CacheBlend compares them with cached KV before deciding which tokens to compute)."""
         layer = self.layers[index]
         cos, sin = rope[self.layer_specs[index].rope_key]
-        k, v = self._kv_states(layer.self_attn, layer.input_layernorm(hidden), cos.unsqueeze(1), sin.unsqueeze(1))
+        k, v = self._kv_states(
+            index, layer.self_attn, layer.input_layernorm(hidden), cos.unsqueeze(1), sin.unsqueeze(1)
+        )
         kv.write_layer(index, self._slots(positions, hidden.shape[1]), k[0], v[0])
 
     def _attention(self, index, attn, x, positions, kv: KVBuffer, cos_sin, masks, window):
@@ -222,10 +228,10 @@ class ModelRunner:
         cos, sin = cos_sin
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = attn.q_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
-        if hasattr(attn, "q_norm"):
-            q = attn.q_norm(q)
+        if (q_norm := self.layer_specs[index].q_norm) is not None:
+            q = q_norm(q)
         q = apply_rope(q, cos, sin)
-        k, v = self._kv_states(attn, x, cos, sin)
+        k, v = self._kv_states(index, attn, x, cos, sin)
         first, last = int(positions[0]), int(positions[-1])
         contiguous = last - first + 1 == n
         kv.write_layer(index, self._slots(positions, n), k[0], v[0])
