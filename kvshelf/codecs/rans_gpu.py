@@ -41,74 +41,9 @@ def available(device) -> bool:
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
+    from kvshelf.codecs import rans_triton  # imports Triton: only here, on first use
 
-    @triton.jit
-    def decode_blocks(
-        buf, desc, symbol, freq, cum, low_bits, radius, out, err, FW: tl.constexpr, P: tl.constexpr, LOW: tl.constexpr
-    ):
-        pid = tl.program_id(0)
-        d = desc + pid * 10
-        states_at = tl.load(d)
-        p = tl.load(d + 1)
-        end = tl.load(d + 2)
-        cls_at = tl.load(d + 3)
-        row0 = tl.load(d + 4)
-        out0 = tl.load(d + 5)
-        width = tl.load(d + 6)
-        per_lane = tl.load(d + 7)
-        tokens = tl.load(d + 8)
-        dim = tl.load(d + 9)
-        j = tl.arange(0, 32)
-        active = j < width
-        o = states_at + 4 * j
-        x = tl.load(buf + o, mask=active, other=0).to(tl.int64)
-        x |= tl.load(buf + o + 1, mask=active, other=0).to(tl.int64) << 8
-        x |= tl.load(buf + o + 2, mask=active, other=0).to(tl.int64) << 16
-        x |= tl.load(buf + o + 3, mask=active, other=0).to(tl.int64) << 24
-        bad = tl.zeros([32], dtype=tl.int32)
-        for i in range(per_lane):
-            row = row0 + j + width * i
-            c = tl.load(buf + cls_at + row, mask=active, other=0).to(tl.int64)
-            k = tl.load(low_bits + c)
-            rad = tl.load(radius + c)
-            shift = P - k
-            has_low = (k > 0) & active
-            dst = out + out0 + (row // dim) * tokens * dim + row % dim
-            for t in range(tokens):
-                slot = x & ((1 << P) - 1)
-                h = tl.load(symbol + c * (1 << P) + slot).to(tl.int64)
-                f = tl.load(freq + c * FW + h).to(tl.int64)
-                x = f * (x >> P) + slot - tl.load(cum + c * FW + h).to(tl.int64)
-                need = (x < LOW) & active
-                n = need.to(tl.int32)
-                at = p + 2 * (tl.cumsum(n, 0) - n)
-                ok = need & (at + 2 <= end)
-                w = tl.load(buf + at, mask=ok, other=0).to(tl.int64)
-                w |= tl.load(buf + at + 1, mask=ok, other=0).to(tl.int64) << 8
-                bad |= (need & (at + 2 > end)).to(tl.int32)
-                x = tl.where(need, (x << 16) | w, x)
-                p += 2 * tl.sum(n, 0)
-                slot = x & ((1 << P) - 1)
-                low = slot >> shift
-                x = tl.where(has_low, ((x >> P) << shift) + (slot & ((1 << shift) - 1)), x)
-                need = (x < LOW) & has_low
-                n = need.to(tl.int32)
-                at = p + 2 * (tl.cumsum(n, 0) - n)
-                ok = need & (at + 2 <= end)
-                w = tl.load(buf + at, mask=ok, other=0).to(tl.int64)
-                w |= tl.load(buf + at + 1, mask=ok, other=0).to(tl.int64) << 8
-                bad |= (need & (at + 2 > end)).to(tl.int32)
-                x = tl.where(need, (x << 16) | w, x)
-                p += 2 * tl.sum(n, 0)
-                v = tl.where(has_low, (h << k) | low, h) - rad
-                tl.store(dst + t * dim, v.to(tl.int32), mask=active)
-        bad |= ((x != LOW) & active).to(tl.int32)
-        code = tl.max(bad, 0) + 2 * (p != end).to(tl.int32)
-        tl.store(err + pid, code)
-
-    return decode_blocks
+    return rans_triton.decode_blocks
 
 
 @functools.cache
@@ -123,17 +58,25 @@ def _tables(device: str) -> tuple[torch.Tensor, ...]:
     )
 
 
-_local = threading.local()  # each thread's pinned staging buffer and the event of its last copy
+_local = threading.local()  # each thread's pinned staging buffers, each with the event of its last copy
+_STAGING_BUFFERS = 2  # while the GPU copies out of one, the CPU checks and stages the next layers into another
 
 
-def _pinned(nbytes: int) -> torch.Tensor:
-    buf = getattr(_local, "pinned", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).pin_memory()
-        _local.pinned, _local.copied = buf, None
-    if _local.copied is not None:
-        _local.copied.synchronize()  # the previous copy out of this buffer has finished
-    return buf[:nbytes]
+def _pinned(nbytes: int) -> tuple[torch.Tensor, list]:
+    """A pinned buffer of at least `nbytes` whose previous copy to the device has finished, and its slot
+    (where the caller records the event of the copy it queues next)."""
+    ring = getattr(_local, "ring", None)
+    if ring is None:
+        ring = _local.ring = [[None, None] for _ in range(_STAGING_BUFFERS)]
+        _local.turn = 0
+    slot = ring[_local.turn]
+    _local.turn = (_local.turn + 1) % len(ring)
+    if slot[1] is not None:
+        slot[1].synchronize()  # the previous copy out of this buffer has finished
+        slot[1] = None
+    if slot[0] is None or slot[0].numel() < nbytes:
+        slot[0] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).pin_memory()
+    return slot[0][:nbytes], slot
 
 
 def stage(segments: list, shape: tuple, level: int, device) -> tuple:
@@ -151,7 +94,10 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     max_esc = min(base // 8, len(segments) * 2 * rows * tokens)  # an escape takes 8 bytes of a segment
     align = lambda n: (n + 7) // 8 * 8  # noqa: E731
     offs = np.cumsum([0, align(base), align(n_desc * _DESC * 8), align(max_esc * 8), align(max_esc * 4)])
-    host = _pinned(int(offs[-1])) if device.type == "cuda" else torch.empty(int(offs[-1]), dtype=torch.uint8)
+    if device.type == "cuda":
+        host, slot = _pinned(int(offs[-1]))
+    else:
+        host, slot = torch.empty(int(offs[-1]), dtype=torch.uint8), None
     view = host.numpy()
     for at, data in zip(starts, segments, strict=True):
         view[at : at + len(memoryview(data))] = np.frombuffer(data, np.uint8)
@@ -166,9 +112,9 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
         raise rans.RansError(f"cachegen segment does not parse (code {err})")
     end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
     dev = host[:end].to(device, non_blocking=True)
-    if device.type == "cuda":
-        _local.copied = torch.cuda.Event()
-        _local.copied.record()
+    if slot is not None:
+        slot[1] = torch.cuda.Event()
+        slot[1].record()  # on the current stream: the one the copy was queued on
     return (
         dev[:base],
         dev[offs[1] : offs[1] + n_desc * _DESC * 8].view(torch.int64),
@@ -222,3 +168,14 @@ def decode_segments(segments: list, shape: tuple, level: int, device) -> torch.T
 def decode_segment(data, shape: tuple, level: int, device) -> torch.Tensor:
     """One calibrated segment's integer symbols [2, heads, tokens, dim] on `device`."""
     return decode_segments([data], shape, level, device)[0]
+
+
+def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """segments[l][c]: a layer of consecutive chunks -> their symbols [layers, 2, heads, chunks * tokens, dim]
+    (each layer's tokens in order) and an error flag (a boolean tensor on `device`), without waiting for
+    the GPU: the caller must see the flag False before it uses what the symbols decode to."""
+    chunks = len(segments[0])
+    q, err = run_staged(stage([seg for row in segments for seg in row], shape, level, device), check=False)
+    _, two, heads, tokens, dim = q.shape  # [layers * chunks, 2, heads, tokens, dim]
+    q = q.view(len(segments), chunks, two, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
+    return q.reshape(len(segments), two, heads, chunks * tokens, dim), err.any()

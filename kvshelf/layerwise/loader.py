@@ -12,6 +12,7 @@ what decides whether the load hides.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from kvshelf.cache.device_decode import DeviceDecoding
 from kvshelf.cache.engine import LayerwiseRetrieval
 from kvshelf.kvmath.strided_copy import ChunkRowCopier
 from kvshelf.layerwise.stats import LayerwiseStats
@@ -63,8 +65,11 @@ class LayerwiseLoader:
         stats: LayerwiseStats,
         use_async_load: bool = True,
         metrics: Metrics | None = None,
+        decoding: DeviceDecoding | None = None,
     ):
         self.retrieval = retrieval
+        # Chunks decoded on the KV's own device (LayerwiseRetrieval.device_decoding), else on the CPU
+        self.decoding = decoding
         self.kv = kv
         self.n = retrieval.num_tokens
         self.buffer_size = max(1, buffer_size)  # layers loaded ahead of the compute, at most
@@ -96,15 +101,27 @@ class LayerwiseLoader:
 
     def _load_all(self) -> None:
         pinned: list[bool] | None = None
+        pending: tuple | None = None  # the last group decoded on the device, not yet known to be sound
         try:
-            copier = self._row_copier() if self._cuda else None
+            copier = self._row_copier() if self._cuda and self.decoding is None else None
             for i, j in layer_groups(self.num_layers, self.buffer_size):
+                with self._room:
+                    # the compute waits for the pending group, or this one must wait for the compute
+                    due = self._consumed >= pending[0] or j > self._consumed + self.buffer_size if pending else False
+                if due:
+                    pending = self._release(pending)
                 with self._room:
                     while j > self._consumed + self.buffer_size and not self._closed:
                         self._room.wait()
                 if self._closed:
                     return
                 t0 = time.perf_counter()
+                if self.decoding is not None:
+                    decoded = self._decode_on_device(i, j, t0)
+                    if pending is not None:  # checked while the device works on the next group
+                        self._release(pending)
+                    pending = decoded
+                    continue
                 if copier is not None:  # pinned CPU-tier chunks: pointer arithmetic and 2-D memcpys only
                     copier.copy(i, j, self._stream)
                     event = torch.cuda.Event()
@@ -140,11 +157,48 @@ class LayerwiseLoader:
                 for k in range(i, j):
                     self.stats.record(k, load_s=per_layer, nbytes=nbytes // (j - i))
                     self._ready[k].set()
+            if pending is not None:
+                self._release(pending)
         except BaseException as err:  # reported to the request through wait(); it then recomputes
             self._error = err
             log.warning("layerwise load failed: %s: %s", type(err).__name__, err)
             for event in self._ready:
                 event.set()
+
+    def _decode_on_device(self, i: int, j: int, t0: float) -> tuple:
+        """Queue layers i..j-1 of every chunk: decoded on the device (on the load stream) into the KV. Returns
+        what _release needs to check the decoder's error flag and mark the layers ready."""
+        stream = torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
+        with stream:
+            parts, flag = self.decoding.decode(i, j)
+            for start, _end, part in parts:
+                self.kv.write_layers(i, j, start, part, non_blocking=True)
+            host_flag = None
+            if flag is not None:  # copied back behind the decode: the loader waits for it, the compute not
+                host_flag = torch.empty((), dtype=torch.bool, pin_memory=self._cuda)
+                host_flag.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event() if self._cuda else None
+            if event is not None:
+                event.record(self._stream)
+        nbytes = sum(p.numel() * p.element_size() for _, _, p in parts)
+        self.retrieval.count_retrieved(nbytes)
+        per_layer = (time.perf_counter() - t0) / (j - i)
+        for k in range(i, j):
+            self.stats.record(k, load_s=per_layer, nbytes=nbytes // (j - i))
+        return i, j, event, host_flag
+
+    def _release(self, pending: tuple) -> None:
+        """Mark a device-decoded group ready once its decode is known to be exact: a cache never serves KV
+        that did not decode (the request then recomputes)."""
+        i, j, event, host_flag = pending
+        if event is not None:
+            event.synchronize()
+        if host_flag is not None and bool(host_flag):
+            raise LayerLoadError(f"layers {i}..{j - 1} did not decode (damaged stored bytes)")
+        for k in range(i, j):
+            self._events[k] = (event, None) if event is not None else None
+            self._ready[k].set()
+        return None
 
     def _row_copier(self) -> ChunkRowCopier | None:
         """The fast path when every chunk is a pinned tensor in memory and the target offers it."""
