@@ -58,24 +58,31 @@ def _tables(device: str) -> tuple[torch.Tensor, ...]:
     )
 
 
-_local = threading.local()  # each thread's pinned staging buffers, each with the event of its last copy
-_STAGING_BUFFERS = 2  # while the GPU copies out of one, the CPU checks and stages the next layers into another
+_pool_lock = threading.Lock()
+# Pinned staging buffers shared by every thread (a layerwise loader runs on a new thread per request, and
+# pinning memory costs milliseconds per MB): [buffer, event of its last copy to a device, in use].
+_pool: list[list] = []
 
 
 def _pinned(nbytes: int) -> tuple[torch.Tensor, list]:
-    """A pinned buffer of at least `nbytes` whose previous copy to the device has finished, and its slot
-    (where the caller records the event of the copy it queues next)."""
-    ring = getattr(_local, "ring", None)
-    if ring is None:
-        ring = _local.ring = [[None, None] for _ in range(_STAGING_BUFFERS)]
-        _local.turn = 0
-    slot = ring[_local.turn]
-    _local.turn = (_local.turn + 1) % len(ring)
+    """A pinned buffer of at least `nbytes` whose previous copy to the device has finished, and its slot:
+    the caller records there the event of the copy it queues next, and marks the slot free."""
+    with _pool_lock:
+        for slot in sorted(_pool, key=lambda s: s[0].numel()):
+            if not slot[2] and slot[0].numel() >= nbytes and (slot[1] is None or slot[1].query()):
+                slot[2] = True
+                return slot[0][:nbytes], slot
+        busy = sum(s[2] or (s[1] is not None and not s[1].query()) for s in _pool)
+        if len(_pool) - busy == 0 or len(_pool) < 4:  # grow: at most a few buffers idle at any time
+            slot = [torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).pin_memory(), None, True]
+            _pool.append(slot)
+            return slot[0][:nbytes], slot
+        slot = max((s for s in _pool if not s[2]), key=lambda s: s[0].numel())  # too small or still copying
+        slot[2] = True
     if slot[1] is not None:
-        slot[1].synchronize()  # the previous copy out of this buffer has finished
-        slot[1] = None
-    if slot[0] is None or slot[0].numel() < nbytes:
-        slot[0] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).pin_memory()
+        slot[1].synchronize()
+    if slot[0].numel() < nbytes:
+        slot[0] = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     return slot[0][:nbytes], slot
 
 
@@ -98,23 +105,27 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
         host, slot = _pinned(int(offs[-1]))
     else:
         host, slot = torch.empty(int(offs[-1]), dtype=torch.uint8), None
-    view = host.numpy()
-    for at, data in zip(starts, segments, strict=True):
-        view[at : at + len(memoryview(data))] = np.frombuffer(data, np.uint8)
-    desc = view[offs[1] : offs[2]].view(np.int64).reshape(-1, _DESC)[:n_desc]
-    esc_pos = view[offs[2] : offs[3]].view(np.int64)[:max_esc]
-    esc_val = view[offs[3] : offs[4]].view(np.int32)[:max_esc]
-    head = np.frombuffer(calibrated_head(level), np.uint8)
-    n_esc, err = rans.scan_segments(
-        view[:base], starts, lengths, head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
-    )
-    if err:
-        raise rans.RansError(f"cachegen segment does not parse (code {err})")
-    end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
-    dev = host[:end].to(device, non_blocking=True)
-    if slot is not None:
-        slot[1] = torch.cuda.Event()
-        slot[1].record()  # on the current stream: the one the copy was queued on
+    try:
+        view = host.numpy()
+        for at, n, data in zip(starts.tolist(), lengths.tolist(), segments, strict=True):
+            view[at : at + n] = np.frombuffer(data, np.uint8)
+        desc = view[offs[1] : offs[2]].view(np.int64).reshape(-1, _DESC)[:n_desc]
+        esc_pos = view[offs[2] : offs[3]].view(np.int64)[:max_esc]
+        esc_val = view[offs[3] : offs[4]].view(np.int32)[:max_esc]
+        head = np.frombuffer(calibrated_head(level), np.uint8)
+        n_esc, err = rans.scan_segments(
+            view[:base], starts, lengths, head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
+        )
+        if err:
+            raise rans.RansError(f"cachegen segment does not parse (code {err})")
+        end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
+        dev = host[:end].to(device, non_blocking=True)
+    finally:
+        if slot is not None:  # the buffer goes back to the pool; reusable once this copy (if any) has run
+            slot[1] = torch.cuda.Event()
+            slot[1].record()  # on the current stream: the one the copy was queued on
+            with _pool_lock:
+                slot[2] = False
     return (
         dev[:base],
         dev[offs[1] : offs[1] + n_desc * _DESC * 8].view(torch.int64),

@@ -68,6 +68,8 @@ class StorageBackend(ABC):
     """
 
     name: str = "backend"
+    # The codec its objects are stored with; None where it holds decoded tensors (memory).
+    codec: Codec | None = None
     # True when put() is cheap enough to run on the request path (memory); others are written behind.
     inline_put: bool = False
 
