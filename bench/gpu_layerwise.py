@@ -91,6 +91,29 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
                 sync()
                 times.append((time.perf_counter() - t) / g)
         results[f"{label} group of {g} layers: GB/s per layer"] = layer_bytes / statistics.median(times) / 1e9
+    # the two sides of a group of 8 layers apart: the CPU's (checks, copy into pinned memory, the copy to the
+    # GPU queued) and the GPU's from staged bytes (rANS kernel, escapes, transform, RoPE, write, flag read)
+    segs = [[r.encoded_layer(k)[1] for _, r in chunks] for k in range(8)]
+    shape = (2, heads, CHUNK, dim)
+    t_stage, t_gpu = [], []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        staged = rans_gpu.stage([s for row in segs for s in row], shape, codec.bits, device)
+        t_stage.append(time.perf_counter() - t)
+        sync()
+        t = time.perf_counter()
+        q, err = rans_gpu.run_staged(staged, check=False)
+        q = q.view(8, len(chunks), 2, heads, CHUNK, dim).permute(0, 2, 3, 1, 4, 5).reshape(8, 2, heads, tokens, dim)
+        buf.data[0:8].copy_(codec._finish_layers(q, list(range(8)), 0, device))
+        assert not bool(err.any())
+        t_gpu.append(time.perf_counter() - t)
+    results[f"{label} 8 layers: CPU side (check + pinned copy) GB/s per layer"] = (
+        8 * layer_bytes / statistics.median(t_stage) / 1e9
+    )
+    results[f"{label} 8 layers: GPU side from staged bytes GB/s per layer"] = (
+        8 * layer_bytes / statistics.median(t_gpu) / 1e9
+    )
     for size in (1, 4, 8):
         times = []
         for _ in range(repeats):

@@ -42,6 +42,19 @@ class LayerTarget(Protocol):
         GPU, or None where the target has no such fast path (the loader then writes layer groups)."""
 
 
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+_streams_lock = threading.Lock()
+
+
+def _load_stream(device: torch.device) -> torch.cuda.Stream:
+    """The device's load stream, one for every request: PyTorch's allocator reuses freed blocks only on the
+    stream they were used on, so a new stream per request would allocate a GPU decoder's buffers anew."""
+    with _streams_lock:
+        if device not in _streams:
+            _streams[device] = torch.cuda.Stream(device=device)
+        return _streams[device]
+
+
 def layer_groups(num_layers: int, buffer_size: int) -> list[tuple[int, int]]:
     """Layer ranges moved together: layer 0 alone (the compute starts as soon as it is in), then groups of
     up to 4 (one copy per chunk per group: per-copy overhead, not bandwidth, is what a layer-at-a-time loop
@@ -82,7 +95,7 @@ class LayerwiseLoader:
         self._error: BaseException | None = None
         self._closed = False
         self._cuda = kv.device.type == "cuda"
-        self._stream = torch.cuda.Stream(device=kv.device) if self._cuda else None
+        self._stream = _load_stream(kv.device) if self._cuda else None
         if self._stream is not None:
             # Copies start after everything already queued for this KV (its allocation and zeroing, a
             # serving engine's block zeroing, index tensors built for the target).
@@ -106,8 +119,10 @@ class LayerwiseLoader:
             copier = self._row_copier() if self._cuda and self.decoding is None else None
             for i, j in layer_groups(self.num_layers, self.buffer_size):
                 with self._room:
-                    # the compute waits for the pending group, or this one must wait for the compute
-                    due = self._consumed >= pending[0] or j > self._consumed + self.buffer_size if pending else False
+                    # layer 0 (the compute starts with it: nothing to overlap yet), or this group must wait
+                    # for the compute, which may be waiting for the pending one; else the next group is
+                    # checked and staged while the device decodes the pending one
+                    due = pending[0] == 0 or j > self._consumed + self.buffer_size if pending else False
                 if due:
                     pending = self._release(pending)
                 with self._room:
