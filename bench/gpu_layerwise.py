@@ -32,6 +32,7 @@ from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import pool as codec_pool
 from kvshelf.codecs import rans_gpu
 from kvshelf.codecs.cachegen import CacheGenCodec, _symbols_calibrated
+from kvshelf.kvmath.rope import shift_keys
 from kvshelf.layerwise.loader import LayerwiseLoader
 from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.model.kv_buffer import KVBuffer
@@ -41,13 +42,17 @@ from kvshelf.storage.format import encode_chunk, open_chunk
 CHUNK = 256
 
 
-def opened_chunks(kv: torch.Tensor, tokens: int, codec) -> tuple[list, int]:
-    """(ChunkKey, EncodedChunk) pairs of a `tokens`-token prompt, and the stored bytes."""
+def opened_chunks(kv: torch.Tensor, tokens: int, codec, inv_freq: torch.Tensor) -> tuple[list, int]:
+    """(ChunkKey, EncodedChunk) pairs of a `tokens`-token prompt, and the stored bytes. Beyond the file the KV
+    repeats with its keys moved to their new positions (RoPE), as the same text later in a prompt would be."""
     layers, _, heads, avail, dim = kv.shape
     out, stored = [], 0
     for c, s in enumerate(range(0, tokens, CHUNK)):
         src = (s % avail) // CHUNK * CHUNK
-        piece = kv[:, :, :, src : src + CHUNK].contiguous()
+        piece = kv[:, :, :, src : src + CHUNK].clone()
+        if s != src:
+            for i in range(layers):
+                piece[i, 0] = shift_keys(piece[i, 0].float(), inv_freq[i], s - src).to(piece.dtype)
         key = c.to_bytes(16, "little")
         blob = encode_chunk(
             key, StoredChunk(ChunkMeta(b"\0" * 32, CHUNK, tuple(piece.shape), piece.dtype, s), piece), codec
@@ -64,7 +69,7 @@ def sync():
 def measure(kv, cal, tokens, device, results, label, repeats=5):
     codec = CacheGenCodec(calibration=cal.digest, processes=codec_pool.CodecProcesses(os.cpu_count() or 1))
     t = time.perf_counter()
-    chunks, stored = opened_chunks(kv, tokens, codec)
+    chunks, stored = opened_chunks(kv, tokens, codec, cal.inv_freq)
     results[f"{label} encode s (CPU, {os.cpu_count()} threads)"] = time.perf_counter() - t
     layers, _, heads, _, dim = kv.shape
     layer_bytes = 2 * heads * tokens * dim * 2  # fp16 KV of one layer
