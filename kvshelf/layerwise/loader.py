@@ -117,7 +117,10 @@ class LayerwiseLoader:
         pending: tuple | None = None  # the last group decoded on the device, not yet known to be sound
         try:
             copier = self._row_copier() if self._cuda and self.decoding is None else None
-            for i, j in layer_groups(self.num_layers, self.buffer_size):
+            # Decoding on the device: groups of half the buffer, so that one group can be staged on the CPU
+            # while the device decodes the one before without running past the buffer
+            group = max(1, self.buffer_size // 2) if self.decoding is not None else self.buffer_size
+            for i, j in layer_groups(self.num_layers, group):
                 with self._room:
                     # layer 0 (the compute starts with it: nothing to overlap yet), or this group must wait
                     # for the compute, which may be waiting for the pending one; else the next group is
