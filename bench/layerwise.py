@@ -17,6 +17,7 @@ With --llama8b a randomly initialised model of Llama-3-8B's shape (bf16) is buil
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -33,7 +34,10 @@ from common import save_results  # noqa: E402
 
 from kvshelf.cache.engine import CacheEngine  # noqa: E402
 from kvshelf.codecs import get_codec  # noqa: E402
+from kvshelf.codecs.pool import CodecProcesses  # noqa: E402
 from kvshelf.generation import CachedGenerator  # noqa: E402
+from kvshelf.layerwise.loader import LayerwiseLoader  # noqa: E402
+from kvshelf.layerwise.stats import LayerwiseStats  # noqa: E402
 from kvshelf.model.runner import ModelRunner  # noqa: E402
 from kvshelf.storage.disk import DiskBackend  # noqa: E402
 from kvshelf.storage.memory import MemoryBackend  # noqa: E402
@@ -58,6 +62,7 @@ def llama8b(device):
         max_position_embeddings=16384,
         rope_theta=500000.0,
     )
+    torch.manual_seed(0)  # the same random model every run (its calibration can be kept)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     return model.eval(), "random Llama-3-8B shape"
@@ -77,6 +82,11 @@ def main() -> None:
     ap.add_argument("--json", default="bench/results/layerwise.json")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--no-layer-store", action="store_true", help="store after the first token, not per layer")
+    ap.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="cachegen calibrated for this model (kvshelf.model.calibrate on random tokens when there is no tokenizer)",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.verbose:
@@ -98,6 +108,24 @@ def main() -> None:
         text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
         ids = lm.tokenizer(text)["input_ids"][: args.tokens + args.suffix]
     runner = ModelRunner(model)
+    codec_params = {}
+    if args.calibrate and "cachegen" in args.codecs:
+        from kvshelf.codecs import calibration as calib
+        from kvshelf.model.calibrate import calibrate
+
+        t = time.perf_counter()
+        kept = Path(tempfile.gettempdir()) / f"kvshelf-bench-{runner.fingerprint().hex()[:16]}.kvcal"
+        if kept.is_file():
+            cal = calib.Calibration.from_bytes(kept.read_bytes())
+        else:
+            cal_ids = torch.randint(0, runner.config.vocab_size, (512,), generator=torch.Generator().manual_seed(7))
+            cal = calibrate(runner, cal_ids.tolist(), continuation=128)
+            kept.write_bytes(cal.to_bytes())
+        calib.register(cal)
+        codec_params["cachegen"] = {"calibration": cal.digest}
+        console_note = f"calibrated cachegen ({cal.digest[:8]}) in {time.perf_counter() - t:.1f} s"
+        print(console_note, flush=True)
+    processes = CodecProcesses(os.cpu_count() or 1)  # the CPU encoder's layers on threads
     work = Path(tempfile.mkdtemp(prefix="kvshelf-layerwise-"))
     redis_server = None
     rows = []
@@ -107,15 +135,18 @@ def main() -> None:
             if tier_name == "cpu":
                 backend = MemoryBackend(64 << 30)
             elif tier_name == "disk":
-                backend = DiskBackend(work / f"disk-{codec_name}", 64 << 30, get_codec(codec_name))
+                codec = get_codec(codec_name, codec_params.get(codec_name), processes=processes)
+                backend = DiskBackend(work / f"disk-{codec_name}", 64 << 30, codec)
             else:
                 from services import RedisServer
 
                 from kvshelf.storage.redis import RedisBackend
 
                 redis_server = redis_server or RedisServer(work / "redis").start()
-                backend = RedisBackend(redis_server.url, get_codec(codec_name), prefix=f"lw{codec_name}:")
-            tiers = TierManager([backend])
+                codec = get_codec(codec_name, codec_params.get(codec_name), processes=processes)
+                backend = RedisBackend(redis_server.url, codec, prefix=f"lw{codec_name}:")
+            # every chunk of a long prompt written behind at once (the default queue drops what exceeds 256 MB)
+            tiers = TierManager([backend], write_queue_bytes=1 << 40, write_block_s=600.0, deadline_s=None)
             engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=args.chunk_size)
             whole = CachedGenerator(runner, engine, store_generated=False)
             layered = CachedGenerator(
@@ -132,35 +163,70 @@ def main() -> None:
             tiers.flush()
             vocab = runner.config.vocab_size
             rng = torch.Generator().manual_seed(1)
+            # Decoded on the GPU by the layerwise loader (cachegen there): the CPU-decoding whole path and
+            # load are measured once only (seconds each), "load" is the loader alone (open + decode).
+            on_device = engine.retrieve_layerwise(prefix + [0]).device_decoding(device) is not None
             t_whole, t_layer, t_load, t_compute = [], [], [], []
-            for _ in range(args.repeats):
+            for rep in range(args.repeats):
                 for gen, times in ((whole, t_whole), (layered, t_layer)):
+                    if on_device and rep and gen is whole:
+                        continue
                     # A new suffix each time: only the shared prefix is cached, as for a new question.
                     request = prefix + torch.randint(0, vocab, (args.suffix,), generator=rng).tolist()
                     sync(device)
                     r = gen.generate(request, max_new_tokens=1)
                     sync(device)
                     times.append(r.ttft_s)
+                    tiers.flush()  # the new chunks' write-behind (encoding on every core) ends before the next run
                     assert r.hit_tokens == args.tokens, (r.hit_tokens, args.tokens)
                 # The halves apart: loading alone, and computing the suffix over KV already in place.
                 with torch.inference_mode():
                     kv = runner.new_kv(len(request))
                     sync(device)
                     t = time.perf_counter()
-                    for key, chunk in engine.retrieve_chunks(request, max_tokens=len(request) - 1):
-                        kv.load_chunk(key.start, chunk)
-                    sync(device)
-                    t_load.append(time.perf_counter() - t)
+                    if not (on_device and rep):
+                        for key, chunk in engine.retrieve_chunks(request, max_tokens=len(request) - 1):
+                            kv.load_chunk(key.start, chunk)
+                        sync(device)
+                        t_load.append(time.perf_counter() - t)
                     t = time.perf_counter()
                     runner.forward(request[args.tokens :], args.tokens, kv)
                     sync(device)
                     t_compute.append(time.perf_counter() - t)
+            # The layerwise loader alone (no compute): open the prefix, load every layer, synchronise.
+            t_loader = []
+            for _ in range(args.repeats):
+                with torch.inference_mode():
+                    kv = runner.new_kv(len(request))
+                    sync(device)
+                    t = time.perf_counter()
+                    retrieval = engine.retrieve_layerwise(request, max_tokens=args.tokens)
+                    t_open = time.perf_counter() - t
+                    loader = LayerwiseLoader(
+                        retrieval,
+                        kv,
+                        buffer_size=args.buffer_size,
+                        stats=LayerwiseStats(runner.num_layers),
+                        decoding=retrieval.device_decoding(kv.device),
+                    )
+                    for i in range(runner.num_layers):
+                        loader.wait(i)
+                    sync(device)
+                    t_loader.append((t_open, time.perf_counter() - t))
+                    loader.close()
+            open_s = statistics.median(o for o, _ in t_loader)
+            loader_s = statistics.median(a for _, a in t_loader)
             w, lw = statistics.median(t_whole), statistics.median(t_layer)
             load, comp = statistics.median(t_load), statistics.median(t_compute)
+            whole_load = load
+            if on_device:
+                load = loader_s
             rows.append(
                 {
                     "tier": tier_name,
                     "codec": codec_name,
+                    "decoded_on_device": on_device,
+                    "load_whole_path_s": whole_load,
                     "whole_s": w,
                     "layerwise_s": lw,
                     "load_s": load,
@@ -169,6 +235,19 @@ def main() -> None:
                     "overlap_efficiency": (w - lw) / min(load, comp),
                     "overlap_vs_serial": (load + comp - lw) / min(load, comp),
                     "layerwise_vs_max": lw / max(load, comp),
+                    "loader_only_s": loader_s,
+                    "open_s": open_s,
+                    "loader_GBps_fp16_per_layer": args.tokens
+                    * runner.fingerprint().num_layers
+                    * 2
+                    * runner.num_kv_heads
+                    * runner.head_dim
+                    * 2
+                    / (loader_s - open_s)
+                    / 1e9,
+                    "runs_compute_s": t_compute,
+                    "runs_layerwise_s": t_layer,
+                    "runs_loader_s": t_loader,
                     "loader_ms_per_request": 1e3 * sum(layered.layerwise_stats.as_dict()["layer_times"]),
                     "waited_ms_per_request": 1e3 * sum(layered.layerwise_stats.as_dict()["wait_times"]),
                 }
@@ -189,6 +268,7 @@ def main() -> None:
         "overlap eff. vs whole",
         "overlap eff. vs load+compute",
         "layerwise / max(load, compute)",
+        "loader alone (open)",
     ]:
         table.add_column(col, justify="right")
     for r in rows:
@@ -203,6 +283,7 @@ def main() -> None:
             f"{r['overlap_efficiency']:.0%}",
             f"{r['overlap_vs_serial']:.0%}",
             f"{r['layerwise_vs_max']:.2f}",
+            f"{r['loader_only_s'] * 1e3:.1f} ms ({r['open_s'] * 1e3:.1f})",
         )
     console.print(table)
     save_results(args.json, rows)

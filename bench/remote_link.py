@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from services import RedisServer, free_port  # noqa: E402
 
+from kvshelf.cache.device_decode import DeviceDecoding  # noqa: E402
+from kvshelf.cache.keys import ChunkKey  # noqa: E402
 from kvshelf.codecs import calibration as calib  # noqa: E402
 from kvshelf.codecs import pool as codec_pool  # noqa: E402
 from kvshelf.storage.base import ChunkMeta, StoredChunk  # noqa: E402
@@ -124,6 +126,21 @@ def chunks_of(kv: torch.Tensor) -> list[StoredChunk]:
     return out
 
 
+def to_device(readers: list, device, threads: int) -> None:
+    """Verified chunks (EncodedChunk, in prompt order) -> their KV on the GPU, synchronised: cachegen decoded
+    there, all layers of all chunks in one batched call (as the layerwise loader does, group by group);
+    other codecs decoded on the CPU (threads) and copied."""
+    chunks = [(ChunkKey(bytes(16), i * CHUNK, (i + 1) * CHUNK), r) for i, r in enumerate(readers)]
+    plan = DeviceDecoding.plan(chunks, device)
+    if plan is not None:
+        parts, flag = plan.decode(0, readers[0].meta.shape[0])
+        assert flag is None or not bool(flag), "GPU decode failed"
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda r: r.decode_all().kv.to(device), readers))
+    torch.cuda.synchronize()
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -142,11 +159,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="bench/results/remote_link.json")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where the KV goes: cuda = to the GPU (cachegen decoded there, batched; none/int8 decoded on the CPU)",
+    )
     args = ap.parse_args()
+    device = torch.device(args.device)
     from safetensors.torch import load_file
 
     kv = load_file(args.kv)["kv"]
     cal = calib.load(args.calibration)
+    calib.register(cal)
     chunks = chunks_of(kv)
     raw_bytes = sum(c.nbytes for c in chunks)
     torch.set_num_threads(1)
@@ -165,6 +189,9 @@ def main() -> None:
             stored = sum(len(b) for b in blobs)
 
             def decode_only(blobs=blobs, keys=keys, codec=codec):
+                if device.type == "cuda":
+                    to_device([open_chunk(b, k, codec) for k, b in zip(keys, blobs, strict=True)], device, args.threads)
+                    return
                 with ThreadPoolExecutor(args.threads) as pool:
                     list(
                         pool.map(lambda kb: open_chunk(kb[1], kb[0], codec).decode_all(), zip(keys, blobs, strict=True))
@@ -180,8 +207,10 @@ def main() -> None:
 
                 def load(tier=tier, keys=keys):
                     with ThreadPoolExecutor(args.threads) as pool:
-                        got = list(pool.map(tier.get, keys))
+                        got = list(pool.map(tier.open if device.type == "cuda" else tier.get, keys))
                     assert all(g is not None for g in got), "a chunk did not load"
+                    if device.type == "cuda":  # fetched and verified: now decoded onto the GPU
+                        to_device(got, device, args.threads)
 
                 load()
                 row[f"load s {label}"] = median_time(load, args.repeats)

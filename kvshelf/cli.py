@@ -311,12 +311,33 @@ def stats(
     console.print(table)
 
 
+def _measure_codecs(cost, runner) -> None:
+    """Each codec's decode speed here (measured once, then kept): none, int8, and calibrated cachegen when
+    this model's calibration exists (without one, cachegen is not measured: advise says so)."""
+    from kvshelf.advice.decode_speed import decode_speed
+    from kvshelf.codecs import calibration as calib
+    from kvshelf.codecs import get_codec
+
+    layout = (runner.num_layers, runner.num_kv_heads, runner.head_dim)
+    codecs = {"none": get_codec("none"), "int8": get_codec("int8")}
+    index = calib.default_dir() / f"model-{runner.fingerprint().digest().hex()}.txt"
+    if index.is_file():
+        try:
+            cal = calib.load(calib.default_dir() / f"{index.read_text().strip()}{calib.SUFFIX}")
+            codecs["cachegen"] = get_codec("cachegen", {"calibration": calib.register(cal)})
+        except (calib.CalibrationError, OSError, KVShelfError) as err:
+            console.print(f"cachegen's decode speed not measured: its calibration does not load ({err})")
+    for name, codec in codecs.items():
+        cost.codec_bytes_per_s[name] = decode_speed(codec, layout, runner.dtype, runner.device)
+
+
 @app.command()
 def advise(
     trace: Annotated[str | None, typer.Option(help="JSONL workload trace")] = None,
     scenario: Annotated[str | None, typer.Option(help="short-chat, long-rag, multi-turn or cross-node")] = None,
     gpu: Annotated[bool, typer.Option(help="the serving machine has a GPU")] = False,
     shared: Annotated[bool, typer.Option(help="several instances/nodes should share the cache")] = False,
+    link_gbit: Annotated[float, typer.Option(help="the network to a shared tier, Gbit/s (picks its codec)")] = 10.0,
     out: Annotated[str | None, typer.Option(help="write the recommended config to this YAML file")] = None,
     ab_requests: Annotated[
         int, typer.Option(help="check the advice on this many of the trace's first requests (0: predict only)")
@@ -349,8 +370,11 @@ def advise(
         if ab_requests < 0:
             raise KVShelfError(f"--ab-requests must be >= 0, got {ab_requests}")
         items = read_items(trace) if trace else None
+        if link_gbit <= 0:
+            raise KVShelfError(f"--link-gbit must be > 0, got {link_gbit}")
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         cost = CostModel.for_runner(lm.runner)
+        _measure_codecs(cost, lm.runner)
         verdict = None
         if items is not None:
             requests, texts = tokenize(items, lm.tokenizer, cfg.blend_special_str)
@@ -365,7 +389,13 @@ def advise(
         else:
             requests = synthetic_trace(scenario)
         result = analyse(
-            requests, cost, chunk_size=cfg.chunk_size, gpu=gpu, shared=shared, cpu_capacity_gb=cfg.max_local_cpu_size
+            requests,
+            cost,
+            chunk_size=cfg.chunk_size,
+            gpu=gpu,
+            shared=shared,
+            cpu_capacity_gb=cfg.max_local_cpu_size,
+            link_gbit=link_gbit,
         )
         if items is not None and sample:
             total = 2 * len(sample) * len(candidates(result.config))

@@ -58,8 +58,10 @@ def analyse(
     gpu: bool = False,
     cpu_capacity_gb: float = 5.0,
     shared: bool = False,
+    link_gbit: float = 10.0,
 ) -> Advice:
-    """Recommend settings for a workload. `shared`: several instances or nodes should share the cache."""
+    """Recommend settings for a workload. `shared`: several instances or nodes should share the cache;
+    `link_gbit`: the network to the shared tier (the remote codec is chosen for it)."""
     if not trace:
         raise ValueError("the trace holds no requests")
     seen_prefix: set[bytes] = set()
@@ -152,11 +154,36 @@ def analyse(
         cpu_capacity_gb=cpu_capacity_gb,
         shared=shared,
         has_chunks=chunk_tokens > 0,
+        link_bytes_per_s=link_gbit * 1e9 / 8,
     )
     return advice
 
 
-def _recommend(a: Advice, cost: CostModel, *, chunk_size, gpu, cpu_capacity_gb, shared, has_chunks) -> None:
+def remote_codec(cost: CostModel, link_bytes_per_s: float) -> tuple[str, str]:
+    """(codec, why) for a shared tier over a link of `link_bytes_per_s`: the one that loads a byte of KV
+    soonest, fetch then decode, with the decode speeds measured here (issue #17). Codecs not measured are
+    not candidates; without a measured cachegen, cachegen (the smallest) and a note."""
+    value_bits = 8 * cost.kv_value_bytes
+    times = {
+        codec: min(1.0, CODEC_BITS[codec] / value_bits) / link_bytes_per_s + 1.0 / cost.codec_bytes_per_s[codec]
+        for codec in CODEC_BITS
+        if codec in cost.codec_bytes_per_s
+    }
+    link = f"{link_bytes_per_s * 8 / 1e9:g} Gbit/s"
+    if "cachegen" not in times:
+        return (
+            "cachegen",
+            f"(its decode speed here is not measured: it pays on links slower than its decoding, {link} assumed)",
+        )
+    best = min(times, key=times.get)
+    speeds = ", ".join(f"{c} {cost.codec_bytes_per_s[c] / 1e6:.0f} MB/s" for c in times)
+    per_gb = ", ".join(f"{c} {t * 1e9:.2f} s" for c, t in times.items())
+    return best, f"over {link}, with decode speeds measured here ({speeds}), a GB of KV loads in: {per_gb}"
+
+
+def _recommend(
+    a: Advice, cost: CostModel, *, chunk_size, gpu, cpu_capacity_gb, shared, has_chunks, link_bytes_per_s
+) -> None:
     cfg: dict = {"chunk_size": chunk_size, "guard": True, "local_cpu": True}
     why = a.reasons
     t = dict(a.predicted_ttft_s)
@@ -210,11 +237,12 @@ def _recommend(a: Advice, cost: CostModel, *, chunk_size, gpu, cpu_capacity_gb, 
                 f"{a.prefix_hit_rate:.0%} of prompt tokens reused; predicted {alone:.2f} s -> {together:.2f} s)"
             )
     if shared:
-        cfg.update({"remote_url": "redis://cache-host:6379/0", "remote_serde": "cachegen"})
+        codec, codec_why = remote_codec(cost, link_bytes_per_s)
+        cfg.update({"remote_url": "redis://cache-host:6379/0", "remote_serde": codec})
         why.append(
-            f"instances share KV: a remote tier; cachegen stores it in {a.predicted_storage_gb['cachegen']:.2f} "
-            "GB (calibrated once per model; every instance needs the same .kvcal file) "
-            "where the network is the bottleneck"
+            f"instances share KV: a remote tier with {codec}, {a.predicted_storage_gb[codec]:.2f} GB of storage "
+            f"{codec_why}"
+            + (" (calibrated once per model; every instance needs the same .kvcal file)" if codec == "cachegen" else "")
         )
     if gpu and a.mean_prompt_tokens >= 8192:
         cfg.update({"use_layerwise": True, "buffer_size": 4})

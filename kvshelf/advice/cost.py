@@ -45,15 +45,30 @@ class CostModel:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     observed_prefill: list[float] = field(default_factory=list, repr=False)  # tokens/s of full prefills seen
     prefill_source: Path | None = field(default=None, repr=False)  # the file the prefill speed is kept in
+    # Issue #17: decode speed (bytes/s of KV) of each codec measured here (kvshelf.advice.decode_speed), and
+    # which codec each tier stores with: until loads from a tier are seen, its predicted speed is the seed's
+    # fetch followed by its codec's measured decode, not the seed alone.
+    codec_bytes_per_s: dict[str, float] = field(default_factory=dict)
+    tier_codecs: dict[str, str] = field(default_factory=dict)
+    kv_value_bytes: int = 4  # bytes per KV value in the model's dtype (what codec ratios are against)
 
     def recompute_s(self, tokens: int) -> float:
         return tokens / self.prefill_tokens_per_s
 
+    def tier_rate(self, tier: str) -> float:
+        """Predicted bytes/s of KV loaded from `tier`: as loads showed it, else fetch + measured decode."""
+        rate = self.tier_bytes_per_s.get(tier, min(DEFAULT_TIER_BYTES_PER_S.values()))
+        decode = self.codec_bytes_per_s.get(self.tier_codecs.get(tier, ""))
+        if tier in self.measured_tiers or decode is None:
+            return rate
+        return 1.0 / (1.0 / rate + 1.0 / decode)
+
     def load_s(self, tokens_by_tier: dict[str, int]) -> float:
-        return sum(
-            n * self.kv_bytes_per_token / self.tier_bytes_per_s.get(tier, min(DEFAULT_TIER_BYTES_PER_S.values()))
-            for tier, n in tokens_by_tier.items()
-        )
+        return sum(n * self.kv_bytes_per_token / self.tier_rate(tier) for tier, n in tokens_by_tier.items())
+
+    def speed_known(self, tier: str) -> bool:
+        """Whether the tier's predicted speed rests on a measurement here (its loads, or its codec's decode)."""
+        return tier in self.measured_tiers or self.tier_codecs.get(tier, "") in self.codec_bytes_per_s
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
         """Learn from one load: a slower speed is believed at once (a tier that became slow must stop
@@ -85,13 +100,17 @@ class CostModel:
                 saved = json.loads(path.read_text())
                 age = time.time() - float(saved.get("measured_at", 0))
                 if age <= max_age_s:
-                    model = cls(float(saved["prefill_tokens_per_s"]), per_token)
+                    model = cls(float(saved["prefill_tokens_per_s"]), per_token, kv_value_bytes=runner.dtype.itemsize)
                     model.prefill_source = path
                     return model
                 log.info("prefill speed measured %.0f h ago: measuring again", age / 3600)
             except (ValueError, KeyError, OSError, TypeError) as err:
                 log.warning("ignoring unreadable cost file %s: %s", path, err)
-        model = cls(measure_and_save(runner, calibration_tokens, show_progress=show_progress), per_token)
+        model = cls(
+            measure_and_save(runner, calibration_tokens, show_progress=show_progress),
+            per_token,
+            kv_value_bytes=runner.dtype.itemsize,
+        )
         model.prefill_source = path
         return model
 

@@ -90,9 +90,10 @@ class Guard:
         return LOAD_SLOWER
 
     def _slower_than_recompute(self, tier: str) -> bool:
-        """Measured here (not a default guess) to load a token slower than it recomputes (no margin: a tier
-        is slow when loading from it loses outright, not merely when the margin is not met)."""
-        return tier in self.cost.measured_tiers and self.cost.load_s({tier: 1}) >= self.cost.recompute_s(1)
+        """Measured here (not a default guess: its loads, or its codec's decode speed on this host) to load a
+        token slower than it recomputes (no margin: a tier is slow when loading from it loses outright, not
+        merely when the margin is not met)."""
+        return self.cost.speed_known(tier) and self.cost.load_s({tier: 1}) >= self.cost.recompute_s(1)
 
     def _retry_due(self, slow: list[str]) -> bool:
         """True for one request every `retry_slow_after_s` per slow tier: its load measures the tier again."""

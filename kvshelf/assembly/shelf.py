@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from kvshelf.advice.cost import CostModel
+from kvshelf.advice.decode_speed import learn_tier_codecs
 from kvshelf.advice.guard import Guard
 from kvshelf.assembly.engine import Owned, min_cached_tokens, open_engine
 from kvshelf.assembly.runtimes import check_runtime
@@ -98,6 +99,14 @@ def open_shelf(
     guard = None
     if config.guard and engine is not None:
         cost = CostModel.for_runner(loaded.runner)
+        runner = loaded.runner
+        learn_tier_codecs(  # issue #17: the guard predicts loads with its codecs' decode speeds measured here
+            cost,
+            [(t.name, t.backend.codec) for t in engine.backend.tiers],
+            (runner.num_layers, runner.num_kv_heads, runner.head_dim),
+            runner.dtype,
+            runner.device,
+        )
         guard = Guard(cost, min_tokens=min_cached_tokens(config), metrics=owned.metrics)
     generator = CachedGenerator(
         loaded.runner,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvshelf.cache.device_decode import DeviceDecoding
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkKey, chain_root, chunk_keys
 from kvshelf.errors import ConfigError
@@ -323,6 +324,11 @@ class LayerwiseRetrieval:
                 return None
             out.append((key.start, kv, key.num_tokens))
         return out
+
+    def device_decoding(self, device) -> DeviceDecoding | None:
+        """A plan to decode every chunk on `device` itself, group of layers by group (where the chunks' codec
+        decodes there: calibrated cachegen on a CUDA GPU); None where they decode on the CPU."""
+        return DeviceDecoding.plan(self.chunks, device)
 
     def count_retrieved(self, nbytes: int) -> None:
         with self._stats_lock:

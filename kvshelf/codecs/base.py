@@ -68,6 +68,30 @@ class Codec(ABC):
         """Decode straight onto `device`; codecs that can finish decoding there (dequantise on a GPU) do."""
         return self.decode_layer(data, shape, dtype, layer, num_layers, position).to(device)
 
+    def decodes_on(self, device) -> bool:
+        """True when decode_run_on does its work on `device` itself, batched over chunks and layers (a GPU
+        decoder): a layerwise loader then hands it the stored bytes instead of decoding on the CPU first."""
+        return False
+
+    def decode_run_on(self, segments, shape, dtype, layers, num_layers: int, device, position: int):
+        """Layers `layers` of a run of consecutive chunks of the same `shape` ([2, kv_heads, tokens,
+        head_dim]; segments[l][c]: layer layers[l] of chunk c, the first chunk at RoPE `position`, each
+        next one `tokens` later) decoded onto `device` as one tensor [len(layers), 2, kv_heads, chunks *
+        tokens, head_dim] of `dtype`, and an error flag: None, or a boolean tensor on `device` that the
+        caller must see False before it uses the KV (a GPU decoder does not wait for its own check)."""
+        tokens = shape[2]
+        out = [
+            torch.cat(
+                [
+                    self.decode_layer_on(seg, shape, dtype, layer, num_layers, device, position + c * tokens)
+                    for c, seg in enumerate(row)
+                ],
+                dim=2,
+            )
+            for row, layer in zip(segments, layers, strict=True)
+        ]
+        return torch.stack(out), None
+
     def decode_chunks_on(self, segments, shape, dtype, layer: int, num_layers: int, device, positions) -> list:
         """One layer of several chunks of the same `shape` (their segments, at RoPE `positions`) decoded onto
         `device`; codecs that batch their work over chunks (cachegen on a GPU: one kernel) do."""

@@ -19,12 +19,9 @@ Per layer segment (self-contained, so one layer decodes alone):
   channels), one per (head, token) for V. step = rms / 2**(bits - 3); `bits` in late layers and
   `early_bits` in the first `early_fraction` of layers, which shape every later layer's input.
 - Values more than 16 RMS out (attention-sink tokens, outlier channels) are kept exactly as escapes.
-- Optionally (`delta=True`) each group of `group` tokens is coded as differences from its first token.
-  On Gemma 3 270M's real KV this costs bits (RoPE makes neighbouring keys differ), so it is off.
-- The symbols of K and of V are entropy-coded with an asymmetric numeral system coder against a
-  histogram of this segment's own symbols, stored in the segment (a few hundred bytes per layer, not a
-  CDF per channel): the probability model is calibrated on the model's actual KV, chunk by chunk, and
-  decoding needs nothing but the segment and the codec parameters in the chunk header.
+- Optionally (`delta=True`) tokens are coded as differences from their group's first (off: costs bits).
+- The symbols of K and of V are entropy-coded (ANS) against a histogram of this segment's own symbols,
+  stored in the segment (a few hundred bytes per layer): decoding needs only the segment and the params.
 
 Segment layout (little-endian): magic b"CG", K bits (u8), V bits (u8), flags (u8), reserved (u8),
 K alphabet size (u16), V alphabet size (u16), K words (u32), V words (u32), K escapes (u32), V escapes
@@ -297,14 +294,21 @@ class CacheGenCodec(Codec):
         """Integer symbols [2, heads, tokens, dim] (numpy, or a tensor already on `device`) -> float32 KV on
         `device`: one batched matmul by the inverse transform with the steps folded in, the mean as its
         bias, then RoPE on K again."""
-        scaled, mean = self.calibration.decode_transform(self.bits, device)
         coeffs = q if isinstance(q, torch.Tensor) else torch.from_numpy(q).to(device, non_blocking=True)
-        two, heads, tokens, dim = coeffs.shape
-        coeffs = coeffs.reshape(two * heads, tokens, dim).float()
-        bias = mean[layer].reshape(two * heads, 1, dim).expand(two * heads, tokens, dim)
-        x = torch.baddbmm(bias, coeffs, scaled[layer].reshape(two * heads, dim, dim)).view(two, heads, tokens, dim)
-        t = self.calibration.tensors_on(device)
-        x[0] = calib.rotate(x[0], t["inv_freq"][layer], position, 1.0)
+        return self._finish_layers(coeffs[None], [layer], position, device)[0]
+
+    def _finish_layers(self, coeffs: torch.Tensor, layers: list[int], position: int, device) -> torch.Tensor:
+        """Integer symbols of several layers [len(layers), 2, heads, tokens, dim] on `device` -> their float32
+        KV: the inverse transforms of all of them in one batched matmul, RoPE on their keys at once."""
+        scaled, mean = self.calibration.decode_transform(self.bits, device)
+        n, two, heads, tokens, dim = coeffs.shape
+        at = layers[0] if layers == list(range(layers[0], layers[0] + n)) else None  # a slice, not a gather
+        pick = (lambda t: t[at : at + n]) if at is not None else (lambda t: t[layers])  # noqa: E731
+        b = n * two * heads
+        bias = pick(mean).reshape(b, 1, dim).expand(b, tokens, dim)
+        x = torch.baddbmm(bias, coeffs.reshape(b, tokens, dim).float(), pick(scaled).reshape(b, dim, dim))
+        x = x.view(n, two, heads, tokens, dim)
+        x[:, 0] = calib.rotate(x[:, 0], pick(self.calibration.tensors_on(device)["inv_freq"]), position, 1.0)
         return x
 
     def decode_layer_on(self, data, shape, dtype, layer, num_layers, device, position=0) -> torch.Tensor:
@@ -331,6 +335,28 @@ class CacheGenCodec(Codec):
         flat_k[torch.from_numpy(ik.astype(np.int64)).to(device)] = torch.from_numpy(ek.copy()).to(device).float()
         flat_v[torch.from_numpy(iv.astype(np.int64)).to(device)] = torch.from_numpy(ev.copy()).to(device).float()
         return out.to(dtype)
+
+    def decodes_on(self, device) -> bool:
+        if self.calibration is None or torch.device(device).type != "cuda":
+            return False
+        from kvshelf.codecs import rans_gpu
+
+        return rans_gpu.available(device)
+
+    def decode_run_on(self, segments, shape, dtype, layers, num_layers, device, position):
+        """Calibrated, on a CUDA device: every segment of the run (layers x chunks) checked and staged in one
+        pinned buffer, one copy, one rANS kernel, then one batched inverse transform and RoPE. Does not
+        wait for the GPU: the error flag it returns must be seen False before the KV is used."""
+        if not self.decodes_on(device):
+            return super().decode_run_on(segments, shape, dtype, layers, num_layers, device, position)
+        return self._decode_run_batched(segments, shape, dtype, list(layers), device, position)
+
+    def _decode_run_batched(self, segments, shape, dtype, layers, device, position):
+        """decode_run_on's batched work, on any device the Triton kernel runs on (its interpreter: the CPU)."""
+        from kvshelf.codecs import rans_gpu
+
+        q, err = rans_gpu.decode_run(segments, shape, self.bits, device)
+        return self._finish_layers(q, layers, position, device).to(dtype), err
 
     def decode_chunks_on(self, segments, shape, dtype, layer, num_layers, device, positions) -> list[torch.Tensor]:
         """Calibrated, on a CUDA device: one staging copy and one rANS kernel for the layer of every chunk;

@@ -41,74 +41,9 @@ def available(device) -> bool:
 
 @functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
+    from kvshelf.codecs import rans_triton  # imports Triton: only here, on first use
 
-    @triton.jit
-    def decode_blocks(
-        buf, desc, symbol, freq, cum, low_bits, radius, out, err, FW: tl.constexpr, P: tl.constexpr, LOW: tl.constexpr
-    ):
-        pid = tl.program_id(0)
-        d = desc + pid * 10
-        states_at = tl.load(d)
-        p = tl.load(d + 1)
-        end = tl.load(d + 2)
-        cls_at = tl.load(d + 3)
-        row0 = tl.load(d + 4)
-        out0 = tl.load(d + 5)
-        width = tl.load(d + 6)
-        per_lane = tl.load(d + 7)
-        tokens = tl.load(d + 8)
-        dim = tl.load(d + 9)
-        j = tl.arange(0, 32)
-        active = j < width
-        o = states_at + 4 * j
-        x = tl.load(buf + o, mask=active, other=0).to(tl.int64)
-        x |= tl.load(buf + o + 1, mask=active, other=0).to(tl.int64) << 8
-        x |= tl.load(buf + o + 2, mask=active, other=0).to(tl.int64) << 16
-        x |= tl.load(buf + o + 3, mask=active, other=0).to(tl.int64) << 24
-        bad = tl.zeros([32], dtype=tl.int32)
-        for i in range(per_lane):
-            row = row0 + j + width * i
-            c = tl.load(buf + cls_at + row, mask=active, other=0).to(tl.int64)
-            k = tl.load(low_bits + c)
-            rad = tl.load(radius + c)
-            shift = P - k
-            has_low = (k > 0) & active
-            dst = out + out0 + (row // dim) * tokens * dim + row % dim
-            for t in range(tokens):
-                slot = x & ((1 << P) - 1)
-                h = tl.load(symbol + c * (1 << P) + slot).to(tl.int64)
-                f = tl.load(freq + c * FW + h).to(tl.int64)
-                x = f * (x >> P) + slot - tl.load(cum + c * FW + h).to(tl.int64)
-                need = (x < LOW) & active
-                n = need.to(tl.int32)
-                at = p + 2 * (tl.cumsum(n, 0) - n)
-                ok = need & (at + 2 <= end)
-                w = tl.load(buf + at, mask=ok, other=0).to(tl.int64)
-                w |= tl.load(buf + at + 1, mask=ok, other=0).to(tl.int64) << 8
-                bad |= (need & (at + 2 > end)).to(tl.int32)
-                x = tl.where(need, (x << 16) | w, x)
-                p += 2 * tl.sum(n, 0)
-                slot = x & ((1 << P) - 1)
-                low = slot >> shift
-                x = tl.where(has_low, ((x >> P) << shift) + (slot & ((1 << shift) - 1)), x)
-                need = (x < LOW) & has_low
-                n = need.to(tl.int32)
-                at = p + 2 * (tl.cumsum(n, 0) - n)
-                ok = need & (at + 2 <= end)
-                w = tl.load(buf + at, mask=ok, other=0).to(tl.int64)
-                w |= tl.load(buf + at + 1, mask=ok, other=0).to(tl.int64) << 8
-                bad |= (need & (at + 2 > end)).to(tl.int32)
-                x = tl.where(need, (x << 16) | w, x)
-                p += 2 * tl.sum(n, 0)
-                v = tl.where(has_low, (h << k) | low, h) - rad
-                tl.store(dst + t * dim, v.to(tl.int32), mask=active)
-        bad |= ((x != LOW) & active).to(tl.int32)
-        code = tl.max(bad, 0) + 2 * (p != end).to(tl.int32)
-        tl.store(err + pid, code)
-
-    return decode_blocks
+    return rans_triton.decode_blocks
 
 
 @functools.cache
@@ -123,17 +58,32 @@ def _tables(device: str) -> tuple[torch.Tensor, ...]:
     )
 
 
-_local = threading.local()  # each thread's pinned staging buffer and the event of its last copy
+_pool_lock = threading.Lock()
+# Pinned staging buffers shared by every thread (a layerwise loader runs on a new thread per request, and
+# pinning memory costs milliseconds per MB): [buffer, event of its last copy to a device, in use].
+_pool: list[list] = []
 
 
-def _pinned(nbytes: int) -> torch.Tensor:
-    buf = getattr(_local, "pinned", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).pin_memory()
-        _local.pinned, _local.copied = buf, None
-    if _local.copied is not None:
-        _local.copied.synchronize()  # the previous copy out of this buffer has finished
-    return buf[:nbytes]
+def _pinned(nbytes: int) -> tuple[torch.Tensor, list]:
+    """A pinned buffer of at least `nbytes` whose previous copy to the device has finished, and its slot:
+    the caller records there the event of the copy it queues next, and marks the slot free."""
+    with _pool_lock:
+        for slot in sorted(_pool, key=lambda s: s[0].numel()):
+            if not slot[2] and slot[0].numel() >= nbytes and (slot[1] is None or slot[1].query()):
+                slot[2] = True
+                return slot[0][:nbytes], slot
+        busy = sum(s[2] or (s[1] is not None and not s[1].query()) for s in _pool)
+        if len(_pool) - busy == 0 or len(_pool) < 4:  # grow: at most a few buffers idle at any time
+            slot = [torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).pin_memory(), None, True]
+            _pool.append(slot)
+            return slot[0][:nbytes], slot
+        slot = max((s for s in _pool if not s[2]), key=lambda s: s[0].numel())  # too small or still copying
+        slot[2] = True
+    if slot[1] is not None:
+        slot[1].synchronize()
+    if slot[0].numel() < nbytes:
+        slot[0] = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    return slot[0][:nbytes], slot
 
 
 def stage(segments: list, shape: tuple, level: int, device) -> tuple:
@@ -151,24 +101,31 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     max_esc = min(base // 8, len(segments) * 2 * rows * tokens)  # an escape takes 8 bytes of a segment
     align = lambda n: (n + 7) // 8 * 8  # noqa: E731
     offs = np.cumsum([0, align(base), align(n_desc * _DESC * 8), align(max_esc * 8), align(max_esc * 4)])
-    host = _pinned(int(offs[-1])) if device.type == "cuda" else torch.empty(int(offs[-1]), dtype=torch.uint8)
-    view = host.numpy()
-    for at, data in zip(starts, segments, strict=True):
-        view[at : at + len(memoryview(data))] = np.frombuffer(data, np.uint8)
-    desc = view[offs[1] : offs[2]].view(np.int64).reshape(-1, _DESC)[:n_desc]
-    esc_pos = view[offs[2] : offs[3]].view(np.int64)[:max_esc]
-    esc_val = view[offs[3] : offs[4]].view(np.int32)[:max_esc]
-    head = np.frombuffer(calibrated_head(level), np.uint8)
-    n_esc, err = rans.scan_segments(
-        view[:base], starts, lengths, head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
-    )
-    if err:
-        raise rans.RansError(f"cachegen segment does not parse (code {err})")
-    end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
-    dev = host[:end].to(device, non_blocking=True)
     if device.type == "cuda":
-        _local.copied = torch.cuda.Event()
-        _local.copied.record()
+        host, slot = _pinned(int(offs[-1]))
+    else:
+        host, slot = torch.empty(int(offs[-1]), dtype=torch.uint8), None
+    try:
+        view = host.numpy()
+        for at, n, data in zip(starts.tolist(), lengths.tolist(), segments, strict=True):
+            view[at : at + n] = np.frombuffer(data, np.uint8)
+        desc = view[offs[1] : offs[2]].view(np.int64).reshape(-1, _DESC)[:n_desc]
+        esc_pos = view[offs[2] : offs[3]].view(np.int64)[:max_esc]
+        esc_val = view[offs[3] : offs[4]].view(np.int32)[:max_esc]
+        head = np.frombuffer(calibrated_head(level), np.uint8)
+        n_esc, err = rans.scan_segments(
+            view[:base], starts, lengths, head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
+        )
+        if err:
+            raise rans.RansError(f"cachegen segment does not parse (code {err})")
+        end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
+        dev = host[:end].to(device, non_blocking=True)
+    finally:
+        if slot is not None:  # the buffer goes back to the pool; reusable once this copy (if any) has run
+            slot[1] = torch.cuda.Event()
+            slot[1].record()  # on the current stream: the one the copy was queued on
+            with _pool_lock:
+                slot[2] = False
     return (
         dev[:base],
         dev[offs[1] : offs[1] + n_desc * _DESC * 8].view(torch.int64),
@@ -222,3 +179,14 @@ def decode_segments(segments: list, shape: tuple, level: int, device) -> torch.T
 def decode_segment(data, shape: tuple, level: int, device) -> torch.Tensor:
     """One calibrated segment's integer symbols [2, heads, tokens, dim] on `device`."""
     return decode_segments([data], shape, level, device)[0]
+
+
+def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """segments[l][c]: a layer of consecutive chunks -> their symbols [layers, 2, heads, chunks * tokens, dim]
+    (each layer's tokens in order) and an error flag (a boolean tensor on `device`), without waiting for
+    the GPU: the caller must see the flag False before it uses what the symbols decode to."""
+    chunks = len(segments[0])
+    q, err = run_staged(stage([seg for row in segments for seg in row], shape, level, device), check=False)
+    _, two, heads, tokens, dim = q.shape  # [layers * chunks, 2, heads, tokens, dim]
+    q = q.view(len(segments), chunks, two, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
+    return q.reshape(len(segments), two, heads, chunks * tokens, dim), err.any()

@@ -59,6 +59,7 @@ class LayerwisePrefill:
                 stats=self.stats,
                 use_async_load=self.use_async_load,
                 metrics=self.metrics,
+                decoding=retrieval.device_decoding(kv.device),  # cachegen on a GPU: decoded there
             )
             failed: LayerLoadError | None = None
             t2 = time.perf_counter()

@@ -35,8 +35,12 @@ def shift_keys(k: torch.Tensor, inv_freq: torch.Tensor, delta: int) -> torch.Ten
 
 def rotate_keys(k: torch.Tensor, inv_freq: torch.Tensor, position: int, sign: float) -> torch.Tensor:
     """Rotate keys [heads, tokens, dim] by sign * their positions' angles (tokens at position,
-    position + 1, ...): sign -1 undoes RoPE, sign +1 applies it again. Angles in float64 (long contexts)."""
+    position + 1, ...): sign -1 undoes RoPE, sign +1 applies it again. Angles in float64 (long contexts).
+    Several layers at once: keys [layers, heads, tokens, dim] and inv_freq [layers, dim / 2]."""
     pos = torch.arange(position, position + k.shape[-2], device=k.device, dtype=torch.float64)
-    angles = (pos[:, None] * inv_freq.to(k.device, torch.float64)[None]).float()
+    inv = inv_freq.to(k.device, torch.float64)
+    angles = (pos[:, None] * inv[..., None, :]).float()  # [tokens, dim / 2], or [layers, tokens, dim / 2]
+    if inv.dim() == 2:
+        angles = angles.unsqueeze(-3)  # the same angles for every head of a layer
     cos, sin = angles.cos(), angles.sin() * sign
     return apply_rope(k, torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1))

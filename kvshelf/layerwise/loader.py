@@ -12,6 +12,7 @@ what decides whether the load hides.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from kvshelf.cache.device_decode import DeviceDecoding
 from kvshelf.cache.engine import LayerwiseRetrieval
 from kvshelf.kvmath.strided_copy import ChunkRowCopier
 from kvshelf.layerwise.stats import LayerwiseStats
@@ -38,6 +40,19 @@ class LayerTarget(Protocol):
     def row_copier(self, chunks: list[tuple[int, torch.Tensor, int]]) -> ChunkRowCopier | None:
         """A 2-D memcpy copier of pinned host chunks (first token, tensor, tokens) into this target on a
         GPU, or None where the target has no such fast path (the loader then writes layer groups)."""
+
+
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+_streams_lock = threading.Lock()
+
+
+def _load_stream(device: torch.device) -> torch.cuda.Stream:
+    """The device's load stream, one for every request: PyTorch's allocator reuses freed blocks only on the
+    stream they were used on, so a new stream per request would allocate a GPU decoder's buffers anew."""
+    with _streams_lock:
+        if device not in _streams:
+            _streams[device] = torch.cuda.Stream(device=device)
+        return _streams[device]
 
 
 def layer_groups(num_layers: int, buffer_size: int) -> list[tuple[int, int]]:
@@ -63,8 +78,11 @@ class LayerwiseLoader:
         stats: LayerwiseStats,
         use_async_load: bool = True,
         metrics: Metrics | None = None,
+        decoding: DeviceDecoding | None = None,
     ):
         self.retrieval = retrieval
+        # Chunks decoded on the KV's own device (LayerwiseRetrieval.device_decoding), else on the CPU
+        self.decoding = decoding
         self.kv = kv
         self.n = retrieval.num_tokens
         self.buffer_size = max(1, buffer_size)  # layers loaded ahead of the compute, at most
@@ -77,7 +95,7 @@ class LayerwiseLoader:
         self._error: BaseException | None = None
         self._closed = False
         self._cuda = kv.device.type == "cuda"
-        self._stream = torch.cuda.Stream(device=kv.device) if self._cuda else None
+        self._stream = _load_stream(kv.device) if self._cuda else None
         if self._stream is not None:
             # Copies start after everything already queued for this KV (its allocation and zeroing, a
             # serving engine's block zeroing, index tensors built for the target).
@@ -96,15 +114,32 @@ class LayerwiseLoader:
 
     def _load_all(self) -> None:
         pinned: list[bool] | None = None
+        pending: tuple | None = None  # the last group decoded on the device, not yet known to be sound
         try:
-            copier = self._row_copier() if self._cuda else None
-            for i, j in layer_groups(self.num_layers, self.buffer_size):
+            copier = self._row_copier() if self._cuda and self.decoding is None else None
+            # Decoding on the device: groups of half the buffer, so that one group can be staged on the CPU
+            # while the device decodes the one before without running past the buffer
+            group = max(1, self.buffer_size // 2) if self.decoding is not None else self.buffer_size
+            for i, j in layer_groups(self.num_layers, group):
+                with self._room:
+                    # layer 0 (the compute starts with it: nothing to overlap yet), or this group must wait
+                    # for the compute, which may be waiting for the pending one; else the next group is
+                    # checked and staged while the device decodes the pending one
+                    due = pending[0] == 0 or j > self._consumed + self.buffer_size if pending else False
+                if due:
+                    pending = self._release(pending)
                 with self._room:
                     while j > self._consumed + self.buffer_size and not self._closed:
                         self._room.wait()
                 if self._closed:
                     return
                 t0 = time.perf_counter()
+                if self.decoding is not None:
+                    decoded = self._decode_on_device(i, j, t0)
+                    if pending is not None:  # checked while the device works on the next group
+                        self._release(pending)
+                    pending = decoded
+                    continue
                 if copier is not None:  # pinned CPU-tier chunks: pointer arithmetic and 2-D memcpys only
                     copier.copy(i, j, self._stream)
                     event = torch.cuda.Event()
@@ -140,11 +175,48 @@ class LayerwiseLoader:
                 for k in range(i, j):
                     self.stats.record(k, load_s=per_layer, nbytes=nbytes // (j - i))
                     self._ready[k].set()
+            if pending is not None:
+                self._release(pending)
         except BaseException as err:  # reported to the request through wait(); it then recomputes
             self._error = err
             log.warning("layerwise load failed: %s: %s", type(err).__name__, err)
             for event in self._ready:
                 event.set()
+
+    def _decode_on_device(self, i: int, j: int, t0: float) -> tuple:
+        """Queue layers i..j-1 of every chunk: decoded on the device (on the load stream) into the KV. Returns
+        what _release needs to check the decoder's error flag and mark the layers ready."""
+        stream = torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
+        with stream:
+            parts, flag = self.decoding.decode(i, j)
+            for start, _end, part in parts:
+                self.kv.write_layers(i, j, start, part, non_blocking=True)
+            host_flag = None
+            if flag is not None:  # copied back behind the decode: the loader waits for it, the compute not
+                host_flag = torch.empty((), dtype=torch.bool, pin_memory=self._cuda)
+                host_flag.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event() if self._cuda else None
+            if event is not None:
+                event.record(self._stream)
+        nbytes = sum(p.numel() * p.element_size() for _, _, p in parts)
+        self.retrieval.count_retrieved(nbytes)
+        per_layer = (time.perf_counter() - t0) / (j - i)
+        for k in range(i, j):
+            self.stats.record(k, load_s=per_layer, nbytes=nbytes // (j - i))
+        return i, j, event, host_flag
+
+    def _release(self, pending: tuple) -> None:
+        """Mark a device-decoded group ready once its decode is known to be exact: a cache never serves KV
+        that did not decode (the request then recomputes)."""
+        i, j, event, host_flag = pending
+        if event is not None:
+            event.synchronize()
+        if host_flag is not None and bool(host_flag):
+            raise LayerLoadError(f"layers {i}..{j - 1} did not decode (damaged stored bytes)")
+        for k in range(i, j):
+            self._events[k] = (event, None) if event is not None else None
+            self._ready[k].set()
+        return None
 
     def _row_copier(self) -> ChunkRowCopier | None:
         """The fast path when every chunk is a pinned tensor in memory and the target offers it."""

@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from kvshelf.codecs.base import Codec
+
 
 @dataclass(frozen=True)
 class ChunkMeta:
@@ -37,6 +39,10 @@ class StoredChunk:
         """Layers i..j-1, [j - i, 2, kv_heads, tokens, head_dim]: one view, one copy for the caller."""
         return self.kv[i:j]
 
+    def encoded_layer(self, i: int) -> None:
+        """Decoded already: no stored bytes to hand to a decoder elsewhere (ChunkReader.encoded_layer)."""
+        return None
+
 
 class ChunkReader(Protocol):
     """What `StorageBackend.open` returns: a chunk whose layers are read one at a time. `kv` is the whole
@@ -49,6 +55,10 @@ class ChunkReader(Protocol):
 
     def layers(self, i: int, j: int) -> torch.Tensor: ...
 
+    def encoded_layer(self, i: int) -> tuple[Codec, memoryview] | None:
+        """Layer i as stored (its codec and verified segment bytes), for a loader that decodes it elsewhere
+        (on a GPU, batched over chunks); None when the reader holds decoded KV."""
+
 
 class StorageBackend(ABC):
     """A keyed store of chunks. Implementations must be thread-safe.
@@ -58,6 +68,8 @@ class StorageBackend(ABC):
     """
 
     name: str = "backend"
+    # The codec its objects are stored with; None where it holds decoded tensors (memory).
+    codec: Codec | None = None
     # True when put() is cheap enough to run on the request path (memory); others are written behind.
     inline_put: bool = False
 

@@ -248,6 +248,10 @@ class EncodedChunk:
             raise FormatError(f"layer {i} does not decode: {type(err).__name__}: {err}") from None
         return _checked(out, shape[1:], dtype, f"layer {i}")
 
+    def encoded_layer(self, i: int) -> tuple[Codec, memoryview]:
+        """Layer i's verified segment and the codec that decodes it (ChunkReader.encoded_layer)."""
+        return self.codec, self._payload[self._offsets[i] : self._offsets[i + 1]]
+
     def layers(self, i: int, j: int) -> torch.Tensor:
         """Layers i..j-1 ([j - i, 2, kv_heads, tokens, head_dim]); a view when the codec is raw."""
         if self.codec.raw_layout:

@@ -475,6 +475,11 @@ class _PromotingReader:
     def layers(self, i: int, j: int) -> torch.Tensor:
         return torch.stack([self.layer(k) for k in range(i, j)])
 
+    def encoded_layer(self, i: int):
+        """The lower tier's stored bytes, for a loader that decodes them on a GPU. Layers read this way are
+        not promoted: that would copy the decoded KV back to the host, about what decoding it costs again."""
+        return self._reader.encoded_layer(i)
+
     def layer(self, i: int) -> torch.Tensor:
         layer = self._reader.layer(i)
         self._layers[i] = layer

@@ -1,0 +1,180 @@
+"""Layerwise loading of a cachegen tier decoded on the GPU: per-layer end-to-end throughput.
+
+    python bench/gpu_layerwise.py --kv kv.safetensors --calibration FILE.kvcal [--tokens 12288] [--json OUT]
+
+KV: a file saved by `bench/codec_speed.py --save-kv` (Gemma 3 270M's real fp16 KV) and its calibration;
+for --tokens beyond the file the KV repeats at later positions, as a longer prompt's would. The prompt's
+256-token chunks are encoded as stored objects (kvshelf's format, calibrated cachegen) and opened as a tier
+would (verified, not decoded). Then, from those bytes in host memory to the fp16 KV buffer on the GPU:
+- group: LayerwiseRetrieval.device_decoding's decode of layers i..i+g-1 of every chunk (checks, pinned
+  staging, one copy, one rANS kernel, one inverse transform + RoPE) written into the KV buffer, the error
+  flag read back (synchronised): GB/s of fp16 KV per layer, for groups of g layers;
+- loader: the LayerwiseLoader (its thread, its stream, groups as configured, error flags checked one group
+  behind) with a model that needs no time: all layers in, GB/s of fp16 KV per layer;
+- exactness: the loaded KV against the CPU decoder's (max |difference|), symbols GPU vs CPU (bit-exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+import torch
+
+from kvshelf.cache.engine import EngineStats, LayerwiseRetrieval
+from kvshelf.cache.keys import ChunkKey
+from kvshelf.codecs import calibration as calib
+from kvshelf.codecs import pool as codec_pool
+from kvshelf.codecs import rans_gpu
+from kvshelf.codecs.cachegen import CacheGenCodec, _symbols_calibrated
+from kvshelf.kvmath.rope import shift_keys
+from kvshelf.layerwise.loader import LayerwiseLoader
+from kvshelf.layerwise.stats import LayerwiseStats
+from kvshelf.model.kv_buffer import KVBuffer
+from kvshelf.storage.base import ChunkMeta, StoredChunk
+from kvshelf.storage.format import encode_chunk, open_chunk
+
+CHUNK = 256
+
+
+def opened_chunks(kv: torch.Tensor, tokens: int, codec, inv_freq: torch.Tensor) -> tuple[list, int]:
+    """(ChunkKey, EncodedChunk) pairs of a `tokens`-token prompt, and the stored bytes. Beyond the file the KV
+    repeats with its keys moved to their new positions (RoPE), as the same text later in a prompt would be."""
+    layers, _, heads, avail, dim = kv.shape
+    out, stored = [], 0
+    for c, s in enumerate(range(0, tokens, CHUNK)):
+        src = (s % avail) // CHUNK * CHUNK
+        piece = kv[:, :, :, src : src + CHUNK].clone()
+        if s != src:
+            for i in range(layers):
+                piece[i, 0] = shift_keys(piece[i, 0].float(), inv_freq[i], s - src).to(piece.dtype)
+        key = c.to_bytes(16, "little")
+        blob = encode_chunk(
+            key, StoredChunk(ChunkMeta(b"\0" * 32, CHUNK, tuple(piece.shape), piece.dtype, s), piece), codec
+        )
+        stored += len(blob)
+        out.append((ChunkKey(key, s, s + CHUNK), open_chunk(blob, key, codec)))
+    return out, stored
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def measure(kv, cal, tokens, device, results, label, repeats=5):
+    codec = CacheGenCodec(calibration=cal.digest, processes=codec_pool.CodecProcesses(os.cpu_count() or 1))
+    t = time.perf_counter()
+    chunks, stored = opened_chunks(kv, tokens, codec, cal.inv_freq)
+    results[f"{label} encode s (CPU, {os.cpu_count()} threads)"] = time.perf_counter() - t
+    layers, _, heads, _, dim = kv.shape
+    layer_bytes = 2 * heads * tokens * dim * 2  # fp16 KV of one layer
+    results[f"{label} x vs fp16"] = layers * layer_bytes / stored
+    retrieval = LayerwiseRetrieval(chunks, layers, threading.Lock(), EngineStats())
+    plan = retrieval.device_decoding(device)
+    assert plan is not None and len(plan.runs) == 1, "not decodable on the GPU in one run"
+    buf = KVBuffer(layers, heads, dim, tokens, dtype=torch.float16, device=device)
+
+    def group(i, j):
+        parts, flag = plan.decode(i, j)
+        for start, _end, part in parts:
+            buf.write_layers(i, j, start, part, non_blocking=True)
+        assert flag is None or not bool(flag)  # reads the flag back: waits for the GPU
+
+    for g in (1, 2, 4, 8):
+        group(0, g)  # compile, upload transforms
+        times = []
+        for _ in range(repeats):
+            for i in range(0, layers - g + 1, g):
+                sync()
+                t = time.perf_counter()
+                group(i, i + g)
+                sync()
+                times.append((time.perf_counter() - t) / g)
+        results[f"{label} group of {g} layers: GB/s per layer"] = layer_bytes / statistics.median(times) / 1e9
+    # the two sides of a group of 8 layers apart: the CPU's (checks, copy into pinned memory, the copy to the
+    # GPU queued) and the GPU's from staged bytes (rANS kernel, escapes, transform, RoPE, write, flag read)
+    segs = [[r.encoded_layer(k)[1] for _, r in chunks] for k in range(8)]
+    shape = (2, heads, CHUNK, dim)
+    t_stage, t_gpu = [], []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        staged = rans_gpu.stage([s for row in segs for s in row], shape, codec.bits, device)
+        t_stage.append(time.perf_counter() - t)
+        sync()
+        t = time.perf_counter()
+        q, err = rans_gpu.run_staged(staged, check=False)
+        q = q.view(8, len(chunks), 2, heads, CHUNK, dim).permute(0, 2, 3, 1, 4, 5).reshape(8, 2, heads, tokens, dim)
+        buf.data[0:8].copy_(codec._finish_layers(q, list(range(8)), 0, device))
+        assert not bool(err.any())
+        t_gpu.append(time.perf_counter() - t)
+    results[f"{label} 8 layers: CPU side (check + pinned copy) GB/s per layer"] = (
+        8 * layer_bytes / statistics.median(t_stage) / 1e9
+    )
+    results[f"{label} 8 layers: GPU side from staged bytes GB/s per layer"] = (
+        8 * layer_bytes / statistics.median(t_gpu) / 1e9
+    )
+    for size in (1, 4, 8):
+        times = []
+        for _ in range(repeats):
+            buf.data.zero_()
+            sync()
+            t = time.perf_counter()
+            loader = LayerwiseLoader(retrieval, buf, buffer_size=size, stats=LayerwiseStats(layers), decoding=plan)
+            for i in range(layers):
+                loader.wait(i)
+            sync()
+            times.append(time.perf_counter() - t)
+            loader.close()
+            assert loader.error is None, loader.error
+        results[f"{label} loader, buffer_size {size}: GB/s per layer"] = (
+            layers * layer_bytes / statistics.median(times) / 1e9
+        )
+        results[f"{label} loader, buffer_size {size}: ms all layers"] = 1e3 * statistics.median(times)
+    # exactness: the loaded KV against the CPU decoder, chunks 0, 1 and the last; symbols of layer 0 and 5
+    worst, top = 0.0, 0.0
+    for c in (0, 1, len(chunks) - 1):
+        key, reader = chunks[c]
+        cpu = torch.stack([reader.layer(i) for i in range(layers)]).float()
+        gpu = buf.data[:, :, :, key.start : key.end].float().cpu()
+        worst, top = max(worst, float((gpu - cpu).abs().max())), max(top, float(cpu.abs().max()))
+    results[f"{label} max |KV GPU - KV CPU|"] = worst
+    results[f"{label} max |KV|"] = top
+    shape = (2, heads, CHUNK, dim)
+    exact = True
+    for i in (0, min(5, layers - 1)):
+        segs = [r.encoded_layer(i)[1] for _, r in chunks]
+        got = rans_gpu.decode_segments(segs, shape, codec.bits, device).cpu().numpy()
+        exact &= bool(np.array_equal(got, np.stack([_symbols_calibrated(s, shape, codec.bits) for s in segs])))
+    results[f"{label} symbols bit-exact GPU vs CPU"] = exact
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kv", required=True)
+    ap.add_argument("--calibration", required=True)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[12288])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from safetensors.torch import load_file
+
+    kv = load_file(args.kv)["kv"]
+    cal = calib.load(args.calibration)
+    calib.register(cal)
+    device = torch.device("cuda")
+    results: dict = {"gpu": torch.cuda.get_device_name(), "cores": os.cpu_count()}
+    for tokens in args.tokens:
+        measure(kv, cal, tokens, device, results, f"gemma3-270m {tokens} tok")
+        print(json.dumps(results, indent=1), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

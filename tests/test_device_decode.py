@@ -1,0 +1,139 @@
+"""Layerwise loading that decodes stored chunks on the KV's own device (kvshelf.cache.device_decode), checked on
+the CPU: the plan, the loader's path (a codec that says it decodes on the CPU stands in for cachegen on a GPU),
+a decode error flag turning into a recompute, and cachegen's batched decoding through Triton's interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from kvshelf.cache.engine import CacheEngine
+from kvshelf.codecs.int8 import Int8Codec
+from kvshelf.generation import CachedGenerator
+from kvshelf.model.runner import ModelRunner
+from kvshelf.storage.disk import DiskBackend
+from kvshelf.storage.tiers import TierManager
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class HereBatched(Int8Codec):
+    """int8 that claims to decode batched on the CPU: the loader takes its device-decoding path."""
+
+    def __init__(self, damaged: bool = False):
+        super().__init__()
+        self.damaged, self.calls = damaged, []
+
+    def decodes_on(self, device) -> bool:
+        return True
+
+    def decode_run_on(self, segments, shape, dtype, layers, num_layers, device, position):
+        self.calls.append((list(layers), len(segments[0]), position))
+        kv, _ = super().decode_run_on(segments, shape, dtype, layers, num_layers, device, position)
+        return kv, torch.tensor(self.damaged)
+
+
+def prompt(n, seed):
+    return torch.randint(4, 320, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def setup(tmp_path, model, codec):
+    runner = ModelRunner(model)
+    tiers = TierManager([DiskBackend(tmp_path, 1 << 28, codec)])
+    engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=16)
+    whole = CachedGenerator(runner, engine)
+    layered = CachedGenerator(runner, engine, use_layerwise=True, buffer_size=2, layerwise_store=False)
+    return tiers, whole, layered
+
+
+def test_layerwise_decoding_on_the_device_equals_whole_prompt_loading(tmp_path, tiny_models):
+    codec = HereBatched()
+    tiers, whole, layered = setup(tmp_path, tiny_models("llama"), codec)
+    ids = prompt(70, 1)
+    whole.generate(ids, max_new_tokens=1)  # stores 4 full chunks and one of 6 tokens
+    tiers.flush()
+    plan = layered.engine.retrieve_layerwise(ids, max_tokens=69).device_decoding("cpu")
+    assert [(r.start, r.end, len(r.readers)) for r in plan.runs] == [(0, 64, 4), (64, 69, 1)]
+    a = whole.generate(ids, max_new_tokens=6, stop_at_eos=False)
+    codec.calls.clear()
+    b = layered.generate(ids, max_new_tokens=6, stop_at_eos=False)
+    assert a.hit_tokens == b.hit_tokens == 69 and a.token_ids == b.token_ids
+    assert torch.allclose(a.first_logits, b.first_logits, atol=1e-5)
+    layers = layered.runner.num_layers
+    groups = [[i] for i in range(layers)]  # buffer_size 2: groups of one layer (one staged, one decoding)
+    # each group of layers: one call per run (4 chunks from position 0, then the short chunk at 64)
+    assert codec.calls == [c for g in groups for c in ((g, 4, 0), (g, 1, 64))]
+    tiers.close()
+
+
+def test_a_decode_error_flag_makes_the_request_recompute(tmp_path, tiny_models):
+    codec = HereBatched(damaged=True)
+    tiers, whole, layered = setup(tmp_path, tiny_models("qwen3"), codec)
+    ids = prompt(50, 2)
+    whole.generate(ids, max_new_tokens=1)
+    tiers.flush()
+    out = layered.generate(ids, max_new_tokens=5, stop_at_eos=False)
+    plain = whole.generate(ids, max_new_tokens=5, stop_at_eos=False, use_cache=False)
+    assert out.hit_tokens == 0 and out.token_ids == plain.token_ids
+    assert codec.calls and layered.layerwise_stats.as_dict()["fallbacks"] == 1
+    tiers.close()
+
+
+def test_chunks_held_decoded_are_not_planned_for_the_device(tiny_models):
+    from kvshelf.storage.memory import MemoryBackend
+
+    runner = ModelRunner(tiny_models("llama"))
+    engine = CacheEngine(runner.fingerprint(), MemoryBackend(1 << 26), chunk_size=16)
+    ids = prompt(40, 3)
+    CachedGenerator(runner, engine).generate(ids, max_new_tokens=1)
+    assert engine.retrieve_layerwise(ids, max_tokens=39).device_decoding("cpu") is None
+
+
+_BATCHED_CHECK = r"""
+import torch
+from kvshelf.codecs import calibration as calib
+from kvshelf.codecs.cachegen import CacheGenCodec
+
+layers, heads, tokens, dim = 3, 2, 16, 8
+g = torch.Generator().manual_seed(1)
+eye = torch.linalg.qr(torch.randn(layers, 2, heads, dim, dim, generator=g))[0]
+cal = calib.Calibration(
+    inv_freq=torch.rand(layers, dim // 2, generator=g),
+    mean=torch.randn(layers, 2, heads, dim, generator=g),
+    forward=eye,
+    inverse=eye.transpose(-1, -2).contiguous(),
+    step=torch.full((layers, 2), 0.05),
+    info={"test": "batched run"},
+)
+calib.register(cal)
+codec = CacheGenCodec(calibration=cal.digest)
+kv = torch.randn(3, layers, 2, heads, tokens, dim, generator=g)
+pos = 32  # the run starts at token 32: chunks at 32, 48, 64
+segs = [[codec.encode_layer(kv[c, i], i, layers, pos + c * tokens) for c in range(3)] for i in (1, 2)]
+shape = (2, heads, tokens, dim)
+got, err = codec._decode_run_batched(segs, shape, torch.float32, [1, 2], "cpu", pos)
+assert got.shape == (2, 2, heads, 3 * tokens, dim) and not bool(err)
+for li, i in enumerate((1, 2)):
+    for c in range(3):
+        want = codec.decode_layer(segs[li][c], shape, torch.float32, i, layers, pos + c * tokens)
+        assert torch.allclose(got[li, :, :, c * tokens : (c + 1) * tokens], want, atol=1e-4), (i, c)
+bad = bytearray(segs[1][2])
+bad[-40] ^= 0x01  # inside the words or escapes of V: the stream does not decode exactly
+try:
+    _, err = codec._decode_run_batched([segs[0], segs[1][:2] + [bytes(bad)]], shape, torch.float32, [1, 2], "cpu", pos)
+    assert bool(err), "a damaged stream decoded without its flag"
+except ValueError:
+    pass  # refused while staging: as good
+print("batched run ok")
+"""
+
+
+def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
+    # Triton's interpreter runs the GPU kernel on the CPU (CI has no GPU); chosen before triton is imported.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    run = subprocess.run([sys.executable, "-c", _BATCHED_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "batched run ok" in run.stdout, run.stderr[-3000:]
