@@ -101,3 +101,19 @@ def test_the_connector_wires_the_roles(model_dir, connectors):
 
     with pytest.raises(ConfigError, match="kv_role 'kv_sender'"):
         make(connector_config_for(model_dir, role="kv_sender", total_heads=2, tp=1, engine_id="bad"), Role.SCHEDULER)
+
+
+def test_the_connectors_counters_are_on_kvshelfs_metrics(model_dir, connectors):
+    from prometheus_client import generate_latest
+
+    from kvshelf.integrations.vllm.shared import owned_by
+
+    make, Role = connectors
+    config = connector_config_for(model_dir, role="kv_consumer", total_heads=2, tp=1, engine_id="metrics")
+    worker = make(config, Role.WORKER)
+    worker._worker.stats.loaded_tokens += 384
+    worker._worker.stats.failed_loads += 1
+    page = generate_latest(owned_by(worker.engine).metrics.registry).decode()
+    # what a kv_consumer loaded into vLLM's cache (the engine's own counters miss published layers)
+    assert "kvshelf_vllm_loaded_tokens_total 384.0" in page
+    assert "kvshelf_vllm_failed_loads_total 1.0" in page

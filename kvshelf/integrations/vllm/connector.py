@@ -68,6 +68,30 @@ def connector_stats() -> dict:
     return total
 
 
+class _ConnectorCollector:
+    """The connectors' own counters on kvshelf's /metrics (metrics_port) as <prefix>vllm_<name>: what
+    this process loaded into and saved from vLLM's paged cache (the engine's counters do not show a
+    kv_consumer's loads of published layers, nor which loads vLLM had to recompute)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, value in connector_stats().items():
+            yield CounterMetricFamily(self.prefix + "vllm_" + name, f"kvshelf connector: {name}", value=value)
+
+
+_watched_registries: set[int] = set()
+
+
+def _export_connector_stats(metrics) -> None:
+    if id(metrics.registry) not in _watched_registries:  # once per registry: the collector sums all workers
+        _watched_registries.add(id(metrics.registry))
+        metrics.registry.register(_ConnectorCollector(metrics.prefix))
+
+
 @dataclass
 class KVShelfConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
@@ -131,6 +155,7 @@ class KVShelfConnector(KVConnectorBase_V1):
                 published=published,
                 publish=not loads,
             )
+            _export_connector_stats(owned_by(self.engine).metrics)
             self._server = LookupServer.for_engine(self._lookup_id, self._worker.lookup, key=self._configured_key())
             _workers[self._lookup_id] = self._worker
 
