@@ -73,12 +73,20 @@ def test_the_connector_wires_tp_ranks_and_the_least_hit(model_dir, connectors):
     assert scheduler.get_num_new_matched_tokens(request("b", tokens), 0) == (128, False)
 
 
-def test_the_connector_stores_a_replicated_head_from_its_first_rank_only(model_dir, connectors):
+def test_the_connector_stores_a_replicated_head_from_its_first_rank_only(
+    model_dir, connectors, tmp_path, redis_server
+):
     make, Role = connectors
     config = connector_config_for(model_dir, role="kv_both", total_heads=1, tp=2, engine_id="tp-rep")
+    config.kv_transfer_config.kv_connector_extra_config["remote_url"] = redis_server.url
     ranks = [make(config, Role.WORKER, rank) for rank in (0, 1)]
     assert ranks[0].engine.fingerprint == ranks[1].engine.fingerprint  # the same keys
-    assert [r._worker.stores for r in ranks] == [True, False]
+    assert [r._worker.stores for r in ranks] == [True, False]  # rank 1 loads what rank 0 put in Redis
+    # CPU and disk tiers only: each rank process has its own view of them (a disk tier's index is the
+    # process's), so every rank stores, or rank 1 would never hit
+    config = connector_config_for(model_dir, role="kv_both", total_heads=1, tp=2, engine_id="tp-rep-local")
+    config.kv_transfer_config.kv_connector_extra_config["local_disk"] = str(tmp_path / "disk")
+    assert [make(config, Role.WORKER, rank)._worker.stores for rank in (0, 1)] == [True, True]
 
 
 def test_the_connector_wires_the_roles(model_dir, connectors):

@@ -33,6 +33,7 @@ from kvshelf.integrations.vllm.shared import (
     connector_config,
     owned_by,
     release_engine,
+    shares_tiers,
     stores_shard,
     vllm_fingerprint,
 )
@@ -138,7 +139,7 @@ class KVShelfConnector(KVConnectorBase_V1):
                 stores=stores,
             )
         else:
-            self.engine = acquire_engine(fingerprint, self.config)
+            self.engine = acquire_engine(fingerprint, self.config, tp_rank=rank)
             # kv_both stays as it was; a producer publishes layers (unless publish_layers is off), a
             # consumer reads them (see published.py)
             published = None
@@ -151,7 +152,12 @@ class KVShelfConnector(KVConnectorBase_V1):
                 use_async_load=self.config.use_async_load,
                 buffer_size=self.config.buffer_size,
                 metrics=owned_by(self.engine).metrics,
-                stores=stores_shard(self._tp_size, vllm_config.model_config.get_total_num_kv_heads(), rank),
+                stores=stores_shard(
+                    self._tp_size,
+                    vllm_config.model_config.get_total_num_kv_heads(),
+                    rank,
+                    shared_tier=shares_tiers(self.config),
+                ),
                 published=published,
                 publish=not loads,
             )
