@@ -73,9 +73,7 @@ def test_the_connector_wires_tp_ranks_and_the_least_hit(model_dir, connectors):
     assert scheduler.get_num_new_matched_tokens(request("b", tokens), 0) == (128, False)
 
 
-def test_the_connector_stores_a_replicated_head_from_its_first_rank_only(
-    model_dir, connectors, tmp_path, redis_server
-):
+def test_the_connector_stores_a_replicated_head_from_its_first_rank_only(model_dir, connectors, tmp_path, redis_server):
     make, Role = connectors
     config = connector_config_for(model_dir, role="kv_both", total_heads=1, tp=2, engine_id="tp-rep")
     config.kv_transfer_config.kv_connector_extra_config["remote_url"] = redis_server.url
