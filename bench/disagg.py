@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench.vllm_instances import kvshelf_proxy, vllm_server  # noqa: E402
 
+LOAD_PROMPT_TOKENS = 200
+
 
 def token_ids(model: str) -> list[int]:
     from transformers import AutoTokenizer
@@ -137,7 +139,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16, help="tokens of the measured request")
     ap.add_argument("--reps", type=int, default=1, help="measured requests per length (fresh prompts each)")
     ap.add_argument("--load", type=int, default=2, help="background decode streams on the decoding instance")
-    ap.add_argument("--load-tokens", type=int, default=4000, help="max_tokens of each background stream")
+    ap.add_argument("--load-tokens", type=int, default=2000, help="max_tokens of each background stream")
     ap.add_argument("--load-warmup-s", type=float, default=3.0)
     ap.add_argument("--one-bind", default="nobind")
     ap.add_argument("--producer-bind", default="0")
@@ -156,7 +158,7 @@ def main() -> None:
     # fresh, unrelated prompts per length and setup (nothing cached from a previous request)
     span = sum(args.lengths)
     offset = {"one": 1000, "disagg": 1000 + args.reps * span}
-    max_len = max(args.lengths) + args.max_tokens + 64
+    max_len = max(max(args.lengths) + args.max_tokens, LOAD_PROMPT_TOKENS + args.load_tokens) + 64
 
     def prompts_for(setup, rep):
         start = offset[setup] + rep * span
@@ -168,13 +170,14 @@ def main() -> None:
         return out
 
     load_at = 1000 + 2 * args.reps * span
-    load_prompts = [[bos, *ids[load_at + 300 * i : load_at + 300 * i + 199]] for i in range(args.load)]
+    n = LOAD_PROMPT_TOKENS - 1
+    load_prompts = [[bos, *ids[load_at + 300 * i : load_at + 300 * i + n]] for i in range(args.load)]
     work = Path(tempfile.mkdtemp(prefix="kvshelf-disagg-"))
     results = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    common = {"max_model_len": max_len, "max_num_batched_tokens": 2048, "kv_space_gib": 2}
+    common = {"max_model_len": max_len, "max_num_batched_tokens": 2048, "kv_space_gib": 1}
 
     if "one" in args.setups:
         one = vllm_server("one", work, model, cpu_bind=args.one_bind, **common).start()

@@ -5,7 +5,8 @@ load the prompt's KV from Redis (its connector's counters say so), and a produce
 a prefill must still give the right answer (the proxy falls back; the consumer recomputes what the dead
 producer had only half published).
 
-Tensor parallelism on the same Redis (one vLLM start less than a module of its own): a
+Tensor parallelism on the same Redis (one vLLM start less than a module of its own; last, once the pair
+is stopped, to keep the memory peak down): a
 tensor_parallel_size=2 instance (vLLM's mp executor, a worker process per rank, one core each with
 VLLM_CPU_OMP_THREADS_BIND="0|1") never reads the TP=1 producer's chunks as its own (a miss), and its own
 store and load round trip gives the same greedy output. Gemma 3 270M has one KV head, which vLLM
@@ -75,6 +76,7 @@ def pair(tmp_path_factory):
             "consumer": consumer,
             "proxy": proxy,
             "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+            "alone": {},  # greedy answers of one instance computing alone, by prompt name
         }
     finally:
         for process in (proxy, producer, consumer):
@@ -98,6 +100,7 @@ def test_the_proxy_pair_answers_as_one_instance_and_the_consumer_loads_from_redi
     # One instance alone: the consumer on a cold cache computes each prompt itself (its connector finds
     # nothing and, being a kv_consumer, stores nothing).
     alone = {name: answer(completion(pair["consumer"].url, prompts[name], MAX_TOKENS)) for name in ("a", "b")}
+    pair["alone"].update(alone)
     assert redis.dbsize() == 0, "a kv_consumer stored KV"
     before = consumer_counters(pair)
     assert before["loaded_tokens"] == 0 and before["load_requests"] == 0
@@ -113,50 +116,6 @@ def test_the_proxy_pair_answers_as_one_instance_and_the_consumer_loads_from_redi
     # each prompt's KV came from Redis except at most its last chunk (vLLM computes the last token)
     assert loaded >= sum(len(prompts[n]) - CHUNK for n in ("a", "b")), after
     assert after["failed_loads"] == 0 and after["stored_tokens"] == 0, after
-
-
-def two_free_ports() -> int:
-    """A port p with p + 1 free too (kvshelf serves rank r's metrics on metrics_port + r)."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no two adjacent free ports")
-
-
-def test_tp2_ranks_store_and_load_their_shards_and_never_read_tp1_chunks(pair, prompts, tmp_path, monkeypatch):
-    redis = pair["redis"]
-    prompt = prompts["a"]
-    # The TP=1 producer computes the prompt alone (it never loads) and has its chunks in Redis.
-    want = answer(completion(pair["producer"].url, prompt, MAX_TOKENS))
-    tp1_keys = redis.client().dbsize()
-    assert tp1_keys > 0
-
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    port = two_free_ports()
-    scrape = [f"http://127.0.0.1:{port + rank}/metrics" for rank in (0, 1)]
-    shelf = {"remote_url": redis.url, "remote_serde": "none", "chunk_size": CHUNK, "metrics_port": port}
-    spec = {"model": str(provision_default_model(show_progress=False)), "max_tokens": MAX_TOKENS}
-    spec |= {"max_model_len": 2048, "max_num_batched_tokens": 2048, "prompts": [prompt, prompt], "kvshelf": shelf}
-    two = run_vllm(tmp_path, "tp2", {**spec, "tensor_parallel_size": 2, "scrape": scrape})
-    first, again = two["results"]
-    assert first["cached"] == 0, "a TP=2 instance read TP=1 chunks as its own"
-    assert first["token_ids"] == want  # TP=2 computing alone gives TP=1's greedy answer
-    assert again["cached"] >= len(prompt) - CHUNK  # its own chunks, loaded by both ranks
-    assert again["token_ids"] == want
-    assert redis.client().dbsize() > tp1_keys  # TP=2's chunks beside TP=1's, under their own keys
-
-    names = ("loaded_tokens", "stored_tokens", "failed_loads")
-    counters = [{n: prometheus_value(two["scraped"][url], f"kvshelf_vllm_{n}_total") for n in names} for url in scrape]
-    # the replicated head: rank 0 stores it, both ranks load it (rank 1 from Redis)
-    assert [c["stored_tokens"] for c in counters] == [len(prompt), 0], counters
-    for c in counters:
-        assert c["loaded_tokens"] >= len(prompt) - CHUNK and c["failed_loads"] == 0, counters
 
 
 def test_a_producer_killed_mid_prefill_still_gives_the_right_answer(pair, prompts):
@@ -185,3 +144,52 @@ def test_a_producer_killed_mid_prefill_still_gives_the_right_answer(pair, prompt
     assert answer(reply) == alone
     assert reply.headers["x-kvshelf-prefill"] == "fallback"
     assert httpx.get(pair["proxy"].url + "/health", timeout=10).json()["prefill_failures"] == 1
+
+
+def two_free_ports() -> int:
+    """A port p with p + 1 free too (kvshelf serves rank r's metrics on metrics_port + r)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two adjacent free ports")
+
+
+def test_tp2_ranks_store_and_load_their_shards_and_never_read_tp1_chunks(pair, prompts, tmp_path, monkeypatch):
+    redis = pair["redis"]
+    prompt = prompts["a"]
+    # The TP=1 answer and the TP=1 producer's chunks of the prompt in Redis: from the first test (the
+    # consumer loaded them there), or, run on its own, from the producer now (it computes alone).
+    if "a" not in pair["alone"]:
+        pair["alone"]["a"] = answer(completion(pair["producer"].url, prompt, MAX_TOKENS))
+    want = pair["alone"]["a"]
+    tp1_keys = redis.client().dbsize()
+    assert tp1_keys > 0
+    for name in ("proxy", "producer", "consumer"):
+        pair[name].stop()  # done with them: their memory goes to the TP=2 instance
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    port = two_free_ports()
+    scrape = [f"http://127.0.0.1:{port + rank}/metrics" for rank in (0, 1)]
+    shelf = {"remote_url": redis.url, "remote_serde": "none", "chunk_size": CHUNK, "metrics_port": port}
+    spec = {"model": str(provision_default_model(show_progress=False)), "max_tokens": MAX_TOKENS}
+    spec |= {"max_model_len": 2048, "max_num_batched_tokens": 2048, "prompts": [prompt, prompt], "kvshelf": shelf}
+    two = run_vllm(tmp_path, "tp2", {**spec, "tensor_parallel_size": 2, "scrape": scrape})
+    first, again = two["results"]
+    assert first["cached"] == 0, "a TP=2 instance read TP=1 chunks as its own"
+    assert first["token_ids"] == want  # TP=2 computing alone gives TP=1's greedy answer
+    assert again["cached"] >= len(prompt) - CHUNK  # its own chunks, loaded by both ranks
+    assert again["token_ids"] == want
+    assert redis.client().dbsize() > tp1_keys  # TP=2's chunks beside TP=1's, under their own keys
+
+    names = ("loaded_tokens", "stored_tokens", "failed_loads")
+    counters = [{n: prometheus_value(two["scraped"][url], f"kvshelf_vllm_{n}_total") for n in names} for url in scrape]
+    # the replicated head: rank 0 stores it, both ranks load it (rank 1 from Redis)
+    assert [c["stored_tokens"] for c in counters] == [len(prompt), 0], counters
+    for c in counters:
+        assert c["loaded_tokens"] >= len(prompt) - CHUNK and c["failed_loads"] == 0, counters
