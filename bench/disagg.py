@@ -14,7 +14,9 @@ in flight (mean and max: a long prefill in the decoding instance stalls its deco
 consumer only loads KV).
 Cores: the single instance gets `--one-bind` (default "nobind": every core), producer and consumer get
 `--producer-bind` / `--consumer-bind` (default one core each on a 2-core machine: "0" and "1"), so both
-setups have the same cores in all.
+setups have the same cores in all. On a busy machine an unbound instance's OpenMP threads wait on each
+other (decode 5-9x slower here); `--one-bind 0` measures one instance on one core (BENCHMARKS.md).
+Results are written after each setup (`--setups one` and `--setups disagg` may run apart).
 """
 
 from __future__ import annotations
@@ -191,9 +193,16 @@ def main() -> None:
                 for row in measure(one.url, one.url, prompts_for("one", rep), args, load_prompts)
             ]
             results["one_loadavg_after"] = os.getloadavg()
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
         finally:
             one.stop()
 
+    def save():  # after each setup: a later failure keeps what was measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+    save()
     if "disagg" in args.setups:
         redis = RedisServer(work / "redis").start()
         shelf = {"remote_url": redis.url, "remote_serde": "none", "chunk_size": 256}
@@ -235,8 +244,7 @@ def main() -> None:
                 process.stop()
             redis.kill()
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    save()
     print(f"logs in {work}; results in {args.out}")
     print("| setup | prompt tokens | TTFT s | ITL ms | background decode gap mean / max ms |")
     print("|---|---|---|---|---|")
