@@ -13,6 +13,7 @@ worker's lookup socket when vLLM runs them apart (lookup.py).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,12 +85,12 @@ class _ConnectorCollector:
             yield CounterMetricFamily(self.prefix + "vllm_" + name, f"kvshelf connector: {name}", value=value)
 
 
-_watched_registries: set[int] = set()
+_watched_registries: weakref.WeakSet = weakref.WeakSet()
 
 
 def _export_connector_stats(metrics) -> None:
-    if id(metrics.registry) not in _watched_registries:  # once per registry: the collector sums all workers
-        _watched_registries.add(id(metrics.registry))
+    if metrics.registry not in _watched_registries:  # once per registry: the collector sums all workers
+        _watched_registries.add(metrics.registry)
         metrics.registry.register(_ConnectorCollector(metrics.prefix))
 
 
