@@ -42,8 +42,9 @@ def prompts() -> dict[str, list[int]]:
     ids = tokenizer(" ".join(topics[k] for k in sorted(topics))).input_ids
     bos = ids[0]
     assert bos == tokenizer.bos_token_id
-    # unrelated prompts; "long" takes the producer a few seconds: long enough to kill it halfway
-    return {"a": ids[:450], "b": [bos, *ids[9000:9330]], "long": [bos, *ids[20000:21200]]}
+    # unrelated prompts; "long" (1,800 tokens) keeps the producer busy long enough (about a second on a
+    # quiet 2-core machine, many times that here) to kill it halfway
+    return {"a": ids[:450], "b": [bos, *ids[9000:9330]], "long": [bos, *ids[20000:21799]]}
 
 
 @pytest.fixture(scope="module")
