@@ -6,7 +6,9 @@ Used by tests/slow/test_vllm_connector.py and bench/vllm_ttft.py, one vLLM engin
 
 SPEC: {"model": dir, "prompts": [[token ids] or "text", ...], "kvshelf": {extra config} | null,
        "prefix_caching": bool, "max_tokens": int, "corrupt_dir_before": index | null, "corrupt_dir": path,
-       "multiprocessing": bool (vLLM's engine core and worker in their own processes; no connector stats)}
+       "multiprocessing": bool (vLLM's engine core and worker in their own processes; no connector stats),
+       "tensor_parallel_size": int (> 1: vLLM's "mp" executor, one worker process per rank),
+       "scrape": [URL, ...] (fetched after the prompts, before shutdown: e.g. each rank's kvshelf /metrics)}
 Each result: {"token_ids": [...], "seconds": wall time of the request, "cached": vLLM's num_cached_tokens}.
 """
 
@@ -64,6 +66,7 @@ def main(spec_path: str, out_path: str) -> None:
             kv_load_failure_policy="recompute",
             kv_connector_extra_config=spec["kvshelf"],
         )
+    tp = int(spec.get("tensor_parallel_size", 1))
     t0 = time.perf_counter()
     llm = LLM(
         model=spec["model"],
@@ -74,6 +77,8 @@ def main(spec_path: str, out_path: str) -> None:
         enable_prefix_caching=bool(spec.get("prefix_caching", False)),
         kv_transfer_config=transfer,
         seed=0,
+        tensor_parallel_size=tp,
+        distributed_executor_backend="mp" if tp > 1 else None,
     )
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=int(spec.get("max_tokens", 16)), ignore_eos=True)
@@ -100,9 +105,16 @@ def main(spec_path: str, out_path: str) -> None:
         from kvshelf.integrations.vllm import connector_stats
 
         stats = connector_stats()
+    scraped = {}
+    for url in spec.get("scrape", []):
+        import httpx
+
+        scraped[url] = httpx.get(url, timeout=10).text
     llm.llm_engine.engine_core.shutdown()  # closes the connectors: write-behind reaches disk/remote tiers
     # vLLM logs to stdout: the result goes to its own file
-    Path(out_path).write_text(json.dumps({"startup_s": startup, "results": results, "stats": stats}))
+    Path(out_path).write_text(
+        json.dumps({"startup_s": startup, "results": results, "stats": stats, "scraped": scraped})
+    )
 
 
 if __name__ == "__main__":

@@ -162,7 +162,10 @@ class KVShelfConfig(BaseModel):
     served_model_name: str | None = Field(None, description="model name the server reports; default: the folder")
     metrics_prefix: str = Field("kvshelf_", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*_$", description="Prometheus prefix")
     metrics_port: int | None = Field(
-        None, ge=1, le=65535, description="inside vLLM: serve kvshelf's /metrics on this port (on `host`)"
+        None,
+        ge=1,
+        le=65535,
+        description="inside vLLM: serve kvshelf's /metrics on this port (on `host`; tensor-parallel rank r: this port + r)",
     )
     # -- issue #16: a server safe to expose (tenants, limits, cancellation, honest metrics) ----------
     api_keys_file: str | None = Field(

@@ -147,6 +147,7 @@ def test_kv_head_shards_follow_vllms_split_and_replication():
     assert [kv_head_shard(2, 4, r) for r in range(4)] == [(0, 1, 2), (0, 1, 2), (1, 2, 2), (1, 2, 2)]
     assert [kv_head_shard(1, 2, r) for r in range(2)] == [(0, 1, 2), (0, 1, 2)]  # Gemma 3 270M at TP=2
     assert [stores_shard(4, 2, r) for r in range(4)] == [True, False, True, False]
+    assert [stores_shard(4, 2, r, shared_tier=False) for r in range(4)] == [True] * 4
     assert kv_head_shard(4, 1, 0) == (0, 4, 1) and stores_shard(1, 4, 0)
     for bad in [(8, 3, 0), (2, 3, 0), (4, 2, 2), (4, 2, -1)]:
         with pytest.raises(ConfigError):

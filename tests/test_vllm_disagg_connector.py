@@ -73,12 +73,18 @@ def test_the_connector_wires_tp_ranks_and_the_least_hit(model_dir, connectors):
     assert scheduler.get_num_new_matched_tokens(request("b", tokens), 0) == (128, False)
 
 
-def test_the_connector_stores_a_replicated_head_from_its_first_rank_only(model_dir, connectors):
+def test_the_connector_stores_a_replicated_head_from_its_first_rank_only(model_dir, connectors, tmp_path, redis_server):
     make, Role = connectors
     config = connector_config_for(model_dir, role="kv_both", total_heads=1, tp=2, engine_id="tp-rep")
+    config.kv_transfer_config.kv_connector_extra_config["remote_url"] = redis_server.url
     ranks = [make(config, Role.WORKER, rank) for rank in (0, 1)]
     assert ranks[0].engine.fingerprint == ranks[1].engine.fingerprint  # the same keys
-    assert [r._worker.stores for r in ranks] == [True, False]
+    assert [r._worker.stores for r in ranks] == [True, False]  # rank 1 loads what rank 0 put in Redis
+    # CPU and disk tiers only: each rank process has its own view of them (a disk tier's index is the
+    # process's), so every rank stores, or rank 1 would never hit
+    config = connector_config_for(model_dir, role="kv_both", total_heads=1, tp=2, engine_id="tp-rep-local")
+    config.kv_transfer_config.kv_connector_extra_config["local_disk"] = str(tmp_path / "disk")
+    assert [make(config, Role.WORKER, rank)._worker.stores for rank in (0, 1)] == [True, True]
 
 
 def test_the_connector_wires_the_roles(model_dir, connectors):
@@ -101,3 +107,19 @@ def test_the_connector_wires_the_roles(model_dir, connectors):
 
     with pytest.raises(ConfigError, match="kv_role 'kv_sender'"):
         make(connector_config_for(model_dir, role="kv_sender", total_heads=2, tp=1, engine_id="bad"), Role.SCHEDULER)
+
+
+def test_the_connectors_counters_are_on_kvshelfs_metrics(model_dir, connectors):
+    from prometheus_client import generate_latest
+
+    from kvshelf.integrations.vllm.shared import owned_by
+
+    make, Role = connectors
+    config = connector_config_for(model_dir, role="kv_consumer", total_heads=2, tp=1, engine_id="metrics")
+    worker = make(config, Role.WORKER)
+    worker._worker.stats.loaded_tokens += 384
+    worker._worker.stats.failed_loads += 1
+    page = generate_latest(owned_by(worker.engine).metrics.registry).decode()
+    # what a kv_consumer loaded into vLLM's cache (the engine's own counters miss published layers)
+    assert "kvshelf_vllm_loaded_tokens_total 384.0" in page
+    assert "kvshelf_vllm_failed_loads_total 1.0" in page

@@ -13,6 +13,7 @@ worker's lookup socket when vLLM runs them apart (lookup.py).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from kvshelf.integrations.vllm.shared import (
     connector_config,
     owned_by,
     release_engine,
+    shares_tiers,
     stores_shard,
     vllm_fingerprint,
 )
@@ -66,6 +68,30 @@ def connector_stats() -> dict:
         for name, value in worker.stats.as_dict().items():
             total[name] = total.get(name, 0) + value
     return total
+
+
+class _ConnectorCollector:
+    """The connectors' own counters on kvshelf's /metrics (metrics_port) as <prefix>vllm_<name>: what
+    this process loaded into and saved from vLLM's paged cache (the engine's counters do not show a
+    kv_consumer's loads of published layers, nor which loads vLLM had to recompute)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, value in connector_stats().items():
+            yield CounterMetricFamily(self.prefix + "vllm_" + name, f"kvshelf connector: {name}", value=value)
+
+
+_watched_registries: weakref.WeakSet = weakref.WeakSet()
+
+
+def _export_connector_stats(metrics) -> None:
+    if metrics.registry not in _watched_registries:  # once per registry: the collector sums all workers
+        _watched_registries.add(metrics.registry)
+        metrics.registry.register(_ConnectorCollector(metrics.prefix))
 
 
 @dataclass
@@ -114,7 +140,7 @@ class KVShelfConnector(KVConnectorBase_V1):
                 stores=stores,
             )
         else:
-            self.engine = acquire_engine(fingerprint, self.config)
+            self.engine = acquire_engine(fingerprint, self.config, tp_rank=rank)
             # kv_both stays as it was; a producer publishes layers (unless publish_layers is off), a
             # consumer reads them (see published.py)
             published = None
@@ -127,10 +153,16 @@ class KVShelfConnector(KVConnectorBase_V1):
                 use_async_load=self.config.use_async_load,
                 buffer_size=self.config.buffer_size,
                 metrics=owned_by(self.engine).metrics,
-                stores=stores_shard(self._tp_size, vllm_config.model_config.get_total_num_kv_heads(), rank),
+                stores=stores_shard(
+                    self._tp_size,
+                    vllm_config.model_config.get_total_num_kv_heads(),
+                    rank,
+                    shared_tier=shares_tiers(self.config),
+                ),
                 published=published,
                 publish=not loads,
             )
+            _export_connector_stats(owned_by(self.engine).metrics)
             self._server = LookupServer.for_engine(self._lookup_id, self._worker.lookup, key=self._configured_key())
             _workers[self._lookup_id] = self._worker
 

@@ -98,11 +98,19 @@ def kv_head_shard(total_kv_heads: int, tp_size: int, rank: int) -> tuple[int, in
     return head, head + 1, replicas
 
 
-def stores_shard(tp_size: int, total_kv_heads: int, rank: int) -> bool:
+def stores_shard(tp_size: int, total_kv_heads: int, rank: int, *, shared_tier: bool = True) -> bool:
     """Whether `rank` stores its shard: of the ranks holding a replicated head (identical KV, identical
-    keys), only the first stores; all of them load."""
+    keys), only the first stores when the ranks share a tier (remote: they all load from it); without
+    one every rank stores into its own tiers, or the others would never hit."""
     _, _, replicas = kv_head_shard(total_kv_heads, tp_size, rank)
-    return rank % replicas == 0
+    return rank % replicas == 0 or not shared_tier
+
+
+def shares_tiers(config: KVShelfConfig) -> bool:
+    """Whether the tensor-parallel ranks (one process each) share a tier that one rank's writes reach the
+    others through: the remote tier. Not the disk tier: each process keeps its own index of the folder
+    (built at start), so a chunk another live process wrote there is not seen."""
+    return config.remote_url is not None
 
 
 def vllm_fingerprint(vllm_config, tp_rank: int = 0) -> ModelFingerprint:
@@ -152,8 +160,9 @@ def _key(fp: ModelFingerprint, config: KVShelfConfig) -> str:
     return fp.hex() + ":" + config.model_dump_json() + f":{os.getpid()}"
 
 
-def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig) -> CacheEngine:
-    """This process's engine for `config`, made on first use (see `owned_by` for what it owns)."""
+def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig, *, tp_rank: int = 0) -> CacheEngine:
+    """This process's engine for `config`, made on first use (see `owned_by` for what it owns). Its
+    metrics are served on `metrics_port` + `tp_rank` (each tensor-parallel rank is its own process)."""
     key = _key(fp, config)
     with _lock:
         if key in _engines:
@@ -166,7 +175,7 @@ def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig) -> CacheEngine:
             owned.close()
             raise ConfigError("the kvshelf connector needs at least one tier: local_cpu, local_disk or remote_url")
         _engines[key] = (engine, owned, 1)
-        _export_metrics(engine, owned, config)
+        _export_metrics(engine, owned, config, port_offset=tp_rank)
         log.info("kvshelf engine for %s: tiers %s", fp.model_id, [t.backend.name for t in engine.backend.tiers])
         return engine
 
@@ -183,7 +192,7 @@ def owned_by(engine: CacheEngine) -> Owned:
 _metrics_server_port: int | None = None
 
 
-def _export_metrics(engine: CacheEngine, owned: Owned, config: KVShelfConfig) -> None:
+def _export_metrics(engine: CacheEngine, owned: Owned, config: KVShelfConfig, *, port_offset: int = 0) -> None:
     """kvshelf's metrics (engine, tiers, codecs, load failures) on their own port: vLLM's /metrics may be
     served by another process than the one holding the connector."""
     global _metrics_server_port
@@ -191,9 +200,12 @@ def _export_metrics(engine: CacheEngine, owned: Owned, config: KVShelfConfig) ->
 
     owned.metrics.watch_engine(engine)
     if config.metrics_port is not None and _metrics_server_port is None:
-        start_http_server(config.metrics_port, addr=config.metrics_host, registry=owned.metrics.registry)
-        _metrics_server_port = config.metrics_port
-        log.info("kvshelf metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
+        port = config.metrics_port + port_offset
+        if port > 65535:
+            raise ConfigError(f"metrics_port {config.metrics_port} + tensor-parallel rank {port_offset} is over 65535")
+        start_http_server(port, addr=config.metrics_host, registry=owned.metrics.registry)
+        _metrics_server_port = port
+        log.info("kvshelf metrics on http://%s:%d/metrics", config.metrics_host, port)
 
 
 def release_engine(engine: CacheEngine) -> None:
