@@ -6,7 +6,8 @@ Used by tests/slow/test_vllm_connector.py and bench/vllm_ttft.py, one vLLM engin
 
 SPEC: {"model": dir, "prompts": [[token ids] or "text", ...], "kvshelf": {extra config} | null,
        "prefix_caching": bool, "max_tokens": int, "corrupt_dir_before": index | null, "corrupt_dir": path,
-       "multiprocessing": bool (vLLM's engine core and worker in their own processes; no connector stats)}
+       "multiprocessing": bool (vLLM's engine core and worker in their own processes; no connector stats),
+       "wait_blend": bool (CacheBlend: after each request, compute and store the missing documents)}
 Each result: {"token_ids": [...], "seconds": wall time of the request, "cached": vLLM's num_cached_tokens}.
 """
 
@@ -86,6 +87,10 @@ def main(spec_path: str, out_path: str) -> None:
         t = time.perf_counter()
         out = llm.generate([request], params, use_tqdm=False)[0]
         seconds = time.perf_counter() - t
+        if spec.get("wait_blend") and transfer is not None:
+            from kvshelf.integrations.vllm import compute_missing_documents
+
+            compute_missing_documents()  # stored now: the next request with them blends
         results.append(
             {
                 "token_ids": list(out.outputs[0].token_ids),
