@@ -61,7 +61,8 @@ def find_model(attention_layer: torch.nn.Module) -> torch.nn.Module:
     causal LM in this process that holds that very layer (searched once, at start-up)."""
     found = []
     for obj in gc.get_objects():
-        is_lm = isinstance(obj, torch.nn.Module) and hasattr(obj, "compute_logits") and hasattr(obj, "model")
+        # type(), not isinstance(): some objects in a vLLM process answer __class__ with a deprecation warning
+        is_lm = issubclass(type(obj), torch.nn.Module) and hasattr(obj, "compute_logits") and hasattr(obj, "model")
         if is_lm and any(m is attention_layer for m in obj.modules()):
             found.append(obj)
     if len(found) != 1:
