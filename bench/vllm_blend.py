@@ -138,7 +138,7 @@ def run_vllm(name: str, model: str, prompts: list[dict], kvshelf: dict | None, a
         [sys.executable, __file__, "--child", str(spec), str(out_dir)], env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     data = json.loads((out_dir / "results.json").read_text())
     data["dists"] = [torch.load(out_dir / f"dist{i}.pt", weights_only=True) for i in range(len(prompts))]
     return data

@@ -252,3 +252,15 @@ def test_find_model_finds_the_one_model_holding_the_attention_layer(tiny_models)
     assert find_model(attention) is model
     with pytest.raises(ConfigError, match="found 0"):
         find_model(nn.Linear(2, 2))
+
+
+def test_the_seeds_env_names_turn_blending_on(monkeypatch):
+    monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "true")
+    monkeypatch.setenv("LMCACHE_BLEND_SPECIAL_STR", "<|DOC|>")
+    monkeypatch.setenv("LMCACHE_BLEND_CHECK_LAYERS", "1")
+    monkeypatch.setenv("LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.15")
+    config = connector_config({"local_cpu": True})
+    assert config.enable_blending and config.blend_special_str == "<|DOC|>"
+    assert config.blend_check_layers == [1] and config.blend_recompute_ratios == [0.15]
+    monkeypatch.setenv("LMCACHE_BLEND_CHECK_LAYERS", "1,3")
+    assert connector_config({}).blend_check_layers == [1, 3]
