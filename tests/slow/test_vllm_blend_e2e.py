@@ -64,7 +64,7 @@ def run_llm(tmp_path: Path, spec: dict) -> dict:
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     if proc.returncode != 0 or not out_file.exists():
         raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
