@@ -23,7 +23,7 @@ from kvshelf.kvmath.rope import apply_rope
 from kvshelf.model.kv_buffer import KVBuffer
 from kvshelf.model.runner import LayerSpec, ModelRunner
 
-SUPPORTED_VLLM_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3"}
+SUPPORTED_VLLM_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
 
 class VllmModelRunner(ModelRunner):
@@ -41,7 +41,7 @@ class VllmModelRunner(ModelRunner):
         if getattr(config, "attn_logit_softcapping", None) is not None:
             raise UnsupportedModelError("attention logit soft-capping (Gemma 2 style) is not supported")
         inner = getattr(model, "model", None)
-        if inner is None or not hasattr(model, "compute_logits"):
+        if inner is None or not hasattr(model, "compute_logits") or not hasattr(inner, "layers"):
             raise UnsupportedModelError(f"{type(model).__name__} is not a vLLM causal LM with a `.model` inside")
         self.model = model
         self.config = config

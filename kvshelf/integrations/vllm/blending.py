@@ -19,13 +19,16 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 
-from kvshelf.assembly.vllm_blend import VllmBlending
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.vllm.scheduler import BLEND_HIT, LoadSpec
 from kvshelf.integrations.vllm.shared import owned_by
+
+if TYPE_CHECKING:
+    from kvshelf.assembly.vllm_blend import VllmBlending
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ def find_model(attention_layer: torch.nn.Module) -> torch.nn.Module:
 def start_blending(vllm_config, config, engine, worker, attention_layer) -> BlendWorker:
     """The worker's CacheBlend half over vLLM's loaded model; hooks the worker's lookups."""
     from vllm.tokenizers import cached_tokenizer_from_config
+
+    from kvshelf.assembly.vllm_blend import VllmBlending  # model code only when blending is on
 
     tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
     if tokenizer is None:
