@@ -165,18 +165,36 @@ class VllmModelRunner(ModelRunner):
         n = x.shape[0]
         cos, sin = cos_sin
         q, k, v = self._qkv(index, attn, x, cos[0], sin[0])
-        first, last = int(positions[0]), int(positions[-1])
-        contiguous = last - first + 1 == n
         kv.write_layer(index, self._slots(positions, n), k, v)
+        if window is not None and n > 2 * window:
+            # A sliding layer's queries see at most `window` keys: in blocks of `window` queries, each block
+            # reads only its keys, as vLLM's kernel does, instead of scoring every key and masking most.
+            parts = [
+                self._sdpa(index, q[:, lo : lo + window], positions[lo : lo + window], kv, window, None)
+                for lo in range(0, n, window)
+            ]
+            out = torch.cat(parts, dim=1)
+        else:
+            out = self._sdpa(index, q, positions, kv, window, masks)
+        out, _ = attn.o_proj(out.transpose(0, 1).reshape(n, -1))
+        return out
+
+    def _sdpa(self, index, q, positions, kv: KVBuffer, window, masks: dict | None) -> torch.Tensor:
+        """Attention of queries q [heads, n, dim] at `positions` over the buffer's keys up to the last one."""
+        n = q.shape[1]
+        first, last = int(positions[0]), int(positions[-1])
         end = last + 1
         start = max(0, first - window + 1) if window is not None else 0
         keys, values = kv.layer_kv(index, start, end)
         mask = None
-        if n > 1 or not contiguous:
+        if n > 1 or last - first + 1 != n:
             mask_key = (window, start)
-            if mask_key not in masks:
-                masks[mask_key] = self.attention_mask(positions, end, start, window)
-            mask = masks[mask_key]
+            if masks is None:
+                mask = self.attention_mask(positions, end, start, window)
+            else:
+                if mask_key not in masks:
+                    masks[mask_key] = self.attention_mask(positions, end, start, window)
+                mask = masks[mask_key]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(0),
             keys.unsqueeze(0),
@@ -185,8 +203,7 @@ class VllmModelRunner(ModelRunner):
             scale=self._scales[index],
             enable_gqa=True,
         )
-        out, _ = attn.o_proj(out[0].transpose(0, 1).reshape(n, -1))
-        return out
+        return out[0]
 
     def final_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         logits = self.model.compute_logits(self.norm(hidden_last.reshape(-1, hidden_last.shape[-1])))
