@@ -264,3 +264,72 @@ def test_the_seeds_env_names_turn_blending_on(monkeypatch):
     assert config.blend_check_layers == [1] and config.blend_recompute_ratios == [0.15]
     monkeypatch.setenv("LMCACHE_BLEND_CHECK_LAYERS", "1,3")
     assert connector_config({}).blend_check_layers == [1, 3]
+
+
+# -- the worker's blend half, with a stand-in for the blending assembly -----------------------------------
+class _FakeBlending:
+    """Plans from a fixed answer; 'blends' by returning known KV (or None: the documents went away)."""
+
+    def __init__(self, region_kv, missing=()):
+        self.region_kv, self.missing, self.computed = region_kv, list(missing), []
+
+    def plan(self, tokens, salt):
+        docs = [SimpleNamespace(key=k, cached=False) for k in self.missing]
+        return SimpleNamespace(
+            segmented="seg",
+            missing=docs,
+            blend=self.region_kv is not None,
+            region_end=0 if self.region_kv is None else self.region_kv.shape[3],
+        )
+
+    def prefill(self, tokens, salt):
+        if self.region_kv is None:
+            return None
+        return SimpleNamespace(kv=self.region_kv, info=BlendInfo(documents=1, document_hits=1))
+
+    def compute_alone(self, segmented, doc, salt):
+        self.computed.append(doc.key)
+
+
+def test_blend_worker_scatters_the_region_or_fails_its_blocks_for_vllm_to_recompute():
+    from test_vllm_connector import HEADS as H
+    from test_vllm_connector import LAYERS as L
+    from test_vllm_connector import engine, paged_caches, worker
+
+    from kvshelf.integrations.vllm.blending import BlendWorker
+    from kvshelf.integrations.vllm.scheduler import LoadSpec
+
+    caches = paged_caches()
+    side = worker(engine(), caches, layerwise=False, async_load=False)
+    region = torch.randn(L, 2, H, 70, side.layout.head_dim)
+    blend = BlendWorker(_FakeBlending(region), side)
+    side.blend_lookup = blend.lookup
+    assert side.lookup(list(range(80)), None) == BLEND_HIT | 70
+    blocks = [3, 9, 4]
+    blend.load(LoadSpec("r", list(range(80)), blocks, 0, 64, None, blend=True))
+    for i, name in enumerate(side.names):
+        got = side.layout.view(blocks, 0, 64).gather(caches[name])
+        assert torch.equal(got, region[i, :, :, :64])
+    assert side.take_failed_blocks() == set() and blend.stats["blended_tokens"] == 64
+
+    gone = BlendWorker(_FakeBlending(None), side)  # the documents were evicted after the lookup
+    gone.load(LoadSpec("s", list(range(80)), [5, 6, 7], 0, 64, None, blend=True))
+    assert side.take_failed_blocks() == {5, 6} and gone.stats["blend_failed"] == 1
+
+
+def test_missing_documents_wait_for_a_later_step_and_are_computed_once():
+    from kvshelf.integrations.vllm.blending import BlendWorker
+
+    fake = _FakeBlending(None, missing=[b"a", b"b"])
+    blend = BlendWorker(fake, SimpleNamespace())
+    assert blend.lookup([1, 2, 3], None) == 0  # nothing cached: vLLM prefills it exactly
+    blend.lookup([1, 2, 3], None)  # looked up again (e.g. no free blocks): queued once
+    blend.step_started()  # the step that serves the request's first token
+    blend.step_finished()
+    assert fake.computed == []
+    blend.step_started()
+    blend.step_finished()
+    assert fake.computed == [b"a"]  # one document per step
+    assert blend.compute_pending() == 1 and fake.computed == [b"a", b"b"]
+    blend.lookup([1, 2, 3], None)  # still missing in the tiers (the fake stores nothing): queued again
+    assert blend.compute_pending() == 2
