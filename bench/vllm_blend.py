@@ -86,6 +86,7 @@ def vllm_child(spec_path: str, out_dir: str) -> None:
         enforce_eager=True,
         max_model_len=8192,
         max_num_batched_tokens=8192,
+        max_num_seqs=4,  # one request at a time: small dummy batches, less memory on a shared machine
         enable_prefix_caching=False,
         kv_transfer_config=transfer,
         max_logprobs=-1,
@@ -129,7 +130,11 @@ def vllm_child(spec_path: str, out_dir: str) -> None:
 
 def run_vllm(name: str, model: str, prompts: list[dict], kvshelf: dict | None, args, work: Path) -> dict:
     out_dir = work / name
-    out_dir.mkdir()
+    if (out_dir / "results.json").exists():  # done by an earlier run with the same --work folder
+        data = json.loads((out_dir / "results.json").read_text())
+        data["dists"] = [torch.load(out_dir / f"dist{i}.pt", weights_only=True) for i in range(len(prompts))]
+        return data
+    out_dir.mkdir(exist_ok=True)
     spec = out_dir / "spec.json"
     spec.write_text(
         json.dumps(
@@ -207,6 +212,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="TTFT: the least of this many requests")
     ap.add_argument("--skip-own-runner", action="store_true", help="vLLM runs only")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--work", help="keep each vLLM run's results here; a rerun skips the runs already done")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -230,7 +236,8 @@ def main() -> None:
         "blend_recompute_ratios": [args.ratio],
     }
     with tempfile.TemporaryDirectory(prefix="vllm-blend-") as tmp:
-        work = Path(tmp)
+        work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         plain = run_vllm("plain", model, prompts, None, args, work)
         blend = run_vllm("blend", model, prompts, shelf, args, work)
     methods = {
