@@ -84,8 +84,8 @@ def vllm_child(spec_path: str, out_dir: str) -> None:
         model=spec["model"],
         dtype="float32",
         enforce_eager=True,
-        max_model_len=8192,
-        max_num_batched_tokens=8192,
+        max_model_len=4096,
+        max_num_batched_tokens=4096,
         max_num_seqs=4,  # one request at a time: small dummy batches, less memory on a shared machine
         enable_prefix_caching=False,
         kv_transfer_config=transfer,
@@ -147,7 +147,7 @@ def run_vllm(name: str, model: str, prompts: list[dict], kvshelf: dict | None, a
             }
         )
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "0.5"}
     proc = subprocess.run(
         [sys.executable, __file__, "--child", str(spec), str(out_dir)], env=env, capture_output=True, text=True
     )
