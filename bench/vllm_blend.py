@@ -147,7 +147,7 @@ def run_vllm(name: str, model: str, prompts: list[dict], kvshelf: dict | None, a
             }
         )
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "0.5"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run(
         [sys.executable, __file__, "--child", str(spec), str(out_dir)], env=env, capture_output=True, text=True
     )
