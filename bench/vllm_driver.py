@@ -4,11 +4,12 @@ Used by tests/slow/test_vllm_connector.py and bench/vllm_ttft.py, one vLLM engin
 
     python tests/vllm_driver.py SPEC.json OUT.json   ->   OUT.json: {"results": [...], "stats": {...}}
 
-SPEC: {"model": dir, "prompts": [[token ids] or "text", ...], "kvshelf": {extra config} | null,
+SPEC: {"model": dir, "prompts": [[token ids] or "text" or {"ids": [token ids], "salt": cache salt}, ...], "kvshelf": {extra config} | null,
        "prefix_caching": bool, "max_tokens": int, "corrupt_dir_before": index | null, "corrupt_dir": path,
        "multiprocessing": bool (vLLM's engine core and worker in their own processes; no connector stats),
        "tensor_parallel_size": int (> 1: vLLM's "mp" executor, one worker process per rank),
-       "scrape": [URL, ...] (fetched after the prompts, before shutdown: e.g. each rank's kvshelf /metrics)}
+       "scrape": [URL, ...] (fetched after the prompts, before shutdown: e.g. each rank's kvshelf /metrics),
+       "wait_blend": bool (CacheBlend: after each request, compute and store the missing documents)}
 Each result: {"token_ids": [...], "seconds": wall time of the request, "cached": vLLM's num_cached_tokens}.
 """
 
@@ -87,10 +88,17 @@ def main(spec_path: str, out_path: str) -> None:
         if spec.get("corrupt_dir_before") == i:
             corrupted = corrupt_files(Path(spec["corrupt_dir"]))
             print(f"corrupted {corrupted} files", file=sys.stderr)
-        request = TokensPrompt(prompt_token_ids=prompt) if isinstance(prompt, list) else prompt
+        if isinstance(prompt, dict):  # {"ids": [...], "salt": "..."}: a token prompt with its cache salt
+            request = TokensPrompt(prompt_token_ids=prompt["ids"], cache_salt=prompt["salt"])
+        else:
+            request = TokensPrompt(prompt_token_ids=prompt) if isinstance(prompt, list) else prompt
         t = time.perf_counter()
         out = llm.generate([request], params, use_tqdm=False)[0]
         seconds = time.perf_counter() - t
+        if spec.get("wait_blend") and transfer is not None:
+            from kvshelf.integrations.vllm import compute_missing_documents
+
+            compute_missing_documents()  # stored now: the next request with them blends
         results.append(
             {
                 "token_ids": list(out.outputs[0].token_ids),

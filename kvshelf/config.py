@@ -215,6 +215,15 @@ class KVShelfConfig(BaseModel):
             raise ValueError("must be auto, off or a path to a .kvcal file")
         return value
 
+    # issue 19: the seed's env vars hold one value (LMCACHE_BLEND_CHECK_LAYERS=1,
+    # LMCACHE_BLEND_RECOMPUTE_RATIOS=0.15) or a comma-separated list; both mean a list here.
+    @field_validator("blend_check_layers", "blend_recompute_ratios", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        if isinstance(value, str) and "," in value:
+            return [v.strip() for v in value.strip("[] ").split(",") if v.strip()]
+        return [value] if isinstance(value, int | float | str) and not isinstance(value, bool) else value
+
     @field_validator("blend_recompute_ratios")
     @classmethod
     def _ratios(cls, value: list[float]) -> list[float]:

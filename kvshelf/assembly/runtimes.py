@@ -92,6 +92,8 @@ VLLM = (
     | {"use_layerwise", "use_async_load", "buffer_size", "min_cached_tokens", "cache_salt"}
     | {"metrics_port", "metrics_host", "extra_config"}
     | {"publish_layers", "published_layer_wait_s"}  # issue #20: kv_producer / kv_consumer
+    # issue #19: CacheBlend inside vLLM (kvshelf.integrations.vllm.blending)
+    | {"enable_blending", "blend_special_str", "blend_check_layers", "blend_recompute_ratios"}
 )
 
 RUNTIMES: dict[str, frozenset[str]] = {

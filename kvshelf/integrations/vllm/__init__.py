@@ -5,7 +5,7 @@ The connector class imports vLLM; the layout and planning modules beside it do n
 
 
 def __getattr__(name: str):
-    if name in ("KVShelfConnector", "connector_stats"):
+    if name in ("KVShelfConnector", "connector_stats", "compute_missing_documents"):
         from kvshelf.integrations.vllm import connector
 
         return getattr(connector, name)

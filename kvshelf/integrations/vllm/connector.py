@@ -26,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvshelf.assembly.engine import min_cached_tokens
 from kvshelf.errors import ConfigError
+from kvshelf.integrations.vllm.blending import BlendWorker, check_blend_settings, start_blending
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, engine_paths, read_key
 from kvshelf.integrations.vllm.published import PublishedLayers, publishes_layers
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan, least_hit, role_flags
@@ -54,6 +55,13 @@ log = logging.getLogger(__name__)
 # Worker halves of this process by vLLM engine id: the scheduler half looks up in-process when its
 # worker lives here (single-process engines), over the worker's socket otherwise.
 _workers: dict[str, WorkerSide] = {}
+_blends: dict[str, BlendWorker] = {}  # their CacheBlend halves, when enable_blending is on
+
+
+def compute_missing_documents() -> int:
+    """Compute and store now the documents this process's connectors found missing (vLLM computes them one
+    per step otherwise). Only while an in-process engine is idle, e.g. between `LLM.generate` calls."""
+    return sum(blend.compute_pending() for blend in list(_blends.values()))
 
 
 def lookup_id(engine_id: str, rank: int) -> str:
@@ -64,8 +72,11 @@ def lookup_id(engine_id: str, rank: int) -> str:
 def connector_stats() -> dict:
     """Counters summed over this process's kvshelf connectors (worker side)."""
     total: dict[str, int] = {}
-    for worker in _workers.values():
-        for name, value in worker.stats.as_dict().items():
+    for name_of, worker in _workers.items():
+        counters = worker.stats.as_dict()
+        if (blend := _blends.get(name_of)) is not None:
+            counters |= blend.stats
+        for name, value in counters.items():
             total[name] = total.get(name, 0) + value
     return total
 
@@ -115,6 +126,9 @@ class KVShelfConnector(KVConnectorBase_V1):
 
             rank = get_tensor_model_parallel_rank()
         fingerprint = vllm_fingerprint(vllm_config, rank)  # checks the settings in both roles
+        if self.config.enable_blending:
+            check_blend_settings(vllm_config, self.config)
+        self._blend: BlendWorker | None = None
         self._engine_id = str(transfer.engine_id)
         loads, stores = role_flags(transfer.kv_role)  # kv_producer: stores only; kv_consumer: loads only
         self._lookup_id = lookup_id(self._engine_id, rank)
@@ -209,6 +223,9 @@ class KVShelfConnector(KVConnectorBase_V1):
             attention.impl.do_kv_cache_update(attention, key, value, cache, slots)
 
         self._worker.register(kv_caches, write)
+        if self.config.enable_blending:
+            self._blend = start_blending(self._vllm_config, self.config, self.engine, self._worker, attention)
+            _blends[self._lookup_id] = self._blend
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -216,11 +233,18 @@ class KVShelfConnector(KVConnectorBase_V1):
         # the saves, which collect layers during the forward, are set up here.
         if self._worker is not None and isinstance(connector_metadata, KVShelfConnectorMetadata):
             self._worker.start_saves(connector_metadata.plan())
+            if self._blend is not None:
+                self._blend.step_started()
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVShelfConnectorMetadata)
-        self._worker.start_load(meta.plan())
+        plan = meta.plan()
+        if self._blend is not None:  # blended regions are computed here, before vLLM's forward
+            for spec in (s for s in plan.loads if s.blend):
+                self._blend.load(spec)
+            plan = StepPlan([s for s in plan.loads if not s.blend], plan.saves)
+        self._worker.start_load(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker.wait_layer(layer_name)
@@ -231,6 +255,8 @@ class KVShelfConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         self._worker.finish_loads()
         self._worker.finish_saves()
+        if self._blend is not None:
+            self._blend.step_finished()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_failed_blocks() if self._worker is not None else set()
@@ -238,6 +264,8 @@ class KVShelfConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         for client in self._clients.values():
             client.close()
+        if self._blend is not None:
+            _blends.pop(self._lookup_id, None)
         if self._worker is not None:
             self._server.close()
             self._worker.close()

@@ -25,6 +25,11 @@ KV_ROLES: dict[str | None, tuple[bool, bool]] = {
 }
 
 
+# Set in a lookup answer (bit 62 of the int64) when the tokens are a CacheBlend region (issue #19): the
+# worker blends them from cached documents instead of loading prefix chunks; never stored as prefix KV.
+BLEND_HIT = 1 << 62
+
+
 def role_flags(kv_role: str | None) -> tuple[bool, bool]:
     """(loads, stores) for vLLM's `kv_role`; an unknown role is refused, naming it."""
     try:
@@ -55,6 +60,9 @@ class LoadSpec:
     start: int
     end: int
     salt: str | None
+    # CacheBlend: `tokens` is the whole prompt but its last token (what the worker's lookup split into
+    # documents); the worker blends its document region and writes [start, end) of it.
+    blend: bool = False
 
 
 @dataclass
@@ -79,6 +87,7 @@ class _Tracked:
     salt: str | None
     block_ids: list[int] = field(default_factory=list)
     saved: bool = False
+    blend: bool = False  # served from blended (approximate) KV: never stored as prefix chunks
 
 
 class SchedulerSide:
@@ -117,7 +126,10 @@ class SchedulerSide:
         except Exception as err:  # a tier that cannot answer is a miss, never a failed request
             log.warning("kvshelf lookup failed for request %s: %s", request.request_id, err)
             return 0, False
+        blend = bool(hit & BLEND_HIT)
+        hit &= BLEND_HIT - 1
         hit -= hit % self.block_size
+        self._tracked[request.request_id].blend = blend
         if hit <= num_computed_tokens:
             return 0, False
         self._asked[request.request_id] = (num_computed_tokens, hit)
@@ -139,10 +151,7 @@ class SchedulerSide:
             tracked.block_ids = list(new.block_ids[0])
             load = self._loads.pop(new.req_id, None)
             if load is not None:
-                start, end = load
-                plan.loads.append(
-                    LoadSpec(new.req_id, tracked.tokens[:end], list(tracked.block_ids), start, end, tracked.salt)
-                )
+                plan.loads.append(self._load_spec(new.req_id, tracked, *load))
             self._maybe_save(plan, new.req_id, tracked, new.num_computed_tokens + scheduled.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -156,16 +165,19 @@ class SchedulerSide:
                 tracked.block_ids.extend(new_blocks[0])
             load = self._loads.pop(req_id, None)  # a resumed request is looked up (and loaded) again
             if load is not None:
-                start, end = load
-                plan.loads.append(
-                    LoadSpec(req_id, tracked.tokens[:end], list(tracked.block_ids), start, end, tracked.salt)
-                )
+                plan.loads.append(self._load_spec(req_id, tracked, *load))
             self._maybe_save(plan, req_id, tracked, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         return plan
+
+    @staticmethod
+    def _load_spec(req_id: str, tracked: _Tracked, start: int, end: int) -> LoadSpec:
+        tokens = tracked.tokens[: len(tracked.tokens) - 1] if tracked.blend else tracked.tokens[:end]
+        return LoadSpec(req_id, tokens, list(tracked.block_ids), start, end, tracked.salt, blend=tracked.blend)
 
     def _maybe_save(self, plan: StepPlan, req_id: str, tracked: _Tracked, computed_after_step: int) -> None:
         if (
             not self.stores
+            or tracked.blend
             or tracked.saved
             or len(tracked.tokens) < self.min_cached_tokens
             or computed_after_step < len(tracked.tokens)

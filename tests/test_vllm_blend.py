@@ -1,0 +1,335 @@
+"""CacheBlend inside vLLM (issue #19), without a vLLM engine.
+
+The runner adapter (kvshelf.model.vllm_runner) is checked against kvshelf's HF runner on the tiny models
+of every family, through modules shaped like vLLM's (fused QKV and gate/up projections that return
+(output, bias), a rotary module with vLLM's cos|sin table, the attention's scale and window on `attn`);
+the real vLLM classes run in tests/slow/test_vllm_blend_e2e.py. Also: splitting token prompts, the
+scheduler's handling of blended regions, and the start-up checks.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import FAMILIES
+from test_vllm_connector import new_req, request, step
+from torch import nn
+
+from kvshelf.assembly.vllm_blend import _cut
+from kvshelf.blend.blender import Blender, BlendInfo
+from kvshelf.blend.segment import Segmented
+from kvshelf.cache.engine import CacheEngine
+from kvshelf.cache.fingerprint import ModelFingerprint
+from kvshelf.errors import ConfigError
+from kvshelf.integrations.vllm.blending import check_blend_settings, find_model
+from kvshelf.integrations.vllm.scheduler import BLEND_HIT, SchedulerSide
+from kvshelf.integrations.vllm.shared import connector_config
+from kvshelf.model.runner import ModelRunner
+from kvshelf.model.vllm_runner import VllmModelRunner
+from kvshelf.storage.memory import MemoryBackend
+
+LOGIT_ATOL = 1e-4
+
+
+# -- modules shaped like vLLM's, over a tiny HF model's weights --------------------------------------------
+class _Fused(nn.Module):
+    """A fused projection returning (output, bias) as vLLM's parallel linear layers do."""
+
+    def __init__(self, *linears):
+        super().__init__()
+        self.weight = nn.Parameter(torch.cat([lin.weight for lin in linears]))
+        biases = [lin.bias for lin in linears]
+        self.bias = nn.Parameter(torch.cat(biases)) if biases[0] is not None else None
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias), None
+
+
+class _Rotary(nn.Module):
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int):
+        super().__init__()
+        angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None].float()
+        self.cos_sin_cache = torch.cat((angles.cos(), angles.sin()), dim=-1)  # vLLM's [positions, cos | sin]
+        self.is_neox_style = True
+        self.rotary_dim = 2 * inv_freq.numel()
+
+
+class _MLP(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_up_proj = _Fused(mlp.gate_proj, mlp.up_proj)
+        self.down_proj, self.act = mlp.down_proj, mlp.act_fn
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x)[0].chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+def vllm_shaped(hf_model) -> nn.Module:
+    """A model with vLLM's module layout over `hf_model`'s weights (what VllmModelRunner reads)."""
+    runner = ModelRunner(hf_model)
+    config = hf_model.config
+    model = nn.Module()
+    inner = nn.Module()
+    inner.embed_tokens = hf_model.model.embed_tokens  # Gemma 3's scales by sqrt(hidden) itself, as vLLM's does
+    inner.embed_input_ids = lambda ids: inner.embed_tokens(ids)
+    inner.norm = hf_model.model.norm
+    inner.layers = nn.ModuleList()
+    rotaries: dict = {}
+    for i, hf_layer in enumerate(hf_model.model.layers):
+        hf_attn = hf_layer.self_attn
+        layer = nn.Module()
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm"):
+            if hasattr(hf_layer, name):
+                setattr(layer, name, getattr(hf_layer, name))
+        if hasattr(hf_layer, "post_feedforward_layernorm"):
+            layer.post_feedforward_layernorm = hf_layer.post_feedforward_layernorm
+        layer.mlp = _MLP(hf_layer.mlp)
+        attn = nn.Module()
+        attn.qkv_proj = _Fused(hf_attn.q_proj, hf_attn.k_proj, hf_attn.v_proj)
+        attn.o_proj = _Fused(hf_attn.o_proj)
+        attn.head_dim = runner.head_dim
+        attn.num_kv_heads = config.num_key_value_heads
+        attn.q_size = hf_attn.q_proj.out_features
+        attn.kv_size = hf_attn.k_proj.out_features
+        key = runner.layer_specs[i].rope_key
+        if key not in rotaries:
+            rotaries[key] = _Rotary(runner.inv_freq(i), runner.max_positions)
+        attn.rotary_emb = rotaries[key]
+        attn.attn = SimpleNamespace(
+            sliding_window=runner.layer_specs[i].window, impl=SimpleNamespace(scale=hf_attn.scaling)
+        )
+        if runner.layer_specs[i].q_norm is not None:
+            attn.q_norm, attn.k_norm = hf_attn.q_norm, hf_attn.k_norm
+        layer.self_attn = attn
+        inner.layers.append(layer)
+    model.model = inner
+
+    def compute_logits(hidden):
+        logits = hf_model.lm_head(hidden)
+        cap = getattr(config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap is not None else logits
+
+    model.compute_logits = compute_logits
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_forward_equals_kvshelfs_hf_runner(family, tiny_models):
+    hf = tiny_models(family)
+    ref, adapter = ModelRunner(hf), VllmModelRunner(vllm_shaped(hf), hf.config)
+    assert [s.window for s in adapter.layer_specs] == [s.window for s in ref.layer_specs]
+    torch.manual_seed(1)
+    ids = torch.randint(0, hf.config.vocab_size, (90,))  # longer than the tiny sliding window (24)
+    want = ref.forward(ids, 0, ref.new_kv(90), all_logits=True)
+    kv = adapter.new_kv(90)
+    assert torch.allclose(adapter.forward(ids, 0, kv, all_logits=True), want, atol=LOGIT_ATOL)
+    ref_kv = ref.new_kv(90)
+    ref.forward(ids, 0, ref_kv)
+    assert torch.allclose(kv.data, ref_kv.data, atol=1e-4)  # the KV it hands to vLLM's blocks
+    # in pieces over the buffer, then one decode step
+    kv = adapter.new_kv(91)
+    adapter.forward(ids[:40], 0, kv)
+    assert torch.allclose(adapter.forward(ids[40:], 40, kv), want[-1], atol=LOGIT_ATOL)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_adapter_rerotation_moves_keys_exactly(family, tiny_models):
+    hf = tiny_models(family)
+    adapter = VllmModelRunner(vllm_shaped(hf), hf.config)
+    ids = torch.randint(0, hf.config.vocab_size, (20,))
+    at_one, at_thirty = adapter.new_kv(21), adapter.new_kv(50)
+    adapter.forward(torch.cat([ids[:1], ids]), 0, at_one)  # ids at positions 1..20
+    # the same tokens' layer-0 keys computed at positions 30..49 (layer 0 sees no context effect on K)
+    adapter.write_kv(
+        0, adapter.embed(ids), torch.arange(30, 50), at_thirty, adapter.rope_tables(None, torch.arange(30, 50))
+    )
+    moved = adapter.rerotate(at_one.data[0, 0, :, 1:21], 29, 0)
+    assert torch.allclose(moved, at_thirty.data[0, 0, :, 30:50], atol=1e-4)
+    assert torch.allclose(adapter.rerotate(moved, -29, 0), at_one.data[0, 0, :, 1:21], atol=1e-4)
+
+
+def _engine(adapter) -> CacheEngine:
+    fp = ModelFingerprint("tiny", "w", "float32", adapter.num_layers, adapter.num_kv_heads, adapter.head_dim)
+    return CacheEngine(fp, MemoryBackend(1 << 28), chunk_size=16)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_blend_over_the_adapter_at_ratio_one_is_the_plain_prefill(family, tiny_models):
+    """kvshelf's blender runs unchanged over the adapter: documents computed alone, stored, placed elsewhere
+    with re-rotated keys; recomputing every token reproduces the plain prefill's KV and logits."""
+    hf = tiny_models(family)
+    adapter = VllmModelRunner(vllm_shaped(hf), hf.config)
+    engine = _engine(adapter)
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (30, 25, 40)]
+    seg = Segmented([1], docs, [], [2, 3])
+    exact = Blender(adapter, engine, check_layers=[1], ratios=[1.0])
+    approx = Blender(adapter, engine, check_layers=[1], ratios=[0.0])
+    documents = exact.documents(seg, None)
+    assert not any(d.cached for d in documents)
+    for doc in documents:  # what the connector does for missing documents, between vLLM's steps
+        for _ in exact.compute_missing(seg, [doc], None, BlendInfo(deferred=1)):
+            pass
+    documents = exact.documents(seg, None)
+    assert all(d.cached for d in documents)
+    n = len(seg.token_ids)
+    plain = adapter.new_kv(n)
+    want = adapter.forward(seg.token_ids, 0, plain)
+    kv = adapter.new_kv(n)
+    got, info = exact.prefill(seg, kv, None, documents)
+    assert info.placed_tokens == sum(d.tokens for d in documents) and info.reused_tokens == 0
+    assert torch.allclose(got, want, atol=LOGIT_ATOL) and torch.allclose(kv.data, plain.data, atol=1e-4)
+    # with nothing recomputed the fused KV differs (documents computed without each other): a real blend
+    reused = adapter.new_kv(n)
+    _, info = approx.prefill(seg, reused, None, exact.documents(seg, None))
+    assert info.reused_tokens == info.placed_tokens > 0
+    assert not torch.allclose(reused.data, plain.data, atol=1e-3)
+
+
+# -- token prompts cut at the separator -------------------------------------------------------------------
+def test_cut_reassembles_the_prompt_exactly_or_refuses():
+    sep = [7, 8]
+    seg = _cut([1, 10, 11, 7, 8, 12, 7, 8, 13, 14], [1], sep)
+    assert seg.prefix == [1] and seg.documents == [[10, 11], [12]] and seg.suffix == [13, 14]
+    assert seg.token_ids == [1, 10, 11, 7, 8, 12, 7, 8, 13, 14]
+    assert _cut([1, 10, 11, 12], [1], sep) is None  # no separator: not a blend prompt
+    assert _cut([1, 7, 8, 7, 8, 13], [1], sep) is None  # an empty document would not reassemble
+
+
+# -- scheduler: blended regions --------------------------------------------------------------------------
+def test_scheduler_loads_a_blended_region_with_the_whole_prompt_and_never_saves_it():
+    tokens = list(range(300))
+    side = SchedulerSide(lambda t, s: BLEND_HIT | 200, block_size=64, min_cached_tokens=64)
+    assert side.num_new_matched_tokens(request("r", tokens), 0) == (192, False)  # block-aligned
+    side.after_alloc(request("r", tokens), 192)
+    plan = side.build_plan(step(new=[new_req("r", tokens, [4, 5, 6, 7, 8], 192, 300)], scheduled={"r": 108}))
+    (load,) = plan.loads
+    assert load.blend and (load.start, load.end) == (0, 192)
+    assert load.tokens == tokens[:-1]  # what the worker's lookup split into documents
+    assert plan.saves == []  # the prefill completes in this step, but fused KV never becomes prefix chunks
+    # a plain prefix hit still loads its chunks and saves the prompt
+    plain = SchedulerSide(lambda t, s: 128, block_size=64, min_cached_tokens=64)
+    plain.num_new_matched_tokens(request("p", tokens), 0)
+    plain.after_alloc(request("p", tokens), 128)
+    plan = plain.build_plan(step(new=[new_req("p", tokens, [1, 2, 3, 4, 5], 128, 300)], scheduled={"p": 172}))
+    assert not plan.loads[0].blend and plan.loads[0].tokens == tokens[:128] and len(plan.saves) == 1
+
+
+# -- start-up checks --------------------------------------------------------------------------------------
+def _vllm_config(prefix_caching=False, tp=1):
+    return SimpleNamespace(
+        cache_config=SimpleNamespace(enable_prefix_caching=prefix_caching),
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+    )
+
+
+def test_blending_refuses_prefix_caching_tensor_parallel_and_other_vllm_versions(monkeypatch):
+    config = connector_config({"enable_blending": True, "local_cpu": True})
+    check_blend_settings(_vllm_config(), config)
+    with pytest.raises(ConfigError, match="prefix caching off"):
+        check_blend_settings(_vllm_config(prefix_caching=True), config)
+    with pytest.raises(ConfigError, match="tensor_parallel_size=1"):
+        check_blend_settings(_vllm_config(tp=2), config)
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.1")
+    with pytest.raises(ConfigError, match="this is vLLM 0.33.1"):
+        check_blend_settings(_vllm_config(), config)
+
+
+def test_blend_settings_are_vllm_connector_keys():
+    config = connector_config({"enable_blending": True, "blend_recompute_ratios": [0.2], "blend_check_layers": [2]})
+    assert config.enable_blending and config.blend_recompute_ratios == [0.2] and config.blend_check_layers == [2]
+
+
+def test_find_model_finds_the_one_model_holding_the_attention_layer(tiny_models):
+    model = vllm_shaped(tiny_models("llama"))
+    attention = nn.Module()
+    model.model.layers[0].self_attn.attn_module = attention  # a registered submodule, as vLLM's `attn` is
+    assert find_model(attention) is model
+    with pytest.raises(ConfigError, match="found 0"):
+        find_model(nn.Linear(2, 2))
+
+
+def test_the_seeds_env_names_turn_blending_on(monkeypatch):
+    monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "true")
+    monkeypatch.setenv("LMCACHE_BLEND_SPECIAL_STR", "<|DOC|>")
+    monkeypatch.setenv("LMCACHE_BLEND_CHECK_LAYERS", "1")
+    monkeypatch.setenv("LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.15")
+    config = connector_config({"local_cpu": True})
+    assert config.enable_blending and config.blend_special_str == "<|DOC|>"
+    assert config.blend_check_layers == [1] and config.blend_recompute_ratios == [0.15]
+    monkeypatch.setenv("LMCACHE_BLEND_CHECK_LAYERS", "1,3")
+    assert connector_config({}).blend_check_layers == [1, 3]
+
+
+# -- the worker's blend half, with a stand-in for the blending assembly -----------------------------------
+class _FakeBlending:
+    """Plans from a fixed answer; 'blends' by returning known KV (or None: the documents went away)."""
+
+    def __init__(self, region_kv, missing=()):
+        self.region_kv, self.missing, self.computed = region_kv, list(missing), []
+
+    def plan(self, tokens, salt):
+        docs = [SimpleNamespace(key=k, cached=False) for k in self.missing]
+        return SimpleNamespace(
+            segmented="seg",
+            missing=docs,
+            blend=self.region_kv is not None,
+            region_end=0 if self.region_kv is None else self.region_kv.shape[3],
+        )
+
+    def prefill(self, tokens, salt):
+        if self.region_kv is None:
+            return None
+        return SimpleNamespace(kv=self.region_kv, info=BlendInfo(documents=1, document_hits=1))
+
+    def compute_alone(self, segmented, doc, salt):
+        self.computed.append(doc.key)
+
+
+def test_blend_worker_scatters_the_region_or_fails_its_blocks_for_vllm_to_recompute():
+    from test_vllm_connector import HEADS as H
+    from test_vllm_connector import LAYERS as L
+    from test_vllm_connector import engine, paged_caches, worker
+
+    from kvshelf.integrations.vllm.blending import BlendWorker
+    from kvshelf.integrations.vllm.scheduler import LoadSpec
+
+    caches = paged_caches()
+    side = worker(engine(), caches, layerwise=False, async_load=False)
+    region = torch.randn(L, 2, H, 70, side.layout.head_dim)
+    blend = BlendWorker(_FakeBlending(region), side)
+    side.blend_lookup = blend.lookup
+    assert side.lookup(list(range(80)), None) == BLEND_HIT | 70
+    blocks = [3, 9, 4]
+    blend.load(LoadSpec("r", list(range(80)), blocks, 0, 64, None, blend=True))
+    for i, name in enumerate(side.names):
+        got = side.layout.view(blocks, 0, 64).gather(caches[name])
+        assert torch.equal(got, region[i, :, :, :64])
+    assert side.take_failed_blocks() == set() and blend.stats["blended_tokens"] == 64
+
+    gone = BlendWorker(_FakeBlending(None), side)  # the documents were evicted after the lookup
+    gone.load(LoadSpec("s", list(range(80)), [5, 6, 7], 0, 64, None, blend=True))
+    assert side.take_failed_blocks() == {5, 6} and gone.stats["blend_failed"] == 1
+
+
+def test_missing_documents_wait_for_a_later_step_and_are_computed_once():
+    from kvshelf.integrations.vllm.blending import BlendWorker
+
+    fake = _FakeBlending(None, missing=[b"a", b"b"])
+    blend = BlendWorker(fake, SimpleNamespace())
+    assert blend.lookup([1, 2, 3], None) == 0  # nothing cached: vLLM prefills it exactly
+    blend.lookup([1, 2, 3], None)  # looked up again (e.g. no free blocks): queued once
+    blend.step_started()  # the step that serves the request's first token
+    blend.step_finished()
+    assert fake.computed == []
+    blend.step_started()
+    blend.step_finished()
+    assert fake.computed == [b"a"]  # one document per step
+    assert blend.compute_pending() == 1 and fake.computed == [b"a", b"b"]
+    blend.lookup([1, 2, 3], None)  # still missing in the tiers (the fake stores nothing): queued again
+    assert blend.compute_pending() == 2
