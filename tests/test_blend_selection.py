@@ -61,3 +61,51 @@ def test_bad_policies_and_shapes_are_errors():
     with pytest.raises(ValueError, match="shape"):
         select(fresh[:, :, :3], cached, 1)
     assert budget_for(0.15, 100) == 15 and budget_for(0.15, 101) == 16 and budget_for(0.0, 50) == 0
+
+
+def test_the_blender_recomputes_each_documents_head_tokens(tiny_models, monkeypatch):
+    from test_blend import DOCS, blended, make
+
+    import kvshelf.blend.blender as blender_module
+
+    gen = make(tiny_models("llama"), ratios=(0.3,))
+    gen.blender.selection = SelectionPolicy(head_tokens=2)
+    calls = []
+
+    def spy(fresh, cached, budget, **kw):
+        kept = select(fresh, cached, budget, **kw)
+        calls.append((kw["document"], kw["offset"], kept))
+        return kept
+
+    monkeypatch.setattr(blender_module, "select", spy)
+    gen.generate(blended(DOCS), max_new_tokens=1)  # cold: exact, the documents computed after
+    warm = gen.generate(blended([DOCS[2], DOCS[0], DOCS[1]]), max_new_tokens=1)
+    assert warm.blend.document_hits == 3 and len(calls) == 1
+    document, offset, kept = calls[0]
+    assert sorted(set(document.tolist())) == [0, 1, 2]
+    assert bool(kept[offset < 2].all()) and int((offset < 2).sum()) == 6  # every document's first two tokens
+
+
+def test_blend_keys_in_the_config_reach_the_blender(tiny_models, tmp_path, monkeypatch):
+    from conftest import tiny_tokenizer
+
+    from kvshelf.assembly import open_shelf
+    from kvshelf.config import KVShelfConfig
+    from kvshelf.model.loader import LoadedModel
+    from kvshelf.model.runner import ModelRunner
+
+    monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path))
+    loaded = LoadedModel(ModelRunner(tiny_models("llama")), tiny_tokenizer(), tmp_path)
+    config = KVShelfConfig(
+        enable_blending=True,
+        blend_min_cached_share=0.25,
+        blend_head_tokens=4,
+        blend_per_document=True,
+        blend_selection_signal="v",
+        guard=False,
+    )
+    blender = open_shelf(config, loaded=loaded, show_progress=False).generator.blender
+    assert blender.min_cached_share == 0.25
+    assert blender.selection == SelectionPolicy(signal="v", per_document=True, head_tokens=4)
+    with pytest.raises(ValueError, match="blend_selection_signal"):
+        KVShelfConfig(blend_selection_signal="q")
