@@ -197,7 +197,8 @@ def main() -> None:
     ap.add_argument("--check-layer", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--jsonl", default=None)
-    ap.add_argument("--limit", type=int, default=None, help="only the first N samples of --jsonl")
+    ap.add_argument("--limit", type=int, default=None, help="only N samples of --jsonl")
+    ap.add_argument("--start", type=int, default=0, help="the first sample of --jsonl to run (0-based)")
     ap.add_argument("--no-prefix", action="store_true", help="leave out prefix caching (exact: full prefill's answers)")
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--device", default="cpu")
@@ -209,11 +210,14 @@ def main() -> None:
     args = ap.parse_args()
     console = Console()
     if args.report:
-        records = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]
+        lines = [line for report in args.report for line in Path(report).read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in lines]
         summarize(records, console, None)
         return
     samples = (
-        [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()][: args.limit]
+        [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()][
+            args.start : None if args.limit is None else args.start + args.limit
+        ]
         if args.jsonl
         else builtin_samples(args.samples)
     )
@@ -243,7 +247,7 @@ def main() -> None:
     rng = random.Random(1)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("blend", total=len(samples))
-        for sample in samples:
+        for index, sample in enumerate(samples, start=args.start):
             docs, question, cue = list(sample["documents"]), sample["question"], sample.get("cue", "")
             # An earlier request saw the documents in another order: it filled the chunk cache (and the prefix
             # cache). The measured request brings them in the sample's order (the answer document first or last
@@ -261,6 +265,7 @@ def main() -> None:
             text = prompt_text(docs, question, cue)
             ids = probe.segment(text, None).token_ids
             record = {
+                "index": index,
                 "type": sample.get("type", "builtin"),
                 "tokens": len(ids),
                 "documents": len(docs),
