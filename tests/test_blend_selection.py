@@ -69,7 +69,7 @@ def test_the_blender_recomputes_each_documents_head_tokens(tiny_models, monkeypa
     import kvshelf.blend.blender as blender_module
 
     gen = make(tiny_models("llama"), ratios=(0.3,))
-    gen.blender.selection = SelectionPolicy(head_tokens=2)
+    gen.blender.selection = SelectionPolicy(head_tokens=2, per_document=True)
     calls = []
 
     def spy(fresh, cached, budget, **kw):
@@ -84,6 +84,9 @@ def test_the_blender_recomputes_each_documents_head_tokens(tiny_models, monkeypa
     document, offset, kept = calls[0]
     assert sorted(set(document.tolist())) == [0, 1, 2]
     assert bool(kept[offset < 2].all()) and int((offset < 2).sum()) == 6  # every document's first two tokens
+    assert int(kept.sum()) == warm.blend.recomputed_tokens == -(-3 * warm.blend.placed_tokens // 10)
+    for doc in range(3):  # the rest of the budget shared by size: every document gets more than its heads
+        assert int(kept[document == doc].sum()) > 2
 
 
 def test_blend_keys_in_the_config_reach_the_blender(tiny_models, tmp_path, monkeypatch):
