@@ -204,11 +204,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default="bench/results/blend.json")
     ap.add_argument(
-        "--report", default=None, help="only print the tables of a run's per-sample file (FILE.samples.jsonl)"
+        "--report", nargs="+", default=None, help="only print the tables of runs' per-sample files (*.samples.jsonl)"
     )
     ap.add_argument("--cold", action="store_true", help="measure the first request with new documents instead")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=200)
     if args.report:
         lines = [line for report in args.report for line in Path(report).read_text().splitlines() if line.strip()]
         records = [json.loads(line) for line in lines]
@@ -359,6 +359,8 @@ def summarize(records: list[dict], console: Console, args) -> dict:
         cells = [name, f"{ttft:.3f} s", f"{speedup:.1f}x", f"{acc:.0%}", show(vs), f"{mean_kl:.4f}"]
         table.add_row(*cells, *([f"{kl_answer:.4f}"] if kl_answer is not None else []))
     console.print(table)
+    if "kl_answer" in keys and "CacheBlend 15%" in rows:
+        console.print(kl_against(rows, "CacheBlend 15%"))
     by_type = Table(title="Accuracy per question type (difference from full prefill on the same samples)")
     kinds = sorted(set(types))
     for col in ["method", *kinds]:
@@ -376,6 +378,30 @@ def summarize(records: list[dict], console: Console, args) -> dict:
         by_type.add_row(name, *cells)
     console.print(by_type)
     return {"methods": results, "per_type": per_type, "prompt_tokens": lengths, "samples": records}
+
+
+def kl_against(rows: dict, base: str, rounds: int = 2000) -> Table:
+    """Each method's answer-token KL against `base`'s on the same samples: the mean difference with a paired
+    bootstrap 95% interval, and on how many samples it was lower (KL varies far less than accuracy)."""
+    table = Table(title=f"KL at the answer token, paired against {base}")
+    for col in ["method", "mean KL", f"minus {base} [95% CI]", "samples lower"]:
+        table.add_column(col, justify="right")
+    ref = rows[base]["kl_answer"]
+    rng = random.Random(0)
+    for name, r in rows.items():
+        if name in ("full prefill", base):
+            continue
+        diffs = [m - b for m, b in zip(r["kl_answer"], ref, strict=True)]
+        n = len(diffs)
+        boot = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
+        lower = sum(d < 0 for d in diffs)
+        table.add_row(
+            name,
+            f"{statistics.fmean(r['kl_answer']):.4f}",
+            f"{statistics.fmean(diffs):+.4f} [{boot[int(0.025 * rounds)]:+.4f}, {boot[int(0.975 * rounds) - 1]:+.4f}]",
+            f"{lower}/{n}",
+        )
+    return table
 
 
 def show(vs: dict) -> str:
