@@ -172,6 +172,8 @@ VARIANTS = {
     "15%, V deviation only": {"ratios": [0.15], "selection": SelectionPolicy(signal="v")},
     "15%, check layer 3": {"check_layers": [3], "ratios": [0.15]},
     "15%, check layers 1 (30%) and 3 (15%)": {"check_layers": [1, 3], "ratios": [0.3, 0.15]},
+    "15%, check layers 1 (30%) and 5 (15%)": {"check_layers": [1, 5], "ratios": [0.3, 0.15]},
+    "20%, check layers 1 (40%) and 5 (20%)": {"check_layers": [1, 5], "ratios": [0.4, 0.2]},
     "15%, per document, first 8 tokens": {
         "ratios": [0.15],
         "selection": SelectionPolicy(per_document=True, head_tokens=8),
@@ -323,7 +325,7 @@ def main() -> None:
 
 def summarize(records: list[dict], console: Console, args) -> dict:
     """The tables (overall, per question type) of per-sample records; returns them as data."""
-    names = list(records[0]["methods"])
+    names = [m for m in records[0]["methods"] if all(m in r["methods"] for r in records)]  # in every run given
     keys = ("ttft", "correct", "kl", "kl_answer") if "kl_answer" in records[0]["methods"][names[0]] else ()
     keys = keys or ("ttft", "correct", "kl")
     rows = {m: {k: [r["methods"][m][k] for r in records] for k in keys} for m in names}
