@@ -142,7 +142,8 @@ class KVShelfConfig(BaseModel):
     enable_blending: bool = Field(False, description="CacheBlend: reuse the KV of documents anywhere in a prompt")
     blend_special_str: str = Field("<|CHUNK_SEP|>", description="separator between blendable documents")
     blend_check_layers: list[int] = Field([1], description="layers where fresh and cached KV are compared")
-    blend_recompute_ratios: list[float] = Field([0.15], description="fraction of tokens recomputed per check layer")
+    # 0.3, not 0.15 (issue #18): on unseen RAG data 15% lost answers that full prefill got (BENCHMARKS.md).
+    blend_recompute_ratios: list[float] = Field([0.3], description="fraction of tokens recomputed per check layer")
     use_layerwise: bool = Field(False, description="load and store KV one layer at a time")
     use_async_load: bool = Field(True, description="layerwise: prefetch later layers in the background")
     buffer_size: int = Field(4, ge=1, description="layerwise: layers loaded ahead of the compute (>= 1 layer)")

@@ -112,3 +112,14 @@ def test_blend_keys_in_the_config_reach_the_blender(tiny_models, tmp_path, monke
     assert blender.selection == SelectionPolicy(signal="v", per_document=True, head_tokens=4)
     with pytest.raises(ValueError, match="blend_selection_signal"):
         KVShelfConfig(blend_selection_signal="q")
+
+
+def test_defaults_follow_the_rag_evaluation():
+    """Issue #18 (BENCHMARKS.md): 15% recompute lost answers full prefill got on unseen RAG data, 30% did not;
+    head tokens, a per-document budget and V- or K-only selection did not lower the KL at 15%."""
+    from kvshelf.config import KVShelfConfig
+
+    config = KVShelfConfig()
+    assert config.blend_recompute_ratios == [0.3] and config.blend_check_layers == [1]
+    assert config.blend_min_cached_share == 0.5
+    assert (config.blend_head_tokens, config.blend_per_document, config.blend_selection_signal) == (0, False, "kv")
