@@ -21,11 +21,12 @@ from kvshelf.config import KVShelfConfig
 CODEC_BITS = {"none": 32.0, "int8": 8.13, "cachegen": 2.65}
 
 # What CacheBlend costs in answers, measured on bench/rag_eval.py's unseen RAG set (issue #18, BENCHMARKS.md:
-# 25 samples, 0.9-3.5K tokens, the default model): the trade-off the recommendation states.
+# 48 samples, 0.8-3.5K tokens, the default model): the trade-off the recommendation states.
 BLEND_QUALITY = (
-    "measured on varied RAG prompts of ~2K tokens: 30% recompute answered as often as full prefill (72% and 72%, "
-    "paired difference +0 points [-12, +12]) at ~3x faster TTFT; 15% was ~4.8x faster but lost 20 points"
+    "measured on varied RAG prompts of ~2K tokens: 30% recompute answered as often as full prefill (73% and 67%, "
+    "paired difference +6 points [-4, +17]) at ~2.7x faster TTFT; 15% was ~4.2x faster but lost 10 points"
 )
+
 
 # CacheBlend as configured by default (the ratio and check layer follow issue #18's measurements).
 _DEFAULTS = KVShelfConfig()
