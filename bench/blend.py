@@ -30,13 +30,14 @@ from pathlib import Path
 
 import torch
 from common import save_results
-from rag_eval import paired
+from rag_eval import correct, paired
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from kvshelf.assembly import open_shelf
-from kvshelf.blend.blender import Blender
+from kvshelf.blend.blender import Blender, BlendInfo
+from kvshelf.blend.selection import SelectionPolicy
 from kvshelf.config import KVShelfConfig
 from kvshelf.generation import CachedGenerator
 
@@ -87,10 +88,11 @@ def builtin_samples(n: int, seed: int = 0) -> list[dict]:
     return samples
 
 
-def prompt_text(docs: list[str], question: str) -> str:
-    # The instruction is a chunk of its own, so it is cached once whatever document follows it.
+def prompt_text(docs: list[str], question: str, cue: str = "") -> str:
+    """The instruction is a chunk of its own, so it is cached once whatever document follows it. `cue` starts
+    the answer (bench/rag_eval.py's samples carry one)."""
     parts = ["Answer the question using the documents.\n", *docs]
-    return SEP.join(parts) + SEP + f"\nQuestion: {question}\nAnswer:"
+    return SEP.join(parts) + SEP + f"\nQuestion: {question}\nAnswer:" + (f" {cue}" if cue else "")
 
 
 def kl(ref: torch.Tensor, other: torch.Tensor) -> float:
@@ -161,21 +163,63 @@ def cold_requests(samples: list[dict], shelf, tok, args, console: Console) -> No
     save_results(args.json, results)
 
 
+# Blend variants measured for issue #18 (deliverable 2), by name: Blender keyword arguments.
+VARIANTS = {
+    "15%, first 8 tokens of each document": {"ratios": [0.15], "selection": SelectionPolicy(head_tokens=8)},
+    "15%, first 32 tokens of each document": {"ratios": [0.15], "selection": SelectionPolicy(head_tokens=32)},
+    "15%, budget per document": {"ratios": [0.15], "selection": SelectionPolicy(per_document=True)},
+    "15%, K deviation only": {"ratios": [0.15], "selection": SelectionPolicy(signal="k")},
+    "15%, V deviation only": {"ratios": [0.15], "selection": SelectionPolicy(signal="v")},
+    "15%, check layer 3": {"check_layers": [3], "ratios": [0.15]},
+    "15%, check layers 1 (30%) and 3 (15%)": {"check_layers": [1, 3], "ratios": [0.3, 0.15]},
+    "15%, check layers 1 (30%) and 5 (15%)": {"check_layers": [1, 5], "ratios": [0.3, 0.15]},
+    "20%, check layers 1 (40%) and 5 (20%)": {"check_layers": [1, 5], "ratios": [0.4, 0.2]},
+    "15%, per document, first 8 tokens": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(per_document=True, head_tokens=8),
+    },
+}
+
+
+def first_line_done(tok, out: list[int]):
+    """A `should_stop` for short answers: stop once a line break follows some text (the answer is on line 1)."""
+
+    def done() -> bool:
+        text = tok.decode(out, skip_special_tokens=True)
+        return "\n" in text.lstrip()
+
+    return done
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.15, 0.3])
+    ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS), metavar="VARIANT")
     ap.add_argument("--check-layer", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--jsonl", default=None)
+    ap.add_argument("--limit", type=int, default=None, help="only N samples of --jsonl")
+    ap.add_argument("--start", type=int, default=0, help="the first sample of --jsonl to run (0-based)")
+    ap.add_argument("--no-prefix", action="store_true", help="leave out prefix caching (exact: full prefill's answers)")
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default="bench/results/blend.json")
+    ap.add_argument(
+        "--report", nargs="+", default=None, help="only print the tables of runs' per-sample files (*.samples.jsonl)"
+    )
     ap.add_argument("--cold", action="store_true", help="measure the first request with new documents instead")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=200)
+    if args.report:
+        lines = [line for report in args.report for line in Path(report).read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in lines]
+        summarize(records, console, None)
+        return
     samples = (
-        [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
+        [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()][
+            args.start : None if args.limit is None else args.start + args.limit
+        ]
         if args.jsonl
         else builtin_samples(args.samples)
     )
@@ -185,68 +229,140 @@ def main() -> None:
         cold_requests(samples, shelf, tok, args, console)
         return
 
-    def blend_gen(ratio: float) -> CachedGenerator:
-        blender = Blender(runner, engine, check_layers=[args.check_layer], ratios=[ratio])
+    def blend_gen(**kwargs) -> CachedGenerator:
+        kwargs.setdefault("check_layers", [args.check_layer])
+        blender = Blender(runner, engine, **kwargs)
         return CachedGenerator(runner, engine, tok, blender=blender, blend_special_str=SEP)
 
-    methods = {"full prefill": None, "prefix caching": shelf.generator, "full reuse (0%)": blend_gen(0.0)}
-    methods.update({f"CacheBlend {r:.0%}": blend_gen(r) for r in args.ratios})
-    rows = {m: {"ttft": [], "correct": [], "kl": [], "answers": []} for m in methods}
-    types, lengths = [], []
+    methods = {"full prefill": None}
+    if not args.no_prefix:
+        methods["prefix caching"] = shelf.generator
+    methods["full reuse (0%)"] = blend_gen(ratios=[0.0])
+    methods.update({f"CacheBlend {r:.0%}": blend_gen(ratios=[r]) for r in args.ratios})
+    methods.update({name: blend_gen(**VARIANTS[name]) for name in args.variants})
     probe = methods["full reuse (0%)"]
     probe.generate("warm-up", max_new_tokens=1, use_cache=False)
+    per_sample = Path(args.json).with_suffix(".samples.jsonl")
+    per_sample.parent.mkdir(parents=True, exist_ok=True)
+    per_sample.write_text("")
+    records = []
     rng = random.Random(1)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("blend", total=len(samples))
-        for sample in samples:
-            docs = list(sample["documents"])
-            # An earlier request saw the documents in one order: it fills both the prefix cache and the
-            # chunk cache. The measured request brings them in another order.
-            first = prompt_text(docs, sample["question"])
-            shelf.generator.generate(probe.segment(first, None).token_ids, max_new_tokens=1)
-            probe.generate(first, max_new_tokens=1)
+        for index, sample in enumerate(samples, start=args.start):
+            docs, question, cue = list(sample["documents"]), sample["question"], sample.get("cue", "")
+            # An earlier request saw the documents in another order: it filled the chunk cache (and the prefix
+            # cache). The measured request brings them in the sample's order (the answer document first or last
+            # for those question types).
             while True:
-                order = rng.sample(docs, len(docs))
-                if order != docs:
+                earlier = rng.sample(docs, len(docs))
+                if earlier != docs:
                     break
-            text = prompt_text(order, sample["question"])
+            first = prompt_text(earlier, question, cue)
+            if "prefix caching" in methods:
+                shelf.generator.generate(probe.segment(first, None).token_ids, max_new_tokens=1)
+            seg = probe.segment(first, None)
+            for _ in probe.blender.compute_missing(seg, probe.blender.documents(seg, None), None, BlendInfo()):
+                pass  # each document computed alone and stored, as after a cold request's first token
+            text = prompt_text(docs, question, cue)
             ids = probe.segment(text, None).token_ids
-            types.append(sample.get("type", "builtin"))
-            lengths.append(len(ids))
-            ref = None
+            record = {
+                "index": index,
+                "type": sample.get("type", "builtin"),
+                "tokens": len(ids),
+                "documents": len(docs),
+                "distractors": sample.get("distractors"),
+                "expected": sample["answer"],
+                "methods": {},
+            }
+            ref = ref_tokens = ref_steps = None
             for name, gen in methods.items():
-                if gen is None:
-                    r = probe.generate(ids, max_new_tokens=args.max_new_tokens, use_cache=False)
-                    ref = r.first_logits
-                elif gen is shelf.generator:
-                    r = gen.generate(ids, max_new_tokens=args.max_new_tokens)
-                else:
-                    r = gen.generate(text, max_new_tokens=args.max_new_tokens)
-                answer = tok.decode(r.token_ids, skip_special_tokens=True)
-                rows[name]["ttft"].append(r.ttft_s)
-                rows[name]["correct"].append(sample["answer"].lower() in answer.lower())
-                rows[name]["answers"].append(answer)
-                rows[name]["kl"].append(kl(ref, r.first_logits))
-            progress.advance(task)
+                out: list[int] = []
+                steps: list[torch.Tensor] = []  # the logits of the first few new tokens
 
-    base = statistics.median(rows["full prefill"]["ttft"])
+                def keep(logits, _token, steps=steps):
+                    if len(steps) < 4:
+                        steps.append(logits.detach().float().clone())
+
+                kw = {
+                    "max_new_tokens": args.max_new_tokens,
+                    "should_stop": first_line_done(tok, out),
+                    "on_logits": keep,
+                }
+                if gen is None:
+                    stream = probe.stream(ids, use_cache=False, **kw)
+                elif gen is shelf.generator:
+                    stream = gen.stream(ids, **kw)
+                else:
+                    stream = gen.stream(text, **kw)
+                while True:
+                    try:
+                        out.append(next(stream))
+                    except StopIteration as done:
+                        r = done.value
+                        break
+                if gen is None:
+                    ref, ref_tokens, ref_steps = r.first_logits, r.token_ids, steps
+                    # The first answer token that is not white space (after "... is", numbers start with a
+                    # space token of their own, whose distribution says nothing about the answer).
+                    at = next((j for j, t in enumerate(ref_tokens[:4]) if tok.decode([t]).strip()), 0)
+                answer = tok.decode(r.token_ids, skip_special_tokens=True)
+                same_start = r.token_ids[:at] == ref_tokens[:at] and len(steps) > at
+                record["methods"][name] = {
+                    "ttft": r.ttft_s,
+                    "correct": correct(sample["answer"], answer),
+                    "answer": answer,
+                    "kl": kl(ref, r.first_logits),
+                    # KL at the answer's first real token (at the first token when the method began otherwise).
+                    "kl_answer": kl(ref_steps[at], steps[at]) if same_start else kl(ref, r.first_logits),
+                }
+            records.append(record)
+            with per_sample.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.advance(task)
+    save_results(args.json, summarize(records, console, args))
+
+
+def summarize(records: list[dict], console: Console, args) -> dict:
+    """The tables (overall, per question type) of per-sample records; returns them as data."""
+    names = [m for m in records[0]["methods"] if all(m in r["methods"] for r in records)]  # in every run given
+    keys = ("ttft", "correct", "kl", "kl_answer") if "kl_answer" in records[0]["methods"][names[0]] else ()
+    keys = keys or ("ttft", "correct", "kl")
+    rows = {m: {k: [r["methods"][m][k] for r in records] for k in keys} for m in names}
+    types = [r["type"] for r in records]
+    lengths = [r["tokens"] for r in records]
     table = Table(
-        title=f"RAG with reordered documents, {len(samples)} samples, {min(lengths)}-{max(lengths)}-token prompts "
+        title=f"RAG with reordered documents, {len(records)} samples, {min(lengths)}-{max(lengths)}-token prompts "
         f"(median {statistics.median(lengths):.0f})"
     )
-    for col in ["method", "TTFT (median)", "speed-up", "accuracy", "vs full prefill [95% CI], McNemar p", "KL"]:
+    columns = ["method", "TTFT (median)", "speed-up", "accuracy", "vs full prefill [95% CI], McNemar p", "KL"]
+    for col in columns + (["KL, answer token"] if "kl_answer" in keys else []):
         table.add_column(col, justify="right")
     results = []
     for name, r in rows.items():
         ttft = statistics.median(r["ttft"])
+        # Speed-up: the median over samples of full prefill's TTFT over this method's (paired, robust to load).
+        speedup = statistics.median(f / m for f, m in zip(rows["full prefill"]["ttft"], r["ttft"], strict=True))
         acc = statistics.fmean(r["correct"])
         mean_kl = statistics.fmean(r["kl"])
+        kl_answer = statistics.fmean(r["kl_answer"]) if "kl_answer" in r else None
         vs = paired(rows["full prefill"]["correct"], r["correct"])
         results.append(
-            {"method": name, "ttft_s": ttft, "speedup": base / ttft, "accuracy": acc, "kl": mean_kl, "paired": vs}
+            {
+                "method": name,
+                "ttft_s": ttft,
+                "speedup": speedup,
+                "accuracy": acc,
+                "kl": mean_kl,
+                "kl_answer": kl_answer,
+                "paired": vs,
+            }
         )
-        table.add_row(name, f"{ttft:.3f} s", f"{base / ttft:.1f}x", f"{acc:.0%}", show(vs), f"{mean_kl:.4f}")
+        cells = [name, f"{ttft:.3f} s", f"{speedup:.1f}x", f"{acc:.0%}", show(vs), f"{mean_kl:.4f}"]
+        table.add_row(*cells, *([f"{kl_answer:.4f}"] if kl_answer is not None else []))
     console.print(table)
+    if "kl_answer" in keys and "CacheBlend 15%" in rows:
+        console.print(kl_against(rows, "CacheBlend 15%"))
     by_type = Table(title="Accuracy per question type (difference from full prefill on the same samples)")
     kinds = sorted(set(types))
     for col in ["method", *kinds]:
@@ -260,15 +376,34 @@ def main() -> None:
             mine, full = [r["correct"][i] for i in pick], [rows["full prefill"]["correct"][i] for i in pick]
             vs = paired(full, mine)
             per_type.setdefault(name, {})[k] = {"accuracy": statistics.fmean(mine), "paired": vs}
-            cells.append(f"{statistics.fmean(mine):.0%}" + ("" if r is rows["full prefill"] else f" ({show(vs)})"))
+            cells.append(f"{statistics.fmean(mine):.0%}" + ("" if name == "full prefill" else f" ({show(vs)})"))
         by_type.add_row(name, *cells)
     console.print(by_type)
-    answers = {name: r["answers"] for name, r in rows.items()}  # per sample, to see what a method got wrong
-    expected = [s["answer"] for s in samples]
-    save_results(
-        args.json,
-        {"methods": results, "per_type": per_type, "prompt_tokens": lengths, "expected": expected, "answers": answers},
-    )
+    return {"methods": results, "per_type": per_type, "prompt_tokens": lengths, "samples": records}
+
+
+def kl_against(rows: dict, base: str, rounds: int = 2000) -> Table:
+    """Each method's answer-token KL against `base`'s on the same samples: the mean difference with a paired
+    bootstrap 95% interval, and on how many samples it was lower (KL varies far less than accuracy)."""
+    table = Table(title=f"KL at the answer token, paired against {base}")
+    for col in ["method", "mean KL", f"minus {base} [95% CI]", "samples lower"]:
+        table.add_column(col, justify="right")
+    ref = rows[base]["kl_answer"]
+    rng = random.Random(0)
+    for name, r in rows.items():
+        if name in ("full prefill", base):
+            continue
+        diffs = [m - b for m, b in zip(r["kl_answer"], ref, strict=True)]
+        n = len(diffs)
+        boot = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
+        lower = sum(d < 0 for d in diffs)
+        table.add_row(
+            name,
+            f"{statistics.fmean(r['kl_answer']):.4f}",
+            f"{statistics.fmean(diffs):+.4f} [{boot[int(0.025 * rounds)]:+.4f}, {boot[int(0.975 * rounds) - 1]:+.4f}]",
+            f"{lower}/{n}",
+        )
+    return table
 
 
 def show(vs: dict) -> str:

@@ -142,7 +142,8 @@ class KVShelfConfig(BaseModel):
     enable_blending: bool = Field(False, description="CacheBlend: reuse the KV of documents anywhere in a prompt")
     blend_special_str: str = Field("<|CHUNK_SEP|>", description="separator between blendable documents")
     blend_check_layers: list[int] = Field([1], description="layers where fresh and cached KV are compared")
-    blend_recompute_ratios: list[float] = Field([0.15], description="fraction of tokens recomputed per check layer")
+    # 0.3, not 0.15 (issue #18): on unseen RAG data 15% lost answers that full prefill got (BENCHMARKS.md).
+    blend_recompute_ratios: list[float] = Field([0.3], description="fraction of tokens recomputed per check layer")
     use_layerwise: bool = Field(False, description="load and store KV one layer at a time")
     use_async_load: bool = Field(True, description="layerwise: prefetch later layers in the background")
     buffer_size: int = Field(4, ge=1, description="layerwise: layers loaded ahead of the compute (>= 1 layer)")
@@ -199,6 +200,22 @@ class KVShelfConfig(BaseModel):
         gt=0,
         description="inside vLLM as kv_consumer: longest a load waits for layers the producer has not published yet (then vLLM recomputes)",
     )
+    # -- issue #18: CacheBlend quality on unseen RAG data (selection, repair, the cold request) ---------
+    blend_min_cached_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="blend only when at least this share of a prompt's document tokens is cached; below it the prompt is prefilled exactly and its documents are computed after the first token",
+    )
+    blend_head_tokens: int = Field(
+        0, ge=0, description="each cached document's first tokens always recomputed in a blend (inside the ratio)"
+    )
+    blend_per_document: bool = Field(
+        False, description="share a blend's recompute budget over documents by size instead of one global top-k"
+    )
+    blend_selection_signal: str = Field(
+        "kv", description="what a blend's check layer compares: kv (K and V deviation), k or v"
+    )
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
     @field_validator("local_disk_codec", "remote_serde")
@@ -223,6 +240,13 @@ class KVShelfConfig(BaseModel):
         if isinstance(value, str) and "," in value:
             return [v.strip() for v in value.strip("[] ").split(",") if v.strip()]
         return [value] if isinstance(value, int | float | str) and not isinstance(value, bool) else value
+
+    @field_validator("blend_selection_signal")
+    @classmethod
+    def _blend_signal(cls, value: str) -> str:
+        if value not in ("kv", "k", "v"):
+            raise ValueError(f"must be kv, k or v, got {value!r}")
+        return value
 
     @field_validator("blend_recompute_ratios")
     @classmethod
@@ -313,6 +337,10 @@ NESTED_KEYS: dict[str, str] = {
     "blending.special_str": "blend_special_str",
     "blending.check_layers": "blend_check_layers",
     "blending.recompute_ratios": "blend_recompute_ratios",
+    "blending.min_cached_share": "blend_min_cached_share",
+    "blending.head_tokens": "blend_head_tokens",
+    "blending.per_document": "blend_per_document",
+    "blending.selection_signal": "blend_selection_signal",
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from kvshelf.advice.advise import SCENARIOS, analyse, synthetic_trace
+from kvshelf.advice.advise import BLEND_LABEL, SCENARIOS, Request, analyse, synthetic_trace
 from kvshelf.advice.cost import CostModel
 from kvshelf.config import load_config
 
@@ -25,7 +25,24 @@ def test_long_rag_with_reordered_documents_gets_cacheblend():
     a = advise("long-rag")
     assert a.blend_hit_rate > 0.5 > a.prefix_hit_rate
     assert a.config["enable_blending"] is True
-    assert a.predicted_ttft_s["CacheBlend 15%"] < 0.5 * a.predicted_ttft_s["no cache"]
+    assert a.predicted_ttft_s[BLEND_LABEL] < 0.5 * a.predicted_ttft_s["no cache"]
+    assert BLEND_LABEL == "CacheBlend 30%" and any("as often as full prefill" in r for r in a.reasons)
+
+
+def test_a_cold_blend_request_is_charged_as_a_plain_prefill():
+    """Issue #18: documents seen for the first time are not computed alone and blended; the request is an
+    exact prefill (its documents computed after the first token), so it costs what no cache costs."""
+    docs = [[1000 * d + i for i in range(400)] for d in range(8)]
+    cold = [Request(sum(docs[2 * k : 2 * k + 2], []) + [7, 8], chunks=docs[2 * k : 2 * k + 2]) for k in range(4)]
+    a = analyse(cold, COST)
+    assert a.blend_hit_rate == 0
+    assert a.predicted_ttft_s[BLEND_LABEL] == pytest.approx(a.predicted_ttft_s["no cache"])
+    # Just under half of the document tokens cached: under the share that blends, still a plain prefill.
+    mixed = [*cold, Request(docs[0] + docs[6] + docs[7] + [1000, 2000] + [7], chunks=[docs[0], docs[6] + [1000]])]
+    warm = [*cold, Request(docs[1] + docs[0] + [7], chunks=[docs[1], docs[0]])]
+    t_mixed, t_warm = analyse(mixed, COST).predicted_ttft_s, analyse(warm, COST).predicted_ttft_s
+    assert t_mixed[BLEND_LABEL] == pytest.approx(t_mixed["no cache"])
+    assert t_warm[BLEND_LABEL] < t_warm["no cache"] - 0.5 * COST.recompute_s(800) / 5
 
 
 def test_multi_turn_gets_prefix_reuse():

@@ -30,10 +30,16 @@ def test_samples_are_reproducible_varied_and_answerable():
             assert holding == [0]
         if s["type"] == "last_doc":
             assert holding == [len(s["documents"]) - 1]
-        if s["type"] in ("passkey", "fact", "which_doc"):
-            # Distractors: the same kind of sentence for other people, in other documents too.
-            sentence = "pass key of" if s["type"] == "passkey" else " of "
-            assert sum(d.count(sentence) for d in s["documents"]) >= len(s["documents"])
+        # 1-2 same-shaped distractors, recorded: the answer's kind of sentence for other people, each in
+        # another document than the answer's.
+        assert 1 <= s["distractors"] <= min(2, len(s["documents"]) - 1)
+        shape = {"passkey": "The pass key of ", "multihop": " depot is in the city of ", "which_doc": " states that "}
+        marker = shape.get(s["type"], "The " + s["question"].split("the ", 1)[1].split(" of ")[0] + " of ")
+        assert sum(d.lower().count(marker.lower()) for d in s["documents"]) == s["distractors"] + 1, s["question"]
+        # The person asked about is named only where the facts were planted, not in the filler.
+        subject = next(p for p in (f"{f} {la}" for f in rag_eval.FIRST for la in rag_eval.LAST) if p in s["question"])
+        assert sum(d.count(subject) for d in s["documents"]) == 1
+        assert s["cue"] and s["answer"] not in s["cue"] and s["answer"] not in s["question"]
     with pytest.raises(ValueError, match="min_tokens"):
         rag_eval.generate(2, seed=0, min_tokens=500, max_tokens=100)
 
@@ -52,3 +58,12 @@ def test_paired_statistics():
     assert math.isclose(rag_eval.mcnemar_p([True], [False]), 1.0)
     with pytest.raises(ValueError, match="equal"):
         rag_eval.paired([True], [True, False])
+
+
+def test_an_answer_counts_only_as_a_word_on_the_first_line():
+    assert rag_eval.correct("teal", " teal.\nQuestion: what else?")
+    assert rag_eval.correct("Islow", "\n  The city of ISLOW, near the sea")
+    assert not rag_eval.correct("teal", " amber.\nAnswer: teal")  # a second guess on a later line
+    assert not rag_eval.correct("A3", " A37.")  # inside another token
+    assert not rag_eval.correct("awl", " crawler")
+    assert not rag_eval.correct("awl", "   \n")

@@ -29,13 +29,13 @@ worth an approximate answer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from kvshelf.blend.segment import Segmented
+from kvshelf.blend.selection import SelectionPolicy, budget_for, select
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.metrics import Metrics
 from kvshelf.model.kv_buffer import KVBuffer
@@ -81,6 +81,7 @@ class Blender:
         ratios: list[float],
         metrics: Metrics | None = None,
         min_cached_share: float = 0.5,
+        selection: SelectionPolicy | None = None,
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -101,6 +102,7 @@ class Blender:
         # missing share of a plain prefill (computed in place) plus a third to a half of the cached share
         # (issue #18: full hits 3.3-4.4x faster at 1.5-2.6K tokens); below half cached it would save < 30%.
         self.min_cached_share = min_cached_share
+        self.selection = selection if selection is not None else SelectionPolicy()
 
     # -- which documents are cached ----------------------------------------------------------------------------
     def documents(self, seg: Segmented, salt) -> list[Document]:
@@ -170,7 +172,15 @@ class Blender:
         """Blend the cached documents; the others are computed in place (all layers, like the question). Their
         position-independent KV is not computed here: `compute_missing` does it, off the critical path."""
         runner, info = self.runner, BlendInfo()
+        documents = documents if documents is not None else self.documents(seg, salt)
         document_mask = self.place_documents(seg, kv, salt, info, documents)
+        # Per prompt position: the placed document it belongs to and its offset inside it (selection policies).
+        document_of = torch.full((len(seg.token_ids),), -1, dtype=torch.long)
+        offset_of = torch.zeros(len(seg.token_ids), dtype=torch.long)
+        for index, doc in enumerate(documents):
+            if doc.cached:
+                document_of[doc.start : doc.end] = index
+                offset_of[doc.start : doc.end] = torch.arange(doc.tokens)
         info.deferred = info.documents - info.document_hits
         self.metrics.blend_lookups.inc(info.documents)
         self.metrics.blend_hits.inc(info.document_hits)
@@ -185,9 +195,19 @@ class Blender:
             ratio = checks.get(layer)
             if ratio is None or not info.placed_tokens:
                 return None
-            cached = kv.data[layer, :, :, positions[is_document]].clone()
+            placed = positions[is_document]
+            cached = kv.data[layer, :, :, placed].clone()
             runner.write_kv(layer, hidden, positions, kv, rope)
-            keep = self._select(kv.data[layer, :, :, positions[is_document]], cached, is_document, ratio, info)
+            placed = placed.cpu()
+            keep = self._select(
+                kv.data[layer, :, :, positions[is_document]],
+                cached,
+                is_document,
+                ratio,
+                info,
+                document_of[placed],
+                offset_of[placed],
+            )
             is_document = is_document[keep]
             return keep
 
@@ -208,16 +228,18 @@ class Blender:
                 spans.append((start, end))
         return spans
 
-    def _select(self, fresh, cached, is_document, ratio: float, info: BlendInfo) -> torch.Tensor:
+    def _select(self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset) -> torch.Tensor:
         """Indices (into the active tokens) that stay active: every non-document token, plus the document tokens
-        with the largest KV deviation, `ratio` of all document tokens."""
-        fresh, cached = fresh.float(), cached.float()  # [2, heads, document tokens, dim]
-        energy = cached.pow(2).mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-        deviation = ((fresh - cached).pow(2) / energy).sum(dim=(0, 1, 3))  # per document token
-        budget = min(len(deviation), math.ceil(ratio * info.placed_tokens))
-        chosen = torch.topk(deviation, budget).indices if budget else deviation.new_empty(0, dtype=torch.long)
-        keep_document = torch.zeros(len(deviation), dtype=torch.bool, device=deviation.device)
-        keep_document[chosen] = True
+        `selection.select` picks, `ratio` of all document tokens."""
+        budget = min(int(is_document.sum()), budget_for(ratio, info.placed_tokens))
+        keep_document = select(
+            fresh,
+            cached,
+            budget,
+            document=document,
+            offset=offset,
+            policy=self.selection,
+        )
         keep = ~is_document.clone()
         keep[is_document] = keep_document
         info.selected_per_check.append(budget)

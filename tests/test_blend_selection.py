@@ -1,0 +1,125 @@
+"""CacheBlend's token selection (kvshelf.blend.selection, issue #18): signals, head tokens, per-document budget."""
+
+import pytest
+import torch
+
+from kvshelf.blend.selection import SelectionPolicy, budget_for, deviation, select
+
+
+def kv_pair(n=12, heads=1, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cached = torch.randn(2, heads, n, dim, generator=g)
+    return cached.clone(), cached
+
+
+def test_the_tokens_deviating_most_are_chosen_and_the_signal_decides_which():
+    fresh, cached = kv_pair()
+    fresh[0, :, 3] += 5.0  # K of token 3 moved
+    fresh[1, :, 7] += 5.0  # V of token 7 moved
+    fresh[0, :, 9] += 1.0  # K of token 9 a little
+    assert select(fresh, cached, 2).nonzero().view(-1).tolist() == [3, 7]
+    assert select(fresh, cached, 2, policy=SelectionPolicy(signal="k")).nonzero().view(-1).tolist() == [3, 9]
+    assert select(fresh, cached, 1, policy=SelectionPolicy(signal="v")).nonzero().view(-1).tolist() == [7]
+    assert not select(fresh, cached, 0).any() and select(fresh, cached, 99).all()
+    # K and V each normalised by their energy: scaling V up does not change the V-only ranking.
+    assert torch.allclose(deviation(fresh * 10, cached * 10, "v"), deviation(fresh, cached, "v"))
+
+
+def test_head_tokens_are_recomputed_inside_the_budget():
+    fresh, cached = kv_pair(n=10)
+    fresh[:, :, 8] += 5.0
+    offset = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])  # two documents of five tokens
+    policy = SelectionPolicy(head_tokens=1)
+    chosen = select(fresh, cached, 3, offset=offset, policy=policy).nonzero().view(-1).tolist()
+    assert chosen == [0, 5, 8]  # both documents' first token, then the largest deviation
+    # A budget smaller than the head tokens keeps the earliest offsets.
+    two = select(fresh, cached, 2, offset=offset, policy=SelectionPolicy(head_tokens=3)).nonzero().view(-1).tolist()
+    assert two == [0, 5]
+    with pytest.raises(ValueError, match="offset"):
+        select(fresh, cached, 3, policy=policy)
+
+
+def test_a_budget_per_document_shares_the_tokens_by_size():
+    fresh, cached = kv_pair(n=12)
+    fresh[:, :, :4] += torch.arange(1, 5).view(1, 1, 4, 1) * 3.0  # document 0 (tokens 0-3) deviates most
+    document = torch.tensor([0] * 4 + [1] * 8)
+    glob = select(fresh, cached, 3)
+    assert glob[:4].sum() == 3  # one global top-k: all from document 0
+    per = select(fresh, cached, 3, document=document, policy=SelectionPolicy(per_document=True))
+    assert int(per.sum()) == 3 and per[:4].sum() == 1 and per[4:].sum() == 2  # 4:8 tokens -> 1:2
+    assert per[3]  # inside document 0, still its largest deviation
+    with pytest.raises(ValueError, match="document"):
+        select(fresh, cached, 3, policy=SelectionPolicy(per_document=True))
+
+
+def test_bad_policies_and_shapes_are_errors():
+    with pytest.raises(ValueError, match="signal"):
+        SelectionPolicy(signal="q")
+    with pytest.raises(ValueError, match="head tokens"):
+        SelectionPolicy(head_tokens=-1)
+    fresh, cached = kv_pair()
+    with pytest.raises(ValueError, match="shape"):
+        select(fresh[:, :, :3], cached, 1)
+    assert budget_for(0.15, 100) == 15 and budget_for(0.15, 101) == 16 and budget_for(0.0, 50) == 0
+
+
+def test_the_blender_recomputes_each_documents_head_tokens(tiny_models, monkeypatch):
+    from test_blend import DOCS, blended, make
+
+    import kvshelf.blend.blender as blender_module
+
+    gen = make(tiny_models("llama"), ratios=(0.3,))
+    gen.blender.selection = SelectionPolicy(head_tokens=2, per_document=True)
+    calls = []
+
+    def spy(fresh, cached, budget, **kw):
+        kept = select(fresh, cached, budget, **kw)
+        calls.append((kw["document"], kw["offset"], kept))
+        return kept
+
+    monkeypatch.setattr(blender_module, "select", spy)
+    gen.generate(blended(DOCS), max_new_tokens=1)  # cold: exact, the documents computed after
+    warm = gen.generate(blended([DOCS[2], DOCS[0], DOCS[1]]), max_new_tokens=1)
+    assert warm.blend.document_hits == 3 and len(calls) == 1
+    document, offset, kept = calls[0]
+    assert sorted(set(document.tolist())) == [0, 1, 2]
+    assert bool(kept[offset < 2].all()) and int((offset < 2).sum()) == 6  # every document's first two tokens
+    assert int(kept.sum()) == warm.blend.recomputed_tokens == -(-3 * warm.blend.placed_tokens // 10)
+    for doc in range(3):  # the rest of the budget shared by size: every document gets more than its heads
+        assert int(kept[document == doc].sum()) > 2
+
+
+def test_blend_keys_in_the_config_reach_the_blender(tiny_models, tmp_path, monkeypatch):
+    from conftest import tiny_tokenizer
+
+    from kvshelf.assembly import open_shelf
+    from kvshelf.config import KVShelfConfig
+    from kvshelf.model.loader import LoadedModel
+    from kvshelf.model.runner import ModelRunner
+
+    monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path))
+    loaded = LoadedModel(ModelRunner(tiny_models("llama")), tiny_tokenizer(), tmp_path)
+    config = KVShelfConfig(
+        enable_blending=True,
+        blend_min_cached_share=0.25,
+        blend_head_tokens=4,
+        blend_per_document=True,
+        blend_selection_signal="v",
+        guard=False,
+    )
+    blender = open_shelf(config, loaded=loaded, show_progress=False).generator.blender
+    assert blender.min_cached_share == 0.25
+    assert blender.selection == SelectionPolicy(signal="v", per_document=True, head_tokens=4)
+    with pytest.raises(ValueError, match="blend_selection_signal"):
+        KVShelfConfig(blend_selection_signal="q")
+
+
+def test_defaults_follow_the_rag_evaluation():
+    """Issue #18 (BENCHMARKS.md): 15% recompute lost answers full prefill got on unseen RAG data, 30% did not;
+    head tokens, a per-document budget and V- or K-only selection did not lower the KL at 15%."""
+    from kvshelf.config import KVShelfConfig
+
+    config = KVShelfConfig()
+    assert config.blend_recompute_ratios == [0.3] and config.blend_check_layers == [1]
+    assert config.blend_min_cached_share == 0.5
+    assert (config.blend_head_tokens, config.blend_per_document, config.blend_selection_signal) == (0, False, "kv")
