@@ -74,13 +74,13 @@ def test_valkey_cluster_urls_reach_the_cluster_client(redis_cluster):
 def test_a_key_the_runtime_ignores_is_refused_in_one_line():
     from kvshelf.integrations.vllm.shared import connector_config
 
-    with pytest.raises(ConfigError, match="'enable_blending'.*`vllm` does not use it") as err:
-        connector_config({"enable_blending": True, "local_disk": "/tmp/x"})
+    with pytest.raises(ConfigError, match="'store_generated'.*`vllm` does not use it") as err:
+        connector_config({"store_generated": False, "local_disk": "/tmp/x"})
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="'host'"):
         connector_config({"host": "0.0.0.0"})
     connector_config({"local_cpu": True, "min_cached_tokens": 64, "use_layerwise": True})  # honoured there
-    connector_config({"enable_blending": False, "guard": True})  # set to their defaults: nothing is ignored
+    connector_config({"store_generated": True, "guard": True})  # set to their defaults: nothing is ignored
     cfg = load_config(environ={}, overrides={"host": "0.0.0.0", "api_key": "k" * 16})
     check_runtime(cfg, "serve")
     with pytest.raises(ConfigError, match="'api_key' \\(and host\\).*`generate`"):

@@ -98,6 +98,7 @@ VLLM = (
     | {"publish_layers", "published_layer_wait_s"}  # issue #20: kv_producer / kv_consumer
     # issue #19: CacheBlend inside vLLM (kvshelf.integrations.vllm.blending)
     | {"enable_blending", "blend_special_str", "blend_check_layers", "blend_recompute_ratios"}
+    | {"blend_min_cached_share", "blend_head_tokens", "blend_per_document", "blend_selection_signal"}  # issue #18
 )
 
 RUNTIMES: dict[str, frozenset[str]] = {

@@ -18,7 +18,6 @@ from kvshelf.advice.guard import Guard
 from kvshelf.assembly.engine import Owned, min_cached_tokens, open_engine
 from kvshelf.assembly.runtimes import check_runtime
 from kvshelf.blend.blender import Blender
-from kvshelf.blend.selection import SelectionPolicy
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
 from kvshelf.errors import ConfigError
@@ -88,19 +87,7 @@ def open_shelf(
     blender = None
     if config.enable_blending:
         try:
-            blender = Blender(
-                loaded.runner,
-                engine,
-                check_layers=config.blend_check_layers,
-                ratios=config.blend_recompute_ratios,
-                metrics=owned.metrics,
-                min_cached_share=config.blend_min_cached_share,
-                selection=SelectionPolicy(
-                    signal=config.blend_selection_signal,
-                    per_document=config.blend_per_document,
-                    head_tokens=config.blend_head_tokens,
-                ),
-            )
+            blender = Blender.from_config(loaded.runner, engine, config, owned.metrics)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     guard = None

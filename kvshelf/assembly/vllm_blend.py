@@ -71,7 +71,6 @@ class VllmBlending:
         config: KVShelfConfig,
         *,
         metrics: Metrics | None = None,
-        min_cached_share: float = 0.5,
     ):
         self.runner = VllmModelRunner(model, hf_text_config)
         self.engine = engine
@@ -83,14 +82,7 @@ class VllmBlending:
             raise ValueError(f"blend_special_str {self.separator!r} tokenizes to nothing")
         with_special = list(tokenizer("x")["input_ids"])
         self._bos = with_special[: len(with_special) - len(tokenizer("x", add_special_tokens=False)["input_ids"])]
-        self.blender = Blender(
-            self.runner,
-            engine,
-            check_layers=config.blend_check_layers,
-            ratios=config.blend_recompute_ratios,
-            metrics=metrics,
-            min_cached_share=min_cached_share,
-        )
+        self.blender = Blender.from_config(self.runner, engine, config, metrics)
 
     def split(self, tokens: list[int]) -> Segmented | None:
         """The prompt cut at the separator, or None without documents. The blend keys and positions are

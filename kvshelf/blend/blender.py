@@ -37,6 +37,7 @@ import torch
 from kvshelf.blend.segment import Segmented
 from kvshelf.blend.selection import SelectionPolicy, budget_for, select
 from kvshelf.cache.engine import CacheEngine
+from kvshelf.config import KVShelfConfig
 from kvshelf.metrics import Metrics
 from kvshelf.model.kv_buffer import KVBuffer
 from kvshelf.model.runner import ModelRunner
@@ -103,6 +104,25 @@ class Blender:
         # (issue #18: full hits 3.3-4.4x faster at 1.5-2.6K tokens); below half cached it would save < 30%.
         self.min_cached_share = min_cached_share
         self.selection = selection if selection is not None else SelectionPolicy()
+
+    @classmethod
+    def from_config(
+        cls, runner: ModelRunner, engine: CacheEngine | None, config: KVShelfConfig, metrics: Metrics | None = None
+    ) -> Blender:
+        """The blender the config describes (kvshelf's own runner and the vLLM adapter alike)."""
+        return cls(
+            runner,
+            engine,
+            check_layers=config.blend_check_layers,
+            ratios=config.blend_recompute_ratios,
+            metrics=metrics,
+            min_cached_share=config.blend_min_cached_share,
+            selection=SelectionPolicy(
+                signal=config.blend_selection_signal,
+                per_document=config.blend_per_document,
+                head_tokens=config.blend_head_tokens,
+            ),
+        )
 
     # -- which documents are cached ----------------------------------------------------------------------------
     def documents(self, seg: Segmented, salt) -> list[Document]:
