@@ -196,6 +196,11 @@ class KVShelfConfig(BaseModel):
         gt=0,
         description="inside vLLM as kv_consumer: longest a load waits for layers the producer has not published yet (then vLLM recomputes)",
     )
+    # -- issue #17: cachegen calibrated inside vLLM without a manual step (codec_calibration: auto) ---
+    codec_calibration_pending: Literal["uncalibrated", "raw"] = Field(
+        "uncalibrated", description="inside vLLM, auto: how cachegen tiers write until the calibration exists"
+    )
+    codec_calibration_threads: int = Field(2, ge=1, le=256, description="CPU threads computing an auto calibration")
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
     @field_validator("local_disk_codec", "remote_serde")

@@ -28,12 +28,15 @@ class Owned:
     metrics: Metrics
     codec_processes: CodecProcesses
     calibrations: calib.Calibrations = field(default_factory=calib.Calibrations)
+    jobs: list = field(default_factory=list)  # background work to stop first on close (auto-calibration)
 
     @classmethod
     def for_config(cls, config: KVShelfConfig) -> Owned:
         return cls(Metrics(config.metrics_prefix), CodecProcesses(config.codec_workers))
 
     def close(self) -> None:
+        for job in self.jobs:
+            job.stop()
         self.codec_processes.close()
 
 
@@ -47,7 +50,8 @@ def tier_calibration(
 ) -> calib.Calibration | None:
     """The calibration a cachegen tier codes with: a .kvcal file (checked against the model's KV layout);
     or, with `auto`, the model's own, made once from a few dozen short forwards and kept in the cache
-    folder: only where kvshelf runs the model (`runner`); inside vLLM `auto` runs uncalibrated."""
+    folder: only where kvshelf runs the model (`runner`); inside vLLM the tiers start uncalibrated (or raw)
+    and kvshelf.assembly.autocalibration switches them once the model's calibration exists."""
     if spec.name != "cachegen" or spec.calibration == "off":
         return None
     try:
@@ -56,7 +60,7 @@ def tier_calibration(
             if fingerprint is not None:
                 cal.check_layout((fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim))
         elif runner is None:
-            log.info("cachegen runs uncalibrated in vLLM; `kvshelf calibrate` makes a file for codec_calibration")
+            log.info("cachegen starts uncalibrated in vLLM; its auto calibration follows (codec_calibration_pending)")
             return None
         elif tokenizer is None:
             raise ConfigError(f"{spec.calibration_key}: auto needs the model's tokenizer; give a .kvcal path or off")

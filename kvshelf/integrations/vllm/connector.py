@@ -31,6 +31,7 @@ from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSid
 from kvshelf.integrations.vllm.shared import (
     acquire_engine,
     connector_config,
+    model_folder,
     owned_by,
     release_engine,
     stores_shard,
@@ -114,7 +115,8 @@ class KVShelfConnector(KVConnectorBase_V1):
                 stores=stores,
             )
         else:
-            self.engine = acquire_engine(fingerprint, self.config)
+            mc = vllm_config.model_config
+            self.engine = acquire_engine(fingerprint, self.config, model_folder(str(mc.model), mc.revision))
             # kv_both stays as it was; a producer publishes layers (unless publish_layers is off), a
             # consumer reads them (see published.py)
             published = None

@@ -152,8 +152,22 @@ def _key(fp: ModelFingerprint, config: KVShelfConfig) -> str:
     return fp.hex() + ":" + config.model_dump_json() + f":{os.getpid()}"
 
 
-def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig) -> CacheEngine:
-    """This process's engine for `config`, made on first use (see `owned_by` for what it owns)."""
+def model_folder(model: str, revision: str | None) -> Path | None:
+    """The local folder of the model vLLM loads (a folder, or a hub model's local snapshot), or None."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=model, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - no local snapshot: nothing to calibrate from
+        return None
+
+
+def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig, model: Path | None = None) -> CacheEngine:
+    """This process's engine for `config`, made on first use (see `owned_by` for what it owns). `model`:
+    the model's local folder, from which `codec_calibration: auto` computes cachegen's calibration."""
     key = _key(fp, config)
     with _lock:
         if key in _engines:
@@ -166,9 +180,24 @@ def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig) -> CacheEngine:
             owned.close()
             raise ConfigError("the kvshelf connector needs at least one tier: local_cpu, local_disk or remote_url")
         _engines[key] = (engine, owned, 1)
+        _auto_calibrate(engine, owned, config, fp, model)
         _export_metrics(engine, owned, config)
         log.info("kvshelf engine for %s: tiers %s", fp.model_id, [t.backend.name for t in engine.backend.tiers])
         return engine
+
+
+def _auto_calibrate(engine, owned: Owned, config: KVShelfConfig, fp: ModelFingerprint, model: Path | None) -> None:
+    """issue #17: cachegen tiers with calibration auto get the model's calibration when it exists."""
+    from kvshelf.assembly import autocalibration
+
+    if not autocalibration.auto_tiers(engine, config):
+        return
+    if model is None:
+        log.warning("kvshelf: no local model folder to calibrate cachegen from; it runs uncalibrated")
+        return
+    job = autocalibration.start(engine, config, fp, model, owned)
+    if job is not None:
+        owned.jobs.append(job)
 
 
 def owned_by(engine: CacheEngine) -> Owned:
