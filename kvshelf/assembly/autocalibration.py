@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 BUSY = 75  # exit status of a child that found another computing the same calibration (EX_TEMPFAIL)
 
 
-def cache_key(weights_digest: str) -> str:
-    """Names a model's auto calibration in the cache folder."""
-    return hashlib.blake2b(weights_digest.encode(), digest_size=16, person=b"kvshelf-autocal").hexdigest()
+def cache_key(weights_digest: str, tokens: int = 2048) -> str:
+    """Names a model's auto calibration (from `tokens` tokens of text) in the cache folder."""
+    text = f"{weights_digest}\n{tokens}".encode()
+    return hashlib.blake2b(text, digest_size=16, person=b"kvshelf-autocal").hexdigest()
 
 
 def _paths(key: str, folder: Path | None) -> tuple[Path, Path]:
@@ -114,11 +115,12 @@ class AutoCalibration:
         ready: Callable[[calib.Calibration], None],
         *,
         threads: int = 2,
+        tokens: int = 2048,
         folder: Path | None = None,
         poll_s: float = 5.0,
     ):
         self.model_dir, self.key, self.folder = str(model_dir), key, folder
-        self._ready, self.threads, self.poll_s = ready, threads, poll_s
+        self._ready, self.threads, self.tokens, self.poll_s = ready, threads, tokens, poll_s
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
@@ -177,6 +179,7 @@ class AutoCalibration:
 
     def _child(self) -> int:
         cmd = [sys.executable, "-m", __name__, self.model_dir, self.key, "--threads", str(self.threads)]
+        cmd += ["--tokens", str(self.tokens)]
         if self.folder is not None:
             cmd += ["--folder", str(self.folder)]
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
@@ -246,8 +249,9 @@ def start(
             store.use_codec(tier_codec(spec, fitted, processes=owned.codec_processes, calibrations=owned.calibrations))
         log.info("kvshelf: cachegen tiers now code with calibration %s", fitted.digest)
 
-    key = cache_key(fingerprint.weights_digest)
-    return AutoCalibration(model_dir, key, ready, threads=config.codec_calibration_threads).start()
+    threads, tokens = config.codec_calibration_threads, config.codec_calibration_tokens
+    key = cache_key(fingerprint.weights_digest, tokens)
+    return AutoCalibration(model_dir, key, ready, threads=threads, tokens=tokens).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,13 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model_dir")
     ap.add_argument("key")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--folder", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kvshelf calibration: %(message)s")
     import torch
 
     torch.set_num_threads(args.threads)
-    return compute(args.model_dir, args.key, args.folder)
+    return compute(args.model_dir, args.key, args.folder, tokens=args.tokens)
 
 
 if __name__ == "__main__":

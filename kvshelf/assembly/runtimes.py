@@ -92,7 +92,7 @@ VLLM = (
     | {"use_layerwise", "use_async_load", "buffer_size", "min_cached_tokens", "cache_salt"}
     | {"metrics_port", "metrics_host", "extra_config"}
     | {"publish_layers", "published_layer_wait_s"}  # issue #20: kv_producer / kv_consumer
-    | {"codec_calibration_pending", "codec_calibration_threads"}  # issue #17: auto-calibration
+    | {"codec_calibration_pending", "codec_calibration_threads", "codec_calibration_tokens"}  # issue #17
 )
 
 RUNTIMES: dict[str, frozenset[str]] = {
