@@ -9,7 +9,9 @@ fitted on all of them pooled, KL slopes measured per text. From those slopes it 
 transforms:
 - mixed-mean: each layer's slope averaged over the texts;
 - mixed-max: each layer's largest slope over the texts (a per-layer safety margin);
-and prints their files, to pass to codec_quality.py as --calibration.
+and prints their files, to pass to codec_quality.py as `cachegen:calibration=FILE.kvcal`.
+`--margin FILE...` writes instead, for existing calibrations, a variant with no step coarser than the
+median layer's, all steps rescaled to keep the size (a per-layer safety margin at equal size).
 """
 
 from __future__ import annotations
@@ -35,13 +37,29 @@ def variant(cal: calib.Calibration, combine: str) -> calib.Calibration:
     return dataclasses.replace(cal, step=allocate_steps(slope, KL_PER_LAYER), info=info, _cache={})
 
 
+def margin(cal: calib.Calibration, coarsest: float = 1.0) -> calib.Calibration:
+    """`cal` with no step coarser than `coarsest` x the median step, then every step scaled so that the
+    mean log-step (about the size) stays: a per-layer safety margin at equal size."""
+    old = cal.step
+    median = float(old.median())
+    new = old.clamp(max=median * coarsest)
+    new = new * torch.exp(old.log().mean() - new.log().mean())
+    info = dict(cal.info, margin_coarsest=coarsest)
+    return dataclasses.replace(cal, step=new, info=info, _cache={})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=1536, help="tokens of each text (a quarter scores sensitivity)")
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--out", default="bench/results/calibrations")
+    ap.add_argument("--margin", nargs="*", help="only write margin() variants of these .kvcal files")
     args = ap.parse_args()
     console = Console()
+    if args.margin:
+        for path in args.margin:
+            console.print(f"{path} with a margin: {calib.save(margin(calib.load(path)), args.out)}")
+        return
     lm = load_model(args.model, device="cpu")
     texts = genre_texts(CALIBRATION_GENRES, console)
     ids = [lm.tokenizer(t)["input_ids"][: args.tokens] for t in texts.values()]

@@ -182,7 +182,9 @@ class AutoCalibration:
         cmd += ["--tokens", str(self.tokens)]
         if self.folder is not None:
             cmd += ["--folder", str(self.folder)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        root = str(Path(__file__).resolve().parents[2])  # this kvshelf, wherever the parent found it
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONPATH=path)
         with self._lock:
             if self._stop.is_set():
                 return BUSY
@@ -262,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--folder", type=Path, default=None)
     args = ap.parse_args(argv)
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the instance that started it is gone (killed): stop, freeing the lock
+        while os.getppid() == parent:
+            threading.Event().wait(2.0)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, name="kvshelf-calibration-parent", daemon=True).start()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s kvshelf calibration: %(message)s")
     import torch
 

@@ -33,7 +33,7 @@ def run_vllm(tmp_path: Path, name: str, spec: dict, cache_dir: Path) -> dict:
         [sys.executable, str(DRIVER), str(spec_file), str(out_file)],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # a bound for a loaded machine; ~1-2 minutes each on a quiet one
         env=env,
     )
     if proc.returncode != 0 or not out_file.exists():
