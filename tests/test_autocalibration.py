@@ -40,6 +40,7 @@ def write_cached(cal, key, folder):
     (folder / f"auto-{key}.txt").write_text(cal.digest)
 
 
+@pytest.mark.slow  # a real child process: Python, torch and a tiny calibration (~10-20 s)
 def test_the_child_process_computes_the_calibration_once_and_every_instance_reads_it(model_dir, tmp_path):
     key = auto.cache_key("files:tiny")
     got = []
@@ -58,8 +59,18 @@ def test_the_child_process_computes_the_calibration_once_and_every_instance_read
     assert auto.cached(auto.cache_key("files:other"), tmp_path) is None
 
 
-def test_while_one_process_holds_the_lock_the_others_wait_for_its_file(tiny_calibration, model_dir, tmp_path):
+def in_process(monkeypatch):
+    """The child's work in this process (fast): flock conflicts between two opens of the lock file here too."""
+    monkeypatch.setattr(
+        auto.AutoCalibration, "_child", lambda self: auto.compute(self.model_dir, self.key, self.folder)
+    )
+
+
+def test_while_one_process_holds_the_lock_the_others_wait_for_its_file(
+    tiny_calibration, model_dir, tmp_path, monkeypatch
+):
     _, cal = tiny_calibration
+    in_process(monkeypatch)
     key = auto.cache_key("files:locked")
     with open(tmp_path / f"auto-{key}.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,16 +84,21 @@ def test_while_one_process_holds_the_lock_the_others_wait_for_its_file(tiny_cali
     assert job.error is None and got[0].digest == cal.digest
 
 
-def test_a_failed_computation_is_reported_and_leaves_the_tiers_as_they_are(tmp_path):
+def test_a_failed_computation_is_reported_and_leaves_the_tiers_as_they_are(tmp_path, monkeypatch):
     job = auto.AutoCalibration(tmp_path / "not-a-model", auto.cache_key("x"), lambda c: None, folder=tmp_path)
     assert job.start().done.is_set() and "no config.json" in job.error  # no process started
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
+    in_process(monkeypatch)
     job = auto.AutoCalibration(broken, auto.cache_key("y"), lambda c: None, folder=tmp_path).start()
-    assert job.done.wait(300)
+    assert job.done.wait(60)
     job.stop()
-    assert job.calibration is None and "status 1" in job.error
+    assert job.calibration is None and job.error
+    assert not (tmp_path / f"auto-{auto.cache_key('y')}.txt").exists()
+    monkeypatch.setattr(auto.AutoCalibration, "_child", lambda self: 1)  # the child's exit status, reported
+    job = auto.AutoCalibration(broken, auto.cache_key("z"), lambda c: None, folder=tmp_path).start()
+    assert job.done.wait(60) and "status 1" in job.error
 
 
 def test_a_half_written_or_damaged_calibration_is_never_used(tiny_calibration, tmp_path):
