@@ -66,11 +66,12 @@ def in_process(monkeypatch):
     )
 
 
-def test_while_one_process_holds_the_lock_the_others_wait_for_its_file(
-    tiny_calibration, model_dir, tmp_path, monkeypatch
-):
+def test_while_one_process_holds_the_lock_the_others_wait_for_its_file(tiny_calibration, tmp_path, monkeypatch):
     _, cal = tiny_calibration
     in_process(monkeypatch)
+    model_dir = tmp_path / "model"  # never loaded: the lock is held
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
     key = auto.cache_key("files:locked")
     with open(tmp_path / f"auto-{key}.lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -127,10 +128,11 @@ def test_a_tensor_parallel_rank_gets_the_part_of_its_kv_heads(tiny_calibration):
 
 
 @pytest.mark.parametrize("pending", ["uncalibrated", "raw"])
-def test_engine_tiers_code_pending_then_switch_to_the_calibration(
-    tiny_calibration, model_dir, tmp_path, monkeypatch, pending
-):
+def test_engine_tiers_code_pending_then_switch_to_the_calibration(tiny_calibration, tmp_path, monkeypatch, pending):
     runner, cal = tiny_calibration
+    model_dir = tmp_path / "model"  # never loaded: the child is replaced
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
     monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path / "cache"))
     config = KVShelfConfig(
         local_cpu=False,
