@@ -181,3 +181,37 @@ def test_config_keys_of_the_pending_codec():
     assert KVShelfConfig().codec_calibration_pending == "uncalibrated"
     with pytest.raises(ValueError, match="codec_calibration_pending"):
         KVShelfConfig(codec_calibration_pending="int8")
+
+
+def test_an_existing_calibration_builds_the_tiers_calibrated_so_the_disk_scan_keeps_its_chunks(
+    tiny_calibration, tmp_path, monkeypatch
+):
+    runner, cal = tiny_calibration
+    monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path / "cache"))
+    config = KVShelfConfig(
+        local_cpu=False, local_disk=str(tmp_path / "disk"), local_disk_codec="cachegen", chunk_size=16
+    )
+    fp = runner.fingerprint()
+    assert auto.existing(config, fp) is None
+    write_cached(cal, auto.cache_key(fp.weights_digest, config.codec_calibration_tokens), calib.default_dir())
+    ids = list(range(10, 42))
+    buf = runner.new_kv(len(ids))
+    runner.forward(ids, 0, buf)
+    for _ in range(2):  # a second instance (a restart) finds the chunks the first stored
+        owned = Owned.for_config(config)
+        engine = open_engine(config, fp, owned=owned, auto_calibration=auto.existing(config, fp))
+        try:
+            assert engine.backend.tiers[0].backend.codec.params()["calibration"] == cal.digest
+            if engine.retrieve(ids) is None or engine.retrieve(ids).num_tokens == 0:
+                assert engine.store(ids, buf.data.clone()) == len(ids)
+                engine.backend.flush()
+            else:
+                assert engine.retrieve(ids).num_tokens == len(ids)
+                break
+        finally:
+            engine.close()
+            owned.close()
+    else:
+        raise AssertionError("the restarted instance did not find the calibrated chunks")
+    off = KVShelfConfig(local_cpu=False, local_disk=str(tmp_path / "d2"), local_disk_codec="int8")
+    assert auto.existing(off, fp) is None  # no cachegen tier asks for it

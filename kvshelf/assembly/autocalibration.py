@@ -230,6 +230,19 @@ def auto_tiers(engine, config: KVShelfConfig) -> list:
     return out
 
 
+def existing(config: KVShelfConfig, fingerprint: ModelFingerprint) -> calib.Calibration | None:
+    """The model's auto calibration, fitted to this rank's KV, when it exists already: the tiers are then
+    built with it (a disk tier's start-up scan keeps only objects of the codec it is built with)."""
+    if not any(spec.name == "cachegen" and spec.calibration == "auto" for spec in config.tier_codecs().values()):
+        return None
+    cal = cached(cache_key(fingerprint.weights_digest, config.codec_calibration_tokens))
+    try:
+        return shard(cal, fingerprint) if cal is not None else None
+    except calib.CalibrationError as err:
+        log.error("kvshelf: the auto calibration does not fit this model's KV (%s); cachegen stays uncalibrated", err)
+        return None
+
+
 def start(
     engine, config: KVShelfConfig, fingerprint: ModelFingerprint, model_dir: str | Path, owned
 ) -> AutoCalibration | None:

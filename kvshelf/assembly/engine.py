@@ -47,6 +47,7 @@ def tier_calibration(
     runner=None,
     tokenizer=None,
     calibrations: calib.Calibrations | None = None,
+    auto: calib.Calibration | None = None,
 ) -> calib.Calibration | None:
     """The calibration a cachegen tier codes with: a .kvcal file (checked against the model's KV layout);
     or, with `auto`, the model's own, made once from a few dozen short forwards and kept in the cache
@@ -59,6 +60,8 @@ def tier_calibration(
             cal = calib.load(spec.calibration)
             if fingerprint is not None:
                 cal.check_layout((fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim))
+        elif runner is None and auto is not None:  # inside vLLM, the model's auto calibration exists already
+            cal = auto
         elif runner is None:
             log.info("cachegen starts uncalibrated in vLLM; its auto calibration follows (codec_calibration_pending)")
             return None
@@ -90,11 +93,20 @@ def open_engine(
     owned: Owned,
     runner=None,
     tokenizer=None,
+    auto_calibration: calib.Calibration | None = None,
 ) -> CacheEngine | None:
-    """The cache engine for a model: its tiers with their codecs and calibrations; None without tiers."""
+    """The cache engine for a model: its tiers with their codecs and calibrations; None without tiers.
+    `auto_calibration`: what `auto` means where kvshelf does not run the model (kvshelf.assembly.autocalibration)."""
     specs = config.tier_codecs()
     calibrations = {
-        tier: tier_calibration(spec, fingerprint, runner=runner, tokenizer=tokenizer, calibrations=owned.calibrations)
+        tier: tier_calibration(
+            spec,
+            fingerprint,
+            runner=runner,
+            tokenizer=tokenizer,
+            calibrations=owned.calibrations,
+            auto=auto_calibration,
+        )
         for tier, spec in specs.items()
     }
     tiers = build_tiers(

@@ -28,7 +28,8 @@ DRIVER = ROOT / "bench" / "vllm_driver.py"
 def run_vllm(tmp_path: Path, name: str, spec: dict, cache_dir: Path) -> dict:
     spec_file, out_file = tmp_path / f"{name}.json", tmp_path / f"{name}.out.json"
     spec_file.write_text(json.dumps({**spec, "workdir": str(tmp_path / "vllm-work")}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KVSHELF_CACHE_DIR": str(cache_dir)}
+    # 1 GiB of vLLM KV cache: the calibration's process holds a second copy of the model meanwhile
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KVSHELF_CACHE_DIR": str(cache_dir), "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run(
         [sys.executable, str(DRIVER), str(spec_file), str(out_file)],
         capture_output=True,

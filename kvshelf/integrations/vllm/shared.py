@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kvshelf.assembly import autocalibration
 from kvshelf.assembly.engine import Owned, open_engine
 from kvshelf.assembly.runtimes import check_runtime
 from kvshelf.cache.engine import CacheEngine
@@ -175,12 +176,15 @@ def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig, model: Path | No
             _engines[key] = (engine, owned, users + 1)
             return engine
         owned = Owned.for_config(config)
-        engine = open_engine(config, fp, owned=owned)  # vLLM runs the model: no runner, `auto` is uncalibrated
+        # vLLM runs the model: no runner; `auto` is the model's calibration if it exists, else made (below)
+        calibrated = autocalibration.existing(config, fp)
+        engine = open_engine(config, fp, owned=owned, auto_calibration=calibrated)
         if engine is None:
             owned.close()
             raise ConfigError("the kvshelf connector needs at least one tier: local_cpu, local_disk or remote_url")
         _engines[key] = (engine, owned, 1)
-        _auto_calibrate(engine, owned, config, fp, model)
+        if calibrated is None:
+            _auto_calibrate(engine, owned, config, fp, model)
         _export_metrics(engine, owned, config)
         log.info("kvshelf engine for %s: tiers %s", fp.model_id, [t.backend.name for t in engine.backend.tiers])
         return engine
@@ -188,8 +192,6 @@ def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig, model: Path | No
 
 def _auto_calibrate(engine, owned: Owned, config: KVShelfConfig, fp: ModelFingerprint, model: Path | None) -> None:
     """issue #17: cachegen tiers with calibration auto get the model's calibration when it exists."""
-    from kvshelf.assembly import autocalibration
-
     if not autocalibration.auto_tiers(engine, config):
         return
     if model is None:
