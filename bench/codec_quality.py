@@ -1,6 +1,7 @@
 """KV codecs on the real model: size against quality, measured on real text.
 
     python bench/codec_quality.py [--prefix 2048] [--files a.txt b.py ...] [--codecs none int8 cachegen ...]
+    python bench/codec_quality.py --texts genres --cont 256 --greedy 128 [--calibration FILE.kvcal]
 
 For each text (stdlib prose, stdlib Python source, a list; plus any files given): prefill `prefix`
 tokens, round-trip the KV through each codec in 256-token chunks exactly as a tier stores it, then
@@ -12,7 +13,11 @@ continue from the decoded KV:
 - bits per stored value (the whole stored object: header, scales, tables, payload) and size vs fp16.
 A codec spec is a name with optional parameters: cachegen:bits=3,early_bits=5. `cachegen` alone is the
 calibrated codec (the calibration is computed from the model on a different text, or loaded when one was
-saved for this model); `cachegen:calibration=none` is its uncalibrated mode.
+saved for this model, or `--calibration FILE`); `cachegen:calibration=none` is its uncalibrated mode.
+
+`--texts genres` scores texts of other genres found on the machine instead (issue #17: license prose,
+a Python package's source, Markdown docs, a table, Chinese and Russian; none is a calibration text, and
+none is in CALIBRATION_GENRES, the split that candidate calibrations are made from).
 """
 
 from __future__ import annotations
@@ -60,6 +65,43 @@ def builtin_texts(extended: bool = False) -> dict[str, str]:
     return texts
 
 
+def _site(package: str, name: str) -> Path:
+    """A file of an installed package (its source: a genre the codec was not tuned on)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    return Path(spec.origin).parent / name if spec and spec.origin else Path("/nonexistent") / package / name
+
+
+# Held-out texts of other genres (issue #17): scored, never calibrated on. Files that a machine lacks are
+# reported and skipped.
+GENRES = {
+    "license": Path("/usr/share/common-licenses/GPL-3"),
+    "python": _site("rich", "console.py"),
+    "markdown": Path("/usr/share/doc/nodejs/api/net.md"),
+    "table": Path("/etc/services"),
+    "chinese": Path("/usr/share/vim/vim90/tutor/tutor.zh_cn.utf-8"),
+    "russian": Path("/usr/share/vim/vim90/tutor/tutor.ru.utf-8"),
+}
+# The other split: what a mixed-genre candidate calibration is computed from (bench/calibrate_genres.py).
+CALIBRATION_GENRES = {
+    "license": Path("/usr/share/common-licenses/Apache-2.0"),
+    "python": _site("pydantic", "main.py"),
+    "markdown": Path("/usr/share/doc/nodejs/api/http.md"),
+    "japanese": Path("/usr/share/gnupg/help.ja.txt"),
+}
+
+
+def genre_texts(files: dict[str, Path], console=None) -> dict[str, str]:
+    out = {}
+    for name, path in files.items():
+        if path.is_file():
+            out[name] = path.read_text(encoding="utf-8", errors="replace")
+        elif console is not None:
+            console.print(f"[yellow]skipping {name}: {path} is not on this machine[/]")
+    return out
+
+
 def round_trip(kv: torch.Tensor, codec) -> tuple[torch.Tensor, int]:
     out, total = torch.empty_like(kv), 0
     for start in range(0, kv.shape[3], CHUNK):
@@ -78,7 +120,10 @@ def main() -> None:
     ap.add_argument("--cont", type=int, default=128, help="held-out tokens scored for perplexity")
     ap.add_argument("--greedy", type=int, default=64, help="greedy tokens compared for agreement")
     ap.add_argument("--files", nargs="*", default=[])
-    ap.add_argument("--texts", type=int, choices=(3, 6), default=6, help="built-in texts to score (3 or 6)")
+    ap.add_argument(
+        "--texts", choices=("3", "6", "genres"), default="6", help="built-in texts (3 or 6), or other genres"
+    )
+    ap.add_argument("--calibration", help="a .kvcal file for plain `cachegen` (default: the model's own)")
     ap.add_argument(
         "--codecs",
         nargs="+",
@@ -94,12 +139,13 @@ def main() -> None:
     if any(parse_spec(spec)[0] == "cachegen" and "calibration" not in parse_spec(spec)[1] for spec in args.codecs):
         t0 = time.perf_counter()
         with console.status("calibrating cachegen on the model (once per model, then cached)"):
-            cal = calibration_for(runner, tok)
+            cal = calibration_for(runner, tok, path=args.calibration)
         console.print(f"calibration {cal.digest} from {cal.info['tokens']} tokens: {time.perf_counter() - t0:.1f} s")
-    texts = builtin_texts(extended=args.texts == 6)
+    texts = genre_texts(GENRES, console) if args.texts == "genres" else builtin_texts(extended=args.texts == "6")
     texts.update({Path(f).name: Path(f).read_text(errors="replace") for f in args.files})
     n_cont, n_greedy = args.cont, args.greedy
     results = {spec: {"bits": [], "dppl": [], "agree": [], "kl": []} for spec in args.codecs}
+    scored = []
     with Progress(console=console, transient=True) as progress, torch.inference_mode():
         task = progress.add_task("codecs", total=len(texts) * (len(args.codecs) + 1))
         for name, text in texts.items():
@@ -107,6 +153,7 @@ def main() -> None:
             if len(ids) < args.prefix + n_cont:
                 console.print(f"[yellow]skipping {name}: {len(ids)} tokens < {args.prefix + n_cont}[/]")
                 continue
+            scored.append(name)
             prefix, cont = ids[: args.prefix], ids[args.prefix : args.prefix + n_cont]
             base = runner.new_kv(args.prefix + n_cont + n_greedy)
             runner.forward(prefix, 0, base)
@@ -162,7 +209,7 @@ def main() -> None:
             f"{row['kl']:.5f}",
         )
     console.print(table)
-    save_results(args.json, {"summary": summary, "per_text": results})
+    save_results(args.json, {"summary": summary, "texts": scored, "per_text": results})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ SPEC: {"model": dir, "prompts": [[token ids] or "text" or {"ids": [token ids], "
        "multiprocessing": bool (vLLM's engine core and worker in their own processes; no connector stats),
        "tensor_parallel_size": int (> 1: vLLM's "mp" executor, one worker process per rank),
        "scrape": [URL, ...] (fetched after the prompts, before shutdown: e.g. each rank's kvshelf /metrics),
-       "wait_blend": bool (CacheBlend: after each request, compute and store the missing documents)}
+       "wait_blend": bool (CacheBlend: after each request, compute and store the missing documents),
+       "wait_calibration_before": index | null (wait for codec_calibration auto, in-process only)}
 Each result: {"token_ids": [...], "seconds": wall time of the request, "cached": vLLM's num_cached_tokens}.
 """
 
@@ -50,6 +51,17 @@ def corrupt_files(folder: Path) -> int:
     return count
 
 
+def wait_auto_calibration(timeout_s: float = 900) -> list:
+    """(digest or None, error) of each auto calibration this process's kvshelf engines started (issue #17),
+    once each has finished."""
+    from kvshelf.integrations.vllm import shared
+
+    jobs = [job for _, owned, _ in list(shared._engines.values()) for job in owned.jobs]
+    for job in jobs:
+        job.done.wait(timeout_s)
+    return [(job.calibration.digest if job.calibration else None, job.error) for job in jobs]
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     workdir = Path(spec.get("workdir") or Path(spec_path).parent)
@@ -83,11 +95,14 @@ def main(spec_path: str, out_path: str) -> None:
     )
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=int(spec.get("max_tokens", 16)), ignore_eos=True)
-    results = []
+    results, calibrations = [], None
     for i, prompt in enumerate(spec["prompts"]):
         if spec.get("corrupt_dir_before") == i:
             corrupted = corrupt_files(Path(spec["corrupt_dir"]))
             print(f"corrupted {corrupted} files", file=sys.stderr)
+        if spec.get("wait_calibration_before") == i:
+            calibrations = wait_auto_calibration()
+            print(f"auto calibrations: {calibrations}", file=sys.stderr)
         if isinstance(prompt, dict):  # {"ids": [...], "salt": "..."}: a token prompt with its cache salt
             request = TokensPrompt(prompt_token_ids=prompt["ids"], cache_salt=prompt["salt"])
         else:
@@ -120,9 +135,8 @@ def main(spec_path: str, out_path: str) -> None:
         scraped[url] = httpx.get(url, timeout=10).text
     llm.llm_engine.engine_core.shutdown()  # closes the connectors: write-behind reaches disk/remote tiers
     # vLLM logs to stdout: the result goes to its own file
-    Path(out_path).write_text(
-        json.dumps({"startup_s": startup, "results": results, "stats": stats, "scraped": scraped})
-    )
+    out = {"startup_s": startup, "results": results, "stats": stats, "scraped": scraped, "calibrations": calibrations}
+    Path(out_path).write_text(json.dumps(out))
 
 
 if __name__ == "__main__":

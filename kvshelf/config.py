@@ -216,6 +216,13 @@ class KVShelfConfig(BaseModel):
     blend_selection_signal: str = Field(
         "kv", description="what a blend's check layer compares: kv (K and V deviation), k or v"
     )
+
+    # -- issue #17: cachegen calibrated inside vLLM without a manual step (codec_calibration: auto) ---
+    codec_calibration_pending: Literal["uncalibrated", "raw"] = Field(
+        "uncalibrated", description="inside vLLM, auto: how cachegen tiers write until the calibration exists"
+    )
+    codec_calibration_threads: int = Field(2, ge=1, le=256, description="CPU threads computing an auto calibration")
+    codec_calibration_tokens: int = Field(2048, ge=64, description="tokens of text an auto calibration is made from")
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
     @field_validator("local_disk_codec", "remote_serde")

@@ -28,12 +28,15 @@ class Owned:
     metrics: Metrics
     codec_processes: CodecProcesses
     calibrations: calib.Calibrations = field(default_factory=calib.Calibrations)
+    jobs: list = field(default_factory=list)  # background work to stop first on close (auto-calibration)
 
     @classmethod
     def for_config(cls, config: KVShelfConfig) -> Owned:
         return cls(Metrics(config.metrics_prefix), CodecProcesses(config.codec_workers))
 
     def close(self) -> None:
+        for job in self.jobs:
+            job.stop()
         self.codec_processes.close()
 
 
@@ -44,10 +47,12 @@ def tier_calibration(
     runner=None,
     tokenizer=None,
     calibrations: calib.Calibrations | None = None,
+    auto: calib.Calibration | None = None,
 ) -> calib.Calibration | None:
     """The calibration a cachegen tier codes with: a .kvcal file (checked against the model's KV layout);
     or, with `auto`, the model's own, made once from a few dozen short forwards and kept in the cache
-    folder: only where kvshelf runs the model (`runner`); inside vLLM `auto` runs uncalibrated."""
+    folder: only where kvshelf runs the model (`runner`); inside vLLM the tiers start uncalibrated (or raw)
+    and kvshelf.assembly.autocalibration switches them once the model's calibration exists."""
     if spec.name != "cachegen" or spec.calibration == "off":
         return None
     try:
@@ -55,8 +60,10 @@ def tier_calibration(
             cal = calib.load(spec.calibration)
             if fingerprint is not None:
                 cal.check_layout((fingerprint.num_layers, fingerprint.num_kv_heads, fingerprint.head_dim))
+        elif runner is None and auto is not None:  # inside vLLM, the model's auto calibration exists already
+            cal = auto
         elif runner is None:
-            log.info("cachegen runs uncalibrated in vLLM; `kvshelf calibrate` makes a file for codec_calibration")
+            log.info("cachegen starts uncalibrated in vLLM; its auto calibration follows (codec_calibration_pending)")
             return None
         elif tokenizer is None:
             raise ConfigError(f"{spec.calibration_key}: auto needs the model's tokenizer; give a .kvcal path or off")
@@ -86,11 +93,20 @@ def open_engine(
     owned: Owned,
     runner=None,
     tokenizer=None,
+    auto_calibration: calib.Calibration | None = None,
 ) -> CacheEngine | None:
-    """The cache engine for a model: its tiers with their codecs and calibrations; None without tiers."""
+    """The cache engine for a model: its tiers with their codecs and calibrations; None without tiers.
+    `auto_calibration`: what `auto` means where kvshelf does not run the model (kvshelf.assembly.autocalibration)."""
     specs = config.tier_codecs()
     calibrations = {
-        tier: tier_calibration(spec, fingerprint, runner=runner, tokenizer=tokenizer, calibrations=owned.calibrations)
+        tier: tier_calibration(
+            spec,
+            fingerprint,
+            runner=runner,
+            tokenizer=tokenizer,
+            calibrations=owned.calibrations,
+            auto=auto_calibration,
+        )
         for tier, spec in specs.items()
     }
     tiers = build_tiers(

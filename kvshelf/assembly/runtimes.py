@@ -99,6 +99,7 @@ VLLM = (
     # issue #19: CacheBlend inside vLLM (kvshelf.integrations.vllm.blending)
     | {"enable_blending", "blend_special_str", "blend_check_layers", "blend_recompute_ratios"}
     | {"blend_min_cached_share", "blend_head_tokens", "blend_per_document", "blend_selection_signal"}  # issue #18
+    | {"codec_calibration_pending", "codec_calibration_threads", "codec_calibration_tokens"}  # issue #17
 )
 
 RUNTIMES: dict[str, frozenset[str]] = {

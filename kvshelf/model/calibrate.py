@@ -115,30 +115,36 @@ def _progress(show: bool):
 
 @torch.inference_mode()
 def calibrate(
-    runner: ModelRunner, token_ids: list[int], *, continuation: int | None = None, show_progress: bool = False
+    runner: ModelRunner,
+    token_ids: list[int] | list[list[int]],
+    *,
+    continuation: int | None = None,
+    combine: str = "mean",
+    show_progress: bool = False,
 ) -> calib.Calibration:
-    """A calibration from one text: the first part is cached, the rest scores the sensitivity."""
+    """A calibration from one text (a list of ids) or several (a list of lists): the first part of each
+    is cached, the rest scores the sensitivity. With several texts the transforms are fitted on all of
+    them pooled, and each layer's KL slope is measured per text, then combined (`combine`: "mean", or
+    "max": every layer as sensitive as on the text where it was most sensitive: a safety margin)."""
+    texts = [token_ids] if token_ids and isinstance(token_ids[0], int) else list(token_ids)
+    if not texts or combine not in ("mean", "max"):
+        raise ValueError(f"calibration needs token ids and combine mean or max, got {combine!r}")
     with _progress(show_progress) as progress:
-        # Steps: the prefill, one transform fit per layer, the reference continuation, one probe per layer.
-        task = progress.add_task("prefill of the calibration text", total=2 * runner.num_layers + 2)
+        # Steps: per text a prefill and one probe per layer; the transform fits; the reference continuations.
+        task = progress.add_task("prefill of the calibration text", total=(len(texts) + 1) * runner.num_layers + 2)
 
         def advance(next_step: str) -> None:
             progress.update(task, advance=1, description=next_step)
 
-        return _calibrate(runner, token_ids, continuation, advance)
+        return _calibrate(runner, texts, continuation, combine, advance)
 
 
-def _calibrate(runner: ModelRunner, token_ids: list[int], continuation: int | None, advance) -> calib.Calibration:
-    n = len(token_ids)
-    cont = continuation or max(8, n // 5)
-    prefix = n - cont
-    if prefix < 32 or cont < 8:
-        raise ValueError(f"calibration needs at least 40 tokens, got {n}")
-    layers, heads, dim = runner.num_layers, runner.num_kv_heads, runner.head_dim
-    queries: dict[int, list[torch.Tensor]] = {i: [] for i in range(layers)}
+def _prefill(runner: ModelRunner, token_ids: list[int], prefix: int):
+    """The KV buffer after prefilling `prefix` tokens, and the queries of every layer."""
+    dim = runner.head_dim
+    queries: dict[int, list[torch.Tensor]] = {i: [] for i in range(runner.num_layers)}
     hooks = []
     for i, layer in enumerate(runner.layers):
-        attn = layer.self_attn
 
         def grab(_m, _inp, out, i=i, q_norm=runner.layer_specs[i].q_norm):
             q = out.view(out.shape[0], out.shape[1], -1, dim)
@@ -146,24 +152,42 @@ def _calibrate(runner: ModelRunner, token_ids: list[int], continuation: int | No
                 q = q_norm(q)
             queries[i].append(q[0].detach().float().cpu())
 
-        hooks.append(attn.q_proj.register_forward_hook(grab))
-    kv = runner.new_kv(n)
+        hooks.append(layer.self_attn.q_proj.register_forward_hook(grab))
+    kv = runner.new_kv(len(token_ids))
     try:
         runner.forward(token_ids[:prefix], 0, kv)
     finally:
         for h in hooks:
             h.remove()
-    advance("transforms of layer 1")
-    cached = kv.data[:, :, :, :prefix].float().cpu().clone()
+    return kv, queries
+
+
+def _calibrate(runner: ModelRunner, texts: list[list[int]], continuation, combine, advance) -> calib.Calibration:
+    splits = []
+    for ids in texts:
+        n = len(ids)
+        cont = continuation or max(8, n // 5)
+        if n - cont < 32 or cont < 8:
+            raise ValueError(f"calibration needs at least 40 tokens per text, got {n}")
+        splits.append(n - cont)
+    layers, heads, dim = runner.num_layers, runner.num_kv_heads, runner.head_dim
     inv_freq = torch.stack([runner.inv_freq(i).float().cpu() for i in range(layers)])
+    prefilled = []
+    for ids, prefix in zip(texts, splits, strict=True):
+        kv, queries = _prefill(runner, ids, prefix)
+        prefilled.append((kv, kv.data[:, :, :, :prefix].float().cpu().clone(), queries))
+    advance("transforms of layer 1")
     mean = torch.zeros(layers, 2, heads, dim)
     forward = torch.zeros(layers, 2, heads, dim, dim)
     inverse = torch.zeros(layers, 2, heads, dim, dim)
     rms = torch.zeros(layers, 2)
     for i in range(layers):
-        keys = rotate_keys(cached[i, 0], inv_freq[i], 0, -1.0)  # K is coded before RoPE
-        weights = (torch.diag_embed(_query_energy(runner, queries[i], i)), _output_gram(runner, i))
-        for kind, vals in enumerate((keys, cached[i, 1])):
+        # K is coded before RoPE; every text's vectors pooled
+        keys = torch.cat([rotate_keys(c[i, 0], inv_freq[i], 0, -1.0) for _, c, _ in prefilled], dim=1)
+        values = torch.cat([c[i, 1] for _, c, _ in prefilled], dim=1)
+        energy = _query_energy(runner, [q for _, _, qs in prefilled for q in qs[i]], i)
+        weights = (torch.diag_embed(energy), _output_gram(runner, i))
+        for kind, vals in enumerate((keys, values)):
             sq = 0.0
             for h in range(heads):
                 m, f, b = calib.fit_transform(vals[h], weights[kind][h])
@@ -173,20 +197,27 @@ def _calibrate(runner: ModelRunner, token_ids: list[int], continuation: int | No
         advance(f"transforms of layer {i + 2}" if i + 1 < layers else "reference continuation")
     # Sensitivity: KL of the continuation with one (layer, K|V) quantised at a probe step (a fraction of
     # its RMS). Measuring again at the allocated steps was tried: no better on held-out text.
-    ref = runner.forward(token_ids[prefix:], prefix, kv, all_logits=True)
-    ref_logp = torch.log_softmax(ref.float(), -1)
-    advance("sensitivity of layer 1")
     draft = calib.Calibration(inv_freq, mean, forward, inverse, (rms * _PROBE).clamp_min(1e-6))
-    slope = _kl_slopes(runner, kv, cached, token_ids[prefix:], ref_logp, draft, advance)
+    slopes = []
+    for ids, prefix, (kv, cached, _) in zip(texts, splits, prefilled, strict=True):
+        ref = runner.forward(ids[prefix:], prefix, kv, all_logits=True)
+        ref_logp = torch.log_softmax(ref.float(), -1)
+        advance("sensitivity of layer 1")
+        slopes.append(_kl_slopes(runner, kv, cached, ids[prefix:], ref_logp, draft, advance))
+    stacked = torch.stack(slopes)
+    slope = stacked.max(0).values if combine == "max" else stacked.mean(0)
     step = allocate_steps(slope)
     info = {
         "model": runner.fingerprint().digest().hex(),
-        "tokens": n,
+        "tokens": sum(len(ids) for ids in texts),
         "kl_per_layer_at_level_5": KL_PER_LAYER,
         "kl_slopes": [[round(float(x), 9) for x in row] for row in slope],
     }
+    if len(texts) > 1:
+        info.update(texts=len(texts), combine=combine)
+        info["kl_slopes_per_text"] = [[[round(float(x), 9) for x in row] for row in s] for s in slopes]
     cal = calib.Calibration(inv_freq, mean, forward, inverse, step, info)
-    log.info("cachegen calibration %s from %d tokens", cal.digest, n)
+    log.info("cachegen calibration %s from %d tokens", cal.digest, info["tokens"])
     return cal
 
 

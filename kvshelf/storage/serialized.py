@@ -34,10 +34,9 @@ class ObjectTooLarge(FormatError):
 
 class ByteStore(StorageBackend):
     def __init__(self, codec: Codec, *, auth: ObjectAuth | None = None, metrics: Metrics | None = None):
-        self.codec = codec
         self.auth = auth
         self.metrics = metrics or Metrics()  # the shelf's, where codec timings are observed
-        self._codec_id = codec_id(codec.name, codec.params())
+        self.use_codec(codec)
         self.corrupt_objects = 0  # objects that failed verification and were deleted
         self._corrupt_lock = threading.Lock()
 
@@ -54,26 +53,36 @@ class ByteStore(StorageBackend):
     @abstractmethod
     def _delete_name(self, name: str) -> None: ...
 
-    def name_of(self, key: bytes) -> str:
-        return object_name(key, self._codec_id, self.auth)
+    @property
+    def codec(self) -> Codec:
+        return self._coding[0]
 
-    def max_object_bytes(self, expected: Expected | None) -> int:
+    def use_codec(self, codec: Codec) -> None:
+        """Code with `codec` from now on (auto-calibration switches a tier once its calibration exists).
+        Objects are named by their codec, so objects of the previous codec are no longer found (misses)."""
+        self._coding = (codec, codec_id(codec.name, codec.params()))  # one assignment: readers see a pair
+
+    def name_of(self, key: bytes) -> str:
+        return object_name(key, self._coding[1], self.auth)
+
+    def max_object_bytes(self, expected: Expected | None, codec: Codec | None = None) -> int:
         """The largest object a read expecting `expected` can accept (this tier's codec)."""
         if expected is None:
             return GENERIC.max_object_bytes
         layers, _, heads, tokens, dim = expected.largest_shape()
-        seg = self.codec.max_segment_bytes((2, heads, tokens, dim), torch.float32)  # the widest dtype: a bound
+        seg = (codec or self.codec).max_segment_bytes((2, heads, tokens, dim), torch.float32)  # widest dtype
         return PREFIX_SIZE + MAX_HEADER_BYTES + layers * seg
 
     def put(self, key: bytes, chunk: StoredChunk) -> bool:
         if chunk.meta.num_tokens > GENERIC.max_tokens or chunk.kv.numel() > GENERIC.max_values:
             return False  # no read would accept it (e.g. a blended document longer than 8192 tokens)
+        codec, name_id = self._coding
         t0 = time.perf_counter()
-        parts = encode_chunk_parts(key, chunk, self.codec, self.auth)
+        parts = encode_chunk_parts(key, chunk, codec, self.auth)
         self.metrics.observe_codec(
-            self.codec.name, "encode", time.perf_counter() - t0, chunk.nbytes, sum(len(p) for p in parts)
+            codec.name, "encode", time.perf_counter() - t0, chunk.nbytes, sum(len(p) for p in parts)
         )
-        return self._put_bytes(self.name_of(key), parts)
+        return self._put_bytes(object_name(key, name_id, self.auth), parts)
 
     def get(self, key: bytes, expected: Expected | None = None) -> StoredChunk | None:
         encoded = self.open(key, expected)
@@ -92,11 +101,12 @@ class ByteStore(StorageBackend):
         """Fetch and verify the object; layers decode when asked for. `expected` defaults to the engine's
         expectation for this read (kvshelf.storage.expect.expecting). I/O errors propagate (tier faults)."""
         expected = expected or expect.current()
+        codec, name_id = self._coding
         try:
-            blob = self._get_bytes(self.name_of(key), self.max_object_bytes(expected))
+            blob = self._get_bytes(object_name(key, name_id, self.auth), self.max_object_bytes(expected, codec))
             if blob is None:
                 return None
-            return open_chunk(blob, key, self.codec, auth=self.auth, expected=expected)
+            return open_chunk(blob, key, codec, auth=self.auth, expected=expected)
         except FormatError as err:
             self._reject(key, err)
             return None

@@ -33,6 +33,7 @@ from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSid
 from kvshelf.integrations.vllm.shared import (
     acquire_engine,
     connector_config,
+    model_folder,
     owned_by,
     release_engine,
     shares_tiers,
@@ -154,7 +155,9 @@ class KVShelfConnector(KVConnectorBase_V1):
                 stores=stores,
             )
         else:
-            self.engine = acquire_engine(fingerprint, self.config, tp_rank=rank)
+            mc = vllm_config.model_config
+            model = model_folder(str(mc.model), mc.revision)
+            self.engine = acquire_engine(fingerprint, self.config, model, tp_rank=rank)
             # kv_both stays as it was; a producer publishes layers (unless publish_layers is off), a
             # consumer reads them (see published.py)
             published = None

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kvshelf.assembly import autocalibration
 from kvshelf.assembly.engine import Owned, open_engine
 from kvshelf.assembly.runtimes import check_runtime
 from kvshelf.cache.engine import CacheEngine
@@ -160,8 +161,24 @@ def _key(fp: ModelFingerprint, config: KVShelfConfig) -> str:
     return fp.hex() + ":" + config.model_dump_json() + f":{os.getpid()}"
 
 
-def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig, *, tp_rank: int = 0) -> CacheEngine:
-    """This process's engine for `config`, made on first use (see `owned_by` for what it owns). Its
+def model_folder(model: str, revision: str | None) -> Path | None:
+    """The local folder of the model vLLM loads (a folder, or a hub model's local snapshot), or None."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=model, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - no local snapshot: nothing to calibrate from
+        return None
+
+
+def acquire_engine(
+    fp: ModelFingerprint, config: KVShelfConfig, model: Path | None = None, *, tp_rank: int = 0
+) -> CacheEngine:
+    """This process's engine for `config`, made on first use (see `owned_by` for what it owns). `model`:
+    the model's local folder, from which `codec_calibration: auto` computes cachegen's calibration. Its
     metrics are served on `metrics_port` + `tp_rank` (each tensor-parallel rank is its own process)."""
     key = _key(fp, config)
     with _lock:
@@ -170,14 +187,30 @@ def acquire_engine(fp: ModelFingerprint, config: KVShelfConfig, *, tp_rank: int 
             _engines[key] = (engine, owned, users + 1)
             return engine
         owned = Owned.for_config(config)
-        engine = open_engine(config, fp, owned=owned)  # vLLM runs the model: no runner, `auto` is uncalibrated
+        # vLLM runs the model: no runner; `auto` is the model's calibration if it exists, else made (below)
+        calibrated = autocalibration.existing(config, fp)
+        engine = open_engine(config, fp, owned=owned, auto_calibration=calibrated)
         if engine is None:
             owned.close()
             raise ConfigError("the kvshelf connector needs at least one tier: local_cpu, local_disk or remote_url")
         _engines[key] = (engine, owned, 1)
+        if calibrated is None:
+            _auto_calibrate(engine, owned, config, fp, model)
         _export_metrics(engine, owned, config, port_offset=tp_rank)
         log.info("kvshelf engine for %s: tiers %s", fp.model_id, [t.backend.name for t in engine.backend.tiers])
         return engine
+
+
+def _auto_calibrate(engine, owned: Owned, config: KVShelfConfig, fp: ModelFingerprint, model: Path | None) -> None:
+    """issue #17: cachegen tiers with calibration auto get the model's calibration when it exists."""
+    if not autocalibration.auto_tiers(engine, config):
+        return
+    if model is None:
+        log.warning("kvshelf: no local model folder to calibrate cachegen from; it runs uncalibrated")
+        return
+    job = autocalibration.start(engine, config, fp, model, owned)
+    if job is not None:
+        owned.jobs.append(job)
 
 
 def owned_by(engine: CacheEngine) -> Owned:
