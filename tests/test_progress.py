@@ -11,7 +11,7 @@ def test_calibration_reports_every_layer(tiny_models):
     runner = ModelRunner(tiny_models("gemma3"))
     steps = []
     ids = torch.randint(3, 250, (120,), generator=torch.Generator().manual_seed(0)).tolist()
-    calibrate_mod._calibrate(runner, ids, None, steps.append)
+    calibrate_mod._calibrate(runner, [ids], None, "mean", steps.append)
     # the prefill, a transform fit per layer, the reference continuation, a sensitivity probe per layer
     assert len(steps) == 2 * runner.num_layers + 2
     assert steps[0] == "transforms of layer 1" and steps[-1] == "done"
