@@ -249,80 +249,92 @@ def person(rng: random.Random) -> str:
 
 
 # -- filler in six layouts: each returns about `words` words --------------------------------------------------
-def prose(rng, words):
+def _lines(words, line, per_word: int = 1) -> list[str]:
+    """Lines from `line()` until they hold `words` words (`per_word`: words of a line that count as one)."""
     out, n = [], 0
     while n < words:
-        s = (
-            f"The {rng.choice(ADJS)} {rng.choice(NOUNS)} near {rng.choice(CITIES)} was {rng.choice(VERBS)} by "
-            f"{person(rng)} after the {rng.choice(NOUNS)} had been {rng.choice(VERBS)} twice."
-        )
+        s = line()
         out.append(s)
-        n += len(s.split())
-    return " ".join(out)
+        n += len(s.split()) // per_word
+    return out
+
+
+def prose(rng, words):
+    return " ".join(
+        _lines(
+            words,
+            lambda: (
+                f"The {rng.choice(ADJS)} {rng.choice(NOUNS)} near {rng.choice(CITIES)} was {rng.choice(VERBS)} by "
+                f"{person(rng)} after the {rng.choice(NOUNS)} had been {rng.choice(VERBS)} twice."
+            ),
+        )
+    )
 
 
 def records(rng, words):
-    out, n = [], 0
-    while n < words:
-        s = (
-            f"Record {rng.randrange(1000, 9999)}: name={person(rng)}; site={rng.choice(SITES)}; "
-            f"item={rng.choice(ITEMS)}; qty={rng.randrange(1, 500)}; status={rng.choice(VERBS)}."
+    return "\n".join(
+        _lines(
+            words,
+            lambda: (
+                f"Record {rng.randrange(1000, 9999)}: name={person(rng)}; site={rng.choice(SITES)}; "
+                f"item={rng.choice(ITEMS)}; qty={rng.randrange(1, 500)}; status={rng.choice(VERBS)}."
+            ),
         )
-        out.append(s)
-        n += len(s.split())
-    return "\n".join(out)
+    )
 
 
 def table(rng, words):
-    out, n = ["| date | site | item | count | checked by |", "| --- | --- | --- | --- | --- |"], 0
-    while n < words:
-        s = (
+    header = ["| date | site | item | count | checked by |", "| --- | --- | --- | --- | --- |"]
+    rows = _lines(
+        words,
+        lambda: (
             f"| 20{rng.randrange(10, 30)}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d} | {rng.choice(SITES)} "
             f"| {rng.choice(ITEMS)} | {rng.randrange(1, 900)} | {person(rng)} |"
-        )
-        out.append(s)
-        n += len(s.split()) // 2
-    return "\n".join(out)
+        ),
+        per_word=2,
+    )
+    return "\n".join(header + rows)
 
 
 def dialogue(rng, words):
     a, b = person(rng), person(rng)
-    out, n = [], 0
-    while n < words:
-        s = rng.choice(
-            [
-                f"{a}: Did anyone check the {rng.choice(ITEMS)} at {rng.choice(SITES)}?",
-                f"{b}: Yes, {rng.randrange(2, 60)} of them were {rng.choice(VERBS)} on the {rng.choice(ADJS)} shift.",
-                f"{a}: And the {rng.choice(NOUNS)}? It looked {rng.choice(ADJS)} yesterday.",
-                f"{b}: It was {rng.choice(VERBS)}; {person(rng)} signed for it in {rng.choice(CITIES)}.",
-            ]
+    return "\n".join(
+        _lines(
+            words,
+            lambda: rng.choice(
+                [
+                    f"{a}: Did anyone check the {rng.choice(ITEMS)} at {rng.choice(SITES)}?",
+                    f"{b}: Yes, {rng.randrange(2, 60)} of them were {rng.choice(VERBS)} on the {rng.choice(ADJS)} shift.",
+                    f"{a}: And the {rng.choice(NOUNS)}? It looked {rng.choice(ADJS)} yesterday.",
+                    f"{b}: It was {rng.choice(VERBS)}; {person(rng)} signed for it in {rng.choice(CITIES)}.",
+                ]
+            ),
         )
-        out.append(s)
-        n += len(s.split())
-    return "\n".join(out)
+    )
 
 
 def code(rng, words):
-    out, n = [], 0
-    while n < words:
+    def function():
         f, item = rng.choice(FUNCS), rng.choice(ITEMS)
-        s = (
+        return (
             f"def {f}_{item}(batch, limit={rng.randrange(4, 256)}):\n"
             f"    # {rng.choice(VERBS)} {item} from {rng.choice(SITES).lower()}\n"
             f"    return [x for x in batch if x.{rng.choice(NOUNS)} < limit]\n"
         )
-        out.append(s)
-        n += len(s.split())
-    return "\n".join(out)
+
+    return "\n".join(_lines(words, function))
 
 
 def listing(rng, words):
-    out, n = [], 0
-    while n < words:
-        s = f"- {rng.randrange(1, 90)} {rng.choice(ITEMS)} {rng.choice(VERBS)} at {rng.choice(SITES)} ({rng.choice(ADJS)})"
-        out.append(s)
-        n += len(s.split())
-    return "\n".join(out)
+    return "\n".join(
+        _lines(
+            words,
+            lambda: (
+                f"- {rng.randrange(1, 90)} {rng.choice(ITEMS)} {rng.choice(VERBS)} at {rng.choice(SITES)} "
+                f"({rng.choice(ADJS)})"
+            ),
+        )
+    )
 
 
 LAYOUTS = {"prose": prose, "records": records, "table": table, "dialogue": dialogue, "code": code, "list": listing}
