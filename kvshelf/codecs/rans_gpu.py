@@ -190,3 +190,121 @@ def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[
     _, two, heads, tokens, dim = q.shape  # [layers * chunks, 2, heads, tokens, dim]
     q = q.view(len(segments), chunks, two, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
     return q.reshape(len(segments), two, heads, chunks * tokens, dim), err.any()
+
+
+# -- chunks staged on the device as they arrive, decoded later layer group by layer group --------------------
+class StagedChunk:
+    """One chunk's verified payload (every layer's segment) checked on the CPU and copied to the device once:
+    its kernel descriptors and escapes are kept per layer, relative to the chunk, so that any group of layers
+    of any set of staged chunks decodes later without touching the host bytes again."""
+
+    def __init__(self, data, offsets, desc, esc_at, esc_pos, esc_val):
+        self.data = data  # uint8 payload on the device
+        self.offsets = offsets  # int64 [layers + 1]: segment bounds in it
+        self.desc = desc  # int64 [layers, 2 * blocks, _DESC]: offsets within the payload, out0 within the segment
+        self.esc_at = esc_at  # int64 [layers + 1]: each layer's escapes in esc_pos / esc_val
+        self.esc_pos = esc_pos  # int64: positions within the layer's segment output [2, heads, tokens, dim]
+        self.esc_val = esc_val  # int32
+
+
+def _staging(nbytes: int, device: torch.device):
+    """A host buffer the copy to `device` can be queued from without waiting (pinned on CUDA) and its pool slot."""
+    if device.type == "cuda":
+        return _pinned(nbytes)
+    return torch.empty(nbytes, dtype=torch.uint8), None
+
+
+def _queued(slot) -> None:
+    """The staging slot's copy was queued on the current stream: reusable once it has run."""
+    if slot is not None:
+        slot[1] = torch.cuda.Event()
+        slot[1].record()
+        with _pool_lock:
+            slot[2] = False
+
+
+def stage_chunk(payload, offsets, shape: tuple, level: int, device) -> StagedChunk:
+    """Check every layer's segment of one chunk (rans.scan_segments: the CPU decoder's checks, compiled) and
+    queue its payload's copy to `device` (through pinned memory on CUDA: a copy from pageable memory would
+    first wait for everything queued on the stream). Raises RansError on a segment that does not parse."""
+    _, heads, tokens, dim = shape
+    device = torch.device(device)
+    rows = heads * dim
+    width, per_lane, blocks = rans.layout(rows, tokens)
+    offs = np.asarray(offsets, dtype=np.int64)
+    layers = len(offs) - 1
+    src = np.frombuffer(payload, np.uint8)
+    if layers < 1 or offs[0] != 0 or offs[-1] != len(src) or (np.diff(offs) < 0).any():
+        raise ValueError("layer offsets do not cut the payload into segments")
+    max_esc = min(len(src) // 8, layers * 2 * rows * tokens)
+    host, slot = _staging(len(src), device)
+    try:
+        buf = host.numpy()
+        buf[:] = src  # the checks read the staged copy: what they pass is exactly what the device gets
+        desc = np.empty((layers * 2 * blocks, _DESC), dtype=np.int64)
+        esc_pos = np.empty(max_esc, dtype=np.int64)
+        esc_val = np.empty(max_esc, dtype=np.int32)
+        head = np.frombuffer(calibrated_head(level), np.uint8)
+        n_esc, err = rans.scan_segments(
+            buf, offs[:-1], np.diff(offs), head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
+        )
+        if err:
+            raise rans.RansError(f"cachegen segment does not parse (code {err})")
+        data = host.to(device, non_blocking=True)
+    finally:
+        _queued(slot)
+    part = rows * tokens
+    pos = esc_pos[:n_esc]
+    layer_of = pos // (2 * part)  # scan_segments writes escapes in segment (= layer) order
+    desc = desc.reshape(layers, 2 * blocks, _DESC)
+    desc[:, :, 5] -= (np.arange(layers, dtype=np.int64) * 2 * part)[:, None]
+    esc_at = np.searchsorted(layer_of, np.arange(layers + 1, dtype=np.int64)).astype(np.int64)
+    return StagedChunk(data, offs, desc, esc_at, pos - layer_of * 2 * part, esc_val[:n_esc].copy())
+
+
+def decode_staged(chunks: list[StagedChunk], i: int, j: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layers i..j-1 of consecutive staged chunks -> their symbols [j - i, 2, heads, chunks * tokens, dim] and
+    an error flag (a boolean tensor on the device), without waiting for the GPU: the caller must see the
+    flag False before it uses what the symbols decode to. One gather of the segments on the device, one small
+    copy of descriptors and escapes, one kernel."""
+    _, heads, tokens, dim = shape
+    device = chunks[0].data.device
+    n, c = j - i, len(chunks)
+    part = heads * dim * tokens
+    local = np.stack([ch.offsets[i:j] for ch in chunks], axis=1)  # [n, c]: segment starts in their payloads
+    lengths = np.stack([ch.offsets[i + 1 : j + 1] for ch in chunks], axis=1) - local
+    flat = lengths.reshape(-1)
+    starts = (np.cumsum(flat) - flat).reshape(n, c)  # where each segment lands in the gathered buffer
+    seg = np.arange(n * c, dtype=np.int64).reshape(n, c)  # segment index in the output: layer-major
+    desc = np.stack([ch.desc[i:j] for ch in chunks], axis=1)  # [n, c, 2 * blocks, _DESC]
+    desc[..., 0:4] += (starts - local)[..., None, None]
+    desc[..., 5] += (seg * 2 * part)[..., None]
+    pos = [
+        ch.esc_pos[ch.esc_at[k] : ch.esc_at[k + 1]] + int(seg[k - i, c]) * 2 * part
+        for k in range(i, j)
+        for c, ch in enumerate(chunks)
+    ]
+    val = [ch.esc_val[ch.esc_at[k] : ch.esc_at[k + 1]] for k in range(i, j) for ch in chunks]
+    n_esc = sum(len(p) for p in pos)
+    align = lambda m: (m + 7) // 8 * 8  # noqa: E731
+    offs = np.cumsum([0, align(desc.nbytes), align(8 * n_esc), align(4 * n_esc)])
+    host, slot = _staging(int(offs[-1]), device)
+    try:
+        view = host.numpy()
+        view[: desc.nbytes] = desc.reshape(-1).view(np.uint8)
+        if n_esc:
+            view[offs[1] : offs[1] + 8 * n_esc] = np.concatenate(pos).view(np.uint8)
+            view[offs[2] : offs[2] + 4 * n_esc] = np.concatenate(val).view(np.uint8)
+        dev = host.to(device, non_blocking=True)
+    finally:
+        _queued(slot)
+    data = torch.cat([ch.data[ch.offsets[k] : ch.offsets[k + 1]] for k in range(i, j) for ch in chunks])
+    staged = (
+        data,
+        dev[: desc.nbytes].view(torch.int64),
+        (dev[offs[1] : offs[1] + 8 * n_esc].view(torch.int64), dev[offs[2] : offs[2] + 4 * n_esc].view(torch.int32)),
+        (n * c, 2, heads, tokens, dim),
+    )
+    q, err = run_staged(staged, check=False)
+    q = q.view(n, c, 2, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
+    return q.reshape(n, 2, heads, c * tokens, dim), err.any()
