@@ -91,6 +91,7 @@ class LayerwiseLoader:
         # Device decoding: chunks per batch decoded (all layers) while later chunks are still read; 0: none
         self.decode_ahead = DECODE_AHEAD_CHUNKS if decode_ahead is None else decode_ahead
         self._ahead = 0  # chunks decoded ahead (all their layers), the first ones
+        self.open_s = 0.0  # time the loader spent reading and staging the chunks before the first group
         self.kv = kv
         self.n = retrieval.num_tokens
         self.buffer_size = max(1, buffer_size)  # layers loaded ahead of the compute, at most
@@ -234,7 +235,8 @@ class LayerwiseLoader:
                 event.synchronize()
             if host_flag is not None and bool(host_flag):
                 raise LayerLoadError("chunks decoded while reading did not decode (damaged stored bytes)")
-        self.stats.record(0, load_s=time.perf_counter() - t0)
+        self.open_s = time.perf_counter() - t0
+        self.stats.record(0, load_s=self.open_s)
 
     def _decode_group(self, i: int, j: int, lo: int, hi: int) -> tuple:
         """Layers i..j-1 of chunks lo..hi-1 (None: to the last) queued on the device into the KV: (event, host
