@@ -6,11 +6,13 @@ KV: a file saved by `bench/codec_speed.py --save-kv` (Gemma 3 270M's real fp16 K
 for --tokens beyond the file the KV repeats at later positions, as a longer prompt's would. The prompt's
 256-token chunks are encoded as stored objects (kvshelf's format, calibrated cachegen) and opened as a tier
 would (verified, not decoded). Then, from those bytes in host memory to the fp16 KV buffer on the GPU:
-- group: LayerwiseRetrieval.device_decoding's decode of layers i..i+g-1 of every chunk (checks, pinned
-  staging, one copy, one rANS kernel, one inverse transform + RoPE) written into the KV buffer, the error
-  flag read back (synchronised): GB/s of fp16 KV per layer, for groups of g layers;
+- group: every chunk staged (its segments checked, its payload copied to the GPU once), then
+  LayerwiseRetrieval.device_decoding's decode of layers i..i+g-1 of every chunk (one rANS kernel, one
+  inverse transform + RoPE) written into the KV buffer, each group's error flag read back (synchronised):
+  GB/s of fp16 KV per layer over all layers, staging included, for groups of g layers;
 - loader: the LayerwiseLoader (its thread, its stream, groups as configured, error flags checked one group
-  behind) with a model that needs no time: all layers in, GB/s of fp16 KV per layer;
+  behind, optionally decoding batches of chunks while later ones are staged) with a model that needs no
+  time: from the host bytes to all layers in, GB/s of fp16 KV per layer;
 - exactness: the loaded KV against the CPU decoder's (max |difference|), symbols GPU vs CPU (bit-exact).
 """
 
@@ -144,24 +146,25 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
     results[f"{label} 8 layers: GPU side from staged bytes GB/s per layer"] = (
         8 * layer_bytes / statistics.median(t_gpu) / 1e9
     )
-    for size in (1, 4, 8):
+    for size, ahead in ((1, 0), (4, 0), (8, 0), (8, 8), (8, 16)):
         times = []
         for _ in range(repeats):
             buf.data.zero_()
             sync()
             t = time.perf_counter()
             plan.release()  # staged anew by the loader: end to end from the host bytes
-            loader = LayerwiseLoader(retrieval, buf, buffer_size=size, stats=LayerwiseStats(layers), decoding=plan)
+            loader = LayerwiseLoader(
+                retrieval, buf, buffer_size=size, stats=LayerwiseStats(layers), decoding=plan, decode_ahead=ahead
+            )
             for i in range(layers):
                 loader.wait(i)
             sync()
             times.append(time.perf_counter() - t)
             loader.close()
             assert loader.error is None, loader.error
-        results[f"{label} loader, buffer_size {size}: GB/s per layer"] = (
-            layers * layer_bytes / statistics.median(times) / 1e9
-        )
-        results[f"{label} loader, buffer_size {size}: ms all layers"] = 1e3 * statistics.median(times)
+        name = f"{label} loader, buffer_size {size}, decode_ahead {ahead}"
+        results[f"{name}: GB/s per layer"] = layers * layer_bytes / statistics.median(times) / 1e9
+        results[f"{name}: ms all layers"] = 1e3 * statistics.median(times)
     # exactness: the loaded KV against the CPU decoder, chunks 0, 1 and the last; symbols of layer 0 and 5
     worst, top = 0.0, 0.0
     for c in (0, 1, len(chunks) - 1):

@@ -198,7 +198,9 @@ def main() -> None:
         default=[0],
         help="GPU decoding: chunks decoded ahead (all layers) while later chunks are read; one row per value",
     )
-    ap.add_argument("--read-window", type=int, default=None, help="tier reads in flight per request (default: 2)")
+    ap.add_argument(
+        "--read-window", type=int, nargs="+", default=[2], help="tier reads in flight per request; one row per value"
+    )
     ap.add_argument("--json", default="bench/results/layerwise.json")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--no-layer-store", action="store_true", help="store after the first token, not per layer")
@@ -268,8 +270,6 @@ def main() -> None:
             # every chunk of a long prompt written behind at once (the default queue drops what exceeds 256 MB)
             # deadline_s 30: reads on the tier's workers (as in a server), side by side, none cut here
             tiers = TierManager([backend], write_queue_bytes=1 << 40, write_block_s=600.0, deadline_s=30.0)
-            if args.read_window:
-                tiers.read_window = args.read_window
             engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=args.chunk_size)
             whole = CachedGenerator(runner, engine, store_generated=False)
             layered = CachedGenerator(
@@ -290,8 +290,10 @@ def main() -> None:
             # load are measured once only (seconds each), "load" is the loader alone (open + decode).
             on_device = engine.retrieve_layerwise(prefix + [0]).device_decoding(device) is not None
             t_whole, t_load, t_compute = [], [], []
-            for ahead in args.decode_ahead if on_device else [0]:
+            variants = [(a, w) for w in args.read_window for a in args.decode_ahead] if on_device else [(0, 2)]
+            for ahead, window in variants:
                 loader_mod.DECODE_AHEAD_CHUNKS = ahead
+                tiers.read_window = window
                 rows.append(
                     measure_variant(
                         args,

@@ -242,11 +242,16 @@ class CacheEngine:
             for k, (u, _) in zip(keys, used, strict=True)
         ]
         until = budget_until()  # the request's tier budget, carried to the loader thread that reads
+        pin = torch.device(device).type == "cuda"
+
+        def into(nbytes: int) -> torch.Tensor:
+            """Objects are read into page-locked memory for a GPU: copied from there as they are, no staging."""
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
         def opener():
             expected = [self._expect(k.num_tokens, k.start) for k in keys]
             with tier_budget_until(until):
-                readers = self.backend.open_many([k.digest for k in keys], expected, tier=where[0])
+                readers = self.backend.open_many([k.digest for k in keys], expected, tier=where[0], into=into)
                 try:
                     for key, reader in zip(keys, readers, strict=False):
                         yield self._verified(key, reader)

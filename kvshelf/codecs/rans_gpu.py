@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kvshelf.codecs import rans
+from kvshelf.codecs.base import tensor_view
 from kvshelf.codecs.cachegen import calibrated_head
 
 _WARPS = 1  # a block's 32 lanes are one warp: prefix sums by shuffles, no shared memory
@@ -198,7 +199,8 @@ class StagedChunk:
     its kernel descriptors and escapes are kept per layer, relative to the chunk, so that any group of layers
     of any set of staged chunks decodes later without touching the host bytes again."""
 
-    def __init__(self, data, offsets, desc, esc_at, esc_pos, esc_val):
+    def __init__(self, data, offsets, desc, esc_at, esc_pos, esc_val, host=None):
+        self.host = host  # the pinned payload copied from, kept until the copy has surely run (release)
         self.data = data  # uint8 payload on the device
         self.offsets = offsets  # int64 [layers + 1]: segment bounds in it
         self.desc = desc  # int64 [layers, 2 * blocks, _DESC]: offsets within the payload, out0 within the segment
@@ -237,10 +239,15 @@ def stage_chunk(payload, offsets, shape: tuple, level: int, device) -> StagedChu
     if layers < 1 or offs[0] != 0 or offs[-1] != len(src) or (np.diff(offs) < 0).any():
         raise ValueError("layer offsets do not cut the payload into segments")
     max_esc = min(len(src) // 8, layers * 2 * rows * tokens)
-    host, slot = _staging(len(src), device)
+    read_pinned = device.type == "cuda" and len(src) and tensor_view(payload, torch.uint8, (len(src),)).is_pinned()
+    if read_pinned:  # read into pinned memory by the tier (StorageBackend.open_into): copied from as it is
+        host, slot = tensor_view(payload, torch.uint8, (len(src),)), None
+    else:
+        host, slot = _staging(len(src), device)
     try:
         buf = host.numpy()
-        buf[:] = src  # the checks read the staged copy: what they pass is exactly what the device gets
+        if not read_pinned:
+            buf[:] = src  # the checks read the staged copy: what they pass is exactly what the device gets
         desc = np.empty((layers * 2 * blocks, _DESC), dtype=np.int64)
         esc_pos = np.empty(max_esc, dtype=np.int64)
         esc_val = np.empty(max_esc, dtype=np.int32)
@@ -259,32 +266,33 @@ def stage_chunk(payload, offsets, shape: tuple, level: int, device) -> StagedChu
     desc = desc.reshape(layers, 2 * blocks, _DESC)
     desc[:, :, 5] -= (np.arange(layers, dtype=np.int64) * 2 * part)[:, None]
     esc_at = np.searchsorted(layer_of, np.arange(layers + 1, dtype=np.int64)).astype(np.int64)
-    return StagedChunk(data, offs, desc, esc_at, pos - layer_of * 2 * part, esc_val[:n_esc].copy())
+    keep = payload if read_pinned else None  # its memory may be reused once freed: kept until release
+    return StagedChunk(data, offs, desc, esc_at, pos - layer_of * 2 * part, esc_val[:n_esc].copy(), keep)
 
 
 def decode_staged(chunks: list[StagedChunk], i: int, j: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """Layers i..j-1 of consecutive staged chunks -> their symbols [j - i, 2, heads, chunks * tokens, dim] and
     an error flag (a boolean tensor on the device), without waiting for the GPU: the caller must see the
-    flag False before it uses what the symbols decode to. One gather of the segments on the device, one small
-    copy of descriptors and escapes, one kernel."""
+    flag False before it uses what the symbols decode to. One small copy of descriptors and escapes, one
+    kernel, which reads each chunk's segments where they were staged: its descriptors' offsets are taken
+    from the first chunk's device buffer (all of them are allocations on one device)."""
     _, heads, tokens, dim = shape
-    device = chunks[0].data.device
+    base = chunks[0].data
+    device = base.device
     n, c = j - i, len(chunks)
     part = heads * dim * tokens
-    local = np.stack([ch.offsets[i:j] for ch in chunks], axis=1)  # [n, c]: segment starts in their payloads
-    lengths = np.stack([ch.offsets[i + 1 : j + 1] for ch in chunks], axis=1) - local
-    flat = lengths.reshape(-1)
-    starts = (np.cumsum(flat) - flat).reshape(n, c)  # where each segment lands in the gathered buffer
+    shift = np.array([ch.data.data_ptr() - base.data_ptr() for ch in chunks], dtype=np.int64)
     seg = np.arange(n * c, dtype=np.int64).reshape(n, c)  # segment index in the output: layer-major
     desc = np.stack([ch.desc[i:j] for ch in chunks], axis=1)  # [n, c, 2 * blocks, _DESC]
-    desc[..., 0:4] += (starts - local)[..., None, None]
+    desc[..., 0:4] += shift[None, :, None, None]
     desc[..., 5] += (seg * 2 * part)[..., None]
-    pos = [
-        ch.esc_pos[ch.esc_at[k] : ch.esc_at[k + 1]] + int(seg[k - i, c]) * 2 * part
-        for k in range(i, j)
-        for c, ch in enumerate(chunks)
-    ]
-    val = [ch.esc_val[ch.esc_at[k] : ch.esc_at[k + 1]] for k in range(i, j) for ch in chunks]
+    pos, val = [], []
+    for k, ch in enumerate(chunks):  # each chunk's escapes of layers i..j-1 lie together, in layer order
+        a, b = ch.esc_at[i], ch.esc_at[j]
+        if b > a:
+            layer = np.repeat(np.arange(n, dtype=np.int64), np.diff(ch.esc_at[i : j + 1]))
+            pos.append(ch.esc_pos[a:b] + (layer * c + k) * 2 * part)
+            val.append(ch.esc_val[a:b])
     n_esc = sum(len(p) for p in pos)
     align = lambda m: (m + 7) // 8 * 8  # noqa: E731
     offs = np.cumsum([0, align(desc.nbytes), align(8 * n_esc), align(4 * n_esc)])
@@ -298,9 +306,8 @@ def decode_staged(chunks: list[StagedChunk], i: int, j: int, shape: tuple) -> tu
         dev = host.to(device, non_blocking=True)
     finally:
         _queued(slot)
-    data = torch.cat([ch.data[ch.offsets[k] : ch.offsets[k + 1]] for k in range(i, j) for ch in chunks])
     staged = (
-        data,
+        base,
         dev[: desc.nbytes].view(torch.int64),
         (dev[offs[1] : offs[1] + 8 * n_esc].view(torch.int64), dev[offs[2] : offs[2] + 4 * n_esc].view(torch.int32)),
         (n * c, 2, heads, tokens, dim),

@@ -94,12 +94,18 @@ class StorageBackend(ABC):
         Tiers that store bytes return it verified but not yet decoded."""
         return self.get(key)
 
-    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None):
-        """open() of each key in order, each read under its Expected (kvshelf.storage.expect), yielding every
-        reader (None: a miss) as it comes; a tier stack reads several side by side from the tier `tier`."""
+    def open_into(self, key: bytes, into) -> ChunkReader | None:
+        """open(), reading a stored object into a buffer from `into(nbytes)` (a uint8 tensor: pinned host memory
+        a GPU copies from without staging) where the tier reads bytes it can place; others ignore `into`."""
+        return self.open(key)
+
+    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None):
+        """open() (open_into with `into`) of each key in order, each read under its Expected
+        (kvshelf.storage.expect), yielding every reader (None: a miss) as it comes; a tier stack reads several
+        side by side from the tier `tier`."""
         for key, want in zip(keys, expected or [None] * len(keys), strict=True):
             with expecting(want):
-                yield self.open(key)
+                yield self.open(key) if into is None else self.open_into(key, into)
 
     def tier_codec(self, name: str) -> Codec | None:
         """The codec of the tier named `name` (as locate() names it): None where it holds decoded tensors."""

@@ -352,7 +352,7 @@ class TierManager(StorageBackend):
         tier, reader = self._first_hit("open", key)
         return _PromotingReader(reader, key, self.tiers[0]) if self._promotes(tier) else reader
 
-    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None):
+    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None):
         """Open `keys` from the tier named `tier` (the one locate() found them in; default: the first), in
         order, yielding each reader (None: a miss or a fault) as soon as it and those before it are there.
         Up to `read_window` (default: half the tier's workers) read side by side; the rest stay free for other requests, and a
@@ -361,13 +361,19 @@ class TierManager(StorageBackend):
         if t is None:
             raise ValueError(f"no tier named {tier!r}")
         expected = expected or [None] * len(keys)
+        backend = t.backend
+
+        def open_into(key: bytes):
+            return backend.open_into(key, into)
+
+        read = backend.open if into is None else open_into
         window = max(1, min(self.read_window, t.lanes.size)) if t.lanes is not None else 1
         pending: collections.deque = collections.deque()
         nxt = 0
         while nxt < len(keys) or pending:
             while nxt < len(keys) and len(pending) < window:
                 with expecting(expected[nxt]):
-                    call = t.start(t.backend.open, keys[nxt], wait_if_busy=bool(pending))
+                    call = t.start(read, keys[nxt], wait_if_busy=bool(pending))
                 if call is BUSY:
                     break
                 pending.append(call)
