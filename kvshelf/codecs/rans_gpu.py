@@ -241,33 +241,28 @@ def stage_chunk(payload, offsets, shape: tuple, level: int, device) -> StagedChu
     max_esc = min(len(src) // 8, layers * 2 * rows * tokens)
     read_pinned = device.type == "cuda" and len(src) and tensor_view(payload, torch.uint8, (len(src),)).is_pinned()
     if read_pinned:  # read into pinned memory by the tier (StorageBackend.open_into): copied from as it is
-        host, slot = tensor_view(payload, torch.uint8, (len(src),)), None
-    else:
-        host, slot = _staging(len(src), device)
-    try:
-        buf = host.numpy()
-        if not read_pinned:
-            buf[:] = src  # the checks read the staged copy: what they pass is exactly what the device gets
-        desc = np.empty((layers * 2 * blocks, _DESC), dtype=np.int64)
-        esc_pos = np.empty(max_esc, dtype=np.int64)
-        esc_val = np.empty(max_esc, dtype=np.int32)
-        head = np.frombuffer(calibrated_head(level), np.uint8)
-        n_esc, err = rans.scan_segments(
-            buf, offs[:-1], np.diff(offs), head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
-        )
-        if err:
-            raise rans.RansError(f"cachegen segment does not parse (code {err})")
-        data = host.to(device, non_blocking=True)
-    finally:
-        _queued(slot)
+        host = tensor_view(payload, torch.uint8, (len(src),))
+    else:  # torch's pinned-memory cache: cheap once warm, and kept below until the copy has surely run
+        host = torch.empty(len(src), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        host.numpy()[:] = src  # the checks read the staged copy: what they pass is exactly what the device gets
+    buf = host.numpy()
+    desc = np.empty((layers * 2 * blocks, _DESC), dtype=np.int64)
+    esc_pos = np.empty(max_esc, dtype=np.int64)
+    esc_val = np.empty(max_esc, dtype=np.int32)
+    head = np.frombuffer(calibrated_head(level), np.uint8)
+    n_esc, err = rans.scan_segments(
+        buf, offs[:-1], np.diff(offs), head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
+    )
+    if err:
+        raise rans.RansError(f"cachegen segment does not parse (code {err})")
+    data = host.to(device, non_blocking=True)
     part = rows * tokens
     pos = esc_pos[:n_esc]
     layer_of = pos // (2 * part)  # scan_segments writes escapes in segment (= layer) order
     desc = desc.reshape(layers, 2 * blocks, _DESC)
     desc[:, :, 5] -= (np.arange(layers, dtype=np.int64) * 2 * part)[:, None]
     esc_at = np.searchsorted(layer_of, np.arange(layers + 1, dtype=np.int64)).astype(np.int64)
-    keep = payload if read_pinned else None  # its memory may be reused once freed: kept until release
-    return StagedChunk(data, offs, desc, esc_at, pos - layer_of * 2 * part, esc_val[:n_esc].copy(), keep)
+    return StagedChunk(data, offs, desc, esc_at, pos - layer_of * 2 * part, esc_val[:n_esc].copy(), host)
 
 
 def decode_staged(chunks: list[StagedChunk], i: int, j: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:

@@ -223,8 +223,9 @@ class LayerwiseLoader:
             if self._closed:
                 raise LayerLoadError("the loader was closed")
             if self.decode_ahead and n - self._ahead >= self.decode_ahead and n < total:
-                for i in range(0, self.num_layers, 8):
-                    early.append(self._decode_group(i, min(i + 8, self.num_layers), self._ahead, n))
+                step = max(1, 256 // (n - self._ahead))  # few launches, bounded temporaries: <= 256 segments
+                for i in range(0, self.num_layers, step):
+                    early.append(self._decode_group(i, min(i + step, self.num_layers), self._ahead, n))
                 self._ahead = n
 
         stream = torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()

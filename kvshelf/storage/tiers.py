@@ -290,11 +290,12 @@ class TierManager(StorageBackend):
         write_deadline_s: float | None = None,
         slow_s: float | None = None,
         workers: int = 4,
+        read_window: int | None = None,
     ):
         """`deadline_s` bounds each read of a tier that is not inline (None: unbounded), `write_deadline_s`
         each write (default 5x `deadline_s`); reads slower than `slow_s` (default: off; reads cut by a
         request's budget always count) count against the tier's breaker; `workers` calls per tier may be
-        in flight at once."""
+        in flight at once, `read_window` of them (default: half) for one request's open_many."""
         if not backends:
             raise ValueError("a tier manager needs at least one tier")
         if deadline_s is not None and deadline_s <= 0:
@@ -314,7 +315,7 @@ class TierManager(StorageBackend):
             for b in backends
         ]
         self.write_block_s = write_block_s
-        self.read_window = max(1, workers // 2)  # open_many's reads in flight at once, per request
+        self.read_window = max(1, min(read_window or workers // 2, workers))  # open_many's reads in flight
         self.write_queue_bytes = write_queue_bytes
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue_size)
         self._queued_bytes = 0  # bytes of the chunks in the queue or being written
