@@ -6,13 +6,15 @@ KV: a file saved by `bench/codec_speed.py --save-kv` (Gemma 3 270M's real fp16 K
 for --tokens beyond the file the KV repeats at later positions, as a longer prompt's would. The prompt's
 256-token chunks are encoded as stored objects (kvshelf's format, calibrated cachegen) and opened as a tier
 would (verified, not decoded). Then, from those bytes in host memory to the fp16 KV buffer on the GPU:
-- group: every chunk staged (its segments checked, its payload copied to the GPU once), then
-  LayerwiseRetrieval.device_decoding's decode of layers i..i+g-1 of every chunk (one rANS kernel, one
-  inverse transform + RoPE) written into the KV buffer, each group's error flag read back (synchronised):
-  GB/s of fp16 KV per layer over all layers, staging included, for groups of g layers;
+- group: LayerwiseRetrieval.device_decoding's decode of layers i..i+g-1 of every chunk (checks, pinned
+  staging, one copy, one rANS kernel, one inverse transform + RoPE) written into the KV buffer, the error
+  flag read back (synchronised): GB/s of fp16 KV per layer, for groups of g layers;
+- streamed: the path of chunks streamed from a tier (each payload copied to the GPU as it arrives, then
+  each group's segments checked and decoded from there), its two halves timed apart;
 - loader: the LayerwiseLoader (its thread, its stream, groups as configured, error flags checked one group
-  behind, optionally decoding batches of chunks while later ones are staged) with a model that needs no
-  time: from the host bytes to all layers in, GB/s of fp16 KV per layer;
+  behind; plan: chunks opened already, streamed: as a tier streams them, optionally decoding batches of
+  chunks while later ones are staged) with a model that needs no time: from the host bytes to all layers
+  in, GB/s of fp16 KV per layer;
 - exactness: the loaded KV against the CPU decoder's (max |difference|), symbols GPU vs CPU (bit-exact).
 """
 
@@ -28,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from kvshelf.cache.device_decode import DeviceDecoding
 from kvshelf.cache.engine import EngineStats, LayerwiseRetrieval
 from kvshelf.cache.keys import ChunkKey
 from kvshelf.codecs import calibration as calib
@@ -91,9 +94,8 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
         group(0, g)  # compile, upload transforms
         times = []
         for _ in range(repeats):
-            # end to end: every chunk staged from its host bytes (checks, copy to the GPU) then every layer
-            # decoded g at a time, each group's flag read back (a wait for the GPU) before the next group
-            plan.release()
+            # end to end: every layer decoded g at a time from the host bytes (checks, pinned staging, copy,
+            # kernel, transform, RoPE), each group's flag read back (a wait for the GPU) before the next group
             sync()
             t = time.perf_counter()
             for i in range(0, layers, g):
@@ -101,26 +103,34 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
                 assert flag is None or not bool(flag)
             sync()
             times.append((time.perf_counter() - t) / layers)
-        results[f"{label} group of {g} layers (staging included): GB/s per layer"] = (
-            layer_bytes / statistics.median(times) / 1e9
-        )
-    # staging alone (every chunk: checks, copy into pinned memory, copy to the GPU queued) and the GPU side
-    # of all layers from staged chunks (gather, kernel, escapes, transform, RoPE, write, flag read)
+        results[f"{label} group of {g} layers: GB/s per layer"] = layer_bytes / statistics.median(times) / 1e9
+
+    # The streamed path's two halves (chunks as a tier streams them: each payload copied to the GPU as it comes,
+    # segments checked group by group as they decode): staging every chunk, then decoding every layer.
+    def streamed():
+        return DeviceDecoding(plan.runs, device, None, lambda: (r for _, r in chunks))
+
     t_stage, t_dec = [], []
-    for _ in range(repeats):
-        plan.release()
+    for _ in range(repeats + 1):
+        sp = streamed()
         sync()
         t = time.perf_counter()
-        plan.open()
+        sp.open()
         sync()
         t_stage.append(time.perf_counter() - t)
         t = time.perf_counter()
-        flags = [group(i, min(i + 8, layers)) for i in range(0, layers, 8)]
-        assert not any(bool(f) for f in flags if f is not None)
+        for i in range(0, layers, 8):
+            parts, flag = sp.decode(i, min(i + 8, layers))
+            for start, _end, part in parts:
+                buf.write_layers(i, min(i + 8, layers), start, part, non_blocking=True)
+            assert not bool(flag)
         sync()
         t_dec.append(time.perf_counter() - t)
-    results[f"{label} staging all chunks: GB/s per layer"] = layers * layer_bytes / statistics.median(t_stage) / 1e9
-    results[f"{label} decoding staged chunks, groups of 8: GB/s per layer"] = (
+    t_stage, t_dec = t_stage[1:], t_dec[1:]  # the first: compilation
+    results[f"{label} streamed: staging all chunks (copies to the GPU): GB/s per layer"] = (
+        layers * layer_bytes / statistics.median(t_stage) / 1e9
+    )
+    results[f"{label} streamed: decoding staged chunks (checks + GPU), groups of 8: GB/s per layer"] = (
         layers * layer_bytes / statistics.median(t_dec) / 1e9
     )
     # the two sides of a group of 8 layers apart: the CPU's (checks, copy into pinned memory, the copy to the
@@ -146,15 +156,19 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
     results[f"{label} 8 layers: GPU side from staged bytes GB/s per layer"] = (
         8 * layer_bytes / statistics.median(t_gpu) / 1e9
     )
-    for size, ahead in ((1, 0), (4, 0), (8, 0), (8, 8), (8, 16)):
+    for size, ahead, how in ((1, 0, "plan"), (4, 0, "plan"), (8, 0, "plan"), (8, 0, "streamed"), (8, 16, "streamed")):
         times = []
         for _ in range(repeats):
             buf.data.zero_()
             sync()
             t = time.perf_counter()
-            plan.release()  # staged anew by the loader: end to end from the host bytes
             loader = LayerwiseLoader(
-                retrieval, buf, buffer_size=size, stats=LayerwiseStats(layers), decoding=plan, decode_ahead=ahead
+                retrieval,
+                buf,
+                buffer_size=size,
+                stats=LayerwiseStats(layers),
+                decoding=plan if how == "plan" else streamed(),
+                decode_ahead=ahead,
             )
             for i in range(layers):
                 loader.wait(i)
@@ -162,7 +176,7 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
             times.append(time.perf_counter() - t)
             loader.close()
             assert loader.error is None, loader.error
-        name = f"{label} loader, buffer_size {size}, decode_ahead {ahead}"
+        name = f"{label} loader ({how}), buffer_size {size}, decode_ahead {ahead}"
         results[f"{name}: GB/s per layer"] = layers * layer_bytes / statistics.median(times) / 1e9
         results[f"{name}: ms all layers"] = 1e3 * statistics.median(times)
     # exactness: the loaded KV against the CPU decoder, chunks 0, 1 and the last; symbols of layer 0 and 5

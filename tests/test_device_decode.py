@@ -257,28 +257,34 @@ for c in range(3):
     offsets = [0]
     for seg in whole[c]:
         offsets.append(offsets[-1] + len(seg))
-    staged.append(rans_gpu.stage_chunk(b"".join(whole[c]), offsets, shape, codec.bits, "cpu"))
-q, err = rans_gpu.decode_staged(staged[1:], 1, 3, shape)  # chunks 1 and 2, layers 1 and 2
+    staged.append(rans_gpu.stage_chunk(b"".join(whole[c]), offsets, "cpu"))
+q, err = rans_gpu.decode_staged(staged[1:], 1, 3, shape, codec.bits)  # chunks 1 and 2, layers 1 and 2
 got = codec._finish_layers(q, [1, 2], pos + tokens, "cpu")
 assert got.shape == (2, 2, heads, 2 * tokens, dim) and not bool(err)
 for li, i in enumerate((1, 2)):
     for c in (1, 2):
         want = codec.decode_layer(whole[c][i], shape, torch.float32, i, layers, pos + c * tokens)
         assert torch.allclose(got[li, :, :, (c - 1) * tokens : c * tokens], want, atol=1e-4), (i, c)
-q0, _ = rans_gpu.decode_staged(staged, 0, 1, shape)
+q0, _ = rans_gpu.decode_staged(staged, 0, 1, shape, codec.bits)
 want0 = torch.stack([torch.from_numpy(_symbols_calibrated(whole[c][0], shape, codec.bits)) for c in range(3)])
 assert torch.equal(q0[0], want0.permute(1, 2, 0, 3, 4).reshape(2, heads, 3 * tokens, dim))  # symbols exact
 flipped = bytearray(b"".join(whole[2]))
 flipped[-40] ^= 0x01
 try:
-    broken = rans_gpu.stage_chunk(bytes(flipped), offsets, shape, codec.bits, "cpu")
-    _, err = rans_gpu.decode_staged([staged[0], broken], 2, 3, shape)
+    broken = rans_gpu.stage_chunk(bytes(flipped), offsets, "cpu")
+    _, err = rans_gpu.decode_staged([staged[0], broken], 2, 3, shape, codec.bits)
     assert bool(err), "a damaged staged stream decoded without its flag"
 except ValueError:
     pass  # refused while staging: as good
+short = rans_gpu.stage_chunk(b"".join(whole[0])[:-3], offsets[:-1] + [offsets[-1] - 3], "cpu")
 try:
-    rans_gpu.stage_chunk(b"".join(whole[0])[:-3], offsets[:-1] + [offsets[-1] - 3], shape, codec.bits, "cpu")
-    raise AssertionError("a truncated segment was staged")
+    rans_gpu.decode_staged([short, staged[1]], 2, 3, shape, codec.bits)
+    raise AssertionError("a truncated segment was decoded")
+except ValueError:
+    pass  # refused by the checks before the kernel
+try:
+    rans_gpu.stage_chunk(b"".join(whole[0]), offsets[:-1] + [offsets[-1] + 1], "cpu")
+    raise AssertionError("offsets beyond the payload were staged")
 except ValueError:
     pass
 print("staged chunks ok")

@@ -2,15 +2,15 @@
 
 Where a codec decodes on the target device itself (calibrated cachegen on a CUDA GPU: Codec.decodes_on), a
 layerwise loader hands it the chunks' verified stored bytes rather than decoding them on the CPU and
-copying the result. Each chunk is staged once, as soon as it is there (Codec.stage_chunk_on: its segments
-checked and its payload queued to the device), then the chunks are cut into runs (consecutive chunks of
-one codec, shape and dtype) whose layers i..j-1 decode in one batched call (Codec.decode_staged_on: one
-gather, one entropy kernel, one inverse transform for all of them).
+copying the result. The chunks are cut into runs (consecutive chunks of one codec, shape and dtype) whose
+layers i..j-1 decode in one batched call (one entropy kernel, one inverse transform for all of them).
 
-A plan is made either from chunks opened already (`plan`) or from chunks located but not yet read
-(`streamed`): the loader thread then opens them itself (several reads in flight within the tier's
-workers), staging each as it arrives, so the reads overlap the checks and copies of the chunks before
-them and the request's compute starts without waiting for the reads.
+A plan is made either from chunks opened already (`plan`: each group's segments are checked and staged
+as it decodes, Codec.decode_run_on) or from chunks located but not yet read (`streamed`): the loader
+thread then reads them itself (several reads in flight within the tier's workers, into pinned memory),
+and each chunk's payload is queued to the device as soon as it is there (Codec.stage_chunk_on), so the
+copies overlap the reads and the request's compute starts without waiting for them; each group's
+segments are checked as it decodes (Codec.decode_staged_on).
 """
 
 from __future__ import annotations
@@ -98,19 +98,20 @@ class DeviceDecoding:
         return self._opener is not None
 
     def open(self, on_staged: Callable[[int], None] | None = None) -> None:
-        """Stage every chunk in order, reading it first where the plan is streamed; on_staged(n) after the
-        first n are staged. Raises ChunkNotDecodable for a chunk missing, damaged or unlike the plan."""
-        stream = self._opener() if self._opener is not None else None
+        """A streamed plan: read and stage every chunk in order, on_staged(n) after the first n are staged;
+        raises ChunkNotDecodable for a chunk missing, damaged or unlike the plan. A plan of chunks opened
+        already has nothing to do: each layer group stages its segments as it decodes (decode_run_on), so
+        the host side of one group overlaps the device side of the one before."""
+        if self._opener is None:
+            return
+        stream = self._opener()
         try:
             for k in range(self.num_chunks):
-                reader = next(stream, None) if stream is not None else self._readers[k]
-                if self._staged[k] is None:
-                    self._staged[k] = self._stage(k, reader)
+                self._staged[k] = self._stage(k, next(stream, None))
                 if on_staged is not None:
                     on_staged(k + 1)
         finally:
-            if stream is not None:
-                stream.close()  # ends the reads still in flight (on an error)
+            stream.close()  # ends the reads still in flight (on an error)
 
     def _stage(self, k: int, reader):
         run = self._run_of[k]
@@ -132,17 +133,20 @@ class DeviceDecoding:
             a, b = max(lo, run.first), min(hi, run.first + run.count)
             if a >= b:
                 continue
-            staged = []
-            for k in range(a, b):
-                if self._staged[k] is None:
-                    if self._readers is None:
-                        raise ChunkNotDecodable(f"chunk {k} decoded before it was opened")
-                    self._staged[k] = self._stage(k, self._readers[k])
-                staged.append(self._staged[k])
             skip = (a - run.first) * run.shape[2]
-            kv, err = run.codec.decode_staged_on(
-                staged, i, j, run.shape, run.dtype, run.num_layers, self.device, run.position + skip
-            )
+            at = (run.shape, run.dtype)
+            if self._readers is not None:  # opened already: the stored segments, staged by the codec per group
+                segments = [[self._readers[k].encoded_layer(m)[1] for k in range(a, b)] for m in range(i, j)]
+                kv, err = run.codec.decode_run_on(
+                    segments, *at, list(range(i, j)), run.num_layers, self.device, run.position + skip
+                )
+            else:
+                staged = self._staged[a:b]
+                if any(x is None for x in staged):
+                    raise ChunkNotDecodable(f"chunks {a}..{b - 1} decoded before they were read")
+                kv, err = run.codec.decode_staged_on(
+                    staged, i, j, *at, run.num_layers, self.device, run.position + skip
+                )
             start, end = run.start + skip, min(run.start + (b - run.first) * run.shape[2], run.end)
             parts.append((start, end, kv[:, :, :, : end - start]))
             if err is not None:

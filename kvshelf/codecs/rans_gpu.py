@@ -195,18 +195,14 @@ def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[
 
 # -- chunks staged on the device as they arrive, decoded later layer group by layer group --------------------
 class StagedChunk:
-    """One chunk's verified payload (every layer's segment) checked on the CPU and copied to the device once:
-    its kernel descriptors and escapes are kept per layer, relative to the chunk, so that any group of layers
-    of any set of staged chunks decodes later without touching the host bytes again."""
+    """One chunk's verified payload (every layer's segment) copied to the device as soon as it was read; its
+    segments are checked layer group by layer group as they decode (decode_staged), from the host copy that
+    the device copy was made from (kept: what the checks pass is what the device holds)."""
 
-    def __init__(self, data, offsets, desc, esc_at, esc_pos, esc_val, host=None):
-        self.host = host  # the pinned payload copied from, kept until the copy has surely run (release)
-        self.data = data  # uint8 payload on the device
-        self.offsets = offsets  # int64 [layers + 1]: segment bounds in it
-        self.desc = desc  # int64 [layers, 2 * blocks, _DESC]: offsets within the payload, out0 within the segment
-        self.esc_at = esc_at  # int64 [layers + 1]: each layer's escapes in esc_pos / esc_val
-        self.esc_pos = esc_pos  # int64: positions within the layer's segment output [2, heads, tokens, dim]
-        self.esc_val = esc_val  # int32
+    def __init__(self, host: torch.Tensor, data: torch.Tensor, offsets: np.ndarray):
+        self.host = host  # uint8 payload in host memory (pinned on CUDA)
+        self.data = data  # the same bytes on the device
+        self.offsets = offsets  # int64 [layers + 1]: segment bounds in them
 
 
 def _staging(nbytes: int, device: torch.device):
@@ -225,69 +221,59 @@ def _queued(slot) -> None:
             slot[2] = False
 
 
-def stage_chunk(payload, offsets, shape: tuple, level: int, device) -> StagedChunk:
-    """Check every layer's segment of one chunk (rans.scan_segments: the CPU decoder's checks, compiled) and
-    queue its payload's copy to `device` (through pinned memory on CUDA: a copy from pageable memory would
-    first wait for everything queued on the stream). Raises RansError on a segment that does not parse."""
-    _, heads, tokens, dim = shape
+def stage_chunk(payload, offsets, device) -> StagedChunk:
+    """Queue one chunk's payload's copy to `device`: from where it lies when the tier read it into pinned
+    memory (StorageBackend.open_into), else through a pinned copy (a copy from pageable memory would first
+    wait for everything queued on the stream). The host bytes are kept until the decoding is done."""
     device = torch.device(device)
-    rows = heads * dim
-    width, per_lane, blocks = rans.layout(rows, tokens)
     offs = np.asarray(offsets, dtype=np.int64)
-    layers = len(offs) - 1
-    src = np.frombuffer(payload, np.uint8)
-    if layers < 1 or offs[0] != 0 or offs[-1] != len(src) or (np.diff(offs) < 0).any():
+    n = len(memoryview(payload))
+    if len(offs) < 2 or offs[0] != 0 or offs[-1] != n or (np.diff(offs) < 0).any():
         raise ValueError("layer offsets do not cut the payload into segments")
-    max_esc = min(len(src) // 8, layers * 2 * rows * tokens)
-    read_pinned = device.type == "cuda" and len(src) and tensor_view(payload, torch.uint8, (len(src),)).is_pinned()
-    if read_pinned:  # read into pinned memory by the tier (StorageBackend.open_into): copied from as it is
-        host = tensor_view(payload, torch.uint8, (len(src),))
-    else:  # torch's pinned-memory cache: cheap once warm, and kept below until the copy has surely run
-        host = torch.empty(len(src), dtype=torch.uint8, pin_memory=device.type == "cuda")
-        host.numpy()[:] = src  # the checks read the staged copy: what they pass is exactly what the device gets
-    buf = host.numpy()
-    desc = np.empty((layers * 2 * blocks, _DESC), dtype=np.int64)
-    esc_pos = np.empty(max_esc, dtype=np.int64)
-    esc_val = np.empty(max_esc, dtype=np.int32)
-    head = np.frombuffer(calibrated_head(level), np.uint8)
-    n_esc, err = rans.scan_segments(
-        buf, offs[:-1], np.diff(offs), head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
-    )
-    if err:
-        raise rans.RansError(f"cachegen segment does not parse (code {err})")
-    data = host.to(device, non_blocking=True)
-    part = rows * tokens
-    pos = esc_pos[:n_esc]
-    layer_of = pos // (2 * part)  # scan_segments writes escapes in segment (= layer) order
-    desc = desc.reshape(layers, 2 * blocks, _DESC)
-    desc[:, :, 5] -= (np.arange(layers, dtype=np.int64) * 2 * part)[:, None]
-    esc_at = np.searchsorted(layer_of, np.arange(layers + 1, dtype=np.int64)).astype(np.int64)
-    return StagedChunk(data, offs, desc, esc_at, pos - layer_of * 2 * part, esc_val[:n_esc].copy(), host)
+    host = tensor_view(payload, torch.uint8, (n,))
+    if device.type == "cuda" and not (n and host.is_pinned()):
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True).copy_(host)  # torch's pinned cache
+    return StagedChunk(host, host.to(device, non_blocking=True), offs)
 
 
-def decode_staged(chunks: list[StagedChunk], i: int, j: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_staged(
+    chunks: list[StagedChunk], i: int, j: int, shape: tuple, level: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Layers i..j-1 of consecutive staged chunks -> their symbols [j - i, 2, heads, chunks * tokens, dim] and
     an error flag (a boolean tensor on the device), without waiting for the GPU: the caller must see the
-    flag False before it uses what the symbols decode to. One small copy of descriptors and escapes, one
-    kernel, which reads each chunk's segments where they were staged: its descriptors' offsets are taken
+    flag False before it uses what the symbols decode to. The segments are checked first (rans.scan_segments,
+    on the host copy; RansError where one does not parse), then one small copy of descriptors and escapes
+    and one kernel, which reads each chunk's segments where they were staged: descriptor offsets are taken
     from the first chunk's device buffer (all of them are allocations on one device)."""
     _, heads, tokens, dim = shape
     base = chunks[0].data
     device = base.device
     n, c = j - i, len(chunks)
-    part = heads * dim * tokens
-    shift = np.array([ch.data.data_ptr() - base.data_ptr() for ch in chunks], dtype=np.int64)
-    seg = np.arange(n * c, dtype=np.int64).reshape(n, c)  # segment index in the output: layer-major
-    desc = np.stack([ch.desc[i:j] for ch in chunks], axis=1)  # [n, c, 2 * blocks, _DESC]
-    desc[..., 0:4] += shift[None, :, None, None]
-    desc[..., 5] += (seg * 2 * part)[..., None]
+    rows, part = heads * dim, heads * dim * tokens
+    width, per_lane, blocks = rans.layout(rows, tokens)
+    head = np.frombuffer(calibrated_head(level), np.uint8)
+    desc = np.empty((n, c, 2 * blocks, _DESC), dtype=np.int64)
     pos, val = [], []
-    for k, ch in enumerate(chunks):  # each chunk's escapes of layers i..j-1 lie together, in layer order
-        a, b = ch.esc_at[i], ch.esc_at[j]
-        if b > a:
-            layer = np.repeat(np.arange(n, dtype=np.int64), np.diff(ch.esc_at[i : j + 1]))
-            pos.append(ch.esc_pos[a:b] + (layer * c + k) * 2 * part)
-            val.append(ch.esc_val[a:b])
+    for k, ch in enumerate(chunks):
+        buf = ch.host.numpy()
+        starts, lengths = ch.offsets[i:j], np.diff(ch.offsets[i : j + 1])
+        max_esc = min(int(lengths.sum()) // 8, n * 2 * part)
+        d = np.empty((n * 2 * blocks, _DESC), dtype=np.int64)
+        e_pos, e_val = np.empty(max_esc, dtype=np.int64), np.empty(max_esc, dtype=np.int32)
+        n_esc, err = rans.scan_segments(
+            buf, starts, lengths, head, heads, tokens, dim, width, per_lane, d, e_pos, e_val
+        )
+        if err:
+            raise rans.RansError(f"cachegen segment does not parse (code {err})")
+        # scan_segments numbers this chunk's segments 0..n-1; in the batch, layer l of chunk k is l * c + k
+        d = d.reshape(n, 2 * blocks, _DESC)
+        d[:, :, 0:4] += ch.data.data_ptr() - base.data_ptr()
+        d[:, :, 5] += (np.arange(n, dtype=np.int64) * (c - 1) + k)[:, None] * 2 * part
+        desc[:, k] = d
+        if n_esc:
+            p = e_pos[:n_esc]
+            pos.append(p + (p // (2 * part) * (c - 1) + k) * 2 * part)
+            val.append(e_val[:n_esc])
     n_esc = sum(len(p) for p in pos)
     align = lambda m: (m + 7) // 8 * 8  # noqa: E731
     offs = np.cumsum([0, align(desc.nbytes), align(8 * n_esc), align(4 * n_esc)])
