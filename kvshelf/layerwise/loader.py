@@ -8,6 +8,11 @@ separate CUDA stream, as one 2-D memcpy (kvmath/strided_copy.py), and the comput
 event: no device-wide synchronisation. Issuing the copies from this thread keeps them off the thread
 that launches the model's kernels (the driver call releases the GIL), which on a launch-bound prefill is
 what decides whether the load hides.
+
+Chunks decoded on the GPU itself (a `DeviceDecoding`) may come streamed: located but not read. The loader
+then reads them first (several side by side, each copied to the device as it arrives), so the request's
+compute starts at once and waits at layer 0, which needs every chunk, instead of waiting for the reads
+before it starts; a chunk that cannot be read or checked makes the request recompute.
 """
 
 from __future__ import annotations

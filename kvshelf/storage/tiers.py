@@ -13,13 +13,14 @@
   Every worker of a tier busy means the tier is stuck: it is skipped (no thread growth). A caller may
   also put a whole request under a budget (`tier_budget`): calls then end when the budget does, and a
   call cut by the budget, like a read slower than `slow_s`, counts against the tier's breaker.
+- side by side: `open_many` reads one request's chunks with up to `read_window` calls in flight (of the
+  tier's workers), in order, each under its own deadline (layerwise loading decoded on a GPU, issue #17).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import contextvars
 import logging
 import queue
 import threading
@@ -33,6 +34,7 @@ import torch
 from kvshelf.storage.base import StorageBackend, StoredChunk
 from kvshelf.storage.breaker import CircuitBreaker
 from kvshelf.storage.expect import expecting
+from kvshelf.storage.lanes import Lanes
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -82,61 +84,6 @@ def budget_until() -> float | None:
 def _budget_left() -> float | None:
     until = getattr(_budget, "until", None)
     return None if until is None else until - time.monotonic()
-
-
-class _Lanes:
-    """A tier's bounded set of worker threads: at most `size` calls in flight, none queued behind them."""
-
-    def __init__(self, name: str, size: int):
-        self.name, self.size = name, size
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._free = threading.Semaphore(size)
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable, args: tuple) -> Future | None:
-        """A future for fn(*args), or None when every worker is busy."""
-        if not self._free.acquire(blocking=False):
-            return None
-        with self._lock:
-            if not self._threads:
-                for i in range(self.size):
-                    t = threading.Thread(target=self._work, name=f"kvshelf-{self.name}-{i}", daemon=True)
-                    t.start()
-                    self._threads.append(t)
-        future: Future = Future()
-        # The caller's context travels with the call: byte tiers read the engine's expectation from it.
-        self._jobs.put((future, contextvars.copy_context(), fn, args))
-        return future
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            future, context, fn, args = job
-            try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(context.run(fn, *args))
-                    except BaseException as err:  # handed to the caller (a tier fault), if it still waits
-                        future.set_exception(err)
-            finally:
-                self._free.release()
-
-    def close(self, wait_s: float) -> None:
-        """Stop the workers; a worker still stuck in a call after `wait_s` is left behind (daemon), said loudly."""
-        with self._lock:
-            threads, self._threads = self._threads, []
-        for _ in threads:
-            self._jobs.put(None)
-        until = time.monotonic() + wait_s
-        stuck = 0
-        for t in threads:
-            t.join(max(0.0, until - time.monotonic()))
-            stuck += t.is_alive()
-        if stuck:
-            log.warning("tier %s: %d call(s) still stuck at shutdown; their threads are left behind", self.name, stuck)
 
 
 @dataclass
@@ -192,7 +139,7 @@ class Tier:
         self.deadline_s = deadline_s if timed else None
         self.write_deadline_s = (write_deadline_s or deadline_s) if timed else None
         self.slow_s = slow_s if timed else None
-        self.lanes = _Lanes(backend.name, workers) if timed else None
+        self.lanes = Lanes(backend.name, workers) if timed else None
 
     @property
     def name(self) -> str:
