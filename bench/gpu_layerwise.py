@@ -9,8 +9,12 @@ would (verified, not decoded). Then, from those bytes in host memory to the fp16
 - group: LayerwiseRetrieval.device_decoding's decode of layers i..i+g-1 of every chunk (checks, pinned
   staging, one copy, one rANS kernel, one inverse transform + RoPE) written into the KV buffer, the error
   flag read back (synchronised): GB/s of fp16 KV per layer, for groups of g layers;
+- streamed: the path of chunks streamed from a tier (each payload copied to the GPU as it arrives, then
+  each group's segments checked and decoded from there), its two halves timed apart;
 - loader: the LayerwiseLoader (its thread, its stream, groups as configured, error flags checked one group
-  behind) with a model that needs no time: all layers in, GB/s of fp16 KV per layer;
+  behind; plan: chunks opened already, streamed: as a tier streams them, optionally decoding batches of
+  chunks while later ones are staged) with a model that needs no time: from the host bytes to all layers
+  in, GB/s of fp16 KV per layer;
 - exactness: the loaded KV against the CPU decoder's (max |difference|), symbols GPU vs CPU (bit-exact).
 """
 
@@ -26,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from kvshelf.cache.device_decode import DeviceDecoding
 from kvshelf.cache.engine import EngineStats, LayerwiseRetrieval
 from kvshelf.cache.keys import ChunkKey
 from kvshelf.codecs import calibration as calib
@@ -83,19 +88,51 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
         parts, flag = plan.decode(i, j)
         for start, _end, part in parts:
             buf.write_layers(i, j, start, part, non_blocking=True)
-        assert flag is None or not bool(flag)  # reads the flag back: waits for the GPU
+        return flag
 
     for g in (1, 2, 4, 8):
         group(0, g)  # compile, upload transforms
         times = []
         for _ in range(repeats):
-            for i in range(0, layers - g + 1, g):
-                sync()
-                t = time.perf_counter()
-                group(i, i + g)
-                sync()
-                times.append((time.perf_counter() - t) / g)
+            # end to end: every layer decoded g at a time from the host bytes (checks, pinned staging, copy,
+            # kernel, transform, RoPE), each group's flag read back (a wait for the GPU) before the next group
+            sync()
+            t = time.perf_counter()
+            for i in range(0, layers, g):
+                flag = group(i, min(i + g, layers))
+                assert flag is None or not bool(flag)
+            sync()
+            times.append((time.perf_counter() - t) / layers)
         results[f"{label} group of {g} layers: GB/s per layer"] = layer_bytes / statistics.median(times) / 1e9
+
+    # The streamed path's two halves (chunks as a tier streams them: each payload copied to the GPU as it comes,
+    # segments checked group by group as they decode): staging every chunk, then decoding every layer.
+    def streamed():
+        return DeviceDecoding(plan.runs, device, None, lambda: (r for _, r in chunks))
+
+    t_stage, t_dec = [], []
+    for _ in range(repeats + 1):
+        sp = streamed()
+        sync()
+        t = time.perf_counter()
+        sp.open()
+        sync()
+        t_stage.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(0, layers, 8):
+            parts, flag = sp.decode(i, min(i + 8, layers))
+            for start, _end, part in parts:
+                buf.write_layers(i, min(i + 8, layers), start, part, non_blocking=True)
+            assert not bool(flag)
+        sync()
+        t_dec.append(time.perf_counter() - t)
+    t_stage, t_dec = t_stage[1:], t_dec[1:]  # the first: compilation
+    results[f"{label} streamed: staging all chunks (copies to the GPU): GB/s per layer"] = (
+        layers * layer_bytes / statistics.median(t_stage) / 1e9
+    )
+    results[f"{label} streamed: decoding staged chunks (checks + GPU), groups of 8: GB/s per layer"] = (
+        layers * layer_bytes / statistics.median(t_dec) / 1e9
+    )
     # the two sides of a group of 8 layers apart: the CPU's (checks, copy into pinned memory, the copy to the
     # GPU queued) and the GPU's from staged bytes (rANS kernel, escapes, transform, RoPE, write, flag read)
     segs = [[r.encoded_layer(k)[1] for _, r in chunks] for k in range(8)]
@@ -119,23 +156,29 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
     results[f"{label} 8 layers: GPU side from staged bytes GB/s per layer"] = (
         8 * layer_bytes / statistics.median(t_gpu) / 1e9
     )
-    for size in (1, 4, 8):
+    for size, ahead, how in ((1, 0, "plan"), (4, 0, "plan"), (8, 0, "plan"), (8, 0, "streamed"), (8, 16, "streamed")):
         times = []
         for _ in range(repeats):
             buf.data.zero_()
             sync()
             t = time.perf_counter()
-            loader = LayerwiseLoader(retrieval, buf, buffer_size=size, stats=LayerwiseStats(layers), decoding=plan)
+            loader = LayerwiseLoader(
+                retrieval,
+                buf,
+                buffer_size=size,
+                stats=LayerwiseStats(layers),
+                decoding=plan if how == "plan" else streamed(),
+                decode_ahead=ahead,
+            )
             for i in range(layers):
                 loader.wait(i)
             sync()
             times.append(time.perf_counter() - t)
             loader.close()
             assert loader.error is None, loader.error
-        results[f"{label} loader, buffer_size {size}: GB/s per layer"] = (
-            layers * layer_bytes / statistics.median(times) / 1e9
-        )
-        results[f"{label} loader, buffer_size {size}: ms all layers"] = 1e3 * statistics.median(times)
+        name = f"{label} loader ({how}), buffer_size {size}, decode_ahead {ahead}"
+        results[f"{name}: GB/s per layer"] = layers * layer_bytes / statistics.median(times) / 1e9
+        results[f"{name}: ms all layers"] = 1e3 * statistics.median(times)
     # exactness: the loaded KV against the CPU decoder, chunks 0, 1 and the last; symbols of layer 0 and 5
     worst, top = 0.0, 0.0
     for c in (0, 1, len(chunks) - 1):

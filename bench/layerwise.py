@@ -36,6 +36,7 @@ from kvshelf.cache.engine import CacheEngine  # noqa: E402
 from kvshelf.codecs import get_codec  # noqa: E402
 from kvshelf.codecs.pool import CodecProcesses  # noqa: E402
 from kvshelf.generation import CachedGenerator  # noqa: E402
+from kvshelf.layerwise import loader as loader_mod  # noqa: E402
 from kvshelf.layerwise.loader import LayerwiseLoader  # noqa: E402
 from kvshelf.layerwise.stats import LayerwiseStats  # noqa: E402
 from kvshelf.model.runner import ModelRunner  # noqa: E402
@@ -68,6 +69,117 @@ def llama8b(device):
     return model.eval(), "random Llama-3-8B shape"
 
 
+def measure_variant(
+    args,
+    runner,
+    engine,
+    tiers,
+    whole,
+    layered,
+    prefix,
+    rng,
+    device,
+    on_device,
+    t_whole,
+    t_load,
+    t_compute,
+    tier_name,
+    codec_name,
+    ahead,
+):
+    """One row: the whole path and the halves (measured with the first variant only), the layerwise path and
+    the loader alone with this variant's decode-ahead."""
+    vocab = runner.config.vocab_size
+    first = not t_whole
+    t_layer = []
+    for rep in range(args.repeats):
+        for gen, times in ((whole, t_whole), (layered, t_layer)):
+            if gen is whole and (not first or (on_device and rep)):
+                continue
+            # A new suffix each time: only the shared prefix is cached, as for a new question.
+            request = prefix + torch.randint(0, vocab, (args.suffix,), generator=rng).tolist()
+            sync(device)
+            r = gen.generate(request, max_new_tokens=1)
+            sync(device)
+            times.append(r.ttft_s)
+            tiers.flush()  # the new chunks' write-behind (encoding on every core) ends before the next run
+            assert r.hit_tokens == args.tokens, (r.hit_tokens, args.tokens)
+        # The halves apart: loading alone, and computing the suffix over KV already in place.
+        with torch.inference_mode():
+            kv = runner.new_kv(len(request))
+            sync(device)
+            t = time.perf_counter()
+            if first and not (on_device and rep):
+                for key, chunk in engine.retrieve_chunks(request, max_tokens=len(request) - 1):
+                    kv.load_chunk(key.start, chunk)
+                sync(device)
+                t_load.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            runner.forward(request[args.tokens :], args.tokens, kv)
+            sync(device)
+            if first:
+                t_compute.append(time.perf_counter() - t)
+    # The layerwise loader alone (no compute): open the prefix, load every layer, synchronise.
+    t_loader = []
+    for _ in range(args.repeats):
+        with torch.inference_mode():
+            kv = runner.new_kv(len(request))
+            sync(device)
+            t = time.perf_counter()
+            retrieval = engine.retrieve_layerwise(request, max_tokens=args.tokens, device=kv.device)
+            t_open = time.perf_counter() - t
+            loader = LayerwiseLoader(
+                retrieval,
+                kv,
+                buffer_size=args.buffer_size,
+                stats=LayerwiseStats(runner.num_layers),
+                decoding=retrieval.device_decoding(kv.device),
+            )
+            for i in range(runner.num_layers):
+                loader.wait(i)
+            sync(device)
+            t_loader.append((t_open + loader.open_s, time.perf_counter() - t))
+            loader.close()
+    open_s = statistics.median(o for o, _ in t_loader)
+    loader_s = statistics.median(a for _, a in t_loader)
+    w, lw = statistics.median(t_whole), statistics.median(t_layer)
+    load, comp = statistics.median(t_load), statistics.median(t_compute)
+    whole_load = load
+    if on_device:
+        load = loader_s
+    return {
+        "tier": tier_name,
+        "decode_ahead": ahead,
+        "read_window": tiers.read_window,
+        "codec": codec_name,
+        "decoded_on_device": on_device,
+        "load_whole_path_s": whole_load,
+        "whole_s": w,
+        "layerwise_s": lw,
+        "load_s": load,
+        "compute_s": comp,
+        "speedup": w / lw,
+        "overlap_efficiency": (w - lw) / min(load, comp),
+        "overlap_vs_serial": (load + comp - lw) / min(load, comp),
+        "layerwise_vs_max": lw / max(load, comp),
+        "loader_only_s": loader_s,
+        "open_s": open_s,
+        "loader_GBps_fp16_per_layer": args.tokens
+        * runner.fingerprint().num_layers
+        * 2
+        * runner.num_kv_heads
+        * runner.head_dim
+        * 2
+        / (loader_s - open_s)
+        / 1e9,
+        "runs_compute_s": t_compute,
+        "runs_layerwise_s": t_layer,
+        "runs_loader_s": t_loader,
+        "loader_ms_per_request": 1e3 * sum(layered.layerwise_stats.as_dict()["layer_times"]),
+        "waited_ms_per_request": 1e3 * sum(layered.layerwise_stats.as_dict()["wait_times"]),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)
@@ -79,6 +191,16 @@ def main() -> None:
     ap.add_argument("--llama8b", action="store_true")
     ap.add_argument("--buffer-size", type=int, default=4, help="layers the loader may run ahead")
     ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument(
+        "--decode-ahead",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="GPU decoding: chunks decoded ahead (all layers) while later chunks are read; one row per value",
+    )
+    ap.add_argument(
+        "--read-window", type=int, nargs="+", default=[2], help="tier reads in flight per request; one row per value"
+    )
     ap.add_argument("--json", default="bench/results/layerwise.json")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--no-layer-store", action="store_true", help="store after the first token, not per layer")
@@ -146,7 +268,8 @@ def main() -> None:
                 codec = get_codec(codec_name, codec_params.get(codec_name), processes=processes)
                 backend = RedisBackend(redis_server.url, codec, prefix=f"lw{codec_name}:")
             # every chunk of a long prompt written behind at once (the default queue drops what exceeds 256 MB)
-            tiers = TierManager([backend], write_queue_bytes=1 << 40, write_block_s=600.0, deadline_s=None)
+            # deadline_s 30: reads on the tier's workers (as in a server), side by side, none cut here
+            tiers = TierManager([backend], write_queue_bytes=1 << 40, write_block_s=600.0, deadline_s=30.0)
             engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=args.chunk_size)
             whole = CachedGenerator(runner, engine, store_generated=False)
             layered = CachedGenerator(
@@ -166,93 +289,33 @@ def main() -> None:
             # Decoded on the GPU by the layerwise loader (cachegen there): the CPU-decoding whole path and
             # load are measured once only (seconds each), "load" is the loader alone (open + decode).
             on_device = engine.retrieve_layerwise(prefix + [0]).device_decoding(device) is not None
-            t_whole, t_layer, t_load, t_compute = [], [], [], []
-            for rep in range(args.repeats):
-                for gen, times in ((whole, t_whole), (layered, t_layer)):
-                    if on_device and rep and gen is whole:
-                        continue
-                    # A new suffix each time: only the shared prefix is cached, as for a new question.
-                    request = prefix + torch.randint(0, vocab, (args.suffix,), generator=rng).tolist()
-                    sync(device)
-                    r = gen.generate(request, max_new_tokens=1)
-                    sync(device)
-                    times.append(r.ttft_s)
-                    tiers.flush()  # the new chunks' write-behind (encoding on every core) ends before the next run
-                    assert r.hit_tokens == args.tokens, (r.hit_tokens, args.tokens)
-                # The halves apart: loading alone, and computing the suffix over KV already in place.
-                with torch.inference_mode():
-                    kv = runner.new_kv(len(request))
-                    sync(device)
-                    t = time.perf_counter()
-                    if not (on_device and rep):
-                        for key, chunk in engine.retrieve_chunks(request, max_tokens=len(request) - 1):
-                            kv.load_chunk(key.start, chunk)
-                        sync(device)
-                        t_load.append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    runner.forward(request[args.tokens :], args.tokens, kv)
-                    sync(device)
-                    t_compute.append(time.perf_counter() - t)
-            # The layerwise loader alone (no compute): open the prefix, load every layer, synchronise.
-            t_loader = []
-            for _ in range(args.repeats):
-                with torch.inference_mode():
-                    kv = runner.new_kv(len(request))
-                    sync(device)
-                    t = time.perf_counter()
-                    retrieval = engine.retrieve_layerwise(request, max_tokens=args.tokens)
-                    t_open = time.perf_counter() - t
-                    loader = LayerwiseLoader(
-                        retrieval,
-                        kv,
-                        buffer_size=args.buffer_size,
-                        stats=LayerwiseStats(runner.num_layers),
-                        decoding=retrieval.device_decoding(kv.device),
+            t_whole, t_load, t_compute = [], [], []
+            variants = [(a, w) for w in args.read_window for a in args.decode_ahead] if on_device else [(0, 2)]
+            for ahead, window in variants:
+                loader_mod.DECODE_AHEAD_CHUNKS = ahead
+                tiers.read_window = window
+                rows.append(
+                    measure_variant(
+                        args,
+                        runner,
+                        engine,
+                        tiers,
+                        whole,
+                        layered,
+                        prefix,
+                        rng,
+                        device,
+                        on_device,
+                        t_whole,
+                        t_load,
+                        t_compute,
+                        tier_name,
+                        codec_name,
+                        ahead,
                     )
-                    for i in range(runner.num_layers):
-                        loader.wait(i)
-                    sync(device)
-                    t_loader.append((t_open, time.perf_counter() - t))
-                    loader.close()
-            open_s = statistics.median(o for o, _ in t_loader)
-            loader_s = statistics.median(a for _, a in t_loader)
-            w, lw = statistics.median(t_whole), statistics.median(t_layer)
-            load, comp = statistics.median(t_load), statistics.median(t_compute)
-            whole_load = load
-            if on_device:
-                load = loader_s
-            rows.append(
-                {
-                    "tier": tier_name,
-                    "codec": codec_name,
-                    "decoded_on_device": on_device,
-                    "load_whole_path_s": whole_load,
-                    "whole_s": w,
-                    "layerwise_s": lw,
-                    "load_s": load,
-                    "compute_s": comp,
-                    "speedup": w / lw,
-                    "overlap_efficiency": (w - lw) / min(load, comp),
-                    "overlap_vs_serial": (load + comp - lw) / min(load, comp),
-                    "layerwise_vs_max": lw / max(load, comp),
-                    "loader_only_s": loader_s,
-                    "open_s": open_s,
-                    "loader_GBps_fp16_per_layer": args.tokens
-                    * runner.fingerprint().num_layers
-                    * 2
-                    * runner.num_kv_heads
-                    * runner.head_dim
-                    * 2
-                    / (loader_s - open_s)
-                    / 1e9,
-                    "runs_compute_s": t_compute,
-                    "runs_layerwise_s": t_layer,
-                    "runs_loader_s": t_loader,
-                    "loader_ms_per_request": 1e3 * sum(layered.layerwise_stats.as_dict()["layer_times"]),
-                    "waited_ms_per_request": 1e3 * sum(layered.layerwise_stats.as_dict()["wait_times"]),
-                }
-            )
-            console.print(rows[-1])
+                )
+                console.print(rows[-1])
+            loader_mod.DECODE_AHEAD_CHUNKS = 0
             tiers.close()
     if redis_server is not None:
         redis_server.kill()

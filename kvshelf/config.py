@@ -223,6 +223,15 @@ class KVShelfConfig(BaseModel):
     )
     codec_calibration_threads: int = Field(2, ge=1, le=256, description="CPU threads computing an auto calibration")
     codec_calibration_tokens: int = Field(2048, ge=64, description="tokens of text an auto calibration is made from")
+
+    # -- issue #17: layerwise loading of a GPU-decoded tier reads its chunks side by side ------------
+    tier_read_window: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="layerwise, chunks decoded on the GPU: reads of one request in flight at once on a tier "
+        "(at most tier_workers; the rest stay free for other requests)",
+    )
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
     @field_validator("local_disk_codec", "remote_serde")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -57,7 +59,7 @@ def test_layerwise_decoding_on_the_device_equals_whole_prompt_loading(tmp_path, 
     whole.generate(ids, max_new_tokens=1)  # stores 4 full chunks and one of 6 tokens
     tiers.flush()
     plan = layered.engine.retrieve_layerwise(ids, max_tokens=69).device_decoding("cpu")
-    assert [(r.start, r.end, len(r.readers)) for r in plan.runs] == [(0, 64, 4), (64, 69, 1)]
+    assert [(r.start, r.end, r.count) for r in plan.runs] == [(0, 64, 4), (64, 69, 1)]
     a = whole.generate(ids, max_new_tokens=6, stop_at_eos=False)
     codec.calls.clear()
     b = layered.generate(ids, max_new_tokens=6, stop_at_eos=False)
@@ -83,6 +85,124 @@ def test_a_decode_error_flag_makes_the_request_recompute(tmp_path, tiny_models):
     tiers.close()
 
 
+class LateDisk(DiskBackend):
+    """A disk tier whose reads answer late, the later the earlier the chunk (so side-by-side reads finish
+    out of order), recording which threads read and how many reads were in flight at once."""
+
+    def __init__(self, *args, delays=(0.03, 0.0), **kw):
+        super().__init__(*args, **kw)
+        self.delays, self.readers, self.in_flight, self.most, self.into_reads = delays, [], 0, 0, 0
+        self._count = threading.Lock()
+
+    def open(self, key, expected=None, *, into=None):
+        with self._count:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            delay = self.delays[len(self.readers) % len(self.delays)]
+            self.readers.append(threading.current_thread().name)
+            self.into_reads += into is not None
+        try:
+            time.sleep(delay)
+            return super().open(key, expected, into=into)
+        finally:
+            with self._count:
+                self.in_flight -= 1
+
+
+def test_streamed_reads_arrive_late_and_out_of_order_and_decode_as_whole_loading(tmp_path, tiny_models):
+    codec = HereBatched()
+    runner = ModelRunner(tiny_models("llama"))
+    disk = LateDisk(tmp_path, 1 << 28, codec)
+    tiers = TierManager([disk], deadline_s=5.0)
+    engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=16)
+    whole = CachedGenerator(runner, engine)
+    layered = CachedGenerator(runner, engine, use_layerwise=True, buffer_size=2, layerwise_store=False)
+    ids = prompt(100, 4)
+    whole.generate(ids, max_new_tokens=1)
+    tiers.flush()
+    disk.readers.clear()
+    retrieval = engine.retrieve_layerwise(ids, max_tokens=99, device="cpu")
+    assert disk.readers == [] and retrieval.num_tokens == 99  # located, not read: the compute can start
+    assert retrieval.in_memory() is None and retrieval.device_decoding("cpu").streaming
+    a = whole.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    disk.readers.clear()
+    disk.into_reads = 0
+    b = layered.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    assert a.hit_tokens == b.hit_tokens == 99 and a.token_ids == b.token_ids
+    assert torch.allclose(a.first_logits, b.first_logits, atol=1e-5)
+    assert len(disk.readers) == 7 and all(n.startswith("kvshelf-disk-") for n in disk.readers)  # the tier's workers
+    assert disk.most == tiers.read_window == 2  # side by side, within half the tier's 4 workers
+    assert disk.into_reads == 7  # read into buffers the loader gave (pinned memory on a GPU)
+    assert tiers.stats()["disk"]["stuck"] == 0 and layered.layerwise_stats.as_dict()["fallbacks"] == 0
+    tiers.close()
+
+
+def test_a_damaged_object_in_the_middle_of_a_streamed_read_makes_the_request_recompute(tmp_path, tiny_models):
+    codec = HereBatched()
+    tiers, whole, layered = setup(tmp_path, tiny_models("llama"), codec)
+    ids = prompt(100, 5)
+    whole.generate(ids, max_new_tokens=1)
+    tiers.flush()
+    disk = tiers.tiers[0].backend
+    victim = disk._path(disk.name_of(whole.engine.keys(ids)[3].digest))  # the 4th of 7 chunks
+    raw = bytearray(victim.read_bytes())
+    raw[-5] ^= 0x40  # inside the payload: its checksum fails when the loader reads it
+    victim.write_bytes(bytes(raw))
+    out = layered.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    plain = whole.generate(ids, max_new_tokens=4, stop_at_eos=False, use_cache=False)
+    assert out.hit_tokens == 0 and out.token_ids == plain.token_ids  # recomputed: never the KV of a bad object
+    assert layered.layerwise_stats.as_dict()["fallbacks"] == 1 and disk.corrupt_objects == 1
+    tiers.flush()  # the recomputed prompt's chunks stored again, the damaged one replaced by a sound one
+    again = layered.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    assert again.hit_tokens == 99 and again.token_ids == plain.token_ids
+    assert layered.layerwise_stats.as_dict()["fallbacks"] == 1
+    tiers.close()
+
+
+def test_decoding_ahead_while_reading_equals_whole_loading(tmp_path, tiny_models):
+    from kvshelf.layerwise import loader as loader_mod
+
+    codec = HereBatched()
+    tiers, whole, layered = setup(tmp_path, tiny_models("qwen3"), codec)
+    ids = prompt(100, 6)
+    whole.generate(ids, max_new_tokens=1)
+    tiers.flush()
+    a = whole.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    codec.calls.clear()
+    old, loader_mod.DECODE_AHEAD_CHUNKS = loader_mod.DECODE_AHEAD_CHUNKS, 3
+    try:
+        b = layered.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    finally:
+        loader_mod.DECODE_AHEAD_CHUNKS = old
+    assert a.hit_tokens == b.hit_tokens == 99 and a.token_ids == b.token_ids
+    assert torch.allclose(a.first_logits, b.first_logits, atol=1e-5)
+    layers = layered.runner.num_layers
+    ahead = [(list(range(layers)), 3, 0), (list(range(layers)), 3, 48)]  # chunks 0-2, 3-5: every layer at once
+    rest = [([i], 1, 96) for i in range(layers)]  # the last chunk (3 tokens of 16 used), group by group
+    assert codec.calls == ahead + rest
+    tiers.close()
+
+
+def test_a_bad_flag_of_a_batch_decoded_ahead_makes_the_request_recompute(tmp_path, tiny_models):
+    from kvshelf.layerwise import loader as loader_mod
+
+    codec = HereBatched()
+    tiers, whole, layered = setup(tmp_path, tiny_models("llama"), codec)
+    ids = prompt(100, 7)
+    whole.generate(ids, max_new_tokens=1)
+    tiers.flush()
+    codec.damaged = True
+    old, loader_mod.DECODE_AHEAD_CHUNKS = loader_mod.DECODE_AHEAD_CHUNKS, 2
+    try:
+        out = layered.generate(ids, max_new_tokens=3, stop_at_eos=False)
+    finally:
+        loader_mod.DECODE_AHEAD_CHUNKS = old
+    plain = whole.generate(ids, max_new_tokens=3, stop_at_eos=False, use_cache=False)
+    assert out.hit_tokens == 0 and out.token_ids == plain.token_ids
+    assert codec.calls[0][1] == 2 and layered.layerwise_stats.as_dict()["fallbacks"] == 1
+    tiers.close()
+
+
 def test_chunks_held_decoded_are_not_planned_for_the_device(tiny_models):
     from kvshelf.storage.memory import MemoryBackend
 
@@ -96,7 +216,7 @@ def test_chunks_held_decoded_are_not_planned_for_the_device(tiny_models):
 _BATCHED_CHECK = r"""
 import torch
 from kvshelf.codecs import calibration as calib
-from kvshelf.codecs.cachegen import CacheGenCodec
+from kvshelf.codecs.cachegen import CacheGenCodec, _symbols_calibrated
 
 layers, heads, tokens, dim = 3, 2, 16, 8
 g = torch.Generator().manual_seed(1)
@@ -129,6 +249,45 @@ try:
 except ValueError:
     pass  # refused while staging: as good
 print("batched run ok")
+from kvshelf.codecs import rans_gpu
+
+whole = [[codec.encode_layer(kv[c, i], i, layers, pos + c * tokens) for i in range(layers)] for c in range(3)]
+staged = []
+for c in range(3):
+    offsets = [0]
+    for seg in whole[c]:
+        offsets.append(offsets[-1] + len(seg))
+    staged.append(rans_gpu.stage_chunk(b"".join(whole[c]), offsets, "cpu"))
+q, err = rans_gpu.decode_staged(staged[1:], 1, 3, shape, codec.bits)  # chunks 1 and 2, layers 1 and 2
+got = codec._finish_layers(q, [1, 2], pos + tokens, "cpu")
+assert got.shape == (2, 2, heads, 2 * tokens, dim) and not bool(err)
+for li, i in enumerate((1, 2)):
+    for c in (1, 2):
+        want = codec.decode_layer(whole[c][i], shape, torch.float32, i, layers, pos + c * tokens)
+        assert torch.allclose(got[li, :, :, (c - 1) * tokens : c * tokens], want, atol=1e-4), (i, c)
+q0, _ = rans_gpu.decode_staged(staged, 0, 1, shape, codec.bits)
+want0 = torch.stack([torch.from_numpy(_symbols_calibrated(whole[c][0], shape, codec.bits)) for c in range(3)])
+assert torch.equal(q0[0], want0.permute(1, 2, 0, 3, 4).reshape(2, heads, 3 * tokens, dim))  # symbols exact
+flipped = bytearray(b"".join(whole[2]))
+flipped[-40] ^= 0x01
+try:
+    broken = rans_gpu.stage_chunk(bytes(flipped), offsets, "cpu")
+    _, err = rans_gpu.decode_staged([staged[0], broken], 2, 3, shape, codec.bits)
+    assert bool(err), "a damaged staged stream decoded without its flag"
+except ValueError:
+    pass  # refused while staging: as good
+short = rans_gpu.stage_chunk(b"".join(whole[0])[:-3], offsets[:-1] + [offsets[-1] - 3], "cpu")
+try:
+    rans_gpu.decode_staged([short, staged[1]], 2, 3, shape, codec.bits)
+    raise AssertionError("a truncated segment was decoded")
+except ValueError:
+    pass  # refused by the checks before the kernel
+try:
+    rans_gpu.stage_chunk(b"".join(whole[0]), offsets[:-1] + [offsets[-1] + 1], "cpu")
+    raise AssertionError("offsets beyond the payload were staged")
+except ValueError:
+    pass
+print("staged chunks ok")
 """
 
 
@@ -137,3 +296,4 @@ def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     run = subprocess.run([sys.executable, "-c", _BATCHED_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "batched run ok" in run.stdout, run.stderr[-3000:]
+    assert "staged chunks ok" in run.stdout, run.stderr[-3000:]

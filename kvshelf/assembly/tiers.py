@@ -177,4 +177,5 @@ def build_tiers(
         write_deadline_s=config.tier_write_deadline_s,
         slow_s=config.tier_slow_s,
         workers=config.tier_workers,
+        read_window=config.tier_read_window,
     )

@@ -21,6 +21,7 @@ from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkKey, chain_r
 from kvshelf.errors import ConfigError
 from kvshelf.storage.base import ChunkMeta, StorageBackend, StoredChunk
 from kvshelf.storage.expect import Expected, expecting
+from kvshelf.storage.tiers import budget_until, tier_budget_until
 
 log = logging.getLogger(__name__)
 
@@ -191,31 +192,73 @@ class CacheEngine:
                 self.stats.hit_tokens += hit
 
     def retrieve_layerwise(
-        self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None
+        self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None, device=None
     ) -> LayerwiseRetrieval | None:
         """Open the longest cached prefix for layer-by-layer loading; None on a full miss.
 
         Chunks are fetched and verified now (bytes tiers read their objects), layers decode as the
-        caller asks for them, in order, so loading layer i+1 can overlap computing layer i.
+        caller asks for them, in order, so loading layer i+1 can overlap computing layer i. With `device`,
+        where every chunk of the prefix lies in one byte tier whose codec decodes on that device, nothing
+        is read now: the loader reads and verifies the chunks itself (retrieval.device_decoding), so the
+        caller's compute starts at once; a chunk that then fails makes that request recompute.
         """
         limit = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
-        opened: list[tuple[ChunkKey, object]] = []
         keys = [k for k in self.keys(tokens, salt) if k.start < limit]
-        present = self.backend.contains_many([k.digest for k in keys]) if keys else []
-        for key, here in zip(keys, present, strict=True):
-            if not here:
-                break
-            with expecting(self._expect(key.num_tokens, key.start)):
-                reader = self._verified(key, self.backend.open(key.digest))
-            if reader is None:
-                break
-            opened.append((ChunkKey(key.digest, key.start, min(key.end, limit)), reader))
+        where = self.backend.locate([k.digest for k in keys]) if keys else []
+        present = len(keys) if None not in where else where.index(None)
+        streamed = self._streamed(keys[:present], where[:present], limit, device) if device is not None else None
+        if streamed is not None:
+            opened = streamed.keys
+        else:
+            opened = []
+            for key in keys[:present]:
+                with expecting(self._expect(key.num_tokens, key.start)):
+                    reader = self._verified(key, self.backend.open(key.digest))
+                if reader is None:
+                    break
+                opened.append((ChunkKey(key.digest, key.start, min(key.end, limit)), reader))
         hit = opened[-1][0].end if opened else 0
         with self._stats_lock:
             self.stats.lookups += 1
             self.stats.requested_tokens += limit
             self.stats.hit_tokens += hit
-        return LayerwiseRetrieval(opened, self.fingerprint.num_layers, self._stats_lock, self.stats) if opened else None
+        if not opened:
+            return None
+        return LayerwiseRetrieval(opened, self.fingerprint.num_layers, self._stats_lock, self.stats, streamed)
+
+    def _streamed(self, keys: list[ChunkKey], where: list, limit: int, device) -> _Streamed | None:
+        """A streamed device-decoding plan for `keys` (all located), or None where the chunks do not all lie in
+        one byte tier whose codec decodes on `device`."""
+        if not keys or any(w != where[0] for w in where):
+            return None
+        codec = self.backend.tier_codec(where[0])
+        if codec is None or not codec.decodes_on(device):
+            return None
+        fp = self.fingerprint
+        dtype = getattr(torch, fp.dtype)
+        used = [(ChunkKey(k.digest, k.start, min(k.end, limit)), None) for k in keys]
+        specs = [
+            (codec, k.start, u.end, k.start, (2, fp.num_kv_heads, k.num_tokens, fp.head_dim), dtype, fp.num_layers)
+            for k, (u, _) in zip(keys, used, strict=True)
+        ]
+        until = budget_until()  # the request's tier budget, carried to the loader thread that reads
+        pin = torch.device(device).type == "cuda"
+
+        def into(nbytes: int) -> torch.Tensor:
+            """Objects are read into page-locked memory for a GPU: copied from there as they are, no staging."""
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+        def opener():
+            expected = [self._expect(k.num_tokens, k.start) for k in keys]
+            with tier_budget_until(until):
+                readers = self.backend.open_many([k.digest for k in keys], expected, tier=where[0], into=into)
+                try:
+                    for key, reader in zip(keys, readers, strict=False):
+                        yield self._verified(key, reader)
+                finally:
+                    readers.close()
+
+        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener))
 
     def retrieve(self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None) -> Retrieved:
         parts = [kv for _, kv in self.retrieve_chunks(tokens, salt, max_tokens=max_tokens)]
@@ -305,18 +348,34 @@ class CacheEngine:
         self.backend.close()
 
 
+@dataclass
+class _Streamed:
+    keys: list  # (ChunkKey, None): located, not read yet
+    decoding: DeviceDecoding
+
+
 class LayerwiseRetrieval:
     """The cached prefix of one request, readable one layer at a time (all chunks of layer i together)."""
 
-    def __init__(self, chunks: list, num_layers: int, stats_lock: threading.Lock, stats: EngineStats):
-        self.chunks = chunks
+    def __init__(
+        self,
+        chunks: list,
+        num_layers: int,
+        stats_lock: threading.Lock,
+        stats: EngineStats,
+        streamed: _Streamed | None = None,
+    ):
+        self.chunks = chunks  # (ChunkKey, reader); readers are None while streamed (the loader reads them)
         self.num_layers = num_layers
         self.num_tokens = chunks[-1][0].end
         self._stats_lock, self._stats = stats_lock, stats
+        self._streamed = streamed
 
     def in_memory(self) -> list[tuple[int, torch.Tensor, int]] | None:
         """(first token, whole chunk tensor, tokens used) when every chunk is already a tensor in memory
         (the CPU tier), for loaders that copy straight from it; None when some chunk needs decoding."""
+        if self._streamed is not None:
+            return None
         out = []
         for key, reader in self.chunks:
             kv = reader.kv
@@ -327,7 +386,12 @@ class LayerwiseRetrieval:
 
     def device_decoding(self, device) -> DeviceDecoding | None:
         """A plan to decode every chunk on `device` itself, group of layers by group (where the chunks' codec
-        decodes there: calibrated cachegen on a CUDA GPU); None where they decode on the CPU."""
+        decodes there: calibrated cachegen on a CUDA GPU); None where they decode on the CPU. A streamed
+        retrieval (not read yet) has its plan already, for the device it was made for."""
+        if self._streamed is not None:
+            if torch.device(device) != self._streamed.decoding.device:
+                raise ValueError(f"this retrieval streams onto {self._streamed.decoding.device}, not {device}")
+            return self._streamed.decoding
         return DeviceDecoding.plan(self.chunks, device)
 
     def count_retrieved(self, nbytes: int) -> None:
@@ -337,6 +401,8 @@ class LayerwiseRetrieval:
     def layer_parts(self, i: int, j: int | None = None) -> list[tuple[int, int, torch.Tensor]]:
         """Layers i..j-1 (default: layer i alone) chunk by chunk, without concatenating:
         (start, end, [j - i, 2, kv_heads, end - start, head_dim])."""
+        if self._streamed is not None:
+            raise RuntimeError("a streamed retrieval decodes on its device only (device_decoding)")
         j = i + 1 if j is None else j
         parts = []
         for key, reader in self.chunks:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from kvshelf.codecs import rans
+from kvshelf.codecs.base import tensor_view
 from kvshelf.codecs.cachegen import calibrated_head
 
 _WARPS = 1  # a block's 32 lanes are one warp: prefix sums by shuffles, no shared memory
@@ -190,3 +191,108 @@ def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[
     _, two, heads, tokens, dim = q.shape  # [layers * chunks, 2, heads, tokens, dim]
     q = q.view(len(segments), chunks, two, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
     return q.reshape(len(segments), two, heads, chunks * tokens, dim), err.any()
+
+
+# -- chunks staged on the device as they arrive, decoded later layer group by layer group --------------------
+class StagedChunk:
+    """One chunk's verified payload (every layer's segment) copied to the device as soon as it was read; its
+    segments are checked layer group by layer group as they decode (decode_staged), from the host copy that
+    the device copy was made from (kept: what the checks pass is what the device holds)."""
+
+    def __init__(self, host: torch.Tensor, data: torch.Tensor, offsets: np.ndarray):
+        self.host = host  # uint8 payload in host memory (pinned on CUDA)
+        self.data = data  # the same bytes on the device
+        self.offsets = offsets  # int64 [layers + 1]: segment bounds in them
+
+
+def _staging(nbytes: int, device: torch.device):
+    """A host buffer the copy to `device` can be queued from without waiting (pinned on CUDA) and its pool slot."""
+    if device.type == "cuda":
+        return _pinned(nbytes)
+    return torch.empty(nbytes, dtype=torch.uint8), None
+
+
+def _queued(slot) -> None:
+    """The staging slot's copy was queued on the current stream: reusable once it has run."""
+    if slot is not None:
+        slot[1] = torch.cuda.Event()
+        slot[1].record()
+        with _pool_lock:
+            slot[2] = False
+
+
+def stage_chunk(payload, offsets, device) -> StagedChunk:
+    """Queue one chunk's payload's copy to `device`: from where it lies when the tier read it into pinned
+    memory (StorageBackend.open_into), else through a pinned copy (a copy from pageable memory would first
+    wait for everything queued on the stream). The host bytes are kept until the decoding is done."""
+    device = torch.device(device)
+    offs = np.asarray(offsets, dtype=np.int64)
+    n = len(memoryview(payload))
+    if len(offs) < 2 or offs[0] != 0 or offs[-1] != n or (np.diff(offs) < 0).any():
+        raise ValueError("layer offsets do not cut the payload into segments")
+    host = tensor_view(payload, torch.uint8, (n,))
+    if device.type == "cuda" and not (n and host.is_pinned()):
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True).copy_(host)  # torch's pinned cache
+    return StagedChunk(host, host.to(device, non_blocking=True), offs)
+
+
+def decode_staged(
+    chunks: list[StagedChunk], i: int, j: int, shape: tuple, level: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layers i..j-1 of consecutive staged chunks -> their symbols [j - i, 2, heads, chunks * tokens, dim] and
+    an error flag (a boolean tensor on the device), without waiting for the GPU: the caller must see the
+    flag False before it uses what the symbols decode to. The segments are checked first (rans.scan_segments,
+    on the host copy; RansError where one does not parse), then one small copy of descriptors and escapes
+    and one kernel, which reads each chunk's segments where they were staged: descriptor offsets are taken
+    from the first chunk's device buffer (all of them are allocations on one device)."""
+    _, heads, tokens, dim = shape
+    base = chunks[0].data
+    device = base.device
+    n, c = j - i, len(chunks)
+    rows, part = heads * dim, heads * dim * tokens
+    width, per_lane, blocks = rans.layout(rows, tokens)
+    head = np.frombuffer(calibrated_head(level), np.uint8)
+    desc = np.empty((n, c, 2 * blocks, _DESC), dtype=np.int64)
+    pos, val = [], []
+    for k, ch in enumerate(chunks):
+        buf = ch.host.numpy()
+        starts, lengths = ch.offsets[i:j], np.diff(ch.offsets[i : j + 1])
+        max_esc = min(int(lengths.sum()) // 8, n * 2 * part)
+        d = np.empty((n * 2 * blocks, _DESC), dtype=np.int64)
+        e_pos, e_val = np.empty(max_esc, dtype=np.int64), np.empty(max_esc, dtype=np.int32)
+        n_esc, err = rans.scan_segments(
+            buf, starts, lengths, head, heads, tokens, dim, width, per_lane, d, e_pos, e_val
+        )
+        if err:
+            raise rans.RansError(f"cachegen segment does not parse (code {err})")
+        # scan_segments numbers this chunk's segments 0..n-1; in the batch, layer l of chunk k is l * c + k
+        d = d.reshape(n, 2 * blocks, _DESC)
+        d[:, :, 0:4] += ch.data.data_ptr() - base.data_ptr()
+        d[:, :, 5] += (np.arange(n, dtype=np.int64) * (c - 1) + k)[:, None] * 2 * part
+        desc[:, k] = d
+        if n_esc:
+            p = e_pos[:n_esc]
+            pos.append(p + (p // (2 * part) * (c - 1) + k) * 2 * part)
+            val.append(e_val[:n_esc])
+    n_esc = sum(len(p) for p in pos)
+    align = lambda m: (m + 7) // 8 * 8  # noqa: E731
+    offs = np.cumsum([0, align(desc.nbytes), align(8 * n_esc), align(4 * n_esc)])
+    host, slot = _staging(int(offs[-1]), device)
+    try:
+        view = host.numpy()
+        view[: desc.nbytes] = desc.reshape(-1).view(np.uint8)
+        if n_esc:
+            view[offs[1] : offs[1] + 8 * n_esc] = np.concatenate(pos).view(np.uint8)
+            view[offs[2] : offs[2] + 4 * n_esc] = np.concatenate(val).view(np.uint8)
+        dev = host.to(device, non_blocking=True)
+    finally:
+        _queued(slot)
+    staged = (
+        base,
+        dev[: desc.nbytes].view(torch.int64),
+        (dev[offs[1] : offs[1] + 8 * n_esc].view(torch.int64), dev[offs[2] : offs[2] + 4 * n_esc].view(torch.int32)),
+        (n * c, 2, heads, tokens, dim),
+    )
+    q, err = run_staged(staged, check=False)
+    q = q.view(n, c, 2, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
+    return q.reshape(n, 2, heads, c * tokens, dim), err.any()

@@ -39,7 +39,10 @@ class LayerwisePrefill:
             raise ValueError("a layerwise prefill needs a cache engine")
         t0 = time.perf_counter()
         loader_s0 = sum(self.stats.load_s)
-        retrieval = engine.retrieve_layerwise(ids, salt, max_tokens=len(ids) - 1) if request.load else None
+        retrieval = (
+            # device: where the chunks decode on the KV's device, the loader reads them (the compute starts now)
+            engine.retrieve_layerwise(ids, salt, max_tokens=len(ids) - 1, device=kv.device) if request.load else None
+        )
         hit = retrieval.num_tokens if retrieval is not None else 0
         t1 = time.perf_counter()
         saver = LayerwiseSaver(engine, ids, salt, hit, kv) if self.layerwise_store else None

@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 
 from kvshelf.codecs.base import Codec
+from kvshelf.storage.expect import expecting
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class StoredChunk:
         """Decoded already: no stored bytes to hand to a decoder elsewhere (ChunkReader.encoded_layer)."""
         return None
 
+    def encoded_payload(self) -> None:
+        return None
+
 
 class ChunkReader(Protocol):
     """What `StorageBackend.open` returns: a chunk whose layers are read one at a time. `kv` is the whole
@@ -58,6 +62,10 @@ class ChunkReader(Protocol):
     def encoded_layer(self, i: int) -> tuple[Codec, memoryview] | None:
         """Layer i as stored (its codec and verified segment bytes), for a loader that decodes it elsewhere
         (on a GPU, batched over chunks); None when the reader holds decoded KV."""
+
+    def encoded_payload(self) -> tuple[Codec, memoryview, list[int]] | None:
+        """Every layer as stored: (codec, verified payload, layer offsets in it: layer k is offsets[k] to
+        offsets[k + 1]), for a loader that stages whole chunks on a GPU as they arrive; None as above."""
 
 
 class StorageBackend(ABC):
@@ -85,6 +93,23 @@ class StorageBackend(ABC):
         """The chunk under `key` for layer-by-layer reading, or None.
         Tiers that store bytes return it verified but not yet decoded."""
         return self.get(key)
+
+    def open_into(self, key: bytes, into) -> ChunkReader | None:
+        """open(), reading a stored object into a buffer from `into(nbytes)` (a uint8 tensor: pinned host memory
+        a GPU copies from without staging) where the tier reads bytes it can place; others ignore `into`."""
+        return self.open(key)
+
+    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None):
+        """open() (open_into with `into`) of each key in order, each read under its Expected
+        (kvshelf.storage.expect), yielding every reader (None: a miss) as it comes; a tier stack reads several
+        side by side from the tier `tier`."""
+        for key, want in zip(keys, expected or [None] * len(keys), strict=True):
+            with expecting(want):
+                yield self.open(key) if into is None else self.open_into(key, into)
+
+    def tier_codec(self, name: str) -> Codec | None:
+        """The codec of the tier named `name` (as locate() names it): None where it holds decoded tensors."""
+        return self.codec if name == self.name else None
 
     @abstractmethod
     def contains(self, key: bytes) -> bool: ...

@@ -184,6 +184,9 @@ class DiskBackend(ByteStore):
         return True
 
     def _get_bytes(self, name: str, limit: int) -> bytes | None:
+        return self._get_bytes_into(name, limit, None)
+
+    def _get_bytes_into(self, name: str, limit: int, into) -> bytes | memoryview | None:
         with self._lock:
             if name not in self._index:
                 return None
@@ -193,7 +196,17 @@ class DiskBackend(ByteStore):
                 size = os.fstat(f.fileno()).st_size
                 if size > limit:
                     raise ObjectTooLarge(f"file of {size} bytes; no expected chunk is larger than {limit}")
-                return f.read()  # one copy out of the page cache; decoding views it, never copies again
+                if into is None:
+                    return f.read()  # one copy out of the page cache; decoding views it, never copies again
+                # into a buffer the caller keeps (pinned memory: no page faults, no staging copy)
+                view = memoryview(into(size).numpy())
+                got = 0
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+                return view[:got]  # shorter than the file (it shrank): the format's checks refuse it
         except FileNotFoundError:  # removed behind our back
             self._forget(name)
             return None

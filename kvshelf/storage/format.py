@@ -252,6 +252,10 @@ class EncodedChunk:
         """Layer i's verified segment and the codec that decodes it (ChunkReader.encoded_layer)."""
         return self.codec, self._payload[self._offsets[i] : self._offsets[i + 1]]
 
+    def encoded_payload(self) -> tuple[Codec, memoryview, list[int]]:
+        """The verified payload, every layer's segment, and the layer offsets (ChunkReader.encoded_payload)."""
+        return self.codec, self._payload, self._offsets
+
     def layers(self, i: int, j: int) -> torch.Tensor:
         """Layers i..j-1 ([j - i, 2, kv_heads, tokens, head_dim]); a view when the codec is raw."""
         if self.codec.raw_layout:

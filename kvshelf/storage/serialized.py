@@ -50,6 +50,11 @@ class ByteStore(StorageBackend):
         """The object, or None when there is none; raise ObjectTooLarge, without reading it, when it is
         larger than `limit` bytes."""
 
+    def _get_bytes_into(self, name: str, limit: int, into) -> bytes | memoryview | None:
+        """_get_bytes into a buffer from `into(nbytes)` where the tier can read into one (disk); by default
+        the bytes as _get_bytes returns them."""
+        return self._get_bytes(name, limit)
+
     @abstractmethod
     def _delete_name(self, name: str) -> None: ...
 
@@ -97,13 +102,18 @@ class ByteStore(StorageBackend):
         self.metrics.observe_codec(self.codec.name, "decode", time.perf_counter() - t0, chunk.nbytes, 0)
         return chunk
 
-    def open(self, key: bytes, expected: Expected | None = None) -> EncodedChunk | None:
+    def open_into(self, key: bytes, into) -> EncodedChunk | None:
+        return self.open(key, into=into)
+
+    def open(self, key: bytes, expected: Expected | None = None, *, into=None) -> EncodedChunk | None:
         """Fetch and verify the object; layers decode when asked for. `expected` defaults to the engine's
-        expectation for this read (kvshelf.storage.expect.expecting). I/O errors propagate (tier faults)."""
+        expectation for this read (kvshelf.storage.expect.expecting). I/O errors propagate (tier faults).
+        `into`: see StorageBackend.open_into."""
         expected = expected or expect.current()
         codec, name_id = self._coding
         try:
-            blob = self._get_bytes(object_name(key, name_id, self.auth), self.max_object_bytes(expected, codec))
+            name, limit = object_name(key, name_id, self.auth), self.max_object_bytes(expected, codec)
+            blob = self._get_bytes(name, limit) if into is None else self._get_bytes_into(name, limit, into)
             if blob is None:
                 return None
             return open_chunk(blob, key, codec, auth=self.auth, expected=expected)

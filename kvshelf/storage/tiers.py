@@ -13,24 +13,28 @@
   Every worker of a tier busy means the tier is stuck: it is skipped (no thread growth). A caller may
   also put a whole request under a budget (`tier_budget`): calls then end when the budget does, and a
   call cut by the budget, like a read slower than `slow_s`, counts against the tier's breaker.
+- side by side: `open_many` reads one request's chunks with up to `read_window` calls in flight (of the
+  tier's workers), in order, each under its own deadline (layerwise loading decoded on a GPU, issue #17).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import contextvars
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvshelf.storage.base import StorageBackend, StoredChunk
 from kvshelf.storage.breaker import CircuitBreaker
+from kvshelf.storage.expect import expecting
+from kvshelf.storage.lanes import Lanes
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -56,8 +60,14 @@ def tier_budget(seconds: float | None) -> Iterator[None]:
     Reads still running when the budget ends are cut (a miss, counted against the tier as slow);
     later reads inside the block are not made. Budgets nest: the tighter one wins.
     """
+    with tier_budget_until(None if seconds is None else time.monotonic() + max(0.0, seconds)):
+        yield
+
+
+@contextlib.contextmanager
+def tier_budget_until(until: float | None) -> Iterator[None]:
+    """tier_budget with its end as a time.monotonic() instant: carries a request's budget to another thread."""
     outer = getattr(_budget, "until", None)
-    until = None if seconds is None else time.monotonic() + max(0.0, seconds)
     bounds = [t for t in (outer, until) if t is not None]
     _budget.until = min(bounds) if bounds else None
     try:
@@ -66,64 +76,31 @@ def tier_budget(seconds: float | None) -> Iterator[None]:
         _budget.until = outer
 
 
+def budget_until() -> float | None:
+    """The end of this thread's request budget (time.monotonic()), or None: for tier_budget_until elsewhere."""
+    return getattr(_budget, "until", None)
+
+
 def _budget_left() -> float | None:
     until = getattr(_budget, "until", None)
     return None if until is None else until - time.monotonic()
 
 
-class _Lanes:
-    """A tier's bounded set of worker threads: at most `size` calls in flight, none queued behind them."""
+@dataclass
+class _Call:
+    """A tier call begun by Tier.start: finished already (`value`), or running on a worker (`future`)."""
 
-    def __init__(self, name: str, size: int):
-        self.name, self.size = name, size
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._free = threading.Semaphore(size)
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
+    fn: Callable
+    done: bool = False
+    value: object = None
+    future: Future | None = None
+    wait_s: float | None = None  # the most its caller waits, from t0: deadline or request budget
+    cut: bool = False  # wait_s is the request's budget, not the tier's deadline
+    write: bool = False
+    t0: float = field(default_factory=time.monotonic)
 
-    def submit(self, fn: Callable, args: tuple) -> Future | None:
-        """A future for fn(*args), or None when every worker is busy."""
-        if not self._free.acquire(blocking=False):
-            return None
-        with self._lock:
-            if not self._threads:
-                for i in range(self.size):
-                    t = threading.Thread(target=self._work, name=f"kvshelf-{self.name}-{i}", daemon=True)
-                    t.start()
-                    self._threads.append(t)
-        future: Future = Future()
-        # The caller's context travels with the call: byte tiers read the engine's expectation from it.
-        self._jobs.put((future, contextvars.copy_context(), fn, args))
-        return future
 
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            future, context, fn, args = job
-            try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(context.run(fn, *args))
-                    except BaseException as err:  # handed to the caller (a tier fault), if it still waits
-                        future.set_exception(err)
-            finally:
-                self._free.release()
-
-    def close(self, wait_s: float) -> None:
-        """Stop the workers; a worker still stuck in a call after `wait_s` is left behind (daemon), said loudly."""
-        with self._lock:
-            threads, self._threads = self._threads, []
-        for _ in threads:
-            self._jobs.put(None)
-        until = time.monotonic() + wait_s
-        stuck = 0
-        for t in threads:
-            t.join(max(0.0, until - time.monotonic()))
-            stuck += t.is_alive()
-        if stuck:
-            log.warning("tier %s: %d call(s) still stuck at shutdown; their threads are left behind", self.name, stuck)
+BUSY = _Call(lambda: None, done=True)  # Tier.start(wait_if_busy=True): every worker busy, nothing begun
 
 
 @dataclass
@@ -162,7 +139,7 @@ class Tier:
         self.deadline_s = deadline_s if timed else None
         self.write_deadline_s = (write_deadline_s or deadline_s) if timed else None
         self.slow_s = slow_s if timed else None
-        self.lanes = _Lanes(backend.name, workers) if timed else None
+        self.lanes = Lanes(backend.name, workers) if timed else None
 
     @property
     def name(self) -> str:
@@ -175,43 +152,58 @@ class Tier:
 
     def call(self, fn: Callable, *args, default=None, write: bool = False):
         """Run fn(*args) against the tier; on an open breaker, an overrun or any error return `default`."""
+        return self.finish(self.start(fn, *args, default=default, write=write), default)
+
+    def start(self, fn: Callable, *args, default=None, write: bool = False, wait_if_busy: bool = False):
+        """Begin fn(*args) on the tier (finish() gives its result). With `wait_if_busy`, every worker busy
+        returns BUSY instead of counting the tier as stuck: a caller with calls of its own in flight waits
+        for those first (bounded parallel reads that stay within the tier's workers)."""
         limit = self.write_deadline_s if write else self.deadline_s
         left = None if (write or limit is None) else _budget_left()
         if left is not None and left <= 0:
             self.count(skipped=1)  # the request's budget is spent: no new call
-            return default
+            return _Call(fn, done=True, value=default)
         if not self.breaker.allow():
             self.count(skipped=1)
-            return default
+            return _Call(fn, done=True, value=default)
         if self.lanes is None:
             try:
                 result = fn(*args)
             except Exception as err:  # a tier fault is a miss, never a crash
-                return self._failed(fn, err, default)
+                return _Call(fn, done=True, value=self._failed(fn, err, default))
             self.breaker.record_success()
-            return result
+            return _Call(fn, done=True, value=result)
         cut = left is not None and left < limit
-        t0 = time.monotonic()
         future = self.lanes.submit(fn, args)
         if future is None:
+            if wait_if_busy:
+                return BUSY
             self.count(stuck=1)
             self.breaker.record_failure(TierStuck(f"all {self.lanes.size} workers busy"))
-            return default
+            return _Call(fn, done=True, value=default)
+        return _Call(fn, future=future, wait_s=left if cut else limit, cut=cut, write=write)
+
+    def finish(self, call: _Call, default=None):
+        """The result of a call begun by start(), waiting at most its deadline (or the request's budget)
+        from when it began; an overrun or an error is `default`, counted against the tier."""
+        if call.done:
+            return call.value
+        fn, future = call.fn, call.future
         try:
-            result = future.result(timeout=left if cut else limit)
+            result = future.result(timeout=max(0.0, call.t0 + call.wait_s - time.monotonic()))
         except Exception as err:
             if future.done():  # the call itself failed (its own socket timeout included)
                 return self._failed(fn, err, default)
-            waited = time.monotonic() - t0
-            if cut:  # the request's budget ran out: slower than this request could use
+            waited = time.monotonic() - call.t0
+            if call.cut:  # the request's budget ran out: slower than this request could use
                 self.count(slow=1)
                 log.info("tier %s: %s cut after %.3f s by the request's budget", self.name, fn.__name__, waited)
                 self.breaker.record_failure(TierSlow(f"{fn.__name__} overran the request's budget"))
                 return default
             self.count(timeouts=1)
-            return self._failed(fn, TierTimeout(f"no answer within the {limit:.3g} s deadline"), default)
-        elapsed = time.monotonic() - t0
-        if not write and self.slow_s is not None and elapsed > self.slow_s:
+            return self._failed(fn, TierTimeout(f"no answer within the {call.wait_s:.3g} s deadline"), default)
+        elapsed = time.monotonic() - call.t0
+        if not call.write and self.slow_s is not None and elapsed > self.slow_s:
             self.count(slow=1)
             self.breaker.record_failure(TierSlow(f"{fn.__name__} took {elapsed:.3f} s > {self.slow_s:.3g} s"))
             return result  # the answer is good, only late: use it
@@ -245,11 +237,12 @@ class TierManager(StorageBackend):
         write_deadline_s: float | None = None,
         slow_s: float | None = None,
         workers: int = 4,
+        read_window: int | None = None,
     ):
         """`deadline_s` bounds each read of a tier that is not inline (None: unbounded), `write_deadline_s`
         each write (default 5x `deadline_s`); reads slower than `slow_s` (default: off; reads cut by a
         request's budget always count) count against the tier's breaker; `workers` calls per tier may be
-        in flight at once."""
+        in flight at once, `read_window` of them (default: half) for one request's open_many."""
         if not backends:
             raise ValueError("a tier manager needs at least one tier")
         if deadline_s is not None and deadline_s <= 0:
@@ -269,6 +262,7 @@ class TierManager(StorageBackend):
             for b in backends
         ]
         self.write_block_s = write_block_s
+        self.read_window = max(1, min(read_window or workers // 2, workers))  # open_many's reads in flight
         self.write_queue_bytes = write_queue_bytes
         self._queue: queue.Queue = queue.Queue(maxsize=write_queue_size)
         self._queued_bytes = 0  # bytes of the chunks in the queue or being written
@@ -305,6 +299,40 @@ class TierManager(StorageBackend):
         """Like get, for layer-by-layer reading; a lower-tier hit is promoted once all its layers were read."""
         tier, reader = self._first_hit("open", key)
         return _PromotingReader(reader, key, self.tiers[0]) if self._promotes(tier) else reader
+
+    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None):
+        """Open `keys` from the tier named `tier` (the one locate() found them in; default: the first), in
+        order, yielding each reader (None: a miss or a fault) as soon as it and those before it are there.
+        Up to `read_window` (default: half the tier's workers) read side by side; the rest stay free for other requests, and a
+        worker taken by them makes this wait for its own calls rather than count the tier stuck."""
+        t = next((x for x in self.tiers if x.name == tier), None) if tier is not None else self.tiers[0]
+        if t is None:
+            raise ValueError(f"no tier named {tier!r}")
+        expected = expected or [None] * len(keys)
+        backend = t.backend
+
+        def open_into(key: bytes):
+            return backend.open_into(key, into)
+
+        read = backend.open if into is None else open_into
+        window = max(1, min(self.read_window, t.lanes.size)) if t.lanes is not None else 1
+        pending: collections.deque = collections.deque()
+        nxt = 0
+        while nxt < len(keys) or pending:
+            while nxt < len(keys) and len(pending) < window:
+                with expecting(expected[nxt]):
+                    call = t.start(read, keys[nxt], wait_if_busy=bool(pending))
+                if call is BUSY:
+                    break
+                pending.append(call)
+                nxt += 1
+            reader = t.finish(pending.popleft())
+            t.count(**({"hits": 1} if reader is not None else {"misses": 1}))
+            yield reader
+
+    def tier_codec(self, name: str):
+        """The codec of the tier named `name` (None: it holds decoded tensors, or there is no such tier)."""
+        return next((t.backend.codec for t in self.tiers if t.name == name), None)
 
     def locate(self, keys: list[bytes]) -> list[str | None]:
         """For each key, the name of the first tier that holds it (None: no tier)."""
@@ -479,6 +507,9 @@ class _PromotingReader:
         """The lower tier's stored bytes, for a loader that decodes them on a GPU. Layers read this way are
         not promoted: that would copy the decoded KV back to the host, about what decoding it costs again."""
         return self._reader.encoded_layer(i)
+
+    def encoded_payload(self):
+        return self._reader.encoded_payload()  # as encoded_layer: not promoted
 
     def layer(self, i: int) -> torch.Tensor:
         layer = self._reader.layer(i)
