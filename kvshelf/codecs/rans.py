@@ -190,8 +190,9 @@ def _encode(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits):  # pragm
 def _decode(
     buf, states_at, words_at, word_start, cls, width, per_lane, tokens, dim, symbol, freq, cum, low_bits, radius, out
 ):  # pragma: no cover - compiled  # noqa: E501
-    """Decode a part into out, [heads, tokens, dim] flattened (rows = head * dim + channel). 0 when the stream decoded
-    exactly (every word used, every state back to its start), else an error code; never writes outside out."""
+    """Decode a part into out, [heads, tokens, dim] flattened (rows = head * dim + channel; int32, or float32 for
+    kvshelf.codecs.cachegen_cpu). 0 when the stream decoded exactly (every word used, every state back to its
+    start), else an error code; never writes outside out."""
     rows = cls.shape[0]
     blocks = rows // (width * per_lane)
     mask = np.uint64(PROB_SCALE - 1)
@@ -200,6 +201,7 @@ def _decode(
     lane_low = np.empty(width, np.int64)
     lane_rad = np.empty(width, np.int64)
     lane_at = np.empty(width, np.int64)
+    lane_h = np.empty(width, np.int64)
     for b in range(blocks):
         for j in range(width):
             o = states_at + 4 * (b * width + j)
@@ -234,6 +236,7 @@ def _decode(
                         s = (s << np.uint64(16)) | np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8))
                         p += 2
                     x[j] = s
+                    lane_h[j] = h
                     out[lane_at[j] + t * dim] = np.int64(h) - lane_rad[j]
                 if not any_low:
                     continue
@@ -251,7 +254,7 @@ def _decode(
                             p += 2
                         x[j] = s
                         o = lane_at[j] + t * dim
-                        out[o] = (((out[o] + lane_rad[j]) << k) | np.int64(slot >> sh)) - lane_rad[j]
+                        out[o] = ((lane_h[j] << k) | np.int64(slot >> sh)) - lane_rad[j]
         if p != end:
             return 2
         for j in range(width):
@@ -373,10 +376,13 @@ def encode_part(q: np.ndarray) -> bytes:
 def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) the coder now rather than on the first chunk: ~2.4 s
     to compile on a fresh machine, ~0.4 s to load from the cache. For a server's start-up."""
+    from kvshelf.codecs import cachegen_cpu  # whole segments: what the codec calls
+
     check_tables()
     q = np.zeros((1, 4, 2), np.int32)
     data = np.frombuffer(encode_part(q), np.uint8)
     decode_part(data, Part(data, 0, 1, 4, 2), np.empty_like(q))
+    cachegen_cpu.warm_up()
 
 
 class Part:
