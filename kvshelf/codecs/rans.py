@@ -187,12 +187,11 @@ def _encode(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits):  # pragm
 
 
 @njit(nogil=True, cache=True)
-def _decode(
+def _decode(  # the reference decoder (kvshelf.codecs.cachegen_cpu has a faster copy, tested against it)
     buf, states_at, words_at, word_start, cls, width, per_lane, tokens, dim, symbol, freq, cum, low_bits, radius, out
 ):  # pragma: no cover - compiled  # noqa: E501
-    """Decode a part into out, [heads, tokens, dim] flattened (rows = head * dim + channel; int32, or float32 for
-    kvshelf.codecs.cachegen_cpu). 0 when the stream decoded exactly (every word used, every state back to its
-    start), else an error code; never writes outside out."""
+    """Decode a part into out, [heads, tokens, dim] flattened (rows = head * dim + channel). 0 when the stream decoded
+    exactly (every word used, every state back to its start), else an error code; never writes outside out."""
     rows = cls.shape[0]
     blocks = rows // (width * per_lane)
     mask = np.uint64(PROB_SCALE - 1)
@@ -201,7 +200,6 @@ def _decode(
     lane_low = np.empty(width, np.int64)
     lane_rad = np.empty(width, np.int64)
     lane_at = np.empty(width, np.int64)
-    lane_h = np.empty(width, np.int64)
     for b in range(blocks):
         for j in range(width):
             o = states_at + 4 * (b * width + j)
@@ -236,7 +234,6 @@ def _decode(
                         s = (s << np.uint64(16)) | np.uint64(buf[p]) | (np.uint64(buf[p + 1]) << np.uint64(8))
                         p += 2
                     x[j] = s
-                    lane_h[j] = h
                     out[lane_at[j] + t * dim] = np.int64(h) - lane_rad[j]
                 if not any_low:
                     continue
@@ -254,7 +251,7 @@ def _decode(
                             p += 2
                         x[j] = s
                         o = lane_at[j] + t * dim
-                        out[o] = ((lane_h[j] << k) | np.int64(slot >> sh)) - lane_rad[j]
+                        out[o] = (((out[o] + lane_rad[j]) << k) | np.int64(slot >> sh)) - lane_rad[j]
         if p != end:
             return 2
         for j in range(width):
