@@ -154,9 +154,11 @@ def test_codec_layers_equal_the_reference_path(workers):
 
 def test_runs_cut_consecutive_layers_for_the_threads():
     assert cc.runs(list(range(18)), 0) == [list(range(18))]
-    assert cc.runs(list(range(18)), 16) == [list(range(k, k + 2)) for k in range(0, 18, 2)]
+    sixteen = cc.runs(list(range(18)), 16)
+    assert len(sixteen) == 16 and sum(sixteen, []) == list(range(18)) and {len(r) for r in sixteen} == {1, 2}
     assert cc.runs(list(range(6)), 2) == [[0, 1, 2], [3, 4, 5]]
-    assert cc.runs([4, 1, 2], 8) == [[0], [1, 2]]  # indices of the list: layers 4, then 1 and 2
+    assert cc.runs([4, 1, 2], 8) == [[0], [1], [2]]  # indices of the list
+    assert cc.runs([4, 1, 2], 1) == [[0], [1, 2]]  # layer 4, then layers 1 and 2: runs of consecutive layers
     assert sum(cc.runs(list(range(7)), 3), []) == list(range(7))
 
 

@@ -25,9 +25,6 @@ from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import rans
 from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, PROB_BITS, RADIUS, SPREAD_CLASSES, STATE_LOW, SYMBOL, _u32
 
-# Layers per thread's run, at least, where there are enough: each run costs some Python (one matmul, RoPE,
-# a cast), so fewer, larger runs keep the share of time that holds the GIL small.
-RUN_LAYERS = 2
 _ERRORS = {
     1: "cachegen segment is truncated",
     2: "cachegen segment header does not match the codec parameters",
@@ -375,13 +372,13 @@ def encode_segment(q: np.ndarray, level: int) -> bytes:
 
 # -- batches of layers -----------------------------------------------------------------------------------------
 def runs(layers: list[int], workers: int) -> list[list[int]]:
-    """The indices of `layers` cut into runs of consecutive layers (one matmul each): up to `workers` runs,
-    of at least RUN_LAYERS layers where there are enough."""
-    cuts = [0] + [k for k in range(1, len(layers)) if layers[k] != layers[k - 1] + 1] + [len(layers)]
-    size = -(-len(layers) // max(1, min(workers, len(layers) // RUN_LAYERS)))
-    return [
-        list(range(i, min(i + size, b))) for a, b in zip(cuts[:-1], cuts[1:], strict=True) for i in range(a, b, size)
-    ]
+    """The indices of `layers` cut into runs of consecutive layers (one matmul each) for `workers` threads:
+    as many runs as workers where there are enough layers, of sizes that differ by one at most. A run holds
+    the GIL for ~20 us plus ~6 us a layer (measured), against ~1.3 ms of work a layer without it."""
+    pieces = max(1, min(workers, len(layers)))
+    bounds = [len(layers) * k // pieces for k in range(pieces + 1)]
+    cuts = sorted({*bounds, *(k for k in range(1, len(layers)) if layers[k] != layers[k - 1] + 1)})
+    return [list(range(a, b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
 def decode_batch(segments, shape: tuple, level: int) -> torch.Tensor:
