@@ -160,17 +160,3 @@ def test_runs_cut_consecutive_layers_for_the_threads():
     assert cc.runs([4, 1, 2], 8) == [[0], [1], [2]]  # indices of the list
     assert cc.runs([4, 1, 2], 1) == [[0], [1, 2]]  # layer 4, then layers 1 and 2: runs of consecutive layers
     assert sum(cc.runs(list(range(7)), 3), []) == list(range(7))
-
-
-def test_the_reciprocal_gives_the_exact_quotient_of_every_state():
-    """The encoder divides by multiplying with 1 / f: exact for every state below 2**32 and every frequency
-    of the tables (checked at the multiples of f and their neighbours, where a rounding error would show)."""
-    freqs = np.unique(rans.FREQ[rans.FREQ > 0]).astype(np.int64)
-    for f in freqs:
-        q = np.unique(np.r_[np.arange(0, 2**18, 997), (2**32 - 1) // f - np.arange(4), np.arange(4)])
-        q = q[(q >= 0) & (q * f < 2**32)]
-        x = np.concatenate([q * f, q * f + f - 1, np.maximum(q * f - 1, 0)])
-        x = x[x < 2**32]
-        got = np.floor(x.astype(np.float64) * (1.0 / f) + 2.0**-17).astype(np.int64)
-        assert np.array_equal(got, x // f), f
-    assert np.array_equal(cc.RECIPROCAL[rans.FREQ > 0], 1.0 / rans.FREQ[rans.FREQ > 0])

@@ -7,8 +7,7 @@ symbols, escapes included, as float32 straight into the batch that the inverse t
 same values as int32 symbols then `.float()`). Encoding a segment is one compiled call too: classes,
 escapes, clipping, the rANS coder and the byte layout, the bytes equal to kvshelf.codecs.rans.encode_part's.
 The stored format is kvshelf.codecs.rans's, unchanged; the lanes' loops here are copies of its reference
-coder with 32-bit states, a renormalisation without a hard-to-predict branch on the decoding side and a
-multiplication by the reciprocal instead of a division on the encoding side (tests check both against the
+coder with 32-bit states, flat tables and fewer hard-to-predict branches (tests check both against the
 reference, bytes and symbols).
 """
 
@@ -138,11 +137,13 @@ def _decode_lanes(
     mask = np.uint32((1 << PROB_BITS) - 1)
     bits, low = np.uint32(PROB_BITS), np.uint32(STATE_LOW)
     x = np.empty(width, np.uint32)
-    lane_cls = np.empty(width, np.int64)
+    lane_sym = np.empty(width, np.uint64)  # where the lane's class starts in the flat tables
+    lane_tab = np.empty(width, np.uint64)
     lane_low = np.empty(width, np.uint32)
     lane_rad = np.empty(width, np.int64)
     lane_at = np.empty(width, np.int64)
     lane_h = np.empty(width, np.int64)
+    flat_symbol, flat_freq, flat_cum = symbol.ravel(), freq.ravel(), cum.ravel()
     last = buf.shape[0] - 2
     if last < 0:
         return 1
@@ -157,18 +158,19 @@ def _decode_lanes(
             any_low = False
             for j in range(width):  # per lane: its row's class, low bits, radius and place in out
                 row = base + j + width * i
-                lane_cls[j] = cls[row]
+                lane_sym[j] = np.uint64(cls[row]) * np.uint64(symbol.shape[1])
+                lane_tab[j] = np.uint64(cls[row]) * np.uint64(freq.shape[1])
                 lane_low[j] = low_bits[cls[row]]
                 lane_rad[j] = radius[cls[row]]
                 lane_at[j] = (row // dim) * tokens * dim + row % dim
                 any_low |= lane_low[j] > 0
             for t in range(tokens):
                 for j in range(width):  # every lane's high symbol...
-                    c = lane_cls[j]
                     s = x[j]
                     slot = s & mask
-                    h = symbol[c, slot]
-                    s = freq[c, h] * (s >> bits) + slot - cum[c, h]
+                    h = flat_symbol[lane_sym[j] + np.uint64(slot)]
+                    e = lane_tab[j] + np.uint64(h)
+                    s = flat_freq[e] * (s >> bits) + slot - flat_cum[e]
                     q = min(p, last)
                     w = np.uint32(buf[q]) | (np.uint32(buf[q + 1]) << np.uint32(8))
                     if s < low:
@@ -205,7 +207,7 @@ def _decode_lanes(
 
 # -- encoding --------------------------------------------------------------------------------------------------
 @njit(nogil=True, cache=True)
-def _encode_part(q, width, per_lane, freq, cum, low_bits, radius, reciprocal, out, at):  # pragma: no cover - compiled
+def _encode_part(q, width, per_lane, freq, cum, low_bits, radius, out, at):  # pragma: no cover - compiled
     """One part's bytes (rans.encode_part's layout) from symbols q [heads, tokens, dim] int32, written into
     out from `at`; returns the end."""
     heads, tokens, dim = q.shape
@@ -238,7 +240,7 @@ def _encode_part(q, width, per_lane, freq, cum, low_bits, radius, reciprocal, ou
                     n_esc += 1
                     v = r if v > 0 else -r
                 u[base + d] = v + r
-    buf, counts, states, cap = _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits, reciprocal)
+    buf, counts, states, cap = _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits)
     o = at
     out[o : o + rows] = cls
     o += rows
@@ -269,15 +271,11 @@ def _encode_part(q, width, per_lane, freq, cum, low_bits, radius, reciprocal, ou
     return o
 
 
-# 1 / frequency in float64: floor(x * (1 / f) + 2**-17) is x // f exactly for every x < 2**32 and f < 2**14
-# (the product's error stays below 2**-20, the fraction x % f / f below 1 - 2**-14).
-RECIPROCAL = np.where(FREQ > 0, 1.0 / np.maximum(FREQ, 1), 0.0)
-
-
 @njit(nogil=True, cache=True)
-def _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits, reciprocal):  # pragma: no cover
+def _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits):  # pragma: no cover - compiled
     """kvshelf.codecs.rans._encode's loops (same arguments and results, the same bytes), faster: 32-bit
-    states and a multiplication by the frequency's reciprocal instead of a division."""
+    divisions, flat tables indexed by unsigned integers (no negative-index fix-ups), a word stored before
+    knowing whether it is emitted."""
     rows = cls.shape[0]
     blocks = rows // (width * per_lane)
     cap = width * per_lane * tokens * 2  # at most one word per (high or low) symbol
@@ -287,9 +285,10 @@ def _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits, rec
     counts = np.zeros(blocks, np.uint32)
     states = np.empty(blocks * width, np.uint32)
     x = np.empty(width, np.uint32)
-    lane_cls = np.empty(width, np.int64)
     lane_low = np.empty(width, np.uint32)
     lane_row = np.empty(width, np.int64)
+    lane_base = np.empty(width, np.uint64)
+    flat_freq, flat_cum, table = freq.ravel(), cum.ravel(), np.uint64(freq.shape[1])
     for b in range(blocks):
         end = (b + 1) * cap + 1
         pos = end
@@ -300,9 +299,9 @@ def _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits, rec
             any_low = False
             for j in range(width):
                 row = base + j + width * i
-                lane_cls[j] = cls[row]
                 lane_low[j] = low_bits[cls[row]]
                 lane_row[j] = (row // dim) * tokens * dim + row % dim
+                lane_base[j] = np.uint64(cls[row]) * table
                 any_low |= lane_low[j] > 0
             for t in range(tokens - 1, -1, -1):
                 if any_low:  # a step decodes every lane's high symbol, then the low bits: coded in reverse
@@ -318,16 +317,15 @@ def _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits, rec
                             lo = np.int64(u[lane_row[j] + t * dim]) & ((np.int64(1) << k) - 1)
                             x[j] = ((y >> sh) << PROB_BITS) + (y & ((np.int64(1) << sh) - 1)) + (lo << sh)
                 for j in range(width - 1, -1, -1):
-                    c = lane_cls[j]
-                    h = np.int64(u[lane_row[j] + t * dim]) >> np.int64(lane_low[j])
-                    f = np.int64(freq[c, h])
+                    e = lane_base[j] + (np.uint64(u[lane_row[j] + t * dim]) >> np.uint64(lane_low[j]))
+                    f = np.int64(flat_freq[e])
                     s = np.int64(x[j])
                     buf[pos - 1] = s & 0xFFFF
                     if s >= f << (32 - PROB_BITS):
                         pos -= 1
                         s >>= 16
-                    q = np.int64(np.float64(s) * reciprocal[c, h] + 2.0**-17)
-                    x[j] = (q << PROB_BITS) + (s - q * f) + cum[c, h]
+                    q = np.int64(np.uint32(s) // np.uint32(f))  # s < 2**32 here
+                    x[j] = (q << PROB_BITS) + (s - q * f) + flat_cum[e]
         counts[b] = end - pos
         for j in range(width):
             states[b * width + j] = x[j]
@@ -348,7 +346,7 @@ def _put32(out, o, v):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def _encode_segment(q, head, width, per_lane, freq, cum, low_bits, radius, reciprocal):  # pragma: no cover - compiled
+def _encode_segment(q, head, width, per_lane, freq, cum, low_bits, radius):  # pragma: no cover - compiled
     """A calibrated segment's bytes from symbols q [2, heads, tokens, dim] int32."""
     _, heads, tokens, dim = q.shape
     rows = heads * dim
@@ -357,8 +355,8 @@ def _encode_segment(q, head, width, per_lane, freq, cum, low_bits, radius, recip
     part = rows + 4 + 4 * blocks + 4 * blocks * width + 4 * rows * tokens + 8 * rows * tokens
     out = np.empty(4 + 2 * part, np.uint8)
     out[:4] = head
-    o = _encode_part(q[0], width, per_lane, freq, cum, low_bits, radius, reciprocal, out, 4)
-    o = _encode_part(q[1], width, per_lane, freq, cum, low_bits, radius, reciprocal, out, o)
+    o = _encode_part(q[0], width, per_lane, freq, cum, low_bits, radius, out, 4)
+    o = _encode_part(q[1], width, per_lane, freq, cum, low_bits, radius, out, o)
     return out[:o]
 
 
@@ -367,7 +365,7 @@ def encode_segment(q: np.ndarray, level: int) -> bytes:
     cachegen._code_calibrated, in one compiled call)."""
     q = np.ascontiguousarray(q, np.int32)
     width, per_lane, _ = rans.layout(q.shape[1] * q.shape[3], q.shape[2])
-    return _encode_segment(q, _head(level), width, per_lane, FREQ, CUM, LOW_BITS, RADIUS, RECIPROCAL).tobytes()
+    return _encode_segment(q, _head(level), width, per_lane, FREQ, CUM, LOW_BITS, RADIUS).tobytes()
 
 
 # -- batches of layers -----------------------------------------------------------------------------------------
