@@ -423,11 +423,8 @@ def rope_(cal: calib.Calibration, x: torch.Tensor, layers: list[int], position: 
     their positions' angles: kvshelf.kvmath.rope.rotate_keys's arithmetic (angles in float64, then float32
     cos/sin, x * cos + rotate_half(x) * sin), with one table per distinct frequency row and position."""
     rows, index = _freq_rows(cal)
-    tokens = x.shape[3]
     used = sorted({index[k] for k in layers})
-    tables = [_cos_sin(rows[u], position, tokens) for u in used]
-    cos = np.stack([c for c, _ in tables])
-    sin = np.stack([s for _, s in tables])
+    cos, sin = _cos_sin(tuple(rows[u] for u in used), position, x.shape[3])
     which = np.array([used.index(index[k]) for k in layers], np.int64)
     _rotate(x.numpy(), cos, sin, which, np.float32(sign))
 
@@ -442,10 +439,12 @@ def _freq_rows(cal: calib.Calibration) -> tuple[list[bytes], list[int]]:
 
 
 @functools.lru_cache(maxsize=64)  # chunks sit at multiples of their size: few positions recur
-def _cos_sin(row: bytes, position: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    inv = torch.frombuffer(bytearray(row), dtype=torch.float32).double()
+def _cos_sin(rows: tuple[bytes, ...], position: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [len(rows), tokens, dim / 2] (float32) of the angles of frequency rows at positions
+    position..., computed as rotate_keys does; cached, so that threads do not copy tables holding the GIL."""
+    inv = torch.stack([torch.frombuffer(bytearray(r), dtype=torch.float32) for r in rows]).double()
     pos = torch.arange(position, position + tokens, dtype=torch.float64)
-    angles = (pos[:, None] * inv[None, :]).float()
+    angles = (pos[:, None] * inv[:, None, :]).float()
     return angles.cos().numpy(), angles.sin().numpy()
 
 
