@@ -117,7 +117,7 @@ def test_rope_in_place_equals_the_reference_rotation():
     x = torch.randn(3, 2, 2, 5, 8)
     for sign in (1.0, -1.0):
         got = x.clone()
-        cc.rope_(cal, got, [1, 2, 3], 77, sign)
+        cc.rope_(cal, got.numpy(), [1, 2, 3], 77, sign)
         want = calib.rotate(x[:, 0], cal.inv_freq[1:4], 77, sign)
         assert torch.equal(got[:, 0], want) and torch.equal(got[:, 1], x[:, 1])
 
@@ -153,10 +153,24 @@ def test_codec_layers_equal_the_reference_path(workers):
 
 
 def test_runs_cut_consecutive_layers_for_the_threads():
+    assert cc.MIN_RUN == 3
     assert cc.runs(list(range(18)), 0) == [list(range(18))]
-    sixteen = cc.runs(list(range(18)), 16)
-    assert len(sixteen) == 16 and sum(sixteen, []) == list(range(18)) and {len(r) for r in sixteen} == {1, 2}
-    assert cc.runs(list(range(6)), 2) == [[0, 1, 2], [3, 4, 5]]
-    assert cc.runs([4, 1, 2], 8) == [[0], [1], [2]]  # indices of the list
-    assert cc.runs([4, 1, 2], 1) == [[0], [1, 2]]  # layer 4, then layers 1 and 2: runs of consecutive layers
+    assert cc.runs(list(range(18)), 16) == [list(range(k, k + 3)) for k in range(0, 18, 3)]  # 3 layers at least
+    assert cc.runs(list(range(18)), 2) == [list(range(9)), list(range(9, 18))]
+    assert cc.runs([4, 1, 2], 8) == [[0], [1, 2]]  # indices of the list: layer 4, then layers 1 and 2
     assert sum(cc.runs(list(range(7)), 3), []) == list(range(7))
+
+
+def test_runs_round_coefficients_as_torch_does_and_code_the_reference_bytes():
+    """encode_run rounds inside its compiled call: halves to even, clamped to +-2**30, NaN as torch's cast."""
+    coeffs = torch.randn(3, 2, 2, 8, 4, generator=torch.Generator().manual_seed(4)) * 40
+    coeffs[0, 0, 0, 0, :4] = torch.tensor([2.5, -3.5, 0.5, -0.5])
+    coeffs[1, 1, 1, 2, :3] = torch.tensor([float("inf"), float("-inf"), 3e12])
+    coeffs[2, 0, 1, 5, 0] = float("nan")
+    want = coeffs.clone().round_().clamp_(-(2**30), 2**30).to(torch.int32).numpy()
+    width, per_lane, _ = rans.layout(2 * 4, 8)
+    out, ends = cc._encode_segments(coeffs.numpy(), cc._head(5), width, per_lane, *cc._TABLES)
+    segs = [out[a:b].tobytes() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    assert segs[:2] == [_code_calibrated(want[k], 5) for k in range(2)]
+    # NaN's -2**31 is kept as an escape here; the reference's np.abs overflows on it and clips it instead
+    assert np.array_equal(_symbols_calibrated(segs[2], want.shape[1:], 5), want[2])

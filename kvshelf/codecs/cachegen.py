@@ -274,15 +274,12 @@ class CacheGenCodec(Codec):
         return _cpu().symbols_of(self.calibration, self.bits, kv[None], [layer], position)[0]
 
     def _encode_calibrated(self, kv: torch.Tensor, layers: list[int], position: int) -> list[bytes]:
-        """Consecutive layers [n, 2, heads, tokens, dim]: one matmul, one compiled call per segment."""
-        q = _cpu().symbols_of(self.calibration, self.bits, kv, layers, position)
-        return [_cpu().encode_segment(q[k], self.bits) for k in range(len(layers))]
+        """Consecutive layers [n, 2, heads, tokens, dim]: one matmul, one compiled call codes them all."""
+        return _cpu().encode_run(self.calibration, self.bits, kv, layers, position)
 
     def _decode_calibrated(self, segments, shape, dtype, layers: list[int], position: int) -> torch.Tensor:
-        """Consecutive layers' segments -> their KV [n, 2, heads, tokens, dim]: one compiled call per segment
-        writes its symbols into one float32 batch, then one matmul and RoPE for all of them."""
-        q = _cpu().decode_batch(segments, shape, self.bits)
-        return _cpu().finish(self.calibration, self.bits, q, layers, position).to(dtype)
+        """Consecutive layers' segments -> their KV [n, 2, heads, tokens, dim]: two compiled calls, one matmul."""
+        return _cpu().decode_run(self.calibration, self.bits, segments, shape, dtype, layers, position)
 
     def encode_layers(self, kv: torch.Tensor, position: int = 0) -> list[bytes]:
         if self.calibration is None:

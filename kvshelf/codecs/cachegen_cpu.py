@@ -97,16 +97,49 @@ def _decode_segment(buf, head, heads, tokens, dim, width, per_lane, symbol, freq
     return 0 if off == stop else 7
 
 
-def decode_segment_into(data, heads: int, tokens: int, dim: int, level: int, out: np.ndarray) -> None:
-    """Decode a calibrated segment's symbols into `out` (C-contiguous [2, heads, tokens, dim], float32 or int32);
-    ValueError (RansError) naming what is wrong when the bytes are not a sound segment of that shape."""
-    if not out.flags.c_contiguous or out.shape != (2, heads, tokens, dim):
-        raise ValueError(f"cachegen decodes into a C-contiguous {(2, heads, tokens, dim)} array, not {out.shape}")
-    buf = np.frombuffer(data, np.uint8)[:]
+@njit(nogil=True, cache=True)
+def _decode_segments(buf, ends, head, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits, radius, out):
+    """Segments lying back to back in buf (segment k ends at ends[k]) into out, [segments * 2 * heads * tokens
+    * dim]: (-1, 0), or (the first segment that failed, its error code)."""
+    size = 2 * heads * tokens * dim  # pragma: no cover - compiled
+    start = 0
+    for k in range(ends.shape[0]):
+        err = _decode_segment(buf[start : ends[k]], head, heads, tokens, dim, width, per_lane, symbol, freq, cum,
+                              low_bits, radius, out[k * size : (k + 1) * size])  # fmt: skip
+        if err:
+            return k, err
+        start = ends[k]
+    return -1, 0
+
+
+def decode_segments_into(segments, heads: int, tokens: int, dim: int, level: int, out: np.ndarray) -> None:
+    """Decode calibrated segments' symbols into `out` (C-contiguous [len(segments), 2, heads, tokens, dim],
+    float32 or int32) in one compiled call; ValueError (RansError) naming what is wrong when one is not a
+    sound segment of that shape."""
+    if not out.flags.c_contiguous or out.shape != (len(segments), 2, heads, tokens, dim):
+        want = (len(segments), 2, heads, tokens, dim)
+        raise ValueError(f"cachegen decodes into a C-contiguous {want} array, not {out.shape}")
+    if not segments:
+        return
+    buf = np.frombuffer(segments[0] if len(segments) == 1 else b"".join(segments), np.uint8)[:]
     buf.flags.writeable = False  # one array type for the compiled decoder, whatever held the bytes
+    ends = np.cumsum([memoryview(s).nbytes for s in segments], dtype=np.int64)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
-    err = _decode_segment(
-        buf, _head(level), heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM, LOW_BITS, RADIUS, out.reshape(-1)
+    _, err = _decode_segments(
+        buf,
+        ends,
+        _head(level),
+        heads,
+        tokens,
+        dim,
+        width,
+        per_lane,
+        SYMBOL,
+        FREQ,
+        CUM,
+        LOW_BITS,
+        RADIUS,
+        out.reshape(-1),
     )
     if err:
         if err > 10:
@@ -114,6 +147,17 @@ def decode_segment_into(data, heads: int, tokens: int, dim: int, level: int, out
         raise rans.RansError(_ERRORS[err])
 
 
+def decode_segment_into(data, heads: int, tokens: int, dim: int, level: int, out: np.ndarray) -> None:
+    """One segment into `out` [2, heads, tokens, dim] (see decode_segments_into)."""
+    if not out.flags.c_contiguous or out.shape != (2, heads, tokens, dim):
+        raise ValueError(f"cachegen decodes into a C-contiguous {(2, heads, tokens, dim)} array, not {out.shape}")
+    decode_segments_into([data], heads, tokens, dim, level, out[None])
+
+
+# Layers a thread's run holds at least, where there are enough: each run passes Python's GIL between threads
+# a few times (a compiled call, a matmul, a cast: ~4 hand-offs), and with 16 threads frequent hand-offs
+# stalled them all (measured: 8 threads 817 MB/s, 16 threads 351 with runs of 1-2 layers).
+MIN_RUN = 3
 _HEADS: dict[int, np.ndarray] = {}
 
 
@@ -207,9 +251,8 @@ def _decode_lanes(
 
 # -- encoding --------------------------------------------------------------------------------------------------
 @njit(nogil=True, cache=True)
-def _encode_part(q, width, per_lane, freq, cum, low_bits, radius, out, at):  # pragma: no cover - compiled
-    """One part's bytes (rans.encode_part's layout) from symbols q [heads, tokens, dim] int32, written into
-    out from `at`; returns the end."""
+def _code_part(q, width, per_lane, freq, cum, low_bits, radius):  # pragma: no cover - compiled
+    """A part's classes, escape count and rANS words from symbols q [heads, tokens, dim] int32, and its size."""
     heads, tokens, dim = q.shape
     rows = heads * dim
     flat = q.reshape(-1)
@@ -241,6 +284,17 @@ def _encode_part(q, width, per_lane, freq, cum, low_bits, radius, out, at):  # p
                     v = r if v > 0 else -r
                 u[base + d] = v + r
     buf, counts, states, cap = _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits)
+    size = rows + 4 + 4 * counts.shape[0] + 4 * states.shape[0] + 2 * np.int64(counts.sum()) + 8 * n_esc
+    return cls, n_esc, buf, counts, states, cap, size
+
+
+@njit(nogil=True, cache=True)
+def _write_part(q, coded, radius, out, at):  # pragma: no cover - compiled
+    """A part's bytes (rans.encode_part's layout) into out from `at`; returns the end."""
+    cls, n_esc, buf, counts, states, cap, _ = coded
+    heads, tokens, dim = q.shape
+    rows = heads * dim
+    flat = q.reshape(-1)
     o = at
     out[o : o + rows] = cls
     o += rows
@@ -347,17 +401,43 @@ def _put32(out, o, v):  # pragma: no cover - compiled
 
 @njit(nogil=True, cache=True)
 def _encode_segment(q, head, width, per_lane, freq, cum, low_bits, radius):  # pragma: no cover - compiled
-    """A calibrated segment's bytes from symbols q [2, heads, tokens, dim] int32."""
-    _, heads, tokens, dim = q.shape
-    rows = heads * dim
-    blocks = rows // (width * per_lane)
-    # at most: classes, escape count, counts, states, a word per (high or low) symbol, an escape per symbol
-    part = rows + 4 + 4 * blocks + 4 * blocks * width + 4 * rows * tokens + 8 * rows * tokens
-    out = np.empty(4 + 2 * part, np.uint8)
+    """A calibrated segment's bytes from symbols q [2, heads, tokens, dim] int32 (an array of its exact size)."""
+    k = _code_part(q[0], width, per_lane, freq, cum, low_bits, radius)
+    v = _code_part(q[1], width, per_lane, freq, cum, low_bits, radius)
+    out = np.empty(4 + k[6] + v[6], np.uint8)
     out[:4] = head
-    o = _encode_part(q[0], width, per_lane, freq, cum, low_bits, radius, out, 4)
-    o = _encode_part(q[1], width, per_lane, freq, cum, low_bits, radius, out, o)
-    return out[:o]
+    _write_part(q[1], v, radius, out, _write_part(q[0], k, radius, out, 4))
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _encode_segments(coeffs, head, width, per_lane, freq, cum, low_bits, radius):  # pragma: no cover - compiled
+    """Segments of float coefficients [n, 2, heads, tokens, dim], rounded as torch's round, clamp to +-2**30 and
+    cast to int32 do (NaN: the x86 cast's -2**31): (their bytes back to back, where each ends)."""
+    n = coeffs.shape[0]
+    q = np.empty(coeffs.shape[1:], np.int32)
+    flat_q = q.reshape(-1)
+    segments = []
+    ends = np.empty(n, np.int64)
+    total = 0
+    for k in range(n):
+        flat_c = coeffs[k].reshape(-1)
+        for i in range(flat_c.shape[0]):
+            v = flat_c[i]
+            if v != v:
+                flat_q[i] = -(2**31)
+            else:
+                flat_q[i] = np.int32(min(max(np.rint(v), -(2.0**30)), 2.0**30))
+        seg = _encode_segment(q, head, width, per_lane, freq, cum, low_bits, radius)
+        segments.append(seg)
+        total += seg.shape[0]
+        ends[k] = total
+    out = np.empty(total, np.uint8)
+    start = 0
+    for k in range(n):
+        out[start : ends[k]] = segments[k]
+        start = ends[k]
+    return out, ends
 
 
 def encode_segment(q: np.ndarray, level: int) -> bytes:
@@ -368,57 +448,74 @@ def encode_segment(q: np.ndarray, level: int) -> bytes:
     return _encode_segment(q, _head(level), width, per_lane, FREQ, CUM, LOW_BITS, RADIUS).tobytes()
 
 
+_TABLES = (FREQ, CUM, LOW_BITS, RADIUS)  # what _encode_segments takes after the layout
+
+
 # -- batches of layers -----------------------------------------------------------------------------------------
 def runs(layers: list[int], workers: int) -> list[list[int]]:
-    """The indices of `layers` cut into runs of consecutive layers (one matmul each) for `workers` threads:
-    as many runs as workers where there are enough layers, of sizes that differ by one at most. A run holds
-    the GIL for ~20 us plus ~6 us a layer (measured), against ~1.3 ms of work a layer without it."""
-    pieces = max(1, min(workers, len(layers)))
+    """The indices of `layers` cut into runs of consecutive layers for `workers` threads: as many runs as
+    workers, of at least MIN_RUN layers where there are enough, sizes differing by one at most."""
+    pieces = max(1, min(workers, len(layers) // MIN_RUN))
     bounds = [len(layers) * k // pieces for k in range(pieces + 1)]
     cuts = sorted({*bounds, *(k for k in range(1, len(layers)) if layers[k] != layers[k - 1] + 1)})
     return [list(range(a, b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
-def decode_batch(segments, shape: tuple, level: int) -> torch.Tensor:
-    """Calibrated segments of one shape [2, heads, tokens, dim] -> their symbols as one float32 tensor [n, 2,
-    heads, tokens, dim] (what the batched inverse transform multiplies): one compiled call per segment."""
-    q = torch.empty((len(segments), *shape))
-    for seg, out in zip(segments, q.numpy(), strict=True):
-        decode_segment_into(seg, *shape[1:], level, out)
-    return q
+def decode_run(cal: calib.Calibration, level: int, segments, shape: tuple, dtype, layers: list[int], position: int):
+    """Segments of consecutive layers -> their KV, a tensor [n, 2, heads, tokens, dim] of `dtype`: one
+    compiled call decodes every segment's symbols (as float32) into one batch, one matmul multiplies it by
+    the inverse transforms (steps folded in, the means as its bias), one compiled call puts RoPE back on K."""
+    n, (two, heads, tokens, dim) = len(segments), shape
+    q = np.empty((n, *shape), np.float32)
+    decode_segments_into(segments, heads, tokens, dim, level, q)
+    scaled, bias = _batch(cal, "decode", level, layers[0], n, tokens)
+    x = torch.baddbmm(bias, torch.from_numpy(q.reshape(n * two * heads, tokens, dim)), scaled).numpy()
+    x = x.reshape(q.shape)
+    rope_(cal, x, layers, position, 1.0)
+    return torch.from_numpy(x).to(dtype)
+
+
+def encode_run(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: list[int], position: int) -> list[bytes]:
+    """Consecutive layers' KV [n, 2, heads, tokens, dim] -> their segments: K rotated back to before RoPE
+    (compiled), one matmul by the forward transforms (steps and means folded in), one compiled call that
+    rounds the coefficients and codes every segment."""
+    cal.check_fits(tuple(kv.shape[1:]))
+    n, two, heads, tokens, dim = kv.shape
+    x = kv.to(torch.float32, copy=True).numpy()
+    rope_(cal, x, layers, position, -1.0)
+    scaled, bias = _batch(cal, "encode", level, layers[0], n, tokens)
+    coeffs = torch.baddbmm(bias, torch.from_numpy(x.reshape(n * two * heads, tokens, dim)), scaled).numpy()
+    width, per_lane, _ = rans.layout(heads * dim, tokens)
+    out, ends = _encode_segments(coeffs.reshape(kv.shape), _head(level), width, per_lane, FREQ, CUM, LOW_BITS, RADIUS)
+    return [out[a:b].tobytes() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def symbols_of(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: list[int], position: int) -> np.ndarray:
-    """Consecutive layers' KV [n, 2, heads, tokens, dim] -> integer symbols of the same shape (int32): K
-    rotated back to before RoPE, then one batched matmul by the forward transforms (steps and means folded
-    in), rounded."""
+    """Consecutive layers' KV [n, 2, heads, tokens, dim] -> their integer symbols (int32), as encode_run codes
+    them (the coefficients rounded in torch here)."""
     cal.check_fits(tuple(kv.shape[1:]))
     n, two, heads, tokens, dim = kv.shape
-    at = slice(layers[0], layers[0] + n)
-    scaled, bias = cal.encode_transform(level, "cpu")
-    x = torch.empty(kv.shape)
-    x.copy_(kv)
+    x = kv.to(torch.float32, copy=True).numpy()
     rope_(cal, x, layers, position, -1.0)
-    b = n * two * heads
-    bias = bias[at].reshape(b, 1, dim).expand(b, tokens, dim)
-    coeffs = torch.baddbmm(bias, x.view(b, tokens, dim), scaled[at].reshape(b, dim, dim))
+    scaled, bias = _batch(cal, "encode", level, layers[0], n, tokens)
+    coeffs = torch.baddbmm(bias, torch.from_numpy(x.reshape(n * two * heads, tokens, dim)), scaled)
     return coeffs.round_().clamp_(-(2**30), 2**30).to(torch.int32).reshape(kv.shape).numpy()
 
 
-def finish(cal: calib.Calibration, level: int, q: torch.Tensor, layers: list[int], position: int) -> torch.Tensor:
-    """Symbols of consecutive layers [n, 2, heads, tokens, dim] (float32) -> their float32 KV: one batched
-    matmul by the inverse transforms (steps folded in, the means as its bias), then RoPE on K in place."""
-    n, two, heads, tokens, dim = q.shape
-    at = slice(layers[0], layers[0] + n)
-    scaled, mean = cal.decode_transform(level, "cpu")
-    b = n * two * heads
-    bias = mean[at].reshape(b, 1, dim).expand(b, tokens, dim)
-    x = torch.baddbmm(bias, q.view(b, tokens, dim), scaled[at].reshape(b, dim, dim)).view(q.shape)
-    rope_(cal, x, layers, position, 1.0)
-    return x
+def _batch(cal: calib.Calibration, kind: str, level: int, first: int, n: int, tokens: int):
+    """The transforms of layers first..first+n-1 as a batch of matrices [n * 2 * heads, dim, dim] and their
+    bias expanded over the tokens, cached: a run makes no tensor calls (each would pass the GIL on) for them."""
+    key = ("cpu-batch", kind, level, first, n, tokens)
+    if key not in cal._cache:
+        scaled, bias = (cal.decode_transform if kind == "decode" else cal.encode_transform)(level, "cpu")
+        _, two, heads, dim = cal.mean.shape
+        b = n * two * heads
+        bias = bias[first : first + n].reshape(b, 1, dim).expand(b, tokens, dim)
+        cal._cache[key] = (scaled[first : first + n].reshape(b, dim, dim), bias)
+    return cal._cache[key]
 
 
-def rope_(cal: calib.Calibration, x: torch.Tensor, layers: list[int], position: int, sign: float) -> None:
+def rope_(cal: calib.Calibration, x: np.ndarray, layers: list[int], position: int, sign: float) -> None:
     """Rotate the keys x[:, 0] (float32 [n, 2, heads, tokens, dim], consecutive layers) in place by sign times
     their positions' angles: kvshelf.kvmath.rope.rotate_keys's arithmetic (angles in float64, then float32
     cos/sin, x * cos + rotate_half(x) * sin), with one table per distinct frequency row and position."""
@@ -426,7 +523,7 @@ def rope_(cal: calib.Calibration, x: torch.Tensor, layers: list[int], position: 
     used = sorted({index[k] for k in layers})
     cos, sin = _cos_sin(tuple(rows[u] for u in used), position, x.shape[3])
     which = np.array([used.index(index[k]) for k in layers], np.int64)
-    _rotate(x.numpy(), cos, sin, which, np.float32(sign))
+    _rotate(x, cos, sin, which, np.float32(sign))
 
 
 def _freq_rows(cal: calib.Calibration) -> tuple[list[bytes], list[int]]:
@@ -469,5 +566,6 @@ def warm_up() -> None:
     q = np.zeros((2, 1, 4, 2), np.int32)
     for out in (np.empty(q.shape, np.int32), np.empty(q.shape, np.float32)):
         decode_segment_into(encode_segment(q, 5), 1, 4, 2, 5, out)
+    _encode_segments(np.zeros((1, *q.shape), np.float32), _head(5), 2, 1, FREQ, CUM, LOW_BITS, RADIUS)
     x = np.zeros((1, 2, 1, 4, 2), np.float32)
     _rotate(x, np.zeros((1, 4, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64), np.float32(1))
