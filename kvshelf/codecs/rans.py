@@ -371,8 +371,9 @@ def encode_part(q: np.ndarray) -> bytes:
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's on-disk cache) the coder now rather than on the first chunk: ~2.4 s
-    to compile on a fresh machine, ~0.4 s to load from the cache. For a server's start-up."""
+    """Compile (or load from numba's on-disk cache) the coders now rather than on the first chunk: the
+    reference coder ~2.4 s on a fresh machine, the codec's whole-segment coder (kvshelf.codecs.cachegen_cpu)
+    ~10-20 s more; ~0.5 s to load from the cache. For a server's start-up."""
     from kvshelf.codecs import cachegen_cpu  # whole segments: what the codec calls
 
     check_tables()
