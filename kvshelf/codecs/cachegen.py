@@ -254,8 +254,8 @@ class CacheGenCodec(Codec):
 
     def decode_layers(self, segments, shape, dtype, layers, num_layers, position=0) -> list[torch.Tensor]:
         if self.calibration is not None:
-            # Runs of consecutive layers, each decoded by one compiled call per segment and one matmul; the
-            # runs on `codec_workers` threads (numba and torch release the GIL), no processes.
+            # Runs of consecutive layers, each decoded by two compiled calls and one matmul; the runs on
+            # `codec_workers` threads (numba and torch release the GIL), no processes.
             runs = _cpu().runs(list(layers), self.processes.workers)
             jobs = [([segments[k] for k in r], shape, dtype, [layers[k] for k in r], position) for r in runs]
             return [t for kv in self.processes.map_threads(self._decode_calibrated, jobs) for t in kv.unbind(0)]

@@ -187,7 +187,7 @@ def _encode(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits):  # pragm
 
 
 @njit(nogil=True, cache=True)
-def _decode(  # the reference decoder (kvshelf.codecs.cachegen_cpu has a faster copy, tested against it)
+def _decode(  # the reference decoder (kvshelf.codecs.rans_lanes has a faster copy, tested against it)
     buf, states_at, words_at, word_start, cls, width, per_lane, tokens, dim, symbol, freq, cum, low_bits, radius, out
 ):  # pragma: no cover - compiled  # noqa: E501
     """Decode a part into out, [heads, tokens, dim] flattened (rows = head * dim + channel). 0 when the stream decoded
