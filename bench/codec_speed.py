@@ -1,14 +1,16 @@
 """Encode/decode speed of each KV codec, one core and all cores, against zstd and lz4 on the raw bytes.
 
     python bench/codec_speed.py [--kv FILE.safetensors] [--save-kv FILE.safetensors] [--device cpu|cuda]
-                                [--calibration FILE.kvcal]
+                                [--calibration FILE.kvcal] [--tokens N] [--threads 1 2 16]
 
 KV comes from the real model (a 2048-token prefill of stdlib text, stored as fp16) or from a file saved
 earlier with --save-kv (how the GPU machine gets real KV without the model). Throughput is MB/s of fp16
 KV, over 256-token chunks encoded with kvshelf's stored format (headers and checksums included).
-"One core" runs chunks one after another; "all cores" runs them on a thread pool of one thread per core
-(torch at one thread each) and `codec_workers` = cores: calibrated cachegen's layers on that many threads
-(its rANS coder releases the GIL), the uncalibrated mode's entropy decoding in worker processes.
+"One core" runs chunks one after another; "N cores" runs them on a thread pool of N threads (torch at one
+thread each) and `codec_workers` = N: calibrated cachegen's runs of layers on that many threads (its
+compiled coder and torch release the GIL), the uncalibrated mode's entropy decoding in worker processes.
+--threads picks the N (default: 1 and one per core); --tokens repeats the file's chunks at later
+positions, as a longer prompt's would (enough chunks to keep many threads busy).
 With --device cuda, decoding lands the KV on the GPU: raw and int8 bytes are copied over and the int8
 dequantisation runs there; calibrated cachegen decodes entirely there (Triton rANS kernel, inverse
 transform, RoPE), the uncalibrated mode entropy-decodes on the CPU and dequantises there. `cachegen` is the
@@ -53,10 +55,11 @@ def real_kv(prefix: int) -> tuple[torch.Tensor, calib.Calibration]:
     return kv.data.clone().to(torch.float16), calibration_for(lm.runner, lm.tokenizer)
 
 
-def chunks_of(kv: torch.Tensor) -> list[StoredChunk]:
+def chunks_of(kv: torch.Tensor, tokens: int | None = None) -> list[StoredChunk]:
     out = []
-    for s in range(0, kv.shape[3], CHUNK):
-        piece = kv[:, :, :, s : s + CHUNK].contiguous()
+    for s in range(0, tokens or kv.shape[3], CHUNK):
+        at = s % kv.shape[3]  # beyond the file: its chunks again, at later positions
+        piece = kv[:, :, :, at : at + CHUNK].contiguous()
         out.append(StoredChunk(ChunkMeta(b"\0" * 32, piece.shape[3], tuple(piece.shape), piece.dtype, s), piece))
     return out
 
@@ -70,11 +73,11 @@ def rate(nbytes: int, fn, repeats: int = 3) -> float:
     return nbytes / statistics.median(times) / 1e6
 
 
-def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, device, cores: int, cal) -> dict:
-    processes = codec_pool.CodecProcesses(0 if threads == 1 else cores)  # cachegen's coder in `cores` processes
+def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, device, cal) -> dict:
+    processes = codec_pool.CodecProcesses(0 if threads == 1 else threads)  # codec_workers = threads
     codec = codec_from_spec(spec, cal, processes)
     keys = [i.to_bytes(16, "little") for i in range(len(chunks))]
-    mode = "1 core" if threads == 1 else f"{cores} cores"
+    mode = "1 core" if threads == 1 else f"{threads} cores"
     torch.set_num_threads(1)  # parallelism comes from the thread pool (and codec workers), not from torch
     with ThreadPoolExecutor(threads) as pool:
 
@@ -103,6 +106,7 @@ def measure(spec: str, chunks: list[StoredChunk], nbytes: int, threads: int, dev
             on_device = torch.stack([layer.cpu() for layer in decode_one((keys[1], blobs[1]))])
             on_cpu = open_chunk(blobs[1], keys[1]).decode_all().kv
             out["max |device - cpu|"] = float((on_device.float() - on_cpu.float()).abs().max())
+        processes.close()
         return out
 
 
@@ -169,6 +173,8 @@ def main() -> None:
     ap.add_argument("--calibration", default=None, help="a .kvcal file (default: the model's, made if needed)")
     ap.add_argument("--json", default="bench/results/codec_speed.json")
     ap.add_argument("--coders", action="store_true", help="also the entropy coders alone: rANS vs constriction")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens to code (the file's chunks repeated)")
+    ap.add_argument("--threads", type=int, nargs="+", default=None, help="thread counts (default: 1, cores)")
     args = ap.parse_args()
     cal = None
     if args.kv:
@@ -183,16 +189,17 @@ def main() -> None:
         from safetensors.torch import save_file
 
         save_file({"kv": kv.contiguous()}, args.save_kv)
-    chunks = chunks_of(kv)
+    chunks = chunks_of(kv, args.tokens)
     nbytes = sum(c.nbytes for c in chunks)
     device = torch.device(args.device)
     cores = os.cpu_count() or 1
+    thread_counts = args.threads or sorted({1, cores})
     rows = []
 
     for spec in args.codecs:
         row = {"codec": spec}
-        for threads in (1, cores):
-            row.update(measure(spec, chunks, nbytes, threads, device, cores, cal))
+        for threads in thread_counts:
+            row.update(measure(spec, chunks, nbytes, threads, device, cal))
         rows.append(row)
 
     if args.coders and cal is not None:
@@ -222,17 +229,10 @@ def main() -> None:
     except ImportError:
         pass
     console = Console()
-    cols = [
-        "codec",
-        "ratio vs fp16",
-        "encode 1 core",
-        "decode 1 core",
-        f"encode {cores} cores",
-        f"decode {cores} cores",
-    ]
-    table = Table(
-        title=f"codec speed, MB/s of fp16 KV, {kv.shape[3]} tokens x {kv.shape[0]} layers, decode to {device}"
-    )
+    modes = ["1 core" if n == 1 else f"{n} cores" for n in thread_counts]
+    cols = ["codec", "ratio vs fp16", *(f"{verb} {m}" for m in modes for verb in ("encode", "decode"))]
+    tokens = len(chunks) * CHUNK
+    table = Table(title=f"codec speed, MB/s of fp16 KV, {tokens} tokens x {kv.shape[0]} layers, decode to {device}")
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:

@@ -291,6 +291,9 @@ def test_chunks_of_the_former_coder_are_misses_not_garbage():
         def params(self):
             return {k: v for k, v in super().params().items() if k != "coder"}
 
+        def encode_layers(self, kv, position=0):  # layer by layer, as coder 1 did
+            return [self.encode_layer(kv[i], i, kv.shape[0], position) for i in range(kv.shape[0])]
+
         def encode_layer(self, kv, layer, num_layers, position=0):
             q = self._calibrated_symbols(kv, layer, position)
             return b"".join([b"CG\x05\x02", *encode_by_class(q[0]), *encode_by_class(q[1])])

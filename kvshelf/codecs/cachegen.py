@@ -19,14 +19,14 @@ Per layer segment (self-contained, so one layer decodes alone):
   channels), one per (head, token) for V. step = rms / 2**(bits - 3); `bits` in late layers and
   `early_bits` in the first `early_fraction` of layers, which shape every later layer's input.
 - Values more than 16 RMS out (attention-sink tokens, outlier channels) are kept exactly as escapes.
-- Optionally (`delta=True`) tokens are coded as differences from their group's first (off: costs bits).
+- Optionally (`delta=True`) tokens are coded as differences from their group's first.
 - The symbols of K and of V are entropy-coded (ANS) against a histogram of this segment's own symbols,
   stored in the segment (a few hundred bytes per layer): decoding needs only the segment and the params.
 
-Segment layout (little-endian): magic b"CG", K bits (u8), V bits (u8), flags (u8), reserved (u8),
-K alphabet size (u16), V alphabet size (u16), K words (u32), V words (u32), K escapes (u32), V escapes
-(u32); then K steps fp16 [H, D], V steps fp16 [H, T], K counts u32, V counts u32, K ANS words u32, V ANS
-words u32, K escape positions i32, V escape positions i32, K escape values fp16, V escape values fp16.
+Segment layout (little-endian): magic b"CG", K and V bits (u8), flags (u8), reserved (u8), K and V
+alphabet sizes (u16), ANS words (u32) and escapes (u32) of K and of V; then K steps fp16 [H, D], V steps
+fp16 [H, T], then each of these for K, then for V: counts u32, ANS words u32, escape positions i32,
+escape values fp16.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class CacheGenCodec(Codec):
     # -- codec verbs -------------------------------------------------------------------------------------
     def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int, position: int = 0) -> bytes:
         if self.calibration is not None:
-            return self._encode_calibrated(kv, layer, position)
+            return self._encode_calibrated(kv[None], [layer], position)[0]
         bits_k, bits_v = self.layer_bits(layer, num_layers)
         qk, sk, ik, ek = self._quantize(kv[0], dim=1, bits=bits_k)  # step per (head, channel)
         qv, sv, iv, ev = self._quantize(kv[1], dim=2, bits=bits_v)  # step per (head, token)
@@ -249,17 +249,18 @@ class CacheGenCodec(Codec):
 
     def decode_layer(self, data, shape, dtype, layer, num_layers, position=0) -> torch.Tensor:
         if self.calibration is not None:
-            q = _symbols_calibrated(data, shape, self.bits)
-            return self._finish_calibrated(q, layer, position, "cpu").to(dtype)
+            return self._decode_calibrated([data], shape, dtype, [layer], position)[0]
         return torch.from_numpy(self._dequantize(self._decode_parts(data, shape, layer, num_layers), shape)).to(dtype)
 
     def decode_layers(self, segments, shape, dtype, layers, num_layers, position=0) -> list[torch.Tensor]:
+        if self.calibration is not None:
+            # Runs of consecutive layers, each decoded by two compiled calls and one matmul; the runs on
+            # `codec_workers` threads (numba and torch release the GIL), no processes.
+            runs = _cpu().runs(list(layers), self.processes.workers)
+            jobs = [([segments[k] for k in r], shape, dtype, [layers[k] for k in r], position) for r in runs]
+            return [t for kv in self.processes.map_threads(self._decode_calibrated, jobs) for t in kv.unbind(0)]
         if not self.processes.workers:
             return super().decode_layers(segments, shape, dtype, layers, num_layers, position)
-        if self.calibration is not None:
-            # The rANS decoder (numba) and the transforms (torch) release the GIL: threads, no processes.
-            jobs = [(seg, shape, dtype, i, num_layers, position) for seg, i in zip(segments, layers, strict=True)]
-            return self.processes.map_threads(self.decode_layer, jobs)
         # Each layer's entropy decoding runs in a worker; only the segment's bytes go out. Uncalibrated
         # segments come back as values. Encoding stays in-process: measured, it did not pay.
         jobs = [
@@ -269,26 +270,23 @@ class CacheGenCodec(Codec):
 
     # -- calibrated mode ---------------------------------------------------------------------------------
     def _calibrated_symbols(self, kv: torch.Tensor, layer: int, position: int) -> np.ndarray:
-        """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape: K rotated back to
-        before RoPE, then one batched matmul by the forward transforms (steps and means folded in), rounded."""
-        cal = self.calibration
-        cal.check_fits(tuple(kv.shape))
-        scaled, bias = cal.encode_transform(self.bits, "cpu")
-        two, heads, tokens, dim = kv.shape
-        keys = calib.rotate(kv[0].float(), cal.tensors_on("cpu")["inv_freq"][layer], position, -1.0)
-        x = torch.stack((keys, kv[1].float())).reshape(two * heads, tokens, dim)
-        bias = bias[layer].reshape(two * heads, 1, dim).expand(two * heads, tokens, dim)
-        coeffs = torch.baddbmm(bias, x, scaled[layer].reshape(two * heads, dim, dim))
-        return coeffs.round_().clamp_(-(2**30), 2**30).to(torch.int32).reshape(two, heads, tokens, dim).numpy()
+        """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape."""
+        return _cpu().symbols_of(self.calibration, self.bits, kv[None], [layer], position)[0]
 
-    def _encode_calibrated(self, kv: torch.Tensor, layer: int, position: int) -> bytes:
-        return _code_calibrated(self._calibrated_symbols(kv, layer, position), self.bits)
+    def _encode_calibrated(self, kv: torch.Tensor, layers: list[int], position: int) -> list[bytes]:
+        """Consecutive layers [n, 2, heads, tokens, dim]: one matmul, one compiled call codes them all."""
+        return _cpu().encode_run(self.calibration, self.bits, kv, layers, position)
+
+    def _decode_calibrated(self, segments, shape, dtype, layers: list[int], position: int) -> torch.Tensor:
+        """Consecutive layers' segments -> their KV [n, 2, heads, tokens, dim]: two compiled calls, one matmul."""
+        return _cpu().decode_run(self.calibration, self.bits, segments, shape, dtype, layers, position)
 
     def encode_layers(self, kv: torch.Tensor, position: int = 0) -> list[bytes]:
-        if self.calibration is None or not self.processes.workers:
+        if self.calibration is None:
             return super().encode_layers(kv, position)
-        # Transforms (torch) and rANS coding (numba) release the GIL: layers side by side on threads.
-        return self.processes.map_threads(self._encode_calibrated, [(kv[i], i, position) for i in range(kv.shape[0])])
+        runs = _cpu().runs(list(range(kv.shape[0])), self.processes.workers)  # threads: numba, torch free the GIL
+        jobs = [(kv[r[0] : r[-1] + 1], r, position) for r in runs]
+        return [seg for segs in self.processes.map_threads(self._encode_calibrated, jobs) for seg in segs]
 
     def _finish_calibrated(self, q, layer: int, position: int, device) -> torch.Tensor:
         """Integer symbols [2, heads, tokens, dim] (numpy, or a tensor already on `device`) -> float32 KV on
@@ -391,8 +389,16 @@ class CacheGenCodec(Codec):
         return [self._finish_calibrated(q[i], layer, p, device).to(dtype) for i, p in enumerate(positions)]
 
 
+def _cpu():
+    """Compiled whole-segment coding (numba): imported on first use, as _rans."""
+    from kvshelf.codecs import cachegen_cpu
+
+    return cachegen_cpu
+
+
 def _code_calibrated(q: np.ndarray, level: int) -> bytes:
-    """A calibrated segment from integer symbols [2, heads, tokens, dim]."""
+    """A calibrated segment from integer symbols [2, heads, tokens, dim] (the reference: parts assembled in
+    Python; the codec writes the same bytes with kvshelf.codecs.cachegen_cpu)."""
     return b"".join([calibrated_head(level), _rans().encode_part(q[0]), _rans().encode_part(q[1])])
 
 
@@ -429,7 +435,7 @@ def calibrated_parts(data, shape: tuple, level: int) -> tuple[np.ndarray, list[r
 
 
 def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:
-    """A calibrated segment's integer symbols, [2, heads, tokens, dim] int32."""
+    """A calibrated segment's integer symbols, [2, heads, tokens, dim] int32 (the reference decoder)."""
     _, heads, tokens, dim = shape
     buf, parts = calibrated_parts(data, shape, level)
     q = np.empty((2, heads, tokens, dim), np.int32)

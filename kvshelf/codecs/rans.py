@@ -187,7 +187,7 @@ def _encode(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits):  # pragm
 
 
 @njit(nogil=True, cache=True)
-def _decode(
+def _decode(  # the reference decoder (kvshelf.codecs.rans_lanes has a faster copy, tested against it)
     buf, states_at, words_at, word_start, cls, width, per_lane, tokens, dim, symbol, freq, cum, low_bits, radius, out
 ):  # pragma: no cover - compiled  # noqa: E501
     """Decode a part into out, [heads, tokens, dim] flattened (rows = head * dim + channel). 0 when the stream decoded
@@ -371,12 +371,16 @@ def encode_part(q: np.ndarray) -> bytes:
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's on-disk cache) the coder now rather than on the first chunk: ~2.4 s
-    to compile on a fresh machine, ~0.4 s to load from the cache. For a server's start-up."""
+    """Compile (or load from numba's on-disk cache) the coders now rather than on the first chunk: the
+    reference coder ~2.4 s on a fresh machine, the codec's whole-segment coder (kvshelf.codecs.cachegen_cpu)
+    ~10-20 s more; ~0.5 s to load from the cache. For a server's start-up."""
+    from kvshelf.codecs import cachegen_cpu  # whole segments: what the codec calls
+
     check_tables()
     q = np.zeros((1, 4, 2), np.int32)
     data = np.frombuffer(encode_part(q), np.uint8)
     decode_part(data, Part(data, 0, 1, 4, 2), np.empty_like(q))
+    cachegen_cpu.warm_up()
 
 
 class Part:

@@ -1,0 +1,176 @@
+"""Calibrated cachegen's whole-segment CPU coder (kvshelf.codecs.cachegen_cpu) against the reference: the
+parts assembled and decoded one by one (kvshelf.codecs.rans), RoPE by kvshelf.kvmath.rope."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvshelf.codecs import cachegen_cpu as cc
+from kvshelf.codecs import calibration as calib
+from kvshelf.codecs import pool, rans
+from kvshelf.codecs.cachegen import CacheGenCodec, _code_calibrated, _symbols_calibrated
+
+PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def symbols(seed: int, heads: int, tokens: int, dim: int, escapes: int = 2) -> np.ndarray:
+    """[2, heads, tokens, dim]: rounded Gaussians of every spread class (zeros to the widest), far outliers."""
+    rng = np.random.default_rng(seed)
+    spread = 2.0 ** rng.uniform(-4.0, 13.0, size=(2, heads, 1, dim))
+    q = np.round(rng.standard_normal((2, heads, tokens, dim)) * spread)
+    for _ in range(escapes):
+        q[rng.integers(2), rng.integers(heads), rng.integers(tokens), rng.integers(dim)] = rng.integers(-(2**30), 2**30)
+    return q.astype(np.int32)
+
+
+@PROPS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    heads=st.integers(1, 3),
+    tokens=st.integers(1, 70),
+    dim=st.sampled_from([2, 4, 6, 8, 32, 64]),
+    escapes=st.integers(0, 5),
+)
+def test_whole_segments_code_the_reference_bytes_and_decode_its_symbols(seed, heads, tokens, dim, escapes):
+    q = symbols(seed, heads, tokens, dim, escapes)
+    data = cc.encode_segment(q, 5)
+    assert data == _code_calibrated(q, 5)  # the stored format, byte for byte
+    want = _symbols_calibrated(data, q.shape, 5)
+    assert np.array_equal(want, q)
+    as_int = np.full(q.shape, -7, np.int32)
+    as_float = np.full(q.shape, -7, np.float32)
+    cc.decode_segment_into(memoryview(data), heads, tokens, dim, 5, as_int)
+    cc.decode_segment_into(data, heads, tokens, dim, 5, as_float)
+    assert np.array_equal(as_int, want)
+    assert np.array_equal(as_float, want.astype(np.float32))  # what `.float()` of the symbols gives
+
+
+@PROPS
+@given(data=st.data())
+def test_hostile_segments_are_refused_exactly_when_the_reference_refuses_them(data):
+    shape = (2, 1, 24, 8)
+    q = symbols(data.draw(st.integers(0, 1000)), 1, 24, 8)
+    good = cc.encode_segment(q, 5)
+    pos = data.draw(st.integers(0, len(good) - 1))
+    kind = data.draw(st.sampled_from(["flip", "truncate", "overwrite", "extend"]))
+    if kind == "flip":
+        bad = good[:pos] + bytes([good[pos] ^ (1 << data.draw(st.integers(0, 7)))]) + good[pos + 1 :]
+    elif kind == "truncate":
+        bad = good[:pos]
+    elif kind == "overwrite":
+        extra = data.draw(st.binary(min_size=1, max_size=16))
+        bad = good[:pos] + extra + good[pos + len(extra) :]
+    else:
+        bad = good + data.draw(st.binary(min_size=1, max_size=16))
+    try:
+        want = _symbols_calibrated(bad, shape, 5)
+    except ValueError:
+        want = None
+    guard = np.full((3, *shape), 12345, np.float32)  # the decoder gets the middle; the rest must stay
+    try:
+        cc.decode_segment_into(bad, *shape[1:], 5, guard[1])
+        got = guard[1]
+    except rans.RansError as err:
+        assert str(err).startswith("cachegen ")
+        got = None
+    assert (guard[0] == 12345).all() and (guard[2] == 12345).all()
+    assert (got is None) == (want is None)
+    if want is not None:
+        assert np.array_equal(got, want.astype(np.float32))
+
+
+def test_wrong_level_shape_or_output_is_refused():
+    q = symbols(3, 1, 8, 4)
+    data = cc.encode_segment(q, 5)
+    with pytest.raises(ValueError, match="header"):
+        cc.decode_segment_into(data, 1, 8, 4, 6, np.empty(q.shape, np.float32))
+    with pytest.raises(ValueError):
+        cc.decode_segment_into(data, 1, 4, 8, 5, np.empty((2, 1, 4, 8), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cc.decode_segment_into(data, 1, 8, 4, 5, np.empty((2, 1, 4, 8), np.float32).transpose(0, 1, 3, 2))
+
+
+def _calibration(layers: int, heads: int, dim: int, seed: int) -> calib.Calibration:
+    g = torch.Generator().manual_seed(seed)
+    forward = torch.linalg.qr(torch.randn(layers, 2, heads, dim, dim, generator=g))[0]
+    inv_freq = torch.rand(layers, dim // 2, generator=g)
+    inv_freq[1] = inv_freq[0]  # layers sharing a frequency row share RoPE tables
+    inv_freq[-1] = 0  # a layer without RoPE
+    cal = calib.Calibration(
+        inv_freq=inv_freq,
+        mean=torch.randn(layers, 2, heads, dim, generator=g),
+        forward=forward,
+        inverse=forward.transpose(-1, -2).contiguous(),
+        step=torch.full((layers, 2), 0.05),
+        info={"test": f"cachegen_cpu {seed}"},
+    )
+    calib.register(cal)
+    return cal
+
+
+def test_rope_in_place_equals_the_reference_rotation():
+    cal = _calibration(4, 2, 8, 1)
+    x = torch.randn(3, 2, 2, 5, 8)
+    for sign in (1.0, -1.0):
+        got = x.clone()
+        cc.rope_(cal, got.numpy(), [1, 2, 3], 77, sign)
+        want = calib.rotate(x[:, 0], cal.inv_freq[1:4], 77, sign)
+        assert torch.equal(got[:, 0], want) and torch.equal(got[:, 1], x[:, 1])
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_codec_layers_equal_the_reference_path(workers):
+    """Runs of layers on threads (one matmul each) decode what the reference does segment by segment: the
+    symbols bit-exact, the KV identical (same float arithmetic)."""
+    layers, heads, tokens, dim = 5, 2, 16, 8
+    cal = _calibration(layers, heads, dim, 2)
+    processes = pool.CodecProcesses(workers)
+    codec = CacheGenCodec(calibration=cal.digest, processes=processes)
+    kv = torch.randn(layers, 2, heads, tokens, dim, generator=torch.Generator().manual_seed(3)).half()
+    position = 3 * tokens
+    segs = codec.encode_layers(kv, position)
+    shape = (2, heads, tokens, dim)
+    for i in range(layers):  # encoding: the reference's per-layer arithmetic and byte assembly
+        scaled, bias = cal.encode_transform(codec.bits, "cpu")
+        keys = calib.rotate(kv[i, 0].float(), cal.inv_freq[i], position, -1.0)
+        x = torch.stack((keys, kv[i, 1].float())).reshape(2 * heads, tokens, dim)
+        b = bias[i].reshape(2 * heads, 1, dim).expand(2 * heads, tokens, dim)
+        coeffs = torch.baddbmm(b, x, scaled[i].reshape(2 * heads, dim, dim)).round_().to(torch.int32)
+        assert segs[i] == _code_calibrated(coeffs.reshape(shape).numpy(), codec.bits)
+    got = codec.decode_layers(segs, shape, torch.float16, list(range(layers)), layers, position)
+    for i in range(layers):
+        q = torch.from_numpy(_symbols_calibrated(segs[i], shape, codec.bits))
+        want = codec._finish_calibrated(q, i, position, "cpu").to(torch.float16)  # the GPU path's arithmetic
+        assert torch.equal(got[i], want)
+        assert torch.equal(codec.decode_layer(segs[i], shape, torch.float16, i, layers, position), want)
+    some = codec.decode_layers([segs[4], segs[1], segs[2]], shape, torch.float32, [4, 1, 2], layers, position)
+    assert all(torch.equal(a.half(), got[k]) for a, k in zip(some, [4, 1, 2], strict=True))
+    processes.close()
+
+
+def test_runs_cut_consecutive_layers_for_the_threads():
+    assert cc.MIN_RUN == 3
+    assert cc.runs(list(range(18)), 0) == [list(range(18))]
+    assert cc.runs(list(range(18)), 16) == [list(range(k, k + 3)) for k in range(0, 18, 3)]  # 3 layers at least
+    assert cc.runs(list(range(18)), 2) == [list(range(9)), list(range(9, 18))]
+    assert cc.runs([4, 1, 2], 8) == [[0], [1, 2]]  # indices of the list: layer 4, then layers 1 and 2
+    assert sum(cc.runs(list(range(7)), 3), []) == list(range(7))
+
+
+def test_runs_round_coefficients_as_torch_does_and_code_the_reference_bytes():
+    """encode_run rounds inside its compiled call: halves to even, clamped to +-2**30, NaN as torch's cast."""
+    coeffs = torch.randn(3, 2, 2, 8, 4, generator=torch.Generator().manual_seed(4)) * 40
+    coeffs[0, 0, 0, 0, :4] = torch.tensor([2.5, -3.5, 0.5, -0.5])
+    coeffs[1, 1, 1, 2, :3] = torch.tensor([float("inf"), float("-inf"), 3e12])
+    coeffs[2, 0, 1, 5, 0] = float("nan")
+    want = coeffs.clone().round_().clamp_(-(2**30), 2**30).to(torch.int32).numpy()
+    width, per_lane, _ = rans.layout(2 * 4, 8)
+    out, ends = cc._encode_segments(coeffs.numpy(), cc._head(5), width, per_lane, *cc._TABLES)
+    segs = [out[a:b].tobytes() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    assert segs[:2] == [_code_calibrated(want[k], 5) for k in range(2)]
+    # NaN's -2**31 is kept as an escape here; the reference's np.abs overflows on it and clips it instead
+    assert np.array_equal(_symbols_calibrated(segs[2], want.shape[1:], 5), want[2])
