@@ -55,6 +55,17 @@ class _Rotary(nn.Module):
         self.is_neox_style = True
         self.rotary_dim = 2 * inv_freq.numel()
 
+    def forward(self, positions, query, key):
+        """vLLM's rotary module: neox-style rotation of [tokens, heads * dim] queries and keys by position."""
+        cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+        cos, sin = cos[:, None], sin[:, None]
+
+        def rotate(x):
+            x1, x2 = x.reshape(positions.numel(), -1, self.rotary_dim).chunk(2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).reshape(x.shape)
+
+        return rotate(query), rotate(key)
+
 
 class _MLP(nn.Module):
     def __init__(self, mlp):
@@ -203,11 +214,12 @@ def test_cut_reassembles_the_prompt_exactly_or_refuses():
 def test_scheduler_loads_a_blended_region_with_the_whole_prompt_and_never_saves_it():
     tokens = list(range(300))
     side = SchedulerSide(lambda t, s: BLEND_HIT | 200, block_size=64, min_cached_tokens=64)
-    assert side.num_new_matched_tokens(request("r", tokens), 0) == (192, False)  # block-aligned
-    side.after_alloc(request("r", tokens), 192)
-    plan = side.build_plan(step(new=[new_req("r", tokens, [4, 5, 6, 7, 8], 192, 300)], scheduled={"r": 108}))
+    # the whole region, not block-aligned: vLLM computes only the question (its prefix caching is off)
+    assert side.num_new_matched_tokens(request("r", tokens), 0) == (200, False)
+    side.after_alloc(request("r", tokens), 200)
+    plan = side.build_plan(step(new=[new_req("r", tokens, [4, 5, 6, 7, 8], 200, 300)], scheduled={"r": 100}))
     (load,) = plan.loads
-    assert load.blend and (load.start, load.end) == (0, 192)
+    assert load.blend and (load.start, load.end) == (0, 200)
     assert load.tokens == tokens[:-1]  # what the worker's lookup split into documents
     assert plan.saves == []  # the prefill completes in this step, but fused KV never becomes prefix chunks
     # a plain prefix hit still loads its chunks and saves the prompt
@@ -282,10 +294,10 @@ class _FakeBlending:
             region_end=0 if self.region_kv is None else self.region_kv.shape[3],
         )
 
-    def prefill(self, tokens, salt):
+    def prefill(self, tokens, salt, attention=None):
         if self.region_kv is None:
             return None
-        return SimpleNamespace(kv=self.region_kv, info=BlendInfo(documents=1, document_hits=1))
+        return SimpleNamespace(kv=self.region_kv, info=BlendInfo(documents=1, document_hits=1), in_blocks=False)
 
     def compute_alone(self, segmented, doc, salt):
         self.computed.append(doc.key)
