@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+NULL_BLOCK = 0  # vLLM's placeholder block: never a request's own, shared by every skipped position
+
 
 def for_backend(attention_layers: Sequence, caches: Sequence[torch.Tensor]):
     """A factory of `PagedBlendAttention` for vLLM's CPU attention backend, or None for any other backend."""
@@ -51,6 +53,10 @@ class PagedBlendAttention:
         need = -(-end // block_size)
         if need > len(block_ids):
             raise ValueError(f"tokens up to {end} need {need} blocks, the request has {len(block_ids)}")
+        if NULL_BLOCK in block_ids[:need]:
+            # vLLM's sliding-window KV manager gives no block to tokens outside the window of the first token
+            # it computes (Mistral-style models): the blend's own queries need them
+            raise ValueError("some of the region's tokens have no block (vLLM's null block: outside a window)")
         self.layers, self.caches = list(attention_layers), list(caches)
         self.block_size, self.end = block_size, end
         self.block_table = torch.as_tensor(list(block_ids[:need]), dtype=torch.int32)

