@@ -24,6 +24,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from bench.tiny_checkpoints import blend_prompts, blend_spec, run_driver, write_checkpoint
+from bench.vllm_driver import corrupt_files
 from kvshelf.blend.segment import split_text
 from kvshelf.model.provision import provision_default_model
 
@@ -123,14 +124,16 @@ def _free_port() -> int:
 
 def test_blend_through_the_openai_api_server(tmp_path, model, prompts):
     """vLLM's usual process split: the lookup goes to the worker's engine over kvshelf's socket; the missing
-    documents are computed between the worker's steps (the cold request's decode steps)."""
+    documents are computed between the worker's steps (the cold request's decode steps). Then the stored
+    documents are damaged on disk between requests: the worker's load finds them bad, vLLM recomputes."""
     port = _free_port()
+    disk = tmp_path / "kv-disk"
     transfer = {
         "kv_connector": "KVShelfConnector",
         "kv_connector_module_path": "kvshelf.integrations.vllm",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {**BLEND, "local_cpu": True},
+        "kv_connector_extra_config": {**BLEND, "local_cpu": False, "local_disk": str(disk), "local_disk_codec": "none"},
     }
     work = tmp_path / "vllm-work"
     env = {
@@ -200,6 +203,16 @@ def test_blend_through_the_openai_api_server(tmp_path, model, prompts):
         blended, cached = complete(prompts["reordered"], "t")
         assert cached >= 384, (tmp_path / "server.log").read_text()[-3000:]
         assert blended == reference
+        # every stored document damaged on disk (the worker's index still lists them): the lookup declares the
+        # region, the load rejects the documents, vLLM recomputes the blocks, the answer stays right
+        deadline = time.monotonic() + 60
+        while len([p for p in disk.rglob("*") if p.is_file()]) < 6:  # 3 documents per salt (write-behind)
+            assert time.monotonic() < deadline, sorted(disk.rglob("*"))
+            time.sleep(0.5)
+        assert corrupt_files(disk) >= 6
+        damaged, _ = complete(prompts["reordered"], "t")
+        assert damaged == reference
+        assert "vLLM recomputes" in (tmp_path / "server.log").read_text()
     finally:
         server.terminate()
         server.wait(timeout=60)
