@@ -3,9 +3,10 @@
 vLLM's decoder layers fuse Q, K and V into one projection (`qkv_proj`, returning (output, bias)), gate and
 up into `gate_up_proj`, keep one rotary module per layer (`rotary_emb`, with a cos/sin table per position)
 and do attention over the paged cache inside `attn`. This adapter runs the same layers piece by piece:
-vLLM's embedding, norms, projections, MLP and final logits, with kvshelf's attention over its dense
-`KVBuffer` (the HF runner's, so the blend code in kvshelf.blend runs unchanged on top of it). vLLM's own
-attention module and paged cache are never called: the connector scatters the result into the blocks.
+vLLM's embedding, norms, projections, rotary ops, MLP and final logits, writing every layer's K/V into
+kvshelf's dense `KVBuffer` (the HF runner's, so the blend code in kvshelf.blend runs unchanged on top of
+it); attention goes either over that buffer (torch SDPA) or, given a `PagedAttention`, over the request's
+own paged blocks with vLLM's kernel.
 
 Supported families: Llama/Mistral, Qwen2/Qwen3 (pre-norm layers, Qwen3's per-head q/k norms) and Gemma 3
 (sandwich norms, q/k norms, sliding and global layers with their own rotary tables), tensor parallel size
@@ -13,10 +14,10 @@ Supported families: Llama/Mistral, Qwen2/Qwen3 (pre-norm layers, Qwen3's per-hea
 
 Speed (issue #19, third session): rotary goes through each layer's own `rotary_emb` (vLLM's fused in-place
 op, as vLLM's attention modules call it) instead of five elementwise ops per tensor. Inside the connector
-the blend attends with vLLM's own attention kernel over the request's paged blocks (`paged_attention`:
-an object of the `PagedAttention` shape, built by the connector): the blocks then hold the fused KV
-layer by layer, and no scatter is left at the end. Without one (documents computed alone, tests), kvshelf
-attends over its dense buffer with torch SDPA.
+the blend attends with vLLM's own attention kernel over the request's paged blocks (`attending_in`, with
+the connector's `PagedAttention`): the blocks then hold the fused KV layer by layer, and no scatter is
+left at the end. Without one (documents computed alone, other backends, tests), kvshelf attends over its
+dense buffer with torch SDPA and the connector scatters the result into the blocks.
 """
 
 from __future__ import annotations
