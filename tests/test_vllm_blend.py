@@ -55,6 +55,17 @@ class _Rotary(nn.Module):
         self.is_neox_style = True
         self.rotary_dim = 2 * inv_freq.numel()
 
+    def forward(self, positions, query, key):
+        """vLLM's rotary module: neox-style rotation of [tokens, heads * dim] queries and keys by position."""
+        cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+        cos, sin = cos[:, None], sin[:, None]
+
+        def rotate(x):
+            x1, x2 = x.reshape(positions.numel(), -1, self.rotary_dim).chunk(2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).reshape(x.shape)
+
+        return rotate(query), rotate(key)
+
 
 class _MLP(nn.Module):
     def __init__(self, mlp):
@@ -203,11 +214,12 @@ def test_cut_reassembles_the_prompt_exactly_or_refuses():
 def test_scheduler_loads_a_blended_region_with_the_whole_prompt_and_never_saves_it():
     tokens = list(range(300))
     side = SchedulerSide(lambda t, s: BLEND_HIT | 200, block_size=64, min_cached_tokens=64)
-    assert side.num_new_matched_tokens(request("r", tokens), 0) == (192, False)  # block-aligned
-    side.after_alloc(request("r", tokens), 192)
-    plan = side.build_plan(step(new=[new_req("r", tokens, [4, 5, 6, 7, 8], 192, 300)], scheduled={"r": 108}))
+    # the whole region, not block-aligned: vLLM computes only the question (its prefix caching is off)
+    assert side.num_new_matched_tokens(request("r", tokens), 0) == (200, False)
+    side.after_alloc(request("r", tokens), 200)
+    plan = side.build_plan(step(new=[new_req("r", tokens, [4, 5, 6, 7, 8], 200, 300)], scheduled={"r": 100}))
     (load,) = plan.loads
-    assert load.blend and (load.start, load.end) == (0, 192)
+    assert load.blend and (load.start, load.end) == (0, 200)
     assert load.tokens == tokens[:-1]  # what the worker's lookup split into documents
     assert plan.saves == []  # the prefill completes in this step, but fused KV never becomes prefix chunks
     # a plain prefix hit still loads its chunks and saves the prompt
@@ -282,10 +294,10 @@ class _FakeBlending:
             region_end=0 if self.region_kv is None else self.region_kv.shape[3],
         )
 
-    def prefill(self, tokens, salt):
+    def prefill(self, tokens, salt, attention=None):
         if self.region_kv is None:
             return None
-        return SimpleNamespace(kv=self.region_kv, info=BlendInfo(documents=1, document_hits=1))
+        return SimpleNamespace(kv=self.region_kv, info=BlendInfo(documents=1, document_hits=1), in_blocks=False)
 
     def compute_alone(self, segmented, doc, salt):
         self.computed.append(doc.key)
@@ -333,3 +345,76 @@ def test_missing_documents_wait_for_a_later_step_and_are_computed_once():
     assert blend.compute_pending() == 1 and fake.computed == [b"a", b"b"]
     blend.lookup([1, 2, 3], None)  # still missing in the tiers (the fake stores nothing): queued again
     assert blend.compute_pending() == 2
+
+
+# -- the blend's attention with vLLM's CPU kernel over paged blocks ---------------------------------------
+def _cpu_attention_layers(monkeypatch, windows, heads=4, kv_heads=2, dim=32, scale=0.2):
+    from vllm.v1.attention.backends import cpu_attn
+
+    # the impl reads the model dtype from vLLM's current config (set by the engine; none here)
+    config = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.float32))
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: config)
+    return [
+        SimpleNamespace(
+            impl=cpu_attn.CPUAttentionBackendImpl(heads, dim, scale, kv_heads, None, window, "auto"),
+            isa="vec",
+            _k_scale_float=1.0,
+            _v_scale_float=1.0,
+        )
+        for window in windows
+    ]
+
+
+def test_paged_blend_attention_equals_dense_attention_for_scattered_tokens(monkeypatch):
+    """Queries at scattered positions (runs and single tokens, as after a check layer) over K/V partly
+    written from the dense buffer, partly computed: vLLM's kernel over the blocks gives what masked SDPA
+    over the dense buffer gives, in a global and a sliding layer."""
+    from kvshelf.integrations.vllm.blend_attention import for_backend
+    from kvshelf.model.kv_buffer import KVBuffer
+
+    heads, kv_heads, dim, bs, n = 4, 2, 32, 32, 150
+    layers = _cpu_attention_layers(monkeypatch, [None, 16])
+    caches = [torch.zeros(12, kv_heads, bs, 2 * dim) for _ in layers]
+    make = for_backend(layers, caches)
+    assert make is not None
+    g = torch.Generator().manual_seed(5)
+    kv = KVBuffer(len(layers), kv_heads, dim, n, dtype=torch.float32, device="cpu")
+    kv.data.copy_(torch.randn(kv.data.shape, generator=g))
+    block_ids = [7, 3, 9, 1, 11]  # 5 blocks of 32: tokens 0..159
+    paged = make(block_ids, bs, n)
+    positions = torch.tensor([0, 1, 2, 3, 17, 40, 41, 42, 90, 120, 121, 149])
+    for layer, window in enumerate([None, 16]):
+        q = torch.randn(len(positions), heads, dim, generator=g)
+        fresh = torch.randn(2, kv_heads, len(positions), dim, generator=g)
+        kv.data[layer, :, :, positions] = fresh  # the runner writes the computed tokens' K/V first
+        k, v = fresh[0].transpose(0, 1), fresh[1].transpose(0, 1)
+        got = paged.attend(layer, q, k, v, positions, kv)
+        mask = ModelRunner.attention_mask(positions, n, 0, window)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            kv.data[layer, 0][None],
+            kv.data[layer, 1][None],
+            attn_mask=mask,
+            scale=0.2,
+            enable_gqa=True,
+        )[0].transpose(0, 1)
+        assert torch.allclose(got, want, atol=1e-5)
+    # every token of the region is in the blocks, as the dense buffer holds it (nothing left to scatter)
+    slots = torch.tensor(block_ids)[torch.arange(n) // bs] * bs + torch.arange(n) % bs
+    for layer, cache in enumerate(caches):
+        keys = cache.view(12, kv_heads, 2 * bs, dim)[:, :, :bs]  # [blocks, heads, dim, bs] in memory
+        k_t = keys.reshape(12, kv_heads, dim, bs)
+        got_k = k_t[slots // bs, :, :, slots % bs]  # [n, heads, dim]
+        assert torch.equal(got_k, kv.data[layer, 0].transpose(0, 1))
+
+
+def test_paged_blend_attention_refuses_tokens_without_a_block(monkeypatch):
+    from kvshelf.integrations.vllm.blend_attention import for_backend
+
+    layers = _cpu_attention_layers(monkeypatch, [128])
+    make = for_backend(layers, [torch.zeros(8, 2, 32, 64)])
+    with pytest.raises(ValueError, match="no block"):
+        make([0, 0, 4, 5], 32, 120)  # a sliding-window KV manager's null blocks before the window
+    with pytest.raises(ValueError, match="need 4 blocks"):
+        make([3, 4], 32, 120)
+    assert for_backend([SimpleNamespace(impl=object())], [torch.zeros(1)]) is None  # another backend

@@ -13,6 +13,7 @@ The connector asks three things, all on token ids:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from kvshelf.blend.segment import Segmented, separator_variants
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
 from kvshelf.metrics import Metrics
-from kvshelf.model.vllm_runner import VllmModelRunner
+from kvshelf.model.vllm_runner import PagedAttention, VllmModelRunner
 
 
 def _cut(tokens: list[int], prefix: list[int], spelling: list[int]) -> Segmented | None:
@@ -59,6 +60,7 @@ class BlendPlan:
 class BlendedRegion:
     kv: torch.Tensor  # [layers, 2, kv_heads, region tokens, head_dim]: fused KV of tokens [0, region_end)
     info: BlendInfo
+    in_blocks: bool = False  # attended over the request's paged blocks: they already hold `kv`
 
 
 class VllmBlending:
@@ -107,24 +109,31 @@ class VllmBlending:
         return BlendPlan(seg, documents, region_end, self.blender.should_blend(documents))
 
     @torch.inference_mode()
-    def prefill(self, tokens: list[int], salt: str | None) -> BlendedRegion | None:
+    def prefill(
+        self, tokens: list[int], salt: str | None, attention: Callable[[int], PagedAttention | None] | None = None
+    ) -> BlendedRegion | None:
         """Blend the document region of `tokens`; None when too little of it is still cached (evicted or
-        damaged since the plan): the caller then lets vLLM compute the prompt exactly."""
+        damaged since the plan): the caller then lets vLLM compute the prompt exactly. `attention(region
+        tokens)` may give the attention over the request's paged blocks (the connector's, for vLLM's CPU
+        backend); without it the runner attends over its dense buffer and the caller scatters the result."""
         plan = self.plan(tokens, salt)
         if plan is None or not plan.blend:
             return None
         seg = plan.segmented
         region = Segmented(seg.prefix, seg.documents, [], seg.separator)  # the question is vLLM's to compute
         kv = self.runner.new_kv(plan.region_end)
-        _, info = self.blender.prefill(region, kv, salt, plan.documents)
+        paged = attention(plan.region_end) if attention is not None else None
+        with self.runner.attending_in(paged), self.runner.without_logits():
+            _, info = self.blender.prefill(region, kv, salt, plan.documents)
         total = sum(d.tokens for d in plan.documents)
         if info.placed_tokens == 0 or info.placed_tokens < self.blender.min_cached_share * total:
             return None  # a chunk failed its checks at load: never blend from (nearly) nothing
-        return BlendedRegion(kv.data, info)
+        return BlendedRegion(kv.data, info, in_blocks=paged is not None)
 
     @torch.inference_mode()
     def compute_alone(self, segmented: Segmented, document: Document, salt: str | None) -> None:
         """Compute and store one missing document's position-independent KV (the blender's own routine)."""
         info = BlendInfo(deferred=1)
-        for _ in self.blender.compute_missing(segmented, [document], salt, info):
-            pass
+        with self.runner.without_logits():
+            for _ in self.blender.compute_missing(segmented, [document], salt, info):
+                pass

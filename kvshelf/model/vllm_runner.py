@@ -3,27 +3,52 @@
 vLLM's decoder layers fuse Q, K and V into one projection (`qkv_proj`, returning (output, bias)), gate and
 up into `gate_up_proj`, keep one rotary module per layer (`rotary_emb`, with a cos/sin table per position)
 and do attention over the paged cache inside `attn`. This adapter runs the same layers piece by piece:
-vLLM's embedding, norms, projections, MLP and final logits, with kvshelf's attention over its dense
-`KVBuffer` (the HF runner's, so the blend code in kvshelf.blend runs unchanged on top of it). vLLM's own
-attention module and paged cache are never called: the connector scatters the result into the blocks.
+vLLM's embedding, norms, projections, rotary ops, MLP and final logits, writing every layer's K/V into
+kvshelf's dense `KVBuffer` (the HF runner's, so the blend code in kvshelf.blend runs unchanged on top of
+it); attention goes either over that buffer (torch SDPA) or, given a `PagedAttention`, over the request's
+own paged blocks with vLLM's kernel.
 
 Supported families: Llama/Mistral, Qwen2/Qwen3 (pre-norm layers, Qwen3's per-head q/k norms) and Gemma 3
 (sandwich norms, q/k norms, sliding and global layers with their own rotary tables), tensor parallel size
 1, neox-style rotary over the whole head.
+
+Speed (issue #19, third session): rotary goes through each layer's own `rotary_emb` (vLLM's fused in-place
+op, as vLLM's attention modules call it) instead of five elementwise ops per tensor. Inside the connector
+the blend attends with vLLM's own attention kernel over the request's paged blocks (`attending_in`, with
+the connector's `PagedAttention`): the blocks then hold the fused KV layer by layer, and no scatter is
+left at the end. Without one (documents computed alone, other backends, tests), kvshelf attends over its
+dense buffer with torch SDPA and the connector scatters the result into the blocks.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.errors import UnsupportedModelError
-from kvshelf.kvmath.rope import apply_rope
 from kvshelf.model.kv_buffer import KVBuffer
 from kvshelf.model.runner import LayerSpec, ModelRunner
 
 SUPPORTED_VLLM_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
+
+
+class PagedAttention(Protocol):
+    """Attention over a request's paged blocks, layer by layer (the connector's, see
+    kvshelf.integrations.vllm.blend_attention): before computing a layer's tokens it copies the layer's
+    other region tokens from the dense buffer into the blocks, then writes the computed tokens' K/V there
+    too and attends over the blocks."""
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv: KVBuffer
+    ) -> torch.Tensor:
+        """q [n, heads, dim], k and v [n, kv_heads, dim] of the tokens at `positions` (ascending); returns the
+        attention output [n, heads, dim]."""
+        ...
 
 
 class VllmModelRunner(ModelRunner):
@@ -62,6 +87,9 @@ class VllmModelRunner(ModelRunner):
         self._scales = [float(layer.self_attn.attn.impl.scale) for layer in self.layers]
         self._weight = inner.embed_tokens.weight
         self._fingerprint: ModelFingerprint | None = None
+        self._paged: PagedAttention | None = None
+        self._logits = True
+        self._rotations: dict[tuple, torch.Tensor] = {}  # (rotary table, delta) -> rotation matrix (rerotate)
 
     def _vllm_layer_spec(self, layer) -> LayerSpec:
         attn = layer.self_attn
@@ -100,59 +128,84 @@ class VllmModelRunner(ModelRunner):
         return self.inner.embed_input_ids(token_ids.view(-1)).unsqueeze(0)
 
     def rope_tables(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict:
-        """cos/sin [1, tokens, head_dim] (rotate-half layout) per distinct rotary module, from vLLM's tables."""
-        tables = {}
-        for spec, rotary in zip(self.layer_specs, self._rotary, strict=True):
-            if spec.rope_key not in tables:
-                cos, sin = rotary.cos_sin_cache.index_select(0, positions).float().chunk(2, dim=-1)
-                tables[spec.rope_key] = (torch.cat((cos, cos), -1).unsqueeze(0), torch.cat((sin, sin), -1).unsqueeze(0))
-        return tables
+        """Nothing: each layer's rotary module rotates Q and K from the positions themselves."""
+        return {}
+
+    @contextlib.contextmanager
+    def attending_in(self, paged: PagedAttention | None) -> Iterator[None]:
+        """Forwards inside the block attend through `paged` (None: over the dense buffer)."""
+        self._paged = paged
+        try:
+            yield
+        finally:
+            self._paged = None
+
+    @contextlib.contextmanager
+    def without_logits(self) -> Iterator[None]:
+        """Forwards inside the block skip the final norm and vocabulary projection (the connector only
+        needs the KV: vLLM samples from its own forward of the rest of the prompt)."""
+        self._logits = False
+        try:
+            yield
+        finally:
+            self._logits = True
 
     def rerotate(self, k: torch.Tensor, delta: int, layer: int) -> torch.Tensor:
-        """Move keys by `delta` positions with the layer's own rotary table (its frequencies and scaling)."""
+        """Move keys by `delta` positions with the layer's own rotary table (its frequencies and scaling):
+        one matrix product with the rotation (cached per table and delta: a blend moves each document by one
+        delta in every layer) instead of five elementwise passes per layer."""
         if delta == 0:
             return k
-        row = self._rotary[layer].cos_sin_cache[abs(delta)].float()
-        cos, sin = row.chunk(2)
-        # A table scaled by a constant (YaRN's mscale) would scale twice: keep the pure rotation.
-        norm = torch.sqrt(cos * cos + sin * sin).clamp_min(1e-12)
-        cos, sin = cos / norm, sin / norm * (1.0 if delta > 0 else -1.0)
-        return apply_rope(k.float(), torch.cat((cos, cos)), torch.cat((sin, sin))).to(k.dtype)
+        key = (self.layer_specs[layer].rope_key, delta)
+        rotation = self._rotations.get(key)
+        if rotation is None:
+            if len(self._rotations) >= 512:
+                self._rotations.clear()
+            row = self._rotary[layer].cos_sin_cache[abs(delta)].float()
+            cos, sin = row.chunk(2)
+            # A table scaled by a constant (YaRN's mscale) would scale twice: keep the pure rotation.
+            norm = torch.sqrt(cos * cos + sin * sin).clamp_min(1e-12)
+            cos, sin = cos / norm, sin / norm * (1.0 if delta > 0 else -1.0)
+            # neox rotate-half: out = x * [cos, cos] + [-x2, x1] * [sin, sin], as x @ rotation
+            half = cos.numel()
+            rotation = torch.zeros(2 * half, 2 * half, dtype=torch.float32, device=row.device)
+            idx = torch.arange(half, device=row.device)
+            rotation[idx, idx] = cos
+            rotation[idx + half, idx + half] = cos
+            rotation[idx + half, idx] = -sin
+            rotation[idx, idx + half] = sin
+            self._rotations[key] = rotation
+        return (k.float() @ rotation).to(k.dtype)
 
     def inv_freq(self, layer: int) -> torch.Tensor:
         raise NotImplementedError("vLLM's rotary tables are used directly (rerotate)")
 
-    def _qkv(self, index: int, attn, x: torch.Tensor, cos, sin, *, need_q: bool = True):
-        """Q [heads, n, dim] (or None), K and V [kv_heads, n, dim] of tokens x [n, hidden], rotated."""
+    def _qkv(self, index: int, attn, x: torch.Tensor, positions: torch.Tensor):
+        """Q [n, heads, dim], K and V [n, kv_heads, dim] of tokens x [n, hidden] at `positions`, rotated, as
+        vLLM's own attention modules compute them (norms per head, then the layer's rotary op)."""
         n = x.shape[0]
         spec = self.layer_specs[index]
         qkv, _ = attn.qkv_proj(x)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        k = k.reshape(n, -1, self.head_dim)
-        if spec.k_norm is not None:
-            k = spec.k_norm(k)
-        k = apply_rope(k.transpose(0, 1), cos, sin).to(x.dtype)
-        v = v.reshape(n, -1, self.head_dim).transpose(0, 1)
-        if not need_q:
-            return None, k, v
-        q = q.reshape(n, -1, self.head_dim)
         if spec.q_norm is not None:
-            q = spec.q_norm(q)
-        return apply_rope(q.transpose(0, 1), cos, sin).to(x.dtype), k, v
+            q = spec.q_norm(q.reshape(n, -1, self.head_dim)).reshape(n, -1)
+        if spec.k_norm is not None:
+            k = spec.k_norm(k.reshape(n, -1, self.head_dim)).reshape(n, -1)
+        q, k = attn.rotary_emb(positions, q, k)
+        return q.view(n, -1, self.head_dim), k.view(n, -1, self.head_dim), v.view(n, -1, self.head_dim)
 
     def write_kv(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, kv: KVBuffer, rope: dict) -> None:
         layer = self.layers[index]
-        cos, sin = rope[self.layer_specs[index].rope_key]
         x = layer.input_layernorm(hidden[0])
-        _, k, v = self._qkv(index, layer.self_attn, x, cos[0], sin[0], need_q=False)
-        kv.write_layer(index, self._slots(positions, hidden.shape[1]), k, v)
+        _, k, v = self._qkv(index, layer.self_attn, x, positions)
+        kv.write_layer(index, self._slots(positions, hidden.shape[1]), k.transpose(0, 1), v.transpose(0, 1))
 
     def layer_forward(self, index, hidden, positions, kv: KVBuffer, rope: dict, masks: dict) -> torch.Tensor:
         layer = self.layers[index]
         spec = self.layer_specs[index]
         h = hidden[0]
         x = layer.input_layernorm(h)
-        x = self._vllm_attention(index, layer.self_attn, x, positions, kv, rope[spec.rope_key], masks, spec.window)
+        x = self._vllm_attention(index, layer.self_attn, x, positions, kv, masks, spec.window)
         if self._sandwich_norms:
             h = h + layer.post_attention_layernorm(x)
             x = layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
@@ -161,16 +214,20 @@ class VllmModelRunner(ModelRunner):
             x = layer.mlp(layer.post_attention_layernorm(h))
         return (h + x).unsqueeze(0)
 
-    def _vllm_attention(self, index, attn, x, positions, kv: KVBuffer, cos_sin, masks, window):
+    def _vllm_attention(self, index, attn, x, positions, kv: KVBuffer, masks, window):
         n = x.shape[0]
-        cos, sin = cos_sin
-        q, k, v = self._qkv(index, attn, x, cos[0], sin[0])
-        kv.write_layer(index, self._slots(positions, n), k, v)
+        q, k, v = self._qkv(index, attn, x, positions)
+        kv.write_layer(index, self._slots(positions, n), k.transpose(0, 1), v.transpose(0, 1))
+        if self._paged is not None:
+            out = self._paged.attend(index, q, k, v, positions, kv)
+            out, _ = attn.o_proj(out.reshape(n, -1))
+            return out
+        q = q.transpose(0, 1)
         if window is not None and n > 2 * window:
             # A sliding layer's queries see at most `window` keys: in blocks of `window` queries, each block
             # reads only its keys, as vLLM's kernel does, instead of scoring every key and masking most.
             parts = [
-                self._sdpa(index, q[:, lo : lo + window], positions[lo : lo + window], kv, window, None)
+                self._sdpa(index, q[:, lo : lo + window], positions[lo : lo + window], kv, window, masks)
                 for lo in range(0, n, window)
             ]
             out = torch.cat(parts, dim=1)
@@ -179,7 +236,7 @@ class VllmModelRunner(ModelRunner):
         out, _ = attn.o_proj(out.transpose(0, 1).reshape(n, -1))
         return out
 
-    def _sdpa(self, index, q, positions, kv: KVBuffer, window, masks: dict | None) -> torch.Tensor:
+    def _sdpa(self, index, q, positions, kv: KVBuffer, window, masks: dict) -> torch.Tensor:
         """Attention of queries q [heads, n, dim] at `positions` over the buffer's keys up to the last one."""
         n = q.shape[1]
         first, last = int(positions[0]), int(positions[-1])
@@ -188,13 +245,11 @@ class VllmModelRunner(ModelRunner):
         keys, values = kv.layer_kv(index, start, end)
         mask = None
         if n > 1 or last - first + 1 != n:
-            mask_key = (window, start)
-            if masks is None:
-                mask = self.attention_mask(positions, end, start, window)
-            else:
-                if mask_key not in masks:
-                    masks[mask_key] = self.attention_mask(positions, end, start, window)
-                mask = masks[mask_key]
+            # one mask per (window, first query, key range), shared by the layers of that window
+            mask_key = (window, first, start, end)
+            if mask_key not in masks:
+                masks[mask_key] = self.attention_mask(positions, end, start, window)
+            mask = masks[mask_key]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(0),
             keys.unsqueeze(0),
@@ -206,5 +261,7 @@ class VllmModelRunner(ModelRunner):
         return out[0]
 
     def final_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        if not self._logits:
+            return torch.empty(0)
         logits = self.model.compute_logits(self.norm(hidden_last.reshape(-1, hidden_last.shape[-1])))
         return logits.reshape(hidden_last.shape[1], -1).float().squeeze(0)

@@ -23,13 +23,14 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from bench.tiny_checkpoints import blend_prompts, blend_spec, run_driver, write_checkpoint
+from bench.vllm_driver import corrupt_files
 from kvshelf.blend.segment import split_text
 from kvshelf.model.provision import provision_default_model
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-DRIVER = ROOT / "bench" / "vllm_driver.py"
 SEP = "<|CHUNK_SEP|>"
 BLEND = {"enable_blending": True, "blend_recompute_ratios": [1.0], "blend_check_layers": [1], "chunk_size": 128}
 
@@ -57,18 +58,8 @@ def prompts(model) -> dict:
 
 
 def run_llm(tmp_path: Path, spec: dict) -> dict:
-    spec_file, out_file = tmp_path / "spec.json", tmp_path / "out.json"
-    spec_file.write_text(json.dumps({**spec, "workdir": str(tmp_path / "vllm-work")}))
-    proc = subprocess.run(
-        [sys.executable, str(DRIVER), str(spec_file), str(out_file)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"},
-    )
-    if proc.returncode != 0 or not out_file.exists():
-        raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return json.loads(out_file.read_text()) | {"log": proc.stdout + proc.stderr}
+    """One in-process vLLM engine (bench/vllm_driver.py) in a child process: its results, stats and log."""
+    return run_driver({**spec, "workdir": str(tmp_path / "vllm-work")}, tmp_path)
 
 
 def test_blend_in_llm_equals_plain_prefill_and_survives_damaged_documents(tmp_path, model, prompts):
@@ -103,8 +94,26 @@ def test_blend_in_llm_equals_plain_prefill_and_survives_damaged_documents(tmp_pa
     stats = out["stats"]
     assert stats["documents_computed"] == 6  # 3 per salt; never the same document twice
     assert stats["blend_loads"] == 2 and stats["blend_failed"] == 1
+    assert stats["blended_in_blocks"] == 1  # vLLM's attention kernel over the request's own blocks
     assert stats["saved_requests"] == 2  # the two plain prefills; blended KV is never stored as prefix chunks
     assert "vLLM recomputes" in out["log"]
+
+
+def test_blend_in_llm_for_a_llama_model_equals_plain_prefill(tmp_path):
+    """Another family than Gemma 3 inside real vLLM: a tiny random Llama checkpoint with its own tokenizer
+    (bench/tiny_checkpoints.py; pre-norm layers, no q/k norms: vLLM's rotary op rotates views of the fused
+    QKV output in place). Ratio 1.0: the blended request equals vLLM's plain prefill."""
+    model = write_checkpoint("llama", tmp_path / "llama")
+    prompts = blend_prompts(AutoTokenizer.from_pretrained(model))
+    out = run_llm(tmp_path, blend_spec(model, prompts, 1.0, tmp_path / "vllm-work"))
+    reference, cold, blended = out["results"]
+    assert reference["cached"] == 0 and cold["cached"] == 0
+    assert 0 < blended["cached"] < blended["prompt_tokens"]  # the document region, declared as computed
+    assert blended["token_ids"] == reference["token_ids"]
+    stats = out["stats"]
+    assert stats["blend_loads"] == 1 and stats["blend_failed"] == 0 and stats["failed_loads"] == 0
+    assert stats["documents_computed"] == 6  # 3 per salt
+    assert stats["blended_in_blocks"] == 1  # attended with vLLM's kernel over the request's blocks
 
 
 def _free_port() -> int:
@@ -115,14 +124,16 @@ def _free_port() -> int:
 
 def test_blend_through_the_openai_api_server(tmp_path, model, prompts):
     """vLLM's usual process split: the lookup goes to the worker's engine over kvshelf's socket; the missing
-    documents are computed between the worker's steps (the cold request's decode steps)."""
+    documents are computed between the worker's steps (the cold request's decode steps). Then the stored
+    documents are damaged on disk between requests: the worker's load finds them bad, vLLM recomputes."""
     port = _free_port()
+    disk = tmp_path / "kv-disk"
     transfer = {
         "kv_connector": "KVShelfConnector",
         "kv_connector_module_path": "kvshelf.integrations.vllm",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {**BLEND, "local_cpu": True},
+        "kv_connector_extra_config": {**BLEND, "local_cpu": False, "local_disk": str(disk), "local_disk_codec": "none"},
     }
     work = tmp_path / "vllm-work"
     env = {
@@ -192,6 +203,16 @@ def test_blend_through_the_openai_api_server(tmp_path, model, prompts):
         blended, cached = complete(prompts["reordered"], "t")
         assert cached >= 384, (tmp_path / "server.log").read_text()[-3000:]
         assert blended == reference
+        # every stored document damaged on disk (the worker's index still lists them): the lookup declares the
+        # region, the load rejects the documents, vLLM recomputes the blocks, the answer stays right
+        deadline = time.monotonic() + 60
+        while len([p for p in disk.rglob("*") if p.is_file()]) < 6:  # 3 documents per salt (write-behind)
+            assert time.monotonic() < deadline, sorted(disk.rglob("*"))
+            time.sleep(0.5)
+        assert corrupt_files(disk) >= 6
+        damaged, _ = complete(prompts["reordered"], "t")
+        assert damaged == reference
+        assert "vLLM recomputes" in (tmp_path / "server.log").read_text()
     finally:
         server.terminate()
         server.wait(timeout=60)

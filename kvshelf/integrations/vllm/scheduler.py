@@ -114,8 +114,8 @@ class SchedulerSide:
         return getattr(request, "cache_salt", None) or self.default_salt
 
     def num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
-        """Tokens past `num_computed_tokens` that kvshelf holds, block-aligned, never the prompt's last
-        token (vLLM must compute at least one to sample from)."""
+        """Tokens past `num_computed_tokens` that kvshelf holds, block-aligned (a blended region: whole),
+        never the prompt's last token (vLLM must compute at least one to sample from)."""
         tokens = list(request.prompt_token_ids or [])
         self._tracked.setdefault(request.request_id, _Tracked(tokens, self._salt(request)))
         if not self.loads or len(tokens) < self.min_cached_tokens:
@@ -128,7 +128,10 @@ class SchedulerSide:
             return 0, False
         blend = bool(hit & BLEND_HIT)
         hit &= BLEND_HIT - 1
-        hit -= hit % self.block_size
+        if not blend:
+            hit -= hit % self.block_size
+        # A blended region is declared whole, to its last document token: vLLM's prefix caching is off with
+        # blending (its partial last block is never shared), and vLLM then computes only the question.
         self._tracked[request.request_id].blend = blend
         if hit <= num_computed_tokens:
             return 0, False
