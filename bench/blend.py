@@ -174,6 +174,21 @@ VARIANTS = {
     "15%, check layers 1 (30%) and 3 (15%)": {"check_layers": [1, 3], "ratios": [0.3, 0.15]},
     "15%, check layers 1 (30%) and 5 (15%)": {"check_layers": [1, 5], "ratios": [0.3, 0.15]},
     "20%, check layers 1 (40%) and 5 (20%)": {"check_layers": [1, 5], "ratios": [0.4, 0.2]},
+    # issue #18, third session: question-aware selection (kvshelf.blend.selection's question signals)
+    "15%, question attention": {"ratios": [0.15], "selection": SelectionPolicy(signal="question")},
+    "15%, question attention, span 8": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_span=8),
+    },
+    "15%, KV x question": {"ratios": [0.15], "selection": SelectionPolicy(signal="kv+question")},
+    "15%, KV x question (weight 4)": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="kv+question", question_weight=4.0),
+    },
+    "15%, KV x question, span 8": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="kv+question", question_span=8),
+    },
     "15%, per document, first 8 tokens": {
         "ratios": [0.15],
         "selection": SelectionPolicy(per_document=True, head_tokens=8),

@@ -218,6 +218,9 @@ class Blender:
             placed = positions[is_document]
             cached = kv.data[layer, :, :, placed].clone()
             runner.write_kv(layer, hidden, positions, kv, rope)
+            attention = None
+            if self.selection.needs_attention:
+                attention = self._question_attention(layer, hidden, positions, rope, kv, len(seg.suffix))[placed]
             placed = placed.cpu()
             keep = self._select(
                 kv.data[layer, :, :, positions[is_document]],
@@ -227,6 +230,7 @@ class Blender:
                 info,
                 document_of[placed],
                 offset_of[placed],
+                attention,
             )
             is_document = is_document[keep]
             return keep
@@ -248,7 +252,26 @@ class Blender:
                 spans.append((start, end))
         return spans
 
-    def _select(self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset) -> torch.Tensor:
+    def _question_attention(self, layer: int, hidden, positions, rope: dict, kv: KVBuffer, question: int):
+        """Each prompt position's share of the attention of the question's queries at this layer ([positions
+        up to the last], mean over heads and question tokens). The question is the prompt's suffix, always
+        computed and last among the active tokens; the keys are this layer's (fresh for every token computed
+        here). A sliding window is ignored on purpose: at an early, sliding check layer it would hide the first
+        documents from the question, and the share is a proxy for what later, global layers read."""
+        m = max(1, min(question, hidden.shape[1]))
+        tail = {key: (cos[:, -m:], sin[:, -m:]) for key, (cos, sin) in rope.items()}
+        q = self.runner.query_states(layer, hidden[:, -m:], tail).float()  # [heads, m, dim]
+        end = int(positions[-1]) + 1
+        keys = kv.data[layer, 0, :, :end].float()  # [kv_heads, end, dim]
+        group = q.shape[0] // keys.shape[0]
+        q = q.reshape(keys.shape[0], group * m, -1)  # query head h reads KV head h // group
+        logits = q @ keys.transpose(1, 2)  # [kv_heads, group * m, end]
+        later = torch.arange(end, device=keys.device).view(1, -1) > positions[-m:].repeat(group).view(-1, 1)
+        return logits.masked_fill(later, float("-inf")).softmax(-1).mean(dim=(0, 1))
+
+    def _select(
+        self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset, attention=None
+    ) -> torch.Tensor:
         """Indices (into the active tokens) that stay active: every non-document token, plus the document tokens
         `selection.select` picks, `ratio` of all document tokens."""
         budget = min(int(is_document.sum()), budget_for(ratio, info.placed_tokens))
@@ -258,6 +281,7 @@ class Blender:
             budget,
             document=document,
             offset=offset,
+            attention=attention,
             policy=self.selection,
         )
         keep = ~is_document.clone()

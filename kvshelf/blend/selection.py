@@ -12,6 +12,15 @@ Options measured on the RAG evaluation (issue #18, BENCHMARKS.md):
 - `head_tokens`: each document's first tokens always recomputed (inside the budget). A document cached alone
   behind BOS attends to few tokens at its start: its first tokens' KV differs most from what they would be
   after other documents (EPIC's "link" tokens).
+
+Question-aware signals (issue #18, third session): the question (the prompt's suffix) is computed in every
+layer, so at the check layer the blend can ask which document tokens its queries attend to (`attention`: each
+token's share of the question's attention, from the runner's queries and the fresh keys). "question" ranks by
+that share alone; "kv+question" weights the K and V deviation by it,
+deviation x (1 + question_weight x share / mean share): a token that deviates but that the question ignores
+matters less to the answer than one it reads. `question_span` also credits each token with the largest share
+among the `question_span` tokens before it: the question attends to the words it shares with a fact (a name),
+the value it asks for follows them.
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-SIGNALS = ("kv", "k", "v")
+SIGNALS = ("kv", "k", "v", "question", "kv+question")
+QUESTION_SIGNALS = ("question", "kv+question")
 
 
 @dataclass(frozen=True)
@@ -29,12 +39,22 @@ class SelectionPolicy:
     signal: str = "kv"
     per_document: bool = False
     head_tokens: int = 0
+    question_weight: float = 1.0
+    question_span: int = 0
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.signal in QUESTION_SIGNALS
 
     def __post_init__(self):
         if self.signal not in SIGNALS:
             raise ValueError(f"blend selection signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
         if self.head_tokens < 0:
             raise ValueError(f"blend head tokens must be >= 0, got {self.head_tokens}")
+        if self.question_weight < 0 or self.question_span < 0:
+            raise ValueError(
+                f"blend question weight and span must be >= 0, got {self.question_weight} and {self.question_span}"
+            )
 
 
 def deviation(fresh: torch.Tensor, cached: torch.Tensor, signal: str = "kv") -> torch.Tensor:
@@ -46,6 +66,31 @@ def deviation(fresh: torch.Tensor, cached: torch.Tensor, signal: str = "kv") -> 
     return {"kv": per_part.sum(0), "k": per_part[0], "v": per_part[1]}[signal]
 
 
+def question_score(share: torch.Tensor, span: int = 0) -> torch.Tensor:
+    """Each token's share of the question's attention, normalised to mean 1; with `span`, the largest share
+    among the token and the `span` tokens before it (document boundaries are not special: spans are short)."""
+    share = share.float().clamp_min(0)
+    if span:
+        padded = torch.nn.functional.pad(share.view(1, 1, -1), (span, 0), value=0.0)
+        share = torch.nn.functional.max_pool1d(padded, span + 1, stride=1).view(-1)
+    return share / share.mean().clamp_min(1e-12)
+
+
+def score(fresh, cached, policy: SelectionPolicy, attention: torch.Tensor | None) -> torch.Tensor:
+    """Per-token selection score (higher: recompute first)."""
+    if not policy.needs_attention:
+        return deviation(fresh, cached, policy.signal)
+    if attention is None or attention.shape != (fresh.shape[2],):
+        shape = None if attention is None else tuple(attention.shape)
+        raise ValueError(
+            f"signal {policy.signal!r} needs the question's attention per token ([{fresh.shape[2]}]), got {shape}"
+        )
+    share = question_score(attention.to(fresh.device), policy.question_span)
+    if policy.signal == "question":
+        return share
+    return deviation(fresh, cached, "kv") * (1 + policy.question_weight * share)
+
+
 def select(
     fresh: torch.Tensor,
     cached: torch.Tensor,
@@ -53,12 +98,14 @@ def select(
     *,
     document: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    attention: torch.Tensor | None = None,
     policy: SelectionPolicy = SelectionPolicy(),
 ) -> torch.Tensor:
     """Boolean mask of the tokens to recompute: `budget` of them (at most all).
 
     `document` ([tokens], int) says which document each token belongs to (needed by `per_document`), `offset`
-    ([tokens], int) its place inside its document (needed by `head_tokens`)."""
+    ([tokens], int) its place inside its document (needed by `head_tokens`), `attention` ([tokens]) each token's
+    share of the question's attention (needed by the question signals)."""
     n = fresh.shape[2]
     if cached.shape != fresh.shape:
         raise ValueError(f"fresh and cached KV differ in shape: {tuple(fresh.shape)} vs {tuple(cached.shape)}")
@@ -66,7 +113,7 @@ def select(
     keep = torch.zeros(n, dtype=torch.bool, device=fresh.device)
     if budget == 0:
         return keep
-    score = deviation(fresh, cached, policy.signal)
+    ranking = score(fresh, cached, policy, attention)
     if policy.head_tokens:
         if offset is None:
             raise ValueError("head_tokens needs each token's offset inside its document")
@@ -76,7 +123,7 @@ def select(
             keep[order[:budget]] = True
             return keep
         keep |= head
-        score = score.masked_fill(head, float("-inf"))
+        ranking = ranking.masked_fill(head, float("-inf"))
         budget -= int(head.sum())
     if policy.per_document:
         if document is None:
@@ -91,9 +138,9 @@ def select(
             members = (document == doc).nonzero().view(-1)
             q = min(q, int((~keep[members]).sum()))
             if q:
-                keep[members[torch.topk(score[members], q).indices]] = True
+                keep[members[torch.topk(ranking[members], q).indices]] = True
         return keep
-    keep[torch.topk(score, budget).indices] = True
+    keep[torch.topk(ranking, budget).indices] = True
     return keep
 
 

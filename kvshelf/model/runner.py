@@ -223,6 +223,19 @@ class ModelRunner:
         )
         kv.write_layer(index, self._slots(positions, hidden.shape[1]), k[0], v[0])
 
+    def query_states(self, index: int, hidden: torch.Tensor, rope: dict) -> torch.Tensor:
+        """Layer `index`'s rotated queries of these tokens times the layer's attention scale, [heads, n, head_dim]
+        (CacheBlend's question-aware selection asks which keys the question attends to)."""
+        layer = self.layers[index]
+        attn = layer.self_attn
+        cos, sin = rope[self.layer_specs[index].rope_key]
+        x = layer.input_layernorm(hidden)
+        n = x.shape[1]
+        q = attn.q_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
+        if (q_norm := self.layer_specs[index].q_norm) is not None:
+            q = q_norm(q)
+        return apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))[0] * attn.scaling
+
     def _attention(self, index, attn, x, positions, kv: KVBuffer, cos_sin, masks, window):
         n = x.shape[1]
         cos, sin = cos_sin
