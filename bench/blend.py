@@ -189,6 +189,22 @@ VARIANTS = {
         "ratios": [0.15],
         "selection": SelectionPolicy(signal="kv+question", question_span=8),
     },
+    "15%, question pass": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True),
+    },
+    "15%, question pass, span 8": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_span=8),
+    },
+    "15%, KV x question pass": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="kv+question", question_pass=True),
+    },
+    "15%, KV x question pass (weight 4)": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="kv+question", question_pass=True, question_weight=4.0),
+    },
     "15%, per document, first 8 tokens": {
         "ratios": [0.15],
         "selection": SelectionPolicy(per_document=True, head_tokens=8),

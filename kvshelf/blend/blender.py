@@ -121,6 +121,9 @@ class Blender:
                 signal=config.blend_selection_signal,
                 per_document=config.blend_per_document,
                 head_tokens=config.blend_head_tokens,
+                question_weight=config.blend_question_weight,
+                question_span=config.blend_question_span,
+                question_pass=config.blend_question_pass,
             ),
         )
 
@@ -206,6 +209,9 @@ class Blender:
         self.metrics.blend_hits.inc(info.document_hits)
         checks = dict(zip(self.check_layers, self.ratios, strict=True))
         is_document = document_mask.to(runner.device)  # of the tokens still computed: placed ones
+        question_share = None
+        if self.selection.question_pass and self.selection.needs_attention and info.placed_tokens:
+            question_share = self._question_pass(seg, kv)
 
         def select(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor | None:
             # Fresh K and V of every active token (projections only: cheap), compared with the cached
@@ -219,7 +225,9 @@ class Blender:
             cached = kv.data[layer, :, :, placed].clone()
             runner.write_kv(layer, hidden, positions, kv, rope)
             attention = None
-            if self.selection.needs_attention:
+            if question_share is not None:
+                attention = question_share[placed]
+            elif self.selection.needs_attention:
                 attention = self._question_attention(layer, hidden, positions, rope, kv, len(seg.suffix))[placed]
             placed = placed.cpu()
             keep = self._select(
@@ -252,12 +260,37 @@ class Blender:
                 spans.append((start, end))
         return spans
 
-    def _question_attention(self, layer: int, hidden, positions, rope: dict, kv: KVBuffer, question: int):
+    def _question_pass(self, seg: Segmented, kv: KVBuffer) -> torch.Tensor:
+        """Each prompt position's share of the question's attention, averaged over every layer, from a pass of
+        the prefix and the question alone over the placed document KV (as at 0% recompute). It costs the
+        prefix's and the question's tokens (a few percent of a prefill) and reads what the question attends
+        to in the deep layers, where the answer is retrieved, not at the check layer only. The blended prefill
+        then recomputes the prefix and the question over the fused KV. Documents not cached are still empty
+        in `kv` here (their share is meaningless; they are computed in place anyway)."""
+        runner, shares = self.runner, []
+        start = len(seg.token_ids) - len(seg.suffix)
+        if not seg.suffix:
+            return torch.ones(len(seg.token_ids), device=runner.device)
+        if seg.prefix:
+            runner.forward(seg.prefix, 0, kv)
+
+        def probe(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> None:
+            runner.write_kv(layer, hidden, positions, kv, rope)  # the question's own keys at this layer
+            window = runner.layer_specs[layer].window
+            shares.append(self._question_attention(layer, hidden, positions, rope, kv, hidden.shape[1], window))
+
+        runner.forward(seg.suffix, start, kv, select_tokens=probe)
+        return torch.stack(shares).mean(0)
+
+    def _question_attention(
+        self, layer: int, hidden, positions, rope: dict, kv: KVBuffer, question: int, window: int | None = None
+    ):
         """Each prompt position's share of the attention of the question's queries at this layer ([positions
         up to the last], mean over heads and question tokens). The question is the prompt's suffix, always
         computed and last among the active tokens; the keys are this layer's (fresh for every token computed
         here). A sliding window is ignored on purpose: at an early, sliding check layer it would hide the first
-        documents from the question, and the share is a proxy for what later, global layers read."""
+        documents from the question, and the share is a proxy for what later, global layers read (`window`
+        applies one: the question pass reads every layer as the model does)."""
         m = max(1, min(question, hidden.shape[1]))
         tail = {key: (cos[:, -m:], sin[:, -m:]) for key, (cos, sin) in rope.items()}
         q = self.runner.query_states(layer, hidden[:, -m:], tail).float()  # [heads, m, dim]
@@ -266,8 +299,12 @@ class Blender:
         group = q.shape[0] // keys.shape[0]
         q = q.reshape(keys.shape[0], group * m, -1)  # query head h reads KV head h // group
         logits = q @ keys.transpose(1, 2)  # [kv_heads, group * m, end]
-        later = torch.arange(end, device=keys.device).view(1, -1) > positions[-m:].repeat(group).view(-1, 1)
-        return logits.masked_fill(later, float("-inf")).softmax(-1).mean(dim=(0, 1))
+        keys_at = torch.arange(end, device=keys.device).view(1, -1)
+        at = positions[-m:].repeat(group).view(-1, 1)
+        hidden_keys = keys_at > at
+        if window is not None:
+            hidden_keys |= at - keys_at >= window
+        return logits.masked_fill(hidden_keys, float("-inf")).softmax(-1).mean(dim=(0, 1))
 
     def _select(
         self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset, attention=None

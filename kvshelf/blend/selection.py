@@ -20,7 +20,8 @@ that share alone; "kv+question" weights the K and V deviation by it,
 deviation x (1 + question_weight x share / mean share): a token that deviates but that the question ignores
 matters less to the answer than one it reads. `question_span` also credits each token with the largest share
 among the `question_span` tokens before it: the question attends to the words it shares with a fact (a name),
-the value it asks for follows them.
+the value it asks for follows them. `question_pass` (the blender's business) reads the share in a pass of the
+question alone over the placed KV, every layer, instead of at the check layer.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class SelectionPolicy:
     head_tokens: int = 0
     question_weight: float = 1.0
     question_span: int = 0
+    question_pass: bool = False
 
     @property
     def needs_attention(self) -> bool:
