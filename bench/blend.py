@@ -205,6 +205,7 @@ VARIANTS = {
         "ratios": [0.15],
         "selection": SelectionPolicy(signal="kv+question", question_pass=True, question_weight=4.0),
     },
+    "15%, documents behind the instruction": {"ratios": [0.15], "prefix_documents": 1},
     "15%, per document, first 8 tokens": {
         "ratios": [0.15],
         "selection": SelectionPolicy(per_document=True, head_tokens=8),
@@ -272,6 +273,7 @@ def main() -> None:
     methods.update({f"CacheBlend {r:.0%}": blend_gen(ratios=[r]) for r in args.ratios})
     methods.update({name: blend_gen(**VARIANTS[name]) for name in args.variants})
     probe = methods["full reuse (0%)"]
+    fillers = [probe] + [g for g in methods.values() if g is not None and g.blender and g.blender.prefix_documents]
     probe.generate("warm-up", max_new_tokens=1, use_cache=False)
     per_sample = Path(args.json).with_suffix(".samples.jsonl")
     per_sample.parent.mkdir(parents=True, exist_ok=True)
@@ -292,9 +294,11 @@ def main() -> None:
             first = prompt_text(earlier, question, cue)
             if "prefix caching" in methods:
                 shelf.generator.generate(probe.segment(first, None).token_ids, max_new_tokens=1)
-            seg = probe.segment(first, None)
-            for _ in probe.blender.compute_missing(seg, probe.blender.documents(seg, None), None, BlendInfo()):
-                pass  # each document computed alone and stored, as after a cold request's first token
+            for filler_gen in fillers:  # documents behind another fixed prefix have other keys: fill each kind
+                seg = filler_gen.segment(first, None)
+                blender = filler_gen.blender
+                for _ in blender.compute_missing(seg, blender.documents(seg, None), None, BlendInfo()):
+                    pass  # each document computed alone and stored, as after a cold request's first token
             text = prompt_text(docs, question, cue)
             ids = probe.segment(text, None).token_ids
             record = {

@@ -230,6 +230,11 @@ class KVShelfConfig(BaseModel):
         False,
         description="question signals: read the question's attention in a pass of the question over the cached KV (every layer) instead of at the check layer",
     )
+    blend_prefix_documents: int = Field(
+        0,
+        ge=0,
+        description="the first N documents of a blended prompt (an instruction) join its always-computed prefix; the others are cached behind it instead of behind BOS alone",
+    )
 
     # -- issue #17: cachegen calibrated inside vLLM without a manual step (codec_calibration: auto) ---
     codec_calibration_pending: Literal["uncalibrated", "raw"] = Field(
@@ -366,6 +371,7 @@ NESTED_KEYS: dict[str, str] = {
     "blending.question_weight": "blend_question_weight",
     "blending.question_span": "blend_question_span",
     "blending.question_pass": "blend_question_pass",
+    "blending.prefix_documents": "blend_prefix_documents",
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",

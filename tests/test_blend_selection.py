@@ -207,3 +207,32 @@ def test_the_check_layer_reads_the_questions_attention(tiny_models, monkeypatch)
         placed[start:end] = True
     expected = reference_attention(model, seg.token_ids, len(seg.suffix), [1])[placed]
     assert torch.allclose(seen[0], expected, atol=1e-5)
+
+
+def test_documents_cached_behind_a_fixed_instruction(tiny_models):
+    """blend_prefix_documents=1: the first document joins the always-computed prefix and the others are cached
+    behind it. One document after it, cached where it stands: the placed KV is exact, so a blend recomputing
+    nothing gives full prefill's logits; reordered documents still hit."""
+    from test_blend import DOCS, blended, make
+
+    model = tiny_models("gemma3")
+    gen = make(model, ratios=(0.0,))
+    gen.blender.prefix_documents = 1
+    text = blended([DOCS[0], DOCS[1]])
+    seg = gen.segment(text, None)
+    gen.blender.prefix_documents = 0
+    plain = gen.segment(text, None)
+    gen.blender.prefix_documents = 1
+    assert len(seg.documents) == 1 and seg.token_ids == plain.token_ids
+    assert seg.prefix == plain.prefix + plain.documents[0] + plain.separator
+    cold = gen.generate(text, max_new_tokens=1)
+    assert cold.blend.exact
+    warm = gen.generate(text, max_new_tokens=1)
+    full = gen.generate(seg.token_ids, max_new_tokens=1, use_cache=False)
+    assert warm.blend.document_hits == 1 and warm.blend.recomputed_tokens == 0
+    assert torch.allclose(warm.first_logits, full.first_logits, atol=1e-4)
+    gen.generate(blended([DOCS[0], DOCS[2], DOCS[1]]), max_new_tokens=1)  # caches DOCS[2] behind DOCS[0]
+    moved = gen.generate(blended([DOCS[0], DOCS[1], DOCS[2]]), max_new_tokens=1)
+    assert moved.blend.document_hits == 2 and moved.blend.documents == 2
+    # Only the instruction: nothing left to blend, an ordinary prompt.
+    assert gen.segment(blended([DOCS[0]]), None) is None

@@ -63,6 +63,7 @@ GENERATION = frozenset(
         "blend_question_weight",  # issue #18, third session
         "blend_question_span",
         "blend_question_pass",
+        "blend_prefix_documents",
         "use_layerwise",
         "use_async_load",
         "buffer_size",

@@ -83,6 +83,7 @@ class Blender:
         metrics: Metrics | None = None,
         min_cached_share: float = 0.5,
         selection: SelectionPolicy | None = None,
+        prefix_documents: int = 0,
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -104,6 +105,10 @@ class Blender:
         # (issue #18: full hits 3.3-4.4x faster at 1.5-2.6K tokens); below half cached it would save < 30%.
         self.min_cached_share = min_cached_share
         self.selection = selection if selection is not None else SelectionPolicy()
+        if prefix_documents < 0:
+            raise ValueError(f"blend_prefix_documents must be >= 0, got {prefix_documents}")
+        # The first documents of every prompt are part of the always-computed prefix (segment.fixed_prefix).
+        self.prefix_documents = prefix_documents
 
     @classmethod
     def from_config(
@@ -125,6 +130,7 @@ class Blender:
                 question_span=config.blend_question_span,
                 question_pass=config.blend_question_pass,
             ),
+            prefix_documents=config.blend_prefix_documents,
         )
 
     # -- which documents are cached ----------------------------------------------------------------------------
