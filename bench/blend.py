@@ -205,6 +205,16 @@ VARIANTS = {
         "ratios": [0.15],
         "selection": SelectionPolicy(signal="kv+question", question_pass=True, question_weight=4.0),
     },
+    "12%, question pass": {"ratios": [0.12], "selection": SelectionPolicy(signal="question", question_pass=True)},
+    "20%, question pass": {"ratios": [0.2], "selection": SelectionPolicy(signal="question", question_pass=True)},
+    "15%, question pass, global layers": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_layers="global"),
+    },
+    "15%, question pass, max over layers": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_reduce="max"),
+    },
     "15%, documents behind the instruction": {"ratios": [0.15], "prefix_documents": 1},
     "15%, per document, first 8 tokens": {
         "ratios": [0.15],

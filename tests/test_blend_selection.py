@@ -151,15 +151,19 @@ def test_question_signals_rank_by_the_questions_attention():
         SelectionPolicy(question_weight=-1.0)
 
 
-def reference_attention(model, ids: list[int], question: int, layers) -> torch.Tensor:
-    """transformers' eager attention of the last `question` tokens, mean over heads, those tokens and `layers`."""
+def reference_attention(model, ids: list[int], question: int, layers, reduce: str = "mean") -> torch.Tensor:
+    """transformers' eager attention of the last `question` tokens, mean over heads and those tokens, then
+    mean (or max) over `layers`."""
     with torch.no_grad():
         out = model(torch.tensor([ids]), output_attentions=True)
-    return torch.stack([out.attentions[i][0, :, -question:, :].mean(dim=(0, 1)) for i in layers]).mean(0)
+    per_layer = torch.stack([out.attentions[i][0, :, -question:, :].mean(dim=(0, 1)) for i in layers])
+    return per_layer.amax(0) if reduce == "max" else per_layer.mean(0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_the_question_pass_reads_the_models_own_attention(family, tiny_models):
+@pytest.mark.parametrize(
+    "family, layers, reduce", [("llama", "all", "mean"), ("gemma3", "all", "mean"), ("gemma3", "global", "max")]
+)
+def test_the_question_pass_reads_the_models_own_attention(family, layers, reduce, tiny_models):
     """One document cached at its own position: the placed KV is exact, so the question pass over it must
     see what the model's attention sees in every layer (sliding windows included)."""
     from test_blend import DOCS, blended, make
@@ -175,8 +179,12 @@ def test_the_question_pass_reads_the_models_own_attention(family, tiny_models):
     assert all(d.cached for d in documents)
     kv = blender.runner.new_kv(len(seg.token_ids))
     blender.place_documents(seg, kv, None, BlendInfo(), documents)
+    blender.selection = SelectionPolicy(
+        signal="question", question_pass=True, question_layers=layers, question_reduce=reduce
+    )
     share = blender._question_pass(seg, kv)
-    expected = reference_attention(model, seg.token_ids, len(seg.suffix), range(model.config.num_hidden_layers))
+    read = [1, 3] if layers == "global" else range(model.config.num_hidden_layers)  # tiny gemma3: 1, 3 global
+    expected = reference_attention(model, seg.token_ids, len(seg.suffix), read, reduce)
     assert torch.allclose(share, expected, atol=1e-5)
 
 

@@ -278,15 +278,21 @@ class Blender:
         if not seg.suffix:
             return torch.ones(len(seg.token_ids), device=runner.device)
         if seg.prefix:
-            runner.forward(seg.prefix, 0, kv)
+            runner.forward(seg.prefix, 0, kv, logits=False)
+        windows = [spec.window for spec in runner.layer_specs]
+        read = [w is None for w in windows] if self.selection.question_layers == "global" else [True] * len(windows)
+        if not any(read):  # no global layer: every layer
+            read = [True] * len(windows)
 
         def probe(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> None:
-            runner.write_kv(layer, hidden, positions, kv, rope)  # the question's own keys at this layer
-            window = runner.layer_specs[layer].window
-            shares.append(self._question_attention(layer, hidden, positions, rope, kv, hidden.shape[1], window))
+            if read[layer]:
+                runner.write_kv(layer, hidden, positions, kv, rope)  # the question's own keys at this layer
+                share = self._question_attention(layer, hidden, positions, rope, kv, hidden.shape[1], windows[layer])
+                shares.append(share)
 
-        runner.forward(seg.suffix, start, kv, select_tokens=probe)
-        return torch.stack(shares).mean(0)
+        runner.forward(seg.suffix, start, kv, select_tokens=probe, logits=False)
+        stacked = torch.stack(shares)
+        return stacked.amax(0) if self.selection.question_reduce == "max" else stacked.mean(0)
 
     def _question_attention(
         self, layer: int, hidden, positions, rope: dict, kv: KVBuffer, question: int, window: int | None = None

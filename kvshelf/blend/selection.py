@@ -43,6 +43,8 @@ class SelectionPolicy:
     question_weight: float = 1.0
     question_span: int = 0
     question_pass: bool = False
+    question_layers: str = "all"  # the pass's layers: "all", or "global" (those without a sliding window)
+    question_reduce: str = "mean"  # the pass's share over layers: "mean" or "max"
 
     @property
     def needs_attention(self) -> bool:
@@ -53,6 +55,11 @@ class SelectionPolicy:
             raise ValueError(f"blend selection signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
         if self.head_tokens < 0:
             raise ValueError(f"blend head tokens must be >= 0, got {self.head_tokens}")
+        if self.question_layers not in ("all", "global") or self.question_reduce not in ("mean", "max"):
+            raise ValueError(
+                f"blend question layers must be all or global and reduce mean or max, got "
+                f"{self.question_layers!r} and {self.question_reduce!r}"
+            )
         if self.question_weight < 0 or self.question_span < 0:
             raise ValueError(
                 f"blend question weight and span must be >= 0, got {self.question_weight} and {self.question_span}"

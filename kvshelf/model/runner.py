@@ -282,12 +282,14 @@ class ModelRunner:
         layer_pre_hook: LayerHook | None = None,
         select_tokens: TokenSelector | None = None,
         all_logits: bool = False,
-    ) -> torch.Tensor:
+        logits: bool = True,
+    ) -> torch.Tensor | None:
         """Compute tokens at positions [start, start + n) over KV already in `kv` for [0, start).
 
         Returns the logits of the last position only (float32, [vocab]), or of every position
         ([n, vocab]) with `all_logits` (perplexity measurements). With `select_tokens`, layers compute
         only the tokens it keeps (their KV elsewhere stays as it is in `kv`); it must keep the last token.
+        `logits=False` fills the KV only and returns None (no vocabulary projection).
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(-1)
         n = ids.numel()
@@ -313,6 +315,8 @@ class ModelRunner:
             if layer_hook is not None:  # e.g. start storing layer i while layer i+1 computes
                 layer_hook(i, self, kv)
         kv.length = max(kv.length, start + n)
+        if not logits:
+            return None
         if all_logits:
             return self.final_logits(hidden).view(n, -1)
         return self.final_logits(hidden[:, -1:])
