@@ -215,6 +215,12 @@ VARIANTS = {
         "ratios": [0.15],
         "selection": SelectionPolicy(signal="question", question_pass=True, question_reduce="max"),
     },
+    "15%, KV x question pass, by document (weight 4)": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(
+            signal="kv+question", question_pass=True, question_by_document=True, question_weight=4.0
+        ),
+    },
     "15%, documents behind the instruction": {"ratios": [0.15], "prefix_documents": 1},
     "15%, per document, first 8 tokens": {
         "ratios": [0.15],

@@ -142,6 +142,15 @@ def test_question_signals_rank_by_the_questions_attention():
     assert select(fresh, cached, 1, attention=attention, policy=weighted).nonzero().view(-1).tolist() == [6]
     plain = SelectionPolicy(signal="kv+question", question_weight=0.0)
     assert select(fresh, cached, 1, attention=attention, policy=plain).nonzero().view(-1).tolist() == [2]
+    # By document (tokens 0-3, 4-7): the second holds the attention, so its slightly deviating token 5 (read by
+    # nobody itself) overtakes token 2, which a token-level weight keeps.
+    fresh[:, :, 5] += 1.0
+    document = torch.tensor([0] * 4 + [1] * 4)
+    by_doc = SelectionPolicy(signal="kv+question", question_weight=40.0, question_by_document=True)
+    chosen = select(fresh, cached, 2, attention=attention, document=document, policy=by_doc)
+    assert chosen.nonzero().view(-1).tolist() == [5, 6]
+    by_token = SelectionPolicy(signal="kv+question", question_weight=40.0)
+    assert select(fresh, cached, 2, attention=attention, policy=by_token).nonzero().view(-1).tolist() == [2, 6]
     # A span credits the tokens after an attended one (the value after the name the question shares).
     spread = question_score(torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]), span=2)
     assert spread.tolist() == pytest.approx([0.0, 5 / 3, 5 / 3, 5 / 3, 0.0])

@@ -20,7 +20,8 @@ that share alone; "kv+question" weights the K and V deviation by it,
 deviation x (1 + question_weight x share / mean share): a token that deviates but that the question ignores
 matters less to the answer than one it reads. `question_span` also credits each token with the largest share
 among the `question_span` tokens before it: the question attends to the words it shares with a fact (a name),
-the value it asks for follows them. `question_pass` (the blender's business) reads the share in a pass of the
+the value it asks for follows them. `question_by_document` credits each token with its document's share
+instead (the documents the question reads get the budget, their tokens ranked by deviation). `question_pass` (the blender's business) reads the share in a pass of the
 question alone over the placed KV, every layer, instead of at the check layer.
 """
 
@@ -45,6 +46,7 @@ class SelectionPolicy:
     question_pass: bool = False
     question_layers: str = "all"  # the pass's layers: "all", or "global" (those without a sliding window)
     question_reduce: str = "mean"  # the pass's share over layers: "mean" or "max"
+    question_by_document: bool = False  # each token credited with its document's share (needs `document`)
 
     @property
     def needs_attention(self) -> bool:
@@ -85,7 +87,9 @@ def question_score(share: torch.Tensor, span: int = 0) -> torch.Tensor:
     return share / share.mean().clamp_min(1e-12)
 
 
-def score(fresh, cached, policy: SelectionPolicy, attention: torch.Tensor | None) -> torch.Tensor:
+def score(
+    fresh, cached, policy: SelectionPolicy, attention: torch.Tensor | None, document: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-token selection score (higher: recompute first)."""
     if not policy.needs_attention:
         return deviation(fresh, cached, policy.signal)
@@ -94,7 +98,14 @@ def score(fresh, cached, policy: SelectionPolicy, attention: torch.Tensor | None
         raise ValueError(
             f"signal {policy.signal!r} needs the question's attention per token ([{fresh.shape[2]}]), got {shape}"
         )
-    share = question_score(attention.to(fresh.device), policy.question_span)
+    share = attention.to(fresh.device).float()
+    if policy.question_by_document:
+        if document is None:
+            raise ValueError("question_by_document needs each token's document index")
+        document = document.to(fresh.device)
+        ids, member = torch.unique(document, return_inverse=True)
+        share = torch.zeros(len(ids), device=share.device).index_add_(0, member, share)[member]
+    share = question_score(share, policy.question_span)
     if policy.signal == "question":
         return share
     return deviation(fresh, cached, "kv") * (1 + policy.question_weight * share)
@@ -122,7 +133,7 @@ def select(
     keep = torch.zeros(n, dtype=torch.bool, device=fresh.device)
     if budget == 0:
         return keep
-    ranking = score(fresh, cached, policy, attention)
+    ranking = score(fresh, cached, policy, attention, document)
     if policy.head_tokens:
         if offset is None:
             raise ValueError("head_tokens needs each token's offset inside its document")
