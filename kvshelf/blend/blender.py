@@ -109,6 +109,7 @@ class Blender:
             raise ValueError(f"blend_prefix_documents must be >= 0, got {prefix_documents}")
         # The first documents of every prompt are part of the always-computed prefix (segment.fixed_prefix).
         self.prefix_documents = prefix_documents
+        self._prefix_kv: tuple[tuple[int, ...], torch.Tensor] | None = None  # the question pass's prefix KV
 
     @classmethod
     def from_config(
@@ -278,21 +279,37 @@ class Blender:
         if not seg.suffix:
             return torch.ones(len(seg.token_ids), device=runner.device)
         if seg.prefix:
-            runner.forward(seg.prefix, 0, kv, logits=False)
+            self._place_prefix(seg.prefix, kv)
         windows = [spec.window for spec in runner.layer_specs]
         read = [w is None for w in windows] if self.selection.question_layers == "global" else [True] * len(windows)
         if not any(read):  # no global layer: every layer
             read = [True] * len(windows)
+        queries = {}
 
         def probe(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> None:
             if read[layer]:
-                runner.write_kv(layer, hidden, positions, kv, rope)  # the question's own keys at this layer
+                queries[layer] = (hidden, positions, rope)
+
+        def after(layer: int, _runner, _kv) -> None:
+            # The layer has written the question's own keys: its queries' shares over every key up to them.
+            if layer in queries:
+                hidden, positions, rope = queries.pop(layer)
                 share = self._question_attention(layer, hidden, positions, rope, kv, hidden.shape[1], windows[layer])
                 shares.append(share)
 
-        runner.forward(seg.suffix, start, kv, select_tokens=probe, logits=False)
+        runner.forward(seg.suffix, start, kv, select_tokens=probe, layer_hook=after, logits=False)
         stacked = torch.stack(shares)
         return stacked.amax(0) if self.selection.question_reduce == "max" else stacked.mean(0)
+
+    def _place_prefix(self, prefix: list[int], kv: KVBuffer) -> None:
+        """The prefix's KV (position 0, no context before it: the same in every prompt) into `kv`, computed
+        once per prefix and kept (one prefix: BOS, or BOS and a fixed instruction)."""
+        key = tuple(prefix)
+        if self._prefix_kv is None or self._prefix_kv[0] != key:
+            alone = self.runner.new_kv(len(prefix))
+            self.runner.forward(prefix, 0, alone, logits=False)
+            self._prefix_kv = (key, alone.data.clone())
+        kv.write_layers(0, self.runner.num_layers, 0, self._prefix_kv[1])
 
     def _question_attention(
         self, layer: int, hidden, positions, rope: dict, kv: KVBuffer, question: int, window: int | None = None
