@@ -221,6 +221,18 @@ VARIANTS = {
             signal="kv+question", question_pass=True, question_by_document=True, question_weight=4.0
         ),
     },
+    "15%, question pass, half by deviation": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.5),
+    },
+    "15%, question pass, 70% by question": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.7),
+    },
+    "12%, question pass, half by deviation": {
+        "ratios": [0.12],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.5),
+    },
     "15%, documents behind the instruction": {"ratios": [0.15], "prefix_documents": 1},
     "15%, per document, first 8 tokens": {
         "ratios": [0.15],

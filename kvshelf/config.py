@@ -230,6 +230,12 @@ class KVShelfConfig(BaseModel):
         False,
         description="question signals: read the question's attention in a pass of the question over the cached KV (every layer) instead of at the check layer",
     )
+    blend_question_budget: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="signal question: this share of the recompute budget goes to the tokens the question attends to, the rest to the largest K and V deviation",
+    )
     blend_prefix_documents: int = Field(
         0,
         ge=0,
@@ -372,6 +378,7 @@ NESTED_KEYS: dict[str, str] = {
     "blending.question_span": "blend_question_span",
     "blending.question_pass": "blend_question_pass",
     "blending.prefix_documents": "blend_prefix_documents",
+    "blending.question_budget": "blend_question_budget",
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",

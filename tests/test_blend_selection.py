@@ -108,12 +108,19 @@ def test_blend_keys_in_the_config_reach_the_blender(tiny_models, tmp_path, monke
         blend_question_weight=2.0,
         blend_question_span=3,
         blend_question_pass=True,
+        blend_question_budget=0.5,
         guard=False,
     )
     blender = open_shelf(config, loaded=loaded, show_progress=False).generator.blender
     assert blender.min_cached_share == 0.25
     assert blender.selection == SelectionPolicy(
-        signal="v", per_document=True, head_tokens=4, question_weight=2.0, question_span=3, question_pass=True
+        signal="v",
+        per_document=True,
+        head_tokens=4,
+        question_weight=2.0,
+        question_span=3,
+        question_pass=True,
+        question_budget=0.5,
     )
     with pytest.raises(ValueError, match="blend_selection_signal"):
         KVShelfConfig(blend_selection_signal="q")
@@ -151,6 +158,12 @@ def test_question_signals_rank_by_the_questions_attention():
     assert chosen.nonzero().view(-1).tolist() == [5, 6]
     by_token = SelectionPolicy(signal="kv+question", question_weight=40.0)
     assert select(fresh, cached, 2, attention=attention, policy=by_token).nonzero().view(-1).tolist() == [2, 6]
+    # Half the budget by attention (token 4), the other half by deviation among the rest (token 2, then 6).
+    split = SelectionPolicy(signal="question", question_budget=0.5)
+    assert select(fresh, cached, 2, attention=attention, policy=split).nonzero().view(-1).tolist() == [2, 4]
+    assert select(fresh, cached, 3, attention=attention, policy=split).nonzero().view(-1).tolist() == [2, 4, 6]
+    with pytest.raises(ValueError, match="question budget"):
+        SelectionPolicy(question_budget=1.5)
     # A span credits the tokens after an attended one (the value after the name the question shares).
     spread = question_score(torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]), span=2)
     assert spread.tolist() == pytest.approx([0.0, 5 / 3, 5 / 3, 5 / 3, 0.0])

@@ -64,6 +64,7 @@ GENERATION = frozenset(
         "blend_question_span",
         "blend_question_pass",
         "blend_prefix_documents",
+        "blend_question_budget",
         "use_layerwise",
         "use_async_load",
         "buffer_size",

@@ -130,6 +130,7 @@ class Blender:
                 question_weight=config.blend_question_weight,
                 question_span=config.blend_question_span,
                 question_pass=config.blend_question_pass,
+                question_budget=config.blend_question_budget,
             ),
             prefix_documents=config.blend_prefix_documents,
         )

@@ -20,7 +20,8 @@ that share alone; "kv+question" weights the K and V deviation by it,
 deviation x (1 + question_weight x share / mean share): a token that deviates but that the question ignores
 matters less to the answer than one it reads. `question_span` also credits each token with the largest share
 among the `question_span` tokens before it: the question attends to the words it shares with a fact (a name),
-the value it asks for follows them. `question_by_document` credits each token with its document's share
+the value it asks for follows them. `question_budget` < 1 gives "question" only that share of the budget, the rest going to K and V
+deviation (a two-hop answer lies where the question does not look itself). `question_by_document` credits each token with its document's share
 instead (the documents the question reads get the budget, their tokens ranked by deviation). `question_pass` (the blender's business) reads the share in a pass of the
 question alone over the placed KV, every layer, instead of at the check layer.
 """
@@ -47,6 +48,7 @@ class SelectionPolicy:
     question_layers: str = "all"  # the pass's layers: "all", or "global" (those without a sliding window)
     question_reduce: str = "mean"  # the pass's share over layers: "mean" or "max"
     question_by_document: bool = False  # each token credited with its document's share (needs `document`)
+    question_budget: float = 1.0  # signal "question": this share of the budget by attention, the rest by deviation
 
     @property
     def needs_attention(self) -> bool:
@@ -62,6 +64,8 @@ class SelectionPolicy:
                 f"blend question layers must be all or global and reduce mean or max, got "
                 f"{self.question_layers!r} and {self.question_reduce!r}"
             )
+        if not 0.0 <= self.question_budget <= 1.0:
+            raise ValueError(f"blend question budget must be within 0..1, got {self.question_budget}")
         if self.question_weight < 0 or self.question_span < 0:
             raise ValueError(
                 f"blend question weight and span must be >= 0, got {self.question_weight} and {self.question_span}"
@@ -160,6 +164,14 @@ def select(
             if q:
                 keep[members[torch.topk(ranking[members], q).indices]] = True
         return keep
+    if policy.signal == "question" and policy.question_budget < 1.0:
+        # The question's own share of the budget first, then the rest by K and V deviation among the others:
+        # a two-hop answer lies in tokens the question does not read itself, but which deviate.
+        first = round(budget * policy.question_budget)
+        ranking = ranking.masked_fill(keep, float("-inf"))
+        keep[torch.topk(ranking, first).indices] = True
+        ranking = deviation(fresh, cached, "kv").masked_fill(keep, float("-inf"))
+        budget -= first
     keep[torch.topk(ranking, budget).indices] = True
     return keep
 
