@@ -229,6 +229,10 @@ VARIANTS = {
         "ratios": [0.15],
         "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.7),
     },
+    "12%, question pass, 70% by question": {
+        "ratios": [0.12],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.7),
+    },
     "12%, question pass, half by deviation": {
         "ratios": [0.12],
         "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.5),
