@@ -14,16 +14,16 @@ Options measured on the RAG evaluation (issue #18, BENCHMARKS.md):
   after other documents (EPIC's "link" tokens).
 
 Question-aware signals (issue #18, third session): the question (the prompt's suffix) is computed in every
-layer, so at the check layer the blend can ask which document tokens its queries attend to (`attention`: each
-token's share of the question's attention, from the runner's queries and the fresh keys). "question" ranks by
-that share alone; "kv+question" weights the K and V deviation by it,
-deviation x (1 + question_weight x share / mean share): a token that deviates but that the question ignores
-matters less to the answer than one it reads. `question_span` also credits each token with the largest share
-among the `question_span` tokens before it: the question attends to the words it shares with a fact (a name),
-the value it asks for follows them. `question_budget` < 1 gives "question" only that share of the budget, the rest going to K and V
-deviation (a two-hop answer lies where the question does not look itself). `question_by_document` credits each token with its document's share
-instead (the documents the question reads get the budget, their tokens ranked by deviation). `question_pass` (the blender's business) reads the share in a pass of the
-question alone over the placed KV, every layer, instead of at the check layer.
+layer, so the blend can ask which document tokens its queries attend to (`attention`: each token's share of
+the question's attention). "question" ranks by that share alone; "kv+question" weights the K and V deviation
+by it, deviation x (1 + question_weight x share / mean share): a token that deviates but that the question
+ignores matters less to the answer than one it reads. Options: `question_span` also credits each token with
+the largest share among the `question_span` tokens before it (the question attends to the words it shares
+with a fact, the value it asks for follows them); `question_budget` < 1 gives "question" only that share of
+the budget, the rest going to K and V deviation (a two-hop answer lies where the question does not look);
+`question_by_document` credits each token with its document's share instead. Where the share comes from is
+the blender's business: the check layer's queries, or (`question_pass`, `question_layers`,
+`question_reduce`) a pass of the question alone over the placed KV, every layer.
 """
 
 from __future__ import annotations
