@@ -174,6 +174,70 @@ VARIANTS = {
     "15%, check layers 1 (30%) and 3 (15%)": {"check_layers": [1, 3], "ratios": [0.3, 0.15]},
     "15%, check layers 1 (30%) and 5 (15%)": {"check_layers": [1, 5], "ratios": [0.3, 0.15]},
     "20%, check layers 1 (40%) and 5 (20%)": {"check_layers": [1, 5], "ratios": [0.4, 0.2]},
+    # issue #18, third session: question-aware selection (kvshelf.blend.selection's question signals)
+    "15%, question attention": {"ratios": [0.15], "selection": SelectionPolicy(signal="question")},
+    "15%, question attention, span 8": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_span=8),
+    },
+    "15%, KV x question": {"ratios": [0.15], "selection": SelectionPolicy(signal="kv+question")},
+    "15%, KV x question (weight 4)": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="kv+question", question_weight=4.0),
+    },
+    "15%, KV x question, span 8": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="kv+question", question_span=8),
+    },
+    "15%, question pass": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True),
+    },
+    "15%, question pass, span 8": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_span=8),
+    },
+    "15%, KV x question pass": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="kv+question", question_pass=True),
+    },
+    "15%, KV x question pass (weight 4)": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="kv+question", question_pass=True, question_weight=4.0),
+    },
+    "12%, question pass": {"ratios": [0.12], "selection": SelectionPolicy(signal="question", question_pass=True)},
+    "20%, question pass": {"ratios": [0.2], "selection": SelectionPolicy(signal="question", question_pass=True)},
+    "15%, question pass, global layers": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_layers="global"),
+    },
+    "15%, question pass, max over layers": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_reduce="max"),
+    },
+    "15%, KV x question pass, by document (weight 4)": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(
+            signal="kv+question", question_pass=True, question_by_document=True, question_weight=4.0
+        ),
+    },
+    "15%, question pass, half by deviation": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.5),
+    },
+    "15%, question pass, 70% by question": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.7),
+    },
+    "12%, question pass, 70% by question": {
+        "ratios": [0.12],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.7),
+    },
+    "12%, question pass, half by deviation": {
+        "ratios": [0.12],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.5),
+    },
+    "15%, documents behind the instruction": {"ratios": [0.15], "prefix_documents": 1},
     "15%, per document, first 8 tokens": {
         "ratios": [0.15],
         "selection": SelectionPolicy(per_document=True, head_tokens=8),
@@ -241,6 +305,7 @@ def main() -> None:
     methods.update({f"CacheBlend {r:.0%}": blend_gen(ratios=[r]) for r in args.ratios})
     methods.update({name: blend_gen(**VARIANTS[name]) for name in args.variants})
     probe = methods["full reuse (0%)"]
+    fillers = [probe] + [g for g in methods.values() if g is not None and g.blender and g.blender.prefix_documents]
     probe.generate("warm-up", max_new_tokens=1, use_cache=False)
     per_sample = Path(args.json).with_suffix(".samples.jsonl")
     per_sample.parent.mkdir(parents=True, exist_ok=True)
@@ -261,9 +326,11 @@ def main() -> None:
             first = prompt_text(earlier, question, cue)
             if "prefix caching" in methods:
                 shelf.generator.generate(probe.segment(first, None).token_ids, max_new_tokens=1)
-            seg = probe.segment(first, None)
-            for _ in probe.blender.compute_missing(seg, probe.blender.documents(seg, None), None, BlendInfo()):
-                pass  # each document computed alone and stored, as after a cold request's first token
+            for filler_gen in fillers:  # documents behind another fixed prefix have other keys: fill each kind
+                seg = filler_gen.segment(first, None)
+                blender = filler_gen.blender
+                for _ in blender.compute_missing(seg, blender.documents(seg, None), None, BlendInfo()):
+                    pass  # each document computed alone and stored, as after a cold request's first token
             text = prompt_text(docs, question, cue)
             ids = probe.segment(text, None).token_ids
             record = {

@@ -214,7 +214,32 @@ class KVShelfConfig(BaseModel):
         False, description="share a blend's recompute budget over documents by size instead of one global top-k"
     )
     blend_selection_signal: str = Field(
-        "kv", description="what a blend's check layer compares: kv (K and V deviation), k or v"
+        "kv",
+        description="how a blend picks the tokens it recomputes: kv (K and V deviation), k, v, question (the question's attention) or kv+question (deviation weighted by it)",
+    )
+    # -- issue #18, third session: question-aware CacheBlend selection ----------------------------------
+    blend_question_weight: float = Field(
+        1.0, ge=0.0, description="kv+question: deviation x (1 + weight x the token's share of the question's attention)"
+    )
+    blend_question_span: int = Field(
+        0,
+        ge=0,
+        description="question signals: each token also credited with the share of the tokens this far before it",
+    )
+    blend_question_pass: bool = Field(
+        False,
+        description="question signals: read the question's attention in a pass of the question over the cached KV (every layer) instead of at the check layer",
+    )
+    blend_question_budget: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="signal question: this share of the recompute budget goes to the tokens the question attends to, the rest to the largest K and V deviation",
+    )
+    blend_prefix_documents: int = Field(
+        0,
+        ge=0,
+        description="the first N documents of a blended prompt (an instruction) join its always-computed prefix; the others are cached behind it instead of behind BOS alone",
     )
 
     # -- issue #17: cachegen calibrated inside vLLM without a manual step (codec_calibration: auto) ---
@@ -260,8 +285,9 @@ class KVShelfConfig(BaseModel):
     @field_validator("blend_selection_signal")
     @classmethod
     def _blend_signal(cls, value: str) -> str:
-        if value not in ("kv", "k", "v"):
-            raise ValueError(f"must be kv, k or v, got {value!r}")
+        signals = ("kv", "k", "v", "question", "kv+question")  # kvshelf.blend.selection.SIGNALS (no torch here)
+        if value not in signals:
+            raise ValueError(f"must be one of {', '.join(signals)}, got {value!r}")
         return value
 
     @field_validator("blend_recompute_ratios")
@@ -357,6 +383,11 @@ NESTED_KEYS: dict[str, str] = {
     "blending.head_tokens": "blend_head_tokens",
     "blending.per_document": "blend_per_document",
     "blending.selection_signal": "blend_selection_signal",
+    "blending.question_weight": "blend_question_weight",
+    "blending.question_span": "blend_question_span",
+    "blending.question_pass": "blend_question_pass",
+    "blending.prefix_documents": "blend_prefix_documents",
+    "blending.question_budget": "blend_question_budget",
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",

@@ -102,3 +102,17 @@ def test_bad_input():
         analyse([], COST)
     with pytest.raises(ValueError, match="unknown scenario"):
         synthetic_trace("nope")
+
+
+def test_a_configured_question_pass_costs_the_question_once_more(monkeypatch):
+    """Issue #18 (third session): with the question pass as default, a blended request also computes its question
+    (the tokens after the documents) a second time; advise charges exactly those tokens."""
+    import kvshelf.advice.advise as advise_module
+
+    docs = [[1000 * d + i for i in range(400)] for d in range(2)]
+    question = list(range(7, 37))
+    trace = [Request(docs[0] + docs[1] + question, chunks=docs), Request(docs[1] + docs[0] + question, chunks=docs)]
+    plain = analyse(trace, COST).predicted_ttft_s[BLEND_LABEL]
+    monkeypatch.setattr(advise_module, "BLEND_QUESTION_PASS", True)
+    with_pass = analyse(trace, COST).predicted_ttft_s[BLEND_LABEL]
+    assert with_pass - plain == pytest.approx(COST.recompute_s(len(question)) / len(trace))

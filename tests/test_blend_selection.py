@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvshelf.blend.selection import SelectionPolicy, budget_for, deviation, select
+from kvshelf.blend.selection import SelectionPolicy, budget_for, deviation, question_score, select
 
 
 def kv_pair(n=12, heads=1, dim=4, seed=0):
@@ -105,11 +105,23 @@ def test_blend_keys_in_the_config_reach_the_blender(tiny_models, tmp_path, monke
         blend_head_tokens=4,
         blend_per_document=True,
         blend_selection_signal="v",
+        blend_question_weight=2.0,
+        blend_question_span=3,
+        blend_question_pass=True,
+        blend_question_budget=0.5,
         guard=False,
     )
     blender = open_shelf(config, loaded=loaded, show_progress=False).generator.blender
     assert blender.min_cached_share == 0.25
-    assert blender.selection == SelectionPolicy(signal="v", per_document=True, head_tokens=4)
+    assert blender.selection == SelectionPolicy(
+        signal="v",
+        per_document=True,
+        head_tokens=4,
+        question_weight=2.0,
+        question_span=3,
+        question_pass=True,
+        question_budget=0.5,
+    )
     with pytest.raises(ValueError, match="blend_selection_signal"):
         KVShelfConfig(blend_selection_signal="q")
 
@@ -123,3 +135,134 @@ def test_defaults_follow_the_rag_evaluation():
     assert config.blend_recompute_ratios == [0.3] and config.blend_check_layers == [1]
     assert config.blend_min_cached_share == 0.5
     assert (config.blend_head_tokens, config.blend_per_document, config.blend_selection_signal) == (0, False, "kv")
+
+
+def test_question_signals_rank_by_the_questions_attention():
+    fresh, cached = kv_pair(n=8)
+    fresh[:, :, 2] += 5.0  # token 2 deviates most, token 6 a little
+    fresh[:, :, 6] += 2.0
+    attention = torch.tensor([0.0, 0.0, 0.01, 0.0, 0.5, 0.0, 0.4, 0.0])
+    by_question = select(fresh, cached, 1, attention=attention, policy=SelectionPolicy(signal="question"))
+    assert by_question.nonzero().view(-1).tolist() == [4]
+    # Weighted: token 6 (deviates and is read) overtakes token 2 (deviates more, ignored); weight 0 is plain kv.
+    weighted = SelectionPolicy(signal="kv+question", question_weight=4.0)
+    assert select(fresh, cached, 1, attention=attention, policy=weighted).nonzero().view(-1).tolist() == [6]
+    plain = SelectionPolicy(signal="kv+question", question_weight=0.0)
+    assert select(fresh, cached, 1, attention=attention, policy=plain).nonzero().view(-1).tolist() == [2]
+    # By document (tokens 0-3, 4-7): the second holds the attention, so its slightly deviating token 5 (read by
+    # nobody itself) overtakes token 2, which a token-level weight keeps.
+    fresh[:, :, 5] += 1.0
+    document = torch.tensor([0] * 4 + [1] * 4)
+    by_doc = SelectionPolicy(signal="kv+question", question_weight=40.0, question_by_document=True)
+    chosen = select(fresh, cached, 2, attention=attention, document=document, policy=by_doc)
+    assert chosen.nonzero().view(-1).tolist() == [5, 6]
+    by_token = SelectionPolicy(signal="kv+question", question_weight=40.0)
+    assert select(fresh, cached, 2, attention=attention, policy=by_token).nonzero().view(-1).tolist() == [2, 6]
+    # Half the budget by attention (token 4), the other half by deviation among the rest (token 2, then 6).
+    split = SelectionPolicy(signal="question", question_budget=0.5)
+    assert select(fresh, cached, 2, attention=attention, policy=split).nonzero().view(-1).tolist() == [2, 4]
+    assert select(fresh, cached, 3, attention=attention, policy=split).nonzero().view(-1).tolist() == [2, 4, 6]
+    with pytest.raises(ValueError, match="question budget"):
+        SelectionPolicy(question_budget=1.5)
+    # A span credits the tokens after an attended one (the value after the name the question shares).
+    spread = question_score(torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]), span=2)
+    assert spread.tolist() == pytest.approx([0.0, 5 / 3, 5 / 3, 5 / 3, 0.0])
+    with pytest.raises(ValueError, match="attention"):
+        select(fresh, cached, 1, policy=SelectionPolicy(signal="question"))
+    with pytest.raises(ValueError, match="question weight"):
+        SelectionPolicy(question_weight=-1.0)
+
+
+def reference_attention(model, ids: list[int], question: int, layers, reduce: str = "mean") -> torch.Tensor:
+    """transformers' eager attention of the last `question` tokens, mean over heads and those tokens, then
+    mean (or max) over `layers`."""
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), output_attentions=True)
+    per_layer = torch.stack([out.attentions[i][0, :, -question:, :].mean(dim=(0, 1)) for i in layers])
+    return per_layer.amax(0) if reduce == "max" else per_layer.mean(0)
+
+
+@pytest.mark.parametrize(
+    "family, layers, reduce", [("llama", "all", "mean"), ("gemma3", "all", "mean"), ("gemma3", "global", "max")]
+)
+def test_the_question_pass_reads_the_models_own_attention(family, layers, reduce, tiny_models):
+    """One document cached at its own position: the placed KV is exact, so the question pass over it must
+    see what the model's attention sees in every layer (sliding windows included)."""
+    from test_blend import DOCS, blended, make
+
+    from kvshelf.blend.blender import BlendInfo
+
+    model = tiny_models(family)
+    gen = make(model, ratios=(0.3,))
+    text = blended([DOCS[0] * 3])  # longer than gemma3's tiny window (24)
+    gen.generate(text, max_new_tokens=1)  # cold: exact, the document computed alone after
+    blender, seg = gen.blender, gen.segment(text, None)
+    documents = blender.documents(seg, None)
+    assert all(d.cached for d in documents)
+    kv = blender.runner.new_kv(len(seg.token_ids))
+    blender.place_documents(seg, kv, None, BlendInfo(), documents)
+    blender.selection = SelectionPolicy(
+        signal="question", question_pass=True, question_layers=layers, question_reduce=reduce
+    )
+    share = blender._question_pass(seg, kv)
+    read = [1, 3] if layers == "global" else range(model.config.num_hidden_layers)  # tiny gemma3: 1, 3 global
+    expected = reference_attention(model, seg.token_ids, len(seg.suffix), read, reduce)
+    assert torch.allclose(share, expected, atol=1e-5)
+
+
+def test_the_check_layer_reads_the_questions_attention(tiny_models, monkeypatch):
+    """Without the pass, the share comes from the check layer's queries over its fresh keys: below the first
+    check layer every token is computed, so it equals the model's attention at that layer (no window here)."""
+    from test_blend import DOCS, blended, make
+
+    import kvshelf.blend.blender as blender_module
+
+    model = tiny_models("llama")
+    gen = make(model, ratios=(0.3,))
+    gen.blender.selection = SelectionPolicy(signal="question")
+    gen.generate(blended(DOCS), max_new_tokens=1)
+    seen = []
+
+    def spy(fresh, cached, budget, **kw):
+        seen.append(kw["attention"])
+        return select(fresh, cached, budget, **kw)
+
+    monkeypatch.setattr(blender_module, "select", spy)
+    text = blended([DOCS[2], DOCS[0], DOCS[1]])
+    warm = gen.generate(text, max_new_tokens=1)
+    assert warm.blend.document_hits == 3 and len(seen) == 1
+    seg = gen.segment(text, None)
+    placed = torch.zeros(len(seg.token_ids), dtype=torch.bool)
+    for start, end in gen.blender._cached_spans(seg):
+        placed[start:end] = True
+    expected = reference_attention(model, seg.token_ids, len(seg.suffix), [1])[placed]
+    assert torch.allclose(seen[0], expected, atol=1e-5)
+
+
+def test_documents_cached_behind_a_fixed_instruction(tiny_models):
+    """blend_prefix_documents=1: the first document joins the always-computed prefix and the others are cached
+    behind it. One document after it, cached where it stands: the placed KV is exact, so a blend recomputing
+    nothing gives full prefill's logits; reordered documents still hit."""
+    from test_blend import DOCS, blended, make
+
+    model = tiny_models("gemma3")
+    gen = make(model, ratios=(0.0,))
+    gen.blender.prefix_documents = 1
+    text = blended([DOCS[0], DOCS[1]])
+    seg = gen.segment(text, None)
+    gen.blender.prefix_documents = 0
+    plain = gen.segment(text, None)
+    gen.blender.prefix_documents = 1
+    assert len(seg.documents) == 1 and seg.token_ids == plain.token_ids
+    assert seg.prefix == plain.prefix + plain.documents[0] + plain.separator
+    cold = gen.generate(text, max_new_tokens=1)
+    assert cold.blend.exact
+    warm = gen.generate(text, max_new_tokens=1)
+    full = gen.generate(seg.token_ids, max_new_tokens=1, use_cache=False)
+    assert warm.blend.document_hits == 1 and warm.blend.recomputed_tokens == 0
+    assert torch.allclose(warm.first_logits, full.first_logits, atol=1e-4)
+    gen.generate(blended([DOCS[0], DOCS[2], DOCS[1]]), max_new_tokens=1)  # caches DOCS[2] behind DOCS[0]
+    moved = gen.generate(blended([DOCS[0], DOCS[1], DOCS[2]]), max_new_tokens=1)
+    assert moved.blend.document_hits == 2 and moved.blend.documents == 2
+    # Only the instruction: nothing left to blend, an ordinary prompt.
+    assert gen.segment(blended([DOCS[0]]), None) is None

@@ -37,6 +37,8 @@ BLEND_MIN_CACHED_SHARE = _DEFAULTS.blend_min_cached_share
 # layer, then the recompute ratio in the others (the default model's 18 layers).
 _CHECK = max(_DEFAULTS.blend_check_layers)
 BLEND_TOKEN_COST = (_CHECK + (18 - _CHECK) * BLEND_RATIO) / 18
+# The question pass (issue #18, third session), when configured, computes the question's tokens once more.
+BLEND_QUESTION_PASS = _DEFAULTS.blend_question_pass and _DEFAULTS.blend_selection_signal in ("question", "kv+question")
 
 
 @dataclass
@@ -142,9 +144,9 @@ def analyse(
         # plain prefill (its documents computed after the first token, off the TTFT: issue #18); otherwise
         # the missing documents are computed in place with the question and the cached ones blended.
         if req.chunks and blend_hit >= BLEND_MIN_CACHED_SHARE * (blend_hit + first_seen) and blend_hit:
-            ttft[BLEND_LABEL] += cost.recompute_s(n - blend_hit + blend_hit * BLEND_TOKEN_COST) + cost.load_s(
-                {"cpu": blend_hit}
-            )
+            question = n - sum(len(c) for c in req.chunks) if BLEND_QUESTION_PASS else 0
+            blended = n - blend_hit + blend_hit * BLEND_TOKEN_COST + question
+            ttft[BLEND_LABEL] += cost.recompute_s(blended) + cost.load_s({"cpu": blend_hit})
         else:
             ttft[BLEND_LABEL] += base  # cold, or no chunks: an ordinary prompt
     k = len(trace)

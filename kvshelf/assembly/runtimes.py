@@ -60,6 +60,11 @@ GENERATION = frozenset(
         "blend_head_tokens",
         "blend_per_document",
         "blend_selection_signal",
+        "blend_question_weight",  # issue #18, third session
+        "blend_question_span",
+        "blend_question_pass",
+        "blend_prefix_documents",
+        "blend_question_budget",
         "use_layerwise",
         "use_async_load",
         "buffer_size",

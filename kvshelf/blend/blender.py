@@ -83,6 +83,7 @@ class Blender:
         metrics: Metrics | None = None,
         min_cached_share: float = 0.5,
         selection: SelectionPolicy | None = None,
+        prefix_documents: int = 0,
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -104,6 +105,11 @@ class Blender:
         # (issue #18: full hits 3.3-4.4x faster at 1.5-2.6K tokens); below half cached it would save < 30%.
         self.min_cached_share = min_cached_share
         self.selection = selection if selection is not None else SelectionPolicy()
+        if prefix_documents < 0:
+            raise ValueError(f"blend_prefix_documents must be >= 0, got {prefix_documents}")
+        # The first documents of every prompt are part of the always-computed prefix (segment.fixed_prefix).
+        self.prefix_documents = prefix_documents
+        self._prefix_kv: tuple[tuple[int, ...], torch.Tensor] | None = None  # the question pass's prefix KV
 
     @classmethod
     def from_config(
@@ -121,7 +127,12 @@ class Blender:
                 signal=config.blend_selection_signal,
                 per_document=config.blend_per_document,
                 head_tokens=config.blend_head_tokens,
+                question_weight=config.blend_question_weight,
+                question_span=config.blend_question_span,
+                question_pass=config.blend_question_pass,
+                question_budget=config.blend_question_budget,
             ),
+            prefix_documents=config.blend_prefix_documents,
         )
 
     # -- which documents are cached ----------------------------------------------------------------------------
@@ -206,6 +217,9 @@ class Blender:
         self.metrics.blend_hits.inc(info.document_hits)
         checks = dict(zip(self.check_layers, self.ratios, strict=True))
         is_document = document_mask.to(runner.device)  # of the tokens still computed: placed ones
+        question_share = None
+        if self.selection.question_pass and self.selection.needs_attention and info.placed_tokens:
+            question_share = self._question_pass(seg, kv)
 
         def select(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor | None:
             # Fresh K and V of every active token (projections only: cheap), compared with the cached
@@ -218,6 +232,11 @@ class Blender:
             placed = positions[is_document]
             cached = kv.data[layer, :, :, placed].clone()
             runner.write_kv(layer, hidden, positions, kv, rope)
+            attention = None
+            if question_share is not None:
+                attention = question_share[placed]
+            elif self.selection.needs_attention:
+                attention = self._question_attention(layer, hidden, positions, rope, kv, len(seg.suffix))[placed]
             placed = placed.cpu()
             keep = self._select(
                 kv.data[layer, :, :, positions[is_document]],
@@ -227,6 +246,7 @@ class Blender:
                 info,
                 document_of[placed],
                 offset_of[placed],
+                attention,
             )
             is_document = is_document[keep]
             return keep
@@ -248,7 +268,77 @@ class Blender:
                 spans.append((start, end))
         return spans
 
-    def _select(self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset) -> torch.Tensor:
+    def _question_pass(self, seg: Segmented, kv: KVBuffer) -> torch.Tensor:
+        """Each prompt position's share of the question's attention (mean, or max, over the layers read), from
+        a pass of the question alone over the prefix's KV (kept from an earlier request) and the placed document
+        KV, as at 0% recompute. It costs the question's tokens once more (1-3% of a prefill at ~2K tokens) and
+        reads what the question attends to in the deep layers, where the answer is retrieved, not at the check
+        layer only. The blended prefill then recomputes the question over the fused KV. Documents not cached
+        are still empty in `kv` here (their share is meaningless; they are computed in place anyway)."""
+        runner, shares = self.runner, []
+        start = len(seg.token_ids) - len(seg.suffix)
+        if not seg.suffix:
+            return torch.ones(len(seg.token_ids), device=runner.device)
+        if seg.prefix:
+            self._place_prefix(seg.prefix, kv)
+        windows = [spec.window for spec in runner.layer_specs]
+        read = [w is None for w in windows] if self.selection.question_layers == "global" else [True] * len(windows)
+        if not any(read):  # no global layer: every layer
+            read = [True] * len(windows)
+        queries = {}
+
+        def probe(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> None:
+            if read[layer]:
+                queries[layer] = (hidden, positions, rope)
+
+        def after(layer: int, _runner, _kv) -> None:
+            # The layer has written the question's own keys: its queries' shares over every key up to them.
+            if layer in queries:
+                hidden, positions, rope = queries.pop(layer)
+                share = self._question_attention(layer, hidden, positions, rope, kv, hidden.shape[1], windows[layer])
+                shares.append(share)
+
+        runner.forward(seg.suffix, start, kv, select_tokens=probe, layer_hook=after, logits=False)
+        stacked = torch.stack(shares)
+        return stacked.amax(0) if self.selection.question_reduce == "max" else stacked.mean(0)
+
+    def _place_prefix(self, prefix: list[int], kv: KVBuffer) -> None:
+        """The prefix's KV (position 0, no context before it: the same in every prompt) into `kv`, computed
+        once per prefix and kept (one prefix: BOS, or BOS and a fixed instruction)."""
+        key = tuple(prefix)
+        if self._prefix_kv is None or self._prefix_kv[0] != key:
+            alone = self.runner.new_kv(len(prefix))
+            self.runner.forward(prefix, 0, alone, logits=False)
+            self._prefix_kv = (key, alone.data.clone())
+        kv.write_layers(0, self.runner.num_layers, 0, self._prefix_kv[1])
+
+    def _question_attention(
+        self, layer: int, hidden, positions, rope: dict, kv: KVBuffer, question: int, window: int | None = None
+    ):
+        """Each prompt position's share of the attention of the question's queries at this layer ([positions
+        up to the last], mean over heads and question tokens). The question is the prompt's suffix, always
+        computed and last among the active tokens; the keys are this layer's (fresh for every token computed
+        here). A sliding window is ignored on purpose: at an early, sliding check layer it would hide the first
+        documents from the question, and the share is a proxy for what later, global layers read (`window`
+        applies one: the question pass reads every layer as the model does)."""
+        m = max(1, min(question, hidden.shape[1]))
+        tail = {key: (cos[:, -m:], sin[:, -m:]) for key, (cos, sin) in rope.items()}
+        q = self.runner.query_states(layer, hidden[:, -m:], tail).float()  # [heads, m, dim]
+        end = int(positions[-1]) + 1
+        keys = kv.data[layer, 0, :, :end].float()  # [kv_heads, end, dim]
+        group = q.shape[0] // keys.shape[0]
+        q = q.reshape(keys.shape[0], group * m, -1)  # query head h reads KV head h // group
+        logits = q @ keys.transpose(1, 2)  # [kv_heads, group * m, end]
+        keys_at = torch.arange(end, device=keys.device).view(1, -1)
+        at = positions[-m:].repeat(group).view(-1, 1)
+        hidden_keys = keys_at > at
+        if window is not None:
+            hidden_keys |= at - keys_at >= window
+        return logits.masked_fill(hidden_keys, float("-inf")).softmax(-1).mean(dim=(0, 1))
+
+    def _select(
+        self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset, attention=None
+    ) -> torch.Tensor:
         """Indices (into the active tokens) that stay active: every non-document token, plus the document tokens
         `selection.select` picks, `ratio` of all document tokens."""
         budget = min(int(is_document.sum()), budget_for(ratio, info.placed_tokens))
@@ -258,6 +348,7 @@ class Blender:
             budget,
             document=document,
             offset=offset,
+            attention=attention,
             policy=self.selection,
         )
         keep = ~is_document.clone()

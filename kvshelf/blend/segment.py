@@ -47,6 +47,20 @@ class Segmented:
         return ids + self.suffix
 
 
+def fixed_prefix(seg: Segmented, documents: int) -> Segmented:
+    """`seg` with its first `documents` documents (and their separators) moved into the prefix: the fixed
+    start every request shares (an instruction) is then always computed, and every other document is cached
+    behind it instead of behind BOS alone, so that no document's first tokens are where its forward put the
+    attention sink (issue #18). The token ids are unchanged; the blend keys change (the prefix is in them)."""
+    if documents <= 0:
+        return seg
+    head = seg.documents[:documents]
+    prefix = list(seg.prefix)
+    for document in head:
+        prefix += document + seg.separator
+    return Segmented(prefix, seg.documents[documents:], seg.suffix, seg.separator)
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvshelf.blend.blender import Blender, BlendInfo
-from kvshelf.blend.segment import Segmented
+from kvshelf.blend.segment import Segmented, fixed_prefix
 from kvshelf.cache import requests as reasons
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.cache.requests import RequestStats
@@ -95,9 +95,12 @@ class CachedGenerator:
 
     def segment(self, prompt: str | Sequence[int], documents: Sequence[str] | None) -> Segmented | None:
         """The prompt cut into CacheBlend documents, or None when blending does not apply to it."""
-        return prompts.segment(
+        seg = prompts.segment(
             self.tokenizer, prompt, documents, blending=self.blender is not None, separator=self.blend_special_str
         )
+        if seg is not None and self.blender.prefix_documents:
+            seg = fixed_prefix(seg, self.blender.prefix_documents)
+        return seg if seg is None or seg.documents else None
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         return prompts.encode(self.tokenizer, prompt)

@@ -223,6 +223,19 @@ class ModelRunner:
         )
         kv.write_layer(index, self._slots(positions, hidden.shape[1]), k[0], v[0])
 
+    def query_states(self, index: int, hidden: torch.Tensor, rope: dict) -> torch.Tensor:
+        """Layer `index`'s rotated queries of these tokens times the layer's attention scale, [heads, n, head_dim]
+        (CacheBlend's question-aware selection asks which keys the question attends to)."""
+        layer = self.layers[index]
+        attn = layer.self_attn
+        cos, sin = rope[self.layer_specs[index].rope_key]
+        x = layer.input_layernorm(hidden)
+        n = x.shape[1]
+        q = attn.q_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
+        if (q_norm := self.layer_specs[index].q_norm) is not None:
+            q = q_norm(q)
+        return apply_rope(q, cos.unsqueeze(1), sin.unsqueeze(1))[0] * attn.scaling
+
     def _attention(self, index, attn, x, positions, kv: KVBuffer, cos_sin, masks, window):
         n = x.shape[1]
         cos, sin = cos_sin
@@ -269,12 +282,14 @@ class ModelRunner:
         layer_pre_hook: LayerHook | None = None,
         select_tokens: TokenSelector | None = None,
         all_logits: bool = False,
-    ) -> torch.Tensor:
+        logits: bool = True,
+    ) -> torch.Tensor | None:
         """Compute tokens at positions [start, start + n) over KV already in `kv` for [0, start).
 
         Returns the logits of the last position only (float32, [vocab]), or of every position
         ([n, vocab]) with `all_logits` (perplexity measurements). With `select_tokens`, layers compute
         only the tokens it keeps (their KV elsewhere stays as it is in `kv`); it must keep the last token.
+        `logits=False` fills the KV only and returns None (no vocabulary projection).
         """
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).view(-1)
         n = ids.numel()
@@ -300,6 +315,8 @@ class ModelRunner:
             if layer_hook is not None:  # e.g. start storing layer i while layer i+1 computes
                 layer_hook(i, self, kv)
         kv.length = max(kv.length, start + n)
+        if not logits:
+            return None
         if all_logits:
             return self.final_logits(hidden).view(n, -1)
         return self.final_logits(hidden[:, -1:])
