@@ -245,6 +245,9 @@ def test_blending_refuses_prefix_caching_tensor_parallel_and_other_vllm_versions
         check_blend_settings(_vllm_config(prefix_caching=True), config)
     with pytest.raises(ConfigError, match="tensor_parallel_size=1"):
         check_blend_settings(_vllm_config(tp=2), config)
+    question = connector_config({"enable_blending": True, "local_cpu": True, "blend_selection_signal": "question"})
+    with pytest.raises(ConfigError, match="question is computed after"):
+        check_blend_settings(_vllm_config(), question)
     import vllm
 
     monkeypatch.setattr(vllm, "__version__", "0.33.1")
