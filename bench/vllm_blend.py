@@ -51,7 +51,10 @@ def build_prompts(samples: list[dict], tokenizer) -> list[dict]:
             order = rng.sample(docs, len(docs))
             if order != docs or len(docs) < 2:
                 break
-        warm_text, text = prompt_text(docs, sample["question"]), prompt_text(order, sample["question"])
+        # measured in the sample's own order (first/last-document questions keep their answer there), after a
+        # request that saw the documents in another order; `cue` starts the answer (bench/rag_eval.py samples)
+        cue = sample.get("cue", "")
+        warm_text, text = prompt_text(order, sample["question"], cue), prompt_text(docs, sample["question"], cue)
         warm = split_text(tokenizer, warm_text, SEP).token_ids
         measured = split_text(tokenizer, text, SEP).token_ids
         out.append(
