@@ -20,8 +20,10 @@ import torch
 
 from kvshelf.blend.blender import Blender, BlendInfo, Document
 from kvshelf.blend.segment import Segmented, separator_variants
+from kvshelf.blend.selection import QUESTION_SIGNALS
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
+from kvshelf.errors import ConfigError
 from kvshelf.metrics import Metrics
 from kvshelf.model.vllm_runner import PagedAttention, VllmModelRunner
 
@@ -61,6 +63,16 @@ class BlendedRegion:
     kv: torch.Tensor  # [layers, 2, kv_heads, region tokens, head_dim]: fused KV of tokens [0, region_end)
     info: BlendInfo
     in_blocks: bool = False  # attended over the request's paged blocks: they already hold `kv`
+
+
+def check_selection(config: KVShelfConfig) -> None:
+    """Refuse selection signals that read the question: vLLM computes the question after the blended
+    region, so the blend never sees it."""
+    if config.blend_selection_signal in QUESTION_SIGNALS:
+        raise ConfigError(
+            f"blend_selection_signal {config.blend_selection_signal!r} needs the question inside the blend; "
+            "inside vLLM the question is computed after it: use 'kv', 'k' or 'v'"
+        )
 
 
 class VllmBlending:

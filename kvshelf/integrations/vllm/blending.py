@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvshelf.blend.selection import QUESTION_SIGNALS
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.vllm import blend_attention
 from kvshelf.integrations.vllm.scheduler import BLEND_HIT, LoadSpec
@@ -59,12 +58,9 @@ def check_blend_settings(vllm_config, config) -> None:
         raise ConfigError("use_layerwise with enable_blending: blended prompts load their documents whole")
     if not all(0 < r <= 1 for r in config.blend_recompute_ratios):
         raise ConfigError("blend_recompute_ratios must lie in (0, 1] inside vLLM")
-    if config.blend_selection_signal in QUESTION_SIGNALS:
-        # vLLM computes the question after the blended region, so the blend never sees it
-        raise ConfigError(
-            f"blend_selection_signal {config.blend_selection_signal!r} needs the question inside the blend; "
-            "inside vLLM the question is computed after it: use 'kv', 'k' or 'v'"
-        )
+    from kvshelf.assembly.vllm_blend import check_selection  # model code only when blending is on
+
+    check_selection(config)
 
 
 def find_model(attention_layer: torch.nn.Module) -> torch.nn.Module:
