@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pydoc_data.topics
 import socket
 import subprocess
 import sys
@@ -25,13 +24,11 @@ from transformers import AutoTokenizer
 
 from bench.tiny_checkpoints import blend_prompts, blend_spec, run_driver, write_checkpoint
 from bench.vllm_driver import corrupt_files
-from kvshelf.blend.segment import split_text
 from kvshelf.model.provision import provision_default_model
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SEP = "<|CHUNK_SEP|>"
 BLEND = {"enable_blending": True, "blend_recompute_ratios": [1.0], "blend_check_layers": [1], "chunk_size": 128}
 
 
@@ -43,18 +40,7 @@ def model() -> str:
 @pytest.fixture(scope="module")
 def prompts(model) -> dict:
     """Three ~170-token documents and a question (~560 tokens), as computed first and reordered."""
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    topics = pydoc_data.topics.topics
-    words = " ".join(topics[k] for k in sorted(topics)).split()
-    docs = [" ".join(words[i : i + 120]) for i in (3000, 9000, 15000)]
-    docs[1] += " The pass key is 61342."
-
-    def ids(order):
-        return split_text(
-            tokenizer, SEP.join(order) + SEP + "\nQuestion: What is the pass key?\nAnswer:", SEP
-        ).token_ids
-
-    return {"first": ids(docs), "reordered": ids([docs[2], docs[0], docs[1]])}
+    return blend_prompts(AutoTokenizer.from_pretrained(model))
 
 
 def run_llm(tmp_path: Path, spec: dict) -> dict:
