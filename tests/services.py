@@ -20,6 +20,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000, fixed by Redis) is a valid port and free too: an
+    ephemeral port above 55535 makes a cluster node exit at start."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair (port, port + 10000) for a redis cluster node")
+
+
 def redis_bin(name: str = "redis-server") -> str:
     found = shutil.which(name)
     if not found:
@@ -49,9 +65,11 @@ class RedisServer:
         port: int | None = None,
         extra_args: list[str] | None = None,
         password: str | None = None,
+        pick_port=free_port,
     ):
         self.workdir = workdir
-        self.port = port or free_port()
+        self.pick_port = pick_port
+        self.port = port or pick_port()
         self.password = password
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen | None = None
@@ -96,7 +114,7 @@ class RedisServer:
                 self.kill()
                 if attempt == attempts - 1:
                     raise
-                self.port = free_port()
+                self.port = self.pick_port()
             finally:
                 client.close()
         return self
@@ -124,6 +142,7 @@ class RedisCluster:
                     "--cluster-node-timeout",
                     "2000",
                 ],
+                pick_port=free_cluster_port,
             )
             for i in range(masters)
         ]
