@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import damaged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -55,17 +56,7 @@ def test_hostile_segments_are_refused_exactly_when_the_reference_refuses_them(da
     shape = (2, 1, 24, 8)
     q = symbols(data.draw(st.integers(0, 1000)), 1, 24, 8)
     good = cc.encode_segment(q, 5)
-    pos = data.draw(st.integers(0, len(good) - 1))
-    kind = data.draw(st.sampled_from(["flip", "truncate", "overwrite", "extend"]))
-    if kind == "flip":
-        bad = good[:pos] + bytes([good[pos] ^ (1 << data.draw(st.integers(0, 7)))]) + good[pos + 1 :]
-    elif kind == "truncate":
-        bad = good[:pos]
-    elif kind == "overwrite":
-        extra = data.draw(st.binary(min_size=1, max_size=16))
-        bad = good[:pos] + extra + good[pos + len(extra) :]
-    else:
-        bad = good + data.draw(st.binary(min_size=1, max_size=16))
+    bad = damaged(data, good)
     try:
         want = _symbols_calibrated(bad, shape, 5)
     except ValueError:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import damaged
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -109,17 +110,7 @@ def test_lanes_blocks_and_rows_per_lane_follow_the_shape():
 def test_hostile_parts_raise_or_decode_within_bounds(data):
     q = symbols(data.draw(st.integers(0, 1000)), 1, 24, 8, escapes=2)
     good = rans.encode_part(q)
-    kind = data.draw(st.sampled_from(["flip", "truncate", "overwrite", "extend"]))
-    pos = data.draw(st.integers(0, len(good) - 1))
-    if kind == "flip":
-        bad = good[:pos] + bytes([good[pos] ^ (1 << data.draw(st.integers(0, 7)))]) + good[pos + 1 :]
-    elif kind == "truncate":
-        bad = good[:pos]
-    elif kind == "overwrite":
-        extra = data.draw(st.binary(min_size=1, max_size=16))
-        bad = good[:pos] + extra + good[pos + len(extra) :]
-    else:
-        bad = good + data.draw(st.binary(min_size=1, max_size=16))
+    bad = damaged(data, good)
     buf = np.frombuffer(bad, np.uint8)
     guard = np.full((3, *q.shape), 12345, np.int32)  # the decoder gets the middle; the rest must stay
     try:
