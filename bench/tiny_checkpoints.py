@@ -13,6 +13,10 @@ connector and CacheBlend: a reference request under a salt of its own (nothing c
 prefill), the documents' first request (computed and stored), then the documents reordered: blended. With
 ratio 1.0 the blended greedy output must equal the reference; at lower ratios the blend must run (one
 blended load, no failed load).
+
+tests/slow/test_vllm_blend_e2e.py runs one family through the same helpers (write_checkpoint, blend_prompts,
+blend_spec, run_driver), as the slow tests use bench/vllm_driver.py and bench/vllm_instances.py: bench/ holds
+the vLLM process drivers, tests reuse them.
 """
 
 from __future__ import annotations

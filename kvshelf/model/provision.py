@@ -97,6 +97,7 @@ def _convert_gguf(out_dir: Path, *, show_progress: bool) -> None:
         progress.update(task, advance=1, description=steps[3])
         # The weights are dense already; transformers only refuses to save a model it thinks is GGUF-quantised.
         model.hf_quantizer = None
+        # An optional attribute of transformers' config (set on quantised loads); transformers tests it the same way.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(out_dir)

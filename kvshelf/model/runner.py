@@ -52,6 +52,13 @@ LayerHook = Callable[[int, "ModelRunner", KVBuffer], None]
 TokenSelector = Callable[[int, torch.Tensor, torch.Tensor, dict], "torch.Tensor | None"]
 
 
+def has_sandwich_norms(layer: torch.nn.Module) -> bool:
+    """Whether a decoder layer norms its MLP's input and output too (Gemma 3's pre/post_feedforward_layernorm),
+    HF's or vLLM's alike. A probe of the third-party module, not a model-type list: the modules it holds are
+    what the forward calls, and neither library declares this in an interface."""
+    return hasattr(layer, "pre_feedforward_layernorm")
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     window: int | None  # sliding window in tokens, None for global attention
@@ -80,7 +87,7 @@ class ModelRunner:
         self.lm_head = model.lm_head
         self.rotary = inner.rotary_emb
         self._rotary_takes_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
-        self._sandwich_norms = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        self._sandwich_norms = has_sandwich_norms(self.layers[0])
         attn0 = self.layers[0].self_attn
         self.num_layers = len(self.layers)
         self.head_dim = attn0.head_dim
@@ -91,6 +98,8 @@ class ModelRunner:
 
     def _layer_spec(self, index: int, layer) -> LayerSpec:
         attn = layer.self_attn
+        # HF attention modules: an absent attribute (config-wide window) differs from None (a global layer),
+        # which getattr with a default cannot tell apart.
         if hasattr(attn, "sliding_window"):  # Gemma 3, Qwen2/3: per-layer attribute (None on global layers)
             window = attn.sliding_window
         else:  # Mistral: one window for every layer, or None

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.errors import UnsupportedModelError
 from kvshelf.model.kv_buffer import KVBuffer
-from kvshelf.model.runner import LayerSpec, ModelRunner
+from kvshelf.model.runner import LayerSpec, ModelRunner, has_sandwich_norms
 
 SUPPORTED_VLLM_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
@@ -65,6 +65,8 @@ class VllmModelRunner(ModelRunner):
             )
         if getattr(config, "attn_logit_softcapping", None) is not None:
             raise UnsupportedModelError("attention logit soft-capping (Gemma 2 style) is not supported")
+        # vLLM's causal LMs share no base class; its VllmModelForTextGeneration protocol declares compute_logits
+        # but not the `.model.layers` this adapter walks, so the structure is probed (a clear error, not a crash).
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(model, "compute_logits") or not hasattr(inner, "layers"):
             raise UnsupportedModelError(f"{type(model).__name__} is not a vLLM causal LM with a `.model` inside")
@@ -81,7 +83,7 @@ class VllmModelRunner(ModelRunner):
         if attn0.num_kv_heads * attn0.head_dim != attn0.kv_size:
             raise UnsupportedModelError("the QKV projection's K size is not heads x head_dim")
         self.max_positions = int(getattr(config, "max_position_embeddings", 1 << 31))
-        self._sandwich_norms = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        self._sandwich_norms = has_sandwich_norms(self.layers[0])
         self._rotary: list = []
         self.layer_specs = [self._vllm_layer_spec(layer) for layer in self.layers]
         self._scales = [float(layer.self_attn.attn.impl.scale) for layer in self.layers]

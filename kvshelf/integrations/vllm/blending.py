@@ -69,7 +69,9 @@ def find_model(attention_layer: torch.nn.Module) -> torch.nn.Module:
     causal LM in this process that holds that very layer (searched once, at start-up)."""
     found = []
     for obj in gc.get_objects():
-        # type(), not isinstance(): some objects in a vLLM process answer __class__ with a deprecation warning
+        # type(), not isinstance(): some objects in a vLLM process answer __class__ with a deprecation warning.
+        # hasattr: vLLM's models share no base class, and vLLM's own test (is_text_generation_model) inspects
+        # signatures and logs near-misses: not something to run on every object gc holds.
         is_lm = issubclass(type(obj), torch.nn.Module) and hasattr(obj, "compute_logits") and hasattr(obj, "model")
         if is_lm and any(m is attention_layer for m in obj.modules()):
             found.append(obj)

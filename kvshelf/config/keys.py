@@ -1,46 +1,26 @@
-"""kvshelf's configuration: one definitions table, read from YAML, env vars and CLI overrides.
+"""The config definitions table: every key kvshelf reads from YAML, env vars (KVSHELF_<KEY>, LMCACHE_<KEY>)
+and the CLI (`--set key=value`), with its type, default, bounds and meaning; and the nested YAML names that
+set the flat keys.
 
-Precedence: defaults < YAML file < environment < CLI. The YAML file may use the flat keys below (LMCache's
-names where LMCache has one) or the nested form in NESTED_KEYS (`storage: {cpu, disk, remote}`, ...).
-Env vars are `KVSHELF_<KEY>` or `LMCACHE_<KEY>` (KVSHELF_ wins). Unknown keys and bad values fail with
-the key's name and what is allowed.
+Adding keys: a block of fields at the end of `ConfigKeys` (just before `extra_config`) under a comment naming
+the issue, and nested YAML names, if any, in NESTED_KEYS. A check that a type or bound cannot express goes in
+kvshelf.config.validation (KVShelfConfig is this table with its checks).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from kvshelf.codecs import CODEC_NAMES
-from kvshelf.errors import ConfigError
-from kvshelf.lmcache_compat import lmcache_env, translate
-from kvshelf.storage.urls import REMOTE_SCHEMES, remote_scheme
-
-GB = 1 << 30
+from kvshelf.storage.urls import REMOTE_SCHEMES
 
 
-@dataclass(frozen=True)
-class TierCodec:
-    """One tier's codec spec: its name, cachegen level (None: the codec's default) and calibration
-    (auto, off or a .kvcal path), with the config keys they came from (for error messages)."""
+class ConfigKeys(BaseModel):
+    """The keys, their defaults and docs (`kvshelf config show` prints them); use KVShelfConfig, which checks them."""
 
-    name: str
-    level: int | None
-    calibration: str
-    codec_key: str
-    level_key: str
-    calibration_key: str
-
-
-class KVShelfConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # -- model and chunking ------------------------------------------------------------------------
@@ -259,97 +239,6 @@ class KVShelfConfig(BaseModel):
     )
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
-    @field_validator("local_disk_codec", "remote_serde")
-    @classmethod
-    def _known_codec(cls, value: str) -> str:
-        if value not in CODEC_NAMES:
-            raise ValueError(f"unknown codec {value!r}; known: {', '.join(CODEC_NAMES)}")
-        return value
-
-    @field_validator("codec_calibration", "local_disk_codec_calibration", "remote_serde_calibration")
-    @classmethod
-    def _calibration_source(cls, value: str | None) -> str | None:
-        if value is not None and value not in ("auto", "off") and not value.endswith(".kvcal"):
-            raise ValueError("must be auto, off or a path to a .kvcal file")
-        return value
-
-    # issue 19: the seed's env vars hold one value (LMCACHE_BLEND_CHECK_LAYERS=1,
-    # LMCACHE_BLEND_RECOMPUTE_RATIOS=0.15) or a comma-separated list; both mean a list here.
-    @field_validator("blend_check_layers", "blend_recompute_ratios", mode="before")
-    @classmethod
-    def _one_or_many(cls, value):
-        if isinstance(value, str) and "," in value:
-            return [v.strip() for v in value.strip("[] ").split(",") if v.strip()]
-        return [value] if isinstance(value, int | float | str) and not isinstance(value, bool) else value
-
-    @field_validator("blend_selection_signal")
-    @classmethod
-    def _blend_signal(cls, value: str) -> str:
-        signals = ("kv", "k", "v", "question", "kv+question")  # kvshelf.blend.selection.SIGNALS (no torch here)
-        if value not in signals:
-            raise ValueError(f"must be one of {', '.join(signals)}, got {value!r}")
-        return value
-
-    @field_validator("blend_recompute_ratios")
-    @classmethod
-    def _ratios(cls, value: list[float]) -> list[float]:
-        if not value or any(not 0.0 <= r <= 1.0 for r in value):
-            raise ValueError(f"each ratio must be within [0, 1], got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _levels_fit_codecs(self) -> KVShelfConfig:
-        """Levels and calibrations apply to cachegen tiers only; the bug this replaces checked the disk
-        codec (int8 by default) even with no disk tier (issue #14)."""
-        for spec in self.tier_codecs().values():
-            if spec.name == "cachegen":
-                continue
-            for key, value in ((spec.level_key, spec.level), (spec.calibration_key, spec.calibration)):
-                if value is not None and key not in ("quantization_bits", "codec_calibration"):
-                    what = "8 bits only" if spec.name == "int8" else "no level"
-                    raise ValueError(f"{key}={value}: the {spec.codec_key} codec {spec.name!r} has {what}")
-        if self.quantization_bits not in (None, 8) and not self.uses_cachegen():
-            raise ValueError(
-                f"quantization_bits={self.quantization_bits}: no enabled tier uses cachegen (the int8 codec has "
-                "8 bits only); set local_disk_codec or remote_serde to cachegen"
-            )
-        return self
-
-    def tier_codecs(self) -> dict[str, TierCodec]:
-        """The codec spec of each enabled byte tier (disk, remote), per-tier keys over the shared ones.
-        The CPU tier keeps tensors as they are: it has no codec."""
-        out = {}
-        for tier, enabled, codec_key in (
-            ("disk", self.local_disk, "local_disk_codec"),
-            ("remote", self.remote_url, "remote_serde"),
-        ):
-            if not enabled:
-                continue
-            name = getattr(self, codec_key)
-            level = getattr(self, codec_key + "_level")
-            calibration = getattr(self, codec_key + "_calibration")
-            shared = name == "cachegen"  # the shared keys reach cachegen tiers only
-            out[tier] = TierCodec(
-                name=name,
-                level=level if level is not None else (self.quantization_bits if shared else None),
-                calibration=calibration or (self.codec_calibration if shared else "off"),
-                codec_key=codec_key,
-                level_key=(codec_key + "_level") if level is not None else "quantization_bits",
-                calibration_key=(codec_key + "_calibration") if calibration is not None else "codec_calibration",
-            )
-        return out
-
-    def uses_cachegen(self) -> bool:
-        return any(spec.name == "cachegen" for spec in self.tier_codecs().values())
-
-    @property
-    def cpu_capacity_bytes(self) -> int:
-        return int(self.max_local_cpu_size * GB)
-
-    @property
-    def disk_capacity_bytes(self) -> int:
-        return int(self.max_local_disk_size * GB)
-
 
 # Nested YAML keys and the flat key each one sets. `enabled: false` under disk/remote unsets the tier.
 NESTED_KEYS: dict[str, str] = {
@@ -399,136 +288,3 @@ NESTED_KEYS: dict[str, str] = {
     "metrics.prefix": "metrics_prefix",
     "metrics.port": "metrics_port",
 }
-_TIER_SWITCHES = {"storage.disk.enabled": "local_disk", "storage.remote.enabled": "remote_url"}
-_SECTIONS = {k.split(".")[0] for k in NESTED_KEYS} | {"storage"}
-
-
-def _flatten(data: dict, source: str) -> dict[str, Any]:
-    """Turn a YAML mapping with nested sections into flat keys; flat keys pass through."""
-    flat: dict[str, Any] = {}
-    switches: dict[str, bool] = {}
-
-    def walk(node: Any, path: str) -> None:
-        if path in NESTED_KEYS:
-            flat[NESTED_KEYS[path]] = node
-        elif path in _TIER_SWITCHES:
-            switches[path] = bool(node)
-        elif isinstance(node, dict) and any(k.startswith(path + ".") for k in [*NESTED_KEYS, *_TIER_SWITCHES]):
-            for key, value in node.items():
-                walk(value, f"{path}.{key}")
-        else:
-            known = sorted(k for k in [*NESTED_KEYS, *_TIER_SWITCHES] if k.startswith(path.split(".")[0] + "."))
-            raise ConfigError(f"unknown config key {path!r} (from {source}); known under it: {', '.join(known)}")
-
-    for key, value in data.items():
-        if key in _SECTIONS and isinstance(value, dict) and key != "extra_config":
-            walk(value, key)
-        else:
-            flat[key] = value
-    for path, enabled in switches.items():
-        field = _TIER_SWITCHES[path]
-        if not enabled:
-            flat[field] = None
-        elif flat.get(field) is None:
-            need = "path" if field == "local_disk" else "url"
-            raise ConfigError(f"{path} is true but {path.rsplit('.', 1)[0]}.{need} is not set (from {source})")
-    return flat
-
-
-def _parse_env(name: str, raw: str) -> Any:
-    annotation = str(KVShelfConfig.model_fields[name].annotation)
-    if annotation.startswith(("list", "dict")):
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return [v.strip() for v in raw.split(",") if v.strip()]
-    if raw.lower() in ("none", "null", "") and "None" in annotation:
-        return None
-    return raw
-
-
-def _env_values(environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
-    values, sources = {}, {}
-    for name in KVShelfConfig.model_fields:
-        for prefix in ("LMCACHE_", "KVSHELF_"):  # later wins: KVSHELF_ over LMCACHE_
-            var = prefix + name.upper()
-            if var in environ:
-                values[name] = _parse_env(name, environ[var])
-                sources[name] = f"env {var}"
-    return values, sources
-
-
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(config)"
-        if e["type"] == "extra_forbidden":
-            near = difflib.get_close_matches(key, list(KVShelfConfig.model_fields), n=1)
-            hint = f"did you mean {near[0]!r}? " if near else ""
-            lines.append(f"unknown config key {key!r} (from {source}); {hint}`kvshelf config show` lists every key")
-        else:
-            lines.append(f"config key {key!r} (from {source}): {e['msg']}, got {e.get('input')!r}")
-    return "; ".join(lines)
-
-
-def load_config_with_sources(
-    path: str | os.PathLike | None = None,
-    *,
-    environ: dict[str, str] | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> tuple[KVShelfConfig, dict[str, str]]:
-    """The effective config and, for each key, where its value came from."""
-    environ = dict(os.environ if environ is None else environ)
-    path = path or environ.get("KVSHELF_CONFIG_FILE") or environ.get("LMCACHE_CONFIG_FILE")
-    layers: list[tuple[str, dict, dict]] = []
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {str(file)!r} does not exist")
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(file)!r} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(file)!r} must hold a mapping of keys to values")
-        flat = translate(_flatten(data, str(file)), f"file {file}")
-        layers.append((str(file), flat, dict.fromkeys(flat, f"file {file}")))
-    env_values, env_sources = _env_values(environ)
-    # issue 21: LMCache keys (LMCACHE_<KEY>, file, --set) are mapped to kvshelf's or refused with a reason.
-    mapped_env = translate({**lmcache_env(environ), **env_values}, "environment")  # kvshelf's own names win
-    env_sources.update(dict.fromkeys(set(mapped_env) - set(env_values), "env LMCACHE_*"))
-    env_values = mapped_env
-    layers.append(("environment", env_values, env_sources))
-    cli = translate({k: v for k, v in (overrides or {}).items() if v is not None}, "command line")
-    layers.append(("command line", cli, dict.fromkeys(cli, "command line")))
-    merged: dict[str, Any] = {}
-    sources = dict.fromkeys(KVShelfConfig.model_fields, "default")
-    for source, values, where in layers:
-        merged.update(values)
-        sources.update(where)
-        try:
-            KVShelfConfig.model_validate(merged)
-        except ValidationError as err:
-            raise ConfigError(_format_error(err, source)) from None
-    config = KVShelfConfig.model_validate(merged)
-    if config.remote_url:
-        try:
-            remote_scheme(config.remote_url)
-        except ValueError as err:
-            raise ConfigError(f"config key 'remote_url' (from {sources['remote_url']}): {err}") from None
-    return config, sources
-
-
-def load_config(path=None, *, environ=None, overrides=None) -> KVShelfConfig:
-    return load_config_with_sources(path, environ=environ, overrides=overrides)[0]
-
-
-def parse_assignments(pairs: list[str]) -> dict[str, Any]:
-    """CLI `--set key=value` pairs; values are YAML scalars/lists (`--set blend_check_layers=[1,2]`)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
