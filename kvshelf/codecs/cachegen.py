@@ -172,7 +172,7 @@ class CacheGenCodec(Codec):
     # -- codec verbs -------------------------------------------------------------------------------------
     def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int, position: int = 0) -> bytes:
         if self.calibration is not None:
-            return self._encode_calibrated(kv[None], [layer], position)[0]
+            return _threads().encode_layers(self.calibration, self.bits, kv[None], [layer], position, self.processes)[0]
         bits_k, bits_v = self.layer_bits(layer, num_layers)
         qk, sk, ik, ek = self._quantize(kv[0], dim=1, bits=bits_k)  # step per (head, channel)
         qv, sv, iv, ev = self._quantize(kv[1], dim=2, bits=bits_v)  # step per (head, token)
@@ -254,11 +254,9 @@ class CacheGenCodec(Codec):
 
     def decode_layers(self, segments, shape, dtype, layers, num_layers, position=0) -> list[torch.Tensor]:
         if self.calibration is not None:
-            # Runs of consecutive layers, each decoded by two compiled calls and one matmul; the runs on
-            # `codec_workers` threads (numba and torch release the GIL), no processes.
-            runs = _cpu().runs(list(layers), self.processes.workers)
-            jobs = [([segments[k] for k in r], shape, dtype, [layers[k] for k in r], position) for r in runs]
-            return [t for kv in self.processes.map_threads(self._decode_calibrated, jobs) for t in kv.unbind(0)]
+            # (layer, K|V) halves in balanced units on `codec_workers` threads, each unit three calls that
+            # release the GIL (kvshelf.codecs.cachegen_threads), no processes
+            return list(self._decode_calibrated(segments, shape, dtype, list(layers), position).unbind(0))
         if not self.processes.workers:
             return super().decode_layers(segments, shape, dtype, layers, num_layers, position)
         # Each layer's entropy decoding runs in a worker; only the segment's bytes go out. Uncalibrated
@@ -273,20 +271,16 @@ class CacheGenCodec(Codec):
         """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape."""
         return _cpu().symbols_of(self.calibration, self.bits, kv[None], [layer], position)[0]
 
-    def _encode_calibrated(self, kv: torch.Tensor, layers: list[int], position: int) -> list[bytes]:
-        """Consecutive layers [n, 2, heads, tokens, dim]: one matmul, one compiled call codes them all."""
-        return _cpu().encode_run(self.calibration, self.bits, kv, layers, position)
-
     def _decode_calibrated(self, segments, shape, dtype, layers: list[int], position: int) -> torch.Tensor:
-        """Consecutive layers' segments -> their KV [n, 2, heads, tokens, dim]: two compiled calls, one matmul."""
-        return _cpu().decode_run(self.calibration, self.bits, segments, shape, dtype, layers, position)
+        """Layers' segments -> their KV [n, 2, heads, tokens, dim], on the codec's threads."""
+        return _threads().decode_layers(self.calibration, self.bits, segments, shape, dtype, layers, position,
+                                        self.processes)  # fmt: skip
 
     def encode_layers(self, kv: torch.Tensor, position: int = 0) -> list[bytes]:
         if self.calibration is None:
             return super().encode_layers(kv, position)
-        runs = _cpu().runs(list(range(kv.shape[0])), self.processes.workers)  # threads: numba, torch free the GIL
-        jobs = [(kv[r[0] : r[-1] + 1], r, position) for r in runs]
-        return [seg for segs in self.processes.map_threads(self._encode_calibrated, jobs) for seg in segs]
+        layers = list(range(kv.shape[0]))
+        return _threads().encode_layers(self.calibration, self.bits, kv, layers, position, self.processes)
 
     def _finish_calibrated(self, q, layer: int, position: int, device) -> torch.Tensor:
         """Integer symbols [2, heads, tokens, dim] (numpy, or a tensor already on `device`) -> float32 KV on
@@ -387,6 +381,13 @@ class CacheGenCodec(Codec):
             kv = self._finish_calibrated(q, layer, positions[0], device).to(dtype)
             return list(kv.split(tokens, dim=2))
         return [self._finish_calibrated(q[i], layer, p, device).to(dtype) for i, p in enumerate(positions)]
+
+
+def _threads():
+    """kvshelf.codecs.cachegen_threads, imported on first use (numba)."""
+    from kvshelf.codecs import cachegen_threads
+
+    return cachegen_threads
 
 
 def _cpu():
