@@ -140,6 +140,8 @@ def test_codec_layers_equal_the_reference_path(workers):
         want = codec._finish_calibrated(q, i, position, "cpu").to(torch.float16)  # the GPU path's arithmetic
         assert torch.equal(got[i], want)
         assert torch.equal(codec.decode_layer(segs[i], shape, torch.float16, i, layers, position), want)
+    assert codec.decode_layers([], shape, torch.float16, [], layers, position) == []
+    assert codec.encode_layers(kv[:0], position) == []
     some = codec.decode_layers([segs[4], segs[1], segs[2]], shape, torch.float32, [4, 1, 2], layers, position)
     assert all(torch.equal(a.half(), got[k]) for a, k in zip(some, [4, 1, 2], strict=True))
     processes.close()

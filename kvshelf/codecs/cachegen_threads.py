@@ -60,6 +60,8 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     units on `processes`' threads (inline without workers). RansError names what is wrong in a segment."""
     two, heads, tokens, dim = shape
     out = torch.empty((len(layers), two, heads, tokens, dim), dtype=dtype)
+    if not layers:
+        return out
     rows = out.view(-1, tokens, dim)  # [halves * heads, tokens, dim]: a unit's slice is its matmul's shape
     buf = np.frombuffer(segments[0] if len(segments) == 1 else b"".join(segments), np.uint8)
     ends = np.cumsum([memoryview(s).nbytes for s in segments], dtype=np.int64)
@@ -110,6 +112,8 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     `processes`' threads (inline without workers)."""
     cal.check_fits(tuple(kv.shape[1:]))
     n, two, heads, tokens, dim = kv.shape
+    if not n:
+        return []
     rows = kv.reshape(-1, tokens, dim)  # [halves * heads, tokens, dim] (a copy only where kv is not contiguous)
     cos, sin, which = _tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
@@ -141,7 +145,8 @@ _local = threading.local()
 def _scratch(halves: int, heads: int, tokens: int, dim: int):
     """This thread's two float32 buffers for a unit (q: symbols / input, x: the matmul's output), as numpy
     arrays (flat) and as the matmul's [halves * heads, tokens, dim] tensors; reused, so that a unit allocates
-    nothing (fresh memory costs page faults, and the kernel serialises those of one process's threads)."""
+    nothing (fresh memory costs page faults, and the kernel serialises those of one process's threads). They
+    live as long as the thread: 2 x 6 halves' values (Gemma 3 270M: 3 MB; a Llama-3-8B layout: 12.6 MB)."""
     n = halves * heads * tokens * dim
     bufs = getattr(_local, "bufs", None)
     if bufs is None or bufs[0].shape[0] < n:
