@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvshelf.codecs import cachegen_cpu as cc
+from kvshelf.codecs import cachegen_threads as ct
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import pool, rans
 from kvshelf.codecs.cachegen import CacheGenCodec, _code_calibrated, _symbols_calibrated
@@ -113,10 +114,11 @@ def test_rope_in_place_equals_the_reference_rotation():
         assert torch.equal(got[:, 0], want) and torch.equal(got[:, 1], x[:, 1])
 
 
-@pytest.mark.parametrize("workers", [0, 3])
+@pytest.mark.parametrize("workers", [0, 3, 4, 16])
 def test_codec_layers_equal_the_reference_path(workers):
-    """Runs of layers on threads (one matmul each) decode what the reference does segment by segment: the
-    symbols bit-exact, the KV identical (same float arithmetic)."""
+    """Units of (layer, K|V) halves on threads (one matmul each; 16 workers: more threads than halves, 4: a
+    layer's K and V in different units) decode what the reference does segment by segment: the symbols
+    bit-exact, the KV identical (same float arithmetic)."""
     layers, heads, tokens, dim = 5, 2, 16, 8
     cal = _calibration(layers, heads, dim, 2)
     processes = pool.CodecProcesses(workers)
@@ -138,30 +140,104 @@ def test_codec_layers_equal_the_reference_path(workers):
         want = codec._finish_calibrated(q, i, position, "cpu").to(torch.float16)  # the GPU path's arithmetic
         assert torch.equal(got[i], want)
         assert torch.equal(codec.decode_layer(segs[i], shape, torch.float16, i, layers, position), want)
+    assert codec.decode_layers([], shape, torch.float16, [], layers, position) == []
+    assert codec.encode_layers(kv[:0], position) == []
     some = codec.decode_layers([segs[4], segs[1], segs[2]], shape, torch.float32, [4, 1, 2], layers, position)
     assert all(torch.equal(a.half(), got[k]) for a, k in zip(some, [4, 1, 2], strict=True))
     processes.close()
 
 
-def test_runs_cut_consecutive_layers_for_the_threads():
-    assert cc.MIN_RUN == 3
-    assert cc.runs(list(range(18)), 0) == [list(range(18))]
-    assert cc.runs(list(range(18)), 16) == [list(range(k, k + 3)) for k in range(0, 18, 3)]  # 3 layers at least
-    assert cc.runs(list(range(18)), 2) == [list(range(9)), list(range(9, 18))]
-    assert cc.runs([4, 1, 2], 8) == [[0], [1, 2]]  # indices of the list: layer 4, then layers 1 and 2
-    assert sum(cc.runs(list(range(7)), 3), []) == list(range(7))
+def _check_units(layers: list[int], workers: int) -> list[tuple[int, int]]:
+    got = ct.units(layers, workers)
+    assert [a for a, _ in got] == [0, *(b for _, b in got[:-1])] and got[-1][1] == 2 * len(layers)  # all, in order
+    assert all(0 < b - a <= ct.MOST_HALVES for a, b in got)
+    for a, b in got:  # never across a gap in the layer numbers
+        assert all(layers[k] == layers[k - 1] + 1 for k in range(a // 2 + 1, (b + 1) // 2))
+    return got
 
 
-def test_runs_round_coefficients_as_torch_does_and_code_the_reference_bytes():
-    """encode_run rounds inside its compiled call: halves to even, clamped to +-2**30, NaN as torch's cast."""
+def test_units_cut_halves_evenly_for_the_threads():
+    assert ct.MOST_HALVES == 6
+    for n in (1, 2, 3, 5, 7, 17, 18, 19, 32, 80):  # uneven layer counts, one layer, more workers than halves
+        for workers in (0, 1, 2, 3, 8, 12, 16, 64):
+            got = _check_units(list(range(n)), workers)
+            sizes = [b - a for a, b in got]
+            assert max(sizes) - min(sizes) <= 1  # balanced
+            # units as small as giving each worker one allows, and as few as that size needs
+            size = min(ct.MOST_HALVES, -(-2 * n // max(workers, 1)))
+            assert max(sizes) <= size and len(got) == -(-2 * n // size)
+    assert ct.units(list(range(18)), 16) == [(k, k + 3) for k in range(0, 36, 3)]  # 12 units of 3 halves
+    assert ct.units(list(range(18)), 12) == [(k, k + 3) for k in range(0, 36, 3)]
+    assert ct.units(list(range(18)), 0) == [(k, k + 6) for k in range(0, 36, 6)]  # inline: L2-sized units
+    assert ct.units([5], 16) == [(0, 1), (1, 2)]  # one layer: K and V
+    assert ct.units([], 4) == []
+
+
+def test_units_never_span_a_gap_in_the_layers():
+    assert ct.units([4, 1, 2], 1) == [(0, 2), (2, 6)]  # layer 4, then layers 1 and 2
+    assert ct.units([0, 1, 2, 7, 8], 2) == [(0, 5), (5, 6), (6, 10)]
+    for layers in ([3, 2, 1, 0], [0, 2, 4, 6, 8], [9, 10, 11, 0, 1]):
+        for workers in (0, 2, 5, 16):
+            _check_units(layers, workers)
+
+
+@PROPS
+@given(data=st.data())
+def test_damaged_segments_split_over_units_are_refused_as_the_reference_refuses_them(data):
+    """With each half in its own unit, a damaged segment's K and V are checked by different units: the chunk is
+    refused exactly when the reference refuses the segment, with a RansError, and nothing else is needed."""
+    layers, heads, tokens, dim = 3, 1, 8, 8
+    cal = _calibration(layers, heads, dim, 5)
+    processes = pool.CodecProcesses(6)
+    codec = CacheGenCodec(calibration=cal.digest, processes=processes)
+    kv = torch.randn(layers, 2, heads, tokens, dim, generator=torch.Generator().manual_seed(5)).half()
+    segs = codec.encode_layers(kv, 0)
+    which = data.draw(st.integers(0, layers - 1))
+    segs[which] = damaged(data, segs[which])
+    shape = (2, heads, tokens, dim)
+    try:
+        _symbols_calibrated(segs[which], shape, codec.bits)
+        refused = False
+    except ValueError:
+        refused = True
+    try:
+        codec.decode_layers(segs, shape, torch.float16, list(range(layers)), layers, 0)
+        assert not refused
+    except rans.RansError as err:
+        assert refused and str(err).startswith("cachegen ")
+    finally:
+        processes.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_other_dtypes_code_and_decode_as_torch_casts(dtype):
+    """KV of another dtype codes the bytes its float32 values code, and decodes to the float32 KV cast as torch
+    casts it."""
+    layers, heads, tokens, dim = 3, 2, 8, 8
+    cal = _calibration(layers, heads, dim, 6)
+    processes = pool.CodecProcesses(4)
+    codec = CacheGenCodec(calibration=cal.digest, processes=processes)
+    kv = torch.randn(layers, 2, heads, tokens, dim, generator=torch.Generator().manual_seed(6)).to(dtype)
+    segs = codec.encode_layers(kv, 16)
+    assert segs == codec.encode_layers(kv.float(), 16)
+    shape = (2, heads, tokens, dim)
+    want = codec.decode_layers(segs, shape, torch.float32, list(range(layers)), layers, 16)
+    got = codec.decode_layers(segs, shape, dtype, list(range(layers)), layers, 16)
+    assert all(g.dtype == dtype and torch.equal(g, w.to(dtype)) for g, w in zip(got, want, strict=True))
+    processes.close()
+
+
+def test_units_round_coefficients_as_torch_does_and_code_the_reference_bytes():
+    """The unit coder rounds inside its compiled call: halves to even, clamped to +-2**30, NaN as torch's cast."""
     coeffs = torch.randn(3, 2, 2, 8, 4, generator=torch.Generator().manual_seed(4)) * 40
     coeffs[0, 0, 0, 0, :4] = torch.tensor([2.5, -3.5, 0.5, -0.5])
     coeffs[1, 1, 1, 2, :3] = torch.tensor([float("inf"), float("-inf"), 3e12])
     coeffs[2, 0, 1, 5, 0] = float("nan")
     want = coeffs.clone().round_().clamp_(-(2**30), 2**30).to(torch.int32).numpy()
     width, per_lane, _ = rans.layout(2 * 4, 8)
-    out, ends = cc._encode_segments(coeffs.numpy(), cc._head(5), width, per_lane, *cc._TABLES)
-    segs = [out[a:b].tobytes() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    out, ends = cc._encode_halves(coeffs.reshape(6, 2, 8, 4).numpy(), width, per_lane, *cc._TABLES)
+    parts = [out[a:b].tobytes() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    segs = [cc._head(5).tobytes() + parts[2 * k] + parts[2 * k + 1] for k in range(3)]
     assert segs[:2] == [_code_calibrated(want[k], 5) for k in range(2)]
     # NaN's -2**31 is kept as an escape here; the reference's np.abs overflows on it and clips it instead
     assert np.array_equal(_symbols_calibrated(segs[2], want.shape[1:], 5), want[2])

@@ -37,21 +37,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from kvshelf.codecs import cachegen_uncalibrated as uncalibrated
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import pool
 from kvshelf.codecs.base import Codec
-from kvshelf.codecs.entropy import (
-    constriction,
-    decode_symbols,
-    encode_symbols,
-)
+from kvshelf.codecs.entropy import constriction
 
 if TYPE_CHECKING:
     from kvshelf.codecs import rans
 
-_HEAD = struct.Struct("<2sBBBBHHII")
-_ESC = struct.Struct("<II")  # escape counts for K and V
-_DELTA = 1
 _CALIBRATED = 2
 _RANS = 4  # calibrated segments written by the interleaved rANS coder (params "coder": 2)
 CODER = 2  # 1 was constriction's ANS over class groups: such chunks are misses now
@@ -128,137 +122,27 @@ class CacheGenCodec(Codec):
             return self.early_bits, self.early_bits
         return self.bits, self.v_bits or self.bits
 
-    # -- quantisation ------------------------------------------------------------------------------------
-    @staticmethod
-    def _quantize(x: torch.Tensor, dim: int, bits: int):
-        """Uniform quantisation with a step tied to the RMS along `dim` (not the absmax, so a few outliers
-        do not coarsen everything else): step = rms / 2**(bits - 3), symbols within +-2**(bits + 1).
-        Values beyond that range (attention-sink tokens, outlier channels) are kept exactly, as escapes."""
-        xf = x.float()
-        levels = 1 << (bits + 1)
-        rms = xf.pow(2).mean(dim=dim, keepdim=True).sqrt()
-        step = (rms / (1 << (bits - 3)) if bits >= 3 else rms * (1 << (3 - bits))).to(torch.float16).float()
-        step = torch.where(step > 0, step, torch.ones_like(step))
-        q = torch.round(xf / step)
-        escape = q.abs() > levels
-        q = torch.where(escape, torch.zeros_like(q), q).to(torch.int32)
-        idx = escape.reshape(-1).nonzero().view(-1).to(torch.int32)
-        vals = x.reshape(-1)[idx.long()].to(torch.float16)
-        return q.numpy(), step.to(torch.float16).numpy(), idx.numpy(), vals.numpy()
-
-    def _to_symbols(self, q: np.ndarray, levels: int) -> tuple[np.ndarray, int]:
-        """[heads, tokens, dim] ints -> flat non-negative symbols (after optional token deltas)."""
-        if self.delta:
-            t = q.shape[1]
-            anchors = np.repeat(q[:, :: self.group], self.group, axis=1)[:, :t]
-            d = q - anchors
-            d[:, :: self.group] = q[:, :: self.group]  # anchors themselves are coded as they are
-            return (d + 2 * levels).reshape(-1), 4 * levels + 1
-        return (q + levels).reshape(-1), 2 * levels + 1
-
-    def _to_symbols_alphabet(self, levels: int) -> int:
-        return 4 * levels + 1 if self.delta else 2 * levels + 1
-
-    def _from_symbols(self, sym: np.ndarray, levels: int, shape) -> np.ndarray:
-        if self.delta:
-            d = sym.astype(np.int32).reshape(shape) - 2 * levels
-            t = shape[1]
-            anchors = np.repeat(d[:, :: self.group], self.group, axis=1)[:, :t]
-            q = d + anchors
-            q[:, :: self.group] = d[:, :: self.group]
-            return q
-        return sym.astype(np.int32).reshape(shape) - levels
-
     # -- codec verbs -------------------------------------------------------------------------------------
     def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int, position: int = 0) -> bytes:
         if self.calibration is not None:
-            return self._encode_calibrated(kv[None], [layer], position)[0]
-        bits_k, bits_v = self.layer_bits(layer, num_layers)
-        qk, sk, ik, ek = self._quantize(kv[0], dim=1, bits=bits_k)  # step per (head, channel)
-        qv, sv, iv, ev = self._quantize(kv[1], dim=2, bits=bits_v)  # step per (head, token)
-        sym_k, alpha_k = self._to_symbols(qk, 1 << (bits_k + 1))
-        sym_v, alpha_v = self._to_symbols(qv, 1 << (bits_v + 1))
-        ck, wk = encode_symbols(sym_k, alpha_k)
-        cv, wv = encode_symbols(sym_v, alpha_v)
-        head = _HEAD.pack(b"CG", bits_k, bits_v, _DELTA if self.delta else 0, 0, alpha_k, alpha_v, len(wk), len(wv))
-        escapes = _ESC.pack(len(ik), len(iv))
-        arrays = [sk, sv, ck, cv, wk, wv, ik, iv, ek, ev]
-        return b"".join([head, escapes, *(a.tobytes() for a in arrays)])
+            return _threads().encode_layers(self.calibration, self.bits, kv[None], [layer], position, self.processes)[0]
+        return uncalibrated.encode(kv, *self.layer_bits(layer, num_layers), self.delta, self.group)
 
     def _decode_parts(self, data, shape, layer, num_layers):
-        _, heads, tokens, dim = shape
-        buf = memoryview(data)
-        magic, bits_k, bits_v, flags, _, alpha_k, alpha_v, nk, nv = _HEAD.unpack_from(buf)
-        if (
-            magic != b"CG"
-            or (bits_k, bits_v) != self.layer_bits(layer, num_layers)
-            or flags != (_DELTA if self.delta else 0)
-        ):
-            raise ValueError("cachegen segment header does not match the codec parameters")
-        n_ek, n_ev = _ESC.unpack_from(buf, _HEAD.size)
-        lk, lv = 1 << (bits_k + 1), 1 << (bits_v + 1)
-        if (alpha_k, alpha_v) != (self._to_symbols_alphabet(lk), self._to_symbols_alphabet(lv)):
-            raise ValueError("cachegen alphabet sizes do not match the codec parameters")
-        n = heads * tokens * dim
-        if max(n_ek, n_ev) > n:
-            raise ValueError("cachegen segment has more escapes than values")
-        sizes = [
-            heads * dim * 2,
-            heads * tokens * 2,
-            alpha_k * 4,
-            alpha_v * 4,
-            nk * 4,
-            nv * 4,
-            n_ek * 4,
-            n_ev * 4,
-            n_ek * 2,
-            n_ev * 2,
-        ]
-        start = _HEAD.size + _ESC.size
-        if len(buf) != start + sum(sizes):
-            raise ValueError(f"cachegen segment has {len(buf)} bytes, expected {start + sum(sizes)}")
-        parts, off = [], start
-        for size in sizes:
-            parts.append(buf[off : off + size])
-            off += size
-        sk = np.frombuffer(parts[0], np.float16).reshape(heads, 1, dim)
-        sv = np.frombuffer(parts[1], np.float16).reshape(heads, tokens, 1)
-        ck, cv = np.frombuffer(parts[2], np.uint32), np.frombuffer(parts[3], np.uint32)
-        if not ck.any() or not cv.any():
-            raise ValueError("cachegen symbol histogram is empty")
-        escapes = (
-            np.frombuffer(parts[6], np.int32),
-            np.frombuffer(parts[7], np.int32),
-            np.frombuffer(parts[8], np.float16),
-            np.frombuffer(parts[9], np.float16),
-        )
-        if any((e >= n).any() or (e < 0).any() for e in escapes[:2]):
-            raise ValueError("cachegen escape index out of range")
-        qk = self._from_symbols(decode_symbols(np.frombuffer(parts[4], np.uint32), ck, n), lk, (heads, tokens, dim))
-        qv = self._from_symbols(decode_symbols(np.frombuffer(parts[5], np.uint32), cv, n), lv, (heads, tokens, dim))
-        return qk, qv, sk, sv, escapes
-
-    @staticmethod
-    def _dequantize(parts, shape) -> np.ndarray:
-        qk, qv, sk, sv, (ik, iv, ek, ev) = parts
-        k = (qk * sk.astype(np.float32)).reshape(-1)
-        v = (qv * sv.astype(np.float32)).reshape(-1)
-        k[ik] = ek
-        v[iv] = ev
-        return np.stack((k, v)).reshape(shape).astype(np.float32)
+        return uncalibrated.decode_parts(data, shape, self.layer_bits(layer, num_layers), self.delta, self.group)
 
     def decode_layer(self, data, shape, dtype, layer, num_layers, position=0) -> torch.Tensor:
         if self.calibration is not None:
             return self._decode_calibrated([data], shape, dtype, [layer], position)[0]
-        return torch.from_numpy(self._dequantize(self._decode_parts(data, shape, layer, num_layers), shape)).to(dtype)
+        return torch.from_numpy(uncalibrated.dequantize(self._decode_parts(data, shape, layer, num_layers), shape)).to(
+            dtype
+        )
 
     def decode_layers(self, segments, shape, dtype, layers, num_layers, position=0) -> list[torch.Tensor]:
         if self.calibration is not None:
-            # Runs of consecutive layers, each decoded by two compiled calls and one matmul; the runs on
-            # `codec_workers` threads (numba and torch release the GIL), no processes.
-            runs = _cpu().runs(list(layers), self.processes.workers)
-            jobs = [([segments[k] for k in r], shape, dtype, [layers[k] for k in r], position) for r in runs]
-            return [t for kv in self.processes.map_threads(self._decode_calibrated, jobs) for t in kv.unbind(0)]
+            # (layer, K|V) halves in balanced units on `codec_workers` threads, each unit three calls that
+            # release the GIL (kvshelf.codecs.cachegen_threads), no processes
+            return list(self._decode_calibrated(segments, shape, dtype, list(layers), position).unbind(0))
         if not self.processes.workers:
             return super().decode_layers(segments, shape, dtype, layers, num_layers, position)
         # Each layer's entropy decoding runs in a worker; only the segment's bytes go out. Uncalibrated
@@ -273,20 +157,16 @@ class CacheGenCodec(Codec):
         """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape."""
         return _cpu().symbols_of(self.calibration, self.bits, kv[None], [layer], position)[0]
 
-    def _encode_calibrated(self, kv: torch.Tensor, layers: list[int], position: int) -> list[bytes]:
-        """Consecutive layers [n, 2, heads, tokens, dim]: one matmul, one compiled call codes them all."""
-        return _cpu().encode_run(self.calibration, self.bits, kv, layers, position)
-
     def _decode_calibrated(self, segments, shape, dtype, layers: list[int], position: int) -> torch.Tensor:
-        """Consecutive layers' segments -> their KV [n, 2, heads, tokens, dim]: two compiled calls, one matmul."""
-        return _cpu().decode_run(self.calibration, self.bits, segments, shape, dtype, layers, position)
+        """Layers' segments -> their KV [n, 2, heads, tokens, dim], on the codec's threads."""
+        return _threads().decode_layers(self.calibration, self.bits, segments, shape, dtype, layers, position,
+                                        self.processes)  # fmt: skip
 
     def encode_layers(self, kv: torch.Tensor, position: int = 0) -> list[bytes]:
         if self.calibration is None:
             return super().encode_layers(kv, position)
-        runs = _cpu().runs(list(range(kv.shape[0])), self.processes.workers)  # threads: numba, torch free the GIL
-        jobs = [(kv[r[0] : r[-1] + 1], r, position) for r in runs]
-        return [seg for segs in self.processes.map_threads(self._encode_calibrated, jobs) for seg in segs]
+        layers = list(range(kv.shape[0]))
+        return _threads().encode_layers(self.calibration, self.bits, kv, layers, position, self.processes)
 
     def _finish_calibrated(self, q, layer: int, position: int, device) -> torch.Tensor:
         """Integer symbols [2, heads, tokens, dim] (numpy, or a tensor already on `device`) -> float32 KV on
@@ -389,6 +269,13 @@ class CacheGenCodec(Codec):
         return [self._finish_calibrated(q[i], layer, p, device).to(dtype) for i, p in enumerate(positions)]
 
 
+def _threads():
+    """kvshelf.codecs.cachegen_threads, imported on first use (numba)."""
+    from kvshelf.codecs import cachegen_threads
+
+    return cachegen_threads
+
+
 def _cpu():
     """Compiled whole-segment coding (numba): imported on first use, as _rans."""
     from kvshelf.codecs import cachegen_cpu
@@ -447,4 +334,4 @@ def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:
 def _decode_segment(params: dict, data: bytes, shape: tuple, layer: int, num_layers: int) -> np.ndarray:
     """One layer's segment to fp32 values (runs in a codec worker process, or inline without workers)."""
     codec = CacheGenCodec(**params)
-    return codec._dequantize(codec._decode_parts(data, shape, layer, num_layers), shape)
+    return uncalibrated.dequantize(codec._decode_parts(data, shape, layer, num_layers), shape)

@@ -78,38 +78,68 @@ def _decode_part(buf, off, stop, heads, tokens, dim, width, per_lane, symbol, fr
 
 
 @njit(nogil=True, cache=True)
-def _decode_segment(buf, head, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits, radius, out):
-    """A calibrated segment (4-byte header equal to `head`, K part, V part, nothing after) into out, [2 * heads
-    * tokens * dim] float32 or int32. 0, or an error code (see _ERRORS; 11-13: the stream does not decode)."""
-    stop = buf.shape[0]  # pragma: no cover - compiled
-    if stop < 4:
-        return 1
-    for i in range(4):
-        if buf[i] != head[i]:
-            return 2
-    size = heads * tokens * dim
-    off = 4
-    for kind in range(2):
-        off, err = _decode_part(buf, off, stop, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits,
-                                radius, out[kind * size : (kind + 1) * size])  # fmt: skip
-        if err:
-            return err
-    return 0 if off == stop else 7
+def _part_end(buf, off, stop, heads, tokens, dim, width, per_lane):  # pragma: no cover - compiled
+    """Where the part at buf[off:] ends, checked as _decode_part checks it before decoding (its counts, sizes
+    and escape count; not its classes or stream): (end, 0), or (0, error code)."""
+    rows = heads * dim
+    blocks = rows // (width * per_lane)
+    if off + rows + 4 + 4 * blocks + 4 * blocks * width > stop:
+        return 0, 1
+    at = off + rows
+    n_esc = _u32(buf, at)
+    if n_esc > rows * tokens:
+        return 0, 4
+    at += 4
+    words = 0
+    for b in range(blocks):
+        count = _u32(buf, at + 4 * b)
+        if count > width * per_lane * tokens * 2:
+            return 0, 5
+        words += count
+    end = at + 4 * blocks + 4 * blocks * width + 2 * words + 8 * n_esc
+    if end > stop:
+        return 0, 1
+    return end, 0
 
 
 @njit(nogil=True, cache=True)
-def _decode_segments(buf, ends, head, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits, radius, out):
-    """Segments lying back to back in buf (segment k ends at ends[k]) into out, [segments * 2 * heads * tokens
-    * dim]: (-1, 0), or (the first segment that failed, its error code)."""
-    size = 2 * heads * tokens * dim  # pragma: no cover - compiled
-    start = 0
-    for k in range(ends.shape[0]):
-        err = _decode_segment(buf[start : ends[k]], head, heads, tokens, dim, width, per_lane, symbol, freq, cum,
-                              low_bits, radius, out[k * size : (k + 1) * size])  # fmt: skip
+def _decode_halves(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits, radius,
+                   out):  # fmt: skip  # pragma: no cover - compiled
+    """Halves h0..h1-1 of calibrated segments lying back to back in buf (segment k ends at ends[k]; half h is
+    segment h // 2's K part when h is even, its V part when odd) into out, [(h1 - h0) * heads * tokens * dim]
+    float32 or int32: (-1, 0), or (the segment that failed, its error code: see _ERRORS; 11-13: the stream
+    does not decode). Every check of a whole segment is made by the half that reads that piece: the header by
+    both, the K part's stream by the K half, the trailing bytes by the V half (after K's sizes)."""
+    size = heads * tokens * dim
+    for h in range(h0, h1):
+        k = h // 2
+        seg = buf[ends[k - 1] if k else 0 : ends[k]]
+        stop = seg.shape[0]
+        if stop < 4:
+            return k, 1
+        for i in range(4):
+            if seg[i] != head[i]:
+                return k, 2
+        off, err = 4, 0
+        if h % 2:
+            off, err = _part_end(seg, off, stop, heads, tokens, dim, width, per_lane)
+            if err:
+                return k, err
+        off, err = _decode_part(seg, off, stop, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits,
+                                radius, out[(h - h0) * size : (h - h0 + 1) * size])  # fmt: skip
         if err:
             return k, err
-        start = ends[k]
+        if h % 2 and off != stop:
+            return k, 7
     return -1, 0
+
+
+def raise_error(err: int) -> None:
+    """The RansError of a compiled decoder's error code (0: none)."""
+    if err > 10:
+        raise rans.RansError(f"cachegen entropy stream does not decode (code {err - 10})")
+    if err:
+        raise rans.RansError(_ERRORS[err])
 
 
 def decode_segments_into(segments, heads: int, tokens: int, dim: int, level: int, out: np.ndarray) -> None:
@@ -125,26 +155,8 @@ def decode_segments_into(segments, heads: int, tokens: int, dim: int, level: int
     buf.flags.writeable = False  # one array type for the compiled decoder, whatever held the bytes
     ends = np.cumsum([memoryview(s).nbytes for s in segments], dtype=np.int64)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
-    _, err = _decode_segments(
-        buf,
-        ends,
-        _head(level),
-        heads,
-        tokens,
-        dim,
-        width,
-        per_lane,
-        SYMBOL,
-        FREQ,
-        CUM,
-        LOW_BITS,
-        RADIUS,
-        out.reshape(-1),
-    )
-    if err:
-        if err > 10:
-            raise rans.RansError(f"cachegen entropy stream does not decode (code {err - 10})")
-        raise rans.RansError(_ERRORS[err])
+    args = (_head(level), heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM, LOW_BITS, RADIUS)
+    raise_error(_decode_halves(buf, ends, 0, 2 * len(segments), *args, out.reshape(-1))[1])
 
 
 def decode_segment_into(data, heads: int, tokens: int, dim: int, level: int, out: np.ndarray) -> None:
@@ -154,10 +166,6 @@ def decode_segment_into(data, heads: int, tokens: int, dim: int, level: int, out
     decode_segments_into([data], heads, tokens, dim, level, out[None])
 
 
-# Layers a thread's run holds at least, where there are enough: each run passes Python's GIL between threads
-# a few times (a compiled call, a matmul, a cast: ~4 hand-offs), and with 16 threads frequent hand-offs
-# stalled them all (measured: 8 threads 817 MB/s, 16 threads 351 with runs of 1-2 layers).
-MIN_RUN = 3
 _HEADS: dict[int, np.ndarray] = {}
 
 
@@ -267,13 +275,14 @@ def _encode_segment(q, head, width, per_lane, freq, cum, low_bits, radius):  # p
 
 
 @njit(nogil=True, cache=True)
-def _encode_segments(coeffs, head, width, per_lane, freq, cum, low_bits, radius):  # pragma: no cover - compiled
-    """Segments of float coefficients [n, 2, heads, tokens, dim], rounded as torch's round, clamp to +-2**30 and
-    cast to int32 do (NaN: the x86 cast's -2**31): (their bytes back to back, where each ends)."""
+def _encode_halves(coeffs, width, per_lane, freq, cum, low_bits, radius):  # pragma: no cover - compiled
+    """Parts of float coefficients [n, heads, tokens, dim] (K or V parts of segments), rounded as torch's round,
+    clamp to +-2**30 and cast to int32 do (NaN: the x86 cast's -2**31): (their bytes back to back, where each
+    ends)."""
     n = coeffs.shape[0]
     q = np.empty(coeffs.shape[1:], np.int32)
     flat_q = q.reshape(-1)
-    segments = []
+    parts = []
     ends = np.empty(n, np.int64)
     total = 0
     for k in range(n):
@@ -284,14 +293,16 @@ def _encode_segments(coeffs, head, width, per_lane, freq, cum, low_bits, radius)
                 flat_q[i] = -(2**31)
             else:
                 flat_q[i] = np.int32(min(max(np.rint(v), -(2.0**30)), 2.0**30))
-        seg = _encode_segment(q, head, width, per_lane, freq, cum, low_bits, radius)
-        segments.append(seg)
-        total += seg.shape[0]
+        coded = _code_part(q, width, per_lane, freq, cum, low_bits, radius)
+        part = np.empty(coded[6], np.uint8)
+        _write_part(q, coded, radius, part, 0)
+        parts.append(part)
+        total += part.shape[0]
         ends[k] = total
     out = np.empty(total, np.uint8)
     start = 0
     for k in range(n):
-        out[start : ends[k]] = segments[k]
+        out[start : ends[k]] = parts[k]
         start = ends[k]
     return out, ends
 
@@ -304,50 +315,12 @@ def encode_segment(q: np.ndarray, level: int) -> bytes:
     return _encode_segment(q, _head(level), width, per_lane, FREQ, CUM, LOW_BITS, RADIUS).tobytes()
 
 
-_TABLES = (FREQ, CUM, LOW_BITS, RADIUS)  # what _encode_segments takes after the layout
+_TABLES = (FREQ, CUM, LOW_BITS, RADIUS)  # what _encode_halves takes after the layout
 
 
-# -- batches of layers -----------------------------------------------------------------------------------------
-def runs(layers: list[int], workers: int) -> list[list[int]]:
-    """The indices of `layers` cut into runs of consecutive layers for `workers` threads: as many runs as
-    workers, of at least MIN_RUN layers where there are enough, sizes differing by one at most."""
-    pieces = max(1, min(workers, len(layers) // MIN_RUN))
-    bounds = [len(layers) * k // pieces for k in range(pieces + 1)]
-    cuts = sorted({*bounds, *(k for k in range(1, len(layers)) if layers[k] != layers[k - 1] + 1)})
-    return [list(range(a, b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-
-
-def decode_run(cal: calib.Calibration, level: int, segments, shape: tuple, dtype, layers: list[int], position: int):
-    """Segments of consecutive layers -> their KV, a tensor [n, 2, heads, tokens, dim] of `dtype`: one
-    compiled call decodes every segment's symbols (as float32) into one batch, one matmul multiplies it by
-    the inverse transforms (steps folded in, the means as its bias), one compiled call puts RoPE back on K."""
-    n, (two, heads, tokens, dim) = len(segments), shape
-    q = np.empty((n, *shape), np.float32)
-    decode_segments_into(segments, heads, tokens, dim, level, q)
-    scaled, bias = _batch(cal, "decode", level, layers[0], n, tokens)
-    x = torch.baddbmm(bias, torch.from_numpy(q.reshape(n * two * heads, tokens, dim)), scaled).numpy()
-    x = x.reshape(q.shape)
-    rope_(cal, x, layers, position, 1.0)
-    return torch.from_numpy(x).to(dtype)
-
-
-def encode_run(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: list[int], position: int) -> list[bytes]:
-    """Consecutive layers' KV [n, 2, heads, tokens, dim] -> their segments: K rotated back to before RoPE
-    (compiled), one matmul by the forward transforms (steps and means folded in), one compiled call that
-    rounds the coefficients and codes every segment."""
-    cal.check_fits(tuple(kv.shape[1:]))
-    n, two, heads, tokens, dim = kv.shape
-    x = kv.to(torch.float32, copy=True).numpy()
-    rope_(cal, x, layers, position, -1.0)
-    scaled, bias = _batch(cal, "encode", level, layers[0], n, tokens)
-    coeffs = torch.baddbmm(bias, torch.from_numpy(x.reshape(n * two * heads, tokens, dim)), scaled).numpy()
-    width, per_lane, _ = rans.layout(heads * dim, tokens)
-    out, ends = _encode_segments(coeffs.reshape(kv.shape), _head(level), width, per_lane, FREQ, CUM, LOW_BITS, RADIUS)
-    return [out[a:b].tobytes() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-
-
+# -- symbols and RoPE (the GPU path's checks and tests use them; kvshelf.codecs.cachegen_threads codes chunks) --
 def symbols_of(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: list[int], position: int) -> np.ndarray:
-    """Consecutive layers' KV [n, 2, heads, tokens, dim] -> their integer symbols (int32), as encode_run codes
+    """Consecutive layers' KV [n, 2, heads, tokens, dim] -> their integer symbols (int32), as the codec codes
     them (the coefficients rounded in torch here)."""
     cal.check_fits(tuple(kv.shape[1:]))
     n, two, heads, tokens, dim = kv.shape
@@ -422,6 +395,9 @@ def warm_up() -> None:
     the RoPE kernel (rans.warm_up calls it). On a fresh machine ~10-20 s, from numba's cache well under 1 s."""
     q = np.zeros((2, 1, 4, 2), np.int32)
     decode_segment_into(encode_segment(q, 5), 1, 4, 2, 5, np.empty(q.shape, np.float32))
-    _encode_segments(np.zeros((1, *q.shape), np.float32), _head(5), 2, 1, FREQ, CUM, LOW_BITS, RADIUS)
+    _encode_halves(np.zeros(q.shape[1:], np.float32)[None], 2, 1, FREQ, CUM, LOW_BITS, RADIUS)
     x = np.zeros((1, 2, 1, 4, 2), np.float32)
+    from kvshelf.codecs import cachegen_threads  # it imports this module
+
+    cachegen_threads.warm_up()
     _rotate(x, np.zeros((1, 4, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64), np.float32(1))

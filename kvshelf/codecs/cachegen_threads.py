@@ -1,0 +1,191 @@
+"""Calibrated cachegen's chunks on the codec's threads: a chunk's layers cut into balanced work units, each unit
+four calls that release the GIL and almost no Python between them.
+
+Why: with Python between compiled calls, threads queue for the GIL. Measured on a 16-core host (the
+previous code: runs of >= 3 layers, each ~10 GIL hand-offs, tables rebuilt per run): at 16 threads the units
+spent 42% of their time waiting (units' CPU / wall 0.58, 8x the voluntary context switches of 8 threads),
+and decoding fell from 1.38 GB/s at 12 threads to 0.95 at 16 (BENCHMARKS.md, issue #17, fourth session).
+
+A unit is a range of consecutive *halves*: half 2k is layer k's K part, 2k + 1 its V part (the inverse
+transform is one matrix per (layer, K|V, head), so halves batch like layers). Decoding a unit: one compiled
+call checks and decodes its parts' symbols into the thread's own float32 buffer, one `torch.baddbmm` (out=
+the thread's other buffer) applies the inverse transforms, one compiled call puts RoPE back on K halves in
+place, and one `copy_` casts the unit straight into its slice of the chunk's output tensor (torch's vector
+cast: ~10x faster than a compiled scalar one). Encoding mirrors it: `copy_` into float32, RoPE off K, one
+matmul, one compiled call rounds and codes each half into its part's bytes; the caller joins each segment
+(header, K part, V part). The bytes and the float arithmetic are kvshelf.codecs.cachegen_cpu's: the same
+segments, the same KV bit for bit. The RoPE tables are built once per chunk, not per unit.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import torch
+from numba import njit
+
+from kvshelf.codecs import cachegen_cpu as cc
+from kvshelf.codecs import calibration as calib
+from kvshelf.codecs import rans
+from kvshelf.codecs.pool import CodecProcesses
+from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SYMBOL
+
+# Halves a unit holds at most: 6 (3 layers of 256 tokens x 256 dims: 1.5 MB of float32 per buffer) stay in a
+# core's L2 between the four calls; measured, runs of 18 layers decoded ~10% slower than runs of 3.
+MOST_HALVES = 6
+
+
+def units(layers: list[int], workers: int, most: int = MOST_HALVES) -> list[tuple[int, int]]:
+    """Half ranges [a, b) over the 2 * len(layers) halves of `layers` (list positions), one per unit: units
+    as small as giving each of `workers` threads one allows (ceil(halves / workers), at most `most`: then
+    the threads finish together), as few as that size needs, sizes differing by one at most; never across a
+    gap in the layer numbers (a unit's transforms are one slice). 18 layers on 16 threads: 12 units of 3."""
+    n = 2 * len(layers)
+    if n == 0:
+        return []
+    size = min(most, max(1, math.ceil(n / max(workers, 1))))
+    pieces = math.ceil(n / size)
+    cuts = {n * k // pieces for k in range(pieces + 1)}
+    cuts |= {2 * k for k in range(1, len(layers)) if layers[k] != layers[k - 1] + 1}
+    cuts = sorted(cuts)
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+# -- decoding ------------------------------------------------------------------------------------------------
+def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dtype, layers: list[int],
+                  position: int, processes: CodecProcesses) -> torch.Tensor:  # fmt: skip
+    """Calibrated segments of `layers` -> their KV, one tensor [len(layers), *shape] of `dtype`, decoded in
+    units on `processes`' threads (inline without workers). RansError names what is wrong in a segment."""
+    two, heads, tokens, dim = shape
+    out = torch.empty((len(layers), two, heads, tokens, dim), dtype=dtype)
+    if not layers:
+        return out
+    rows = out.view(-1, tokens, dim)  # [halves * heads, tokens, dim]: a unit's slice is its matmul's shape
+    buf = np.frombuffer(segments[0] if len(segments) == 1 else b"".join(segments), np.uint8)[:]
+    buf.flags.writeable = False  # one array type for the compiled decoder, whatever held the bytes
+    ends = np.cumsum([memoryview(s).nbytes for s in segments], dtype=np.int64)
+    cos, sin, which = _tables(cal, layers, position, tokens)
+    width, per_lane, _ = rans.layout(heads * dim, tokens)
+    job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which)
+    cuts = units(layers, processes.workers)
+    processes.map_threads(_decode_unit, [(job, a, b, rows[a * heads : b * heads]) for a, b in cuts])
+    return out
+
+
+def _decode_unit(job, h0: int, h1: int, out: torch.Tensor) -> None:
+    """Halves h0..h1-1: symbols (compiled), the inverse transforms (one matmul), RoPE on K (compiled), the
+    cast into `out` (torch's): four calls that release the GIL, nothing allocated."""
+    cal, level, layers, buf, ends, (head, heads, tokens, dim, width, per_lane), cos, sin, which = job
+    q, q_t, x, x_t = _scratch(h1 - h0, heads, tokens, dim)
+    _, err = cc._decode_halves(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM,
+                               LOW_BITS, RADIUS, q)  # fmt: skip
+    cc.raise_error(err)
+    scaled, bias = _batch(cal, "decode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
+    torch.baddbmm(bias, q_t, scaled, out=x_t)
+    _rope(x, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(1.0))
+    out.copy_(x_t)
+
+
+@njit(nogil=True, cache=True)
+def _rope(x, h0, h1, heads, tokens, dim, cos, sin, which, sign):  # pragma: no cover - compiled
+    """Rotate the K halves among halves h0..h1-1 of x (float32, flat: [(h1 - h0), heads, tokens, dim]) in
+    place by sign times their positions' angles, as cachegen_cpu._rotate does (same float arithmetic)."""
+    half = dim // 2
+    xs = x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim)
+    for h in range(h0 + h0 % 2, h1, 2):
+        c, s = cos[which[h // 2]], sin[which[h // 2]]
+        for g in range(heads):
+            for t in range(tokens):
+                row = xs[h - h0, g, t]
+                for i in range(half):
+                    x1, x2 = row[i], row[i + half]
+                    si = s[t, i] * sign
+                    row[i] = x1 * c[t, i] + (-x2) * si
+                    row[i + half] = x2 * c[t, i] + x1 * si
+
+
+# -- encoding ------------------------------------------------------------------------------------------------
+def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: list[int], position: int,
+                  processes: CodecProcesses) -> list[bytes]:  # fmt: skip
+    """KV [len(layers), 2, heads, tokens, dim] of `layers` -> their calibrated segments, coded in units on
+    `processes`' threads (inline without workers)."""
+    cal.check_fits(tuple(kv.shape[1:]))
+    n, two, heads, tokens, dim = kv.shape
+    if not n:
+        return []
+    rows = kv.reshape(-1, tokens, dim)  # [halves * heads, tokens, dim] (a copy only where kv is not contiguous)
+    cos, sin, which = _tables(cal, layers, position, tokens)
+    width, per_lane, _ = rans.layout(heads * dim, tokens)
+    job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which)
+    cuts = units(layers, processes.workers)
+    coded = processes.map_threads(_encode_unit, [(job, a, b, rows[a * heads : b * heads]) for a, b in cuts])
+    head = cc._head(level).tobytes()
+    parts = [memoryview(out)[a:b] for out, ends in coded for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    return [b"".join((head, parts[2 * k], parts[2 * k + 1])) for k in range(n)]
+
+
+def _encode_unit(job, h0: int, h1: int, kv: torch.Tensor):
+    """Halves h0..h1-1 of KV: the cast to float32 (torch's), RoPE off K (compiled), the forward transforms (one
+    matmul), rounding and coding (compiled): (the halves' part bytes back to back, where each ends)."""
+    cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which = job
+    q, q_t, x, x_t = _scratch(h1 - h0, heads, tokens, dim)
+    q_t.copy_(kv)
+    _rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
+    scaled, bias = _batch(cal, "encode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
+    torch.baddbmm(bias, q_t, scaled, out=x_t)
+    return cc._encode_halves(x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim), width,
+                             per_lane, FREQ, CUM, LOW_BITS, RADIUS)  # fmt: skip
+
+
+# -- per-thread buffers, transforms, RoPE tables ---------------------------------------------------------------
+_local = threading.local()
+
+
+def _scratch(halves: int, heads: int, tokens: int, dim: int):
+    """This thread's two float32 buffers for a unit (q: symbols / input, x: the matmul's output), as numpy
+    arrays (flat) and as the matmul's [halves * heads, tokens, dim] tensors; reused, so that a unit allocates
+    nothing (fresh memory costs page faults, and the kernel serialises those of one process's threads). They
+    live as long as the thread: 2 x 6 halves' values (Gemma 3 270M: 3 MB; a Llama-3-8B layout: 12.6 MB)."""
+    n = halves * heads * tokens * dim
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None or bufs[0].shape[0] < n:
+        size = max(n, MOST_HALVES * heads * tokens * dim)
+        bufs = _local.bufs = (np.empty(size, np.float32), np.empty(size, np.float32), {})
+    q, x, views = bufs
+    key = (halves, heads, tokens, dim)
+    if key not in views:
+        shape = (halves * heads, tokens, dim)
+        views[key] = (q, torch.from_numpy(q[:n]).view(shape), x, torch.from_numpy(x[:n]).view(shape))
+    return views[key]
+
+
+def _batch(cal: calib.Calibration, kind: str, level: int, first: int, n: int, heads: int, tokens: int, dim: int):
+    """The transforms of the model's halves first..first+n-1 (half 2k: layer k's K) as a batch of matrices
+    [n * heads, dim, dim] and their bias expanded over the tokens, cached (a unit makes no tensor calls)."""
+    key = ("cpu-halves", kind, level, first, n, tokens)
+    got = cal._cache.get(key)
+    if got is None:
+        scaled, bias = (cal.decode_transform if kind == "decode" else cal.encode_transform)(level, "cpu")
+        b = n * heads
+        scaled = scaled.reshape(-1, dim, dim)[first * heads : first * heads + b]
+        bias = bias.reshape(-1, 1, dim)[first * heads : first * heads + b].expand(b, tokens, dim)
+        got = cal._cache[key] = (scaled, bias)
+    return got
+
+
+def _tables(cal: calib.Calibration, layers: list[int], position: int, tokens: int):
+    """RoPE's cos and sin [rows, tokens, dim / 2] for the distinct frequency rows of `layers` at `position`,
+    and each layer's row among them (cachegen_cpu's tables: rotate_keys's arithmetic)."""
+    rows, index = cc._freq_rows(cal)
+    used = sorted({index[k] for k in layers})
+    cos, sin = cc._cos_sin(tuple(rows[u] for u in used), position, tokens)
+    return cos, sin, np.array([used.index(index[k]) for k in layers], np.int64)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the RoPE kernel."""
+    x = np.zeros(2 * 4 * 2, np.float32)
+    cos, sin, which = np.ones((1, 4, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64)
+    _rope(x, 0, 2, 1, 4, 2, cos, sin, which, np.float32(1.0))
