@@ -250,6 +250,9 @@ cal = calib.Calibration(
 )
 calib.register(cal)
 codec = CacheGenCodec(calibration=cal.digest)
+from kvshelf.codecs import rans_gpu
+
+rans_gpu.SCAN_THREADS, rans_gpu._SEGMENTS_PER_TASK = 3, 1  # segments checked on several threads, as on a GPU host
 kv = torch.randn(3, layers, 2, heads, tokens, dim, generator=g)
 pos = 32  # the run starts at token 32: chunks at 32, 48, 64
 segs = [[codec.encode_layer(kv[c, i], i, layers, pos + c * tokens) for c in range(3)] for i in (1, 2)]
@@ -307,6 +310,16 @@ try:
 except ValueError:
     pass
 print("staged chunks ok")
+spiky = kv[0].clone()
+spiky[:, :, :, ::5, ::3] = 3000.0  # far outside the calibrated steps: escapes
+flat = [codec.encode_layer(spiky[i], i, layers, 0) for i in range(layers)] * 6
+split = rans_gpu.stage(flat, shape, codec.bits, "cpu")
+rans_gpu._SEGMENTS_PER_TASK = 10**6
+one = rans_gpu.stage(flat, shape, codec.bits, "cpu")
+assert split[2][0].numel() > 0 and torch.equal(split[1], one[1])  # escapes there; descriptors alike
+order_a, order_b = split[2][0].argsort(), one[2][0].argsort()
+assert torch.equal(split[2][0][order_a], one[2][0][order_b]) and torch.equal(split[2][1][order_a], one[2][1][order_b])
+print("split scan ok")
 """
 
 
@@ -315,4 +328,4 @@ def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     run = subprocess.run([sys.executable, "-c", _BATCHED_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "batched run ok" in run.stdout, run.stderr[-3000:]
-    assert "staged chunks ok" in run.stdout, run.stderr[-3000:]
+    assert "staged chunks ok" in run.stdout and "split scan ok" in run.stdout, run.stderr[-3000:]

@@ -82,7 +82,7 @@ class LayerRanges(Protocol):
         can place the bytes); None when the object is gone or the range is damaged (a miss)."""
 
 
-class _OpenedRanges:
+class OpenedRanges:
     """LayerRanges over a chunk opened (read and verified) whole: what tiers without range reads give."""
 
     kv = None
@@ -144,7 +144,7 @@ class StorageBackend(ABC):
         now and ranges are cut from it; byte tiers read the head now and each range when asked."""
         reader = self.open(key)
         encoded = reader.encoded_payload() if reader is not None else None
-        return None if encoded is None else _OpenedRanges(reader.meta, *encoded)
+        return None if encoded is None else OpenedRanges(reader.meta, *encoded)
 
     def run_many(self, calls, *, tier: str | None = None):
         """fn(*args) of each (fn, args) in `calls`, in order, yielding each result as it comes: a tier stack runs
