@@ -110,7 +110,9 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
     def streamed():
         """A streamed plan over the chunks' bytes in memory: heads known, each layer group's ranges cut as read."""
         heads = [OpenedRanges(r.meta, *r.encoded_payload()) for _, r in chunks]
-        return DeviceDecoding(plan.runs, device, None, lambda: iter(heads), lambda calls: (f(*a) for f, a in calls))
+        return DeviceDecoding(
+            plan.runs, device, None, lambda: (h for h in heads), lambda calls: (f(*a) for f, a in calls)
+        )
 
     t_stage, t_dec = [], []
     for _ in range(repeats + 1):

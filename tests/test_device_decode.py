@@ -168,7 +168,7 @@ def test_layer_zero_is_ready_before_later_layers_are_read_and_the_kv_equals_whol
 
     codec = HereBatched()
     runner = ModelRunner(tiny_models("qwen3"))
-    disk = LateDisk(tmp_path, 1 << 28, codec, delays=(0.002,))
+    disk = LateDisk(tmp_path, 1 << 28, codec, delays=(0.02,))
     tiers = TierManager([disk], deadline_s=5.0)
     engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=16)
     ids = prompt(100, 8)
@@ -189,9 +189,9 @@ def test_layer_zero_is_ready_before_later_layers_are_read_and_the_kv_equals_whol
     assert loader.error is None
     assert torch.equal(target.buf.data[:, :, :, :96], whole)  # ranges verified apart decode as whole objects do
     assert len(disk.ranges) == 12 + 6 * layers and layers >= 3
-    # layer 0 was decoded once the 6 heads (2 reads each) and layer 0's 6 ranges were in, with at most the read
-    # window more begun: the ranges of later layers were read while layer 0 was already in use
-    assert target.reads_at[0] <= 12 + 6 + tiers.read_window < len(disk.ranges)
+    # layer 0 was decoded once the 6 heads (2 reads each) and layer 0's 6 ranges were in (reads of 20 ms, two at
+    # a time, go on meanwhile): the last layer's ranges were read after layer 0 was in use
+    assert 12 + 6 <= target.reads_at[0] <= len(disk.ranges) - 6
     tiers.close()
 
 

@@ -17,6 +17,8 @@ waits only for layer 0's bytes, not for every chunk's whole object.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -72,13 +74,16 @@ class DeviceDecoding:
         readers: list | None,
         opener: Callable | None,
         fetch: Callable | None = None,
+        alloc: Callable | None = None,
     ):
         self.runs, self.device = runs, device
         self.num_chunks = sum(r.count for r in runs)
         self._readers = readers  # opened already (plan), or None: opener() yields them in order (streamed)
-        self._opener, self._fetch = opener, fetch
+        self._opener, self._fetch, self._alloc = opener, fetch, alloc
+        self._buffers: list = [None] * self.num_chunks  # streamed: each chunk's payload buffer (from alloc)
+        self._buffers_lock = threading.Lock()
         self._ranges: list = [None] * self.num_chunks  # streamed: each chunk's LayerRanges, once its head is read
-        self._reads = None  # streamed: the layer ranges being read, group by group, chunk by chunk
+        self._reads: _ReadAhead | None = None  # streamed: the layer ranges being read, group by group, chunk by chunk
         self._groups: list[tuple[int, int]] = []
         self._held: list = []  # staged groups: their host buffers live until release (copies may still run)
         self._run_of = [r for r in runs for _ in range(r.count)]
@@ -101,12 +106,18 @@ class DeviceDecoding:
 
     @classmethod
     def streamed(
-        cls, specs: list[tuple], device, opener: Callable[[], Generator], fetch: Callable[[list], Generator]
+        cls,
+        specs: list[tuple],
+        device,
+        opener: Callable[[], Generator],
+        fetch: Callable[[list], Generator],
+        alloc: Callable[[int], torch.Tensor] | None = None,
     ) -> DeviceDecoding:
         """A plan for chunks located but not read: specs as _runs takes them; opener() yields each chunk's
         LayerRanges in order (None: it could not be read or verified); fetch(calls) yields the results of
-        (LayerRanges.read, (i, j)) calls in order, several read side by side."""
-        return cls(_runs(specs), torch.device(device), None, opener, fetch)
+        (LayerRanges.read, (i, j, into)) calls in order, several read side by side; alloc(nbytes): a uint8
+        buffer each chunk's ranges are read into (pinned memory for a GPU: one per chunk, not per range)."""
+        return cls(_runs(specs), torch.device(device), None, opener, fetch, alloc)
 
     @property
     def streaming(self) -> bool:
@@ -126,8 +137,23 @@ class DeviceDecoding:
         finally:
             heads.close()  # ends the reads still in flight (on an error)
         self._groups = list(groups)
-        calls = [(r.read, (i, j)) for i, j in self._groups for r in self._ranges]
-        self._reads = self._fetch(calls)
+        calls = [(r.read, (i, j, self._into(k, i))) for i, j in self._groups for k, r in enumerate(self._ranges)]
+        self._reads = _ReadAhead(self._fetch(calls))
+
+    def _into(self, k: int, i: int) -> Callable | None:
+        """Where chunk k's range from layer i is read to: its place in the chunk's buffer (made on first use)."""
+        if self._alloc is None:
+            return None
+        at = self._ranges[k].offsets[i]
+
+        def into(nbytes: int) -> torch.Tensor:
+            with self._buffers_lock:
+                if self._buffers[k] is None:
+                    self._buffers[k] = self._alloc(self._ranges[k].offsets[-1])
+                buf = self._buffers[k]
+            return buf[at : at + nbytes]
+
+        return into
 
     def _checked(self, k: int, ranges):
         run = self._run_of[k]
@@ -147,7 +173,7 @@ class DeviceDecoding:
         self._groups.pop(0)
         staged = []
         for k in range(self.num_chunks):
-            data = next(self._reads, None)
+            data = self._reads.next()
             if data is None:
                 raise ChunkNotDecodable(f"layers {i}..{j - 1} of chunk {k} could not be read (a miss or damaged bytes)")
             offs = self._ranges[k].offsets
@@ -192,4 +218,43 @@ class DeviceDecoding:
             self._reads.close()
             self._reads = None
         self._ranges = [None] * self.num_chunks
+        self._buffers = [None] * self.num_chunks
         self._held = []
+
+
+class _ReadAhead:
+    """Runs a generator of reads on a thread of its own, so that the reads go on (within the tier's read window)
+    while the loader stages and decodes what came before; results queue up in order. An exception of the
+    reads is raised to the consumer; close() stops the reads and joins the thread."""
+
+    def __init__(self, results: Generator):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(results,), name="kvshelf-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, results: Generator) -> None:
+        try:
+            for result in results:
+                self._queue.put((True, result))
+                if self._stop.is_set():
+                    break
+        except BaseException as err:  # handed to the loader, which fails the request loudly
+            self._queue.put((False, err))
+        finally:
+            results.close()
+            self._queue.put((False, None))
+
+    def next(self):
+        """The next result in order; None once the reads have ended."""
+        ok, value = self._queue.get()
+        if ok:
+            return value
+        self._queue.put((False, None))  # every later call sees the end too
+        if value is not None:
+            raise value
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -246,7 +246,7 @@ class CacheEngine:
         pin = torch.device(device).type == "cuda"
 
         def into(nbytes: int) -> torch.Tensor:
-            """Ranges are read into page-locked memory for a GPU: copied from there as they are, no staging."""
+            """Each chunk's ranges are read into one page-locked buffer for a GPU: copied from there as they are."""
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
         def opener():
@@ -261,13 +261,13 @@ class CacheEngine:
 
         def fetch(calls: list):
             with tier_budget_until(until):
-                reads = self.backend.run_many([(fn, (*args, into)) for fn, args in calls], tier=where[0])
+                reads = self.backend.run_many(calls, tier=where[0])
                 try:
                     yield from reads
                 finally:
                     reads.close()
 
-        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener, fetch))
+        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener, fetch, into))
 
     def retrieve(self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None) -> Retrieved:
         parts = [kv for _, kv in self.retrieve_chunks(tokens, salt, max_tokens=max_tokens)]
