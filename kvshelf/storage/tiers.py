@@ -13,9 +13,8 @@
   Every worker of a tier busy means the tier is stuck: it is skipped (no thread growth). A caller may
   also put a whole request under a budget (`tier_budget`): calls then end when the budget does, and a
   call cut by the budget, like a read slower than `slow_s`, counts against the tier's breaker.
-- side by side: `open_many` reads one request's chunks (whole, or their heads: `ranges`) and `run_many` their
-  layer ranges with up to `read_window` calls in flight (of the tier's workers), in order, each under its own
-  deadline (layerwise loading decoded on a GPU, issue #17).
+- side by side: `open_many` (chunks, or heads) and `run_many` (layer ranges) keep up to `read_window` calls
+  of one request in flight, in order, each under its own deadline (GPU layerwise loading, issue #17).
 """
 
 from __future__ import annotations
@@ -304,11 +303,9 @@ class TierManager(StorageBackend):
     def open_many(
         self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None, ranges=False
     ):
-        """Open `keys` from the tier named `tier` (the one locate() found them in; default: the first), in
-        order, yielding each reader (None: a miss or a fault) as soon as it and those before it are there.
-        With `ranges`, each key's LayerRanges (its head read and verified; layer ranges read by run_many).
-        Up to `read_window` (default: half the tier's workers) read side by side; the rest stay free for other
-        requests, and a worker taken by them makes this wait for its own calls rather than count the tier stuck."""
+        """Open `keys` from the tier named `tier` (default: the first), in order, yielding each reader (None: a
+        miss or a fault) as soon as it and those before it are there; with `ranges`, each key's LayerRanges
+        (head verified; ranges read by run_many). Up to `read_window` read side by side (_in_order)."""
         t = self._named(tier)
         backend = t.backend
 
@@ -335,7 +332,9 @@ class TierManager(StorageBackend):
         return t
 
     def _in_order(self, t: Tier, calls):
-        """Results of (fn, args, Expected) calls on tier t, in order, with up to read_window in flight."""
+        """Results of (fn, args, Expected) calls on tier t, in order, up to read_window in flight; the rest of
+        the tier's workers stay free for other requests, and a worker taken by them makes this wait for its
+        own calls rather than count the tier stuck."""
         window = max(1, min(self.read_window, t.lanes.size)) if t.lanes is not None else 1
         pending: collections.deque = collections.deque()
         calls = iter(calls)
