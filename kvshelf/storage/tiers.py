@@ -320,9 +320,8 @@ class TierManager(StorageBackend):
             yield reader
 
     def run_many(self, calls, *, tier: str | None = None):
-        """fn(*args) of each (fn, args) in `calls` on the workers of the tier named `tier`, in order, up to
-        `read_window` side by side, each under the tier's deadline and breaker; yields each result (None: a
-        fault) as soon as it and those before it are there (layer ranges of chunks open_many opened)."""
+        """fn(*args) of each (fn, args) in `calls` on the tier named `tier`'s workers, as open_many reads: each
+        result (None: a fault) in order (layer ranges of chunks open_many opened)."""
         return self._in_order(self._named(tier), ((fn, args, None) for fn, args in calls))
 
     def _named(self, tier: str | None) -> Tier:
