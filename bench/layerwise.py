@@ -189,6 +189,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--llama8b", action="store_true")
+    ap.add_argument("--tier-workers", type=int, default=4, help="the tier's worker threads (read windows up to it)")
     ap.add_argument(
         "--buffer-size", type=int, nargs="+", default=[4], help="layers the loader may run ahead; one row per value"
     )
@@ -264,7 +265,9 @@ def main() -> None:
                 backend = RedisBackend(redis_server.url, codec, prefix=f"lw{codec_name}:")
             # every chunk of a long prompt written behind at once (the default queue drops what exceeds 256 MB)
             # deadline_s 30: reads on the tier's workers (as in a server), side by side, none cut here
-            tiers = TierManager([backend], write_queue_bytes=1 << 40, write_block_s=600.0, deadline_s=30.0)
+            tiers = TierManager(
+                [backend], write_queue_bytes=1 << 40, write_block_s=600.0, deadline_s=30.0, workers=args.tier_workers
+            )
             engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=args.chunk_size)
             whole = CachedGenerator(runner, engine, store_generated=False)
             layered = CachedGenerator(

@@ -9,10 +9,10 @@ A plan is made either from chunks opened already (`plan`: each group's segments 
 as it decodes, Codec.decode_run_on) or from chunks located but not yet read (`streamed`): the loader
 thread then reads each chunk's head (StorageBackend.open_ranges: prefix and header, verified), and for each
 layer group the byte range of that group in every chunk (several reads in flight on the tier's workers,
-into pinned memory, each range's segments verified against the digests of its head as it arrives:
-format version 3). A group's ranges are queued to the device (Codec.stage_chunk_on) and decoded
-(Codec.decode_staged_on) as soon as they are there, while later groups are still being read, so layer 0
-waits only for layer 0's bytes, not for every chunk's whole object.
+driven by a read-ahead thread so that they go on while the loader decodes; each range's segments verified
+against the digests of its head as it arrives: format version 3). A group's segments are decoded as
+those of chunks opened already are (Codec.decode_run_on) as soon as they are there, while later groups
+are still being read, so layer 0 waits only for layer 0's bytes, not for every chunk's whole object.
 """
 
 from __future__ import annotations
@@ -74,18 +74,14 @@ class DeviceDecoding:
         readers: list | None,
         opener: Callable | None,
         fetch: Callable | None = None,
-        alloc: Callable | None = None,
     ):
         self.runs, self.device = runs, device
         self.num_chunks = sum(r.count for r in runs)
         self._readers = readers  # opened already (plan), or None: opener() yields them in order (streamed)
-        self._opener, self._fetch, self._alloc = opener, fetch, alloc
-        self._buffers: list = [None] * self.num_chunks  # streamed: each chunk's payload buffer (from alloc)
-        self._buffers_lock = threading.Lock()
+        self._opener, self._fetch = opener, fetch
         self._ranges: list = [None] * self.num_chunks  # streamed: each chunk's LayerRanges, once its head is read
         self._reads: _ReadAhead | None = None  # streamed: the layer ranges being read, group by group, chunk by chunk
         self._groups: list[tuple[int, int]] = []
-        self._held: list = []  # staged groups: their host buffers live until release (copies may still run)
         self._run_of = [r for r in runs for _ in range(r.count)]
 
     @classmethod
@@ -111,13 +107,11 @@ class DeviceDecoding:
         device,
         opener: Callable[[], Generator],
         fetch: Callable[[list], Generator],
-        alloc: Callable[[int], torch.Tensor] | None = None,
     ) -> DeviceDecoding:
         """A plan for chunks located but not read: specs as _runs takes them; opener() yields each chunk's
         LayerRanges in order (None: it could not be read or verified); fetch(calls) yields the results of
-        (LayerRanges.read, (i, j, into)) calls in order, several read side by side; alloc(nbytes): a uint8
-        buffer each chunk's ranges are read into (pinned memory for a GPU: one per chunk, not per range)."""
-        return cls(_runs(specs), torch.device(device), None, opener, fetch, alloc)
+        (LayerRanges.read, (i, j)) calls in order, several read side by side."""
+        return cls(_runs(specs), torch.device(device), None, opener, fetch)
 
     @property
     def streaming(self) -> bool:
@@ -137,23 +131,8 @@ class DeviceDecoding:
         finally:
             heads.close()  # ends the reads still in flight (on an error)
         self._groups = list(groups)
-        calls = [(r.read, (i, j, self._into(k, i))) for i, j in self._groups for k, r in enumerate(self._ranges)]
+        calls = [(r.read, (i, j)) for i, j in self._groups for r in self._ranges]
         self._reads = _ReadAhead(self._fetch(calls))
-
-    def _into(self, k: int, i: int) -> Callable | None:
-        """Where chunk k's range from layer i is read to: its place in the chunk's buffer (made on first use)."""
-        if self._alloc is None:
-            return None
-        at = self._ranges[k].offsets[i]
-
-        def into(nbytes: int) -> torch.Tensor:
-            with self._buffers_lock:
-                if self._buffers[k] is None:
-                    self._buffers[k] = self._alloc(self._ranges[k].offsets[-1])
-                buf = self._buffers[k]
-            return buf[at : at + nbytes]
-
-        return into
 
     def _checked(self, k: int, ranges):
         run = self._run_of[k]
@@ -164,40 +143,38 @@ class DeviceDecoding:
             raise ChunkNotDecodable(f"chunk {k} is not coded as planned ({ranges.codec.name}, {tuple(meta.shape)})")
         return ranges
 
-    def _staged_group(self, i: int, j: int) -> list:
-        """Every chunk's layers i..j-1 read (the next group of the reads begun by open), verified and queued to
-        the device: per chunk, what Codec.stage_chunk_on makes of the range, with the layer table of the whole
-        chunk (other layers empty) so that decode_staged_on finds layers i..j-1 where they are."""
+    def _group_segments(self, i: int, j: int) -> list[list]:
+        """Every chunk's layers i..j-1 as read (the next group of the reads begun by open) and verified:
+        segments[l][k], layer i + l of chunk k, as decode_run_on takes them."""
         if not self._groups or self._groups[0] != (i, j):
             raise ChunkNotDecodable(f"layers {i}..{j - 1} asked for out of the order they are read in")
         self._groups.pop(0)
-        staged = []
+        segments: list[list] = [[] for _ in range(i, j)]
         for k in range(self.num_chunks):
             data = self._reads.next()
             if data is None:
                 raise ChunkNotDecodable(f"layers {i}..{j - 1} of chunk {k} could not be read (a miss or damaged bytes)")
             offs = self._ranges[k].offsets
-            local = [min(max(o - offs[i], 0), offs[j] - offs[i]) for o in offs]
-            staged.append(self._run_of[k].codec.stage_chunk_on(data, local, self._run_of[k].shape, self.device))
-        self._held.append(staged)
-        return staged
+            for m in range(i, j):
+                segments[m - i].append(data[offs[m] - offs[i] : offs[m + 1] - offs[i]])
+        return segments
 
     def decode(self, i: int, j: int) -> tuple[list, torch.Tensor | None]:
         """Layers i..j-1 of every chunk on the device: ([(start, end, [j - i, 2, heads, end - start, dim])], an
         error flag on the device that must be seen False before the KV is used, or None). A streamed plan
         decodes the groups given to open, in that order."""
-        group = self._staged_group(i, j) if self._readers is None else None
+        group = self._group_segments(i, j) if self._readers is None else None
         parts, flags = [], []
         for run in self.runs:
             a, b = run.first, run.first + run.count
-            at = (run.shape, run.dtype)
-            if group is None:  # opened already: the stored segments, staged by the codec per group
+            if group is None:  # opened already: the stored segments
                 segments = [[self._readers[k].encoded_layer(m)[1] for k in range(a, b)] for m in range(i, j)]
-                kv, err = run.codec.decode_run_on(
-                    segments, *at, list(range(i, j)), run.num_layers, self.device, run.position
-                )
-            else:
-                kv, err = run.codec.decode_staged_on(group[a:b], i, j, *at, run.num_layers, self.device, run.position)
+            else:  # read as ranges
+                segments = [row[a:b] for row in group]
+            # checked and staged by the codec per group (one pinned buffer, one copy, one kernel on a GPU)
+            kv, err = run.codec.decode_run_on(
+                segments, run.shape, run.dtype, list(range(i, j)), run.num_layers, self.device, run.position
+            )
             parts.append((run.start, run.end, kv[:, :, :, : run.end - run.start]))
             if err is not None:
                 flags.append(err.reshape(1))
@@ -218,8 +195,6 @@ class DeviceDecoding:
             self._reads.close()
             self._reads = None
         self._ranges = [None] * self.num_chunks
-        self._buffers = [None] * self.num_chunks
-        self._held = []
 
 
 class _ReadAhead:

@@ -243,11 +243,6 @@ class CacheEngine:
             for k, (u, _) in zip(keys, used, strict=True)
         ]
         until = budget_until()  # the request's tier budget, carried to the loader thread that reads
-        pin = torch.device(device).type == "cuda"
-
-        def into(nbytes: int) -> torch.Tensor:
-            """Each chunk's ranges are read into one page-locked buffer for a GPU: copied from there as they are."""
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
         def opener():
             expected = [self._expect(k.num_tokens, k.start) for k in keys]
@@ -267,7 +262,7 @@ class CacheEngine:
                 finally:
                     reads.close()
 
-        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener, fetch, into))
+        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener, fetch))
 
     def retrieve(self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None) -> Retrieved:
         parts = [kv for _, kv in self.retrieve_chunks(tokens, salt, max_tokens=max_tokens)]

@@ -16,7 +16,6 @@ Importing this module needs neither CUDA nor Triton (CI has neither): both load 
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -61,9 +60,11 @@ def _tables(device: str) -> tuple[torch.Tensor, ...]:
     )
 
 
-# The CPU side of a group (copying segments into pinned memory, rans.scan_segments: compiled, no GIL) runs on
-# a few threads: one thread checking hundreds of small segments was what bounded the per-layer decode speed.
-SCAN_THREADS = max(1, min(8, os.cpu_count() or 1))
+# The CPU side of a group (copying segments into pinned memory, rans.scan_segments: compiled, no GIL) may run on
+# a few threads.
+# Measured on the lent H200 (16 cores): 8 threads made the loader slower (14.4 -> 10.2 GB/s per layer in groups
+# of 8 layers: copies into pinned memory contend), so the default is one; hosts where it pays may raise it.
+SCAN_THREADS = 1
 _SEGMENTS_PER_TASK = 16  # fewer per thread do not pay for the hand-over
 _scan_pool: ThreadPoolExecutor | None = None
 
