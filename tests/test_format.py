@@ -193,3 +193,17 @@ def test_the_head_must_agree_with_the_payload_length_and_digest_list():
     with pytest.raises(FormatError, match="truncated"):
         open_head(blob[: start - 1], KEY, codec)
     assert head_size(blob[:PREFIX_SIZE]) == start
+
+
+def test_the_digest_kind_follows_the_mac_flag():
+    """BLAKE3-256 digests in an object with a MAC, xxh3-128 in one without: the other kind is refused."""
+    codec = get_codec("int8")
+    plain, signed = encode_chunk(KEY, chunk(), codec), encode_chunk(KEY, chunk(), codec, AUTH)
+    (h_plain, s_plain), (h_signed, s_signed) = read_header(plain), read_header(signed)
+    assert {len(d) for d in h_plain["layer_digests"]} == {32} and {len(d) for d in h_signed["layer_digests"]} == {64}
+    n = len(plain) - s_plain
+    with pytest.raises(FormatError, match="16 bytes"):
+        open_head(seal(KEY, {**h_plain, "layer_digests": ["ab" * 32] * 3}, n), KEY, codec)
+    with pytest.raises(FormatError, match="32 bytes"):
+        bad = {**h_signed, "layer_digests": ["ab" * 16] * 3}
+        open_head(seal(KEY, bad, len(signed) - s_signed, AUTH), KEY, codec, auth=AUTH)

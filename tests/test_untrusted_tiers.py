@@ -276,7 +276,7 @@ def bomb_header(key: bytes, codec, tokens: int, segments: list[bytes]) -> dict:
         "num_tokens": tokens,
         "position": 0,
         "layer_offsets": offsets,
-        "layer_digests": [segment_digest(s).hex() for s in segments],
+        "layer_digests": [segment_digest(s, False).hex() for s in segments],
     }
 
 
