@@ -65,7 +65,8 @@ def _runs(specs: list[tuple]) -> list[_Run]:
 
 
 class DeviceDecoding:
-    """The runs of one request's chunks, staged chunk by chunk and decoded group by group onto `device`."""
+    """The runs of one request's chunks (opened already, or read here: heads, then layer ranges), decoded
+    group of layers by group onto `device`."""
 
     def __init__(
         self,
