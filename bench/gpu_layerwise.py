@@ -9,12 +9,12 @@ would (verified, not decoded). Then, from those bytes in host memory to the fp16
 - group: LayerwiseRetrieval.device_decoding's decode of layers i..i+g-1 of every chunk (checks, pinned
   staging, one copy, one rANS kernel, one inverse transform + RoPE) written into the KV buffer, the error
   flag read back (synchronised): GB/s of fp16 KV per layer, for groups of g layers;
-- streamed: the path of chunks streamed from a tier (each payload copied to the GPU as it arrives, then
-  each group's segments checked and decoded from there), its two halves timed apart;
-- loader: the LayerwiseLoader (its thread, its stream, groups as configured, error flags checked one group
-  behind; plan: chunks opened already, streamed: as a tier streams them, optionally decoding batches of
-  chunks while later ones are staged) with a model that needs no time: from the host bytes to all layers
-  in, GB/s of fp16 KV per layer;
+- streamed: the path of chunks streamed from a tier (heads known, then each group of layers' byte range of
+  every chunk staged, its segments checked and decoded as that group is asked for);
+- loader: the LayerwiseLoader (its thread, its stream, groups of half its buffer, error flags checked one
+  group behind; plan: chunks opened already, streamed: ranges cut group by group as a tier would read them)
+  with a model that needs no time: from the host bytes to all layers in, GB/s of fp16 KV per layer;
+- scan threads: the CPU checks of a group's segments run on rans_gpu.SCAN_THREADS threads (--scan-threads);
 - exactness: the loaded KV against the CPU decoder's (max |difference|), symbols GPU vs CPU (bit-exact).
 """
 
@@ -41,7 +41,7 @@ from kvshelf.kvmath.rope import shift_keys
 from kvshelf.layerwise.loader import LayerwiseLoader
 from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.model.kv_buffer import KVBuffer
-from kvshelf.storage.base import ChunkMeta, StoredChunk
+from kvshelf.storage.base import ChunkMeta, OpenedRanges, StoredChunk
 from kvshelf.storage.format import encode_chunk, open_chunk
 
 CHUNK = 256
@@ -105,17 +105,21 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
             times.append((time.perf_counter() - t) / layers)
         results[f"{label} group of {g} layers: GB/s per layer"] = layer_bytes / statistics.median(times) / 1e9
 
-    # The streamed path's two halves (chunks as a tier streams them: each payload copied to the GPU as it comes,
+    # The streamed path (chunks as a tier streams them: heads first, then each group's ranges,
     # segments checked group by group as they decode): staging every chunk, then decoding every layer.
     def streamed():
-        return DeviceDecoding(plan.runs, device, None, lambda: (r for _, r in chunks))
+        """A streamed plan over the chunks' bytes in memory: heads known, each layer group's ranges cut as read."""
+        heads = [OpenedRanges(r.meta, *r.encoded_payload()) for _, r in chunks]
+        return DeviceDecoding(
+            plan.runs, device, None, lambda: (h for h in heads), lambda calls: (f(*a) for f, a in calls)
+        )
 
     t_stage, t_dec = [], []
     for _ in range(repeats + 1):
         sp = streamed()
         sync()
         t = time.perf_counter()
-        sp.open()
+        sp.open([(i, min(i + 8, layers)) for i in range(0, layers, 8)])
         sync()
         t_stage.append(time.perf_counter() - t)
         t = time.perf_counter()
@@ -127,10 +131,8 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
         sync()
         t_dec.append(time.perf_counter() - t)
     t_stage, t_dec = t_stage[1:], t_dec[1:]  # the first: compilation
-    results[f"{label} streamed: staging all chunks (copies to the GPU): GB/s per layer"] = (
-        layers * layer_bytes / statistics.median(t_stage) / 1e9
-    )
-    results[f"{label} streamed: decoding staged chunks (checks + GPU), groups of 8: GB/s per layer"] = (
+    results[f"{label} streamed: heads (open): ms"] = 1e3 * statistics.median(t_stage)
+    results[f"{label} streamed: ranges staged, checked and decoded, groups of 8: GB/s per layer"] = (
         layers * layer_bytes / statistics.median(t_dec) / 1e9
     )
     # the two sides of a group of 8 layers apart: the CPU's (checks, copy into pinned memory, the copy to the
@@ -156,7 +158,7 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
     results[f"{label} 8 layers: GPU side from staged bytes GB/s per layer"] = (
         8 * layer_bytes / statistics.median(t_gpu) / 1e9
     )
-    for size, ahead, how in ((1, 0, "plan"), (4, 0, "plan"), (8, 0, "plan"), (8, 0, "streamed"), (8, 16, "streamed")):
+    for size, how in ((1, "plan"), (4, "plan"), (8, "plan"), (16, "plan"), (4, "streamed"), (8, "streamed")):
         times = []
         for _ in range(repeats):
             buf.data.zero_()
@@ -168,7 +170,6 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
                 buffer_size=size,
                 stats=LayerwiseStats(layers),
                 decoding=plan if how == "plan" else streamed(),
-                decode_ahead=ahead,
             )
             for i in range(layers):
                 loader.wait(i)
@@ -176,7 +177,7 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
             times.append(time.perf_counter() - t)
             loader.close()
             assert loader.error is None, loader.error
-        name = f"{label} loader ({how}), buffer_size {size}, decode_ahead {ahead}"
+        name = f"{label} loader ({how}), buffer_size {size}"
         results[f"{name}: GB/s per layer"] = layers * layer_bytes / statistics.median(times) / 1e9
         results[f"{name}: ms all layers"] = 1e3 * statistics.median(times)
     # exactness: the loaded KV against the CPU decoder, chunks 0, 1 and the last; symbols of layer 0 and 5
@@ -203,6 +204,7 @@ def main() -> None:
     ap.add_argument("--calibration", required=True)
     ap.add_argument("--tokens", type=int, nargs="+", default=[12288])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--scan-threads", type=int, nargs="+", default=[rans_gpu.SCAN_THREADS])
     args = ap.parse_args()
     from safetensors.torch import load_file
 
@@ -211,9 +213,12 @@ def main() -> None:
     calib.register(cal)
     device = torch.device("cuda")
     results: dict = {"gpu": torch.cuda.get_device_name(), "cores": os.cpu_count()}
-    for tokens in args.tokens:
-        measure(kv, cal, tokens, device, results, f"gemma3-270m {tokens} tok")
-        print(json.dumps(results, indent=1), flush=True)
+    for threads in args.scan_threads:
+        rans_gpu.SCAN_THREADS = threads
+        rans_gpu._scan_pool = None  # a pool of that size
+        for tokens in args.tokens:
+            measure(kv, cal, tokens, device, results, f"gemma3-270m {tokens} tok, {threads} scan threads")
+            print(json.dumps(results, indent=1), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

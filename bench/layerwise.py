@@ -36,7 +36,6 @@ from kvshelf.cache.engine import CacheEngine  # noqa: E402
 from kvshelf.codecs import get_codec  # noqa: E402
 from kvshelf.codecs.pool import CodecProcesses  # noqa: E402
 from kvshelf.generation import CachedGenerator  # noqa: E402
-from kvshelf.layerwise import loader as loader_mod  # noqa: E402
 from kvshelf.layerwise.loader import LayerwiseLoader  # noqa: E402
 from kvshelf.layerwise.stats import LayerwiseStats  # noqa: E402
 from kvshelf.model.runner import ModelRunner  # noqa: E402
@@ -85,10 +84,11 @@ def measure_variant(
     t_compute,
     tier_name,
     codec_name,
-    ahead,
+    buffer_size,
 ):
     """One row: the whole path and the halves (measured with the first variant only), the layerwise path and
-    the loader alone with this variant's decode-ahead."""
+    the loader alone with this variant's buffer size and reads in flight."""
+    layered.layerwise.buffer_size = buffer_size
     vocab = runner.config.vocab_size
     first = not t_whole
     t_layer = []
@@ -131,7 +131,7 @@ def measure_variant(
             loader = LayerwiseLoader(
                 retrieval,
                 kv,
-                buffer_size=args.buffer_size,
+                buffer_size=buffer_size,
                 stats=LayerwiseStats(runner.num_layers),
                 decoding=retrieval.device_decoding(kv.device),
             )
@@ -149,7 +149,7 @@ def measure_variant(
         load = loader_s
     return {
         "tier": tier_name,
-        "decode_ahead": ahead,
+        "buffer_size": buffer_size,
         "read_window": tiers.read_window,
         "codec": codec_name,
         "decoded_on_device": on_device,
@@ -189,15 +189,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--llama8b", action="store_true")
-    ap.add_argument("--buffer-size", type=int, default=4, help="layers the loader may run ahead")
-    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--tier-workers", type=int, default=4, help="the tier's worker threads (read windows up to it)")
     ap.add_argument(
-        "--decode-ahead",
-        type=int,
-        nargs="+",
-        default=[0],
-        help="GPU decoding: chunks decoded ahead (all layers) while later chunks are read; one row per value",
+        "--buffer-size", type=int, nargs="+", default=[4], help="layers the loader may run ahead; one row per value"
     )
+    ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument(
         "--read-window", type=int, nargs="+", default=[2], help="tier reads in flight per request; one row per value"
     )
@@ -269,14 +265,16 @@ def main() -> None:
                 backend = RedisBackend(redis_server.url, codec, prefix=f"lw{codec_name}:")
             # every chunk of a long prompt written behind at once (the default queue drops what exceeds 256 MB)
             # deadline_s 30: reads on the tier's workers (as in a server), side by side, none cut here
-            tiers = TierManager([backend], write_queue_bytes=1 << 40, write_block_s=600.0, deadline_s=30.0)
+            tiers = TierManager(
+                [backend], write_queue_bytes=1 << 40, write_block_s=600.0, deadline_s=30.0, workers=args.tier_workers
+            )
             engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=args.chunk_size)
             whole = CachedGenerator(runner, engine, store_generated=False)
             layered = CachedGenerator(
                 runner,
                 engine,
                 use_layerwise=True,
-                buffer_size=args.buffer_size,
+                buffer_size=args.buffer_size[0],
                 store_generated=False,
                 layerwise_store=not args.no_layer_store,
             )
@@ -290,9 +288,9 @@ def main() -> None:
             # load are measured once only (seconds each), "load" is the loader alone (open + decode).
             on_device = engine.retrieve_layerwise(prefix + [0]).device_decoding(device) is not None
             t_whole, t_load, t_compute = [], [], []
-            variants = [(a, w) for w in args.read_window for a in args.decode_ahead] if on_device else [(0, 2)]
-            for ahead, window in variants:
-                loader_mod.DECODE_AHEAD_CHUNKS = ahead
+            sizes = args.buffer_size
+            variants = [(b, w) for w in args.read_window for b in sizes] if on_device else [(sizes[0], 2)]
+            for size, window in variants:
                 tiers.read_window = window
                 rows.append(
                     measure_variant(
@@ -311,11 +309,10 @@ def main() -> None:
                         t_compute,
                         tier_name,
                         codec_name,
-                        ahead,
+                        size,
                     )
                 )
                 console.print(rows[-1])
-            loader_mod.DECODE_AHEAD_CHUNKS = 0
             tiers.close()
     if redis_server is not None:
         redis_server.kill()

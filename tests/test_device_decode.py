@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from kvshelf.cache.engine import CacheEngine
@@ -18,6 +19,7 @@ from kvshelf.codecs.int8 import Int8Codec
 from kvshelf.generation import CachedGenerator
 from kvshelf.model.runner import ModelRunner
 from kvshelf.storage.disk import DiskBackend
+from kvshelf.storage.format import read_header
 from kvshelf.storage.tiers import TierManager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,24 +88,29 @@ def test_a_decode_error_flag_makes_the_request_recompute(tmp_path, tiny_models):
 
 
 class LateDisk(DiskBackend):
-    """A disk tier whose reads answer late, the later the earlier the chunk (so side-by-side reads finish
-    out of order), recording which threads read and how many reads were in flight at once."""
+    """A disk tier whose reads answer late, the later the earlier the read (so side-by-side reads finish out
+    of order), recording which threads read, how many reads were in flight at once, and each read's range.
+    Its heads are probed with fewer bytes than they take (two reads each), so that no object comes whole."""
+
+    head_probe = 128
 
     def __init__(self, *args, delays=(0.03, 0.0), **kw):
         super().__init__(*args, **kw)
         self.delays, self.readers, self.in_flight, self.most, self.into_reads = delays, [], 0, 0, 0
+        self.ranges: list[tuple[int, int]] = []
         self._count = threading.Lock()
 
-    def open(self, key, expected=None, *, into=None):
+    def _get_range(self, name, start, length, limit, into=None):
         with self._count:
             self.in_flight += 1
             self.most = max(self.most, self.in_flight)
             delay = self.delays[len(self.readers) % len(self.delays)]
             self.readers.append(threading.current_thread().name)
+            self.ranges.append((start, length))
             self.into_reads += into is not None
         try:
             time.sleep(delay)
-            return super().open(key, expected, into=into)
+            return super()._get_range(name, start, length, limit, into)
         finally:
             with self._count:
                 self.in_flight -= 1
@@ -130,14 +137,68 @@ def test_streamed_reads_arrive_late_and_out_of_order_and_decode_as_whole_loading
     b = layered.generate(ids, max_new_tokens=4, stop_at_eos=False)
     assert a.hit_tokens == b.hit_tokens == 99 and a.token_ids == b.token_ids
     assert torch.allclose(a.first_logits, b.first_logits, atol=1e-5)
-    assert len(disk.readers) == 7 and all(n.startswith("kvshelf-disk-") for n in disk.readers)  # the tier's workers
+    layers = runner.num_layers
+    # 7 heads (2 reads each), then every chunk's range of each group (buffer_size 2: groups of one layer), all on
+    # the tier's workers
+    assert len(disk.readers) == 14 + 7 * layers and all(n.startswith("kvshelf-disk-") for n in disk.readers)
     assert disk.most == tiers.read_window == 2  # side by side, within half the tier's 4 workers
-    assert disk.into_reads == 7  # read into buffers the loader gave (pinned memory on a GPU)
+    assert disk.into_reads == 0  # plain bytes: a GPU decoder copies each group into its own pinned staging buffer
     assert tiers.stats()["disk"]["stuck"] == 0 and layered.layerwise_stats.as_dict()["fallbacks"] == 0
     tiers.close()
 
 
-def test_a_damaged_object_in_the_middle_of_a_streamed_read_makes_the_request_recompute(tmp_path, tiny_models):
+class Recording:
+    """A KV target that notes, as each layer group is written, how many tier reads had begun by then."""
+
+    def __init__(self, buf, disk):
+        self.buf, self.disk, self.device, self.reads_at = buf, disk, buf.device, {}
+
+    def write_layers(self, i, j, start, part, *, non_blocking=False):
+        self.reads_at.setdefault(i, len(self.disk.ranges))
+        self.buf.write_layers(i, j, start, part, non_blocking=non_blocking)
+
+    def row_copier(self, chunks):
+        return None
+
+
+def test_layer_zero_is_ready_before_later_layers_are_read_and_the_kv_equals_whole_reads(tmp_path, tiny_models):
+    from kvshelf.layerwise.loader import LayerwiseLoader
+    from kvshelf.layerwise.stats import LayerwiseStats
+    from kvshelf.model.kv_buffer import KVBuffer
+
+    codec = HereBatched()
+    runner = ModelRunner(tiny_models("qwen3"))
+    disk = LateDisk(tmp_path, 1 << 28, codec, delays=(0.02,))
+    tiers = TierManager([disk], deadline_s=5.0)
+    engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=16)
+    ids = prompt(100, 8)
+    CachedGenerator(runner, engine).generate(ids, max_new_tokens=1)
+    tiers.flush()
+    fp = runner.fingerprint()
+    layers, heads, dim = fp.num_layers, fp.num_kv_heads, fp.head_dim
+    whole = torch.cat([kv for _, kv in engine.retrieve_chunks(ids, max_tokens=96)], dim=3)  # whole objects
+    disk.ranges.clear()
+    retrieval = engine.retrieve_layerwise(ids, max_tokens=96, device="cpu")
+    target = Recording(KVBuffer(layers, heads, dim, 96, dtype=whole.dtype, device="cpu"), disk)
+    loader = LayerwiseLoader(
+        retrieval, target, buffer_size=2, stats=LayerwiseStats(layers), decoding=retrieval.device_decoding("cpu")
+    )
+    for i in range(layers):
+        loader.wait(i)
+    loader.close()
+    assert loader.error is None
+    assert torch.equal(target.buf.data[:, :, :, :96], whole)  # ranges verified apart decode as whole objects do
+    assert len(disk.ranges) == 12 + 6 * layers and layers >= 3
+    # layer 0 was decoded once the 6 heads (2 reads each) and layer 0's 6 ranges were in (reads of 20 ms, two at
+    # a time, go on meanwhile): the last layer's ranges were read after layer 0 was in use
+    assert 12 + 6 <= target.reads_at[0] <= len(disk.ranges) - 6
+    tiers.close()
+
+
+@pytest.mark.parametrize("layer", ["first", "last"])
+def test_a_damaged_layer_range_in_the_middle_of_a_streamed_read_makes_the_request_recompute(
+    tmp_path, tiny_models, layer
+):
     codec = HereBatched()
     tiers, whole, layered = setup(tmp_path, tiny_models("llama"), codec)
     ids = prompt(100, 5)
@@ -146,7 +207,9 @@ def test_a_damaged_object_in_the_middle_of_a_streamed_read_makes_the_request_rec
     disk = tiers.tiers[0].backend
     victim = disk._path(disk.name_of(whole.engine.keys(ids)[3].digest))  # the 4th of 7 chunks
     raw = bytearray(victim.read_bytes())
-    raw[-5] ^= 0x40  # inside the payload: its checksum fails when the loader reads it
+    header, start = read_header(bytes(raw))
+    at = start + (header["layer_offsets"][0] if layer == "first" else header["layer_offsets"][-1] - 5)
+    raw[at] ^= 0x40  # inside that layer's segment: its digest fails when the loader reads its range
     victim.write_bytes(bytes(raw))
     out = layered.generate(ids, max_new_tokens=4, stop_at_eos=False)
     plain = whole.generate(ids, max_new_tokens=4, stop_at_eos=False, use_cache=False)
@@ -156,50 +219,6 @@ def test_a_damaged_object_in_the_middle_of_a_streamed_read_makes_the_request_rec
     again = layered.generate(ids, max_new_tokens=4, stop_at_eos=False)
     assert again.hit_tokens == 99 and again.token_ids == plain.token_ids
     assert layered.layerwise_stats.as_dict()["fallbacks"] == 1
-    tiers.close()
-
-
-def test_decoding_ahead_while_reading_equals_whole_loading(tmp_path, tiny_models):
-    from kvshelf.layerwise import loader as loader_mod
-
-    codec = HereBatched()
-    tiers, whole, layered = setup(tmp_path, tiny_models("qwen3"), codec)
-    ids = prompt(100, 6)
-    whole.generate(ids, max_new_tokens=1)
-    tiers.flush()
-    a = whole.generate(ids, max_new_tokens=4, stop_at_eos=False)
-    codec.calls.clear()
-    old, loader_mod.DECODE_AHEAD_CHUNKS = loader_mod.DECODE_AHEAD_CHUNKS, 3
-    try:
-        b = layered.generate(ids, max_new_tokens=4, stop_at_eos=False)
-    finally:
-        loader_mod.DECODE_AHEAD_CHUNKS = old
-    assert a.hit_tokens == b.hit_tokens == 99 and a.token_ids == b.token_ids
-    assert torch.allclose(a.first_logits, b.first_logits, atol=1e-5)
-    layers = layered.runner.num_layers
-    ahead = [(list(range(layers)), 3, 0), (list(range(layers)), 3, 48)]  # chunks 0-2, 3-5: every layer at once
-    rest = [([i], 1, 96) for i in range(layers)]  # the last chunk (3 tokens of 16 used), group by group
-    assert codec.calls == ahead + rest
-    tiers.close()
-
-
-def test_a_bad_flag_of_a_batch_decoded_ahead_makes_the_request_recompute(tmp_path, tiny_models):
-    from kvshelf.layerwise import loader as loader_mod
-
-    codec = HereBatched()
-    tiers, whole, layered = setup(tmp_path, tiny_models("llama"), codec)
-    ids = prompt(100, 7)
-    whole.generate(ids, max_new_tokens=1)
-    tiers.flush()
-    codec.damaged = True
-    old, loader_mod.DECODE_AHEAD_CHUNKS = loader_mod.DECODE_AHEAD_CHUNKS, 2
-    try:
-        out = layered.generate(ids, max_new_tokens=3, stop_at_eos=False)
-    finally:
-        loader_mod.DECODE_AHEAD_CHUNKS = old
-    plain = whole.generate(ids, max_new_tokens=3, stop_at_eos=False, use_cache=False)
-    assert out.hit_tokens == 0 and out.token_ids == plain.token_ids
-    assert codec.calls[0][1] == 2 and layered.layerwise_stats.as_dict()["fallbacks"] == 1
     tiers.close()
 
 
@@ -231,6 +250,9 @@ cal = calib.Calibration(
 )
 calib.register(cal)
 codec = CacheGenCodec(calibration=cal.digest)
+from kvshelf.codecs import rans_gpu
+
+rans_gpu.SCAN_THREADS, rans_gpu._SEGMENTS_PER_TASK = 3, 1  # segments checked on several threads, as on a GPU host
 kv = torch.randn(3, layers, 2, heads, tokens, dim, generator=g)
 pos = 32  # the run starts at token 32: chunks at 32, 48, 64
 segs = [[codec.encode_layer(kv[c, i], i, layers, pos + c * tokens) for c in range(3)] for i in (1, 2)]
@@ -288,6 +310,16 @@ try:
 except ValueError:
     pass
 print("staged chunks ok")
+spiky = kv[0].clone()
+spiky[:, :, :, ::5, ::3] = 3000.0  # far outside the calibrated steps: escapes
+flat = [codec.encode_layer(spiky[i], i, layers, 0) for i in range(layers)] * 6
+split = rans_gpu.stage(flat, shape, codec.bits, "cpu")
+rans_gpu._SEGMENTS_PER_TASK = 10**6
+one = rans_gpu.stage(flat, shape, codec.bits, "cpu")
+assert split[2][0].numel() > 0 and torch.equal(split[1], one[1])  # escapes there; descriptors alike
+order_a, order_b = split[2][0].argsort(), one[2][0].argsort()
+assert torch.equal(split[2][0][order_a], one[2][0][order_b]) and torch.equal(split[2][1][order_a], one[2][1][order_b])
+print("split scan ok")
 """
 
 
@@ -296,4 +328,4 @@ def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     run = subprocess.run([sys.executable, "-c", _BATCHED_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "batched run ok" in run.stdout, run.stderr[-3000:]
-    assert "staged chunks ok" in run.stdout, run.stderr[-3000:]
+    assert "staged chunks ok" in run.stdout and "split scan ok" in run.stdout, run.stderr[-3000:]

@@ -8,10 +8,21 @@ import torch
 
 from kvshelf.codecs import get_codec
 from kvshelf.errors import ConfigError
-from kvshelf.storage.auth import model_tag
+from kvshelf.storage.auth import ObjectAuth, model_tag
 from kvshelf.storage.base import ChunkMeta, StoredChunk
 from kvshelf.storage.expect import Expected
-from kvshelf.storage.format import FORMAT_VERSION, PREFIX_SIZE, FormatError, decode_chunk, encode_chunk, read_header
+from kvshelf.storage.format import (
+    FORMAT_VERSION,
+    PREFIX_SIZE,
+    FormatError,
+    decode_chunk,
+    encode_chunk,
+    head_size,
+    open_chunk,
+    open_head,
+    read_header,
+    seal,
+)
 
 KEY = bytes(range(16))
 FP = b"\x07" * 32
@@ -56,7 +67,8 @@ def test_int8_error_is_bounded_and_outlier_channels_do_not_hurt_the_rest():
     v, vb = c.kv[:, 1], back[:, 1]
     step = v.abs().amax(dim=3, keepdim=True) / 127
     assert ((v - vb).abs() <= step / 2 + 1e-6).all()
-    assert len(blob) < c.nbytes / 3.5  # ~4x smaller than fp32
+    _, start = read_header(blob)
+    assert len(blob) - start < c.nbytes / 3.5  # the payload ~4x smaller than fp32
 
 
 def test_int8_zero_tensor():
@@ -101,3 +113,97 @@ def test_unknown_codec_name():
     with pytest.raises(ConfigError, match="unknown codec 'zip'"):
         get_codec("zip")
     assert get_codec("naive").name == "none"  # LMCache's name for raw
+
+
+EXPECTED = Expected(3, 2, 8, "float32", 16, position=0, fingerprint=FP)
+AUTH = ObjectAuth.from_secret("the fleet's shared secret, 32 bytes")
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+@pytest.mark.parametrize("auth", [None, AUTH])
+def test_each_layer_range_is_verified_on_its_own_and_equals_the_whole_object(codec, auth):
+    c = chunk()
+    blob = encode_chunk(KEY, c, get_codec(codec), auth)
+    head = open_head(blob[: head_size(blob[:PREFIX_SIZE])], KEY, get_codec(codec), auth=auth, expected=EXPECTED)
+    assert head.size == len(blob) and head.meta.shape == (3, 2, 2, 16, 8)
+    whole = open_chunk(blob, KEY, get_codec(codec), auth=auth, expected=EXPECTED)
+    for i, j in [(0, 1), (1, 3), (0, 3), (2, 3)]:
+        at, n = head.span(i, j)
+        seg = head.check(i, j, blob[at : at + n])
+        for k in range(i, j):  # the same bytes as the whole object's segments, decoded alike
+            a, b = head.offsets[k] - head.offsets[i], head.offsets[k + 1] - head.offsets[i]
+            assert bytes(seg[a:b]) == bytes(whole.encoded_layer(k)[1])
+
+
+def test_a_damaged_swapped_truncated_or_foreign_layer_range_is_refused():
+    codec = get_codec("int8")
+    blob = encode_chunk(KEY, chunk(), codec, AUTH)
+    other = encode_chunk(KEY, chunk(seed=1), codec, AUTH)  # same key and shape, other KV
+    head = open_head(blob, KEY, codec, auth=AUTH, expected=EXPECTED)
+    rng = lambda i, j, b=blob: b[head.span(i, j)[0] : sum(head.span(i, j))]  # noqa: E731
+    for k in range(3):
+        at, n = head.span(k, k + 1)
+        for pos in (0, n // 2, n - 1):  # one flipped byte in one layer: that layer is refused, the others pass
+            bad = bytearray(rng(0, 3))
+            bad[at - head.start + pos] ^= 0x10
+            with pytest.raises(FormatError, match=f"layer {k} segment digest"):
+                head.check(0, 3, bytes(bad))
+            for m in {0, 1, 2} - {k}:
+                lo = head.offsets[m]
+                head.check(m, m + 1, bytes(bad[lo : head.offsets[m + 1]]))
+    with pytest.raises(FormatError, match="layer 0 segment digest"):  # layer 1's bytes where layer 0's belong
+        head.check(0, 1, rng(1, 2)[: head.span(0, 1)[1]])
+    swapped = rng(1, 2) + rng(0, 1)
+    if len(rng(0, 1)) == len(rng(1, 2)):
+        with pytest.raises(FormatError, match="digest"):
+            head.check(0, 2, swapped)
+    with pytest.raises(FormatError, match="bytes, the header says"):  # a short (truncated) range
+        head.check(1, 3, rng(1, 3)[:-1])
+    with pytest.raises(FormatError, match="digest"):  # the same layer of another object
+        head.check(2, 3, rng(2, 3, other))
+    with pytest.raises(ValueError):
+        head.span(2, 4)
+
+
+def test_the_mac_covers_every_layer_digest():
+    codec = get_codec("int8")
+    blob = encode_chunk(KEY, chunk(), codec, AUTH)
+    header, start = read_header(blob)
+    header["layer_digests"][1] = "00" * 32  # what a forger would change with a segment of its own
+    forged = seal(KEY, header, len(blob) - start) + blob[start:]  # valid checksums, no MAC key
+    with pytest.raises(FormatError, match="no MAC"):
+        open_head(forged, KEY, codec, auth=AUTH)
+    # with a MAC from another secret, and with ours over the unchanged header: only the latter opens
+    with pytest.raises(FormatError, match="MAC mismatch"):
+        open_head(seal(KEY, header, len(blob) - start, ObjectAuth.from_secret("x" * 20)), KEY, codec, auth=AUTH)
+    resealed = seal(KEY, read_header(blob)[0], len(blob) - start, AUTH)
+    assert open_head(resealed, KEY, codec, auth=AUTH, expected=EXPECTED).size == len(blob)
+
+
+def test_the_head_must_agree_with_the_payload_length_and_digest_list():
+    codec = get_codec("none")
+    blob = encode_chunk(KEY, chunk(), codec)
+    header, start = read_header(blob)
+    n = len(blob) - start
+    with pytest.raises(FormatError, match="payload is"):
+        open_head(seal(KEY, header, n + 1), KEY, codec)
+    for digests in (header["layer_digests"][:2], [*header["layer_digests"][:2], "ab"], [1, 2, 3]):
+        with pytest.raises(FormatError, match="digest"):
+            open_head(seal(KEY, {**header, "layer_digests": digests}, n), KEY, codec)
+    with pytest.raises(FormatError, match="truncated"):
+        open_head(blob[: start - 1], KEY, codec)
+    assert head_size(blob[:PREFIX_SIZE]) == start
+
+
+def test_the_digest_kind_follows_the_mac_flag():
+    """BLAKE3-256 digests in an object with a MAC, xxh3-128 in one without: the other kind is refused."""
+    codec = get_codec("int8")
+    plain, signed = encode_chunk(KEY, chunk(), codec), encode_chunk(KEY, chunk(), codec, AUTH)
+    (h_plain, s_plain), (h_signed, s_signed) = read_header(plain), read_header(signed)
+    assert {len(d) for d in h_plain["layer_digests"]} == {32} and {len(d) for d in h_signed["layer_digests"]} == {64}
+    n = len(plain) - s_plain
+    with pytest.raises(FormatError, match="16 bytes"):
+        open_head(seal(KEY, {**h_plain, "layer_digests": ["ab" * 32] * 3}, n), KEY, codec)
+    with pytest.raises(FormatError, match="32 bytes"):
+        bad = {**h_signed, "layer_digests": ["ab" * 16] * 3}
+        open_head(seal(KEY, bad, len(signed) - s_signed, AUTH), KEY, codec, auth=AUTH)

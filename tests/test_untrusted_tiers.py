@@ -28,7 +28,7 @@ from kvshelf.storage.auth import ObjectAuth, model_tag
 from kvshelf.storage.base import ChunkMeta, StoredChunk
 from kvshelf.storage.disk import DiskBackend
 from kvshelf.storage.expect import Expected, expecting
-from kvshelf.storage.format import FORMAT_VERSION, MAGIC, encode_chunk
+from kvshelf.storage.format import FORMAT_VERSION, MAGIC, encode_chunk, segment_digest
 from kvshelf.storage.redis import RedisBackend
 from kvshelf.storage.s3 import S3Backend
 
@@ -55,19 +55,8 @@ def chunk_of(value: float | None = None, tokens: int = CHUNK, seed: int = 0) -> 
 
 def forge(header: dict, payload: bytes) -> bytes:
     head = json.dumps(header).encode()
-    return (
-        PREFIX.pack(
-            MAGIC,
-            FORMAT_VERSION,
-            0,
-            len(head),
-            xxhash.xxh3_64_intdigest(head),
-            xxhash.xxh3_64_intdigest(payload),
-            bytes(32),
-        )
-        + head
-        + payload
-    )
+    prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(head), xxhash.xxh3_64_intdigest(head), len(payload), bytes(32))
+    return prefix + head + payload
 
 
 def bounded(fn, limit_bytes: int = 8 << 20):
@@ -287,6 +276,7 @@ def bomb_header(key: bytes, codec, tokens: int, segments: list[bytes]) -> dict:
         "num_tokens": tokens,
         "position": 0,
         "layer_offsets": offsets,
+        "layer_digests": [segment_digest(s, False).hex() for s in segments],
     }
 
 

@@ -7,14 +7,18 @@ layers i..j-1 decode in one batched call (one entropy kernel, one inverse transf
 
 A plan is made either from chunks opened already (`plan`: each group's segments are checked and staged
 as it decodes, Codec.decode_run_on) or from chunks located but not yet read (`streamed`): the loader
-thread then reads them itself (several reads in flight within the tier's workers, into pinned memory),
-and each chunk's payload is queued to the device as soon as it is there (Codec.stage_chunk_on), so the
-copies overlap the reads and the request's compute starts without waiting for them; each group's
-segments are checked as it decodes (Codec.decode_staged_on).
+thread then reads each chunk's head (StorageBackend.open_ranges: prefix and header, verified), and for each
+layer group the byte range of that group in every chunk (several reads in flight on the tier's workers,
+driven by a read-ahead thread so that they go on while the loader decodes; each range's segments verified
+against the digests of its head as it arrives: format version 3). A group's segments are decoded as
+those of chunks opened already are (Codec.decode_run_on) as soon as they are there, while later groups
+are still being read, so layer 0 waits only for layer 0's bytes, not for every chunk's whole object.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -61,14 +65,24 @@ def _runs(specs: list[tuple]) -> list[_Run]:
 
 
 class DeviceDecoding:
-    """The runs of one request's chunks, staged chunk by chunk and decoded group by group onto `device`."""
+    """The runs of one request's chunks (opened already, or read here: heads, then layer ranges), decoded
+    group of layers by group onto `device`."""
 
-    def __init__(self, runs: list[_Run], device: torch.device, readers: list | None, opener: Callable | None):
+    def __init__(
+        self,
+        runs: list[_Run],
+        device: torch.device,
+        readers: list | None,
+        opener: Callable | None,
+        fetch: Callable | None = None,
+    ):
         self.runs, self.device = runs, device
         self.num_chunks = sum(r.count for r in runs)
         self._readers = readers  # opened already (plan), or None: opener() yields them in order (streamed)
-        self._opener = opener
-        self._staged: list = [None] * self.num_chunks
+        self._opener, self._fetch = opener, fetch
+        self._ranges: list = [None] * self.num_chunks  # streamed: each chunk's LayerRanges, once its head is read
+        self._reads: _ReadAhead | None = None  # streamed: the layer ranges being read, group by group, chunk by chunk
+        self._groups: list[tuple[int, int]] = []
         self._run_of = [r for r in runs for _ in range(r.count)]
 
     @classmethod
@@ -88,67 +102,81 @@ class DeviceDecoding:
         return cls(_runs(specs), device, [r for _, r in chunks], None) if specs else None
 
     @classmethod
-    def streamed(cls, specs: list[tuple], device, opener: Callable[[], Generator]) -> DeviceDecoding:
+    def streamed(
+        cls,
+        specs: list[tuple],
+        device,
+        opener: Callable[[], Generator],
+        fetch: Callable[[list], Generator],
+    ) -> DeviceDecoding:
         """A plan for chunks located but not read: specs as _runs takes them; opener() yields each chunk's
-        verified reader in order (None: it could not be read or verified)."""
-        return cls(_runs(specs), torch.device(device), None, opener)
+        LayerRanges in order (None: it could not be read or verified); fetch(calls) yields the results of
+        (LayerRanges.read, (i, j)) calls in order, several read side by side."""
+        return cls(_runs(specs), torch.device(device), None, opener, fetch)
 
     @property
     def streaming(self) -> bool:
         return self._opener is not None
 
-    def open(self, on_staged: Callable[[int], None] | None = None) -> None:
-        """A streamed plan: read and stage every chunk in order, on_staged(n) after the first n are staged;
-        raises ChunkNotDecodable for a chunk missing, damaged or unlike the plan. A plan of chunks opened
-        already has nothing to do: each layer group stages its segments as it decodes (decode_run_on), so
-        the host side of one group overlaps the device side of the one before."""
+    def open(self, groups: list[tuple[int, int]]) -> None:
+        """A streamed plan: read and verify every chunk's head, in order, then start reading the layer ranges of
+        `groups` (the loader's layer groups, in the order it decodes them); raises ChunkNotDecodable for a
+        chunk missing, damaged or unlike the plan. A plan of chunks opened already has nothing to do: each
+        layer group stages its segments as it decodes (decode_run_on)."""
         if self._opener is None:
             return
-        stream = self._opener()
+        heads = self._opener()
         try:
             for k in range(self.num_chunks):
-                self._staged[k] = self._stage(k, next(stream, None))
-                if on_staged is not None:
-                    on_staged(k + 1)
+                self._ranges[k] = self._checked(k, next(heads, None))
         finally:
-            stream.close()  # ends the reads still in flight (on an error)
+            heads.close()  # ends the reads still in flight (on an error)
+        self._groups = list(groups)
+        calls = [(r.read, (i, j)) for i, j in self._groups for r in self._ranges]
+        self._reads = _ReadAhead(self._fetch(calls))
 
-    def _stage(self, k: int, reader):
+    def _checked(self, k: int, ranges):
         run = self._run_of[k]
-        encoded = reader.encoded_payload() if reader is not None else None
-        if encoded is None:
+        if ranges is None:
             raise ChunkNotDecodable(f"chunk {k} of the prefix could not be read (a miss or a damaged object)")
-        codec, payload, offsets = encoded
-        meta = reader.meta
-        if codec is not run.codec or tuple(meta.shape[1:]) != run.shape or meta.dtype != run.dtype:
-            raise ChunkNotDecodable(f"chunk {k} is not coded as planned ({codec.name}, {tuple(meta.shape)})")
-        return run.codec.stage_chunk_on(payload, offsets, run.shape, self.device)
+        meta = ranges.meta
+        if ranges.codec is not run.codec or tuple(meta.shape[1:]) != run.shape or meta.dtype != run.dtype:
+            raise ChunkNotDecodable(f"chunk {k} is not coded as planned ({ranges.codec.name}, {tuple(meta.shape)})")
+        return ranges
 
-    def decode(self, i: int, j: int, lo: int = 0, hi: int | None = None) -> tuple[list, torch.Tensor | None]:
-        """Layers i..j-1 of chunks lo..hi-1 on the device: ([(start, end, [j - i, 2, heads, end - start, dim])],
-        an error flag on the device that must be seen False before the KV is used, or None)."""
-        hi = self.num_chunks if hi is None else hi
+    def _group_segments(self, i: int, j: int) -> list[list]:
+        """Every chunk's layers i..j-1 as read (the next group of the reads begun by open) and verified:
+        segments[l][k], layer i + l of chunk k, as decode_run_on takes them."""
+        if not self._groups or self._groups[0] != (i, j):
+            raise ChunkNotDecodable(f"layers {i}..{j - 1} asked for out of the order they are read in")
+        self._groups.pop(0)
+        segments: list[list] = [[] for _ in range(i, j)]
+        for k in range(self.num_chunks):
+            data = self._reads.next()
+            if data is None:
+                raise ChunkNotDecodable(f"layers {i}..{j - 1} of chunk {k} could not be read (a miss or damaged bytes)")
+            offs = self._ranges[k].offsets
+            for m in range(i, j):
+                segments[m - i].append(data[offs[m] - offs[i] : offs[m + 1] - offs[i]])
+        return segments
+
+    def decode(self, i: int, j: int) -> tuple[list, torch.Tensor | None]:
+        """Layers i..j-1 of every chunk on the device: ([(start, end, [j - i, 2, heads, end - start, dim])], an
+        error flag on the device that must be seen False before the KV is used, or None). A streamed plan
+        decodes the groups given to open, in that order."""
+        group = self._group_segments(i, j) if self._readers is None else None
         parts, flags = [], []
         for run in self.runs:
-            a, b = max(lo, run.first), min(hi, run.first + run.count)
-            if a >= b:
-                continue
-            skip = (a - run.first) * run.shape[2]
-            at = (run.shape, run.dtype)
-            if self._readers is not None:  # opened already: the stored segments, staged by the codec per group
+            a, b = run.first, run.first + run.count
+            if group is None:  # opened already: the stored segments
                 segments = [[self._readers[k].encoded_layer(m)[1] for k in range(a, b)] for m in range(i, j)]
-                kv, err = run.codec.decode_run_on(
-                    segments, *at, list(range(i, j)), run.num_layers, self.device, run.position + skip
-                )
-            else:
-                staged = self._staged[a:b]
-                if any(x is None for x in staged):
-                    raise ChunkNotDecodable(f"chunks {a}..{b - 1} decoded before they were read")
-                kv, err = run.codec.decode_staged_on(
-                    staged, i, j, *at, run.num_layers, self.device, run.position + skip
-                )
-            start, end = run.start + skip, min(run.start + (b - run.first) * run.shape[2], run.end)
-            parts.append((start, end, kv[:, :, :, : end - start]))
+            else:  # read as ranges
+                segments = [row[a:b] for row in group]
+            # checked and staged by the codec per group (one pinned buffer, one copy, one kernel on a GPU)
+            kv, err = run.codec.decode_run_on(
+                segments, run.shape, run.dtype, list(range(i, j)), run.num_layers, self.device, run.position
+            )
+            parts.append((run.start, run.end, kv[:, :, :, : run.end - run.start]))
             if err is not None:
                 flags.append(err.reshape(1))
         return parts, (torch.cat(flags).any() if flags else None)
@@ -162,5 +190,47 @@ class DeviceDecoding:
         return total
 
     def release(self) -> None:
-        """Drop the staged chunks (their device copies) once every layer is decoded."""
-        self._staged = [None] * self.num_chunks
+        """Stop the reads still in flight and drop what they hold, once every layer is decoded (or on an error)
+        and the device is done with the staged bytes (the caller synchronised the stream they were queued on)."""
+        if self._reads is not None:
+            self._reads.close()
+            self._reads = None
+        self._ranges = [None] * self.num_chunks
+
+
+class _ReadAhead:
+    """Runs a generator of reads on a thread of its own, so that the reads go on (within the tier's read window)
+    while the loader stages and decodes what came before; results queue up in order. An exception of the
+    reads is raised to the consumer; close() stops the reads and joins the thread."""
+
+    def __init__(self, results: Generator):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(results,), name="kvshelf-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, results: Generator) -> None:
+        try:
+            for result in results:
+                self._queue.put((True, result))
+                if self._stop.is_set():
+                    break
+        except BaseException as err:  # handed to the loader, which fails the request loudly
+            self._queue.put((False, err))
+        finally:
+            results.close()
+            self._queue.put((False, None))
+
+    def next(self):
+        """The next result in order; None once the reads have ended."""
+        ok, value = self._queue.get()
+        if ok:
+            return value
+        self._queue.put((False, None))  # every later call sees the end too
+        if value is not None:
+            raise value
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

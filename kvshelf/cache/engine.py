@@ -199,8 +199,9 @@ class CacheEngine:
         Chunks are fetched and verified now (bytes tiers read their objects), layers decode as the
         caller asks for them, in order, so loading layer i+1 can overlap computing layer i. With `device`,
         where every chunk of the prefix lies in one byte tier whose codec decodes on that device, nothing
-        is read now: the loader reads and verifies the chunks itself (retrieval.device_decoding), so the
-        caller's compute starts at once; a chunk that then fails makes that request recompute.
+        is read now: the loader reads and verifies the chunks' heads and then their layer ranges itself
+        (retrieval.device_decoding), so the caller's compute starts at once; a chunk or range that then
+        fails makes that request recompute.
         """
         limit = len(tokens) if max_tokens is None else min(max_tokens, len(tokens))
         keys = [k for k in self.keys(tokens, salt) if k.start < limit]
@@ -242,23 +243,26 @@ class CacheEngine:
             for k, (u, _) in zip(keys, used, strict=True)
         ]
         until = budget_until()  # the request's tier budget, carried to the loader thread that reads
-        pin = torch.device(device).type == "cuda"
-
-        def into(nbytes: int) -> torch.Tensor:
-            """Objects are read into page-locked memory for a GPU: copied from there as they are, no staging."""
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
         def opener():
             expected = [self._expect(k.num_tokens, k.start) for k in keys]
             with tier_budget_until(until):
-                readers = self.backend.open_many([k.digest for k in keys], expected, tier=where[0], into=into)
+                heads = self.backend.open_many([k.digest for k in keys], expected, tier=where[0], ranges=True)
                 try:
-                    for key, reader in zip(keys, readers, strict=False):
-                        yield self._verified(key, reader)
+                    for key, ranges in zip(keys, heads, strict=False):
+                        yield self._verified(key, ranges)
                 finally:
-                    readers.close()
+                    heads.close()
 
-        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener))
+        def fetch(calls: list):
+            with tier_budget_until(until):
+                reads = self.backend.run_many(calls, tier=where[0])
+                try:
+                    yield from reads
+                finally:
+                    reads.close()
+
+        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener, fetch))
 
     def retrieve(self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None) -> Retrieved:
         parts = [kv for _, kv in self.retrieve_chunks(tokens, salt, max_tokens=max_tokens)]

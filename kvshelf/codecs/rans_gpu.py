@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -59,6 +60,30 @@ def _tables(device: str) -> tuple[torch.Tensor, ...]:
     )
 
 
+# The CPU side of a group (copying segments into pinned memory, rans.scan_segments: compiled, no GIL) may run on
+# a few threads.
+# Measured on the lent H200 (16 cores): 8 threads made the loader slower (14.4 -> 10.2 GB/s per layer in groups
+# of 8 layers: copies into pinned memory contend), so the default is one; hosts where it pays may raise it.
+SCAN_THREADS = 1
+_SEGMENTS_PER_TASK = 16  # fewer per thread do not pay for the hand-over
+_scan_pool: ThreadPoolExecutor | None = None
+
+
+def _scanner() -> ThreadPoolExecutor:
+    global _scan_pool
+    with _pool_lock:
+        if _scan_pool is None:
+            _scan_pool = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="kvshelf-scan")
+        return _scan_pool
+
+
+def _spread(fn, items: list) -> list:
+    """fn(item) for each item, on the scan threads when there are several items (in order); exceptions propagate."""
+    if len(items) < 2 or SCAN_THREADS < 2:
+        return [fn(x) for x in items]
+    return list(_scanner().map(fn, items))
+
+
 _pool_lock = threading.Lock()
 # Pinned staging buffers shared by every thread (a layerwise loader runs on a new thread per request, and
 # pinning memory costs milliseconds per MB): [buffer, event of its last copy to a device, in use].
@@ -89,8 +114,8 @@ def _pinned(nbytes: int) -> tuple[torch.Tensor, list]:
 
 def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     """Copy calibrated segments into one (pinned, on CUDA) staging buffer, check them there and write the
-    kernel's block descriptors and the escapes beside them (rans.scan_segments, one compiled call), then
-    copy it all to `device` at once."""
+    kernel's block descriptors and the escapes beside them (rans.scan_segments: compiled; runs of segments on
+    the scan threads side by side), then copy it all to `device` at once."""
     _, heads, tokens, dim = shape
     device = torch.device(device)
     rows = heads * dim
@@ -108,17 +133,39 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
         host, slot = torch.empty(int(offs[-1]), dtype=torch.uint8), None
     try:
         view = host.numpy()
-        for at, n, data in zip(starts.tolist(), lengths.tolist(), segments, strict=True):
-            view[at : at + n] = np.frombuffer(data, np.uint8)
         desc = view[offs[1] : offs[2]].view(np.int64).reshape(-1, _DESC)[:n_desc]
-        esc_pos = view[offs[2] : offs[3]].view(np.int64)[:max_esc]
-        esc_val = view[offs[3] : offs[4]].view(np.int32)[:max_esc]
         head = np.frombuffer(calibrated_head(level), np.uint8)
-        n_esc, err = rans.scan_segments(
-            view[:base], starts, lengths, head, heads, tokens, dim, width, per_lane, desc, esc_pos, esc_val
-        )
-        if err:
-            raise rans.RansError(f"cachegen segment does not parse (code {err})")
+        part = 2 * rows * tokens  # output values of one segment (K and V)
+
+        def scan(span: tuple[int, int]):
+            """Copy segments a..b-1 into the staging buffer and check them: (escapes, error, positions, values)."""
+            a, b = span
+            for at, n, data in zip(starts[a:b].tolist(), lengths[a:b].tolist(), segments[a:b], strict=True):
+                view[at : at + n] = np.frombuffer(data, np.uint8)
+            cap = min(int(lengths[a:b].sum()) // 8, (b - a) * part)
+            pos, val = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.int32)
+            d = desc[a * 2 * blocks : b * 2 * blocks]
+            n, err = rans.scan_segments(
+                view[:base], starts[a:b], lengths[a:b], head, heads, tokens, dim, width, per_lane, d, pos, val
+            )
+            if not err and a:  # scan_segments numbers these segments from 0: their place in the batch
+                d[:, 5] += a * part
+                pos[:n] += a * part
+            return n, err, pos[:n], val[:n]
+
+        count = len(segments)
+        tasks = max(1, min(SCAN_THREADS, count // _SEGMENTS_PER_TASK))
+        bounds = np.linspace(0, count, tasks + 1).astype(int).tolist()
+        scanned = _spread(scan, list(zip(bounds[:-1], bounds[1:], strict=True)))
+        errors = [err for _, err, _, _ in scanned if err]
+        if errors:
+            raise rans.RansError(f"cachegen segment does not parse (code {errors[0]})")
+        n_esc = sum(n for n, _, _, _ in scanned)
+        if n_esc > max_esc:
+            raise rans.RansError("cachegen segments hold more escapes than their bytes can")
+        if n_esc:
+            view[offs[2] : offs[2] + 8 * n_esc] = np.concatenate([p for _, _, p, _ in scanned]).view(np.uint8)
+            view[offs[3] : offs[3] + 4 * n_esc] = np.concatenate([v for _, _, _, v in scanned]).view(np.uint8)
         end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
         dev = host[:end].to(device, non_blocking=True)
     finally:
@@ -253,8 +300,10 @@ def decode_staged(
     width, per_lane, blocks = rans.layout(rows, tokens)
     head = np.frombuffer(calibrated_head(level), np.uint8)
     desc = np.empty((n, c, 2 * blocks, _DESC), dtype=np.int64)
-    pos, val = [], []
-    for k, ch in enumerate(chunks):
+
+    def scan(k: int):
+        """Check chunk k's segments of layers i..j-1 (on its host copy): its descriptors and escapes in the batch."""
+        ch = chunks[k]
         buf = ch.host.numpy()
         starts, lengths = ch.offsets[i:j], np.diff(ch.offsets[i : j + 1])
         max_esc = min(int(lengths.sum()) // 8, n * 2 * part)
@@ -270,10 +319,12 @@ def decode_staged(
         d[:, :, 0:4] += ch.data.data_ptr() - base.data_ptr()
         d[:, :, 5] += (np.arange(n, dtype=np.int64) * (c - 1) + k)[:, None] * 2 * part
         desc[:, k] = d
-        if n_esc:
-            p = e_pos[:n_esc]
-            pos.append(p + (p // (2 * part) * (c - 1) + k) * 2 * part)
-            val.append(e_val[:n_esc])
+        p = e_pos[:n_esc]
+        return p + (p // (2 * part) * (c - 1) + k) * 2 * part, e_val[:n_esc]
+
+    found = _spread(scan, list(range(c)))
+    pos = [p for p, _ in found if len(p)]
+    val = [v for _, v in found if len(v)]
     n_esc = sum(len(p) for p in pos)
     align = lambda m: (m + 7) // 8 * 8  # noqa: E731
     offs = np.cumsum([0, align(desc.nbytes), align(8 * n_esc), align(4 * n_esc)])

@@ -10,9 +10,10 @@ that launches the model's kernels (the driver call releases the GIL), which on a
 what decides whether the load hides.
 
 Chunks decoded on the GPU itself (a `DeviceDecoding`) may come streamed: located but not read. The loader
-then reads them first (several side by side, each copied to the device as it arrives), so the request's
-compute starts at once and waits at layer 0, which needs every chunk, instead of waiting for the reads
-before it starts; a chunk that cannot be read or checked makes the request recompute.
+then reads every chunk's head, and each layer group's byte range of every chunk as it decodes that group
+(several reads side by side, each range verified on its own: format version 3), so the request's compute
+starts at once, layer 0 waits only for layer 0's bytes, and later groups are read while earlier layers
+compute; a chunk or range that cannot be read or checked makes the request recompute.
 """
 
 from __future__ import annotations
@@ -69,10 +70,6 @@ def layer_groups(num_layers: int, buffer_size: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-# Device decoding: decode every batch of this many chunks (all layers) while the next are read; 0: off
-DECODE_AHEAD_CHUNKS = 0
-
-
 class LayerLoadError(RuntimeError):
     """A layer could not be loaded; the request must recompute instead of using partial KV."""
 
@@ -88,15 +85,11 @@ class LayerwiseLoader:
         use_async_load: bool = True,
         metrics: Metrics | None = None,
         decoding: DeviceDecoding | None = None,
-        decode_ahead: int | None = None,
     ):
         self.retrieval = retrieval
         # Chunks decoded on the KV's own device (LayerwiseRetrieval.device_decoding), else on the CPU
         self.decoding = decoding
-        # Device decoding: chunks per batch decoded (all layers) while later chunks are still read; 0: none
-        self.decode_ahead = DECODE_AHEAD_CHUNKS if decode_ahead is None else decode_ahead
-        self._ahead = 0  # chunks decoded ahead (all their layers), the first ones
-        self.open_s = 0.0  # time the loader spent reading and staging the chunks before the first group
+        self.open_s = 0.0  # time the loader spent reading the chunks' heads before the first group
         self.kv = kv
         self.n = retrieval.num_tokens
         self.buffer_size = max(1, buffer_size)  # layers loaded ahead of the compute, at most
@@ -130,13 +123,14 @@ class LayerwiseLoader:
         pinned: list[bool] | None = None
         pending: tuple | None = None  # the last group decoded on the device, not yet known to be sound
         try:
-            if self.decoding is not None:
-                self._open_on_device()
-            copier = self._row_copier() if self._cuda and self.decoding is None else None
             # Decoding on the device: groups of half the buffer, so that one group can be staged on the CPU
             # while the device decodes the one before without running past the buffer
             group = max(1, self.buffer_size // 2) if self.decoding is not None else self.buffer_size
-            for i, j in layer_groups(self.num_layers, group):
+            groups = layer_groups(self.num_layers, group)
+            if self.decoding is not None:
+                self._open_on_device(groups)
+            copier = self._row_copier() if self._cuda and self.decoding is None else None
+            for i, j in groups:
                 with self._room:
                     # layer 0 (the compute starts with it: nothing to overlap yet), or this group must wait
                     # for the compute, which may be waiting for the pending one; else the next group is
@@ -193,13 +187,16 @@ class LayerwiseLoader:
                     self._ready[k].set()
             if pending is not None:
                 self._release(pending)
-            if self.decoding is not None:
-                self.decoding.release()  # the staged copies: everything that reads them is queued before
         except BaseException as err:  # reported to the request through wait(); it then recomputes
             self._error = err
             log.warning("layerwise load failed: %s: %s", type(err).__name__, err)
             for event in self._ready:
                 event.set()
+        finally:
+            if self.decoding is not None:
+                if self._stream is not None:
+                    self._stream.synchronize()  # the staged host bytes are copied before they are let go
+                self.decoding.release()  # reads still in flight end
 
     def _decode_on_device(self, i: int, j: int, t0: float) -> tuple:
         """Queue layers i..j-1 of every chunk not decoded ahead: decoded on the device (on the load stream)
@@ -207,7 +204,7 @@ class LayerwiseLoader:
         the flag is copied back behind the decode: the loader waits for it, the compute not."""
         stream = torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
         with stream:
-            event, host_flag = self._decode_group(i, j, self._ahead, None)
+            event, host_flag = self._decode_group(i, j)
         nbytes = self.decoding.num_tokens_bytes(i, j)
         self.retrieval.count_retrieved(nbytes)
         per_layer = (time.perf_counter() - t0) / (j - i)
@@ -215,39 +212,17 @@ class LayerwiseLoader:
             self.stats.record(k, load_s=per_layer, nbytes=nbytes // (j - i))
         return i, j, event, host_flag
 
-    def _open_on_device(self) -> None:
-        """Read (a streamed plan) and stage every chunk on the device, in order, on the load stream. With
-        `decode_ahead`, every full batch of that many staged chunks is decoded at once, all its layers,
-        while the reads of the next go on: the compute needs every chunk of a layer, so it cannot start
-        before the last read, but the device is idle until then. The rest decode group by group."""
+    def _open_on_device(self, groups: list[tuple[int, int]]) -> None:
+        """A streamed plan: read and verify every chunk's head, in order, and start reading the layer ranges of
+        `groups` (read side by side on the tier's workers as the groups decode)."""
         t0 = time.perf_counter()
-        early: list[tuple] = []
-        total = self.decoding.num_chunks
-
-        def staged(n: int) -> None:
-            if self._closed:
-                raise LayerLoadError("the loader was closed")
-            if self.decode_ahead and n - self._ahead >= self.decode_ahead and n < total:
-                step = max(1, 256 // (n - self._ahead))  # few launches, bounded temporaries: <= 256 segments
-                for i in range(0, self.num_layers, step):
-                    early.append(self._decode_group(i, min(i + step, self.num_layers), self._ahead, n))
-                self._ahead = n
-
-        stream = torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
-        with stream:
-            self.decoding.open(staged)
-        for event, host_flag in early:  # every early batch is known sound before any layer is used
-            if event is not None:
-                event.synchronize()
-            if host_flag is not None and bool(host_flag):
-                raise LayerLoadError("chunks decoded while reading did not decode (damaged stored bytes)")
+        self.decoding.open(groups)
         self.open_s = time.perf_counter() - t0
         self.stats.record(0, load_s=self.open_s)
 
-    def _decode_group(self, i: int, j: int, lo: int, hi: int) -> tuple:
-        """Layers i..j-1 of chunks lo..hi-1 (None: to the last) queued on the device into the KV: (event, host
-        flag)."""
-        parts, flag = self.decoding.decode(i, j, lo, hi)
+    def _decode_group(self, i: int, j: int) -> tuple:
+        """Layers i..j-1 of every chunk queued on the device into the KV: (event, host flag)."""
+        parts, flag = self.decoding.decode(i, j)
         for start, _end, part in parts:
             self.kv.write_layers(i, j, start, part, non_blocking=True)
         host_flag = None

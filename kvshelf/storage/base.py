@@ -68,6 +68,32 @@ class ChunkReader(Protocol):
         offsets[k + 1]), for a loader that stages whole chunks on a GPU as they arrive; None as above."""
 
 
+class LayerRanges(Protocol):
+    """What `StorageBackend.open_ranges` returns: a chunk whose head was read and verified, whose layers' stored
+    bytes are read range by range as a loader needs them, each range verified on its own."""
+
+    meta: ChunkMeta
+    kv: None
+    codec: Codec
+    offsets: list[int]  # layer k's segment is offsets[k]..offsets[k + 1] of the payload
+
+    def read(self, i: int, j: int, into=None) -> memoryview | None:
+        """Layers i..j-1's segments, back to back, verified (into a buffer from `into(nbytes)` where the tier
+        can place the bytes); None when the object is gone or the range is damaged (a miss)."""
+
+
+class OpenedRanges:
+    """LayerRanges over a chunk opened (read and verified) whole: what tiers without range reads give."""
+
+    kv = None
+
+    def __init__(self, meta: ChunkMeta, codec: Codec, payload: memoryview, offsets: list[int]):
+        self.meta, self.codec, self._payload, self.offsets = meta, codec, payload, offsets
+
+    def read(self, i: int, j: int, into=None) -> memoryview:
+        return self._payload[self.offsets[i] : self.offsets[j]]
+
+
 class StorageBackend(ABC):
     """A keyed store of chunks. Implementations must be thread-safe.
 
@@ -99,13 +125,32 @@ class StorageBackend(ABC):
         a GPU copies from without staging) where the tier reads bytes it can place; others ignore `into`."""
         return self.open(key)
 
-    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None):
-        """open() (open_into with `into`) of each key in order, each read under its Expected
-        (kvshelf.storage.expect), yielding every reader (None: a miss) as it comes; a tier stack reads several
-        side by side from the tier `tier`."""
+    def open_many(
+        self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None, ranges=False
+    ):
+        """open() (open_into with `into`; open_ranges with `ranges`) of each key in order, each read under its
+        Expected (kvshelf.storage.expect), yielding every reader (None: a miss) as it comes; a tier stack
+        reads several side by side from the tier `tier`."""
         for key, want in zip(keys, expected or [None] * len(keys), strict=True):
             with expecting(want):
-                yield self.open(key) if into is None else self.open_into(key, into)
+                if ranges:
+                    yield self.open_ranges(key)
+                else:
+                    yield self.open(key) if into is None else self.open_into(key, into)
+
+    def open_ranges(self, key: bytes) -> LayerRanges | None:
+        """The chunk under `key` for reading layer ranges (its head verified now, each range as it is read), or
+        None on a miss or where the tier holds decoded KV. By default the whole object is read and verified
+        now and ranges are cut from it; byte tiers read the head now and each range when asked."""
+        reader = self.open(key)
+        encoded = reader.encoded_payload() if reader is not None else None
+        return None if encoded is None else OpenedRanges(reader.meta, *encoded)
+
+    def run_many(self, calls, *, tier: str | None = None):
+        """fn(*args) of each (fn, args) in `calls`, in order, yielding each result as it comes: a tier stack runs
+        them side by side on the workers of the tier `tier` (reads of LayerRanges it opened)."""
+        for fn, args in calls:
+            yield fn(*args)
 
     def tier_codec(self, name: str) -> Codec | None:
         """The codec of the tier named `name` (as locate() names it): None where it holds decoded tensors."""

@@ -211,6 +211,33 @@ class DiskBackend(ByteStore):
             self._forget(name)
             return None
 
+    def _get_range(self, name: str, start: int, length: int, limit: int, into=None) -> bytes | memoryview | None:
+        """pread of the range (into a buffer from `into`: pinned memory the GPU copies from as it is)."""
+        with self._lock:
+            if name not in self._index:
+                return None
+            self._index.move_to_end(name)
+        try:
+            with open(self._path(name), "rb", buffering=0) as f:
+                fd = f.fileno()
+                size = os.fstat(fd).st_size
+                if size > limit:
+                    raise ObjectTooLarge(f"file of {size} bytes; no expected chunk is larger than {limit}")
+                n = max(0, min(length, size - start))
+                if into is None:
+                    return os.pread(fd, n, start)
+                view = memoryview(into(n).numpy())
+                got = 0
+                while got < n:
+                    k = os.preadv(fd, [view[got:n]], start + got)
+                    if not k:
+                        break
+                    got += k
+                return view[:got]
+        except FileNotFoundError:
+            self._forget(name)
+            return None
+
     def _forget(self, name: str) -> None:
         with self._lock:
             size = self._index.pop(name, None)

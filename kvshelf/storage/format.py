@@ -1,27 +1,35 @@
 """kvshelf's byte format for one stored chunk. Self-describing, versioned, checksummed, optionally
-authenticated; never pickle.
+authenticated, verifiable layer by layer; never pickle.
 
     offset  size  field
     0       4     magic b"KVSH"
-    4       2     format version (little-endian u16), 2
+    4       2     format version (little-endian u16), 3
     6       2     flags: bit 0 = the MAC field holds a MAC; other bits 0
     8       4     header length H (u32, at most 64 KiB)
     12      8     xxh3-64 of the header bytes
-    20      8     xxh3-64 of the payload bytes
-    28      32    keyed BLAKE3 MAC over (domain, chunk key, bytes 0..27, header, payload: kvshelf.storage.auth);
-                  zeros without a MAC
+    20      8     payload length (u64; equals the header's last layer offset)
+    28      32    keyed BLAKE3 MAC over (domain, chunk key, bytes 0..27, header: kvshelf.storage.auth); zeros
+                  without a MAC
     60      H     header: UTF-8 JSON object, exactly these fields: key (hex; keyed with a MAC key:
                   kvshelf.storage.auth.key_field), model (a tag of the model
                   fingerprint bound to the key: kvshelf.storage.auth.model_tag), codec, codec_params,
                   dtype, shape [layers, 2, kv_heads, tokens, head_dim], num_tokens, position (RoPE
-                  position of the first token), layer_offsets (one segment per layer)
+                  position of the first token), layer_offsets (one segment per layer), layer_digests (each
+                  layer segment's digest, hex: BLAKE3-256 in an object with a MAC, collision-resistant
+                  since the MAC covers the head only; xxh3-128 in one without, which only a damage
+                  check needs: without a MAC the store is trusted as is)
     60+H    ...   payload: one codec segment per layer, back to back
 
-Reading checks the MAC first when the reader has a key (a hostile header is never even parsed), then
-the checksums, then every header field's type and range against what the read expects (shape, dtype,
-tokens, the largest segment the codec can write) before anything is decoded. Whatever goes wrong while
-parsing or decoding stored bytes is a FormatError, which tiers turn into a miss and a delete. Version 1
-objects (plain fingerprint, no MAC field) are misses.
+The MAC covers the prefix and the header, and the header holds a collision-resistant digest of every
+segment, so one check of the head (prefix + header) vouches for each segment on its own: a reader may
+fetch byte ranges (the head, then layer segments as it needs them: ChunkHead) and verify each as it
+arrives, or read the whole object (open_chunk: the head, then every segment). Reading checks the MAC
+first when the reader has a key (a hostile header is never even parsed), then the header checksum, then
+every header field's type and range against what the read expects (shape, dtype, tokens, the largest
+segment the codec can write) before anything is decoded or a segment is fetched; a segment is used only
+once its length and digest match. Whatever goes wrong while parsing or decoding stored bytes is a
+FormatError, which tiers turn into a miss and a delete. Objects of versions 1 and 2 (one checksum and
+MAC over the whole payload) are misses.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import struct
 
 import torch
 import xxhash
+from blake3 import blake3
 
 from kvshelf.codecs import Codec, get_codec
 from kvshelf.codecs.base import tensor_view
@@ -44,14 +53,29 @@ from kvshelf.storage.base import ChunkMeta, StoredChunk
 from kvshelf.storage.expect import GENERIC, MAX_HEADER_BYTES, MAX_POSITION, Expected
 
 MAGIC = b"KVSH"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FLAG_MAC = 1
 _PREFIX = struct.Struct("<4sHHIQQ32s")
 PREFIX_SIZE = _PREFIX.size  # 60
 _MAC_AT = PREFIX_SIZE - MAC_SIZE  # the MAC covers the prefix bytes before it
 _NO_MAC = bytes(MAC_SIZE)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
-_FIELDS = {"key", "model", "codec", "codec_params", "dtype", "shape", "num_tokens", "position", "layer_offsets"}
+_FIELDS = {
+    "key",
+    "model",
+    "codec",
+    "codec_params",
+    "dtype",
+    "shape",
+    "num_tokens",
+    "position",
+    "layer_offsets",
+    "layer_digests",
+}
+# Each layer segment's digest: BLAKE3-256 in an object with a MAC (collision-resistant: the MAC covers the head
+# only), xxh3-128 in one without (damage only: without a MAC the store is trusted as is, and xxh3 is ~6x faster)
+_DIGEST_HEX = {True: re.compile(r"[0-9a-f]{64}\Z"), False: re.compile(r"[0-9a-f]{32}\Z")}
+_THREADED_DIGEST = 4 << 20  # segments at least this large are hashed on several threads
 _MAX_DEPTH = 3  # {"codec_params": {...}} and lists inside the object: deeper is not a kvshelf header
 _BRACKETS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
@@ -68,6 +92,29 @@ class UnreadableHere(FormatError):
     """A sound object this process cannot decode (its cachegen calibration is not here)."""
 
 
+def segment_digest(segment, mac: bool) -> bytes:
+    """The digest a header lists for a layer segment: BLAKE3-256 in an object with a MAC, else xxh3-128 (both
+    release the GIL while hashing)."""
+    view = memoryview(segment)
+    if not mac:
+        return xxhash.xxh3_128_digest(view)
+    threads = blake3.AUTO if view.nbytes >= _THREADED_DIGEST else 1
+    return blake3(view, max_threads=threads).digest(32)
+
+
+def seal(key: bytes, header: dict, payload_len: int, auth: ObjectAuth | None = None) -> bytes:
+    """The head of an object (prefix + header) for `header` as given: checksum, payload length and, with
+    `auth`, the MAC over both. The encoder's last step (and what a test's forger would write)."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    flags = FLAG_MAC if auth is not None else 0
+    prefix = bytearray(
+        _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(head), xxhash.xxh3_64_intdigest(head), payload_len, _NO_MAC)
+    )
+    if auth is not None:
+        prefix[_MAC_AT:] = auth.mac(key, bytes(prefix[:_MAC_AT]) + head, [])
+    return bytes(prefix) + head
+
+
 def encode_chunk_parts(
     key: bytes, chunk: StoredChunk, codec: Codec, auth: ObjectAuth | None = None
 ) -> list[bytes | memoryview]:
@@ -76,10 +123,8 @@ def encode_chunk_parts(
     kv = chunk.kv
     segments = codec.encode_layers(kv, chunk.meta.position)
     offsets = [0]
-    payload_hash = xxhash.xxh3_64()
     for seg in segments:
-        offsets.append(offsets[-1] + len(seg))
-        payload_hash.update(seg)
+        offsets.append(offsets[-1] + memoryview(seg).nbytes)
     header = {
         "key": key_field(key, auth),
         "model": model_tag(chunk.meta.fingerprint, key, auth),
@@ -90,14 +135,9 @@ def encode_chunk_parts(
         "num_tokens": chunk.meta.num_tokens,
         "position": chunk.meta.position,
         "layer_offsets": offsets,
+        "layer_digests": [segment_digest(seg, auth is not None).hex() for seg in segments],
     }
-    head = json.dumps(header, separators=(",", ":")).encode()
-    flags = FLAG_MAC if auth is not None else 0
-    fields = (MAGIC, FORMAT_VERSION, flags, len(head), xxhash.xxh3_64_intdigest(head), payload_hash.intdigest())
-    prefix = bytearray(_PREFIX.pack(*fields, _NO_MAC))
-    if auth is not None:
-        prefix[_MAC_AT:] = auth.mac(key, bytes(prefix[:_MAC_AT]) + head, segments)
-    return [bytes(prefix) + head, *segments]
+    return [seal(key, header, offsets[-1], auth), *segments]
 
 
 def encode_chunk(key: bytes, chunk: StoredChunk, codec: Codec, auth: ObjectAuth | None = None) -> bytes:
@@ -121,7 +161,7 @@ def _json_depth(head: bytes) -> int:
 def _prefix(view: memoryview) -> tuple[int, int, int, int, bytes]:
     if len(view) < PREFIX_SIZE:
         raise FormatError(f"object of {len(view)} bytes is shorter than the {PREFIX_SIZE}-byte prefix")
-    magic, version, flags, head_len, head_sum, payload_sum, mac = _PREFIX.unpack_from(view)
+    magic, version, flags, head_len, head_sum, payload_len, mac = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise FormatError(f"bad magic {bytes(magic)!r}")
     if version != FORMAT_VERSION:
@@ -132,7 +172,18 @@ def _prefix(view: memoryview) -> tuple[int, int, int, int, bytes]:
         raise FormatError("MAC field of an object without a MAC is not zero")
     if head_len > MAX_HEADER_BYTES:
         raise FormatError(f"header of {head_len} bytes is larger than {MAX_HEADER_BYTES}")
-    return flags, head_len, head_sum, payload_sum, mac
+    return flags, head_len, head_sum, payload_len, mac
+
+
+def head_size(blob: bytes | memoryview) -> int:
+    """Bytes of the head (prefix + header) of the object that `blob` begins with (its prefix at least):
+    a reader of byte ranges fetches that much before any segment."""
+    try:
+        return PREFIX_SIZE + _prefix(memoryview(blob))[1]
+    except FormatError:
+        raise
+    except Exception as err:  # noqa: BLE001 - anything at all in stored bytes is damage
+        raise FormatError(f"prefix unreadable: {type(err).__name__}: {err}") from None
 
 
 def _parse_header(head: memoryview) -> dict:
@@ -151,12 +202,12 @@ def read_header(blob: bytes | memoryview, *, expected_size: int | None = None) -
     Neither the payload nor the MAC is checked: for indexing files, not for loading them."""
     view = memoryview(blob)
     try:
-        _, head_len, head_sum, _, _ = _prefix(view)
+        flags, head_len, head_sum, payload_len, _ = _prefix(view)
         head = view[PREFIX_SIZE : PREFIX_SIZE + head_len]
         if len(head) != head_len or xxhash.xxh3_64_intdigest(head) != head_sum:
             raise FormatError("header truncated or corrupted")
         header = _parse_header(head)
-        shape, _, offsets = _check_header(header, None, None)
+        _, _, offsets, _ = _check_header(header, None, None, payload_len, bool(flags & FLAG_MAC))
     except FormatError:
         raise
     except Exception as err:  # noqa: BLE001 - anything at all in stored bytes is damage
@@ -173,8 +224,9 @@ def _int(value, lo: int, hi: int, what: str) -> int:
     return value
 
 
-def _check_header(header: dict, codec: Codec | None, expected: Expected | None):
-    """Types and ranges of every field, against `expected` when given; returns (shape, dtype, offsets)."""
+def _check_header(header: dict, codec: Codec | None, expected: Expected | None, payload_len: int, mac: bool):
+    """Types and ranges of every field, against `expected` when given, the layer table against the prefix's
+    payload length, and the digests' kind against the MAC flag; returns (shape, dtype, offsets, digests)."""
     if not isinstance(header["key"], str) or not isinstance(header["model"], str):
         raise FormatError("header key/model are not strings")
     dtype = _DTYPES.get(header["dtype"]) if isinstance(header["dtype"], str) else None
@@ -215,7 +267,16 @@ def _check_header(header: dict, codec: Codec | None, expected: Expected | None):
         _int(b, 0, lim.max_object_bytes, "layer offset")
         if not 0 <= b - a <= cap:
             raise FormatError(f"layer segment of {b - a} bytes is outside 0..{cap}")
-    return tuple(shape), dtype, offsets
+    if offsets[-1] != payload_len:
+        raise FormatError(f"layer table ends at {offsets[-1]}, the prefix says the payload is {payload_len} bytes")
+    if codec is not None and codec.raw_layout and payload_len != layers * 2 * heads * tokens * dim * dtype.itemsize:
+        raise FormatError(f"raw payload is {payload_len} bytes, shape {shape} needs more or less")
+    digests = header["layer_digests"]
+    if not isinstance(digests, list) or len(digests) != layers:
+        raise FormatError("layer digests do not match the shape")
+    if not all(isinstance(d, str) and _DIGEST_HEX[mac].match(d) for d in digests):
+        raise FormatError(f"a layer digest is not {32 if mac else 16} bytes of lowercase hex")
+    return tuple(shape), dtype, offsets, [bytes.fromhex(d) for d in digests]
 
 
 class EncodedChunk:
@@ -289,29 +350,74 @@ def _checked(t: torch.Tensor, shape, dtype, what: str) -> torch.Tensor:
     return t
 
 
-def open_chunk(
+class ChunkHead:
+    """A stored object's verified head (prefix and header): what the chunk is, where each layer's segment lies
+    in the object, and the digest it must have. Segments fetched apart (byte ranges) are checked by `check`."""
+
+    def __init__(self, meta: ChunkMeta, codec: Codec, offsets: list[int], digests: list[bytes], start: int, mac: bool):
+        self.meta, self.codec, self.offsets, self.digests, self.start = meta, codec, offsets, digests, start
+        self.mac = mac  # the digests are BLAKE3 (object with a MAC) or xxh3-128
+
+    @property
+    def num_layers(self) -> int:
+        return self.meta.shape[0]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole object."""
+        return self.start + self.offsets[-1]
+
+    def span(self, i: int, j: int) -> tuple[int, int]:
+        """(first byte in the object, length) of layers i..j-1's segments, which lie back to back."""
+        if not 0 <= i < j <= self.num_layers:
+            raise ValueError(f"layers {i}..{j - 1} are not within 0..{self.num_layers - 1}")
+        return self.start + self.offsets[i], self.offsets[j] - self.offsets[i]
+
+    def check(self, i: int, j: int, data: bytes | memoryview) -> memoryview:
+        """`data` as layers i..j-1's segments, back to back, once its length and every segment's digest match;
+        FormatError otherwise (a short read, a flipped byte, a segment of another layer or object)."""
+        _, want = self.span(i, j)
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        if view.nbytes != want:
+            raise FormatError(f"layers {i}..{j - 1} are {view.nbytes} bytes, the header says {want}")
+        base = self.offsets[i]
+        for k in range(i, j):
+            seg = view[self.offsets[k] - base : self.offsets[k + 1] - base]
+            if not hmac.compare_digest(segment_digest(seg, self.mac), self.digests[k]):
+                raise FormatError(f"layer {k} segment digest mismatch")
+        return view
+
+    def chunk(self, payload: bytes | memoryview) -> EncodedChunk:
+        """The chunk over its whole payload, every segment checked."""
+        view = self.check(0, self.num_layers, payload)
+        return EncodedChunk(self.meta, self.codec, view, self.offsets)
+
+
+def open_head(
     blob: bytes | memoryview,
     expected_key: bytes,
     codec: Codec | None = None,
     *,
     auth: ObjectAuth | None = None,
     expected: Expected | None = None,
-) -> EncodedChunk:
-    """Verify everything about a stored object before any decoding: MAC (with `auth`), prefix, header
-    checksum and fields, key, model tag (with `expected`'s fingerprint), shape, layer table, payload
-    checksum. `codec`: the reading tier's codec, which the header must name exactly; None decodes with
+) -> ChunkHead:
+    """Verify a stored object's head (`blob` starts with it; what follows is ignored): MAC (with `auth`),
+    prefix, header checksum and fields, key, model tag (with `expected`'s fingerprint), shape, layer table
+    and digests. `codec`: the reading tier's codec, which the header must name exactly; None decodes with
     whatever codec the header names (tools and tests)."""
     view = memoryview(blob)
     try:
-        flags, head_len, head_sum, payload_sum, mac = _prefix(view)
+        flags, head_len, head_sum, payload_len, mac = _prefix(view)
         start = PREFIX_SIZE + head_len
-        head, payload = view[PREFIX_SIZE:start], view[start:]
+        head = view[PREFIX_SIZE:start]
         if len(head) != head_len:
             raise FormatError("header truncated")
         if auth is not None:
             if not flags & FLAG_MAC:
                 raise FormatError("object carries no MAC, and this instance requires one (remote_auth_key)")
-            if not hmac.compare_digest(auth.mac(expected_key, bytes(view[:_MAC_AT]) + bytes(head), [payload]), mac):
+            if not hmac.compare_digest(auth.mac(expected_key, bytes(view[:_MAC_AT]) + bytes(head), []), mac):
                 raise FormatError("MAC mismatch: object not written by an instance holding remote_auth_key")
         elif flags & FLAG_MAC:
             raise FormatError("object carries a MAC but this instance has no remote_auth_key")
@@ -326,19 +432,33 @@ def open_chunk(
                 raise FormatError("model fingerprint differs")
             fingerprint = expected.fingerprint
         codec = _codec_for(header, codec)
-        shape, dtype, offsets = _check_header(header, codec, expected)
-        if len(payload) != offsets[-1]:
-            raise FormatError(f"payload is {len(payload)} bytes, header says {offsets[-1]}")
-        if xxhash.xxh3_64_intdigest(payload) != payload_sum:
-            raise FormatError("payload checksum mismatch")
-        if codec.raw_layout and len(payload) != torch.Size(shape).numel() * dtype.itemsize:
-            raise FormatError(f"raw payload is {len(payload)} bytes, shape {shape} needs more or less")
+        shape, dtype, offsets, digests = _check_header(header, codec, expected, payload_len, bool(flags & FLAG_MAC))
         meta = ChunkMeta(fingerprint, shape[3], shape, dtype, header["position"])
     except FormatError:
         raise
     except Exception as err:  # noqa: BLE001 - RecursionError, OverflowError, MemoryError...: all damage
         raise FormatError(f"object does not parse: {type(err).__name__}: {err}") from None
-    return EncodedChunk(meta, codec, payload, offsets)
+    return ChunkHead(meta, codec, offsets, digests, start, bool(flags & FLAG_MAC))
+
+
+def open_chunk(
+    blob: bytes | memoryview,
+    expected_key: bytes,
+    codec: Codec | None = None,
+    *,
+    auth: ObjectAuth | None = None,
+    expected: Expected | None = None,
+) -> EncodedChunk:
+    """Verify everything about a whole stored object before any decoding: its head (open_head), then that the
+    payload is as long as the header says and every segment's digest."""
+    view = memoryview(blob)
+    head = open_head(view, expected_key, codec, auth=auth, expected=expected)
+    try:
+        return head.chunk(view[head.start :])
+    except FormatError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise FormatError(f"object does not parse: {type(err).__name__}: {err}") from None
 
 
 def _codec_for(header: dict, codec: Codec | None) -> Codec:

@@ -181,6 +181,41 @@ class RedisBackend(ByteStore):
             raise FormatError(f"parts hold {len(blob)} bytes, the manifest says {total}")
         return blob
 
+    def _get_range(self, name: str, start: int, length: int, limit: int, into=None) -> bytes | None:
+        """GETRANGE: one round trip for a plain value (its length, its first bytes to tell a manifest, the
+        range), a second one for the parts a manifest's range spans."""
+        key = self._key(name)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.strlen(key)
+        pipe.getrange(key, 0, _MANIFEST.size - 1)
+        if length > 0:
+            pipe.getrange(key, start, start + length - 1)  # an end below start would mean "to the end"
+        try:
+            size, head, *data = pipe.execute()
+        except redis.ResponseError:
+            raise FormatError("value is not a Redis string") from None
+        if size == 0:
+            return None
+        if size > limit:
+            raise ObjectTooLarge(f"value of {size} bytes; no expected chunk is larger than {limit}")
+        manifest = self._manifest(head, limit) if size == _MANIFEST.size else None
+        if manifest is None:
+            return data[0] if data else b""
+        count, part_bytes, total = manifest
+        end = min(start + length, total)
+        if end <= start:
+            return b""
+        first, last = start // part_bytes, (end - 1) // part_bytes
+        pipe = self.client.pipeline(transaction=False)
+        for p, part_key in enumerate(self._part_keys(name, count)[first : last + 1], first):
+            lo, hi = max(start, p * part_bytes) - p * part_bytes, min(end, (p + 1) * part_bytes) - p * part_bytes
+            pipe.getrange(part_key, lo, hi - 1)
+        try:
+            pieces = pipe.execute()
+        except redis.ResponseError:
+            raise FormatError("a part is not a Redis string") from None
+        return b"".join(pieces)  # a missing part reads as empty: the range comes short, and is refused
+
     def _delete_name(self, name: str) -> None:
         key = self._key(name)
         keys = [key]

@@ -23,9 +23,19 @@ from kvshelf.storage import expect
 from kvshelf.storage.auth import ObjectAuth, codec_id, object_name
 from kvshelf.storage.base import StorageBackend, StoredChunk
 from kvshelf.storage.expect import GENERIC, MAX_HEADER_BYTES, Expected
-from kvshelf.storage.format import PREFIX_SIZE, EncodedChunk, FormatError, encode_chunk_parts, open_chunk
+from kvshelf.storage.format import (
+    PREFIX_SIZE,
+    ChunkHead,
+    EncodedChunk,
+    FormatError,
+    encode_chunk_parts,
+    head_size,
+    open_chunk,
+    open_head,
+)
 
 log = logging.getLogger(__name__)
+HEAD_PROBE = 16 << 10  # bytes read for an object's head (a header of a 32-layer model takes ~3 KB)
 
 
 class ObjectTooLarge(FormatError):
@@ -33,6 +43,8 @@ class ObjectTooLarge(FormatError):
 
 
 class ByteStore(StorageBackend):
+    head_probe = HEAD_PROBE  # bytes of an object read to verify its head (open_ranges)
+
     def __init__(self, codec: Codec, *, auth: ObjectAuth | None = None, metrics: Metrics | None = None):
         self.auth = auth
         self.metrics = metrics or Metrics()  # the shelf's, where codec timings are observed
@@ -54,6 +66,13 @@ class ByteStore(StorageBackend):
         """_get_bytes into a buffer from `into(nbytes)` where the tier can read into one (disk); by default
         the bytes as _get_bytes returns them."""
         return self._get_bytes(name, limit)
+
+    def _get_range(self, name: str, start: int, length: int, limit: int, into=None) -> bytes | memoryview | None:
+        """`length` bytes of the object from byte `start` (fewer where the object ends first: the format's
+        checks refuse that), into a buffer from `into(length)` where the tier can place them; None when there
+        is no object; ObjectTooLarge for an object larger than `limit`. By default a whole read, cut."""
+        blob = self._get_bytes(name, limit)
+        return None if blob is None else memoryview(blob)[start : start + length]
 
     @abstractmethod
     def _delete_name(self, name: str) -> None: ...
@@ -121,6 +140,28 @@ class ByteStore(StorageBackend):
             self._reject(key, err)
             return None
 
+    def open_ranges(self, key: bytes, expected: Expected | None = None) -> RangedChunk | None:
+        """Read and verify the object's head only (one read of `head_probe` bytes: a small object comes whole);
+        its layer ranges are read and verified when asked for (RangedChunk.read)."""
+        expected = expected or expect.current()
+        codec, name_id = self._coding
+        try:
+            name, limit = object_name(key, name_id, self.auth), self.max_object_bytes(expected, codec)
+            probe = self.head_probe
+            blob = self._get_range(name, 0, probe, limit)
+            if blob is None:
+                return None
+            size = head_size(blob)
+            if size > len(blob) and len(blob) == probe:  # a header longer than the probe: the rest of it
+                rest = self._get_range(name, probe, size - probe, limit)
+                blob = bytes(blob) + bytes(rest or b"")
+            head = open_head(blob, key, codec, auth=self.auth, expected=expected)
+            whole = memoryview(blob)[head.start :] if len(blob) >= head.size else None
+        except FormatError as err:
+            self._reject(key, err)
+            return None
+        return RangedChunk(self, key, name, head, whole)
+
     def _reject(self, key: bytes, err: Exception) -> None:
         log.warning("%s tier: deleting damaged object for chunk %s: %s", self.name, key.hex(), err)
         with self._corrupt_lock:
@@ -138,3 +179,28 @@ class ByteStore(StorageBackend):
     @property
     def capacity_bytes(self) -> int | None:
         return None
+
+
+class RangedChunk:
+    """A byte tier's object whose head was read and verified (LayerRanges): each layer range is read when asked
+    for and used only once its digests match; a damaged range deletes the object, like any damage."""
+
+    kv = None
+
+    def __init__(self, store: ByteStore, key: bytes, name: str, head: ChunkHead, whole: memoryview | None):
+        self.meta, self.codec, self.offsets = head.meta, head.codec, head.offsets
+        self._store, self._key, self._name, self._head, self._whole = store, key, name, head, whole
+
+    def read(self, i: int, j: int, into=None) -> memoryview | None:
+        at, n = self._head.span(i, j)
+        try:
+            if self._whole is not None:  # came whole with the head
+                data = self._whole[at - self._head.start : at - self._head.start + n]
+            else:
+                data = self._store._get_range(self._name, at, n, self._head.size, into)
+                if data is None:
+                    return None  # gone since the head was read (evicted, deleted)
+            return self._head.check(i, j, data)
+        except FormatError as err:
+            self._store._reject(self._key, err)
+            return None

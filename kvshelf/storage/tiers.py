@@ -13,8 +13,8 @@
   Every worker of a tier busy means the tier is stuck: it is skipped (no thread growth). A caller may
   also put a whole request under a budget (`tier_budget`): calls then end when the budget does, and a
   call cut by the budget, like a read slower than `slow_s`, counts against the tier's breaker.
-- side by side: `open_many` reads one request's chunks with up to `read_window` calls in flight (of the
-  tier's workers), in order, each under its own deadline (layerwise loading decoded on a GPU, issue #17).
+- side by side: `open_many` (chunks, or heads) and `run_many` (layer ranges) keep up to `read_window` calls
+  of one request in flight, in order, each under its own deadline (GPU layerwise loading, issue #17).
 """
 
 from __future__ import annotations
@@ -300,35 +300,54 @@ class TierManager(StorageBackend):
         tier, reader = self._first_hit("open", key)
         return _PromotingReader(reader, key, self.tiers[0]) if self._promotes(tier) else reader
 
-    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None):
-        """Open `keys` from the tier named `tier` (the one locate() found them in; default: the first), in
-        order, yielding each reader (None: a miss or a fault) as soon as it and those before it are there.
-        Up to `read_window` (default: half the tier's workers) read side by side; the rest stay free for other requests, and a
-        worker taken by them makes this wait for its own calls rather than count the tier stuck."""
-        t = next((x for x in self.tiers if x.name == tier), None) if tier is not None else self.tiers[0]
-        if t is None:
-            raise ValueError(f"no tier named {tier!r}")
-        expected = expected or [None] * len(keys)
+    def open_many(
+        self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None, ranges=False
+    ):
+        """Open `keys` from the tier named `tier` (default: the first), in order, yielding each reader (None: a
+        miss or a fault) as soon as it and those before it are there; with `ranges`, each key's LayerRanges
+        (head verified; ranges read by run_many). Up to `read_window` read side by side (_in_order)."""
+        t = self._named(tier)
         backend = t.backend
 
         def open_into(key: bytes):
             return backend.open_into(key, into)
 
-        read = backend.open if into is None else open_into
+        read = backend.open_ranges if ranges else backend.open if into is None else open_into
+        expected = expected or [None] * len(keys)
+        calls = ((read, (key,), want) for key, want in zip(keys, expected, strict=True))
+        for reader in self._in_order(t, calls):
+            t.count(**({"hits": 1} if reader is not None else {"misses": 1}))
+            yield reader
+
+    def run_many(self, calls, *, tier: str | None = None):
+        """fn(*args) of each (fn, args) in `calls` on the tier named `tier`'s workers, as open_many reads: each
+        result (None: a fault) in order (layer ranges of chunks open_many opened)."""
+        return self._in_order(self._named(tier), ((fn, args, None) for fn, args in calls))
+
+    def _named(self, tier: str | None) -> Tier:
+        t = next((x for x in self.tiers if x.name == tier), None) if tier is not None else self.tiers[0]
+        if t is None:
+            raise ValueError(f"no tier named {tier!r}")
+        return t
+
+    def _in_order(self, t: Tier, calls):
+        """Results of (fn, args, Expected) calls on tier t, in order, up to read_window in flight; the rest of
+        the tier's workers stay free for other requests, and a worker taken by them makes this wait for its
+        own calls rather than count the tier stuck."""
         window = max(1, min(self.read_window, t.lanes.size)) if t.lanes is not None else 1
         pending: collections.deque = collections.deque()
-        nxt = 0
-        while nxt < len(keys) or pending:
-            while nxt < len(keys) and len(pending) < window:
-                with expecting(expected[nxt]):
-                    call = t.start(read, keys[nxt], wait_if_busy=bool(pending))
+        calls = iter(calls)
+        nxt = next(calls, None)
+        while nxt is not None or pending:
+            while nxt is not None and len(pending) < window:
+                fn, args, want = nxt
+                with expecting(want):
+                    call = t.start(fn, *args, wait_if_busy=bool(pending))
                 if call is BUSY:
                     break
                 pending.append(call)
-                nxt += 1
-            reader = t.finish(pending.popleft())
-            t.count(**({"hits": 1} if reader is not None else {"misses": 1}))
-            yield reader
+                nxt = next(calls, None)
+            yield t.finish(pending.popleft())
 
     def tier_codec(self, name: str):
         """The codec of the tier named `name` (None: it holds decoded tensors, or there is no such tier)."""
