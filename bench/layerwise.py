@@ -180,10 +180,12 @@ def measure_variant(
     }
 
 
-def _read_plan(text: str) -> tuple[int, int | None]:
-    """ "N" or "N:K" (--read-plans): (layers per range read, head probe in bytes or None)."""
-    layers, _, kib = text.partition(":")
-    return int(layers), int(kib) << 10 if kib else None
+def _read_plan(text: str) -> tuple[int, int | None, int | None]:
+    """--read-plans' "N", "N:K" or "N:K:W": (layers per range read, head probe in bytes or None, reads in flight
+    or None: --read-window's)."""
+    layers, _, rest = text.partition(":")
+    kib, _, window = rest.partition(":")
+    return int(layers), int(kib) << 10 if kib and int(kib) else None, int(window) if window else None
 
 
 def main() -> None:
@@ -208,8 +210,8 @@ def main() -> None:
         nargs="+",
         default=None,
         help="streamed device decoding's reads, one row each: N (layers per range after the first group, 0: whole"
-        " objects; kvshelf.cache.device_decode.read_groups) or N:K (and heads probed with K KiB, which may bring"
-        " layer 0 along); default: the engine's",
+        " objects; kvshelf.cache.device_decode.read_groups), N:K (and heads probed with K KiB, which may bring"
+        " layer 0 along; 0 or empty: the tier's) or N:K:W (and W reads in flight); default: the engine's",
     )
     ap.add_argument("--json", default="bench/results/layerwise.json")
     ap.add_argument("--verbose", action="store_true")
@@ -316,6 +318,7 @@ def main() -> None:
                     engine.read_layers = plan[0]
                     if probe0 is not None:
                         backend.head_probe = plan[1] or probe0
+                    tiers.read_window = plan[2] or window
                 rows.append(
                     measure_variant(
                         args,
