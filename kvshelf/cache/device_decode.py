@@ -32,9 +32,11 @@ import torch
 
 from kvshelf.codecs.base import Codec
 
-# Layers per range read after the first group (issue #17, read granularity; the A/B is in BENCHMARKS.md):
-# 0 reads whole objects, a value >= the model's layers one range per chunk for all the rest.
-READ_LAYERS = 32
+# Layers per range read after the first group (issue #17, read granularity): 0 reads whole objects, a value >= the
+# model's layers one range per chunk for all the rest. 8: the shortest layerwise TTFT at the same reads in flight in
+# the A/B on the H200 (Llama-3-8B shape, 48 chunks of 32 layers, groups of 4: 232 ms vs 257-269 for a range per
+# group, 250 for the rest in one range, 238 for whole objects; BENCHMARKS.md, "Read granularity").
+READ_LAYERS = 8
 # Bytes of read results queued ahead of the decoder at most (one result is always let through).
 READ_AHEAD_BYTES = 512 << 20
 
