@@ -180,6 +180,14 @@ def measure_variant(
     }
 
 
+def _read_plan(text: str) -> tuple[int, int | None, int | None]:
+    """--read-plans' "N", "N:K" or "N:K:W": (layers per range read, head probe in bytes or None, reads in flight
+    or None: --read-window's)."""
+    layers, _, rest = text.partition(":")
+    kib, _, window = rest.partition(":")
+    return int(layers), int(kib) << 10 if kib and int(kib) else None, int(window) if window else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)
@@ -196,6 +204,14 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument(
         "--read-window", type=int, nargs="+", default=[2], help="tier reads in flight per request; one row per value"
+    )
+    ap.add_argument(
+        "--read-plans",
+        nargs="+",
+        default=None,
+        help="streamed device decoding's reads, one row each: N (layers per range after the first group, 0: whole"
+        " objects; kvshelf.cache.device_decode.read_groups), N:K (and heads probed with K KiB, which may bring"
+        " layer 0 along; 0 or empty: the tier's) or N:K:W (and W reads in flight); default: the engine's",
     )
     ap.add_argument("--json", default="bench/results/layerwise.json")
     ap.add_argument("--verbose", action="store_true")
@@ -289,9 +305,20 @@ def main() -> None:
             on_device = engine.retrieve_layerwise(prefix + [0]).device_decoding(device) is not None
             t_whole, t_load, t_compute = [], [], []
             sizes = args.buffer_size
-            variants = [(b, w) for w in args.read_window for b in sizes] if on_device else [(sizes[0], 2)]
-            for size, window in variants:
+            plans = [_read_plan(p) for p in args.read_plans] if args.read_plans and on_device else [None]
+            variants = (
+                [(b, w, p) for p in plans for w in args.read_window for b in sizes]
+                if on_device
+                else [(sizes[0], 2, None)]
+            )
+            probe0 = getattr(backend, "head_probe", None)
+            for size, window, plan in variants:
                 tiers.read_window = window
+                if plan is not None:
+                    engine.read_layers = plan[0]
+                    if probe0 is not None:
+                        backend.head_probe = plan[1] or probe0
+                    tiers.read_window = plan[2] or window
                 rows.append(
                     measure_variant(
                         args,
@@ -312,6 +339,8 @@ def main() -> None:
                         size,
                     )
                 )
+                rows[-1]["read_layers"] = engine.read_layers if on_device else None
+                rows[-1]["head_probe"] = getattr(backend, "head_probe", None)
                 console.print(rows[-1])
             tiers.close()
     if redis_server is not None:
@@ -320,6 +349,7 @@ def main() -> None:
     for col in [
         "tier",
         "codec",
+        "reads (layers:probe)",
         "load only",
         "compute only",
         "whole",
@@ -335,6 +365,7 @@ def main() -> None:
         table.add_row(
             r["tier"],
             r["codec"],
+            "-" if r["read_layers"] is None else f"{r['read_layers']}:{(r['head_probe'] or 0) >> 10}K",
             f"{r['load_s'] * 1e3:.1f} ms",
             f"{r['compute_s'] * 1e3:.1f} ms",
             f"{r['whole_s'] * 1e3:.1f} ms",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvshelf.cache.device_decode import read_groups
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.codecs.int8 import Int8Codec
 from kvshelf.generation import CachedGenerator
@@ -122,6 +123,7 @@ def test_streamed_reads_arrive_late_and_out_of_order_and_decode_as_whole_loading
     disk = LateDisk(tmp_path, 1 << 28, codec)
     tiers = TierManager([disk], deadline_s=5.0)
     engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=16)
+    engine.read_layers = 1  # a range per decode group (the finest plan)
     whole = CachedGenerator(runner, engine)
     layered = CachedGenerator(runner, engine, use_layerwise=True, buffer_size=2, layerwise_store=False)
     ids = prompt(100, 4)
@@ -171,6 +173,7 @@ def test_layer_zero_is_ready_before_later_layers_are_read_and_the_kv_equals_whol
     disk = LateDisk(tmp_path, 1 << 28, codec, delays=(0.02,))
     tiers = TierManager([disk], deadline_s=5.0)
     engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=16)
+    engine.read_layers = 1  # a range per decode group (the finest plan)
     ids = prompt(100, 8)
     CachedGenerator(runner, engine).generate(ids, max_new_tokens=1)
     tiers.flush()
@@ -195,12 +198,14 @@ def test_layer_zero_is_ready_before_later_layers_are_read_and_the_kv_equals_whol
     tiers.close()
 
 
+@pytest.mark.parametrize("read_layers", [1, 32, 0])
 @pytest.mark.parametrize("layer", ["first", "last"])
 def test_a_damaged_layer_range_in_the_middle_of_a_streamed_read_makes_the_request_recompute(
-    tmp_path, tiny_models, layer
+    tmp_path, tiny_models, layer, read_layers
 ):
     codec = HereBatched()
     tiers, whole, layered = setup(tmp_path, tiny_models("llama"), codec)
+    layered.engine.read_layers = read_layers  # per group, the rest in one range, whole objects
     ids = prompt(100, 5)
     whole.generate(ids, max_new_tokens=1)
     tiers.flush()
@@ -220,6 +225,114 @@ def test_a_damaged_layer_range_in_the_middle_of_a_streamed_read_makes_the_reques
     assert again.hit_tokens == 99 and again.token_ids == plain.token_ids
     assert layered.layerwise_stats.as_dict()["fallbacks"] == 1
     tiers.close()
+
+
+def test_the_read_plan_merges_decode_groups_after_the_first():
+    groups = [(0, 1), *((i, min(i + 4, 32)) for i in range(1, 32, 4))]  # buffer 8: groups of 4 after layer 0
+    assert read_groups(groups, 4) == groups  # a range per decode group
+    assert read_groups(groups, 1) == groups  # groups larger than read_layers are read alone
+    assert read_groups(groups, 8) == [(0, 1), (1, 9), (9, 17), (17, 25), (25, 32)]
+    assert read_groups(groups, 32) == read_groups(groups, 31) == [(0, 1), (1, 32)]  # the rest in one range
+    assert read_groups(groups, 30) == [(0, 1), (1, 29), (29, 32)]
+    assert read_groups(groups, 0) == [(0, 32)]  # whole objects
+    assert read_groups([(0, 1)], 32) == [(0, 1)] and read_groups([], 8) == []
+    assert read_groups([(0, 2), (2, 3), (3, 4)], 8) == [(0, 2), (2, 4)]  # the first group stays alone
+    with pytest.raises(ValueError, match="consecutive"):
+        read_groups([(0, 1), (2, 3)], 8)
+    with pytest.raises(ValueError, match=">= 0"):
+        read_groups(groups, -1)
+
+
+def _loaded(engine, runner, ids, tokens):
+    """Every layer of the prefix through the loader (buffer 4: layer 0, then groups of 2) and what it wrote."""
+    from kvshelf.layerwise.loader import LayerwiseLoader
+    from kvshelf.layerwise.stats import LayerwiseStats
+    from kvshelf.model.kv_buffer import KVBuffer
+
+    fp = runner.fingerprint()
+    retrieval = engine.retrieve_layerwise(ids, max_tokens=tokens, device="cpu")
+    buf = KVBuffer(fp.num_layers, fp.num_kv_heads, fp.head_dim, tokens, dtype=torch.float32, device="cpu")
+    target = Recording(buf, engine.backend.tiers[0].backend)
+    decoding = retrieval.device_decoding("cpu")
+    loader = LayerwiseLoader(retrieval, target, buffer_size=4, stats=LayerwiseStats(fp.num_layers), decoding=decoding)
+    for i in range(fp.num_layers):
+        loader.wait(i)
+    loader.close()
+    assert loader.error is None
+    return buf.data[:, :, :, :tokens], target
+
+
+@pytest.mark.parametrize("read_layers", [2, 32])
+def test_coarse_ranges_read_the_plan_and_decode_as_whole_objects(tmp_path, tiny_models, read_layers):
+    codec = HereBatched()
+    runner = ModelRunner(tiny_models("qwen3"))
+    disk = LateDisk(tmp_path, 1 << 28, codec, delays=(0.05,))
+    tiers = TierManager([disk], deadline_s=5.0)
+    engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=16)
+    ids = prompt(100, 9)
+    CachedGenerator(runner, engine).generate(ids, max_new_tokens=1)
+    tiers.flush()
+    layers = runner.num_layers
+    assert layers == 4  # groups (0, 1), (1, 3), (3, 4)
+    whole = torch.cat([kv for _, kv in engine.retrieve_chunks(ids, max_tokens=96)], dim=3)
+    heads = {}
+    for k in engine.keys(ids)[:6]:
+        blob = disk._path(disk.name_of(k.digest)).read_bytes()
+        header, start = read_header(blob)
+        heads[k.digest] = (start, header["layer_offsets"])
+    engine.read_layers = read_layers
+    disk.ranges.clear()
+    kv, target = _loaded(engine, runner, ids, 96)
+    assert torch.equal(kv.to(whole.dtype), whole)  # ranges verified apart decode as whole objects do
+    plan = [(0, 1), (1, 4)] if read_layers == 32 else [(0, 1), (1, 3), (3, 4)]
+    # every chunk's head (two reads each: the probe is short), then each planned range of every chunk, in order
+    assert len(disk.ranges) == 12 + 6 * len(plan)
+    want = sorted((s + o[a], o[b] - o[a]) for a, b in plan for s, o in heads.values())
+    assert sorted(disk.ranges[12:]) == want
+    # layer 0 was decoded once the heads and its ranges were in, before the last ranges were read (50 ms each)
+    assert 12 + 6 <= target.reads_at[0] <= len(disk.ranges) - 2
+    tiers.close()
+
+
+def test_whole_object_reads_decode_as_ranges_do(tmp_path, tiny_models):
+    codec = HereBatched()
+    runner = ModelRunner(tiny_models("qwen3"))
+    disk = LateDisk(tmp_path, 1 << 28, codec, delays=(0.0,))
+    tiers = TierManager([disk], deadline_s=5.0)
+    engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=16)
+    ids = prompt(100, 10)
+    CachedGenerator(runner, engine).generate(ids, max_new_tokens=1)
+    tiers.flush()
+    kv_ranges, _ = _loaded(engine, runner, ids, 96)
+    engine.read_layers = 0
+    disk.ranges.clear()
+    kv_whole, _ = _loaded(engine, runner, ids, 96)
+    assert disk.ranges == []  # whole objects: no range reads
+    assert torch.equal(kv_whole, kv_ranges) and tiers.stats()["disk"]["hits"] >= 12
+    tiers.close()
+
+
+def test_read_ahead_is_bounded_and_in_order():
+    from kvshelf.cache.device_decode import _ReadAhead
+
+    made = []
+
+    def results():
+        for k in range(10):
+            made.append(k)
+            yield bytes([k]) * 100
+
+    ahead = _ReadAhead(results(), limit=250)
+    deadline = time.monotonic() + 5
+    while len(made) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(made) == 3  # two queued (200 bytes), the third waits for room
+    got = [ahead.next() for _ in range(10)]
+    assert [g[0] for g in got] == list(range(10)) and ahead.next() is None and ahead.next() is None
+    ahead.close()
+    stopped = _ReadAhead(results(), limit=50)  # closed while the reads wait for room: ends, joined
+    stopped.close()
 
 
 def test_chunks_held_decoded_are_not_planned_for_the_device(tiny_models):

@@ -205,3 +205,37 @@ def test_a_tier_stack_reads_ranges_side_by_side_on_its_workers(tmp_path):
     assert [bytes(g) for g in got] == want
     assert tiers.stats()["disk"]["hits"] == 4
     tiers.close()
+
+
+class CountingDisk(DiskBackend):
+    """A disk tier that notes every range it reads (first byte, length)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.ranges: list[tuple[int, int]] = []
+
+    def _get_range(self, name, start, length, limit, into=None):
+        self.ranges.append((start, length))
+        return super()._get_range(name, start, length, limit, into)
+
+
+def test_layers_read_with_the_head_are_not_read_again_and_are_still_checked(tmp_path):
+    disk = CountingDisk(tmp_path, 1 << 26, INT8)
+    disk.put(key(20), chunk(seed=20))
+    name = disk.name_of(key(20))
+    blob = bytearray(disk._path(name).read_bytes())
+    header, start = read_header(bytes(blob))
+    offs = header["layer_offsets"]
+    disk.head_probe = start + offs[2] + 10  # the head, layers 0-1 and a few bytes of layer 2
+    whole = disk.open(key(20))
+    ranges = disk.open_ranges(key(20))
+    assert disk.ranges == [(0, disk.head_probe)]
+    assert bytes(ranges.read(0, 2)) == b"".join(bytes(whole.encoded_layer(k)[1]) for k in range(2))
+    assert bytes(ranges.read(1, 2)) == bytes(whole.encoded_layer(1)[1]) and len(disk.ranges) == 1
+    assert bytes(ranges.read(1, 3)) == b"".join(bytes(whole.encoded_layer(k)[1]) for k in range(1, 3))
+    assert disk.ranges[1:] == [(start + offs[1], offs[3] - offs[1])]  # not within the head's bytes: read
+    blob[start + offs[1] + 3] ^= 0x10  # one bit of layer 1, damaged before its head is read
+    disk._path(name).write_bytes(bytes(blob))
+    damaged = disk.open_ranges(key(20))
+    assert bytes(damaged.read(0, 1)) == bytes(whole.encoded_layer(0)[1])
+    assert damaged.read(0, 2) is None and disk.corrupt_objects == 1 and not disk.contains(key(20))

@@ -13,11 +13,17 @@ driven by a read-ahead thread so that they go on while the loader decodes; each 
 against the digests of its head as it arrives: format version 3). A group's segments are decoded as
 those of chunks opened already are (Codec.decode_run_on) as soon as they are there, while later groups
 are still being read, so layer 0 waits only for layer 0's bytes, not for every chunk's whole object.
+
+The reads need not be as fine as the decoding (`read_groups`): each range read costs a call on a tier worker
+and a verification pass besides its bytes, so after the first group (what the compute waits on) consecutive
+decode groups are read as one range per chunk of up to `read_layers` layers (their segments lie back to back
+in the payload; every layer's digest is still checked before any of its bytes are used). `read_layers` 0
+reads whole objects instead of heads and ranges (every chunk read and verified before layer 0 decodes).
 """
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -25,6 +31,37 @@ from dataclasses import dataclass
 import torch
 
 from kvshelf.codecs.base import Codec
+
+# Layers per range read after the first group (issue #17, read granularity): 0 reads whole objects, a value >= the
+# model's layers one range per chunk for all the rest. 8: the shortest layerwise TTFT at the same reads in flight in
+# the A/B on the H200 (Llama-3-8B shape, 48 chunks of 32 layers, groups of 4: 232 ms vs 257-269 for a range per
+# group, 250 for the rest in one range, 238 for whole objects; BENCHMARKS.md, "Read granularity").
+READ_LAYERS = 8
+# Bytes of read results queued ahead of the decoder at most (one result is always let through).
+READ_AHEAD_BYTES = 512 << 20
+
+
+def read_groups(groups: list[tuple[int, int]], read_layers: int) -> list[tuple[int, int]]:
+    """The layer ranges read from every chunk for decode `groups` (consecutive, in order): the first group as it
+    is (the compute waits on it), then consecutive groups merged while the merge spans at most `read_layers`
+    layers (a group larger than that is read alone); `read_layers` 0: one range of every layer (whole objects)."""
+    if read_layers < 0:
+        raise ValueError(f"read_layers must be >= 0, not {read_layers}")
+    if not groups:
+        return []
+    for (_, b), (c, _) in zip(groups, groups[1:], strict=False):
+        if b != c:
+            raise ValueError(f"layer groups are not consecutive: {groups}")
+    if read_layers == 0:
+        return [(groups[0][0], groups[-1][1])]
+    reads = [groups[0]]
+    for i, j in groups[1:]:
+        a, b = reads[-1]
+        if len(reads) > 1 and j - a <= read_layers:
+            reads[-1] = (a, j)
+        else:
+            reads.append((i, j))
+    return reads
 
 
 class ChunkNotDecodable(RuntimeError):
@@ -75,14 +112,18 @@ class DeviceDecoding:
         readers: list | None,
         opener: Callable | None,
         fetch: Callable | None = None,
+        read_layers: int = READ_LAYERS,
     ):
         self.runs, self.device = runs, device
+        self.read_layers = read_layers  # streamed: layers per range read after the first group (read_groups)
         self.num_chunks = sum(r.count for r in runs)
         self._readers = readers  # opened already (plan), or None: opener() yields them in order (streamed)
         self._opener, self._fetch = opener, fetch
         self._ranges: list = [None] * self.num_chunks  # streamed: each chunk's LayerRanges, once its head is read
         self._reads: _ReadAhead | None = None  # streamed: the layer ranges being read, group by group, chunk by chunk
         self._groups: list[tuple[int, int]] = []
+        self._plan: list[tuple[int, int]] = []  # streamed: the ranges still to be read (read_groups)
+        self._held: tuple | None = None  # streamed: (first, end, [bytes of every chunk]) of the range decoding
         self._run_of = [r for r in runs for _ in range(r.count)]
 
     @classmethod
@@ -108,11 +149,13 @@ class DeviceDecoding:
         device,
         opener: Callable[[], Generator],
         fetch: Callable[[list], Generator],
+        read_layers: int = READ_LAYERS,
     ) -> DeviceDecoding:
         """A plan for chunks located but not read: specs as _runs takes them; opener() yields each chunk's
-        LayerRanges in order (None: it could not be read or verified); fetch(calls) yields the results of
-        (LayerRanges.read, (i, j)) calls in order, several read side by side."""
-        return cls(_runs(specs), torch.device(device), None, opener, fetch)
+        LayerRanges in order (None: it could not be read or verified; with `read_layers` 0 chunks read whole);
+        fetch(calls) yields the results of (LayerRanges.read, (i, j)) calls in order, several read side by
+        side; `read_layers`: see read_groups."""
+        return cls(_runs(specs), torch.device(device), None, opener, fetch, read_layers)
 
     @property
     def streaming(self) -> bool:
@@ -132,7 +175,8 @@ class DeviceDecoding:
         finally:
             heads.close()  # ends the reads still in flight (on an error)
         self._groups = list(groups)
-        calls = [(r.read, (i, j)) for i, j in self._groups for r in self._ranges]
+        self._plan = read_groups(self._groups, self.read_layers)
+        calls = [(r.read, (i, j)) for i, j in self._plan for r in self._ranges]
         self._reads = _ReadAhead(self._fetch(calls))
 
     def _checked(self, k: int, ranges):
@@ -145,19 +189,31 @@ class DeviceDecoding:
         return ranges
 
     def _group_segments(self, i: int, j: int) -> list[list]:
-        """Every chunk's layers i..j-1 as read (the next group of the reads begun by open) and verified:
-        segments[l][k], layer i + l of chunk k, as decode_run_on takes them."""
+        """Every chunk's layers i..j-1 as read (within the range of the plan being read, read_groups) and
+        verified: segments[l][k], layer i + l of chunk k, as decode_run_on takes them."""
         if not self._groups or self._groups[0] != (i, j):
             raise ChunkNotDecodable(f"layers {i}..{j - 1} asked for out of the order they are read in")
         self._groups.pop(0)
+        if self._held is None or j > self._held[1]:
+            self._held = None  # what the last range held is staged already: let it go
+            if not self._plan or self._plan[0][0] != i or self._plan[0][1] < j:
+                raise ChunkNotDecodable(f"layers {i}..{j - 1} are not the start of a range read ({self._plan[:1]})")
+            a, b = self._plan.pop(0)
+            data = []
+            for k in range(self.num_chunks):
+                got = self._reads.next()
+                if got is None:
+                    raise ChunkNotDecodable(
+                        f"layers {a}..{b - 1} of chunk {k} could not be read (a miss or damaged bytes)"
+                    )
+                data.append(got)
+            self._held = (a, b, data)
+        a, _, data = self._held
         segments: list[list] = [[] for _ in range(i, j)]
         for k in range(self.num_chunks):
-            data = self._reads.next()
-            if data is None:
-                raise ChunkNotDecodable(f"layers {i}..{j - 1} of chunk {k} could not be read (a miss or damaged bytes)")
-            offs = self._ranges[k].offsets
+            offs, got = self._ranges[k].offsets, data[k]
             for m in range(i, j):
-                segments[m - i].append(data[offs[m] - offs[i] : offs[m + 1] - offs[i]])
+                segments[m - i].append(got[offs[m] - offs[a] : offs[m + 1] - offs[a]])
         return segments
 
     def decode(self, i: int, j: int) -> tuple[list, torch.Tensor | None]:
@@ -196,41 +252,65 @@ class DeviceDecoding:
             self._reads.close()
             self._reads = None
         self._ranges = [None] * self.num_chunks
+        self._held = None
 
 
 class _ReadAhead:
     """Runs a generator of reads on a thread of its own, so that the reads go on (within the tier's read window)
-    while the loader stages and decodes what came before; results queue up in order. An exception of the
-    reads is raised to the consumer; close() stops the reads and joins the thread."""
+    while the loader stages and decodes what came before; results queue up in order, at most `limit` bytes of
+    them (the reads pause beyond that: bounded read-ahead). An exception of the reads is raised to the
+    consumer; close() stops the reads and joins the thread."""
 
-    def __init__(self, results: Generator):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._stop = threading.Event()
+    def __init__(self, results: Generator, limit: int = READ_AHEAD_BYTES):
+        self._queue: collections.deque = collections.deque()
+        self._queued = 0  # bytes of the results queued
+        self._limit = limit
+        self._cond = threading.Condition()
+        self._stop = False
         self._thread = threading.Thread(target=self._run, args=(results,), name="kvshelf-read-ahead", daemon=True)
         self._thread.start()
+
+    def _put(self, item: tuple, nbytes: int = 0) -> bool:
+        """Queue a result once there is room (always when nothing is queued); False once stopped."""
+        with self._cond:
+            while self._queue and self._queued + nbytes > self._limit and not self._stop:
+                self._cond.wait()
+            self._queue.append((item, nbytes))
+            self._queued += nbytes
+            self._cond.notify_all()
+            return not self._stop
 
     def _run(self, results: Generator) -> None:
         try:
             for result in results:
-                self._queue.put((True, result))
-                if self._stop.is_set():
+                if not self._put((True, result), 0 if result is None else memoryview(result).nbytes):
                     break
         except BaseException as err:  # handed to the loader, which fails the request loudly
-            self._queue.put((False, err))
+            self._put((False, err))
         finally:
             results.close()
-            self._queue.put((False, None))
+            self._put((False, None))
 
     def next(self):
         """The next result in order; None once the reads have ended."""
-        ok, value = self._queue.get()
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            (ok, value), nbytes = self._queue[0]
+            if ok or value is not None:  # the end stays queued: every later call sees it too
+                self._queue.popleft()
+                self._queued -= nbytes
+                self._cond.notify_all()
         if ok:
             return value
-        self._queue.put((False, None))  # every later call sees the end too
         if value is not None:
-            raise value
+            raise value  # the end is queued behind it (_run)
         return None
 
     def close(self) -> None:
-        self._stop.set()
+        with self._cond:
+            self._stop = True
+            self._queue.clear()  # what was read ahead is dropped now
+            self._queued = 0
+            self._cond.notify_all()
         self._thread.join()

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvshelf.cache.device_decode import DeviceDecoding
+from kvshelf.cache.device_decode import READ_LAYERS, DeviceDecoding
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkKey, chain_root, chunk_keys
 from kvshelf.errors import ConfigError
-from kvshelf.storage.base import ChunkMeta, StorageBackend, StoredChunk
+from kvshelf.storage.base import ChunkMeta, OpenedRanges, StorageBackend, StoredChunk
 from kvshelf.storage.expect import Expected, expecting
 from kvshelf.storage.tiers import budget_until, tier_budget_until
 
@@ -73,6 +73,9 @@ class CacheEngine:
         self.save_unfull_chunk = save_unfull_chunk
         # Host copies of GPU KV go to page-locked memory: faster, asynchronous-capable copies back.
         self.pin_memory = pin_memory
+        # Streamed device decoding: layers per range read after the first group; 0 reads whole objects
+        # (kvshelf.cache.device_decode.read_groups)
+        self.read_layers = READ_LAYERS
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()
 
@@ -243,14 +246,20 @@ class CacheEngine:
             for k, (u, _) in zip(keys, used, strict=True)
         ]
         until = budget_until()  # the request's tier budget, carried to the loader thread that reads
+        read_layers = self.read_layers
+        whole = read_layers == 0
 
         def opener():
             expected = [self._expect(k.num_tokens, k.start) for k in keys]
             with tier_budget_until(until):
-                heads = self.backend.open_many([k.digest for k in keys], expected, tier=where[0], ranges=True)
+                heads = self.backend.open_many([k.digest for k in keys], expected, tier=where[0], ranges=not whole)
                 try:
-                    for key, ranges in zip(keys, heads, strict=False):
-                        yield self._verified(key, ranges)
+                    for key, chunk in zip(keys, heads, strict=False):
+                        chunk = self._verified(key, chunk)
+                        if whole and chunk is not None:  # read whole: its ranges are cut from it
+                            encoded = chunk.encoded_payload()
+                            chunk = None if encoded is None else OpenedRanges(chunk.meta, *encoded)
+                        yield chunk
                 finally:
                     heads.close()
 
@@ -262,7 +271,7 @@ class CacheEngine:
                 finally:
                     reads.close()
 
-        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener, fetch))
+        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener, fetch, read_layers))
 
     def retrieve(self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None) -> Retrieved:
         parts = [kv for _, kv in self.retrieve_chunks(tokens, salt, max_tokens=max_tokens)]

@@ -10,10 +10,11 @@ that launches the model's kernels (the driver call releases the GIL), which on a
 what decides whether the load hides.
 
 Chunks decoded on the GPU itself (a `DeviceDecoding`) may come streamed: located but not read. The loader
-then reads every chunk's head, and each layer group's byte range of every chunk as it decodes that group
-(several reads side by side, each range verified on its own: format version 3), so the request's compute
-starts at once, layer 0 waits only for layer 0's bytes, and later groups are read while earlier layers
-compute; a chunk or range that cannot be read or checked makes the request recompute.
+then reads every chunk's head, layer 0's byte range of every chunk, and the later groups' in ranges of a few
+groups each (device_decode.read_groups; several reads side by side, each range verified on its own: format
+version 3), so the request's compute starts at once, layer 0 waits only for layer 0's bytes, and later groups
+are read while earlier layers compute; a chunk or range that cannot be read or checked makes the request
+recompute.
 """
 
 from __future__ import annotations

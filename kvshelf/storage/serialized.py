@@ -156,11 +156,13 @@ class ByteStore(StorageBackend):
                 rest = self._get_range(name, probe, size - probe, limit)
                 blob = bytes(blob) + bytes(rest or b"")
             head = open_head(blob, key, codec, auth=self.auth, expected=expected)
-            whole = memoryview(blob)[head.start :] if len(blob) >= head.size else None
+            # the payload's first bytes, read with the head (all of it for a small object): ranges within them
+            # are not read again
+            prefix = memoryview(blob)[head.start : head.size]
         except FormatError as err:
             self._reject(key, err)
             return None
-        return RangedChunk(self, key, name, head, whole)
+        return RangedChunk(self, key, name, head, prefix)
 
     def _reject(self, key: bytes, err: Exception) -> None:
         log.warning("%s tier: deleting damaged object for chunk %s: %s", self.name, key.hex(), err)
@@ -187,15 +189,16 @@ class RangedChunk:
 
     kv = None
 
-    def __init__(self, store: ByteStore, key: bytes, name: str, head: ChunkHead, whole: memoryview | None):
+    def __init__(self, store: ByteStore, key: bytes, name: str, head: ChunkHead, prefix: memoryview):
         self.meta, self.codec, self.offsets = head.meta, head.codec, head.offsets
-        self._store, self._key, self._name, self._head, self._whole = store, key, name, head, whole
+        # the payload's first bytes, read with the head (ByteStore.head_probe)
+        self._store, self._key, self._name, self._head, self._prefix = store, key, name, head, prefix
 
     def read(self, i: int, j: int, into=None) -> memoryview | None:
         at, n = self._head.span(i, j)
         try:
-            if self._whole is not None:  # came whole with the head
-                data = self._whole[at - self._head.start : at - self._head.start + n]
+            if at - self._head.start + n <= self._prefix.nbytes:  # came with the head
+                data = self._prefix[at - self._head.start : at - self._head.start + n]
             else:
                 data = self._store._get_range(self._name, at, n, self._head.size, into)
                 if data is None:
