@@ -11,7 +11,8 @@ transforms:
 - mixed-max: each layer's largest slope over the texts (a per-layer safety margin);
 and prints their files, to pass to codec_quality.py as `cachegen:calibration=FILE.kvcal`.
 `--margin FILE...` writes instead, for existing calibrations, a variant with no step coarser than the
-median layer's, all steps rescaled to keep the size (a per-layer safety margin at equal size).
+median layer's, all steps rescaled to keep the size (a per-layer safety margin at equal size);
+`--scale S FILE...` a variant with every step S times coarser (S > 1: smaller, about log2(S) bits/value less).
 """
 
 from __future__ import annotations
@@ -48,14 +49,26 @@ def margin(cal: calib.Calibration, coarsest: float = 1.0) -> calib.Calibration:
     return dataclasses.replace(cal, step=new, info=info, _cache={})
 
 
+def scaled(cal: calib.Calibration, factor: float) -> calib.Calibration:
+    """`cal` with every step `factor` times coarser: the same allocation at another size."""
+    info = dict(cal.info, step_scale=cal.info.get("step_scale", 1.0) * factor)
+    return dataclasses.replace(cal, step=cal.step * factor, info=info, _cache={})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=1536, help="tokens of each text (a quarter scores sensitivity)")
     ap.add_argument("--model", default="gemma3-270m")
     ap.add_argument("--out", default="bench/results/calibrations")
     ap.add_argument("--margin", nargs="*", help="only write margin() variants of these .kvcal files")
+    ap.add_argument("--scale", nargs="+", metavar=("S", "FILE"), help="only write S x coarser variants of FILEs")
     args = ap.parse_args()
     console = Console()
+    if args.scale:
+        factor, *paths = args.scale
+        for path in paths:
+            console.print(f"{path} x {factor}: {calib.save(scaled(calib.load(path), float(factor)), args.out)}")
+        return
     if args.margin:
         for path in args.margin:
             console.print(f"{path} with a margin: {calib.save(margin(calib.load(path)), args.out)}")
