@@ -38,32 +38,22 @@ _ERRORS = {
 @njit(nogil=True, cache=True)
 def _decode_part(buf, off, stop, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits, radius, out):
     """Check and decode the part at buf[off:]; returns (end of the part, 0) or (0, error code)."""  # pragma: no cover
+    end, err = _part_end(buf, off, stop, heads, tokens, dim, width, per_lane)
+    if err:
+        return 0, err
     rows = heads * dim
     blocks = rows // (width * per_lane)
-    if off + rows + 4 + 4 * blocks + 4 * blocks * width > stop:
-        return 0, 1
     classes = buf[off : off + rows]
-    for r in range(rows):
-        if classes[r] >= SPREAD_CLASSES:
-            return 0, 3
     at = off + rows
     n_esc = _u32(buf, at)
-    if n_esc > rows * tokens:
-        return 0, 4
     at += 4
     word_start = np.empty(blocks + 1, np.int64)
     word_start[0] = 0
     for b in range(blocks):
-        count = _u32(buf, at + 4 * b)
-        if count > width * per_lane * tokens * 2:
-            return 0, 5
-        word_start[b + 1] = word_start[b] + count
+        word_start[b + 1] = word_start[b] + _u32(buf, at + 4 * b)
     states_at = at + 4 * blocks
     words_at = states_at + 4 * blocks * width
     esc_at = words_at + 2 * word_start[blocks]
-    end = esc_at + 8 * n_esc
-    if end > stop:
-        return 0, 1
     err = _decode_lanes(buf, states_at, words_at, word_start, classes, width, per_lane, tokens, dim, symbol, freq, cum,
                   low_bits, radius, out)  # fmt: skip
     if err:
@@ -79,12 +69,15 @@ def _decode_part(buf, off, stop, heads, tokens, dim, width, per_lane, symbol, fr
 
 @njit(nogil=True, cache=True)
 def _part_end(buf, off, stop, heads, tokens, dim, width, per_lane):  # pragma: no cover - compiled
-    """Where the part at buf[off:] ends, checked as _decode_part checks it before decoding (its counts, sizes
-    and escape count; not its classes or stream): (end, 0), or (0, error code)."""
+    """Where the part at buf[off:] ends, checked before anything is decoded (its classes, counts, sizes and
+    escape count; not its stream or escape positions): (end, 0), or (0, error code)."""
     rows = heads * dim
     blocks = rows // (width * per_lane)
     if off + rows + 4 + 4 * blocks + 4 * blocks * width > stop:
         return 0, 1
+    for r in range(rows):
+        if buf[off + r] >= SPREAD_CLASSES:
+            return 0, 3
     at = off + rows
     n_esc = _u32(buf, at)
     if n_esc > rows * tokens:
