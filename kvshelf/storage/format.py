@@ -111,7 +111,7 @@ def seal(key: bytes, header: dict, payload_len: int, auth: ObjectAuth | None = N
         _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(head), xxhash.xxh3_64_intdigest(head), payload_len, _NO_MAC)
     )
     if auth is not None:
-        prefix[_MAC_AT:] = auth.mac(key, bytes(prefix[:_MAC_AT]) + head, [])
+        prefix[_MAC_AT:] = auth.mac(key, bytes(prefix[:_MAC_AT]) + head)
     return bytes(prefix) + head
 
 
@@ -417,7 +417,7 @@ def open_head(
         if auth is not None:
             if not flags & FLAG_MAC:
                 raise FormatError("object carries no MAC, and this instance requires one (remote_auth_key)")
-            if not hmac.compare_digest(auth.mac(expected_key, bytes(view[:_MAC_AT]) + bytes(head), []), mac):
+            if not hmac.compare_digest(auth.mac(expected_key, bytes(view[:_MAC_AT]) + bytes(head)), mac):
                 raise FormatError("MAC mismatch: object not written by an instance holding remote_auth_key")
         elif flags & FLAG_MAC:
             raise FormatError("object carries a MAC but this instance has no remote_auth_key")
