@@ -35,7 +35,6 @@ from kvshelf.storage.format import (
 )
 
 log = logging.getLogger(__name__)
-HEAD_PROBE = 16 << 10  # bytes read for an object's head (a header of a 32-layer model takes ~3 KB)
 
 
 class ObjectTooLarge(FormatError):
@@ -43,7 +42,7 @@ class ObjectTooLarge(FormatError):
 
 
 class ByteStore(StorageBackend):
-    head_probe = HEAD_PROBE  # bytes of an object read to verify its head (open_ranges)
+    head_probe = 16 << 10  # bytes read to verify an object's head (open_ranges; a 32-layer model's takes ~3 KB)
 
     def __init__(self, codec: Codec, *, auth: ObjectAuth | None = None, metrics: Metrics | None = None):
         self.auth = auth
@@ -156,7 +155,9 @@ class ByteStore(StorageBackend):
                 rest = self._get_range(name, probe, size - probe, limit)
                 blob = bytes(blob) + bytes(rest or b"")
             head = open_head(blob, key, codec, auth=self.auth, expected=expected)
-            whole = memoryview(blob)[head.start :] if len(blob) >= head.size else None
+            if len(blob) > head.size:  # as a whole read (and a range read past the probe: the tier's limit)
+                raise FormatError(f"object is longer than the {head.size} bytes its head says")
+            whole = memoryview(blob)[head.start :] if len(blob) == head.size else None
         except FormatError as err:
             self._reject(key, err)
             return None
