@@ -432,13 +432,14 @@ def open_head(
                 raise FormatError("model fingerprint differs")
             fingerprint = expected.fingerprint
         codec = _codec_for(header, codec)
-        shape, dtype, offsets, digests = _check_header(header, codec, expected, payload_len, bool(flags & FLAG_MAC))
+        signed = bool(flags & FLAG_MAC)
+        shape, dtype, offsets, digests = _check_header(header, codec, expected, payload_len, signed)
         meta = ChunkMeta(fingerprint, shape[3], shape, dtype, header["position"])
     except FormatError:
         raise
     except Exception as err:  # noqa: BLE001 - RecursionError, OverflowError, MemoryError...: all damage
         raise FormatError(f"object does not parse: {type(err).__name__}: {err}") from None
-    return ChunkHead(meta, codec, offsets, digests, start, bool(flags & FLAG_MAC))
+    return ChunkHead(meta, codec, offsets, digests, start, signed)
 
 
 def open_chunk(
