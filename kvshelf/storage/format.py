@@ -178,12 +178,24 @@ def _prefix(view: memoryview) -> tuple[int, int, int, int, bytes]:
 def head_size(blob: bytes | memoryview) -> int:
     """Bytes of the head (prefix + header) of the object that `blob` begins with (its prefix at least):
     a reader of byte ranges fetches that much before any segment."""
+    return _sizes(blob)[0]
+
+
+def object_size(blob: bytes | memoryview) -> int:
+    """Bytes of the whole object that `blob` begins with (its prefix at least), as its prefix says (open_head
+    checks that against the header)."""
+    head, payload = _sizes(blob)
+    return head + payload
+
+
+def _sizes(blob: bytes | memoryview) -> tuple[int, int]:
     try:
-        return PREFIX_SIZE + _prefix(memoryview(blob))[1]
+        _, head_len, _, payload_len, _ = _prefix(memoryview(blob))
     except FormatError:
         raise
     except Exception as err:  # noqa: BLE001 - anything at all in stored bytes is damage
         raise FormatError(f"prefix unreadable: {type(err).__name__}: {err}") from None
+    return PREFIX_SIZE + head_len, payload_len
 
 
 def _parse_header(head: memoryview) -> dict:

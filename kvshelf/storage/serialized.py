@@ -30,6 +30,7 @@ from kvshelf.storage.format import (
     FormatError,
     encode_chunk_parts,
     head_size,
+    object_size,
     open_chunk,
     open_head,
 )
@@ -154,10 +155,10 @@ class ByteStore(StorageBackend):
             if size > len(blob) and len(blob) == probe:  # a header longer than the probe: the rest of it
                 rest = self._get_range(name, probe, size - probe, limit)
                 blob = bytes(blob) + bytes(rest or b"")
+            if len(blob) > object_size(blob):  # came whole with the probe, longer than it is: as a whole read
+                raise FormatError(f"object of {len(blob)} bytes is longer than its prefix says")
             head = open_head(blob, key, codec, auth=self.auth, expected=expected)
-            if len(blob) > head.size:  # as a whole read (and a range read past the probe: the tier's limit)
-                raise FormatError(f"object is longer than the {head.size} bytes its head says")
-            whole = memoryview(blob)[head.start :] if len(blob) == head.size else None
+            whole = memoryview(blob)[head.start :] if len(blob) >= head.size else None
         except FormatError as err:
             self._reject(key, err)
             return None
