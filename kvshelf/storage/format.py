@@ -176,25 +176,18 @@ def _prefix(view: memoryview) -> tuple[int, int, int, int, bytes]:
 
 
 def head_size(blob: bytes | memoryview) -> int:
-    """Bytes of the head (prefix + header) of the object that `blob` begins with (its prefix at least):
-    a reader of byte ranges fetches that much before any segment."""
+    """Bytes of the head (prefix + header) of the object `blob` begins with (its prefix at least): what a
+    range reader fetches first."""
     return _sizes(blob)[0]
 
 
 def object_size(blob: bytes | memoryview) -> int:
-    """Bytes of the whole object that `blob` begins with (its prefix at least), as its prefix says (open_head
-    checks that against the header)."""
-    head, payload = _sizes(blob)
-    return head + payload
+    """Bytes of that whole object, as its prefix says (checked against the header by open_head)."""
+    return sum(_sizes(blob))
 
 
 def _sizes(blob: bytes | memoryview) -> tuple[int, int]:
-    try:
-        _, head_len, _, payload_len, _ = _prefix(memoryview(blob))
-    except FormatError:
-        raise
-    except Exception as err:  # noqa: BLE001 - anything at all in stored bytes is damage
-        raise FormatError(f"prefix unreadable: {type(err).__name__}: {err}") from None
+    _, head_len, _, payload_len, _ = _prefix(memoryview(blob))  # FormatError for a short or unsound prefix
     return PREFIX_SIZE + head_len, payload_len
 
 
