@@ -54,7 +54,7 @@ def main() -> None:
         buf = np.frombuffer(b"".join(segs), np.uint8)
         ends = np.cumsum([len(s) for s in segs], dtype=np.int64)
         jobs.append(
-            (buf, ends, c.kv.reshape(-1, tokens, dim), *ct._tables(cal, list(range(n)), c.meta.position, tokens))
+            (buf, ends, c.kv.reshape(-1, tokens, dim), *cc._tables(cal, list(range(n)), c.meta.position, tokens))
         )
     step = ct.MOST_HALVES
     spans = [(a, min(a + step, 2 * n)) for a in range(0, 2 * n, step)]
@@ -65,8 +65,8 @@ def main() -> None:
 
     def forward(job, a, b):  # the coefficients encoding codes
         q_t.copy_(job[2][a * heads : b * heads])
-        ct._rope(q, a, b, heads, tokens, dim, *job[3:], -one)
-        sc, bias = ct._batch(cal, "encode", codec.bits, a, b - a, heads, tokens, dim)
+        cc._rope(q, a, b, heads, tokens, dim, *job[3:], -one)
+        sc, bias = cc._batch(cal, "encode", codec.bits, a, b - a, heads, tokens, dim)
         torch.baddbmm(bias, q_t, sc, out=x_t)
         return x[: (b - a) * heads * tokens * dim].reshape(b - a, heads, tokens, dim).copy()
 
@@ -86,11 +86,11 @@ def main() -> None:
                     cc._decode_halves(buf, ends, a, b, head, heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM,
                                       LOW_BITS, RADIUS, q)  # fmt: skip
                 elif which in ("inverse", "forward"):
-                    sc, bias = ct._batch(cal, "decode" if which == "inverse" else "encode", codec.bits,
+                    sc, bias = cc._batch(cal, "decode" if which == "inverse" else "encode", codec.bits,
                                          a, b - a, heads, tokens, dim)  # fmt: skip
                     torch.baddbmm(bias, q_t, sc, out=x_t)
                 elif which == "rope":
-                    ct._rope(x, a, b, heads, tokens, dim, cos, sin, rows, one)
+                    cc._rope(x, a, b, heads, tokens, dim, cos, sin, rows, one)
                 elif which == "cast to fp16":
                     out[a * heads : b * heads].copy_(x_t)
                 elif which == "cast to fp32":

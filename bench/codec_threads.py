@@ -134,7 +134,7 @@ def stages(cal, blobs, keys, threads: int, layers: int, label: str) -> list[dict
         _, payload, offsets = enc.encoded_payload()
         segs += [[payload[offsets[k] : offsets[k + 1]] for k in range(a, a + run)] for a in range(0, layers, run)]
     nbytes = len(segs) * run * two * heads * tokens * dim * 2
-    scaled, bias = cc._batch(cal, "decode", 5, 0, run, tokens)
+    scaled, bias = cc._batch(cal, "decode", 5, 0, 2 * run, heads, tokens, dim)
 
     def symbols(part):
         q = np.empty((run, two, heads, tokens, dim), np.float32)

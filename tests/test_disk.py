@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import key, make_chunk
 
@@ -153,3 +154,18 @@ def test_concurrent_writers_never_overshoot_the_capacity(tmp_path, monkeypatch):
     on_disk = sum(p.stat().st_size for p in files(tmp_path / "d"))
     assert disk.used_bytes <= 3 * one and on_disk <= 3 * one
     assert on_disk == disk.used_bytes
+
+
+@pytest.mark.parametrize("tokens", [16, 256])  # the object comes whole with the head's probe, or it does not
+def test_an_object_longer_than_its_head_says_gives_no_ranges_and_is_deleted(tmp_path, tokens):
+    disk = DiskBackend(tmp_path, 1 << 30, RAW)
+    disk.put(key(1), make_chunk(tokens=tokens))
+    path = files(tmp_path)[0]
+    assert (path.stat().st_size > disk.head_probe) == (tokens == 256)
+    path.write_bytes(path.read_bytes() + b"trailing")
+    ranges = disk.open_ranges(key(1))
+    if tokens == 16:
+        assert ranges is None  # it came whole with the head
+    else:
+        assert ranges.read(2, 3) is None  # a range read bounds the file by the head's size
+    assert not path.exists() and not disk.contains(key(1)) and disk.corrupt_objects == 1

@@ -92,19 +92,6 @@ class Codec(ABC):
         ]
         return torch.stack(out), None
 
-    def stage_chunk_on(self, payload, offsets: list[int], shape, device):
-        """One chunk's verified payload (layer k's segment at offsets[k]..offsets[k + 1]) made ready for
-        decode_staged_on as it arrives, before the chunks after it are read. By default the segments are
-        only cut out; a GPU decoder checks them and queues their copy to `device` here."""
-        view = memoryview(payload)
-        return [view[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
-
-    def decode_staged_on(self, staged: list, i: int, j: int, shape, dtype, num_layers: int, device, position: int):
-        """Layers i..j-1 of consecutive chunks staged by stage_chunk_on (the first at RoPE `position`): as
-        decode_run_on, whose (KV, error flag) it returns."""
-        segments = [[chunk[k] for chunk in staged] for k in range(i, j)]
-        return self.decode_run_on(segments, shape, dtype, list(range(i, j)), num_layers, device, position)
-
     def decode_chunks_on(self, segments, shape, dtype, layer: int, num_layers: int, device, positions) -> list:
         """One layer of several chunks of the same `shape` (their segments, at RoPE `positions`) decoded onto
         `device`; codecs that batch their work over chunks (cachegen on a GPU: one kernel) do."""

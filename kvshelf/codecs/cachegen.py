@@ -236,22 +236,6 @@ class CacheGenCodec(Codec):
         q, err = rans_gpu.decode_run(segments, shape, self.bits, device)
         return self._finish_layers(q, layers, position, device).to(dtype), err
 
-    def stage_chunk_on(self, payload, offsets, shape, device):
-        """Calibrated, on a CUDA device: queued to the device once (rans_gpu.stage_chunk); checked as it decodes."""
-        if not self.decodes_on(device):
-            return super().stage_chunk_on(payload, offsets, shape, device)
-        from kvshelf.codecs import rans_gpu
-
-        return rans_gpu.stage_chunk(payload, offsets, device)
-
-    def decode_staged_on(self, staged, i, j, shape, dtype, num_layers, device, position):
-        if not self.decodes_on(device):
-            return super().decode_staged_on(staged, i, j, shape, dtype, num_layers, device, position)
-        from kvshelf.codecs import rans_gpu
-
-        q, err = rans_gpu.decode_staged(staged, i, j, shape, self.bits)  # checks, one kernel: as decode_run_on
-        return self._finish_layers(q, list(range(i, j)), position, device).to(dtype), err
-
     def decode_chunks_on(self, segments, shape, dtype, layer, num_layers, device, positions) -> list[torch.Tensor]:
         """Calibrated, on a CUDA device: one staging copy and one rANS kernel for the layer of every chunk;
         consecutive chunks (positions a chunk apart) share one inverse transform and RoPE."""

@@ -38,32 +38,22 @@ _ERRORS = {
 @njit(nogil=True, cache=True)
 def _decode_part(buf, off, stop, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits, radius, out):
     """Check and decode the part at buf[off:]; returns (end of the part, 0) or (0, error code)."""  # pragma: no cover
+    end, err = _part_end(buf, off, stop, heads, tokens, dim, width, per_lane)
+    if err:
+        return 0, err
     rows = heads * dim
     blocks = rows // (width * per_lane)
-    if off + rows + 4 + 4 * blocks + 4 * blocks * width > stop:
-        return 0, 1
     classes = buf[off : off + rows]
-    for r in range(rows):
-        if classes[r] >= SPREAD_CLASSES:
-            return 0, 3
     at = off + rows
     n_esc = _u32(buf, at)
-    if n_esc > rows * tokens:
-        return 0, 4
     at += 4
     word_start = np.empty(blocks + 1, np.int64)
     word_start[0] = 0
     for b in range(blocks):
-        count = _u32(buf, at + 4 * b)
-        if count > width * per_lane * tokens * 2:
-            return 0, 5
-        word_start[b + 1] = word_start[b] + count
+        word_start[b + 1] = word_start[b] + _u32(buf, at + 4 * b)
     states_at = at + 4 * blocks
     words_at = states_at + 4 * blocks * width
     esc_at = words_at + 2 * word_start[blocks]
-    end = esc_at + 8 * n_esc
-    if end > stop:
-        return 0, 1
     err = _decode_lanes(buf, states_at, words_at, word_start, classes, width, per_lane, tokens, dim, symbol, freq, cum,
                   low_bits, radius, out)  # fmt: skip
     if err:
@@ -79,12 +69,15 @@ def _decode_part(buf, off, stop, heads, tokens, dim, width, per_lane, symbol, fr
 
 @njit(nogil=True, cache=True)
 def _part_end(buf, off, stop, heads, tokens, dim, width, per_lane):  # pragma: no cover - compiled
-    """Where the part at buf[off:] ends, checked as _decode_part checks it before decoding (its counts, sizes
-    and escape count; not its classes or stream): (end, 0), or (0, error code)."""
+    """Where the part at buf[off:] ends, checked before anything is decoded (its classes, counts, sizes and
+    escape count; not its stream or escape positions): (end, 0), or (0, error code)."""
     rows = heads * dim
     blocks = rows // (width * per_lane)
     if off + rows + 4 + 4 * blocks + 4 * blocks * width > stop:
         return 0, 1
+    for r in range(rows):
+        if buf[off + r] >= SPREAD_CLASSES:
+            return 0, 3
     at = off + rows
     n_esc = _u32(buf, at)
     if n_esc > rows * tokens:
@@ -318,7 +311,7 @@ def encode_segment(q: np.ndarray, level: int) -> bytes:
 _TABLES = (FREQ, CUM, LOW_BITS, RADIUS)  # what _encode_halves takes after the layout
 
 
-# -- symbols and RoPE (the GPU path's checks and tests use them; kvshelf.codecs.cachegen_threads codes chunks) --
+# -- symbols, transforms and RoPE (kvshelf.codecs.cachegen_threads codes chunks with them; the GPU path's checks) --
 def symbols_of(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: list[int], position: int) -> np.ndarray:
     """Consecutive layers' KV [n, 2, heads, tokens, dim] -> their integer symbols (int32), as the codec codes
     them (the coefficients rounded in torch here)."""
@@ -326,33 +319,43 @@ def symbols_of(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: lis
     n, two, heads, tokens, dim = kv.shape
     x = kv.to(torch.float32, copy=True).numpy()
     rope_(cal, x, layers, position, -1.0)
-    scaled, bias = _batch(cal, "encode", level, layers[0], n, tokens)
+    scaled, bias = _batch(cal, "encode", level, 2 * layers[0], 2 * n, heads, tokens, dim)
     coeffs = torch.baddbmm(bias, torch.from_numpy(x.reshape(n * two * heads, tokens, dim)), scaled)
     return coeffs.round_().clamp_(-(2**30), 2**30).to(torch.int32).reshape(kv.shape).numpy()
 
 
-def _batch(cal: calib.Calibration, kind: str, level: int, first: int, n: int, tokens: int):
-    """The transforms of layers first..first+n-1 as a batch of matrices [n * 2 * heads, dim, dim] and their
-    bias expanded over the tokens, cached: a run makes no tensor calls (each would pass the GIL on) for them."""
-    key = ("cpu-batch", kind, level, first, n, tokens)
-    if key not in cal._cache:
+def _batch(cal: calib.Calibration, kind: str, level: int, first: int, n: int, heads: int, tokens: int, dim: int):
+    """The transforms of the model's halves first..first+n-1 (half 2k: layer k's K, 2k + 1 its V) as a batch of
+    matrices [n * heads, dim, dim] and their bias expanded over the tokens, cached: a unit of threads makes no
+    tensor calls (each would pass the GIL on) for them."""
+    key = ("cpu-halves", kind, level, first, n, tokens)
+    got = cal._cache.get(key)
+    if got is None:
         scaled, bias = (cal.decode_transform if kind == "decode" else cal.encode_transform)(level, "cpu")
-        _, two, heads, dim = cal.mean.shape
-        b = n * two * heads
-        bias = bias[first : first + n].reshape(b, 1, dim).expand(b, tokens, dim)
-        cal._cache[key] = (scaled[first : first + n].reshape(b, dim, dim), bias)
-    return cal._cache[key]
+        b = n * heads
+        scaled = scaled.reshape(-1, dim, dim)[first * heads : first * heads + b]
+        bias = bias.reshape(-1, 1, dim)[first * heads : first * heads + b].expand(b, tokens, dim)
+        got = cal._cache[key] = (scaled, bias)
+    return got
 
 
 def rope_(cal: calib.Calibration, x: np.ndarray, layers: list[int], position: int, sign: float) -> None:
-    """Rotate the keys x[:, 0] (float32 [n, 2, heads, tokens, dim], consecutive layers) in place by sign times
-    their positions' angles: kvshelf.kvmath.rope.rotate_keys's arithmetic (angles in float64, then float32
-    cos/sin, x * cos + rotate_half(x) * sin), with one table per distinct frequency row and position."""
+    """Rotate the keys x[:, 0] (C-contiguous float32 [n, 2, heads, tokens, dim], consecutive layers) in place by
+    sign times their positions' angles (_rope)."""
+    if not x.flags.c_contiguous:
+        raise ValueError("rope_ rotates a C-contiguous array in place")
+    n, two, heads, tokens, dim = x.shape
+    cos, sin, which = _tables(cal, layers, position, tokens)
+    _rope(x.reshape(-1), 0, two * n, heads, tokens, dim, cos, sin, which, np.float32(sign))
+
+
+def _tables(cal: calib.Calibration, layers: list[int], position: int, tokens: int):
+    """RoPE's cos and sin [rows, tokens, dim / 2] for the distinct frequency rows of `layers` at `position`,
+    and each layer's row among them."""
     rows, index = _freq_rows(cal)
     used = sorted({index[k] for k in layers})
-    cos, sin = _cos_sin(tuple(rows[u] for u in used), position, x.shape[3])
-    which = np.array([used.index(index[k]) for k in layers], np.int64)
-    _rotate(x, cos, sin, which, np.float32(sign))
+    cos, sin = _cos_sin(tuple(rows[u] for u in used), position, tokens)
+    return cos, sin, np.array([used.index(index[k]) for k in layers], np.int64)
 
 
 def _freq_rows(cal: calib.Calibration) -> tuple[list[bytes], list[int]]:
@@ -375,14 +378,18 @@ def _cos_sin(rows: tuple[bytes, ...], position: int, tokens: int) -> tuple[np.nd
 
 
 @njit(nogil=True, cache=True)
-def _rotate(x, cos, sin, which, sign):  # pragma: no cover - compiled
-    n, _, heads, tokens, dim = x.shape
+def _rope(x, h0, h1, heads, tokens, dim, cos, sin, which, sign):  # pragma: no cover - compiled
+    """Rotate the K halves among halves h0..h1-1 of x (float32, flat: [(h1 - h0), heads, tokens, dim]; half h
+    takes the tables cos[which[h // 2]], sin[which[h // 2]]) in place by sign times their positions' angles:
+    kvshelf.kvmath.rope.rotate_keys's arithmetic (angles in float64, then float32 cos/sin, x * cos +
+    rotate_half(x) * sin)."""
     half = dim // 2
-    for k in range(n):
-        c, s = cos[which[k]], sin[which[k]]
-        for h in range(heads):
+    xs = x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim)
+    for h in range(h0 + h0 % 2, h1, 2):
+        c, s = cos[which[h // 2]], sin[which[h // 2]]
+        for g in range(heads):
             for t in range(tokens):
-                row = x[k, 0, h, t]
+                row = xs[h - h0, g, t]
                 for i in range(half):
                     x1, x2 = row[i], row[i + half]
                     si = s[t, i] * sign
@@ -396,8 +403,5 @@ def warm_up() -> None:
     q = np.zeros((2, 1, 4, 2), np.int32)
     decode_segment_into(encode_segment(q, 5), 1, 4, 2, 5, np.empty(q.shape, np.float32))
     _encode_halves(np.zeros(q.shape[1:], np.float32)[None], 2, 1, FREQ, CUM, LOW_BITS, RADIUS)
-    x = np.zeros((1, 2, 1, 4, 2), np.float32)
-    from kvshelf.codecs import cachegen_threads  # it imports this module
-
-    cachegen_threads.warm_up()
-    _rotate(x, np.zeros((1, 4, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64), np.float32(1))
+    cos, sin, which = np.ones((1, 4, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64)
+    _rope(np.zeros(2 * 4 * 2, np.float32), 0, 2, 1, 4, 2, cos, sin, which, np.float32(1.0))

@@ -24,7 +24,6 @@ import threading
 
 import numpy as np
 import torch
-from numba import njit
 
 from kvshelf.codecs import cachegen_cpu as cc
 from kvshelf.codecs import calibration as calib
@@ -66,7 +65,7 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     buf = np.frombuffer(segments[0] if len(segments) == 1 else b"".join(segments), np.uint8)[:]
     buf.flags.writeable = False  # one array type for the compiled decoder, whatever held the bytes
     ends = np.cumsum([memoryview(s).nbytes for s in segments], dtype=np.int64)
-    cos, sin, which = _tables(cal, layers, position, tokens)
+    cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which)
     cuts = units(layers, processes.workers)
@@ -82,28 +81,10 @@ def _decode_unit(job, h0: int, h1: int, out: torch.Tensor) -> None:
     _, err = cc._decode_halves(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM,
                                LOW_BITS, RADIUS, q)  # fmt: skip
     cc.raise_error(err)
-    scaled, bias = _batch(cal, "decode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
+    scaled, bias = cc._batch(cal, "decode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
     torch.baddbmm(bias, q_t, scaled, out=x_t)
-    _rope(x, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(1.0))
+    cc._rope(x, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(1.0))
     out.copy_(x_t)
-
-
-@njit(nogil=True, cache=True)
-def _rope(x, h0, h1, heads, tokens, dim, cos, sin, which, sign):  # pragma: no cover - compiled
-    """Rotate the K halves among halves h0..h1-1 of x (float32, flat: [(h1 - h0), heads, tokens, dim]) in
-    place by sign times their positions' angles, as cachegen_cpu._rotate does (same float arithmetic)."""
-    half = dim // 2
-    xs = x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim)
-    for h in range(h0 + h0 % 2, h1, 2):
-        c, s = cos[which[h // 2]], sin[which[h // 2]]
-        for g in range(heads):
-            for t in range(tokens):
-                row = xs[h - h0, g, t]
-                for i in range(half):
-                    x1, x2 = row[i], row[i + half]
-                    si = s[t, i] * sign
-                    row[i] = x1 * c[t, i] + (-x2) * si
-                    row[i + half] = x2 * c[t, i] + x1 * si
 
 
 # -- encoding ------------------------------------------------------------------------------------------------
@@ -116,7 +97,7 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     if not n:
         return []
     rows = kv.reshape(-1, tokens, dim)  # [halves * heads, tokens, dim] (a copy only where kv is not contiguous)
-    cos, sin, which = _tables(cal, layers, position, tokens)
+    cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which)
     cuts = units(layers, processes.workers)
@@ -132,14 +113,14 @@ def _encode_unit(job, h0: int, h1: int, kv: torch.Tensor):
     cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which = job
     q, q_t, x, x_t = _scratch(h1 - h0, heads, tokens, dim)
     q_t.copy_(kv)
-    _rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
-    scaled, bias = _batch(cal, "encode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
+    cc._rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
+    scaled, bias = cc._batch(cal, "encode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
     torch.baddbmm(bias, q_t, scaled, out=x_t)
     return cc._encode_halves(x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim), width,
                              per_lane, FREQ, CUM, LOW_BITS, RADIUS)  # fmt: skip
 
 
-# -- per-thread buffers, transforms, RoPE tables ---------------------------------------------------------------
+# -- per-thread buffers -----------------------------------------------------------------------------------------
 _local = threading.local()
 
 
@@ -159,33 +140,3 @@ def _scratch(halves: int, heads: int, tokens: int, dim: int):
         shape = (halves * heads, tokens, dim)
         views[key] = (q, torch.from_numpy(q[:n]).view(shape), x, torch.from_numpy(x[:n]).view(shape))
     return views[key]
-
-
-def _batch(cal: calib.Calibration, kind: str, level: int, first: int, n: int, heads: int, tokens: int, dim: int):
-    """The transforms of the model's halves first..first+n-1 (half 2k: layer k's K) as a batch of matrices
-    [n * heads, dim, dim] and their bias expanded over the tokens, cached (a unit makes no tensor calls)."""
-    key = ("cpu-halves", kind, level, first, n, tokens)
-    got = cal._cache.get(key)
-    if got is None:
-        scaled, bias = (cal.decode_transform if kind == "decode" else cal.encode_transform)(level, "cpu")
-        b = n * heads
-        scaled = scaled.reshape(-1, dim, dim)[first * heads : first * heads + b]
-        bias = bias.reshape(-1, 1, dim)[first * heads : first * heads + b].expand(b, tokens, dim)
-        got = cal._cache[key] = (scaled, bias)
-    return got
-
-
-def _tables(cal: calib.Calibration, layers: list[int], position: int, tokens: int):
-    """RoPE's cos and sin [rows, tokens, dim / 2] for the distinct frequency rows of `layers` at `position`,
-    and each layer's row among them (cachegen_cpu's tables: rotate_keys's arithmetic)."""
-    rows, index = cc._freq_rows(cal)
-    used = sorted({index[k] for k in layers})
-    cos, sin = cc._cos_sin(tuple(rows[u] for u in used), position, tokens)
-    return cos, sin, np.array([used.index(index[k]) for k in layers], np.int64)
-
-
-def warm_up() -> None:
-    """Compile (or load from numba's cache) the RoPE kernel."""
-    x = np.zeros(2 * 4 * 2, np.float32)
-    cos, sin, which = np.ones((1, 4, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64)
-    _rope(x, 0, 2, 1, 4, 2, cos, sin, which, np.float32(1.0))

@@ -112,6 +112,22 @@ def _pinned(nbytes: int) -> tuple[torch.Tensor, list]:
     return slot[0][:nbytes], slot
 
 
+def _staging(nbytes: int, device: torch.device):
+    """A host buffer the copy to `device` can be queued from without waiting (pinned on CUDA) and its pool slot."""
+    if device.type == "cuda":
+        return _pinned(nbytes)
+    return torch.empty(nbytes, dtype=torch.uint8), None
+
+
+def _queued(slot) -> None:
+    """The staging slot's copy was queued on the current stream: reusable once it has run."""
+    if slot is not None:
+        slot[1] = torch.cuda.Event()
+        slot[1].record()
+        with _pool_lock:
+            slot[2] = False
+
+
 def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     """Copy calibrated segments into one (pinned, on CUDA) staging buffer, check them there and write the
     kernel's block descriptors and the escapes beside them (rans.scan_segments: compiled; runs of segments on
@@ -127,10 +143,7 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     max_esc = min(base // 8, len(segments) * 2 * rows * tokens)  # an escape takes 8 bytes of a segment
     align = lambda n: (n + 7) // 8 * 8  # noqa: E731
     offs = np.cumsum([0, align(base), align(n_desc * _DESC * 8), align(max_esc * 8), align(max_esc * 4)])
-    if device.type == "cuda":
-        host, slot = _pinned(int(offs[-1]))
-    else:
-        host, slot = torch.empty(int(offs[-1]), dtype=torch.uint8), None
+    host, slot = _staging(int(offs[-1]), device)
     try:
         view = host.numpy()
         desc = view[offs[1] : offs[2]].view(np.int64).reshape(-1, _DESC)[:n_desc]
@@ -169,11 +182,7 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
         end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
         dev = host[:end].to(device, non_blocking=True)
     finally:
-        if slot is not None:  # the buffer goes back to the pool; reusable once this copy (if any) has run
-            slot[1] = torch.cuda.Event()
-            slot[1].record()  # on the current stream: the one the copy was queued on
-            with _pool_lock:
-                slot[2] = False
+        _queued(slot)  # the buffer goes back to the pool, reusable once this copy (if any) has run
     return (
         dev[:base],
         dev[offs[1] : offs[1] + n_desc * _DESC * 8].view(torch.int64),
@@ -250,22 +259,6 @@ class StagedChunk:
         self.host = host  # uint8 payload in host memory (pinned on CUDA)
         self.data = data  # the same bytes on the device
         self.offsets = offsets  # int64 [layers + 1]: segment bounds in them
-
-
-def _staging(nbytes: int, device: torch.device):
-    """A host buffer the copy to `device` can be queued from without waiting (pinned on CUDA) and its pool slot."""
-    if device.type == "cuda":
-        return _pinned(nbytes)
-    return torch.empty(nbytes, dtype=torch.uint8), None
-
-
-def _queued(slot) -> None:
-    """The staging slot's copy was queued on the current stream: reusable once it has run."""
-    if slot is not None:
-        slot[1] = torch.cuda.Event()
-        slot[1].record()
-        with _pool_lock:
-            slot[2] = False
 
 
 def stage_chunk(payload, offsets, device) -> StagedChunk:

@@ -59,17 +59,15 @@ class ObjectAuth:
     def __repr__(self) -> str:  # never print keys
         return "ObjectAuth(<keys hidden>)"
 
-    def mac(self, chunk_key: bytes, head: bytes | memoryview, payload: list) -> bytes:
-        """Keyed BLAKE3 over the domain, the chunk key, `head` (prefix and header) and the payload (the
-        concatenation of the `payload` buffers, hashed as they are: no join)."""
-        h = blake3(key=self.mac_key, max_threads=blake3.AUTO)  # large payloads hash on several cores
+    def mac(self, chunk_key: bytes, head: bytes | memoryview) -> bytes:
+        """Keyed BLAKE3 over the domain, the chunk key and `head` (prefix and header, whose per-layer digests
+        bind the payload: kvshelf.storage.format)."""
+        h = blake3(key=self.mac_key)
         h.update(_DOMAIN)
         h.update(len(chunk_key).to_bytes(2, "little"))
         h.update(chunk_key)
         h.update(len(head).to_bytes(4, "little"))
         h.update(head)
-        for buf in payload:
-            h.update(buf)
         return h.digest(MAC_SIZE)
 
 

@@ -184,35 +184,17 @@ class DiskBackend(ByteStore):
         return True
 
     def _get_bytes(self, name: str, limit: int) -> bytes | None:
-        return self._get_bytes_into(name, limit, None)
+        return self._pread(name, 0, limit, limit, None)
 
     def _get_bytes_into(self, name: str, limit: int, into) -> bytes | memoryview | None:
-        with self._lock:
-            if name not in self._index:
-                return None
-            self._index.move_to_end(name)
-        try:
-            with open(self._path(name), "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > limit:
-                    raise ObjectTooLarge(f"file of {size} bytes; no expected chunk is larger than {limit}")
-                if into is None:
-                    return f.read()  # one copy out of the page cache; decoding views it, never copies again
-                # into a buffer the caller keeps (pinned memory: no page faults, no staging copy)
-                view = memoryview(into(size).numpy())
-                got = 0
-                while got < size:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                return view[:got]  # shorter than the file (it shrank): the format's checks refuse it
-        except FileNotFoundError:  # removed behind our back
-            self._forget(name)
-            return None
+        return self._pread(name, 0, limit, limit, into)
 
     def _get_range(self, name: str, start: int, length: int, limit: int, into=None) -> bytes | memoryview | None:
-        """pread of the range (into a buffer from `into`: pinned memory the GPU copies from as it is)."""
+        return self._pread(name, start, length, limit, into)
+
+    def _pread(self, name: str, start: int, length: int, limit: int, into) -> bytes | memoryview | None:
+        """Up to `length` bytes of the file from `start` (the whole file: start 0, length `limit`), into a
+        buffer from `into` where given (pinned memory: no page faults, no staging copy for a GPU)."""
         with self._lock:
             if name not in self._index:
                 return None
@@ -225,7 +207,7 @@ class DiskBackend(ByteStore):
                     raise ObjectTooLarge(f"file of {size} bytes; no expected chunk is larger than {limit}")
                 n = max(0, min(length, size - start))
                 if into is None:
-                    return os.pread(fd, n, start)
+                    return os.pread(fd, n, start)  # one copy out of the page cache; decoding views it
                 view = memoryview(into(n).numpy())
                 got = 0
                 while got < n:
@@ -233,8 +215,8 @@ class DiskBackend(ByteStore):
                     if not k:
                         break
                     got += k
-                return view[:got]
-        except FileNotFoundError:
+                return view[:got]  # shorter than asked (the file shrank): the format's checks refuse it
+        except FileNotFoundError:  # removed behind our back
             self._forget(name)
             return None
 

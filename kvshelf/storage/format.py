@@ -111,7 +111,7 @@ def seal(key: bytes, header: dict, payload_len: int, auth: ObjectAuth | None = N
         _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(head), xxhash.xxh3_64_intdigest(head), payload_len, _NO_MAC)
     )
     if auth is not None:
-        prefix[_MAC_AT:] = auth.mac(key, bytes(prefix[:_MAC_AT]) + head, [])
+        prefix[_MAC_AT:] = auth.mac(key, bytes(prefix[:_MAC_AT]) + head)
     return bytes(prefix) + head
 
 
@@ -176,14 +176,19 @@ def _prefix(view: memoryview) -> tuple[int, int, int, int, bytes]:
 
 
 def head_size(blob: bytes | memoryview) -> int:
-    """Bytes of the head (prefix + header) of the object that `blob` begins with (its prefix at least):
-    a reader of byte ranges fetches that much before any segment."""
-    try:
-        return PREFIX_SIZE + _prefix(memoryview(blob))[1]
-    except FormatError:
-        raise
-    except Exception as err:  # noqa: BLE001 - anything at all in stored bytes is damage
-        raise FormatError(f"prefix unreadable: {type(err).__name__}: {err}") from None
+    """Bytes of the head (prefix + header) of the object `blob` begins with (its prefix at least): what a
+    range reader fetches first."""
+    return _sizes(blob)[0]
+
+
+def object_size(blob: bytes | memoryview) -> int:
+    """Bytes of that whole object, as its prefix says (checked against the header by open_head)."""
+    return sum(_sizes(blob))
+
+
+def _sizes(blob: bytes | memoryview) -> tuple[int, int]:
+    _, head_len, _, payload_len, _ = _prefix(memoryview(blob))  # FormatError for a short or unsound prefix
+    return PREFIX_SIZE + head_len, payload_len
 
 
 def _parse_header(head: memoryview) -> dict:
@@ -417,7 +422,7 @@ def open_head(
         if auth is not None:
             if not flags & FLAG_MAC:
                 raise FormatError("object carries no MAC, and this instance requires one (remote_auth_key)")
-            if not hmac.compare_digest(auth.mac(expected_key, bytes(view[:_MAC_AT]) + bytes(head), []), mac):
+            if not hmac.compare_digest(auth.mac(expected_key, bytes(view[:_MAC_AT]) + bytes(head)), mac):
                 raise FormatError("MAC mismatch: object not written by an instance holding remote_auth_key")
         elif flags & FLAG_MAC:
             raise FormatError("object carries a MAC but this instance has no remote_auth_key")
@@ -432,13 +437,14 @@ def open_head(
                 raise FormatError("model fingerprint differs")
             fingerprint = expected.fingerprint
         codec = _codec_for(header, codec)
-        shape, dtype, offsets, digests = _check_header(header, codec, expected, payload_len, bool(flags & FLAG_MAC))
+        signed = bool(flags & FLAG_MAC)
+        shape, dtype, offsets, digests = _check_header(header, codec, expected, payload_len, signed)
         meta = ChunkMeta(fingerprint, shape[3], shape, dtype, header["position"])
     except FormatError:
         raise
     except Exception as err:  # noqa: BLE001 - RecursionError, OverflowError, MemoryError...: all damage
         raise FormatError(f"object does not parse: {type(err).__name__}: {err}") from None
-    return ChunkHead(meta, codec, offsets, digests, start, bool(flags & FLAG_MAC))
+    return ChunkHead(meta, codec, offsets, digests, start, signed)
 
 
 def open_chunk(

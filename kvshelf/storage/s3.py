@@ -143,7 +143,7 @@ class S3Backend(ByteStore):
             if total is not None and total > limit:
                 raise ObjectTooLarge(f"object of {total} bytes; no expected chunk is larger than {limit}")
             if resp.get("ContentRange"):
-                return body.read(length + 1)[: length + 1]  # more than asked: the checks refuse it
+                return body.read(length + 1)  # more than asked: the checks refuse it
             blob = body.read(limit + 1)  # no range applied: bounded, then cut
             if len(blob) > limit:
                 raise ObjectTooLarge(f"object is larger than {limit} bytes")

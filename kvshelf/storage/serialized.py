@@ -30,12 +30,12 @@ from kvshelf.storage.format import (
     FormatError,
     encode_chunk_parts,
     head_size,
+    object_size,
     open_chunk,
     open_head,
 )
 
 log = logging.getLogger(__name__)
-HEAD_PROBE = 16 << 10  # bytes read for an object's head (a header of a 32-layer model takes ~3 KB)
 
 
 class ObjectTooLarge(FormatError):
@@ -43,7 +43,7 @@ class ObjectTooLarge(FormatError):
 
 
 class ByteStore(StorageBackend):
-    head_probe = HEAD_PROBE  # bytes of an object read to verify its head (open_ranges)
+    head_probe = 16 << 10  # bytes read to verify an object's head (open_ranges; a 32-layer model's takes ~3 KB)
 
     def __init__(self, codec: Codec, *, auth: ObjectAuth | None = None, metrics: Metrics | None = None):
         self.auth = auth
@@ -155,6 +155,8 @@ class ByteStore(StorageBackend):
             if size > len(blob) and len(blob) == probe:  # a header longer than the probe: the rest of it
                 rest = self._get_range(name, probe, size - probe, limit)
                 blob = bytes(blob) + bytes(rest or b"")
+            if len(blob) > object_size(blob):  # came whole with the probe, longer than it is: as a whole read
+                raise FormatError(f"object of {len(blob)} bytes is longer than its prefix says")
             head = open_head(blob, key, codec, auth=self.auth, expected=expected)
             # the payload's first bytes, read with the head (all of it for a small object): ranges within them
             # are not read again
