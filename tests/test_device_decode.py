@@ -335,6 +335,38 @@ def test_read_ahead_is_bounded_and_in_order():
     stopped.close()
 
 
+def test_read_ahead_ends_when_closing_the_reads_raises(monkeypatch):
+    from kvshelf.cache.device_decode import _ReadAhead
+
+    class Reads:
+        """Two results, then a close() that raises (a tier's generator failing as it ends its calls)."""
+
+        def __init__(self):
+            self._items = iter([b"a", b"b"])
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self._items)
+
+        def close(self):
+            raise OSError("tier gone while ending its reads")
+
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    ahead = _ReadAhead(Reads())
+    ahead._thread.join()  # the reads' thread has ended (and failed loudly: below)
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(ahead.next() for _ in range(3)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)  # a missing end marker would make the third next() wait forever
+    assert not reader.is_alive(), "next() waits for an end that was never queued"
+    assert got == [b"a", b"b", None]
+    assert [type(f.exc_value) for f in failures] == [OSError]
+    ahead.close()
+
+
 def test_chunks_held_decoded_are_not_planned_for_the_device(tiny_models):
     from kvshelf.storage.memory import MemoryBackend
 

@@ -288,8 +288,10 @@ class _ReadAhead:
         except BaseException as err:  # handed to the loader, which fails the request loudly
             self._put((False, err))
         finally:
-            results.close()
-            self._put((False, None))
+            try:
+                results.close()
+            finally:  # the end is queued even when close() raises: next() never waits for it in vain
+                self._put((False, None))
 
     def next(self):
         """The next result in order; None once the reads have ended."""
