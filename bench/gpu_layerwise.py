@@ -14,7 +14,6 @@ would (verified, not decoded). Then, from those bytes in host memory to the fp16
 - loader: the LayerwiseLoader (its thread, its stream, groups of half its buffer, error flags checked one
   group behind; plan: chunks opened already, streamed: ranges cut group by group as a tier would read them)
   with a model that needs no time: from the host bytes to all layers in, GB/s of fp16 KV per layer;
-- scan threads: the CPU checks of a group's segments run on rans_gpu.SCAN_THREADS threads (--scan-threads);
 - exactness: the loaded KV against the CPU decoder's (max |difference|), symbols GPU vs CPU (bit-exact).
 """
 
@@ -204,7 +203,6 @@ def main() -> None:
     ap.add_argument("--calibration", required=True)
     ap.add_argument("--tokens", type=int, nargs="+", default=[12288])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--scan-threads", type=int, nargs="+", default=[rans_gpu.SCAN_THREADS])
     args = ap.parse_args()
     from safetensors.torch import load_file
 
@@ -213,12 +211,9 @@ def main() -> None:
     calib.register(cal)
     device = torch.device("cuda")
     results: dict = {"gpu": torch.cuda.get_device_name(), "cores": os.cpu_count()}
-    for threads in args.scan_threads:
-        rans_gpu.SCAN_THREADS = threads
-        rans_gpu._scan_pool = None  # a pool of that size
-        for tokens in args.tokens:
-            measure(kv, cal, tokens, device, results, f"gemma3-270m {tokens} tok, {threads} scan threads")
-            print(json.dumps(results, indent=1), flush=True)
+    for tokens in args.tokens:
+        measure(kv, cal, tokens, device, results, f"gemma3-270m {tokens} tok")
+        print(json.dumps(results, indent=1), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

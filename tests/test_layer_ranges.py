@@ -214,9 +214,9 @@ class CountingDisk(DiskBackend):
         super().__init__(*args, **kw)
         self.ranges: list[tuple[int, int]] = []
 
-    def _get_range(self, name, start, length, limit, into=None):
+    def _get_range(self, name, start, length, limit):
         self.ranges.append((start, length))
-        return super()._get_range(name, start, length, limit, into)
+        return super()._get_range(name, start, length, limit)
 
 
 def test_layers_read_with_the_head_are_not_read_again_and_are_still_checked(tmp_path):

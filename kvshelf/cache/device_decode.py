@@ -121,8 +121,9 @@ class DeviceDecoding:
         self._opener, self._fetch = opener, fetch
         self._ranges: list = [None] * self.num_chunks  # streamed: each chunk's LayerRanges, once its head is read
         self._reads: _ReadAhead | None = None  # streamed: the layer ranges being read, group by group, chunk by chunk
-        self._groups: list[tuple[int, int]] = []
-        self._plan: list[tuple[int, int]] = []  # streamed: the ranges still to be read (read_groups)
+        self._groups: collections.deque[tuple[int, int]] = collections.deque()  # streamed: still to decode
+        # streamed: the ranges still to be read (read_groups)
+        self._plan: collections.deque[tuple[int, int]] = collections.deque()
         self._held: tuple | None = None  # streamed: (first, end, [bytes of every chunk]) of the range decoding
         self._run_of = [r for r in runs for _ in range(r.count)]
 
@@ -174,8 +175,8 @@ class DeviceDecoding:
                 self._ranges[k] = self._checked(k, next(heads, None))
         finally:
             heads.close()  # ends the reads still in flight (on an error)
-        self._groups = list(groups)
-        self._plan = read_groups(self._groups, self.read_layers)
+        self._groups = collections.deque(groups)
+        self._plan = collections.deque(read_groups(list(groups), self.read_layers))
         calls = [(r.read, (i, j)) for i, j in self._plan for r in self._ranges]
         self._reads = _ReadAhead(self._fetch(calls))
 
@@ -193,12 +194,14 @@ class DeviceDecoding:
         verified: segments[l][k], layer i + l of chunk k, as decode_run_on takes them."""
         if not self._groups or self._groups[0] != (i, j):
             raise ChunkNotDecodable(f"layers {i}..{j - 1} asked for out of the order they are read in")
-        self._groups.pop(0)
+        self._groups.popleft()
         if self._held is None or j > self._held[1]:
             self._held = None  # what the last range held is staged already: let it go
             if not self._plan or self._plan[0][0] != i or self._plan[0][1] < j:
-                raise ChunkNotDecodable(f"layers {i}..{j - 1} are not the start of a range read ({self._plan[:1]})")
-            a, b = self._plan.pop(0)
+                raise ChunkNotDecodable(
+                    f"layers {i}..{j - 1} are not the start of a range read ({list(self._plan)[:1]})"
+                )
+            a, b = self._plan.popleft()
             data = []
             for k in range(self.num_chunks):
                 got = self._reads.next()
@@ -288,8 +291,10 @@ class _ReadAhead:
         except BaseException as err:  # handed to the loader, which fails the request loudly
             self._put((False, err))
         finally:
-            results.close()
-            self._put((False, None))
+            try:
+                results.close()
+            finally:  # the end is queued even when close() raises: next() never waits for it in vain
+                self._put((False, None))
 
     def next(self):
         """The next result in order; None once the reads have ended."""

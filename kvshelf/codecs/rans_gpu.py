@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import functools
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from kvshelf.codecs import rans
-from kvshelf.codecs.base import tensor_view
 from kvshelf.codecs.cachegen import calibrated_head
 
 _WARPS = 1  # a block's 32 lanes are one warp: prefix sums by shuffles, no shared memory
@@ -58,30 +56,6 @@ def _tables(device: str) -> tuple[torch.Tensor, ...]:
         to(rans.LOW_BITS.astype(np.int64)),
         to(rans.RADIUS.astype(np.int64)),
     )
-
-
-# The CPU side of a group (copying segments into pinned memory, rans.scan_segments: compiled, no GIL) may run on
-# a few threads.
-# Measured on the lent H200 (16 cores): 8 threads made the loader slower (14.4 -> 10.2 GB/s per layer in groups
-# of 8 layers: copies into pinned memory contend), so the default is one; hosts where it pays may raise it.
-SCAN_THREADS = 1
-_SEGMENTS_PER_TASK = 16  # fewer per thread do not pay for the hand-over
-_scan_pool: ThreadPoolExecutor | None = None
-
-
-def _scanner() -> ThreadPoolExecutor:
-    global _scan_pool
-    with _pool_lock:
-        if _scan_pool is None:
-            _scan_pool = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="kvshelf-scan")
-        return _scan_pool
-
-
-def _spread(fn, items: list) -> list:
-    """fn(item) for each item, on the scan threads when there are several items (in order); exceptions propagate."""
-    if len(items) < 2 or SCAN_THREADS < 2:
-        return [fn(x) for x in items]
-    return list(_scanner().map(fn, items))
 
 
 _pool_lock = threading.Lock()
@@ -130,8 +104,8 @@ def _queued(slot) -> None:
 
 def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     """Copy calibrated segments into one (pinned, on CUDA) staging buffer, check them there and write the
-    kernel's block descriptors and the escapes beside them (rans.scan_segments: compiled; runs of segments on
-    the scan threads side by side), then copy it all to `device` at once."""
+    kernel's block descriptors and the escapes beside them (rans.scan_segments: compiled), then copy it all
+    to `device` at once."""
     _, heads, tokens, dim = shape
     device = torch.device(device)
     rows = heads * dim
@@ -148,37 +122,17 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
         view = host.numpy()
         desc = view[offs[1] : offs[2]].view(np.int64).reshape(-1, _DESC)[:n_desc]
         head = np.frombuffer(calibrated_head(level), np.uint8)
-        part = 2 * rows * tokens  # output values of one segment (K and V)
-
-        def scan(span: tuple[int, int]):
-            """Copy segments a..b-1 into the staging buffer and check them: (escapes, error, positions, values)."""
-            a, b = span
-            for at, n, data in zip(starts[a:b].tolist(), lengths[a:b].tolist(), segments[a:b], strict=True):
-                view[at : at + n] = np.frombuffer(data, np.uint8)
-            cap = min(int(lengths[a:b].sum()) // 8, (b - a) * part)
-            pos, val = np.empty(cap, dtype=np.int64), np.empty(cap, dtype=np.int32)
-            d = desc[a * 2 * blocks : b * 2 * blocks]
-            n, err = rans.scan_segments(
-                view[:base], starts[a:b], lengths[a:b], head, heads, tokens, dim, width, per_lane, d, pos, val
-            )
-            if not err and a:  # scan_segments numbers these segments from 0: their place in the batch
-                d[:, 5] += a * part
-                pos[:n] += a * part
-            return n, err, pos[:n], val[:n]
-
-        count = len(segments)
-        tasks = max(1, min(SCAN_THREADS, count // _SEGMENTS_PER_TASK))
-        bounds = np.linspace(0, count, tasks + 1).astype(int).tolist()
-        scanned = _spread(scan, list(zip(bounds[:-1], bounds[1:], strict=True)))
-        errors = [err for _, err, _, _ in scanned if err]
-        if errors:
-            raise rans.RansError(f"cachegen segment does not parse (code {errors[0]})")
-        n_esc = sum(n for n, _, _, _ in scanned)
-        if n_esc > max_esc:
-            raise rans.RansError("cachegen segments hold more escapes than their bytes can")
+        for at, n, data in zip(starts.tolist(), lengths.tolist(), segments, strict=True):
+            view[at : at + n] = np.frombuffer(data, np.uint8)
+        pos, val = np.empty(max_esc, dtype=np.int64), np.empty(max_esc, dtype=np.int32)
+        n_esc, err = rans.scan_segments(
+            view[:base], starts, lengths, head, heads, tokens, dim, width, per_lane, desc, pos, val
+        )
+        if err:
+            raise rans.RansError(f"cachegen segment does not parse (code {err})")
         if n_esc:
-            view[offs[2] : offs[2] + 8 * n_esc] = np.concatenate([p for _, _, p, _ in scanned]).view(np.uint8)
-            view[offs[3] : offs[3] + 4 * n_esc] = np.concatenate([v for _, _, _, v in scanned]).view(np.uint8)
+            view[offs[2] : offs[2] + 8 * n_esc] = pos[:n_esc].view(np.uint8)
+            view[offs[3] : offs[3] + 4 * n_esc] = val[:n_esc].view(np.uint8)
         end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
         dev = host[:end].to(device, non_blocking=True)
     finally:
@@ -247,96 +201,3 @@ def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[
     _, two, heads, tokens, dim = q.shape  # [layers * chunks, 2, heads, tokens, dim]
     q = q.view(len(segments), chunks, two, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
     return q.reshape(len(segments), two, heads, chunks * tokens, dim), err.any()
-
-
-# -- chunks staged on the device as they arrive, decoded later layer group by layer group --------------------
-class StagedChunk:
-    """One chunk's verified payload (every layer's segment) copied to the device as soon as it was read; its
-    segments are checked layer group by layer group as they decode (decode_staged), from the host copy that
-    the device copy was made from (kept: what the checks pass is what the device holds)."""
-
-    def __init__(self, host: torch.Tensor, data: torch.Tensor, offsets: np.ndarray):
-        self.host = host  # uint8 payload in host memory (pinned on CUDA)
-        self.data = data  # the same bytes on the device
-        self.offsets = offsets  # int64 [layers + 1]: segment bounds in them
-
-
-def stage_chunk(payload, offsets, device) -> StagedChunk:
-    """Queue one chunk's payload's copy to `device`: from where it lies when the tier read it into pinned
-    memory (StorageBackend.open_into), else through a pinned copy (a copy from pageable memory would first
-    wait for everything queued on the stream). The host bytes are kept until the decoding is done."""
-    device = torch.device(device)
-    offs = np.asarray(offsets, dtype=np.int64)
-    n = len(memoryview(payload))
-    if len(offs) < 2 or offs[0] != 0 or offs[-1] != n or (np.diff(offs) < 0).any():
-        raise ValueError("layer offsets do not cut the payload into segments")
-    host = tensor_view(payload, torch.uint8, (n,))
-    if device.type == "cuda" and not (n and host.is_pinned()):
-        host = torch.empty(n, dtype=torch.uint8, pin_memory=True).copy_(host)  # torch's pinned cache
-    return StagedChunk(host, host.to(device, non_blocking=True), offs)
-
-
-def decode_staged(
-    chunks: list[StagedChunk], i: int, j: int, shape: tuple, level: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layers i..j-1 of consecutive staged chunks -> their symbols [j - i, 2, heads, chunks * tokens, dim] and
-    an error flag (a boolean tensor on the device), without waiting for the GPU: the caller must see the
-    flag False before it uses what the symbols decode to. The segments are checked first (rans.scan_segments,
-    on the host copy; RansError where one does not parse), then one small copy of descriptors and escapes
-    and one kernel, which reads each chunk's segments where they were staged: descriptor offsets are taken
-    from the first chunk's device buffer (all of them are allocations on one device)."""
-    _, heads, tokens, dim = shape
-    base = chunks[0].data
-    device = base.device
-    n, c = j - i, len(chunks)
-    rows, part = heads * dim, heads * dim * tokens
-    width, per_lane, blocks = rans.layout(rows, tokens)
-    head = np.frombuffer(calibrated_head(level), np.uint8)
-    desc = np.empty((n, c, 2 * blocks, _DESC), dtype=np.int64)
-
-    def scan(k: int):
-        """Check chunk k's segments of layers i..j-1 (on its host copy): its descriptors and escapes in the batch."""
-        ch = chunks[k]
-        buf = ch.host.numpy()
-        starts, lengths = ch.offsets[i:j], np.diff(ch.offsets[i : j + 1])
-        max_esc = min(int(lengths.sum()) // 8, n * 2 * part)
-        d = np.empty((n * 2 * blocks, _DESC), dtype=np.int64)
-        e_pos, e_val = np.empty(max_esc, dtype=np.int64), np.empty(max_esc, dtype=np.int32)
-        n_esc, err = rans.scan_segments(
-            buf, starts, lengths, head, heads, tokens, dim, width, per_lane, d, e_pos, e_val
-        )
-        if err:
-            raise rans.RansError(f"cachegen segment does not parse (code {err})")
-        # scan_segments numbers this chunk's segments 0..n-1; in the batch, layer l of chunk k is l * c + k
-        d = d.reshape(n, 2 * blocks, _DESC)
-        d[:, :, 0:4] += ch.data.data_ptr() - base.data_ptr()
-        d[:, :, 5] += (np.arange(n, dtype=np.int64) * (c - 1) + k)[:, None] * 2 * part
-        desc[:, k] = d
-        p = e_pos[:n_esc]
-        return p + (p // (2 * part) * (c - 1) + k) * 2 * part, e_val[:n_esc]
-
-    found = _spread(scan, list(range(c)))
-    pos = [p for p, _ in found if len(p)]
-    val = [v for _, v in found if len(v)]
-    n_esc = sum(len(p) for p in pos)
-    align = lambda m: (m + 7) // 8 * 8  # noqa: E731
-    offs = np.cumsum([0, align(desc.nbytes), align(8 * n_esc), align(4 * n_esc)])
-    host, slot = _staging(int(offs[-1]), device)
-    try:
-        view = host.numpy()
-        view[: desc.nbytes] = desc.reshape(-1).view(np.uint8)
-        if n_esc:
-            view[offs[1] : offs[1] + 8 * n_esc] = np.concatenate(pos).view(np.uint8)
-            view[offs[2] : offs[2] + 4 * n_esc] = np.concatenate(val).view(np.uint8)
-        dev = host.to(device, non_blocking=True)
-    finally:
-        _queued(slot)
-    staged = (
-        base,
-        dev[: desc.nbytes].view(torch.int64),
-        (dev[offs[1] : offs[1] + 8 * n_esc].view(torch.int64), dev[offs[2] : offs[2] + 4 * n_esc].view(torch.int32)),
-        (n * c, 2, heads, tokens, dim),
-    )
-    q, err = run_staged(staged, check=False)
-    q = q.view(n, c, 2, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
-    return q.reshape(n, 2, heads, c * tokens, dim), err.any()

@@ -200,12 +200,22 @@ class LayerwiseLoader:
                 self.decoding.release()  # reads still in flight end
 
     def _decode_on_device(self, i: int, j: int, t0: float) -> tuple:
-        """Queue layers i..j-1 of every chunk not decoded ahead: decoded on the device (on the load stream)
-        into the KV. Returns what _release needs to check the decoder's error flag and mark the layers ready;
-        the flag is copied back behind the decode: the loader waits for it, the compute not."""
+        """Queue layers i..j-1 of every chunk: decoded on the device (on the load stream) into the KV. Returns
+        what _release needs to check the decoder's error flag and mark the layers ready; the flag is copied
+        back behind the decode: the loader waits for it, the compute not."""
         stream = torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
         with stream:
-            event, host_flag = self._decode_group(i, j)
+            parts, flag = self.decoding.decode(i, j)
+            for start, _end, part in parts:
+                self.kv.write_layers(i, j, start, part, non_blocking=True)
+            host_flag = None
+            if flag is not None:
+                host_flag = torch.empty((), dtype=torch.bool, pin_memory=self._cuda)
+                host_flag.copy_(flag, non_blocking=True)
+            event = None
+            if self._cuda:
+                event = torch.cuda.Event()
+                event.record(self._stream)
         nbytes = self.decoding.num_tokens_bytes(i, j)
         self.retrieval.count_retrieved(nbytes)
         per_layer = (time.perf_counter() - t0) / (j - i)
@@ -220,20 +230,6 @@ class LayerwiseLoader:
         self.decoding.open(groups)
         self.open_s = time.perf_counter() - t0
         self.stats.record(0, load_s=self.open_s)
-
-    def _decode_group(self, i: int, j: int) -> tuple:
-        """Layers i..j-1 of every chunk queued on the device into the KV: (event, host flag)."""
-        parts, flag = self.decoding.decode(i, j)
-        for start, _end, part in parts:
-            self.kv.write_layers(i, j, start, part, non_blocking=True)
-        host_flag = None
-        if flag is not None:
-            host_flag = torch.empty((), dtype=torch.bool, pin_memory=self._cuda)
-            host_flag.copy_(flag, non_blocking=True)
-        event = torch.cuda.Event() if self._cuda else None
-        if event is not None:
-            event.record(self._stream)
-        return event, host_flag
 
     def _release(self, pending: tuple) -> None:
         """Mark a device-decoded group ready once its decode is known to be exact: a cache never serves KV

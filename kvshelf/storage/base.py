@@ -65,7 +65,8 @@ class ChunkReader(Protocol):
 
     def encoded_payload(self) -> tuple[Codec, memoryview, list[int]] | None:
         """Every layer as stored: (codec, verified payload, layer offsets in it: layer k is offsets[k] to
-        offsets[k + 1]), for a loader that stages whole chunks on a GPU as they arrive; None as above."""
+        offsets[k + 1]), for a loader that cuts layer ranges from a chunk read whole (OpenedRanges); None as
+        above."""
 
 
 class LayerRanges(Protocol):
@@ -77,9 +78,9 @@ class LayerRanges(Protocol):
     codec: Codec
     offsets: list[int]  # layer k's segment is offsets[k]..offsets[k + 1] of the payload
 
-    def read(self, i: int, j: int, into=None) -> memoryview | None:
-        """Layers i..j-1's segments, back to back, verified (into a buffer from `into(nbytes)` where the tier
-        can place the bytes); None when the object is gone or the range is damaged (a miss)."""
+    def read(self, i: int, j: int) -> memoryview | None:
+        """Layers i..j-1's segments, back to back, verified; None when the object is gone or the range is
+        damaged (a miss)."""
 
 
 class OpenedRanges:
@@ -90,7 +91,7 @@ class OpenedRanges:
     def __init__(self, meta: ChunkMeta, codec: Codec, payload: memoryview, offsets: list[int]):
         self.meta, self.codec, self._payload, self.offsets = meta, codec, payload, offsets
 
-    def read(self, i: int, j: int, into=None) -> memoryview:
+    def read(self, i: int, j: int) -> memoryview:
         return self._payload[self.offsets[i] : self.offsets[j]]
 
 
@@ -120,23 +121,13 @@ class StorageBackend(ABC):
         Tiers that store bytes return it verified but not yet decoded."""
         return self.get(key)
 
-    def open_into(self, key: bytes, into) -> ChunkReader | None:
-        """open(), reading a stored object into a buffer from `into(nbytes)` (a uint8 tensor: pinned host memory
-        a GPU copies from without staging) where the tier reads bytes it can place; others ignore `into`."""
-        return self.open(key)
-
-    def open_many(
-        self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None, ranges=False
-    ):
-        """open() (open_into with `into`; open_ranges with `ranges`) of each key in order, each read under its
-        Expected (kvshelf.storage.expect), yielding every reader (None: a miss) as it comes; a tier stack
-        reads several side by side from the tier `tier`."""
+    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, ranges=False):
+        """open() (open_ranges with `ranges`) of each key in order, each read under its Expected
+        (kvshelf.storage.expect), yielding every reader (None: a miss) as it comes; a tier stack reads several
+        side by side from the tier `tier`."""
         for key, want in zip(keys, expected or [None] * len(keys), strict=True):
             with expecting(want):
-                if ranges:
-                    yield self.open_ranges(key)
-                else:
-                    yield self.open(key) if into is None else self.open_into(key, into)
+                yield self.open_ranges(key) if ranges else self.open(key)
 
     def open_ranges(self, key: bytes) -> LayerRanges | None:
         """The chunk under `key` for reading layer ranges (its head verified now, each range as it is read), or

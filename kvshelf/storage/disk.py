@@ -184,17 +184,13 @@ class DiskBackend(ByteStore):
         return True
 
     def _get_bytes(self, name: str, limit: int) -> bytes | None:
-        return self._pread(name, 0, limit, limit, None)
+        return self._pread(name, 0, limit, limit)
 
-    def _get_bytes_into(self, name: str, limit: int, into) -> bytes | memoryview | None:
-        return self._pread(name, 0, limit, limit, into)
+    def _get_range(self, name: str, start: int, length: int, limit: int) -> bytes | None:
+        return self._pread(name, start, length, limit)
 
-    def _get_range(self, name: str, start: int, length: int, limit: int, into=None) -> bytes | memoryview | None:
-        return self._pread(name, start, length, limit, into)
-
-    def _pread(self, name: str, start: int, length: int, limit: int, into) -> bytes | memoryview | None:
-        """Up to `length` bytes of the file from `start` (the whole file: start 0, length `limit`), into a
-        buffer from `into` where given (pinned memory: no page faults, no staging copy for a GPU)."""
+    def _pread(self, name: str, start: int, length: int, limit: int) -> bytes | None:
+        """Up to `length` bytes of the file from `start` (the whole file: start 0, length `limit`)."""
         with self._lock:
             if name not in self._index:
                 return None
@@ -206,16 +202,9 @@ class DiskBackend(ByteStore):
                 if size > limit:
                     raise ObjectTooLarge(f"file of {size} bytes; no expected chunk is larger than {limit}")
                 n = max(0, min(length, size - start))
-                if into is None:
-                    return os.pread(fd, n, start)  # one copy out of the page cache; decoding views it
-                view = memoryview(into(n).numpy())
-                got = 0
-                while got < n:
-                    k = os.preadv(fd, [view[got:n]], start + got)
-                    if not k:
-                        break
-                    got += k
-                return view[:got]  # shorter than asked (the file shrank): the format's checks refuse it
+                # one copy out of the page cache; decoding views it (shorter than asked where the file shrank:
+                # the format's checks refuse that)
+                return os.pread(fd, n, start)
         except FileNotFoundError:  # removed behind our back
             self._forget(name)
             return None

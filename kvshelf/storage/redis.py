@@ -181,7 +181,7 @@ class RedisBackend(ByteStore):
             raise FormatError(f"parts hold {len(blob)} bytes, the manifest says {total}")
         return blob
 
-    def _get_range(self, name: str, start: int, length: int, limit: int, into=None) -> bytes | None:
+    def _get_range(self, name: str, start: int, length: int, limit: int) -> bytes | None:
         """GETRANGE: one round trip for a plain value (its length, its first bytes to tell a manifest, the
         range), a second one for the parts a manifest's range spans."""
         key = self._key(name)

@@ -122,7 +122,7 @@ class S3Backend(ByteStore):
             raise ObjectTooLarge(f"object is larger than {limit} bytes")
         return blob
 
-    def _get_range(self, name: str, start: int, length: int, limit: int, into=None) -> bytes | None:
+    def _get_range(self, name: str, start: int, length: int, limit: int) -> bytes | None:
         """A Range GET; a server that ignores the range (a whole 200 answer) is cut here."""
         if length <= 0:
             return b""

@@ -62,15 +62,10 @@ class ByteStore(StorageBackend):
         """The object, or None when there is none; raise ObjectTooLarge, without reading it, when it is
         larger than `limit` bytes."""
 
-    def _get_bytes_into(self, name: str, limit: int, into) -> bytes | memoryview | None:
-        """_get_bytes into a buffer from `into(nbytes)` where the tier can read into one (disk); by default
-        the bytes as _get_bytes returns them."""
-        return self._get_bytes(name, limit)
-
-    def _get_range(self, name: str, start: int, length: int, limit: int, into=None) -> bytes | memoryview | None:
+    def _get_range(self, name: str, start: int, length: int, limit: int) -> bytes | memoryview | None:
         """`length` bytes of the object from byte `start` (fewer where the object ends first: the format's
-        checks refuse that), into a buffer from `into(length)` where the tier can place them; None when there
-        is no object; ObjectTooLarge for an object larger than `limit`. By default a whole read, cut."""
+        checks refuse that); None when there is no object; ObjectTooLarge for an object larger than `limit`.
+        By default a whole read, cut."""
         blob = self._get_bytes(name, limit)
         return None if blob is None else memoryview(blob)[start : start + length]
 
@@ -121,18 +116,14 @@ class ByteStore(StorageBackend):
         self.metrics.observe_codec(self.codec.name, "decode", time.perf_counter() - t0, chunk.nbytes, 0)
         return chunk
 
-    def open_into(self, key: bytes, into) -> EncodedChunk | None:
-        return self.open(key, into=into)
-
-    def open(self, key: bytes, expected: Expected | None = None, *, into=None) -> EncodedChunk | None:
+    def open(self, key: bytes, expected: Expected | None = None) -> EncodedChunk | None:
         """Fetch and verify the object; layers decode when asked for. `expected` defaults to the engine's
-        expectation for this read (kvshelf.storage.expect.expecting). I/O errors propagate (tier faults).
-        `into`: see StorageBackend.open_into."""
+        expectation for this read (kvshelf.storage.expect.expecting). I/O errors propagate (tier faults)."""
         expected = expected or expect.current()
         codec, name_id = self._coding
         try:
             name, limit = object_name(key, name_id, self.auth), self.max_object_bytes(expected, codec)
-            blob = self._get_bytes(name, limit) if into is None else self._get_bytes_into(name, limit, into)
+            blob = self._get_bytes(name, limit)
             if blob is None:
                 return None
             return open_chunk(blob, key, codec, auth=self.auth, expected=expected)
@@ -196,13 +187,13 @@ class RangedChunk:
         # the payload's first bytes, read with the head (ByteStore.head_probe)
         self._store, self._key, self._name, self._head, self._prefix = store, key, name, head, prefix
 
-    def read(self, i: int, j: int, into=None) -> memoryview | None:
+    def read(self, i: int, j: int) -> memoryview | None:
         at, n = self._head.span(i, j)
         try:
             if at - self._head.start + n <= self._prefix.nbytes:  # came with the head
                 data = self._prefix[at - self._head.start : at - self._head.start + n]
             else:
-                data = self._store._get_range(self._name, at, n, self._head.size, into)
+                data = self._store._get_range(self._name, at, n, self._head.size)
                 if data is None:
                     return None  # gone since the head was read (evicted, deleted)
             return self._head.check(i, j, data)

@@ -300,19 +300,12 @@ class TierManager(StorageBackend):
         tier, reader = self._first_hit("open", key)
         return _PromotingReader(reader, key, self.tiers[0]) if self._promotes(tier) else reader
 
-    def open_many(
-        self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, into=None, ranges=False
-    ):
+    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, ranges=False):
         """Open `keys` from the tier named `tier` (default: the first), in order, yielding each reader (None: a
         miss or a fault) as soon as it and those before it are there; with `ranges`, each key's LayerRanges
         (head verified; ranges read by run_many). Up to `read_window` read side by side (_in_order)."""
         t = self._named(tier)
-        backend = t.backend
-
-        def open_into(key: bytes):
-            return backend.open_into(key, into)
-
-        read = backend.open_ranges if ranges else backend.open if into is None else open_into
+        read = t.backend.open_ranges if ranges else t.backend.open
         expected = expected or [None] * len(keys)
         calls = ((read, (key,), want) for key, want in zip(keys, expected, strict=True))
         for reader in self._in_order(t, calls):
