@@ -242,6 +242,22 @@ class KVShelfConfig(BaseModel):
         description="the first N documents of a blended prompt (an instruction) join its always-computed prefix; the others are cached behind it instead of behind BOS alone",
     )
 
+    # -- issue #18 (fourth session): APE-style reweighting of the question's attention over placed documents -
+    blend_context_temperature: float = Field(
+        1.0,
+        gt=0.0,
+        description="CacheBlend: the question's attention over placed documents computed with this temperature (< 1 sharpens); 1 is plain attention (kvshelf's own runner only, not inside vLLM)",
+    )
+    blend_context_mass: float = Field(
+        1.0,
+        gt=0.0,
+        description="CacheBlend: the placed documents' share of the question's attention multiplied by this (as odds against the prefix and the question); 1 is plain attention (kvshelf's own runner only)",
+    )
+    blend_context_layers: Literal["all", "global"] = Field(
+        "all",
+        description="CacheBlend: the layers where blend_context_temperature and _mass apply: all, or global (no sliding window)",
+    )
+
     # -- issue #17: cachegen calibrated inside vLLM without a manual step (codec_calibration: auto) ---
     codec_calibration_pending: Literal["uncalibrated", "raw"] = Field(
         "uncalibrated", description="inside vLLM, auto: how cachegen tiers write until the calibration exists"
@@ -388,6 +404,9 @@ NESTED_KEYS: dict[str, str] = {
     "blending.question_pass": "blend_question_pass",
     "blending.prefix_documents": "blend_prefix_documents",
     "blending.question_budget": "blend_question_budget",
+    "blending.context_temperature": "blend_context_temperature",
+    "blending.context_mass": "blend_context_mass",
+    "blending.context_layers": "blend_context_layers",
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",

@@ -40,6 +40,7 @@ from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
 from kvshelf.metrics import Metrics
 from kvshelf.model.kv_buffer import KVBuffer
+from kvshelf.model.reweight import AttentionReweight
 from kvshelf.model.runner import ModelRunner
 
 
@@ -84,6 +85,7 @@ class Blender:
         min_cached_share: float = 0.5,
         selection: SelectionPolicy | None = None,
         prefix_documents: int = 0,
+        context_attention: tuple[float, float, str] = (1.0, 1.0, "all"),
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -110,6 +112,13 @@ class Blender:
         # The first documents of every prompt are part of the always-computed prefix (segment.fixed_prefix).
         self.prefix_documents = prefix_documents
         self._prefix_kv: tuple[tuple[int, ...], torch.Tensor] | None = None  # the question pass's prefix KV
+        # APE-style reweighting of the question's attention over the placed documents (model.reweight):
+        # (temperature, mass, "all" or "global" layers); (1, 1, ...) is plain attention.
+        temperature, mass, layers = context_attention
+        if layers not in ("all", "global"):
+            raise ValueError(f"blend_context_layers must be all or global, got {layers!r}")
+        AttentionReweight(torch.zeros(1, dtype=torch.bool), 0, temperature, mass)  # validates both
+        self.context_attention = (float(temperature), float(mass), layers)
 
     @classmethod
     def from_config(
@@ -133,6 +142,11 @@ class Blender:
                 question_budget=config.blend_question_budget,
             ),
             prefix_documents=config.blend_prefix_documents,
+            context_attention=(
+                config.blend_context_temperature,
+                config.blend_context_mass,
+                config.blend_context_layers,
+            ),
         )
 
     # -- which documents are cached ----------------------------------------------------------------------------
@@ -221,6 +235,8 @@ class Blender:
         if self.selection.question_pass and self.selection.needs_attention and info.placed_tokens:
             question_share = self._question_pass(seg, kv)
 
+        kv.reweight = self._reweight(seg, document_mask, kv.capacity)
+
         def select(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor | None:
             # Fresh K and V of every active token (projections only: cheap), compared with the cached
             # ones; the full layer then runs only for the tokens that stay active. The others keep their
@@ -255,6 +271,19 @@ class Blender:
         info.recomputed_tokens = int(is_document.sum())
         info.reused_tokens = info.placed_tokens - info.recomputed_tokens
         return logits, info
+
+    def _reweight(self, seg: Segmented, document_mask: torch.Tensor, capacity: int) -> AttentionReweight | None:
+        """The reweighting of the question's (and the decoded tokens') attention over the placed documents,
+        or None when it is plain attention (temperature and mass 1) or nothing was placed."""
+        temperature, mass, layers = self.context_attention
+        if (temperature, mass) == (1.0, 1.0) or not bool(document_mask.any()):
+            return None
+        context = torch.zeros(capacity, dtype=torch.bool, device=self.runner.device)
+        context[: len(document_mask)] = document_mask.to(self.runner.device)
+        chosen = None
+        if layers == "global":
+            chosen = frozenset(i for i, spec in enumerate(self.runner.layer_specs) if spec.window is None)
+        return AttentionReweight(context, len(seg.token_ids) - len(seg.suffix), temperature, mass, chosen)
 
     @staticmethod
     def _cached_spans(seg: Segmented) -> list[tuple[int, int]]:
