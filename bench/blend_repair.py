@@ -40,6 +40,9 @@ from kvshelf.model.reweight import AttentionReweight
 def parse_setting(text: str, runner) -> dict:
     if text.startswith("oracle:"):
         return {"oracle": text.removeprefix("oracle:")}
+    if text.startswith("shift:"):  # shift:oracle|recomputed;layers=global|all
+        spec = dict(item.split("=") for item in text.removeprefix("shift:").split(";"))
+        return {"shift": spec}
     if text.startswith("exact:"):  # exact:docs=rest-1;layers=global;part=k;tokens=top:0.15@mean
         spec = dict(item.split("=") for item in text.removeprefix("exact:").split(";"))
         return {"exact": spec}
@@ -99,6 +102,10 @@ def main() -> None:
                 context[doc.start : doc.end] = True
         record = {"index": index, "type": sample["type"], "tokens": n, "kl": {}}
 
+        placed = runner.new_kv(n + 4)
+        blender.place_documents(seg, placed, None, BlendInfo(), documents)
+        SEP_TOKENS[0] = len(seg.separator)
+        PUNCT[0] = torch.tensor([tok.decode([t]).strip() in ("", ".") for t in ids])
         tail, ref = seg.suffix + ref_tokens[:at], ref_steps[at]
         record["kl"]["blend"] = kl(ref, runner.forward(tail, start, fused))
         spans = [(d.start, d.end) for d in documents]
@@ -111,6 +118,8 @@ def main() -> None:
                 for j, (a, b) in enumerate(spans):
                     if (keep is None and j == int(which)) or (keep is not None and j not in keep):
                         kv.data[:, :, :, a:b] = full.data[:, :, :, a:b]
+            elif "shift" in s:
+                shift_documents(kv, full, fused, placed, spans, s["shift"], runner)
             elif "exact" in s:
                 exact_parts(kv, full, fused, spans, s["exact"], runner, n - len(seg.suffix))
             else:
@@ -121,6 +130,50 @@ def main() -> None:
             f.write(json.dumps(record) + "\n")
         print(index, sample["type"], n, {k: round(v, 3) for k, v in record["kl"].items()}, flush=True)
     report(rows)
+
+
+def _unrotate(runner, k, positions, layer, sign):
+    """Keys [heads, t, dim] at `positions` rotated back to position 0 (sign -1) or from it (sign +1)."""
+    from kvshelf.kvmath.rope import apply_rope
+
+    hidden = torch.zeros(1, len(positions), 1, dtype=k.dtype)
+    cos, sin = runner.rope_tables(hidden, sign * positions)[runner.layer_specs[layer].rope_key]
+    return apply_rope(k.unsqueeze(0), cos.unsqueeze(1), sin.unsqueeze(1))[0]
+
+
+def shift_documents(kv, full, fused, placed, spans, spec: dict, runner) -> None:
+    """Each document's tokens not recomputed moved by the mean deviation of K (unrotated) and V per layer:
+    the mean of exact minus fused over the document (oracle), or of fresh minus cached over the document's
+    recomputed tokens (an estimate a blend could make)."""
+    layers = spec.get("layers", "global")
+    which = [i for i, sp in enumerate(runner.layer_specs) if layers == "all" or sp.window is None]
+    last = runner.num_layers - 1
+    for j, (a, b) in enumerate(spans):
+        if j == 0:
+            continue
+        pos = torch.arange(a, b)
+        recomputed = (fused.data[last, 1, 0, a:b] != placed.data[last, 1, 0, a:b]).any(-1)
+        reused = pos[~recomputed]
+        origin = spec.get("from", "oracle")
+        if origin == "oracle":
+            source, ref, base = pos, full, fused
+        elif origin == "recomputed":
+            source, ref, base = pos[recomputed], fused, placed
+        else:  # strideN: every N-th token's exact KV against its placed KV (what recomputing it would give)
+            stride = int(origin.removeprefix("stride"))
+            source, ref, base = pos[(pos - a) % stride == stride // 2], full, placed
+        if not len(source) or not len(reused):
+            continue
+        for layer in which:
+            dk = _unrotate(runner, ref.data[layer, 0, :, source] - base.data[layer, 0, :, source], source, layer, -1)
+            dv = ref.data[layer, 1, :, source] - base.data[layer, 1, :, source]
+            mk = dk.mean(1, keepdim=True).expand(-1, len(reused), -1)
+            kv.data[layer, 0, :, reused] += _unrotate(runner, mk, reused, layer, 1)
+            kv.data[layer, 1, :, reused] += dv.mean(1, keepdim=True)
+
+
+SEP_TOKENS = [0]  # the separator's length in tokens, set per run
+PUNCT = [torch.zeros(0, dtype=torch.bool)]  # per sample: positions holding a line break or a full stop
 
 
 def exact_parts(kv, full, fused, spans, spec: dict, runner, end: int) -> None:
@@ -135,7 +188,14 @@ def exact_parts(kv, full, fused, spans, spec: dict, runner, end: int) -> None:
         if docs == "all" or (docs.startswith("rest-") and j != int(docs[5:])) or docs == str(j):
             chosen[a:b] = True
     tokens = spec.get("tokens", "all")
-    if tokens.startswith(("head:", "tail:")):
+    if tokens in ("sep", "sep+punct"):  # each document's trailing separator (cached with it), and punctuation
+        marks = torch.zeros_like(chosen)
+        for _a, b in spans:
+            marks[b - SEP_TOKENS[0] : b] = True
+        if tokens == "sep+punct":
+            marks[: len(PUNCT[0])] |= PUNCT[0]
+        chosen &= marks
+    elif tokens.startswith(("head:", "tail:")):
         count = int(tokens[5:])
         edge = torch.zeros_like(chosen)
         for a, b in spans:

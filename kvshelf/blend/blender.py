@@ -83,7 +83,7 @@ class Blender:
         check_layers: list[int],
         ratios: list[float],
         metrics: Metrics | None = None,
-        min_cached_share: float = 0.5,
+        min_cached_share: float = 0.25,
         selection: SelectionPolicy | None = None,
         prefix_documents: int = 0,
         context_attention: tuple[float, float, str] = (1.0, 1.0, "all"),
@@ -104,8 +104,9 @@ class Blender:
         self.ratios = ratios * len(check_layers) if len(ratios) == 1 else ratios
         self.metrics = metrics if metrics is not None else Metrics()
         # Blend only when at least this share of the document tokens is cached. A blend costs about the
-        # missing share of a plain prefill (computed in place) plus a third to a half of the cached share
-        # (issue #18: full hits 3.3-4.4x faster at 1.5-2.6K tokens); below half cached it would save < 30%.
+        # missing share of a plain prefill (computed in place) plus a quarter to a half of the cached share
+        # (issue #18, fourth session: at 26-58% cached 0.58-0.92x of a plain prefill, median 0.68x, at 30%
+        # recompute); below a quarter cached it would save little for an approximate answer.
         self.min_cached_share = min_cached_share
         self.selection = selection if selection is not None else SelectionPolicy()
         if prefix_documents < 0:
