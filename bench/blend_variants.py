@@ -86,14 +86,4 @@ VARIANTS = {
     # issue #18, fourth session: APE-style reweighting of the question's attention (kvshelf.model.reweight)
     "15%, context mass 1.5 (global layers)": {"ratios": [0.15], "context_attention": (1.0, 1.5, "global")},
     "15%, context T 0.9, mass 1.5 (global layers)": {"ratios": [0.15], "context_attention": (0.9, 1.5, "global")},
-    # ... and a sampled probe of deep deviation (kvshelf.blend.probe)
-    "15%, probe layer 5": {"ratios": [0.15], "selection": SelectionPolicy(signal="deep")},
-    "15%, KV + probe layer 5": {"ratios": [0.15], "selection": SelectionPolicy(signal="kv+deep")},
-    "15%, probe layer 11, stride 16": {
-        "ratios": [0.15],
-        "selection": SelectionPolicy(signal="deep", probe_layer=11, probe_stride=16),
-    },
-    "12%, probe layer 5": {"ratios": [0.12], "selection": SelectionPolicy(signal="deep")},
-    "12%, KV + probe layer 5": {"ratios": [0.12], "selection": SelectionPolicy(signal="kv+deep")},
-    "15%, probe layer 5, stride 4": {"ratios": [0.15], "selection": SelectionPolicy(signal="deep", probe_stride=4)},
 }

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvshelf.blend.probe import probe_deviation
 from kvshelf.blend.segment import Segmented
 from kvshelf.blend.selection import SelectionPolicy, budget_for, select
 from kvshelf.cache.engine import CacheEngine
@@ -236,12 +235,6 @@ class Blender:
         question_share = None
         if self.selection.question_pass and self.selection.needs_attention and info.placed_tokens:
             question_share = self._question_pass(seg, kv)
-        deep = None
-        if self.selection.needs_probe and info.placed_tokens:
-            policy = self.selection
-            deep = probe_deviation(
-                runner, seg.token_ids, kv, document_of, offset_of, layer=policy.probe_layer, stride=policy.probe_stride
-            )
 
         kv.reweight = self._reweight(seg, document_mask, kv.capacity)
 
@@ -271,7 +264,6 @@ class Blender:
                 document_of[placed],
                 offset_of[placed],
                 attention,
-                None if deep is None else deep[placed],
             )
             is_document = is_document[keep]
             return keep
@@ -375,7 +367,7 @@ class Blender:
         return logits.masked_fill(hidden_keys, float("-inf")).softmax(-1).mean(dim=(0, 1))
 
     def _select(
-        self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset, attention=None, deep=None
+        self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset, attention=None
     ) -> torch.Tensor:
         """Indices (into the active tokens) that stay active: every non-document token, plus the document tokens
         `selection.select` picks, `ratio` of all document tokens."""
@@ -388,7 +380,6 @@ class Blender:
             offset=offset,
             attention=attention,
             policy=self.selection,
-            deep=deep,
         )
         keep = ~is_document.clone()
         keep[is_document] = keep_document

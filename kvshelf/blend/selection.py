@@ -33,8 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-SIGNALS = ("kv", "k", "v", "question", "kv+question", "deep", "kv+deep")
-DEEP_SIGNALS = ("deep", "kv+deep")  # issue #18, fourth session: a sampled probe of a deeper layer (blend.probe)
+SIGNALS = ("kv", "k", "v", "question", "kv+question")
 QUESTION_SIGNALS = ("question", "kv+question")
 
 
@@ -50,17 +49,10 @@ class SelectionPolicy:
     question_reduce: str = "mean"  # the pass's share over layers: "mean" or "max"
     question_by_document: bool = False  # each token credited with its document's share (needs `document`)
     question_budget: float = 1.0  # signal "question": this share of the budget by attention, the rest by deviation
-    probe_layer: int = 5  # deep signals: the layer whose deviation the probe samples (Gemma 3: the first global one)
-    probe_stride: int = 8  # deep signals: one placed token in this many runs the probe
-    probe_weight: float = 1.0  # kv+deep: check-layer deviation + weight x probed deviation (each over its mean)
 
     @property
     def needs_attention(self) -> bool:
         return self.signal in QUESTION_SIGNALS
-
-    @property
-    def needs_probe(self) -> bool:
-        return self.signal in DEEP_SIGNALS
 
     def __post_init__(self):
         if self.signal not in SIGNALS:
@@ -74,11 +66,6 @@ class SelectionPolicy:
             )
         if not 0.0 <= self.question_budget <= 1.0:
             raise ValueError(f"blend question budget must be within 0..1, got {self.question_budget}")
-        if self.probe_stride < 1 or self.probe_layer < 0 or self.probe_weight < 0:
-            raise ValueError(
-                f"blend probe layer, stride and weight must be >= 0, >= 1, >= 0, got {self.probe_layer}, "
-                f"{self.probe_stride} and {self.probe_weight}"
-            )
         if self.question_weight < 0 or self.question_span < 0:
             raise ValueError(
                 f"blend question weight and span must be >= 0, got {self.question_weight} and {self.question_span}"
@@ -105,28 +92,9 @@ def question_score(share: torch.Tensor, span: int = 0) -> torch.Tensor:
 
 
 def score(
-    fresh,
-    cached,
-    policy: SelectionPolicy,
-    attention: torch.Tensor | None,
-    document: torch.Tensor | None = None,
-    deep: torch.Tensor | None = None,
+    fresh, cached, policy: SelectionPolicy, attention: torch.Tensor | None, document: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Per-token selection score (higher: recompute first)."""
-    if policy.needs_probe:
-        if deep is None or deep.shape != (fresh.shape[2],):
-            shape = None if deep is None else tuple(deep.shape)
-            raise ValueError(
-                f"signal {policy.signal!r} needs the probed deviation per token ([{fresh.shape[2]}]), got {shape}"
-            )
-        here = deviation(fresh, cached, "kv")
-        here = here / here.mean().clamp_min(1e-12)
-        deep = deep.to(fresh.device).float()
-        deep = deep / deep.mean().clamp_min(1e-12)
-        # "deep": the probed deviation, the check layer's breaking ties (and ranking tokens the probe left at 0).
-        if policy.signal == "deep":
-            return deep + 1e-3 * here
-        return here + policy.probe_weight * deep
     if not policy.needs_attention:
         return deviation(fresh, cached, policy.signal)
     if attention is None or attention.shape != (fresh.shape[2],):
@@ -156,7 +124,6 @@ def select(
     offset: torch.Tensor | None = None,
     attention: torch.Tensor | None = None,
     policy: SelectionPolicy = SelectionPolicy(),
-    deep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask of the tokens to recompute: `budget` of them (at most all).
 
@@ -170,7 +137,7 @@ def select(
     keep = torch.zeros(n, dtype=torch.bool, device=fresh.device)
     if budget == 0:
         return keep
-    ranking = score(fresh, cached, policy, attention, document, deep)
+    ranking = score(fresh, cached, policy, attention, document)
     if policy.head_tokens:
         if offset is None:
             raise ValueError("head_tokens needs each token's offset inside its document")
