@@ -40,6 +40,12 @@ from kvshelf.model.reweight import AttentionReweight
 def parse_setting(text: str, runner) -> dict:
     if text.startswith("oracle:"):
         return {"oracle": text.removeprefix("oracle:")}
+    if text.startswith("dist:"):  # dist:beta[,global]: context keys' logits + beta x (1 - position / question start)
+        parts = text.removeprefix("dist:").split(",")
+        layers = None
+        if len(parts) > 1 and parts[1] == "global":
+            layers = frozenset(i for i, s in enumerate(runner.layer_specs) if s.window is None)
+        return {"dist": float(parts[0]), "layers": layers}
     if text.startswith("shift:"):  # shift:oracle|recomputed;layers=global|all
         spec = dict(item.split("=") for item in text.removeprefix("shift:").split(";"))
         return {"shift": spec}
@@ -118,6 +124,9 @@ def main() -> None:
                 for j, (a, b) in enumerate(spans):
                     if (keep is None and j == int(which)) or (keep is not None and j not in keep):
                         kv.data[:, :, :, a:b] = full.data[:, :, :, a:b]
+            elif "dist" in s:
+                bias = s["dist"] * (1 - torch.arange(kv.capacity).float() / start)
+                kv.reweight = AttentionReweight(context, start, layers=s["layers"], bias=bias)
             elif "shift" in s:
                 shift_documents(kv, full, fused, placed, spans, s["shift"], runner)
             elif "exact" in s:

@@ -86,4 +86,19 @@ VARIANTS = {
     # issue #18, fourth session: APE-style reweighting of the question's attention (kvshelf.model.reweight)
     "15%, context mass 1.5 (global layers)": {"ratios": [0.15], "context_attention": (1.0, 1.5, "global")},
     "15%, context T 0.9, mass 1.5 (global layers)": {"ratios": [0.15], "context_attention": (0.9, 1.5, "global")},
+    "15%, earlier documents +0.5 (global layers)": {
+        "ratios": [0.15],
+        "context_attention": (1.0, 1.0, "global"),
+        "context_distance_bias": 0.5,
+    },
+    "15%, earlier documents +0.75 (global layers)": {
+        "ratios": [0.15],
+        "context_attention": (1.0, 1.0, "global"),
+        "context_distance_bias": 0.75,
+    },
+    "12%, earlier documents +0.5 (global layers)": {
+        "ratios": [0.12],
+        "context_attention": (1.0, 1.0, "global"),
+        "context_distance_bias": 0.5,
+    },
 }

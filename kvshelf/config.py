@@ -253,6 +253,10 @@ class KVShelfConfig(BaseModel):
         gt=0.0,
         description="CacheBlend: the placed documents' share of the question's attention multiplied by this (as odds against the prefix and the question); 1 is plain attention (kvshelf's own runner only)",
     )
+    blend_context_distance_bias: float = Field(
+        0.0,
+        description="CacheBlend: each placed document key's logit in the question's attention + this x (1 - its position / the question's), so earlier documents count more; 0 is plain attention (kvshelf's own runner only)",
+    )
     blend_context_layers: Literal["all", "global"] = Field(
         "all",
         description="CacheBlend: the layers where blend_context_temperature and _mass apply: all, or global (no sliding window)",
@@ -407,6 +411,7 @@ NESTED_KEYS: dict[str, str] = {
     "blending.context_temperature": "blend_context_temperature",
     "blending.context_mass": "blend_context_mass",
     "blending.context_layers": "blend_context_layers",
+    "blending.context_distance_bias": "blend_context_distance_bias",
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",

@@ -60,6 +60,19 @@ def test_mass_and_temperature_move_the_context_block_as_the_formula_says():
     )
 
 
+def test_a_bias_per_context_key_is_added_to_its_tempered_logit():
+    q, k, v = tensors(seed=2, heads=1, kv_heads=1, keys=6, m=1)
+    context = torch.tensor([False, True, True, True, False, False])
+    bias = torch.tensor([9.0, 1.0, 0.5, 0.0, 9.0, 9.0])  # only the context keys' entries count
+    position = torch.tensor([5])
+    got = reweighted_attention(q, k, v, position, 0, None, 1.0, AttentionReweight(context, 5, 0.8, 1.0, bias=bias))
+    logits = (q[0, 0] @ k[0].T).double()
+    c, o = logits[context] / 0.8 + bias[context].double(), logits[~context]
+    share = torch.sigmoid(0.8 * torch.logsumexp(c, 0) - torch.logsumexp(o, 0))
+    want = (1 - share) * (o.softmax(0) @ v[0][~context].double()) + share * (c.softmax(0) @ v[0][context].double())
+    assert torch.allclose(got[0, 0].double(), want, atol=1e-5)
+
+
 def test_bad_settings_are_errors():
     with pytest.raises(ValueError, match="temperature and mass"):
         AttentionReweight(torch.zeros(3, dtype=torch.bool), 0, temperature=0.0)
@@ -111,6 +124,8 @@ def test_a_blend_reweights_the_question_over_its_placed_documents(tiny_models):
         return CachedGenerator(runner, engine, tiny_tokenizer(), blender=blender, blend_special_str=sep)
 
     plain_gen, ape = gen((1.0, 1.0, "all")), gen((0.8, 2.0, "global"))
+    earlier = Blender(runner, engine, check_layers=[1], ratios=[0.3], context_distance_bias=0.5)
+    earlier_gen = CachedGenerator(runner, engine, tiny_tokenizer(), blender=earlier, blend_special_str=sep)
     plain_gen.generate(sep.join(docs[::-1]) + sep + "Q: key?", max_new_tokens=1)  # caches both documents
     prompt = sep.join(docs) + sep + "Q: key?"
     base = plain_gen.generate(prompt, max_new_tokens=3, stop_at_eos=False)
@@ -119,6 +134,9 @@ def test_a_blend_reweights_the_question_over_its_placed_documents(tiny_models):
     assert base.blend.document_hits == 2 and moved.blend.document_hits == 2
     assert torch.equal(same.first_logits, base.first_logits)
     assert not torch.allclose(moved.first_logits, base.first_logits, atol=1e-4)
+    biased = earlier_gen.generate(prompt, max_new_tokens=3, stop_at_eos=False)
+    assert biased.blend.document_hits == 2
+    assert not torch.allclose(biased.first_logits, base.first_logits, atol=1e-4)
     with pytest.raises(ValueError, match="all or global"):
         gen((1.0, 1.0, "sliding"))
     with pytest.raises(ValueError, match="temperature and mass"):
@@ -129,11 +147,18 @@ def test_the_config_keys_and_their_runtime():
     from kvshelf.assembly.runtimes import RUNTIMES
     from kvshelf.config import KVShelfConfig
 
-    config = KVShelfConfig(blend_context_temperature=0.9, blend_context_mass=2.0, blend_context_layers="global")
+    config = KVShelfConfig(
+        blend_context_temperature=0.9,
+        blend_context_mass=2.0,
+        blend_context_layers="global",
+        blend_context_distance_bias=0.5,
+    )
     assert (config.blend_context_temperature, config.blend_context_mass) == (0.9, 2.0)
+    assert config.blend_context_distance_bias == 0.5 and KVShelfConfig().blend_context_distance_bias == 0.0
     with pytest.raises(ValueError):
         KVShelfConfig(blend_context_mass=0.0)
     with pytest.raises(ValueError):
         KVShelfConfig(blend_context_layers="sliding")
     # vLLM computes the question's attention itself: the keys are not honoured there.
-    assert "blend_context_mass" not in RUNTIMES["vllm"] and "blend_context_mass" in RUNTIMES["generate"]
+    for key in ("blend_context_mass", "blend_context_distance_bias"):
+        assert key not in RUNTIMES["vllm"] and key in RUNTIMES["generate"]

@@ -86,6 +86,7 @@ class Blender:
         selection: SelectionPolicy | None = None,
         prefix_documents: int = 0,
         context_attention: tuple[float, float, str] = (1.0, 1.0, "all"),
+        context_distance_bias: float = 0.0,
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -120,6 +121,9 @@ class Blender:
             raise ValueError(f"blend_context_layers must be all or global, got {layers!r}")
         AttentionReweight(torch.zeros(1, dtype=torch.bool), 0, temperature, mass)  # validates both
         self.context_attention = (float(temperature), float(mass), layers)
+        # Each placed key's logit + bias x (1 - position / the question's first position): earlier documents
+        # count more (a blend makes the question favour the later ones; issue #18, fourth session).
+        self.context_distance_bias = float(context_distance_bias)
 
     @classmethod
     def from_config(
@@ -148,6 +152,7 @@ class Blender:
                 config.blend_context_mass,
                 config.blend_context_layers,
             ),
+            context_distance_bias=config.blend_context_distance_bias,
         )
 
     # -- which documents are cached ----------------------------------------------------------------------------
@@ -275,16 +280,20 @@ class Blender:
 
     def _reweight(self, seg: Segmented, document_mask: torch.Tensor, capacity: int) -> AttentionReweight | None:
         """The reweighting of the question's (and the decoded tokens') attention over the placed documents,
-        or None when it is plain attention (temperature and mass 1) or nothing was placed."""
+        or None when it is plain attention (temperature and mass 1, no distance bias) or nothing was placed."""
         temperature, mass, layers = self.context_attention
-        if (temperature, mass) == (1.0, 1.0) or not bool(document_mask.any()):
+        beta = self.context_distance_bias
+        if (temperature, mass, beta) == (1.0, 1.0, 0.0) or not bool(document_mask.any()):
             return None
+        question = len(seg.token_ids) - len(seg.suffix)
+        positions = torch.arange(capacity, device=self.runner.device, dtype=torch.float32)
+        bias = beta * (1 - positions / max(1, question)) if beta else None
         context = torch.zeros(capacity, dtype=torch.bool, device=self.runner.device)
         context[: len(document_mask)] = document_mask.to(self.runner.device)
         chosen = None
         if layers == "global":
             chosen = frozenset(i for i, spec in enumerate(self.runner.layer_specs) if spec.window is None)
-        return AttentionReweight(context, len(seg.token_ids) - len(seg.suffix), temperature, mass, chosen)
+        return AttentionReweight(context, question, temperature, mass, chosen, bias)
 
     @staticmethod
     def _cached_spans(seg: Segmented) -> list[tuple[int, int]]:

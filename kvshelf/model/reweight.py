@@ -6,9 +6,9 @@ Context-Augmented Generation via Adaptive Parallel Encoding"). APE, training-fre
 the separately computed context (C) and the rest (O: the shared prefix, the question, what it decodes) and
 attends to them as two blocks:
 
-    within C: softmax(logits / T)      (T < 1 sharpens the context's distribution)
+    within C: softmax(logits / T + bias)   (T < 1 sharpens the context's distribution; bias per key, default 0)
     within O: softmax(logits)
-    block weights: softmax([LSE(logits_O), T * LSE(logits_C / T) + log(mass)])
+    block weights: softmax([LSE(logits_O), T * LSE(logits_C / T + bias) + log(mass)])
 
 T = 1, mass = 1 is plain attention. (APE's own code multiplies the tempered block's log-sum-exp by a factor
 instead of adding log(mass); that is not shift-invariant in the logits, this is.) Only queries at or after
@@ -31,6 +31,7 @@ class AttentionReweight:
     temperature: float = 1.0
     mass: float = 1.0
     layers: frozenset[int] | None = None  # None: every layer
+    bias: torch.Tensor | None = None  # float [capacity]: added to each context key's tempered logit (None: 0)
 
     def __post_init__(self):
         if not self.temperature > 0 or not self.mass > 0:
@@ -68,7 +69,10 @@ def reweighted_attention(
         hidden |= positions.view(-1, 1) - key_pos >= window
     context = reweight.context[key_start : key_start + keys.shape[1]].to(q.device).view(1, -1)
     other = logits.masked_fill(hidden | context, float("-inf"))
-    ctx = (logits / reweight.temperature).masked_fill(hidden | ~context, float("-inf"))
+    ctx = logits / reweight.temperature
+    if reweight.bias is not None:
+        ctx = ctx + reweight.bias[key_start : key_start + keys.shape[1]].to(q.device).view(1, -1)
+    ctx = ctx.masked_fill(hidden | ~context, float("-inf"))
     lse_other, lse_ctx = other.logsumexp(-1), ctx.logsumexp(-1)  # [heads, m]
     # The context block's log weight; -inf (no context key visible) stays -inf: its share is then 0.
     weight_ctx = reweight.temperature * lse_ctx + math.log(reweight.mass)
