@@ -37,8 +37,9 @@ def test_a_cold_blend_request_is_charged_as_a_plain_prefill():
     a = analyse(cold, COST)
     assert a.blend_hit_rate == 0
     assert a.predicted_ttft_s[BLEND_LABEL] == pytest.approx(a.predicted_ttft_s["no cache"])
-    # Just under half of the document tokens cached: under the share that blends, still a plain prefill.
-    mixed = [*cold, Request(docs[0] + docs[6] + docs[7] + [1000, 2000] + [7], chunks=[docs[0], docs[6] + [1000]])]
+    # Just under a quarter of the document tokens cached: under the share that blends, still a plain prefill.
+    new = [docs[k] + [1000] for k in (5, 6, 7)]  # not cached: one token more than a cached document
+    mixed = [*cold, Request(docs[0] + sum(new, []) + [7], chunks=[docs[0], *new])]
     warm = [*cold, Request(docs[1] + docs[0] + [7], chunks=[docs[1], docs[0]])]
     t_mixed, t_warm = analyse(mixed, COST).predicted_ttft_s, analyse(warm, COST).predicted_ttft_s
     assert t_mixed[BLEND_LABEL] == pytest.approx(t_mixed["no cache"])

@@ -133,7 +133,7 @@ def test_defaults_follow_the_rag_evaluation():
 
     config = KVShelfConfig()
     assert config.blend_recompute_ratios == [0.3] and config.blend_check_layers == [1]
-    assert config.blend_min_cached_share == 0.5
+    assert config.blend_min_cached_share == 0.25  # fourth session: blending saves ~30% from a quarter cached
     assert (config.blend_head_tokens, config.blend_per_document, config.blend_selection_signal) == (0, False, "kv")
 
 

@@ -65,6 +65,10 @@ GENERATION = frozenset(
         "blend_question_pass",
         "blend_prefix_documents",
         "blend_question_budget",
+        "blend_context_temperature",  # issue #18, fourth session: not inside vLLM (vLLM computes the question)
+        "blend_context_mass",
+        "blend_context_layers",
+        "blend_context_distance_bias",
         "use_layerwise",
         "use_async_load",
         "buffer_size",

@@ -40,6 +40,7 @@ from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
 from kvshelf.metrics import Metrics
 from kvshelf.model.kv_buffer import KVBuffer
+from kvshelf.model.reweight import AttentionReweight
 from kvshelf.model.runner import ModelRunner
 
 
@@ -81,9 +82,11 @@ class Blender:
         check_layers: list[int],
         ratios: list[float],
         metrics: Metrics | None = None,
-        min_cached_share: float = 0.5,
+        min_cached_share: float = 0.25,
         selection: SelectionPolicy | None = None,
         prefix_documents: int = 0,
+        context_attention: tuple[float, float, str] = (1.0, 1.0, "all"),
+        context_distance_bias: float = 0.0,
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -101,8 +104,9 @@ class Blender:
         self.ratios = ratios * len(check_layers) if len(ratios) == 1 else ratios
         self.metrics = metrics if metrics is not None else Metrics()
         # Blend only when at least this share of the document tokens is cached. A blend costs about the
-        # missing share of a plain prefill (computed in place) plus a third to a half of the cached share
-        # (issue #18: full hits 3.3-4.4x faster at 1.5-2.6K tokens); below half cached it would save < 30%.
+        # missing share of a plain prefill (computed in place) plus a quarter to a half of the cached share
+        # (issue #18, fourth session: at 26-58% cached 0.58-0.92x of a plain prefill, median 0.68x, at 30%
+        # recompute); below a quarter cached it would save little for an approximate answer.
         self.min_cached_share = min_cached_share
         self.selection = selection if selection is not None else SelectionPolicy()
         if prefix_documents < 0:
@@ -110,6 +114,16 @@ class Blender:
         # The first documents of every prompt are part of the always-computed prefix (segment.fixed_prefix).
         self.prefix_documents = prefix_documents
         self._prefix_kv: tuple[tuple[int, ...], torch.Tensor] | None = None  # the question pass's prefix KV
+        # APE-style reweighting of the question's attention over the placed documents (model.reweight):
+        # (temperature, mass, "all" or "global" layers); (1, 1, ...) is plain attention.
+        temperature, mass, layers = context_attention
+        if layers not in ("all", "global"):
+            raise ValueError(f"blend_context_layers must be all or global, got {layers!r}")
+        AttentionReweight(torch.zeros(1, dtype=torch.bool), 0, temperature, mass)  # validates both
+        self.context_attention = (float(temperature), float(mass), layers)
+        # Each placed key's logit + bias x (1 - position / the question's first position): earlier documents
+        # count more (a blend makes the question favour the later ones; issue #18, fourth session).
+        self.context_distance_bias = float(context_distance_bias)
 
     @classmethod
     def from_config(
@@ -133,6 +147,12 @@ class Blender:
                 question_budget=config.blend_question_budget,
             ),
             prefix_documents=config.blend_prefix_documents,
+            context_attention=(
+                config.blend_context_temperature,
+                config.blend_context_mass,
+                config.blend_context_layers,
+            ),
+            context_distance_bias=config.blend_context_distance_bias,
         )
 
     # -- which documents are cached ----------------------------------------------------------------------------
@@ -221,6 +241,8 @@ class Blender:
         if self.selection.question_pass and self.selection.needs_attention and info.placed_tokens:
             question_share = self._question_pass(seg, kv)
 
+        kv.reweight = self._reweight(seg, document_mask, kv.capacity)
+
         def select(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor | None:
             # Fresh K and V of every active token (projections only: cheap), compared with the cached
             # ones; the full layer then runs only for the tokens that stay active. The others keep their
@@ -255,6 +277,23 @@ class Blender:
         info.recomputed_tokens = int(is_document.sum())
         info.reused_tokens = info.placed_tokens - info.recomputed_tokens
         return logits, info
+
+    def _reweight(self, seg: Segmented, document_mask: torch.Tensor, capacity: int) -> AttentionReweight | None:
+        """The reweighting of the question's (and the decoded tokens') attention over the placed documents,
+        or None when it is plain attention (temperature and mass 1, no distance bias) or nothing was placed."""
+        temperature, mass, layers = self.context_attention
+        beta = self.context_distance_bias
+        if (temperature, mass, beta) == (1.0, 1.0, 0.0) or not bool(document_mask.any()):
+            return None
+        question = len(seg.token_ids) - len(seg.suffix)
+        positions = torch.arange(capacity, device=self.runner.device, dtype=torch.float32)
+        bias = beta * (1 - positions / max(1, question)) if beta else None
+        context = torch.zeros(capacity, dtype=torch.bool, device=self.runner.device)
+        context[: len(document_mask)] = document_mask.to(self.runner.device)
+        chosen = None
+        if layers == "global":
+            chosen = frozenset(i for i, spec in enumerate(self.runner.layer_specs) if spec.window is None)
+        return AttentionReweight(context, question, temperature, mass, chosen, bias)
 
     @staticmethod
     def _cached_spans(seg: Segmented) -> list[tuple[int, int]]:

@@ -182,7 +182,7 @@ class ConfigKeys(BaseModel):
     )
     # -- issue #18: CacheBlend quality on unseen RAG data (selection, repair, the cold request) ---------
     blend_min_cached_share: float = Field(
-        0.5,
+        0.25,  # issue #18, fourth session: blends at 26-58% cached took 0.58-0.92x (median 0.68x) of a plain prefill
         ge=0.0,
         le=1.0,
         description="blend only when at least this share of a prompt's document tokens is cached; below it the prompt is prefilled exactly and its documents are computed after the first token",
@@ -220,6 +220,26 @@ class ConfigKeys(BaseModel):
         0,
         ge=0,
         description="the first N documents of a blended prompt (an instruction) join its always-computed prefix; the others are cached behind it instead of behind BOS alone",
+    )
+
+    # -- issue #18 (fourth session): APE-style reweighting of the question's attention over placed documents -
+    blend_context_temperature: float = Field(
+        1.0,
+        gt=0.0,
+        description="CacheBlend: the question's attention over placed documents computed with this temperature (< 1 sharpens); 1 is plain attention (kvshelf's own runner only, not inside vLLM)",
+    )
+    blend_context_mass: float = Field(
+        1.0,
+        gt=0.0,
+        description="CacheBlend: the placed documents' share of the question's attention multiplied by this (as odds against the prefix and the question); 1 is plain attention (kvshelf's own runner only)",
+    )
+    blend_context_distance_bias: float = Field(
+        0.0,
+        description="CacheBlend: each placed document key's logit in the question's attention + this x (1 - its position / the question's), so earlier documents count more; 0 is plain attention (kvshelf's own runner only)",
+    )
+    blend_context_layers: Literal["all", "global"] = Field(
+        "all",
+        description="CacheBlend: the layers where blend_context_temperature and _mass apply: all, or global (no sliding window)",
     )
 
     # -- issue #17: cachegen calibrated inside vLLM without a manual step (codec_calibration: auto) ---
@@ -277,6 +297,10 @@ NESTED_KEYS: dict[str, str] = {
     "blending.question_pass": "blend_question_pass",
     "blending.prefix_documents": "blend_prefix_documents",
     "blending.question_budget": "blend_question_budget",
+    "blending.context_temperature": "blend_context_temperature",
+    "blending.context_mass": "blend_context_mass",
+    "blending.context_layers": "blend_context_layers",
+    "blending.context_distance_bias": "blend_context_distance_bias",
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",

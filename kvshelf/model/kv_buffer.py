@@ -9,12 +9,16 @@ from __future__ import annotations
 import torch
 
 from kvshelf.kvmath.strided_copy import ChunkRowCopier, copy_to_device
+from kvshelf.model.reweight import AttentionReweight
 
 
 class KVBuffer:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, *, dtype, device):
         self.data = torch.zeros(num_layers, 2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.length = 0  # tokens [0, length) hold valid KV
+        # Set by a blend that reweights the question's attention over placed documents (model.reweight);
+        # every later forward over this buffer (the prefill's question, each decoded token) applies it.
+        self.reweight: AttentionReweight | None = None
 
     @property
     def capacity(self) -> int:

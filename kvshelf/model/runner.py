@@ -23,6 +23,7 @@ from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.errors import Interrupted, UnsupportedModelError
 from kvshelf.kvmath.rope import apply_rope, shift_keys
 from kvshelf.model.kv_buffer import KVBuffer
+from kvshelf.model.reweight import reweighted_attention
 from kvshelf.model.weights import weights_digest
 
 # Asked between layers by every forward of this thread's context: a long prefill whose caller has gone
@@ -270,6 +271,12 @@ class ModelRunner:
         out = F.scaled_dot_product_attention(
             q, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=attn.scaling, enable_gqa=True
         )
+        if (reweight := kv.reweight) is not None and reweight.applies(index, last):
+            # The question's and decoded tokens' attention over placed documents, APE-style (model.reweight).
+            rows = (positions >= reweight.from_position).nonzero().view(-1)
+            out[0, :, rows] = reweighted_attention(
+                q[0, :, rows], keys, values, positions[rows], start, window, attn.scaling, reweight
+            )
         return attn.o_proj(out.transpose(1, 2).reshape(1, n, -1))
 
     def final_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
