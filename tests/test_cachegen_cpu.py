@@ -3,6 +3,8 @@ parts assembled and decoded one by one (kvshelf.codecs.rans), RoPE by kvshelf.kv
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -225,6 +227,30 @@ def test_other_dtypes_code_and_decode_as_torch_casts(dtype):
     got = codec.decode_layers(segs, shape, dtype, list(range(layers)), layers, 16)
     assert all(g.dtype == dtype and torch.equal(g, w.to(dtype)) for g, w in zip(got, want, strict=True))
     processes.close()
+
+
+def test_a_thread_that_coded_under_inference_mode_codes_outside_it():
+    """A thread's reused buffers made while torch's inference mode was on (a runner's forward) stay writable
+    after it (calibration outside inference mode on the same thread): the same bytes and KV either way."""
+    layers, heads, tokens, dim = 2, 2, 8, 8
+    cal = _calibration(layers, heads, dim, 7)
+    codec = CacheGenCodec(calibration=cal.digest)  # no workers: units run inline on the calling thread
+    kv = torch.randn(layers, 2, heads, tokens, dim, generator=torch.Generator().manual_seed(7))
+    shape = (2, heads, tokens, dim)
+    seen = []
+
+    def code_twice():  # a fresh thread: its buffers are made under inference mode, then reused outside
+        with torch.inference_mode():
+            first = codec.encode_layers(kv, 0)
+            first_kv = codec.decode_layers(first, shape, torch.float32, [0, 1], layers, 0)
+        again = codec.encode_layers(kv, 0)
+        again_kv = codec.decode_layers(again, shape, torch.float32, [0, 1], layers, 0)
+        seen.append(first == again and all(torch.equal(a, b) for a, b in zip(first_kv, again_kv, strict=True)))
+
+    thread = threading.Thread(target=code_twice)
+    thread.start()
+    thread.join()
+    assert seen == [True]
 
 
 def test_units_round_coefficients_as_torch_does_and_code_the_reference_bytes():

@@ -138,5 +138,6 @@ def _scratch(halves: int, heads: int, tokens: int, dim: int):
     key = (halves, heads, tokens, dim)
     if key not in views:
         shape = (halves * heads, tokens, dim)
-        views[key] = (q, torch.from_numpy(q[:n]).view(shape), x, torch.from_numpy(x[:n]).view(shape))
+        with torch.inference_mode(False):  # normal tensors: made under inference mode, later writes outside it fail
+            views[key] = (q, torch.from_numpy(q[:n]).view(shape), x, torch.from_numpy(x[:n]).view(shape))
     return views[key]
