@@ -95,6 +95,27 @@ def prompt_text(docs: list[str], question: str, cue: str = "") -> str:
     return SEP.join(parts) + SEP + f"\nQuestion: {question}\nAnswer:" + (f" {cue}" if cue else "")
 
 
+def read_samples(path: str, start: int = 0, limit: int | None = None) -> list[dict]:
+    """Samples start..start+limit-1 of a `--jsonl` file (one {documents, question, answer, ...} per line)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return rows[start : None if limit is None else start + limit]
+
+
+def another_order(docs: list[str], rng: random.Random) -> list[str]:
+    """The documents shuffled into an order other than `docs`' (an earlier request saw them so)."""
+    while True:
+        order = rng.sample(docs, len(docs))
+        if order != docs:
+            return order
+
+
+def store_documents_alone(gen: CachedGenerator, text: str) -> None:
+    """Each document of `text` computed alone and stored, as after a cold request's first token."""
+    seg = gen.segment(text, None)
+    for _ in gen.blender.compute_missing(seg, gen.blender.documents(seg, None), None, BlendInfo()):
+        pass
+
+
 def kl(ref: torch.Tensor, other: torch.Tensor) -> float:
     p, q = torch.log_softmax(ref, -1), torch.log_softmax(other, -1)
     return float((p.exp() * (p - q)).sum())
@@ -198,13 +219,7 @@ def main() -> None:
         records = [json.loads(line) for line in lines]
         summarize(records, console, None)
         return
-    samples = (
-        [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()][
-            args.start : None if args.limit is None else args.start + args.limit
-        ]
-        if args.jsonl
-        else builtin_samples(args.samples)
-    )
+    samples = read_samples(args.jsonl, args.start, args.limit) if args.jsonl else builtin_samples(args.samples)
     shelf = open_shelf(KVShelfConfig(model=args.model, device=args.device, max_local_cpu_size=8))
     runner, engine, tok = shelf.runner, shelf.engine, shelf.model.tokenizer
     if args.cold:
@@ -237,18 +252,11 @@ def main() -> None:
             # An earlier request saw the documents in another order: it filled the chunk cache (and the prefix
             # cache). The measured request brings them in the sample's order (the answer document first or last
             # for those question types).
-            while True:
-                earlier = rng.sample(docs, len(docs))
-                if earlier != docs:
-                    break
-            first = prompt_text(earlier, question, cue)
+            first = prompt_text(another_order(docs, rng), question, cue)
             if "prefix caching" in methods:
                 shelf.generator.generate(probe.segment(first, None).token_ids, max_new_tokens=1)
             for filler_gen in fillers:  # documents behind another fixed prefix have other keys: fill each kind
-                seg = filler_gen.segment(first, None)
-                blender = filler_gen.blender
-                for _ in blender.compute_missing(seg, blender.documents(seg, None), None, BlendInfo()):
-                    pass  # each document computed alone and stored, as after a cold request's first token
+                store_documents_alone(filler_gen, first)
             text = prompt_text(docs, question, cue)
             ids = probe.segment(text, None).token_ids
             record = {

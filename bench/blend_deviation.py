@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import random
 import statistics
-from pathlib import Path
 
 import torch
-from blend import SEP, prompt_text
+from blend import SEP, prompt_text, read_samples, store_documents_alone
 
 from kvshelf.assembly import open_shelf
 from kvshelf.blend.blender import Blender, BlendInfo
@@ -44,8 +42,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=12)
     ap.add_argument("--share", type=float, default=0.15)
     args = ap.parse_args()
-    lines = Path(args.jsonl).read_text().splitlines()
-    samples = [json.loads(s) for s in lines if s.strip()][args.start : args.start + args.limit]
+    samples = read_samples(args.jsonl, args.start, args.limit)
     shelf = open_shelf(KVShelfConfig(model="gemma3-270m", device="cpu", max_local_cpu_size=8))
     runner, engine, tok = shelf.runner, shelf.engine, shelf.model.tokenizer
     blender = Blender(runner, engine, check_layers=[1], ratios=[0.0])
@@ -56,10 +53,7 @@ def main() -> None:
     in_top, in_all = collections.Counter(), collections.Counter()
     for sample in samples:
         docs, question, cue = sample["documents"], sample["question"], sample.get("cue", "")
-        earlier = rng.sample(docs, len(docs))
-        seg0 = gen.segment(prompt_text(earlier, question, cue), None)
-        for _ in blender.compute_missing(seg0, blender.documents(seg0, None), None, BlendInfo()):
-            pass
+        store_documents_alone(gen, prompt_text(rng.sample(docs, len(docs)), question, cue))
         seg = gen.segment(prompt_text(docs, question, cue), None)
         ids = seg.token_ids
         full = runner.new_kv(len(ids))

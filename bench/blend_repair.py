@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from blend import SEP, kl, prompt_text
+from blend import SEP, another_order, kl, prompt_text, read_samples, store_documents_alone
 
 from kvshelf.assembly import open_shelf
 from kvshelf.blend.blender import Blender, BlendInfo
@@ -68,8 +68,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["1,1"])
     ap.add_argument("--out", default="bench/results/repair.jsonl")
     args = ap.parse_args()
-    lines = Path(args.jsonl).read_text().splitlines()
-    samples = [json.loads(s) for s in lines if s.strip()][args.start : args.start + args.limit]
+    samples = read_samples(args.jsonl, args.start, args.limit)
     shelf = open_shelf(KVShelfConfig(model="gemma3-270m", device="cpu", max_local_cpu_size=8))
     runner, engine, tok = shelf.runner, shelf.engine, shelf.model.tokenizer
     blender = Blender(runner, engine, check_layers=[1], ratios=[args.ratio])
@@ -81,13 +80,7 @@ def main() -> None:
     rows = []
     for index, sample in enumerate(samples, start=args.start):
         docs, question, cue = list(sample["documents"]), sample["question"], sample.get("cue", "")
-        while True:
-            earlier = rng.sample(docs, len(docs))
-            if earlier != docs:
-                break
-        seg0 = gen.segment(prompt_text(earlier, question, cue), None)
-        for _ in blender.compute_missing(seg0, blender.documents(seg0, None), None, BlendInfo()):
-            pass
+        store_documents_alone(gen, prompt_text(another_order(docs, rng), question, cue))
         seg = gen.segment(prompt_text(docs, question, cue), None)
         ids = seg.token_ids
         n = len(ids)

@@ -15,12 +15,10 @@ which blending is not clearly faster than prefilling exactly.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
-from pathlib import Path
 
-from blend import SEP, prompt_text
+from blend import SEP, prompt_text, read_samples
 from common import save_results
 
 from kvshelf.assembly import open_shelf
@@ -38,8 +36,7 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3])
     ap.add_argument("--json", default="bench/results/blend_share.json")
     args = ap.parse_args()
-    lines = Path(args.jsonl).read_text().splitlines()
-    samples = [json.loads(s) for s in lines if s.strip()][args.start : args.start + args.limit]
+    samples = read_samples(args.jsonl, args.start, args.limit)
     shelf = open_shelf(KVShelfConfig(model="gemma3-270m", device="cpu", max_local_cpu_size=8))
     runner, engine, tok = shelf.runner, shelf.engine, shelf.model.tokenizer
     gens = {

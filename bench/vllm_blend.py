@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from blend import SEP, builtin_samples, kl, prompt_text  # noqa: E402
+from blend import SEP, builtin_samples, kl, prompt_text, read_samples  # noqa: E402
 from common import save_results  # noqa: E402
 from rag_eval import paired  # noqa: E402
 
@@ -224,11 +224,7 @@ def main() -> None:
 
     model = str(provision_default_model(show_progress=False))
     tokenizer = AutoTokenizer.from_pretrained(model)
-    samples = (
-        [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
-        if args.jsonl
-        else builtin_samples(args.samples)
-    )
+    samples = read_samples(args.jsonl) if args.jsonl else builtin_samples(args.samples)
     prompts = build_prompts(samples, tokenizer)
     lengths = [len(p["measured"]) for p in prompts]
     shelf = {
