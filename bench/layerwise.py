@@ -17,6 +17,7 @@ With --llama8b a randomly initialised model of Llama-3-8B's shape (bf16) is buil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -68,26 +69,35 @@ def llama8b(device):
     return model.eval(), "random Llama-3-8B shape"
 
 
-def measure_variant(
-    args,
-    runner,
-    engine,
-    tiers,
-    whole,
-    layered,
-    prefix,
-    rng,
-    device,
-    on_device,
-    t_whole,
-    t_load,
-    t_compute,
-    tier_name,
-    codec_name,
-    buffer_size,
-):
+@dataclasses.dataclass
+class Setup:
+    """One tier and codec under test: what every variant (buffer size, reads in flight, read plan) shares. The
+    whole path's and the halves' times are measured with the first variant only and kept here for the rest."""
+
+    args: argparse.Namespace
+    runner: ModelRunner
+    engine: CacheEngine
+    tiers: TierManager
+    whole: CachedGenerator
+    layered: CachedGenerator
+    prefix: list[int]
+    rng: torch.Generator
+    device: torch.device
+    on_device: bool
+    tier_name: str
+    codec_name: str
+    t_whole: list[float] = dataclasses.field(default_factory=list)
+    t_load: list[float] = dataclasses.field(default_factory=list)
+    t_compute: list[float] = dataclasses.field(default_factory=list)
+
+
+def measure_variant(setup: Setup, buffer_size: int) -> dict:
     """One row: the whole path and the halves (measured with the first variant only), the layerwise path and
     the loader alone with this variant's buffer size and reads in flight."""
+    args, runner, engine, tiers = setup.args, setup.runner, setup.engine, setup.tiers
+    whole, layered, prefix, rng = setup.whole, setup.layered, setup.prefix, setup.rng
+    device, on_device = setup.device, setup.on_device
+    t_whole, t_load, t_compute = setup.t_whole, setup.t_load, setup.t_compute
     layered.layerwise.buffer_size = buffer_size
     vocab = runner.config.vocab_size
     first = not t_whole
@@ -148,10 +158,10 @@ def measure_variant(
     if on_device:
         load = loader_s
     return {
-        "tier": tier_name,
+        "tier": setup.tier_name,
         "buffer_size": buffer_size,
         "read_window": tiers.read_window,
-        "codec": codec_name,
+        "codec": setup.codec_name,
         "decoded_on_device": on_device,
         "load_whole_path_s": whole_load,
         "whole_s": w,
@@ -303,7 +313,8 @@ def main() -> None:
             # Decoded on the GPU by the layerwise loader (cachegen there): the CPU-decoding whole path and
             # load are measured once only (seconds each), "load" is the loader alone (open + decode).
             on_device = engine.retrieve_layerwise(prefix + [0]).device_decoding(device) is not None
-            t_whole, t_load, t_compute = [], [], []
+            setup = Setup(args, runner, engine, tiers, whole, layered, prefix, rng, device, on_device, tier_name,
+                          codec_name)  # fmt: skip
             sizes = args.buffer_size
             plans = [_read_plan(p) for p in args.read_plans] if args.read_plans and on_device else [None]
             variants = (
@@ -319,26 +330,7 @@ def main() -> None:
                     if probe0 is not None:
                         backend.head_probe = plan[1] or probe0
                     tiers.read_window = plan[2] or window
-                rows.append(
-                    measure_variant(
-                        args,
-                        runner,
-                        engine,
-                        tiers,
-                        whole,
-                        layered,
-                        prefix,
-                        rng,
-                        device,
-                        on_device,
-                        t_whole,
-                        t_load,
-                        t_compute,
-                        tier_name,
-                        codec_name,
-                        size,
-                    )
-                )
+                rows.append(measure_variant(setup, size))
                 rows[-1]["read_layers"] = engine.read_layers if on_device else None
                 rows[-1]["head_probe"] = getattr(backend, "head_probe", None)
                 console.print(rows[-1])
