@@ -1,16 +1,17 @@
 """Where the layerwise gap goes on a GPU: per-layer timestamps and a torch.profiler timeline of one run.
 
     python bench/layerwise_trace.py --out DIR --llama8b [--tokens 12288 --suffix 2048 --repeats 3]
-        [--priorities 0 -1] [--buffer-size 8]
+        [--copy-threads 0 4] [--read-plans 8:16:4 8:512:8] [--buffer-size 8]
     python bench/layerwise_trace.py --out DIR --kv kv.safetensors --calibration FILE.kvcal [--tokens 12288]
 
 --llama8b: bench/layerwise.py's setup (random Llama-3-8B shape, bf16, calibrated cachegen disk tier, 12K cached
-tokens as 256-token chunks), then for each load-stream priority (CUDA: lower is higher; `--priorities 0 -1`
-alternates them `--repeats` times): the layerwise TTFT, the loader alone and the compute alone, each run with
-timestamps (CPU clock per thread, CUDA events on the compute and load streams) of every layer: when the loader
-began and ended a group's decode (CPU) and when its GPU work ran, when the forward asked for a layer and when it
-got it, when the compute stream reached it and when it could go on. One layerwise run and one loader-alone run
-are then traced with torch.profiler (CPU and CUDA) into DIR/*.json.gz (chrome://tracing, Perfetto).
+tokens as 256-token chunks), then for each variant (staging copy threads x read plan: layers per range, head
+probe KiB, reads in flight; alternated within each of `--repeats` rounds) the layerwise TTFT, the loader alone
+and the compute alone (medians), and one more layerwise run with timestamps (CPU clock per thread, CUDA events on
+the compute and load streams) of every layer: when the loader began and ended a group's decode and its phases
+(reads waited for, staging: pinned buffer, copy, checks; kernel launch, transform), when its GPU work ran, when
+the forward asked for a layer and got it, when the compute stream reached it and could go on. One layerwise run
+is then traced with torch.profiler (CPU and CUDA) into DIR/*.json.gz (chrome://tracing, Perfetto).
 
 --kv/--calibration: Gemma 3 270M's real KV through the loader (bench/gpu_layerwise.py's opened chunks), same
 timestamps, and a trace of one loader run.
@@ -37,9 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kvshelf.cache import device_decode  # noqa: E402
-from kvshelf.codecs import rans_gpu  # noqa: E402
+from kvshelf.codecs import rans, rans_gpu  # noqa: E402
 from kvshelf.codecs.cachegen import CacheGenCodec  # noqa: E402
-from kvshelf.layerwise import loader as loader_mod  # noqa: E402
 from kvshelf.layerwise.loader import LayerwiseLoader  # noqa: E402
 from kvshelf.layerwise.stats import LayerwiseStats  # noqa: E402
 
@@ -136,16 +136,24 @@ def install():
     LayerwiseLoader._open_on_device = REC.timed("open", LayerwiseLoader._open_on_device)
     device_decode._ReadAhead.next = REC.timed("read_wait", device_decode._ReadAhead.next)
     rans_gpu.stage = REC.timed("stage", rans_gpu.stage)
+    rans_gpu._copy_segments = REC.timed("stage.copy", rans_gpu._copy_segments)
+    rans_gpu._pinned = REC.timed("stage.pinned", rans_gpu._pinned)
+    rans.scan_segments = REC.timed("stage.scan", rans.scan_segments)
     rans_gpu.run_staged = REC.timed("kernel", rans_gpu.run_staged)
     CacheGenCodec._finish_layers = REC.timed("finish", CacheGenCodec._finish_layers, lambda a: (a[2][0], a[2][-1] + 1))
 
 
-def set_priority(device, priority: int) -> None:
-    """The loader's stream (one per device, kept across requests) made anew with this priority."""
-    stream = torch.cuda.Stream(device=device, priority=priority)
-    with loader_mod._streams_lock:
-        for key in (torch.device("cuda"), torch.device("cuda", torch.cuda.current_device())):
-            loader_mod._streams[key] = stream
+def set_copy_threads(n: int) -> None:
+    """rans_gpu's staging copies on n threads besides the caller (its pool made anew)."""
+    if rans_gpu._copiers is not None:
+        rans_gpu._copiers.shutdown(wait=True)
+    rans_gpu.COPY_THREADS = n
+    rans_gpu._copiers = None
+
+
+def _plan(text: str) -> tuple[int, int, int]:
+    layers, kib, window = (int(x) for x in text.split(":"))
+    return layers, kib, window
 
 
 def per_layer(s: dict) -> dict:
@@ -235,7 +243,6 @@ def llama(args, out: Path, results: dict) -> None:
     tiers = TierManager(
         [backend], write_queue_bytes=1 << 40, write_block_s=600.0, deadline_s=30.0, workers=args.tier_workers
     )
-    tiers.read_window = args.read_window
     engine = CacheEngine(runner.fingerprint(), tiers, chunk_size=256)
     engine.save_unfull_chunk = False
     whole = CachedGenerator(runner, engine, store_generated=False)
@@ -287,50 +294,52 @@ def llama(args, out: Path, results: dict) -> None:
             torch.cuda.synchronize()
             return time.perf_counter() - t
 
-    for _ in range(2):  # compile, pin, warm
+    probe0 = backend.head_probe
+
+    def apply(ct: int, plan: tuple) -> None:
+        set_copy_threads(ct)
+        layers, kib, window = plan
+        engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
+
+    variants = [(ct, plan) for plan in args.read_plans for ct in args.copy_threads]
+    for ct, plan in variants:  # compile, pin, warm (each plan stages other sizes)
+        apply(ct, plan)
         layerwise_run()
         loader_run()
     compute_run()
     rows = []
-    for rep in range(args.repeats):
-        for prio in args.priorities:
-            set_priority(device, prio)
-            row = {"priority": prio, "rep": rep}
-            for name, fn in (("layerwise", layerwise_run), ("loader", loader_run), ("compute", compute_run)):
-                REC.reset()
-                REC.on = True
-                try:
-                    row[name + "_ms"] = 1e3 * fn()
-                finally:
-                    REC.on = False
-                s = REC.summary()
-                if name != "compute":
-                    row[name + "_phases"] = totals(s)
-                    row[name + "_gaps"] = gaps(s)
-                    row[name + "_layers"] = per_layer(s)
-            row["ratio"] = row["layerwise_ms"] / max(row["loader_ms"], row["compute_ms"])
-            print(
-                f"prio {prio} rep {rep}: layerwise {row['layerwise_ms']:.1f} loader {row['loader_ms']:.1f} "
-                f"compute {row['compute_ms']:.1f} ratio {row['ratio']:.2f}; stall sum "
-                f"{row['layerwise_gaps']['stall_sum_ms']} ms; phases {row['layerwise_phases']}; "
-                f"loader alone {row['loader_phases']}",
-                flush=True,
-            )
-            rows.append(row)
-    results["llama8b"] = rows
-    for prio in args.priorities:
-        lw = [r["layerwise_ms"] for r in rows if r["priority"] == prio]
-        ld = [r["loader_ms"] for r in rows if r["priority"] == prio]
-        cp = [r["compute_ms"] for r in rows if r["priority"] == prio]
+    for rep in range(args.repeats):  # variants alternate within each repeat (drift)
+        for ct, plan in variants:
+            apply(ct, plan)
+            rows.append({"copy_threads": ct, "plan": plan, "rep": rep, "layerwise_ms": 1e3 * layerwise_run(),
+                         "loader_ms": 1e3 * loader_run(), "compute_ms": 1e3 * compute_run()})  # fmt: skip
+    summary = []
+    for ct, plan in variants:
+        mine = [r for r in rows if r["copy_threads"] == ct and r["plan"] == plan]
+        med = {k: statistics.median(r[k] for r in mine) for k in ("layerwise_ms", "loader_ms", "compute_ms")}
+        med["ratio"] = med["layerwise_ms"] / max(med["loader_ms"], med["compute_ms"])
+        # one run of each with timestamps (the instrumentation costs a little: phases only)
+        REC.reset()
+        REC.on = True
+        try:
+            apply(ct, plan)
+            layerwise_run()
+        finally:
+            REC.on = False
+        s = REC.summary()
+        row = {"copy_threads": ct, "plan": plan, **med, "runs": mine, "phases": totals(s), "gaps": gaps(s)}
+        row["layers"] = per_layer(s)
+        summary.append(row)
         print(
-            f"priority {prio}: medians layerwise {statistics.median(lw):.1f} loader {statistics.median(ld):.1f} "
-            f"compute {statistics.median(cp):.1f} ratio {statistics.median(lw) / max(statistics.median(ld), statistics.median(cp)):.2f}",  # noqa: E501
+            f"copy threads {ct} plan {plan}: medians layerwise {med['layerwise_ms']:.1f} loader {med['loader_ms']:.1f}"
+            f" compute {med['compute_ms']:.1f} ratio {med['ratio']:.2f} (layerwise runs "
+            f"{[round(r['layerwise_ms'], 1) for r in mine]}); phases {row['phases']}",
             flush=True,
         )
-    set_priority(device, args.priorities[0])
+    results["llama8b"] = summary
+    apply(args.copy_threads[-1], args.read_plans[0])
     REC.on = True
-    trace(out, "llama8b_layerwise", layerwise_run)
-    trace(out, "llama8b_loader", loader_run)
+    trace(out, f"llama8b_layerwise_ct{args.copy_threads[-1]}", layerwise_run)
     REC.on = False
     tiers.close()
 
@@ -368,10 +377,18 @@ def gemma(args, out: Path, results: dict) -> None:
         assert ld.error is None, ld.error
         return dt
 
-    rows = []
+    for ct in args.copy_threads:  # uninstrumented: GB/s per layer, medians of 7
+        set_copy_threads(ct)
+        for size in (8, 16):
+            for _ in range(2):
+                run(size)
+            times = [run(size) for _ in range(7)]
+            gbps = layers * layer_bytes / statistics.median(times) / 1e9
+            results[f"gemma loader copy threads {ct} buffer {size} GB/s per layer"] = gbps
+            print(f"gemma loader, copy threads {ct}, buffer {size}: {gbps:.1f} GB/s per layer "
+                  f"({[round(1e3 * t, 2) for t in times]} ms)", flush=True)  # fmt: skip
+    rows = []  # with timestamps, the last --copy-threads value
     for size in (8, 16):
-        for _ in range(2):
-            run(size)
         for rep in range(args.repeats):
             REC.reset()
             REC.on = True
@@ -387,7 +404,7 @@ def gemma(args, out: Path, results: dict) -> None:
             rows.append(row)
     results["gemma"] = rows
     REC.on = True
-    trace(out, "gemma_loader_b8", lambda: run(8))
+    trace(out, f"gemma_loader_b8_ct{args.copy_threads[-1]}", lambda: run(8))
     REC.on = False
 
 
@@ -402,8 +419,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--buffer-size", type=int, default=8)
     ap.add_argument("--tier-workers", type=int, default=8)
-    ap.add_argument("--read-window", type=int, default=4)
-    ap.add_argument("--priorities", type=int, nargs="+", default=[0])
+    ap.add_argument("--copy-threads", type=int, nargs="+", default=[rans_gpu.COPY_THREADS],
+                    help="kvshelf.codecs.rans_gpu.COPY_THREADS values compared")  # fmt: skip
+    ap.add_argument("--read-plans", type=_plan, nargs="+", default=[(8, 16, 4)],
+                    help="LAYERS:PROBE_KIB:WINDOW (bench/layerwise.py --read-plans) compared, Llama only")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
