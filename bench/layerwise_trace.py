@@ -48,8 +48,8 @@ class Recorder:
     """Timestamps of one run's loader and forward (patched in while `on`)."""
 
     def __init__(self):
-        self.on = False
-        self.reset()
+        self.on = False  # reset() before each recorded run (it needs CUDA)
+        self.cpu, self.gpu, self.lock = [], [], threading.Lock()
 
     def reset(self):
         self.t0 = time.perf_counter()
