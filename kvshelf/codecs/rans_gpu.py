@@ -16,6 +16,7 @@ Importing this module needs neither CUDA nor Triton (CI has neither): both load 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -105,8 +106,9 @@ def _queued(slot) -> None:
 
 # Threads that copy a group's segments into its staging buffer (numpy's copies release the GIL), beside the
 # calling thread; 0: the calling thread alone. The copy is most of a layerwise loader's CPU work per group (issue
-# #17, fifth session: ~120 of a 200 ms load of the Llama-3-8B shape on one thread; BENCHMARKS.md).
-COPY_THREADS = 0
+# #17, fifth session, H200: 116 ms of a 195 ms load of the Llama-3-8B shape on one thread, 53 ms of 169 with 4
+# threads, no better with 8; BENCHMARKS.md).
+COPY_THREADS = min(4, max(0, (os.cpu_count() or 1) - 1))
 _COPY_MIN_BYTES = 1 << 20  # a share below this is not worth a hand-over
 _copiers: ThreadPoolExecutor | None = None
 
