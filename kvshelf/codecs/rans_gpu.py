@@ -106,10 +106,14 @@ def _queued(slot) -> None:
 
 # Threads that copy a group's segments into its staging buffer (numpy's copies release the GIL), beside the
 # calling thread; 0: the calling thread alone. The copy is most of a layerwise loader's CPU work per group (issue
-# #17, fifth session, H200: 116 ms of a 195 ms load of the Llama-3-8B shape on one thread, 53 ms of 169 with 4
-# threads, no better with 8; BENCHMARKS.md).
+# #17, fifth session, H200: 116 ms of a 195 ms load of the Llama-3-8B shape on one thread, 53 ms with 4 threads, no
+# better with 8; BENCHMARKS.md). Small segments are copied on the calling thread: threads taking turns at the GIL
+# between copies of ~44 KB (Gemma 3 270M's) made its staging ~30% slower, so a group is shared only when its
+# segments average _COPY_MIN_SEGMENT and each share holds _COPY_MIN_BYTES (both between the two measured shapes:
+# Llama-3-8B's ~190-280 KB segments in 13-72 MB groups, Gemma's ~44 KB in 2-17 MB groups).
 COPY_THREADS = min(4, max(0, (os.cpu_count() or 1) - 1))
-_COPY_MIN_BYTES = 1 << 20  # a share below this is not worth a hand-over
+_COPY_MIN_BYTES = 4 << 20
+_COPY_MIN_SEGMENT = 64 << 10
 _copiers: ThreadPoolExecutor | None = None
 
 
@@ -130,6 +134,8 @@ def _copy_segments(view: np.ndarray, starts: np.ndarray, lengths: np.ndarray, se
     """segments[k] into view at starts[k]: shares of about equal bytes on COPY_THREADS threads and this one."""
     total = int(lengths.sum())
     shares = min(COPY_THREADS + 1, max(1, total // _COPY_MIN_BYTES), len(segments))
+    if total < _COPY_MIN_SEGMENT * len(segments):
+        shares = 1
     at, n = starts.tolist(), lengths.tolist()
     if shares < 2:
         _copy_range(view, at, n, segments)
