@@ -16,7 +16,9 @@ Importing this module needs neither CUDA nor Triton (CI has neither): both load 
 from __future__ import annotations
 
 import functools
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -102,6 +104,53 @@ def _queued(slot) -> None:
             slot[2] = False
 
 
+# Threads that copy a group's segments into its staging buffer (numpy's copies release the GIL), beside the
+# calling thread; 0: the calling thread alone. The copy is most of a layerwise loader's CPU work per group (issue
+# #17, fifth session, H200: 116 ms of a 195 ms load of the Llama-3-8B shape on one thread, 53 ms with 4 threads, no
+# better with 8; BENCHMARKS.md). Small segments are copied on the calling thread: threads taking turns at the GIL
+# between copies of ~44 KB (Gemma 3 270M's) made its staging ~30% slower, so a group is shared only when its
+# segments average _COPY_MIN_SEGMENT and each share holds _COPY_MIN_BYTES (both between the two measured shapes:
+# Llama-3-8B's ~190-280 KB segments in 13-72 MB groups, Gemma's ~44 KB in 2-17 MB groups).
+COPY_THREADS = min(4, max(0, (os.cpu_count() or 1) - 1))
+_COPY_MIN_BYTES = 4 << 20
+_COPY_MIN_SEGMENT = 64 << 10
+_copiers: ThreadPoolExecutor | None = None
+
+
+def _copier() -> ThreadPoolExecutor:
+    global _copiers
+    with _pool_lock:
+        if _copiers is None:
+            _copiers = ThreadPoolExecutor(max(1, COPY_THREADS), thread_name_prefix="kvshelf-stage-copy")
+        return _copiers
+
+
+def _copy_range(view: np.ndarray, starts: list, lengths: list, segments: list) -> None:
+    for at, n, data in zip(starts, lengths, segments, strict=True):
+        view[at : at + n] = np.frombuffer(data, np.uint8)
+
+
+def _copy_segments(view: np.ndarray, starts: np.ndarray, lengths: np.ndarray, segments: list) -> None:
+    """segments[k] into view at starts[k]: shares of about equal bytes on COPY_THREADS threads and this one."""
+    total = int(lengths.sum())
+    shares = min(COPY_THREADS + 1, max(1, total // _COPY_MIN_BYTES), len(segments))
+    if total < _COPY_MIN_SEGMENT * len(segments):
+        shares = 1
+    at, n = starts.tolist(), lengths.tolist()
+    if shares < 2:
+        _copy_range(view, at, n, segments)
+        return
+    ends = np.cumsum(lengths)
+    cuts = [0, *np.searchsorted(ends, [total * k // shares for k in range(1, shares)]).tolist(), len(segments)]
+    pool = _copier()
+    spans = list(zip(cuts[:-1], cuts[1:], strict=True))
+    futures = [pool.submit(_copy_range, view, at[a:b], n[a:b], segments[a:b]) for a, b in spans[1:] if b > a]
+    a, b = spans[0]
+    _copy_range(view, at[a:b], n[a:b], segments[a:b])
+    for f in futures:
+        f.result()  # an exception of a share is raised here
+
+
 def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     """Copy calibrated segments into one (pinned, on CUDA) staging buffer, check them there and write the
     kernel's block descriptors and the escapes beside them (rans.scan_segments: compiled), then copy it all
@@ -122,8 +171,7 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
         view = host.numpy()
         desc = view[offs[1] : offs[2]].view(np.int64).reshape(-1, _DESC)[:n_desc]
         head = np.frombuffer(calibrated_head(level), np.uint8)
-        for at, n, data in zip(starts.tolist(), lengths.tolist(), segments, strict=True):
-            view[at : at + n] = np.frombuffer(data, np.uint8)
+        _copy_segments(view, starts, lengths, segments)
         pos, val = np.empty(max_esc, dtype=np.int64), np.empty(max_esc, dtype=np.int32)
         n_esc, err = rans.scan_segments(
             view[:base], starts, lengths, head, heads, tokens, dim, width, per_lane, desc, pos, val
