@@ -4,10 +4,12 @@ made of torch calls."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,7 @@ def test_affine_is_torch_baddbmm_bit_for_bit(count, tokens, dim):
     ms = np.concatenate([np.zeros(pad * dim * dim, np.float32), m.numpy().reshape(-1)])
     bs = np.concatenate([np.zeros(pad * dim, np.float32), bias.numpy().reshape(-1)])
     x = np.full((count + 1) * tokens * dim, 7.0, np.float32)
-    native.affine(fn, np.zeros(8, np.int32), qs, pad * tokens * dim, ms, pad * dim * dim, bs, pad * dim, x,
+    native.affine(fn, 1, np.zeros(8, np.int32), qs, pad * tokens * dim, ms, pad * dim * dim, bs, pad * dim, x,
                   tokens * dim, count, tokens, dim)  # fmt: skip
     assert np.array_equal(x[tokens * dim :], want.numpy().reshape(-1))
     assert (x[: tokens * dim] == 7.0).all()  # nothing written before its place
@@ -129,3 +131,25 @@ print(seen, [len(f.signatures) for f in fns])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[-2] == "[1, 1, 1] [1, 1, 1]"
+
+
+def test_affine_runs_on_the_threads_asked_and_puts_mkl_setting_back():
+    """A unit's matmul runs on one MKL thread on the codec's threads, and this thread's MKL setting is what it
+    was before (an inline unit must not change a caller's later matmuls)."""
+    blas = native.sgemm()
+    if blas is None:
+        pytest.fail("no sgemm in torch's library on this machine")
+    setter = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(int(blas[1]))
+    seen = []
+
+    def on_a_thread():
+        setter(3)
+        x = np.empty(64 * 8, np.float32)
+        native.affine(blas, 1, np.zeros(8, np.int32), np.ones(64 * 8, np.float32), 0, np.ones(64, np.float32), 0,
+                      np.zeros(8, np.float32), 0, x, 0, 1, 64, 8)  # fmt: skip
+        seen.append((setter(0), float(x[0])))
+
+    thread = threading.Thread(target=on_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [(3, 8.0)]

@@ -69,7 +69,7 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     ends = np.cumsum([memoryview(s).nbytes for s in segments], dtype=np.int64)
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
-    fused = _fused(cal, "decode", level, dtype, out)
+    fused = _fused(cal, "decode", level, dtype, out, processes.workers)
     job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which,
            fused)  # fmt: skip
     cuts = units(layers, processes.workers)
@@ -83,11 +83,11 @@ def _decode_unit(job, h0: int, h1: int, out: torch.Tensor) -> None:
     cal, level, layers, buf, ends, (head, heads, tokens, dim, width, per_lane), cos, sin, which, fused = job
     q, q_t, x, x_t, params = _scratch(h1 - h0, heads, tokens, dim)
     if fused is not None:
-        fn, mats, bias, kind, out16, out32 = fused
+        fn, threads, mats, bias, kind, out16, out32 = fused
         m0 = (2 * layers[h0 // 2] + h0 % 2) * heads
         _, err = _decode_fused(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM,
-                               LOW_BITS, RADIUS, fn, params, mats, bias, m0, cos, sin, which, q, x, kind, out16,
-                               out32)  # fmt: skip
+                               LOW_BITS, RADIUS, fn, threads, params, mats, bias, m0, cos, sin, which, q, x, kind,
+                               out16, out32)  # fmt: skip
         cc.raise_error(err)
         if kind == native.OTHER:
             out.copy_(x_t)
@@ -103,7 +103,7 @@ def _decode_unit(job, h0: int, h1: int, out: torch.Tensor) -> None:
 
 @njit(nogil=True, cache=True)
 def _decode_fused(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits, radius,
-                  fn, params, mats, bias, m0, cos, sin, which, q, x, kind, out16, out32):  # fmt: skip  # pragma: no cover
+                  fn, threads, params, mats, bias, m0, cos, sin, which, q, x, kind, out16, out32):  # fmt: skip  # pragma: no cover
     """A decoding unit in one call: symbols (cachegen_cpu._decode_halves) into q, x = bias + q @ the inverse
     transforms (matrices m0... of mats, by the sgemm at fn), RoPE on K halves, x cast into out16 / out32 at the
     unit's place (kind: native.F32 / F16 / BF16; OTHER: left in x). (-1, 0), or the failed segment and its
@@ -113,7 +113,7 @@ def _decode_fused(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, 
     if err:
         return k, err
     count = (h1 - h0) * heads
-    native.affine(fn, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
+    native.affine(fn, threads, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
     cc._rope(x, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(1.0))
     native.cast_out(x, 0, count * tokens * dim, kind, out16, out32, h0 * heads * tokens * dim)
     return -1, 0
@@ -132,7 +132,7 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     plain = rows.device.type == "cpu" and rows.is_contiguous() and not rows.requires_grad
-    fused = _fused(cal, "encode", level, rows.dtype if plain else None, rows if plain else None)
+    fused = _fused(cal, "encode", level, rows.dtype, rows if plain else None, processes.workers)
     job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which, fused)
     cuts = units(layers, processes.workers)
     coded = processes.map_threads(_encode_unit, [(job, a, b, rows[a * heads : b * heads]) for a, b in cuts])
@@ -148,12 +148,12 @@ def _encode_unit(job, h0: int, h1: int, kv: torch.Tensor):
     cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which, fused = job
     q, q_t, x, x_t, params = _scratch(h1 - h0, heads, tokens, dim)
     if fused is not None:
-        fn, mats, bias, kind, in16, in32 = fused
+        fn, threads, mats, bias, kind, in16, in32 = fused
         if kind == native.OTHER:
             q_t.copy_(kv)
         m0 = (2 * layers[h0 // 2] + h0 % 2) * heads
-        return _encode_fused(kind, in16, in32, h0, h1, heads, tokens, dim, cos, sin, which, fn, params, mats, bias,
-                             m0, q, x, width, per_lane, FREQ, CUM, LOW_BITS, RADIUS)  # fmt: skip
+        return _encode_fused(kind, in16, in32, h0, h1, heads, tokens, dim, cos, sin, which, fn, threads, params, mats,
+                             bias, m0, q, x, width, per_lane, FREQ, CUM, LOW_BITS, RADIUS)  # fmt: skip
     q_t.copy_(kv)
     cc._rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
     scaled, bias = cc._batch(cal, "encode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
@@ -163,7 +163,7 @@ def _encode_unit(job, h0: int, h1: int, kv: torch.Tensor):
 
 
 @njit(nogil=True, cache=True)
-def _encode_fused(kind, in16, in32, h0, h1, heads, tokens, dim, cos, sin, which, fn, params, mats, bias, m0, q, x,
+def _encode_fused(kind, in16, in32, h0, h1, heads, tokens, dim, cos, sin, which, fn, threads, params, mats, bias, m0, q, x,
                   width, per_lane, freq, cum, low_bits, radius):  # fmt: skip  # pragma: no cover - compiled
     """An encoding unit in one call: the unit's KV (in16 / in32 at its place, kind: native.F32 / F16 / BF16;
     OTHER: already in q) into q as float32, RoPE off K halves, x = bias + q @ the forward transforms (matrices
@@ -172,13 +172,14 @@ def _encode_fused(kind, in16, in32, h0, h1, heads, tokens, dim, cos, sin, which,
     n = count * tokens * dim
     native.cast_in(kind, in16, in32, h0 * heads * tokens * dim, n, q)
     cc._rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
-    native.affine(fn, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
+    native.affine(fn, threads, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
     return cc._encode_halves(x[:n].reshape(h1 - h0, heads, tokens, dim), width, per_lane, freq, cum, low_bits,
                              radius)  # fmt: skip
 
 
-def _fused(cal: calib.Calibration, kind: str, level: int, dtype, tensor: torch.Tensor | None):
-    """What a fused unit needs besides its own (sgemm's address, the transforms and biases of every half as flat
+def _fused(cal: calib.Calibration, kind: str, level: int, dtype, tensor: torch.Tensor | None, workers: int):
+    """What a fused unit needs besides its own (the BLAS addresses, MKL's thread count: one on the codec's
+    threads, torch's inline, as torch's own matmul would take; the transforms and biases of every half as flat
     float32 arrays, the KV's kind and flat views), or None where the unit takes torch's matmul instead (no
     such sgemm; or KV that is not a plain CPU tensor)."""
     fn = native.sgemm()
@@ -192,7 +193,8 @@ def _fused(cal: calib.Calibration, kind: str, level: int, dtype, tensor: torch.T
             bias.float().contiguous().numpy().reshape(-1),
         )
     mats, bias = cal._cache[key]
-    return (fn, mats, bias, native.kind_of(dtype), *native.flat_views(tensor))
+    threads = 1 if workers else torch.get_num_threads()
+    return (fn, threads, mats, bias, native.kind_of(dtype), *native.flat_views(tensor))
 
 
 # -- per-thread buffers -----------------------------------------------------------------------------------------
@@ -242,6 +244,6 @@ def warm_up() -> None:
     values, x, params = np.empty(n, np.float32), np.empty(n, np.float32), np.zeros(8, np.int32)
     kv16, none32 = np.zeros(n, np.uint16), np.empty(0, np.float32)
     _decode_fused(buf, ends, 0, 2, cc._head(5), heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM, LOW_BITS,
-                  RADIUS, fn, params, mats, bias, 0, cos, sin, which, values, x, native.F16, kv16, none32)  # fmt: skip
-    _encode_fused(native.F16, kv16, none32, 0, 2, heads, tokens, dim, cos, sin, which, fn, params, mats, bias, 0,
+                  RADIUS, fn, 1, params, mats, bias, 0, cos, sin, which, values, x, native.F16, kv16, none32)  # fmt: skip
+    _encode_fused(native.F16, kv16, none32, 0, 2, heads, tokens, dim, cos, sin, which, fn, 1, params, mats, bias, 0,
                   values, x, width, per_lane, FREQ, CUM, LOW_BITS, RADIUS)  # fmt: skip

@@ -3,8 +3,10 @@ float32 and fp16 / bf16, so that a whole work unit (symbols, transform, RoPE, ca
 the GIL (kvshelf.codecs.cachegen_threads).
 
 - `sgemm()`: the address of the Fortran `sgemm_` in torch's own library (torch's x86 wheels link Intel MKL into
-  libtorch_cpu; torch's CPU `baddbmm` ends in the same MKL kernels). Called from compiled code through
-  `call_sgemm` with the address as an argument (no address baked into the machine code, so numba's on-disk
+  libtorch_cpu; torch's CPU `baddbmm` ends in the same MKL kernels), and of MKL's per-thread thread count
+  setter: on the codec's threads MKL must not start threads of its own (a unit is the parallelism; MKL's
+  default in a thread torch did not set up is every core: 16 threads x 16 threads). Called from compiled code
+  through `call_sgemm` / `call_int` with the address as an argument (no address baked into the machine code, so numba's on-disk
   cache stays valid across processes). `None` where torch has no such symbol (other platforms) or where it does
   not give torch.baddbmm's float32 results bit for bit on this machine: the codec then keeps torch's matmul.
 - `half_bits` / `half_value`: float32 <-> IEEE fp16 by LLVM's own conversion (F16C's vcvtps2ph / vcvtph2ps:
@@ -46,12 +48,29 @@ def call_sgemm(typingctx, fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, l
     return sig, codegen
 
 
+@intrinsic
+def call_int(typingctx, fn, value):
+    """Call the C function `int f(int)` at address `fn`."""
+    if not isinstance(fn, types.Integer) or not isinstance(value, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, values):
+        i32 = ir.IntType(32)
+        target = builder.inttoptr(values[0], ir.FunctionType(i32, [i32]).as_pointer())
+        return builder.call(target, [builder.trunc(values[1], i32) if values[1].type.width > 32 else values[1]])
+
+    return types.int32(fn, value), codegen
+
+
 @njit(nogil=True, cache=True)
-def affine(fn, params, q, q_at, mats, m_at, bias, b_at, x, x_at, count, tokens, dim):  # pragma: no cover - compiled
+def affine(blas, threads, params, q, q_at, mats, m_at, bias, b_at, x, x_at, count, tokens, dim):  # pragma: no cover
     """x[i] = bias[i] + q[i] @ mats[i] for `count` matrices (q, x: [tokens, dim] row-major from q_at / x_at;
-    mats: [dim, dim] from m_at; bias: [dim] from b_at; all float32, offsets in values) by the sgemm at `fn`,
-    called as torch's baddbmm calls it (bias first, then beta = 1). `params`: int32 scratch of 8 (the Fortran
-    arguments live there: the caller holds it, so that it outlives every call)."""
+    mats: [dim, dim] from m_at; bias: [dim] from b_at; all float32, offsets in values) by the sgemm at blas[0],
+    called as torch's baddbmm calls it (bias first, then beta = 1), on `threads` MKL threads (this thread's MKL
+    setting, by MKL_Set_Num_Threads_Local at blas[1], put back after). `params`: int32 scratch of 8 (the
+    Fortran arguments live there: the caller holds it, so that it outlives every call)."""
+    fn, set_threads = blas[0], blas[1]
+    before = call_int(set_threads, threads)
     params[0] = 0x4E  # 'N': no transposes; row-major q @ m is column-major m^T q^T
     params[1] = dim
     params[2] = tokens
@@ -65,22 +84,28 @@ def affine(fn, params, q, q_at, mats, m_at, bias, b_at, x, x_at, count, tokens, 
         call_sgemm(fn, p, p, p + 4, p + 8, p + 4, p + 12, mats.ctypes.data + 4 * (m_at + i * dim * dim), p + 4,
                    q.ctypes.data + 4 * (q_at + i * tokens * dim), p + 4, p + 12,
                    x.ctypes.data + 4 * (x_at + i * tokens * dim), p + 4)  # fmt: skip
+    call_int(set_threads, before)
 
 
-def _mkl_sgemm() -> int | None:
-    """The address of sgemm_ in torch's library, or None."""
+def _mkl() -> np.ndarray | None:
+    """The addresses of sgemm_ and MKL_Set_Num_Threads_Local in torch's library, or None."""
     try:
         lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
+        found = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in _SYMBOLS]
     except (OSError, AttributeError):
         return None
+    return np.array(found, np.int64)
+
+
+_SYMBOLS = ("sgemm_", "MKL_Set_Num_Threads_Local")  # the C setter takes an int (lowercase mkl_...: a pointer)
 
 
 @functools.cache
-def sgemm() -> int | None:
-    """sgemm_'s address when it gives torch.baddbmm's results bit for bit (checked once, on a codec-shaped
-    problem: 256 tokens x 256 dims, two matrices), else None."""
-    fn = _mkl_sgemm()
+def sgemm() -> np.ndarray | None:
+    """[sgemm_'s address, MKL_Set_Num_Threads_Local's] (what `affine` takes) when that sgemm gives
+    torch.baddbmm's results bit for bit (checked once, on a codec-shaped problem: 256 tokens x 256 dims, two
+    matrices), else None."""
+    fn = _mkl()
     if fn is None:
         return None
     g = torch.Generator().manual_seed(17)
@@ -89,7 +114,7 @@ def sgemm() -> int | None:
     bias = torch.randn(2, 256, generator=g)
     want = torch.baddbmm(bias[:, None, :].expand(2, 256, 256), q, m)
     x = np.empty(2 * 256 * 256, np.float32)
-    affine(fn, np.zeros(8, np.int32), q.numpy().reshape(-1), 0, m.numpy().reshape(-1), 0, bias.numpy().reshape(-1),
+    affine(fn, 1, np.zeros(8, np.int32), q.numpy().reshape(-1), 0, m.numpy().reshape(-1), 0, bias.numpy().reshape(-1),
            0, x, 0, 2, 256, 256)  # fmt: skip
     return fn if np.array_equal(x, want.numpy().reshape(-1)) else None
 
