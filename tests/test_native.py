@@ -45,10 +45,15 @@ def test_affine_is_torch_baddbmm_bit_for_bit(count, tokens, dim):
     ms = np.concatenate([np.zeros(pad * dim * dim, np.float32), m.numpy().reshape(-1)])
     bs = np.concatenate([np.zeros(pad * dim, np.float32), bias.numpy().reshape(-1)])
     x = np.full((count + 1) * tokens * dim, 7.0, np.float32)
-    native.affine(fn, 1, np.zeros(8, np.int32), qs, pad * tokens * dim, ms, pad * dim * dim, bs, pad * dim, x,
-                  tokens * dim, count, tokens, dim)  # fmt: skip
-    assert np.array_equal(x[tokens * dim :], want.numpy().reshape(-1))
-    assert (x[: tokens * dim] == 7.0).all()  # nothing written before its place
+    for affine, params in (
+        (native.affine, np.zeros(8, np.int32)),
+        (native.affine_batched, np.zeros(8 + 3 * count, np.int64)),
+    ):
+        x[:] = 7.0
+        affine(fn, 1, params, qs, pad * tokens * dim, ms, pad * dim * dim, bs, pad * dim, x, tokens * dim, count,
+               tokens, dim)  # fmt: skip
+        assert np.array_equal(x[tokens * dim :], want.numpy().reshape(-1))
+        assert (x[: tokens * dim] == 7.0).all()  # nothing written before its place
 
 
 def _specials() -> torch.Tensor:
@@ -119,7 +124,7 @@ from test_cachegen_cpu import _calibration
 from kvshelf.codecs import cachegen_threads as ct, native, rans
 from kvshelf.codecs.cachegen import CacheGenCodec
 rans.warm_up()
-fns = (ct._decode_fused, ct._encode_fused, native.affine)  # what Python calls
+fns = (ct._decode_fused, ct._encode_fused, native.affine_batched)  # what Python calls
 seen = [len(f.signatures) for f in fns]
 cal = _calibration(2, 1, 4, 10)
 codec = CacheGenCodec(calibration=cal.digest)
@@ -145,7 +150,7 @@ def test_affine_runs_on_the_threads_asked_and_puts_mkl_setting_back():
     def on_a_thread():
         setter(3)
         x = np.empty(64 * 8, np.float32)
-        native.affine(blas, 1, np.zeros(8, np.int32), np.ones(64 * 8, np.float32), 0, np.ones(64, np.float32), 0,
+        native.affine_batched(blas, 1, np.zeros(11, np.int64), np.ones(64 * 8, np.float32), 0, np.ones(64, np.float32), 0,
                       np.zeros(8, np.float32), 0, x, 0, 1, 64, 8)  # fmt: skip
         seen.append((setter(0), float(x[0])))
 

@@ -113,7 +113,7 @@ def _decode_fused(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, 
     if err:
         return k, err
     count = (h1 - h0) * heads
-    native.affine(fn, threads, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
+    native.affine_batched(fn, threads, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
     cc._rope(x, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(1.0))
     native.cast_out(x, 0, count * tokens * dim, kind, out16, out32, h0 * heads * tokens * dim)
     return -1, 0
@@ -172,7 +172,7 @@ def _encode_fused(kind, in16, in32, h0, h1, heads, tokens, dim, cos, sin, which,
     n = count * tokens * dim
     native.cast_in(kind, in16, in32, h0 * heads * tokens * dim, n, q)
     cc._rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
-    native.affine(fn, threads, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
+    native.affine_batched(fn, threads, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
     return cc._encode_halves(x[:n].reshape(h1 - h0, heads, tokens, dim), width, per_lane, freq, cum, low_bits,
                              radius)  # fmt: skip
 
@@ -218,7 +218,7 @@ def _scratch(halves: int, heads: int, tokens: int, dim: int):
         shape = (halves * heads, tokens, dim)
         with torch.inference_mode(False):  # normal tensors: made under inference mode, later writes outside it fail
             views[key] = (q, torch.from_numpy(q[:n]).view(shape), x, torch.from_numpy(x[:n]).view(shape),
-                          np.zeros(8, np.int32))  # fmt: skip
+                          np.zeros(8 + 3 * halves * heads, np.int64))  # fmt: skip
     return views[key]
 
 
@@ -241,7 +241,7 @@ def warm_up() -> None:
     )  # noqa: E501
     mats, bias = np.zeros(2 * heads * dim * dim, np.float32), np.zeros(2 * heads * dim, np.float32)
     n = 2 * heads * tokens * dim
-    values, x, params = np.empty(n, np.float32), np.empty(n, np.float32), np.zeros(8, np.int32)
+    values, x, params = np.empty(n, np.float32), np.empty(n, np.float32), np.zeros(8 + 3 * 2 * heads, np.int64)
     kv16, none32 = np.zeros(n, np.uint16), np.empty(0, np.float32)
     _decode_fused(buf, ends, 0, 2, cc._head(5), heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM, LOW_BITS,
                   RADIUS, fn, 1, params, mats, bias, 0, cos, sin, which, values, x, native.F16, kv16, none32)  # fmt: skip

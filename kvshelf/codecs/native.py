@@ -49,6 +49,24 @@ def call_sgemm(typingctx, fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, l
 
 
 @intrinsic
+def call_sgemm_batch(typingctx, fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, groups, sizes):
+    """Call the Fortran sgemm_batch at address `fn` (MKL's group interface); every argument an integer address."""
+    args = (fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, groups, sizes)
+    if not all(isinstance(t, types.Integer) for t in args):
+        return None
+    sig = types.void(*args)
+
+    def codegen(context, builder, signature, values):
+        byte_ptr = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr] * 15)
+        target = builder.inttoptr(values[0], fnty.as_pointer())
+        builder.call(target, [builder.inttoptr(v, byte_ptr) for v in values[1:]])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def call_int(typingctx, fn, value):
     """Call the C function `int f(int)` at address `fn`."""
     if not isinstance(fn, types.Integer) or not isinstance(value, types.Integer):
@@ -87,6 +105,34 @@ def affine(blas, threads, params, q, q_at, mats, m_at, bias, b_at, x, x_at, coun
     call_int(set_threads, before)
 
 
+@njit(nogil=True, cache=True)
+def affine_batched(
+    blas, threads, params, q, q_at, mats, m_at, bias, b_at, x, x_at, count, tokens, dim
+):  # pragma: no cover
+    """`affine` by one sgemm_batch call (blas[2]), as torch.baddbmm makes it; params: int64 scratch of
+    8 + 3 * count (the matrices' addresses follow the scalars)."""
+    fn, set_threads = blas[2], blas[1]
+    before = call_int(set_threads, threads)
+    params[0] = 0x4E  # 'N'
+    params[1] = dim
+    params[2] = tokens
+    params[3] = 0x3F800000  # 1.0f
+    params[4] = 1  # one group
+    params[5] = count  # of `count` products
+    for i in range(count):
+        row = x[x_at + i * tokens * dim : x_at + (i + 1) * tokens * dim]
+        b = bias[b_at + i * dim : b_at + (i + 1) * dim]
+        for t in range(tokens):
+            row[t * dim : (t + 1) * dim] = b
+        params[8 + i] = mats.ctypes.data + 4 * (m_at + i * dim * dim)
+        params[8 + count + i] = q.ctypes.data + 4 * (q_at + i * tokens * dim)
+        params[8 + 2 * count + i] = x.ctypes.data + 4 * (x_at + i * tokens * dim)
+    p = params.ctypes.data
+    call_sgemm_batch(fn, p, p, p + 8, p + 16, p + 8, p + 24, p + 64, p + 8, p + 64 + 8 * count, p + 8, p + 24,
+                     p + 64 + 16 * count, p + 8, p + 32, p + 40)  # fmt: skip
+    call_int(set_threads, before)
+
+
 def _mkl() -> np.ndarray | None:
     """The addresses of sgemm_ and MKL_Set_Num_Threads_Local in torch's library, or None."""
     try:
@@ -97,7 +143,11 @@ def _mkl() -> np.ndarray | None:
     return np.array(found, np.int64)
 
 
-_SYMBOLS = ("sgemm_", "MKL_Set_Num_Threads_Local")  # the C setter takes an int (lowercase mkl_...: a pointer)
+_SYMBOLS = (
+    "sgemm_",
+    "MKL_Set_Num_Threads_Local",
+    "sgemm_batch_",
+)  # the C setter takes an int (lowercase mkl_...: a pointer)
 
 
 @functools.cache
@@ -114,8 +164,8 @@ def sgemm() -> np.ndarray | None:
     bias = torch.randn(2, 256, generator=g)
     want = torch.baddbmm(bias[:, None, :].expand(2, 256, 256), q, m)
     x = np.empty(2 * 256 * 256, np.float32)
-    affine(fn, 1, np.zeros(8, np.int32), q.numpy().reshape(-1), 0, m.numpy().reshape(-1), 0, bias.numpy().reshape(-1),
-           0, x, 0, 2, 256, 256)  # fmt: skip
+    affine_batched(fn, 1, np.zeros(8 + 3 * 2, np.int64), q.numpy().reshape(-1), 0, m.numpy().reshape(-1), 0,
+                   bias.numpy().reshape(-1), 0, x, 0, 2, 256, 256)  # fmt: skip
     return fn if np.array_equal(x, want.numpy().reshape(-1)) else None
 
 
