@@ -21,19 +21,18 @@ from kvshelf.codecs import native, pool
 from kvshelf.codecs.cachegen import CacheGenCodec
 
 
-def test_sgemm_is_found_where_torch_links_mkl():
-    """CI's x86 torch links MKL: the fused units must be what runs there (else this test would hide a fallback)."""
+def test_mkl_is_found_where_torch_links_it():
+    """CI's x86 torch links MKL: the fused units' matmul must be there (else the tests below test only one path)."""
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkl.is_available():
-        assert native.sgemm() is not None
-    else:
-        assert native.sgemm() is None or isinstance(native.sgemm(), int)
+        assert native.blas() is not None
+    assert native.fast_blas() is None or native.fast_blas() is native.blas()
 
 
 @pytest.mark.parametrize(("count", "tokens", "dim"), [(1, 256, 256), (3, 16, 8), (2, 37, 64), (1, 1, 128)])
 def test_affine_is_torch_baddbmm_bit_for_bit(count, tokens, dim):
-    fn = native.sgemm()
+    fn = native.blas()
     if fn is None:
-        pytest.fail("no sgemm in torch's library on this machine (see test_sgemm_is_found_where_torch_links_mkl)")
+        pytest.fail("no sgemm_batch in torch's library on this machine (see test_mkl_is_found_where_torch_links_it)")
     g = torch.Generator().manual_seed(count * tokens + dim)
     q = torch.randint(-300, 301, (count, tokens, dim), generator=g).float()
     m = torch.randn(count, dim, dim, generator=g)
@@ -45,15 +44,10 @@ def test_affine_is_torch_baddbmm_bit_for_bit(count, tokens, dim):
     ms = np.concatenate([np.zeros(pad * dim * dim, np.float32), m.numpy().reshape(-1)])
     bs = np.concatenate([np.zeros(pad * dim, np.float32), bias.numpy().reshape(-1)])
     x = np.full((count + 1) * tokens * dim, 7.0, np.float32)
-    for affine, params in (
-        (native.affine, np.zeros(8, np.int32)),
-        (native.affine_batched, np.zeros(8 + 3 * count, np.int64)),
-    ):
-        x[:] = 7.0
-        affine(fn, 1, params, qs, pad * tokens * dim, ms, pad * dim * dim, bs, pad * dim, x, tokens * dim, count,
-               tokens, dim)  # fmt: skip
-        assert np.array_equal(x[tokens * dim :], want.numpy().reshape(-1))
-        assert (x[: tokens * dim] == 7.0).all()  # nothing written before its place
+    native.affine(fn, 1, np.zeros(8 + 3 * count, np.int64), qs, pad * tokens * dim, ms, pad * dim * dim, bs,
+                  pad * dim, x, tokens * dim, count, tokens, dim)  # fmt: skip
+    assert np.array_equal(x[tokens * dim :], want.numpy().reshape(-1))
+    assert (x[: tokens * dim] == 7.0).all()  # nothing written before its place
 
 
 def _specials() -> torch.Tensor:
@@ -105,10 +99,12 @@ def test_fused_units_code_and_decode_as_the_torch_units(monkeypatch, workers, dt
         segs = codec.encode_layers(kv, 2 * tokens)
         return segs, codec.decode_layers(segs, shape, dtype, list(range(layers)), layers, 2 * tokens)
 
-    assert native.sgemm() is not None or not torch.backends.mkl.is_available()
+    if native.blas() is None:
+        pytest.fail("no sgemm_batch in torch's library on this machine")
+    monkeypatch.setattr(native, "fast_blas", native.blas)  # the fused units, whichever this machine would pick
     segs, got = run()
     assert segs == codec.encode_layers(kv.transpose(0, 1).contiguous().transpose(0, 1), 2 * tokens)  # strided KV
-    monkeypatch.setattr(native, "sgemm", lambda: None)  # the units of four torch / compiled calls
+    monkeypatch.setattr(native, "fast_blas", lambda: None)  # the units of four torch / compiled calls
     want_segs, want = run()
     processes.close()
     assert segs == want_segs
@@ -123,8 +119,9 @@ import torch
 from test_cachegen_cpu import _calibration
 from kvshelf.codecs import cachegen_threads as ct, native, rans
 from kvshelf.codecs.cachegen import CacheGenCodec
+native.fast_blas = native.blas  # the fused units, whichever this machine would pick
 rans.warm_up()
-fns = (ct._decode_fused, ct._encode_fused, native.affine_batched)  # what Python calls
+fns = (ct._decode_fused, ct._encode_fused, native.affine)  # what Python calls
 seen = [len(f.signatures) for f in fns]
 cal = _calibration(2, 1, 4, 10)
 codec = CacheGenCodec(calibration=cal.digest)
@@ -141,16 +138,16 @@ print(seen, [len(f.signatures) for f in fns])
 def test_affine_runs_on_the_threads_asked_and_puts_mkl_setting_back():
     """A unit's matmul runs on one MKL thread on the codec's threads, and this thread's MKL setting is what it
     was before (an inline unit must not change a caller's later matmuls)."""
-    blas = native.sgemm()
+    blas = native.blas()
     if blas is None:
-        pytest.fail("no sgemm in torch's library on this machine")
+        pytest.fail("no sgemm_batch in torch's library on this machine")
     setter = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(int(blas[1]))
     seen = []
 
     def on_a_thread():
         setter(3)
         x = np.empty(64 * 8, np.float32)
-        native.affine_batched(blas, 1, np.zeros(11, np.int64), np.ones(64 * 8, np.float32), 0, np.ones(64, np.float32), 0,
+        native.affine(blas, 1, np.zeros(11, np.int64), np.ones(64 * 8, np.float32), 0, np.ones(64, np.float32), 0,
                       np.zeros(8, np.float32), 0, x, 0, 1, 64, 8)  # fmt: skip
         seen.append((setter(0), float(x[0])))
 

@@ -8,14 +8,18 @@ session); with four (symbols, matmul, RoPE, cast) still ~40%. Now one.
 A unit is a range of consecutive *halves*: half 2k is layer k's K part, 2k + 1 its V part (the inverse
 transform is one matrix per (layer, K|V, head), so halves batch like layers). Decoding a unit is one numba call
 (`_decode_fused`): check and decode its parts' symbols into the thread's own float32 buffer
-(cachegen_cpu._decode_halves), the inverse transforms by the same MKL sgemm that torch.baddbmm calls
-(kvshelf.codecs.native: bias first, then beta = 1, bit for bit torch's results), RoPE back on K halves in place,
-and the cast straight into the unit's slice of the chunk's output tensor (fp16 by F16C, bf16 by torch's bit
-arithmetic, float32 copied). Encoding mirrors it (`_encode_fused`): the cast to float32, RoPE off K, the
+(cachegen_cpu._decode_halves), the inverse transforms by MKL's sgemm_batch from torch's own library
+(kvshelf.codecs.native: bias first, then beta = 1, torch.baddbmm's results bit for bit), RoPE back on K halves in
+place, and the cast straight into the unit's slice of the chunk's output tensor (fp16 by F16C, bf16 by torch's
+bit arithmetic, float32 copied). Encoding mirrors it (`_encode_fused`): the cast to float32, RoPE off K, the
 forward matmul, rounding and coding each half into its part's bytes; the caller joins each segment (header, K
 part, V part). The bytes and the float arithmetic are kvshelf.codecs.cachegen_cpu's: the same segments, the
-same KV bit for bit. Where torch has no such sgemm (not x86 MKL) a unit is four calls, as before: symbols,
-torch.baddbmm, RoPE, torch's cast. The RoPE tables are built once per chunk, not per unit.
+same KV bit for bit.
+
+Where that matmul is slower than torch's (measured once per process, native.fast_blas: on the H200 host's Xeon
+torch's baddbmm took 1.55x less CPU) or absent (no MKL in torch), a unit is four calls instead: symbols,
+torch.baddbmm, RoPE, torch's cast (one numba call each, GIL taken between them). The RoPE tables are built once
+per chunk, not per unit.
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ def _decode_fused(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, 
     if err:
         return k, err
     count = (h1 - h0) * heads
-    native.affine_batched(fn, threads, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
+    native.affine(fn, threads, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
     cc._rope(x, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(1.0))
     native.cast_out(x, 0, count * tokens * dim, kind, out16, out32, h0 * heads * tokens * dim)
     return -1, 0
@@ -172,7 +176,7 @@ def _encode_fused(kind, in16, in32, h0, h1, heads, tokens, dim, cos, sin, which,
     n = count * tokens * dim
     native.cast_in(kind, in16, in32, h0 * heads * tokens * dim, n, q)
     cc._rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
-    native.affine_batched(fn, threads, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
+    native.affine(fn, threads, params, q, 0, mats, m0 * dim * dim, bias, m0 * dim, x, 0, count, tokens, dim)
     return cc._encode_halves(x[:n].reshape(h1 - h0, heads, tokens, dim), width, per_lane, freq, cum, low_bits,
                              radius)  # fmt: skip
 
@@ -182,7 +186,7 @@ def _fused(cal: calib.Calibration, kind: str, level: int, dtype, tensor: torch.T
     threads, torch's inline, as torch's own matmul would take; the transforms and biases of every half as flat
     float32 arrays, the KV's kind and flat views), or None where the unit takes torch's matmul instead (no
     such sgemm; or KV that is not a plain CPU tensor)."""
-    fn = native.sgemm()
+    fn = native.fast_blas()
     if fn is None or tensor is None:
         return None
     key = ("cpu-fused", kind, level)
@@ -225,7 +229,7 @@ def _scratch(halves: int, heads: int, tokens: int, dim: int):
 def warm_up() -> None:
     """Compile (or load from numba's cache) the fused units, with the argument types the codec passes them
     (rans.warm_up calls it; cachegen_cpu.warm_up compiles what they call)."""
-    fn = native.sgemm()  # compiles native.affine and checks it against torch.baddbmm
+    fn = native.fast_blas()  # compiles native.affine, checks it against torch.baddbmm and times both
     if fn is None:
         return
     heads, tokens, dim = 1, 4, 2

@@ -2,13 +2,14 @@
 float32 and fp16 / bf16, so that a whole work unit (symbols, transform, RoPE, cast) is one call that never takes
 the GIL (kvshelf.codecs.cachegen_threads).
 
-- `sgemm()`: the address of the Fortran `sgemm_` in torch's own library (torch's x86 wheels link Intel MKL into
-  libtorch_cpu; torch's CPU `baddbmm` ends in the same MKL kernels), and of MKL's per-thread thread count
+- `blas()`: the address of the Fortran `sgemm_batch_` in torch's own library (torch's x86 wheels link Intel MKL
+  into libtorch_cpu; torch's CPU `baddbmm` calls it on an AMD EPYC), and of MKL's per-thread thread count
   setter: on the codec's threads MKL must not start threads of its own (a unit is the parallelism; MKL's
   default in a thread torch did not set up is every core: 16 threads x 16 threads). Called from compiled code
-  through `call_sgemm` / `call_int` with the address as an argument (no address baked into the machine code, so numba's on-disk
-  cache stays valid across processes). `None` where torch has no such symbol (other platforms) or where it does
-  not give torch.baddbmm's float32 results bit for bit on this machine: the codec then keeps torch's matmul.
+  through `call_sgemm_batch` / `call_int` with the address as an argument (no address baked into the machine
+  code, so numba's on-disk cache stays valid across processes). `None` where torch has no such symbol (other
+  platforms) or where it does not give torch.baddbmm's float32 results bit for bit on this machine.
+  `fast_blas()`: blas() where it is also as fast as torch's matmul here (else the codec keeps torch's).
 - `half_bits` / `half_value`: float32 <-> IEEE fp16 by LLVM's own conversion (F16C's vcvtps2ph / vcvtph2ps:
   round to nearest even, as torch's cast); `bf16_bits`: float32 -> bfloat16 by bit arithmetic, as torch's
   scalar cast (round to nearest even; NaN -> 0x7FC0). Vectorisable loops: ~torch's cast speed.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import time
 
 import numpy as np
 import torch
@@ -28,24 +30,6 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 # -- sgemm ---------------------------------------------------------------------------------------------------------
-
-
-@intrinsic
-def call_sgemm(typingctx, fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-    """Call the Fortran sgemm at address `fn`; every argument an integer address (Fortran passes pointers)."""
-    args = (fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-    if not all(isinstance(t, types.Integer) for t in args):
-        return None
-    sig = types.void(*args)
-
-    def codegen(context, builder, signature, values):
-        byte_ptr = ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr] * 13)
-        target = builder.inttoptr(values[0], fnty.as_pointer())
-        builder.call(target, [builder.inttoptr(v, byte_ptr) for v in values[1:]])
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @intrinsic
@@ -83,35 +67,12 @@ def call_int(typingctx, fn, value):
 @njit(nogil=True, cache=True)
 def affine(blas, threads, params, q, q_at, mats, m_at, bias, b_at, x, x_at, count, tokens, dim):  # pragma: no cover
     """x[i] = bias[i] + q[i] @ mats[i] for `count` matrices (q, x: [tokens, dim] row-major from q_at / x_at;
-    mats: [dim, dim] from m_at; bias: [dim] from b_at; all float32, offsets in values) by the sgemm at blas[0],
-    called as torch's baddbmm calls it (bias first, then beta = 1), on `threads` MKL threads (this thread's MKL
-    setting, by MKL_Set_Num_Threads_Local at blas[1], put back after). `params`: int32 scratch of 8 (the
-    Fortran arguments live there: the caller holds it, so that it outlives every call)."""
+    mats: [dim, dim] from m_at; bias: [dim] from b_at; all float32, offsets in values) by one call of the
+    sgemm_batch at blas[0], made as torch's baddbmm makes it (bias first, then beta = 1; row-major q @ m is
+    column-major m^T q^T: no transposes), on `threads` MKL threads (this thread's MKL setting, by
+    MKL_Set_Num_Threads_Local at blas[1], put back after). `params`: int64 scratch of 8 + 3 * count (the
+    Fortran arguments, then the matrices' addresses: the caller holds it, so that it outlives the call)."""
     fn, set_threads = blas[0], blas[1]
-    before = call_int(set_threads, threads)
-    params[0] = 0x4E  # 'N': no transposes; row-major q @ m is column-major m^T q^T
-    params[1] = dim
-    params[2] = tokens
-    params[3] = 0x3F800000  # 1.0f: alpha and beta
-    p = params.ctypes.data
-    for i in range(count):
-        row = x[x_at + i * tokens * dim : x_at + (i + 1) * tokens * dim]
-        b = bias[b_at + i * dim : b_at + (i + 1) * dim]
-        for t in range(tokens):
-            row[t * dim : (t + 1) * dim] = b
-        call_sgemm(fn, p, p, p + 4, p + 8, p + 4, p + 12, mats.ctypes.data + 4 * (m_at + i * dim * dim), p + 4,
-                   q.ctypes.data + 4 * (q_at + i * tokens * dim), p + 4, p + 12,
-                   x.ctypes.data + 4 * (x_at + i * tokens * dim), p + 4)  # fmt: skip
-    call_int(set_threads, before)
-
-
-@njit(nogil=True, cache=True)
-def affine_batched(
-    blas, threads, params, q, q_at, mats, m_at, bias, b_at, x, x_at, count, tokens, dim
-):  # pragma: no cover
-    """`affine` by one sgemm_batch call (blas[2]), as torch.baddbmm makes it; params: int64 scratch of
-    8 + 3 * count (the matrices' addresses follow the scalars)."""
-    fn, set_threads = blas[2], blas[1]
     before = call_int(set_threads, threads)
     params[0] = 0x4E  # 'N'
     params[1] = dim
@@ -143,30 +104,58 @@ def _mkl() -> np.ndarray | None:
     return np.array(found, np.int64)
 
 
-_SYMBOLS = (
-    "sgemm_",
-    "MKL_Set_Num_Threads_Local",
-    "sgemm_batch_",
-)  # the C setter takes an int (lowercase mkl_...: a pointer)
+_SYMBOLS = ("sgemm_batch_", "MKL_Set_Num_Threads_Local")  # the C setter takes an int (lowercase mkl_...: a pointer)
 
 
 @functools.cache
-def sgemm() -> np.ndarray | None:
-    """[sgemm_'s address, MKL_Set_Num_Threads_Local's] (what `affine` takes) when that sgemm gives
-    torch.baddbmm's results bit for bit (checked once, on a codec-shaped problem: 256 tokens x 256 dims, two
-    matrices), else None."""
+def blas() -> np.ndarray | None:
+    """[sgemm_batch_'s address, MKL_Set_Num_Threads_Local's] (what `affine` takes) when `affine` gives
+    torch.baddbmm's results bit for bit (checked once, on a codec-shaped problem: 256 tokens x 256 dims), else
+    None."""
     fn = _mkl()
     if fn is None:
         return None
+    q, m, bias, want = _problem(2)
+    return fn if np.array_equal(_affine(fn, q, m, bias), want.numpy().reshape(-1)) else None
+
+
+@functools.cache
+def fast_blas() -> np.ndarray | None:
+    """blas() where its matmul costs at most 5% more CPU than torch.baddbmm's on this machine (timed once: best
+    of 5 on a unit's shape, 6 matrices of 256 x 256 x 256, ~20 ms), else None: the codec's fused units need it.
+    Measured: as fast as torch on an AMD EPYC (both MKL), 1.55x slower on the H200 host's Xeon, where torch's
+    own path is faster (BENCHMARKS.md, issue #17, fifth session): there the units keep torch's matmul."""
+    fn = blas()
+    if fn is None:
+        return None
+    q, m, bias, _ = _problem(6)
+    expanded, out = bias[:, None, :].expand(6, 256, 256), torch.empty(6, 256, 256)
+    ours, theirs = [], []
+    _affine(fn, q, m, bias), torch.baddbmm(expanded, q, m, out=out)  # first calls: MKL's set-up
+    for _ in range(5):
+        t = time.thread_time()
+        _affine(fn, q, m, bias)
+        ours.append(time.thread_time() - t)
+        t = time.thread_time()
+        torch.baddbmm(expanded, q, m, out=out)
+        theirs.append(time.thread_time() - t)
+    return fn if min(ours) <= 1.05 * min(theirs) else None
+
+
+def _problem(n: int):
     g = torch.Generator().manual_seed(17)
-    q = torch.randint(-40, 41, (2, 256, 256), generator=g).float()
-    m = torch.randn(2, 256, 256, generator=g)
-    bias = torch.randn(2, 256, generator=g)
-    want = torch.baddbmm(bias[:, None, :].expand(2, 256, 256), q, m)
-    x = np.empty(2 * 256 * 256, np.float32)
-    affine_batched(fn, 1, np.zeros(8 + 3 * 2, np.int64), q.numpy().reshape(-1), 0, m.numpy().reshape(-1), 0,
-                   bias.numpy().reshape(-1), 0, x, 0, 2, 256, 256)  # fmt: skip
-    return fn if np.array_equal(x, want.numpy().reshape(-1)) else None
+    q = torch.randint(-40, 41, (n, 256, 256), generator=g).float()
+    m = torch.randn(n, 256, 256, generator=g)
+    bias = torch.randn(n, 256, generator=g)
+    return q, m, bias, torch.baddbmm(bias[:, None, :].expand(n, 256, 256), q, m)
+
+
+def _affine(fn, q: torch.Tensor, m: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
+    n = q.shape[0]
+    x = np.empty(n * 256 * 256, np.float32)
+    affine(fn, 1, np.zeros(8 + 3 * n, np.int64), q.numpy().reshape(-1), 0, m.numpy().reshape(-1), 0,
+           bias.numpy().reshape(-1), 0, x, 0, n, 256, 256)  # fmt: skip
+    return x
 
 
 # -- casts ---------------------------------------------------------------------------------------------------------
