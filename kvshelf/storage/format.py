@@ -329,8 +329,7 @@ class EncodedChunk:
             return tensor_view(self._payload[self._offsets[i] : self._offsets[j]], self.meta.dtype, (j - i, *shape[1:]))
         return self._decode(list(range(i, j)))
 
-    def _decode(self, layers: list[int]) -> torch.Tensor:
-        """Layers' KV, one tensor [len(layers), 2, kv_heads, tokens, head_dim] (the codec's decode_stacked)."""
+    def _decode(self, layers: list[int]) -> torch.Tensor:  # one tensor [len(layers), *layer shape]
         shape, dtype = self.meta.shape, self.meta.dtype
         segments = [self._payload[self._offsets[k] : self._offsets[k + 1]] for k in layers]
         try:
@@ -343,10 +342,9 @@ class EncodedChunk:
 
     def decode_all(self) -> StoredChunk:
         shape, dtype = self.meta.shape, self.meta.dtype
-        raw = self.codec.raw_layout  # raw: a view, no copy (the chunk is read-only)
-        return StoredChunk(
-            self.meta, tensor_view(self._payload, dtype, shape) if raw else self._decode(list(range(shape[0])))
-        )
+        if self.codec.raw_layout:
+            return StoredChunk(self.meta, tensor_view(self._payload, dtype, shape))  # no copy: read-only chunk
+        return StoredChunk(self.meta, self._decode(list(range(shape[0]))))
 
 
 def _checked(t: torch.Tensor, shape, dtype, what: str) -> torch.Tensor:
