@@ -374,14 +374,13 @@ def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) the coders now rather than on the first chunk: the
     reference coder ~2.4 s on a fresh machine, the codec's whole-segment coder (kvshelf.codecs.cachegen_cpu)
     ~10-20 s more; ~0.5 s to load from the cache. For a server's start-up."""
-    from kvshelf.codecs import cachegen_cpu, cachegen_threads  # whole segments and units: what the codec calls
+    from kvshelf.codecs import cachegen_cpu  # whole segments: what the codec calls
 
     check_tables()
     q = np.zeros((1, 4, 2), np.int32)
     data = np.frombuffer(encode_part(q), np.uint8)
     decode_part(data, Part(data, 0, 1, 4, 2), np.empty_like(q))
     cachegen_cpu.warm_up()
-    cachegen_threads.warm_up()
 
 
 class Part:
