@@ -101,7 +101,7 @@ class LateDisk(DiskBackend):
         self.ranges: list[tuple[int, int]] = []
         self._count = threading.Lock()
 
-    def _get_range(self, name, start, length, limit):
+    def _late(self, start, length, read):
         with self._count:
             self.in_flight += 1
             self.most = max(self.most, self.in_flight)
@@ -110,10 +110,16 @@ class LateDisk(DiskBackend):
             self.ranges.append((start, length))
         try:
             time.sleep(delay)
-            return super()._get_range(name, start, length, limit)
+            return read()
         finally:
             with self._count:
                 self.in_flight -= 1
+
+    def _get_range(self, name, start, length, limit):  # heads
+        return self._late(start, length, lambda: super(LateDisk, self)._get_range(name, start, length, limit))
+
+    def _get_range_into(self, name, start, out, limit):  # layer ranges, read into the loader's staging buffer
+        return self._late(start, out.nbytes, lambda: super(LateDisk, self)._get_range_into(name, start, out, limit))
 
 
 def test_streamed_reads_arrive_late_and_out_of_order_and_decode_as_whole_loading(tmp_path, tiny_models):
@@ -421,6 +427,23 @@ q = rans_gpu.run_staged(staged)
 want = torch.stack([torch.from_numpy(_symbols_calibrated(seg, shape, codec.bits)) for seg in flat])
 assert torch.equal(q, want)  # escapes included: the symbols exact
 print("escapes ok")
+host = rans_gpu.HostRange(sum(len(s) for s in flat) + 8, "cpu")  # a loader's staging buffer, read into
+parts, at = [], 8  # not from its first byte: segments are found where they lie
+for seg in flat:
+    part = host.view(at, len(seg))
+    part[:] = seg
+    host.done()
+    parts.append(part)
+    at += len(seg)
+assert rans_gpu._owner(parts) is host and rans_gpu._owner([*parts[:2], flat[2]]) is None
+assert torch.equal(rans_gpu.run_staged(rans_gpu.stage(parts, shape, codec.bits, "cpu")), want)  # staged in place
+parts[1][1] ^= 0x01  # its 4-byte header: refused where it lies, as a copied one is
+try:
+    rans_gpu.stage(parts, shape, codec.bits, "cpu")
+    raise AssertionError("a damaged segment staged in place")
+except rans_gpu.rans.RansError:
+    pass
+print("in place ok")
 """
 
 
@@ -429,4 +452,19 @@ def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     run = subprocess.run([sys.executable, "-c", _BATCHED_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "batched run ok" in run.stdout, run.stderr[-3000:]
-    assert "escapes ok" in run.stdout, run.stderr[-3000:]
+    assert "escapes ok" in run.stdout and "in place ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_a_staging_buffer_goes_back_only_once_no_read_writes_into_it():
+    from kvshelf.codecs.rans_gpu import HostRange
+
+    host = HostRange(64, "cpu")
+    part = host.view(16, 8)
+    part[:] = b"12345678"
+    assert bytes(host.array[16:24]) == b"12345678" and host.offset(part) == 16
+    with pytest.raises(ValueError):
+        host.view(60, 8)  # outside the buffer
+    host.close()  # a read still writes into `part`: kept
+    assert host.view(0, 8) is None and not host._returned  # closed: no new part is handed out
+    host.done()
+    assert host._returned
