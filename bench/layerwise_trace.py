@@ -6,7 +6,7 @@
 
 --llama8b: bench/layerwise.py's setup (random Llama-3-8B shape, bf16, calibrated cachegen disk tier, 12K cached
 tokens as 256-token chunks), then for each variant (the interpreter's switch interval x read plan: layers per range, head
-probe KiB, reads in flight; alternated within each of `--repeats` rounds) the layerwise TTFT, the loader alone
+probe KiB, reads in flight, groups read alone first; alternated within each of `--repeats` rounds) the layerwise TTFT, the loader alone
 and the compute alone (medians), and one more layerwise run with timestamps (CPU clock per thread, CUDA events on
 the compute and load streams) of every layer: when the loader began and ended a group's decode and its phases
 (reads waited for, staging: pinned buffer, copy, checks; kernel launch, transform), when its GPU work ran, when
@@ -149,9 +149,10 @@ def set_switch(ms: float) -> None:
     sys.setswitchinterval(ms / 1e3)
 
 
-def _plan(text: str) -> tuple[int, int, int]:
-    layers, kib, window = (int(x) for x in text.split(":"))
-    return layers, kib, window
+def _plan(text: str) -> tuple[int, int, int, int]:
+    """LAYERS:PROBE_KIB:WINDOW[:ALONE] (ALONE: kvshelf.cache.device_decode.READ_ALONE, its default if left out)."""
+    layers, kib, window, *alone = (int(x) for x in text.split(":"))
+    return layers, kib, window, alone[0] if alone else device_decode.READ_ALONE
 
 
 def per_layer(s: dict) -> dict:
@@ -296,7 +297,7 @@ def llama(args, out: Path, results: dict) -> None:
 
     def apply(ct: int, plan: tuple) -> None:
         set_switch(ct)
-        layers, kib, window = plan
+        layers, kib, window, device_decode.READ_ALONE = plan
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
 
     variants = [(ct, plan) for plan in args.read_plans for ct in args.switch_ms]
@@ -419,8 +420,9 @@ def main() -> None:
     ap.add_argument("--tier-workers", type=int, default=8)
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
-    ap.add_argument("--read-plans", type=_plan, nargs="+", default=[(8, 16, 4)],
-                    help="LAYERS:PROBE_KIB:WINDOW (bench/layerwise.py --read-plans) compared, Llama only")  # fmt: skip
+    ap.add_argument("--read-plans", type=_plan, nargs="+", default=[(8, 16, 4, device_decode.READ_ALONE)],
+                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE] (bench/layerwise.py --read-plans; ALONE: decode groups "
+                         "read alone first, device_decode.READ_ALONE) compared, Llama only")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

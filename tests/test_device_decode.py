@@ -234,12 +234,16 @@ def test_the_read_plan_merges_decode_groups_after_the_first():
     groups = [(0, 1), *((i, min(i + 4, 32)) for i in range(1, 32, 4))]  # buffer 8: groups of 4 after layer 0
     assert read_groups(groups, 4) == groups  # a range per decode group
     assert read_groups(groups, 1) == groups  # groups larger than read_layers are read alone
-    assert read_groups(groups, 8) == [(0, 1), (1, 9), (9, 17), (17, 25), (25, 32)]
-    assert read_groups(groups, 32) == read_groups(groups, 31) == [(0, 1), (1, 32)]  # the rest in one range
-    assert read_groups(groups, 30) == [(0, 1), (1, 29), (29, 32)]
+    assert read_groups(groups, 8, alone=1) == [(0, 1), (1, 9), (9, 17), (17, 25), (25, 32)]
+    assert read_groups(groups, 8) == read_groups(groups, 8, alone=2)  # READ_ALONE: layer 0, then layers 1-4
+    assert read_groups(groups, 8, alone=2) == [(0, 1), (1, 5), (5, 13), (13, 21), (21, 29), (29, 32)]
+    assert read_groups(groups, 32, alone=1) == read_groups(groups, 31, alone=1) == [(0, 1), (1, 32)]  # one range
+    assert read_groups(groups, 30, alone=1) == [(0, 1), (1, 29), (29, 32)]
+    assert read_groups(groups, 32, alone=2) == [(0, 1), (1, 5), (5, 32)]
+    assert read_groups(groups, 32, alone=0) == read_groups(groups, 32, alone=1)  # the first is always alone
     assert read_groups(groups, 0) == [(0, 32)]  # whole objects
     assert read_groups([(0, 1)], 32) == [(0, 1)] and read_groups([], 8) == []
-    assert read_groups([(0, 2), (2, 3), (3, 4)], 8) == [(0, 2), (2, 4)]  # the first group stays alone
+    assert read_groups([(0, 2), (2, 3), (3, 4)], 8, alone=1) == [(0, 2), (2, 4)]  # the first group stays alone
     with pytest.raises(ValueError, match="consecutive"):
         read_groups([(0, 1), (2, 3)], 8)
     with pytest.raises(ValueError, match=">= 0"):
@@ -265,8 +269,16 @@ def _loaded(engine, runner, ids, tokens):
     return buf.data[:, :, :, :tokens], target
 
 
-@pytest.mark.parametrize("read_layers", [2, 32])
-def test_coarse_ranges_read_the_plan_and_decode_as_whole_objects(tmp_path, tiny_models, read_layers):
+@pytest.mark.parametrize(
+    ("read_layers", "alone", "plan"),
+    [(2, 2, [(0, 1), (1, 3), (3, 4)]), (32, 1, [(0, 1), (1, 4)]), (32, 2, [(0, 1), (1, 3), (3, 4)])],
+)
+def test_coarse_ranges_read_the_plan_and_decode_as_whole_objects(
+    tmp_path, tiny_models, read_layers, alone, plan, monkeypatch
+):
+    from kvshelf.cache import device_decode
+
+    monkeypatch.setattr(device_decode, "READ_ALONE", alone)
     codec = HereBatched()
     runner = ModelRunner(tiny_models("qwen3"))
     disk = LateDisk(tmp_path, 1 << 28, codec, delays=(0.05,))
@@ -287,7 +299,6 @@ def test_coarse_ranges_read_the_plan_and_decode_as_whole_objects(tmp_path, tiny_
     disk.ranges.clear()
     kv, target = _loaded(engine, runner, ids, 96)
     assert torch.equal(kv.to(whole.dtype), whole)  # ranges verified apart decode as whole objects do
-    plan = [(0, 1), (1, 4)] if read_layers == 32 else [(0, 1), (1, 3), (3, 4)]
     # every chunk's head (two reads each: the probe is short), then each planned range of every chunk, in order
     assert len(disk.ranges) == 12 + 6 * len(plan)
     want = sorted((s + o[a], o[b] - o[a]) for a, b in plan for s, o in heads.values())

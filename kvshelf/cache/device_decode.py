@@ -39,14 +39,19 @@ from kvshelf.codecs.base import Codec
 # the A/B on the H200 (Llama-3-8B shape, 48 chunks of 32 layers, groups of 4: 232 ms vs 257-269 for a range per
 # group, 250 for the rest in one range, 238 for whole objects; BENCHMARKS.md, "Read granularity").
 READ_LAYERS = 8
+# Decode groups read alone, each its own range, at the start: the compute waits on them in turn (layer 0, then
+# layers 1-4), so they should not wait for the reads of the layers merged behind them (issue #17, second pass).
+READ_ALONE = 2
 # Bytes of read results queued ahead of the decoder at most (one result is always let through).
 READ_AHEAD_BYTES = 512 << 20
 
 
-def read_groups(groups: list[tuple[int, int]], read_layers: int) -> list[tuple[int, int]]:
-    """The layer ranges read from every chunk for decode `groups` (consecutive, in order): the first group as it
-    is (the compute waits on it), then consecutive groups merged while the merge spans at most `read_layers`
-    layers (a group larger than that is read alone); `read_layers` 0: one range of every layer (whole objects)."""
+def read_groups(groups: list[tuple[int, int]], read_layers: int, alone: int | None = None) -> list[tuple[int, int]]:
+    """The layer ranges read from every chunk for decode `groups` (consecutive, in order): the first `alone`
+    groups (default READ_ALONE, at least 1) as they are (the compute waits on them first), then consecutive groups
+    merged while the merge spans at most `read_layers` layers (a group larger than that is read alone);
+    `read_layers` 0: one range of every layer (whole objects)."""
+    alone = max(1, READ_ALONE if alone is None else alone)
     if read_layers < 0:
         raise ValueError(f"read_layers must be >= 0, not {read_layers}")
     if not groups:
@@ -59,7 +64,7 @@ def read_groups(groups: list[tuple[int, int]], read_layers: int) -> list[tuple[i
     reads = [groups[0]]
     for i, j in groups[1:]:
         a, b = reads[-1]
-        if len(reads) > 1 and j - a <= read_layers:
+        if len(reads) > alone and j - a <= read_layers:
             reads[-1] = (a, j)
         else:
             reads.append((i, j))

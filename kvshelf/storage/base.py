@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from kvshelf.codecs.base import Codec
@@ -87,6 +88,15 @@ class LayerRanges(Protocol):
         are not copied again before they go to a device): `out`, verified there; None as read()."""
 
 
+def copy_into(out: memoryview, data) -> int:
+    """The bytes of `data` (at most out's) into `out`, by numpy (which lets other threads run while it copies,
+    unlike a memoryview assignment); their count."""
+    src = np.frombuffer(data, np.uint8)
+    n = min(src.size, out.nbytes)
+    np.frombuffer(out, np.uint8)[:n] = src[:n]
+    return n
+
+
 class OpenedRanges:
     """LayerRanges over a chunk opened (read and verified) whole: what tiers without range reads give."""
 
@@ -102,7 +112,7 @@ class OpenedRanges:
         data = self.read(i, j)
         if out.nbytes != data.nbytes:
             raise ValueError(f"layers {i}..{j - 1} are {data.nbytes} bytes, not {out.nbytes}")
-        out[:] = data  # verified when the chunk was opened; these bytes are a copy of what was checked
+        copy_into(out, data)  # verified when the chunk was opened; these bytes are a copy of what was checked
         return out
 
 

@@ -21,7 +21,7 @@ from kvshelf.codecs import Codec
 from kvshelf.metrics import Metrics
 from kvshelf.storage import expect
 from kvshelf.storage.auth import ObjectAuth, codec_id, object_name
-from kvshelf.storage.base import StorageBackend, StoredChunk
+from kvshelf.storage.base import StorageBackend, StoredChunk, copy_into
 from kvshelf.storage.expect import GENERIC, MAX_HEADER_BYTES, Expected
 from kvshelf.storage.format import (
     PREFIX_SIZE,
@@ -74,11 +74,7 @@ class ByteStore(StorageBackend):
         first), or None when there is no object. By default a read, copied; tiers that can read into a buffer
         (disk: os.preadv) skip that copy."""
         data = self._get_range(name, start, out.nbytes, limit)
-        if data is None:
-            return None
-        n = min(memoryview(data).nbytes, out.nbytes)
-        out[:n] = memoryview(data)[:n]
-        return n
+        return None if data is None else copy_into(out, data)
 
     @abstractmethod
     def _delete_name(self, name: str) -> None: ...
@@ -218,8 +214,7 @@ class RangedChunk:
             raise ValueError(f"layers {i}..{j - 1} are {n} bytes, not {out.nbytes}")
         try:
             if at - self._head.start + n <= self._prefix.nbytes:  # came with the head
-                out[:] = self._prefix[at - self._head.start : at - self._head.start + n]
-                got = n
+                got = copy_into(out, self._prefix[at - self._head.start : at - self._head.start + n])
             else:
                 got = self._store._get_range_into(self._name, at, out, self._head.size)
                 if got is None:
