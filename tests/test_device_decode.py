@@ -235,7 +235,7 @@ def test_the_read_plan_merges_decode_groups_after_the_first():
     assert read_groups(groups, 4) == groups  # a range per decode group
     assert read_groups(groups, 1) == groups  # groups larger than read_layers are read alone
     assert read_groups(groups, 8, alone=1) == [(0, 1), (1, 9), (9, 17), (17, 25), (25, 32)]
-    assert read_groups(groups, 8) == read_groups(groups, 8, alone=2)  # READ_ALONE: layer 0, then layers 1-4
+    assert read_groups(groups, 8) == read_groups(groups, 8, alone=1)  # READ_ALONE: layer 0 alone, then merged
     assert read_groups(groups, 8, alone=2) == [(0, 1), (1, 5), (5, 13), (13, 21), (21, 29), (29, 32)]
     assert read_groups(groups, 32, alone=1) == read_groups(groups, 31, alone=1) == [(0, 1), (1, 32)]  # one range
     assert read_groups(groups, 30, alone=1) == [(0, 1), (1, 29), (29, 32)]

@@ -10,7 +10,10 @@ as it decodes, Codec.decode_run_on) or from chunks located but not yet read (`st
 thread then reads each chunk's head (StorageBackend.open_ranges: prefix and header, verified), and for each
 layer group the byte range of that group in every chunk (several reads in flight on the tier's workers,
 driven by a read-ahead thread so that they go on while the loader decodes; each range's segments verified
-against the digests of its head as it arrives: format version 3). A group's segments are decoded as
+against the digests of its head as it arrives: format version 3). Every chunk's range of the same layers is
+read straight into one staging buffer (rans_gpu.HostRange, pinned on a GPU: LayerRanges.read_into, os.preadv on
+the disk tier) and verified there, so the staging that follows neither copies the bytes again nor holds the
+loader thread: the buffer goes to the device once, whole. A group's segments are decoded as
 those of chunks opened already are (Codec.decode_run_on) as soon as they are there, while later groups
 are still being read, so layer 0 waits only for layer 0's bytes, not for every chunk's whole object.
 
@@ -39,9 +42,11 @@ from kvshelf.codecs.base import Codec
 # the A/B on the H200 (Llama-3-8B shape, 48 chunks of 32 layers, groups of 4: 232 ms vs 257-269 for a range per
 # group, 250 for the rest in one range, 238 for whole objects; BENCHMARKS.md, "Read granularity").
 READ_LAYERS = 8
-# Decode groups read alone, each its own range, at the start: the compute waits on them in turn (layer 0, then
-# layers 1-4), so they should not wait for the reads of the layers merged behind them (issue #17, second pass).
-READ_ALONE = 2
+# Decode groups read alone, each its own range, at the start (the compute waits on them in turn). 1: layer 0 alone,
+# then ranges of READ_LAYERS. 2 (layers 1-4 alone too, so that they wait for 4 layers' reads, not 8) was slower on
+# the H200 (issue #17 second pass, Llama-3-8B shape, medians of 3 on one host: layerwise 249 vs 229 ms at Python's
+# 5 ms switch interval, 229 vs 219 at 1 ms; BENCHMARKS.md).
+READ_ALONE = 1
 # Bytes of read results queued ahead of the decoder at most (one result is always let through).
 READ_AHEAD_BYTES = 512 << 20
 
