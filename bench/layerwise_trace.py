@@ -1,12 +1,12 @@
 """Where the layerwise gap goes on a GPU: per-layer timestamps and a torch.profiler timeline of one run.
 
     python bench/layerwise_trace.py --out DIR --llama8b [--tokens 12288 --suffix 2048 --repeats 3]
-        [--copy-threads 0 4] [--read-plans 8:16:4 8:512:8] [--buffer-size 8]
+        [--switch-ms 5 1] [--read-plans 8:16:4 8:512:8] [--buffer-size 8]
     python bench/layerwise_trace.py --out DIR --kv kv.safetensors --calibration FILE.kvcal [--tokens 12288]
 
 --llama8b: bench/layerwise.py's setup (random Llama-3-8B shape, bf16, calibrated cachegen disk tier, 12K cached
-tokens as 256-token chunks), then for each variant (staging copy threads x read plan: layers per range, head
-probe KiB, reads in flight; alternated within each of `--repeats` rounds) the layerwise TTFT, the loader alone
+tokens as 256-token chunks), then for each variant (the interpreter's switch interval x read plan: layers per range, head
+probe KiB, reads in flight, groups read alone first; alternated within each of `--repeats` rounds) the layerwise TTFT, the loader alone
 and the compute alone (medians), and one more layerwise run with timestamps (CPU clock per thread, CUDA events on
 the compute and load streams) of every layer: when the loader began and ended a group's decode and its phases
 (reads waited for, staging: pinned buffer, copy, checks; kernel launch, transform), when its GPU work ran, when
@@ -136,24 +136,23 @@ def install():
     LayerwiseLoader._open_on_device = REC.timed("open", LayerwiseLoader._open_on_device)
     device_decode._ReadAhead.next = REC.timed("read_wait", device_decode._ReadAhead.next)
     rans_gpu.stage = REC.timed("stage", rans_gpu.stage)
-    rans_gpu._copy_segments = REC.timed("stage.copy", rans_gpu._copy_segments)
+    rans_gpu._stage_in_place = REC.timed("stage.in_place", rans_gpu._stage_in_place)
     rans_gpu._pinned = REC.timed("stage.pinned", rans_gpu._pinned)
     rans.scan_segments = REC.timed("stage.scan", rans.scan_segments)
     rans_gpu.run_staged = REC.timed("kernel", rans_gpu.run_staged)
     CacheGenCodec._finish_layers = REC.timed("finish", CacheGenCodec._finish_layers, lambda a: (a[2][0], a[2][-1] + 1))
 
 
-def set_copy_threads(n: int) -> None:
-    """rans_gpu's staging copies on n threads besides the caller (its pool made anew)."""
-    if rans_gpu._copiers is not None:
-        rans_gpu._copiers.shutdown(wait=True)
-    rans_gpu.COPY_THREADS = n
-    rans_gpu._copiers = None
+def set_switch(ms: float) -> None:
+    """The interpreter's thread switch interval (sys.setswitchinterval; Python's default: 5 ms): how long a
+    thread that wants the GIL waits before the holder is asked to drop it (the forward's launches vs the loader)."""
+    sys.setswitchinterval(ms / 1e3)
 
 
-def _plan(text: str) -> tuple[int, int, int]:
-    layers, kib, window = (int(x) for x in text.split(":"))
-    return layers, kib, window
+def _plan(text: str) -> tuple[int, int, int, int]:
+    """LAYERS:PROBE_KIB:WINDOW[:ALONE] (ALONE: kvshelf.cache.device_decode.READ_ALONE, its default if left out)."""
+    layers, kib, window, *alone = (int(x) for x in text.split(":"))
+    return layers, kib, window, alone[0] if alone else device_decode.READ_ALONE
 
 
 def per_layer(s: dict) -> dict:
@@ -297,11 +296,11 @@ def llama(args, out: Path, results: dict) -> None:
     probe0 = backend.head_probe
 
     def apply(ct: int, plan: tuple) -> None:
-        set_copy_threads(ct)
-        layers, kib, window = plan
+        set_switch(ct)
+        layers, kib, window, device_decode.READ_ALONE = plan
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
 
-    variants = [(ct, plan) for plan in args.read_plans for ct in args.copy_threads]
+    variants = [(ct, plan) for plan in args.read_plans for ct in args.switch_ms]
     for ct, plan in variants:  # compile, pin, warm (each plan stages other sizes)
         apply(ct, plan)
         layerwise_run()
@@ -311,11 +310,11 @@ def llama(args, out: Path, results: dict) -> None:
     for rep in range(args.repeats):  # variants alternate within each repeat (drift)
         for ct, plan in variants:
             apply(ct, plan)
-            rows.append({"copy_threads": ct, "plan": plan, "rep": rep, "layerwise_ms": 1e3 * layerwise_run(),
+            rows.append({"switch_ms": ct, "plan": plan, "rep": rep, "layerwise_ms": 1e3 * layerwise_run(),
                          "loader_ms": 1e3 * loader_run(), "compute_ms": 1e3 * compute_run()})  # fmt: skip
     summary = []
     for ct, plan in variants:
-        mine = [r for r in rows if r["copy_threads"] == ct and r["plan"] == plan]
+        mine = [r for r in rows if r["switch_ms"] == ct and r["plan"] == plan]
         med = {k: statistics.median(r[k] for r in mine) for k in ("layerwise_ms", "loader_ms", "compute_ms")}
         med["ratio"] = med["layerwise_ms"] / max(med["loader_ms"], med["compute_ms"])
         # one run of each with timestamps (the instrumentation costs a little: phases only)
@@ -327,19 +326,19 @@ def llama(args, out: Path, results: dict) -> None:
         finally:
             REC.on = False
         s = REC.summary()
-        row = {"copy_threads": ct, "plan": plan, **med, "runs": mine, "phases": totals(s), "gaps": gaps(s)}
+        row = {"switch_ms": ct, "plan": plan, **med, "runs": mine, "phases": totals(s), "gaps": gaps(s)}
         row["layers"] = per_layer(s)
         summary.append(row)
         print(
-            f"copy threads {ct} plan {plan}: medians layerwise {med['layerwise_ms']:.1f} loader {med['loader_ms']:.1f}"
+            f"switch {ct} ms plan {plan}: medians layerwise {med['layerwise_ms']:.1f} loader {med['loader_ms']:.1f}"
             f" compute {med['compute_ms']:.1f} ratio {med['ratio']:.2f} (layerwise runs "
             f"{[round(r['layerwise_ms'], 1) for r in mine]}); phases {row['phases']}",
             flush=True,
         )
     results["llama8b"] = summary
-    apply(args.copy_threads[-1], args.read_plans[0])
+    apply(args.switch_ms[-1], args.read_plans[0])
     REC.on = True
-    trace(out, f"llama8b_layerwise_ct{args.copy_threads[-1]}", layerwise_run)
+    trace(out, f"llama8b_layerwise_sw{args.switch_ms[-1]}", layerwise_run)
     REC.on = False
     tiers.close()
 
@@ -377,17 +376,17 @@ def gemma(args, out: Path, results: dict) -> None:
         assert ld.error is None, ld.error
         return dt
 
-    for ct in args.copy_threads:  # uninstrumented: GB/s per layer, medians of 7
-        set_copy_threads(ct)
+    for ct in args.switch_ms:  # uninstrumented: GB/s per layer, medians of 7
+        set_switch(ct)
         for size in (8, 16):
             for _ in range(2):
                 run(size)
             times = [run(size) for _ in range(7)]
             gbps = layers * layer_bytes / statistics.median(times) / 1e9
-            results[f"gemma loader copy threads {ct} buffer {size} GB/s per layer"] = gbps
-            print(f"gemma loader, copy threads {ct}, buffer {size}: {gbps:.1f} GB/s per layer "
+            results[f"gemma loader switch {ct} ms buffer {size} GB/s per layer"] = gbps
+            print(f"gemma loader, switch {ct} ms, buffer {size}: {gbps:.1f} GB/s per layer "
                   f"({[round(1e3 * t, 2) for t in times]} ms)", flush=True)  # fmt: skip
-    rows = []  # with timestamps, the last --copy-threads value
+    rows = []  # with timestamps, the last --switch-ms value
     for size in (8, 16):
         for rep in range(args.repeats):
             REC.reset()
@@ -404,7 +403,7 @@ def gemma(args, out: Path, results: dict) -> None:
             rows.append(row)
     results["gemma"] = rows
     REC.on = True
-    trace(out, f"gemma_loader_b8_ct{args.copy_threads[-1]}", lambda: run(8))
+    trace(out, f"gemma_loader_b8_sw{args.switch_ms[-1]}", lambda: run(8))
     REC.on = False
 
 
@@ -419,10 +418,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--buffer-size", type=int, default=8)
     ap.add_argument("--tier-workers", type=int, default=8)
-    ap.add_argument("--copy-threads", type=int, nargs="+", default=[rans_gpu.COPY_THREADS],
-                    help="kvshelf.codecs.rans_gpu.COPY_THREADS values compared")  # fmt: skip
-    ap.add_argument("--read-plans", type=_plan, nargs="+", default=[(8, 16, 4)],
-                    help="LAYERS:PROBE_KIB:WINDOW (bench/layerwise.py --read-plans) compared, Llama only")  # fmt: skip
+    ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
+                    help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
+    ap.add_argument("--read-plans", type=_plan, nargs="+", default=[(8, 16, 4, device_decode.READ_ALONE)],
+                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE] (bench/layerwise.py --read-plans; ALONE: decode groups "
+                         "read alone first, device_decode.READ_ALONE) compared, Llama only")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

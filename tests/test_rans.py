@@ -219,36 +219,29 @@ def test_the_gpu_staging_scan_accepts_exactly_what_the_cpu_checks_accept(data):
         assert np.array_equal(staged[2][0].numpy()[-len(want) :] if len(want) else want, want)
 
 
-def test_staging_copies_shared_by_threads_equal_one_thread(monkeypatch):
+def test_segments_read_into_a_staging_buffer_stage_in_place_as_copied_ones_do():
     from kvshelf.codecs import rans_gpu
     from kvshelf.codecs.cachegen import _code_calibrated
 
     shape = (2, 1, 24, 8)
     segs = [_code_calibrated(np.stack([symbols(s + k, 1, 24, 8, escapes=2) for k in range(2)]), 5) for s in range(9)]
-    one = rans_gpu.stage(segs, shape, 5, "cpu")
-    monkeypatch.setattr(rans_gpu, "COPY_THREADS", 3)
-    monkeypatch.setattr(rans_gpu, "_COPY_MIN_BYTES", 1)
-    monkeypatch.setattr(rans_gpu, "_COPY_MIN_SEGMENT", 1)
-    monkeypatch.setattr(rans_gpu, "_copiers", None)
-    shared = rans_gpu.stage(segs, shape, 5, "cpu")
+    copied = rans_gpu.stage(segs, shape, 5, "cpu")
+    host = rans_gpu.HostRange(sum(len(s) for s in segs), "cpu")  # a loader's range buffer, the reads in it
+    parts, at = [], 0
+    for seg in segs:
+        part = host.view(at, len(seg))
+        part[:] = seg
+        host.done()
+        parts.append(part)
+        at += len(seg)
+    in_place = rans_gpu.stage(parts, shape, 5, "cpu")
+    assert in_place[0].data_ptr() == torch.from_numpy(host.array.view(np.ndarray)).data_ptr()  # not copied
     flat = lambda st: [st[0], st[1], *st[2]]  # noqa: E731
-    assert all(torch.equal(a, b) for a, b in zip(flat(one), flat(shared), strict=True))
-    bad = bytearray(segs[-1])
-    bad[1] ^= 0xFF  # the header of the last share's segment
+    assert all(torch.equal(a, b) for a, b in zip(flat(copied), flat(in_place), strict=True))
+    assert in_place[2][0].numel() > 0  # escapes among them
+    parts[-1][1] ^= 0xFF  # the header of the last segment, where it lies
     with pytest.raises(rans.RansError):
-        rans_gpu.stage([*segs[:-1], bytes(bad)], shape, 5, "cpu")
-
-
-def test_staging_copies_small_segments_on_the_calling_thread(monkeypatch):
-    from kvshelf.codecs import rans_gpu
-
-    monkeypatch.setattr(rans_gpu, "COPY_THREADS", 3)
-    monkeypatch.setattr(rans_gpu, "_COPY_MIN_BYTES", 1)
-    monkeypatch.setattr(rans_gpu, "_copier", lambda: pytest.fail("small segments handed to copy threads"))
-    segs = [bytes([k]) * 1000 for k in range(8)]  # 8 KB in all: shares of 1 byte allowed, segments too small
-    view = np.zeros(8000, np.uint8)
-    rans_gpu._copy_segments(view, np.arange(0, 8000, 1000), np.full(8, 1000), segs)
-    assert np.array_equal(view, np.repeat(np.arange(8, dtype=np.uint8), 1000))
+        rans_gpu.stage(parts, shape, 5, "cpu")
 
 
 def test_decoding_a_layer_of_several_chunks_equals_chunk_by_chunk():
