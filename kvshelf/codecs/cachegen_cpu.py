@@ -135,11 +135,15 @@ def _decode_halves(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane,
 def _reconstruct(out, classes, tokens, dim, centroid):  # pragma: no cover - compiled
     """A part's symbols in out (float32 [heads, tokens, dim] flat) -> values, in place: each nonzero symbol moved
     toward zero by its row's class offset (rans.reconstruct's float32 arithmetic)."""
-    for i in range(out.shape[0]):
-        v = out[i]
-        if v != 0:
-            off = centroid[classes[(i // (tokens * dim)) * dim + i % dim]]
-            out[i] = v - off if v > 0 else v + off
+    row_off = np.empty(classes.shape[0], np.float32)
+    for r in range(classes.shape[0]):
+        row_off[r] = centroid[classes[r]]
+    for h in range(classes.shape[0] // dim):
+        for t in range(tokens):
+            base = (h * tokens + t) * dim
+            for d in range(dim):  # branch-free: sign(v) * offset is exact, one float32 subtraction
+                v = out[base + d]
+                out[base + d] = v - np.float32((v > 0) - (v < 0)) * row_off[h * dim + d]
 
 
 def raise_error(err: int) -> None:
@@ -289,31 +293,38 @@ def _rdoq(coeffs, q, lam, radius, low_bits, bits, centroid):  # pragma: no cover
     one step toward zero, whichever costs less, classes from the rounded q (rans.rdoq_part's arithmetic)."""
     heads, tokens, dim = q.shape
     flat, fc = q.reshape(-1), coeffs.reshape(-1)
-    sq = np.zeros(heads * dim, np.float64)
-    for i in range(flat.shape[0]):
-        v = np.float64(flat[i])
-        sq[(i // (tokens * dim)) * dim + i % dim] += v * v
-    cls = np.empty(heads * dim, np.int64)
-    for r in range(heads * dim):
+    rows = heads * dim
+    sq = np.zeros(rows, np.float64)
+    for h in range(heads):
+        for t in range(tokens):
+            base = (h * tokens + t) * dim
+            for d in range(dim):
+                v = np.float64(flat[base + d])
+                sq[h * dim + d] += v * v
+    cls = np.empty(rows, np.int64)
+    for r in range(rows):
         c = np.round(4 * (np.log2(max(math.sqrt(sq[r] / tokens), 2.0**-3)) + 3))
         cls[r] = np.int64(min(max(c, 0), SPREAD_CLASSES - 1))
-    for i in range(flat.shape[0]):
-        s = np.int64(flat[i])
-        c = cls[(i // (tokens * dim)) * dim + i % dim]
-        r = np.int64(radius[c])
-        if s == 0 or s >= r or s <= -r:
-            continue
-        sign = 1 if s > 0 else -1
-        t = s - sign
-        k = np.int64(low_bits[c])
-        u = np.float64(fc[i])
-        off = np.float32(sign) * centroid[c]
-        rec_s = np.float64(np.float32(s) - off)
-        rec_t = np.float64(np.float32(t) - off) if t != 0 else 0.0
-        cost_s = (u - rec_s) ** 2 + lam * (bits[c, (s + r) >> k] + k)
-        cost_t = (u - rec_t) ** 2 + lam * (bits[c, (t + r) >> k] + k)
-        if cost_t < cost_s:
-            flat[i] = t
+    for h in range(heads):
+        for t in range(tokens):
+            base = (h * tokens + t) * dim
+            for d in range(dim):
+                s = np.int64(flat[base + d])
+                c = cls[h * dim + d]
+                r = np.int64(radius[c])
+                if s == 0 or s >= r or s <= -r:
+                    continue
+                sign = 1 if s > 0 else -1
+                tw = s - sign
+                k = np.int64(low_bits[c])
+                u = np.float64(fc[base + d])
+                off = np.float32(sign) * centroid[c]
+                rec_s = np.float64(np.float32(s) - off)
+                rec_t = np.float64(np.float32(tw) - off) if tw != 0 else 0.0
+                cost_s = (u - rec_s) ** 2 + lam * (bits[c, (s + r) >> k] + k)
+                cost_t = (u - rec_t) ** 2 + lam * (bits[c, (tw + r) >> k] + k)
+                if cost_t < cost_s:
+                    flat[base + d] = tw
 
 
 @njit(nogil=True, cache=True)
