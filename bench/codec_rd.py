@@ -2,8 +2,10 @@
 forward, only the coder on real KV.
 
     python bench/codec_rd.py --kv KV.safetensors --calibration FILE.kvcal [--json OUT]
+    python bench/codec_rd.py --genres 1024 --calibration FILE.kvcal      # the model's KV of the six held-out genres
 
-KV: a file of the real model's KV [layers, 2, heads, tokens, dim] (bench/codec_speed.py --save-kv), coded in
+KV: a file of the real model's KV [layers, 2, heads, tokens, dim] (bench/codec_speed.py --save-kv), or the model's
+KV of the first tokens of each of bench/codec_quality.py's held-out genre texts (one prefill each), coded in
 256-token chunks as the codec does (K rotated back before RoPE, the calibration's transforms, one step per
 (layer, K|V)). Rate: the bytes the rANS coder really writes (classes, counts, states, words, escapes, the
 segment header). Distortion: the squared error of the coefficients in units of each (layer, K|V)'s step at
@@ -51,6 +53,23 @@ def coefficients(cal: calib.Calibration, kv: torch.Tensor) -> list[np.ndarray]:
         scaled, bias = cc._batch(cal, "encode", 5, 0, 2 * layers, heads, CHUNK, dim)
         c = torch.baddbmm(bias, torch.from_numpy(x.reshape(-1, CHUNK, dim)), scaled)
         out.append(c.reshape(layers, two, heads, CHUNK, dim).numpy().copy())
+    return out
+
+
+def genre_kv(tokens: int) -> list[torch.Tensor]:
+    """The default model's KV [layers, 2, heads, tokens, dim] of the first `tokens` of each held-out genre text."""
+    from codec_quality import GENRES, genre_texts
+
+    from kvshelf.model.loader import load_model
+
+    lm = load_model("gemma3-270m", device="cpu")
+    out = []
+    with torch.inference_mode():
+        for text in genre_texts(GENRES).values():
+            ids = lm.tokenizer(text)["input_ids"][:tokens]
+            buf = lm.runner.new_kv(len(ids))
+            lm.runner.forward(ids, 0, buf)
+            out.append(buf.data[:, :, :, : len(ids)].clone())
     return out
 
 
@@ -118,26 +137,25 @@ def empirical_table(chunks: list[np.ndarray], factors, width: int) -> np.ndarray
 
 def saved_at_equal_distortion(base: list[tuple], other: list[tuple]) -> tuple[float, float]:
     """(% fewer bytes at the baseline's distortion at factor 1, % less distortion at its bytes), log-log."""
-    b = sorted(base)
-    o = sorted(other)
     ref_bytes, ref_dist = base[len(base) // 2]
+    o = sorted(other)  # bytes ascending, distortion descending
     lb, ld = np.log([x[0] for x in o]), np.log([x[1] for x in o])
     at_dist = math.exp(np.interp(math.log(ref_dist), ld[::-1], lb[::-1]))
     at_bytes = math.exp(np.interp(math.log(ref_bytes), lb, ld))
-    del b
     return 100 * (1 - at_dist / ref_bytes), 100 * (1 - at_bytes / ref_dist)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kv", required=True)
+    ap.add_argument("--kv", help="a KV file (bench/codec_speed.py --save-kv)")
+    ap.add_argument("--genres", type=int, metavar="TOKENS", help="instead: the model's KV of the genre texts")
     ap.add_argument("--calibration", required=True, help="a .kvcal file")
     ap.add_argument("--lambdas", type=float, nargs="*", default=[0.05, 0.1, 0.15, 0.2])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     cal = calib.load(args.calibration)
-    kv = next(iter(load_file(args.kv).values()))
-    chunks = coefficients(cal, kv)
+    kvs = genre_kv(args.genres) if args.genres else [next(iter(load_file(args.kv).values()))]
+    chunks = [c for kv in kvs for c in coefficients(cal, kv)]
     factors = [2 ** (e / 16) for e in range(-4, 5)]  # the middle one is the calibration's own step
     emp = empirical_table(chunks, factors, 64)
     variants = [("mid", 0.0, False), ("centroid", 0.0, False), ("emp", 0.0, False)]
