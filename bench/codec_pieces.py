@@ -23,7 +23,7 @@ from kvshelf.codecs import cachegen_threads as ct
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import rans
 from kvshelf.codecs.cachegen import CacheGenCodec
-from kvshelf.codecs.rans import CENTROID, CUM, FREQ, LOW_BITS, RADIUS, SYMBOL
+from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SYMBOL
 
 
 def best(fn, repeats: int = 3) -> float:
@@ -84,7 +84,7 @@ def main() -> None:
             for a, b in spans:
                 if which == "symbols":
                     cc._decode_halves(buf, ends, a, b, head, heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM,
-                                      LOW_BITS, RADIUS, CENTROID, q)  # fmt: skip
+                                      LOW_BITS, RADIUS, q)  # fmt: skip
                 elif which in ("inverse", "forward"):
                     sc, bias = cc._batch(cal, "decode" if which == "inverse" else "encode", codec.bits,
                                          a, b - a, heads, tokens, dim)  # fmt: skip
@@ -99,7 +99,7 @@ def main() -> None:
     def code():
         for _ in jobs:
             for co in coeffs:
-                cc._encode_halves(co, width, per_lane, *cc._TABLES)
+                cc._encode_halves(co, width, per_lane, FREQ, CUM, LOW_BITS, RADIUS)
 
     def lanes():
         for _ in jobs:

@@ -16,9 +16,9 @@ the KL the calibration predicts (up to a constant), whatever the layer.
 Variants, each swept over a global step factor so that they compare at equal size:
 - `mid`: symbols = round(coefficient / step), reconstructed at the bin centre (the codec before this issue);
 - `centroid`: the same symbols, reconstructed at the centroid of the bin under a Laplace density of the row
-  class's spread (kvshelf.codecs.rans.CENTROID); the class is known to the decoder, so this costs no byte;
-- `rdoq L`: rate-distortion optimised rounding (kvshelf.codecs.rans.rdoq: round(u) or one step toward zero,
-  whichever has the lower (u - r(s))**2 + L * bits), then the classes recomputed from the symbols;
+  class's spread (CENTROID here); the class is known to the decoder, so this costs no byte;
+- `rdoq L`: rate-distortion optimised rounding (rdoq here: round(u) or one step toward zero, whichever has
+  the lower (u - r(s))**2 + L * bits, with centroid reconstruction), then the classes recomputed from the symbols;
 - `emp`: the same symbols, reconstructed at the measured mean of each (class, |s|) bin of this very KV: the
   most a table per (class, |s|) can give (fitted on what it is scored on: a bound, not a codec).
 Prints, per variant, bits/value and distortion at each factor, and the size saved at the baseline's
@@ -41,6 +41,42 @@ from kvshelf.codecs import rans
 from kvshelf.codecs.rans_lanes import _encode_lanes
 
 CHUNK = 256
+
+
+# -- the quantiser variants (built into the codec for a while, measured on the model, taken out: see BENCHMARKS.md,
+# "Issue #17: centroid reconstruction and RDOQ (fifth session)") ------------------------------------------------
+def _laplace_offset(spread: float) -> float:
+    """How far toward zero the centroid of any bin [m - 1/2, m + 1/2] (m >= 1) lies from m under a Laplace
+    density of RMS `spread` (scale spread / sqrt(2)): the same for every m."""
+    rate = math.sqrt(2) / spread
+    return 0.5 - 1 / rate + (1 / math.expm1(rate) if rate < 700 else 0.0)
+
+
+CENTROID = np.array([_laplace_offset(rans.spread_of(c)) for c in range(rans.SPREAD_CLASSES)], np.float32)
+with np.errstate(divide="ignore"):
+    BITS = rans.PROB_BITS - np.log2(rans.FREQ.astype(np.float64))  # bits of each high symbol of each class
+
+
+def reconstruct(q: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """Symbols q of rows of classes `cls` (broadcastable) -> values: nonzero symbols moved toward zero by CENTROID."""
+    return q.astype(np.float32) - np.sign(q).astype(np.float32) * CENTROID[cls.astype(np.int64)]
+
+
+def symbol_bits(cls: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Bits the coder spends on symbols q (within the radius) of rows of classes `cls` (broadcastable to q)."""
+    c = np.broadcast_to(cls.astype(np.int64), q.shape)
+    r, k = rans.RADIUS[c].astype(np.int64), rans.LOW_BITS[c].astype(np.int64)
+    return BITS[c, (np.clip(q, -r, r) + r) >> k] + k
+
+
+def rdoq(u: np.ndarray, q: np.ndarray, cls: np.ndarray, lam: float) -> np.ndarray:
+    """round(u) or one step toward zero, whichever has the lower (u - reconstruct)**2 + lam * bits; escapes stay."""
+    toward = q - np.sign(q)
+    c = np.broadcast_to(cls.astype(np.int64), q.shape)
+    u = u.astype(np.float64)
+    cost_q = (u - reconstruct(q, c).astype(np.float64)) ** 2 + lam * symbol_bits(c, q)
+    cost_t = (u - reconstruct(toward, c).astype(np.float64)) ** 2 + lam * symbol_bits(c, toward)
+    return np.where((q != 0) & (np.abs(q) < rans.RADIUS[c]) & (cost_t < cost_q), toward, q)
 
 
 def coefficients(cal: calib.Calibration, kv: torch.Tensor) -> list[np.ndarray]:
@@ -101,7 +137,7 @@ def measure(chunks: list[np.ndarray], factor: float, variant: str, lam: float, k
         q = np.rint(u).astype(np.int64)
         cls = np.stack([rans.classes_of(p) for p in q])
         if variant == "rdoq":
-            q = rans.rdoq(u.astype(np.float32), q, cls[..., None], lam)
+            q = rdoq(u.astype(np.float32), q, cls[..., None], lam)
             if not keep_classes:
                 cls = np.stack([rans.classes_of(p) for p in q])
         if variant == "mid":
@@ -109,7 +145,7 @@ def measure(chunks: list[np.ndarray], factor: float, variant: str, lam: float, k
         elif variant == "emp":
             rec = q - np.sign(q) * emp[cls[..., None], np.minimum(np.abs(q), emp.shape[1] - 1)]
         else:
-            rec = rans.reconstruct(q, cls[..., None]).astype(np.float64)
+            rec = reconstruct(q, cls[..., None]).astype(np.float64)
         dist += float(((u - rec) ** 2).sum()) * factor**2
         total_bytes += 4 * layers + sum(part_bytes(q[i], cls[i].astype(np.uint8), heads, dim) for i in range(len(q)))
         values += c.size

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvshelf.codecs import calibration as calib
-from kvshelf.codecs import get_codec, rans
+from kvshelf.codecs import get_codec
 from kvshelf.codecs.cachegen import CacheGenCodec
 from kvshelf.config import KVShelfConfig
 from kvshelf.errors import ConfigError
@@ -70,9 +70,7 @@ def test_fit_transform_inverts_and_decorrelates():
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama", "qwen3"])
-def test_calibrated_round_trip_quantises_each_coefficient_within_its_bins(family, tiny_models):
-    """Each coefficient comes back within its bin (half a step) plus its class's centroid offset, and at most
-    one bin further toward zero where rate-distortion optimised rounding moved it; on average closer."""
+def test_calibrated_round_trip_quantises_each_coefficient_to_half_a_step(family, tiny_models):
     runner = ModelRunner(tiny_models(family))
     cal = calibrate_mod.calibrate(runner, torch.randint(3, 250, (120,), generator=torch.Generator()).tolist())
     assert bool((cal.step > 0).all()) and cal.layout == (runner.num_layers, runner.num_kv_heads, runner.head_dim)
@@ -95,12 +93,7 @@ def test_calibrated_round_trip_quantises_each_coefficient_within_its_bins(family
             c_orig = torch.einsum("hij,htj->hti", fwd, orig - mean)
             c_dec = torch.einsum("hij,htj->hti", fwd, dec - mean)
             step = float(t["step"][layer, kind])
-            err = (c_orig - c_dec) / step
-            tol = 1e-3 * max(1.0, 1 / step)
-            assert err.abs().max() <= 1.5 + float(rans.CENTROID.max()) + tol
-            assert float(err.square().mean()) <= 1 / 12 + tol  # uniform error over a bin: 1/12
-            # moved toward zero only: an error never exceeds half a bin on the side away from zero
-            assert (err * c_orig.sign()).min() >= -0.5 - tol
+            assert (c_orig - c_dec).abs().max() <= step * 0.5 + 1e-3 * max(1.0, step)
     # One layer decodes alone, identically.
     opened = open_chunk(blob, KEY)
     assert torch.equal(opened.layer(2), back.kv[2])

@@ -377,7 +377,7 @@ def test_chunks_held_decoded_are_not_planned_for_the_device(tiny_models):
 _BATCHED_CHECK = r"""
 import torch
 from kvshelf.codecs import calibration as calib
-from kvshelf.codecs.cachegen import CacheGenCodec, _symbols_calibrated, _values_calibrated
+from kvshelf.codecs.cachegen import CacheGenCodec, _symbols_calibrated
 
 layers, heads, tokens, dim = 3, 2, 16, 8
 g = torch.Generator().manual_seed(1)
@@ -420,9 +420,6 @@ assert staged[2][0].numel() > 0  # escapes staged beside the descriptors
 q = rans_gpu.run_staged(staged)
 want = torch.stack([torch.from_numpy(_symbols_calibrated(seg, shape, codec.bits)) for seg in flat])
 assert torch.equal(q, want)  # escapes included: the symbols exact
-values = rans_gpu.run_staged(staged, values=True)
-want = torch.stack([torch.from_numpy(_values_calibrated(seg, shape, codec.bits)) for seg in flat])
-assert values.dtype == torch.float32 and torch.equal(values, want)  # reconstructed as the CPU does, bit for bit
 print("escapes ok")
 """
 

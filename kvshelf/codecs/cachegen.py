@@ -9,11 +9,8 @@ and one uniform step per (layer, K|V), set from measured sensitivity and the pre
 get a class (a quarter-octave of their spread, one byte) and are entropy-coded against a discretised
 Gaussian of that spread, so no probability table is stored at all. The coder is an interleaved rANS with
 static 14-bit tables (kvshelf.codecs.rans; params "coder": 2), decoded on the CPU without the GIL and on a
-GPU from the same bytes (kvshelf.codecs.rans_gpu). Every decoder reconstructs a nonzero symbol at the
-centroid of its bin under its class's model (a table of 64 offsets toward zero, kvshelf.codecs.rans.CENTROID),
-and the encoder rounds rate-distortion optimised (round(u) or one step toward zero, whichever has the lower
-squared error + `rdoq` x bits; encoder only, not in the params). Segment: magic b"CG", level (u8), flags (u8,
-bits 2, 4 and 8), then a rANS part for K and one for V (classes, escapes, block word counts and states, words).
+GPU from the same bytes (kvshelf.codecs.rans_gpu). Segment: magic b"CG", level (u8), flags (u8, bits 2
+and 4), then a rANS part for K and one for V (classes, escapes, block word counts and states, words).
 
 UNCALIBRATED (no calibration: e.g. inside vLLM, which runs the model itself):
 Per layer segment (self-contained, so one layer decodes alone):
@@ -50,11 +47,8 @@ if TYPE_CHECKING:
     from kvshelf.codecs import rans
 
 _CALIBRATED = 2
-_RANS = 4  # calibrated segments written by the interleaved rANS coder (params "coder": 2 and 3)
-_CENTROID = 8  # symbols reconstructed at their class's bin centroid (kvshelf.codecs.rans.CENTROID; "coder": 3)
-# 1 was constriction's ANS over class groups, 2 the rANS coder with symbols reconstructed at their bin's centre
-# (no _CENTROID flag): such chunks are misses now
-CODER = 3
+_RANS = 4  # calibrated segments written by the interleaved rANS coder (params "coder": 2)
+CODER = 2  # 1 was constriction's ANS over class groups: such chunks are misses now
 _CAL_HEAD = struct.Struct("<2sBB")
 
 
@@ -71,7 +65,6 @@ class CacheGenCodec(Codec):
         group: int = 16,
         calibration: str | calib.Calibration | None = None,
         coder: int = CODER,
-        rdoq: float | None = None,
         *,
         processes: pool.CodecProcesses | None = None,
         calibrations: calib.Calibrations | None = None,
@@ -92,15 +85,10 @@ class CacheGenCodec(Codec):
             raise ValueError(f"cachegen group must be an integer within 1..65536, got {group!r}")
         if type(coder) is not int or coder != CODER:
             raise ValueError(f"cachegen coder {coder!r} is not supported (this kvshelf codes with coder {CODER})")
-        if rdoq is not None and (type(rdoq) not in (int, float) or not 0 <= rdoq <= 10):
-            raise ValueError(f"cachegen rdoq must be a number within 0..10 (0: plain rounding), got {rdoq!r}")
         if calibration is not None and not isinstance(calibration, str | calib.Calibration):
             raise ValueError(f"cachegen calibration must be a digest, got {calibration!r}")
         self.bits, self.early_bits, self.early_fraction = bits, early_bits, early_fraction
         self.v_bits, self.delta, self.group = v_bits, delta, group
-        # encoder only (calibrated): how many squared steps of error a bit is worth; not in params(), decoding
-        # does not depend on it
-        self.rdoq = float(_rans().RDOQ_LAMBDA if rdoq is None else rdoq)
         # A calibration, or its digest: then the transforms come from `calibrations` (the owner's
         # registry) or the calibration folder.
         if isinstance(calibration, str):
@@ -137,8 +125,7 @@ class CacheGenCodec(Codec):
     # -- codec verbs -------------------------------------------------------------------------------------
     def encode_layer(self, kv: torch.Tensor, layer: int, num_layers: int, position: int = 0) -> bytes:
         if self.calibration is not None:
-            return _threads().encode_layers(self.calibration, self.bits, kv[None], [layer], position, self.processes,
-                                            self.rdoq)[0]  # fmt: skip
+            return _threads().encode_layers(self.calibration, self.bits, kv[None], [layer], position, self.processes)[0]
         return uncalibrated.encode(kv, *self.layer_bits(layer, num_layers), self.delta, self.group)
 
     def _decode_parts(self, data, shape, layer, num_layers):
@@ -168,7 +155,7 @@ class CacheGenCodec(Codec):
     # -- calibrated mode ---------------------------------------------------------------------------------
     def _calibrated_symbols(self, kv: torch.Tensor, layer: int, position: int) -> np.ndarray:
         """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape."""
-        return _cpu().symbols_of(self.calibration, self.bits, kv[None], [layer], position, self.rdoq)[0]
+        return _cpu().symbols_of(self.calibration, self.bits, kv[None], [layer], position)[0]
 
     def _decode_calibrated(self, segments, shape, dtype, layers: list[int], position: int) -> torch.Tensor:
         """Layers' segments -> their KV [n, 2, heads, tokens, dim], on the codec's threads."""
@@ -179,17 +166,17 @@ class CacheGenCodec(Codec):
         if self.calibration is None:
             return super().encode_layers(kv, position)
         layers = list(range(kv.shape[0]))
-        return _threads().encode_layers(self.calibration, self.bits, kv, layers, position, self.processes, self.rdoq)
+        return _threads().encode_layers(self.calibration, self.bits, kv, layers, position, self.processes)
 
     def _finish_calibrated(self, q, layer: int, position: int, device) -> torch.Tensor:
-        """Reconstructed values [2, heads, tokens, dim] (numpy, or a tensor already on `device`) -> float32 KV on
+        """Integer symbols [2, heads, tokens, dim] (numpy, or a tensor already on `device`) -> float32 KV on
         `device`: one batched matmul by the inverse transform with the steps folded in, the mean as its
         bias, then RoPE on K again."""
         coeffs = q if isinstance(q, torch.Tensor) else torch.from_numpy(q).to(device, non_blocking=True)
         return self._finish_layers(coeffs[None], [layer], position, device)[0]
 
     def _finish_layers(self, coeffs: torch.Tensor, layers: list[int], position: int, device) -> torch.Tensor:
-        """Reconstructed values of several layers [len(layers), 2, heads, tokens, dim] on `device` -> their float32
+        """Integer symbols of several layers [len(layers), 2, heads, tokens, dim] on `device` -> their float32
         KV: the inverse transforms of all of them in one batched matmul, RoPE on their keys at once."""
         scaled, mean = self.calibration.decode_transform(self.bits, device)
         n, two, heads, tokens, dim = coeffs.shape
@@ -212,9 +199,9 @@ class CacheGenCodec(Codec):
             from kvshelf.codecs import rans_gpu
 
             if rans_gpu.available(device):
-                q = rans_gpu.decode_segment(data, shape, self.bits, device, values=True)
+                q = rans_gpu.decode_segment(data, shape, self.bits, device)
             else:
-                q = _values_calibrated(data, shape, self.bits)
+                q = _symbols_calibrated(data, shape, self.bits)
             return self._finish_calibrated(q, layer, position, device).to(dtype)
         qk, qv, sk, sv, (ik, iv, ek, ev) = self._decode_parts(data, shape, layer, num_layers)
         small = np.int8 if max(np.abs(qk).max(initial=0), np.abs(qv).max(initial=0)) < 128 else np.int16
@@ -257,7 +244,7 @@ class CacheGenCodec(Codec):
         positions = list(positions)
         if self.calibration is None or len(segments) < 2 or not rans_gpu.available(device):
             return super().decode_chunks_on(segments, shape, dtype, layer, num_layers, device, positions)
-        q = rans_gpu.decode_segments(segments, shape, self.bits, device, values=True)  # [chunks, 2, heads, tokens, dim]
+        q = rans_gpu.decode_segments(segments, shape, self.bits, device)  # [chunks, 2, heads, tokens, dim]
         n, two, heads, tokens, dim = q.shape
         if positions == list(range(positions[0], positions[0] + n * tokens, tokens)):
             q = q.permute(1, 2, 0, 3, 4).reshape(two, heads, n * tokens, dim)
@@ -288,7 +275,7 @@ def _code_calibrated(q: np.ndarray, level: int) -> bytes:
 
 def calibrated_head(level: int) -> bytes:
     """The 4 bytes every calibrated segment of precision `level` begins with."""
-    return _CAL_HEAD.pack(b"CG", level, _CALIBRATED | _RANS | _CENTROID)
+    return _CAL_HEAD.pack(b"CG", level, _CALIBRATED | _RANS)
 
 
 def _rans():
@@ -308,7 +295,7 @@ def calibrated_parts(data, shape: tuple, level: int) -> tuple[np.ndarray, list[r
     if len(buf) < _CAL_HEAD.size:
         raise ValueError("cachegen segment is truncated")
     magic, level_read, flags = _CAL_HEAD.unpack_from(buf)
-    if magic != b"CG" or flags != _CALIBRATED | _RANS | _CENTROID or level != level_read:
+    if magic != b"CG" or flags != _CALIBRATED | _RANS or level != level_read:
         raise ValueError("cachegen segment header does not match the codec parameters")
     part = _rans().Part
     k = part(buf, _CAL_HEAD.size, heads, tokens, dim)
@@ -326,18 +313,6 @@ def _symbols_calibrated(data, shape: tuple, level: int) -> np.ndarray:
     for kind, part in enumerate(parts):
         _rans().decode_part(buf, part, q[kind])
     return q
-
-
-def _values_calibrated(data, shape: tuple, level: int) -> np.ndarray:
-    """A calibrated segment's reconstructed values, [2, heads, tokens, dim] float32 (the reference decoder)."""
-    _, heads, tokens, dim = shape
-    buf, parts = calibrated_parts(data, shape, level)
-    q = np.empty((2, heads, tokens, dim), np.int32)
-    out = np.empty((2, heads, tokens, dim), np.float32)
-    for kind, part in enumerate(parts):
-        _rans().decode_part(buf, part, q[kind])
-        out[kind] = _rans().reconstruct(q[kind], part.classes.reshape(heads, 1, dim))
-    return out
 
 
 def _decode_segment(params: dict, data: bytes, shape: tuple, layer: int, num_layers: int) -> np.ndarray:

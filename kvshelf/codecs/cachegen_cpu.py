@@ -21,10 +21,9 @@ from numba import njit
 
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import rans
-from kvshelf.codecs.rans import BITS, CENTROID, CUM, FREQ, LOW_BITS, RADIUS, SPREAD_CLASSES, SYMBOL, _u32
+from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SPREAD_CLASSES, SYMBOL, _u32
 from kvshelf.codecs.rans_lanes import _decode_lanes, _encode_lanes
 
-_NO_CENTROID = np.zeros(0, np.float32)  # what int32 outputs (symbols) are decoded with: no reconstruction
 _ERRORS = {
     1: "cachegen segment is truncated",
     2: "cachegen segment header does not match the codec parameters",
@@ -98,11 +97,11 @@ def _part_end(buf, off, stop, heads, tokens, dim, width, per_lane):  # pragma: n
 
 @njit(nogil=True, cache=True)
 def _decode_halves(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits, radius,
-                   centroid, out):  # fmt: skip  # pragma: no cover - compiled
+                   out):  # fmt: skip  # pragma: no cover - compiled
     """Halves h0..h1-1 of calibrated segments lying back to back in buf (segment k ends at ends[k]; half h is
     segment h // 2's K part when h is even, its V part when odd) into out, [(h1 - h0) * heads * tokens * dim]
-    float32 values (reconstructed with `centroid`: rans.CENTROID) or int32 symbols (`centroid` empty): (-1, 0),
-    or (the segment that failed, its error code: see _ERRORS; 11-13: the stream does not decode). Every check of a whole segment is made by the half that reads that piece: the header by
+    float32 or int32: (-1, 0), or (the segment that failed, its error code: see _ERRORS; 11-13: the stream
+    does not decode). Every check of a whole segment is made by the half that reads that piece: the header by
     both, the K part's stream by the K half, the trailing bytes by the V half (after K's sizes)."""
     size = heads * tokens * dim
     for h in range(h0, h1):
@@ -119,31 +118,13 @@ def _decode_halves(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane,
             off, err = _part_end(seg, off, stop, heads, tokens, dim, width, per_lane)
             if err:
                 return k, err
-        at = off
         off, err = _decode_part(seg, off, stop, heads, tokens, dim, width, per_lane, symbol, freq, cum, low_bits,
                                 radius, out[(h - h0) * size : (h - h0 + 1) * size])  # fmt: skip
         if err:
             return k, err
-        if centroid.shape[0]:
-            _reconstruct(out[(h - h0) * size : (h - h0 + 1) * size], seg[at : at + heads * dim], tokens, dim, centroid)
         if h % 2 and off != stop:
             return k, 7
     return -1, 0
-
-
-@njit(nogil=True, cache=True)
-def _reconstruct(out, classes, tokens, dim, centroid):  # pragma: no cover - compiled
-    """A part's symbols in out (float32 [heads, tokens, dim] flat) -> values, in place: each nonzero symbol moved
-    toward zero by its row's class offset (rans.reconstruct's float32 arithmetic)."""
-    row_off = np.empty(classes.shape[0], np.float32)
-    for r in range(classes.shape[0]):
-        row_off[r] = centroid[classes[r]]
-    for h in range(classes.shape[0] // dim):
-        for t in range(tokens):
-            base = (h * tokens + t) * dim
-            for d in range(dim):  # branch-free: sign(v) * offset is exact, one float32 subtraction
-                v = out[base + d]
-                out[base + d] = v - np.float32((v > 0) - (v < 0)) * row_off[h * dim + d]
 
 
 def raise_error(err: int) -> None:
@@ -155,9 +136,9 @@ def raise_error(err: int) -> None:
 
 
 def decode_segments_into(segments, heads: int, tokens: int, dim: int, level: int, out: np.ndarray) -> None:
-    """Decode calibrated segments into `out` (C-contiguous [len(segments), 2, heads, tokens, dim]: float32 gets
-    the reconstructed values, int32 the symbols) in one compiled call; ValueError (RansError) naming what is
-    wrong when one is not a sound segment of that shape."""
+    """Decode calibrated segments' symbols into `out` (C-contiguous [len(segments), 2, heads, tokens, dim],
+    float32 or int32) in one compiled call; ValueError (RansError) naming what is wrong when one is not a
+    sound segment of that shape."""
     if not out.flags.c_contiguous or out.shape != (len(segments), 2, heads, tokens, dim):
         want = (len(segments), 2, heads, tokens, dim)
         raise ValueError(f"cachegen decodes into a C-contiguous {want} array, not {out.shape}")
@@ -167,8 +148,7 @@ def decode_segments_into(segments, heads: int, tokens: int, dim: int, level: int
     buf.flags.writeable = False  # one array type for the compiled decoder, whatever held the bytes
     ends = np.cumsum([memoryview(s).nbytes for s in segments], dtype=np.int64)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
-    centroid = CENTROID if out.dtype == np.float32 else _NO_CENTROID
-    args = (_head(level), heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM, LOW_BITS, RADIUS, centroid)
+    args = (_head(level), heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM, LOW_BITS, RADIUS)
     raise_error(_decode_halves(buf, ends, 0, 2 * len(segments), *args, out.reshape(-1))[1])
 
 
@@ -288,50 +268,10 @@ def _encode_segment(q, head, width, per_lane, freq, cum, low_bits, radius):  # p
 
 
 @njit(nogil=True, cache=True)
-def _rdoq(coeffs, q, lam, radius, low_bits, bits, centroid):  # pragma: no cover - compiled
-    """Rate-distortion optimised symbols in place: q [heads, tokens, dim] int32 (coeffs rounded) -> round(u) or
-    one step toward zero, whichever costs less, classes from the rounded q (rans.rdoq_part's arithmetic)."""
-    heads, tokens, dim = q.shape
-    flat, fc = q.reshape(-1), coeffs.reshape(-1)
-    rows = heads * dim
-    sq = np.zeros(rows, np.float64)
-    for h in range(heads):
-        for t in range(tokens):
-            base = (h * tokens + t) * dim
-            for d in range(dim):
-                v = np.float64(flat[base + d])
-                sq[h * dim + d] += v * v
-    cls = np.empty(rows, np.int64)
-    for r in range(rows):
-        c = np.round(4 * (np.log2(max(math.sqrt(sq[r] / tokens), 2.0**-3)) + 3))
-        cls[r] = np.int64(min(max(c, 0), SPREAD_CLASSES - 1))
-    for h in range(heads):
-        for t in range(tokens):
-            base = (h * tokens + t) * dim
-            for d in range(dim):
-                s = np.int64(flat[base + d])
-                c = cls[h * dim + d]
-                r = np.int64(radius[c])
-                if s == 0 or s >= r or s <= -r:
-                    continue
-                sign = 1 if s > 0 else -1
-                tw = s - sign
-                k = np.int64(low_bits[c])
-                u = np.float64(fc[base + d])
-                off = np.float32(sign) * centroid[c]
-                rec_s = np.float64(np.float32(s) - off)
-                rec_t = np.float64(np.float32(tw) - off) if tw != 0 else 0.0
-                cost_s = (u - rec_s) ** 2 + lam * (bits[c, (s + r) >> k] + k)
-                cost_t = (u - rec_t) ** 2 + lam * (bits[c, (tw + r) >> k] + k)
-                if cost_t < cost_s:
-                    flat[base + d] = tw
-
-
-@njit(nogil=True, cache=True)
-def _encode_halves(coeffs, width, per_lane, freq, cum, low_bits, radius, lam, bits, centroid):  # pragma: no cover
+def _encode_halves(coeffs, width, per_lane, freq, cum, low_bits, radius):  # pragma: no cover - compiled
     """Parts of float coefficients [n, heads, tokens, dim] (K or V parts of segments), rounded as torch's round,
-    clamp to +-2**30 and cast to int32 do (NaN: the x86 cast's -2**31), then rate-distortion optimised with
-    `lam` (0: not; _rdoq): (their bytes back to back, where each ends)."""
+    clamp to +-2**30 and cast to int32 do (NaN: the x86 cast's -2**31): (their bytes back to back, where each
+    ends)."""
     n = coeffs.shape[0]
     q = np.empty(coeffs.shape[1:], np.int32)
     flat_q = q.reshape(-1)
@@ -346,8 +286,6 @@ def _encode_halves(coeffs, width, per_lane, freq, cum, low_bits, radius, lam, bi
                 flat_q[i] = -(2**31)
             else:
                 flat_q[i] = np.int32(min(max(np.rint(v), -(2.0**30)), 2.0**30))
-        if lam > 0:
-            _rdoq(coeffs[k], q, lam, radius, low_bits, bits, centroid)
         coded = _code_part(q, width, per_lane, freq, cum, low_bits, radius)
         part = np.empty(coded[6], np.uint8)
         _write_part(q, coded, radius, part, 0)
@@ -370,26 +308,20 @@ def encode_segment(q: np.ndarray, level: int) -> bytes:
     return _encode_segment(q, _head(level), width, per_lane, FREQ, CUM, LOW_BITS, RADIUS).tobytes()
 
 
-_TABLES = (FREQ, CUM, LOW_BITS, RADIUS, rans.RDOQ_LAMBDA, BITS, CENTROID)  # what _encode_halves takes after the layout
+_TABLES = (FREQ, CUM, LOW_BITS, RADIUS)  # what _encode_halves takes after the layout
 
 
 # -- symbols, transforms and RoPE (kvshelf.codecs.cachegen_threads codes chunks with them; the GPU path's checks) --
-def symbols_of(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: list[int], position: int,
-               lam: float = rans.RDOQ_LAMBDA) -> np.ndarray:  # fmt: skip
+def symbols_of(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: list[int], position: int) -> np.ndarray:
     """Consecutive layers' KV [n, 2, heads, tokens, dim] -> their integer symbols (int32), as the codec codes
-    them (the coefficients rounded in torch here, then rans.rdoq_part with `lam` unless 0)."""
+    them (the coefficients rounded in torch here)."""
     cal.check_fits(tuple(kv.shape[1:]))
     n, two, heads, tokens, dim = kv.shape
     x = kv.to(torch.float32, copy=True).numpy()
     rope_(cal, x, layers, position, -1.0)
     scaled, bias = _batch(cal, "encode", level, 2 * layers[0], 2 * n, heads, tokens, dim)
     coeffs = torch.baddbmm(bias, torch.from_numpy(x.reshape(n * two * heads, tokens, dim)), scaled)
-    q = coeffs.round().clamp_(-(2**30), 2**30).to(torch.int32).reshape(kv.shape).numpy()
-    if lam > 0:
-        u = coeffs.reshape(n * two, heads, tokens, dim).numpy()
-        for i, part in enumerate(q.reshape(n * two, heads, tokens, dim)):
-            part[...] = rans.rdoq_part(u[i], part, lam)
-    return q
+    return coeffs.round_().clamp_(-(2**30), 2**30).to(torch.int32).reshape(kv.shape).numpy()
 
 
 def _batch(cal: calib.Calibration, kind: str, level: int, first: int, n: int, heads: int, tokens: int, dim: int):
@@ -470,6 +402,6 @@ def warm_up() -> None:
     the RoPE kernel (rans.warm_up calls it). On a fresh machine ~10-20 s, from numba's cache well under 1 s."""
     q = np.zeros((2, 1, 4, 2), np.int32)
     decode_segment_into(encode_segment(q, 5), 1, 4, 2, 5, np.empty(q.shape, np.float32))
-    _encode_halves(np.zeros(q.shape[1:], np.float32)[None], 2, 1, *_TABLES)
+    _encode_halves(np.zeros(q.shape[1:], np.float32)[None], 2, 1, FREQ, CUM, LOW_BITS, RADIUS)
     cos, sin, which = np.ones((1, 4, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64)
     _rope(np.zeros(2 * 4 * 2, np.float32), 0, 2, 1, 4, 2, cos, sin, which, np.float32(1.0))

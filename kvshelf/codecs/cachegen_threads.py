@@ -29,7 +29,7 @@ from kvshelf.codecs import cachegen_cpu as cc
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import rans
 from kvshelf.codecs.pool import CodecProcesses
-from kvshelf.codecs.rans import BITS, CENTROID, CUM, FREQ, LOW_BITS, RADIUS, SYMBOL
+from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SYMBOL
 
 # Halves a unit holds at most: 6 (3 layers of 256 tokens x 256 dims: 1.5 MB of float32 per buffer) stay in a
 # core's L2 between the four calls; measured, runs of 18 layers decoded ~10% slower than runs of 3.
@@ -79,7 +79,7 @@ def _decode_unit(job, h0: int, h1: int, out: torch.Tensor) -> None:
     cal, level, layers, buf, ends, (head, heads, tokens, dim, width, per_lane), cos, sin, which = job
     q, q_t, x, x_t = _scratch(h1 - h0, heads, tokens, dim)
     _, err = cc._decode_halves(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM,
-                               LOW_BITS, RADIUS, CENTROID, q)  # fmt: skip
+                               LOW_BITS, RADIUS, q)  # fmt: skip
     cc.raise_error(err)
     scaled, bias = cc._batch(cal, "decode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
     torch.baddbmm(bias, q_t, scaled, out=x_t)
@@ -89,9 +89,9 @@ def _decode_unit(job, h0: int, h1: int, out: torch.Tensor) -> None:
 
 # -- encoding ------------------------------------------------------------------------------------------------
 def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: list[int], position: int,
-                  processes: CodecProcesses, lam: float = rans.RDOQ_LAMBDA) -> list[bytes]:  # fmt: skip
+                  processes: CodecProcesses) -> list[bytes]:  # fmt: skip
     """KV [len(layers), 2, heads, tokens, dim] of `layers` -> their calibrated segments, coded in units on
-    `processes`' threads (inline without workers), rate-distortion optimised with `lam` (0: plain rounding)."""
+    `processes`' threads (inline without workers)."""
     cal.check_fits(tuple(kv.shape[1:]))
     n, two, heads, tokens, dim = kv.shape
     if not n:
@@ -99,7 +99,7 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     rows = kv.reshape(-1, tokens, dim)  # [halves * heads, tokens, dim] (a copy only where kv is not contiguous)
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
-    job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which, lam)
+    job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which)
     cuts = units(layers, processes.workers)
     coded = processes.map_threads(_encode_unit, [(job, a, b, rows[a * heads : b * heads]) for a, b in cuts])
     head = cc._head(level).tobytes()
@@ -110,14 +110,14 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
 def _encode_unit(job, h0: int, h1: int, kv: torch.Tensor):
     """Halves h0..h1-1 of KV: the cast to float32 (torch's), RoPE off K (compiled), the forward transforms (one
     matmul), rounding and coding (compiled): (the halves' part bytes back to back, where each ends)."""
-    cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which, lam = job
+    cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which = job
     q, q_t, x, x_t = _scratch(h1 - h0, heads, tokens, dim)
     q_t.copy_(kv)
     cc._rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
     scaled, bias = cc._batch(cal, "encode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
     torch.baddbmm(bias, q_t, scaled, out=x_t)
     return cc._encode_halves(x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim), width,
-                             per_lane, FREQ, CUM, LOW_BITS, RADIUS, lam, BITS, CENTROID)  # fmt: skip
+                             per_lane, FREQ, CUM, LOW_BITS, RADIUS)  # fmt: skip
 
 
 # -- per-thread buffers -----------------------------------------------------------------------------------------

@@ -40,9 +40,9 @@ LANES = 32
 # stream), more leave a GPU idle (a 12K-token layer of Gemma 3 270M: 10 GB/s at 2048, 33 GB/s at 512).
 SYMBOLS_PER_LANE = 512
 _ESC = struct.Struct("<I")
-# The tables (and CENTROID) come from floating-point maths (erfc, exp): a platform whose libm rounds differently would build
+# The tables come from floating-point maths (erfc): a platform whose libm rounds differently would build
 # other tables and decode garbage. They are pinned: a mismatch refuses to code at all.
-TABLES_DIGEST = "ad13fd8a4aaee00a347fe27f97f4197f"
+TABLES_DIGEST = "095a560742246aad79d9d7973bffe944"
 
 
 class RansError(ValueError):
@@ -93,7 +93,7 @@ FREQ, CUM, SYMBOL, RADIUS, LOW_BITS = _build_tables()
 
 def tables_digest() -> str:
     h = hashlib.blake2b(digest_size=16)
-    for t in (FREQ, RADIUS, LOW_BITS, CENTROID):
+    for t in (FREQ, RADIUS, LOW_BITS):
         h.update(t.tobytes())
     return h.hexdigest()
 
@@ -449,64 +449,3 @@ def decode_part(buf: np.ndarray, part: Part, out: np.ndarray) -> None:
         raise RansError(f"cachegen entropy stream does not decode (code {err})")
     if len(part.esc_pos):
         out.reshape(-1)[part.esc_pos] = part.esc_val
-
-
-# -- reconstruction and rate-distortion optimised rounding ---------------------------------------------------------
-# The decoder knows every row's class, so it reconstructs a nonzero symbol s not at s but at the centroid of its
-# bin: s - sign(s) * CENTROID[class]. Measured on Gemma 3 270M's KV, the mean of each (class, |s|) bin lies where
-# a Laplace density of the class's spread puts it (the same offset for every |s|); a Gaussian's centroids or the
-# measured means themselves give the same error within 0.3% (bench/codec_rd.py).
-RDOQ_LAMBDA = 0.15  # encoder: bits are worth this much squared error in steps (bench/codec_rd.py's best)
-
-
-def _laplace_offset(spread: float) -> float:
-    """How far toward zero the centroid of any bin [m - 1/2, m + 1/2] (m >= 1) lies from m under a Laplace
-    density of RMS `spread` (scale spread / sqrt(2)): the same for every m, the density falling by the same
-    factor across each bin."""
-    rate = math.sqrt(2) / spread
-    return 0.5 - 1 / rate + (1 / math.expm1(rate) if rate < 700 else 0.0)
-
-
-def centroid_offsets() -> np.ndarray:
-    """Offsets toward zero [SPREAD_CLASSES] (float32, multiples of 2**-16: the same bits on any libm)."""
-    return np.array([round(_laplace_offset(spread_of(c)) * 65536) / 65536 for c in range(SPREAD_CLASSES)], np.float32)
-
-
-CENTROID = centroid_offsets()
-# Bits of each high symbol of each class (the coder's 14-bit frequencies; low bits add LOW_BITS): RDOQ's rate.
-with np.errstate(divide="ignore"):
-    BITS = PROB_BITS - np.log2(FREQ.astype(np.float64))
-
-
-def reconstruct(q: np.ndarray, cls: np.ndarray) -> np.ndarray:
-    """Symbols q of rows of classes `cls` (broadcastable to q) -> their values, float32: each nonzero symbol
-    moved toward zero by its class's offset (float32 arithmetic, as every decoder does it)."""
-    off = CENTROID[cls.astype(np.int64)]
-    return q.astype(np.float32) - np.sign(q).astype(np.float32) * off
-
-
-def symbol_bits(cls: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Bits the coder spends on symbols q (within the radius) of rows of classes `cls` (broadcastable to q)."""
-    c = np.broadcast_to(cls.astype(np.int64), q.shape)
-    r, k = RADIUS[c].astype(np.int64), LOW_BITS[c].astype(np.int64)
-    return BITS[c, (np.clip(q, -r, r) + r) >> k] + k
-
-
-def rdoq(u: np.ndarray, q: np.ndarray, cls: np.ndarray, lam: float) -> np.ndarray:
-    """Rate-distortion optimised symbols (the reference of kvshelf.codecs.cachegen_cpu._rdoq): for each
-    coefficient u (float32, in steps) of rows of classes `cls` (broadcastable), q = round(u) or one step
-    toward zero, whichever has the lower (u - reconstruction)**2 + lam * bits (float64; ties keep q).
-    Escapes (|q| >= the class's radius) and zeros stay."""
-    toward = q - np.sign(q)
-    c = np.broadcast_to(cls.astype(np.int64), q.shape)
-    u = u.astype(np.float64)
-    cost_q = (u - reconstruct(q, c).astype(np.float64)) ** 2 + lam * symbol_bits(c, q)
-    cost_t = (u - reconstruct(toward, c).astype(np.float64)) ** 2 + lam * symbol_bits(c, toward)
-    return np.where((q != 0) & (np.abs(q) < RADIUS[c]) & (cost_t < cost_q), toward, q)
-
-
-def rdoq_part(u: np.ndarray, q: np.ndarray, lam: float) -> np.ndarray:
-    """rdoq on one part: coefficients u and their rounded symbols q [heads, tokens, dim], classes from q."""
-    heads, tokens, dim = q.shape
-    cls = classes_of(q.transpose(0, 2, 1).reshape(heads * dim, tokens)).reshape(heads, 1, dim)
-    return rdoq(u, q, cls, lam).astype(q.dtype)

@@ -148,11 +148,10 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     )
 
 
-def run_staged(staged: tuple, check: bool = True, values: bool = False):
-    """Decode staged segments: int32 symbols [segments, 2, heads, tokens, dim] on their device, or with
-    values=True their reconstructed values (float32: reconstruct). With check=False nothing waits for the
-    GPU: returns (symbols, error flags), and the caller must see that no flag is set (err.any() is False)
-    before it uses the symbols."""
+def run_staged(staged: tuple, check: bool = True):
+    """Decode staged segments: int32 symbols [segments, 2, heads, tokens, dim] on their device. With
+    check=False nothing waits for the GPU: returns (symbols, error flags), and the caller must see that
+    no flag is set (err.any() is False) before it uses the symbols."""
     data, desc, (pos, val), out_shape = staged
     n_blocks = desc.numel() // _DESC
     out = torch.empty(out_shape, dtype=torch.int32, device=data.device)
@@ -175,8 +174,6 @@ def run_staged(staged: tuple, check: bool = True, values: bool = False):
     )
     if pos.numel():
         out.view(-1)[pos] = val
-    if values:
-        out = reconstruct(out, data, desc)
     if not check:
         return out, err
     if bool(err.any()):  # a cache never serves what did not decode exactly
@@ -184,42 +181,23 @@ def run_staged(staged: tuple, check: bool = True, values: bool = False):
     return out
 
 
-def reconstruct(q: torch.Tensor, data: torch.Tensor, desc: torch.Tensor) -> torch.Tensor:
-    """Symbols [segments, 2, heads, tokens, dim] (int32) -> values (float32): each nonzero symbol moved toward
-    zero by its row's class offset (rans.reconstruct's float32 arithmetic), the classes read from the staged
-    bytes where the block descriptors say each part's classes lie."""
-    n, two, heads, tokens, dim = q.shape
-    at = desc.view(n * two, -1, _DESC)[:, 0, 3]  # each part's first block: its classes' offset
-    cls = data[at[:, None] + torch.arange(heads * dim, device=q.device)].long()  # [parts, heads * dim]
-    off = _centroid(str(q.device))[cls].view(n, two, heads, 1, dim)
-    v = q.float()
-    return v - torch.sign(v) * off
-
-
-@functools.cache
-def _centroid(device: str) -> torch.Tensor:
-    return torch.as_tensor(rans.CENTROID, device=device)
-
-
-def decode_segments(segments: list, shape: tuple, level: int, device, values: bool = False) -> torch.Tensor:
+def decode_segments(segments: list, shape: tuple, level: int, device) -> torch.Tensor:
     """Calibrated segments (one chunk-layer each, all of `shape`) -> their integer symbols on `device`,
-    int32 [len(segments), 2, heads, tokens, dim] (values=True: their reconstructed values, float32); one
-    host-to-device copy, one kernel, one check."""
-    return run_staged(stage(segments, shape, level, device), values=values)
+    int32 [len(segments), 2, heads, tokens, dim]; one host-to-device copy, one kernel, one check."""
+    return run_staged(stage(segments, shape, level, device))
 
 
-def decode_segment(data, shape: tuple, level: int, device, values: bool = False) -> torch.Tensor:
-    """One calibrated segment's integer symbols [2, heads, tokens, dim] on `device` (or values: decode_segments)."""
-    return decode_segments([data], shape, level, device, values)[0]
+def decode_segment(data, shape: tuple, level: int, device) -> torch.Tensor:
+    """One calibrated segment's integer symbols [2, heads, tokens, dim] on `device`."""
+    return decode_segments([data], shape, level, device)[0]
 
 
 def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """segments[l][c]: a layer of consecutive chunks -> their reconstructed values [layers, 2, heads, chunks *
-    tokens, dim] (float32, each layer's tokens in order) and an error flag (a boolean tensor on `device`),
-    without waiting for the GPU: the caller must see the flag False before it uses what they decode to."""
+    """segments[l][c]: a layer of consecutive chunks -> their symbols [layers, 2, heads, chunks * tokens, dim]
+    (each layer's tokens in order) and an error flag (a boolean tensor on `device`), without waiting for
+    the GPU: the caller must see the flag False before it uses what the symbols decode to."""
     chunks = len(segments[0])
-    staged = stage([seg for row in segments for seg in row], shape, level, device)
-    q, err = run_staged(staged, check=False, values=True)
+    q, err = run_staged(stage([seg for row in segments for seg in row], shape, level, device), check=False)
     _, two, heads, tokens, dim = q.shape  # [layers * chunks, 2, heads, tokens, dim]
     q = q.view(len(segments), chunks, two, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
     return q.reshape(len(segments), two, heads, chunks * tokens, dim), err.any()
