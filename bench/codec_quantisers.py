@@ -1,0 +1,83 @@
+"""Quantiser variants of calibrated cachegen scored on the model without building them into the codec (issue #17):
+bench/codec_quality.py's harness, where a spec `emul:...` round-trips the KV through an emulation of the codec
+(the calibration's transforms, one step per (layer, K|V), classes, the real rANS coder's byte count) with another
+quantiser.
+
+    python bench/codec_quantisers.py --texts genres --cont 256 --greedy 128 \
+        --codecs 'emul:calibration=FILE.kvcal,variant="mid"' 'emul:calibration=FILE.kvcal,variant="dither",scale=1.1'
+
+Every argument is codec_quality.py's. An `emul` spec takes the calibration (a .kvcal file), `scale` (every step
+that many times coarser, default 1) and `variant`:
+- `mid`: round(u), reconstructed at the bin centre: the codec as it is (same bytes, same KV);
+- `centroid`: the same symbols, reconstructed at the bin's centroid under a Laplace density of the row class's
+  spread (bench/codec_rd.py's CENTROID);
+- `dither`: subtractive dither: round(u + d), reconstructed at s - d, d uniform in [-1/2, 1/2) from a generator
+  both sides would seed from the chunk's position: the error is independent of the signal.
+"""
+
+from __future__ import annotations
+
+import codec_quality
+import numpy as np
+import torch
+from codec_rd import CENTROID, part_bytes
+
+from kvshelf.codecs import cachegen_cpu as cc
+from kvshelf.codecs import calibration as calib
+from kvshelf.codecs import rans
+
+
+class Emulated:
+    def __init__(self, calibration: str, variant: str = "mid", scale: float = 1.0):
+        if variant not in ("mid", "centroid", "dither"):
+            raise SystemExit(f"variant must be mid, centroid or dither, not {variant!r}")
+        self.cal, self.variant, self.scale = calib.load(calibration), variant, float(scale)
+
+
+def emulate(kv: torch.Tensor, em: Emulated, position: int) -> tuple[torch.Tensor, int]:
+    """One chunk's KV [layers, 2, heads, tokens, dim] -> (its KV after the variant's quantiser, its bytes)."""
+    layers, two, heads, tokens, dim = kv.shape
+    x = np.ascontiguousarray(kv.float().numpy())
+    cc.rope_(em.cal, x, list(range(layers)), position, -1.0)
+    scaled, bias = cc._batch(em.cal, "encode", 5, 0, 2 * layers, heads, tokens, dim)
+    u = torch.baddbmm(bias, torch.from_numpy(x.reshape(-1, tokens, dim)), scaled).numpy() / em.scale
+    d = np.zeros_like(u)
+    if em.variant == "dither":
+        d = np.random.default_rng(position).uniform(-0.5, 0.5, size=u.shape).astype(np.float32)
+    q = np.rint(u + d).astype(np.int64).reshape(2 * layers, heads, tokens, dim)
+    rows = q.transpose(0, 1, 3, 2).reshape(2 * layers, heads * dim, tokens)
+    cls = np.stack([rans.classes_of(p) for p in rows])
+    nbytes = 4 * layers + sum(part_bytes(rows[i], cls[i], heads, dim) for i in range(2 * layers))
+    rec = q.astype(np.float32)
+    if em.variant == "centroid":
+        rec -= np.sign(rec) * CENTROID[cls.reshape(2 * layers, heads, 1, dim).astype(np.int64)]
+    rec = rec.reshape(-1, tokens, dim) - d.reshape(-1, tokens, dim)
+    inv, mean = cc._batch(em.cal, "decode", 5, 0, 2 * layers, heads, tokens, dim)
+    out = torch.baddbmm(mean, torch.from_numpy(rec * em.scale), inv).numpy().reshape(kv.shape).copy()
+    cc.rope_(em.cal, out, list(range(layers)), position, 1.0)
+    return torch.from_numpy(out).to(kv.dtype), nbytes
+
+
+def main() -> None:
+    plain_codec, plain_trip = codec_quality.codec_from_spec, codec_quality.round_trip
+
+    def codec_from_spec(spec: str, calibration=None, processes=None):
+        name, params = codec_quality.parse_spec(spec)
+        return Emulated(**params) if name == "emul" else plain_codec(spec, calibration, processes)
+
+    def round_trip(kv: torch.Tensor, codec):
+        if not isinstance(codec, Emulated):
+            return plain_trip(kv, codec)
+        out, total = torch.empty_like(kv), 0
+        for start in range(0, kv.shape[3], codec_quality.CHUNK):
+            piece, n = emulate(kv[:, :, :, start : start + codec_quality.CHUNK].contiguous(), codec, start)
+            out[:, :, :, start : start + codec_quality.CHUNK] = piece
+            total += n
+        return out, total
+
+    codec_quality.codec_from_spec, codec_quality.round_trip = codec_from_spec, round_trip
+    codec_quality.main()
+
+
+if __name__ == "__main__":
+    main()
