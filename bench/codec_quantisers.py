@@ -10,7 +10,7 @@ Every argument is codec_quality.py's. An `emul` spec takes the calibration (a .k
 that many times coarser, default 1) and `variant`:
 - `mid`: round(u), reconstructed at the bin centre: the codec as it is (same bytes, same KV);
 - `centroid`: the same symbols, reconstructed at the bin's centroid under a Laplace density of the row class's
-  spread (bench/codec_rd.py's CENTROID);
+  spread (bench/codec_rd.py's CENTROID); `centroid-k`, `centroid-v`: on K's or V's coefficients only;
 - `dither`: subtractive dither: round(u + d), reconstructed at s - d, d uniform in [-1/2, 1/2) from a generator
   both sides would seed from the chunk's position: the error is independent of the signal.
 """
@@ -29,15 +29,15 @@ from kvshelf.codecs import rans
 
 class Emulated:
     def __init__(self, calibration: str, variant: str = "mid", scale: float = 1.0):
-        if variant not in ("mid", "centroid", "dither"):
-            raise SystemExit(f"variant must be mid, centroid or dither, not {variant!r}")
+        if variant not in ("mid", "centroid", "centroid-k", "centroid-v", "dither"):
+            raise SystemExit(f"variant must be mid, centroid, centroid-k, centroid-v or dither, not {variant!r}")
         self.cal, self.variant, self.scale = calib.load(calibration), variant, float(scale)
 
 
 def emulate(kv: torch.Tensor, em: Emulated, position: int) -> tuple[torch.Tensor, int]:
     """One chunk's KV [layers, 2, heads, tokens, dim] -> (its KV after the variant's quantiser, its bytes)."""
     layers, two, heads, tokens, dim = kv.shape
-    x = np.ascontiguousarray(kv.float().numpy())
+    x = np.array(kv.float().numpy(), np.float32, order="C")  # a copy: RoPE is taken off in place
     cc.rope_(em.cal, x, list(range(layers)), position, -1.0)
     scaled, bias = cc._batch(em.cal, "encode", 5, 0, 2 * layers, heads, tokens, dim)
     u = torch.baddbmm(bias, torch.from_numpy(x.reshape(-1, tokens, dim)), scaled).numpy() / em.scale
@@ -49,8 +49,11 @@ def emulate(kv: torch.Tensor, em: Emulated, position: int) -> tuple[torch.Tensor
     cls = np.stack([rans.classes_of(p) for p in rows])
     nbytes = 4 * layers + sum(part_bytes(rows[i], cls[i], heads, dim) for i in range(2 * layers))
     rec = q.astype(np.float32)
-    if em.variant == "centroid":
-        rec -= np.sign(rec) * CENTROID[cls.reshape(2 * layers, heads, 1, dim).astype(np.int64)]
+    if em.variant.startswith("centroid"):
+        shift = np.sign(rec) * CENTROID[cls.reshape(2 * layers, heads, 1, dim).astype(np.int64)]
+        kinds = {"centroid": [0, 1], "centroid-k": [0], "centroid-v": [1]}[em.variant]
+        which = np.isin(np.arange(2 * layers) % 2, kinds)  # part 2k: layer k's K, 2k + 1: its V
+        rec[which] -= shift[which]
     rec = rec.reshape(-1, tokens, dim) - d.reshape(-1, tokens, dim)
     inv, mean = cc._batch(em.cal, "decode", 5, 0, 2 * layers, heads, tokens, dim)
     out = torch.baddbmm(mean, torch.from_numpy(rec * em.scale), inv).numpy().reshape(kv.shape).copy()
