@@ -11,6 +11,9 @@ that many times coarser, default 1) and `variant`:
 - `mid`: round(u), reconstructed at the bin centre: the codec as it is (same bytes, same KV);
 - `centroid`: the same symbols, reconstructed at the bin's centroid under a Laplace density of the row class's
   spread (bench/codec_rd.py's CENTROID); `centroid-k`, `centroid-v`: on K's or V's coefficients only;
+- `gain`, `gain-k`, `gain-v`: offsets per class (away from zero, at most half a step) that give plain rounding's
+  reconstruction a gain E[x x^] / E[x^2] of one, measured with plain rounding on the KV file `gain_kv` (a path, as a
+  JSON string) coded with the same calibration and scale: undoing rounding's shrinkage in the small classes;
 - `dither`: subtractive dither: round(u + d), reconstructed at s - d, d uniform in [-1/2, 1/2) from a generator
   both sides would seed from the chunk's position: the error is independent of the signal.
 """
@@ -20,18 +23,41 @@ from __future__ import annotations
 import codec_quality
 import numpy as np
 import torch
-from codec_rd import CENTROID, part_bytes
+from codec_rd import CENTROID, coefficients, part_bytes, rows_of
+from safetensors.torch import load_file
 
 from kvshelf.codecs import cachegen_cpu as cc
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import rans
 
+VARIANTS = ("mid", "centroid", "centroid-k", "centroid-v", "gain", "gain-k", "gain-v", "dither")
+
 
 class Emulated:
-    def __init__(self, calibration: str, variant: str = "mid", scale: float = 1.0):
-        if variant not in ("mid", "centroid", "centroid-k", "centroid-v", "dither"):
-            raise SystemExit(f"variant must be mid, centroid, centroid-k, centroid-v or dither, not {variant!r}")
+    def __init__(self, calibration: str, variant: str = "mid", scale: float = 1.0, gain_kv: str | None = None):
+        if variant not in VARIANTS:
+            raise SystemExit(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
         self.cal, self.variant, self.scale = calib.load(calibration), variant, float(scale)
+        self.offsets = CENTROID
+        if variant.startswith("gain"):
+            if gain_kv is None:
+                raise SystemExit('the gain variants need gain_kv="KV.safetensors"')
+            self.offsets = gain_offsets(self.cal, self.scale, gain_kv)
+
+
+def gain_offsets(cal: calib.Calibration, scale: float, kv_path: str) -> np.ndarray:
+    """Per class: the offset toward zero (<= 0: away from it) that gives plain rounding a gain of one."""
+    kv = next(iter(load_file(kv_path).values()))
+    xq, xx, ax = (np.zeros(rans.SPREAD_CLASSES) for _ in range(3))
+    for c in coefficients(cal, kv):
+        u = rows_of(c / scale).astype(np.float64)
+        q = np.rint(u)
+        cls = np.stack([rans.classes_of(p) for p in q])
+        idx = np.broadcast_to(cls[..., None], q.shape).ravel().astype(np.int64)
+        xq += np.bincount(idx, (u * q).ravel(), rans.SPREAD_CLASSES)
+        xx += np.bincount(idx, (u * u).ravel(), rans.SPREAD_CLASSES)
+        ax += np.bincount(idx, (np.abs(u) * (q != 0)).ravel(), rans.SPREAD_CLASSES)
+    return np.clip(np.where(ax > 0, (xq - xx) / np.maximum(ax, 1e-30), 0.0), -0.5, 0.0).astype(np.float32)
 
 
 def emulate(kv: torch.Tensor, em: Emulated, position: int) -> tuple[torch.Tensor, int]:
@@ -49,9 +75,9 @@ def emulate(kv: torch.Tensor, em: Emulated, position: int) -> tuple[torch.Tensor
     cls = np.stack([rans.classes_of(p) for p in rows])
     nbytes = 4 * layers + sum(part_bytes(rows[i], cls[i], heads, dim) for i in range(2 * layers))
     rec = q.astype(np.float32)
-    if em.variant.startswith("centroid"):
-        shift = np.sign(rec) * CENTROID[cls.reshape(2 * layers, heads, 1, dim).astype(np.int64)]
-        kinds = {"centroid": [0, 1], "centroid-k": [0], "centroid-v": [1]}[em.variant]
+    if em.variant != "mid" and em.variant != "dither":
+        shift = np.sign(rec) * em.offsets[cls.reshape(2 * layers, heads, 1, dim).astype(np.int64)]
+        kinds = {"": [0, 1], "-k": [0], "-v": [1]}[em.variant.removeprefix("centroid").removeprefix("gain")]
         which = np.isin(np.arange(2 * layers) % 2, kinds)  # part 2k: layer k's K, 2k + 1: its V
         rec[which] -= shift[which]
     rec = rec.reshape(-1, tokens, dim) - d.reshape(-1, tokens, dim)
