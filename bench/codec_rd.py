@@ -14,15 +14,19 @@ sets each layer's step so that every layer adds the same KL for the same error i
 the KL the calibration predicts (up to a constant), whatever the layer.
 
 Variants, each swept over a global step factor so that they compare at equal size:
-- `mid`: symbols = round(coefficient / step), reconstructed at the bin centre (the codec before this issue);
+- `mid`: symbols = round(coefficient / step), reconstructed at the bin centre (the codec);
 - `centroid`: the same symbols, reconstructed at the centroid of the bin under a Laplace density of the row
   class's spread (CENTROID here); the class is known to the decoder, so this costs no byte;
 - `rdoq L`: rate-distortion optimised rounding (rdoq here: round(u) or one step toward zero, whichever has
-  the lower (u - r(s))**2 + L * bits, with centroid reconstruction), then the classes recomputed from the symbols;
+  the lower (u - r(s))**2 + L * bits, with centroid reconstruction), then the classes recomputed from the symbols
+  (or, "classes kept", those of plain rounding);
 - `emp`: the same symbols, reconstructed at the measured mean of each (class, |s|) bin of this very KV: the
   most a table per (class, |s|) can give (fitted on what it is scored on: a bound, not a codec).
-Prints, per variant, bits/value and distortion at each factor, and the size saved at the baseline's
-distortion (interpolated in log-log).
+Prints, per variant, bits/value and distortion at the calibration's own step, the size saved at the baseline's
+distortion and the distortion saved at its size (interpolated in log-log); --json keeps every point.
+
+Caution (BENCHMARKS.md, "Issue #17: centroid reconstruction and RDOQ"): on the model these variants rank the other
+way; the KL rose where this distortion fell. Score a quantiser by the KL (bench/codec_quantisers.py).
 """
 
 from __future__ import annotations
