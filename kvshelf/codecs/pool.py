@@ -42,7 +42,8 @@ class CodecPoolError(KVShelfError):
 
 
 class CodecProcesses:
-    """`workers` codec processes (0: code in the calling process), started on first use."""
+    """`workers` codec threads (the calling thread one of them) or processes (0: code in the calling
+    thread), started on first use."""
 
     def __init__(self, workers: int = 0):
         if type(workers) is not int or workers < 0:
@@ -169,7 +170,7 @@ class CodecProcesses:
         return self._pool
 
     def close(self) -> None:
-        """Stop the processes (a later call starts them again)."""
+        """Stop and join the codec threads and processes (a later call starts them again)."""
         with self._lock:
             crew, self._crew = self._crew, None
             pool, self._pool = self._pool, None
