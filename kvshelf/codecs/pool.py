@@ -1,7 +1,13 @@
 """Worker processes (and threads) for cachegen's entropy coding, so that it uses more than one core.
 
-Calibrated cachegen codes with a numba rANS coder that releases the GIL: its layers run on `codec_workers`
-threads (map_threads), no processes. What follows is about the uncalibrated mode's constriction coder.
+Calibrated cachegen codes with a numba rANS coder that releases the GIL: its work units run on `codec_workers`
+threads (map_threads), no processes, and the calling thread is one of them: it takes units from its own
+batch instead of waiting for futures, and idle codec threads join in, never more than `codec_workers` units
+running at once in all (callers' and codec threads'). Why: with one future per unit, 16 callers handing
+units to 16 codec threads lost about a quarter of what the units reach on 16 plain threads in hand-offs
+(submit, wake-up, the GIL taken back): BENCHMARKS.md, issue #17, fifth session. Now a batch costs one
+wake-up per codec thread that helps, none when the callers keep the cores busy.
+What follows is about the uncalibrated mode's constriction coder.
 
 The ANS coder (constriction) holds Python's GIL while it runs, so threads cannot share its work. With
 `codec_workers: N` the layers of a chunk are entropy-decoded in N worker processes, and in the calibrated
@@ -22,7 +28,7 @@ import multiprocessing
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from kvshelf.errors import KVShelfError
@@ -36,7 +42,8 @@ class CodecPoolError(KVShelfError):
 
 
 class CodecProcesses:
-    """`workers` codec processes (0: code in the calling process), started on first use."""
+    """`workers` codec threads (the calling thread one of them) or processes (0: code in the calling
+    thread), started on first use."""
 
     def __init__(self, workers: int = 0):
         if type(workers) is not int or workers < 0:
@@ -44,7 +51,12 @@ class CodecProcesses:
         self.workers = workers
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
-        self._threads: ThreadPoolExecutor | None = None
+        # map_threads' state, all under _lock: batches with calls not yet taken (oldest first), how many such
+        # calls, calls running (callers' and codec threads'), codec threads waiting for work and not yet woken
+        self._work = threading.Condition(self._lock)
+        self._open: list[_Batch] = []
+        self._untaken = self._running = self._idle = 0
+        self._crew: _Crew | None = None
 
     def map_calls(self, fn: Callable, args: Iterable[tuple]) -> list:
         """[fn(*a) for a in args], in the worker processes when there are any. Exceptions raised by `fn`
@@ -70,17 +82,76 @@ class CodecProcesses:
         raise CodecPoolError("codec worker pool failed twice in a row (workers dying); decoding is a tier fault")
 
     def map_threads(self, fn: Callable, args: Iterable[tuple]) -> list:
-        """[fn(*a) for a in args] on `workers` threads (for code that releases the GIL: the calibrated
-        mode's rANS coder and torch); exceptions come back as they are. Inline with no workers or one call."""
+        """[fn(*a) for a in args] on `workers` threads (for code that releases the GIL: the calibrated mode's
+        rANS coder and torch), the calling thread being one of them: it runs calls of this batch until none
+        is left untaken, idle codec threads take the others, then it waits for those. Inline with fewer
+        than two workers or calls. An exception raised by a call comes back as it is, after the batch's
+        other calls have finished (the lowest-numbered call's, as serial order would raise it)."""
         calls = list(args)
-        if not self.workers or len(calls) < 2:
+        if self.workers < 2 or len(calls) < 2:
             return [fn(*a) for a in calls]
+        batch = _Batch(fn, calls, self._lock)
         with self._lock:
-            if self._threads is None:
-                self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kvshelf-codec")
-                _open.add(self)
-            threads = self._threads
-        return [f.result() for f in [threads.submit(fn, *a) for a in calls]]
+            self._start_crew_locked()
+            self._open.append(batch)
+            self._untaken += len(calls)
+            while batch.taken < len(calls):  # the caller's share: no hand-off at all
+                self._run_locked(batch)
+            self._wake_locked()  # this thread stops running calls: an idle codec thread may take its place
+            while batch.running:  # calls taken by codec threads: each finishes (a bounded unit of work)
+                batch.finished.wait()
+        if batch.errors:
+            raise batch.errors[min(batch.errors)]
+        return batch.results
+
+    def _run_locked(self, batch: _Batch) -> None:
+        """Take `batch`'s next call and run it with the lock released (held on entry and on return)."""
+        i = batch.taken
+        batch.taken += 1
+        self._untaken -= 1
+        if batch.taken == len(batch.calls):
+            self._open.remove(batch)
+        batch.running += 1
+        self._running += 1
+        self._wake_locked()  # more calls left than threads running them: wake helpers (never above `workers`)
+        self._lock.release()
+        try:
+            batch.results[i] = batch.fn(*batch.calls[i])
+        except BaseException as err:  # the caller re-raises it
+            batch.errors[i] = err
+        finally:
+            self._lock.acquire()
+            batch.running -= 1
+            self._running -= 1
+            if not batch.running and batch.taken == len(batch.calls):
+                batch.finished.notify()
+
+    def _wake_locked(self) -> None:
+        """Wake idle codec threads for untaken calls, so that at most `workers` calls run at once."""
+        n = min(self._idle, self._untaken, self.workers - self._running)
+        if n > 0:
+            self._idle -= n  # counted here: a woken thread is no longer one to wake
+            self._work.notify(n)
+
+    def _start_crew_locked(self) -> None:
+        if self._crew is None:  # workers - 1 threads: every caller runs calls too
+            self._crew = crew = _Crew()
+            for k in range(self.workers - 1):
+                # daemon: an idle one must not hold up the interpreter's exit (atexit closes them first)
+                t = threading.Thread(target=self._serve, args=(crew,), name=f"kvshelf-codec-{k}", daemon=True)
+                crew.threads.append(t)
+                t.start()
+            _open.add(self)
+
+    def _serve(self, crew: _Crew) -> None:
+        """A codec thread: runs calls of the oldest open batch while fewer than `workers` run, else waits."""
+        with self._lock:
+            while not crew.stopping:
+                if self._open and self._running < self.workers:
+                    self._run_locked(self._open[0])
+                else:
+                    self._idle += 1
+                    self._work.wait()  # woken by _wake_locked (which counted it) or by close
 
     def _discard(self, pool: ProcessPoolExecutor, err: BaseException) -> None:
         """Forget a broken pool so the next call builds a new one."""
@@ -99,15 +170,45 @@ class CodecProcesses:
         return self._pool
 
     def close(self) -> None:
-        """Stop the processes (a later call starts them again)."""
+        """Stop and join the codec threads and processes (a later call starts them again)."""
         with self._lock:
-            if self._threads is not None:
-                self._threads.shutdown(wait=True, cancel_futures=True)
-                self._threads = None
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+            crew, self._crew = self._crew, None
+            pool, self._pool = self._pool, None
+            if crew is not None:  # each codec thread finishes the call it runs, then returns
+                crew.stopping = True
+                self._idle = 0
+                self._work.notify_all()
         _open.discard(self)
+        for t in crew.threads if crew is not None else []:
+            t.join(timeout=_JOIN_S)
+            if t.is_alive():
+                log.error("codec thread %s still running a call %.0f s after close", t.name, _JOIN_S)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Batch:
+    """One map_threads call: its calls are taken in order, by the caller and by idle codec threads."""
+
+    def __init__(self, fn: Callable, calls: list[tuple], lock: threading.Lock):
+        self.fn, self.calls = fn, calls
+        self.results: list = [None] * len(calls)
+        self.errors: dict[int, BaseException] = {}
+        self.taken = 0  # calls handed out so far (in order)
+        self.running = 0  # taken, not yet finished
+        self.finished = threading.Condition(lock)  # the caller waits here for codec threads' calls
+
+
+class _Crew:
+    """One generation of codec threads: close() stops it, a later map_threads starts another."""
+
+    def __init__(self):
+        self.threads: list[threading.Thread] = []
+        self.stopping = False
+
+
+# How long close() waits for a codec thread to finish the call it runs (a unit takes milliseconds).
+_JOIN_S = 60.0
 
 
 # In the calling process: what codecs use when nobody gave them processes. Never starts any.
