@@ -41,3 +41,18 @@ def test_every_config_module_has_a_layer():
     (layers,) = [c["layers"] for c in contracts() if c.get("containers") == ["kvshelf.config"]]
     modules = {p.stem for p in (ROOT / "kvshelf" / "config").glob("*.py") if p.stem != "__init__"}
     assert modules == set(layers)
+
+
+def test_the_vllm_connector_imports_neither_numba_nor_llvmlite():
+    """vLLM's CPU worker scans the loaded modules for Triton kernels at start-up and fails on llvmlite's objects
+    (AttributeError: '_lib_fn_wrapper' object has no attribute 'get'): importing the connector, the engine and
+    the loaders must leave numba to first use (a merge of the fifth session broke every vLLM test that way)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kvshelf.integrations.vllm.connector, kvshelf.cache.engine, kvshelf.assembly; "
+        "print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

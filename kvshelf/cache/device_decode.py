@@ -31,11 +31,14 @@ import itertools
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from kvshelf.codecs import rans_gpu
 from kvshelf.codecs.base import Codec
+
+if TYPE_CHECKING:  # imported on first use: it loads numba, which vLLM's CPU worker start-up must not see
+    from kvshelf.codecs import rans_gpu
 
 # Layers per range read after the first group (issue #17, read granularity): 0 reads whole objects, a value >= the
 # model's layers one range per chunk for all the rest. 8: the shortest layerwise TTFT at the same reads in flight in
@@ -300,6 +303,8 @@ class _RangeReads:
             if self._closed:
                 return None
             if self._host is None:
+                from kvshelf.codecs import rans_gpu
+
                 self._host = rans_gpu.HostRange(self._starts[-1], self.device)
             host = self._host
         part = host.view(self._starts[k], self._starts[k + 1] - self._starts[k])
