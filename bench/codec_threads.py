@@ -12,7 +12,7 @@ Modes (MB/s of fp16 KV, 256-token chunks, codec_workers = N, torch at one thread
 - `stages`: the codec's two big compiled stages alone, N threads each calling one on its own buffers over and
   over (no format, no pool, no allocation): the rANS decoder (`decode_segments_into`, 3 layers a call) and the
   inverse transform (`torch.baddbmm`, 3 layers a call): how far the hardware itself scales.
-Per row: `cpu/wall/N` is the share of the N cores the process used; `unit cpu/wall` the CPU share of the
+Per row: `MB/s` is the best of `--repeats` timed passes, `MB/s median` their median; `cpu/wall/N` is the share of the N cores the process used; `unit cpu/wall` the CPU share of the
 codec's work units while they ran (below 1: a unit waited for the GIL or its core); `unit busy` the units'
 summed wall time over N x wall (below 1: threads had no unit to run); `us cpu/layer` the process's CPU time per
 layer (rising with N: the cores slow each other, or threads spin); `invol`, `vol`, `faults` per chunk;
@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import resource
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +72,8 @@ def cpu_times() -> list[int]:
         return [int(v) for v in f.readline().split()[1:]]
 
 
-def measure(kind: str, mode: str, threads: int, codec, units: Units, keys, items, layers: int, nbytes: int) -> dict:
+def measure(kind: str, mode: str, threads: int, codec, units: Units, keys, items, layers: int, nbytes: int,
+            repeats: int = 3) -> dict:  # fmt: skip
     if kind == "encode":
 
         def one(k, c):
@@ -90,8 +92,8 @@ def measure(kind: str, mode: str, threads: int, codec, units: Units, keys, items
                 list(outer.map(one, keys, items))
 
     go()  # warm: thread pools, caches
-    best = None
-    for _ in range(3):
+    best, rates = None, []
+    for _ in range(repeats):
         units.wall = units.cpu = 0.0
         units.count = 0
         r0, w0, s0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), cpu_times()
@@ -115,9 +117,10 @@ def measure(kind: str, mode: str, threads: int, codec, units: Units, keys, items
             "steal": ds[7] / max(sum(ds[:8]), 1),
             "idle": ds[3] / max(sum(ds[:8]), 1),
         }
+        rates.append(row["MB/s"])
         if best is None or row["MB/s"] > best["MB/s"]:
             best = row
-    return best
+    return best | {"MB/s median": statistics.median(rates), "MB/s all": [round(r, 1) for r in rates]}
 
 
 def stages(cal, blobs, keys, threads: int, layers: int, label: str) -> list[dict]:
@@ -168,6 +171,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 8, 12, 16])
     ap.add_argument("--modes", nargs="+", default=["chunks", "single"], choices=["chunks", "single", "stages"])
     ap.add_argument("--kinds", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per row (best and median reported)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -199,7 +203,7 @@ def main() -> None:
             for kind in args.kinds:
                 items = blobs if kind == "decode" else chunks
                 row = {"label": args.label, "kind": kind, "mode": mode, "threads": threads}
-                row |= measure(kind, mode, threads, codec, units, keys, items, layers, nbytes)
+                row |= measure(kind, mode, threads, codec, units, keys, items, layers, nbytes, args.repeats)
                 rows.append(row)
                 print(
                     " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),

@@ -129,6 +129,7 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
             assert not bool(flag)
         sync()
         t_dec.append(time.perf_counter() - t)
+        sp.release()  # its staging buffers back to the pool
     t_stage, t_dec = t_stage[1:], t_dec[1:]  # the first: compilation
     results[f"{label} streamed: heads (open): ms"] = 1e3 * statistics.median(t_stage)
     results[f"{label} streamed: ranges staged, checked and decoded, groups of 8: GB/s per layer"] = (

@@ -253,6 +253,27 @@ def test_a_thread_that_coded_under_inference_mode_codes_outside_it():
     assert seen == [True]
 
 
+def test_codec_threads_code_for_a_caller_under_inference_mode():
+    """A caller under torch's inference mode (a runner's forward, a loader) with codec threads: the threads (outside
+    inference mode) write into the chunk's output tensor, so it is a normal tensor; same bytes and KV as outside."""
+    layers, heads, tokens, dim = 4, 2, 16, 8
+    cal = _calibration(layers, heads, dim, 9)
+    processes = pool.CodecProcesses(4)
+    codec = CacheGenCodec(calibration=cal.digest, processes=processes)
+    kv = torch.randn(layers, 2, heads, tokens, dim, generator=torch.Generator().manual_seed(9))
+    shape = (2, heads, tokens, dim)
+    try:
+        segs = codec.encode_layers(kv, 32)
+        want = codec.decode_layers(segs, shape, torch.float16, list(range(layers)), layers, 32)
+        with torch.inference_mode():
+            for _ in range(3):  # several batches: units on the caller and on codec threads
+                assert codec.encode_layers(kv, 32) == segs
+                got = codec.decode_layers(segs, shape, torch.float16, list(range(layers)), layers, 32)
+                assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    finally:
+        processes.close()
+
+
 def test_units_round_coefficients_as_torch_does_and_code_the_reference_bytes():
     """The unit coder rounds inside its compiled call: halves to even, clamped to +-2**30, NaN as torch's cast."""
     coeffs = torch.randn(3, 2, 2, 8, 4, generator=torch.Generator().manual_seed(4)) * 40

@@ -101,7 +101,7 @@ class LateDisk(DiskBackend):
         self.ranges: list[tuple[int, int]] = []
         self._count = threading.Lock()
 
-    def _get_range(self, name, start, length, limit):
+    def _late(self, start, length, read):
         with self._count:
             self.in_flight += 1
             self.most = max(self.most, self.in_flight)
@@ -110,10 +110,16 @@ class LateDisk(DiskBackend):
             self.ranges.append((start, length))
         try:
             time.sleep(delay)
-            return super()._get_range(name, start, length, limit)
+            return read()
         finally:
             with self._count:
                 self.in_flight -= 1
+
+    def _get_range(self, name, start, length, limit):  # heads
+        return self._late(start, length, lambda: super(LateDisk, self)._get_range(name, start, length, limit))
+
+    def _get_range_into(self, name, start, out, limit):  # layer ranges, read into the loader's staging buffer
+        return self._late(start, out.nbytes, lambda: super(LateDisk, self)._get_range_into(name, start, out, limit))
 
 
 def test_streamed_reads_arrive_late_and_out_of_order_and_decode_as_whole_loading(tmp_path, tiny_models):
@@ -228,12 +234,16 @@ def test_the_read_plan_merges_decode_groups_after_the_first():
     groups = [(0, 1), *((i, min(i + 4, 32)) for i in range(1, 32, 4))]  # buffer 8: groups of 4 after layer 0
     assert read_groups(groups, 4) == groups  # a range per decode group
     assert read_groups(groups, 1) == groups  # groups larger than read_layers are read alone
-    assert read_groups(groups, 8) == [(0, 1), (1, 9), (9, 17), (17, 25), (25, 32)]
-    assert read_groups(groups, 32) == read_groups(groups, 31) == [(0, 1), (1, 32)]  # the rest in one range
-    assert read_groups(groups, 30) == [(0, 1), (1, 29), (29, 32)]
+    assert read_groups(groups, 8, alone=1) == [(0, 1), (1, 9), (9, 17), (17, 25), (25, 32)]
+    assert read_groups(groups, 8) == read_groups(groups, 8, alone=1)  # READ_ALONE: layer 0 alone, then merged
+    assert read_groups(groups, 8, alone=2) == [(0, 1), (1, 5), (5, 13), (13, 21), (21, 29), (29, 32)]
+    assert read_groups(groups, 32, alone=1) == read_groups(groups, 31, alone=1) == [(0, 1), (1, 32)]  # one range
+    assert read_groups(groups, 30, alone=1) == [(0, 1), (1, 29), (29, 32)]
+    assert read_groups(groups, 32, alone=2) == [(0, 1), (1, 5), (5, 32)]
+    assert read_groups(groups, 32, alone=0) == read_groups(groups, 32, alone=1)  # the first is always alone
     assert read_groups(groups, 0) == [(0, 32)]  # whole objects
     assert read_groups([(0, 1)], 32) == [(0, 1)] and read_groups([], 8) == []
-    assert read_groups([(0, 2), (2, 3), (3, 4)], 8) == [(0, 2), (2, 4)]  # the first group stays alone
+    assert read_groups([(0, 2), (2, 3), (3, 4)], 8, alone=1) == [(0, 2), (2, 4)]  # the first group stays alone
     with pytest.raises(ValueError, match="consecutive"):
         read_groups([(0, 1), (2, 3)], 8)
     with pytest.raises(ValueError, match=">= 0"):
@@ -259,8 +269,16 @@ def _loaded(engine, runner, ids, tokens):
     return buf.data[:, :, :, :tokens], target
 
 
-@pytest.mark.parametrize("read_layers", [2, 32])
-def test_coarse_ranges_read_the_plan_and_decode_as_whole_objects(tmp_path, tiny_models, read_layers):
+@pytest.mark.parametrize(
+    ("read_layers", "alone", "plan"),
+    [(2, 2, [(0, 1), (1, 3), (3, 4)]), (32, 1, [(0, 1), (1, 4)]), (32, 2, [(0, 1), (1, 3), (3, 4)])],
+)
+def test_coarse_ranges_read_the_plan_and_decode_as_whole_objects(
+    tmp_path, tiny_models, read_layers, alone, plan, monkeypatch
+):
+    from kvshelf.cache import device_decode
+
+    monkeypatch.setattr(device_decode, "READ_ALONE", alone)
     codec = HereBatched()
     runner = ModelRunner(tiny_models("qwen3"))
     disk = LateDisk(tmp_path, 1 << 28, codec, delays=(0.05,))
@@ -281,7 +299,6 @@ def test_coarse_ranges_read_the_plan_and_decode_as_whole_objects(tmp_path, tiny_
     disk.ranges.clear()
     kv, target = _loaded(engine, runner, ids, 96)
     assert torch.equal(kv.to(whole.dtype), whole)  # ranges verified apart decode as whole objects do
-    plan = [(0, 1), (1, 4)] if read_layers == 32 else [(0, 1), (1, 3), (3, 4)]
     # every chunk's head (two reads each: the probe is short), then each planned range of every chunk, in order
     assert len(disk.ranges) == 12 + 6 * len(plan)
     want = sorted((s + o[a], o[b] - o[a]) for a, b in plan for s, o in heads.values())
@@ -421,6 +438,23 @@ q = rans_gpu.run_staged(staged)
 want = torch.stack([torch.from_numpy(_symbols_calibrated(seg, shape, codec.bits)) for seg in flat])
 assert torch.equal(q, want)  # escapes included: the symbols exact
 print("escapes ok")
+host = rans_gpu.HostRange(sum(len(s) for s in flat) + 8, "cpu")  # a loader's staging buffer, read into
+parts, at = [], 8  # not from its first byte: segments are found where they lie
+for seg in flat:
+    part = host.view(at, len(seg))
+    part[:] = seg
+    host.done()
+    parts.append(part)
+    at += len(seg)
+assert rans_gpu._owner(parts) is host and rans_gpu._owner([*parts[:2], flat[2]]) is None
+assert torch.equal(rans_gpu.run_staged(rans_gpu.stage(parts, shape, codec.bits, "cpu")), want)  # staged in place
+parts[1][1] ^= 0x01  # its 4-byte header: refused where it lies, as a copied one is
+try:
+    rans_gpu.stage(parts, shape, codec.bits, "cpu")
+    raise AssertionError("a damaged segment staged in place")
+except rans_gpu.rans.RansError:
+    pass
+print("in place ok")
 """
 
 
@@ -429,4 +463,19 @@ def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     run = subprocess.run([sys.executable, "-c", _BATCHED_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "batched run ok" in run.stdout, run.stderr[-3000:]
-    assert "escapes ok" in run.stdout, run.stderr[-3000:]
+    assert "escapes ok" in run.stdout and "in place ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_a_staging_buffer_goes_back_only_once_no_read_writes_into_it():
+    from kvshelf.codecs.rans_gpu import HostRange
+
+    host = HostRange(64, "cpu")
+    part = host.view(16, 8)
+    part[:] = b"12345678"
+    assert bytes(host.array[16:24]) == b"12345678" and host.offset(part) == 16
+    with pytest.raises(ValueError):
+        host.view(60, 8)  # outside the buffer
+    host.close()  # a read still writes into `part`: kept
+    assert host.view(0, 8) is None and not host._returned  # closed: no new part is handed out
+    host.done()
+    assert host._returned

@@ -258,6 +258,7 @@ def test_expected_shape_is_checked_before_any_decoding(monkeypatch):
     calls = []
     codec = CODECS["cachegen"]
     monkeypatch.setattr(type(codec), "decode_layers", lambda *a, **k: calls.append(a) or [])
+    monkeypatch.setattr(type(codec), "decode_stacked", lambda *a, **k: calls.append(a) or [])
     for exp in (
         Expected(LAYERS, HEADS, DIM, "float32", TOKENS - 1, fingerprint=FP),  # tokens
         Expected(LAYERS + 1, HEADS, DIM, "float32", TOKENS, fingerprint=FP),  # layers

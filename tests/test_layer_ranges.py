@@ -158,6 +158,28 @@ def test_a_damaged_layer_is_refused_when_its_range_is_read_and_the_object_delete
     assert not store.contains(key(3))
 
 
+@pytest.mark.parametrize("tier", TIERS, indirect=True)
+def test_ranges_read_into_a_buffer_are_the_same_bytes_verified_there(tier):
+    store = tier.store
+    store.put(key(8), chunk(seed=8))
+    ranges = store.open_ranges(key(8))
+    for i, j in [(0, 1), (1, 3), (0, LAYERS)]:
+        n = ranges.offsets[j] - ranges.offsets[i]
+        buf = bytearray(b"\xee" * (n + 6))
+        got = ranges.read_into(i, j, memoryview(buf)[3 : 3 + n])  # a loader's staging buffer, at its place
+        assert bytes(got) == bytes(buf[3 : 3 + n]) == bytes(ranges.read(i, j))
+        assert buf[:3] == buf[-3:] == b"\xee" * 3  # nothing written outside the part
+    with pytest.raises(ValueError):
+        ranges.read_into(0, 1, memoryview(bytearray(ranges.offsets[1] + 1)))  # not the range's size
+    name = store.name_of(key(8))
+    blob = bytearray(tier.get(name))
+    header, start = read_header(bytes(blob))
+    blob[start + header["layer_offsets"][3] + 5] ^= 0x01  # one bit of layer 3
+    tier.put(name, bytes(blob))
+    out = memoryview(bytearray(ranges.offsets[4] - ranges.offsets[2]))
+    assert ranges.read_into(2, 4, out) is None and store.corrupt_objects == 1  # refused, the object deleted
+
+
 @pytest.mark.parametrize("tier", ["disk", "redis", "s3"], indirect=True)
 def test_a_truncated_or_swapped_object_gives_no_range(tier):
     store = tier.store
@@ -172,6 +194,11 @@ def test_a_truncated_or_swapped_object_gives_no_range(tier):
     ranges5 = store.open_ranges(key(5))
     tier.put(name5, blob)  # another chunk's object (same shape) under this name, after its head was read
     assert ranges5.read(1, 2) is None and store.corrupt_objects == 2
+    store.put(key(5), chunk(seed=5))
+    ranges5 = store.open_ranges(key(5))
+    tier.put(name5, tier.get(name5)[:-100])  # cut again: read into a buffer, the read comes short
+    last = memoryview(bytearray(ranges5.offsets[LAYERS] - ranges5.offsets[LAYERS - 1]))
+    assert ranges5.read_into(LAYERS - 1, LAYERS, last) is None and store.corrupt_objects == 3
 
 
 @pytest.mark.parametrize("tier", ["disk", "memory"], indirect=True)

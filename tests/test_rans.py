@@ -219,6 +219,31 @@ def test_the_gpu_staging_scan_accepts_exactly_what_the_cpu_checks_accept(data):
         assert np.array_equal(staged[2][0].numpy()[-len(want) :] if len(want) else want, want)
 
 
+def test_segments_read_into_a_staging_buffer_stage_in_place_as_copied_ones_do():
+    from kvshelf.codecs import rans_gpu
+    from kvshelf.codecs.cachegen import _code_calibrated
+
+    shape = (2, 1, 24, 8)
+    segs = [_code_calibrated(np.stack([symbols(s + k, 1, 24, 8, escapes=2) for k in range(2)]), 5) for s in range(9)]
+    copied = rans_gpu.stage(segs, shape, 5, "cpu")
+    host = rans_gpu.HostRange(sum(len(s) for s in segs), "cpu")  # a loader's range buffer, the reads in it
+    parts, at = [], 0
+    for seg in segs:
+        part = host.view(at, len(seg))
+        part[:] = seg
+        host.done()
+        parts.append(part)
+        at += len(seg)
+    in_place = rans_gpu.stage(parts, shape, 5, "cpu")
+    assert in_place[0].data_ptr() == torch.from_numpy(host.array.view(np.ndarray)).data_ptr()  # not copied
+    flat = lambda st: [st[0], st[1], *st[2]]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(copied), flat(in_place), strict=True))
+    assert in_place[2][0].numel() > 0  # escapes among them
+    parts[-1][1] ^= 0xFF  # the header of the last segment, where it lies
+    with pytest.raises(rans.RansError):
+        rans_gpu.stage(parts, shape, 5, "cpu")
+
+
 def test_decoding_a_layer_of_several_chunks_equals_chunk_by_chunk():
     from kvshelf.codecs import calibration as calib
     from kvshelf.codecs.cachegen import CacheGenCodec

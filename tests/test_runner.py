@@ -114,3 +114,24 @@ def test_a_folder_model_is_hashed_once_and_again_when_its_files_change(tmp_path,
         tuned.model.embed_tokens.weight[9, 3] += 1e-3
     tuned.save_pretrained(folder)  # the files changed (size/mtime/inode): hashed again
     assert ModelRunner(load()).fingerprint().weights_digest not in (first,) and len(calls) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_forward_reads_no_tensor_value_per_layer(family, tiny_models, monkeypatch):
+    """Every int() or item() of a tensor waits for a GPU: a forward may not need one per layer (its launches then
+    run ahead of the kernels); with tokens selected, the new positions are read once."""
+    runner = ModelRunner(tiny_models(family))
+    reads = []
+    to_int, item = torch.Tensor.__int__, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append("int") or to_int(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append("item") or item(t))
+    kv = runner.new_kv(60)
+    runner.forward(list(range(50)), 0, kv, logits=False)
+    assert reads == []
+    keep = torch.tensor([0, 3, 7, 9])
+
+    def select(i, hidden, positions, rope):
+        return keep if i == 1 else None
+
+    runner.forward(list(range(50, 60)), 50, kv, select_tokens=select, logits=False)
+    assert reads == ["int", "int"]  # first and last of the kept positions, once for the layers after the selection

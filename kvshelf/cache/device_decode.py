@@ -10,7 +10,10 @@ as it decodes, Codec.decode_run_on) or from chunks located but not yet read (`st
 thread then reads each chunk's head (StorageBackend.open_ranges: prefix and header, verified), and for each
 layer group the byte range of that group in every chunk (several reads in flight on the tier's workers,
 driven by a read-ahead thread so that they go on while the loader decodes; each range's segments verified
-against the digests of its head as it arrives: format version 3). A group's segments are decoded as
+against the digests of its head as it arrives: format version 3). Every chunk's range of the same layers is
+read straight into one staging buffer (rans_gpu.HostRange, pinned on a GPU: LayerRanges.read_into, os.preadv on
+the disk tier) and verified there, so the staging that follows neither copies the bytes again nor holds the
+loader thread: the buffer goes to the device once, whole. A group's segments are decoded as
 those of chunks opened already are (Codec.decode_run_on) as soon as they are there, while later groups
 are still being read, so layer 0 waits only for layer 0's bytes, not for every chunk's whole object.
 
@@ -24,12 +27,14 @@ reads whole objects instead of heads and ranges (every chunk read and verified b
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
 
+from kvshelf.codecs import rans_gpu
 from kvshelf.codecs.base import Codec
 
 # Layers per range read after the first group (issue #17, read granularity): 0 reads whole objects, a value >= the
@@ -37,14 +42,21 @@ from kvshelf.codecs.base import Codec
 # the A/B on the H200 (Llama-3-8B shape, 48 chunks of 32 layers, groups of 4: 232 ms vs 257-269 for a range per
 # group, 250 for the rest in one range, 238 for whole objects; BENCHMARKS.md, "Read granularity").
 READ_LAYERS = 8
+# Decode groups read alone, each its own range, at the start (the compute waits on them in turn). 1: layer 0 alone,
+# then ranges of READ_LAYERS. 2 (layers 1-4 alone too, so that they wait for 4 layers' reads, not 8) was slower on
+# the H200 (issue #17 second pass, Llama-3-8B shape, medians of 3 on one host: layerwise 249 vs 229 ms at Python's
+# 5 ms switch interval, 229 vs 219 at 1 ms; BENCHMARKS.md).
+READ_ALONE = 1
 # Bytes of read results queued ahead of the decoder at most (one result is always let through).
 READ_AHEAD_BYTES = 512 << 20
 
 
-def read_groups(groups: list[tuple[int, int]], read_layers: int) -> list[tuple[int, int]]:
-    """The layer ranges read from every chunk for decode `groups` (consecutive, in order): the first group as it
-    is (the compute waits on it), then consecutive groups merged while the merge spans at most `read_layers`
-    layers (a group larger than that is read alone); `read_layers` 0: one range of every layer (whole objects)."""
+def read_groups(groups: list[tuple[int, int]], read_layers: int, alone: int | None = None) -> list[tuple[int, int]]:
+    """The layer ranges read from every chunk for decode `groups` (consecutive, in order): the first `alone`
+    groups (default READ_ALONE, at least 1) as they are (the compute waits on them first), then consecutive groups
+    merged while the merge spans at most `read_layers` layers (a group larger than that is read alone);
+    `read_layers` 0: one range of every layer (whole objects)."""
+    alone = max(1, READ_ALONE if alone is None else alone)
     if read_layers < 0:
         raise ValueError(f"read_layers must be >= 0, not {read_layers}")
     if not groups:
@@ -57,7 +69,7 @@ def read_groups(groups: list[tuple[int, int]], read_layers: int) -> list[tuple[i
     reads = [groups[0]]
     for i, j in groups[1:]:
         a, b = reads[-1]
-        if len(reads) > 1 and j - a <= read_layers:
+        if len(reads) > alone and j - a <= read_layers:
             reads[-1] = (a, j)
         else:
             reads.append((i, j))
@@ -125,6 +137,8 @@ class DeviceDecoding:
         # streamed: the ranges still to be read (read_groups)
         self._plan: collections.deque[tuple[int, int]] = collections.deque()
         self._held: tuple | None = None  # streamed: (first, end, [bytes of every chunk]) of the range decoding
+        self._buffers: collections.deque[_RangeReads] = collections.deque()  # streamed: a buffer per range to read
+        self._done_buffer: _RangeReads | None = None  # streamed: the buffer of the range decoding
         self._run_of = [r for r in runs for _ in range(r.count)]
 
     @classmethod
@@ -177,7 +191,10 @@ class DeviceDecoding:
             heads.close()  # ends the reads still in flight (on an error)
         self._groups = collections.deque(groups)
         self._plan = collections.deque(read_groups(list(groups), self.read_layers))
-        calls = [(r.read, (i, j)) for i, j in self._plan for r in self._ranges]
+        # each range of every chunk is read straight into one staging buffer per range (its segments are then
+        # staged where they lie: no copy on this thread)
+        self._buffers = collections.deque(_RangeReads(self._ranges, i, j, self.device) for i, j in self._plan)
+        calls = [(buf.read, (k,)) for buf in self._buffers for k in range(self.num_chunks)]
         self._reads = _ReadAhead(self._fetch(calls))
 
     def _checked(self, k: int, ranges):
@@ -197,11 +214,15 @@ class DeviceDecoding:
         self._groups.popleft()
         if self._held is None or j > self._held[1]:
             self._held = None  # what the last range held is staged already: let it go
+            if self._done_buffer is not None:
+                self._done_buffer.close()  # back to the pool once its copy to the device has run
+                self._done_buffer = None
             if not self._plan or self._plan[0][0] != i or self._plan[0][1] < j:
                 raise ChunkNotDecodable(
                     f"layers {i}..{j - 1} are not the start of a range read ({list(self._plan)[:1]})"
                 )
             a, b = self._plan.popleft()
+            self._done_buffer = self._buffers.popleft()
             data = []
             for k in range(self.num_chunks):
                 got = self._reads.next()
@@ -254,8 +275,47 @@ class DeviceDecoding:
         if self._reads is not None:
             self._reads.close()
             self._reads = None
+        for buf in [*self._buffers, *([self._done_buffer] if self._done_buffer is not None else [])]:
+            buf.close()  # a read still writing into one keeps it until that read ends (HostRange)
+        self._buffers.clear()
+        self._done_buffer = None
         self._ranges = [None] * self.num_chunks
         self._held = None
+
+
+class _RangeReads:
+    """Layers a..b-1 of every chunk read into one staging buffer (rans_gpu.HostRange, taken when the first of them
+    is read, so that only the ranges being read hold one), chunk k at its own place: read(k) runs on a tier
+    worker, the bytes verified where they lie (LayerRanges.read_into)."""
+
+    def __init__(self, ranges: list, a: int, b: int, device: torch.device):
+        self._ranges, self.a, self.b, self.device = ranges, a, b, device
+        self._starts = [0, *itertools.accumulate(r.offsets[b] - r.offsets[a] for r in ranges)]
+        self._host: rans_gpu.HostRange | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def read(self, k: int) -> memoryview | None:
+        with self._lock:
+            if self._closed:
+                return None
+            if self._host is None:
+                self._host = rans_gpu.HostRange(self._starts[-1], self.device)
+            host = self._host
+        part = host.view(self._starts[k], self._starts[k + 1] - self._starts[k])
+        if part is None:
+            return None
+        try:
+            return self._ranges[k].read_into(self.a, self.b, part)
+        finally:
+            host.done()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            host, self._host = self._host, None
+        if host is not None:
+            host.close()
 
 
 class _ReadAhead:

@@ -64,6 +64,11 @@ class Codec(ABC):
             for seg, i in zip(segments, layers, strict=True)
         ]
 
+    def decode_stacked(self, segments: list, shape, dtype, layers: list[int], num_layers: int, position: int = 0):
+        """decode_layers as one tensor [len(layers), *shape]; codecs that decode a chunk into one tensor return
+        it (no second copy of the chunk's KV)."""
+        return torch.stack(self.decode_layers(segments, shape, dtype, layers, num_layers, position))
+
     def decode_layer_on(self, data, shape, dtype, layer: int, num_layers: int, device, position: int = 0):
         """Decode straight onto `device`; codecs that can finish decoding there (dequantise on a GPU) do."""
         return self.decode_layer(data, shape, dtype, layer, num_layers, position).to(device)

@@ -152,6 +152,11 @@ class CacheGenCodec(Codec):
         ]
         return [torch.from_numpy(values).to(dtype) for values in self.processes.map_calls(_decode_segment, jobs)]
 
+    def decode_stacked(self, segments, shape, dtype, layers, num_layers, position=0) -> torch.Tensor:
+        if self.calibration is not None:  # the units write into one tensor of the chunk's layers
+            return self._decode_calibrated(segments, shape, dtype, list(layers), position)
+        return super().decode_stacked(segments, shape, dtype, layers, num_layers, position)
+
     # -- calibrated mode ---------------------------------------------------------------------------------
     def _calibrated_symbols(self, kv: torch.Tensor, layer: int, position: int) -> np.ndarray:
         """A layer's KV [2, heads, tokens, dim] -> integer symbols of the same shape."""

@@ -58,7 +58,8 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     """Calibrated segments of `layers` -> their KV, one tensor [len(layers), *shape] of `dtype`, decoded in
     units on `processes`' threads (inline without workers). RansError names what is wrong in a segment."""
     two, heads, tokens, dim = shape
-    out = torch.empty((len(layers), two, heads, tokens, dim), dtype=dtype)
+    with torch.inference_mode(False):  # a normal tensor: codec threads (outside inference mode) write into it
+        out = torch.empty((len(layers), two, heads, tokens, dim), dtype=dtype)
     if not layers:
         return out
     rows = out.view(-1, tokens, dim)  # [halves * heads, tokens, dim]: a unit's slice is its matmul's shape

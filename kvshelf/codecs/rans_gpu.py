@@ -93,13 +93,142 @@ def _staging(nbytes: int, device: torch.device):
     return torch.empty(nbytes, dtype=torch.uint8), None
 
 
-def _queued(slot) -> None:
-    """The staging slot's copy was queued on the current stream: reusable once it has run."""
+def _queued(slot, free: bool = True) -> None:
+    """The staging slot's copy was queued on the current stream: reusable once it has run (and once freed)."""
     if slot is not None:
         slot[1] = torch.cuda.Event()
         slot[1].record()
-        with _pool_lock:
-            slot[2] = False
+        if free:
+            with _pool_lock:
+                slot[2] = False
+
+
+class _Owned(np.ndarray):
+    """The numpy view of a HostRange's buffer: memoryviews cut from it name their HostRange (`.obj.owner`)."""
+
+    owner: HostRange
+
+
+class HostRange:
+    """One staging buffer (pinned on CUDA, from the pool) that a loader's tier reads write layer ranges into
+    straight away (LayerRanges.read_into), so that the segments cut from them are staged without a copy: stage()
+    sees that they lie here, checks them where they lie and sends the buffer to the device once, whole (issue #17:
+    the staging copy was most of a layerwise loader's CPU work).
+
+    Reads may run on other threads: `view` hands out parts for them, each taken back by `done`; `close` gives the
+    buffer back to the pool only once every part handed out is done (a read still writing into it keeps it)."""
+
+    def __init__(self, nbytes: int, device):
+        self.device = torch.device(device)
+        self.nbytes = nbytes
+        self._host, self._slot = _staging(max(nbytes, 1), self.device)
+        self.array = self._host.numpy().view(_Owned)
+        self.array.owner = self
+        self._on_device: torch.Tensor | None = None
+        self._lock = threading.Lock()
+        self._out = 0  # parts handed out, not done
+        self._closed = False
+        self._returned = False
+
+    def view(self, start: int, n: int) -> memoryview | None:
+        """A writable part [start, start + n) for one read (None once closed: nothing may be written then)."""
+        if start < 0 or start + n > self.nbytes:
+            raise ValueError(f"part {start}+{n} lies outside a buffer of {self.nbytes} bytes")
+        with self._lock:
+            if self._closed:
+                return None
+            self._out += 1
+        return memoryview(self.array)[start : start + n]
+
+    def done(self) -> None:
+        """A part handed out by view() is written (or its read failed)."""
+        with self._lock:
+            self._out -= 1
+            give_back = self._closed and self._out == 0
+        if give_back:
+            self._give_back()
+
+    def offset(self, segment) -> int:
+        """Where a memoryview cut from this buffer starts in it."""
+        return np.frombuffer(segment, np.uint8).ctypes.data - self.array.ctypes.data
+
+    def on_device(self) -> torch.Tensor:
+        """The whole buffer on its device, copied once (on the current stream: the caller's load stream)."""
+        if self._on_device is None:
+            self._on_device = self._host[: max(self.nbytes, 1)].to(self.device, non_blocking=True)
+            _queued(self._slot, free=False)  # the event of this copy: the host bytes are reusable once it ran
+        return self._on_device
+
+    def close(self) -> None:
+        """Done with the buffer: back to the pool once no read writes into it any more (its copy to the device, if
+        queued, still runs: the pool waits for that copy's event before reusing it)."""
+        with self._lock:
+            self._closed = True
+            give_back = self._out == 0
+        self._on_device = None
+        if give_back:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        with self._lock:
+            if self._returned:
+                return
+            self._returned = True
+        if self._slot is not None:
+            with _pool_lock:
+                self._slot[2] = False
+
+
+def _owner(segments: list) -> HostRange | None:
+    """The HostRange every one of `segments` was cut from, or None (then they are copied to a staging buffer)."""
+    objs = {id(obj): obj for obj in (memoryview(s).obj for s in segments)}
+    if len(objs) != 1:
+        return None
+    obj = objs.popitem()[1]
+    return obj.owner if isinstance(obj, _Owned) else None
+
+
+def _stage_in_place(owner: HostRange, segments: list, lengths: np.ndarray, shape: tuple, level: int) -> tuple:
+    """stage() of segments that lie in `owner` already: checked there, the descriptors and escapes in a small
+    staging buffer of their own; the segments' bytes go to the device with the whole buffer, once."""
+    _, heads, tokens, dim = shape
+    rows = heads * dim
+    width, per_lane, blocks = rans.layout(rows, tokens)
+    starts = np.fromiter((owner.offset(s) for s in segments), np.int64, len(segments))
+    if len(segments) and (starts.min() < 0 or int((starts + lengths).max()) > owner.nbytes):
+        raise ValueError("segments lie outside the staging buffer they name")  # never read past it (compiled)
+    n_desc = len(segments) * 2 * blocks
+    max_esc = min(int(lengths.sum()) // 8, len(segments) * 2 * rows * tokens)  # an escape takes 8 bytes
+    offs = np.cumsum([0, n_desc * _DESC * 8, max_esc * 8, max_esc * 4])
+    host, slot = _staging(int(offs[-1]) or 8, owner.device)
+    try:
+        view = host.numpy()
+        desc = view[offs[0] : offs[1]].view(np.int64).reshape(-1, _DESC)[:n_desc]
+        head = np.frombuffer(calibrated_head(level), np.uint8)
+        pos, val = np.empty(max_esc, dtype=np.int64), np.empty(max_esc, dtype=np.int32)
+        data = owner.array.view(np.ndarray)[: owner.nbytes]
+        n_esc, err = rans.scan_segments(
+            data, starts, lengths, head, heads, tokens, dim, width, per_lane, desc, pos, val
+        )
+        if err:
+            raise rans.RansError(f"cachegen segment does not parse (code {err})")
+        if n_esc:
+            view[offs[1] : offs[1] + 8 * n_esc] = pos[:n_esc].view(np.uint8)
+            view[offs[2] : offs[2] + 4 * n_esc] = val[:n_esc].view(np.uint8)
+        end = int(offs[2]) + 4 * n_esc if n_esc else int(offs[1])
+        dev = host[: max(end, 8)].to(owner.device, non_blocking=True)
+        data_dev = owner.on_device()
+    finally:
+        _queued(slot)
+    return (
+        data_dev,
+        dev[: n_desc * _DESC * 8].view(torch.int64),
+        (
+            dev[offs[1] : offs[1] + 8 * n_esc].view(torch.int64),
+            dev[offs[2] : offs[2] + 4 * n_esc].view(torch.int32),
+        ),
+        (len(segments), 2, heads, tokens, dim),
+    )
 
 
 def stage(segments: list, shape: tuple, level: int, device) -> tuple:
@@ -110,7 +239,10 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     device = torch.device(device)
     rows = heads * dim
     width, per_lane, blocks = rans.layout(rows, tokens)
-    lengths = np.fromiter((len(memoryview(s)) for s in segments), np.int64, len(segments))
+    lengths = np.fromiter((memoryview(s).nbytes for s in segments), np.int64, len(segments))
+    owner = _owner(segments)
+    if owner is not None:  # read into a staging buffer already: no copy
+        return _stage_in_place(owner, segments, lengths, shape, level)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     base = int(lengths.sum())
     n_desc = len(segments) * 2 * blocks

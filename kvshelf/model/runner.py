@@ -53,6 +53,21 @@ LayerHook = Callable[[int, "ModelRunner", KVBuffer], None]
 TokenSelector = Callable[[int, torch.Tensor, torch.Tensor, dict], "torch.Tensor | None"]
 
 
+# The forward's per-positions cache (`masks`) keeps the first and last position as ints under this key: reading
+# them from a GPU tensor waits for the GPU, and a wait in every layer kept the launches from running ahead of the
+# kernels, so that any stall of the launching thread (a layerwise loader's threads taking the GIL) left the GPU
+# idle (issue #17, fifth session: 4 such waits per layer in a torch.profiler trace; BENCHMARKS.md).
+_BOUNDS = "positions"
+
+
+def _bounds(positions: torch.Tensor, masks: dict) -> tuple[int, int]:
+    """(first, last) of `positions` as ints, read once per set of positions (kept in `masks`)."""
+    bounds = masks.get(_BOUNDS)
+    if bounds is None:
+        bounds = masks[_BOUNDS] = (int(positions[0]), int(positions[-1]))
+    return bounds
+
+
 def has_sandwich_norms(layer: torch.nn.Module) -> bool:
     """Whether a decoder layer norms its MLP's input and output too (Gemma 3's pre/post_feedforward_layernorm),
     HF's or vLLM's alike. A probe of the third-party module, not a model-type list: the modules it holds are
@@ -255,9 +270,9 @@ class ModelRunner:
             q = q_norm(q)
         q = apply_rope(q, cos, sin)
         k, v = self._kv_states(index, attn, x, cos, sin)
-        first, last = int(positions[0]), int(positions[-1])
+        first, last = _bounds(positions, masks)
         contiguous = last - first + 1 == n
-        kv.write_layer(index, self._slots(positions, n), k[0], v[0])
+        kv.write_layer(index, slice(first, last + 1) if contiguous else positions, k[0], v[0])
         end = last + 1
         # Keys a sliding layer can never see are not read at all.
         start = max(0, first - window + 1) if window is not None else 0
@@ -316,7 +331,7 @@ class ModelRunner:
         positions = torch.arange(start, start + n, device=self.device)
         hidden = self.embed(ids)
         rope = self.rope_tables(hidden, positions)
-        masks: dict = {}
+        masks: dict = {_BOUNDS: (start, start + n - 1)}  # what the layers share while the positions stay
         should_stop = _stop_check.get()
         for i in range(self.num_layers):
             if should_stop is not None and should_stop():

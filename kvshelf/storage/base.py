@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from kvshelf.codecs.base import Codec
@@ -82,6 +83,19 @@ class LayerRanges(Protocol):
         """Layers i..j-1's segments, back to back, verified; None when the object is gone or the range is
         damaged (a miss)."""
 
+    def read_into(self, i: int, j: int, out: memoryview) -> memoryview | None:
+        """read() into `out` (writable, exactly the range's bytes: a loader's staging buffer, so that the bytes
+        are not copied again before they go to a device): `out`, verified there; None as read()."""
+
+
+def copy_into(out: memoryview, data) -> int:
+    """The bytes of `data` (at most out's) into `out`, by numpy (which lets other threads run while it copies,
+    unlike a memoryview assignment); their count."""
+    src = np.frombuffer(data, np.uint8)
+    n = min(src.size, out.nbytes)
+    np.frombuffer(out, np.uint8)[:n] = src[:n]
+    return n
+
 
 class OpenedRanges:
     """LayerRanges over a chunk opened (read and verified) whole: what tiers without range reads give."""
@@ -93,6 +107,13 @@ class OpenedRanges:
 
     def read(self, i: int, j: int) -> memoryview:
         return self._payload[self.offsets[i] : self.offsets[j]]
+
+    def read_into(self, i: int, j: int, out: memoryview) -> memoryview:
+        data = self.read(i, j)
+        if out.nbytes != data.nbytes:
+            raise ValueError(f"layers {i}..{j - 1} are {data.nbytes} bytes, not {out.nbytes}")
+        copy_into(out, data)  # verified when the chunk was opened; these bytes are a copy of what was checked
+        return out
 
 
 class StorageBackend(ABC):

@@ -189,8 +189,12 @@ class DiskBackend(ByteStore):
     def _get_range(self, name: str, start: int, length: int, limit: int) -> bytes | None:
         return self._pread(name, start, length, limit)
 
-    def _pread(self, name: str, start: int, length: int, limit: int) -> bytes | None:
-        """Up to `length` bytes of the file from `start` (the whole file: start 0, length `limit`)."""
+    def _get_range_into(self, name: str, start: int, out: memoryview, limit: int) -> int | None:
+        return self._pread(name, start, out.nbytes, limit, out)
+
+    def _pread(self, name: str, start: int, length: int, limit: int, out: memoryview | None = None):
+        """Up to `length` bytes of the file from `start` (the whole file: start 0, length `limit`); with `out`,
+        read into it (os.preadv: the page cache's bytes copied once, into the caller's buffer) and their count."""
         with self._lock:
             if name not in self._index:
                 return None
@@ -204,7 +208,15 @@ class DiskBackend(ByteStore):
                 n = max(0, min(length, size - start))
                 # one copy out of the page cache; decoding views it (shorter than asked where the file shrank:
                 # the format's checks refuse that)
-                return os.pread(fd, n, start)
+                if out is None:
+                    return os.pread(fd, n, start)
+                got = 0
+                while got < n:  # preadv may return fewer bytes than asked (signals, very large reads)
+                    step = os.preadv(fd, [out[got:n]], start + got)
+                    if step == 0:
+                        break
+                    got += step
+                return got
         except FileNotFoundError:  # removed behind our back
             self._forget(name)
             return None

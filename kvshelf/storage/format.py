@@ -327,26 +327,24 @@ class EncodedChunk:
         if self.codec.raw_layout:
             shape = self.meta.shape
             return tensor_view(self._payload[self._offsets[i] : self._offsets[j]], self.meta.dtype, (j - i, *shape[1:]))
-        return torch.stack(self._decode(list(range(i, j))))
+        return self._decode(list(range(i, j)))
 
-    def _decode(self, layers: list[int]) -> list[torch.Tensor]:
+    def _decode(self, layers: list[int]) -> torch.Tensor:  # one tensor [len(layers), *layer shape]
         shape, dtype = self.meta.shape, self.meta.dtype
         segments = [self._payload[self._offsets[k] : self._offsets[k + 1]] for k in layers]
         try:
-            out = self.codec.decode_layers(segments, shape[1:], dtype, layers, shape[0], self.meta.position)
+            out = self.codec.decode_stacked(segments, shape[1:], dtype, layers, shape[0], self.meta.position)
         except (FormatError, CodecPoolError):
             raise  # a dead worker is this process's fault, not the data's
         except Exception as err:  # noqa: BLE001
             raise FormatError(f"layers {layers[0]}..{layers[-1]} do not decode: {type(err).__name__}: {err}") from None
-        return [_checked(t, shape[1:], dtype, f"layer {k}") for t, k in zip(out, layers, strict=True)]
+        return _checked(out, (len(layers), *shape[1:]), dtype, f"layers {layers[0]}..{layers[-1]}")
 
     def decode_all(self) -> StoredChunk:
         shape, dtype = self.meta.shape, self.meta.dtype
         if self.codec.raw_layout:
-            kv = tensor_view(self._payload, dtype, shape)  # no copy: the chunk is read-only
-        else:
-            kv = torch.stack(self._decode(list(range(shape[0]))))
-        return StoredChunk(self.meta, kv)
+            return StoredChunk(self.meta, tensor_view(self._payload, dtype, shape))  # no copy: read-only chunk
+        return StoredChunk(self.meta, self._decode(list(range(shape[0]))))
 
 
 def _checked(t: torch.Tensor, shape, dtype, what: str) -> torch.Tensor:

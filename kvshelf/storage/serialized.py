@@ -21,7 +21,7 @@ from kvshelf.codecs import Codec
 from kvshelf.metrics import Metrics
 from kvshelf.storage import expect
 from kvshelf.storage.auth import ObjectAuth, codec_id, object_name
-from kvshelf.storage.base import StorageBackend, StoredChunk
+from kvshelf.storage.base import StorageBackend, StoredChunk, copy_into
 from kvshelf.storage.expect import GENERIC, MAX_HEADER_BYTES, Expected
 from kvshelf.storage.format import (
     PREFIX_SIZE,
@@ -68,6 +68,13 @@ class ByteStore(StorageBackend):
         By default a whole read, cut."""
         blob = self._get_bytes(name, limit)
         return None if blob is None else memoryview(blob)[start : start + length]
+
+    def _get_range_into(self, name: str, start: int, out: memoryview, limit: int) -> int | None:
+        """_get_range into `out` (its length the bytes asked for): the bytes read (fewer where the object ends
+        first), or None when there is no object. By default a read, copied; tiers that can read into a buffer
+        (disk: os.preadv) skip that copy."""
+        data = self._get_range(name, start, out.nbytes, limit)
+        return None if data is None else copy_into(out, data)
 
     @abstractmethod
     def _delete_name(self, name: str) -> None: ...
@@ -197,6 +204,22 @@ class RangedChunk:
                 if data is None:
                     return None  # gone since the head was read (evicted, deleted)
             return self._head.check(i, j, data)
+        except FormatError as err:
+            self._store._reject(self._key, err)
+            return None
+
+    def read_into(self, i: int, j: int, out: memoryview) -> memoryview | None:
+        at, n = self._head.span(i, j)
+        if out.nbytes != n:
+            raise ValueError(f"layers {i}..{j - 1} are {n} bytes, not {out.nbytes}")
+        try:
+            if at - self._head.start + n <= self._prefix.nbytes:  # came with the head
+                got = copy_into(out, self._prefix[at - self._head.start : at - self._head.start + n])
+            else:
+                got = self._store._get_range_into(self._name, at, out, self._head.size)
+                if got is None:
+                    return None  # gone since the head was read (evicted, deleted)
+            return self._head.check(i, j, out[:got])  # every digest, on the bytes as they lie in `out`
         except FormatError as err:
             self._store._reject(self._key, err)
             return None
