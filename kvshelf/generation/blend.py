@@ -35,7 +35,7 @@ class BlendPrefill:
             exact=False,  # fused KV is approximate: never stored under prefix keys
             compute_s=time.perf_counter() - t0,
             blend=info,
-            deferred=blender.compute_missing(seg, documents, request.salt, info) if info.deferred else None,
+            deferred=blender.store_missing(seg, documents, kv, request.salt, info) if info.deferred else None,
         )
 
     def _exact(self, request: PrefillRequest, kv: KVBuffer, documents) -> PrefillOutcome:
@@ -56,5 +56,5 @@ class BlendPrefill:
             store_prefix=False,  # a blended prompt is served from document KV, never from prefix KV
             compute_s=compute_s,
             blend=info,
-            deferred=blender.compute_missing(seg, documents, request.salt, info) if missing else None,
+            deferred=blender.store_missing(seg, documents, kv, request.salt, info) if missing else None,
         )
