@@ -1,9 +1,11 @@
 """CacheBlend on kvshelf's model runner: reuse the KV of documents at any position, recompute the few
 tokens whose KV deviates most.
 
-Each document's KV is cached on its own, computed as `prefix + document + sep` (the prefix is the BOS token,
-the attention sink every real prompt starts with; the separator that follows every document is cached with
-it) and keyed by those tokens alone, so it serves the document wherever it appears. For a prompt
+Each document's KV is cached on its own (the separator that follows every document is cached with it), keyed
+by its tokens and the prefix (the BOS token, the attention sink every real prompt starts with) alone, so it
+serves the document wherever it appears: with `document_context` "prompt" (the config's default) the slice of
+the first prompt that held it, as that prefill computed it, at the position it had there; with "alone" computed
+as `prefix + document + sep` on its own. For a prompt
 `prefix, document, sep, document, sep, ..., suffix`:
 
 1. every cached document's KV is loaded and its keys re-rotated from the position it was computed at
@@ -20,8 +22,8 @@ it) and keyed by those tokens alone, so it serves the document wherever it appea
 Fused KV is approximate, so it is never stored under prefix-cache keys.
 
 The first request with new documents is never slower than a plain prefill (issue #18; computing each new
-document alone before blending made it 1.3-2.4x slower): a missing document's position-independent KV
-(computed alone, after the prefix) is computed after the request's first token (`compute_missing`), so that
+document alone before blending made it 1.3-2.4x slower): a missing document's KV is stored after the request's
+first token (`store_missing`: its slice of this prompt's KV, or computed alone by `compute_missing`), so that
 the next request with it blends. A request with less than `min_cached_share` of its document tokens cached
 is not blended at all but prefilled exactly (kvshelf.generation.blend): the little it would save is not
 worth an approximate answer.
