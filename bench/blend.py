@@ -109,8 +109,12 @@ def another_order(docs: list[str], rng: random.Random) -> list[str]:
             return order
 
 
-def store_documents_alone(gen: CachedGenerator, text: str) -> None:
-    """Each document of `text` computed alone and stored, as after a cold request's first token."""
+def store_documents(gen: CachedGenerator, text: str) -> None:
+    """Each document of `text` stored as a cold request with it stores it: computed alone (document_context
+    alone), or its slice of that request's exact prefill (prompt: the request itself is run)."""
+    if gen.blender.document_context == "prompt":
+        gen.generate(text, max_new_tokens=1)
+        return
     seg = gen.segment(text, None)
     for _ in gen.blender.compute_missing(seg, gen.blender.documents(seg, None), None, BlendInfo()):
         pass
@@ -238,7 +242,14 @@ def main() -> None:
     methods.update({f"CacheBlend {r:.0%}": blend_gen(ratios=[r]) for r in args.ratios})
     methods.update({name: blend_gen(**VARIANTS[name]) for name in args.variants})
     probe = methods["full reuse (0%)"]
-    fillers = [probe] + [g for g in methods.values() if g is not None and g.blender and g.blender.prefix_documents]
+    # Each kind of document cache filled once: behind BOS alone, behind another fixed prefix (other keys), or
+    # from the earlier prompt itself (document_context prompt: other keys too).
+    fillers = [probe] + [
+        g
+        for g in methods.values()
+        if g is not None and g.blender and (g.blender.prefix_documents or g.blender.document_context == "prompt")
+    ]
+    fillers = list({(g.blender.prefix_documents, g.blender.document_context): g for g in reversed(fillers)}.values())
     probe.generate("warm-up", max_new_tokens=1, use_cache=False)
     per_sample = Path(args.json).with_suffix(".samples.jsonl")
     per_sample.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +267,7 @@ def main() -> None:
             if "prefix caching" in methods:
                 shelf.generator.generate(probe.segment(first, None).token_ids, max_new_tokens=1)
             for filler_gen in fillers:  # documents behind another fixed prefix have other keys: fill each kind
-                store_documents_alone(filler_gen, first)
+                store_documents(filler_gen, first)
             text = prompt_text(docs, question, cue)
             ids = probe.segment(text, None).token_ids
             record = {

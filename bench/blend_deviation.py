@@ -19,7 +19,7 @@ import random
 import statistics
 
 import torch
-from blend import SEP, prompt_text, read_samples, store_documents_alone
+from blend import SEP, prompt_text, read_samples, store_documents
 
 from kvshelf.assembly import open_shelf
 from kvshelf.blend.blender import Blender, BlendInfo
@@ -53,7 +53,7 @@ def main() -> None:
     in_top, in_all = collections.Counter(), collections.Counter()
     for sample in samples:
         docs, question, cue = sample["documents"], sample["question"], sample.get("cue", "")
-        store_documents_alone(gen, prompt_text(rng.sample(docs, len(docs)), question, cue))
+        store_documents(gen, prompt_text(rng.sample(docs, len(docs)), question, cue))
         seg = gen.segment(prompt_text(docs, question, cue), None)
         ids = seg.token_ids
         full = runner.new_kv(len(ids))

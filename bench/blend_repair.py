@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from blend import SEP, another_order, kl, prompt_text, read_samples, store_documents_alone
+from blend import SEP, another_order, kl, prompt_text, read_samples, store_documents
 
 from kvshelf.assembly import open_shelf
 from kvshelf.blend.blender import Blender, BlendInfo
@@ -80,7 +80,7 @@ def main() -> None:
     rows = []
     for index, sample in enumerate(samples, start=args.start):
         docs, question, cue = list(sample["documents"]), sample["question"], sample.get("cue", "")
-        store_documents_alone(gen, prompt_text(another_order(docs, rng), question, cue))
+        store_documents(gen, prompt_text(another_order(docs, rng), question, cue))
         seg = gen.segment(prompt_text(docs, question, cue), None)
         ids = seg.token_ids
         n = len(ids)

@@ -47,6 +47,15 @@ VARIANTS = {
         "selection": SelectionPolicy(signal="kv+question", question_pass=True, question_weight=4.0),
     },
     "12%, question pass": {"ratios": [0.12], "selection": SelectionPolicy(signal="question", question_pass=True)},
+    # issue #18, fifth session: documents cached with the KV of the earlier prompt that held them
+    "15%, from the earlier prompt": {"ratios": [0.15], "document_context": "prompt"},
+    "30%, from the earlier prompt": {"ratios": [0.3], "document_context": "prompt"},
+    "0%, from the earlier prompt": {"ratios": [0.0], "document_context": "prompt"},
+    "15%, question pass, from the earlier prompt": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True),
+        "document_context": "prompt",
+    },
     "20%, question pass": {"ratios": [0.2], "selection": SelectionPolicy(signal="question", question_pass=True)},
     "15%, question pass, global layers": {
         "ratios": [0.15],

@@ -93,7 +93,7 @@ def ask(gen, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> Answer:
     text = tokenizer.decode(r.token_ids, skip_special_tokens=True).split("\n")[0].strip()
     hit = r.hit_tokens
     if r.blend is not None and r.blend.document_hits == 0:
-        hit = 0  # every document was computed alone (and stored) first: nothing came from the cache
+        hit = 0  # the documents were computed (and stored) first: nothing came from the cache
     return Answer(text, r.token_ids, r.ttft_s, r.prompt_tokens, hit)
 
 

@@ -18,10 +18,12 @@ DOCS = ["Alpha facts: the key is 4821. " * 3, "Beta notes about rivers and seas.
 QUESTION = "Question: what is the key?"
 
 
-def make(model, ratios=(0.15,), check_layers=(1,)):
+def make(model, ratios=(0.15,), check_layers=(1,), document_context="alone"):
     runner = ModelRunner(model)
     engine = CacheEngine(runner.fingerprint(), MemoryBackend(1 << 28), chunk_size=16)
-    blender = Blender(runner, engine, check_layers=list(check_layers), ratios=list(ratios))
+    blender = Blender(
+        runner, engine, check_layers=list(check_layers), ratios=list(ratios), document_context=document_context
+    )
     return CachedGenerator(runner, engine, tiny_tokenizer(), blender=blender, blend_special_str=SEP)
 
 
@@ -266,3 +268,52 @@ def test_a_partly_cached_request_blends_only_above_the_cached_share(tiny_models)
     assert torch.allclose(forced.first_logits, full.first_logits, atol=1e-4)
     with pytest.raises(ValueError, match="min_cached_share"):
         Blender(gen.runner, None, check_layers=[1], ratios=[0.1], min_cached_share=1.5)
+
+
+# -- documents cached with the KV of the prompt that first held them (issue #18, fifth session) ----------------
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_in_prompt_documents_are_stored_from_the_cold_prefill_without_compute(family, tiny_models):
+    gen = make(tiny_models(family), document_context="prompt")
+    seg = gen.segment(blended(DOCS), None)
+    ids = seg.token_ids
+    exact = gen.runner.new_kv(len(ids))
+    gen.runner.forward(ids, 0, exact)
+    forwards = []
+    forward = gen.runner.forward
+    gen.runner.forward = lambda tokens, *a, **k: forwards.append(len(tokens)) or forward(tokens, *a, **k)
+    cold = gen.generate(blended(DOCS), max_new_tokens=3, stop_at_eos=False)
+    # The prompt and the decode steps only: no document computed again.
+    assert forwards == [len(ids), 1, 1]
+    assert cold.blend.exact and cold.blend.stored_from_prompt == 3 and cold.blend.computed_alone == 0
+    for s, e in gen.blender._cached_spans(seg):
+        key = gen.engine.blend_key(ids[s:e], prefix=seg.prefix, in_prompt=True)
+        assert key != gen.engine.blend_key(ids[s:e], prefix=seg.prefix)  # another cache than alone KV
+        chunk = gen.engine.get_blend_chunk(key, e - s, position=None)
+        assert chunk is not None and chunk.meta.position == s
+        assert torch.equal(chunk.kv, exact.data[:, :, :, s:e])
+    # A reader that wants the KV at one position (an alone key's promise) does not take KV computed elsewhere.
+    assert s != len(seg.prefix) and gen.engine.get_blend_chunk(key, e - s, position=len(seg.prefix)) is None
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_in_prompt_documents_blend_in_another_order(family, tiny_models):
+    gen = make(tiny_models(family), ratios=(1.0,), document_context="prompt")
+    gen.generate(blended(DOCS), max_new_tokens=1)
+    reordered = blended([DOCS[2], DOCS[0], DOCS[1]])
+    full = gen.generate(gen.segment(reordered, None).token_ids, max_new_tokens=4, use_cache=False, stop_at_eos=False)
+    warm = gen.generate(reordered, max_new_tokens=4, stop_at_eos=False)
+    # Every document placed from the first prompt's KV (keys moved from where they were there); at ratio 1.0
+    # every token recomputed from the check layer on: the answer of a full prefill.
+    assert not warm.blend.exact and warm.blend.document_hits == 3 and warm.blend.stored_from_prompt == 0
+    assert torch.allclose(warm.first_logits, full.first_logits, atol=1e-4) and warm.token_ids == full.token_ids
+
+
+def test_in_prompt_documents_missing_from_a_blend_are_stored_from_its_fused_kv(tiny_models):
+    gen = make(tiny_models("llama"), document_context="prompt")
+    gen.blender.min_cached_share = 0.0
+    gen.generate(blended(DOCS[:1]), max_new_tokens=1)
+    warm = gen.generate(blended(DOCS), max_new_tokens=2, stop_at_eos=False)
+    assert not warm.blend.exact and warm.blend.document_hits == 1 and warm.blend.stored_from_prompt == 2
+    seg = gen.segment(blended(DOCS), None)
+    held = gen.blender.documents(seg, None)
+    assert all(d.cached for d in held)

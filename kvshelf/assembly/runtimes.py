@@ -69,6 +69,7 @@ GENERATION = frozenset(
         "blend_context_mass",
         "blend_context_layers",
         "blend_context_distance_bias",
+        "blend_document_context",  # issue #18, fifth session: vLLM computes the cold prompt itself
         "use_layerwise",
         "use_async_load",
         "buffer_size",

@@ -96,7 +96,8 @@ class VllmBlending:
             raise ValueError(f"blend_special_str {self.separator!r} tokenizes to nothing")
         with_special = list(tokenizer("x")["input_ids"])
         self._bos = with_special[: len(with_special) - len(tokenizer("x", add_special_tokens=False)["input_ids"])]
-        self.blender = Blender.from_config(self.runner, engine, config, metrics)
+        # Documents are computed alone here (compute_alone): vLLM, not kvshelf, prefills a cold prompt.
+        self.blender = Blender.from_config(self.runner, engine, config, metrics, document_context="alone")
 
     def split(self, tokens: list[int]) -> Segmented | None:
         """The prompt cut at the separator, or None without documents. The blend keys and positions are

@@ -1,9 +1,11 @@
 """CacheBlend on kvshelf's model runner: reuse the KV of documents at any position, recompute the few
 tokens whose KV deviates most.
 
-Each document's KV is cached on its own, computed as `prefix + document + sep` (the prefix is the BOS token,
-the attention sink every real prompt starts with; the separator that follows every document is cached with
-it) and keyed by those tokens alone, so it serves the document wherever it appears. For a prompt
+Each document's KV is cached on its own (the separator that follows every document is cached with it), keyed
+by its tokens and the prefix (the BOS token, the attention sink every real prompt starts with) alone, so it
+serves the document wherever it appears: with `document_context` "prompt" (the config's default) the slice of
+the first prompt that held it, as that prefill computed it, at the position it had there; with "alone" computed
+as `prefix + document + sep` on its own. For a prompt
 `prefix, document, sep, document, sep, ..., suffix`:
 
 1. every cached document's KV is loaded and its keys re-rotated from the position it was computed at
@@ -20,8 +22,8 @@ it) and keyed by those tokens alone, so it serves the document wherever it appea
 Fused KV is approximate, so it is never stored under prefix-cache keys.
 
 The first request with new documents is never slower than a plain prefill (issue #18; computing each new
-document alone before blending made it 1.3-2.4x slower): a missing document's position-independent KV
-(computed alone, after the prefix) is computed after the request's first token (`compute_missing`), so that
+document alone before blending made it 1.3-2.4x slower): a missing document's KV is stored after the request's
+first token (`store_missing`: its slice of this prompt's KV, or computed alone by `compute_missing`), so that
 the next request with it blends. A request with less than `min_cached_share` of its document tokens cached
 is not blended at all but prefilled exactly (kvshelf.generation.blend): the little it would save is not
 worth an approximate answer.
@@ -43,6 +45,8 @@ from kvshelf.model.kv_buffer import KVBuffer
 from kvshelf.model.reweight import AttentionReweight
 from kvshelf.model.runner import ModelRunner
 
+DOCUMENT_CONTEXTS = ("alone", "prompt")
+
 
 @dataclass
 class BlendInfo:
@@ -53,6 +57,7 @@ class BlendInfo:
     reused_tokens: int = 0  # placed tokens whose cached KV survived to the last layer
     recomputed_tokens: int = 0  # placed tokens recomputed in the last layer
     computed_alone: int = 0  # documents that missed, computed on their own (after the first token) and stored
+    stored_from_prompt: int = 0  # documents that missed, stored from this prompt's KV (document_context prompt)
     loaded_bytes: int = 0
     selected_per_check: list[int] = field(default_factory=list)
     exact: bool = False  # too few documents cached: the prompt was prefilled exactly, not blended
@@ -87,6 +92,7 @@ class Blender:
         prefix_documents: int = 0,
         context_attention: tuple[float, float, str] = (1.0, 1.0, "all"),
         context_distance_bias: float = 0.0,
+        document_context: str = "alone",
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -124,12 +130,27 @@ class Blender:
         # Each placed key's logit + bias x (1 - position / the question's first position): earlier documents
         # count more (a blend makes the question favour the later ones; issue #18, fourth session).
         self.context_distance_bias = float(context_distance_bias)
+        # Which KV a document is cached with: "alone" (computed on its own behind the prefix, after the first
+        # token) or "prompt" (its slice of the prompt that first held it, as that prefill computed it: no extra
+        # compute, and deep layers that saw other documents before it; issue #18, fifth session).
+        if document_context not in DOCUMENT_CONTEXTS:
+            raise ValueError(
+                f"blend_document_context must be one of {', '.join(DOCUMENT_CONTEXTS)}, got {document_context!r}"
+            )
+        self.document_context = document_context
 
     @classmethod
     def from_config(
-        cls, runner: ModelRunner, engine: CacheEngine | None, config: KVShelfConfig, metrics: Metrics | None = None
+        cls,
+        runner: ModelRunner,
+        engine: CacheEngine | None,
+        config: KVShelfConfig,
+        metrics: Metrics | None = None,
+        *,
+        document_context: str | None = None,
     ) -> Blender:
-        """The blender the config describes (kvshelf's own runner and the vLLM adapter alike)."""
+        """The blender the config describes (kvshelf's own runner and the vLLM adapter alike; `document_context`
+        overrides the config's)."""
         return cls(
             runner,
             engine,
@@ -153,6 +174,7 @@ class Blender:
                 config.blend_context_layers,
             ),
             context_distance_bias=config.blend_context_distance_bias,
+            document_context=document_context or config.blend_document_context,
         )
 
     # -- which documents are cached ----------------------------------------------------------------------------
@@ -161,7 +183,10 @@ class Blender:
         spans = self._cached_spans(seg)
         if self.engine is None:
             return [Document(start, end, None, False) for start, end in spans]
-        keys = [self.engine.blend_key(seg.token_ids[s:e], salt, prefix=seg.prefix) for s, e in spans]
+        in_prompt = self.document_context == "prompt"
+        keys = [
+            self.engine.blend_key(seg.token_ids[s:e], salt, prefix=seg.prefix, in_prompt=in_prompt) for s, e in spans
+        ]
         held = self.engine.backend.contains_many(keys)
         return [Document(s, e, k, bool(h)) for (s, e), k, h in zip(spans, keys, held, strict=True)]
 
@@ -169,6 +194,24 @@ class Blender:
         total = sum(d.tokens for d in documents)
         cached = sum(d.tokens for d in documents if d.cached)
         return total > 0 and cached >= self.min_cached_share * total  # 0: always blend
+
+    def store_missing(
+        self, seg: Segmented, documents: list[Document], kv: KVBuffer, salt, info: BlendInfo
+    ) -> Iterator[None]:
+        """The steps that cache the documents not cached, run after the first token: each one's KV computed
+        alone (`compute_missing`), or with `document_context` "prompt" its slice of `kv` (this request's
+        prefill, exact or blended: a missing document was computed in place in every layer) stored as it is,
+        at its position here: no compute."""
+        if self.document_context == "alone":
+            yield from self.compute_missing(seg, documents, salt, info)
+            return
+        for doc in documents:
+            if doc.cached or doc.key is None:
+                continue
+            self.engine.put_blend_chunk(doc.key, kv.data[:, :, :, doc.start : doc.end], position=doc.start)
+            info.stored_from_prompt += 1
+            info.deferred -= 1
+            yield
 
     def compute_missing(self, seg: Segmented, documents: list[Document], salt, info: BlendInfo) -> Iterator[None]:
         """Compute and store the position-independent KV of the documents not cached, one document per step
@@ -196,7 +239,7 @@ class Blender:
         runner = self.runner
         documents = documents if documents is not None else self.documents(seg, salt)
         document_mask = torch.zeros(len(seg.token_ids), dtype=torch.bool)
-        position = len(seg.prefix)
+        position = len(seg.prefix) if self.document_context == "alone" else None  # in-prompt KV: where it was
         for doc in documents:
             info.documents += 1
             info.document_tokens += doc.tokens

@@ -100,10 +100,10 @@ class CacheEngine:
             fingerprint=self._fp_digest,
         )
 
-    def _verified(self, key: ChunkKey, chunk, *, position: int | None = None):
+    def _verified(self, key: ChunkKey, chunk, *, position: int | None = None, any_position: bool = False):
         """The chunk (or chunk reader) if it is exactly what this key promises; otherwise delete it and
         report a miss. Its KV must have been computed at RoPE position `position` on (default: key.start,
-        where a prefix chunk sits)."""
+        where a prefix chunk sits), or anywhere with `any_position`."""
         if chunk is None:
             return None
         meta = chunk.meta
@@ -119,7 +119,7 @@ class CacheEngine:
             problem = "model fingerprint differs"
         elif meta.num_tokens != key.num_tokens:
             problem = f"holds {meta.num_tokens} tokens, key covers {key.num_tokens}"
-        elif meta.position != position:
+        elif meta.position != position and not any_position:
             problem = f"computed at position {meta.position}, key wants {position}"
         elif tuple(meta.shape) != self._expected_shape(key.num_tokens) or (
             kv is not None and tuple(kv.shape) != tuple(meta.shape)
@@ -324,23 +324,32 @@ class CacheEngine:
         return stored_tokens
 
     # -- position-independent chunks (CacheBlend) -------------------------------------------------
-    def blend_key(self, tokens: Sequence[int], salt: str | None = None, *, prefix: Sequence[int] = ()) -> bytes:
+    def blend_key(
+        self, tokens: Sequence[int], salt: str | None = None, *, prefix: Sequence[int] = (), in_prompt: bool = False
+    ) -> bytes:
         """Key of a chunk's KV computed on its own after `prefix` (the BOS; its first token then sits at
-        position len(prefix)): depends on its tokens and that context, not on what precedes it in a prompt."""
+        position len(prefix)): depends on its tokens and that context, not on what precedes it in a prompt.
+        `in_prompt`: the key of the chunk's KV as some earlier prompt computed it (after `prefix` and whatever
+        came before it there, at the position it had there): another cache of the same tokens."""
         ids = np.asarray(tokens, dtype="<i8")
         before = np.asarray(prefix, dtype="<i8")
         h = hashlib.blake2b(digest_size=16, person=b"kvshelf-blend")
         h.update(chain_root(self._fp_digest, salt))
+        if in_prompt:
+            h.update(b"in-prompt")
         h.update(len(before).to_bytes(4, "little"))
         h.update(before.tobytes())
         h.update(len(ids).to_bytes(4, "little"))
         h.update(ids.tobytes())
         return h.digest()
 
-    def get_blend_chunk(self, key: bytes, num_tokens: int, *, position: int = 0) -> StoredChunk | None:
-        """The chunk under a blend key, if its KV was computed at `position` (where its key says)."""
+    def get_blend_chunk(self, key: bytes, num_tokens: int, *, position: int | None = 0) -> StoredChunk | None:
+        """The chunk under a blend key, if its KV was computed at `position` (where its key says); None: at
+        whatever position its header names (an in-prompt key: the reader re-rotates from there)."""
         with expecting(self._expect(num_tokens, position)):
-            chunk = self._verified(ChunkKey(key, 0, num_tokens), self.backend.get(key), position=position)
+            chunk = self._verified(
+                ChunkKey(key, 0, num_tokens), self.backend.get(key), position=position, any_position=position is None
+            )
         with self._stats_lock:
             self.stats.blend_lookups += 1
             if chunk is not None:

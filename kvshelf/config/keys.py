@@ -257,6 +257,14 @@ class ConfigKeys(BaseModel):
         description="layerwise, chunks decoded on the GPU: reads of one request in flight at once on a tier "
         "(at most tier_workers; the rest stay free for other requests)",
     )
+
+    # -- issue #18 (fifth session): which KV a blend document is cached with -------------------------------
+    blend_document_context: Literal["alone", "prompt"] = Field(
+        "prompt",  # issue #18, fifth session: answer-token KL at 15% 0.291 -> 0.216 (dev), 0.25 -> 0.15 (held-out)
+        description="CacheBlend: a missing document is cached with its KV computed alone behind BOS (alone, after "
+        "the first token) or with its slice of the prompt that first held it (prompt: no extra compute; kvshelf's "
+        "own runner only)",
+    )
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
 
@@ -301,6 +309,7 @@ NESTED_KEYS: dict[str, str] = {
     "blending.context_mass": "blend_context_mass",
     "blending.context_layers": "blend_context_layers",
     "blending.context_distance_bias": "blend_context_distance_bias",
+    "blending.document_context": "blend_document_context",
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",

@@ -1,7 +1,7 @@
 """CacheBlend prefill: documents' KV reused at any position, a few tokens recomputed (kvshelf.blend).
 
-Documents not cached are computed in place (with the prompt) and, after the first token, alone for the next
-request; a request with too few of its documents cached is prefilled exactly instead (never slower than a
+Documents not cached are computed in place (with the prompt) and, after the first token, stored for the next
+request (their slice of this prompt's KV, or computed alone: blend_document_context); a request with too few of its documents cached is prefilled exactly instead (never slower than a
 plain prefill, issue #18).
 """
 
@@ -35,12 +35,12 @@ class BlendPrefill:
             exact=False,  # fused KV is approximate: never stored under prefix keys
             compute_s=time.perf_counter() - t0,
             blend=info,
-            deferred=blender.compute_missing(seg, documents, request.salt, info) if info.deferred else None,
+            deferred=blender.store_missing(seg, documents, kv, request.salt, info) if info.deferred else None,
         )
 
     def _exact(self, request: PrefillRequest, kv: KVBuffer, documents) -> PrefillOutcome:
         """A plain prefill of the whole prompt (its answer equals full prefill's); the documents not cached
-        are computed alone after the first token. Nothing came from the cache: no hit tokens."""
+        are stored after the first token. Nothing came from the cache: no hit tokens."""
         blender, seg = self.blender, request.documents
         missing = sum(1 for d in documents if not d.cached and d.key is not None)
         info = BlendInfo(documents=len(documents), document_tokens=sum(d.tokens for d in documents), exact=True)
@@ -56,5 +56,5 @@ class BlendPrefill:
             store_prefix=False,  # a blended prompt is served from document KV, never from prefix KV
             compute_s=compute_s,
             blend=info,
-            deferred=blender.compute_missing(seg, documents, request.salt, info) if missing else None,
+            deferred=blender.store_missing(seg, documents, kv, request.salt, info) if missing else None,
         )
