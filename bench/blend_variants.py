@@ -51,6 +51,11 @@ VARIANTS = {
     "15%, from the earlier prompt": {"ratios": [0.15], "document_context": "prompt"},
     "30%, from the earlier prompt": {"ratios": [0.3], "document_context": "prompt"},
     "0%, from the earlier prompt": {"ratios": [0.0], "document_context": "prompt"},
+    "12%, question pass, from the earlier prompt": {
+        "ratios": [0.12],
+        "selection": SelectionPolicy(signal="question", question_pass=True),
+        "document_context": "prompt",
+    },
     "15%, question pass, from the earlier prompt": {
         "ratios": [0.15],
         "selection": SelectionPolicy(signal="question", question_pass=True),
