@@ -26,7 +26,7 @@ def test_long_rag_with_reordered_documents_gets_cacheblend():
     assert a.blend_hit_rate > 0.5 > a.prefix_hit_rate
     assert a.config["enable_blending"] is True
     assert a.predicted_ttft_s[BLEND_LABEL] < 0.5 * a.predicted_ttft_s["no cache"]
-    assert BLEND_LABEL == "CacheBlend 30%" and any("as often as full prefill" in r for r in a.reasons)
+    assert BLEND_LABEL == "CacheBlend 15%" and any("as often as full prefill" in r for r in a.reasons)
 
 
 def test_a_cold_blend_request_is_charged_as_a_plain_prefill():

@@ -20,11 +20,12 @@ from kvshelf.config import KVShelfConfig
 # calibrated, level 5).
 CODEC_BITS = {"none": 32.0, "int8": 8.13, "cachegen": 2.65}
 
-# What CacheBlend costs in answers, measured on bench/rag_eval.py's unseen RAG set (issue #18, BENCHMARKS.md:
-# 48 samples, 0.8-3.5K tokens, the default model): the trade-off the recommendation states.
+# What CacheBlend costs in answers, measured on bench/rag_eval.py's unseen RAG set (issue #18, BENCHMARKS.md,
+# fifth session: 100 samples, 0.7-2.8K tokens, the default model): the trade-off the recommendation states.
 BLEND_QUALITY = (
-    "measured on varied RAG prompts of ~2K tokens: 30% recompute answered as often as full prefill (73% and 67%, "
-    "paired difference +6 points [-4, +17]) at ~2.7x faster TTFT; 15% was ~4.2x faster but lost 10 points"
+    "measured on 100 varied RAG prompts of ~2K tokens: 15% recompute, documents cached from the prompt that first "
+    "held them, answered as often as full prefill (65 and 66 of 100, paired difference -1 point [-9, +7]) at ~4.3x "
+    "faster TTFT; documents cached alone lost 10 points at 15%"
 )
 
 
