@@ -188,12 +188,29 @@ def _owner(segments: list) -> HostRange | None:
     return obj.owner if isinstance(obj, _Owned) else None
 
 
+def _scan(data, starts, lengths, view, offs, n_desc: int, max_esc: int, level: int, shape: tuple) -> int:
+    """Check the segments at `starts` in `data` (rans.scan_segments: compiled) and write the kernel's block
+    descriptors at view[offs[0]:] and the escapes' positions and values at offs[1] and offs[2]: their count."""
+    _, heads, tokens, dim = shape
+    width, per_lane, _ = rans.layout(heads * dim, tokens)
+    desc = view[offs[0] : offs[1]].view(np.int64).reshape(-1, _DESC)[:n_desc]
+    head = np.frombuffer(calibrated_head(level), np.uint8)
+    pos, val = np.empty(max_esc, dtype=np.int64), np.empty(max_esc, dtype=np.int32)
+    n_esc, err = rans.scan_segments(data, starts, lengths, head, heads, tokens, dim, width, per_lane, desc, pos, val)
+    if err:
+        raise rans.RansError(f"cachegen segment does not parse (code {err})")
+    if n_esc:
+        view[offs[1] : offs[1] + 8 * n_esc] = pos[:n_esc].view(np.uint8)
+        view[offs[2] : offs[2] + 4 * n_esc] = val[:n_esc].view(np.uint8)
+    return n_esc
+
+
 def _stage_in_place(owner: HostRange, segments: list, lengths: np.ndarray, shape: tuple, level: int) -> tuple:
     """stage() of segments that lie in `owner` already: checked there, the descriptors and escapes in a small
     staging buffer of their own; the segments' bytes go to the device with the whole buffer, once."""
     _, heads, tokens, dim = shape
     rows = heads * dim
-    width, per_lane, blocks = rans.layout(rows, tokens)
+    blocks = rans.layout(rows, tokens)[2]
     starts = np.fromiter((owner.offset(s) for s in segments), np.int64, len(segments))
     if len(segments) and (starts.min() < 0 or int((starts + lengths).max()) > owner.nbytes):
         raise ValueError("segments lie outside the staging buffer they name")  # never read past it (compiled)
@@ -203,18 +220,8 @@ def _stage_in_place(owner: HostRange, segments: list, lengths: np.ndarray, shape
     host, slot = _staging(int(offs[-1]) or 8, owner.device)
     try:
         view = host.numpy()
-        desc = view[offs[0] : offs[1]].view(np.int64).reshape(-1, _DESC)[:n_desc]
-        head = np.frombuffer(calibrated_head(level), np.uint8)
-        pos, val = np.empty(max_esc, dtype=np.int64), np.empty(max_esc, dtype=np.int32)
         data = owner.array.view(np.ndarray)[: owner.nbytes]
-        n_esc, err = rans.scan_segments(
-            data, starts, lengths, head, heads, tokens, dim, width, per_lane, desc, pos, val
-        )
-        if err:
-            raise rans.RansError(f"cachegen segment does not parse (code {err})")
-        if n_esc:
-            view[offs[1] : offs[1] + 8 * n_esc] = pos[:n_esc].view(np.uint8)
-            view[offs[2] : offs[2] + 4 * n_esc] = val[:n_esc].view(np.uint8)
+        n_esc = _scan(data, starts, lengths, view, offs[0:3], n_desc, max_esc, level, shape)
         end = int(offs[2]) + 4 * n_esc if n_esc else int(offs[1])
         dev = host[: max(end, 8)].to(owner.device, non_blocking=True)
         data_dev = owner.on_device()
@@ -238,7 +245,7 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     _, heads, tokens, dim = shape
     device = torch.device(device)
     rows = heads * dim
-    width, per_lane, blocks = rans.layout(rows, tokens)
+    blocks = rans.layout(rows, tokens)[2]
     lengths = np.fromiter((memoryview(s).nbytes for s in segments), np.int64, len(segments))
     owner = _owner(segments)
     if owner is not None:  # read into a staging buffer already: no copy
@@ -252,19 +259,9 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     host, slot = _staging(int(offs[-1]), device)
     try:
         view = host.numpy()
-        desc = view[offs[1] : offs[2]].view(np.int64).reshape(-1, _DESC)[:n_desc]
-        head = np.frombuffer(calibrated_head(level), np.uint8)
         for at, n, data in zip(starts.tolist(), lengths.tolist(), segments, strict=True):
             view[at : at + n] = np.frombuffer(data, np.uint8)
-        pos, val = np.empty(max_esc, dtype=np.int64), np.empty(max_esc, dtype=np.int32)
-        n_esc, err = rans.scan_segments(
-            view[:base], starts, lengths, head, heads, tokens, dim, width, per_lane, desc, pos, val
-        )
-        if err:
-            raise rans.RansError(f"cachegen segment does not parse (code {err})")
-        if n_esc:
-            view[offs[2] : offs[2] + 8 * n_esc] = pos[:n_esc].view(np.uint8)
-            view[offs[3] : offs[3] + 4 * n_esc] = val[:n_esc].view(np.uint8)
+        n_esc = _scan(view[:base], starts, lengths, view, offs[1:4], n_desc, max_esc, level, shape)
         end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
         dev = host[:end].to(device, non_blocking=True)
     finally:
