@@ -51,6 +51,9 @@ VARIANTS = {
     "15%, from the earlier prompt": {"ratios": [0.15], "document_context": "prompt"},
     "30%, from the earlier prompt": {"ratios": [0.3], "document_context": "prompt"},
     "0%, from the earlier prompt": {"ratios": [0.0], "document_context": "prompt"},
+    # ninth session: lower ratios for 4-8K prompts (a fixed share of layers runs in full whatever the ratio)
+    "10%, from the earlier prompt": {"ratios": [0.1], "document_context": "prompt"},
+    "7%, from the earlier prompt": {"ratios": [0.07], "document_context": "prompt"},
     "12%, question pass, from the earlier prompt": {
         "ratios": [0.12],
         "selection": SelectionPolicy(signal="question", question_pass=True),

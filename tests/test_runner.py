@@ -135,3 +135,35 @@ def test_a_forward_reads_no_tensor_value_per_layer(family, tiny_models, monkeypa
 
     runner.forward(list(range(50, 60)), 50, kv, select_tokens=select, logits=False)
     assert reads == ["int", "int"]  # first and last of the kept positions, once for the layers after the selection
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral"])
+def test_sliding_layers_in_window_blocks_equal_one_masked_attention(family, tiny_models, monkeypatch):
+    """A sliding layer's queries are cut into blocks that read only the keys their window reaches; the KV and
+    logits equal one attention over every key with most of them masked, for contiguous and for scattered
+    (CacheBlend-selected) queries."""
+    import kvshelf.model.runner as runner_module
+
+    runner = ModelRunner(tiny_models(family))
+    torch.manual_seed(3)
+    ids = torch.randint(0, runner.config.vocab_size, (150,))
+    keep = torch.tensor([0, 1, 2, 30, 31, 77, 78, 79, 80, 100, 140, 149])  # gaps wider than the window (24)
+
+    def select(i, hidden, positions, rope):
+        return keep if i == 1 else None
+
+    def run():
+        kv = runner.new_kv(150)
+        full = runner.forward(ids, 0, kv)
+        picked = runner.forward(ids, 0, kv, select_tokens=select)
+        return full, picked, kv.data[:, :, :, :150].clone()
+
+    blocks_seen = []
+    window_blocks = runner_module._window_blocks
+    monkeypatch.setattr(runner_module, "_window_blocks", lambda *a: blocks_seen.append(b := window_blocks(*a)) or b)
+    blocked = run()
+    assert any(b is not None and len(b) >= 3 for b in blocks_seen)  # the blocked path ran
+    monkeypatch.setattr(runner_module, "_window_blocks", lambda *a: None)
+    masked = run()
+    for got, want in zip(blocked, masked, strict=True):
+        assert torch.allclose(got, want, atol=LOGIT_ATOL), float((got - want).abs().max())

@@ -68,6 +68,27 @@ def _bounds(positions: torch.Tensor, masks: dict) -> tuple[int, int]:
     return bounds
 
 
+def _window_blocks(positions: torch.Tensor, masks: dict, window: int, n: int) -> list[tuple] | None:
+    """A sliding layer's queries cut where their positions cross a multiple of `window` past the first:
+    (lo, hi, first position, last position) per block, or None when the queries span at most two windows.
+    Each block then reads at most 2 x window keys instead of scoring every key up to the last query and masking
+    most of them (a 4K-token prefill of Gemma 3 spent over half its time so). Kept in `masks` (once per set of
+    positions: reading cut positions waits for a GPU)."""
+    key = ("window blocks", window)
+    if key not in masks:
+        first, last = _bounds(positions, masks)
+        blocks = None
+        if last - first + 1 > 2 * window:
+            edges = torch.arange(first + window, last + 1, window, device=positions.device)
+            cuts = [0, *torch.searchsorted(positions, edges).tolist(), n]
+            cuts = sorted(set(cuts))
+            ends = positions[torch.tensor(cuts[:-1] + [c - 1 for c in cuts[1:]], device=positions.device)].tolist()
+            k = len(cuts) - 1
+            blocks = [(cuts[i], cuts[i + 1], ends[i], ends[k + i]) for i in range(k)]
+        masks[key] = blocks
+    return masks[key]
+
+
 def has_sandwich_norms(layer: torch.nn.Module) -> bool:
     """Whether a decoder layer norms its MLP's input and output too (Gemma 3's pre/post_feedforward_layernorm),
     HF's or vLLM's alike. A probe of the third-party module, not a model-type list: the modules it holds are
@@ -273,26 +294,43 @@ class ModelRunner:
         first, last = _bounds(positions, masks)
         contiguous = last - first + 1 == n
         kv.write_layer(index, slice(first, last + 1) if contiguous else positions, k[0], v[0])
-        end = last + 1
-        # Keys a sliding layer can never see are not read at all.
-        start = max(0, first - window + 1) if window is not None else 0
-        keys, values = kv.layer_kv(index, start, end)
-        mask = None
-        if n > 1 or not contiguous:
-            mask_key = (window, start)
-            if mask_key not in masks:
-                masks[mask_key] = self.attention_mask(positions, end, start, window)
-            mask = masks[mask_key]
-        out = F.scaled_dot_product_attention(
-            q, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=attn.scaling, enable_gqa=True
-        )
+        blocks = _window_blocks(positions, masks, window, n) if window is not None else None
+        if blocks is None:
+            out = self._sdpa(index, q, positions, first, last, kv, window, masks, attn.scaling)
+        else:
+            out = torch.cat(
+                [
+                    self._sdpa(index, q[:, :, lo:hi], positions[lo:hi], p0, p1, kv, window, masks, attn.scaling)
+                    for lo, hi, p0, p1 in blocks
+                ],
+                dim=2,
+            )
         if (reweight := kv.reweight) is not None and reweight.applies(index, last):
             # The question's and decoded tokens' attention over placed documents, APE-style (model.reweight).
+            start = max(0, first - window + 1) if window is not None else 0
+            keys, values = kv.layer_kv(index, start, last + 1)
             rows = (positions >= reweight.from_position).nonzero().view(-1)
             out[0, :, rows] = reweighted_attention(
                 q[0, :, rows], keys, values, positions[rows], start, window, attn.scaling, reweight
             )
         return attn.o_proj(out.transpose(1, 2).reshape(1, n, -1))
+
+    def _sdpa(self, index, q, positions, first: int, last: int, kv: KVBuffer, window, masks: dict, scale):
+        """Attention of queries q [1, heads, n, dim] at `positions` (first..last) over the buffer's keys up to the
+        last one; keys a sliding layer can never see are not read at all."""
+        n = q.shape[2]
+        end = last + 1
+        start = max(0, first - window + 1) if window is not None else 0
+        keys, values = kv.layer_kv(index, start, end)
+        mask = None
+        if n > 1 or last - first + 1 != n:
+            mask_key = (window, start, end)  # one mask per key range, shared by the layers of that window
+            if mask_key not in masks:
+                masks[mask_key] = self.attention_mask(positions, end, start, window)
+            mask = masks[mask_key]
+        return F.scaled_dot_product_attention(
+            q, keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True
+        )
 
     def final_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.norm(hidden_last))
