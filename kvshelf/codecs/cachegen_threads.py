@@ -42,7 +42,9 @@ def units(layers: list[int], workers: int, most: int = MOST_HALVES) -> list[tupl
     """Half ranges [a, b) over the 2 * len(layers) halves of `layers` (list positions), one per unit: units
     as small as giving each of `workers` threads one allows (ceil(halves / workers), at most `most`: then
     the threads finish together), as few as that size needs, sizes differing by one at most; never across a
-    gap in the layer numbers (a unit's transforms are one slice). 18 layers on 16 threads: 12 units of 3."""
+    gap in the layer numbers (a unit's transforms are one slice). 18 layers on 16 threads: 12 units of 3.
+    The codec cuts for the threads free when a chunk starts (CodecProcesses.free_threads): one caller on an
+    idle pool gets 16-way units, each of 16 busy callers 6 units of 6 halves (half the GIL hand-offs)."""
     n = 2 * len(layers)
     if n == 0:
         return []
@@ -71,7 +73,7 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts = units(layers, processes.workers)
+    cuts = units(layers, processes.free_threads())  # all threads busy (many callers): fewer, larger units
     processes.map_threads(_decode_unit, [(job, a, b, rows[a * heads : b * heads]) for a, b in cuts])
     return out
 
@@ -103,7 +105,7 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts = units(layers, processes.workers)
+    cuts = units(layers, processes.free_threads())
     coded = processes.map_threads(_encode_unit, [(job, a, b, rows[a * heads : b * heads]) for a, b in cuts])
     head = cc._head(level).tobytes()
     parts = [memoryview(out)[a:b] for out, ends in coded for a, b in zip([0, *ends[:-1]], ends, strict=True)]
