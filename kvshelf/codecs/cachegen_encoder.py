@@ -77,20 +77,31 @@ def _code_halves(coeffs, width, per_lane, freq, cum, low_bits, radius, u, esc_at
             c = np.round(4 * (np.log2(max(spread, 2.0**-3)) + 3))
             cls[r] = np.uint8(min(max(c, 0), SPREAD_CLASSES - 1))
             rad[r] = radius[cls[r]]
-        # pass 2: shift by the radius, clipped to it; what lies at or beyond it is an escape, noted in order
+        # pass 2: shift by the radius, clipped to it; what lies at or beyond it is an escape, noted in order.
+        # Escapes are rare (5 in 9.4M values of real Gemma KV): a token's row is checked without a branch per
+        # value (the compiler vectorises both loops) and only a row with escapes takes the value-by-value loop
         n_esc = 0
         for h in range(heads):
+            rr = rad[h * dim : (h + 1) * dim]
             for t in range(tokens):
                 base = (h * tokens + t) * dim
+                row = u[base : base + dim]
+                hits = 0
                 for d in range(dim):
-                    r = rad[h * dim + d]
-                    v = u[base + d]
+                    hits += (row[d] >= rr[d]) | (row[d] <= -rr[d])
+                if hits == 0:
+                    for d in range(dim):
+                        row[d] += rr[d]
+                    continue
+                for d in range(dim):
+                    r = rr[d]
+                    v = row[d]
                     if v >= r or v <= -r:
                         esc_at[n_esc] = base + d
                         esc_val[n_esc] = v
                         n_esc += 1
                         v = r if v > 0 else -r
-                    u[base + d] = v + r
+                    row[d] = v + r
         cap = _encode_lanes_into(u[:values], cls, width, per_lane, tokens, dim, freq, cum, low_bits, words, counts,
                                  states)  # fmt: skip
         # the part's bytes: classes, escape count, word counts, states, words, escape positions, escape values
