@@ -4,8 +4,8 @@
 
 Decoding a unit: rANS symbols (`_decode_halves`), the inverse transform (`torch.baddbmm`), RoPE (`_rope`), the
 cast to fp16 (`copy_`). Encoding: the cast to float32 and RoPE back, the forward transform, then rounding,
-classes, escapes, the rANS lanes and the byte layout (`_encode_halves`), and the lanes alone (`_encode_lanes`). Units of 6
-halves (3 layers), as kvshelf.codecs.cachegen_threads cuts them; best of 3 by `time.process_time`.
+classes, escapes, the rANS lanes and the byte layout (`cachegen_encoder._code_halves`), and the lanes alone
+(`_encode_lanes_into`, inputs not in cache: an upper bound). Units of 6 halves (3 layers), as kvshelf.codecs.cachegen_threads cuts them; best of 3 by `time.process_time`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from codec_speed import chunks_of
 from safetensors.torch import load_file
 
 from kvshelf.codecs import cachegen_cpu as cc
+from kvshelf.codecs import cachegen_encoder as ce
 from kvshelf.codecs import cachegen_threads as ct
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import rans
@@ -96,15 +97,22 @@ def main() -> None:
                 elif which == "cast to fp32":
                     q_t.copy_(kv_rows[a * heads : b * heads])
 
+    scratch = ce.Scratch.make(heads * dim, tokens, step, width, per_lane)
+    counts, states = (
+        np.zeros(heads * dim // (width * per_lane), np.uint32),
+        np.empty(heads * dim // per_lane, np.uint32),
+    )
+
     def code():
         for _ in jobs:
             for co in coeffs:
-                cc._encode_halves(co, width, per_lane, FREQ, CUM, LOW_BITS, RADIUS)
+                ce._code_halves(co, width, per_lane, FREQ, CUM, LOW_BITS, RADIUS, *scratch)
 
     def lanes():
         for _ in jobs:
             for u, cls in lanes_in:
-                cc._encode_lanes(u, cls, width, per_lane, tokens, dim, FREQ, CUM, LOW_BITS)
+                ce._encode_lanes_into(u, cls, width, per_lane, tokens, dim, FREQ, CUM, LOW_BITS, scratch.words,
+                                      counts, states)  # fmt: skip
 
     code()  # compiled code warm
     names = ("symbols", "inverse", "rope", "cast to fp16", "cast to fp32", "forward")

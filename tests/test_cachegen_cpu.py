@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvshelf.codecs import cachegen_cpu as cc
+from kvshelf.codecs import cachegen_encoder, pool, rans
 from kvshelf.codecs import cachegen_threads as ct
 from kvshelf.codecs import calibration as calib
-from kvshelf.codecs import pool, rans
 from kvshelf.codecs.cachegen import CacheGenCodec, _code_calibrated, _symbols_calibrated
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -282,9 +282,35 @@ def test_units_round_coefficients_as_torch_does_and_code_the_reference_bytes():
     coeffs[2, 0, 1, 5, 0] = float("nan")
     want = coeffs.clone().round_().clamp_(-(2**30), 2**30).to(torch.int32).numpy()
     width, per_lane, _ = rans.layout(2 * 4, 8)
-    out, ends = cc._encode_halves(coeffs.reshape(6, 2, 8, 4).numpy(), width, per_lane, *cc._TABLES)
+    out, ends = cachegen_encoder.encode_halves(coeffs.reshape(6, 2, 8, 4).numpy(), width, per_lane)
     parts = [out[a:b].tobytes() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
     segs = [cc._head(5).tobytes() + parts[2 * k] + parts[2 * k + 1] for k in range(3)]
     assert segs[:2] == [_code_calibrated(want[k], 5) for k in range(2)]
     # NaN's -2**31 is kept as an escape here; the reference's np.abs overflows on it and clips it instead
     assert np.array_equal(_symbols_calibrated(segs[2], want.shape[1:], 5), want[2])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(1, 8, 4), (2, 16, 8), (3, 32, 8)]), st.integers(1, 6))
+def test_the_unit_encoder_writes_the_whole_segment_coders_bytes_with_its_scratch_reused(seed, shape, halves):
+    """cachegen_encoder codes parts of any spread (zeros to the widest class, escapes, huge values) into the bytes
+    of cachegen_cpu's whole-segment coder (the reference's layout), also when its scratch was used before by
+    parts with more escapes, other classes and more halves (nothing stale leaks into the bytes)."""
+    heads, tokens, dim = shape
+    rng = np.random.default_rng(seed)
+    width, per_lane, _ = rans.layout(heads * dim, tokens)
+    scratch = cachegen_encoder.Scratch.make(heads * dim, tokens, 6, width, per_lane)
+    noisy = (rng.standard_normal((6, heads, tokens, dim)) * 2.0 ** rng.uniform(-4, 30, (6, heads, 1, dim))).astype(
+        np.float32
+    )
+    cachegen_encoder.encode_halves(noisy, width, per_lane, scratch)  # leaves escapes and words behind
+    spread = 2.0 ** rng.uniform(-4, 14, (halves + halves % 2, heads, 1, dim))
+    coeffs = (rng.standard_normal((halves + halves % 2, heads, tokens, dim)) * spread).astype(np.float32)
+    coeffs[0, 0, rng.integers(tokens)] *= 1e6  # escapes in one token of every channel
+    if halves > 1:
+        coeffs[1] = 0.0
+    out, ends = cachegen_encoder.encode_halves(coeffs, width, per_lane, scratch)
+    parts = [out[a:b].tobytes() for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    q = np.clip(np.rint(coeffs), -(2**30), 2**30).astype(np.int32)
+    for k in range(0, len(parts), 2):
+        assert cc._head(5).tobytes() + parts[k] + parts[k + 1] == cc.encode_segment(q[k : k + 2], 5)

@@ -153,3 +153,30 @@ def test_close_joins_the_threads_and_a_later_call_starts_them_again():
     processes.close()
     processes.close()  # twice: nothing to do
     assert len(_codec_threads()) == before
+
+
+def test_free_threads_counts_the_threads_a_new_batch_could_use():
+    """free_threads (the hint cachegen cuts its work units by): every worker when idle, 1 at least (the caller)
+    when other batches' calls hold every thread, and the freed threads again after."""
+    processes = CodecProcesses(3)
+    release, started = threading.Event(), threading.Barrier(3, timeout=30)
+    seen = []
+
+    def blocked():
+        started.wait()
+        assert release.wait(30)
+
+    first = threading.Thread(target=lambda: processes.map_threads(blocked, [(), ()]))
+    try:
+        assert processes.free_threads() == 3
+        first.start()
+        started.wait()  # two calls run: the first caller's and a codec thread's
+        seen.append(processes.free_threads())
+        processes.map_threads(lambda: seen.append(processes.free_threads()), [(), ()])  # runs on the last thread
+    finally:
+        release.set()
+        first.join(timeout=30)
+    assert seen[0] == 1 and min(seen[1:]) == 1
+    assert processes.free_threads() == 3
+    assert CodecProcesses(0).free_threads() == 1
+    processes.close()

