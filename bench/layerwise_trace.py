@@ -1,7 +1,7 @@
 """Where the layerwise gap goes on a GPU: per-layer timestamps and a torch.profiler timeline of one run.
 
     python bench/layerwise_trace.py --out DIR --llama8b [--tokens 12288 --suffix 2048 --repeats 3]
-        [--switch-ms 5 1] [--read-plans 8:16:4 8:512:8] [--buffer-size 8]
+        [--switch-ms 5 1] [--read-plans 8:16:4 8:512:8 8:16:4:1:48] [--buffer-size 8]
     python bench/layerwise_trace.py --out DIR --kv kv.safetensors --calibration FILE.kvcal [--tokens 12288]
 
 --llama8b: bench/layerwise.py's setup (random Llama-3-8B shape, bf16, calibrated cachegen disk tier, 12K cached
@@ -149,10 +149,12 @@ def set_switch(ms: float) -> None:
     sys.setswitchinterval(ms / 1e3)
 
 
-def _plan(text: str) -> tuple[int, int, int, int]:
-    """LAYERS:PROBE_KIB:WINDOW[:ALONE] (ALONE: kvshelf.cache.device_decode.READ_ALONE, its default if left out)."""
-    layers, kib, window, *alone = (int(x) for x in text.split(":"))
-    return layers, kib, window, alone[0] if alone else device_decode.READ_ALONE
+def _plan(text: str) -> tuple[int, int, int, int, int]:
+    """LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS]] (ALONE: kvshelf.cache.device_decode.READ_ALONE, CALLS: the calls the
+    heads and each range of every chunk are read in, READ_CALLS; their defaults if left out)."""
+    layers, kib, window, *rest = (int(x) for x in text.split(":"))
+    alone = rest[0] if rest else device_decode.READ_ALONE
+    return layers, kib, window, alone, rest[1] if len(rest) > 1 else device_decode.READ_CALLS
 
 
 def per_layer(s: dict) -> dict:
@@ -297,7 +299,7 @@ def llama(args, out: Path, results: dict) -> None:
 
     def apply(ct: int, plan: tuple) -> None:
         set_switch(ct)
-        layers, kib, window, device_decode.READ_ALONE = plan
+        layers, kib, window, device_decode.READ_ALONE, engine.read_calls = plan
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
 
     variants = [(ct, plan) for plan in args.read_plans for ct in args.switch_ms]
@@ -420,9 +422,10 @@ def main() -> None:
     ap.add_argument("--tier-workers", type=int, default=8)
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
-    ap.add_argument("--read-plans", type=_plan, nargs="+", default=[(8, 16, 4, device_decode.READ_ALONE)],
-                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE] (bench/layerwise.py --read-plans; ALONE: decode groups "
-                         "read alone first, device_decode.READ_ALONE) compared, Llama only")  # fmt: skip
+    ap.add_argument("--read-plans", type=_plan, nargs="+", default=[_plan("8:16:4")],
+                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS]] (bench/layerwise.py --read-plans; ALONE: decode "
+                         "groups read alone first, device_decode.READ_ALONE; CALLS: calls the heads and each range "
+                         "of every chunk are read in, device_decode.READ_CALLS) compared, Llama only")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

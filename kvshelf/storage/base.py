@@ -142,10 +142,12 @@ class StorageBackend(ABC):
         Tiers that store bytes return it verified but not yet decoded."""
         return self.get(key)
 
-    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, ranges=False):
+    def open_many(
+        self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, ranges=False, calls: int = 0
+    ):
         """open() (open_ranges with `ranges`) of each key in order, each read under its Expected
         (kvshelf.storage.expect), yielding every reader (None: a miss) as it comes; a tier stack reads several
-        side by side from the tier `tier`."""
+        side by side from the tier `tier` (in `calls` calls to its workers when > 0; here they are one call)."""
         for key, want in zip(keys, expected or [None] * len(keys), strict=True):
             with expecting(want):
                 yield self.open_ranges(key) if ranges else self.open(key)

@@ -221,6 +221,15 @@ class Tier:
             self.lanes.close(self.deadline_s or 0.0)  # writes were flushed before: only overruns are left
 
 
+def _open_each(read: Callable, keys: list[bytes], expected: list) -> list:
+    """read(key) of each key under its Expected, one after the other (TierManager.open_many's calls)."""
+    out = []
+    for key, want in zip(keys, expected, strict=True):
+        with expecting(want):
+            out.append(read(key))
+    return out
+
+
 class TierManager(StorageBackend):
     name = "tiers"
 
@@ -300,15 +309,36 @@ class TierManager(StorageBackend):
         tier, reader = self._first_hit("open", key)
         return _PromotingReader(reader, key, self.tiers[0]) if self._promotes(tier) else reader
 
-    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, ranges=False):
+    def open_many(
+        self,
+        keys: list[bytes],
+        expected: list | None = None,
+        *,
+        tier: str | None = None,
+        ranges=False,
+        calls: int = 0,
+    ):
         """Open `keys` from the tier named `tier` (default: the first), in order, yielding each reader (None: a
         miss or a fault) as soon as it and those before it are there; with `ranges`, each key's LayerRanges
-        (head verified; ranges read by run_many). Up to `read_window` read side by side (_in_order)."""
+        (head verified; ranges read by run_many). Up to `read_window` read side by side (_in_order). `calls` > 0:
+        the keys are read in that many calls, each opening its consecutive share of them one after the other
+        (fewer hand-offs to the workers; a call that fails is a miss for each of its keys)."""
         t = self._named(tier)
         read = t.backend.open_ranges if ranges else t.backend.open
         expected = expected or [None] * len(keys)
-        calls = ((read, (key,), want) for key, want in zip(keys, expected, strict=True))
-        for reader in self._in_order(t, calls):
+        if calls <= 0:
+            jobs = ((read, (key,), want) for key, want in zip(keys, expected, strict=True))
+            results: Iterator = self._in_order(t, jobs)
+        else:
+            n, c = len(keys), min(calls, len(keys))
+            spans = [(n * i // c, n * (i + 1) // c) for i in range(c)]  # consecutive, none empty (c <= n)
+            jobs = ((_open_each, (read, keys[a:b], expected[a:b]), None) for a, b in spans)
+            results = (
+                reader
+                for (a, b), batch in zip(spans, self._in_order(t, jobs), strict=True)
+                for reader in (batch if batch is not None else [None] * (b - a))
+            )
+        for reader in results:
             t.count(**({"hits": 1} if reader is not None else {"misses": 1}))
             yield reader
 
