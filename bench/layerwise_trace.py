@@ -43,6 +43,7 @@ from kvshelf.codecs import rans, rans_gpu  # noqa: E402
 from kvshelf.codecs.cachegen import CacheGenCodec  # noqa: E402
 from kvshelf.layerwise.loader import LayerwiseLoader  # noqa: E402
 from kvshelf.layerwise.stats import LayerwiseStats  # noqa: E402
+from kvshelf.storage import format as fmt  # noqa: E402
 
 
 class Recorder:
@@ -150,12 +151,14 @@ def set_switch(ms: float) -> None:
     sys.setswitchinterval(ms / 1e3)
 
 
-def _plan(text: str) -> tuple[int, int, int, int, int]:
-    """LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS]] (ALONE: kvshelf.cache.device_decode.READ_ALONE, CALLS: the calls the
-    heads and each range of every chunk are read in, READ_CALLS; their defaults if left out)."""
+def _plan(text: str) -> tuple[int, int, int, int, int, int]:
+    """LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB]]] (ALONE: kvshelf.cache.device_decode.READ_ALONE, CALLS: the
+    calls the heads and each range of every chunk are read in, READ_CALLS; HASH_KIB: segments from this size on are
+    hashed with the GIL released, kvshelf.storage.format._RELEASED_DIGEST, 0: never; their defaults if left out)."""
     layers, kib, window, *rest = (int(x) for x in text.split(":"))
     alone = rest[0] if rest else device_decode.READ_ALONE
-    return layers, kib, window, alone, rest[1] if len(rest) > 1 else device_decode.READ_CALLS
+    calls = rest[1] if len(rest) > 1 else device_decode.READ_CALLS
+    return layers, kib, window, alone, calls, rest[2] if len(rest) > 2 else fmt._RELEASED_DIGEST >> 10
 
 
 def per_layer(s: dict) -> dict:
@@ -306,7 +309,8 @@ def llama(args, out: Path, results: dict) -> None:
 
     def apply(ct: int, plan: tuple) -> None:
         set_switch(ct)
-        layers, kib, window, device_decode.READ_ALONE, engine.read_calls = plan
+        layers, kib, window, device_decode.READ_ALONE, engine.read_calls, hash_kib = plan
+        fmt._RELEASED_DIGEST = hash_kib << 10 if hash_kib else 1 << 62
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
 
     variants = [(ct, plan) for plan in args.read_plans for ct in args.switch_ms]
@@ -430,9 +434,10 @@ def main() -> None:
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
     ap.add_argument("--read-plans", type=_plan, nargs="+", default=[_plan("8:16:4")],
-                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS]] (bench/layerwise.py --read-plans; ALONE: decode "
-                         "groups read alone first, device_decode.READ_ALONE; CALLS: calls the heads and each range "
-                         "of every chunk are read in, device_decode.READ_CALLS) compared, Llama only")  # fmt: skip
+                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB]]] (bench/layerwise.py --read-plans; "
+                         "ALONE: decode groups read alone first, device_decode.READ_ALONE; CALLS: calls the heads and "
+                         "each range of every chunk are read in, device_decode.READ_CALLS; HASH_KIB: segments hashed "
+                         "with the GIL released from this size on, 0: never) compared, Llama only")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
