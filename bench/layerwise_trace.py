@@ -44,6 +44,7 @@ from kvshelf.codecs.cachegen import CacheGenCodec  # noqa: E402
 from kvshelf.layerwise.loader import LayerwiseLoader  # noqa: E402
 from kvshelf.layerwise.stats import LayerwiseStats  # noqa: E402
 from kvshelf.storage import format as fmt  # noqa: E402
+from kvshelf.storage.disk import DiskBackend  # noqa: E402
 
 
 class Recorder:
@@ -151,14 +152,16 @@ def set_switch(ms: float) -> None:
     sys.setswitchinterval(ms / 1e3)
 
 
-def _plan(text: str) -> tuple[int, int, int, int, int, int]:
-    """LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB]]] (ALONE: kvshelf.cache.device_decode.READ_ALONE, CALLS: the
-    calls the heads and each range of every chunk are read in, READ_CALLS; HASH_KIB: segments from this size on are
-    hashed with the GIL released, kvshelf.storage.format._RELEASED_DIGEST, 0: never; their defaults if left out)."""
+def _plan(text: str) -> tuple[int, int, int, int, int, int, int]:
+    """LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS]]]] (ALONE: kvshelf.cache.device_decode.READ_ALONE,
+    CALLS: the calls each range of every chunk (and the heads, HEADS 0) are read in, READ_CALLS; HASH_KIB: segments
+    from this size on are hashed with the GIL released, kvshelf.storage.format._RELEASED_DIGEST, 0: never; HEADS: the
+    disk tier's head_calls; their defaults if left out)."""
     layers, kib, window, *rest = (int(x) for x in text.split(":"))
     alone = rest[0] if rest else device_decode.READ_ALONE
     calls = rest[1] if len(rest) > 1 else device_decode.READ_CALLS
-    return layers, kib, window, alone, calls, rest[2] if len(rest) > 2 else fmt._RELEASED_DIGEST >> 10
+    hash_kib = rest[2] if len(rest) > 2 else fmt._RELEASED_DIGEST >> 10
+    return layers, kib, window, alone, calls, hash_kib, rest[3] if len(rest) > 3 else DiskBackend.head_calls
 
 
 def per_layer(s: dict) -> dict:
@@ -227,7 +230,6 @@ def llama(args, out: Path, results: dict) -> None:
     from kvshelf.generation import CachedGenerator
     from kvshelf.model.calibrate import calibrate
     from kvshelf.model.runner import ModelRunner
-    from kvshelf.storage.disk import DiskBackend
     from kvshelf.storage.tiers import TierManager
 
     device = torch.device("cuda")
@@ -309,7 +311,7 @@ def llama(args, out: Path, results: dict) -> None:
 
     def apply(ct: int, plan: tuple) -> None:
         set_switch(ct)
-        layers, kib, window, device_decode.READ_ALONE, engine.read_calls, hash_kib = plan
+        layers, kib, window, device_decode.READ_ALONE, engine.read_calls, hash_kib, backend.head_calls = plan
         fmt._RELEASED_DIGEST = hash_kib << 10 if hash_kib else 1 << 62
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
 
@@ -434,10 +436,11 @@ def main() -> None:
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
     ap.add_argument("--read-plans", type=_plan, nargs="+", default=[_plan("8:16:4")],
-                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB]]] (bench/layerwise.py --read-plans; "
-                         "ALONE: decode groups read alone first, device_decode.READ_ALONE; CALLS: calls the heads and "
-                         "each range of every chunk are read in, device_decode.READ_CALLS; HASH_KIB: segments hashed "
-                         "with the GIL released from this size on, 0: never) compared, Llama only")  # fmt: skip
+                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS]]]] (bench/layerwise.py "
+                         "--read-plans; ALONE: decode groups read alone first, device_decode.READ_ALONE; CALLS: calls "
+                         "each range of every chunk is read in, device_decode.READ_CALLS; HASH_KIB: segments hashed "
+                         "with the GIL released from this size on, 0: never; HEADS: the disk tier's head_calls, 0: "
+                         "CALLS) compared, Llama only")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,11 @@ class StorageBackend(ABC):
     codec: Codec | None = None
     # True when put() is cheap enough to run on the request path (memory); others are written behind.
     inline_put: bool = False
+    # Calls a prefix's heads (open_many with ranges: small reads, then each head parsed and checked) are cut into on
+    # the tier's workers; 0: as many as the caller asks for. Reads that wait on a network gain from running side by
+    # side; a local disk answers from the page cache, and its heads cost the reader's own CPU, mostly Python holding
+    # the GIL, which threads side by side only hand to each other (issue #17, ninth session).
+    head_calls: int = 0
 
     @abstractmethod
     def put(self, key: bytes, chunk: StoredChunk) -> bool:

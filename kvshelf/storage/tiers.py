@@ -321,11 +321,14 @@ class TierManager(StorageBackend):
         """Open `keys` from the tier named `tier` (default: the first), in order, yielding each reader (None: a
         miss or a fault) as soon as it and those before it are there; with `ranges`, each key's LayerRanges
         (head verified; ranges read by run_many). Up to `read_window` read side by side (_in_order). `calls` > 0:
-        the keys are read in that many calls, each opening its consecutive share of them one after the other
-        (fewer hand-offs to the workers; a call that fails is a miss for each of its keys)."""
+        the keys are read in that many calls (heads: the tier's head_calls where it names them), each opening its
+        consecutive share of them one after the other (fewer hand-offs to the workers; a call that fails is a miss
+        for each of its keys)."""
         t = self._named(tier)
         read = t.backend.open_ranges if ranges else t.backend.open
         expected = expected or [None] * len(keys)
+        if calls > 0 and ranges and t.backend.head_calls > 0:
+            calls = t.backend.head_calls
         if calls <= 0:
             jobs = ((read, (key,), want) for key, want in zip(keys, expected, strict=True))
             results: Iterator = self._in_order(t, jobs)
