@@ -43,7 +43,7 @@ from kvshelf.codecs import rans, rans_gpu  # noqa: E402
 from kvshelf.codecs.cachegen import CacheGenCodec  # noqa: E402
 from kvshelf.layerwise.loader import LayerwiseLoader  # noqa: E402
 from kvshelf.layerwise.stats import LayerwiseStats  # noqa: E402
-from kvshelf.storage import format as fmt  # noqa: E402
+from kvshelf.storage import digests  # noqa: E402
 from kvshelf.storage.disk import DiskBackend  # noqa: E402
 
 
@@ -155,12 +155,12 @@ def set_switch(ms: float) -> None:
 def _plan(text: str) -> tuple[int, int, int, int, int, int, int]:
     """LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS]]]] (ALONE: kvshelf.cache.device_decode.READ_ALONE,
     CALLS: the calls each range of every chunk (and the heads, HEADS 0) are read in, READ_CALLS; HASH_KIB: segments
-    from this size on are hashed with the GIL released, kvshelf.storage.format._RELEASED_DIGEST, 0: never; HEADS: the
+    from this size on are hashed with the GIL released, kvshelf.storage.digests._RELEASED_DIGEST, 0: never; HEADS: the
     disk tier's head_calls; their defaults if left out)."""
     layers, kib, window, *rest = (int(x) for x in text.split(":"))
     alone = rest[0] if rest else device_decode.READ_ALONE
     calls = rest[1] if len(rest) > 1 else device_decode.READ_CALLS
-    hash_kib = rest[2] if len(rest) > 2 else fmt._RELEASED_DIGEST >> 10
+    hash_kib = rest[2] if len(rest) > 2 else digests._RELEASED_DIGEST >> 10
     return layers, kib, window, alone, calls, hash_kib, rest[3] if len(rest) > 3 else DiskBackend.head_calls
 
 
@@ -312,7 +312,7 @@ def llama(args, out: Path, results: dict) -> None:
     def apply(ct: int, plan: tuple) -> None:
         set_switch(ct)
         layers, kib, window, device_decode.READ_ALONE, engine.read_calls, hash_kib, backend.head_calls = plan
-        fmt._RELEASED_DIGEST = hash_kib << 10 if hash_kib else 1 << 62
+        digests._RELEASED_DIGEST = hash_kib << 10 if hash_kib else 1 << 62
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
 
     variants = [(ct, plan) for plan in args.read_plans for ct in args.switch_ms]

@@ -212,8 +212,10 @@ def test_the_digest_kind_follows_the_mac_flag():
 def test_a_segment_digest_is_xxh3_128_of_the_segment_whichever_hasher_computes_it(size):
     import xxhash
 
+    from kvshelf.storage import digests
     from kvshelf.storage import format as fmt
 
+    assert digests._RELEASED_DIGEST == 64 << 10 and fmt.segment_digest is digests.segment_digest
     data = memoryview(random.Random(size).randbytes(size))
     assert fmt.segment_digest(data, False) == xxhash.xxh3_128_digest(data)  # large ones: the GIL-releasing hasher
     assert fmt.segment_digest(data[1:], False) == xxhash.xxh3_128_digest(bytes(data[1:]))  # a view at an offset

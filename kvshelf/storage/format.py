@@ -41,7 +41,6 @@ import struct
 
 import torch
 import xxhash
-from blake3 import blake3
 
 from kvshelf.codecs import Codec, get_codec
 from kvshelf.codecs.base import tensor_view
@@ -50,6 +49,7 @@ from kvshelf.codecs.pool import CodecPoolError
 from kvshelf.errors import KVShelfError
 from kvshelf.storage.auth import MAC_SIZE, ObjectAuth, key_field, model_tag
 from kvshelf.storage.base import ChunkMeta, StoredChunk
+from kvshelf.storage.digests import segment_digest
 from kvshelf.storage.expect import GENERIC, MAX_HEADER_BYTES, MAX_POSITION, Expected
 
 MAGIC = b"KVSH"
@@ -75,12 +75,6 @@ _FIELDS = {
 # Each layer segment's digest: BLAKE3-256 in an object with a MAC (collision-resistant: the MAC covers the head
 # only), xxh3-128 in one without (damage only: without a MAC the store is trusted as is, and xxh3 is ~6x faster)
 _DIGEST_HEX = {True: re.compile(r"[0-9a-f]{64}\Z"), False: re.compile(r"[0-9a-f]{32}\Z")}
-_THREADED_DIGEST = 4 << 20  # segments at least this large are hashed on several threads
-# Segments at least this large are hashed by xxhash's hasher object, whose update releases the GIL; its one-shot
-# function (xxh3_128_digest) holds it throughout (~18 us per 350 KB segment: ~1,500 such segments per 12K-token
-# Llama-3-8B request, hashed by a layerwise loader's reads while the forward's launches wait for the GIL; issue #17,
-# ninth session). Same digest either way.
-_RELEASED_DIGEST = 64 << 10
 _MAX_DEPTH = 3  # {"codec_params": {...}} and lists inside the object: deeper is not a kvshelf header
 _BRACKETS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
@@ -95,18 +89,6 @@ class OtherVersion(FormatError):
 
 class UnreadableHere(FormatError):
     """A sound object this process cannot decode (its cachegen calibration is not here)."""
-
-
-def segment_digest(segment, mac: bool) -> bytes:
-    """The digest a header lists for a layer segment: BLAKE3-256 in an object with a MAC, else xxh3-128 (both
-    release the GIL while hashing a large segment)."""
-    view = memoryview(segment)
-    if not mac:
-        if view.nbytes >= _RELEASED_DIGEST:
-            return xxhash.xxh3_128(view).digest()
-        return xxhash.xxh3_128_digest(view)
-    threads = blake3.AUTO if view.nbytes >= _THREADED_DIGEST else 1
-    return blake3(view, max_threads=threads).digest(32)
 
 
 def seal(key: bytes, header: dict, payload_len: int, auth: ObjectAuth | None = None) -> bytes:
