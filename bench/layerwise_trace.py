@@ -1,7 +1,7 @@
 """Where the layerwise gap goes on a GPU: per-layer timestamps and a torch.profiler timeline of one run.
 
     python bench/layerwise_trace.py --out DIR --llama8b [--tokens 12288 --suffix 2048 --repeats 3]
-        [--switch-ms 5 1] [--read-plans 8:16:4 8:512:8] [--buffer-size 8]
+        [--switch-ms 5 1] [--read-plans 8:16:4 8:512:8 8:16:4:1:48] [--buffer-size 8]
     python bench/layerwise_trace.py --out DIR --kv kv.safetensors --calibration FILE.kvcal [--tokens 12288]
 
 --llama8b: bench/layerwise.py's setup (random Llama-3-8B shape, bf16, calibrated cachegen disk tier, 12K cached
@@ -29,6 +29,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ from kvshelf.codecs import rans, rans_gpu  # noqa: E402
 from kvshelf.codecs.cachegen import CacheGenCodec  # noqa: E402
 from kvshelf.layerwise.loader import LayerwiseLoader  # noqa: E402
 from kvshelf.layerwise.stats import LayerwiseStats  # noqa: E402
+from kvshelf.storage import digests  # noqa: E402
+from kvshelf.storage.disk import DiskBackend  # noqa: E402
 
 
 class Recorder:
@@ -149,10 +152,16 @@ def set_switch(ms: float) -> None:
     sys.setswitchinterval(ms / 1e3)
 
 
-def _plan(text: str) -> tuple[int, int, int, int]:
-    """LAYERS:PROBE_KIB:WINDOW[:ALONE] (ALONE: kvshelf.cache.device_decode.READ_ALONE, its default if left out)."""
-    layers, kib, window, *alone = (int(x) for x in text.split(":"))
-    return layers, kib, window, alone[0] if alone else device_decode.READ_ALONE
+def _plan(text: str) -> tuple[int, int, int, int, int, int, int]:
+    """LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS]]]] (ALONE: kvshelf.cache.device_decode.READ_ALONE,
+    CALLS: the calls each range of every chunk (and the heads, HEADS 0) are read in, READ_CALLS; HASH_KIB: segments
+    from this size on are hashed with the GIL released, kvshelf.storage.digests._RELEASED_DIGEST, 0: never; HEADS: the
+    disk tier's head_calls; their defaults if left out)."""
+    layers, kib, window, *rest = (int(x) for x in text.split(":"))
+    alone = rest[0] if rest else device_decode.READ_ALONE
+    calls = rest[1] if len(rest) > 1 else device_decode.READ_CALLS
+    hash_kib = rest[2] if len(rest) > 2 else digests._RELEASED_DIGEST >> 10
+    return layers, kib, window, alone, calls, hash_kib, rest[3] if len(rest) > 3 else DiskBackend.head_calls
 
 
 def per_layer(s: dict) -> dict:
@@ -221,7 +230,6 @@ def llama(args, out: Path, results: dict) -> None:
     from kvshelf.generation import CachedGenerator
     from kvshelf.model.calibrate import calibrate
     from kvshelf.model.runner import ModelRunner
-    from kvshelf.storage.disk import DiskBackend
     from kvshelf.storage.tiers import TierManager
 
     device = torch.device("cuda")
@@ -229,9 +237,15 @@ def llama(args, out: Path, results: dict) -> None:
     runner = ModelRunner(model)
     vocab = runner.config.vocab_size
     ids = torch.randint(0, vocab, (args.tokens + 1,), generator=torch.Generator().manual_seed(0)).tolist()
-    cal_ids = torch.randint(0, vocab, (512,), generator=torch.Generator().manual_seed(7))
     t = time.perf_counter()
-    cal = calibrate(runner, cal_ids.tolist(), continuation=128)
+    # bench/layerwise.py's calibration of this model, kept in the temp folder by its fingerprint: reused if there
+    kept = Path(tempfile.gettempdir()) / f"kvshelf-bench-{runner.fingerprint().hex()[:16]}.kvcal"
+    if kept.is_file():
+        cal = calib.Calibration.from_bytes(kept.read_bytes())
+    else:
+        cal_ids = torch.randint(0, vocab, (512,), generator=torch.Generator().manual_seed(7))
+        cal = calibrate(runner, cal_ids.tolist(), continuation=128)
+        kept.write_bytes(cal.to_bytes())
     calib.register(cal)
     print(f"calibrated in {time.perf_counter() - t:.1f} s", flush=True)
     processes = CodecProcesses(os.cpu_count() or 1)
@@ -297,7 +311,8 @@ def llama(args, out: Path, results: dict) -> None:
 
     def apply(ct: int, plan: tuple) -> None:
         set_switch(ct)
-        layers, kib, window, device_decode.READ_ALONE = plan
+        layers, kib, window, device_decode.READ_ALONE, engine.read_calls, hash_kib, backend.head_calls = plan
+        digests._RELEASED_DIGEST = hash_kib << 10 if hash_kib else 1 << 62
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
 
     variants = [(ct, plan) for plan in args.read_plans for ct in args.switch_ms]
@@ -420,9 +435,12 @@ def main() -> None:
     ap.add_argument("--tier-workers", type=int, default=8)
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
-    ap.add_argument("--read-plans", type=_plan, nargs="+", default=[(8, 16, 4, device_decode.READ_ALONE)],
-                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE] (bench/layerwise.py --read-plans; ALONE: decode groups "
-                         "read alone first, device_decode.READ_ALONE) compared, Llama only")  # fmt: skip
+    ap.add_argument("--read-plans", type=_plan, nargs="+", default=[_plan("8:16:4")],
+                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS]]]] (bench/layerwise.py "
+                         "--read-plans; ALONE: decode groups read alone first, device_decode.READ_ALONE; CALLS: calls "
+                         "each range of every chunk is read in, device_decode.READ_CALLS; HASH_KIB: segments hashed "
+                         "with the GIL released from this size on, 0: never; HEADS: the disk tier's head_calls, 0: "
+                         "CALLS) compared, Llama only")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

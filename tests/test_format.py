@@ -206,3 +206,16 @@ def test_the_digest_kind_follows_the_mac_flag():
     with pytest.raises(FormatError, match="32 bytes"):
         bad = {**h_signed, "layer_digests": ["ab" * 16] * 3}
         open_head(seal(KEY, bad, len(signed) - s_signed, AUTH), KEY, codec, auth=AUTH)
+
+
+@pytest.mark.parametrize("size", [0, 1, (64 << 10) - 1, 64 << 10, (64 << 10) + 1, 400_000])
+def test_a_segment_digest_is_xxh3_128_of_the_segment_whichever_hasher_computes_it(size):
+    import xxhash
+
+    from kvshelf.storage import digests
+    from kvshelf.storage import format as fmt
+
+    assert digests._RELEASED_DIGEST == 64 << 10 and fmt.segment_digest is digests.segment_digest
+    data = memoryview(random.Random(size).randbytes(size))
+    assert fmt.segment_digest(data, False) == xxhash.xxh3_128_digest(data)  # large ones: the GIL-releasing hasher
+    assert fmt.segment_digest(data[1:], False) == xxhash.xxh3_128_digest(bytes(data[1:]))  # a view at an offset

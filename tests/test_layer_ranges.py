@@ -234,6 +234,48 @@ def test_a_tier_stack_reads_ranges_side_by_side_on_its_workers(tmp_path):
     tiers.close()
 
 
+@pytest.mark.parametrize("calls", [1, 3, 4, 9])
+def test_heads_opened_in_fewer_calls_are_the_same_readers_in_order(tmp_path, calls):
+    disk = DiskBackend(tmp_path, 1 << 26, INT8)
+    disk.head_calls = 0  # the caller's calls (a disk tier's own: one)
+    tiers = TierManager([disk], deadline_s=5.0, read_window=2)
+    keys = [key(30 + i) for i in range(4)]
+    for i, k in enumerate(keys[:3]):
+        disk.put(k, chunk(seed=30 + i))
+    keys.insert(1, key(99))  # not stored: a miss in the middle of a call's share
+    one_each = list(tiers.open_many(keys, tier="disk", ranges=True))
+    batched = list(tiers.open_many(keys, tier="disk", ranges=True, calls=calls))
+    assert [r is None for r in batched] == [r is None for r in one_each] == [False, True, False, False, True]
+    for a, b in zip(one_each, batched, strict=True):
+        if a is not None:
+            assert b.offsets == a.offsets and bytes(b.read(0, LAYERS)) == bytes(a.read(0, LAYERS))
+    assert tiers.stats()["disk"]["hits"] == 6 and tiers.stats()["disk"]["misses"] == 4
+    tiers.close()
+
+
+def test_a_call_of_heads_that_fails_is_a_miss_for_each_of_its_keys(tmp_path):
+    class Failing(DiskBackend):
+        def open_ranges(self, k, expected=None):
+            if k == key(41):
+                raise OSError("disk error")
+            return super().open_ranges(k, expected)
+
+    disk = Failing(tmp_path, 1 << 26, INT8)
+    tiers = TierManager([disk], deadline_s=5.0, read_window=2)
+    keys = [key(40 + i) for i in range(4)]
+    for i, k in enumerate(keys):
+        disk.put(k, chunk(seed=40 + i))
+    disk.head_calls = 0  # the caller's calls
+    got = list(tiers.open_many(keys, tier="disk", ranges=True, calls=2))  # (40, 41) and (42, 43)
+    assert [r is None for r in got] == [True, True, False, False]
+    assert tiers.stats()["disk"]["errors"] == 1 and tiers.stats()["disk"]["misses"] == 2
+    disk.head_calls = 1  # a disk tier's own: every head in one call, so the error makes each a miss
+    assert DiskBackend.head_calls == 1
+    got = list(tiers.open_many(keys, tier="disk", ranges=True, calls=2))
+    assert got == [None] * 4 and tiers.stats()["disk"]["errors"] == 2 and tiers.stats()["disk"]["misses"] == 6
+    tiers.close()
+
+
 class CountingDisk(DiskBackend):
     """A disk tier that notes every range it reads (first byte, length)."""
 

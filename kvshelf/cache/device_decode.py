@@ -52,6 +52,20 @@ READ_LAYERS = 8
 READ_ALONE = 1
 # Bytes of read results queued ahead of the decoder at most (one result is always let through).
 READ_AHEAD_BYTES = 512 << 20
+# Calls each layer range of every chunk is read in (side by side on the tier's workers, within its read window), a
+# call reading its share of the chunks one after the other. Every call is a future, a hand-off to a worker and back
+# and a result queued for the decoder: Python steps that take the GIL from the forward's kernel launches while the
+# first layers compute (issue #17, ninth session: one call per chunk was 240 calls per request on the Llama-3-8B
+# shape, 48 chunks x 5 ranges, and the read-ahead thread's share of them alone ~20 ms of CPU). 4: the default read
+# window of the benchmarks, so that a range is still read 4 calls side by side.
+READ_CALLS = 4
+
+
+def batches(n: int, calls: int) -> list[tuple[int, int]]:
+    """[a, b) bounds of `n` items cut into `calls` (at least 1) consecutive batches of near-equal size."""
+    calls = max(1, min(calls, n))
+    bounds = [n * c // calls for c in range(calls + 1)]
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
 def read_groups(groups: list[tuple[int, int]], read_layers: int, alone: int | None = None) -> list[tuple[int, int]]:
@@ -128,9 +142,11 @@ class DeviceDecoding:
         opener: Callable | None,
         fetch: Callable | None = None,
         read_layers: int = READ_LAYERS,
+        read_calls: int = READ_CALLS,
     ):
         self.runs, self.device = runs, device
         self.read_layers = read_layers  # streamed: layers per range read after the first group (read_groups)
+        self.read_calls = read_calls  # streamed: calls each range of every chunk is read in (READ_CALLS)
         self.num_chunks = sum(r.count for r in runs)
         self._readers = readers  # opened already (plan), or None: opener() yields them in order (streamed)
         self._opener, self._fetch = opener, fetch
@@ -168,12 +184,13 @@ class DeviceDecoding:
         opener: Callable[[], Generator],
         fetch: Callable[[list], Generator],
         read_layers: int = READ_LAYERS,
+        read_calls: int = READ_CALLS,
     ) -> DeviceDecoding:
         """A plan for chunks located but not read: specs as _runs takes them; opener() yields each chunk's
         LayerRanges in order (None: it could not be read or verified; with `read_layers` 0 chunks read whole);
         fetch(calls) yields the results of (LayerRanges.read, (i, j)) calls in order, several read side by
-        side; `read_layers`: see read_groups."""
-        return cls(_runs(specs), torch.device(device), None, opener, fetch, read_layers)
+        side; `read_layers`: see read_groups; `read_calls`: the calls each range of every chunk is read in."""
+        return cls(_runs(specs), torch.device(device), None, opener, fetch, read_layers, read_calls)
 
     @property
     def streaming(self) -> bool:
@@ -197,7 +214,8 @@ class DeviceDecoding:
         # each range of every chunk is read straight into one staging buffer per range (its segments are then
         # staged where they lie: no copy on this thread)
         self._buffers = collections.deque(_RangeReads(self._ranges, i, j, self.device) for i, j in self._plan)
-        calls = [(buf.read, (k,)) for buf in self._buffers for k in range(self.num_chunks)]
+        cuts = batches(self.num_chunks, self.read_calls)
+        calls = [(buf.read, cut) for buf in self._buffers for cut in cuts]
         self._reads = _ReadAhead(self._fetch(calls))
 
     def _checked(self, k: int, ranges):
@@ -226,14 +244,17 @@ class DeviceDecoding:
                 )
             a, b = self._plan.popleft()
             self._done_buffer = self._buffers.popleft()
-            data = []
-            for k in range(self.num_chunks):
+            data: list = []
+            while len(data) < self.num_chunks:  # the range's calls, each the bytes of a batch of chunks
                 got = self._reads.next()
-                if got is None:
+                if got is None or None in got:
+                    k = len(data) + (0 if got is None else got.index(None))
                     raise ChunkNotDecodable(
                         f"layers {a}..{b - 1} of chunk {k} could not be read (a miss or damaged bytes)"
                     )
-                data.append(got)
+                data.extend(got)
+            if len(data) != self.num_chunks:
+                raise ChunkNotDecodable(f"layers {a}..{b - 1}: {len(data)} chunks read, not {self.num_chunks}")
             self._held = (a, b, data)
         a, _, data = self._held
         segments: list[list] = [[] for _ in range(i, j)]
@@ -288,8 +309,8 @@ class DeviceDecoding:
 
 class _RangeReads:
     """Layers a..b-1 of every chunk read into one staging buffer (rans_gpu.HostRange, taken when the first of them
-    is read, so that only the ranges being read hold one), chunk k at its own place: read(k) runs on a tier
-    worker, the bytes verified where they lie (LayerRanges.read_into)."""
+    is read, so that only the ranges being read hold one), chunk k at its own place: read(first, end) runs on a
+    tier worker for a batch of chunks (READ_CALLS), the bytes verified where they lie (LayerRanges.read_into)."""
 
     def __init__(self, ranges: list, a: int, b: int, device: torch.device):
         self._ranges, self.a, self.b, self.device = ranges, a, b, device
@@ -298,20 +319,29 @@ class _RangeReads:
         self._lock = threading.Lock()
         self._closed = False
 
-    def read(self, k: int) -> memoryview | None:
+    def read(self, first: int, end: int) -> list[memoryview | None]:
+        """Chunks first..end-1's layers a..b-1, one after the other, each into its place (None: not read, or
+        not sound; the chunks after it are not read then)."""
+        got: list[memoryview | None] = [None] * (end - first)
         with self._lock:
             if self._closed:
-                return None
+                return got
             if self._host is None:
                 from kvshelf.codecs import rans_gpu
 
                 self._host = rans_gpu.HostRange(self._starts[-1], self.device)
             host = self._host
-        part = host.view(self._starts[k], self._starts[k + 1] - self._starts[k])
+        base = self._starts[first]
+        part = host.view(base, self._starts[end] - base)
         if part is None:
-            return None
+            return got
         try:
-            return self._ranges[k].read_into(self.a, self.b, part)
+            for k in range(first, end):
+                at = self._starts[k] - base
+                got[k - first] = self._ranges[k].read_into(self.a, self.b, part[at : self._starts[k + 1] - base])
+                if got[k - first] is None:
+                    break
+            return got
         finally:
             host.done()
 
@@ -351,7 +381,7 @@ class _ReadAhead:
     def _run(self, results: Generator) -> None:
         try:
             for result in results:
-                if not self._put((True, result), 0 if result is None else memoryview(result).nbytes):
+                if not self._put((True, result), _nbytes(result)):
                     break
         except BaseException as err:  # handed to the loader, which fails the request loudly
             self._put((False, err))
@@ -384,3 +414,12 @@ class _ReadAhead:
             self._queued = 0
             self._cond.notify_all()
         self._thread.join()
+
+
+def _nbytes(result) -> int:
+    """Bytes a read result holds: a buffer, a list of them (a call's batch of chunks), or None."""
+    if result is None:
+        return 0
+    if isinstance(result, list):
+        return sum(memoryview(r).nbytes for r in result if r is not None)
+    return memoryview(result).nbytes

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvshelf.cache.device_decode import READ_LAYERS, DeviceDecoding
+from kvshelf.cache.device_decode import READ_CALLS, READ_LAYERS, DeviceDecoding
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkKey, chain_root, chunk_keys
 from kvshelf.errors import ConfigError
@@ -76,6 +76,8 @@ class CacheEngine:
         # Streamed device decoding: layers per range read after the first group; 0 reads whole objects
         # (kvshelf.cache.device_decode.read_groups)
         self.read_layers = READ_LAYERS
+        # Streamed device decoding: calls the heads, and each layer range of every chunk, are read in (READ_CALLS)
+        self.read_calls = READ_CALLS
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()
 
@@ -246,13 +248,15 @@ class CacheEngine:
             for k, (u, _) in zip(keys, used, strict=True)
         ]
         until = budget_until()  # the request's tier budget, carried to the loader thread that reads
-        read_layers = self.read_layers
+        read_layers, read_calls = self.read_layers, self.read_calls
         whole = read_layers == 0
 
         def opener():
             expected = [self._expect(k.num_tokens, k.start) for k in keys]
             with tier_budget_until(until):
-                heads = self.backend.open_many([k.digest for k in keys], expected, tier=where[0], ranges=not whole)
+                heads = self.backend.open_many(
+                    [k.digest for k in keys], expected, tier=where[0], ranges=not whole, calls=read_calls
+                )
                 try:
                     for key, chunk in zip(keys, heads, strict=False):
                         chunk = self._verified(key, chunk)
@@ -271,7 +275,7 @@ class CacheEngine:
                 finally:
                     reads.close()
 
-        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener, fetch, read_layers))
+        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener, fetch, read_layers, read_calls))
 
     def retrieve(self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None) -> Retrieved:
         parts = [kv for _, kv in self.retrieve_chunks(tokens, salt, max_tokens=max_tokens)]

@@ -128,6 +128,11 @@ class StorageBackend(ABC):
     codec: Codec | None = None
     # True when put() is cheap enough to run on the request path (memory); others are written behind.
     inline_put: bool = False
+    # Calls a prefix's heads (open_many with ranges: small reads, then each head parsed and checked) are cut into on
+    # the tier's workers; 0: as many as the caller asks for. Reads that wait on a network gain from running side by
+    # side; a local disk answers from the page cache, and its heads cost the reader's own CPU, mostly Python holding
+    # the GIL, which threads side by side only hand to each other (issue #17, ninth session).
+    head_calls: int = 0
 
     @abstractmethod
     def put(self, key: bytes, chunk: StoredChunk) -> bool:
@@ -142,10 +147,12 @@ class StorageBackend(ABC):
         Tiers that store bytes return it verified but not yet decoded."""
         return self.get(key)
 
-    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, ranges=False):
+    def open_many(
+        self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, ranges=False, calls: int = 0
+    ):
         """open() (open_ranges with `ranges`) of each key in order, each read under its Expected
         (kvshelf.storage.expect), yielding every reader (None: a miss) as it comes; a tier stack reads several
-        side by side from the tier `tier`."""
+        side by side from the tier `tier` (in `calls` calls to its workers when > 0; here they are one call)."""
         for key, want in zip(keys, expected or [None] * len(keys), strict=True):
             with expecting(want):
                 yield self.open_ranges(key) if ranges else self.open(key)

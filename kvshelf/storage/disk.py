@@ -33,6 +33,7 @@ _HEADER_PROBE = PREFIX_SIZE + MAX_HEADER_BYTES  # the most a header can take; re
 
 class DiskBackend(ByteStore):
     name = "disk"
+    head_calls = 1  # heads come from the page cache: one worker parses them all (StorageBackend.head_calls)
 
     def __init__(
         self,

@@ -41,7 +41,6 @@ import struct
 
 import torch
 import xxhash
-from blake3 import blake3
 
 from kvshelf.codecs import Codec, get_codec
 from kvshelf.codecs.base import tensor_view
@@ -50,6 +49,7 @@ from kvshelf.codecs.pool import CodecPoolError
 from kvshelf.errors import KVShelfError
 from kvshelf.storage.auth import MAC_SIZE, ObjectAuth, key_field, model_tag
 from kvshelf.storage.base import ChunkMeta, StoredChunk
+from kvshelf.storage.digests import segment_digest
 from kvshelf.storage.expect import GENERIC, MAX_HEADER_BYTES, MAX_POSITION, Expected
 
 MAGIC = b"KVSH"
@@ -75,7 +75,6 @@ _FIELDS = {
 # Each layer segment's digest: BLAKE3-256 in an object with a MAC (collision-resistant: the MAC covers the head
 # only), xxh3-128 in one without (damage only: without a MAC the store is trusted as is, and xxh3 is ~6x faster)
 _DIGEST_HEX = {True: re.compile(r"[0-9a-f]{64}\Z"), False: re.compile(r"[0-9a-f]{32}\Z")}
-_THREADED_DIGEST = 4 << 20  # segments at least this large are hashed on several threads
 _MAX_DEPTH = 3  # {"codec_params": {...}} and lists inside the object: deeper is not a kvshelf header
 _BRACKETS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
@@ -90,16 +89,6 @@ class OtherVersion(FormatError):
 
 class UnreadableHere(FormatError):
     """A sound object this process cannot decode (its cachegen calibration is not here)."""
-
-
-def segment_digest(segment, mac: bool) -> bytes:
-    """The digest a header lists for a layer segment: BLAKE3-256 in an object with a MAC, else xxh3-128 (both
-    release the GIL while hashing)."""
-    view = memoryview(segment)
-    if not mac:
-        return xxhash.xxh3_128_digest(view)
-    threads = blake3.AUTO if view.nbytes >= _THREADED_DIGEST else 1
-    return blake3(view, max_threads=threads).digest(32)
 
 
 def seal(key: bytes, header: dict, payload_len: int, auth: ObjectAuth | None = None) -> bytes:

@@ -221,6 +221,15 @@ class Tier:
             self.lanes.close(self.deadline_s or 0.0)  # writes were flushed before: only overruns are left
 
 
+def _open_each(read: Callable, keys: list[bytes], expected: list) -> list:
+    """read(key) of each key under its Expected (a call of TierManager.open_many)."""
+    out = []
+    for key, want in zip(keys, expected, strict=True):
+        with expecting(want):
+            out.append(read(key))
+    return out
+
+
 class TierManager(StorageBackend):
     name = "tiers"
 
@@ -300,17 +309,25 @@ class TierManager(StorageBackend):
         tier, reader = self._first_hit("open", key)
         return _PromotingReader(reader, key, self.tiers[0]) if self._promotes(tier) else reader
 
-    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier: str | None = None, ranges=False):
+    def open_many(self, keys: list[bytes], expected: list | None = None, *, tier=None, ranges=False, calls=0):
         """Open `keys` from the tier named `tier` (default: the first), in order, yielding each reader (None: a
         miss or a fault) as soon as it and those before it are there; with `ranges`, each key's LayerRanges
-        (head verified; ranges read by run_many). Up to `read_window` read side by side (_in_order)."""
+        (head verified; ranges read by run_many). Up to `read_window` calls side by side (_in_order): one per key,
+        or `calls` (heads: the tier's head_calls if set), each opening its share of the keys (a miss for all of
+        them if it fails)."""
         t = self._named(tier)
         read = t.backend.open_ranges if ranges else t.backend.open
         expected = expected or [None] * len(keys)
-        calls = ((read, (key,), want) for key, want in zip(keys, expected, strict=True))
-        for reader in self._in_order(t, calls):
-            t.count(**({"hits": 1} if reader is not None else {"misses": 1}))
-            yield reader
+        if calls > 0 and ranges and t.backend.head_calls > 0:
+            calls = t.backend.head_calls
+        n = len(keys)
+        c = min(calls, n) if calls > 0 else n
+        spans = [(n * i // c, n * (i + 1) // c) for i in range(c)]  # consecutive, none empty (c <= n)
+        jobs = ((_open_each, (read, keys[a:b], expected[a:b]), None) for a, b in spans)
+        for (a, b), batch in zip(spans, self._in_order(t, jobs), strict=True):
+            for reader in batch if batch is not None else [None] * (b - a):
+                t.count(**({"hits": 1} if reader is not None else {"misses": 1}))
+                yield reader
 
     def run_many(self, calls, *, tier: str | None = None):
         """fn(*args) of each (fn, args) in `calls` on the tier named `tier`'s workers, as open_many reads: each
