@@ -54,6 +54,13 @@ VARIANTS = {
     # ninth session: lower ratios for 4-8K prompts (a fixed share of layers runs in full whatever the ratio)
     "10%, from the earlier prompt": {"ratios": [0.1], "document_context": "prompt"},
     "7%, from the earlier prompt": {"ratios": [0.07], "document_context": "prompt"},
+    # the defaults since the ninth session: 15% of the first 2,048 placed tokens, a quarter of that past them
+    "15% to 2,048 tokens then 3.75%, from the earlier prompt": {
+        "ratios": [0.15],
+        "document_context": "prompt",
+        "ratio_tokens": 2048,
+        "beyond_share": 0.25,
+    },
     "12%, question pass, from the earlier prompt": {
         "ratios": [0.12],
         "selection": SelectionPolicy(signal="question", question_pass=True),

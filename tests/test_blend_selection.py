@@ -1,5 +1,7 @@
 """CacheBlend's token selection (kvshelf.blend.selection, issue #18): signals, head tokens, per-document budget."""
 
+import math
+
 import pytest
 import torch
 
@@ -268,3 +270,25 @@ def test_documents_cached_behind_a_fixed_instruction(tiny_models):
     assert moved.blend.document_hits == 2 and moved.blend.documents == 2
     # Only the instruction: nothing left to blend, an ordinary prompt.
     assert gen.segment(blended([DOCS[0]]), None) is None
+
+
+def test_long_prompts_count_tokens_past_the_full_share_less():
+    assert budget_for(0.15, 1000) == 150
+    assert budget_for(0.15, 1000, 2048, 0.25) == 150  # within the full share: the ratio as given
+    assert budget_for(0.15, 6144, 2048, 0.25) == math.ceil(0.15 * (2048 + 1024))
+    assert budget_for(0.15, 6144, 2048, 1.0) == budget_for(0.15, 6144)  # share 1: the ratio everywhere
+    budgets = [budget_for(0.15, n, 2048, 0.25) for n in range(0, 9000, 7)]
+    assert budgets == sorted(budgets)  # more placed tokens never recompute fewer
+
+
+def test_the_config_sets_the_long_prompt_budget(tiny_models):
+    from kvshelf.blend.blender import Blender
+    from kvshelf.config import KVShelfConfig
+    from kvshelf.model.runner import ModelRunner
+
+    runner = ModelRunner(tiny_models("llama"))
+    blender = Blender.from_config(runner, None, KVShelfConfig(blend_ratio_tokens=512, blend_ratio_beyond_share=0.5))
+    assert (blender.ratio_tokens, blender.beyond_share) == (512, 0.5)
+    assert Blender.from_config(runner, None, KVShelfConfig(blend_ratio_tokens=None)).ratio_tokens is None
+    with pytest.raises(ValueError, match="blend_ratio_beyond_share"):
+        Blender(runner, None, check_layers=[1], ratios=[0.15], beyond_share=1.5)

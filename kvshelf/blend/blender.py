@@ -93,6 +93,8 @@ class Blender:
         context_attention: tuple[float, float, str] = (1.0, 1.0, "all"),
         context_distance_bias: float = 0.0,
         document_context: str = "alone",
+        ratio_tokens: int | None = None,
+        beyond_share: float = 1.0,
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -138,6 +140,13 @@ class Blender:
                 f"blend_document_context must be one of {', '.join(DOCUMENT_CONTEXTS)}, got {document_context!r}"
             )
         self.document_context = document_context
+        # The ratios apply in full to the first `ratio_tokens` placed tokens, `beyond_share` of them past those
+        # (selection.budget_for); None: the ratios everywhere.
+        if ratio_tokens is not None and ratio_tokens < 1:
+            raise ValueError(f"blend_ratio_tokens must be >= 1 or null, got {ratio_tokens}")
+        if not 0 <= beyond_share <= 1:
+            raise ValueError(f"blend_ratio_beyond_share must be within 0..1, got {beyond_share}")
+        self.ratio_tokens, self.beyond_share = ratio_tokens, float(beyond_share)
 
     @classmethod
     def from_config(
@@ -175,6 +184,8 @@ class Blender:
             ),
             context_distance_bias=config.blend_context_distance_bias,
             document_context=document_context or config.blend_document_context,
+            ratio_tokens=config.blend_ratio_tokens,
+            beyond_share=config.blend_ratio_beyond_share,
         )
 
     # -- which documents are cached ----------------------------------------------------------------------------
@@ -423,7 +434,9 @@ class Blender:
     ) -> torch.Tensor:
         """Indices (into the active tokens) that stay active: every non-document token, plus the document tokens
         `selection.select` picks, `ratio` of all document tokens."""
-        budget = min(int(is_document.sum()), budget_for(ratio, info.placed_tokens))
+        budget = min(
+            int(is_document.sum()), budget_for(ratio, info.placed_tokens, self.ratio_tokens, self.beyond_share)
+        )
         keep_document = select(
             fresh,
             cached,

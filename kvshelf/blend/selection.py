@@ -176,6 +176,12 @@ def select(
     return keep
 
 
-def budget_for(ratio: float, placed_tokens: int) -> int:
-    """Tokens recomputed at a check layer: `ratio` of all placed document tokens, rounded up."""
-    return math.ceil(ratio * placed_tokens)
+def budget_for(ratio: float, placed_tokens: int, full_tokens: int | None = None, beyond_share: float = 1.0) -> int:
+    """Tokens recomputed at a check layer: `ratio` of the placed document tokens, rounded up. With `full_tokens`,
+    the placed tokens past the first `full_tokens` count `beyond_share` each: a long prompt recomputes a smaller
+    share (the layers before the check run in full whatever the ratio, so a flat share caps the speed-up; issue
+    #18, ninth session: at 4-8K tokens 7-10% answered as 15% did, BENCHMARKS.md)."""
+    counted = placed_tokens
+    if full_tokens is not None and placed_tokens > full_tokens:
+        counted = full_tokens + beyond_share * (placed_tokens - full_tokens)
+    return math.ceil(ratio * counted)

@@ -268,6 +268,21 @@ class ConfigKeys(BaseModel):
         "the first token) or with its slice of the prompt that first held it (prompt: no extra compute; kvshelf's "
         "own runner only)",
     )
+
+    # -- issue #18 (ninth session): long prompts recompute a smaller share ---------------------------------
+    blend_ratio_tokens: int | None = Field(
+        2048,
+        ge=1,
+        description="CacheBlend: placed document tokens the recompute ratios apply to in full; past them each "
+        "token counts blend_ratio_beyond_share (null: the ratios over every token)",
+    )
+    blend_ratio_beyond_share: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="CacheBlend: how much a placed token past blend_ratio_tokens counts toward the recompute "
+        "budget (1: the ratio everywhere; 0.25: 15% of 2,048 tokens then 3.75% of the rest)",
+    )
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
 
