@@ -14,6 +14,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from kvshelf.advice.cost import CostModel
+from kvshelf.blend.selection import budget_for
 from kvshelf.config import KVShelfConfig
 
 # Stored size per fp32 value of each codec, measured on the default model (BENCHMARKS.md; cachegen:
@@ -34,10 +35,17 @@ _DEFAULTS = KVShelfConfig()
 BLEND_RATIO = _DEFAULTS.blend_recompute_ratios[-1]
 BLEND_LABEL = f"CacheBlend {BLEND_RATIO:.0%}"
 BLEND_MIN_CACHED_SHARE = _DEFAULTS.blend_min_cached_share
-# Share of a prefill's compute a cached document token still costs in a blend: every layer below the check
-# layer, then the recompute ratio in the others (the default model's 18 layers).
 _CHECK = max(_DEFAULTS.blend_check_layers)
-BLEND_TOKEN_COST = (_CHECK + (18 - _CHECK) * BLEND_RATIO) / 18
+
+
+def blend_placed_cost(placed: int) -> float:
+    """Prefill-equivalent tokens of `placed` cached document tokens in a blend: every layer below the check layer
+    computes them all, the others the recompute budget (smaller past blend_ratio_tokens; the default model's
+    18 layers)."""
+    recomputed = budget_for(BLEND_RATIO, placed, _DEFAULTS.blend_ratio_tokens, _DEFAULTS.blend_ratio_beyond_share)
+    return (_CHECK * placed + (18 - _CHECK) * recomputed) / 18
+
+
 # The question pass (issue #18, third session), when configured, computes the question's tokens once more.
 BLEND_QUESTION_PASS = _DEFAULTS.blend_question_pass and _DEFAULTS.blend_selection_signal in ("question", "kv+question")
 
@@ -146,7 +154,7 @@ def analyse(
         # the missing documents are computed in place with the question and the cached ones blended.
         if req.chunks and blend_hit >= BLEND_MIN_CACHED_SHARE * (blend_hit + first_seen) and blend_hit:
             question = n - sum(len(c) for c in req.chunks) if BLEND_QUESTION_PASS else 0
-            blended = n - blend_hit + blend_hit * BLEND_TOKEN_COST + question
+            blended = n - blend_hit + blend_placed_cost(blend_hit) + question
             ttft[BLEND_LABEL] += cost.recompute_s(blended) + cost.load_s({"cpu": blend_hit})
         else:
             ttft[BLEND_LABEL] += base  # cold, or no chunks: an ordinary prompt
