@@ -69,7 +69,7 @@ GENERATION = frozenset(
         "blend_context_mass",
         "blend_context_layers",
         "blend_context_distance_bias",
-        "blend_document_context",  # issue #18, fifth session: vLLM computes the cold prompt itself
+        "blend_document_context",  # issue #18, fifth session
         "use_layerwise",
         "use_async_load",
         "buffer_size",
@@ -110,6 +110,7 @@ VLLM = (
     | {"enable_blending", "blend_special_str", "blend_check_layers", "blend_recompute_ratios"}
     | {"blend_min_cached_share", "blend_head_tokens", "blend_per_document", "blend_selection_signal"}  # issue #18
     | {"codec_calibration_pending", "codec_calibration_threads", "codec_calibration_tokens"}  # issue #17
+    | {"blend_document_context"}  # issue #19, ninth session: documents from vLLM's own prefill
 )
 
 RUNTIMES: dict[str, frozenset[str]] = {
