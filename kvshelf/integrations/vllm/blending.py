@@ -308,8 +308,14 @@ class BlendWorker:
         if self.from_prompt:  # as kvshelf's runner: the documents not cached, from their fused KV here
             for doc in region.missing:
                 kv = region.kv[:, :, :, doc.start : doc.end]
-                if self._take(doc.key, kv.numel() * kv.element_size()):
+                if not self._take(doc.key, kv.numel() * kv.element_size()):
+                    continue
+                try:
                     self._queue_store(doc.key, kv.to("cpu", copy=True), doc.start, "documents_from_blend")
+                except Exception:  # never the step's failure: the document stays missing
+                    log.exception("kvshelf: keeping a document of request %s failed", spec.req_id)
+                    self.stats["document_slices_failed"] += 1
+                    self._release(doc.key)
         if region.in_blocks:
             self.stats["blended_in_blocks"] += 1
         else:
