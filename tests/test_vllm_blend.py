@@ -285,6 +285,8 @@ def test_the_seeds_env_names_turn_blending_on(monkeypatch):
 class _FakeBlending:
     """Plans from a fixed answer; 'blends' by returning known KV (or None: the documents went away)."""
 
+    document_context = "alone"  # missing documents computed alone (test_vllm_blend_documents.py: prompt)
+
     def __init__(self, region_kv, missing=()):
         self.region_kv, self.missing, self.computed = region_kv, list(missing), []
 

@@ -69,7 +69,7 @@ GENERATION = frozenset(
         "blend_context_mass",
         "blend_context_layers",
         "blend_context_distance_bias",
-        "blend_document_context",  # issue #18, fifth session: vLLM computes the cold prompt itself
+        "blend_document_context",  # issue #18, fifth session
         "blend_ratio_tokens",  # issue #18, ninth session
         "blend_ratio_beyond_share",
         "use_layerwise",
@@ -113,6 +113,7 @@ VLLM = (
     | {"blend_min_cached_share", "blend_head_tokens", "blend_per_document", "blend_selection_signal"}  # issue #18
     | {"codec_calibration_pending", "codec_calibration_threads", "codec_calibration_tokens"}  # issue #17
     | {"blend_ratio_tokens", "blend_ratio_beyond_share"}  # issue #18, ninth session: the budget of long prompts
+    | {"blend_document_context"}  # issue #19, ninth session: documents from vLLM's own prefill
 )
 
 RUNTIMES: dict[str, frozenset[str]] = {

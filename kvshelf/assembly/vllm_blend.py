@@ -7,14 +7,18 @@ The connector asks three things, all on token ids:
   and is enough cached to blend (`min_cached_share`, as on kvshelf's own runner)? Never blends from nothing.
 - `prefill`: blend the prompt's document region (prefix, documents and their separators; the question is
   left to vLLM) into a dense KV buffer; None when the cached documents are gone since the plan.
+- `store`: a missing document's slice of a prompt's KV (vLLM's exact prefill, or the fused KV of a blend
+  that computed it in place), under its in-prompt blend key at the position it had there
+  (`blend_document_context: prompt`, the default, as on kvshelf's own runner);
 - `compute_alone`: a missing document's position-independent KV (computed after the BOS alone), stored
-  under its blend key so that the next request with it blends.
+  under its blend key (`blend_document_context: alone`).
+So the next request with the document blends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,6 +67,7 @@ class BlendedRegion:
     kv: torch.Tensor  # [layers, 2, kv_heads, region tokens, head_dim]: fused KV of tokens [0, region_end)
     info: BlendInfo
     in_blocks: bool = False  # attended over the request's paged blocks: they already hold `kv`
+    missing: list[Document] = field(default_factory=list)  # not cached: computed in place, in every layer
 
 
 def check_selection(config: KVShelfConfig) -> None:
@@ -85,6 +90,7 @@ class VllmBlending:
         config: KVShelfConfig,
         *,
         metrics: Metrics | None = None,
+        document_context: str | None = None,
     ):
         self.runner = VllmModelRunner(model, hf_text_config)
         self.engine = engine
@@ -96,8 +102,14 @@ class VllmBlending:
             raise ValueError(f"blend_special_str {self.separator!r} tokenizes to nothing")
         with_special = list(tokenizer("x")["input_ids"])
         self._bos = with_special[: len(with_special) - len(tokenizer("x", add_special_tokens=False)["input_ids"])]
-        # Documents are computed alone here (compute_alone): vLLM, not kvshelf, prefills a cold prompt.
-        self.blender = Blender.from_config(self.runner, engine, config, metrics, document_context="alone")
+        # `document_context` (default the config's): the connector falls back to alone where it cannot read
+        # a prompt's KV whole (integrations.vllm.blending.document_context).
+        self.blender = Blender.from_config(self.runner, engine, config, metrics, document_context=document_context)
+
+    @property
+    def document_context(self) -> str:
+        """Which KV missing documents are cached with: "prompt" (`store`) or "alone" (`compute_alone`)."""
+        return self.blender.document_context
 
     def split(self, tokens: list[int]) -> Segmented | None:
         """The prompt cut at the separator, or None without documents. The blend keys and positions are
@@ -141,7 +153,17 @@ class VllmBlending:
         total = sum(d.tokens for d in plan.documents)
         if info.placed_tokens == 0 or info.placed_tokens < self.blender.min_cached_share * total:
             return None  # a chunk failed its checks at load: never blend from (nearly) nothing
-        return BlendedRegion(kv.data, info, in_blocks=paged is not None)
+        missing = [d for d in plan.documents if not d.cached and d.key is not None]  # incl. gone since the plan
+        return BlendedRegion(kv.data, info, in_blocks=paged is not None, missing=missing)
+
+    def store(self, key: bytes, kv: torch.Tensor, position: int) -> None:
+        """Store a document's slice [layers, 2, kv_heads, tokens, head_dim] of a prompt's KV, its first token
+        at `position` there, under its in-prompt blend key (`plan`'s keys with document_context prompt)."""
+        if self.document_context != "prompt":
+            raise ValueError(
+                "document slices of a prompt are stored under in-prompt keys only (document_context prompt)"
+            )
+        self.engine.put_blend_chunk(key, kv, position=position)
 
     @torch.inference_mode()
     def compute_alone(self, segmented: Segmented, document: Document, salt: str | None) -> None:

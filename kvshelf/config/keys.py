@@ -265,8 +265,8 @@ class ConfigKeys(BaseModel):
     blend_document_context: Literal["alone", "prompt"] = Field(
         "prompt",  # issue #18, fifth session: answer-token KL at 15% 0.291 -> 0.216 (dev), 0.25 -> 0.16 (held-out)
         description="CacheBlend: a missing document is cached with its KV computed alone behind BOS (alone, after "
-        "the first token) or with its slice of the prompt that first held it (prompt: no extra compute; kvshelf's "
-        "own runner only)",
+        "the first token) or with its slice of the prompt that first held it (prompt: no extra compute; inside vLLM "
+        "the slice of vLLM's own prefill, issue #19)",
     )
 
     # -- issue #18 (ninth session): long prompts recompute a smaller share ---------------------------------

