@@ -61,6 +61,13 @@ VARIANTS = {
         "ratio_tokens": 2048,
         "beyond_share": 0.25,
     },
+    "15% to 2,048 tokens then 3.75%, question pass, from the earlier prompt": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True),
+        "document_context": "prompt",
+        "ratio_tokens": 2048,
+        "beyond_share": 0.25,
+    },
     "12%, question pass, from the earlier prompt": {
         "ratios": [0.12],
         "selection": SelectionPolicy(signal="question", question_pass=True),
