@@ -21,6 +21,7 @@ from numba import njit
 
 from kvshelf.codecs import cachegen_encoder, rans
 from kvshelf.codecs import calibration as calib
+from kvshelf.codecs.cachegen_encoder import _put32
 from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SPREAD_CLASSES, SYMBOL, _u32
 from kvshelf.codecs.rans_lanes import _decode_lanes, _encode_lanes
 
@@ -244,16 +245,6 @@ def _write_part(q, coded, radius, out, at):  # pragma: no cover - compiled
                     e += 4
                     o += 4
     return o
-
-
-@njit(nogil=True, cache=True)
-def _put32(out, o, v):  # pragma: no cover - compiled
-    v = np.int64(v) & 0xFFFFFFFF
-    out[o] = v & 0xFF
-    out[o + 1] = (v >> 8) & 0xFF
-    out[o + 2] = (v >> 16) & 0xFF
-    out[o + 3] = v >> 24
-    return o + 4
 
 
 @njit(nogil=True, cache=True)
