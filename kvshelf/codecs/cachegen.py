@@ -238,6 +238,11 @@ class CacheGenCodec(Codec):
         """decode_run_on's batched work, on any device the Triton kernel runs on (its interpreter: the CPU)."""
         from kvshelf.codecs import rans_gpu
 
+        if rans_gpu.fuses(shape[-1], dtype):  # symbols -> KV in the KV's dtype in one kernel, no float32 copies
+            q, err = rans_gpu.decode_run_raw(segments, shape, self.bits, device)
+            scaled, mean = self.calibration.decode_transform(self.bits, device)
+            inv_freq = self.calibration.tensors_on(device)["inv_freq"]
+            return rans_gpu.finish(q, len(layers), scaled, mean, inv_freq, layers, position, dtype), err
         q, err = rans_gpu.decode_run(segments, shape, self.bits, device)
         return self._finish_layers(q, layers, position, device).to(dtype), err
 

@@ -47,6 +47,41 @@ def _kernel():
 
 
 @functools.cache
+def _finish_kernel():
+    from kvshelf.codecs import finish_triton  # imports Triton: only here, on first use
+
+    return finish_triton.finish_blocks
+
+
+FUSED = True  # symbols -> KV in one kernel (finish); False: the torch reference (the bench's A/B switch)
+_TOKEN_BLOCK = 64
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def fuses(dim: int, dtype: torch.dtype) -> bool:
+    """True where finish() handles this head size and dtype (tl.dot wants halves of >= 16 columns, powers of 2)."""
+    return FUSED and dim >= 32 and dim & (dim - 1) == 0 and dtype in _FUSED_DTYPES
+
+
+def finish(q: torch.Tensor, layers: int, scaled, mean, inv_freq, cal_layers: list[int], position: int, dtype):
+    """Integer symbols as decode_run's kernel wrote them, [layers * chunks, 2, heads, tokens, dim] (chunk-major),
+    -> KV [layers, 2, heads, chunks * tokens, dim] in `dtype`: the inverse transforms (steps folded in, `scaled`
+    [cal layers, 2, heads, dim, dim]), the means, RoPE on K from `position` and the cast in one kernel (what
+    CacheGenCodec._finish_layers computes through float32 tensors), on q's stream."""
+    runs, two, heads, tokens, dim = q.shape
+    chunks = runs // layers
+    n = chunks * tokens
+    out = torch.empty((layers, two, heads, n, dim), dtype=dtype, device=q.device)
+    picks = torch.tensor(cal_layers, dtype=torch.int64).to(q.device, non_blocking=True)
+    grid = (layers * two * heads, -(-n // _TOKEN_BLOCK))
+    _finish_kernel()[grid](
+        q, scaled, mean, inv_freq.float(), picks, out, position, n, tokens, chunks, heads,
+        *out.stride()[:4], D=dim, HALF=dim // 2, BT=_TOKEN_BLOCK, BK=32, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
 def _tables(device: str) -> tuple[torch.Tensor, ...]:
     to = functools.partial(torch.as_tensor, device=device)
     return (
@@ -319,6 +354,13 @@ def decode_segments(segments: list, shape: tuple, level: int, device) -> torch.T
 def decode_segment(data, shape: tuple, level: int, device) -> torch.Tensor:
     """One calibrated segment's integer symbols [2, heads, tokens, dim] on `device`."""
     return decode_segments([data], shape, level, device)[0]
+
+
+def decode_run_raw(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_run's symbols as the kernel wrote them, [layers * chunks, 2, heads, tokens, dim] (chunk-major, no
+    copy), and its error flag: what finish() reads."""
+    q, err = run_staged(stage([seg for row in segments for seg in row], shape, level, device), check=False)
+    return q, err.any()
 
 
 def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
