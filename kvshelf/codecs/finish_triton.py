@@ -7,7 +7,7 @@ Triton at once: kvshelf.codecs.rans_gpu loads it on first use only."""
 import triton
 import triton.language as tl
 
-_TWO_PI = 6.283185307179586
+_TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit

@@ -76,7 +76,7 @@ def finish(q: torch.Tensor, layers: int, scaled, mean, inv_freq, cal_layers: lis
     grid = (layers * two * heads, -(-n // _TOKEN_BLOCK))
     _finish_kernel()[grid](
         q, scaled, mean, inv_freq.float(), picks, out, position, n, tokens, chunks, heads,
-        *out.stride()[:4], D=dim, HALF=dim // 2, BT=_TOKEN_BLOCK, BK=32, num_warps=4,
+        *out.stride()[:4], D=dim, HALF=dim // 2, BT=_TOKEN_BLOCK, BK=32, num_warps=4, num_stages=1,
     )  # fmt: skip
     return out
 
