@@ -312,7 +312,8 @@ def llama(args, out: Path, results: dict) -> None:
 
     def apply(ct: int, plan: tuple, fused: int = 1) -> None:
         set_switch(ct)
-        rans_gpu.FUSED = bool(fused)
+        rans_gpu.FUSED = bool(fused)  # 2: fused, 128 tokens per program on 8 warps (1: 64 on 4)
+        rans_gpu._TOKEN_BLOCK, rans_gpu._FINISH_WARPS = (128, 8) if fused == 2 else (64, 4)
         layers, kib, window, device_decode.READ_ALONE, engine.read_calls, hash_kib, backend.head_calls = plan
         digests._RELEASED_DIGEST = hash_kib << 10 if hash_kib else 1 << 62
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
@@ -438,7 +439,8 @@ def main() -> None:
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
     ap.add_argument("--fused", type=int, nargs="+", default=[1],
-                    help="1: symbols -> KV in one kernel (rans_gpu.FUSED), 0: the torch path; compared")  # fmt: skip
+                    help="1: symbols -> KV in one kernel (rans_gpu.FUSED), 2: the same, 128 tokens a program, 0: "
+                         "the torch path; compared")  # fmt: skip
     ap.add_argument("--read-plans", type=_plan, nargs="+", default=[_plan("8:16:4")],
                     help="LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS]]]] (bench/layerwise.py "
                          "--read-plans; ALONE: decode groups read alone first, device_decode.READ_ALONE; CALLS: calls "

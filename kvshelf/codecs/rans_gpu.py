@@ -15,6 +15,7 @@ Importing this module needs neither CUDA nor Triton (CI has neither): both load 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import threading
 
@@ -54,7 +55,8 @@ def _finish_kernel():
 
 
 FUSED = True  # symbols -> KV in one kernel (finish); False: the torch reference (the bench's A/B switch)
-_TOKEN_BLOCK = 64
+_TOKEN_BLOCK = 64  # tokens per program of finish()
+_FINISH_WARPS = 4
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -76,7 +78,7 @@ def finish(q: torch.Tensor, layers: int, scaled, mean, inv_freq, cal_layers: lis
     grid = (layers * two * heads, -(-n // _TOKEN_BLOCK))
     _finish_kernel()[grid](
         q, scaled, mean, inv_freq.float(), picks, out, position, n, tokens, chunks, heads,
-        *out.stride()[:4], D=dim, HALF=dim // 2, BT=_TOKEN_BLOCK, BK=32, num_warps=4, num_stages=1,
+        *out.stride()[:4], D=dim, HALF=dim // 2, BT=_TOKEN_BLOCK, BK=32, num_warps=_FINISH_WARPS, num_stages=1,
     )  # fmt: skip
     return out
 
@@ -187,6 +189,16 @@ class HostRange:
         """Where a memoryview cut from this buffer starts in it."""
         return np.frombuffer(segment, np.uint8).ctypes.data - self.array.ctypes.data
 
+    def offsets(self, segments: list) -> np.ndarray:
+        """offset() of each of `segments` (writable memoryviews cut from this buffer), ~15x faster: a loader
+        stages ~200 segments per group with the GIL held, while the forward's thread waits to launch kernels."""
+        base = self.array.ctypes.data
+        at = ctypes.c_char.from_buffer  # the address of a writable buffer without a numpy array made for it
+        try:
+            return np.fromiter((ctypes.addressof(at(s)) - base for s in segments), np.int64, len(segments))
+        except (TypeError, ValueError):  # a read-only or empty view among them: the slow way
+            return np.fromiter((self.offset(s) for s in segments), np.int64, len(segments))
+
     def on_device(self) -> torch.Tensor:
         """The whole buffer on its device, copied once (on the current stream: the caller's load stream)."""
         if self._on_device is None:
@@ -246,7 +258,7 @@ def _stage_in_place(owner: HostRange, segments: list, lengths: np.ndarray, shape
     _, heads, tokens, dim = shape
     rows = heads * dim
     blocks = rans.layout(rows, tokens)[2]
-    starts = np.fromiter((owner.offset(s) for s in segments), np.int64, len(segments))
+    starts = owner.offsets(segments)
     if len(segments) and (starts.min() < 0 or int((starts + lengths).max()) > owner.nbytes):
         raise ValueError("segments lie outside the staging buffer they name")  # never read past it (compiled)
     n_desc = len(segments) * 2 * blocks
