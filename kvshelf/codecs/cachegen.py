@@ -228,8 +228,9 @@ class CacheGenCodec(Codec):
 
     def decode_run_on(self, segments, shape, dtype, layers, num_layers, device, position):
         """Calibrated, on a CUDA device: every segment of the run (layers x chunks) checked and staged in one
-        pinned buffer, one copy, one rANS kernel, then one batched inverse transform and RoPE. Does not
-        wait for the GPU: the error flag it returns must be seen False before the KV is used."""
+        pinned buffer, one copy, one rANS kernel, then one kernel for the inverse transform, RoPE and the cast
+        (rans_gpu.finish; torch's batched matmul where it does not apply). Does not wait for the GPU: the
+        error flag it returns must be seen False before the KV is used."""
         if not self.decodes_on(device):
             return super().decode_run_on(segments, shape, dtype, layers, num_layers, device, position)
         return self._decode_run_batched(segments, shape, dtype, list(layers), device, position)

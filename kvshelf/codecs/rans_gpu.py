@@ -1,6 +1,7 @@
 """GPU decoding of cachegen's calibrated segments: the rANS parts (kvshelf.codecs.rans) decoded by a Triton
 kernel from the very bytes the CPU decoder reads; then the escapes, steps, inverse transform and RoPE run
-there too (CacheGenCodec._finish_calibrated).
+there too: for a layer group, in one more kernel (finish, kvshelf.codecs.finish_triton) that writes the KV in its
+dtype straight from the symbols; elsewhere through torch (CacheGenCodec._finish_layers, the reference).
 
 One program decodes one block: its W lanes are a warp's worth of vector elements that step together,
 each lane reading the 16-bit words it needs from the block's shared stream at its exclusive prefix sum
