@@ -522,6 +522,19 @@ def test_the_fused_finish_kernel_equals_the_torch_reference():
     assert run.returncode == 0 and "fused ok" in run.stdout, run.stderr[-3000:]
 
 
+def test_a_staging_buffer_locates_the_parts_cut_from_it():
+    from kvshelf.codecs.rans_gpu import HostRange
+
+    host = HostRange(64, "cpu")
+    parts = [host.view(at, n) for at, n in ((0, 8), (20, 30), (8, 4))]
+    for _ in parts:
+        host.done()
+    cut = [parts[1][3:9], parts[0][2:]]  # segments cut from the parts, as a loader's are
+    assert host.offsets(parts + cut).tolist() == [0, 20, 8, 23, 2] == [host.offset(p) for p in parts + cut]
+    # a read-only or empty view: located the slow way, the same
+    assert host.offsets([parts[1].toreadonly(), parts[2][4:], parts[0]]).tolist() == [20, 12, 0]
+
+
 def test_a_staging_buffer_goes_back_only_once_no_read_writes_into_it():
     from kvshelf.codecs.rans_gpu import HostRange
 

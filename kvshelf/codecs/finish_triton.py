@@ -64,7 +64,8 @@ def finish_blocks(
         angle = (angle - _TWO_PI * tl.floor(angle / _TWO_PI + 0.5)).to(tl.float32)
         cos, sin = tl.cos(angle), tl.sin(angle)
         lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
-    dst = out + layer * so_l + kind * so_k + h * so_h + g.to(tl.int64)[:, None] * so_t
+    at = layer.to(tl.int64) * so_l + kind.to(tl.int64) * so_k + h.to(tl.int64) * so_h  # int64: large buffers
+    dst = out + at + g.to(tl.int64)[:, None] * so_t
     ty = out.dtype.element_ty
     tl.store(dst + cols[None, :], lo.to(ty), mask=valid[:, None])
     tl.store(dst + HALF + cols[None, :], hi.to(ty), mask=valid[:, None])
