@@ -139,6 +139,25 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
     # GPU queued) and the GPU's from staged bytes (rANS kernel, escapes, transform, RoPE, write, flag read)
     segs = [[r.encoded_layer(k)[1] for _, r in chunks] for k in range(8)]
     shape = (2, heads, CHUNK, dim)
+
+    fuses = rans_gpu.fuses(dim, torch.float16)
+
+    def finish(q, n, fused=fuses):
+        """Symbols [n * chunks, 2, heads, CHUNK, dim] (chunk-major) of layers 0..n-1 -> fp16 KV, as the codec's
+        GPU path does (fused: one kernel; else the torch reference through float32)."""
+        if fused:
+            scaled, mean = cal.decode_transform(codec.bits, device)
+            return rans_gpu.finish(q, n, scaled, mean, cal.tensors_on(device)["inv_freq"], list(range(n)), 0,
+                                   torch.float16)  # fmt: skip
+        q = q.view(n, len(chunks), 2, heads, CHUNK, dim).permute(0, 2, 3, 1, 4, 5).reshape(n, 2, heads, tokens, dim)
+        return codec._finish_layers(q, list(range(n)), 0, device).half()
+
+    # the fused kernel against the torch reference on the same symbols (float tolerance: fp16 rounding)
+    q, _ = rans_gpu.run_staged(rans_gpu.stage([s for row in segs for s in row], shape, codec.bits, device), False)
+    ref = finish(q, 8, fused=False).float()
+    diff = float((finish(q, 8).float() - ref).abs().max()) if fuses else 0.0
+    results[f"{label} fused finish vs torch reference: max |difference|"] = diff
+    results[f"{label} fused finish vs torch reference: max |KV|"] = float(ref.abs().max())
     t_stage, t_gpu = [], []
     for _ in range(repeats):
         sync()
@@ -148,8 +167,7 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
         sync()
         t = time.perf_counter()
         q, err = rans_gpu.run_staged(staged, check=False)
-        q = q.view(8, len(chunks), 2, heads, CHUNK, dim).permute(0, 2, 3, 1, 4, 5).reshape(8, 2, heads, tokens, dim)
-        buf.data[0:8].copy_(codec._finish_layers(q, list(range(8)), 0, device))
+        buf.data[0:8].copy_(finish(q, 8))
         assert not bool(err.any())
         t_gpu.append(time.perf_counter() - t)
     results[f"{label} 8 layers: CPU side (check + pinned copy) GB/s per layer"] = (

@@ -144,6 +144,7 @@ def install():
     rans.scan_segments = REC.timed("stage.scan", rans.scan_segments)
     rans_gpu.run_staged = REC.timed("kernel", rans_gpu.run_staged)
     CacheGenCodec._finish_layers = REC.timed("finish", CacheGenCodec._finish_layers, lambda a: (a[2][0], a[2][-1] + 1))
+    rans_gpu.finish = REC.timed("finish", rans_gpu.finish, lambda a: (a[5][0], a[5][-1] + 1))
 
 
 def set_switch(ms: float) -> None:
@@ -309,49 +310,51 @@ def llama(args, out: Path, results: dict) -> None:
 
     probe0 = backend.head_probe
 
-    def apply(ct: int, plan: tuple) -> None:
+    def apply(ct: int, plan: tuple, fused: int = 1) -> None:
         set_switch(ct)
+        rans_gpu.FUSED = bool(fused)  # 2: fused, 128 tokens per program on 8 warps (1: 64 on 4)
+        rans_gpu._TOKEN_BLOCK, rans_gpu._FINISH_WARPS = (128, 8) if fused == 2 else (64, 4)
         layers, kib, window, device_decode.READ_ALONE, engine.read_calls, hash_kib, backend.head_calls = plan
         digests._RELEASED_DIGEST = hash_kib << 10 if hash_kib else 1 << 62
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
 
-    variants = [(ct, plan) for plan in args.read_plans for ct in args.switch_ms]
-    for ct, plan in variants:  # compile, pin, warm (each plan stages other sizes)
-        apply(ct, plan)
+    variants = [(ct, plan, f) for plan in args.read_plans for ct in args.switch_ms for f in args.fused]
+    for ct, plan, fused in variants:  # compile, pin, warm (each plan stages other sizes)
+        apply(ct, plan, fused)
         layerwise_run()
         loader_run()
     compute_run()
     rows = []
     for rep in range(args.repeats):  # variants alternate within each repeat (drift)
-        for ct, plan in variants:
-            apply(ct, plan)
-            rows.append({"switch_ms": ct, "plan": plan, "rep": rep, "layerwise_ms": 1e3 * layerwise_run(),
+        for ct, plan, fused in variants:
+            apply(ct, plan, fused)
+            rows.append({"switch_ms": ct, "plan": plan, "fused": fused, "rep": rep, "layerwise_ms": 1e3 * layerwise_run(),
                          "loader_ms": 1e3 * loader_run(), "compute_ms": 1e3 * compute_run()})  # fmt: skip
     summary = []
-    for ct, plan in variants:
-        mine = [r for r in rows if r["switch_ms"] == ct and r["plan"] == plan]
+    for ct, plan, fused in variants:
+        mine = [r for r in rows if r["switch_ms"] == ct and r["plan"] == plan and r["fused"] == fused]
         med = {k: statistics.median(r[k] for r in mine) for k in ("layerwise_ms", "loader_ms", "compute_ms")}
         med["ratio"] = med["layerwise_ms"] / max(med["loader_ms"], med["compute_ms"])
         # one run of each with timestamps (the instrumentation costs a little: phases only)
         REC.reset()
         REC.on = True
         try:
-            apply(ct, plan)
+            apply(ct, plan, fused)
             layerwise_run()
         finally:
             REC.on = False
         s = REC.summary()
-        row = {"switch_ms": ct, "plan": plan, **med, "runs": mine, "phases": totals(s), "gaps": gaps(s)}
+        row = {"switch_ms": ct, "plan": plan, "fused": fused, **med, "runs": mine, "phases": totals(s), "gaps": gaps(s)}
         row["layers"] = per_layer(s)
         summary.append(row)
         print(
-            f"switch {ct} ms plan {plan}: medians layerwise {med['layerwise_ms']:.1f} loader {med['loader_ms']:.1f}"
+            f"switch {ct} ms plan {plan} fused {fused}: medians layerwise {med['layerwise_ms']:.1f} loader {med['loader_ms']:.1f}"
             f" compute {med['compute_ms']:.1f} ratio {med['ratio']:.2f} (layerwise runs "
             f"{[round(r['layerwise_ms'], 1) for r in mine]}); phases {row['phases']}",
             flush=True,
         )
     results["llama8b"] = summary
-    apply(args.switch_ms[-1], args.read_plans[0])
+    apply(args.switch_ms[-1], args.read_plans[0], args.fused[0])
     REC.on = True
     trace(out, f"llama8b_layerwise_sw{args.switch_ms[-1]}", layerwise_run)
     REC.on = False
@@ -435,6 +438,9 @@ def main() -> None:
     ap.add_argument("--tier-workers", type=int, default=8)
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
+    ap.add_argument("--fused", type=int, nargs="+", default=[1],
+                    help="1: symbols -> KV in one kernel (rans_gpu.FUSED), 2: the same, 128 tokens a program, 0: "
+                         "the torch path; compared")  # fmt: skip
     ap.add_argument("--read-plans", type=_plan, nargs="+", default=[_plan("8:16:4")],
                     help="LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS]]]] (bench/layerwise.py "
                          "--read-plans; ALONE: decode groups read alone first, device_decode.READ_ALONE; CALLS: calls "

@@ -479,6 +479,62 @@ def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
     assert "escapes ok" in run.stdout and "in place ok" in run.stdout, run.stderr[-3000:]
 
 
+_FUSED_CHECK = r"""
+import torch
+from kvshelf.codecs import calibration as calib
+from kvshelf.codecs import rans_gpu
+from kvshelf.codecs.cachegen import CacheGenCodec
+
+layers, heads, tokens, dim = 2, 1, 16, 32  # the fused kernel's smallest head (tl.dot: halves of 16)
+g = torch.Generator().manual_seed(2)
+eye = torch.linalg.qr(torch.randn(layers, 2, heads, dim, dim, generator=g))[0]
+cal = calib.Calibration(
+    inv_freq=torch.rand(layers, dim // 2, generator=g),
+    mean=torch.randn(layers, 2, heads, dim, generator=g),
+    forward=eye,
+    inverse=eye.transpose(-1, -2).contiguous(),
+    step=torch.full((layers, 2), 0.05),
+    info={"test": "fused finish"},
+)
+calib.register(cal)
+codec = CacheGenCodec(calibration=cal.digest)
+kv = torch.randn(2, layers, 2, heads, tokens, dim, generator=g)
+pos = 5000  # long positions: RoPE's angles reduced as the reference rounds them
+segs = [[codec.encode_layer(kv[c, 1], 1, layers, pos + c * tokens) for c in range(2)]]
+shape = (2, heads, tokens, dim)
+assert rans_gpu.fuses(dim, torch.bfloat16) and not rans_gpu.fuses(16, torch.bfloat16)
+q, err = rans_gpu.decode_run_raw(segs, shape, codec.bits, "cpu")
+assert not bool(err)
+scaled, mean = cal.decode_transform(codec.bits, "cpu")
+got = rans_gpu.finish(q, 1, scaled, mean, cal.inv_freq, [1], pos, torch.float32)
+ref = codec._finish_layers(q.permute(1, 2, 0, 3, 4).reshape(1, 2, heads, 2 * tokens, dim), [1], pos, "cpu")
+assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
+half = rans_gpu.finish(q, 1, scaled, mean, cal.inv_freq, [1], pos, torch.bfloat16)
+assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), ref, atol=0.02, rtol=0.01)
+print("fused ok")
+"""
+
+
+def test_the_fused_finish_kernel_equals_the_torch_reference():
+    # symbols -> KV in one kernel (the GPU's path) against CacheGenCodec._finish_layers, through Triton's interpreter
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    run = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "fused ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_a_staging_buffer_locates_the_parts_cut_from_it():
+    from kvshelf.codecs.rans_gpu import HostRange
+
+    host = HostRange(64, "cpu")
+    parts = [host.view(at, n) for at, n in ((0, 8), (20, 30), (8, 4))]
+    for _ in parts:
+        host.done()
+    cut = [parts[1][3:9], parts[0][2:]]  # segments cut from the parts, as a loader's are
+    assert host.offsets(parts + cut).tolist() == [0, 20, 8, 23, 2] == [host.offset(p) for p in parts + cut]
+    # a read-only or empty view: located the slow way, the same
+    assert host.offsets([parts[1].toreadonly(), parts[2][4:], parts[0]]).tolist() == [20, 12, 0]
+
+
 def test_a_staging_buffer_goes_back_only_once_no_read_writes_into_it():
     from kvshelf.codecs.rans_gpu import HostRange
 

@@ -228,8 +228,9 @@ class CacheGenCodec(Codec):
 
     def decode_run_on(self, segments, shape, dtype, layers, num_layers, device, position):
         """Calibrated, on a CUDA device: every segment of the run (layers x chunks) checked and staged in one
-        pinned buffer, one copy, one rANS kernel, then one batched inverse transform and RoPE. Does not
-        wait for the GPU: the error flag it returns must be seen False before the KV is used."""
+        pinned buffer, one copy, one rANS kernel, then one kernel for the inverse transform, RoPE and the cast
+        (rans_gpu.finish; torch's batched matmul where it does not apply). Does not wait for the GPU: the
+        error flag it returns must be seen False before the KV is used."""
         if not self.decodes_on(device):
             return super().decode_run_on(segments, shape, dtype, layers, num_layers, device, position)
         return self._decode_run_batched(segments, shape, dtype, list(layers), device, position)
@@ -238,6 +239,11 @@ class CacheGenCodec(Codec):
         """decode_run_on's batched work, on any device the Triton kernel runs on (its interpreter: the CPU)."""
         from kvshelf.codecs import rans_gpu
 
+        if rans_gpu.fuses(shape[-1], dtype):  # symbols -> KV in the KV's dtype in one kernel, no float32 copies
+            q, err = rans_gpu.decode_run_raw(segments, shape, self.bits, device)
+            scaled, mean = self.calibration.decode_transform(self.bits, device)
+            inv_freq = self.calibration.tensors_on(device)["inv_freq"]
+            return rans_gpu.finish(q, len(layers), scaled, mean, inv_freq, layers, position, dtype), err
         q, err = rans_gpu.decode_run(segments, shape, self.bits, device)
         return self._finish_layers(q, layers, position, device).to(dtype), err
 

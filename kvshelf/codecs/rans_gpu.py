@@ -1,6 +1,7 @@
 """GPU decoding of cachegen's calibrated segments: the rANS parts (kvshelf.codecs.rans) decoded by a Triton
 kernel from the very bytes the CPU decoder reads; then the escapes, steps, inverse transform and RoPE run
-there too (CacheGenCodec._finish_calibrated).
+there too: for a layer group, in one more kernel (finish, kvshelf.codecs.finish_triton) that writes the KV in its
+dtype straight from the symbols; elsewhere through torch (CacheGenCodec._finish_layers, the reference).
 
 One program decodes one block: its W lanes are a warp's worth of vector elements that step together,
 each lane reading the 16-bit words it needs from the block's shared stream at its exclusive prefix sum
@@ -15,6 +16,7 @@ Importing this module needs neither CUDA nor Triton (CI has neither): both load 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import threading
 
@@ -44,6 +46,42 @@ def _kernel():
     from kvshelf.codecs import rans_triton  # imports Triton: only here, on first use
 
     return rans_triton.decode_blocks
+
+
+@functools.cache
+def _finish_kernel():
+    from kvshelf.codecs import finish_triton  # imports Triton: only here, on first use
+
+    return finish_triton.finish_blocks
+
+
+FUSED = True  # symbols -> KV in one kernel (finish); False: the torch reference (the bench's A/B switch)
+_TOKEN_BLOCK = 64  # tokens per program of finish()
+_FINISH_WARPS = 4
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def fuses(dim: int, dtype: torch.dtype) -> bool:
+    """True where finish() handles this head size and dtype (tl.dot wants halves of >= 16 columns, powers of 2)."""
+    return FUSED and dim >= 32 and dim & (dim - 1) == 0 and dtype in _FUSED_DTYPES
+
+
+def finish(q: torch.Tensor, layers: int, scaled, mean, inv_freq, cal_layers: list[int], position: int, dtype):
+    """Integer symbols as decode_run's kernel wrote them, [layers * chunks, 2, heads, tokens, dim] (chunk-major),
+    -> KV [layers, 2, heads, chunks * tokens, dim] in `dtype`: the inverse transforms (steps folded in, `scaled`
+    [cal layers, 2, heads, dim, dim]), the means, RoPE on K from `position` and the cast in one kernel (what
+    CacheGenCodec._finish_layers computes through float32 tensors), on q's stream."""
+    runs, two, heads, tokens, dim = q.shape
+    chunks = runs // layers
+    n = chunks * tokens
+    out = torch.empty((layers, two, heads, n, dim), dtype=dtype, device=q.device)
+    picks = torch.tensor(cal_layers, dtype=torch.int64).to(q.device, non_blocking=True)
+    grid = (layers * two * heads, -(-n // _TOKEN_BLOCK))
+    _finish_kernel()[grid](
+        q, scaled, mean, inv_freq.float(), picks, out, position, n, tokens, chunks, heads,
+        *out.stride()[:4], D=dim, HALF=dim // 2, BT=_TOKEN_BLOCK, BK=32, num_warps=_FINISH_WARPS, num_stages=1,
+    )  # fmt: skip
+    return out
 
 
 @functools.cache
@@ -152,6 +190,16 @@ class HostRange:
         """Where a memoryview cut from this buffer starts in it."""
         return np.frombuffer(segment, np.uint8).ctypes.data - self.array.ctypes.data
 
+    def offsets(self, segments: list) -> np.ndarray:
+        """offset() of each of `segments` (writable memoryviews cut from this buffer), ~15x faster: a loader
+        stages ~200 segments per group with the GIL held, while the forward's thread waits to launch kernels."""
+        base = self.array.ctypes.data
+        at = ctypes.c_char.from_buffer  # the address of a writable buffer without a numpy array made for it
+        try:
+            return np.fromiter((ctypes.addressof(at(s)) - base for s in segments), np.int64, len(segments))
+        except (TypeError, ValueError):  # a read-only or empty view among them: the slow way
+            return np.fromiter((self.offset(s) for s in segments), np.int64, len(segments))
+
     def on_device(self) -> torch.Tensor:
         """The whole buffer on its device, copied once (on the current stream: the caller's load stream)."""
         if self._on_device is None:
@@ -211,7 +259,7 @@ def _stage_in_place(owner: HostRange, segments: list, lengths: np.ndarray, shape
     _, heads, tokens, dim = shape
     rows = heads * dim
     blocks = rans.layout(rows, tokens)[2]
-    starts = np.fromiter((owner.offset(s) for s in segments), np.int64, len(segments))
+    starts = owner.offsets(segments)
     if len(segments) and (starts.min() < 0 or int((starts + lengths).max()) > owner.nbytes):
         raise ValueError("segments lie outside the staging buffer they name")  # never read past it (compiled)
     n_desc = len(segments) * 2 * blocks
@@ -319,6 +367,13 @@ def decode_segments(segments: list, shape: tuple, level: int, device) -> torch.T
 def decode_segment(data, shape: tuple, level: int, device) -> torch.Tensor:
     """One calibrated segment's integer symbols [2, heads, tokens, dim] on `device`."""
     return decode_segments([data], shape, level, device)[0]
+
+
+def decode_run_raw(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_run's symbols as the kernel wrote them, [layers * chunks, 2, heads, tokens, dim] (chunk-major, no
+    copy), and its error flag: what finish() reads."""
+    q, err = run_staged(stage([seg for row in segments for seg in row], shape, level, device), check=False)
+    return q, err.any()
 
 
 def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
