@@ -23,6 +23,7 @@ Per request: TTFT (the least of `--repeats` max_tokens=1 requests' wall times), 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -108,8 +109,15 @@ def vllm_child(spec_path: str, out_dir: str) -> None:
         return out, time.perf_counter() - t0
 
     run([2, 651, 1000], one)  # warm-up
-    results = []
+    # each sample's results are kept as they come, so that a run stopped part-way (killed for memory on a
+    # shared machine) resumes where it stopped: the samples are independent (each brings its own documents)
+    partial = Path(out_dir) / "partial.json"
+    measured = hashlib.sha256(json.dumps([p["measured"] for p in spec["prompts"]]).encode()).hexdigest()
+    kept = json.loads(partial.read_text()) if partial.exists() else {}
+    results = kept["results"] if kept.get("prompts") == measured else []
     for i, prompt in enumerate(spec["prompts"]):
+        if i < len(results):
+            continue
         if transfer is not None:
             from kvshelf.integrations.vllm import compute_missing_documents
 
@@ -125,6 +133,7 @@ def vllm_child(spec_path: str, out_dir: str) -> None:
         torch.save(full, Path(out_dir) / f"dist{i}.pt")
         out, _ = run(prompt["measured"], answer)
         results.append({"ttft_s": ttft, "text": out.outputs[0].text, "cached": out.num_cached_tokens})
+        partial.write_text(json.dumps({"prompts": measured, "results": results}))
     stats = {}
     if transfer is not None:
         from kvshelf.integrations.vllm import connector_stats
@@ -228,6 +237,9 @@ def main() -> None:
         default="prompt",
         help="which KV the blends cache documents with (blend_document_context)",
     )
+    ap.add_argument("--start", type=int, default=0, help="the first sample measured")
+    ap.add_argument("--limit", type=int, default=0, help="samples measured from --start (0: all)")
+    ap.add_argument("--cpu-size", type=float, default=2.0, help="the connector's CPU tier in GB")
     ap.add_argument("--skip-own-runner", action="store_true", help="vLLM runs only")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--work", help="keep each vLLM run's results here; a rerun skips the runs already done")
@@ -240,10 +252,12 @@ def main() -> None:
     model = str(provision_default_model(show_progress=False))
     tokenizer = AutoTokenizer.from_pretrained(model)
     samples = read_samples(args.jsonl) if args.jsonl else builtin_samples(args.samples)
-    prompts = build_prompts(samples, tokenizer)
+    # built for every sample, then cut: a sample's prompts do not depend on which samples a run measures
+    prompts = build_prompts(samples, tokenizer)[args.start : args.start + args.limit if args.limit else None]
     lengths = [len(p["measured"]) for p in prompts]
     shelf = {
         "local_cpu": True,
+        "max_local_cpu_size": args.cpu_size,
         "chunk_size": 256,
         "enable_blending": True,
         "blend_check_layers": [args.check_layer],
