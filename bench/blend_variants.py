@@ -68,6 +68,21 @@ VARIANTS = {
         "ratio_tokens": 2048,
         "beyond_share": 0.25,
     },
+    # tenth session (h18): the question pass at the long-prompt budget, part of the budget by K and V deviation
+    "15% to 2,048 tokens then 3.75%, question pass, half by deviation, from the earlier prompt": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.5),
+        "document_context": "prompt",
+        "ratio_tokens": 2048,
+        "beyond_share": 0.25,
+    },
+    "15% to 2,048 tokens then 3.75%, question pass, 70% by question, from the earlier prompt": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.7),
+        "document_context": "prompt",
+        "ratio_tokens": 2048,
+        "beyond_share": 0.25,
+    },
     "12%, question pass, from the earlier prompt": {
         "ratios": [0.12],
         "selection": SelectionPolicy(signal="question", question_pass=True),
