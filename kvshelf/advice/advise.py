@@ -47,8 +47,15 @@ def blend_placed_cost(placed: int) -> float:
     return (_CHECK * placed + (18 - _CHECK) * recomputed) / 18
 
 
-# The question pass (issue #18, third session), when configured, computes the question's tokens once more.
+# The question pass (issue #18, third session), when configured, computes the question's tokens once more; with
+# blend_long_question_pass (tenth session) only in blends of more than blend_ratio_tokens placed tokens.
 BLEND_QUESTION_PASS = _DEFAULTS.blend_question_pass and _DEFAULTS.blend_selection_signal in ("question", "kv+question")
+BLEND_LONG_QUESTION_PASS = _DEFAULTS.blend_long_question_pass and _DEFAULTS.blend_ratio_tokens is not None
+
+
+def blend_question_pass(placed: int) -> bool:
+    """Whether a blend of `placed` cached document tokens runs the question pass with the default settings."""
+    return BLEND_QUESTION_PASS or (BLEND_LONG_QUESTION_PASS and placed > _DEFAULTS.blend_ratio_tokens)
 
 
 @dataclass
@@ -154,7 +161,7 @@ def analyse(
         # plain prefill (its documents computed after the first token, off the TTFT: issue #18); otherwise
         # the missing documents are computed in place with the question and the cached ones blended.
         if req.chunks and blend_hit >= BLEND_MIN_CACHED_SHARE * (blend_hit + first_seen) and blend_hit:
-            question = n - sum(len(c) for c in req.chunks) if BLEND_QUESTION_PASS else 0
+            question = n - sum(len(c) for c in req.chunks) if blend_question_pass(blend_hit) else 0
             blended = n - blend_hit + blend_placed_cost(blend_hit) + question
             ttft[BLEND_LABEL] += cost.recompute_s(blended) + cost.load_s({"cpu": blend_hit})
         else:
