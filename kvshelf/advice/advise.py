@@ -26,8 +26,9 @@ CODEC_BITS = {"none": 32.0, "int8": 8.13, "cachegen": 2.65}
 BLEND_QUALITY = (
     "measured on 100 varied RAG prompts of ~2K tokens: 15% recompute, documents cached from the prompt that first "
     "held them, answered as often as full prefill (65 and 66 of 100, paired difference -1 point [-9, +7]) at ~4.3x "
-    "faster TTFT; documents cached alone lost 10 points at 15%. On 4-8K prompts (15% of 2,048 tokens, then 3.75%) "
-    "it is 7-8x faster but lost 0-4 points on one set and 23 on another (22 samples): check answers on long prompts"
+    "faster TTFT; documents cached alone lost 10 points at 15%. On 4-8K prompts (15% of 2,048 tokens, then 3.75%, "
+    "picked by the question pass) it is ~7x faster and answered as full prefill on one set (21 of 28) but lost 3 "
+    "of 20 on another (17 vs 20 of 24): check answers on long prompts"
 )
 
 

@@ -286,13 +286,13 @@ class ConfigKeys(BaseModel):
 
     # -- issue #18 (tenth session): long prompts pick the recomputed tokens by the question pass ------------
     blend_long_question_pass: bool = Field(
-        False,
+        True,  # tenth session: at 4-8K answer-token KL -62 to -68%, as many answers or 2 more of 24, ~7.2x (BENCHMARKS.md)
         description="CacheBlend, kvshelf's own runner: past blend_ratio_tokens placed tokens pick the recomputed "
         "tokens by a pass of the question over the cached KV (what it attends to in every layer) instead of "
         "blend_selection_signal (inside vLLM the question is computed after the blend: not used there)",
     )
     blend_long_question_budget: float = Field(
-        1.0,
+        0.5,  # tenth session: as many answers as 1.0 on both 4-8K sets, lower KL on both (two-hop answers)
         ge=0,
         le=1,
         description="CacheBlend, blend_long_question_pass: this share of a long prompt's recompute budget goes to "
