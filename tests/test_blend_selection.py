@@ -140,7 +140,7 @@ def test_defaults_follow_the_rag_evaluation():
     assert config.blend_min_cached_share == 0.25  # fourth session: blending saves ~30% from a quarter cached
     assert (config.blend_head_tokens, config.blend_per_document, config.blend_selection_signal) == (0, False, "kv")
     # tenth session: past 2,048 placed tokens the question pass picks the tokens (4-8K: KL -60 to -67%, >= 7x)
-    assert (config.blend_long_question_pass, config.blend_long_question_budget) == (True, 0.5)
+    assert (config.blend_long_question_pass, config.blend_long_question_budget) == (True, 1.0)
 
 
 def test_question_signals_rank_by_the_questions_attention():

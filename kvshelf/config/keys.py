@@ -292,7 +292,7 @@ class ConfigKeys(BaseModel):
         "blend_selection_signal (inside vLLM the question is computed after the blend: not used there)",
     )
     blend_long_question_budget: float = Field(
-        0.5,  # tenth session: as many answers as 1.0 on both 4-8K sets, lower KL on both (two-hop answers)
+        1.0,  # tenth session: 0.5 answered as 1.0 at 4-8K (lower KL), one fewer on ~2K prompts past 2,048 tokens
         ge=0,
         le=1,
         description="CacheBlend, blend_long_question_pass: this share of a long prompt's recompute budget goes to "
