@@ -125,6 +125,17 @@ def kl(ref: torch.Tensor, other: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum())
 
 
+def margin(logits: torch.Tensor) -> float:
+    """The log-probability gap between the two likeliest tokens: how firmly a method picked its token."""
+    top = torch.log_softmax(logits.float(), -1).topk(2).values
+    return float(top[0] - top[1])
+
+
+def diverges_at(tokens: list[int], ref: list[int]) -> int | None:
+    """The first new token that differs from full prefill's (None: the same tokens, as far as both go)."""
+    return next((j for j, (a, b) in enumerate(zip(tokens, ref, strict=False)) if a != b), None)
+
+
 def cold_requests(samples: list[dict], shelf, tok, args, console: Console) -> None:
     """The first request with new documents (issue #18): TTFT of a plain prefill, of the cold request as
     served now (exact prefill, documents computed after the first token), of the old way (each document
@@ -329,6 +340,10 @@ def main() -> None:
                     "kl": kl(ref, r.first_logits),
                     # KL at the answer's first real token (at the first token when the method began otherwise).
                     "kl_answer": kl(ref_steps[at], steps[at]) if same_start else kl(ref, r.first_logits),
+                    # Its own top-1 over top-2 log-probability gap at the answer token, and where its tokens
+                    # part from full prefill's (the answer's first token, or a later one: decoding over fused KV).
+                    "margin": margin(steps[at]) if len(steps) > at else None,
+                    "diverges_at": diverges_at(r.token_ids, ref_tokens),
                 }
             records.append(record)
             with per_sample.open("a") as f:

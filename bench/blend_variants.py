@@ -68,6 +68,37 @@ VARIANTS = {
         "ratio_tokens": 2048,
         "beyond_share": 0.25,
     },
+    # tenth session (h18): the question pass at the long-prompt budget, part of the budget by K and V deviation
+    "15% to 2,048 tokens then 3.75%, question pass, half by deviation, from the earlier prompt": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.5),
+        "document_context": "prompt",
+        "ratio_tokens": 2048,
+        "beyond_share": 0.25,
+    },
+    "15% to 2,048 tokens then 3.75%, question pass, 70% by question, from the earlier prompt": {
+        "ratios": [0.15],
+        "selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.7),
+        "document_context": "prompt",
+        "ratio_tokens": 2048,
+        "beyond_share": 0.25,
+    },
+    # the same through the blender's long-prompt policy (blend_long_question_pass): the question pass past 2,048
+    # placed tokens only, the default selection below them
+    "default, long prompts by the question pass, half by deviation": {
+        "ratios": [0.15],
+        "document_context": "prompt",
+        "ratio_tokens": 2048,
+        "beyond_share": 0.25,
+        "long_selection": SelectionPolicy(signal="question", question_pass=True, question_budget=0.5),
+    },
+    "default, long prompts by the question pass": {
+        "ratios": [0.15],
+        "document_context": "prompt",
+        "ratio_tokens": 2048,
+        "beyond_share": 0.25,
+        "long_selection": SelectionPolicy(signal="question", question_pass=True),
+    },
     "12%, question pass, from the earlier prompt": {
         "ratios": [0.12],
         "selection": SelectionPolicy(signal="question", question_pass=True),

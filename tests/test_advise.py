@@ -117,3 +117,21 @@ def test_a_configured_question_pass_costs_the_question_once_more(monkeypatch):
     monkeypatch.setattr(advise_module, "BLEND_QUESTION_PASS", True)
     with_pass = analyse(trace, COST).predicted_ttft_s[BLEND_LABEL]
     assert with_pass - plain == pytest.approx(COST.recompute_s(len(question)) / len(trace))
+
+
+@pytest.mark.parametrize("tokens, charged", [(400, False), (1200, True)])
+def test_a_long_prompt_question_pass_is_charged_past_the_full_share(monkeypatch, tokens, charged):
+    """Issue #18 (tenth session): with blend_long_question_pass as default the question runs once more only in
+    blends of more than blend_ratio_tokens (2,048) placed tokens."""
+    import kvshelf.advice.advise as advise_module
+
+    docs = [[10000 * d + i for i in range(tokens)] for d in range(2)]
+    question = list(range(7, 37))
+    trace = [Request(docs[0] + docs[1] + question, chunks=docs), Request(docs[1] + docs[0] + question, chunks=docs)]
+    monkeypatch.setattr(advise_module, "BLEND_QUESTION_PASS", False)
+    monkeypatch.setattr(advise_module, "BLEND_LONG_QUESTION_PASS", False)
+    plain = analyse(trace, COST).predicted_ttft_s[BLEND_LABEL]
+    monkeypatch.setattr(advise_module, "BLEND_LONG_QUESTION_PASS", True)
+    with_pass = analyse(trace, COST).predicted_ttft_s[BLEND_LABEL]
+    expected = COST.recompute_s(len(question)) / len(trace) if charged else 0.0
+    assert with_pass - plain == pytest.approx(expected)

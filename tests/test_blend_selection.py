@@ -139,6 +139,8 @@ def test_defaults_follow_the_rag_evaluation():
     assert config.blend_document_context == "prompt"
     assert config.blend_min_cached_share == 0.25  # fourth session: blending saves ~30% from a quarter cached
     assert (config.blend_head_tokens, config.blend_per_document, config.blend_selection_signal) == (0, False, "kv")
+    # tenth session: past 2,048 placed tokens the question pass picks the tokens (4-8K: KL -60 to -67%, >= 7x)
+    assert (config.blend_long_question_pass, config.blend_long_question_budget) == (True, 1.0)
 
 
 def test_question_signals_rank_by_the_questions_attention():
@@ -292,3 +294,69 @@ def test_the_config_sets_the_long_prompt_budget(tiny_models):
     assert Blender.from_config(runner, None, KVShelfConfig(blend_ratio_tokens=None)).ratio_tokens is None
     with pytest.raises(ValueError, match="blend_ratio_beyond_share"):
         Blender(runner, None, check_layers=[1], ratios=[0.15], beyond_share=1.5)
+
+
+def test_long_prompts_select_by_the_question_pass(tiny_models, monkeypatch):
+    """Issue #18, tenth session: past blend_ratio_tokens placed tokens the blend picks its tokens with the long
+    policy (the question pass); at or below them, or without the question in the blend (inside vLLM), with the
+    usual one. The pass's share reaches the selection for long prompts only."""
+    from test_blend import DOCS, blended, make
+
+    import kvshelf.blend.blender as blender_module
+    from kvshelf.blend.segment import Segmented
+
+    gen = make(tiny_models("gemma3"), ratios=(0.3,), document_context="prompt")
+    long_policy = SelectionPolicy(signal="question", question_pass=True, question_budget=0.5)
+    blender = gen.blender
+    blender.long_selection = long_policy
+    seen, passes = [], []
+
+    def spy(fresh, cached, budget, **kw):
+        seen.append((kw["policy"], kw["attention"]))
+        return select(fresh, cached, budget, **kw)
+
+    real_pass = blender._question_pass
+
+    def pass_spy(seg, kv, policy=None):
+        passes.append(policy)
+        return real_pass(seg, kv, policy)
+
+    monkeypatch.setattr(blender_module, "select", spy)
+    monkeypatch.setattr(blender, "_question_pass", pass_spy)
+    gen.generate(blended(DOCS), max_new_tokens=1)  # cold: exact, the documents stored from this prompt
+    text = blended([DOCS[2], DOCS[0], DOCS[1]])
+    placed = sum(e - s for s, e in blender._cached_spans(gen.segment(text, None)))
+    for ratio_tokens, expected in [(None, blender.selection), (placed, blender.selection), (placed - 1, long_policy)]:
+        seen.clear(), passes.clear()
+        blender.ratio_tokens = ratio_tokens
+        warm = gen.generate(text, max_new_tokens=1)
+        assert warm.blend.placed_tokens == placed and len(seen) == 1
+        policy, attention = seen[0]
+        assert policy == expected
+        assert (attention is not None) == (expected is long_policy) and passes == (
+            [long_policy] if attention is not None else []
+        )
+    # Without a question in the blend (vLLM computes it after the blended region) the usual policy applies.
+    seg = gen.segment(text, None)
+    assert blender.selection_for(seg, placed) is long_policy
+    assert blender.selection_for(Segmented(seg.prefix, seg.documents, [], seg.separator), placed) is blender.selection
+    with pytest.raises(ValueError, match="long-prompt selection must read the question"):
+        blender_module.Blender(blender.runner, None, check_layers=[1], ratios=[0.15], long_selection=SelectionPolicy())
+
+
+def test_the_config_sets_the_long_prompt_selection(tiny_models):
+    from kvshelf.assembly.runtimes import RUNTIMES
+    from kvshelf.blend.blender import Blender
+    from kvshelf.config import KVShelfConfig
+    from kvshelf.model.runner import ModelRunner
+
+    runner = ModelRunner(tiny_models("llama"))
+    config = KVShelfConfig(blend_long_question_pass=True, blend_long_question_budget=0.7)
+    assert Blender.from_config(runner, None, config).long_selection == SelectionPolicy(
+        signal="question", question_pass=True, question_budget=0.7
+    )
+    assert Blender.from_config(runner, None, KVShelfConfig(blend_long_question_pass=False)).long_selection is None
+    with pytest.raises(ValueError, match="blend_long_question_budget"):
+        KVShelfConfig(blend_long_question_budget=1.5)
+    assert {"blend_long_question_pass", "blend_long_question_budget"} <= RUNTIMES["generate"]
+    assert "blend_long_question_pass" not in RUNTIMES["vllm"]  # vLLM computes the question after the blend

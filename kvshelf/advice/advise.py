@@ -26,8 +26,9 @@ CODEC_BITS = {"none": 32.0, "int8": 8.13, "cachegen": 2.65}
 BLEND_QUALITY = (
     "measured on 100 varied RAG prompts of ~2K tokens: 15% recompute, documents cached from the prompt that first "
     "held them, answered as often as full prefill (65 and 66 of 100, paired difference -1 point [-9, +7]) at ~4.3x "
-    "faster TTFT; documents cached alone lost 10 points at 15%. On 4-8K prompts (15% of 2,048 tokens, then 3.75%) "
-    "it is 7-8x faster but lost 0-4 points on one set and 23 on another (22 samples): check answers on long prompts"
+    "faster TTFT; documents cached alone lost 10 points at 15%. On 4-8K prompts (15% of 2,048 tokens, then 3.75%, "
+    "picked by the question pass) it is ~7x faster and answered as full prefill on one set (21 of 28) but lost 3 "
+    "of 20 on another (17 vs 20 of 24): check answers on long prompts"
 )
 
 
@@ -47,8 +48,15 @@ def blend_placed_cost(placed: int) -> float:
     return (_CHECK * placed + (18 - _CHECK) * recomputed) / 18
 
 
-# The question pass (issue #18, third session), when configured, computes the question's tokens once more.
+# The question pass (issue #18, third session), when configured, computes the question's tokens once more; with
+# blend_long_question_pass (tenth session) only in blends of more than blend_ratio_tokens placed tokens.
 BLEND_QUESTION_PASS = _DEFAULTS.blend_question_pass and _DEFAULTS.blend_selection_signal in ("question", "kv+question")
+BLEND_LONG_QUESTION_PASS = _DEFAULTS.blend_long_question_pass and _DEFAULTS.blend_ratio_tokens is not None
+
+
+def blend_question_pass(placed: int) -> bool:
+    """Whether a blend of `placed` cached document tokens runs the question pass with the default settings."""
+    return BLEND_QUESTION_PASS or (BLEND_LONG_QUESTION_PASS and placed > _DEFAULTS.blend_ratio_tokens)
 
 
 @dataclass
@@ -154,7 +162,7 @@ def analyse(
         # plain prefill (its documents computed after the first token, off the TTFT: issue #18); otherwise
         # the missing documents are computed in place with the question and the cached ones blended.
         if req.chunks and blend_hit >= BLEND_MIN_CACHED_SHARE * (blend_hit + first_seen) and blend_hit:
-            question = n - sum(len(c) for c in req.chunks) if BLEND_QUESTION_PASS else 0
+            question = n - sum(len(c) for c in req.chunks) if blend_question_pass(blend_hit) else 0
             blended = n - blend_hit + blend_placed_cost(blend_hit) + question
             ttft[BLEND_LABEL] += cost.recompute_s(blended) + cost.load_s({"cpu": blend_hit})
         else:

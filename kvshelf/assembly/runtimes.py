@@ -72,6 +72,8 @@ GENERATION = frozenset(
         "blend_document_context",  # issue #18, fifth session
         "blend_ratio_tokens",  # issue #18, ninth session
         "blend_ratio_beyond_share",
+        "blend_long_question_pass",  # issue #18, tenth session: not inside vLLM (vLLM computes the question)
+        "blend_long_question_budget",
         "use_layerwise",
         "use_async_load",
         "buffer_size",

@@ -95,6 +95,7 @@ class Blender:
         document_context: str = "alone",
         ratio_tokens: int | None = None,
         beyond_share: float = 1.0,
+        long_selection: SelectionPolicy | None = None,
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -147,6 +148,11 @@ class Blender:
         if not 0 <= beyond_share <= 1:
             raise ValueError(f"blend_ratio_beyond_share must be within 0..1, got {beyond_share}")
         self.ratio_tokens, self.beyond_share = ratio_tokens, float(beyond_share)
+        # Past `ratio_tokens` placed tokens `long_selection` picks the recomputed tokens, when the question is in
+        # the blend (not inside vLLM): the small budget goes to what the question reads (tenth session).
+        if long_selection is not None and not long_selection.needs_attention:
+            raise ValueError(f"a long-prompt selection must read the question, got signal {long_selection.signal!r}")
+        self.long_selection = long_selection
 
     @classmethod
     def from_config(
@@ -186,7 +192,18 @@ class Blender:
             document_context=document_context or config.blend_document_context,
             ratio_tokens=config.blend_ratio_tokens,
             beyond_share=config.blend_ratio_beyond_share,
+            long_selection=SelectionPolicy(
+                signal="question", question_pass=True, question_budget=config.blend_long_question_budget
+            )
+            if config.blend_long_question_pass
+            else None,
         )
+
+    def selection_for(self, seg: Segmented, placed_tokens: int) -> SelectionPolicy:
+        """The policy of a blend of `placed_tokens` cached tokens: `long_selection` past `ratio_tokens` when the
+        question is part of the blend (`seg.suffix`), else `selection`."""
+        long = self.ratio_tokens is not None and placed_tokens > self.ratio_tokens and bool(seg.suffix)
+        return self.long_selection if long and self.long_selection is not None else self.selection
 
     # -- which documents are cached ----------------------------------------------------------------------------
     def documents(self, seg: Segmented, salt) -> list[Document]:
@@ -291,9 +308,9 @@ class Blender:
         self.metrics.blend_hits.inc(info.document_hits)
         checks = dict(zip(self.check_layers, self.ratios, strict=True))
         is_document = document_mask.to(runner.device)  # of the tokens still computed: placed ones
-        question_share = None
-        if self.selection.question_pass and self.selection.needs_attention and info.placed_tokens:
-            question_share = self._question_pass(seg, kv)
+        question_share, policy = None, self.selection_for(seg, info.placed_tokens)
+        if policy.question_pass and policy.needs_attention and info.placed_tokens:
+            question_share = self._question_pass(seg, kv, policy)
 
         kv.reweight = self._reweight(seg, document_mask, kv.capacity)
 
@@ -311,7 +328,7 @@ class Blender:
             attention = None
             if question_share is not None:
                 attention = question_share[placed]
-            elif self.selection.needs_attention:
+            elif policy.needs_attention:
                 attention = self._question_attention(layer, hidden, positions, rope, kv, len(seg.suffix))[placed]
             placed = placed.cpu()
             keep = self._select(
@@ -323,6 +340,7 @@ class Blender:
                 document_of[placed],
                 offset_of[placed],
                 attention,
+                policy,
             )
             is_document = is_document[keep]
             return keep
@@ -361,21 +379,21 @@ class Blender:
                 spans.append((start, end))
         return spans
 
-    def _question_pass(self, seg: Segmented, kv: KVBuffer) -> torch.Tensor:
+    def _question_pass(self, seg: Segmented, kv: KVBuffer, policy: SelectionPolicy | None = None) -> torch.Tensor:
         """Each prompt position's share of the question's attention (mean, or max, over the layers read), from
         a pass of the question alone over the prefix's KV (kept from an earlier request) and the placed document
         KV, as at 0% recompute. It costs the question's tokens once more (1-3% of a prefill at ~2K tokens) and
         reads what the question attends to in the deep layers, where the answer is retrieved, not at the check
         layer only. The blended prefill then recomputes the question over the fused KV. Documents not cached
         are still empty in `kv` here (their share is meaningless; they are computed in place anyway)."""
-        runner, shares = self.runner, []
+        runner, shares, policy = self.runner, [], policy or self.selection
         start = len(seg.token_ids) - len(seg.suffix)
         if not seg.suffix:
             return torch.ones(len(seg.token_ids), device=runner.device)
         if seg.prefix:
             self._place_prefix(seg.prefix, kv)
         windows = [spec.window for spec in runner.layer_specs]
-        read = [w is None for w in windows] if self.selection.question_layers == "global" else [True] * len(windows)
+        read = [w is None for w in windows] if policy.question_layers == "global" else [True] * len(windows)
         if not any(read):  # no global layer: every layer
             read = [True] * len(windows)
         queries = {}
@@ -393,7 +411,7 @@ class Blender:
 
         runner.forward(seg.suffix, start, kv, select_tokens=probe, layer_hook=after, logits=False)
         stacked = torch.stack(shares)
-        return stacked.amax(0) if self.selection.question_reduce == "max" else stacked.mean(0)
+        return stacked.amax(0) if policy.question_reduce == "max" else stacked.mean(0)
 
     def _place_prefix(self, prefix: list[int], kv: KVBuffer) -> None:
         """The prefix's KV (position 0, no context before it: the same in every prompt) into `kv`, computed
@@ -430,7 +448,7 @@ class Blender:
         return logits.masked_fill(hidden_keys, float("-inf")).softmax(-1).mean(dim=(0, 1))
 
     def _select(
-        self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset, attention=None
+        self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset, attention, policy
     ) -> torch.Tensor:
         """Indices (into the active tokens) that stay active: every non-document token, plus the document tokens
         `selection.select` picks, `ratio` of all document tokens."""
@@ -444,7 +462,7 @@ class Blender:
             document=document,
             offset=offset,
             attention=attention,
-            policy=self.selection,
+            policy=policy,
         )
         keep = ~is_document.clone()
         keep[is_document] = keep_document

@@ -283,6 +283,21 @@ class ConfigKeys(BaseModel):
         description="CacheBlend: how much a placed token past blend_ratio_tokens counts toward the recompute "
         "budget (1: the ratio everywhere; 0.25: 15% of 2,048 tokens then 3.75% of the rest)",
     )
+
+    # -- issue #18 (tenth session): long prompts pick the recomputed tokens by the question pass ------------
+    blend_long_question_pass: bool = Field(
+        True,  # tenth session: at 4-8K answer-token KL -62 to -68%, as many answers or 2 more of 24, ~7.2x (BENCHMARKS.md)
+        description="CacheBlend, kvshelf's own runner: past blend_ratio_tokens placed tokens pick the recomputed "
+        "tokens by a pass of the question over the cached KV (what it attends to in every layer) instead of "
+        "blend_selection_signal (inside vLLM the question is computed after the blend: not used there)",
+    )
+    blend_long_question_budget: float = Field(
+        1.0,  # tenth session: 0.5 answered as 1.0 at 4-8K (lower KL), one fewer on ~2K prompts past 2,048 tokens
+        ge=0,
+        le=1,
+        description="CacheBlend, blend_long_question_pass: this share of a long prompt's recompute budget goes to "
+        "the tokens the question attends to, the rest to the largest K and V deviation",
+    )
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
 
@@ -328,6 +343,8 @@ NESTED_KEYS: dict[str, str] = {
     "blending.context_layers": "blend_context_layers",
     "blending.context_distance_bias": "blend_context_distance_bias",
     "blending.document_context": "blend_document_context",
+    "blending.long_question_pass": "blend_long_question_pass",
+    "blending.long_question_budget": "blend_long_question_budget",
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",
