@@ -146,6 +146,44 @@ def test_adapter_forward_equals_kvshelfs_hf_runner(family, tiny_models):
     assert torch.allclose(adapter.forward(ids[40:], 40, kv), want[-1], atol=LOGIT_ATOL)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "mistral"])
+def test_adapter_sliding_layers_read_only_their_windows_keys_for_scattered_tokens(family, tiny_models, monkeypatch):
+    """A blend's selected tokens (scattered, gaps wider than the window) at the adapter's sliding layers attend
+    in ModelRunner's window blocks: no read of a layer's keys spans more than 2 x window, and the KV and logits
+    equal kvshelf's HF runner's (which attends so too) for the full and the selected forward."""
+    from kvshelf.model.kv_buffer import KVBuffer
+
+    hf = tiny_models(family)
+    ref, adapter = ModelRunner(hf), VllmModelRunner(vllm_shaped(hf), hf.config)
+    windows = [s.window for s in adapter.layer_specs]
+    assert any(w is not None for w in windows)
+    torch.manual_seed(3)
+    ids = torch.randint(0, hf.config.vocab_size, (150,))
+    keep = torch.tensor([0, 1, 2, 30, 31, 77, 78, 79, 80, 100, 140, 149])  # gaps wider than the window (24)
+
+    def select(i, hidden, positions, rope):
+        return keep if i == 1 else None
+
+    reads: list[tuple[int, int, int]] = []
+    layer_kv = KVBuffer.layer_kv
+    monkeypatch.setattr(
+        KVBuffer, "layer_kv", lambda self, i, start, end: reads.append((i, start, end)) or layer_kv(self, i, start, end)
+    )
+
+    def run(runner):
+        kv = runner.new_kv(150)
+        full = runner.forward(ids, 0, kv)
+        picked = runner.forward(ids, 0, kv, select_tokens=select)
+        return full, picked, kv.data[:, :, :, :150].clone()
+
+    got = run(adapter)
+    sliding = [(i, start, end) for i, start, end in reads if windows[i] is not None]
+    assert sliding and all(end - start <= 2 * windows[i] for i, start, end in sliding), sliding
+    want = run(ref)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=LOGIT_ATOL), float((g - w).abs().max())
+
+
 @pytest.mark.parametrize("family", ["gemma3", "qwen3"])
 def test_adapter_rerotation_moves_keys_exactly(family, tiny_models):
     hf = tiny_models(family)

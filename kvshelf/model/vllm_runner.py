@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.errors import UnsupportedModelError
@@ -222,45 +221,13 @@ class VllmModelRunner(ModelRunner):
         kv.write_layer(index, self._slots(positions, n), k.transpose(0, 1), v.transpose(0, 1))
         if self._paged is not None:
             out = self._paged.attend(index, q, k, v, positions, kv)
-            out, _ = attn.o_proj(out.reshape(n, -1))
-            return out
-        q = q.transpose(0, 1)
-        if window is not None and n > 2 * window:
-            # A sliding layer's queries see at most `window` keys: in blocks of `window` queries, each block
-            # reads only its keys, as vLLM's kernel does, instead of scoring every key and masking most.
-            parts = [
-                self._sdpa(index, q[:, lo : lo + window], positions[lo : lo + window], kv, window, masks)
-                for lo in range(0, n, window)
-            ]
-            out = torch.cat(parts, dim=1)
         else:
-            out = self._sdpa(index, q, positions, kv, window, masks)
-        out, _ = attn.o_proj(out.transpose(0, 1).reshape(n, -1))
+            # ModelRunner's attention over the buffer: a sliding layer's queries (contiguous, or a blend's
+            # scattered selection) in window blocks, each reading only the keys its window reaches.
+            out = self._attend(index, q.transpose(0, 1).unsqueeze(0), positions, kv, masks, window, self._scales[index])
+            out = out[0].transpose(0, 1)
+        out, _ = attn.o_proj(out.reshape(n, -1))
         return out
-
-    def _sdpa(self, index, q, positions, kv: KVBuffer, window, masks: dict) -> torch.Tensor:
-        """Attention of queries q [heads, n, dim] at `positions` over the buffer's keys up to the last one."""
-        n = q.shape[1]
-        first, last = int(positions[0]), int(positions[-1])
-        end = last + 1
-        start = max(0, first - window + 1) if window is not None else 0
-        keys, values = kv.layer_kv(index, start, end)
-        mask = None
-        if n > 1 or last - first + 1 != n:
-            # one mask per (window, first query, key range), shared by the layers of that window
-            mask_key = (window, first, start, end)
-            if mask_key not in masks:
-                masks[mask_key] = self.attention_mask(positions, end, start, window)
-            mask = masks[mask_key]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0),
-            keys.unsqueeze(0),
-            values.unsqueeze(0),
-            attn_mask=mask,
-            scale=self._scales[index],
-            enable_gqa=True,
-        )
-        return out[0]
 
     def final_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         if not self._logits:
