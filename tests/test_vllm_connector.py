@@ -243,6 +243,24 @@ def test_worker_saves_from_blocks_and_loads_into_other_blocks(layerwise, async_l
         assert torch.all(got[:, :, :32] == 0)  # vLLM's own tokens untouched
 
 
+def test_worker_stores_nothing_where_vllm_may_free_a_prompts_blocks(caplog):
+    """With a sliding-window KV group (vLLM frees blocks outside the window as a prefill advances) the block
+    ids a save holds may belong to another request by then: no block is read, the skip is counted and logged."""
+    eng = engine(chunk_size=64)
+    tokens = list(range(500, 700))
+    caches = paged_caches()
+    side = WorkerSide(
+        eng, block_size=BS, use_layerwise=False, use_async_load=False, buffer_size=1, keeps_every_token=False
+    )
+    side.register(caches, cpu_writer())
+    gone = [999] * 7  # ids beyond the cache: any read of them would raise
+    with caplog.at_level("WARNING", logger="kvshelf.integrations.vllm.worker"):
+        run_step(side, caches, StepPlan(saves=[SaveSpec("a", tokens, gone, None), SaveSpec("b", tokens, gone, None)]))
+        run_step(side, caches, StepPlan(saves=[SaveSpec("c", tokens, gone, None)]))
+    assert side.stats.saves_skipped_window == 3 and side.stats.saved_requests == 0 and eng.lookup(tokens, None) == 0
+    assert sum("saves_skipped_window" in r.getMessage() for r in caplog.records) == 1  # said once
+
+
 def test_worker_reports_blocks_it_could_not_load_and_drops_that_steps_save():
     eng = engine(chunk_size=64)
     tokens = list(range(256))
