@@ -147,7 +147,7 @@ class _FakeBlending:
     def plan(self, tokens, salt):
         return SimpleNamespace(missing=self.docs, blend=self.region_kv is not None, region_end=70)
 
-    def prefill(self, tokens, salt, attention=None):
+    def prefill(self, tokens, salt, attention=None, last=()):
         info = BlendInfo(documents=2, document_hits=1)
         return SimpleNamespace(kv=self.region_kv, info=info, in_blocks=False, missing=self.docs)
 

@@ -269,9 +269,11 @@ class ModelRunner:
         )
         kv.write_layer(index, self._slots(positions, hidden.shape[1]), k[0], v[0])
 
-    def query_states(self, index: int, hidden: torch.Tensor, rope: dict) -> torch.Tensor:
-        """Layer `index`'s rotated queries of these tokens times the layer's attention scale, [heads, n, head_dim]
-        (CacheBlend's question-aware selection asks which keys the question attends to)."""
+    def query_states(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor:
+        """Layer `index`'s rotated queries of tokens `hidden` [1, n, hidden] at `positions` times the layer's
+        attention scale, [heads, n, head_dim] (CacheBlend's question-aware selection asks which keys the question
+        attends to). `rope`: this forward's tables (`rope_tables`) for those tokens; this runner rotates with
+        them, vLLM's adapter from the positions."""
         layer = self.layers[index]
         attn = layer.self_attn
         cos, sin = rope[self.layer_specs[index].rope_key]

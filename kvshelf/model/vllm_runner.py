@@ -31,7 +31,7 @@ import torch
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.errors import UnsupportedModelError
 from kvshelf.model.kv_buffer import KVBuffer
-from kvshelf.model.runner import LayerSpec, ModelRunner, has_sandwich_norms
+from kvshelf.model.runner import LayerSpec, ModelRunner, _bounds, has_sandwich_norms
 
 SUPPORTED_VLLM_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
@@ -40,7 +40,9 @@ class PagedAttention(Protocol):
     """Attention over a request's paged blocks, layer by layer (the connector's, see
     kvshelf.integrations.vllm.blend_attention): before computing a layer's tokens it copies the layer's
     other region tokens from the dense buffer into the blocks, then writes the computed tokens' K/V there
-    too and attends over the blocks."""
+    too and attends over the blocks. It covers the region's tokens [0, end)."""
+
+    end: int
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv: KVBuffer
@@ -89,6 +91,7 @@ class VllmModelRunner(ModelRunner):
         self._weight = inner.embed_tokens.weight
         self._fingerprint: ModelFingerprint | None = None
         self._paged: PagedAttention | None = None
+        self._paged_kv: KVBuffer | None = None  # the buffer whose tokens [0, paged.end) the blocks mirror
         self._logits = True
         self._rotations: dict[tuple, torch.Tensor] = {}  # (rotary table, delta) -> rotation matrix (rerotate)
 
@@ -133,13 +136,15 @@ class VllmModelRunner(ModelRunner):
         return {}
 
     @contextlib.contextmanager
-    def attending_in(self, paged: PagedAttention | None) -> Iterator[None]:
-        """Forwards inside the block attend through `paged` (None: over the dense buffer)."""
-        self._paged = paged
+    def attending_in(self, paged: PagedAttention | None, kv: KVBuffer) -> Iterator[None]:
+        """Forwards of tokens [0, paged.end) into `kv` inside the block attend through `paged` (None: over the
+        dense buffer). Other forwards there attend over their buffer: the blend's question pass (the question
+        after the region, into `kv`) and the prefix it computes alone (into a buffer of its own)."""
+        self._paged, self._paged_kv = paged, kv
         try:
             yield
         finally:
-            self._paged = None
+            self._paged, self._paged_kv = None, None
 
     @contextlib.contextmanager
     def without_logits(self) -> Iterator[None]:
@@ -195,6 +200,13 @@ class VllmModelRunner(ModelRunner):
         q, k = attn.rotary_emb(positions, q, k)
         return q.view(n, -1, self.head_dim), k.view(n, -1, self.head_dim), v.view(n, -1, self.head_dim)
 
+    def query_states(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor:
+        """As ModelRunner's: the layer's rotated queries [heads, n, head_dim] times its attention scale, from
+        vLLM's fused projection, q norm and rotary op (which rotates from the positions)."""
+        layer = self.layers[index]
+        q, _, _ = self._qkv(index, layer.self_attn, layer.input_layernorm(hidden[0]), positions)
+        return q.transpose(0, 1) * self._scales[index]
+
     def write_kv(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, kv: KVBuffer, rope: dict) -> None:
         layer = self.layers[index]
         x = layer.input_layernorm(hidden[0])
@@ -219,7 +231,7 @@ class VllmModelRunner(ModelRunner):
         n = x.shape[0]
         q, k, v = self._qkv(index, attn, x, positions)
         kv.write_layer(index, self._slots(positions, n), k.transpose(0, 1), v.transpose(0, 1))
-        if self._paged is not None:
+        if self._paged is not None and kv is self._paged_kv and _bounds(positions, masks)[1] < self._paged.end:
             out = self._paged.attend(index, q, k, v, positions, kv)
         else:
             # ModelRunner's attention over the buffer: a sliding layer's queries (contiguous, or a blend's

@@ -61,8 +61,10 @@ class LoadSpec:
     end: int
     salt: str | None
     # CacheBlend: `tokens` is the whole prompt but its last token (what the worker's lookup split into
-    # documents); the worker blends its document region and writes [start, end) of it.
+    # documents); the worker blends its document region and writes [start, end) of it. `last`: that last
+    # token, the end of the question (the blend's question pass reads it).
     blend: bool = False
+    last: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -174,8 +176,13 @@ class SchedulerSide:
 
     @staticmethod
     def _load_spec(req_id: str, tracked: _Tracked, start: int, end: int) -> LoadSpec:
-        tokens = tracked.tokens[: len(tracked.tokens) - 1] if tracked.blend else tracked.tokens[:end]
-        return LoadSpec(req_id, tokens, list(tracked.block_ids), start, end, tracked.salt, blend=tracked.blend)
+        if tracked.blend:
+            tokens, last = tracked.tokens[: len(tracked.tokens) - 1], tracked.tokens[len(tracked.tokens) - 1 :]
+        else:
+            tokens, last = tracked.tokens[:end], []
+        return LoadSpec(
+            req_id, tokens, list(tracked.block_ids), start, end, tracked.salt, blend=tracked.blend, last=last
+        )
 
     def _maybe_save(self, plan: StepPlan, req_id: str, tracked: _Tracked, computed_after_step: int) -> None:
         if (
