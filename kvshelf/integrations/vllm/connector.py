@@ -132,8 +132,8 @@ class KVShelfConnector(KVConnectorBase_V1):
         # block ids: only sound while the blocks keep every token (one full-attention group). vLLM 0.32 turns its
         # hybrid KV manager off for a connector without SupportsHMA (this one), which makes Gemma 3's sliding
         # layers one full-attention group; a model whose every layer slides keeps a sliding-window group, whose
-        # blocks outside the window vLLM frees as a prefill advances: then no prompt is stored (worker.py) and
-        # documents are computed alone. None: built outside vLLM's engine (tests), no KV manager to ask.
+        # blocks outside the window vLLM frees as a prefill advances: then only prompts computed in one step are
+        # stored (worker.py) and documents are computed alone. None: built outside vLLM's engine (tests), no KV manager to ask.
         self._keeps_every_token = kv_cache_config is None or keeps_every_token(kv_cache_config)
         if self.config.enable_blending:
             check_blend_settings(vllm_config, self.config)
@@ -191,8 +191,8 @@ class KVShelfConnector(KVConnectorBase_V1):
             )
             if not self._keeps_every_token:
                 log.warning(
-                    "kvshelf: vLLM's KV cache here has a sliding-window group (%s): prompts are loaded but not "
-                    "stored, since vLLM frees the blocks outside the window before a save could read them",
+                    "kvshelf: vLLM's KV cache here has a sliding-window group (%s): only prompts vLLM computes "
+                    "whole in one step are stored (vLLM frees the blocks outside the window as a prefill advances)",
                     ", ".join(type(g.kv_cache_spec).__name__ for g in kv_cache_config.kv_cache_groups),
                 )
             _export_connector_stats(owned_by(self.engine).metrics)

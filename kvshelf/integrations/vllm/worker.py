@@ -115,7 +115,8 @@ class WorkerSide:
         # Whether a request's blocks hold every prompt token of every layer until the request ends
         # (prompt_documents.keeps_every_token). Saves read a prompt's KV out of its blocks by the block ids the
         # scheduler handed out; a sliding-window KV group frees (and reuses) the blocks outside the window as
-        # the prefill advances, so with one a save could read another request's KV: none is done (counted).
+        # a chunked prefill advances (and gives loaded or prefix-cached tokens outside it no block), so with one
+        # only a prompt computed whole in one step (`SaveSpec.one_step`) is stored; other saves are counted.
         self.keeps_every_token = keeps_every_token
         self._warned_window = False
         # Disaggregated prefill: a producer publishes each layer as it is computed (`publish`); a consumer
@@ -275,16 +276,17 @@ class WorkerSide:
     # -- saving ---------------------------------------------------------------------------------------
     def start_saves(self, plan: StepPlan) -> None:
         fp = self.engine.fingerprint
-        if plan.saves and self.stores and not self.keeps_every_token:
-            self.stats.saves_skipped_window += len(plan.saves)
+        saves = plan.saves if self.stores else []
+        if not self.keeps_every_token and any(not spec.one_step for spec in saves):
+            self.stats.saves_skipped_window += sum(not spec.one_step for spec in saves)
+            saves = [spec for spec in saves if spec.one_step]
             if not self._warned_window:
                 self._warned_window = True
                 log.warning(
-                    "kvshelf: prompts are not stored: vLLM's KV cache group here is not plain full attention, and "
-                    "its manager frees blocks outside a sliding window (counted as saves_skipped_window)"
+                    "kvshelf: a prompt vLLM computed in several steps (or partly loaded) is not stored: its KV "
+                    "cache group frees blocks outside a sliding window (counted as saves_skipped_window)"
                 )
-            return
-        for spec in plan.saves if self.stores else ():
+        for spec in saves:
             try:
                 keys = self.engine.keys_to_store(spec.tokens, spec.salt)
             except Exception as err:
