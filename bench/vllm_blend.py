@@ -2,7 +2,7 @@
 vLLM's full prefill and against kvshelf's own runner, on the same token sequences.
 
     python bench/vllm_blend.py [--samples 8] [--jsonl FILE] [--ratio 0.15] [--max-new-tokens 12] [--json OUT]
-        [--document-context prompt|alone]
+        [--document-context prompt|alone] [--question-pass] [--skip-own-runner] [--repeats 3] [--work DIR]
 
 Samples are bench/blend.py's (documents with a pass key, mayors, rivers; ~2.1K-token prompts) or `--jsonl`
 lines of {"documents": [...], "question": "...", "answer": "..."} (bench/rag_eval.py writes them). As in
@@ -14,7 +14,9 @@ Three runs, each on its own (vLLM engines in child processes, one at a time):
   then the reordered request, blended;
 - kvshelf's own runner (transformers modules, kvshelf.generation): full prefill and CacheBlend.
 Both blends cache the documents as `--document-context` says (blend_document_context): `prompt` (the default)
-with their slice of the warm-up request's KV, `alone` computed on their own behind the BOS.
+with their slice of the warm-up request's KV, `alone` computed on their own behind the BOS. `--question-pass`:
+both blends pick the tokens they recompute by the question's attention, read in a pass of the question alone
+over the placed KV (blend_selection_signal question, blend_question_pass; issue #19, tenth session).
 Per request: TTFT (the least of `--repeats` max_tokens=1 requests' wall times), the answer of a greedy `--max-new-tokens` request
 (correct when it contains the expected answer), and the first token's full-vocabulary distribution
 (KL(full prefill || method), each engine against its own full prefill).
@@ -177,6 +179,7 @@ def run_vllm(name: str, model: str, prompts: list[dict], kvshelf: dict | None, a
 def own_runner(model: str, prompts: list[dict], tokenizer, args) -> dict:
     from kvshelf.assembly import open_shelf
     from kvshelf.blend.blender import Blender
+    from kvshelf.blend.selection import SelectionPolicy
     from kvshelf.config import KVShelfConfig
     from kvshelf.generation import CachedGenerator
 
@@ -187,6 +190,7 @@ def own_runner(model: str, prompts: list[dict], tokenizer, args) -> dict:
         check_layers=[args.check_layer],
         ratios=[args.ratio],
         document_context=args.document_context,
+        selection=SelectionPolicy(signal="question", question_pass=True) if args.question_pass else None,
     )
     gen = CachedGenerator(shelf.runner, shelf.engine, tokenizer, blender=blender, blend_special_str=SEP)
     gen.generate("warm-up", max_new_tokens=1, use_cache=False)
@@ -240,6 +244,12 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0, help="the first sample measured")
     ap.add_argument("--limit", type=int, default=0, help="samples measured from --start (0: all)")
     ap.add_argument("--cpu-size", type=float, default=2.0, help="the connector's CPU tier in GB")
+    ap.add_argument(
+        "--question-pass",
+        action="store_true",
+        help="select the recomputed tokens by the question's attention, read in a pass of the question alone over "
+        "the placed KV (blend_selection_signal question, blend_question_pass), in vLLM and on kvshelf's runner",
+    )
     ap.add_argument("--skip-own-runner", action="store_true", help="vLLM runs only")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--work", help="keep each vLLM run's results here; a rerun skips the runs already done")
@@ -264,14 +274,18 @@ def main() -> None:
         "blend_recompute_ratios": [args.ratio],
         "blend_document_context": args.document_context,
     }
+    variant = args.document_context
+    if args.question_pass:
+        shelf |= {"blend_selection_signal": "question", "blend_question_pass": True}
+        variant += ", question pass"
     with tempfile.TemporaryDirectory(prefix="vllm-blend-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         plain = run_vllm("plain", model, prompts, None, args, work)
-        blend = run_vllm(f"blend-{args.document_context}", model, prompts, shelf, args, work)
+        blend = run_vllm(f"blend-{variant.replace(', ', '-').replace(' ', '-')}", model, prompts, shelf, args, work)
     methods = {
         "vLLM full prefill": ([r["ttft_s"] for r in plain["results"]], [r["text"] for r in plain["results"]], None),
-        f"vLLM + kvshelf CacheBlend {args.ratio:.0%} ({args.document_context})": (
+        f"vLLM + kvshelf CacheBlend {args.ratio:.0%} ({variant})": (
             [r["ttft_s"] for r in blend["results"]],
             [r["text"] for r in blend["results"]],
             [kl(p, b) for p, b in zip(plain["dists"], blend["dists"], strict=True)],
@@ -284,7 +298,7 @@ def main() -> None:
             [r["text"] for r in own["full"]],
             None,
         )
-        methods[f"kvshelf runner CacheBlend {args.ratio:.0%} ({args.document_context})"] = (
+        methods[f"kvshelf runner CacheBlend {args.ratio:.0%} ({variant})"] = (
             [r["ttft_s"] for r in own["blend"]],
             [r["text"] for r in own["blend"]],
             [kl(f["logits"], b["logits"]) for f, b in zip(own["full"], own["blend"], strict=True)],

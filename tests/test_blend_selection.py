@@ -317,9 +317,9 @@ def test_long_prompts_select_by_the_question_pass(tiny_models, monkeypatch):
 
     real_pass = blender._question_pass
 
-    def pass_spy(seg, kv, policy=None):
+    def pass_spy(seg, kv, policy=None, question=None):
         passes.append(policy)
-        return real_pass(seg, kv, policy)
+        return real_pass(seg, kv, policy, question)
 
     monkeypatch.setattr(blender_module, "select", spy)
     monkeypatch.setattr(blender, "_question_pass", pass_spy)

@@ -20,6 +20,7 @@ from torch import nn
 from kvshelf.assembly.vllm_blend import _cut
 from kvshelf.blend.blender import Blender, BlendInfo
 from kvshelf.blend.segment import Segmented
+from kvshelf.blend.selection import SelectionPolicy
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.errors import ConfigError
@@ -146,6 +147,44 @@ def test_adapter_forward_equals_kvshelfs_hf_runner(family, tiny_models):
     assert torch.allclose(adapter.forward(ids[40:], 40, kv), want[-1], atol=LOGIT_ATOL)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "mistral"])
+def test_adapter_sliding_layers_read_only_their_windows_keys_for_scattered_tokens(family, tiny_models, monkeypatch):
+    """A blend's selected tokens (scattered, gaps wider than the window) at the adapter's sliding layers attend
+    in ModelRunner's window blocks: no read of a layer's keys spans more than 2 x window, and the KV and logits
+    equal kvshelf's HF runner's (which attends so too) for the full and the selected forward."""
+    from kvshelf.model.kv_buffer import KVBuffer
+
+    hf = tiny_models(family)
+    ref, adapter = ModelRunner(hf), VllmModelRunner(vllm_shaped(hf), hf.config)
+    windows = [s.window for s in adapter.layer_specs]
+    assert any(w is not None for w in windows)
+    torch.manual_seed(3)
+    ids = torch.randint(0, hf.config.vocab_size, (150,))
+    keep = torch.tensor([0, 1, 2, 30, 31, 77, 78, 79, 80, 100, 140, 149])  # gaps wider than the window (24)
+
+    def select(i, hidden, positions, rope):
+        return keep if i == 1 else None
+
+    reads: list[tuple[int, int, int]] = []
+    layer_kv = KVBuffer.layer_kv
+    monkeypatch.setattr(
+        KVBuffer, "layer_kv", lambda self, i, start, end: reads.append((i, start, end)) or layer_kv(self, i, start, end)
+    )
+
+    def run(runner):
+        kv = runner.new_kv(150)
+        full = runner.forward(ids, 0, kv)
+        picked = runner.forward(ids, 0, kv, select_tokens=select)
+        return full, picked, kv.data[:, :, :, :150].clone()
+
+    got = run(adapter)
+    sliding = [(i, start, end) for i, start, end in reads if windows[i] is not None]
+    assert sliding and all(end - start <= 2 * windows[i] for i, start, end in sliding), sliding
+    want = run(ref)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=LOGIT_ATOL), float((g - w).abs().max())
+
+
 @pytest.mark.parametrize("family", ["gemma3", "qwen3"])
 def test_adapter_rerotation_moves_keys_exactly(family, tiny_models):
     hf = tiny_models(family)
@@ -200,6 +239,62 @@ def test_blend_over_the_adapter_at_ratio_one_is_the_plain_prefill(family, tiny_m
     assert not torch.allclose(reused.data, plain.data, atol=1e-3)
 
 
+class _RecordingPaged:
+    """A `PagedAttention` over tokens [0, end) that records what it is asked and attends as the dense path."""
+
+    def __init__(self, runner: VllmModelRunner, end: int):
+        self.runner, self.end, self.calls = runner, end, []
+
+    def attend(self, layer, q, k, v, positions, kv):
+        self.calls.append((kv, int(positions[-1])))
+        window, scale = self.runner.layer_specs[layer].window, self.runner._scales[layer]
+        return self.runner._attend(layer, q.transpose(0, 1).unsqueeze(0), positions, kv, {}, window, scale)[
+            0
+        ].transpose(0, 1)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_question_pass_over_the_adapter_equals_kvshelfs_runner(family, tiny_models, monkeypatch):
+    """The question pass inside vLLM: the adapter's query_states (fused QKV, q norm, vLLM's rotary op from the
+    positions, the layer's scale) gives kvshelf's HF runner's per-position shares of the question's attention
+    on the same weights (Gemma 3: sliding layers with a window shorter than the documents), so the same tokens
+    are recomputed. Inside vLLM the blend computes the document region only and the question is vLLM's
+    (`question=`): the pass runs it after the region all the same, and the region's fused KV equals the own
+    runner's blend of the whole prompt. Only the region's own forward goes to the paged attention (the
+    request's blocks hold the region only): the pass and the prefix it computes alone attend over buffers."""
+    hf = tiny_models(family)
+    ref, adapter = ModelRunner(hf), VllmModelRunner(vllm_shaped(hf), hf.config)
+    engine = _engine(adapter)
+    g = torch.Generator().manual_seed(5)
+    docs = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (30, 25, 40)]
+    question = torch.randint(5, 300, (12,), generator=g).tolist()
+    seg, region = Segmented([1], docs, question, [2, 3]), Segmented([1], docs, [], [2, 3])
+    policy = SelectionPolicy(signal="question", question_pass=True)
+    blenders = [Blender(r, engine, check_layers=[1], ratios=[0.15], selection=policy) for r in (ref, adapter)]
+    for doc in blenders[1].documents(seg, None):  # stored once (computed alone), placed by both runners
+        for _ in blenders[1].compute_missing(seg, [doc], None, BlendInfo(deferred=1)):
+            pass
+    documents = blenders[1].documents(seg, None)
+    assert all(d.cached for d in documents)
+    shares = []
+    for blender in blenders:
+        inner = blender._question_pass
+        monkeypatch.setattr(blender, "_question_pass", lambda *a, inner=inner: shares.append(s := inner(*a)) or s)
+    n, end = len(seg.token_ids), len(region.token_ids)
+    want_kv, got_kv = ref.new_kv(n), adapter.new_kv(n)  # the pass writes the question's KV after the region
+    _, want = blenders[0].prefill(seg, want_kv, None, documents)
+    paged = _RecordingPaged(adapter, end)
+    with adapter.attending_in(paged, got_kv):
+        _, got = blenders[1].prefill(region, got_kv, None, documents, question=question)
+    assert paged.calls and all(kv is got_kv and last < end for kv, last in paged.calls)
+    assert want.question_pass_tokens == got.question_pass_tokens == len(question)
+    placed = shares[0][:end]
+    assert shares[0].shape == shares[1].shape == (n,) and float(placed.std() / placed.mean()) > 0.05  # not uniform
+    assert torch.allclose(shares[1], shares[0], atol=1e-5), float((shares[1] - shares[0]).abs().max())
+    assert got.recomputed_tokens == want.recomputed_tokens and want.selected_per_check == got.selected_per_check
+    assert torch.allclose(got_kv.data[:, :, :, :end], want_kv.data[:, :, :, :end], atol=1e-4)
+
+
 # -- token prompts cut at the separator -------------------------------------------------------------------
 def test_cut_reassembles_the_prompt_exactly_or_refuses():
     sep = [7, 8]
@@ -246,8 +341,14 @@ def test_blending_refuses_prefix_caching_tensor_parallel_and_other_vllm_versions
     with pytest.raises(ConfigError, match="tensor_parallel_size=1"):
         check_blend_settings(_vllm_config(tp=2), config)
     question = connector_config({"enable_blending": True, "local_cpu": True, "blend_selection_signal": "question"})
-    with pytest.raises(ConfigError, match="question is computed after"):
+    with pytest.raises(ConfigError, match="question is computed after it: set blend_question_pass"):
         check_blend_settings(_vllm_config(), question)
+    # with the question pass the question's attention is read in a pass of its own: allowed, as are its keys
+    passing = {"blend_selection_signal": "kv+question", "blend_question_pass": True, "blend_question_weight": 4.0}
+    passing |= {"blend_question_span": 8, "blend_question_budget": 0.5}
+    check_blend_settings(_vllm_config(), connector_config({"enable_blending": True, "local_cpu": True, **passing}))
+    with pytest.raises(ConfigError, match="blend_context_temperature"):  # kvshelf's own runner only
+        connector_config({"enable_blending": True, "blend_context_temperature": 0.5})
     import vllm
 
     monkeypatch.setattr(vllm, "__version__", "0.33.1")
@@ -299,7 +400,7 @@ class _FakeBlending:
             region_end=0 if self.region_kv is None else self.region_kv.shape[3],
         )
 
-    def prefill(self, tokens, salt, attention=None):
+    def prefill(self, tokens, salt, attention=None, last=()):
         if self.region_kv is None:
             return None
         return SimpleNamespace(kv=self.region_kv, info=BlendInfo(documents=1, document_hits=1), in_blocks=False)

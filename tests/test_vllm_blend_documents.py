@@ -147,7 +147,7 @@ class _FakeBlending:
     def plan(self, tokens, salt):
         return SimpleNamespace(missing=self.docs, blend=self.region_kv is not None, region_end=70)
 
-    def prefill(self, tokens, salt, attention=None):
+    def prefill(self, tokens, salt, attention=None, last=()):
         info = BlendInfo(documents=2, document_hits=1)
         return SimpleNamespace(kv=self.region_kv, info=info, in_blocks=False, missing=self.docs)
 
@@ -211,6 +211,37 @@ def test_documents_are_computed_alone_where_a_prompts_kv_cannot_be_read_whole():
     assert document_context(prompt, stores=False, keeps_every_token=True) == "alone"  # a kv_consumer
     assert document_context(prompt, stores=True, keeps_every_token=False) == "alone"
     assert document_context(alone, stores=True, keeps_every_token=True) == "alone"
+
+
+def test_vllm_gives_kvshelfs_connector_a_full_attention_group_for_gemma3_but_not_for_all_sliding_models():
+    """The assumption behind reading a prompt's KV out of its blocks, on vLLM 0.32's own code: the connector
+    does not declare hybrid KV support, so vLLM turns its hybrid manager off (config/vllm.py; an explicit
+    --no-disable-hybrid-kv-cache-manager is then a ValueError), and its grouping with the manager off turns a
+    Gemma 3 mix of sliding and global layers into one full-attention group (blocks keep every token). A model
+    whose every layer slides keeps a sliding-window group: the connector then computes documents alone and
+    stores no prompts (tests/test_vllm_connector.py)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import supports_hma
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from kvshelf.integrations.vllm.connector import KVShelfConnector
+
+    assert not supports_hma(KVShelfConnector)
+    full = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=64, dtype=torch.float32)
+    sliding = SlidingWindowSpec(block_size=16, num_kv_heads=1, head_size=64, dtype=torch.float32, sliding_window=8)
+    hma_off = SimpleNamespace(
+        scheduler_config=SimpleNamespace(disable_hybrid_kv_cache_manager=True),
+        attention_config=SimpleNamespace(hisparse_config=None),
+    )
+
+    def groups(*specs):
+        layers = {f"model.layers.{i}.self_attn.attn": spec for i, spec in enumerate(specs)}
+        return SimpleNamespace(kv_cache_groups=get_kv_cache_groups(hma_off, layers))
+
+    assert keeps_every_token(groups(sliding, full, sliding, full))  # Gemma 3's layer types
+    all_sliding = groups(sliding, sliding)
+    assert not keeps_every_token(all_sliding)
+    assert document_context(KVShelfConfig(), stores=True, keeps_every_token=keeps_every_token(all_sliding)) == "alone"
 
 
 @pytest.mark.parametrize("context", ["alone", "prompt"])

@@ -169,6 +169,11 @@ def test_plan_loads_what_was_allocated_and_saves_when_the_prefill_completes():
     assert plan.saves == [SaveSpec("r", tokens, [20, 21], None)]
     side.finished("r")
     assert side.build_plan(step(cached=[("r", None, 301, False)], scheduled={"r": 1})) == StepPlan()
+    # a prompt vLLM computes whole in one step, in blocks allocated in it; one with tokens computed before not
+    plan = side.build_plan(step(new=[new_req("s", tokens, blocks, 0, 300)], scheduled={"s": 300}))
+    assert plan.saves == [SaveSpec("s", tokens, blocks, None, one_step=True)]
+    plan = side.build_plan(step(new=[new_req("u", tokens, blocks, 128, 172)], scheduled={"u": 172}))
+    assert plan.saves == [SaveSpec("u", tokens, blocks, None, one_step=False)]
 
 
 def test_a_preempted_request_is_loaded_again_into_its_new_blocks():
@@ -241,6 +246,34 @@ def test_worker_saves_from_blocks_and_loads_into_other_blocks(layerwise, async_l
         assert torch.equal(got[0, :, 32:], k[32:192].transpose(0, 1))
         assert torch.equal(got[1, :, 32:], v[32:192].transpose(0, 1))
         assert torch.all(got[:, :, :32] == 0)  # vLLM's own tokens untouched
+
+
+def test_worker_stores_only_one_step_prompts_where_vllm_may_free_a_prompts_blocks(caplog):
+    """With a sliding-window KV group (vLLM frees blocks outside the window as a chunked prefill advances, and
+    gives loaded tokens outside it no block) the block ids a save holds may belong to another request by then:
+    such a save reads no block, and is counted and logged. A prompt computed whole in one step is stored."""
+    eng = engine(chunk_size=64)
+    tokens, other = list(range(500, 700)), list(range(900, 1100))
+    kv = random_kv(200)
+    caches = paged_caches()
+    blocks = [5, 2, 9, 7, 11, 3, 4]
+    write_tokens(caches, blocks, kv)
+    side = WorkerSide(
+        eng, block_size=BS, use_layerwise=False, use_async_load=False, buffer_size=1, keeps_every_token=False
+    )
+    side.register(caches, cpu_writer())
+    gone = [999] * 7  # ids beyond the cache: any read of them would raise
+    with caplog.at_level("WARNING", logger="kvshelf.integrations.vllm.worker"):
+        run_step(side, caches, StepPlan(saves=[SaveSpec("a", other, gone, None), SaveSpec("b", other, gone, None)]))
+        run_step(
+            side,
+            caches,
+            StepPlan(saves=[SaveSpec("c", other, gone, None), SaveSpec("d", tokens, blocks, None, one_step=True)]),
+        )
+    assert side.stats.saves_skipped_window == 3 and side.stats.saved_requests == 1 and eng.lookup(other, None) == 0
+    stored = eng.retrieve(tokens).kv
+    assert all(torch.equal(stored[layer, 0], k.transpose(0, 1)) for layer, (k, _) in enumerate(kv))
+    assert sum("saves_skipped_window" in r.getMessage() for r in caplog.records) == 1  # said once
 
 
 def test_worker_reports_blocks_it_could_not_load_and_drops_that_steps_save():

@@ -116,6 +116,8 @@ VLLM = (
     | {"codec_calibration_pending", "codec_calibration_threads", "codec_calibration_tokens"}  # issue #17
     | {"blend_ratio_tokens", "blend_ratio_beyond_share"}  # issue #18, ninth session: the budget of long prompts
     | {"blend_document_context"}  # issue #19, ninth session: documents from vLLM's own prefill
+    # issue #19, tenth session: the question pass (the question alone over the placed KV before the blend)
+    | {"blend_question_pass", "blend_question_weight", "blend_question_span", "blend_question_budget"}
 )
 
 RUNTIMES: dict[str, frozenset[str]] = {

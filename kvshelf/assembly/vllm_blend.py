@@ -71,12 +71,14 @@ class BlendedRegion:
 
 
 def check_selection(config: KVShelfConfig) -> None:
-    """Refuse selection signals that read the question: vLLM computes the question after the blended
-    region, so the blend never sees it."""
-    if config.blend_selection_signal in QUESTION_SIGNALS:
+    """Refuse selection signals that read the question at the check layer: vLLM computes the question after
+    the blended region, so the blend's forward never holds it. The question pass (`blend_question_pass`)
+    reads it instead, in a pass of its own over the placed KV before the blend."""
+    if config.blend_selection_signal in QUESTION_SIGNALS and not config.blend_question_pass:
         raise ConfigError(
             f"blend_selection_signal {config.blend_selection_signal!r} needs the question inside the blend; "
-            "inside vLLM the question is computed after it: use 'kv', 'k' or 'v'"
+            "inside vLLM the question is computed after it: set blend_question_pass (the question runs alone "
+            "over the placed KV first), or use 'kv', 'k' or 'v'"
         )
 
 
@@ -135,26 +137,34 @@ class VllmBlending:
 
     @torch.inference_mode()
     def prefill(
-        self, tokens: list[int], salt: str | None, attention: Callable[[int], PagedAttention | None] | None = None
+        self,
+        tokens: list[int],
+        salt: str | None,
+        attention: Callable[[int], PagedAttention | None] | None = None,
+        last: list[int] = (),
     ) -> BlendedRegion | None:
         """Blend the document region of `tokens`; None when too little of it is still cached (evicted or
         damaged since the plan): the caller then lets vLLM compute the prompt exactly. `attention(region
         tokens)` may give the attention over the request's paged blocks (the connector's, for vLLM's CPU
-        backend); without it the runner attends over its dense buffer and the caller scatters the result."""
+        backend); without it the runner attends over its dense buffer and the caller scatters the result.
+        `last`: the prompt's tokens after `tokens` (its last one, which the lookup never sees), part of the
+        question that the question pass (`blend_question_pass`) runs over the placed KV."""
         plan = self.plan(tokens, salt)
         if plan is None or not plan.blend:
             return None
         seg = plan.segmented
         region = Segmented(seg.prefix, seg.documents, [], seg.separator)  # the question is vLLM's to compute
-        kv = self.runner.new_kv(plan.region_end)
+        question = list(seg.suffix) + list(last)
+        # The question pass writes the question's KV after the region (in the dense buffer only).
+        kv = self.runner.new_kv(plan.region_end + (len(question) if self.blender.runs_question_pass else 0))
         paged = attention(plan.region_end) if attention is not None else None
-        with self.runner.attending_in(paged), self.runner.without_logits():
-            _, info = self.blender.prefill(region, kv, salt, plan.documents)
+        with self.runner.attending_in(paged, kv), self.runner.without_logits():
+            _, info = self.blender.prefill(region, kv, salt, plan.documents, question=question)
         total = sum(d.tokens for d in plan.documents)
         if info.placed_tokens == 0 or info.placed_tokens < self.blender.min_cached_share * total:
             return None  # a chunk failed its checks at load: never blend from (nearly) nothing
         missing = [d for d in plan.documents if not d.cached and d.key is not None]  # incl. gone since the plan
-        return BlendedRegion(kv.data, info, in_blocks=paged is not None, missing=missing)
+        return BlendedRegion(kv.data[:, :, :, : plan.region_end], info, in_blocks=paged is not None, missing=missing)
 
     def store(self, key: bytes, kv: torch.Tensor, position: int) -> None:
         """Store a document's slice [layers, 2, kv_heads, tokens, head_dim] of a prompt's KV, its first token

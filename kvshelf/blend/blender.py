@@ -62,6 +62,7 @@ class BlendInfo:
     selected_per_check: list[int] = field(default_factory=list)
     exact: bool = False  # too few documents cached: the prompt was prefilled exactly, not blended
     deferred: int = 0  # documents whose KV is computed after the first token (counted in computed_alone once done)
+    question_pass_tokens: int = 0  # question tokens run alone over the placed KV first (the question pass)
 
 
 @dataclass
@@ -288,11 +289,25 @@ class Blender:
         return document_mask
 
     # -- the blended prefill -------------------------------------------------------------------------------
+    @property
+    def runs_question_pass(self) -> bool:
+        """Whether a blend first runs the question alone over the placed KV (`_question_pass`)."""
+        return self.selection.question_pass and self.selection.needs_attention
+
     def prefill(
-        self, seg: Segmented, kv: KVBuffer, salt: str | None = None, documents: list[Document] | None = None
+        self,
+        seg: Segmented,
+        kv: KVBuffer,
+        salt: str | None = None,
+        documents: list[Document] | None = None,
+        *,
+        question: list[int] | None = None,
     ) -> tuple[torch.Tensor, BlendInfo]:
         """Blend the cached documents; the others are computed in place (all layers, like the question). Their
-        position-independent KV is not computed here: `compute_missing` does it, off the critical path."""
+        position-independent KV is not computed here: `compute_missing` does it, off the critical path.
+        `question`: tokens that follow `seg` but that this blend does not compute (inside vLLM, vLLM computes
+        the question after the blended region); the question pass reads their attention (`kv` then needs room
+        for them). None: the question is `seg`'s suffix."""
         runner, info = self.runner, BlendInfo()
         documents = documents if documents is not None else self.documents(seg, salt)
         document_mask = self.place_documents(seg, kv, salt, info, documents)
@@ -310,7 +325,8 @@ class Blender:
         is_document = document_mask.to(runner.device)  # of the tokens still computed: placed ones
         question_share, policy = None, self.selection_for(seg, info.placed_tokens)
         if policy.question_pass and policy.needs_attention and info.placed_tokens:
-            question_share = self._question_pass(seg, kv, policy)
+            question_share = self._question_pass(seg, kv, policy, question)
+            info.question_pass_tokens = len(seg.suffix if question is None else question)
 
         kv.reweight = self._reweight(seg, document_mask, kv.capacity)
 
@@ -379,17 +395,23 @@ class Blender:
                 spans.append((start, end))
         return spans
 
-    def _question_pass(self, seg: Segmented, kv: KVBuffer, policy: SelectionPolicy | None = None) -> torch.Tensor:
-        """Each prompt position's share of the question's attention (mean, or max, over the layers read), from
-        a pass of the question alone over the prefix's KV (kept from an earlier request) and the placed document
-        KV, as at 0% recompute. It costs the question's tokens once more (1-3% of a prefill at ~2K tokens) and
-        reads what the question attends to in the deep layers, where the answer is retrieved, not at the check
-        layer only. The blended prefill then recomputes the question over the fused KV. Documents not cached
-        are still empty in `kv` here (their share is meaningless; they are computed in place anyway)."""
+    def _question_pass(
+        self, seg: Segmented, kv: KVBuffer, policy: SelectionPolicy | None = None, question: list[int] | None = None
+    ) -> torch.Tensor:
+        """Each prompt position's share of the question's attention (`seg`'s suffix, or `question` after `seg`;
+        mean, or max, over the layers read), from a pass of the question alone over the prefix's KV (kept from
+        an earlier request) and the placed document KV, as at 0% recompute. It costs the question's tokens once
+        more (1-3% of a prefill at ~2K tokens) and reads what the question attends to in the deep layers, where
+        the answer is retrieved, not at the check layer only. The blended prefill then recomputes the question
+        over the fused KV. Documents not cached are still empty in `kv` here (their share is meaningless; they
+        are computed in place anyway)."""
         runner, shares, policy = self.runner, [], policy or self.selection
-        start = len(seg.token_ids) - len(seg.suffix)
-        if not seg.suffix:
-            return torch.ones(len(seg.token_ids), device=runner.device)
+        if question is None:
+            question, start = seg.suffix, len(seg.token_ids) - len(seg.suffix)
+        else:
+            start = len(seg.token_ids)
+        if not question:
+            return torch.ones(start, device=runner.device)
         if seg.prefix:
             self._place_prefix(seg.prefix, kv)
         windows = [spec.window for spec in runner.layer_specs]
@@ -409,7 +431,7 @@ class Blender:
                 share = self._question_attention(layer, hidden, positions, rope, kv, hidden.shape[1], windows[layer])
                 shares.append(share)
 
-        runner.forward(seg.suffix, start, kv, select_tokens=probe, layer_hook=after, logits=False)
+        runner.forward(question, start, kv, select_tokens=probe, layer_hook=after, logits=False)
         stacked = torch.stack(shares)
         return stacked.amax(0) if policy.question_reduce == "max" else stacked.mean(0)
 
@@ -434,7 +456,7 @@ class Blender:
         applies one: the question pass reads every layer as the model does)."""
         m = max(1, min(question, hidden.shape[1]))
         tail = {key: (cos[:, -m:], sin[:, -m:]) for key, (cos, sin) in rope.items()}
-        q = self.runner.query_states(layer, hidden[:, -m:], tail).float()  # [heads, m, dim]
+        q = self.runner.query_states(layer, hidden[:, -m:], positions[-m:], tail).float()  # [heads, m, dim]
         end = int(positions[-1]) + 1
         keys = kv.data[layer, 0, :, :end].float()  # [kv_heads, end, dim]
         group = q.shape[0] // keys.shape[0]

@@ -269,9 +269,11 @@ class ModelRunner:
         )
         kv.write_layer(index, self._slots(positions, hidden.shape[1]), k[0], v[0])
 
-    def query_states(self, index: int, hidden: torch.Tensor, rope: dict) -> torch.Tensor:
-        """Layer `index`'s rotated queries of these tokens times the layer's attention scale, [heads, n, head_dim]
-        (CacheBlend's question-aware selection asks which keys the question attends to)."""
+    def query_states(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor:
+        """Layer `index`'s rotated queries of tokens `hidden` [1, n, hidden] at `positions` times the layer's
+        attention scale, [heads, n, head_dim] (CacheBlend's question-aware selection asks which keys the question
+        attends to). `rope`: this forward's tables (`rope_tables`) for those tokens; this runner rotates with
+        them, vLLM's adapter from the positions."""
         layer = self.layers[index]
         attn = layer.self_attn
         cos, sin = rope[self.layer_specs[index].rope_key]
@@ -294,17 +296,7 @@ class ModelRunner:
         first, last = _bounds(positions, masks)
         contiguous = last - first + 1 == n
         kv.write_layer(index, slice(first, last + 1) if contiguous else positions, k[0], v[0])
-        blocks = _window_blocks(positions, masks, window, n) if window is not None else None
-        if blocks is None:
-            out = self._sdpa(index, q, positions, first, last, kv, window, masks, attn.scaling)
-        else:
-            out = torch.cat(
-                [
-                    self._sdpa(index, q[:, :, lo:hi], positions[lo:hi], p0, p1, kv, window, masks, attn.scaling)
-                    for lo, hi, p0, p1 in blocks
-                ],
-                dim=2,
-            )
+        out = self._attend(index, q, positions, kv, masks, window, attn.scaling)
         if (reweight := kv.reweight) is not None and reweight.applies(index, last):
             # The question's and decoded tokens' attention over placed documents, APE-style (model.reweight).
             start = max(0, first - window + 1) if window is not None else 0
@@ -314,6 +306,22 @@ class ModelRunner:
                 q[0, :, rows], keys, values, positions[rows], start, window, attn.scaling, reweight
             )
         return attn.o_proj(out.transpose(1, 2).reshape(1, n, -1))
+
+    def _attend(self, index, q, positions, kv: KVBuffer, masks: dict, window, scale) -> torch.Tensor:
+        """Attention of queries q [1, heads, n, dim] at `positions` (ascending, contiguous or CacheBlend's scattered
+        selection) over the buffer, which already holds their K/V. A sliding layer's queries go in window blocks
+        (`_window_blocks`), each reading only the keys its window reaches. vLLM's runner adapter attends so too."""
+        first, last = _bounds(positions, masks)
+        blocks = _window_blocks(positions, masks, window, q.shape[2]) if window is not None else None
+        if blocks is None:
+            return self._sdpa(index, q, positions, first, last, kv, window, masks, scale)
+        return torch.cat(
+            [
+                self._sdpa(index, q[:, :, lo:hi], positions[lo:hi], p0, p1, kv, window, masks, scale)
+                for lo, hi, p0, p1 in blocks
+            ],
+            dim=2,
+        )
 
     def _sdpa(self, index, q, positions, first: int, last: int, kv: KVBuffer, window, masks: dict, scale):
         """Attention of queries q [1, heads, n, dim] at `positions` (first..last) over the buffer's keys up to the

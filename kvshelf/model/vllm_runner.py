@@ -27,12 +27,11 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.errors import UnsupportedModelError
 from kvshelf.model.kv_buffer import KVBuffer
-from kvshelf.model.runner import LayerSpec, ModelRunner, has_sandwich_norms
+from kvshelf.model.runner import LayerSpec, ModelRunner, _bounds, has_sandwich_norms
 
 SUPPORTED_VLLM_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
@@ -41,7 +40,9 @@ class PagedAttention(Protocol):
     """Attention over a request's paged blocks, layer by layer (the connector's, see
     kvshelf.integrations.vllm.blend_attention): before computing a layer's tokens it copies the layer's
     other region tokens from the dense buffer into the blocks, then writes the computed tokens' K/V there
-    too and attends over the blocks."""
+    too and attends over the blocks. It covers the region's tokens [0, end)."""
+
+    end: int
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv: KVBuffer
@@ -90,6 +91,7 @@ class VllmModelRunner(ModelRunner):
         self._weight = inner.embed_tokens.weight
         self._fingerprint: ModelFingerprint | None = None
         self._paged: PagedAttention | None = None
+        self._paged_kv: KVBuffer | None = None  # the buffer whose tokens [0, paged.end) the blocks mirror
         self._logits = True
         self._rotations: dict[tuple, torch.Tensor] = {}  # (rotary table, delta) -> rotation matrix (rerotate)
 
@@ -134,13 +136,15 @@ class VllmModelRunner(ModelRunner):
         return {}
 
     @contextlib.contextmanager
-    def attending_in(self, paged: PagedAttention | None) -> Iterator[None]:
-        """Forwards inside the block attend through `paged` (None: over the dense buffer)."""
-        self._paged = paged
+    def attending_in(self, paged: PagedAttention | None, kv: KVBuffer) -> Iterator[None]:
+        """Forwards of tokens [0, paged.end) into `kv` inside the block attend through `paged` (None: over the
+        dense buffer). Other forwards there attend over their buffer: the blend's question pass (the question
+        after the region, into `kv`) and the prefix it computes alone (into a buffer of its own)."""
+        self._paged, self._paged_kv = paged, kv
         try:
             yield
         finally:
-            self._paged = None
+            self._paged, self._paged_kv = None, None
 
     @contextlib.contextmanager
     def without_logits(self) -> Iterator[None]:
@@ -196,6 +200,13 @@ class VllmModelRunner(ModelRunner):
         q, k = attn.rotary_emb(positions, q, k)
         return q.view(n, -1, self.head_dim), k.view(n, -1, self.head_dim), v.view(n, -1, self.head_dim)
 
+    def query_states(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> torch.Tensor:
+        """As ModelRunner's: the layer's rotated queries [heads, n, head_dim] times its attention scale, from
+        vLLM's fused projection, q norm and rotary op (which rotates from the positions)."""
+        layer = self.layers[index]
+        q, _, _ = self._qkv(index, layer.self_attn, layer.input_layernorm(hidden[0]), positions)
+        return q.transpose(0, 1) * self._scales[index]
+
     def write_kv(self, index: int, hidden: torch.Tensor, positions: torch.Tensor, kv: KVBuffer, rope: dict) -> None:
         layer = self.layers[index]
         x = layer.input_layernorm(hidden[0])
@@ -220,47 +231,15 @@ class VllmModelRunner(ModelRunner):
         n = x.shape[0]
         q, k, v = self._qkv(index, attn, x, positions)
         kv.write_layer(index, self._slots(positions, n), k.transpose(0, 1), v.transpose(0, 1))
-        if self._paged is not None:
+        if self._paged is not None and kv is self._paged_kv and _bounds(positions, masks)[1] < self._paged.end:
             out = self._paged.attend(index, q, k, v, positions, kv)
-            out, _ = attn.o_proj(out.reshape(n, -1))
-            return out
-        q = q.transpose(0, 1)
-        if window is not None and n > 2 * window:
-            # A sliding layer's queries see at most `window` keys: in blocks of `window` queries, each block
-            # reads only its keys, as vLLM's kernel does, instead of scoring every key and masking most.
-            parts = [
-                self._sdpa(index, q[:, lo : lo + window], positions[lo : lo + window], kv, window, masks)
-                for lo in range(0, n, window)
-            ]
-            out = torch.cat(parts, dim=1)
         else:
-            out = self._sdpa(index, q, positions, kv, window, masks)
-        out, _ = attn.o_proj(out.transpose(0, 1).reshape(n, -1))
+            # ModelRunner's attention over the buffer: a sliding layer's queries (contiguous, or a blend's
+            # scattered selection) in window blocks, each reading only the keys its window reaches.
+            out = self._attend(index, q.transpose(0, 1).unsqueeze(0), positions, kv, masks, window, self._scales[index])
+            out = out[0].transpose(0, 1)
+        out, _ = attn.o_proj(out.reshape(n, -1))
         return out
-
-    def _sdpa(self, index, q, positions, kv: KVBuffer, window, masks: dict) -> torch.Tensor:
-        """Attention of queries q [heads, n, dim] at `positions` over the buffer's keys up to the last one."""
-        n = q.shape[1]
-        first, last = int(positions[0]), int(positions[-1])
-        end = last + 1
-        start = max(0, first - window + 1) if window is not None else 0
-        keys, values = kv.layer_kv(index, start, end)
-        mask = None
-        if n > 1 or last - first + 1 != n:
-            # one mask per (window, first query, key range), shared by the layers of that window
-            mask_key = (window, first, start, end)
-            if mask_key not in masks:
-                masks[mask_key] = self.attention_mask(positions, end, start, window)
-            mask = masks[mask_key]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0),
-            keys.unsqueeze(0),
-            values.unsqueeze(0),
-            attn_mask=mask,
-            scale=self._scales[index],
-            enable_gqa=True,
-        )
-        return out[0]
 
     def final_logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
         if not self._logits:

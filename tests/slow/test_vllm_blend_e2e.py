@@ -89,15 +89,20 @@ def test_blend_in_llm_equals_plain_prefill_and_survives_damaged_documents(tmp_pa
     assert "vLLM recomputes" in out["log"]
 
 
-def test_blend_in_llm_for_a_llama_model_equals_plain_prefill(tmp_path):
-    """Another family than Gemma 3 inside real vLLM: a tiny random Llama checkpoint with its own tokenizer
-    (bench/tiny_checkpoints.py; pre-norm layers, no q/k norms: vLLM's rotary op rotates views of the fused
-    QKV output in place). Ratio 1.0: the blended request equals vLLM's plain prefill. Documents computed
-    alone here (`blend_document_context: alone`, still a choice inside vLLM)."""
-    model = write_checkpoint("llama", tmp_path / "llama")
+@pytest.mark.parametrize(("family", "question_pass"), [("llama", False), ("qwen3", True)])
+def test_blend_in_llm_for_other_families_equals_plain_prefill(tmp_path, family, question_pass):
+    """Other families than Gemma 3 inside real vLLM: tiny random checkpoints with their own tokenizer
+    (bench/tiny_checkpoints.py; pre-norm layers; Llama without q/k norms: vLLM's rotary op rotates views of
+    the fused QKV output in place; Qwen3 with them). Ratio 1.0: the blended request equals vLLM's plain
+    prefill. Documents computed alone here (`blend_document_context: alone`, still a choice inside vLLM).
+    Qwen3 with the question pass (issue #19, tenth session): the question runs alone over the placed KV
+    through vLLM's modules, over kvshelf's dense buffer, before the blend attends over the blocks."""
+    model = write_checkpoint(family, tmp_path / family)
     prompts = blend_prompts(AutoTokenizer.from_pretrained(model))
     spec = blend_spec(model, prompts, 1.0, tmp_path / "vllm-work")
     spec["kvshelf"]["blend_document_context"] = "alone"
+    if question_pass:
+        spec["kvshelf"] |= {"blend_selection_signal": "question", "blend_question_pass": True}
     out = run_llm(tmp_path, spec)
     reference, cold, blended = out["results"]
     assert reference["cached"] == 0 and cold["cached"] == 0
@@ -107,6 +112,8 @@ def test_blend_in_llm_for_a_llama_model_equals_plain_prefill(tmp_path):
     assert stats["blend_loads"] == 1 and stats["blend_failed"] == 0 and stats["failed_loads"] == 0
     assert stats["documents_computed"] == 6 and stats["documents_from_prefill"] == 0  # 3 per salt, alone
     assert stats["blended_in_blocks"] == 1  # attended with vLLM's kernel over the request's blocks
+    # the question (all but the blended region: the question's words and the prompt's last token) ran alone
+    assert (stats["question_pass_tokens"] > 0) == question_pass
 
 
 def _free_port() -> int:

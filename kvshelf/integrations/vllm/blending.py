@@ -152,6 +152,7 @@ class BlendWorker:
             "blend_failed": 0,
             "blended_tokens": 0,
             "blended_in_blocks": 0,  # loads attended with vLLM's kernel over the request's blocks
+            "question_pass_tokens": 0,  # question tokens run alone over the placed KV (blend_question_pass)
             "documents_computed": 0,  # missing documents computed alone (blend_document_context alone)
             "documents_from_prefill": 0,  # stored from vLLM's exact prefill of the prompt that held them
             "documents_from_blend": 0,  # stored from a blended prompt's fused KV (computed in place there)
@@ -297,9 +298,9 @@ class BlendWorker:
         """Blend the region and write tokens [spec.start, spec.end) of it into the request's blocks."""
         self.stats["blend_loads"] += 1
         try:
-            region = self.blending.prefill(spec.tokens, spec.salt, self._attention_for(spec))
+            region = self.blending.prefill(spec.tokens, spec.salt, self._attention_for(spec), spec.last)
         except Exception as err:
-            log.warning("kvshelf: blending request %s failed: %s", spec.req_id, err)
+            log.warning("kvshelf: blending request %s failed: %s", spec.req_id, err, exc_info=True)
             region = None
         if region is None or region.kv.shape[3] < spec.end:
             self.stats["blend_failed"] += 1
@@ -323,6 +324,7 @@ class BlendWorker:
             for i, layer in enumerate(self.worker.layers):
                 view.scatter(layer, region.kv[i, :, :, spec.start : spec.end])
         self.stats["blended_tokens"] += spec.end - spec.start
+        self.stats["question_pass_tokens"] += region.info.question_pass_tokens
         info = region.info
         log.info(
             "kvshelf: request %s blended %d/%d documents, %d tokens placed, %d recomputed",

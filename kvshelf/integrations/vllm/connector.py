@@ -128,6 +128,13 @@ class KVShelfConnector(KVConnectorBase_V1):
 
             rank = get_tensor_model_parallel_rank()
         fingerprint = vllm_fingerprint(vllm_config, rank)  # checks the settings in both roles
+        # Saves (and blend documents taken from a prompt) read a prompt's KV out of its blocks by the scheduler's
+        # block ids: only sound while the blocks keep every token (one full-attention group). vLLM 0.32 turns its
+        # hybrid KV manager off for a connector without SupportsHMA (this one), which makes Gemma 3's sliding
+        # layers one full-attention group; a model whose every layer slides keeps a sliding-window group, whose
+        # blocks outside the window vLLM frees as a prefill advances: then only prompts computed in one step are
+        # stored (worker.py) and documents are computed alone. None: built outside vLLM's engine (tests), no KV manager to ask.
+        self._keeps_every_token = kv_cache_config is None or keeps_every_token(kv_cache_config)
         if self.config.enable_blending:
             check_blend_settings(vllm_config, self.config)
         self._blend: BlendWorker | None = None
@@ -180,7 +187,14 @@ class KVShelfConnector(KVConnectorBase_V1):
                 ),
                 published=published,
                 publish=not loads,
+                keeps_every_token=self._keeps_every_token,
             )
+            if not self._keeps_every_token:
+                log.warning(
+                    "kvshelf: vLLM's KV cache here has a sliding-window group (%s): only prompts vLLM computes "
+                    "whole in one step are stored (vLLM frees the blocks outside the window as a prefill advances)",
+                    ", ".join(type(g.kv_cache_spec).__name__ for g in kv_cache_config.kv_cache_groups),
+                )
             _export_connector_stats(owned_by(self.engine).metrics)
             self._server = LookupServer.for_engine(self._lookup_id, self._worker.lookup, key=self._configured_key())
             _workers[self._lookup_id] = self._worker
@@ -237,7 +251,7 @@ class KVShelfConnector(KVConnectorBase_V1):
                 self._worker,
                 attention_layers,
                 stores=self._stores,
-                keeps_every_token=keeps_every_token(self._kv_cache_config),
+                keeps_every_token=self._keeps_every_token,
             )
             _blends[self._lookup_id] = self._blend
 

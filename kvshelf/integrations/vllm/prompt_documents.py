@@ -14,7 +14,8 @@ Only valid where the request's blocks hold every prompt token of every layer whe
 full-attention KV groups. That is vLLM's CPU backend, and any run without vLLM's hybrid KV manager (the
 connector does not declare it): Gemma 3's sliding-window layers then keep all tokens too. A manager that frees
 the blocks outside a sliding window would leave block ids that may hold other requests' KV by then; with such
-a group the connector computes documents alone instead (`keeps_every_token`).
+a group (a model whose every layer slides) the connector computes documents alone instead and stores only
+the prompts vLLM computes in one step (`keeps_every_token`, see connector.py and worker.py).
 """
 
 from __future__ import annotations

@@ -61,8 +61,10 @@ class LoadSpec:
     end: int
     salt: str | None
     # CacheBlend: `tokens` is the whole prompt but its last token (what the worker's lookup split into
-    # documents); the worker blends its document region and writes [start, end) of it.
+    # documents); the worker blends its document region and writes [start, end) of it. `last`: that last
+    # token, the end of the question (the blend's question pass reads it).
     blend: bool = False
+    last: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +75,10 @@ class SaveSpec:
     tokens: list[int]
     block_ids: list[int]
     salt: str | None
+    # vLLM computes the whole prompt in this step, in blocks it allocated for it in this step (nothing computed
+    # or loaded before): every block holds its tokens even where a sliding-window KV manager frees blocks
+    # outside the window in later steps (worker.WorkerSide.start_saves)
+    one_step: bool = False
 
 
 @dataclass
@@ -155,7 +161,13 @@ class SchedulerSide:
             load = self._loads.pop(new.req_id, None)
             if load is not None:
                 plan.loads.append(self._load_spec(new.req_id, tracked, *load))
-            self._maybe_save(plan, new.req_id, tracked, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+            self._maybe_save(
+                plan,
+                new.req_id,
+                tracked,
+                new.num_computed_tokens + scheduled.get(new.req_id, 0),
+                one_step=new.num_computed_tokens == 0,
+            )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             tracked = self._tracked.get(req_id)
@@ -174,10 +186,17 @@ class SchedulerSide:
 
     @staticmethod
     def _load_spec(req_id: str, tracked: _Tracked, start: int, end: int) -> LoadSpec:
-        tokens = tracked.tokens[: len(tracked.tokens) - 1] if tracked.blend else tracked.tokens[:end]
-        return LoadSpec(req_id, tokens, list(tracked.block_ids), start, end, tracked.salt, blend=tracked.blend)
+        if tracked.blend:
+            tokens, last = tracked.tokens[: len(tracked.tokens) - 1], tracked.tokens[len(tracked.tokens) - 1 :]
+        else:
+            tokens, last = tracked.tokens[:end], []
+        return LoadSpec(
+            req_id, tokens, list(tracked.block_ids), start, end, tracked.salt, blend=tracked.blend, last=last
+        )
 
-    def _maybe_save(self, plan: StepPlan, req_id: str, tracked: _Tracked, computed_after_step: int) -> None:
+    def _maybe_save(
+        self, plan: StepPlan, req_id: str, tracked: _Tracked, computed_after_step: int, *, one_step: bool = False
+    ) -> None:
         if (
             not self.stores
             or tracked.blend
@@ -187,7 +206,7 @@ class SchedulerSide:
         ):
             return
         tracked.saved = True
-        plan.saves.append(SaveSpec(req_id, tracked.tokens, list(tracked.block_ids), tracked.salt))
+        plan.saves.append(SaveSpec(req_id, tracked.tokens, list(tracked.block_ids), tracked.salt, one_step=one_step))
 
     def blocks_failed(self, block_ids: set[int]) -> None:
         """The worker could not load these blocks; vLLM recomputes them, and the requests holding them are

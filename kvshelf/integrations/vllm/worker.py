@@ -57,6 +57,8 @@ class ConnectorStats:
     failed_blocks: int = 0
     saved_requests: int = 0
     stored_tokens: int = 0
+    # prompts not stored because vLLM's KV manager may have freed blocks of them (a sliding-window group)
+    saves_skipped_window: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -107,8 +109,16 @@ class WorkerSide:
         stores: bool = True,
         published: PublishedLayers | None = None,
         publish: bool = False,
+        keeps_every_token: bool = True,
     ):
         self.engine = engine
+        # Whether a request's blocks hold every prompt token of every layer until the request ends
+        # (prompt_documents.keeps_every_token). Saves read a prompt's KV out of its blocks by the block ids the
+        # scheduler handed out; a sliding-window KV group frees (and reuses) the blocks outside the window as
+        # a chunked prefill advances (and gives loaded or prefix-cached tokens outside it no block), so with one
+        # only a prompt computed whole in one step (`SaveSpec.one_step`) is stored; other saves are counted.
+        self.keeps_every_token = keeps_every_token
+        self._warned_window = False
         # Disaggregated prefill: a producer publishes each layer as it is computed (`publish`); a consumer
         # loads published layers when the whole chunks are not there yet (`published` without `publish`).
         self.published, self.publish = published, publish and published is not None
@@ -266,7 +276,17 @@ class WorkerSide:
     # -- saving ---------------------------------------------------------------------------------------
     def start_saves(self, plan: StepPlan) -> None:
         fp = self.engine.fingerprint
-        for spec in plan.saves if self.stores else ():
+        saves = plan.saves if self.stores else []
+        if not self.keeps_every_token and any(not spec.one_step for spec in saves):
+            self.stats.saves_skipped_window += sum(not spec.one_step for spec in saves)
+            saves = [spec for spec in saves if spec.one_step]
+            if not self._warned_window:
+                self._warned_window = True
+                log.warning(
+                    "kvshelf: a prompt vLLM computed in several steps (or partly loaded) is not stored: its KV "
+                    "cache group frees blocks outside a sliding window (counted as saves_skipped_window)"
+                )
+        for spec in saves:
             try:
                 keys = self.engine.keys_to_store(spec.tokens, spec.salt)
             except Exception as err:
