@@ -404,13 +404,14 @@ def test_chunks_held_decoded_are_not_planned_for_the_device(tiny_models):
     assert engine.retrieve_layerwise(ids, max_tokens=39).device_decoding("cpu") is None
 
 
-_BATCHED_CHECK = r"""
+# A child script's start: a random orthogonal calibration of `layers, heads, tokens, dim` registered, and its codec.
+_CALIBRATED_CODEC = r"""
 import torch
 from kvshelf.codecs import calibration as calib
-from kvshelf.codecs.cachegen import CacheGenCodec, _symbols_calibrated
+from kvshelf.codecs.cachegen import CacheGenCodec
 
-layers, heads, tokens, dim = 3, 2, 16, 8
-g = torch.Generator().manual_seed(1)
+layers, heads, tokens, dim = {shape}
+g = torch.Generator().manual_seed({seed})
 eye = torch.linalg.qr(torch.randn(layers, 2, heads, dim, dim, generator=g))[0]
 cal = calib.Calibration(
     inv_freq=torch.rand(layers, dim // 2, generator=g),
@@ -418,10 +419,16 @@ cal = calib.Calibration(
     forward=eye,
     inverse=eye.transpose(-1, -2).contiguous(),
     step=torch.full((layers, 2), 0.05),
-    info={"test": "batched run"},
+    info={{"test": "{label}"}},
 )
 calib.register(cal)
 codec = CacheGenCodec(calibration=cal.digest)
+"""
+
+_BATCHED_CHECK = (
+    _CALIBRATED_CODEC.format(shape="3, 2, 16, 8", seed=1, label="batched run")
+    + r"""
+from kvshelf.codecs.cachegen import _symbols_calibrated
 from kvshelf.codecs import rans_gpu
 
 kv = torch.randn(3, layers, 2, heads, tokens, dim, generator=g)
@@ -469,6 +476,7 @@ except rans_gpu.rans.RansError:
     pass
 print("in place ok")
 """
+)
 
 
 def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
@@ -479,25 +487,11 @@ def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
     assert "escapes ok" in run.stdout and "in place ok" in run.stdout, run.stderr[-3000:]
 
 
-_FUSED_CHECK = r"""
-import torch
-from kvshelf.codecs import calibration as calib
+# dim 32: the fused kernel's smallest head (tl.dot: halves of 16)
+_FUSED_CHECK = (
+    _CALIBRATED_CODEC.format(shape="2, 1, 16, 32", seed=2, label="fused finish")
+    + r"""
 from kvshelf.codecs import rans_gpu
-from kvshelf.codecs.cachegen import CacheGenCodec
-
-layers, heads, tokens, dim = 2, 1, 16, 32  # the fused kernel's smallest head (tl.dot: halves of 16)
-g = torch.Generator().manual_seed(2)
-eye = torch.linalg.qr(torch.randn(layers, 2, heads, dim, dim, generator=g))[0]
-cal = calib.Calibration(
-    inv_freq=torch.rand(layers, dim // 2, generator=g),
-    mean=torch.randn(layers, 2, heads, dim, generator=g),
-    forward=eye,
-    inverse=eye.transpose(-1, -2).contiguous(),
-    step=torch.full((layers, 2), 0.05),
-    info={"test": "fused finish"},
-)
-calib.register(cal)
-codec = CacheGenCodec(calibration=cal.digest)
 kv = torch.randn(2, layers, 2, heads, tokens, dim, generator=g)
 pos = 5000  # long positions: RoPE's angles reduced as the reference rounds them
 segs = [[codec.encode_layer(kv[c, 1], 1, layers, pos + c * tokens) for c in range(2)]]
@@ -513,6 +507,7 @@ half = rans_gpu.finish(q, 1, scaled, mean, cal.inv_freq, [1], pos, torch.bfloat1
 assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), ref, atol=0.02, rtol=0.01)
 print("fused ok")
 """
+)
 
 
 def test_the_fused_finish_kernel_equals_the_torch_reference():
