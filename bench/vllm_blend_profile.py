@@ -64,6 +64,12 @@ def main() -> None:
     ap.add_argument("--torch-profile", action="store_true", help="print torch.profiler's op table of one blend")
     ap.add_argument("--extra", default="{}", help="more kv_connector_extra_config keys (JSON)")
     ap.add_argument("--model", help="an HF folder (default: the converted default model)")
+    ap.add_argument(
+        "--question-pass-ab",
+        action="store_true",
+        help="in the same engine, alternate each repeat between the question pass (blend_selection_signal "
+        "question) and the default selection, so both arms see the same load",
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -89,6 +95,8 @@ def main() -> None:
         "blend_recompute_ratios": [args.ratio],
         **json.loads(args.extra),
     }
+    if args.question_pass_ab:
+        shelf |= {"blend_selection_signal": "question", "blend_question_pass": True}
     llm = LLM(
         model=model,
         dtype="float32",
@@ -145,6 +153,18 @@ def main() -> None:
 
     blending.prefill = with_threads
 
+    from kvshelf.blend.selection import SelectionPolicy
+
+    arms = {"question pass": blending.blender.selection, "default selection": SelectionPolicy()}
+
+    def run_arm(ids, arm):
+        blending.blender.selection = arms[arm]
+        before = dict(timers.seconds)
+        seconds = run(ids)
+        timers.seconds.update(before)
+        blending.blender.selection = arms["question pass"]
+        return seconds
+
     run([2, 651, 1000])  # warm-up
     rows = []
     for i, prompt in enumerate(prompts):
@@ -152,9 +172,11 @@ def main() -> None:
         compute_missing_documents()
         run(prompt["measured"])  # first blended request: not counted (one-off allocations)
         timers.reset()
-        ttfts, plain = [], []
+        ttfts, plain, other = [], [], []
         for r in range(args.repeats):
             ttfts.append(run(prompt["measured"]))
+            if args.question_pass_ab:
+                other.append(run_arm(prompt["measured"], "default selection"))
             if args.plain:
                 before = dict(timers.seconds)
                 plain.append(run_plain(prompt["measured"], f"plain-{i}-{r}"))
@@ -166,8 +188,13 @@ def main() -> None:
                 blending.prefill(prompt["measured"], None)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
         per = {k: v / args.repeats for k, v in timers.seconds.items()}
-        rows.append({"tokens": len(prompt["measured"]), "ttft": ttfts, "plain": plain, "phases": per})
+        row = {"tokens": len(prompt["measured"]), "ttft": ttfts, "plain": plain, "phases": per}
+        rows.append(row | ({"ttft_default_selection": other} if other else {}))
         print(f"sample {i}: {len(prompt['measured'])} tokens, TTFT {min(ttfts):.3f} s (all {ttfts})", flush=True)
+        if other:
+            print(
+                f"   default selection {min(other):.3f} s (all {other}): question pass {min(ttfts) / min(other):.2f}x"
+            )
         if plain:
             print(f"   vLLM full prefill {min(plain):.3f} s (all {plain}): {min(plain) / min(ttfts):.2f}x")
         load = per.get("load (all)", 0.0)
