@@ -9,7 +9,8 @@ from helpers import key, make_chunk
 
 from kvshelf.storage.base import StorageBackend
 from kvshelf.storage.memory import MemoryBackend
-from kvshelf.storage.tiers import TierManager, tier_budget
+from kvshelf.storage.tier import tier_budget
+from kvshelf.storage.tiers import TierManager
 
 
 class SlowBackend(StorageBackend):

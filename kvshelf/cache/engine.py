@@ -21,7 +21,7 @@ from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkKey, chain_r
 from kvshelf.errors import ConfigError
 from kvshelf.storage.base import ChunkMeta, OpenedRanges, StorageBackend, StoredChunk
 from kvshelf.storage.expect import Expected, expecting
-from kvshelf.storage.tiers import budget_until, tier_budget_until
+from kvshelf.storage.tier import budget_until, tier_budget_until
 
 log = logging.getLogger(__name__)
 

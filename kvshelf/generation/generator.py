@@ -30,7 +30,7 @@ from kvshelf.generation.sampling import choose
 from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.metrics import Metrics
 from kvshelf.model.runner import ModelRunner, interruptible
-from kvshelf.storage.tiers import tier_budget
+from kvshelf.storage.tier import tier_budget
 
 
 @dataclass
