@@ -111,14 +111,14 @@ def install():
         b.record()  # and could go on (layer i loaded)
         REC.gpu.append(("compute_gate", i, i + 1, a, b))
 
-    def decode(self, i, j, t0):
+    def decode(self, i, j, t0, staged=None):
         if not REC.on or not self._cuda:
-            return orig_decode(self, i, j, t0)
+            return orig_decode(self, i, j, t0, staged)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record(self._stream)
         c0 = REC.ms()
         with torch.profiler.record_function(f"kvshelf::decode {i}-{j}"):
-            out = orig_decode(self, i, j, t0)
+            out = orig_decode(self, i, j, t0, staged)
         REC.add("decode", i, j, c0, REC.ms())
         b.record(self._stream)
         REC.gpu.append(("decode", i, j, a, b))
@@ -137,6 +137,7 @@ def install():
     LayerwiseLoader._decode_on_device = decode
     LayerwiseLoader._release = release
     LayerwiseLoader._open_on_device = REC.timed("open", LayerwiseLoader._open_on_device)
+    LayerwiseLoader._stage_on_device = REC.timed("prepare", LayerwiseLoader._stage_on_device, lambda a: a[1:3])
     device_decode._ReadAhead.next = REC.timed("read_wait", device_decode._ReadAhead.next)
     rans_gpu.stage = REC.timed("stage", rans_gpu.stage)
     rans_gpu._stage_in_place = REC.timed("stage.in_place", rans_gpu._stage_in_place)

@@ -75,6 +75,49 @@ def test_layerwise_decoding_on_the_device_equals_whole_prompt_loading(tmp_path, 
     tiers.close()
 
 
+class StagedHere(HereBatched):
+    """HereBatched that records when each run of a group is staged (the CPU's share) and when queued."""
+
+    def stage_run_on(self, segments, shape, dtype, layers, num_layers, device, position):
+        self.calls.append(("stage", list(layers), len(segments[0])))
+        launch = super().stage_run_on(segments, shape, dtype, layers, num_layers, device, position)
+
+        def queued():
+            self.calls.append(("queue", list(layers), len(segments[0])))
+            return launch()
+
+        return queued
+
+
+def test_each_group_is_staged_after_the_one_before_is_queued_and_decodes_as_whole_loading(tmp_path, tiny_models):
+    codec = StagedHere()
+    tiers, whole, layered = setup(tmp_path, tiny_models("llama"), codec)
+    ids = prompt(70, 3)
+    whole.generate(ids, max_new_tokens=1)
+    tiers.flush()
+    a = whole.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    codec.calls.clear()
+    b = layered.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    assert a.hit_tokens == b.hit_tokens == 69 and a.token_ids == b.token_ids
+    assert torch.allclose(a.first_logits, b.first_logits, atol=1e-5)
+    layers = layered.runner.num_layers
+    staged = [c for c in codec.calls if c[0] == "stage"]
+    queued = [c for c in codec.calls if c[0] == "queue"]
+    # every run of every group staged once and queued once, in order (4 chunks from 0, then the short chunk)
+    want = [[m] for m in range(layers) for _ in (4, 1)]
+    assert [c[1] for c in staged] == [c[1] for c in queued] == want
+    order = [(c[0], c[1][0]) for c in codec.calls if c[2] == 4]
+    for m in range(layers):  # group m is staged before it is queued, and after group m - 1 is queued
+        assert order.index(("stage", m)) < order.index(("queue", m))
+        if m:
+            assert order.index(("queue", m - 1)) < order.index(("stage", m))
+    plan = layered.engine.retrieve_layerwise(ids, max_tokens=69).device_decoding("cpu")
+    assert plan.ready(0, 1)  # opened chunks: nothing to wait for
+    with pytest.raises(ValueError, match="staged"):
+        plan.decode(1, 2, plan.stage(0, 1))
+    tiers.close()
+
+
 def test_a_decode_error_flag_makes_the_request_recompute(tmp_path, tiny_models):
     codec = HereBatched(damaged=True)
     tiers, whole, layered = setup(tmp_path, tiny_models("qwen3"), codec)

@@ -8,8 +8,10 @@ depends on the reader's configuration.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 
@@ -96,6 +98,12 @@ class Codec(ABC):
             for row, layer in zip(segments, layers, strict=True)
         ]
         return torch.stack(out), None
+
+    def stage_run_on(self, segments, shape, dtype, layers, num_layers: int, device, position: int) -> Callable:
+        """decode_run_on in two steps: what runs on the CPU (checks, staging into host memory) now, and a callable
+        that queues the device's share later and returns what decode_run_on returns, so that a loader stages one
+        layer group while the device decodes the one before. Here: everything later (no CPU share to split)."""
+        return functools.partial(self.decode_run_on, segments, shape, dtype, layers, num_layers, device, position)
 
     def decode_chunks_on(self, segments, shape, dtype, layer: int, num_layers: int, device, positions) -> list:
         """One layer of several chunks of the same `shape` (their segments, at RoPE `positions`) decoded onto

@@ -369,19 +369,30 @@ def decode_segment(data, shape: tuple, level: int, device) -> torch.Tensor:
     return decode_segments([data], shape, level, device)[0]
 
 
-def decode_run_raw(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """decode_run's symbols as the kernel wrote them, [layers * chunks, 2, heads, tokens, dim] (chunk-major, no
-    copy), and its error flag: what finish() reads."""
-    q, err = run_staged(stage([seg for row in segments for seg in row], shape, level, device), check=False)
+def decode_staged_raw(staged: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symbols of a layer group's staged segments (stage: every layer's chunks, layer by layer) as the kernel
+    wrote them, [layers * chunks, 2, heads, tokens, dim] (chunk-major, no copy), and its error flag: what finish()
+    reads. Nothing waits for the GPU."""
+    q, err = run_staged(staged, check=False)
     return q, err.any()
+
+
+def decode_staged(staged: tuple, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_staged_raw's symbols as [layers, 2, heads, chunks * tokens, dim] (each layer's tokens in order)."""
+    q, err = decode_staged_raw(staged)
+    runs, two, heads, tokens, dim = q.shape
+    chunks = runs // layers
+    q = q.view(layers, chunks, two, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
+    return q.reshape(layers, two, heads, chunks * tokens, dim), err
+
+
+def decode_run_raw(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_staged_raw of segments[l][c] (a layer of consecutive chunks), staged here."""
+    return decode_staged_raw(stage([seg for row in segments for seg in row], shape, level, device))
 
 
 def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """segments[l][c]: a layer of consecutive chunks -> their symbols [layers, 2, heads, chunks * tokens, dim]
     (each layer's tokens in order) and an error flag (a boolean tensor on `device`), without waiting for
     the GPU: the caller must see the flag False before it uses what the symbols decode to."""
-    chunks = len(segments[0])
-    q, err = run_staged(stage([seg for row in segments for seg in row], shape, level, device), check=False)
-    _, two, heads, tokens, dim = q.shape  # [layers * chunks, 2, heads, tokens, dim]
-    q = q.view(len(segments), chunks, two, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
-    return q.reshape(len(segments), two, heads, chunks * tokens, dim), err.any()
+    return decode_staged(stage([seg for row in segments for seg in row], shape, level, device), len(segments))

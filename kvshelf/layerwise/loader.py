@@ -122,35 +122,20 @@ class LayerwiseLoader:
 
     def _load_all(self) -> None:
         pinned: list[bool] | None = None
-        pending: tuple | None = None  # the last group decoded on the device, not yet known to be sound
         try:
-            # Decoding on the device: groups of half the buffer, so that one group can be staged on the CPU
-            # while the device decodes the one before without running past the buffer
-            group = max(1, self.buffer_size // 2) if self.decoding is not None else self.buffer_size
-            groups = layer_groups(self.num_layers, group)
             if self.decoding is not None:
-                self._open_on_device(groups)
-            copier = self._row_copier() if self._cuda and self.decoding is None else None
-            for i, j in groups:
-                with self._room:
-                    # layer 0 (the compute starts with it: nothing to overlap yet), or this group must wait
-                    # for the compute, which may be waiting for the pending one; else the next group is
-                    # checked and staged while the device decodes the pending one
-                    due = pending[0] == 0 or j > self._consumed + self.buffer_size if pending else False
-                if due:
-                    pending = self._release(pending)
+                # Decoding on the device: groups of half the buffer, so that one group can be staged on the CPU
+                # while the device decodes the one before without running past the buffer
+                self._load_on_device(layer_groups(self.num_layers, max(1, self.buffer_size // 2)))
+                return
+            copier = self._row_copier() if self._cuda else None
+            for i, j in layer_groups(self.num_layers, self.buffer_size):
                 with self._room:
                     while j > self._consumed + self.buffer_size and not self._closed:
                         self._room.wait()
                 if self._closed:
                     return
                 t0 = time.perf_counter()
-                if self.decoding is not None:
-                    decoded = self._decode_on_device(i, j, t0)
-                    if pending is not None:  # checked while the device works on the next group
-                        self._release(pending)
-                    pending = decoded
-                    continue
                 if copier is not None:  # pinned CPU-tier chunks: pointer arithmetic and 2-D memcpys only
                     copier.copy(i, j, self._stream)
                     event = torch.cuda.Event()
@@ -186,8 +171,6 @@ class LayerwiseLoader:
                 for k in range(i, j):
                     self.stats.record(k, load_s=per_layer, nbytes=nbytes // (j - i))
                     self._ready[k].set()
-            if pending is not None:
-                self._release(pending)
         except BaseException as err:  # reported to the request through wait(); it then recomputes
             self._error = err
             log.warning("layerwise load failed: %s: %s", type(err).__name__, err)
@@ -199,13 +182,52 @@ class LayerwiseLoader:
                     self._stream.synchronize()  # the staged host bytes are copied before they are let go
                 self.decoding.release()  # reads still in flight end
 
-    def _decode_on_device(self, i: int, j: int, t0: float) -> tuple:
-        """Queue layers i..j-1 of every chunk: decoded on the device (on the load stream) into the KV. Returns
-        what _release needs to check the decoder's error flag and mark the layers ready; the flag is copied
-        back behind the decode: the loader waits for it, the compute not."""
+    def _load_on_device(self, groups: list[tuple[int, int]]) -> None:
+        """Decode `groups` on the device in order: each group's CPU share (its reads waited for, checks, staging:
+        DeviceDecoding.stage) runs while the device decodes the group before, and its device work is queued once
+        the buffer has room for it. A decoded group is marked ready once its error flag is seen clear: at once for
+        layer 0 (the compute starts with it), before staging waits for reads, else once the next one is queued."""
+        self._open_on_device(groups)
+        pending: tuple | None = None  # the last group queued on the device, not yet known to be sound
+        staged = None
+        for n, (i, j) in enumerate(groups):
+            t0 = time.perf_counter()
+            if staged is None:
+                staged = self._stage_on_device(i, j)
+            with self._room:  # this group must wait for the compute, which may be waiting for the pending one
+                due = pending is not None and j > self._consumed + self.buffer_size
+            if due:
+                pending = self._release(pending)
+            with self._room:
+                while j > self._consumed + self.buffer_size and not self._closed:
+                    self._room.wait()
+            if self._closed:
+                return
+            decoded = self._decode_on_device(i, j, t0, staged)
+            staged = None
+            if pending is not None:  # checked while the device works on this group
+                self._release(pending)
+            pending = decoded
+            if n + 1 < len(groups):
+                a, b = groups[n + 1]
+                if i == 0 or not self.decoding.ready(a, b) or pending[2] is None or pending[2].query():
+                    pending = self._release(pending)  # not held behind the next group's reads and staging
+                staged = self._stage_on_device(a, b)
+        if pending is not None:
+            self._release(pending)
+
+    def _stage_on_device(self, i: int, j: int):
+        """The CPU's share of decoding layers i..j-1 (DeviceDecoding.stage), copies queued on the load stream."""
+        with torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext():
+            return self.decoding.stage(i, j)
+
+    def _decode_on_device(self, i: int, j: int, t0: float, staged=None) -> tuple:
+        """Queue layers i..j-1 of every chunk (`staged`: by _stage_on_device): decoded on the device (on the load
+        stream) into the KV. Returns what _release needs to check the decoder's error flag and mark the layers
+        ready; the flag is copied back behind the decode: the loader waits for it, the compute not."""
         stream = torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
         with stream:
-            parts, flag = self.decoding.decode(i, j)
+            parts, flag = self.decoding.decode(i, j, staged)
             for start, _end, part in parts:
                 self.kv.write_layers(i, j, start, part, non_blocking=True)
             host_flag = None
