@@ -492,6 +492,28 @@ try:
 except ValueError:
     pass  # refused while staging: as good
 print("batched run ok")
+import numpy as np
+from kvshelf.codecs.base import SegmentRows
+
+every = [[codec.encode_layer(kv[c, i], i, layers, pos + c * tokens) for i in range(layers)] for c in range(3)]
+payloads = [(b"".join(segs_c), np.cumsum([0, *map(len, segs_c)]).tolist()) for segs_c in every]
+rows = SegmentRows.of([(memoryview(p), offs) for p, offs in payloads], 1, 3)  # each chunk's layers 1-2: one span
+assert [[bytes(s) for s in row] for row in rows] == [[every[c][i] for c in range(3)] for i in (1, 2)]
+for shared in (1 << 40, 1):  # copied on the loader's thread, and shared with copy threads
+    rans_gpu._SHARED_COPY = shared
+    spans, err = codec._decode_run_batched(rows, shape, torch.float32, [1, 2], "cpu", pos)
+    plain, _ = codec._decode_run_batched([list(r) for r in rows], shape, torch.float32, [1, 2], "cpu", pos)
+    assert not bool(err) and torch.equal(spans, plain)
+    q_spans = rans_gpu.run_staged(rans_gpu.stage_spans(rows.spans, rows.offsets, shape, codec.bits, "cpu"))
+    q_plain = rans_gpu.run_staged(rans_gpu.stage([s for row in rows for s in row], shape, codec.bits, "cpu"))
+    assert torch.equal(q_spans, q_plain)
+for bad_offsets in (rows.offsets + 1, rows.offsets[:, ::-1].copy(), rows.offsets[:2]):
+    try:
+        rans_gpu.stage_spans(rows.spans, bad_offsets, shape, codec.bits, "cpu")
+        raise AssertionError("spans staged at offsets that do not describe them")
+    except ValueError:
+        pass
+print("spans ok")
 spiky = kv[0].clone()
 spiky[:, :, :, ::5, ::3] = 3000.0  # far outside the calibrated steps: escapes
 flat = [codec.encode_layer(spiky[i], i, layers, 0) for i in range(layers)]
@@ -528,6 +550,7 @@ def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
     run = subprocess.run([sys.executable, "-c", _BATCHED_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "batched run ok" in run.stdout, run.stderr[-3000:]
     assert "escapes ok" in run.stdout and "in place ok" in run.stdout, run.stderr[-3000:]
+    assert "spans ok" in run.stdout, run.stderr[-3000:]
 
 
 # dim 32: the fused kernel's smallest head (tl.dot: halves of 16)

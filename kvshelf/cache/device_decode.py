@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvshelf.codecs.base import Codec
+from kvshelf.codecs.base import Codec, SegmentRows
 
 if TYPE_CHECKING:  # imported on first use: it loads numba, which vLLM's CPU worker start-up must not see
     from kvshelf.codecs import rans_gpu
@@ -288,8 +288,9 @@ class DeviceDecoding:
         launches = []
         for run in self.runs:
             a, b = run.first, run.first + run.count
-            if group is None:  # opened already: the stored segments
-                segments = [[self._readers[k].encoded_layer(m)[1] for k in range(a, b)] for m in range(i, j)]
+            if group is None:  # opened already: each chunk's layers i..j-1, back to back in its payload
+                payloads = [self._readers[k].encoded_payload() for k in range(a, b)]
+                segments = SegmentRows.of([p[1:] for p in payloads], i, j)
             else:  # read as ranges
                 segments = [row[a:b] for row in group]
             # checked and staged by the codec per group (one pinned buffer, one copy, one kernel on a GPU)

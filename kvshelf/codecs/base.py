@@ -13,6 +13,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 
@@ -132,3 +133,23 @@ def tensor_view(data: memoryview | bytes | bytearray, dtype: torch.dtype, shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write into it
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+class SegmentRows(list):
+    """segments[l][c] (layer l of a layer group, chunk c) as Codec.decode_run_on takes them, where each chunk's
+    layers lie back to back in one buffer: spans[c] holds chunk c's, layer l from offsets[c, l] to offsets[c, l + 1]
+    (offsets[c, 0] is 0), so that a codec that copies them (to stage them for a GPU) copies one span per chunk."""
+
+    def __init__(self, spans: list, offsets: np.ndarray):
+        rows = offsets.tolist()
+        super().__init__(
+            [[span[o[m] : o[m + 1]] for span, o in zip(spans, rows, strict=True)] for m in range(offsets.shape[1] - 1)]
+        )
+        self.spans, self.offsets = spans, offsets
+
+    @classmethod
+    def of(cls, payloads: list[tuple], i: int, j: int) -> SegmentRows:
+        """Layers i..j-1 of chunks given as (payload, layer offsets: layer k is offsets[k]..offsets[k + 1])."""
+        at = np.array([offs[i : j + 1] for _, offs in payloads], dtype=np.int64).reshape(len(payloads), j - i + 1)
+        spans = [payload[a:b] for (payload, _), (a, b) in zip(payloads, at[:, [0, -1]].tolist(), strict=True)]
+        return cls(spans, at - at[:, :1])

@@ -42,7 +42,7 @@ import torch
 from kvshelf.codecs import cachegen_uncalibrated as uncalibrated
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import pool
-from kvshelf.codecs.base import Codec
+from kvshelf.codecs.base import Codec, SegmentRows
 from kvshelf.codecs.entropy import constriction
 
 if TYPE_CHECKING:
@@ -251,7 +251,10 @@ class CacheGenCodec(Codec):
     def _stage_run_batched(self, segments, shape, dtype, layers, device, position) -> Callable:
         from kvshelf.codecs import rans_gpu
 
-        staged = rans_gpu.stage([seg for row in segments for seg in row], shape, self.bits, device)
+        if isinstance(segments, SegmentRows):  # each chunk's layers back to back: one copy per chunk
+            staged = rans_gpu.stage_spans(segments.spans, segments.offsets, shape, self.bits, device)
+        else:
+            staged = rans_gpu.stage([seg for row in segments for seg in row], shape, self.bits, device)
         return functools.partial(self._run_staged, staged, len(segments), shape, dtype, layers, device, position)
 
     def _run_staged(self, staged, num_layers, shape, dtype, layers, device, position):

@@ -290,25 +290,84 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     """Copy calibrated segments into one (pinned, on CUDA) staging buffer, check them there and write the
     kernel's block descriptors and the escapes beside them (rans.scan_segments: compiled), then copy it all
     to `device` at once."""
-    _, heads, tokens, dim = shape
-    device = torch.device(device)
-    rows = heads * dim
-    blocks = rans.layout(rows, tokens)[2]
     lengths = np.fromiter((memoryview(s).nbytes for s in segments), np.int64, len(segments))
     owner = _owner(segments)
     if owner is not None:  # read into a staging buffer already: no copy
         return _stage_in_place(owner, segments, lengths, shape, level)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    return _stage_copied(segments, starts, starts, lengths, shape, level, device)
+
+
+def stage_spans(spans: list, offsets: np.ndarray, shape: tuple, level: int, device) -> tuple:
+    """stage() of a layer group whose chunks' layers each lie back to back in one buffer (codecs.base.SegmentRows:
+    spans[c] holds chunk c's layers, layer l at offsets[c, l]): one copy per chunk, not per layer and chunk;
+    the segments in the same order as stage() takes them (layer by layer, each layer's chunks in order)."""
+    sizes = offsets[:, -1]
+    if len(spans) != len(offsets) or (offsets[:, 0] != 0).any() or (np.diff(offsets, axis=1) < 0).any():
+        raise ValueError("span offsets do not start at 0 and ascend, one row per span")
+    if [memoryview(b).nbytes for b in spans] != sizes.tolist():
+        raise ValueError("spans are not as long as their offsets say")
+    bases = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    starts = (bases[:, None] + offsets[:, :-1]).T.reshape(-1)  # [layers, chunks], flattened layer-major
+    lengths = np.diff(offsets, axis=1).T.reshape(-1)
+    return _stage_copied(spans, bases, starts, lengths, shape, level, device)
+
+
+# Threads that share a group's staging copies with the loader's own (numpy's copies let other threads run), where its
+# buffers average at least _SHARED_COPY bytes: smaller ones cost more in hand-offs than they save (issue #17, fifth
+# session: ~44 KB segments copied ~30% slower on 3 threads).
+COPY_THREADS = 3
+_SHARED_COPY = 128 << 10
+_copy_pool = None  # concurrent.futures.ThreadPoolExecutor, made on first use (joined at interpreter exit)
+_copy_pool_lock = threading.Lock()
+
+
+def _copy_all(view: np.ndarray, at: list[int], buffers: list) -> None:
+    """Each of `buffers` into `view` at its offset in `at`, shared with COPY_THREADS threads where they are large."""
+    n = len(buffers)
+    total = int(sum(memoryview(b).nbytes for b in buffers))
+    threads = min(COPY_THREADS, n - 1) if n and total >= _SHARED_COPY * n else 0
+
+    def copy(share: range) -> None:
+        for k in share:
+            src = np.frombuffer(buffers[k], np.uint8)
+            view[at[k] : at[k] + src.size] = src
+
+    if threads <= 0:
+        return copy(range(n))
+    global _copy_pool
+    with _copy_pool_lock:
+        if _copy_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="kvshelf-stage-copy")
+        pool = _copy_pool
+    shares = [range(n * t // (threads + 1), n * (t + 1) // (threads + 1)) for t in range(threads + 1)]
+    futures = [pool.submit(copy, share) for share in shares[1:]]
+    try:
+        copy(shares[0])
+    finally:
+        for f in futures:
+            f.result()  # every share done (or its error raised) before the buffer is read
+
+
+def _stage_copied(buffers, at, starts, lengths, shape, level, device) -> tuple:
+    """stage()'s work once the segments' places are known: `buffers` copied to offsets `at` of one staging buffer
+    (the segments, or spans holding several of them), the segments then lying at `starts` with `lengths`."""
+    _, heads, tokens, dim = shape
+    device = torch.device(device)
+    rows = heads * dim
+    blocks = rans.layout(rows, tokens)[2]
     base = int(lengths.sum())
-    n_desc = len(segments) * 2 * blocks
-    max_esc = min(base // 8, len(segments) * 2 * rows * tokens)  # an escape takes 8 bytes of a segment
+    n_seg = len(lengths)
+    n_desc = n_seg * 2 * blocks
+    max_esc = min(base // 8, n_seg * 2 * rows * tokens)  # an escape takes 8 bytes of a segment
     align = lambda n: (n + 7) // 8 * 8  # noqa: E731
     offs = np.cumsum([0, align(base), align(n_desc * _DESC * 8), align(max_esc * 8), align(max_esc * 4)])
     host, slot = _staging(int(offs[-1]), device)
     try:
         view = host.numpy()
-        for at, n, data in zip(starts.tolist(), lengths.tolist(), segments, strict=True):
-            view[at : at + n] = np.frombuffer(data, np.uint8)
+        _copy_all(view, at.tolist(), buffers)
         n_esc = _scan(view[:base], starts, lengths, view, offs[1:4], n_desc, max_esc, level, shape)
         end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
         dev = host[:end].to(device, non_blocking=True)
@@ -321,7 +380,7 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
             dev[offs[2] : offs[2] + 8 * n_esc].view(torch.int64),
             dev[offs[3] : offs[3] + 4 * n_esc].view(torch.int32),
         ),
-        (len(segments), 2, heads, tokens, dim),
+        (n_seg, 2, heads, tokens, dim),
     )
 
 
