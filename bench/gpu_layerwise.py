@@ -181,7 +181,7 @@ def measure(kv, cal, tokens, device, results, label, repeats=5):
         rows = SegmentRows.of([r.encoded_payload()[1:] for _, r in chunks], 0, 8)
         rans_gpu.stage_spans(rows.spans, rows.offsets, shape, codec.bits, device)
         t_spans.append(time.perf_counter() - t)
-    results[f"{label} 8 layers: CPU side, one span per chunk (copy threads {rans_gpu.COPY_THREADS}) GB/s per layer"] = (
+    results[f"{label} 8 layers: CPU side, one span per chunk GB/s per layer"] = (
         8 * layer_bytes / statistics.median(t_spans) / 1e9
     )
     results[f"{label} 8 layers: GPU side from staged bytes GB/s per layer"] = (
@@ -233,11 +233,7 @@ def main() -> None:
     ap.add_argument("--calibration", required=True)
     ap.add_argument("--tokens", type=int, nargs="+", default=[12288])
     ap.add_argument("--json", default=None)
-    ap.add_argument("--copy-threads", type=int, default=None,
-                    help="threads sharing a group's staging copies with the loader's (rans_gpu.COPY_THREADS)")  # fmt: skip
     args = ap.parse_args()
-    if args.copy_threads is not None:
-        rans_gpu.COPY_THREADS = args.copy_threads
     from safetensors.torch import load_file
 
     kv = load_file(args.kv)["kv"]

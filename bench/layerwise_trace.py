@@ -395,22 +395,16 @@ def gemma(args, out: Path, results: dict) -> None:
         assert ld.error is None, ld.error
         return dt
 
-    for ct in args.switch_ms:  # uninstrumented: GB/s per layer, medians of 7 (copy threads alternated per run)
+    for ct in args.switch_ms:  # uninstrumented: GB/s per layer, medians of 7
         set_switch(ct)
         for size in (8, 16):
-            times: dict = {n: [] for n in args.copy_threads}
-            for rep in range(9):
-                for n in args.copy_threads:
-                    rans_gpu.COPY_THREADS = n
-                    t = run(size)
-                    if rep >= 2:
-                        times[n].append(t)
-            for n in args.copy_threads:
-                gbps = layers * layer_bytes / statistics.median(times[n]) / 1e9
-                results[f"gemma loader switch {ct} ms buffer {size} copy threads {n} GB/s per layer"] = gbps
-                print(f"gemma loader, switch {ct} ms, buffer {size}, copy threads {n}: {gbps:.1f} GB/s per layer "
-                      f"({[round(1e3 * t, 2) for t in times[n]]} ms)", flush=True)  # fmt: skip
-    rans_gpu.COPY_THREADS = args.copy_threads[0]
+            for _ in range(2):
+                run(size)
+            times = [run(size) for _ in range(7)]
+            gbps = layers * layer_bytes / statistics.median(times) / 1e9
+            results[f"gemma loader switch {ct} ms buffer {size} GB/s per layer"] = gbps
+            print(f"gemma loader, switch {ct} ms, buffer {size}: {gbps:.1f} GB/s per layer "
+                  f"({[round(1e3 * t, 2) for t in times]} ms)", flush=True)  # fmt: skip
     rows = []  # with timestamps, the last --switch-ms value
     for size in (8, 16):
         for rep in range(args.repeats):
@@ -443,8 +437,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--buffer-size", type=int, default=8)
     ap.add_argument("--tier-workers", type=int, default=8)
-    ap.add_argument("--copy-threads", type=int, nargs="+", default=[rans_gpu.COPY_THREADS],
-                    help="--kv: rans_gpu.COPY_THREADS values alternated (the first one for the timestamped runs)")  # fmt: skip
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
     ap.add_argument("--fused", type=int, nargs="+", default=[1],

@@ -499,14 +499,12 @@ every = [[codec.encode_layer(kv[c, i], i, layers, pos + c * tokens) for i in ran
 payloads = [(b"".join(segs_c), np.cumsum([0, *map(len, segs_c)]).tolist()) for segs_c in every]
 rows = SegmentRows.of([(memoryview(p), offs) for p, offs in payloads], 1, 3)  # each chunk's layers 1-2: one span
 assert [[bytes(s) for s in row] for row in rows] == [[every[c][i] for c in range(3)] for i in (1, 2)]
-for shared in (1 << 40, 1):  # copied on the loader's thread, and shared with copy threads
-    rans_gpu._SHARED_COPY = shared
-    spans, err = codec._decode_run_batched(rows, shape, torch.float32, [1, 2], "cpu", pos)
-    plain, _ = codec._decode_run_batched([list(r) for r in rows], shape, torch.float32, [1, 2], "cpu", pos)
-    assert not bool(err) and torch.equal(spans, plain)
-    q_spans = rans_gpu.run_staged(rans_gpu.stage_spans(rows.spans, rows.offsets, shape, codec.bits, "cpu"))
-    q_plain = rans_gpu.run_staged(rans_gpu.stage([s for row in rows for s in row], shape, codec.bits, "cpu"))
-    assert torch.equal(q_spans, q_plain)
+spans, err = codec._decode_run_batched(rows, shape, torch.float32, [1, 2], "cpu", pos)
+plain, _ = codec._decode_run_batched([list(r) for r in rows], shape, torch.float32, [1, 2], "cpu", pos)
+assert not bool(err) and torch.equal(spans, plain)
+q_spans = rans_gpu.run_staged(rans_gpu.stage_spans(rows.spans, rows.offsets, shape, codec.bits, "cpu"))
+q_plain = rans_gpu.run_staged(rans_gpu.stage([s for row in rows for s in row], shape, codec.bits, "cpu"))
+assert torch.equal(q_spans, q_plain)
 for bad_offsets in (rows.offsets + 1, rows.offsets[:, ::-1].copy(), rows.offsets[:2]):
     try:
         rans_gpu.stage_spans(rows.spans, bad_offsets, shape, codec.bits, "cpu")

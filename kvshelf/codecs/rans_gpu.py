@@ -313,42 +313,12 @@ def stage_spans(spans: list, offsets: np.ndarray, shape: tuple, level: int, devi
     return _stage_copied(spans, bases, starts, lengths, shape, level, device)
 
 
-# Threads that share a group's staging copies with the loader's own (numpy's copies let other threads run), where its
-# buffers average at least _SHARED_COPY bytes: smaller ones cost more in hand-offs than they save (issue #17, fifth
-# session: ~44 KB segments copied ~30% slower on 3 threads).
-COPY_THREADS = 3
-_SHARED_COPY = 128 << 10
-_copy_pool = None  # concurrent.futures.ThreadPoolExecutor, made on first use (joined at interpreter exit)
-_copy_pool_lock = threading.Lock()
-
-
 def _copy_all(view: np.ndarray, at: list[int], buffers: list) -> None:
-    """Each of `buffers` into `view` at its offset in `at`, shared with COPY_THREADS threads where they are large."""
-    n = len(buffers)
-    total = int(sum(memoryview(b).nbytes for b in buffers))
-    threads = min(COPY_THREADS, n - 1) if n and total >= _SHARED_COPY * n else 0
-
-    def copy(share: range) -> None:
-        for k in share:
-            src = np.frombuffer(buffers[k], np.uint8)
-            view[at[k] : at[k] + src.size] = src
-
-    if threads <= 0:
-        return copy(range(n))
-    global _copy_pool
-    with _copy_pool_lock:
-        if _copy_pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="kvshelf-stage-copy")
-        pool = _copy_pool
-    shares = [range(n * t // (threads + 1), n * (t + 1) // (threads + 1)) for t in range(threads + 1)]
-    futures = [pool.submit(copy, share) for share in shares[1:]]
-    try:
-        copy(shares[0])
-    finally:
-        for f in futures:
-            f.result()  # every share done (or its error raised) before the buffer is read
+    """Each of `buffers` into `view` at its offset in `at` (threads sharing these copies were slower on the H200:
+    issue #17, eleventh session, Gemma 3's loader 16.5-17.9 vs 18.3-20.6 GB/s per layer)."""
+    for k, data in enumerate(buffers):
+        src = np.frombuffer(data, np.uint8)
+        view[at[k] : at[k] + src.size] = src
 
 
 def _stage_copied(buffers, at, starts, lengths, shape, level, device) -> tuple:
