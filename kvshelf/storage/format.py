@@ -76,8 +76,8 @@ _FIELDS = {
 # only), xxh3-128 in one without (damage only: without a MAC the store is trusted as is, and xxh3 is ~6x faster)
 _DIGEST_HEX = {True: re.compile(r"[0-9a-f]{64}\Z"), False: re.compile(r"[0-9a-f]{32}\Z")}
 _MAX_DEPTH = 3  # {"codec_params": {...}} and lists inside the object: deeper is not a kvshelf header
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')  # JSON string tokens (with their escapes): brackets inside don't nest
-_PLAIN_STRINGS = re.compile(rb'"[^"]*"')
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')  # JSON strings, escapes in them
+_PLAIN_STRINGS = re.compile(rb'"[^"]*"')  # the same where there is no backslash
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
@@ -136,11 +136,10 @@ def encode_chunk(key: bytes, chunk: StoredChunk, codec: Codec, auth: ObjectAuth 
 
 
 def _json_depth(head: bytes) -> int:
-    """How deep `head`'s brackets nest outside its strings (up to the first level past _MAX_DEPTH): the string
-    tokens cut out and everything but brackets dropped by compiled calls, then a walk over the few brackets left
-    (a token-by-token walk of a 32-layer header was ~half the header's parse, with the GIL held: issue #17)."""
+    """Bracket depth outside strings (up to _MAX_DEPTH + 1); strings and other bytes cut by compiled calls first
+    (a walk of every token was half of a header's parse: issue #17)."""
     depth = deepest = 0
-    strings = _STRINGS if b"\\" in head else _PLAIN_STRINGS  # the same tokens where no escape can occur
+    strings = _STRINGS if b"\\" in head else _PLAIN_STRINGS
     for c in strings.sub(b"", head).translate(None, _NOT_BRACKETS):
         if c in b"[{":
             depth += 1
