@@ -115,6 +115,11 @@ def test_each_group_is_staged_after_the_one_before_is_queued_and_decodes_as_whol
     assert plan.ready(0, 1)  # opened chunks: nothing to wait for
     with pytest.raises(ValueError, match="staged"):
         plan.decode(1, 2, plan.stage(0, 1))
+    whole_payloads, _ = plan.decode(1, 3)
+    plan._readers[1].encoded_payload = lambda: None  # a reader that does not hold its payload whole
+    by_segment, _ = plan.decode(1, 3)
+    assert [(a, b) for a, b, _ in by_segment] == [(a, b) for a, b, _ in whole_payloads]
+    assert all(torch.equal(x, y) for (_, _, x), (_, _, y) in zip(by_segment, whole_payloads, strict=True))
     tiers.close()
 
 

@@ -290,7 +290,10 @@ class DeviceDecoding:
             a, b = run.first, run.first + run.count
             if group is None:  # opened already: each chunk's layers i..j-1, back to back in its payload
                 payloads = [self._readers[k].encoded_payload() for k in range(a, b)]
-                segments = SegmentRows.of([p[1:] for p in payloads], i, j)
+                if None in payloads:  # a reader without its payload whole: segment by segment
+                    segments = [[self._readers[k].encoded_layer(m)[1] for k in range(a, b)] for m in range(i, j)]
+                else:
+                    segments = SegmentRows.of([p[1:] for p in payloads], i, j)
             else:  # read as ranges
                 segments = [row[a:b] for row in group]
             # checked and staged by the codec per group (one pinned buffer, one copy, one kernel on a GPU)

@@ -217,11 +217,10 @@ class LayerwiseLoader:
         layer 0 (the compute starts with it), before staging waits for reads, else once the next one is queued."""
         self._open_on_device(groups)
         pending: tuple | None = None  # the last group queued on the device, not yet known to be sound
-        staged = None
+        staged, staged_s = None, 0.0  # the next group staged, and the seconds its staging took
         for n, (i, j) in enumerate(groups):
-            t0 = time.perf_counter()
             if staged is None:
-                staged = self._stage_on_device(i, j)
+                staged, staged_s = self._stage_on_device(i, j)
             with self._room:  # this group must wait for the compute, which may be waiting for the pending one
                 due = pending is not None and j > self._consumed + self.buffer_size
             if due:
@@ -231,7 +230,8 @@ class LayerwiseLoader:
                     self._room.wait()
             if self._closed:
                 return
-            decoded = self._decode_on_device(i, j, t0, staged)
+            # its load time: staging and queueing, not the waits for the compute between them
+            decoded = self._decode_on_device(i, j, time.perf_counter() - staged_s, staged)
             staged = None
             if pending is not None:  # checked while the device works on this group
                 self._release(pending)
@@ -240,14 +240,16 @@ class LayerwiseLoader:
                 a, b = groups[n + 1]
                 if i == 0 or not self.decoding.ready(a, b) or pending[2] is None or pending[2].query():
                     pending = self._release(pending)  # not held behind the next group's reads and staging
-                staged = self._stage_on_device(a, b)
+                staged, staged_s = self._stage_on_device(a, b)
         if pending is not None:
             self._release(pending)
 
-    def _stage_on_device(self, i: int, j: int):
-        """The CPU's share of decoding layers i..j-1 (DeviceDecoding.stage), copies queued on the load stream."""
+    def _stage_on_device(self, i: int, j: int) -> tuple:
+        """The CPU's share of decoding layers i..j-1 (DeviceDecoding.stage), copies queued on the load stream, and
+        the seconds it took."""
+        t0 = time.perf_counter()
         with torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext():
-            return self.decoding.stage(i, j)
+            return self.decoding.stage(i, j), time.perf_counter() - t0
 
     def _decode_on_device(self, i: int, j: int, t0: float, staged=None) -> tuple:
         """Queue layers i..j-1 of every chunk (`staged`: by _stage_on_device): decoded on the device (on the load
