@@ -63,8 +63,9 @@ def _load_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 # Whether a layerwise forward on a GPU runs on a stream of the device's highest priority (issue #17, eleventh session):
-# the loader's decode kernels (rANS, the fused finish) then take only the SMs the forward's kernels leave free, where
-# on streams of equal priority they slowed the layers computed beside them from ~3.1 to ~4-5 ms each (H200 trace).
+# the loader's decode kernels (rANS, the fused finish) then take only the SMs the forward's kernels leave free. H200,
+# Llama-3-8B shape, alternated in one process: layerwise 171.2 vs 176.6 ms (4 of 5 rounds faster) with the default
+# read plan, 176.0 vs 175.1 with layers 1-4 read alone (BENCHMARKS.md).
 PRIORITY_COMPUTE = True
 _compute_streams: dict[torch.device, torch.cuda.Stream] = {}
 
