@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kvshelf.cache import device_decode  # noqa: E402
 from kvshelf.codecs import rans, rans_gpu  # noqa: E402
 from kvshelf.codecs.cachegen import CacheGenCodec  # noqa: E402
+from kvshelf.layerwise import loader as loader_module  # noqa: E402
 from kvshelf.layerwise.loader import LayerwiseLoader  # noqa: E402
 from kvshelf.layerwise.stats import LayerwiseStats  # noqa: E402
 from kvshelf.storage import digests  # noqa: E402
@@ -111,14 +112,14 @@ def install():
         b.record()  # and could go on (layer i loaded)
         REC.gpu.append(("compute_gate", i, i + 1, a, b))
 
-    def decode(self, i, j, t0):
+    def decode(self, i, j, t0, staged=None):
         if not REC.on or not self._cuda:
-            return orig_decode(self, i, j, t0)
+            return orig_decode(self, i, j, t0, staged)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record(self._stream)
         c0 = REC.ms()
         with torch.profiler.record_function(f"kvshelf::decode {i}-{j}"):
-            out = orig_decode(self, i, j, t0)
+            out = orig_decode(self, i, j, t0, staged)
         REC.add("decode", i, j, c0, REC.ms())
         b.record(self._stream)
         REC.gpu.append(("decode", i, j, a, b))
@@ -137,6 +138,7 @@ def install():
     LayerwiseLoader._decode_on_device = decode
     LayerwiseLoader._release = release
     LayerwiseLoader._open_on_device = REC.timed("open", LayerwiseLoader._open_on_device)
+    LayerwiseLoader._stage_on_device = REC.timed("prepare", LayerwiseLoader._stage_on_device, lambda a: a[1:3])
     device_decode._ReadAhead.next = REC.timed("read_wait", device_decode._ReadAhead.next)
     rans_gpu.stage = REC.timed("stage", rans_gpu.stage)
     rans_gpu._stage_in_place = REC.timed("stage.in_place", rans_gpu._stage_in_place)
@@ -310,51 +312,67 @@ def llama(args, out: Path, results: dict) -> None:
 
     probe0 = backend.head_probe
 
-    def apply(ct: int, plan: tuple, fused: int = 1) -> None:
+    def apply(ct: int, plan: tuple, fused: int = 1, priority: int = 1) -> None:
         set_switch(ct)
+        loader_module.PRIORITY_COMPUTE = bool(priority)  # the layerwise forward on a high-priority stream
         rans_gpu.FUSED = bool(fused)  # 2: fused, 128 tokens per program on 8 warps (1: 64 on 4)
         rans_gpu._TOKEN_BLOCK, rans_gpu._FINISH_WARPS = (128, 8) if fused == 2 else (64, 4)
         layers, kib, window, device_decode.READ_ALONE, engine.read_calls, hash_kib, backend.head_calls = plan
         digests._RELEASED_DIGEST = hash_kib << 10 if hash_kib else 1 << 62
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
 
-    variants = [(ct, plan, f) for plan in args.read_plans for ct in args.switch_ms for f in args.fused]
-    for ct, plan, fused in variants:  # compile, pin, warm (each plan stages other sizes)
-        apply(ct, plan, fused)
+    variants = [
+        (ct, plan, f, pr)
+        for plan in args.read_plans
+        for ct in args.switch_ms
+        for f in args.fused
+        for pr in args.priority
+    ]
+    for ct, plan, fused, pr in variants:  # compile, pin, warm (each plan stages other sizes)
+        apply(ct, plan, fused, pr)
         layerwise_run()
         loader_run()
     compute_run()
     rows = []
     for rep in range(args.repeats):  # variants alternate within each repeat (drift)
-        for ct, plan, fused in variants:
-            apply(ct, plan, fused)
-            rows.append({"switch_ms": ct, "plan": plan, "fused": fused, "rep": rep, "layerwise_ms": 1e3 * layerwise_run(),
+        for ct, plan, fused, pr in variants:
+            apply(ct, plan, fused, pr)
+            rows.append({"switch_ms": ct, "plan": plan, "fused": fused, "priority": pr, "rep": rep, "layerwise_ms": 1e3 * layerwise_run(),
                          "loader_ms": 1e3 * loader_run(), "compute_ms": 1e3 * compute_run()})  # fmt: skip
     summary = []
-    for ct, plan, fused in variants:
-        mine = [r for r in rows if r["switch_ms"] == ct and r["plan"] == plan and r["fused"] == fused]
+    for ct, plan, fused, pr in variants:
+        mine = [r for r in rows if (r["switch_ms"], r["plan"], r["fused"], r["priority"]) == (ct, plan, fused, pr)]
         med = {k: statistics.median(r[k] for r in mine) for k in ("layerwise_ms", "loader_ms", "compute_ms")}
         med["ratio"] = med["layerwise_ms"] / max(med["loader_ms"], med["compute_ms"])
         # one run of each with timestamps (the instrumentation costs a little: phases only)
         REC.reset()
         REC.on = True
         try:
-            apply(ct, plan, fused)
+            apply(ct, plan, fused, pr)
             layerwise_run()
         finally:
             REC.on = False
         s = REC.summary()
-        row = {"switch_ms": ct, "plan": plan, "fused": fused, **med, "runs": mine, "phases": totals(s), "gaps": gaps(s)}
+        row = {
+            "switch_ms": ct,
+            "plan": plan,
+            "fused": fused,
+            "priority": pr,
+            **med,
+            "runs": mine,
+            "phases": totals(s),
+            "gaps": gaps(s),
+        }
         row["layers"] = per_layer(s)
         summary.append(row)
         print(
-            f"switch {ct} ms plan {plan} fused {fused}: medians layerwise {med['layerwise_ms']:.1f} loader {med['loader_ms']:.1f}"
+            f"switch {ct} ms plan {plan} fused {fused} priority {pr}: medians layerwise {med['layerwise_ms']:.1f} loader {med['loader_ms']:.1f}"
             f" compute {med['compute_ms']:.1f} ratio {med['ratio']:.2f} (layerwise runs "
             f"{[round(r['layerwise_ms'], 1) for r in mine]}); phases {row['phases']}",
             flush=True,
         )
     results["llama8b"] = summary
-    apply(args.switch_ms[-1], args.read_plans[0], args.fused[0])
+    apply(args.switch_ms[-1], args.read_plans[0], args.fused[0], args.priority[0])
     REC.on = True
     trace(out, f"llama8b_layerwise_sw{args.switch_ms[-1]}", layerwise_run)
     REC.on = False
@@ -438,6 +456,8 @@ def main() -> None:
     ap.add_argument("--tier-workers", type=int, default=8)
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
+    ap.add_argument("--priority", type=int, nargs="+", default=[1],
+                    help="1: the layerwise forward on a high-priority stream (loader.PRIORITY_COMPUTE), 0: not")  # fmt: skip
     ap.add_argument("--fused", type=int, nargs="+", default=[1],
                     help="1: symbols -> KV in one kernel (rans_gpu.FUSED), 2: the same, 128 tokens a program, 0: "
                          "the torch path; compared")  # fmt: skip

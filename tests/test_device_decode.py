@@ -75,6 +75,54 @@ def test_layerwise_decoding_on_the_device_equals_whole_prompt_loading(tmp_path, 
     tiers.close()
 
 
+class StagedHere(HereBatched):
+    """HereBatched that records when each run of a group is staged (the CPU's share) and when queued."""
+
+    def stage_run_on(self, segments, shape, dtype, layers, num_layers, device, position):
+        self.calls.append(("stage", list(layers), len(segments[0])))
+        launch = super().stage_run_on(segments, shape, dtype, layers, num_layers, device, position)
+
+        def queued():
+            self.calls.append(("queue", list(layers), len(segments[0])))
+            return launch()
+
+        return queued
+
+
+def test_each_group_is_staged_after_the_one_before_is_queued_and_decodes_as_whole_loading(tmp_path, tiny_models):
+    codec = StagedHere()
+    tiers, whole, layered = setup(tmp_path, tiny_models("llama"), codec)
+    ids = prompt(70, 3)
+    whole.generate(ids, max_new_tokens=1)
+    tiers.flush()
+    a = whole.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    codec.calls.clear()
+    b = layered.generate(ids, max_new_tokens=4, stop_at_eos=False)
+    assert a.hit_tokens == b.hit_tokens == 69 and a.token_ids == b.token_ids
+    assert torch.allclose(a.first_logits, b.first_logits, atol=1e-5)
+    layers = layered.runner.num_layers
+    staged = [c for c in codec.calls if c[0] == "stage"]
+    queued = [c for c in codec.calls if c[0] == "queue"]
+    # every run of every group staged once and queued once, in order (4 chunks from 0, then the short chunk)
+    want = [[m] for m in range(layers) for _ in (4, 1)]
+    assert [c[1] for c in staged] == [c[1] for c in queued] == want
+    order = [(c[0], c[1][0]) for c in codec.calls if c[2] == 4]
+    for m in range(layers):  # group m is staged before it is queued, and after group m - 1 is queued
+        assert order.index(("stage", m)) < order.index(("queue", m))
+        if m:
+            assert order.index(("queue", m - 1)) < order.index(("stage", m))
+    plan = layered.engine.retrieve_layerwise(ids, max_tokens=69).device_decoding("cpu")
+    assert plan.ready(0, 1)  # opened chunks: nothing to wait for
+    with pytest.raises(ValueError, match="staged"):
+        plan.decode(1, 2, plan.stage(0, 1))
+    whole_payloads, _ = plan.decode(1, 3)
+    plan._readers[1].encoded_payload = lambda: None  # a reader that does not hold its payload whole
+    by_segment, _ = plan.decode(1, 3)
+    assert [(a, b) for a, b, _ in by_segment] == [(a, b) for a, b, _ in whole_payloads]
+    assert all(torch.equal(x, y) for (_, _, x), (_, _, y) in zip(by_segment, whole_payloads, strict=True))
+    tiers.close()
+
+
 def test_a_decode_error_flag_makes_the_request_recompute(tmp_path, tiny_models):
     codec = HereBatched(damaged=True)
     tiers, whole, layered = setup(tmp_path, tiny_models("qwen3"), codec)
@@ -449,6 +497,26 @@ try:
 except ValueError:
     pass  # refused while staging: as good
 print("batched run ok")
+import numpy as np
+from kvshelf.codecs.base import SegmentRows
+
+every = [[codec.encode_layer(kv[c, i], i, layers, pos + c * tokens) for i in range(layers)] for c in range(3)]
+payloads = [(b"".join(segs_c), np.cumsum([0, *map(len, segs_c)]).tolist()) for segs_c in every]
+rows = SegmentRows.of([(memoryview(p), offs) for p, offs in payloads], 1, 3)  # each chunk's layers 1-2: one span
+assert [[bytes(s) for s in row] for row in rows] == [[every[c][i] for c in range(3)] for i in (1, 2)]
+spans, err = codec._decode_run_batched(rows, shape, torch.float32, [1, 2], "cpu", pos)
+plain, _ = codec._decode_run_batched([list(r) for r in rows], shape, torch.float32, [1, 2], "cpu", pos)
+assert not bool(err) and torch.equal(spans, plain)
+q_spans = rans_gpu.run_staged(rans_gpu.stage_spans(rows.spans, rows.offsets, shape, codec.bits, "cpu"))
+q_plain = rans_gpu.run_staged(rans_gpu.stage([s for row in rows for s in row], shape, codec.bits, "cpu"))
+assert torch.equal(q_spans, q_plain)
+for bad_offsets in (rows.offsets + 1, rows.offsets[:, ::-1].copy(), rows.offsets[:2]):
+    try:
+        rans_gpu.stage_spans(rows.spans, bad_offsets, shape, codec.bits, "cpu")
+        raise AssertionError("spans staged at offsets that do not describe them")
+    except ValueError:
+        pass
+print("spans ok")
 spiky = kv[0].clone()
 spiky[:, :, :, ::5, ::3] = 3000.0  # far outside the calibrated steps: escapes
 flat = [codec.encode_layer(spiky[i], i, layers, 0) for i in range(layers)]
@@ -485,6 +553,7 @@ def test_cachegen_decodes_a_run_of_layers_and_chunks_in_one_batch():
     run = subprocess.run([sys.executable, "-c", _BATCHED_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "batched run ok" in run.stdout, run.stderr[-3000:]
     assert "escapes ok" in run.stdout and "in place ok" in run.stdout, run.stderr[-3000:]
+    assert "spans ok" in run.stdout, run.stderr[-3000:]
 
 
 # dim 32: the fused kernel's smallest head (tl.dot: halves of 16)

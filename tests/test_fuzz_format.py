@@ -8,6 +8,7 @@ allocates while decoding, with tracemalloc).
 from __future__ import annotations
 
 import json
+import re
 import struct
 import tracemalloc
 
@@ -17,6 +18,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import kvshelf.storage.format as format_module
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import get_codec
 from kvshelf.codecs.cachegen import CacheGenCodec
@@ -306,3 +308,36 @@ def test_damaged_layer_ranges_are_refused_on_their_own(codec, auth, data):
     if damaged != sound:
         with pytest.raises(FormatError):
             head.check(i, j, damaged)
+
+
+def _json_depth_by_tokens(head: bytes) -> int:
+    """The header nesting check as it was before issue #17's faster one: every string or bracket token walked."""
+    depth = deepest = 0
+    for m in re.finditer(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', head):
+        tok = m.group()
+        if tok in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > format_module._MAX_DEPTH:
+                break
+        elif tok in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+_JSONISH = st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"a", b",", b":", b"1"]), max_size=60)
+
+
+@given(_JSONISH.map(b"".join) | st.binary(max_size=80))
+@settings(max_examples=400, deadline=None)
+def test_the_header_nesting_check_equals_the_token_walk(head):
+    assert format_module._json_depth(head) == _json_depth_by_tokens(head)
+
+
+def test_the_header_nesting_check_on_a_real_header_and_escaped_strings():
+    blob = encode_chunk(KEY, StoredChunk(ChunkMeta(FP, TOKENS, (LAYERS, 2, HEADS, TOKENS, DIM), torch.float16, 0),
+                                         torch.zeros(LAYERS, 2, HEADS, TOKENS, DIM, dtype=torch.float16)),
+                        get_codec("none"))  # fmt: skip
+    head = bytes(blob[PREFIX_SIZE : PREFIX_SIZE + struct.unpack_from("<I", blob, 8)[0]])
+    for h in (head, b'{"a": "[[[[\\"]]", "b": [[[1]]]}', b'"\\\\"[[[[', b'[[[["]]]]'):
+        assert format_module._json_depth(h) == _json_depth_by_tokens(h), h

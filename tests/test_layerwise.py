@@ -176,3 +176,21 @@ def test_row_layout_of_kv_buffer_slices():
     src = torch.randn(3, 2, 3, 16, 8)
     copy_to_device(kv[1:4, :, :, 16:32], src)
     assert torch.equal(kv[1:4, :, :, 16:32], src)
+
+
+def test_the_high_priority_compute_stream_is_only_taken_on_a_gpu(monkeypatch):
+    from kvshelf.layerwise import loader as loader_module
+
+    def no_cuda(*_a, **_k):
+        raise AssertionError("CUDA touched for a CPU forward")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", no_cuda)
+    monkeypatch.setattr(torch.cuda, "Stream", no_cuda)
+    for flag in (True, False):
+        monkeypatch.setattr(loader_module, "PRIORITY_COMPUTE", flag)
+        with loader_module.prioritized(torch.device("cpu")):
+            x = torch.ones(3) * 2
+        assert x.sum() == 6
+    monkeypatch.setattr(loader_module, "PRIORITY_COMPUTE", False)
+    with loader_module.prioritized(torch.device("cuda")):  # off: not even on a GPU
+        pass

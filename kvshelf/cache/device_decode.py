@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvshelf.codecs.base import Codec
+from kvshelf.codecs.base import Codec, SegmentRows
 
 if TYPE_CHECKING:  # imported on first use: it loads numba, which vLLM's CPU worker start-up must not see
     from kvshelf.codecs import rans_gpu
@@ -128,6 +128,15 @@ def _runs(specs: list[tuple]) -> list[_Run]:
         else:
             runs.append(_Run(codec, k, 1, start, end, position, shape, dtype, layers))
     return runs
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A layer group i..j-1 staged (DeviceDecoding.stage): per run, the callable that queues its device work."""
+
+    i: int
+    j: int
+    launches: list
 
 
 class DeviceDecoding:
@@ -264,22 +273,48 @@ class DeviceDecoding:
                 segments[m - i].append(got[offs[m] - offs[a] : offs[m + 1] - offs[a]])
         return segments
 
-    def decode(self, i: int, j: int) -> tuple[list, torch.Tensor | None]:
-        """Layers i..j-1 of every chunk on the device: ([(start, end, [j - i, 2, heads, end - start, dim])], an
-        error flag on the device that must be seen False before the KV is used, or None). A streamed plan
-        decodes the groups given to open, in that order."""
+    def ready(self, i: int, j: int) -> bool:
+        """Whether stage(i, j) would find its bytes read already (a plan of opened chunks always does), so that a
+        loader knows whether staging the next group may keep it waiting for reads."""
+        if self._readers is not None or (self._held is not None and j <= self._held[1]):
+            return True
+        return self._reads is not None and self._reads.queued() >= len(batches(self.num_chunks, self.read_calls))
+
+    def stage(self, i: int, j: int) -> Staged:
+        """The CPU's share of decoding layers i..j-1 of every chunk (for a streamed plan: waiting for their reads;
+        then the codec's checks and staging, Codec.stage_run_on, with the copies to the device queued on the current
+        stream); decode(i, j, staged) queues the rest. A streamed plan stages the groups given to open, in order."""
         group = self._group_segments(i, j) if self._readers is None else None
-        parts, flags = [], []
+        launches = []
         for run in self.runs:
             a, b = run.first, run.first + run.count
-            if group is None:  # opened already: the stored segments
-                segments = [[self._readers[k].encoded_layer(m)[1] for k in range(a, b)] for m in range(i, j)]
+            if group is None:  # opened already: each chunk's layers i..j-1, back to back in its payload
+                payloads = [self._readers[k].encoded_payload() for k in range(a, b)]
+                if None in payloads:  # a reader without its payload whole: segment by segment
+                    segments = [[self._readers[k].encoded_layer(m)[1] for k in range(a, b)] for m in range(i, j)]
+                else:
+                    segments = SegmentRows.of([p[1:] for p in payloads], i, j)
             else:  # read as ranges
                 segments = [row[a:b] for row in group]
             # checked and staged by the codec per group (one pinned buffer, one copy, one kernel on a GPU)
-            kv, err = run.codec.decode_run_on(
-                segments, run.shape, run.dtype, list(range(i, j)), run.num_layers, self.device, run.position
+            launches.append(
+                run.codec.stage_run_on(
+                    segments, run.shape, run.dtype, list(range(i, j)), run.num_layers, self.device, run.position
+                )
             )
+        return Staged(i, j, launches)
+
+    def decode(self, i: int, j: int, staged: Staged | None = None) -> tuple[list, torch.Tensor | None]:
+        """Layers i..j-1 of every chunk on the device: ([(start, end, [j - i, 2, heads, end - start, dim])], an
+        error flag on the device that must be seen False before the KV is used, or None). `staged`: what
+        stage(i, j) returned (staged here if None)."""
+        if staged is None:
+            staged = self.stage(i, j)
+        if (staged.i, staged.j) != (i, j):
+            raise ValueError(f"layers {i}..{j - 1} asked for with layers {staged.i}..{staged.j - 1} staged")
+        parts, flags = [], []
+        for run, launch in zip(self.runs, staged.launches, strict=True):
+            kv, err = launch()
             parts.append((run.start, run.end, kv[:, :, :, : run.end - run.start]))
             if err is not None:
                 flags.append(err.reshape(1))
@@ -390,6 +425,11 @@ class _ReadAhead:
                 results.close()
             finally:  # the end is queued even when close() raises: next() never waits for it in vain
                 self._put((False, None))
+
+    def queued(self) -> int:
+        """Results queued now (an end or an error counts too: next() would not wait for them)."""
+        with self._cond:
+            return len(self._queue)
 
     def next(self):
         """The next result in order; None once the reads have ended."""

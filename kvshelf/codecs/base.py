@@ -8,9 +8,12 @@ depends on the reader's configuration.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 
@@ -97,6 +100,12 @@ class Codec(ABC):
         ]
         return torch.stack(out), None
 
+    def stage_run_on(self, segments, shape, dtype, layers, num_layers: int, device, position: int) -> Callable:
+        """decode_run_on in two steps: what runs on the CPU (checks, staging into host memory) now, and a callable
+        that queues the device's share later and returns what decode_run_on returns, so that a loader stages one
+        layer group while the device decodes the one before. Here: everything later (no CPU share to split)."""
+        return functools.partial(self.decode_run_on, segments, shape, dtype, layers, num_layers, device, position)
+
     def decode_chunks_on(self, segments, shape, dtype, layer: int, num_layers: int, device, positions) -> list:
         """One layer of several chunks of the same `shape` (their segments, at RoPE `positions`) decoded onto
         `device`; codecs that batch their work over chunks (cachegen on a GPU: one kernel) do."""
@@ -124,3 +133,23 @@ def tensor_view(data: memoryview | bytes | bytearray, dtype: torch.dtype, shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": we never write into it
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+class SegmentRows(list):
+    """segments[l][c] (layer l of a layer group, chunk c) as Codec.decode_run_on takes them, where each chunk's
+    layers lie back to back in one buffer: spans[c] holds chunk c's, layer l from offsets[c, l] to offsets[c, l + 1]
+    (offsets[c, 0] is 0), so that a codec that copies them (to stage them for a GPU) copies one span per chunk."""
+
+    def __init__(self, spans: list, offsets: np.ndarray):
+        rows = offsets.tolist()
+        super().__init__(
+            [[span[o[m] : o[m + 1]] for span, o in zip(spans, rows, strict=True)] for m in range(offsets.shape[1] - 1)]
+        )
+        self.spans, self.offsets = spans, offsets
+
+    @classmethod
+    def of(cls, payloads: list[tuple], i: int, j: int) -> SegmentRows:
+        """Layers i..j-1 of chunks given as (payload, layer offsets: layer k is offsets[k]..offsets[k + 1])."""
+        at = np.array([offs[i : j + 1] for _, offs in payloads], dtype=np.int64).reshape(len(payloads), j - i + 1)
+        spans = [payload[a:b] for (payload, _), (a, b) in zip(payloads, at[:, [0, -1]].tolist(), strict=True)]
+        return cls(spans, at - at[:, :1])

@@ -31,7 +31,9 @@ escape values fp16.
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,7 +42,7 @@ import torch
 from kvshelf.codecs import cachegen_uncalibrated as uncalibrated
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import pool
-from kvshelf.codecs.base import Codec
+from kvshelf.codecs.base import Codec, SegmentRows
 from kvshelf.codecs.entropy import constriction
 
 if TYPE_CHECKING:
@@ -235,16 +237,35 @@ class CacheGenCodec(Codec):
             return super().decode_run_on(segments, shape, dtype, layers, num_layers, device, position)
         return self._decode_run_batched(segments, shape, dtype, list(layers), device, position)
 
+    def stage_run_on(self, segments, shape, dtype, layers, num_layers, device, position):
+        """Calibrated, on a CUDA device: the segments checked and staged (their copy to the device queued on the
+        current stream) now; the kernels when the returned callable is called."""
+        if not self.decodes_on(device):
+            return super().stage_run_on(segments, shape, dtype, layers, num_layers, device, position)
+        return self._stage_run_batched(segments, shape, dtype, list(layers), device, position)
+
     def _decode_run_batched(self, segments, shape, dtype, layers, device, position):
         """decode_run_on's batched work, on any device the Triton kernel runs on (its interpreter: the CPU)."""
+        return self._stage_run_batched(segments, shape, dtype, layers, device, position)()
+
+    def _stage_run_batched(self, segments, shape, dtype, layers, device, position) -> Callable:
+        from kvshelf.codecs import rans_gpu
+
+        if isinstance(segments, SegmentRows):  # each chunk's layers back to back: one copy per chunk
+            staged = rans_gpu.stage_spans(segments.spans, segments.offsets, shape, self.bits, device)
+        else:
+            staged = rans_gpu.stage([seg for row in segments for seg in row], shape, self.bits, device)
+        return functools.partial(self._run_staged, staged, len(segments), shape, dtype, layers, device, position)
+
+    def _run_staged(self, staged, num_layers, shape, dtype, layers, device, position):
         from kvshelf.codecs import rans_gpu
 
         if rans_gpu.fuses(shape[-1], dtype):  # symbols -> KV in the KV's dtype in one kernel, no float32 copies
-            q, err = rans_gpu.decode_run_raw(segments, shape, self.bits, device)
+            q, err = rans_gpu.decode_staged_raw(staged)
             scaled, mean = self.calibration.decode_transform(self.bits, device)
             inv_freq = self.calibration.tensors_on(device)["inv_freq"]
             return rans_gpu.finish(q, len(layers), scaled, mean, inv_freq, layers, position, dtype), err
-        q, err = rans_gpu.decode_run(segments, shape, self.bits, device)
+        q, err = rans_gpu.decode_staged(staged, num_layers)
         return self._finish_layers(q, layers, position, device).to(dtype), err
 
     def decode_chunks_on(self, segments, shape, dtype, layer, num_layers, device, positions) -> list[torch.Tensor]:

@@ -290,25 +290,54 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
     """Copy calibrated segments into one (pinned, on CUDA) staging buffer, check them there and write the
     kernel's block descriptors and the escapes beside them (rans.scan_segments: compiled), then copy it all
     to `device` at once."""
-    _, heads, tokens, dim = shape
-    device = torch.device(device)
-    rows = heads * dim
-    blocks = rans.layout(rows, tokens)[2]
     lengths = np.fromiter((memoryview(s).nbytes for s in segments), np.int64, len(segments))
     owner = _owner(segments)
     if owner is not None:  # read into a staging buffer already: no copy
         return _stage_in_place(owner, segments, lengths, shape, level)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    return _stage_copied(segments, starts, starts, lengths, shape, level, device)
+
+
+def stage_spans(spans: list, offsets: np.ndarray, shape: tuple, level: int, device) -> tuple:
+    """stage() of a layer group whose chunks' layers each lie back to back in one buffer (codecs.base.SegmentRows:
+    spans[c] holds chunk c's layers, layer l at offsets[c, l]): one copy per chunk, not per layer and chunk;
+    the segments in the same order as stage() takes them (layer by layer, each layer's chunks in order)."""
+    sizes = offsets[:, -1]
+    if len(spans) != len(offsets) or (offsets[:, 0] != 0).any() or (np.diff(offsets, axis=1) < 0).any():
+        raise ValueError("span offsets do not start at 0 and ascend, one row per span")
+    if [memoryview(b).nbytes for b in spans] != sizes.tolist():
+        raise ValueError("spans are not as long as their offsets say")
+    bases = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    starts = (bases[:, None] + offsets[:, :-1]).T.reshape(-1)  # [layers, chunks], flattened layer-major
+    lengths = np.diff(offsets, axis=1).T.reshape(-1)
+    return _stage_copied(spans, bases, starts, lengths, shape, level, device)
+
+
+def _copy_all(view: np.ndarray, at: list[int], buffers: list) -> None:
+    """Each of `buffers` into `view` at its offset in `at` (threads sharing these copies were slower on the H200:
+    issue #17, eleventh session, Gemma 3's loader 16.5-17.9 vs 18.3-20.6 GB/s per layer)."""
+    for k, data in enumerate(buffers):
+        src = np.frombuffer(data, np.uint8)
+        view[at[k] : at[k] + src.size] = src
+
+
+def _stage_copied(buffers, at, starts, lengths, shape, level, device) -> tuple:
+    """stage()'s work once the segments' places are known: `buffers` copied to offsets `at` of one staging buffer
+    (the segments, or spans holding several of them), the segments then lying at `starts` with `lengths`."""
+    _, heads, tokens, dim = shape
+    device = torch.device(device)
+    rows = heads * dim
+    blocks = rans.layout(rows, tokens)[2]
     base = int(lengths.sum())
-    n_desc = len(segments) * 2 * blocks
-    max_esc = min(base // 8, len(segments) * 2 * rows * tokens)  # an escape takes 8 bytes of a segment
+    n_seg = len(lengths)
+    n_desc = n_seg * 2 * blocks
+    max_esc = min(base // 8, n_seg * 2 * rows * tokens)  # an escape takes 8 bytes of a segment
     align = lambda n: (n + 7) // 8 * 8  # noqa: E731
     offs = np.cumsum([0, align(base), align(n_desc * _DESC * 8), align(max_esc * 8), align(max_esc * 4)])
     host, slot = _staging(int(offs[-1]), device)
     try:
         view = host.numpy()
-        for at, n, data in zip(starts.tolist(), lengths.tolist(), segments, strict=True):
-            view[at : at + n] = np.frombuffer(data, np.uint8)
+        _copy_all(view, at.tolist(), buffers)
         n_esc = _scan(view[:base], starts, lengths, view, offs[1:4], n_desc, max_esc, level, shape)
         end = int(offs[3]) + 4 * n_esc if n_esc else int(offs[2])
         dev = host[:end].to(device, non_blocking=True)
@@ -321,7 +350,7 @@ def stage(segments: list, shape: tuple, level: int, device) -> tuple:
             dev[offs[2] : offs[2] + 8 * n_esc].view(torch.int64),
             dev[offs[3] : offs[3] + 4 * n_esc].view(torch.int32),
         ),
-        (len(segments), 2, heads, tokens, dim),
+        (n_seg, 2, heads, tokens, dim),
     )
 
 
@@ -369,19 +398,30 @@ def decode_segment(data, shape: tuple, level: int, device) -> torch.Tensor:
     return decode_segments([data], shape, level, device)[0]
 
 
-def decode_run_raw(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """decode_run's symbols as the kernel wrote them, [layers * chunks, 2, heads, tokens, dim] (chunk-major, no
-    copy), and its error flag: what finish() reads."""
-    q, err = run_staged(stage([seg for row in segments for seg in row], shape, level, device), check=False)
+def decode_staged_raw(staged: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symbols of a layer group's staged segments (stage: every layer's chunks, layer by layer) as the kernel
+    wrote them, [layers * chunks, 2, heads, tokens, dim] (chunk-major, no copy), and its error flag: what finish()
+    reads. Nothing waits for the GPU."""
+    q, err = run_staged(staged, check=False)
     return q, err.any()
+
+
+def decode_staged(staged: tuple, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_staged_raw's symbols as [layers, 2, heads, chunks * tokens, dim] (each layer's tokens in order)."""
+    q, err = decode_staged_raw(staged)
+    runs, two, heads, tokens, dim = q.shape
+    chunks = runs // layers
+    q = q.view(layers, chunks, two, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
+    return q.reshape(layers, two, heads, chunks * tokens, dim), err
+
+
+def decode_run_raw(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_staged_raw of segments[l][c] (a layer of consecutive chunks), staged here."""
+    return decode_staged_raw(stage([seg for row in segments for seg in row], shape, level, device))
 
 
 def decode_run(segments: list[list], shape: tuple, level: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """segments[l][c]: a layer of consecutive chunks -> their symbols [layers, 2, heads, chunks * tokens, dim]
     (each layer's tokens in order) and an error flag (a boolean tensor on `device`), without waiting for
     the GPU: the caller must see the flag False before it uses what the symbols decode to."""
-    chunks = len(segments[0])
-    q, err = run_staged(stage([seg for row in segments for seg in row], shape, level, device), check=False)
-    _, two, heads, tokens, dim = q.shape  # [layers * chunks, 2, heads, tokens, dim]
-    q = q.view(len(segments), chunks, two, heads, tokens, dim).permute(0, 2, 3, 1, 4, 5)
-    return q.reshape(len(segments), two, heads, chunks * tokens, dim), err.any()
+    return decode_staged(stage([seg for row in segments for seg in row], shape, level, device), len(segments))

@@ -8,7 +8,7 @@ import logging
 import time
 
 from kvshelf.generation.outcome import PrefillOutcome, PrefillRequest
-from kvshelf.layerwise.loader import LayerLoadError, LayerwiseLoader
+from kvshelf.layerwise.loader import LayerLoadError, LayerwiseLoader, prioritized
 from kvshelf.layerwise.saver import LayerwiseSaver
 from kvshelf.layerwise.stats import LayerwiseStats
 from kvshelf.metrics import Metrics
@@ -55,23 +55,24 @@ class LayerwisePrefill:
                 load_s = (t1 - t0) if request.load else None
                 return PrefillOutcome(logits, load_s=load_s, compute_s=time.perf_counter() - t2, saver=saver)
             self.stats.count(requests=1)
-            loader = LayerwiseLoader(
-                retrieval,
-                kv,
-                buffer_size=self.buffer_size,
-                stats=self.stats,
-                use_async_load=self.use_async_load,
-                metrics=self.metrics,
-                decoding=retrieval.device_decoding(kv.device),  # cachegen on a GPU: decoded there
-            )
             failed: LayerLoadError | None = None
-            t2 = time.perf_counter()
-            try:
-                logits = self.runner.forward(ids[hit:], hit, kv, layer_pre_hook=loader.wait, layer_hook=on_layer)
-            except LayerLoadError as err:
-                failed = err
-            finally:
-                loader.close()  # once, before anything else writes this KV
+            with prioritized(kv.device):  # the forward's kernels before the loader's decode kernels
+                loader = LayerwiseLoader(
+                    retrieval,
+                    kv,
+                    buffer_size=self.buffer_size,
+                    stats=self.stats,
+                    use_async_load=self.use_async_load,
+                    metrics=self.metrics,
+                    decoding=retrieval.device_decoding(kv.device),  # cachegen on a GPU: decoded there
+                )
+                t2 = time.perf_counter()
+                try:
+                    logits = self.runner.forward(ids[hit:], hit, kv, layer_pre_hook=loader.wait, layer_hook=on_layer)
+                except LayerLoadError as err:
+                    failed = err
+                finally:
+                    loader.close()  # once, before anything else writes this KV
             load_s = (t1 - t0) + sum(self.stats.load_s) - loader_s0
         except BaseException:
             if saver is not None:

@@ -62,6 +62,35 @@ def _load_stream(device: torch.device) -> torch.cuda.Stream:
         return _streams[device]
 
 
+# Whether a layerwise forward on a GPU runs on a stream of the device's highest priority (issue #17, eleventh session):
+# the loader's decode kernels (rANS, the fused finish) then take only the SMs the forward's kernels leave free. H200,
+# Llama-3-8B shape, alternated in one process: layerwise 171.2 vs 176.6 ms (4 of 5 rounds faster) with the default
+# read plan, 176.0 vs 175.1 with layers 1-4 read alone (BENCHMARKS.md).
+PRIORITY_COMPUTE = True
+_compute_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+@contextlib.contextmanager
+def prioritized(device: torch.device):
+    """Run the block's CUDA work on `device`'s highest-priority stream (PRIORITY_COMPUTE), ordered after what the
+    current stream queued before and before what it queues after; elsewhere (CPU, or off) a no-op."""
+    device = torch.device(device)
+    if device.type != "cuda" or not PRIORITY_COMPUTE:
+        yield
+        return
+    with _streams_lock:
+        if device not in _compute_streams:
+            _compute_streams[device] = torch.cuda.Stream(device=device, priority=torch.cuda.Stream.priority_range()[1])
+        stream = _compute_streams[device]
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        current.wait_stream(stream)
+
+
 def layer_groups(num_layers: int, buffer_size: int) -> list[tuple[int, int]]:
     """Layer ranges moved together: layer 0 alone (the compute starts as soon as it is in), then groups of
     up to 4 (one copy per chunk per group: per-copy overhead, not bandwidth, is what a layer-at-a-time loop
@@ -122,35 +151,20 @@ class LayerwiseLoader:
 
     def _load_all(self) -> None:
         pinned: list[bool] | None = None
-        pending: tuple | None = None  # the last group decoded on the device, not yet known to be sound
         try:
-            # Decoding on the device: groups of half the buffer, so that one group can be staged on the CPU
-            # while the device decodes the one before without running past the buffer
-            group = max(1, self.buffer_size // 2) if self.decoding is not None else self.buffer_size
-            groups = layer_groups(self.num_layers, group)
             if self.decoding is not None:
-                self._open_on_device(groups)
-            copier = self._row_copier() if self._cuda and self.decoding is None else None
-            for i, j in groups:
-                with self._room:
-                    # layer 0 (the compute starts with it: nothing to overlap yet), or this group must wait
-                    # for the compute, which may be waiting for the pending one; else the next group is
-                    # checked and staged while the device decodes the pending one
-                    due = pending[0] == 0 or j > self._consumed + self.buffer_size if pending else False
-                if due:
-                    pending = self._release(pending)
+                # Decoding on the device: groups of half the buffer, so that one group can be staged on the CPU
+                # while the device decodes the one before without running past the buffer
+                self._load_on_device(layer_groups(self.num_layers, max(1, self.buffer_size // 2)))
+                return
+            copier = self._row_copier() if self._cuda else None
+            for i, j in layer_groups(self.num_layers, self.buffer_size):
                 with self._room:
                     while j > self._consumed + self.buffer_size and not self._closed:
                         self._room.wait()
                 if self._closed:
                     return
                 t0 = time.perf_counter()
-                if self.decoding is not None:
-                    decoded = self._decode_on_device(i, j, t0)
-                    if pending is not None:  # checked while the device works on the next group
-                        self._release(pending)
-                    pending = decoded
-                    continue
                 if copier is not None:  # pinned CPU-tier chunks: pointer arithmetic and 2-D memcpys only
                     copier.copy(i, j, self._stream)
                     event = torch.cuda.Event()
@@ -186,8 +200,6 @@ class LayerwiseLoader:
                 for k in range(i, j):
                     self.stats.record(k, load_s=per_layer, nbytes=nbytes // (j - i))
                     self._ready[k].set()
-            if pending is not None:
-                self._release(pending)
         except BaseException as err:  # reported to the request through wait(); it then recomputes
             self._error = err
             log.warning("layerwise load failed: %s: %s", type(err).__name__, err)
@@ -199,13 +211,54 @@ class LayerwiseLoader:
                     self._stream.synchronize()  # the staged host bytes are copied before they are let go
                 self.decoding.release()  # reads still in flight end
 
-    def _decode_on_device(self, i: int, j: int, t0: float) -> tuple:
-        """Queue layers i..j-1 of every chunk: decoded on the device (on the load stream) into the KV. Returns
-        what _release needs to check the decoder's error flag and mark the layers ready; the flag is copied
-        back behind the decode: the loader waits for it, the compute not."""
+    def _load_on_device(self, groups: list[tuple[int, int]]) -> None:
+        """Decode `groups` on the device in order: each group's CPU share (its reads waited for, checks, staging:
+        DeviceDecoding.stage) runs while the device decodes the group before, and its device work is queued once
+        the buffer has room for it. A decoded group is marked ready once its error flag is seen clear: at once for
+        layer 0 (the compute starts with it), before staging waits for reads, else once the next one is queued."""
+        self._open_on_device(groups)
+        pending: tuple | None = None  # the last group queued on the device, not yet known to be sound
+        staged, staged_s = None, 0.0  # the next group staged, and the seconds its staging took
+        for n, (i, j) in enumerate(groups):
+            if staged is None:
+                staged, staged_s = self._stage_on_device(i, j)
+            with self._room:  # this group must wait for the compute, which may be waiting for the pending one
+                due = pending is not None and j > self._consumed + self.buffer_size
+            if due:
+                pending = self._release(pending)
+            with self._room:
+                while j > self._consumed + self.buffer_size and not self._closed:
+                    self._room.wait()
+            if self._closed:
+                return
+            # its load time: staging and queueing, not the waits for the compute between them
+            decoded = self._decode_on_device(i, j, time.perf_counter() - staged_s, staged)
+            staged = None
+            if pending is not None:  # checked while the device works on this group
+                self._release(pending)
+            pending = decoded
+            if n + 1 < len(groups):
+                a, b = groups[n + 1]
+                if i == 0 or not self.decoding.ready(a, b) or pending[2] is None or pending[2].query():
+                    pending = self._release(pending)  # not held behind the next group's reads and staging
+                staged, staged_s = self._stage_on_device(a, b)
+        if pending is not None:
+            self._release(pending)
+
+    def _stage_on_device(self, i: int, j: int) -> tuple:
+        """The CPU's share of decoding layers i..j-1 (DeviceDecoding.stage), copies queued on the load stream, and
+        the seconds it took."""
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext():
+            return self.decoding.stage(i, j), time.perf_counter() - t0
+
+    def _decode_on_device(self, i: int, j: int, t0: float, staged=None) -> tuple:
+        """Queue layers i..j-1 of every chunk (`staged`: by _stage_on_device): decoded on the device (on the load
+        stream) into the KV. Returns what _release needs to check the decoder's error flag and mark the layers
+        ready; the flag is copied back behind the decode: the loader waits for it, the compute not."""
         stream = torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
         with stream:
-            parts, flag = self.decoding.decode(i, j)
+            parts, flag = self.decoding.decode(i, j, staged)
             for start, _end, part in parts:
                 self.kv.write_layers(i, j, start, part, non_blocking=True)
             host_flag = None

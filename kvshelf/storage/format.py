@@ -76,7 +76,9 @@ _FIELDS = {
 # only), xxh3-128 in one without (damage only: without a MAC the store is trusted as is, and xxh3 is ~6x faster)
 _DIGEST_HEX = {True: re.compile(r"[0-9a-f]{64}\Z"), False: re.compile(r"[0-9a-f]{32}\Z")}
 _MAX_DEPTH = 3  # {"codec_params": {...}} and lists inside the object: deeper is not a kvshelf header
-_BRACKETS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')  # JSON strings, escapes in them
+_PLAIN_STRINGS = re.compile(rb'"[^"]*"')  # the same where there is no backslash
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 class FormatError(KVShelfError):
@@ -134,15 +136,18 @@ def encode_chunk(key: bytes, chunk: StoredChunk, codec: Codec, auth: ObjectAuth 
 
 
 def _json_depth(head: bytes) -> int:
+    """Bracket depth outside strings (up to _MAX_DEPTH + 1); strings and other bytes cut by compiled calls first
+    (a walk of every token was half of a header's parse: issue #17)."""
     depth = deepest = 0
-    for m in _BRACKETS.finditer(head):
-        tok = m.group()
-        if tok in (b"[", b"{"):
+    strings = _STRINGS if b"\\" in head else _PLAIN_STRINGS
+    for c in strings.sub(b"", head).translate(None, _NOT_BRACKETS):
+        if c in b"[{":
             depth += 1
-            deepest = max(deepest, depth)
-            if deepest > _MAX_DEPTH:
-                break
-        elif tok in (b"]", b"}"):
+            if depth > deepest:
+                deepest = depth
+                if deepest > _MAX_DEPTH:
+                    break
+        else:
             depth -= 1
     return deepest
 
