@@ -28,6 +28,7 @@ import torch
 
 from kvshelf.codecs import cachegen_cpu as cc
 from kvshelf.codecs import cachegen_encoder as ce
+from kvshelf.codecs import cachegen_finish as cf
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import rans
 from kvshelf.codecs.pool import CodecProcesses
@@ -66,7 +67,6 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
         out = torch.empty((len(layers), two, heads, tokens, dim), dtype=dtype)
     if not layers:
         return out
-    rows = out.view(-1, tokens, dim)  # [halves * heads, tokens, dim]: a unit's slice is its matmul's shape
     buf = np.frombuffer(segments[0] if len(segments) == 1 else b"".join(segments), np.uint8)[:]
     buf.flags.writeable = False  # one array type for the compiled decoder, whatever held the bytes
     ends = np.cumsum([memoryview(s).nbytes for s in segments], dtype=np.int64)
@@ -74,22 +74,33 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which)
     cuts = units(layers, processes.free_threads())  # all threads busy (many callers): fewer, larger units
-    processes.map_threads(_decode_unit, [(job, a, b, rows[a * heads : b * heads]) for a, b in cuts])
+    half = heads * tokens * dim  # values of a half
+    if dtype in cf.KINDS:  # the unit's last step writes the output's bits (RoPE and the cast in one call)
+        bits, kind = cf.bits_view(out), cf.KINDS[dtype]
+        calls = [(job, a, b, bits[a * half : b * half], kind) for a, b in cuts]
+    else:  # another dtype: torch casts
+        rows = out.view(-1, tokens, dim)  # [halves * heads, tokens, dim]
+        calls = [(job, a, b, rows[a * heads : b * heads], -1) for a, b in cuts]
+    processes.map_threads(_decode_unit, calls)
     return out
 
 
-def _decode_unit(job, h0: int, h1: int, out: torch.Tensor) -> None:
-    """Halves h0..h1-1: symbols (compiled), the inverse transforms (one matmul), RoPE on K (compiled), the
-    cast into `out` (torch's): four calls that release the GIL, nothing allocated."""
+def _decode_unit(job, h0: int, h1: int, out, kind: int) -> None:
+    """Halves h0..h1-1: symbols (compiled), the inverse transforms (one matmul), RoPE on K and the cast into
+    `out` (compiled; `kind` from cachegen_finish.KINDS, `out` the unit's bits): three calls that release the
+    GIL, nothing allocated. kind -1: `out` a tensor of another dtype, RoPE compiled and torch's cast."""
     cal, level, layers, buf, ends, (head, heads, tokens, dim, width, per_lane), cos, sin, which = job
-    q, q_t, x, x_t = _scratch(h1 - h0, heads, tokens, dim)
+    q, q_t, x, x_t, xb = _scratch(h1 - h0, heads, tokens, dim)
     _, err = cc._decode_halves(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM,
                                LOW_BITS, RADIUS, q)  # fmt: skip
     cc.raise_error(err)
     scaled, bias = cc._batch(cal, "decode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
     torch.baddbmm(bias, q_t, scaled, out=x_t)
-    cc._rope(x, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(1.0))
-    out.copy_(x_t)
+    if kind >= 0:
+        cf.finish(x, xb, h0, h1, heads, tokens, dim, cos, sin, which, out, kind)
+    else:
+        cc._rope(x, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(1.0))
+        out.copy_(x_t)
 
 
 # -- encoding ------------------------------------------------------------------------------------------------
@@ -116,7 +127,7 @@ def _encode_unit(job, h0: int, h1: int, kv: torch.Tensor):
     """Halves h0..h1-1 of KV: the cast to float32 (torch's), RoPE off K (compiled), the forward transforms (one
     matmul), rounding and coding (compiled): (the halves' part bytes back to back, where each ends)."""
     cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which = job
-    q, q_t, x, x_t = _scratch(h1 - h0, heads, tokens, dim)
+    q, q_t, x, x_t, _ = _scratch(h1 - h0, heads, tokens, dim)
     q_t.copy_(kv)
     cc._rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
     scaled, bias = cc._batch(cal, "encode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
@@ -132,7 +143,7 @@ _local = threading.local()
 
 def _scratch(halves: int, heads: int, tokens: int, dim: int):
     """This thread's two float32 buffers for a unit (q: symbols / input, x: the matmul's output), as numpy
-    arrays (flat) and as the matmul's [halves * heads, tokens, dim] tensors; reused, so that a unit allocates
+    arrays (flat) and as the matmul's [halves * heads, tokens, dim] tensors, and x's bits (uint32); reused, so that a unit allocates
     nothing (fresh memory costs page faults, and the kernel serialises those of one process's threads). They
     live as long as the thread: 2 x 6 halves' values (Gemma 3 270M: 3 MB; a Llama-3-8B layout: 12.6 MB)."""
     n = halves * heads * tokens * dim
@@ -145,7 +156,13 @@ def _scratch(halves: int, heads: int, tokens: int, dim: int):
     if key not in views:
         shape = (halves * heads, tokens, dim)
         with torch.inference_mode(False):  # normal tensors: made under inference mode, later writes outside it fail
-            views[key] = (q, torch.from_numpy(q[:n]).view(shape), x, torch.from_numpy(x[:n]).view(shape))
+            views[key] = (
+                q,
+                torch.from_numpy(q[:n]).view(shape),
+                x,
+                torch.from_numpy(x[:n]).view(shape),
+                x.view(np.uint32),
+            )
     return views[key]
 
 
