@@ -4,7 +4,7 @@ the same process, passes interleaved (A/B on a noisy machine).
 
     python bench/codec_layout.py --kv kv.safetensors --calibration FILE.kvcal [--tokens 12288]
         [--layouts 1x16 4x16 16x16] [--kinds decode encode] [--repeats 5]
-        [--before OTHER/kvshelf/codecs/pool.py] [--json OUT]
+        [--before OTHER/kvshelf/codecs/pool.py] [--json OUT] [--switch-interval S]
 
 A layout KxN: K callers (1: one retrieval at a time; N: bench/codec_speed.py's "N cores"), N codec threads.
 `--before` loads that file as the pool module for the "before" rows (e.g. main's pool.py); the codec itself is
@@ -21,6 +21,7 @@ import importlib.util
 import json
 import resource
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -71,7 +72,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--before", help="another pool.py for 'before' rows, passes interleaved with this checkout's")
     ap.add_argument("--json")
+    ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval for this run (an experiment)")
     args = ap.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     torch.set_num_threads(1)
     cal = calib.load(args.calibration)
     chunks = chunks_of(load_file(args.kv)["kv"], args.tokens)

@@ -26,9 +26,9 @@ import threading
 import numpy as np
 import torch
 
+from kvshelf.codecs import cachegen_casts as cf
 from kvshelf.codecs import cachegen_cpu as cc
 from kvshelf.codecs import cachegen_encoder as ce
-from kvshelf.codecs import cachegen_finish as cf
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import rans
 from kvshelf.codecs.pool import CodecProcesses
@@ -87,10 +87,10 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
 
 def _decode_unit(job, h0: int, h1: int, out, kind: int) -> None:
     """Halves h0..h1-1: symbols (compiled), the inverse transforms (one matmul), RoPE on K and the cast into
-    `out` (compiled; `kind` from cachegen_finish.KINDS, `out` the unit's bits): three calls that release the
+    `out` (compiled; `kind` from cachegen_casts.KINDS, `out` the unit's bits): three calls that release the
     GIL, nothing allocated. kind -1: `out` a tensor of another dtype, RoPE compiled and torch's cast."""
     cal, level, layers, buf, ends, (head, heads, tokens, dim, width, per_lane), cos, sin, which = job
-    q, q_t, x, x_t, xb = _scratch(h1 - h0, heads, tokens, dim)
+    q, q_t, x, x_t, _, xb = _scratch(h1 - h0, heads, tokens, dim)
     _, err = cc._decode_halves(buf, ends, h0, h1, head, heads, tokens, dim, width, per_lane, SYMBOL, FREQ, CUM,
                                LOW_BITS, RADIUS, q)  # fmt: skip
     cc.raise_error(err)
@@ -117,19 +117,30 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which)
     cuts = units(layers, processes.free_threads())
-    coded = processes.map_threads(_encode_unit, [(job, a, b, rows[a * heads : b * heads]) for a, b in cuts])
+    half = heads * tokens * dim  # values of a half
+    if kv.dtype in cf.KINDS and rows.is_contiguous():  # the unit's first step reads the KV's bits (cast and RoPE)
+        bits, kind = cf.bits_view(rows), cf.KINDS[kv.dtype]
+        calls = [(job, a, b, bits[a * half : b * half], kind) for a, b in cuts]
+    else:  # another dtype or a strided view: torch casts
+        calls = [(job, a, b, rows[a * heads : b * heads], -1) for a, b in cuts]
+    coded = processes.map_threads(_encode_unit, calls)
     head = cc._head(level).tobytes()
     parts = [memoryview(out)[a:b] for out, ends in coded for a, b in zip([0, *ends[:-1]], ends, strict=True)]
     return [b"".join((head, parts[2 * k], parts[2 * k + 1])) for k in range(n)]
 
 
-def _encode_unit(job, h0: int, h1: int, kv: torch.Tensor):
-    """Halves h0..h1-1 of KV: the cast to float32 (torch's), RoPE off K (compiled), the forward transforms (one
-    matmul), rounding and coding (compiled): (the halves' part bytes back to back, where each ends)."""
+def _encode_unit(job, h0: int, h1: int, kv, kind: int):
+    """Halves h0..h1-1 of KV: the cast to float32 and RoPE off K (compiled; `kind` from cachegen_casts.KINDS,
+    `kv` the unit's bits), the forward transforms (one matmul), rounding and coding (compiled): three calls
+    that release the GIL; (the halves' part bytes back to back, where each ends). kind -1: `kv` a tensor,
+    torch's cast, then RoPE compiled."""
     cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which = job
-    q, q_t, x, x_t, _ = _scratch(h1 - h0, heads, tokens, dim)
-    q_t.copy_(kv)
-    cc._rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
+    q, q_t, x, x_t, qb, _ = _scratch(h1 - h0, heads, tokens, dim)
+    if kind >= 0:
+        cf.start(kv, kind, q, qb, h0, h1, heads, tokens, dim, cos, sin, which)
+    else:
+        q_t.copy_(kv)
+        cc._rope(q, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
     scaled, bias = cc._batch(cal, "encode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
     torch.baddbmm(bias, q_t, scaled, out=x_t)
     coeffs = x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim)
@@ -143,8 +154,8 @@ _local = threading.local()
 
 def _scratch(halves: int, heads: int, tokens: int, dim: int):
     """This thread's two float32 buffers for a unit (q: symbols / input, x: the matmul's output), as numpy
-    arrays (flat) and as the matmul's [halves * heads, tokens, dim] tensors, and x's bits (uint32); reused, so that a unit allocates
-    nothing (fresh memory costs page faults, and the kernel serialises those of one process's threads). They
+    arrays (flat), as the matmul's [halves * heads, tokens, dim] tensors and as bits (uint32); reused, so that
+    a unit allocates nothing (fresh memory costs page faults, and the kernel serialises those of one process's threads). They
     live as long as the thread: 2 x 6 halves' values (Gemma 3 270M: 3 MB; a Llama-3-8B layout: 12.6 MB)."""
     n = halves * heads * tokens * dim
     bufs = getattr(_local, "bufs", None)
@@ -156,13 +167,8 @@ def _scratch(halves: int, heads: int, tokens: int, dim: int):
     if key not in views:
         shape = (halves * heads, tokens, dim)
         with torch.inference_mode(False):  # normal tensors: made under inference mode, later writes outside it fail
-            views[key] = (
-                q,
-                torch.from_numpy(q[:n]).view(shape),
-                x,
-                torch.from_numpy(x[:n]).view(shape),
-                x.view(np.uint32),
-            )
+            q_t, x_t = torch.from_numpy(q[:n]).view(shape), torch.from_numpy(x[:n]).view(shape)
+            views[key] = (q, q_t, x, x_t, q.view(np.uint32), x.view(np.uint32))
     return views[key]
 
 

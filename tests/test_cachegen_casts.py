@@ -1,4 +1,4 @@
-"""The CPU unit decoder's last step (kvshelf.codecs.cachegen_finish): RoPE back on K halves and the cast into the
+"""The CPU unit decoder's last step (kvshelf.codecs.cachegen_casts): RoPE back on K halves and the cast into the
 output dtype in one compiled call, against the reference steps (cachegen_cpu._rope, then torch's cast)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvshelf.codecs import cachegen_casts as cf
 from kvshelf.codecs import cachegen_cpu as cc
-from kvshelf.codecs import cachegen_finish as cf
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -94,3 +94,40 @@ def test_bits_view_is_the_outputs_memory():
         bits[4] = 1
         ints = out.view(-1).view(torch.int16 if bits.dtype.itemsize == 2 else torch.int32)
         assert bits.shape == (6,) and ints[4] == 1 and int(ints.sum()) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_widening_is_torchs_for_every_16_bit_pattern(dtype):
+    """Every fp16 / bf16 value (NaNs, infinities, subnormals included) widens to the float32 bits torch gives."""
+    kv = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    n = kv.shape[0]
+    x = np.empty(n, np.float32)
+    ones, zeros = np.ones((1, n, 1), np.float32), np.zeros((1, n, 1), np.float32)
+    cf.start(cf.bits_view(kv), cf.KINDS[dtype], x, x.view(np.uint32), 1, 2, 1, n, 1, ones, zeros, np.zeros(1, np.int64))
+    assert np.array_equal(x.view(np.uint32), kv.float().numpy().view(np.uint32))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    h0=st.integers(0, 3),
+    halves=st.integers(1, 6),
+    heads=st.integers(1, 3),
+    tokens=st.integers(1, 9),
+    dim=st.sampled_from([2, 4, 8, 16]),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_cast_and_rope_off_equal_the_reference_steps(seed, h0, halves, heads, tokens, dim, dtype):
+    """Encoding's first step on a unit of any halves: torch's cast to float32, then cachegen_cpu._rope with
+    sign -1, in place."""
+    rng = np.random.default_rng(seed)
+    h1 = h0 + halves
+    kv = torch.from_numpy(rng.standard_normal(halves * heads * tokens * dim).astype(np.float32) * 300).to(dtype)
+    angles = rng.uniform(-50, 50, size=(2, tokens, dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    which = rng.integers(0, 2, size=(h1 + 1) // 2).astype(np.int64)
+    got = np.full(kv.shape[0] + 3, 7.0, np.float32)  # beyond the unit: left alone
+    cf.start(cf.bits_view(kv), cf.KINDS[dtype], got, got.view(np.uint32), h0, h1, heads, tokens, dim, cos, sin, which)
+    want = kv.float().numpy().copy()
+    cc._rope(want, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(-1.0))
+    assert np.array_equal(got[: kv.shape[0]].view(np.uint32), want.view(np.uint32)) and (got[-3:] == 7).all()
