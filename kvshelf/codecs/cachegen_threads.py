@@ -37,6 +37,12 @@ from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SYMBOL
 # Halves a unit holds at most: 6 (3 layers of 256 tokens x 256 dims: 1.5 MB of float32 per buffer) stay in a
 # core's L2 between the four calls; measured, runs of 18 layers decoded ~10% slower than runs of 3.
 MOST_HALVES = 6
+# When every codec thread is busy (many callers), a chunk's units may be larger, so that a chunk passes the
+# GIL fewer times, and run by their caller alone (no hand-off to a codec thread that it would then wait for).
+# Defaults: as when threads are free (kept as measured best; bench/codec_layout.py --busy-halves / --solo-when-busy
+# try others: BENCHMARKS.md, issue #17, eleventh session).
+BUSY_HALVES = MOST_HALVES
+SOLO_WHEN_BUSY = False
 
 
 def units(layers: list[int], workers: int, most: int = MOST_HALVES) -> list[tuple[int, int]]:
@@ -73,7 +79,7 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts = units(layers, processes.free_threads())  # all threads busy (many callers): fewer, larger units
+    cuts, helpers = _cut(layers, processes)  # all threads busy (many callers): fewer, larger units
     half = heads * tokens * dim  # values of a half
     if dtype in cf.KINDS:  # the unit's last step writes the output's bits (RoPE and the cast in one call)
         bits, kind = cf.bits_view(out), cf.KINDS[dtype]
@@ -81,8 +87,16 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     else:  # another dtype: torch casts
         rows = out.view(-1, tokens, dim)  # [halves * heads, tokens, dim]
         calls = [(job, a, b, rows[a * heads : b * heads], -1) for a, b in cuts]
-    processes.map_threads(_decode_unit, calls)
+    processes.map_threads(_decode_unit, calls, helpers=helpers)
     return out
+
+
+def _cut(layers: list[int], processes: CodecProcesses) -> tuple[list[tuple[int, int]], bool]:
+    """A chunk's units for the threads free now, and whether codec threads may help with them."""
+    free = processes.free_threads()
+    if free > 1:
+        return units(layers, free), True
+    return units(layers, 1, BUSY_HALVES), not SOLO_WHEN_BUSY
 
 
 def _decode_unit(job, h0: int, h1: int, out, kind: int) -> None:
@@ -116,14 +130,14 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts = units(layers, processes.free_threads())
+    cuts, helpers = _cut(layers, processes)
     half = heads * tokens * dim  # values of a half
     if kv.dtype in cf.KINDS and rows.is_contiguous():  # the unit's first step reads the KV's bits (cast and RoPE)
         bits, kind = cf.bits_view(rows), cf.KINDS[kv.dtype]
         calls = [(job, a, b, bits[a * half : b * half], kind) for a, b in cuts]
     else:  # another dtype or a strided view: torch casts
         calls = [(job, a, b, rows[a * heads : b * heads], -1) for a, b in cuts]
-    coded = processes.map_threads(_encode_unit, calls)
+    coded = processes.map_threads(_encode_unit, calls, helpers=helpers)
     head = cc._head(level).tobytes()
     parts = [memoryview(out)[a:b] for out, ends in coded for a, b in zip([0, *ends[:-1]], ends, strict=True)]
     return [b"".join((head, parts[2 * k], parts[2 * k + 1])) for k in range(n)]
@@ -144,7 +158,7 @@ def _encode_unit(job, h0: int, h1: int, kv, kind: int):
     scaled, bias = cc._batch(cal, "encode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
     torch.baddbmm(bias, q_t, scaled, out=x_t)
     coeffs = x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim)
-    scratch = _coder_scratch(heads * dim, tokens, width, per_lane)
+    scratch = _coder_scratch(heads * dim, tokens, width, per_lane, h1 - h0)
     return ce._code_halves(coeffs, width, per_lane, FREQ, CUM, LOW_BITS, RADIUS, *scratch)
 
 
@@ -172,11 +186,12 @@ def _scratch(halves: int, heads: int, tokens: int, dim: int):
     return views[key]
 
 
-def _coder_scratch(rows: int, tokens: int, width: int, per_lane: int) -> ce.Scratch:
-    """This thread's buffers for the unit encoder (kvshelf.codecs.cachegen_encoder), for MOST_HALVES parts of
-    rows x tokens symbols; reused like _scratch's."""
+def _coder_scratch(rows: int, tokens: int, width: int, per_lane: int, halves: int) -> ce.Scratch:
+    """This thread's buffers for the unit encoder (kvshelf.codecs.cachegen_encoder), for `halves` parts (at
+    least MOST_HALVES) of rows x tokens symbols; reused like _scratch's."""
     key = (rows, tokens, width, per_lane)
     got = getattr(_local, "coder", None)
-    if got is None or got[0] != key:
-        got = _local.coder = (key, ce.Scratch.make(rows, tokens, MOST_HALVES, width, per_lane))
+    if got is None or got[0] != key or got[2] < halves:
+        parts = max(halves, MOST_HALVES)
+        got = _local.coder = (key, ce.Scratch.make(rows, tokens, parts, width, per_lane), parts)
     return got[1]
