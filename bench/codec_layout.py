@@ -5,7 +5,7 @@ the same process, passes interleaved (A/B on a noisy machine).
     python bench/codec_layout.py --kv kv.safetensors --calibration FILE.kvcal [--tokens 12288]
         [--layouts 1x16 4x16 16x16] [--kinds decode encode] [--repeats 5]
         [--before OTHER/kvshelf/codecs/pool.py] [--json OUT] [--switch-interval S]
-        [--busy-halves N] [--solo-when-busy]
+        [--busy-halves N] [--solo-when-busy] [--reuse-output]
 
 A layout KxN: K callers (1: one retrieval at a time; N: bench/codec_speed.py's "N cores"), N codec threads.
 `--before` loads that file as the pool module for the "before" rows (e.g. main's pool.py); the codec itself is
@@ -27,6 +27,7 @@ import os
 import resource
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,6 +64,23 @@ def sched_ns() -> tuple[int, int]:
     return run, wait
 
 
+def reuse_outputs() -> None:
+    """torch.empty of a chunk's output shape (5 dimensions) returns the calling thread's tensor of that shape
+    made before (a diagnostic: never two such tensors alive at once in one thread here)."""
+    real, local = torch.empty, threading.local()
+
+    def empty(*shape, **kw):
+        if len(shape) != 1 or len(shape[0]) != 5:
+            return real(*shape, **kw)
+        key = (tuple(shape[0]), kw.get("dtype"))
+        got = getattr(local, "out", None)
+        if got is None or got[0] != key:
+            got = local.out = (key, real(*shape, **kw))
+        return got[1]
+
+    torch.empty = empty
+
+
 def one_pass(kind: str, callers: int, codec, keys, items, outer: ThreadPoolExecutor) -> None:
     if kind == "encode":
 
@@ -91,6 +109,9 @@ def main() -> None:
     ap.add_argument("--before", help="another pool.py for 'before' rows, passes interleaved with this checkout's")
     ap.add_argument("--json")
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval for this run (an experiment)")
+    ap.add_argument("--reuse-output", action="store_true",
+                    help="a diagnostic, decode only: each caller thread's decoded chunks share one output tensor "
+                    "(what fresh output memory costs)")  # fmt: skip
     ap.add_argument("--busy-halves", type=int, help="cachegen_threads.BUSY_HALVES (units when every thread is busy)")
     ap.add_argument("--solo-when-busy", action="store_true", help="cachegen_threads.SOLO_WHEN_BUSY = True")
     args = ap.parse_args()
@@ -98,6 +119,8 @@ def main() -> None:
         ct.BUSY_HALVES = args.busy_halves
     if args.solo_when_busy:
         ct.SOLO_WHEN_BUSY = True
+    if args.reuse_output:
+        reuse_outputs()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     torch.set_num_threads(1)
