@@ -5,7 +5,7 @@ the same process, passes interleaved (A/B on a noisy machine).
     python bench/codec_layout.py --kv kv.safetensors --calibration FILE.kvcal [--tokens 12288]
         [--layouts 1x16 4x16 16x16] [--kinds decode encode] [--repeats 5]
         [--before OTHER/kvshelf/codecs/pool.py] [--json OUT] [--switch-interval S]
-        [--busy-halves N] [--solo-when-busy] [--reuse-output]
+        [--reuse-output]
 
 A layout KxN: K callers (1: one retrieval at a time; N: bench/codec_speed.py's "N cores"), N codec threads.
 `--before` loads that file as the pool module for the "before" rows (e.g. main's pool.py); the codec itself is
@@ -112,13 +112,7 @@ def main() -> None:
     ap.add_argument("--reuse-output", action="store_true",
                     help="a diagnostic, decode only: each caller thread's decoded chunks share one output tensor "
                     "(what fresh output memory costs)")  # fmt: skip
-    ap.add_argument("--busy-halves", type=int, help="cachegen_threads.BUSY_HALVES (units when every thread is busy)")
-    ap.add_argument("--solo-when-busy", action="store_true", help="cachegen_threads.SOLO_WHEN_BUSY = True")
     args = ap.parse_args()
-    if args.busy_halves:
-        ct.BUSY_HALVES = args.busy_halves
-    if args.solo_when_busy:
-        ct.SOLO_WHEN_BUSY = True
     if args.reuse_output:
         reuse_outputs()
     if args.switch_interval:

@@ -314,24 +314,3 @@ def test_the_unit_encoder_writes_the_whole_segment_coders_bytes_with_its_scratch
     q = np.clip(np.rint(coeffs), -(2**30), 2**30).astype(np.int32)
     for k in range(0, len(parts), 2):
         assert cc._head(5).tobytes() + parts[k] + parts[k + 1] == cc.encode_segment(q[k : k + 2], 5)
-
-
-def test_units_for_a_busy_pool_may_be_larger_and_run_by_their_caller_alone(monkeypatch):
-    """BUSY_HALVES / SOLO_WHEN_BUSY (used when every codec thread is busy) change who runs which halves, never
-    the bytes or the KV."""
-    layers, heads, tokens, dim = 7, 2, 16, 8
-    cal = _calibration(layers, heads, dim, 2)
-    processes = pool.CodecProcesses(4)
-    codec = CacheGenCodec(calibration=cal.digest, processes=processes)
-    kv = torch.randn(layers, 2, heads, tokens, dim, generator=torch.Generator().manual_seed(5)).half()
-    shape = (2, heads, tokens, dim)
-    segs = codec.encode_layers(kv, 32)
-    want = codec.decode_layers(segs, shape, torch.float16, list(range(layers)), layers, 32)
-    monkeypatch.setattr(processes, "free_threads", lambda: 1)
-    for halves, solo in ((6, True), (12, False), (14, True)):
-        monkeypatch.setattr(ct, "BUSY_HALVES", halves)
-        monkeypatch.setattr(ct, "SOLO_WHEN_BUSY", solo)
-        assert codec.encode_layers(kv, 32) == segs
-        got = codec.decode_layers(segs, shape, torch.float16, list(range(layers)), layers, 32)
-        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    processes.close()

@@ -180,27 +180,3 @@ def test_free_threads_counts_the_threads_a_new_batch_could_use():
     assert processes.free_threads() == 3
     assert CodecProcesses(0).free_threads() == 1
     processes.close()
-
-
-def test_a_batch_without_helpers_runs_on_its_caller_alone_and_counts_as_running():
-    """helpers=False (cachegen's units when every thread is busy, if configured so): every call on the calling
-    thread, in order, each counted among the running calls (free_threads sees it), and idle codec threads
-    stay asleep for it; a batch with helpers afterwards still gets them."""
-    processes = CodecProcesses(4)
-    seen = []
-    try:
-        processes.map_threads(lambda: None, [(), ()])  # the codec threads exist and idle
-        got = processes.map_threads(
-            lambda k: (k, threading.current_thread().name, processes.free_threads()),
-            [(k,) for k in range(6)],
-            helpers=False,
-        )
-        assert [g[0] for g in got] == list(range(6))
-        assert {g[1] for g in got} == {threading.current_thread().name}
-        assert {g[2] for g in got} == {3}  # its own running call counted
-        barrier = threading.Barrier(2, timeout=30)
-        seen = processes.map_threads(lambda: (barrier.wait(), threading.current_thread().name)[1], [(), ()])
-    finally:
-        processes.close()
-    assert any(n.startswith("kvshelf-codec-") for n in seen)
-    assert processes.free_threads() == 4

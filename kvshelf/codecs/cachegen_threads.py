@@ -1,5 +1,5 @@
 """Calibrated cachegen's chunks on the codec's threads: a chunk's layers cut into balanced work units, each unit
-four calls that release the GIL and almost no Python between them.
+three calls that release the GIL and almost no Python between them.
 
 Why: with Python between compiled calls, threads queue for the GIL. Measured on a 16-core host (the
 previous code: runs of >= 3 layers, each ~10 GIL hand-offs, tables rebuilt per run): at 16 threads the units
@@ -9,13 +9,14 @@ and decoding fell from 1.38 GB/s at 12 threads to 0.95 at 16 (BENCHMARKS.md, iss
 A unit is a range of consecutive *halves*: half 2k is layer k's K part, 2k + 1 its V part (the inverse
 transform is one matrix per (layer, K|V, head), so halves batch like layers). Decoding a unit: one compiled
 call checks and decodes its parts' symbols into the thread's own float32 buffer, one `torch.baddbmm` (out=
-the thread's other buffer) applies the inverse transforms, one compiled call puts RoPE back on K halves in
-place, and one `copy_` casts the unit straight into its slice of the chunk's output tensor (torch's vector
-cast: ~10x faster than a compiled scalar one). Encoding mirrors it: `copy_` into float32, RoPE off K, one
-matmul, one compiled call rounds and codes each half into its part's bytes (kvshelf.codecs.cachegen_encoder,
-in buffers the thread keeps); the caller joins each segment
-(header, K part, V part). The bytes and the float arithmetic are kvshelf.codecs.cachegen_cpu's: the same
-segments, the same KV bit for bit. The RoPE tables are built once per chunk, not per unit.
+the thread's other buffer) applies the inverse transforms, and one compiled call puts RoPE back on K halves
+and casts the unit straight into its slice of the chunk's output (kvshelf.codecs.cachegen_casts.finish: as
+fast as torch's vector cast, and one GIL round trip less than RoPE and `copy_` apart). Encoding mirrors it:
+one compiled call casts to float32 and takes RoPE off K (cachegen_casts.start), one matmul, one compiled call
+rounds and codes each half into its part's bytes (kvshelf.codecs.cachegen_encoder, in buffers the thread
+keeps); the caller joins each segment (header, K part, V part). The bytes and the float arithmetic are
+kvshelf.codecs.cachegen_cpu's: the same segments, the same KV bit for bit. The RoPE tables are built once
+per chunk, not per unit. Another output dtype, or a strided input, takes torch's casts instead.
 """
 
 from __future__ import annotations
@@ -37,12 +38,6 @@ from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SYMBOL
 # Halves a unit holds at most: 6 (3 layers of 256 tokens x 256 dims: 1.5 MB of float32 per buffer) stay in a
 # core's L2 between the four calls; measured, runs of 18 layers decoded ~10% slower than runs of 3.
 MOST_HALVES = 6
-# When every codec thread is busy (many callers), a chunk's units may be larger, so that a chunk passes the
-# GIL fewer times, and run by their caller alone (no hand-off to a codec thread that it would then wait for).
-# Defaults: as when threads are free (kept as measured best; bench/codec_layout.py --busy-halves / --solo-when-busy
-# try others: BENCHMARKS.md, issue #17, eleventh session).
-BUSY_HALVES = MOST_HALVES
-SOLO_WHEN_BUSY = False
 
 
 def units(layers: list[int], workers: int, most: int = MOST_HALVES) -> list[tuple[int, int]]:
@@ -79,7 +74,7 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts, helpers = _cut(layers, processes)  # all threads busy (many callers): fewer, larger units
+    cuts = units(layers, processes.free_threads())  # all threads busy (many callers): fewer, larger units
     half = heads * tokens * dim  # values of a half
     if dtype in cf.KINDS:  # the unit's last step writes the output's bits (RoPE and the cast in one call)
         bits, kind = cf.bits_view(out), cf.KINDS[dtype]
@@ -87,16 +82,8 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     else:  # another dtype: torch casts
         rows = out.view(-1, tokens, dim)  # [halves * heads, tokens, dim]
         calls = [(job, a, b, rows[a * heads : b * heads], -1) for a, b in cuts]
-    processes.map_threads(_decode_unit, calls, helpers=helpers)
+    processes.map_threads(_decode_unit, calls)
     return out
-
-
-def _cut(layers: list[int], processes: CodecProcesses) -> tuple[list[tuple[int, int]], bool]:
-    """A chunk's units for the threads free now, and whether codec threads may help with them."""
-    free = processes.free_threads()
-    if free > 1:
-        return units(layers, free), True
-    return units(layers, 1, BUSY_HALVES), not SOLO_WHEN_BUSY
 
 
 def _decode_unit(job, h0: int, h1: int, out, kind: int) -> None:
@@ -130,14 +117,14 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts, helpers = _cut(layers, processes)
+    cuts = units(layers, processes.free_threads())
     half = heads * tokens * dim  # values of a half
     if kv.dtype in cf.KINDS and rows.is_contiguous():  # the unit's first step reads the KV's bits (cast and RoPE)
         bits, kind = cf.bits_view(rows), cf.KINDS[kv.dtype]
         calls = [(job, a, b, bits[a * half : b * half], kind) for a, b in cuts]
     else:  # another dtype or a strided view: torch casts
         calls = [(job, a, b, rows[a * heads : b * heads], -1) for a, b in cuts]
-    coded = processes.map_threads(_encode_unit, calls, helpers=helpers)
+    coded = processes.map_threads(_encode_unit, calls)
     head = cc._head(level).tobytes()
     parts = [memoryview(out)[a:b] for out, ends in coded for a, b in zip([0, *ends[:-1]], ends, strict=True)]
     return [b"".join((head, parts[2 * k], parts[2 * k + 1])) for k in range(n)]
@@ -158,7 +145,7 @@ def _encode_unit(job, h0: int, h1: int, kv, kind: int):
     scaled, bias = cc._batch(cal, "encode", level, 2 * layers[h0 // 2] + h0 % 2, h1 - h0, heads, tokens, dim)
     torch.baddbmm(bias, q_t, scaled, out=x_t)
     coeffs = x[: (h1 - h0) * heads * tokens * dim].reshape(h1 - h0, heads, tokens, dim)
-    scratch = _coder_scratch(heads * dim, tokens, width, per_lane, h1 - h0)
+    scratch = _coder_scratch(heads * dim, tokens, width, per_lane)
     return ce._code_halves(coeffs, width, per_lane, FREQ, CUM, LOW_BITS, RADIUS, *scratch)
 
 
@@ -168,9 +155,9 @@ _local = threading.local()
 
 def _scratch(halves: int, heads: int, tokens: int, dim: int):
     """This thread's two float32 buffers for a unit (q: symbols / input, x: the matmul's output), as numpy
-    arrays (flat), as the matmul's [halves * heads, tokens, dim] tensors and as bits (uint32); reused, so that
-    a unit allocates nothing (fresh memory costs page faults, and the kernel serialises those of one process's threads). They
-    live as long as the thread: 2 x 6 halves' values (Gemma 3 270M: 3 MB; a Llama-3-8B layout: 12.6 MB)."""
+    arrays (flat), as the matmul's [halves * heads, tokens, dim] tensors and as bits (uint32); reused, so
+    that a unit allocates nothing (fresh memory costs page faults, and the kernel serialises those of one
+    process's threads). They live as long as the thread: 2 x 6 halves' values (Gemma 3 270M: 3 MB; a Llama-3-8B layout: 12.6 MB)."""
     n = halves * heads * tokens * dim
     bufs = getattr(_local, "bufs", None)
     if bufs is None or bufs[0].shape[0] < n:
@@ -186,12 +173,11 @@ def _scratch(halves: int, heads: int, tokens: int, dim: int):
     return views[key]
 
 
-def _coder_scratch(rows: int, tokens: int, width: int, per_lane: int, halves: int) -> ce.Scratch:
-    """This thread's buffers for the unit encoder (kvshelf.codecs.cachegen_encoder), for `halves` parts (at
-    least MOST_HALVES) of rows x tokens symbols; reused like _scratch's."""
+def _coder_scratch(rows: int, tokens: int, width: int, per_lane: int) -> ce.Scratch:
+    """This thread's buffers for the unit encoder (kvshelf.codecs.cachegen_encoder), for MOST_HALVES parts of
+    rows x tokens symbols; reused like _scratch's."""
     key = (rows, tokens, width, per_lane)
     got = getattr(_local, "coder", None)
-    if got is None or got[0] != key or got[2] < halves:
-        parts = max(halves, MOST_HALVES)
-        got = _local.coder = (key, ce.Scratch.make(rows, tokens, parts, width, per_lane), parts)
+    if got is None or got[0] != key:
+        got = _local.coder = (key, ce.Scratch.make(rows, tokens, MOST_HALVES, width, per_lane))
     return got[1]

@@ -81,24 +81,20 @@ class CodecProcesses:
                     break
         raise CodecPoolError("codec worker pool failed twice in a row (workers dying); decoding is a tier fault")
 
-    def map_threads(self, fn: Callable, args: Iterable[tuple], *, helpers: bool = True) -> list:
+    def map_threads(self, fn: Callable, args: Iterable[tuple]) -> list:
         """[fn(*a) for a in args] on `workers` threads (for code that releases the GIL: the calibrated mode's
         rANS coder and torch), the calling thread being one of them: it runs calls of this batch until none
         is left untaken, idle codec threads take the others, then it waits for those. Inline with fewer
         than two workers or calls. An exception raised by a call comes back as it is, after the batch's
-        other calls have finished (the lowest-numbered call's, as serial order would raise it).
-        helpers=False: the caller runs every call itself (counted among the running ones, so other batches
-        see fewer free threads), none handed to a codec thread."""
+        other calls have finished (the lowest-numbered call's, as serial order would raise it)."""
         calls = list(args)
         if self.workers < 2 or len(calls) < 2:
             return [fn(*a) for a in calls]
         batch = _Batch(fn, calls, self._lock)
         with self._lock:
             self._start_crew_locked()
-            batch.shared = helpers
-            if helpers:
-                self._open.append(batch)
-                self._untaken += len(calls)
+            self._open.append(batch)
+            self._untaken += len(calls)
             while batch.taken < len(calls):  # the caller's share: no hand-off at all
                 self._run_locked(batch)
             self._wake_locked()  # this thread stops running calls: an idle codec thread may take its place
@@ -119,10 +115,9 @@ class CodecProcesses:
         """Take `batch`'s next call and run it with the lock released (held on entry and on return)."""
         i = batch.taken
         batch.taken += 1
-        if batch.shared:
-            self._untaken -= 1
-            if batch.taken == len(batch.calls):
-                self._open.remove(batch)
+        self._untaken -= 1
+        if batch.taken == len(batch.calls):
+            self._open.remove(batch)
         batch.running += 1
         self._running += 1
         self._wake_locked()  # more calls left than threads running them: wake helpers (never above `workers`)
@@ -206,7 +201,6 @@ class _Batch:
         self.fn, self.calls = fn, calls
         self.results: list = [None] * len(calls)
         self.errors: dict[int, BaseException] = {}
-        self.shared = True  # in the open list: codec threads may take its calls
         self.taken = 0  # calls handed out so far (in order)
         self.running = 0  # taken, not yet finished
         self.finished = threading.Condition(lock)  # the caller waits here for codec threads' calls
