@@ -5,7 +5,7 @@ the same process, passes interleaved (A/B on a noisy machine).
     python bench/codec_layout.py --kv kv.safetensors --calibration FILE.kvcal [--tokens 12288]
         [--layouts 1x16 4x16 16x16] [--kinds decode encode] [--repeats 5]
         [--before OTHER/kvshelf/codecs/pool.py] [--json OUT] [--switch-interval S]
-        [--reuse-output]
+        [--output-pool-mb MB] [--reuse-output]
 
 A layout KxN: K callers (1: one retrieval at a time; N: bench/codec_speed.py's "N cores"), N codec threads.
 `--before` loads that file as the pool module for the "before" rows (e.g. main's pool.py); the codec itself is
@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--before", help="another pool.py for 'before' rows, passes interleaved with this checkout's")
     ap.add_argument("--json")
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval for this run (an experiment)")
+    ap.add_argument("--output-pool-mb", type=int, default=256, help="config codec_output_pool_mb (0: fresh memory)")
     ap.add_argument("--reuse-output", action="store_true",
                     help="a diagnostic, decode only: each caller thread's decoded chunks share one output tensor "
                     "(what fresh output memory costs)")  # fmt: skip
@@ -131,7 +132,7 @@ def main() -> None:
         callers, workers = (int(v) for v in layout.split("x"))
         for kind in args.kinds:
             items = blobs if kind == "decode" else chunks
-            procs = {name: module.CodecProcesses(workers) for name, module in pools.items()}
+            procs = {name: module.CodecProcesses(workers, args.output_pool_mb << 20) for name, module in pools.items()}
             codecs = {name: CacheGenCodec(calibration=cal, processes=p) for name, p in procs.items()}
             stats = {name: [] for name in pools}
             outer = ThreadPoolExecutor(callers)  # the callers, kept across passes (their schedstat counted)

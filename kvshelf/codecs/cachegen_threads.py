@@ -64,8 +64,8 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     """Calibrated segments of `layers` -> their KV, one tensor [len(layers), *shape] of `dtype`, decoded in
     units on `processes`' threads (inline without workers). RansError names what is wrong in a segment."""
     two, heads, tokens, dim = shape
-    with torch.inference_mode(False):  # a normal tensor: codec threads (outside inference mode) write into it
-        out = torch.empty((len(layers), two, heads, tokens, dim), dtype=dtype)
+    # a normal tensor (codec threads, outside inference mode, write into it), in recycled memory where kept
+    out = processes.outputs.empty((len(layers), two, heads, tokens, dim), dtype)
     if not layers:
         return out
     buf = np.frombuffer(segments[0] if len(segments) == 1 else b"".join(segments), np.uint8)[:]
