@@ -21,6 +21,7 @@ per chunk, not per unit. Another output dtype, or a strided input, takes torch's
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 
@@ -40,22 +41,34 @@ from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SYMBOL
 MOST_HALVES = 6
 
 
-def units(layers: list[int], workers: int, most: int = MOST_HALVES) -> list[tuple[int, int]]:
+def units(layers: list[int], workers: int, most: int = MOST_HALVES, spread: bool = False) -> list[tuple[int, int]]:
     """Half ranges [a, b) over the 2 * len(layers) halves of `layers` (list positions), one per unit: units
     as small as giving each of `workers` threads one allows (ceil(halves / workers), at most `most`: then
-    the threads finish together), as few as that size needs, sizes differing by one at most; never across a
-    gap in the layer numbers (a unit's transforms are one slice). 18 layers on 16 threads: 12 units of 3.
-    The codec cuts for the threads free when a chunk starts (CodecProcesses.free_threads): one caller on an
-    idle pool gets 16-way units, each of 16 busy callers 6 units of 6 halves (half the GIL hand-offs)."""
+    the threads finish together), as few as that size needs (`spread`: one for each thread where there are
+    enough halves), sizes differing by one at most, the larger ones first; never across a gap in the layer
+    numbers (a unit's transforms are one slice). 18 layers on 16 threads: 12 units of 3 halves; spread: 4
+    units of 3, then 12 of 2, so that the threads that start last (codec threads as they wake) get less work
+    and finish about with the first. The codec cuts for the threads free when a chunk starts
+    (CodecProcesses.free_threads), spread on an idle pool: one caller gets 16-way units, each of 16 busy
+    callers 6 units of 6 halves (half the GIL hand-offs)."""
     n = 2 * len(layers)
     if n == 0:
         return []
     size = min(most, max(1, math.ceil(n / max(workers, 1))))
     pieces = math.ceil(n / size)
-    cuts = {n * k // pieces for k in range(pieces + 1)}
+    if spread:
+        pieces = max(pieces, min(workers, n))
+    small, larger = divmod(n, pieces)
+    cuts = {0} | set(itertools.accumulate([small + 1] * larger + [small] * (pieces - larger)))
     cuts |= {2 * k for k in range(1, len(layers)) if layers[k] != layers[k - 1] + 1}
     cuts = sorted(cuts)
     return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
+def _cuts(layers: list[int], processes: CodecProcesses) -> list[tuple[int, int]]:
+    """A chunk's units for the threads free now; spread over all of them when the pool is idle (one caller)."""
+    free = processes.free_threads()
+    return units(layers, free, spread=free == processes.workers)
 
 
 # -- decoding ------------------------------------------------------------------------------------------------
@@ -74,7 +87,7 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts = units(layers, processes.free_threads())  # all threads busy (many callers): fewer, larger units
+    cuts = _cuts(layers, processes)  # all threads busy (many callers): fewer, larger units
     half = heads * tokens * dim  # values of a half
     if dtype in cf.KINDS:  # the unit's last step writes the output's bits (RoPE and the cast in one call)
         bits, kind = cf.bits_view(out), cf.KINDS[dtype]
@@ -117,7 +130,7 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts = units(layers, processes.free_threads())
+    cuts = _cuts(layers, processes)
     half = heads * tokens * dim  # values of a half
     if kv.dtype in cf.KINDS and rows.is_contiguous():  # the unit's first step reads the KV's bits (cast and RoPE)
         bits, kind = cf.bits_view(rows), cf.KINDS[kv.dtype]
