@@ -9,7 +9,8 @@ the same process, passes interleaved (A/B on a noisy machine).
 
 A layout KxN: K callers (1: one retrieval at a time; N: bench/codec_speed.py's "N cores"), N codec threads.
 `--before` loads that file as the pool module for the "before" rows (e.g. main's pool.py); the codec itself is
-this checkout's. Per row: MB/s of fp16 KV, median of `--repeats` timed passes (each after one warm pass) with
+this checkout's (so the pool must have this checkout's interface: `CodecProcesses(workers, output_pool_bytes)`
+and `.outputs`, issue #17 eleventh session on). Per row: MB/s of fp16 KV, median of `--repeats` timed passes (each after one warm pass) with
 all passes listed; `unit cpu/wall` the codec's work units' CPU share while they ran (below 1: a unit waited
 for the GIL or its core); `cpu/wall/N` the process's CPU over N x wall; `vol` voluntary context switches per
 chunk (hand-offs that slept); `us cpu/layer` the process's CPU time per layer; `minflt` minor page faults per
