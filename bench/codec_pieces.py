@@ -3,7 +3,8 @@
     python bench/codec_pieces.py --kv kv.safetensors --calibration FILE.kvcal [--tokens 3072]
 
 Decoding a unit: rANS symbols (`_decode_halves`), the inverse transform (`torch.baddbmm`), RoPE (`_rope`), the
-cast to fp16 (`copy_`). Encoding: the cast to float32 and RoPE back, the forward transform, then rounding,
+cast to fp16 (`copy_`), or the last two in one call (`cachegen_casts.finish`, what the codec runs; `start`: the
+cast to float32 and RoPE off, encoding's first step). Encoding: the cast to float32 and RoPE back, the forward transform, then rounding,
 classes, escapes, the rANS lanes and the byte layout (`cachegen_encoder._code_halves`), and the lanes alone
 (`_encode_lanes_into`, inputs not in cache: an upper bound). Units of 6 halves (3 layers), as kvshelf.codecs.cachegen_threads cuts them; best of 3 by `time.process_time`.
 """
@@ -18,6 +19,7 @@ import torch
 from codec_speed import chunks_of
 from safetensors.torch import load_file
 
+from kvshelf.codecs import cachegen_casts as cf
 from kvshelf.codecs import cachegen_cpu as cc
 from kvshelf.codecs import cachegen_encoder as ce
 from kvshelf.codecs import cachegen_threads as ct
@@ -59,8 +61,9 @@ def main() -> None:
         )
     step = ct.MOST_HALVES
     spans = [(a, min(a + step, 2 * n)) for a in range(0, 2 * n, step)]
-    q, q_t, x, x_t = ct._scratch(step, heads, tokens, dim)
+    q, q_t, x, x_t, qb, xb = ct._scratch(step, heads, tokens, dim)
     out = torch.empty(2 * n * heads, tokens, dim, dtype=torch.float16)
+    out_bits, half = cf.bits_view(out), heads * tokens * dim
     layers = len(jobs) * n
     one = np.float32(1.0)
 
@@ -96,6 +99,11 @@ def main() -> None:
                     out[a * heads : b * heads].copy_(x_t)
                 elif which == "cast to fp32":
                     q_t.copy_(kv_rows[a * heads : b * heads])
+                elif which == "rope + cast (fused)":
+                    cf.finish(x, xb, a, b, heads, tokens, dim, cos, sin, rows, out_bits[a * half : b * half], 1)
+                elif which == "cast + rope (fused)":
+                    kv_bits = cf.bits_view(kv_rows[a * heads : b * heads])
+                    cf.start(kv_bits, 1, q, qb, a, b, heads, tokens, dim, cos, sin, rows)
 
     scratch = ce.Scratch.make(heads * dim, tokens, step, width, per_lane)
     counts, states = (
@@ -115,7 +123,8 @@ def main() -> None:
                                       counts, states)  # fmt: skip
 
     code()  # compiled code warm
-    names = ("symbols", "inverse", "rope", "cast to fp16", "cast to fp32", "forward")
+    names = ("symbols", "inverse", "rope", "cast to fp16", "rope + cast (fused)", "cast to fp32", "cast + rope (fused)",
+             "forward")  # fmt: skip
     got = {name: best(lambda name=name: steps(name)) for name in names}
     got["code (all)"] = best(code)
     got["  of which rANS lanes"] = best(lanes)
@@ -124,6 +133,9 @@ def main() -> None:
     dec = got["symbols"] + got["inverse"] + got["rope"] + got["cast to fp16"]
     enc = got["cast to fp32"] + got["rope"] + got["forward"] + got["code (all)"]
     print(f"decode steps {dec / layers * 1e6:7.1f} us/layer, encode steps {enc / layers * 1e6:7.1f} us/layer")
+    dec = got["symbols"] + got["inverse"] + got["rope + cast (fused)"]
+    enc = got["cast + rope (fused)"] + got["forward"] + got["code (all)"]
+    print(f"fused: decode steps {dec / layers * 1e6:7.1f} us/layer, encode steps {enc / layers * 1e6:7.1f} us/layer")
 
 
 if __name__ == "__main__":

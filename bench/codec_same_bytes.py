@@ -7,7 +7,7 @@ bit (a change to the coder must not change the format). Run once per checkout, t
 
 `dump` encodes the chunks of `--tokens` tokens of the KV file (codec_speed.chunks_of: later chunks repeat the
 file's at later positions) with 0, 3 and 16 codec workers, fp16 / bf16 / fp32 input (one strided input), and
-decodes the fp16 ones to float32. `compare` exits non-zero on any difference.
+decodes the fp16 ones to float32, float16 and bfloat16 (each output dtype's own cast). `compare` exits non-zero on any difference.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def dump(args) -> None:
                 if dtype == torch.float16:
                     n, two, heads, tokens, dim = kv.shape
                     shape = (two, heads, tokens, dim)
-                    out = codec.decode_layers(got, shape, torch.float32, list(range(n)), n, c.meta.position)
-                    kvs.append(torch.stack(list(out)).numpy().reshape(-1))
+                    for out_dtype in (torch.float32, torch.float16, torch.bfloat16):  # each output's own cast
+                        out = codec.decode_layers(got, shape, out_dtype, list(range(n)), n, c.meta.position)
+                        kvs.append(torch.stack(list(out)).reshape(-1).view(torch.uint8).numpy())
         processes.close()
     np.savez(args.out, data=np.frombuffer(b"".join(segs), np.uint8), lens=np.array([len(s) for s in segs]),
              names=np.array(names), kv=np.concatenate(kvs))  # fmt: skip
@@ -61,9 +62,9 @@ def compare(args) -> int:
     ends = np.cumsum(a["lens"])
     bad = [a["names"][k] for k, (s, e) in enumerate(zip([0, *ends[:-1]], ends, strict=True))
            if not np.array_equal(a["data"][s:e], b["data"][s:e])]  # fmt: skip
-    same_kv = np.array_equal(a["kv"].view(np.uint32), b["kv"].view(np.uint32))
+    same_kv = np.array_equal(a["kv"], b["kv"])
     print(f"{len(a['lens'])} segments, {a['lens'].sum()} bytes: {len(bad)} differ {bad[:5]}")
-    print(f"decoded KV (float32) bit-identical: {same_kv}")
+    print(f"decoded KV (float32, float16, bfloat16 outputs) bit-identical: {same_kv}")
     return 1 if bad or not same_kv else 0
 
 

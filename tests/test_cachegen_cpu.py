@@ -149,8 +149,8 @@ def test_codec_layers_equal_the_reference_path(workers):
     processes.close()
 
 
-def _check_units(layers: list[int], workers: int) -> list[tuple[int, int]]:
-    got = ct.units(layers, workers)
+def _check_units(layers: list[int], workers: int, spread: bool = False) -> list[tuple[int, int]]:
+    got = ct.units(layers, workers, spread=spread)
     assert [a for a, _ in got] == [0, *(b for _, b in got[:-1])] and got[-1][1] == 2 * len(layers)  # all, in order
     assert all(0 < b - a <= ct.MOST_HALVES for a, b in got)
     for a, b in got:  # never across a gap in the layer numbers
@@ -164,11 +164,18 @@ def test_units_cut_halves_evenly_for_the_threads():
         for workers in (0, 1, 2, 3, 8, 12, 16, 64):
             got = _check_units(list(range(n)), workers)
             sizes = [b - a for a, b in got]
-            assert max(sizes) - min(sizes) <= 1  # balanced
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)  # balanced, larger first
             # units as small as giving each worker one allows, and as few as that size needs
             size = min(ct.MOST_HALVES, -(-2 * n // max(workers, 1)))
             assert max(sizes) <= size and len(got) == -(-2 * n // size)
+            # spread (an idle pool): as large at most, one per worker where there are enough halves
+            spread = [b - a for a, b in _check_units(list(range(n)), workers, spread=True)]
+            assert max(spread) - min(spread) <= 1 and spread == sorted(spread, reverse=True) and max(spread) <= size
+            assert len(spread) == max(-(-2 * n // size), min(workers, 2 * n))
     assert ct.units(list(range(18)), 16) == [(k, k + 3) for k in range(0, 36, 3)]  # 12 units of 3 halves
+    # spread on 16 threads: 4 units of 3 halves, then 12 of 2 (the threads that start last get less)
+    want = [(k, k + 3) for k in range(0, 12, 3)] + [(k, k + 2) for k in range(12, 36, 2)]
+    assert ct.units(list(range(18)), 16, spread=True) == want
     assert ct.units(list(range(18)), 12) == [(k, k + 3) for k in range(0, 36, 3)]
     assert ct.units(list(range(18)), 0) == [(k, k + 6) for k in range(0, 36, 6)]  # inline: L2-sized units
     assert ct.units([5], 16) == [(0, 1), (1, 2)]  # one layer: K and V
@@ -181,6 +188,7 @@ def test_units_never_span_a_gap_in_the_layers():
     for layers in ([3, 2, 1, 0], [0, 2, 4, 6, 8], [9, 10, 11, 0, 1]):
         for workers in (0, 2, 5, 16):
             _check_units(layers, workers)
+            _check_units(layers, workers, spread=True)
 
 
 @PROPS

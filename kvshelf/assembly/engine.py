@@ -32,7 +32,9 @@ class Owned:
 
     @classmethod
     def for_config(cls, config: KVShelfConfig) -> Owned:
-        return cls(Metrics(config.metrics_prefix), CodecProcesses(config.codec_workers))
+        return cls(
+            Metrics(config.metrics_prefix), CodecProcesses(config.codec_workers, config.codec_output_pool_mb << 20)
+        )
 
     def close(self) -> None:
         for job in self.jobs:

@@ -30,6 +30,7 @@ CACHE = frozenset(
         "quantization_bits",
         "codec_calibration",
         "codec_workers",
+        "codec_output_pool_mb",
         "remote_ttl_s",
         "remote_timeout_s",
         "redis_part_bytes",

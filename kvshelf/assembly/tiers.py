@@ -132,7 +132,7 @@ def build_tiers(
     """The tiers; `calibration` (one for every cachegen tier, or one per tier name: disk, remote) sets
     cachegen's calibrated mode. `metrics`, `processes` and `calibrations` are the owner's, passed down."""
     specs = config.tier_codecs()
-    processes = processes or CodecProcesses(config.codec_workers)
+    processes = processes or CodecProcesses(config.codec_workers, config.codec_output_pool_mb << 20)
     per_tier = calibration if isinstance(calibration, dict) else dict.fromkeys(specs, calibration)
 
     def codec(tier: str):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from kvshelf.codecs import cachegen_encoder, rans
+from kvshelf.codecs import cachegen_casts, cachegen_encoder, rans
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs.cachegen_encoder import _put32
 from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SPREAD_CLASSES, SYMBOL, _u32
@@ -354,9 +354,11 @@ def _rope(x, h0, h1, heads, tokens, dim, cos, sin, which, sign):  # pragma: no c
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) what the codec calls: the whole-segment coder (float32 symbols), the
-    unit encoder (kvshelf.codecs.cachegen_encoder) and the RoPE kernel (rans.warm_up calls it). On a fresh machine ~10-20 s, from numba's cache well under 1 s."""
+    unit encoder (kvshelf.codecs.cachegen_encoder), the unit decoder's last step (kvshelf.codecs.cachegen_casts)
+    and the RoPE kernel (rans.warm_up calls it). On a fresh machine ~10-20 s, from numba's cache well under 1 s."""
     q = np.zeros((2, 1, 4, 2), np.int32)
     decode_segment_into(encode_segment(q, 5), 1, 4, 2, 5, np.empty(q.shape, np.float32))
     cachegen_encoder.warm_up()
+    cachegen_casts.warm_up()
     cos, sin, which = np.ones((1, 4, 1), np.float32), np.zeros((1, 4, 1), np.float32), np.zeros(1, np.int64)
     _rope(np.zeros(2 * 4 * 2, np.float32), 0, 2, 1, 4, 2, cos, sin, which, np.float32(1.0))

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from kvshelf.codecs.outputs import OutputBuffers
 from kvshelf.errors import KVShelfError
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,14 @@ class CodecPoolError(KVShelfError):
 
 class CodecProcesses:
     """`workers` codec threads (the calling thread one of them) or processes (0: code in the calling
-    thread), started on first use."""
+    thread), started on first use; `outputs`: the memory CPU-decoded chunks go into, up to
+    `output_pool_bytes` of freed ones kept for reuse (kvshelf.codecs.outputs)."""
 
-    def __init__(self, workers: int = 0):
+    def __init__(self, workers: int = 0, output_pool_bytes: int = 0):
         if type(workers) is not int or workers < 0:
             raise ValueError(f"codec_workers must be >= 0, got {workers}")
         self.workers = workers
+        self.outputs = OutputBuffers(output_pool_bytes)
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         # map_threads' state, all under _lock: batches with calls not yet taken (oldest first), how many such

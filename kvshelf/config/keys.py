@@ -252,6 +252,15 @@ class ConfigKeys(BaseModel):
     codec_calibration_threads: int = Field(2, ge=1, le=256, description="CPU threads computing an auto calibration")
     codec_calibration_tokens: int = Field(2048, ge=64, description="tokens of text an auto calibration is made from")
 
+    # -- issue #17 (eleventh session): memory of CPU-decoded chunks recycled ----------------------------
+    codec_output_pool_mb: int = Field(
+        256,
+        ge=0,
+        le=1 << 20,
+        description="MB of freed CPU-decoded (calibrated cachegen) chunks kept for the next decoded chunks of the "
+        "same size (no page faults on fresh memory; 0: none kept)",
+    )
+
     # -- issue #17: layerwise loading of a GPU-decoded tier reads its chunks side by side ------------
     tier_read_window: int = Field(
         2,
