@@ -99,6 +99,17 @@ VARIANTS = {
         "beyond_share": 0.25,
         "long_selection": SelectionPolicy(signal="question", question_pass=True),
     },
+    # eleventh session (h18): more of the long-prompt budget past 2,048 placed tokens (the speed headroom)
+    **{
+        f"default, long prompts by the question pass, {share * 15:g}% past 2,048": {
+            "ratios": [0.15],
+            "document_context": "prompt",
+            "ratio_tokens": 2048,
+            "beyond_share": share,
+            "long_selection": SelectionPolicy(signal="question", question_pass=True),
+        }
+        for share in (0.4, 0.5, 0.6)
+    },
     "12%, question pass, from the earlier prompt": {
         "ratios": [0.12],
         "selection": SelectionPolicy(signal="question", question_pass=True),
