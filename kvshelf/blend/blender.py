@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvshelf.blend.question_pass import QuestionPass
 from kvshelf.blend.segment import Segmented
 from kvshelf.blend.selection import SelectionPolicy, budget_for, select
 from kvshelf.cache.engine import CacheEngine
@@ -123,7 +124,7 @@ class Blender:
             raise ValueError(f"blend_prefix_documents must be >= 0, got {prefix_documents}")
         # The first documents of every prompt are part of the always-computed prefix (segment.fixed_prefix).
         self.prefix_documents = prefix_documents
-        self._prefix_kv: tuple[tuple[int, ...], torch.Tensor] | None = None  # the question pass's prefix KV
+        self.question_pass = QuestionPass(runner)
         # APE-style reweighting of the question's attention over the placed documents (model.reweight):
         # (temperature, mass, "all" or "global" layers); (1, 1, ...) is plain attention.
         temperature, mass, layers = context_attention
@@ -345,7 +346,7 @@ class Blender:
             if question_share is not None:
                 attention = question_share[placed]
             elif policy.needs_attention:
-                attention = self._question_attention(layer, hidden, positions, rope, kv, len(seg.suffix))[placed]
+                attention = self.question_pass.attention(layer, hidden, positions, rope, kv, len(seg.suffix))[placed]
             placed = placed.cpu()
             keep = self._select(
                 kv.data[layer, :, :, positions[is_document]],
@@ -398,76 +399,8 @@ class Blender:
     def _question_pass(
         self, seg: Segmented, kv: KVBuffer, policy: SelectionPolicy | None = None, question: list[int] | None = None
     ) -> torch.Tensor:
-        """Each prompt position's share of the question's attention (`seg`'s suffix, or `question` after `seg`;
-        mean, or max, over the layers read), from a pass of the question alone over the prefix's KV (kept from
-        an earlier request) and the placed document KV, as at 0% recompute. It costs the question's tokens once
-        more (1-3% of a prefill at ~2K tokens) and reads what the question attends to in the deep layers, where
-        the answer is retrieved, not at the check layer only. The blended prefill then recomputes the question
-        over the fused KV. Documents not cached are still empty in `kv` here (their share is meaningless; they
-        are computed in place anyway)."""
-        runner, shares, policy = self.runner, [], policy or self.selection
-        if question is None:
-            question, start = seg.suffix, len(seg.token_ids) - len(seg.suffix)
-        else:
-            start = len(seg.token_ids)
-        if not question:
-            return torch.ones(start, device=runner.device)
-        if seg.prefix:
-            self._place_prefix(seg.prefix, kv)
-        windows = [spec.window for spec in runner.layer_specs]
-        read = [w is None for w in windows] if policy.question_layers == "global" else [True] * len(windows)
-        if not any(read):  # no global layer: every layer
-            read = [True] * len(windows)
-        queries = {}
-
-        def probe(layer: int, hidden: torch.Tensor, positions: torch.Tensor, rope: dict) -> None:
-            if read[layer]:
-                queries[layer] = (hidden, positions, rope)
-
-        def after(layer: int, _runner, _kv) -> None:
-            # The layer has written the question's own keys: its queries' shares over every key up to them.
-            if layer in queries:
-                hidden, positions, rope = queries.pop(layer)
-                share = self._question_attention(layer, hidden, positions, rope, kv, hidden.shape[1], windows[layer])
-                shares.append(share)
-
-        runner.forward(question, start, kv, select_tokens=probe, layer_hook=after, logits=False)
-        stacked = torch.stack(shares)
-        return stacked.amax(0) if policy.question_reduce == "max" else stacked.mean(0)
-
-    def _place_prefix(self, prefix: list[int], kv: KVBuffer) -> None:
-        """The prefix's KV (position 0, no context before it: the same in every prompt) into `kv`, computed
-        once per prefix and kept (one prefix: BOS, or BOS and a fixed instruction)."""
-        key = tuple(prefix)
-        if self._prefix_kv is None or self._prefix_kv[0] != key:
-            alone = self.runner.new_kv(len(prefix))
-            self.runner.forward(prefix, 0, alone, logits=False)
-            self._prefix_kv = (key, alone.data.clone())
-        kv.write_layers(0, self.runner.num_layers, 0, self._prefix_kv[1])
-
-    def _question_attention(
-        self, layer: int, hidden, positions, rope: dict, kv: KVBuffer, question: int, window: int | None = None
-    ):
-        """Each prompt position's share of the attention of the question's queries at this layer ([positions
-        up to the last], mean over heads and question tokens). The question is the prompt's suffix, always
-        computed and last among the active tokens; the keys are this layer's (fresh for every token computed
-        here). A sliding window is ignored on purpose: at an early, sliding check layer it would hide the first
-        documents from the question, and the share is a proxy for what later, global layers read (`window`
-        applies one: the question pass reads every layer as the model does)."""
-        m = max(1, min(question, hidden.shape[1]))
-        tail = {key: (cos[:, -m:], sin[:, -m:]) for key, (cos, sin) in rope.items()}
-        q = self.runner.query_states(layer, hidden[:, -m:], positions[-m:], tail).float()  # [heads, m, dim]
-        end = int(positions[-1]) + 1
-        keys = kv.data[layer, 0, :, :end].float()  # [kv_heads, end, dim]
-        group = q.shape[0] // keys.shape[0]
-        q = q.reshape(keys.shape[0], group * m, -1)  # query head h reads KV head h // group
-        logits = q @ keys.transpose(1, 2)  # [kv_heads, group * m, end]
-        keys_at = torch.arange(end, device=keys.device).view(1, -1)
-        at = positions[-m:].repeat(group).view(-1, 1)
-        hidden_keys = keys_at > at
-        if window is not None:
-            hidden_keys |= at - keys_at >= window
-        return logits.masked_fill(hidden_keys, float("-inf")).softmax(-1).mean(dim=(0, 1))
+        """Each prompt position's share of the question's attention (blend.question_pass)."""
+        return self.question_pass.shares(seg, kv, policy or self.selection, question)
 
     def _select(
         self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset, attention, policy

@@ -60,7 +60,7 @@ TokenSelector = Callable[[int, torch.Tensor, torch.Tensor, dict], "torch.Tensor 
 _BOUNDS = "positions"
 
 
-def _bounds(positions: torch.Tensor, masks: dict) -> tuple[int, int]:
+def position_bounds(positions: torch.Tensor, masks: dict) -> tuple[int, int]:
     """(first, last) of `positions` as ints, read once per set of positions (kept in `masks`)."""
     bounds = masks.get(_BOUNDS)
     if bounds is None:
@@ -76,7 +76,7 @@ def _window_blocks(positions: torch.Tensor, masks: dict, window: int, n: int) ->
     positions: reading cut positions waits for a GPU)."""
     key = ("window blocks", window)
     if key not in masks:
-        first, last = _bounds(positions, masks)
+        first, last = position_bounds(positions, masks)
         blocks = None
         if last - first + 1 > 2 * window:
             edges = torch.arange(first + window, last + 1, window, device=positions.device)
@@ -293,7 +293,7 @@ class ModelRunner:
             q = q_norm(q)
         q = apply_rope(q, cos, sin)
         k, v = self._kv_states(index, attn, x, cos, sin)
-        first, last = _bounds(positions, masks)
+        first, last = position_bounds(positions, masks)
         contiguous = last - first + 1 == n
         kv.write_layer(index, slice(first, last + 1) if contiguous else positions, k[0], v[0])
         out = self._attend(index, q, positions, kv, masks, window, attn.scaling)
@@ -311,7 +311,7 @@ class ModelRunner:
         """Attention of queries q [1, heads, n, dim] at `positions` (ascending, contiguous or CacheBlend's scattered
         selection) over the buffer, which already holds their K/V. A sliding layer's queries go in window blocks
         (`_window_blocks`), each reading only the keys its window reaches. vLLM's runner adapter attends so too."""
-        first, last = _bounds(positions, masks)
+        first, last = position_bounds(positions, masks)
         blocks = _window_blocks(positions, masks, window, q.shape[2]) if window is not None else None
         if blocks is None:
             return self._sdpa(index, q, positions, first, last, kv, window, masks, scale)

@@ -31,7 +31,7 @@ import torch
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.errors import UnsupportedModelError
 from kvshelf.model.kv_buffer import KVBuffer
-from kvshelf.model.runner import LayerSpec, ModelRunner, _bounds, has_sandwich_norms
+from kvshelf.model.runner import LayerSpec, ModelRunner, has_sandwich_norms, position_bounds
 
 SUPPORTED_VLLM_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
@@ -231,7 +231,7 @@ class VllmModelRunner(ModelRunner):
         n = x.shape[0]
         q, k, v = self._qkv(index, attn, x, positions)
         kv.write_layer(index, self._slots(positions, n), k.transpose(0, 1), v.transpose(0, 1))
-        if self._paged is not None and kv is self._paged_kv and _bounds(positions, masks)[1] < self._paged.end:
+        if self._paged is not None and kv is self._paged_kv and position_bounds(positions, masks)[1] < self._paged.end:
             out = self._paged.attend(index, q, k, v, positions, kv)
         else:
             # ModelRunner's attention over the buffer: a sliding layer's queries (contiguous, or a blend's
