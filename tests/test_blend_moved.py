@@ -110,3 +110,43 @@ def test_a_document_moved_forward_carries_the_share_of_context_it_lost(tiny_mode
     assert counts[0.0] == budget
     # The extra: ceil(lost tokens), less where the budget already took some of the moved tokens.
     assert budget < counts[1.0] <= budget + math.ceil(lost_tokens)
+
+
+@pytest.mark.parametrize("tokens, order, charged", [(1200, [1, 0], True), (400, [1, 0], False), (1200, [0, 1], False)])
+def test_advise_charges_the_extra_for_documents_moved_forward_in_long_prompts(monkeypatch, tokens, order, charged):
+    """`kvshelf advise` charges what the long policy's moved extra recomputes: only past blend_ratio_tokens
+    (2,048) placed tokens and only when a cached document now sits nearer the front than where it was cached."""
+    import kvshelf.advice.advise as advise_module
+    from kvshelf.advice.advise import BLEND_LABEL, Request, analyse
+    from kvshelf.advice.cost import CostModel
+
+    cost = CostModel(prefill_tokens_per_s=400.0, kv_bytes_per_token=36864)
+    docs = [[10000 * d + i for i in range(tokens)] for d in range(2)]
+    question = list(range(7, 37))
+    again = [docs[i] for i in order]
+    trace = [Request(docs[0] + docs[1] + question, chunks=docs), Request(sum(again, []) + question, chunks=again)]
+    monkeypatch.setattr(advise_module, "BLEND_LONG_QUESTION_PASS", True)
+    monkeypatch.setattr(advise_module, "BLEND_LONG_MOVED", SelectionPolicy())
+    plain = analyse(trace, cost).predicted_ttft_s[BLEND_LABEL]
+    monkeypatch.setattr(advise_module, "BLEND_LONG_MOVED", SelectionPolicy(moved_extra=0.5))
+    extra = analyse(trace, cost).predicted_ttft_s[BLEND_LABEL] - plain
+    # The second request: docs[1] moved from place `tokens` to 0 (its whole context gone), docs[0] back.
+    expected = cost.recompute_s(17 * math.ceil(0.5 * tokens) / 18) / len(trace) if charged else 0.0
+    assert extra == pytest.approx(expected)
+
+
+def test_the_config_sets_the_moved_extra_of_long_prompts(tiny_models):
+    from kvshelf.assembly.runtimes import RUNTIMES
+    from kvshelf.blend.blender import Blender
+    from kvshelf.config import KVShelfConfig
+    from kvshelf.model.runner import ModelRunner
+
+    runner = ModelRunner(tiny_models("llama"))
+    config = KVShelfConfig(blend_long_moved_extra=0.2, blend_long_moved_head=16)
+    long = Blender.from_config(runner, None, config).long_selection
+    assert (long.moved_extra, long.moved_head, long.signal) == (0.2, 16, "question")
+    assert Blender.from_config(runner, None, config).selection.moved_extra == 0.0  # short prompts: unchanged
+    with pytest.raises(ValueError, match="blend_long_moved_extra"):
+        KVShelfConfig(blend_long_moved_extra=1.5)
+    assert {"blend_long_moved_extra", "blend_long_moved_head"} <= RUNTIMES["generate"]
+    assert "blend_long_moved_extra" not in RUNTIMES["vllm"]

@@ -204,7 +204,11 @@ class Blender:
             ratio_tokens=config.blend_ratio_tokens,
             beyond_share=config.blend_ratio_beyond_share,
             long_selection=SelectionPolicy(
-                signal="question", question_pass=True, question_budget=config.blend_long_question_budget
+                signal="question",
+                question_pass=True,
+                question_budget=config.blend_long_question_budget,
+                moved_extra=config.blend_long_moved_extra,
+                moved_head=config.blend_long_moved_head,
             )
             if config.blend_long_question_pass
             else None,
