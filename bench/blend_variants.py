@@ -125,6 +125,8 @@ VARIANTS = {
             ("extra 20%", {"moved_extra": 0.2}),
             ("first 32 tokens", {"moved_head": 32}),
             ("first 32 tokens, extra 10%", {"moved_head": 32, "moved_extra": 0.1}),
+            ("extra 10% by question", {"moved_extra": 0.1, "moved_signal": "policy"}),
+            ("extra 20% by question", {"moved_extra": 0.2, "moved_signal": "policy"}),
         )
     },
     "12%, question pass, from the earlier prompt": {

@@ -150,3 +150,20 @@ def test_the_config_sets_the_moved_extra_of_long_prompts(tiny_models):
         KVShelfConfig(blend_long_moved_extra=1.5)
     assert {"blend_long_moved_extra", "blend_long_moved_head"} <= RUNTIMES["generate"]
     assert "blend_long_moved_extra" not in RUNTIMES["vllm"]
+
+
+def test_the_moved_extra_can_follow_the_policys_own_ranking():
+    fresh, cached = kv_pair(n=8)
+    fresh[:, :, 5] += 9.0  # the moved document's largest deviation
+    attention = torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.01, 0.3, 0.01])  # the question reads token 6 there
+    moved = torch.tensor([0.0] * 4 + [0.5] * 4)
+    policy = SelectionPolicy(signal="question", moved_extra=0.5)
+    assert select(fresh, cached, 1, attention=attention, policy=policy, moved=moved).nonzero().view(-1).tolist() == [
+        0,
+        5,
+    ]
+    by_policy = SelectionPolicy(signal="question", moved_extra=0.5, moved_signal="policy")
+    chosen = select(fresh, cached, 1, attention=attention, policy=by_policy, moved=moved)
+    assert chosen.nonzero().view(-1).tolist() == [0, 6]
+    with pytest.raises(ValueError, match="moved signal"):
+        SelectionPolicy(moved_signal="q")

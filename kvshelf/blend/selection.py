@@ -29,7 +29,8 @@ Documents that moved toward the front (issue #18, eleventh session): a document 
 first held it carries deep KV that attended to whatever preceded it there; placed nearer the front, part of that
 context is gone (`moved`: per token, the share of its cached context no longer before it, 0 for a document that
 did not move forward). `moved_extra` adds that share of those weighted tokens to the budget, picked among the
-moved documents' tokens by K and V deviation; `moved_head` recomputes each moved document's first tokens.
+moved documents' tokens by K and V deviation (or, `moved_signal` "policy", by the policy's own score);
+`moved_head` recomputes each moved document's first tokens.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class SelectionPolicy:
     question_budget: float = 1.0  # signal "question": this share of the budget by attention, the rest by deviation
     moved_extra: float = 0.0  # extra budget: this share of the moved-forward tokens, each weighted by `moved`
     moved_head: int = 0  # each document that moved forward: its first tokens recomputed (beyond the budget)
+    moved_signal: str = "kv"  # the extra's ranking: K and V deviation ("kv") or the policy's own ("policy")
 
     @property
     def needs_attention(self) -> bool:
@@ -74,6 +76,8 @@ class SelectionPolicy:
             )
         if not 0.0 <= self.question_budget <= 1.0:
             raise ValueError(f"blend question budget must be within 0..1, got {self.question_budget}")
+        if self.moved_signal not in ("kv", "policy"):
+            raise ValueError(f"blend moved signal must be kv or policy, got {self.moved_signal!r}")
         if not 0.0 <= self.moved_extra <= 1.0 or self.moved_head < 0:
             raise ValueError(
                 f"blend moved extra must be within 0..1 and moved head >= 0, got {self.moved_extra} and "
@@ -157,7 +161,10 @@ def select(
         keep |= forward & (offset.to(fresh.device) < policy.moved_head)
     extra = min(int((forward & ~keep).sum()), math.ceil(policy.moved_extra * float(moved.sum())))
     if extra:
-        ranking = deviation(fresh, cached, "kv").masked_fill(~forward | keep, float("-inf"))
+        ranking = (
+            deviation(fresh, cached, "kv") if policy.moved_signal == "kv" else score(fresh, cached, policy, attention)
+        )
+        ranking = ranking.masked_fill(~forward | keep, float("-inf"))
         keep[torch.topk(ranking, extra).indices] = True
     return keep
 
