@@ -26,9 +26,10 @@ CODEC_BITS = {"none": 32.0, "int8": 8.13, "cachegen": 2.65}
 BLEND_QUALITY = (
     "measured on 100 varied RAG prompts of ~2K tokens: 15% recompute, documents cached from the prompt that first "
     "held them, answered as often as full prefill (65 and 66 of 100, paired difference -1 point [-9, +7]) at ~4.3x "
-    "faster TTFT; documents cached alone lost 10 points at 15%. On 4-8K prompts (15% of 2,048 tokens, then 3.75%, "
-    "picked by the question pass) it is ~7x faster and answered as full prefill on one set (21 of 28) but lost 3 "
-    "of 20 on another (17 vs 20 of 24): check answers on long prompts"
+    "faster TTFT; documents cached alone lost 10 points at 15%. On 4-8K prompts (15% of 2,048 tokens, then 6%, "
+    "picked by the question pass) it is ~6.6x faster and answered 49 of 73 on three sets where full prefill "
+    "answered 54 (17 vs 17, 18 vs 20, 14 vs 17; the answers lost were near ties of full prefill's own): check "
+    "answers on long prompts"
 )
 
 
