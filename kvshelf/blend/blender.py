@@ -38,7 +38,7 @@ import torch
 
 from kvshelf.blend.question_pass import QuestionPass
 from kvshelf.blend.segment import Segmented
-from kvshelf.blend.selection import SelectionPolicy, budget_for, select
+from kvshelf.blend.selection import SelectionPolicy, budget_for, moved_share, select
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
 from kvshelf.metrics import Metrics
@@ -79,14 +79,6 @@ class Document:
     @property
     def tokens(self) -> int:
         return self.end - self.start
-
-
-def moved_share(doc: Document) -> float:
-    """The share of a placed document's cached context (the tokens before it where its KV was computed) that is
-    no longer before it here: 0 unless it moved toward the front (selection's `moved`)."""
-    if doc.computed_at is None or doc.computed_at <= doc.start:
-        return 0.0
-    return (doc.computed_at - doc.start) / doc.computed_at
 
 
 class Blender:
@@ -334,7 +326,7 @@ class Blender:
             if doc.cached:
                 document_of[doc.start : doc.end] = index
                 offset_of[doc.start : doc.end] = torch.arange(doc.tokens)
-                moved_of[doc.start : doc.end] = moved_share(doc)
+                moved_of[doc.start : doc.end] = moved_share(doc.computed_at, doc.start)
         info.deferred = info.documents - info.document_hits
         self.metrics.blend_lookups.inc(info.documents)
         self.metrics.blend_hits.inc(info.document_hits)

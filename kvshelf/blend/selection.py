@@ -169,6 +169,14 @@ def select(
     return keep
 
 
+def moved_share(computed_at: int | None, start: int) -> float:
+    """The share of a placed document's cached context (the tokens before it where its KV was computed, from
+    `computed_at`) no longer before it at `start`: 0 unless it moved toward the front (`select`'s `moved`)."""
+    if computed_at is None or computed_at <= start:
+        return 0.0
+    return (computed_at - start) / computed_at
+
+
 def moved_budget(policy: SelectionPolicy, moved: list[tuple[int, float]]) -> int:
     """Tokens `select` adds for documents that moved toward the front, at most: `moved` lists each placed
     document's tokens and the share of its cached context no longer before it (what `kvshelf advise` charges)."""
