@@ -100,6 +100,8 @@ VARIANTS = {
         "long_selection": SelectionPolicy(signal="question", question_pass=True),
     },
     # eleventh session (h18): more of the long-prompt budget past 2,048 placed tokens (the speed headroom)
+    # ("..., 6% past 2,048" is the config default since then; "default, long prompts by the question pass" keeps
+    # the tenth session's 3.75%)
     **{
         f"default, long prompts by the question pass, {share * 15:g}% past 2,048": {
             "ratios": [0.15],
