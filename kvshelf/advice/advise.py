@@ -27,8 +27,8 @@ BLEND_QUALITY = (
     "measured on 100 varied RAG prompts of ~2K tokens: 15% recompute, documents cached from the prompt that first "
     "held them, answered as often as full prefill (65 and 66 of 100, paired difference -1 point [-9, +7]) at ~4.3x "
     "faster TTFT; documents cached alone lost 10 points at 15%. On 4-8K prompts (15% of 2,048 tokens, then 6%, "
-    "picked by the question pass) it is ~6.6x faster and answered 49 of 73 on three sets where full prefill "
-    "answered 54 (17 vs 17, 18 vs 20, 14 vs 17; the answers lost were near ties of full prefill's own): check "
+    "picked by the question pass) it is ~6.6x faster and answered 53 of 78 on three sets where full prefill "
+    "answered 58 (21 vs 21, 18 vs 20, 14 vs 17; the answers lost were near ties of full prefill's own): check "
     "answers on long prompts"
 )
 

@@ -278,7 +278,7 @@ class ConfigKeys(BaseModel):
     )
     blend_ratio_beyond_share: float = Field(
         # issue #18, eleventh session: 0.25 -> 0.4 (3.75% -> 6% past 2,048 tokens): at 4-8K the same answers pooled
-        # over three sets (49 of 73), answer-token KL lower on each, 6.5-6.7x instead of 7.2-7.3x (BENCHMARKS.md)
+        # over three sets (53 of 78), answer-token KL lower on each, 6.6-6.7x instead of 7.2-7.3x (BENCHMARKS.md)
         0.4,
         ge=0,
         le=1,
