@@ -27,8 +27,10 @@ import random
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from blend_reuse import Reuse
 from blend_variants import VARIANTS
 from common import save_results
 from rag_eval import correct, paired
@@ -228,6 +230,13 @@ def main() -> None:
     )
     ap.add_argument("--cold", action="store_true", help="measure the first request with new documents instead")
     ap.add_argument(
+        "--reuse",
+        default=None,
+        metavar="DIR",
+        help="keep the earlier request's document KV and full prefill's reference here, and load them on the next "
+        "run of the same samples (bench/blend_reuse.py)",
+    )
+    ap.add_argument(
         "--no-alone",
         action="store_true",
         help="leave out the methods with documents computed alone (0%% and --ratios): only --variants",
@@ -268,6 +277,7 @@ def main() -> None:
     ]
     fillers = list({(g.blender.prefix_documents, g.blender.document_context): g for g in reversed(fillers)}.values())
     probe.generate("warm-up", max_new_tokens=1, use_cache=False)
+    reuse = Reuse(args.reuse, f"{args.model} {args.max_new_tokens}")
     per_sample = Path(args.json).with_suffix(".samples.jsonl")
     per_sample.parent.mkdir(parents=True, exist_ok=True)
     per_sample.write_text("")
@@ -284,7 +294,7 @@ def main() -> None:
             if "prefix caching" in methods:
                 shelf.generator.generate(probe.segment(first, None).token_ids, max_new_tokens=1)
             for filler_gen in fillers:  # documents behind another fixed prefix have other keys: fill each kind
-                store_documents(filler_gen, first)
+                reuse.documents(filler_gen, first, store_documents)
             text = prompt_text(docs, question, cue)
             ids = probe.segment(text, None).token_ids
             record = {
@@ -310,21 +320,32 @@ def main() -> None:
                     "should_stop": first_line_done(tok, out),
                     "on_logits": keep,
                 }
-                if gen is None:
-                    stream = probe.stream(ids, use_cache=False, **kw)
-                elif gen is shelf.generator:
-                    stream = gen.stream(ids, **kw)
+                kept = reuse.reference(ids) if gen is None else None
+                if kept is not None:  # full prefill as an earlier run of these samples measured it
+                    steps[:] = list(kept["steps"])
+                    r = SimpleNamespace(
+                        token_ids=kept["tokens"], first_logits=kept["first_logits"], ttft_s=kept["ttft_s"]
+                    )
+                    cpu_to_first = kept["cpu_to_first_s"]
                 else:
-                    stream = gen.stream(text, **kw)
-                cpu_start, cpu_to_first = time.process_time(), None
-                while True:
-                    try:
-                        out.append(next(stream))
-                        if len(out) == 1:  # the process's CPU time to the first token: less sensitive to load
-                            cpu_to_first = time.process_time() - cpu_start
-                    except StopIteration as done:
-                        r = done.value
-                        break
+                    if gen is None:
+                        stream = probe.stream(ids, use_cache=False, **kw)
+                    elif gen is shelf.generator:
+                        stream = gen.stream(ids, **kw)
+                    else:
+                        stream = gen.stream(text, **kw)
+                    cpu_start, cpu_to_first = time.process_time(), None
+                    while True:
+                        try:
+                            out.append(next(stream))
+                            if len(out) == 1:  # the process's CPU time to the first token: less sensitive to load
+                                cpu_to_first = time.process_time() - cpu_start
+                        except StopIteration as done:
+                            r = done.value
+                            break
+                    if gen is None:
+                        kept = {"tokens": list(r.token_ids), "first_logits": r.first_logits, "steps": steps}
+                        reuse.keep_reference(ids, {**kept, "ttft_s": r.ttft_s, "cpu_to_first_s": cpu_to_first})
                 if gen is None:
                     ref, ref_tokens, ref_steps = r.first_logits, r.token_ids, steps
                     # The first answer token that is not white space (after "... is", numbers start with a
@@ -349,6 +370,8 @@ def main() -> None:
             with per_sample.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             progress.advance(task)
+    if args.reuse:
+        console.print(f"reused from {args.reuse}: {reuse.loaded}")
     save_results(args.json, summarize(records, console, args))
 
 
