@@ -64,26 +64,33 @@ def _bf16_bits(w):  # pragma: no cover - compiled
     return np.uint16(r if (w & np.uint32(0x7FFFFFFF)) <= np.uint32(0x7F800000) else np.uint32(0xFFFF))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _rope_half(vals, c, s, heads, tokens, dim, sign):  # pragma: no cover - compiled
+    """RoPE on one K half in place (`vals`: flat [heads * tokens * dim]; tables c, s [tokens, dim / 2]): sign +1
+    puts it back, -1 takes it off, with kvshelf.codecs.cachegen_cpu._rope's arithmetic (s * 1.0 is s exactly)."""
+    half = dim // 2
+    for g in range(heads):
+        for t in range(tokens):
+            row, ct, st = vals[(g * tokens + t) * dim : (g * tokens + t + 1) * dim], c[t], s[t]
+            for i in range(half):
+                x1, x2 = row[i], row[i + half]
+                si = st[i] * sign
+                row[i] = x1 * ct[i] + (-x2) * si
+                row[i + half] = x2 * ct[i] + x1 * si
+
+
 @njit(nogil=True, cache=True)
 def finish(x, xb, h0, h1, heads, tokens, dim, cos, sin, which, out, kind):  # pragma: no cover - compiled
     """Halves h0..h1-1 of a unit (x: float32, flat [(h1 - h0) * heads * tokens * dim], the inverse transform's
     output; xb: the same memory as uint32): RoPE back on K halves (even h; tables cos[which[h // 2]],
     sin[which[h // 2]]; kvshelf.codecs.cachegen_cpu._rope's arithmetic with sign +1, in place), then every value
     cast into `out` (the unit's slice of the output, flat, as bits_view gives it; `kind` from KINDS)."""
-    half, size = dim // 2, heads * tokens * dim
+    size = heads * tokens * dim
     for h in range(h0, h1):  # views from index 0: the compiler drops negative-index checks and vectorises
         at = (h - h0) * size
         vals, bits, dst = x[at : at + size], xb[at : at + size], out[at : at + size]
         if h % 2 == 0:
-            c, s = cos[which[h // 2]], sin[which[h // 2]]
-            for g in range(heads):
-                for t in range(tokens):
-                    row, ct, st = vals[(g * tokens + t) * dim : (g * tokens + t + 1) * dim], c[t], s[t]
-                    for i in range(half):
-                        x1, x2 = row[i], row[i + half]
-                        si = st[i]
-                        row[i] = x1 * ct[i] + (-x2) * si
-                        row[i + half] = x2 * ct[i] + x1 * si
+            _rope_half(vals, cos[which[h // 2]], sin[which[h // 2]], heads, tokens, dim, np.float32(1.0))
         if kind == 1:  # the half is in L2 (256 tokens x 256 dims: 256 KB)
             for i in range(size):
                 dst[i] = _f16_bits(vals[i])
@@ -100,7 +107,7 @@ def start(kv, kind, x, xb, h0, h1, heads, tokens, dim, cos, sin, which):  # prag
     """The first step of encoding halves h0..h1-1: the unit's KV (`kv`: flat bits as bits_view gives them, `kind`
     from KINDS) as float32 into x (xb: the same memory as uint32), then RoPE taken off K halves (even h):
     kvshelf.codecs.cachegen_cpu._rope's arithmetic with sign -1, in place."""
-    half, size = dim // 2, heads * tokens * dim
+    size = heads * tokens * dim
     for h in range(h0, h1):  # views from index 0 (see finish)
         at = (h - h0) * size
         src, vals, bits = kv[at : at + size], x[at : at + size], xb[at : at + size]
@@ -114,15 +121,7 @@ def start(kv, kind, x, xb, h0, h1, heads, tokens, dim, cos, sin, which):  # prag
             for i in range(size):
                 bits[i] = src[i]
         if h % 2 == 0:
-            c, s = cos[which[h // 2]], sin[which[h // 2]]
-            for g in range(heads):
-                for t in range(tokens):
-                    row, ct, st = vals[(g * tokens + t) * dim : (g * tokens + t + 1) * dim], c[t], s[t]
-                    for i in range(half):
-                        x1, x2 = row[i], row[i + half]
-                        si = st[i] * np.float32(-1.0)
-                        row[i] = x1 * ct[i] + (-x2) * si
-                        row[i + half] = x2 * ct[i] + x1 * si
+            _rope_half(vals, cos[which[h // 2]], sin[which[h // 2]], heads, tokens, dim, np.float32(-1.0))
 
 
 def warm_up() -> None:
