@@ -60,26 +60,36 @@ def test_the_cast_writes_torchs_bits_for_any_finite_float(words, dtype):
     assert torch.equal(got.view(torch.uint8), torch.from_numpy(x).to(dtype).view(torch.uint8))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    h0=st.integers(0, 3),
-    halves=st.integers(1, 6),
-    heads=st.integers(1, 3),
-    tokens=st.integers(1, 9),
-    dim=st.sampled_from([2, 4, 8, 16]),
-    dtype=st.sampled_from(DTYPES),
-)
+# A unit of any halves (starting on a K or a V half), heads, tokens and head size, in each 16/32-bit output dtype.
+def unit_cases(test):
+    return settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])(
+        given(
+            seed=st.integers(0, 2**32 - 1),
+            h0=st.integers(0, 3),
+            halves=st.integers(1, 6),
+            heads=st.integers(1, 3),
+            tokens=st.integers(1, 9),
+            dim=st.sampled_from([2, 4, 8, 16]),
+            dtype=st.sampled_from(DTYPES),
+        )(test)
+    )
+
+
+def _rope_tables(rng, tokens: int, dim: int, h1: int):
+    """Two RoPE tables (cos, sin) and which table each layer of halves 0..h1-1 takes."""
+    angles = rng.uniform(-50, 50, size=(2, tokens, dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return cos, sin, rng.integers(0, 2, size=(h1 + 1) // 2).astype(np.int64)
+
+
+@unit_cases
 def test_rope_and_cast_equal_the_reference_steps(seed, h0, halves, heads, tokens, dim, dtype):
     """A unit of any halves (starting on a K or a V half; layers with different RoPE tables) equals
     cachegen_cpu._rope in place, then torch's cast."""
     rng = np.random.default_rng(seed)
     h1 = h0 + halves
-    layers = (h1 + 1) // 2
     x = (rng.standard_normal(halves * heads * tokens * dim) * 2.0 ** rng.integers(-20, 18)).astype(np.float32)
-    angles = rng.uniform(-50, 50, size=(2, tokens, dim // 2))
-    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    which = rng.integers(0, 2, size=layers).astype(np.int64)
+    cos, sin, which = _rope_tables(rng, tokens, dim, h1)
     got, rotated = _finish(x, h0, h1, heads, tokens, dim, cos, sin, which, dtype)
     want = x.copy()
     cc._rope(want, h0, h1, heads, tokens, dim, cos, sin, which, np.float32(1.0))
@@ -107,25 +117,14 @@ def test_widening_is_torchs_for_every_16_bit_pattern(dtype):
     assert np.array_equal(x.view(np.uint32), kv.float().numpy().view(np.uint32))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    h0=st.integers(0, 3),
-    halves=st.integers(1, 6),
-    heads=st.integers(1, 3),
-    tokens=st.integers(1, 9),
-    dim=st.sampled_from([2, 4, 8, 16]),
-    dtype=st.sampled_from(DTYPES),
-)
+@unit_cases
 def test_cast_and_rope_off_equal_the_reference_steps(seed, h0, halves, heads, tokens, dim, dtype):
     """Encoding's first step on a unit of any halves: torch's cast to float32, then cachegen_cpu._rope with
     sign -1, in place."""
     rng = np.random.default_rng(seed)
     h1 = h0 + halves
     kv = torch.from_numpy(rng.standard_normal(halves * heads * tokens * dim).astype(np.float32) * 300).to(dtype)
-    angles = rng.uniform(-50, 50, size=(2, tokens, dim // 2))
-    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    which = rng.integers(0, 2, size=(h1 + 1) // 2).astype(np.int64)
+    cos, sin, which = _rope_tables(rng, tokens, dim, h1)
     got = np.full(kv.shape[0] + 3, 7.0, np.float32)  # beyond the unit: left alone
     cf.start(cf.bits_view(kv), cf.KINDS[dtype], got, got.view(np.uint32), h0, h1, heads, tokens, dim, cos, sin, which)
     want = kv.float().numpy().copy()
