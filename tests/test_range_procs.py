@@ -59,6 +59,13 @@ def test_ranges_are_read_into_shared_memory_and_checked(tmp_path, procs, mac):
     assert isinstance(procs.read(buf, [(a, 0)])[0], FileNotFoundError)
     with pytest.raises(ValueError, match="outside a buffer"):
         procs.read(buf, [(b, (1 << 17) - 100)])
+    # a buffer closed: each worker that mapped it is told to drop it with its next call, and then forgets it
+    buf.close()
+    assert shared_host.handle(buf.tensor) is None and shared_host.retired({buf.serial}) == {buf.serial}
+    other = shared_host.SharedHost(1 << 17, pin=False)
+    for _ in range(2 * procs.processes):
+        assert procs.read(other, [(b, 0)]) == [None]
+    assert all(buf.serial not in w._known for w in procs._workers)
 
 
 def test_a_worker_that_dies_fails_its_call_and_is_replaced(tmp_path, procs):
@@ -76,7 +83,8 @@ def test_a_worker_that_dies_fails_its_call_and_is_replaced(tmp_path, procs):
     assert procs.read(buf, [(r, 0)]) == [None] and buf.tensor.numpy()[:300].tobytes() == data
 
 
-def test_a_shared_staging_buffer_comes_from_its_own_pool():
+def test_a_shared_staging_buffer_comes_from_its_own_pool(monkeypatch):
+    monkeypatch.setattr(rans_gpu, "_shared_pool", [])  # this test's own
     host = rans_gpu.HostRange(5000, "cpu", shared=True)
     assert host.shared is not None and host.shared.nbytes >= 5000
     plain = rans_gpu.HostRange(5000, "cpu")
@@ -86,6 +94,12 @@ def test_a_shared_staging_buffer_comes_from_its_own_pool():
     assert again.shared is host.shared
     again.close()
     plain.close()
+    taken = [rans_gpu.HostRange(5000, "cpu", shared=True) for _ in range(5)]  # the pool holds no more than 4
+    for h in taken:
+        h.close()
+    larger = rans_gpu.HostRange(8 << 20, "cpu", shared=True)  # a slot's buffer replaced by a larger one: closed
+    assert larger.shared.nbytes >= 8 << 20 and sum(shared_host.handle(h._host) is None for h in taken) == 1
+    larger.close()
 
 
 def test_streamed_layerwise_reads_through_worker_processes_decode_as_whole_loading(tmp_path, tiny_models, monkeypatch):

@@ -130,7 +130,9 @@ def _pinned(nbytes: int, shared: bool = False, pin: bool = True) -> tuple[torch.
     if slot[1] is not None:
         slot[1].synchronize()
     if slot[0].numel() < nbytes:
-        slot[0] = _new_buffer(nbytes, shared, pin)
+        old, slot[0] = slot[0], _new_buffer(nbytes, shared, pin)
+        if shared:  # unpinned and unmapped now (its last copy has run: waited for above)
+            shared_host.handle(old).close()
     return slot[0][:nbytes], slot
 
 

@@ -19,11 +19,12 @@ import torch
 _lock = threading.Lock()
 _serials = itertools.count(1)
 _by_address: dict[int, SharedHost] = {}  # a buffer's first byte -> the buffer: tensors cut from it find it (handle)
+_retired: set[int] = set()  # serials of buffers closed: worker processes that mapped them drop their mapping
 
 
 class SharedHost:
-    """`nbytes` of shared memory (a memfd), mapped here as a uint8 tensor; pinned for CUDA copies with `pin`. Kept
-    for the life of the process (a staging pool holds these): a worker process may have mapped it."""
+    """`nbytes` of shared memory (a memfd), mapped here as a uint8 tensor; pinned for CUDA copies with `pin`. A
+    staging pool holds these until it replaces one by a larger one (close)."""
 
     def __init__(self, nbytes: int, pin: bool):
         if nbytes <= 0:
@@ -38,12 +39,26 @@ class SharedHost:
             raise
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         self.serial = next(_serials)  # names it to the worker processes (an fd number may be reused)
+        self.pinned = False
         if pin:
             err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of shared memory failed: {err}")
+            self.pinned = True
         with _lock:
             _by_address[self.tensor.data_ptr()] = self
+
+    def close(self) -> None:
+        """Done with it (no copy from it may still be queued, no read may still write into it): unpinned and its
+        descriptor closed; the memory goes once the tensor is dropped here and worker processes have dropped their
+        mapping (they do when next called: retired)."""
+        with _lock:
+            if _by_address.pop(self.tensor.data_ptr(), None) is not self:
+                return
+            _retired.add(self.serial)
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+        os.close(self.fd)
 
 
 def allocate(nbytes: int, pin: bool) -> torch.Tensor:
@@ -56,3 +71,9 @@ def handle(tensor: torch.Tensor) -> SharedHost | None:
     None for any other memory."""
     with _lock:
         return _by_address.get(tensor.data_ptr())
+
+
+def retired(serials: set[int]) -> set[int]:
+    """Those of `serials` whose buffers were closed."""
+    with _lock:
+        return serials & _retired

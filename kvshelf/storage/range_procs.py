@@ -138,7 +138,12 @@ class _Worker:
         self._known: set[int] = set()  # serials of the buffers this worker was handed
 
     def call(self, buffer: SharedHost, jobs: list[tuple[FileRange, int]]) -> list:
+        from kvshelf.codecs import shared_host  # here: a worker process imports no torch
+
+        drop = shared_host.retired(self._known)  # buffers closed since: the worker unmaps them
+        self._known -= drop
         message = {
+            "drop": sorted(drop),
             "buffer": buffer.serial,
             "size": buffer.nbytes,
             "jobs": [
@@ -243,6 +248,8 @@ def serve(fd: int) -> None:
         if not data:
             return  # the parent closed its end
         message = json.loads(data)
+        for serial in message["drop"]:
+            maps.pop(serial).close()
         if fds:
             maps[message["buffer"]] = mmap.mmap(fds[0], message["size"])
             os.close(fds[0])
