@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kvshelf.cache import device_decode  # noqa: E402
+from kvshelf.cache.range_reads import RangeReads  # noqa: E402
 from kvshelf.codecs import rans, rans_gpu  # noqa: E402
 from kvshelf.codecs.cachegen import CacheGenCodec  # noqa: E402
 from kvshelf.layerwise import loader as loader_module  # noqa: E402
@@ -140,6 +141,7 @@ def install():
     LayerwiseLoader._open_on_device = REC.timed("open", LayerwiseLoader._open_on_device)
     LayerwiseLoader._stage_on_device = REC.timed("prepare", LayerwiseLoader._stage_on_device, lambda a: a[1:3])
     device_decode._ReadAhead.next = REC.timed("read_wait", device_decode._ReadAhead.next)
+    RangeReads.read = REC.timed("range_read", RangeReads.read, lambda a: (a[0].a, a[0].b))  # a batch of chunks
     rans_gpu.stage = REC.timed("stage", rans_gpu.stage)
     rans_gpu._stage_in_place = REC.timed("stage.in_place", rans_gpu._stage_in_place)
     rans_gpu._pinned = REC.timed("stage.pinned", rans_gpu._pinned)
@@ -376,6 +378,7 @@ def llama(args, out: Path, results: dict) -> None:
             "gaps": gaps(s),
         }
         row["layers"] = per_layer(s)
+        row["cpu_spans"] = [(w, th, i, j, round(a, 2), round(b, 2)) for w, th, i, j, a, b in s["cpu"]]
         summary.append(row)
         print(
             f"switch {ct} ms plan {plan} fused {fused} priority {pr}: medians layerwise {med['layerwise_ms']:.1f} loader {med['loader_ms']:.1f}"
@@ -385,9 +388,10 @@ def llama(args, out: Path, results: dict) -> None:
         )
     results["llama8b"] = summary
     apply(args.switch_ms[-1], args.read_plans[0], args.fused[0], args.priority[0])
-    REC.on = True
-    trace(out, f"llama8b_layerwise_sw{args.switch_ms[-1]}", layerwise_run)
-    REC.on = False
+    if args.profile:
+        REC.on = True
+        trace(out, f"llama8b_layerwise_sw{args.switch_ms[-1]}", layerwise_run)
+        REC.on = False
     tiers.close()
 
 
@@ -465,6 +469,8 @@ def main() -> None:
     ap.add_argument("--suffix", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--buffer-size", type=int, default=8)
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="no torch.profiler trace of a layerwise run at the end (Llama)")  # fmt: skip
     ap.add_argument("--tier-workers", type=int, default=8)
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
