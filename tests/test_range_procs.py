@@ -76,11 +76,11 @@ def test_a_worker_that_dies_fails_its_call_and_is_replaced(tmp_path, procs):
         worker.proc.wait()
     with pytest.raises(range_procs.RangeWorkerError, match="ended"):
         procs.read(buf, [(r, 0)])
-    assert len(procs._workers) == 2
-    while any(w.proc.poll() is not None for w in procs._workers):  # the other dead one fails its call too
-        with pytest.raises(range_procs.RangeWorkerError):
-            procs.read(buf, [(r, 0)])
+    assert len(procs._workers) == 1  # the one that failed dropped, replaced by the next call
+    with pytest.raises(range_procs.RangeWorkerError, match="ended"):  # the other dead one fails its call too
+        procs.read(buf, [(r, 0)])
     assert procs.read(buf, [(r, 0)]) == [None] and buf.tensor.numpy()[:300].tobytes() == data
+    assert len(procs._workers) == 2 and all(w.proc.poll() is None for w in procs._workers)
 
 
 def test_a_shared_staging_buffer_comes_from_its_own_pool(monkeypatch):

@@ -230,7 +230,7 @@ class DeviceDecoding:
         # each range of every chunk is read straight into one staging buffer per range (its segments are then
         # staged where they lie: no copy on this thread)
         # reader processes where the ranges lie in local files (the disk tier; its last range is never in the head)
-        local = self.read_processes > 0 and self._ranges[0].file_range(*self._plan[-1]) is not None
+        local = self.read_processes > 0 and range_procs.SUPPORTED and self._ranges[0].file_range(*self._plan[-1])
         procs = range_procs.pool(self.read_processes) if local else None
         self._buffers = collections.deque(RangeReads(self._ranges, i, j, self.device, procs) for i, j in self._plan)
         cuts = batches(self.num_chunks, self.read_calls)

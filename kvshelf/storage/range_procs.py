@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from kvshelf.codecs.shared_host import SharedHost
     from kvshelf.storage.base import FileRange
 
+# What the workers need: memfd staging (shared_host), SCM_RIGHTS, SOCK_SEQPACKET, os.preadv (Linux)
+SUPPORTED = sys.platform.startswith("linux")
 _MESSAGE = 1 << 20  # the largest message either side sends (a batch of ~12 chunks' ranges takes ~10 KB)
 GONE, DAMAGED, ERROR = "gone", "damaged", "error"
 
@@ -52,7 +54,8 @@ class RangeWorkerError(RuntimeError):
 
 
 class RangeProcesses:
-    """`processes` worker processes (started now; each call takes an idle one, waiting for one if none is)."""
+    """`processes` worker processes (started now; each call takes an idle one, waiting for one if none is; a worker
+    that failed is replaced when the next call comes)."""
 
     def __init__(self, processes: int):
         if processes < 1:
@@ -80,6 +83,10 @@ class RangeProcesses:
 
         if self._closed:
             raise RangeWorkerError("the range reader processes are closed")
+        with self._lock:
+            missing = self.processes - len(self._workers)
+        for _ in range(missing):  # replacements of workers that failed (a start that fails raises here, loudly)
+            self._add()
         for r, at in jobs:
             if at < 0 or at + r.n > buffer.nbytes:
                 raise ValueError(f"a range of {r.n} bytes at {at} lies outside a buffer of {buffer.nbytes} bytes")
@@ -89,9 +96,7 @@ class RangeProcesses:
         except BaseException:
             worker.stop()
             with self._lock:
-                self._workers.remove(worker)
-            if not self._closed:
-                self._add()  # a replacement, so that the pool keeps its size
+                self._workers.remove(worker)  # replaced by the next call
             raise
         self._idle.put(worker)
         out: list[Exception | None] = []
