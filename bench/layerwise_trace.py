@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kvshelf.cache import device_decode  # noqa: E402
+from kvshelf.cache.range_reads import RangeReads  # noqa: E402
 from kvshelf.codecs import rans, rans_gpu  # noqa: E402
 from kvshelf.codecs.cachegen import CacheGenCodec  # noqa: E402
 from kvshelf.layerwise import loader as loader_module  # noqa: E402
@@ -140,6 +141,7 @@ def install():
     LayerwiseLoader._open_on_device = REC.timed("open", LayerwiseLoader._open_on_device)
     LayerwiseLoader._stage_on_device = REC.timed("prepare", LayerwiseLoader._stage_on_device, lambda a: a[1:3])
     device_decode._ReadAhead.next = REC.timed("read_wait", device_decode._ReadAhead.next)
+    RangeReads.read = REC.timed("range_read", RangeReads.read, lambda a: (a[0].a, a[0].b))  # a batch of chunks
     rans_gpu.stage = REC.timed("stage", rans_gpu.stage)
     rans_gpu._stage_in_place = REC.timed("stage.in_place", rans_gpu._stage_in_place)
     rans_gpu._pinned = REC.timed("stage.pinned", rans_gpu._pinned)
@@ -155,16 +157,27 @@ def set_switch(ms: float) -> None:
     sys.setswitchinterval(ms / 1e3)
 
 
-def _plan(text: str) -> tuple[int, int, int, int, int, int, int]:
-    """LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS]]]] (ALONE: kvshelf.cache.device_decode.READ_ALONE,
+def _plan(text: str) -> tuple[int, int, int, int, int, int, int, int]:
+    """LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS[:PROCS]]]]] (ALONE: kvshelf.cache.device_decode.READ_ALONE,
     CALLS: the calls each range of every chunk (and the heads, HEADS 0) are read in, READ_CALLS; HASH_KIB: segments
     from this size on are hashed with the GIL released, kvshelf.storage.digests._RELEASED_DIGEST, 0: never; HEADS: the
-    disk tier's head_calls; their defaults if left out)."""
+    disk tier's head_calls; PROCS: worker processes reading the ranges, READ_PROCESSES, 0: the tier's threads; their
+    defaults if left out)."""
     layers, kib, window, *rest = (int(x) for x in text.split(":"))
     alone = rest[0] if rest else device_decode.READ_ALONE
     calls = rest[1] if len(rest) > 1 else device_decode.READ_CALLS
     hash_kib = rest[2] if len(rest) > 2 else digests._RELEASED_DIGEST >> 10
-    return layers, kib, window, alone, calls, hash_kib, rest[3] if len(rest) > 3 else DiskBackend.head_calls
+    heads = rest[3] if len(rest) > 3 else DiskBackend.head_calls
+    return (
+        layers,
+        kib,
+        window,
+        alone,
+        calls,
+        hash_kib,
+        heads,
+        rest[4] if len(rest) > 4 else device_decode.READ_PROCESSES,
+    )
 
 
 def per_layer(s: dict) -> dict:
@@ -317,7 +330,8 @@ def llama(args, out: Path, results: dict) -> None:
         loader_module.PRIORITY_COMPUTE = bool(priority)  # the layerwise forward on a high-priority stream
         rans_gpu.FUSED = bool(fused)  # 2: fused, 128 tokens per program on 8 warps (1: 64 on 4)
         rans_gpu._TOKEN_BLOCK, rans_gpu._FINISH_WARPS = (128, 8) if fused == 2 else (64, 4)
-        layers, kib, window, device_decode.READ_ALONE, engine.read_calls, hash_kib, backend.head_calls = plan
+        layers, kib, window, device_decode.READ_ALONE, engine.read_calls, hash_kib, backend.head_calls, procs = plan
+        engine.read_processes = procs
         digests._RELEASED_DIGEST = hash_kib << 10 if hash_kib else 1 << 62
         engine.read_layers, backend.head_probe, tiers.read_window = layers, (kib << 10) or probe0, window
 
@@ -364,6 +378,7 @@ def llama(args, out: Path, results: dict) -> None:
             "gaps": gaps(s),
         }
         row["layers"] = per_layer(s)
+        row["cpu_spans"] = [(w, th, i, j, round(a, 2), round(b, 2)) for w, th, i, j, a, b in s["cpu"]]
         summary.append(row)
         print(
             f"switch {ct} ms plan {plan} fused {fused} priority {pr}: medians layerwise {med['layerwise_ms']:.1f} loader {med['loader_ms']:.1f}"
@@ -373,9 +388,10 @@ def llama(args, out: Path, results: dict) -> None:
         )
     results["llama8b"] = summary
     apply(args.switch_ms[-1], args.read_plans[0], args.fused[0], args.priority[0])
-    REC.on = True
-    trace(out, f"llama8b_layerwise_sw{args.switch_ms[-1]}", layerwise_run)
-    REC.on = False
+    if args.profile:
+        REC.on = True
+        trace(out, f"llama8b_layerwise_sw{args.switch_ms[-1]}", layerwise_run)
+        REC.on = False
     tiers.close()
 
 
@@ -453,6 +469,8 @@ def main() -> None:
     ap.add_argument("--suffix", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--buffer-size", type=int, default=8)
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="no torch.profiler trace of a layerwise run at the end (Llama)")  # fmt: skip
     ap.add_argument("--tier-workers", type=int, default=8)
     ap.add_argument("--switch-ms", type=float, nargs="+", default=[5.0],
                     help="sys.setswitchinterval values compared, ms (Python's default 5)")  # fmt: skip
@@ -462,11 +480,11 @@ def main() -> None:
                     help="1: symbols -> KV in one kernel (rans_gpu.FUSED), 2: the same, 128 tokens a program, 0: "
                          "the torch path; compared")  # fmt: skip
     ap.add_argument("--read-plans", type=_plan, nargs="+", default=[_plan("8:16:4")],
-                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS]]]] (bench/layerwise.py "
+                    help="LAYERS:PROBE_KIB:WINDOW[:ALONE[:CALLS[:HASH_KIB[:HEADS[:PROCS]]]]] (bench/layerwise.py "
                          "--read-plans; ALONE: decode groups read alone first, device_decode.READ_ALONE; CALLS: calls "
                          "each range of every chunk is read in, device_decode.READ_CALLS; HASH_KIB: segments hashed "
                          "with the GIL released from this size on, 0: never; HEADS: the disk tier's head_calls, 0: "
-                         "CALLS) compared, Llama only")  # fmt: skip
+                         "CALLS; PROCS: range reader processes, 0: threads) compared, Llama only")  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,10 @@ layer group the byte range of that group in every chunk (several reads in flight
 driven by a read-ahead thread so that they go on while the loader decodes; each range's segments verified
 against the digests of its head as it arrives: format version 3). Every chunk's range of the same layers is
 read straight into one staging buffer (rans_gpu.HostRange, pinned on a GPU: LayerRanges.read_into, os.preadv on
-the disk tier) and verified there, so the staging that follows neither copies the bytes again nor holds the
-loader thread: the buffer goes to the device once, whole. A group's segments are decoded as
+the disk tier; cache.range_reads) and verified there, so the staging that follows neither copies the bytes again
+nor holds the loader thread: the buffer goes to the device once, whole. The disk tier's ranges are read and checked
+by worker processes (READ_PROCESSES, kvshelf.storage.range_procs), so that their Python does not take the GIL from
+the forward's kernel launches. A group's segments are decoded as
 those of chunks opened already are (Codec.decode_run_on) as soon as they are there, while later groups
 are still being read, so layer 0 waits only for layer 0's bytes, not for every chunk's whole object.
 
@@ -27,18 +29,15 @@ reads whole objects instead of heads and ranges (every chunk read and verified b
 from __future__ import annotations
 
 import collections
-import itertools
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from kvshelf.cache.range_reads import RangeReads
 from kvshelf.codecs.base import Codec, SegmentRows
-
-if TYPE_CHECKING:  # imported on first use: it loads numba, which vLLM's CPU worker start-up must not see
-    from kvshelf.codecs import rans_gpu
+from kvshelf.storage import range_procs
 
 # Layers per range read after the first group (issue #17, read granularity): 0 reads whole objects, a value >= the
 # model's layers one range per chunk for all the rest. 8: the shortest layerwise TTFT at the same reads in flight in
@@ -59,6 +58,10 @@ READ_AHEAD_BYTES = 512 << 20
 # shape, 48 chunks x 5 ranges, and the read-ahead thread's share of them alone ~20 ms of CPU). 4: the default read
 # window of the benchmarks, so that a range is still read 4 calls side by side.
 READ_CALLS = 4
+# Worker processes that read and check the disk tier's layer ranges for a streamed plan (kvshelf.storage.range_procs),
+# into staging buffers of shared memory; 0: the tier's worker threads do it in this process (their Python per chunk
+# takes the GIL from the forward's kernel launches: issue #17, twelfth session; BENCHMARKS.md).
+READ_PROCESSES = 4
 
 
 def batches(n: int, calls: int) -> list[tuple[int, int]]:
@@ -152,8 +155,10 @@ class DeviceDecoding:
         fetch: Callable | None = None,
         read_layers: int = READ_LAYERS,
         read_calls: int = READ_CALLS,
+        read_processes: int = READ_PROCESSES,
     ):
         self.runs, self.device = runs, device
+        self.read_processes = read_processes  # streamed: worker processes reading local files' ranges (READ_PROCESSES)
         self.read_layers = read_layers  # streamed: layers per range read after the first group (read_groups)
         self.read_calls = read_calls  # streamed: calls each range of every chunk is read in (READ_CALLS)
         self.num_chunks = sum(r.count for r in runs)
@@ -165,8 +170,8 @@ class DeviceDecoding:
         # streamed: the ranges still to be read (read_groups)
         self._plan: collections.deque[tuple[int, int]] = collections.deque()
         self._held: tuple | None = None  # streamed: (first, end, [bytes of every chunk]) of the range decoding
-        self._buffers: collections.deque[_RangeReads] = collections.deque()  # streamed: a buffer per range to read
-        self._done_buffer: _RangeReads | None = None  # streamed: the buffer of the range decoding
+        self._buffers: collections.deque[RangeReads] = collections.deque()  # streamed: a buffer per range to read
+        self._done_buffer: RangeReads | None = None  # streamed: the buffer of the range decoding
         self._run_of = [r for r in runs for _ in range(r.count)]
 
     @classmethod
@@ -194,12 +199,14 @@ class DeviceDecoding:
         fetch: Callable[[list], Generator],
         read_layers: int = READ_LAYERS,
         read_calls: int = READ_CALLS,
+        read_processes: int = READ_PROCESSES,
     ) -> DeviceDecoding:
         """A plan for chunks located but not read: specs as _runs takes them; opener() yields each chunk's
         LayerRanges in order (None: it could not be read or verified; with `read_layers` 0 chunks read whole);
         fetch(calls) yields the results of (LayerRanges.read, (i, j)) calls in order, several read side by
-        side; `read_layers`: see read_groups; `read_calls`: the calls each range of every chunk is read in."""
-        return cls(_runs(specs), torch.device(device), None, opener, fetch, read_layers, read_calls)
+        side; `read_layers`: see read_groups; `read_calls`: the calls each range of every chunk is read in;
+        `read_processes`: READ_PROCESSES."""
+        return cls(_runs(specs), torch.device(device), None, opener, fetch, read_layers, read_calls, read_processes)
 
     @property
     def streaming(self) -> bool:
@@ -222,7 +229,10 @@ class DeviceDecoding:
         self._plan = collections.deque(read_groups(list(groups), self.read_layers))
         # each range of every chunk is read straight into one staging buffer per range (its segments are then
         # staged where they lie: no copy on this thread)
-        self._buffers = collections.deque(_RangeReads(self._ranges, i, j, self.device) for i, j in self._plan)
+        # reader processes where the ranges lie in local files (the disk tier; its last range is never in the head)
+        local = self.read_processes > 0 and range_procs.SUPPORTED and self._ranges[0].file_range(*self._plan[-1])
+        procs = range_procs.pool(self.read_processes) if local else None
+        self._buffers = collections.deque(RangeReads(self._ranges, i, j, self.device, procs) for i, j in self._plan)
         cuts = batches(self.num_chunks, self.read_calls)
         calls = [(buf.read, cut) for buf in self._buffers for cut in cuts]
         self._reads = _ReadAhead(self._fetch(calls))
@@ -340,52 +350,6 @@ class DeviceDecoding:
         self._done_buffer = None
         self._ranges = [None] * self.num_chunks
         self._held = None
-
-
-class _RangeReads:
-    """Layers a..b-1 of every chunk read into one staging buffer (rans_gpu.HostRange, taken when the first of them
-    is read, so that only the ranges being read hold one), chunk k at its own place: read(first, end) runs on a
-    tier worker for a batch of chunks (READ_CALLS), the bytes verified where they lie (LayerRanges.read_into)."""
-
-    def __init__(self, ranges: list, a: int, b: int, device: torch.device):
-        self._ranges, self.a, self.b, self.device = ranges, a, b, device
-        self._starts = [0, *itertools.accumulate(r.offsets[b] - r.offsets[a] for r in ranges)]
-        self._host: rans_gpu.HostRange | None = None
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def read(self, first: int, end: int) -> list[memoryview | None]:
-        """Chunks first..end-1's layers a..b-1, one after the other, each into its place (None: not read, or
-        not sound; the chunks after it are not read then)."""
-        got: list[memoryview | None] = [None] * (end - first)
-        with self._lock:
-            if self._closed:
-                return got
-            if self._host is None:
-                from kvshelf.codecs import rans_gpu
-
-                self._host = rans_gpu.HostRange(self._starts[-1], self.device)
-            host = self._host
-        base = self._starts[first]
-        part = host.view(base, self._starts[end] - base)
-        if part is None:
-            return got
-        try:
-            for k in range(first, end):
-                at = self._starts[k] - base
-                got[k - first] = self._ranges[k].read_into(self.a, self.b, part[at : self._starts[k + 1] - base])
-                if got[k - first] is None:
-                    break
-            return got
-        finally:
-            host.done()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            host, self._host = self._host, None
-        if host is not None:
-            host.close()
 
 
 class _ReadAhead:

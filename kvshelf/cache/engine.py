@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvshelf.cache.device_decode import READ_CALLS, READ_LAYERS, DeviceDecoding
+from kvshelf.cache.device_decode import READ_CALLS, READ_LAYERS, READ_PROCESSES, DeviceDecoding
 from kvshelf.cache.fingerprint import ModelFingerprint
 from kvshelf.cache.keys import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkKey, chain_root, chunk_keys
 from kvshelf.errors import ConfigError
@@ -78,6 +78,8 @@ class CacheEngine:
         self.read_layers = READ_LAYERS
         # Streamed device decoding: calls the heads, and each layer range of every chunk, are read in (READ_CALLS)
         self.read_calls = READ_CALLS
+        # Streamed device decoding: worker processes reading the disk tier's ranges, 0 none (READ_PROCESSES)
+        self.read_processes = READ_PROCESSES
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()
 
@@ -248,7 +250,7 @@ class CacheEngine:
             for k, (u, _) in zip(keys, used, strict=True)
         ]
         until = budget_until()  # the request's tier budget, carried to the loader thread that reads
-        read_layers, read_calls = self.read_layers, self.read_calls
+        read_layers, read_calls, processes = self.read_layers, self.read_calls, self.read_processes
         whole = read_layers == 0
 
         def opener():
@@ -275,7 +277,9 @@ class CacheEngine:
                 finally:
                     reads.close()
 
-        return _Streamed(used, DeviceDecoding.streamed(specs, device, opener, fetch, read_layers, read_calls))
+        return _Streamed(
+            used, DeviceDecoding.streamed(specs, device, opener, fetch, read_layers, read_calls, processes)
+        )
 
     def retrieve(self, tokens: Sequence[int], salt: str | None = None, *, max_tokens: int | None = None) -> Retrieved:
         parts = [kv for _, kv in self.retrieve_chunks(tokens, salt, max_tokens=max_tokens)]

@@ -23,7 +23,7 @@ import threading
 import numpy as np
 import torch
 
-from kvshelf.codecs import rans
+from kvshelf.codecs import rans, shared_host
 from kvshelf.codecs.cachegen import calibrated_head
 
 _WARPS = 1  # a block's 32 lanes are one warp: prefix sums by shuffles, no shared memory
@@ -100,34 +100,47 @@ _pool_lock = threading.Lock()
 # Pinned staging buffers shared by every thread (a layerwise loader runs on a new thread per request, and
 # pinning memory costs milliseconds per MB): [buffer, event of its last copy to a device, in use].
 _pool: list[list] = []
+# The same of shared memory (shared_host: worker processes read layer ranges into them), pinned on CUDA
+_shared_pool: list[list] = []
 
 
-def _pinned(nbytes: int) -> tuple[torch.Tensor, list]:
-    """A pinned buffer of at least `nbytes` whose previous copy to the device has finished, and its slot:
-    the caller records there the event of the copy it queues next, and marks the slot free."""
+def _new_buffer(nbytes: int, shared: bool, pin: bool) -> torch.Tensor:
+    if shared:
+        return shared_host.allocate(nbytes, pin)
+    return torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+
+
+def _pinned(nbytes: int, shared: bool = False, pin: bool = True) -> tuple[torch.Tensor, list]:
+    """A pinned buffer of at least `nbytes` (of shared memory with `shared`; `pin` False: not pinned, shared only)
+    whose previous copy to the device has finished, and its slot: the caller records there the event of the copy it
+    queues next, and marks the slot free."""
+    pool = _shared_pool if shared else _pool
     with _pool_lock:
-        for slot in sorted(_pool, key=lambda s: s[0].numel()):
+        for slot in sorted(pool, key=lambda s: s[0].numel()):
             if not slot[2] and slot[0].numel() >= nbytes and (slot[1] is None or slot[1].query()):
                 slot[2] = True
                 return slot[0][:nbytes], slot
-        busy = sum(s[2] or (s[1] is not None and not s[1].query()) for s in _pool)
-        if len(_pool) - busy == 0 or len(_pool) < 4:  # grow: at most a few buffers idle at any time
-            slot = [torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8).pin_memory(), None, True]
-            _pool.append(slot)
+        busy = sum(s[2] or (s[1] is not None and not s[1].query()) for s in pool)
+        if len(pool) - busy == 0 or len(pool) < 4:  # grow: at most a few buffers idle at any time
+            slot = [_new_buffer(max(nbytes, 1 << 20), shared, pin), None, True]
+            pool.append(slot)
             return slot[0][:nbytes], slot
-        slot = max((s for s in _pool if not s[2]), key=lambda s: s[0].numel())  # too small or still copying
+        slot = max((s for s in pool if not s[2]), key=lambda s: s[0].numel())  # too small or still copying
         slot[2] = True
     if slot[1] is not None:
         slot[1].synchronize()
     if slot[0].numel() < nbytes:
-        slot[0] = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+        old, slot[0] = slot[0], _new_buffer(nbytes, shared, pin)
+        if shared:  # unpinned and unmapped now (its last copy has run: waited for above)
+            shared_host.handle(old).close()
     return slot[0][:nbytes], slot
 
 
-def _staging(nbytes: int, device: torch.device):
-    """A host buffer the copy to `device` can be queued from without waiting (pinned on CUDA) and its pool slot."""
-    if device.type == "cuda":
-        return _pinned(nbytes)
+def _staging(nbytes: int, device: torch.device, shared: bool = False):
+    """A host buffer the copy to `device` can be queued from without waiting (pinned on CUDA; of shared memory with
+    `shared`) and its pool slot."""
+    if device.type == "cuda" or shared:
+        return _pinned(nbytes, shared, pin=device.type == "cuda")
     return torch.empty(nbytes, dtype=torch.uint8), None
 
 
@@ -153,13 +166,16 @@ class HostRange:
     sees that they lie here, checks them where they lie and sends the buffer to the device once, whole (issue #17:
     the staging copy was most of a layerwise loader's CPU work).
 
-    Reads may run on other threads: `view` hands out parts for them, each taken back by `done`; `close` gives the
-    buffer back to the pool only once every part handed out is done (a read still writing into it keeps it)."""
+    Reads may run on other threads (or, `shared`, in other processes: kvshelf.storage.range_procs): `view` hands out
+    parts for them, each taken back by `done`; `close` gives the buffer back to the pool only once every part handed
+    out is done (a read still writing into it keeps it)."""
 
-    def __init__(self, nbytes: int, device):
+    def __init__(self, nbytes: int, device, shared: bool = False):
         self.device = torch.device(device)
         self.nbytes = nbytes
-        self._host, self._slot = _staging(max(nbytes, 1), self.device)
+        self._host, self._slot = _staging(max(nbytes, 1), self.device, shared)
+        # where other processes may write it (`shared`: kvshelf.storage.range_procs), else None
+        self.shared = shared_host.handle(self._host) if shared else None
         self.array = self._host.numpy().view(_Owned)
         self.array.owner = self
         self._on_device: torch.Tensor | None = None
@@ -204,7 +220,8 @@ class HostRange:
         """The whole buffer on its device, copied once (on the current stream: the caller's load stream)."""
         if self._on_device is None:
             self._on_device = self._host[: max(self.nbytes, 1)].to(self.device, non_blocking=True)
-            _queued(self._slot, free=False)  # the event of this copy: the host bytes are reusable once it ran
+            if self.device.type == "cuda":
+                _queued(self._slot, free=False)  # the event of this copy: the host bytes are reusable once it ran
         return self._on_device
 
     def close(self) -> None:

@@ -87,6 +87,31 @@ class LayerRanges(Protocol):
         """read() into `out` (writable, exactly the range's bytes: a loader's staging buffer, so that the bytes
         are not copied again before they go to a device): `out`, verified there; None as read()."""
 
+    def file_range(self, i: int, j: int) -> FileRange | None:
+        """Where layers i..j-1 lie in a local file and what their segments must hash to, for a reader in another
+        process (kvshelf.storage.range_procs; its outcome then goes to refused()); None where they do not lie in
+        such a file (read_into then)."""
+
+    def refused(self, err: Exception | None) -> None:
+        """A file_range read elsewhere failed: `err` a FormatError (damaged: the object is deleted, as read_into
+        would), None (the file was gone)."""
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Layers of a chunk as they lie in a local file: `n` bytes at `at`, their segments `lengths` long, each to
+    hash to its `digests` entry (BLAKE3-256 with `mac`, else xxh3-128: storage.digests); `limit`: the most bytes
+    the file may hold (a larger one is refused unread)."""
+
+    path: str
+    at: int
+    n: int
+    limit: int
+    lengths: tuple[int, ...]
+    digests: tuple[bytes, ...]
+    mac: bool
+    first: int  # the layer of the first segment (named in errors)
+
 
 def copy_into(out: memoryview, data) -> int:
     """The bytes of `data` (at most out's) into `out`, by numpy (which lets other threads run while it copies,
@@ -114,6 +139,12 @@ class OpenedRanges:
             raise ValueError(f"layers {i}..{j - 1} are {data.nbytes} bytes, not {out.nbytes}")
         copy_into(out, data)  # verified when the chunk was opened; these bytes are a copy of what was checked
         return out
+
+    def file_range(self, i: int, j: int) -> None:
+        return None  # in memory already
+
+    def refused(self, err: Exception | None) -> None:
+        raise RuntimeError("a chunk opened whole has no file ranges to refuse")
 
 
 class StorageBackend(ABC):

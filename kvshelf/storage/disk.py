@@ -190,6 +190,16 @@ class DiskBackend(ByteStore):
     def _get_range(self, name: str, start: int, length: int, limit: int) -> bytes | None:
         return self._pread(name, start, length, limit)
 
+    def _file_of(self, name: str) -> str | None:
+        with self._lock:
+            if name not in self._index:
+                return None
+            self._index.move_to_end(name)
+        return str(self._path(name))
+
+    def _forget_name(self, name: str) -> None:
+        self._forget(name)
+
     def _get_range_into(self, name: str, start: int, out: memoryview, limit: int) -> int | None:
         return self._pread(name, start, out.nbytes, limit, out)
 

@@ -21,7 +21,7 @@ from kvshelf.codecs import Codec
 from kvshelf.metrics import Metrics
 from kvshelf.storage import expect
 from kvshelf.storage.auth import ObjectAuth, codec_id, object_name
-from kvshelf.storage.base import StorageBackend, StoredChunk, copy_into
+from kvshelf.storage.base import FileRange, StorageBackend, StoredChunk, copy_into
 from kvshelf.storage.expect import GENERIC, MAX_HEADER_BYTES, Expected
 from kvshelf.storage.format import (
     PREFIX_SIZE,
@@ -69,6 +69,11 @@ class ByteStore(StorageBackend):
         blob = self._get_bytes(name, limit)
         return None if blob is None else memoryview(blob)[start : start + length]
 
+    def _file_of(self, name: str) -> str | None:
+        """The local file an object lies in, for a reader in another process (disk tier), or None: not in a local
+        file, or not here."""
+        return None
+
     def _get_range_into(self, name: str, start: int, out: memoryview, limit: int) -> int | None:
         """_get_range into `out` (its length the bytes asked for): the bytes read (fewer where the object ends
         first), or None when there is no object. By default a read, copied; tiers that can read into a buffer
@@ -78,6 +83,9 @@ class ByteStore(StorageBackend):
 
     @abstractmethod
     def _delete_name(self, name: str) -> None: ...
+
+    def _forget_name(self, name: str) -> None:  # noqa: B027 - only tiers with an index of their own keep one
+        """An object found gone by a read elsewhere (file_range): dropped from the tier's index, if it keeps one."""
 
     @property
     def codec(self) -> Codec:
@@ -223,3 +231,20 @@ class RangedChunk:
         except FormatError as err:
             self._store._reject(self._key, err)
             return None
+
+    def file_range(self, i: int, j: int) -> FileRange | None:
+        at, n = self._head.span(i, j)
+        if at - self._head.start + n <= self._prefix.nbytes:  # came with the head: read_into copies it
+            return None
+        path = self._store._file_of(self._name)
+        if path is None:
+            return None
+        offs, head = self.offsets, self._head
+        lengths = tuple(offs[k + 1] - offs[k] for k in range(i, j))
+        return FileRange(path, at, n, head.size, lengths, tuple(head.digests[i:j]), head.mac, i)
+
+    def refused(self, err: Exception | None) -> None:
+        if err is None:
+            self._store._forget_name(self._name)
+        else:
+            self._store._reject(self._key, err)
