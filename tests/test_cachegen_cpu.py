@@ -4,7 +4,6 @@ parts assembled and decoded one by one (kvshelf.codecs.rans), RoPE by kvshelf.kv
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 
 import numpy as np
@@ -191,17 +190,6 @@ def test_units_cut_halves_evenly_for_the_threads():
     assert ct.units(list(range(18)), 0) == [(k, k + 6) for k in range(0, 36, 6)]  # inline: L2-sized units
     assert ct.units([5], 16) == [(0, 1), (1, 2)]  # one layer: K and V
     assert ct.units([], 4) == []
-
-
-def test_a_caller_leaves_its_units_to_the_codec_threads_only_where_they_finish_as_soon():
-    """caller_runs: 36 halves take 3 a thread on 15 threads as on 16 (the caller waits); 64 halves (32 layers)
-    would take 5 instead of 4, 2 workers 36 instead of 18: the caller runs units."""
-    assert not ct.caller_runs(36, 16)
-    assert ct.caller_runs(64, 16) and ct.caller_runs(36, 2) and ct.caller_runs(36, 1) and ct.caller_runs(36, 0)
-    for halves in range(1, 80):
-        for workers in range(3, 20):
-            alone = math.ceil(halves / (workers - 1)) == math.ceil(halves / workers)
-            assert ct.caller_runs(halves, workers) is not alone
 
 
 def test_units_never_span_a_gap_in_the_layers():

@@ -93,33 +93,6 @@ def test_codec_threads_never_exceed_workers():
     assert most[0] <= 4
 
 
-@pytest.mark.parametrize("workers", [2, 3, 16])
-def test_a_caller_that_does_not_run_calls_gets_them_all_back(workers):
-    """caller_runs=False: every call runs on a codec thread (never the caller's), results in order, an error
-    raised after the others finished, and the pool works on."""
-    processes = CodecProcesses(workers)
-    caller = threading.current_thread().name
-    try:
-        for _ in range(3):
-            got = processes.map_threads(lambda k: (k, threading.current_thread().name), [(k,) for k in range(9)], False)
-            assert [k for k, _ in got] == list(range(9))
-            assert all(name != caller and name.startswith("kvshelf-codec-") for _, name in got)
-        done = []
-
-        def call(k):
-            if k == 2:
-                raise RansError("cachegen segment 2 damaged")
-            time.sleep(0.001)
-            done.append(k)
-
-        with pytest.raises(RansError, match="segment 2"):
-            processes.map_threads(call, [(k,) for k in range(5)], False)
-        assert sorted(done) == [0, 1, 3, 4]
-        assert processes.map_threads(lambda k: k, [(1,), (2,)], False) == [1, 2]
-    finally:
-        processes.close()
-
-
 def test_a_caller_finishes_alone_while_the_codec_threads_are_busy():
     """A second caller needs no codec thread: with both threads of a 2-worker pool blocked in another batch,
     it runs its whole batch itself."""

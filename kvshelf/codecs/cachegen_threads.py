@@ -50,8 +50,8 @@ def units(layers: list[int], workers: int, most: int = MOST_HALVES, spread: bool
     numbers (a unit's transforms are one slice). 18 layers on 16 threads: 12 units of 3 halves; spread: 4
     units of 3, then 12 of 2, so that the threads that start last (codec threads as they wake) get less work
     and finish about with the first. The codec cuts for the threads free when a chunk starts
-    (CodecProcesses.free_threads), spread on an idle pool: one caller gets units for the 15 codec threads
-    of 16 (caller_runs), each of 16 busy callers 6 units of 6 halves (half the GIL hand-offs)."""
+    (CodecProcesses.free_threads), spread on an idle pool: one caller gets 16-way units, each of 16 busy
+    callers 6 units of 6 halves (half the GIL hand-offs)."""
     n = 2 * len(layers)
     if n == 0:
         return []
@@ -66,22 +66,10 @@ def units(layers: list[int], workers: int, most: int = MOST_HALVES, spread: bool
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
-def caller_runs(halves: int, workers: int) -> bool:
-    """Whether a caller on an idle pool of `workers` threads should run units of its chunk itself: only where the
-    codec threads alone (workers - 1) could not take the same number of halves each at most. Why: a caller
-    that runs a unit comes back to its own Python (the chunk's header and digests, the next chunk's set-up:
-    ~0.6 ms a chunk) with cold caches, at 2-4x the cost it has warm, while the 16 threads wait for it; 36
-    halves (Gemma 3 270M) take 3 a thread on 15 threads as on 16 (BENCHMARKS.md, issue #17, twelfth session)."""
-    return workers < 3 or math.ceil(halves / (workers - 1)) > math.ceil(halves / workers)
-
-
-def _cuts(layers: list[int], processes: CodecProcesses) -> tuple[list[tuple[int, int]], bool]:
-    """A chunk's units for the threads free now, and whether the caller runs some (caller_runs); spread over all
-    of them when the pool is idle (one caller)."""
-    free, workers = processes.free_threads(), processes.workers
-    if free == workers and not caller_runs(2 * len(layers), workers):
-        return units(layers, workers - 1, spread=True), False
-    return units(layers, free, spread=free == workers), True
+def _cuts(layers: list[int], processes: CodecProcesses) -> list[tuple[int, int]]:
+    """A chunk's units for the threads free now; spread over all of them when the pool is idle (one caller)."""
+    free = processes.free_threads()
+    return units(layers, free, spread=free == processes.workers)
 
 
 # -- decoding ------------------------------------------------------------------------------------------------
@@ -103,7 +91,7 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts, helps = _cuts(layers, processes)  # all threads busy (many callers): fewer, larger units
+    cuts = _cuts(layers, processes)  # all threads busy (many callers): fewer, larger units
     half = heads * tokens * dim  # values of a half
     if dtype in cf.KINDS:  # the unit's last step writes the output's bits (RoPE and the cast in one call)
         bits, kind = cf.bits_view(out), cf.KINDS[dtype]
@@ -111,7 +99,7 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     else:  # another dtype: torch casts
         rows = out.view(-1, tokens, dim)  # [halves * heads, tokens, dim]
         calls = [(job, a, b, rows[a * heads : b * heads], -1) for a, b in cuts]
-    processes.map_threads(_decode_unit, calls, helps)
+    processes.map_threads(_decode_unit, calls)
     return out
 
 
@@ -146,14 +134,14 @@ def encode_layers(cal: calib.Calibration, level: int, kv: torch.Tensor, layers: 
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, (heads, tokens, dim, width, per_lane), cos, sin, which)
-    cuts, helps = _cuts(layers, processes)
+    cuts = _cuts(layers, processes)
     half = heads * tokens * dim  # values of a half
     if kv.dtype in cf.KINDS and rows.is_contiguous():  # the unit's first step reads the KV's bits (cast and RoPE)
         bits, kind = cf.bits_view(rows), cf.KINDS[kv.dtype]
         calls = [(job, a, b, bits[a * half : b * half], kind) for a, b in cuts]
     else:  # another dtype or a strided view: torch casts
         calls = [(job, a, b, rows[a * heads : b * heads], -1) for a, b in cuts]
-    coded = processes.map_threads(_encode_unit, calls, helps)
+    coded = processes.map_threads(_encode_unit, calls)
     head = cc._head(level).tobytes()
     parts = [memoryview(out)[a:b] for out, ends in coded for a, b in zip([0, *ends[:-1]], ends, strict=True)]
     return [b"".join((head, parts[2 * k], parts[2 * k + 1])) for k in range(n)]

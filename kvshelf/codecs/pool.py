@@ -84,15 +84,12 @@ class CodecProcesses:
                     break
         raise CodecPoolError("codec worker pool failed twice in a row (workers dying); decoding is a tier fault")
 
-    def map_threads(self, fn: Callable, args: Iterable[tuple], caller_runs: bool = True) -> list:
+    def map_threads(self, fn: Callable, args: Iterable[tuple]) -> list:
         """[fn(*a) for a in args] on `workers` threads (for code that releases the GIL: the calibrated mode's
         rANS coder and torch), the calling thread being one of them: it runs calls of this batch until none
-        is left untaken, idle codec threads take the others, then it waits for those. `caller_runs` False:
-        the caller only hands the calls to the `workers` - 1 codec threads and waits (see
-        cachegen_threads.caller_runs: where that finishes as soon, its caches stay warm for its own
-        Python between batches). Inline with fewer than two workers or calls. An exception raised by a call
-        comes back as it is, after the batch's other calls have finished (the lowest-numbered call's, as
-        serial order would raise it)."""
+        is left untaken, idle codec threads take the others, then it waits for those. Inline with fewer
+        than two workers or calls. An exception raised by a call comes back as it is, after the batch's
+        other calls have finished (the lowest-numbered call's, as serial order would raise it)."""
         calls = list(args)
         if self.workers < 2 or len(calls) < 2:
             return [fn(*a) for a in calls]
@@ -101,10 +98,10 @@ class CodecProcesses:
             self._start_crew_locked()
             self._open.append(batch)
             self._untaken += len(calls)
-            while caller_runs and batch.taken < len(calls):  # the caller's share: no hand-off at all
+            while batch.taken < len(calls):  # the caller's share: no hand-off at all
                 self._run_locked(batch)
             self._wake_locked()  # this thread stops running calls: an idle codec thread may take its place
-            while batch.running or batch.taken < len(calls):  # calls codec threads took or will take
+            while batch.running:  # calls taken by codec threads: each finishes (a bounded unit of work)
                 batch.finished.wait()
         if batch.errors:
             raise batch.errors[min(batch.errors)]
