@@ -152,8 +152,11 @@ def test_codec_layers_equal_the_reference_path(workers):
     offsets = [7, *(7 + e for e in itertools.accumulate(len(s) for s in segs))]
     back = BackToBack(memoryview(b"x" * 7 + b"".join(segs) + b"y"), offsets)
     assert list(map(bytes, back)) == segs and bytes(back.joined) == b"".join(segs)
+    assert BackToBack.layers(back.joined.obj, offsets, []) == []
+    assert type(BackToBack.layers(back.joined.obj, offsets, [4, 1])) is list  # not consecutive: a plain list
     for first, end in ((0, layers), (1, 4), (3, 4)):
-        part = BackToBack(back.joined.obj, offsets[first : end + 1])
+        part = BackToBack.layers(back.joined.obj, offsets, list(range(first, end)))
+        assert isinstance(part, BackToBack) and part == segs[first:end]
         stacked = codec.decode_stacked(part, shape, torch.float16, list(range(first, end)), layers, position)
         assert all(torch.equal(stacked[k - first], got[k]) for k in range(first, end))
     processes.close()

@@ -141,6 +141,14 @@ class BackToBack(list):
         self.joined = buffer[first : offsets[-1]]
         self.ends = [b - first for b in offsets[1:]]
 
+    @classmethod
+    def layers(cls, buffer: memoryview, offsets: list[int], layers: list[int]) -> list:
+        """Segments `layers` of a payload (layer k = buffer[offsets[k] : offsets[k + 1]]): a BackToBack where the
+        layers are consecutive, else a plain list."""
+        if layers and layers == list(range(layers[0], layers[-1] + 1)):
+            return cls(buffer, offsets[layers[0] : layers[-1] + 2])
+        return [buffer[offsets[k] : offsets[k + 1]] for k in layers]
+
 
 def tensor_view(data: memoryview | bytes | bytearray, dtype: torch.dtype, shape) -> torch.Tensor:
     """A tensor over `data` without a copy. Read-only by contract when `data` is immutable."""

@@ -325,10 +325,7 @@ class EncodedChunk:
 
     def _decode(self, layers: list[int]) -> torch.Tensor:  # one tensor [len(layers), *layer shape]
         shape, dtype = self.meta.shape, self.meta.dtype
-        if layers == list(range(layers[0], layers[-1] + 1)):  # back to back in the payload
-            segments = BackToBack(self._payload, self._offsets[layers[0] : layers[-1] + 2])
-        else:
-            segments = [self._payload[self._offsets[k] : self._offsets[k + 1]] for k in layers]
+        segments = BackToBack.layers(self._payload, self._offsets, layers)
         try:
             out = self.codec.decode_stacked(segments, shape[1:], dtype, layers, shape[0], self.meta.position)
         except (FormatError, CodecPoolError):
