@@ -7,7 +7,8 @@ bit (a change to the coder must not change the format). Run once per checkout, t
 
 `dump` encodes the chunks of `--tokens` tokens of the KV file (codec_speed.chunks_of: later chunks repeat the
 file's at later positions) with 0, 3 and 16 codec workers, fp16 / bf16 / fp32 input (one strided input), and
-decodes the fp16 ones to float32, float16 and bfloat16 (each output dtype's own cast). `compare` exits non-zero on any difference.
+decodes the fp16 ones to float32, float16 and bfloat16 (each output dtype's own cast), and through the stored
+format (encode_chunk, open_chunk, decode_all). `compare` exits non-zero on any difference.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def dump(args) -> None:
     from kvshelf.codecs import calibration as calib
     from kvshelf.codecs import pool
     from kvshelf.codecs.cachegen import CacheGenCodec
+    from kvshelf.storage.format import encode_chunk, open_chunk
 
     torch.set_num_threads(1)
     cal = calib.load(args.calibration)
@@ -48,6 +50,9 @@ def dump(args) -> None:
                     for out_dtype in (torch.float32, torch.float16, torch.bfloat16):  # each output's own cast
                         out = codec.decode_layers(got, shape, out_dtype, list(range(n)), n, c.meta.position)
                         kvs.append(torch.stack(list(out)).reshape(-1).view(torch.uint8).numpy())
+                    key = i.to_bytes(16, "little")  # and through the stored format (a chunk's payload)
+                    back = open_chunk(encode_chunk(key, c, codec), key, codec).decode_all().kv
+                    kvs.append(back.reshape(-1).view(torch.uint8).numpy())
         processes.close()
     np.savez(args.out, data=np.frombuffer(b"".join(segs), np.uint8), lens=np.array([len(s) for s in segs]),
              names=np.array(names), kv=np.concatenate(kvs))  # fmt: skip

@@ -3,6 +3,7 @@ parts assembled and decoded one by one (kvshelf.codecs.rans), RoPE by kvshelf.kv
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
@@ -16,6 +17,7 @@ from kvshelf.codecs import cachegen_cpu as cc
 from kvshelf.codecs import cachegen_encoder, pool, rans
 from kvshelf.codecs import cachegen_threads as ct
 from kvshelf.codecs import calibration as calib
+from kvshelf.codecs.base import BackToBack
 from kvshelf.codecs.cachegen import CacheGenCodec, _code_calibrated, _symbols_calibrated
 
 PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -146,6 +148,17 @@ def test_codec_layers_equal_the_reference_path(workers):
     assert codec.encode_layers(kv[:0], position) == []
     some = codec.decode_layers([segs[4], segs[1], segs[2]], shape, torch.float32, [4, 1, 2], layers, position)
     assert all(torch.equal(a.half(), got[k]) for a, k in zip(some, [4, 1, 2], strict=True))
+    # segments back to back in one buffer (a stored chunk's payload, after other bytes): read there, no join
+    offsets = [7, *(7 + e for e in itertools.accumulate(len(s) for s in segs))]
+    back = BackToBack(memoryview(b"x" * 7 + b"".join(segs) + b"y"), offsets)
+    assert list(map(bytes, back)) == segs and bytes(back.joined) == b"".join(segs)
+    assert BackToBack.layers(back.joined.obj, offsets, []) == []
+    assert type(BackToBack.layers(back.joined.obj, offsets, [4, 1])) is list  # not consecutive: a plain list
+    for first, end in ((0, layers), (1, 4), (3, 4)):
+        part = BackToBack.layers(back.joined.obj, offsets, list(range(first, end)))
+        assert isinstance(part, BackToBack) and part == segs[first:end]
+        stacked = codec.decode_stacked(part, shape, torch.float16, list(range(first, end)), layers, position)
+        assert all(torch.equal(stacked[k - first], got[k]) for k in range(first, end))
     processes.close()
 
 

@@ -128,6 +128,28 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy())
 
 
+class BackToBack(list):
+    """Segments (memoryviews) that lie back to back in one buffer, as a stored chunk's consecutive layers do:
+    `joined` is all of them as one memoryview, `ends[k]` where segment k ends in it. A plain list to any
+    codec; one that decodes a chunk's segments as one buffer (calibrated cachegen) reads `joined` instead of
+    joining them, a copy of the chunk's bytes saved (issue #17, twelfth session)."""
+
+    def __init__(self, buffer: memoryview, offsets: list[int]):
+        """Segment k = buffer[offsets[k] : offsets[k + 1]] (offsets ascending, at least one)."""
+        first = offsets[0]
+        super().__init__(buffer[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+        self.joined = buffer[first : offsets[-1]]
+        self.ends = [b - first for b in offsets[1:]]
+
+    @classmethod
+    def layers(cls, buffer: memoryview, offsets: list[int], layers: list[int]) -> list:
+        """Segments `layers` of a payload (layer k = buffer[offsets[k] : offsets[k + 1]]): a BackToBack where the
+        layers are consecutive, else a plain list."""
+        if layers and layers == list(range(layers[0], layers[-1] + 1)):
+            return cls(buffer, offsets[layers[0] : layers[-1] + 2])
+        return [buffer[offsets[k] : offsets[k + 1]] for k in layers]
+
+
 def tensor_view(data: memoryview | bytes | bytearray, dtype: torch.dtype, shape) -> torch.Tensor:
     """A tensor over `data` without a copy. Read-only by contract when `data` is immutable."""
     with warnings.catch_warnings():

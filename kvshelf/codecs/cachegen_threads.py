@@ -33,6 +33,7 @@ from kvshelf.codecs import cachegen_cpu as cc
 from kvshelf.codecs import cachegen_encoder as ce
 from kvshelf.codecs import calibration as calib
 from kvshelf.codecs import rans
+from kvshelf.codecs.base import BackToBack
 from kvshelf.codecs.pool import CodecProcesses
 from kvshelf.codecs.rans import CUM, FREQ, LOW_BITS, RADIUS, SYMBOL
 
@@ -81,9 +82,12 @@ def decode_layers(cal: calib.Calibration, level: int, segments, shape: tuple, dt
     out = processes.outputs.empty((len(layers), two, heads, tokens, dim), dtype)
     if not layers:
         return out
-    buf = np.frombuffer(segments[0] if len(segments) == 1 else b"".join(segments), np.uint8)[:]
+    if isinstance(segments, BackToBack):  # a stored chunk's layers: no copy
+        buf, ends = np.frombuffer(segments.joined, np.uint8)[:], np.array(segments.ends, np.int64)
+    else:
+        buf = np.frombuffer(segments[0] if len(segments) == 1 else b"".join(segments), np.uint8)[:]
+        ends = np.cumsum([memoryview(s).nbytes for s in segments], dtype=np.int64)
     buf.flags.writeable = False  # one array type for the compiled decoder, whatever held the bytes
-    ends = np.cumsum([memoryview(s).nbytes for s in segments], dtype=np.int64)
     cos, sin, which = cc._tables(cal, layers, position, tokens)
     width, per_lane, _ = rans.layout(heads * dim, tokens)
     job = (cal, level, layers, buf, ends, (cc._head(level), heads, tokens, dim, width, per_lane), cos, sin, which)

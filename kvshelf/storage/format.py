@@ -43,7 +43,7 @@ import torch
 import xxhash
 
 from kvshelf.codecs import Codec, get_codec
-from kvshelf.codecs.base import tensor_view
+from kvshelf.codecs.base import BackToBack, tensor_view
 from kvshelf.codecs.calibration import MissingCalibration
 from kvshelf.codecs.pool import CodecPoolError
 from kvshelf.errors import KVShelfError
@@ -325,7 +325,7 @@ class EncodedChunk:
 
     def _decode(self, layers: list[int]) -> torch.Tensor:  # one tensor [len(layers), *layer shape]
         shape, dtype = self.meta.shape, self.meta.dtype
-        segments = [self._payload[self._offsets[k] : self._offsets[k + 1]] for k in layers]
+        segments = BackToBack.layers(self._payload, self._offsets, layers)
         try:
             out = self.codec.decode_stacked(segments, shape[1:], dtype, layers, shape[0], self.meta.position)
         except (FormatError, CodecPoolError):
