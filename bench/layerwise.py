@@ -102,16 +102,21 @@ def measure_variant(setup: Setup, buffer_size: int) -> dict:
     vocab = runner.config.vocab_size
     first = not t_whole
     t_layer = []
-    for rep in range(args.repeats):
+    # The first `warmup` rounds start what a serving process starts once (kernels, worker threads and processes,
+    # pinned pools) and are not counted: a median of few repeats must not hold a cold run.
+    warm = args.warmup
+    for rep in range(warm + args.repeats):
+        counted = rep >= warm
         for gen, times in ((whole, t_whole), (layered, t_layer)):
-            if gen is whole and (not first or (on_device and rep)):
+            if gen is whole and (not first or (on_device and rep > warm)):
                 continue
             # A new suffix each time: only the shared prefix is cached, as for a new question.
             request = prefix + torch.randint(0, vocab, (args.suffix,), generator=rng).tolist()
             sync(device)
             r = gen.generate(request, max_new_tokens=1)
             sync(device)
-            times.append(r.ttft_s)
+            if counted:
+                times.append(r.ttft_s)
             tiers.flush()  # the new chunks' write-behind (encoding on every core) ends before the next run
             assert r.hit_tokens == args.tokens, (r.hit_tokens, args.tokens)
         # The halves apart: loading alone, and computing the suffix over KV already in place.
@@ -119,19 +124,20 @@ def measure_variant(setup: Setup, buffer_size: int) -> dict:
             kv = runner.new_kv(len(request))
             sync(device)
             t = time.perf_counter()
-            if first and not (on_device and rep):
+            if first and not (on_device and rep > warm):
                 for key, chunk in engine.retrieve_chunks(request, max_tokens=len(request) - 1):
                     kv.load_chunk(key.start, chunk)
                 sync(device)
-                t_load.append(time.perf_counter() - t)
+                if counted:
+                    t_load.append(time.perf_counter() - t)
             t = time.perf_counter()
             runner.forward(request[args.tokens :], args.tokens, kv)
             sync(device)
-            if first:
+            if first and counted:
                 t_compute.append(time.perf_counter() - t)
     # The layerwise loader alone (no compute): open the prefix, load every layer, synchronise.
     t_loader = []
-    for _ in range(args.repeats):
+    for rep in range(warm + args.repeats):
         with torch.inference_mode():
             kv = runner.new_kv(len(request))
             sync(device)
@@ -148,7 +154,8 @@ def measure_variant(setup: Setup, buffer_size: int) -> dict:
             for i in range(runner.num_layers):
                 loader.wait(i)
             sync(device)
-            t_loader.append((t_open + loader.open_s, time.perf_counter() - t))
+            if rep >= warm:
+                t_loader.append((t_open + loader.open_s, time.perf_counter() - t))
             loader.close()
     open_s = statistics.median(o for o, _ in t_loader)
     loader_s = statistics.median(a for _, a in t_loader)
@@ -205,6 +212,7 @@ def main() -> None:
     ap.add_argument("--tiers", nargs="+", default=["cpu", "disk", "redis"])
     ap.add_argument("--codecs", nargs="+", default=["none", "cachegen"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted (cold start)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--llama8b", action="store_true")
     ap.add_argument("--tier-workers", type=int, default=4, help="the tier's worker threads (read windows up to it)")
