@@ -75,8 +75,6 @@ GENERATION = frozenset(
         "blend_ratio_beyond_share",
         "blend_long_question_pass",  # issue #18, tenth session: not inside vLLM (vLLM computes the question)
         "blend_long_question_budget",
-        "blend_long_moved_extra",  # issue #18, eleventh session: with the long-prompt question pass
-        "blend_long_moved_head",
         "use_layerwise",
         "use_async_load",
         "buffer_size",
