@@ -64,6 +64,8 @@ class BlendInfo:
     exact: bool = False  # too few documents cached: the prompt was prefilled exactly, not blended
     deferred: int = 0  # documents whose KV is computed after the first token (counted in computed_alone once done)
     question_pass_tokens: int = 0  # question tokens run alone over the placed KV first (the question pass)
+    answer_margin: float | None = None  # its first answer token's top-1 minus top-2 log-probability (fallback on)
+    fallback: bool = False  # that margin was below blend_fallback_margin: served by an exact prefill instead
 
 
 @dataclass
@@ -98,6 +100,7 @@ class Blender:
         ratio_tokens: int | None = None,
         beyond_share: float = 1.0,
         long_selection: SelectionPolicy | None = None,
+        fallback_margin: float = 0.0,
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -155,6 +158,10 @@ class Blender:
         if long_selection is not None and not long_selection.needs_attention:
             raise ValueError(f"a long-prompt selection must read the question, got signal {long_selection.signal!r}")
         self.long_selection = long_selection
+        # Below this first-answer-token margin (nats) an exact prefill serves instead (generation.fallback).
+        if not fallback_margin >= 0:
+            raise ValueError(f"blend_fallback_margin must be >= 0, got {fallback_margin}")
+        self.fallback_margin = float(fallback_margin)
 
     @classmethod
     def from_config(
@@ -199,6 +206,7 @@ class Blender:
             )
             if config.blend_long_question_pass
             else None,
+            fallback_margin=config.blend_fallback_margin,
         )
 
     def selection_for(self, seg: Segmented, placed_tokens: int) -> SelectionPolicy:
