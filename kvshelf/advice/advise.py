@@ -22,14 +22,18 @@ from kvshelf.config import KVShelfConfig
 CODEC_BITS = {"none": 32.0, "int8": 8.13, "cachegen": 2.65}
 
 # What CacheBlend costs in answers, measured on bench/rag_eval.py's unseen RAG set (issue #18, BENCHMARKS.md,
-# fifth session: 100 samples, 0.7-2.8K tokens, the default model): the trade-off the recommendation states.
+# fifth session: 100 samples, 0.7-2.8K tokens, the default model; 4-8K: eleventh and twelfth sessions): the
+# trade-off the recommendation states.
 BLEND_QUALITY = (
     "measured on 100 varied RAG prompts of ~2K tokens: 15% recompute, documents cached from the prompt that first "
     "held them, answered as often as full prefill (65 and 66 of 100, paired difference -1 point [-9, +7]) at ~4.3x "
     "faster TTFT; documents cached alone lost 10 points at 15%. On 4-8K prompts (15% of 2,048 tokens, then 6%, "
     "picked by the question pass) it is ~6.6x faster and answered 53 of 78 on three sets where full prefill "
     "answered 58 (21 vs 21, 18 vs 20, 14 vs 17; the answers lost were near ties of full prefill's own): check "
-    "answers on long prompts"
+    "answers on long prompts. The trade-off if answers matter more than throughput: blend_fallback_margin 0.15 "
+    "(a blend whose first answer token beats the next by under 0.15 nats is served by an exact prefill instead) "
+    "answered 56 of those 78 (21, 19, 16) at the same median speed-up (~6.7x) but ~3.8x over all requests: 9 of "
+    "78 paid a blend plus a full prefill (off by default)"
 )
 
 
