@@ -110,3 +110,21 @@ def test_config_key_and_where_it_is_refused(tiny_models):
     check_runtime(config, "serve")
     with pytest.raises(ConfigError, match="blend_fallback_margin.*vllm"):
         check_runtime(config, "vllm")
+
+
+def test_served_shelf_counts_fallbacks_in_its_metrics(tiny_models, tmp_path, monkeypatch):
+    """Through open_shelf (what `kvshelf serve` builds): the key reaches the blender, and the fallback counter is
+    in the registry the server's /metrics exports."""
+    from kvshelf.assembly import open_shelf
+    from kvshelf.model.loader import LoadedModel
+
+    monkeypatch.setenv("KVSHELF_CACHE_DIR", str(tmp_path))
+    loaded = LoadedModel(ModelRunner(tiny_models("llama")), tiny_tokenizer(), tmp_path)
+    config = KVShelfConfig(
+        enable_blending=True, blend_recompute_ratios=[0.0], blend_fallback_margin=1e9, guard=False, chunk_size=16
+    )
+    gen = open_shelf(config, loaded=loaded, show_progress=False).generator
+    gen.generate(FIRST, max_new_tokens=1)
+    served = gen.generate(REORDERED, max_new_tokens=1)
+    assert served.blend.document_hits == 3 and served.blend.fallback
+    assert gen.metrics.registry.get_sample_value("kvshelf_blend_fallbacks_total") == 1
