@@ -175,11 +175,12 @@ class CachedGenerator:
             with torch.inference_mode(), interruptible(should_stop):
                 kv = self.runner.new_kv(len(ids) + max_new_tokens)
                 outcome = self.strategy(request).prefill(request, kv)
-                start = [(pick(outcome.logits), outcome.logits)]
                 if fallback.applies(self.blender, outcome):  # a near tie of the blend's answer: exact prefill
                     start, outcome = fallback.confident_start(
                         self.blender, request, kv, outcome, pick, self._blank, max_new_tokens
                     )
+                else:
+                    start = [(pick(outcome.logits), outcome.logits)]
         if guard is not None and plan and outcome.load_s is not None:  # every strategy's load teaches the guard
             guard.observe(plan, outcome.load_s)
         hit = outcome.hit_tokens
