@@ -30,10 +30,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from blend_report import summarize
 from blend_reuse import Reuse
 from blend_variants import VARIANTS
 from common import save_results
-from rag_eval import correct, paired
+from rag_eval import correct
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -216,6 +217,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.15, 0.3])
     ap.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS), metavar="VARIANT")
+    ap.add_argument(
+        "--fallback-margin",
+        type=float,
+        nargs="+",
+        default=[],
+        metavar="NATS",
+        help="also run each --variants with the confidence fallback at each margin (blend_fallback_margin: a first "
+        "answer token picked by less is served by an exact prefill)",
+    )
     ap.add_argument("--check-layer", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--jsonl", default=None)
@@ -267,6 +277,13 @@ def main() -> None:
         methods["full reuse (0%)"] = blend_gen(ratios=[0.0])
         methods.update({f"CacheBlend {r:.0%}": blend_gen(ratios=[r]) for r in args.ratios})
     methods.update({name: blend_gen(**VARIANTS[name]) for name in args.variants})
+    methods.update(
+        {
+            f"{name}, exact prefill below {tau:g} nats": blend_gen(**VARIANTS[name], fallback_margin=tau)
+            for name in args.variants
+            for tau in args.fallback_margin
+        }
+    )
     probe = next(g for g in methods.values() if g is not None and g is not shelf.generator)
     # Each kind of document cache filled once: behind BOS alone, behind another fixed prefix (other keys), or
     # from the earlier prompt itself (document_context prompt: other keys too).
@@ -324,7 +341,7 @@ def main() -> None:
                 if kept is not None:  # full prefill as an earlier run of these samples measured it
                     steps[:] = list(kept["steps"])
                     r = SimpleNamespace(
-                        token_ids=kept["tokens"], first_logits=kept["first_logits"], ttft_s=kept["ttft_s"]
+                        token_ids=kept["tokens"], first_logits=kept["first_logits"], ttft_s=kept["ttft_s"], blend=None
                     )
                     cpu_to_first = kept["cpu_to_first_s"]
                 else:
@@ -365,6 +382,9 @@ def main() -> None:
                     # part from full prefill's (the answer's first token, or a later one: decoding over fused KV).
                     "margin": margin(steps[at]) if len(steps) > at else None,
                     "diverges_at": diverges_at(r.token_ids, ref_tokens),
+                    # the confidence fallback served it by an exact prefill (--fallback-margin)
+                    "fallback": bool(r.blend is not None and r.blend.fallback),
+                    "answer_margin": r.blend.answer_margin if r.blend is not None else None,
                 }
             records.append(record)
             with per_sample.open("a") as f:
@@ -373,93 +393,6 @@ def main() -> None:
     if args.reuse:
         console.print(f"reused from {args.reuse}: {reuse.loaded}")
     save_results(args.json, summarize(records, console, args))
-
-
-def summarize(records: list[dict], console: Console, args) -> dict:
-    """The tables (overall, per question type) of per-sample records; returns them as data."""
-    names = [m for m in records[0]["methods"] if all(m in r["methods"] for r in records)]  # in every run given
-    keys = ("ttft", "correct", "kl", "kl_answer") if "kl_answer" in records[0]["methods"][names[0]] else ()
-    keys = keys or ("ttft", "correct", "kl")
-    rows = {m: {k: [r["methods"][m][k] for r in records] for k in keys} for m in names}
-    types = [r["type"] for r in records]
-    lengths = [r["tokens"] for r in records]
-    table = Table(
-        title=f"RAG with reordered documents, {len(records)} samples, {min(lengths)}-{max(lengths)}-token prompts "
-        f"(median {statistics.median(lengths):.0f})"
-    )
-    columns = ["method", "TTFT (median)", "speed-up", "accuracy", "vs full prefill [95% CI], McNemar p", "KL"]
-    for col in columns + (["KL, answer token"] if "kl_answer" in keys else []):
-        table.add_column(col, justify="right")
-    results = []
-    for name, r in rows.items():
-        ttft = statistics.median(r["ttft"])
-        # Speed-up: the median over samples of full prefill's TTFT over this method's (paired, robust to load).
-        speedup = statistics.median(f / m for f, m in zip(rows["full prefill"]["ttft"], r["ttft"], strict=True))
-        acc = statistics.fmean(r["correct"])
-        mean_kl = statistics.fmean(r["kl"])
-        kl_answer = statistics.fmean(r["kl_answer"]) if "kl_answer" in r else None
-        vs = paired(rows["full prefill"]["correct"], r["correct"])
-        results.append(
-            {
-                "method": name,
-                "ttft_s": ttft,
-                "speedup": speedup,
-                "accuracy": acc,
-                "kl": mean_kl,
-                "kl_answer": kl_answer,
-                "paired": vs,
-            }
-        )
-        cells = [name, f"{ttft:.3f} s", f"{speedup:.1f}x", f"{acc:.0%}", show(vs), f"{mean_kl:.4f}"]
-        table.add_row(*cells, *([f"{kl_answer:.4f}"] if kl_answer is not None else []))
-    console.print(table)
-    if "kl_answer" in keys and "CacheBlend 15%" in rows:
-        console.print(kl_against(rows, "CacheBlend 15%"))
-    by_type = Table(title="Accuracy per question type (difference from full prefill on the same samples)")
-    kinds = sorted(set(types))
-    for col in ["method", *kinds]:
-        by_type.add_column(col, justify="right")
-    by_type.add_row("samples", *[str(types.count(k)) for k in kinds])
-    per_type = {}
-    for name, r in rows.items():
-        cells = []
-        for k in kinds:
-            pick = [i for i, t in enumerate(types) if t == k]
-            mine, full = [r["correct"][i] for i in pick], [rows["full prefill"]["correct"][i] for i in pick]
-            vs = paired(full, mine)
-            per_type.setdefault(name, {})[k] = {"accuracy": statistics.fmean(mine), "paired": vs}
-            cells.append(f"{statistics.fmean(mine):.0%}" + ("" if name == "full prefill" else f" ({show(vs)})"))
-        by_type.add_row(name, *cells)
-    console.print(by_type)
-    return {"methods": results, "per_type": per_type, "prompt_tokens": lengths, "samples": records}
-
-
-def kl_against(rows: dict, base: str, rounds: int = 2000) -> Table:
-    """Each method's answer-token KL against `base`'s on the same samples: the mean difference with a paired
-    bootstrap 95% interval, and on how many samples it was lower (KL varies far less than accuracy)."""
-    table = Table(title=f"KL at the answer token, paired against {base}")
-    for col in ["method", "mean KL", f"minus {base} [95% CI]", "samples lower"]:
-        table.add_column(col, justify="right")
-    ref = rows[base]["kl_answer"]
-    rng = random.Random(0)
-    for name, r in rows.items():
-        if name in ("full prefill", base):
-            continue
-        diffs = [m - b for m, b in zip(r["kl_answer"], ref, strict=True)]
-        n = len(diffs)
-        boot = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
-        lower = sum(d < 0 for d in diffs)
-        table.add_row(
-            name,
-            f"{statistics.fmean(r['kl_answer']):.4f}",
-            f"{statistics.fmean(diffs):+.4f} [{boot[int(0.025 * rounds)]:+.4f}, {boot[int(0.975 * rounds) - 1]:+.4f}]",
-            f"{lower}/{n}",
-        )
-    return table
-
-
-def show(vs: dict) -> str:
-    return f"{vs['diff']:+.0%} [{vs['low']:+.0%}, {vs['high']:+.0%}] p={vs['p_mcnemar']:.2f}"
 
 
 if __name__ == "__main__":

@@ -112,25 +112,6 @@ VARIANTS = {
         }
         for share in (0.4, 0.5, 0.6)
     },
-    # eleventh session (h18): documents that moved toward the front since they were cached get more recompute
-    **{
-        f"default, long prompts by the question pass{budget}, moved {name}": {
-            "ratios": [0.15],
-            "document_context": "prompt",
-            "ratio_tokens": 2048,
-            "beyond_share": share,
-            "long_selection": SelectionPolicy(signal="question", question_pass=True, **moved),
-        }
-        for budget, share in (("", 0.25), (", 6% past 2,048", 0.4))
-        for name, moved in (
-            ("extra 10%", {"moved_extra": 0.1}),
-            ("extra 20%", {"moved_extra": 0.2}),
-            ("first 32 tokens", {"moved_head": 32}),
-            ("first 32 tokens, extra 10%", {"moved_head": 32, "moved_extra": 0.1}),
-            ("extra 10% by question", {"moved_extra": 0.1, "moved_signal": "policy"}),
-            ("extra 20% by question", {"moved_extra": 0.2, "moved_signal": "policy"}),
-        )
-    },
     "12%, question pass, from the earlier prompt": {
         "ratios": [0.12],
         "selection": SelectionPolicy(signal="question", question_pass=True),

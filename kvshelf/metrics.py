@@ -49,6 +49,11 @@ class Metrics:
         )
         self.blend_lookups = Counter(p + "blend_lookups", "Documents looked up for blending", registry=r)
         self.blend_hits = Counter(p + "blend_hits", "Blend document lookups that hit", registry=r)
+        self.blend_fallbacks = Counter(
+            p + "blend_fallbacks",
+            "Blended requests served by an exact prefill: first answer token below blend_fallback_margin",
+            registry=r,
+        )
         self.bypasses = Counter(p + "bypasses", "Requests or chunks that skipped the cache", ["reason"], registry=r)
         self.load_failures = Counter(
             p + "load_failures", "Cached KV loads that failed; the tokens were recomputed", ["integration"], registry=r

@@ -27,6 +27,9 @@ def test_long_rag_with_reordered_documents_gets_cacheblend():
     assert a.config["enable_blending"] is True
     assert a.predicted_ttft_s[BLEND_LABEL] < 0.5 * a.predicted_ttft_s["no cache"]
     assert BLEND_LABEL == "CacheBlend 15%" and any("as often as full prefill" in r for r in a.reasons)
+    # The measured trade-off of the confidence fallback is stated, not switched on (it halves throughput)
+    assert any("blend_fallback_margin 0.15" in r and "over all requests" in r for r in a.reasons)
+    assert "blend_fallback_margin" not in a.config
 
 
 def test_a_cold_blend_request_is_charged_as_a_plain_prefill():

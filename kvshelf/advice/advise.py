@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from kvshelf.advice.cost import CostModel
-from kvshelf.blend.selection import SelectionPolicy, budget_for, moved_budget
+from kvshelf.blend.selection import budget_for
 from kvshelf.config import KVShelfConfig
 
 # Stored size per fp32 value of each codec, measured on the default model (BENCHMARKS.md; cachegen:
@@ -22,14 +22,19 @@ from kvshelf.config import KVShelfConfig
 CODEC_BITS = {"none": 32.0, "int8": 8.13, "cachegen": 2.65}
 
 # What CacheBlend costs in answers, measured on bench/rag_eval.py's unseen RAG set (issue #18, BENCHMARKS.md,
-# fifth session: 100 samples, 0.7-2.8K tokens, the default model): the trade-off the recommendation states.
+# fifth session: 100 samples, 0.7-2.8K tokens, the default model; 4-8K: eleventh and twelfth sessions): the
+# trade-off the recommendation states.
 BLEND_QUALITY = (
     "measured on 100 varied RAG prompts of ~2K tokens: 15% recompute, documents cached from the prompt that first "
     "held them, answered as often as full prefill (65 and 66 of 100, paired difference -1 point [-9, +7]) at ~4.3x "
     "faster TTFT; documents cached alone lost 10 points at 15%. On 4-8K prompts (15% of 2,048 tokens, then 6%, "
     "picked by the question pass) it is ~6.6x faster and answered 53 of 78 on three sets where full prefill "
     "answered 58 (21 vs 21, 18 vs 20, 14 vs 17; the answers lost were near ties of full prefill's own): check "
-    "answers on long prompts"
+    "answers on long prompts. The trade-off if answers matter more than throughput: blend_fallback_margin 0.15 "
+    "(a blend whose first answer token beats the next by under 0.15 nats is served by an exact prefill instead) "
+    "answered 56 of those 78 (21, 19, 16) at the same median speed-up (~6.7x) but ~3.8x over all requests: 9 of "
+    "78 paid a blend plus a full prefill; on the ~2K prompts it gained nothing (65 of 100 either way, 4.2x -> 2.9x "
+    "aggregate). Off by default"
 )
 
 
@@ -58,22 +63,6 @@ BLEND_LONG_QUESTION_PASS = _DEFAULTS.blend_long_question_pass and _DEFAULTS.blen
 def blend_question_pass(placed: int) -> bool:
     """Whether a blend of `placed` cached document tokens runs the question pass with the default settings."""
     return BLEND_QUESTION_PASS or (BLEND_LONG_QUESTION_PASS and placed > _DEFAULTS.blend_ratio_tokens)
-
-
-# Documents that moved toward the front since they were cached get more recompute in long prompts
-# (blend_long_moved_extra, blend_long_moved_head; issue #18, eleventh session).
-BLEND_LONG_MOVED = SelectionPolicy(
-    moved_extra=_DEFAULTS.blend_long_moved_extra, moved_head=_DEFAULTS.blend_long_moved_head
-)
-
-
-def blend_moved_cost(placed: int, moved: list[tuple[int, float]]) -> float:
-    """Prefill-equivalent tokens a blend of `placed` cached tokens adds for its documents that moved toward the
-    front (`moved`: each placed document's tokens and the share of its cached context no longer before it):
-    they are computed from the check layer on."""
-    if not (BLEND_LONG_QUESTION_PASS and placed > _DEFAULTS.blend_ratio_tokens):
-        return 0.0
-    return (18 - _CHECK) * moved_budget(BLEND_LONG_MOVED, moved) / 18
 
 
 @dataclass
@@ -124,7 +113,7 @@ def analyse(
     seen_on_node: dict[int, set[bytes]] = {}
     nodes = len({r.node for r in trace})
     hit_local = 0
-    seen_chunks: dict[bytes, int] = {}  # each chunk's place where it was first seen (cached from there)
+    seen_chunks: set[bytes] = set()
     prompt_tokens = hit_prefix = chunk_tokens = hit_blend = unique_chunk_tokens = 0
     ttft = {"no cache": 0.0}
     if len({r.node for r in trace}) > 1:
@@ -165,19 +154,14 @@ def analyse(
         else:
             ttft["prefix reuse"] += cost.recompute_s(n - hit) + cost.load_s({"cpu": hit})
         blend_hit = first_seen = 0
-        moved = []  # (tokens, share of the cached context no longer before it) of each cached chunk
-        place = 0  # the chunk's place, counted in chunk tokens before it
         for chunk in req.chunks or []:
             key = hashlib.blake2b(repr(chunk).encode(), digest_size=16).digest()
             chunk_tokens += len(chunk)
             if key in seen_chunks:
                 blend_hit += len(chunk)
-                then = seen_chunks[key]
-                moved.append((len(chunk), max(0, then - place) / then if then else 0.0))
             else:
                 first_seen += len(chunk)
-            seen_chunks.setdefault(key, place)
-            place += len(chunk)
+            seen_chunks.add(key)
         unique_chunk_tokens += first_seen
         hit_blend += blend_hit
         # CacheBlend: a request with less than BLEND_MIN_CACHED_SHARE of its document tokens cached is an exact
@@ -185,7 +169,7 @@ def analyse(
         # the missing documents are computed in place with the question and the cached ones blended.
         if req.chunks and blend_hit >= BLEND_MIN_CACHED_SHARE * (blend_hit + first_seen) and blend_hit:
             question = n - sum(len(c) for c in req.chunks) if blend_question_pass(blend_hit) else 0
-            blended = n - blend_hit + blend_placed_cost(blend_hit) + blend_moved_cost(blend_hit, moved) + question
+            blended = n - blend_hit + blend_placed_cost(blend_hit) + question
             ttft[BLEND_LABEL] += cost.recompute_s(blended) + cost.load_s({"cpu": blend_hit})
         else:
             ttft[BLEND_LABEL] += base  # cold, or no chunks: an ordinary prompt

@@ -75,8 +75,7 @@ GENERATION = frozenset(
         "blend_ratio_beyond_share",
         "blend_long_question_pass",  # issue #18, tenth session: not inside vLLM (vLLM computes the question)
         "blend_long_question_budget",
-        "blend_long_moved_extra",  # issue #18, eleventh session: with the long-prompt question pass
-        "blend_long_moved_head",
+        "blend_fallback_margin",  # issue #18, twelfth session: not inside vLLM (vLLM picks the first token)
         "use_layerwise",
         "use_async_load",
         "buffer_size",

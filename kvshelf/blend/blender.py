@@ -38,7 +38,7 @@ import torch
 
 from kvshelf.blend.question_pass import QuestionPass
 from kvshelf.blend.segment import Segmented
-from kvshelf.blend.selection import SelectionPolicy, budget_for, moved_share, select
+from kvshelf.blend.selection import SelectionPolicy, budget_for, select
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.config import KVShelfConfig
 from kvshelf.metrics import Metrics
@@ -64,6 +64,8 @@ class BlendInfo:
     exact: bool = False  # too few documents cached: the prompt was prefilled exactly, not blended
     deferred: int = 0  # documents whose KV is computed after the first token (counted in computed_alone once done)
     question_pass_tokens: int = 0  # question tokens run alone over the placed KV first (the question pass)
+    answer_margin: float | None = None  # its first answer token's top-1 minus top-2 log-probability (fallback on)
+    fallback: bool = False  # that margin was below blend_fallback_margin: served by an exact prefill instead
 
 
 @dataclass
@@ -74,7 +76,6 @@ class Document:
     end: int
     key: bytes | None
     cached: bool
-    computed_at: int | None = None  # where its placed KV was computed (its first token's position then)
 
     @property
     def tokens(self) -> int:
@@ -99,6 +100,7 @@ class Blender:
         ratio_tokens: int | None = None,
         beyond_share: float = 1.0,
         long_selection: SelectionPolicy | None = None,
+        fallback_margin: float = 0.0,
     ):
         if not 0 <= min_cached_share <= 1:
             raise ValueError(f"min_cached_share must be within 0..1, got {min_cached_share}")
@@ -156,6 +158,10 @@ class Blender:
         if long_selection is not None and not long_selection.needs_attention:
             raise ValueError(f"a long-prompt selection must read the question, got signal {long_selection.signal!r}")
         self.long_selection = long_selection
+        # Below this first-answer-token margin (nats) an exact prefill serves instead (generation.fallback).
+        if not fallback_margin >= 0:
+            raise ValueError(f"blend_fallback_margin must be >= 0, got {fallback_margin}")
+        self.fallback_margin = float(fallback_margin)
 
     @classmethod
     def from_config(
@@ -196,14 +202,11 @@ class Blender:
             ratio_tokens=config.blend_ratio_tokens,
             beyond_share=config.blend_ratio_beyond_share,
             long_selection=SelectionPolicy(
-                signal="question",
-                question_pass=True,
-                question_budget=config.blend_long_question_budget,
-                moved_extra=config.blend_long_moved_extra,
-                moved_head=config.blend_long_moved_head,
+                signal="question", question_pass=True, question_budget=config.blend_long_question_budget
             )
             if config.blend_long_question_pass
             else None,
+            fallback_margin=config.blend_fallback_margin,
         )
 
     def selection_for(self, seg: Segmented, placed_tokens: int) -> SelectionPolicy:
@@ -286,7 +289,6 @@ class Blender:
             info.loaded_bytes += doc.tokens * runner.kv_bytes_per_token
             document_mask[doc.start : doc.end] = True
             stored, computed_at = cached.kv.to(runner.device), cached.meta.position
-            doc.computed_at = computed_at
             for layer in range(runner.num_layers):
                 kv.data[layer, 0, :, doc.start : doc.end] = runner.rerotate(
                     stored[layer, 0], doc.start - computed_at, layer
@@ -321,12 +323,10 @@ class Blender:
         # Per prompt position: the placed document it belongs to and its offset inside it (selection policies).
         document_of = torch.full((len(seg.token_ids),), -1, dtype=torch.long)
         offset_of = torch.zeros(len(seg.token_ids), dtype=torch.long)
-        moved_of = torch.zeros(len(seg.token_ids))  # the share of its cached context no longer before it
         for index, doc in enumerate(documents):
             if doc.cached:
                 document_of[doc.start : doc.end] = index
                 offset_of[doc.start : doc.end] = torch.arange(doc.tokens)
-                moved_of[doc.start : doc.end] = moved_share(doc.computed_at, doc.start)
         info.deferred = info.documents - info.document_hits
         self.metrics.blend_lookups.inc(info.documents)
         self.metrics.blend_hits.inc(info.document_hits)
@@ -366,7 +366,6 @@ class Blender:
                 offset_of[placed],
                 attention,
                 policy,
-                moved_of[placed],
             )
             is_document = is_document[keep]
             return keep
@@ -412,11 +411,10 @@ class Blender:
         return self.question_pass.shares(seg, kv, policy or self.selection, question)
 
     def _select(
-        self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset, attention, policy, moved
+        self, fresh, cached, is_document, ratio: float, info: BlendInfo, document, offset, attention, policy
     ) -> torch.Tensor:
         """Indices (into the active tokens) that stay active: every non-document token, plus the document tokens
-        `selection.select` picks, `ratio` of all document tokens (and the policy's extra for documents that moved
-        toward the front)."""
+        `selection.select` picks, `ratio` of all document tokens."""
         budget = min(
             int(is_document.sum()), budget_for(ratio, info.placed_tokens, self.ratio_tokens, self.beyond_share)
         )
@@ -428,7 +426,6 @@ class Blender:
             offset=offset,
             attention=attention,
             policy=policy,
-            moved=moved,
         )
         keep = ~is_document.clone()
         keep[is_document] = keep_document

@@ -24,13 +24,6 @@ the budget, the rest going to K and V deviation (a two-hop answer lies where the
 `question_by_document` credits each token with its document's share instead. Where the share comes from is
 the blender's business: the check layer's queries, or (`question_pass`, `question_layers`,
 `question_reduce`) a pass of the question alone over the placed KV, every layer.
-
-Documents that moved toward the front (issue #18, eleventh session): a document cached from the prompt that
-first held it carries deep KV that attended to whatever preceded it there; placed nearer the front, part of that
-context is gone (`moved`: per token, the share of its cached context no longer before it, 0 for a document that
-did not move forward). `moved_extra` adds that share of those weighted tokens to the budget, picked among the
-moved documents' tokens by K and V deviation (or, `moved_signal` "policy", by the policy's own score);
-`moved_head` recomputes each moved document's first tokens.
 """
 
 from __future__ import annotations
@@ -56,9 +49,6 @@ class SelectionPolicy:
     question_reduce: str = "mean"  # the pass's share over layers: "mean" or "max"
     question_by_document: bool = False  # each token credited with its document's share (needs `document`)
     question_budget: float = 1.0  # signal "question": this share of the budget by attention, the rest by deviation
-    moved_extra: float = 0.0  # extra budget: this share of the moved-forward tokens, each weighted by `moved`
-    moved_head: int = 0  # each document that moved forward: its first tokens recomputed (beyond the budget)
-    moved_signal: str = "kv"  # the extra's ranking: K and V deviation ("kv") or the policy's own ("policy")
 
     @property
     def needs_attention(self) -> bool:
@@ -76,13 +66,6 @@ class SelectionPolicy:
             )
         if not 0.0 <= self.question_budget <= 1.0:
             raise ValueError(f"blend question budget must be within 0..1, got {self.question_budget}")
-        if self.moved_signal not in ("kv", "policy"):
-            raise ValueError(f"blend moved signal must be kv or policy, got {self.moved_signal!r}")
-        if not 0.0 <= self.moved_extra <= 1.0 or self.moved_head < 0:
-            raise ValueError(
-                f"blend moved extra must be within 0..1 and moved head >= 0, got {self.moved_extra} and "
-                f"{self.moved_head}"
-            )
         if self.question_weight < 0 or self.question_span < 0:
             raise ValueError(
                 f"blend question weight and span must be >= 0, got {self.question_weight} and {self.question_span}"
@@ -141,52 +124,12 @@ def select(
     offset: torch.Tensor | None = None,
     attention: torch.Tensor | None = None,
     policy: SelectionPolicy = SelectionPolicy(),
-    moved: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean mask of the tokens to recompute: `budget` of them (at most all), plus with `moved_extra` or
-    `moved_head` tokens of the documents that moved toward the front (`moved_budget` says how many).
+    """Boolean mask of the tokens to recompute: `budget` of them (at most all).
 
     `document` ([tokens], int) says which document each token belongs to (needed by `per_document`), `offset`
-    ([tokens], int) its place inside its document (needed by `head_tokens` and `moved_head`), `attention`
-    ([tokens]) each token's share of the question's attention (needed by the question signals), `moved`
-    ([tokens], 0..1) the share of each token's cached context no longer before it (None: nothing moved)."""
-    keep = _select_budget(fresh, cached, budget, document, offset, attention, policy)
-    if moved is None or not (policy.moved_extra or policy.moved_head):
-        return keep
-    moved = moved.to(fresh.device).float()
-    forward = moved > 0
-    if policy.moved_head:
-        if offset is None:
-            raise ValueError("moved_head needs each token's offset inside its document")
-        keep |= forward & (offset.to(fresh.device) < policy.moved_head)
-    extra = min(int((forward & ~keep).sum()), math.ceil(policy.moved_extra * float(moved.sum())))
-    if extra:
-        ranking = (
-            deviation(fresh, cached, "kv") if policy.moved_signal == "kv" else score(fresh, cached, policy, attention)
-        )
-        ranking = ranking.masked_fill(~forward | keep, float("-inf"))
-        keep[torch.topk(ranking, extra).indices] = True
-    return keep
-
-
-def moved_share(computed_at: int | None, start: int) -> float:
-    """The share of a placed document's cached context (the tokens before it where its KV was computed, from
-    `computed_at`) no longer before it at `start`: 0 unless it moved toward the front (`select`'s `moved`)."""
-    if computed_at is None or computed_at <= start:
-        return 0.0
-    return (computed_at - start) / computed_at
-
-
-def moved_budget(policy: SelectionPolicy, moved: list[tuple[int, float]]) -> int:
-    """Tokens `select` adds for documents that moved toward the front, at most: `moved` lists each placed
-    document's tokens and the share of its cached context no longer before it (what `kvshelf advise` charges)."""
-    forward = [(tokens, lost) for tokens, lost in moved if lost > 0]
-    heads = sum(min(tokens, policy.moved_head) for tokens, _ in forward)
-    return heads + math.ceil(policy.moved_extra * sum(tokens * lost for tokens, lost in forward))
-
-
-def _select_budget(fresh, cached, budget: int, document, offset, attention, policy: SelectionPolicy) -> torch.Tensor:
-    """`select`'s mask of exactly `budget` tokens (at most all), by the policy's signal."""
+    ([tokens], int) its place inside its document (needed by `head_tokens`), `attention` ([tokens]) each token's
+    share of the question's attention (needed by the question signals)."""
     n = fresh.shape[2]
     if cached.shape != fresh.shape:
         raise ValueError(f"fresh and cached KV differ in shape: {tuple(fresh.shape)} vs {tuple(cached.shape)}")

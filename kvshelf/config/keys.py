@@ -310,20 +310,14 @@ class ConfigKeys(BaseModel):
         "the tokens the question attends to, the rest to the largest K and V deviation",
     )
 
-    # -- issue #18 (eleventh session): documents that moved toward the front get more recompute -------------
-    blend_long_moved_extra: float = Field(
-        0.0,
+    # -- issue #18 (twelfth session): a near tie of the blend's answer is served by an exact prefill ------------
+    blend_fallback_margin: float = Field(
+        0.0,  # off: at 0.15, held-out seed 21 (BENCHMARKS.md, twelfth session)
         ge=0,
-        le=1,
-        description="CacheBlend, blend_long_question_pass: a long prompt also recomputes this share of the tokens "
-        "of documents that moved toward the front since the prompt they were cached from, each token weighted by "
-        "the share of its cached context no longer before it (picked by K and V deviation; 0: off)",
-    )
-    blend_long_moved_head: int = Field(
-        0,
-        ge=0,
-        description="CacheBlend, blend_long_question_pass: a long prompt also recomputes the first this many "
-        "tokens of every document that moved toward the front since the prompt it was cached from (0: off)",
+        allow_inf_nan=False,
+        description="CacheBlend, kvshelf's own runner: a blended request whose first answer token is picked by "
+        "less than this top-1 over top-2 log-probability margin (nats) is served by an exact prefill instead "
+        "(that request costs a blend plus a full prefill; 0: never; not inside vLLM)",
     )
     extra_config: dict[str, Any] = Field({}, description="free-form settings passed through to integrations")
 
@@ -372,8 +366,7 @@ NESTED_KEYS: dict[str, str] = {
     "blending.document_context": "blend_document_context",
     "blending.long_question_pass": "blend_long_question_pass",
     "blending.long_question_budget": "blend_long_question_budget",
-    "blending.long_moved_extra": "blend_long_moved_extra",
-    "blending.long_moved_head": "blend_long_moved_head",
+    "blending.fallback_margin": "blend_fallback_margin",
     "layerwise.enabled": "use_layerwise",
     "layerwise.async_load": "use_async_load",
     "layerwise.buffer_size": "buffer_size",

@@ -20,6 +20,7 @@ from kvshelf.cache import requests as reasons
 from kvshelf.cache.engine import CacheEngine
 from kvshelf.cache.requests import RequestStats
 from kvshelf.errors import PromptError
+from kvshelf.generation import fallback
 from kvshelf.generation import prompt as prompts
 from kvshelf.generation.blend import BlendPrefill
 from kvshelf.generation.layerwise import LayerwisePrefill
@@ -147,6 +148,10 @@ class CachedGenerator:
         if temperature < 0 or not 0 < top_p <= 1:
             raise PromptError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
         rng = torch.Generator().manual_seed(seed) if seed is not None else None
+
+        def pick(logits: torch.Tensor) -> int:
+            return choose(logits, temperature, top_p, rng)
+
         engine = self.engine if use_cache else None
         request = PrefillRequest(ids, salt, engine, documents=seg)
         reason = reasons.LOOKED_UP if engine is not None else reasons.CACHE_OFF
@@ -170,13 +175,19 @@ class CachedGenerator:
             with torch.inference_mode(), interruptible(should_stop):
                 kv = self.runner.new_kv(len(ids) + max_new_tokens)
                 outcome = self.strategy(request).prefill(request, kv)
+                if fallback.applies(self.blender, outcome):  # a near tie of the blend's answer: exact prefill
+                    start, outcome = fallback.confident_start(
+                        self.blender, request, kv, outcome, pick, self._blank, max_new_tokens
+                    )
+                else:
+                    start = [(pick(outcome.logits), outcome.logits)]
         if guard is not None and plan and outcome.load_s is not None:  # every strategy's load teaches the guard
             guard.observe(plan, outcome.load_s)
         hit = outcome.hit_tokens
         with torch.inference_mode():
-            next_id = choose(outcome.logits, temperature, top_p, rng)
+            next_id = start[0][0]  # chosen above (with the fallback, with the tokens chosen ahead of streaming)
             if on_logits is not None:
-                on_logits(outcome.logits, next_id)
+                on_logits(start[0][1], next_id)
             ttft = time.perf_counter() - t0
             if reason == reasons.LOOKED_UP and hit == 0 and engine is not None and engine.backend.unavailable_tiers():
                 reason = reasons.TIER_DOWN
@@ -199,9 +210,12 @@ class CachedGenerator:
                 break
             if len(out) >= max_new_tokens:
                 break
-            with torch.inference_mode():
-                logits = self.runner.forward([next_id], len(ids) + len(out) - 1, kv)
-                next_id = choose(logits, temperature, top_p, rng)
+            if len(out) < len(start):  # chosen ahead over this KV, not streamed yet (the fallback's check)
+                next_id, logits = start[len(out)]
+            else:
+                with torch.inference_mode():
+                    logits = self.runner.forward([next_id], len(ids) + len(out) - 1, kv)
+                    next_id = choose(logits, temperature, top_p, rng)
             if on_logits is not None:
                 on_logits(logits, next_id)
             out.append(next_id)
@@ -223,7 +237,7 @@ class CachedGenerator:
             stored_tokens=stored,
             ttft_s=ttft,
             total_s=time.perf_counter() - t0,
-            first_logits=outcome.logits,
+            first_logits=start[0][1],
             finish_reason=finish,
             blend=outcome.blend,
             cache_reason=reason,
@@ -237,6 +251,12 @@ class CachedGenerator:
             for _ in steps:
                 if not every_step:
                     return
+
+    def _blank(self, token: int) -> bool:
+        """Whether `token` is white space alone (not end-of-sequence): not yet the answer's first token."""
+        if self.tokenizer is None or token in self.eos_ids:
+            return False
+        return not self.tokenizer.decode([token]).strip()
 
     @staticmethod
     def _store_prompt(engine, request: PrefillRequest, outcome: PrefillOutcome, kv, budget_s) -> int:
