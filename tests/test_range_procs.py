@@ -5,6 +5,9 @@ streamed layerwise load through them decodes as whole loading does."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +84,26 @@ def test_a_worker_that_dies_fails_its_call_and_is_replaced(tmp_path, procs):
         procs.read(buf, [(r, 0)])
     assert procs.read(buf, [(r, 0)]) == [None] and buf.tensor.numpy()[:300].tobytes() == data
     assert len(procs._workers) == 2 and all(w.proc.poll() is None for w in procs._workers)
+
+
+def test_a_worker_that_stops_answering_fails_its_call_in_bounded_time_and_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.setattr(range_procs, "WAIT_S", 0.5)
+    pool = range_procs.RangeProcesses(1)
+    try:
+        buf = shared_host.SharedHost(1 << 12, pin=False)
+        r, data = stored(tmp_path, "d", [300], False, 4)
+        stuck = pool._workers[0].proc
+        os.kill(stuck.pid, signal.SIGSTOP)  # alive, never answers (a hung file system)
+        with pytest.raises(range_procs.RangeWorkerError, match="did not answer in 0.5 s"):
+            pool.read(buf, [(r, 0)])
+        assert stuck.poll() is not None  # killed
+        assert pool.read(buf, [(r, 0)]) == [None] and buf.tensor.numpy()[:300].tobytes() == data
+        # every worker busy: a call waits for one no longer than WAIT_S
+        pool._idle.get()
+        with pytest.raises(range_procs.RangeWorkerError, match="busy for 0.5 s"):
+            pool.read(buf, [(r, 0)])
+    finally:
+        pool.close()
 
 
 def test_a_shared_staging_buffer_comes_from_its_own_pool(monkeypatch):

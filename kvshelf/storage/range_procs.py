@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import hmac
 import json
+import logging
 import mmap
 import os
 import queue
@@ -35,6 +36,8 @@ from typing import TYPE_CHECKING
 
 from kvshelf.storage.digests import segment_digest
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from kvshelf.codecs.shared_host import SharedHost
     from kvshelf.storage.base import FileRange
@@ -43,6 +46,9 @@ if TYPE_CHECKING:
 SUPPORTED = sys.platform.startswith("linux")
 _MESSAGE = 1 << 20  # the largest message either side sends (a batch of ~12 chunks' ranges takes ~10 KB)
 GONE, DAMAGED, ERROR = "gone", "damaged", "error"
+# Every wait on a worker is bounded: a batch of a local disk's ranges takes milliseconds, so a worker silent this
+# long is stuck (a hung file system); its call fails (the request recomputes) and it is killed and replaced.
+WAIT_S = 30.0
 
 
 class NotRead(Exception):
@@ -90,11 +96,14 @@ class RangeProcesses:
         for r, at in jobs:
             if at < 0 or at + r.n > buffer.nbytes:
                 raise ValueError(f"a range of {r.n} bytes at {at} lies outside a buffer of {buffer.nbytes} bytes")
-        worker = self._idle.get()
+        try:
+            worker = self._idle.get(timeout=WAIT_S)
+        except queue.Empty:
+            raise RangeWorkerError(f"all {self.processes} range reader processes busy for {WAIT_S:g} s") from None
         try:
             answers = worker.call(buffer, jobs)
         except BaseException:
-            worker.stop()
+            worker.stop(kill=True)  # it failed its call: nothing to wait for
             with self._lock:
                 self._workers.remove(worker)  # replaced by the next call
             raise
@@ -139,6 +148,7 @@ class _Worker:
             )
         finally:
             child.close()
+        parent.settimeout(WAIT_S)
         self.sock = parent
         self._known: set[int] = set()  # serials of the buffers this worker was handed
 
@@ -166,6 +176,8 @@ class _Worker:
             reply = self.sock.recv(_MESSAGE)
         except (BrokenPipeError, ConnectionResetError):
             reply = b""
+        except TimeoutError:
+            raise RangeWorkerError(f"range reader process {self.proc.pid} did not answer in {WAIT_S:g} s") from None
         if not reply:
             raise RangeWorkerError(f"range reader process {self.proc.pid} ended (exit status {self.proc.poll()})")
         answers = json.loads(reply)
@@ -174,13 +186,21 @@ class _Worker:
             raise RangeWorkerError(f"range reader process {self.proc.pid} answered {len(reply)} bytes of nonsense")
         return answers
 
-    def stop(self) -> None:
-        self.sock.close()  # the worker's recv sees the end and it exits
-        try:
+    def stop(self, kill: bool = False) -> None:
+        """End the worker: close its socket (its recv sees the end and it exits), then wait for it; a worker that
+        does not end in 5 s, or one that failed (`kill`), is killed."""
+        self.sock.close()
+        if not kill:
+            try:
+                self.proc.wait(timeout=5)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc.kill()
+        try:  # a process in an uninterruptible read ends only when the read does: not waited for forever
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            log.error("range reader process %d did not end after SIGKILL; left behind", self.proc.pid)
 
 
 _pools: dict[int, RangeProcesses] = {}
