@@ -260,13 +260,16 @@ def main() -> None:
         text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
         ids = lm.tokenizer(text)["input_ids"][: args.tokens + args.suffix]
     runner = ModelRunner(model)
+    t = time.perf_counter()
+    fingerprint = runner.fingerprint()  # a model without weight files (the random one) is hashed whole: minutes
+    print(f"model fingerprint (weights digest) in {time.perf_counter() - t:.1f} s", flush=True)
     codec_params = {}
     if args.calibrate and "cachegen" in args.codecs:
         from kvshelf.codecs import calibration as calib
         from kvshelf.model.calibrate import calibrate
 
         t = time.perf_counter()
-        kept = Path(tempfile.gettempdir()) / f"kvshelf-bench-{runner.fingerprint().hex()[:16]}.kvcal"
+        kept = Path(tempfile.gettempdir()) / f"kvshelf-bench-{fingerprint.hex()[:16]}.kvcal"
         if kept.is_file():
             cal = calib.Calibration.from_bytes(kept.read_bytes())
         else:
