@@ -128,3 +128,15 @@ def test_served_shelf_counts_fallbacks_in_its_metrics(tiny_models, tmp_path, mon
     served = gen.generate(REORDERED, max_new_tokens=1)
     assert served.blend.document_hits == 3 and served.blend.fallback
     assert gen.metrics.registry.get_sample_value("kvshelf_blend_fallbacks_total") == 1
+
+
+def test_a_fallback_after_the_white_space_look_ahead_streams_full_prefills_tokens(tiny_models):
+    gen = make(tiny_models("gemma3"), margin=1e9)
+    ids = gen.segment(REORDERED, None).token_ids
+    full, full_steps = steps(gen, ids, use_cache=False)
+    blend_first = make(tiny_models("gemma3"), margin=0.0).generate(REORDERED, max_new_tokens=1).token_ids[0]
+    gen._blank = lambda token: token == blend_first  # the blend's first token counts as white space: looked past
+    served, served_steps = steps(gen, REORDERED)
+    assert served.blend.fallback and served.token_ids == full.token_ids
+    for a, b in zip(served_steps, full_steps, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)

@@ -106,6 +106,33 @@ def test_a_worker_that_stops_answering_fails_its_call_in_bounded_time_and_is_rep
         pool.close()
 
 
+def test_a_batch_larger_than_one_socket_message_goes_in_several(tmp_path, procs):
+    r, data = stored(tmp_path, "e", [16] * 8, True, 5)
+    buf = shared_host.SharedHost(2000 * r.n, pin=False)
+    jobs = [(r, k * r.n) for k in range(2000)]  # ~1 MB of jobs: one message would be refused (EMSGSIZE)
+    assert sum(len(b) for b in range_procs._batches([range_procs._job(*j) for j in jobs])) == 2000
+    assert procs.read(buf, jobs) == [None] * 2000 and len(procs._workers) == procs.processes
+    assert buf.tensor.numpy()[1999 * r.n : 2000 * r.n].tobytes() == data
+
+
+def test_a_buffer_a_killed_worker_may_still_write_is_never_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(rans_gpu, "_shared_pool", [])
+    monkeypatch.setattr(range_procs._Worker, "stop", lambda self, kill=False: self.proc.kill() or False)
+    pool = range_procs.RangeProcesses(1)
+    try:
+        host = rans_gpu.HostRange(4096, "cpu", shared=True)
+        r, _ = stored(tmp_path, "f", [300], False, 6)
+        pool._workers[0].proc.kill()
+        pool._workers[0].proc.wait()
+        with pytest.raises(range_procs.RangeWorkerError):
+            pool.read(host.shared, [(r, 0)])
+        assert host.shared.tainted
+        host.close()
+        assert rans_gpu._shared_pool == []  # dropped, not handed out again
+    finally:
+        pool.close()
+
+
 def test_a_shared_staging_buffer_comes_from_its_own_pool(monkeypatch):
     monkeypatch.setattr(rans_gpu, "_shared_pool", [])  # this test's own
     host = rans_gpu.HostRange(5000, "cpu", shared=True)

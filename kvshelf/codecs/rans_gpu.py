@@ -130,7 +130,13 @@ def _pinned(nbytes: int, shared: bool = False, pin: bool = True) -> tuple[torch.
     if slot[1] is not None:
         slot[1].synchronize()
     if slot[0].numel() < nbytes:
-        old, slot[0] = slot[0], _new_buffer(nbytes, shared, pin)
+        try:
+            new = _new_buffer(nbytes, shared, pin)
+        except BaseException:
+            with _pool_lock:
+                slot[2] = False  # its buffer is as it was: free again
+            raise
+        old, slot[0] = slot[0], new
         if shared:  # unpinned and unmapped now (its last copy has run: waited for above)
             shared_host.handle(old).close()
     return slot[0][:nbytes], slot
@@ -241,6 +247,8 @@ class HostRange:
             self._returned = True
         if self._slot is not None:
             with _pool_lock:
+                if self.shared is not None and self.shared.tainted:  # a worker that outlived its kill may write there
+                    _shared_pool[:] = [s for s in _shared_pool if s is not self._slot]
                 self._slot[2] = False
 
 

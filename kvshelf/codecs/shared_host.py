@@ -40,13 +40,21 @@ class SharedHost:
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         self.serial = next(_serials)  # names it to the worker processes (an fd number may be reused)
         self.pinned = False
+        self.tainted = False  # a worker that may still write into it outlived its kill: never reused (taint)
         if pin:
             err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
             if int(err) != 0:
+                os.close(self.fd)
                 raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of shared memory failed: {err}")
             self.pinned = True
         with _lock:
             _by_address[self.tensor.data_ptr()] = self
+
+    def taint(self) -> None:
+        """A worker process handed this buffer could not be stopped and may write into it later: whatever is
+        staged in it now or later could change after its check, so its pool drops it (and leaks it, rather than
+        unpin memory a copy may still read)."""
+        self.tainted = True
 
     def close(self) -> None:
         """Done with it (no copy from it may still be queued, no read may still write into it): unpinned and its

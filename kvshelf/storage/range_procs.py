@@ -44,7 +44,10 @@ if TYPE_CHECKING:
 
 # What the workers need: memfd staging (shared_host), SCM_RIGHTS, SOCK_SEQPACKET, os.preadv (Linux)
 SUPPORTED = sys.platform.startswith("linux")
-_MESSAGE = 1 << 20  # the largest message either side sends (a batch of ~12 chunks' ranges takes ~10 KB)
+_MESSAGE = 1 << 20  # the largest message a worker receives (its answers to a message stay far below)
+# A SOCK_SEQPACKET message is sent whole or refused (EMSGSIZE above the socket's send buffer, net.core.wmem_default,
+# ~208 KiB): a batch goes out in messages of at most this many bytes of jobs (~60 ranges of 8 layers each).
+_SEND = 48 << 10
 GONE, DAMAGED, ERROR = "gone", "damaged", "error"
 # Every wait on a worker is bounded: a batch of a local disk's ranges takes milliseconds, so a worker silent this
 # long is stuck (a hung file system); its call fails (the request recomputes) and it is killed and replaced.
@@ -71,13 +74,13 @@ class RangeProcesses:
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._closed = False
-        for _ in range(processes):
-            self._add()
+        with self._lock:
+            for _ in range(processes):
+                self._add()
 
     def _add(self) -> None:
         worker = _Worker()
-        with self._lock:
-            self._workers.append(worker)
+        self._workers.append(worker)
         self._idle.put(worker)
 
     def read(self, buffer: SharedHost, jobs: list[tuple[FileRange, int]]) -> list[Exception | None]:
@@ -89,21 +92,24 @@ class RangeProcesses:
 
         if self._closed:
             raise RangeWorkerError("the range reader processes are closed")
-        with self._lock:
-            missing = self.processes - len(self._workers)
-        for _ in range(missing):  # replacements of workers that failed (a start that fails raises here, loudly)
-            self._add()
+        with self._lock:  # replacements of workers that failed, started once (a start that fails raises, loudly)
+            for _ in range(self.processes - len(self._workers)):
+                self._add()
         for r, at in jobs:
             if at < 0 or at + r.n > buffer.nbytes:
                 raise ValueError(f"a range of {r.n} bytes at {at} lies outside a buffer of {buffer.nbytes} bytes")
+        encoded = [_job(r, at) for r, at in jobs]
+        if max(map(len, encoded), default=0) > _SEND:
+            raise ValueError(f"a range of {max(len(r.lengths) for r, _ in jobs)} segments is too long to hand over")
         try:
             worker = self._idle.get(timeout=WAIT_S)
         except queue.Empty:
             raise RangeWorkerError(f"all {self.processes} range reader processes busy for {WAIT_S:g} s") from None
         try:
-            answers = worker.call(buffer, jobs)
+            answers = worker.call(buffer, encoded)
         except BaseException:
-            worker.stop(kill=True)  # it failed its call: nothing to wait for
+            if not worker.stop(kill=True):  # it failed its call: nothing to wait for
+                buffer.taint()  # it may still write there once its read returns: never staged from again
             with self._lock:
                 self._workers.remove(worker)  # replaced by the next call
             raise
@@ -152,21 +158,23 @@ class _Worker:
         self.sock = parent
         self._known: set[int] = set()  # serials of the buffers this worker was handed
 
-    def call(self, buffer: SharedHost, jobs: list[tuple[FileRange, int]]) -> list:
+    def call(self, buffer: SharedHost, jobs: list[str]) -> list:
+        """`jobs` (each _job's JSON) read into `buffer` by this worker, in messages of at most _SEND bytes of jobs:
+        the answers in order, up to the first job that failed."""
+        answers: list = []
+        for batch in _batches(jobs):
+            answers += self._send(buffer, batch)
+            if answers[-1] is not None:  # a failed job ends the call: those after it are not read
+                break
+        return answers
+
+    def _send(self, buffer: SharedHost, batch: list[str]) -> list:
         from kvshelf.codecs import shared_host  # here: a worker process imports no torch
 
         drop = shared_host.retired(self._known)  # buffers closed since: the worker unmaps them
         self._known -= drop
-        message = {
-            "drop": sorted(drop),
-            "buffer": buffer.serial,
-            "size": buffer.nbytes,
-            "jobs": [
-                [r.path, r.at, r.n, r.limit, list(r.lengths), [d.hex() for d in r.digests], r.mac, r.first, at]
-                for r, at in jobs
-            ],
-        }
-        data = json.dumps(message).encode()
+        head = json.dumps({"drop": sorted(drop), "buffer": buffer.serial, "size": buffer.nbytes})
+        data = (head[:-1] + ', "jobs": [' + ", ".join(batch) + "]}").encode()
         try:
             if buffer.serial in self._known:
                 self.sock.send(data)
@@ -181,26 +189,53 @@ class _Worker:
         if not reply:
             raise RangeWorkerError(f"range reader process {self.proc.pid} ended (exit status {self.proc.poll()})")
         answers = json.loads(reply)
-        ended = len(answers) == len(jobs) or (answers and answers[-1] is not None)  # all, or up to a failure
-        if not isinstance(answers, list) or len(answers) > len(jobs) or not ended:
+        sound = (
+            isinstance(answers, list)
+            and 0 < len(answers) <= len(batch)
+            and all(a is None for a in answers[:-1])
+            and (len(answers) == len(batch) or answers[-1] is not None)  # all, or up to a failure
+        )
+        if not sound:
             raise RangeWorkerError(f"range reader process {self.proc.pid} answered {len(reply)} bytes of nonsense")
         return answers
 
-    def stop(self, kill: bool = False) -> None:
+    def stop(self, kill: bool = False) -> bool:
         """End the worker: close its socket (its recv sees the end and it exits), then wait for it; a worker that
-        does not end in 5 s, or one that failed (`kill`), is killed."""
+        does not end in 5 s, or one that failed (`kill`), is killed. False: it still runs (a read the kernel does
+        not interrupt), and may write into the buffers it was handed when that read returns."""
         self.sock.close()
         if not kill:
             try:
                 self.proc.wait(timeout=5)
-                return
+                return True
             except subprocess.TimeoutExpired:
                 pass
         self.proc.kill()
-        try:  # a process in an uninterruptible read ends only when the read does: not waited for forever
+        try:
             self.proc.wait(timeout=5)
+            return True
         except subprocess.TimeoutExpired:
             log.error("range reader process %d did not end after SIGKILL; left behind", self.proc.pid)
+            return False
+
+
+def _job(r: FileRange, at: int) -> str:
+    """One range to read into a worker's buffer at `at`, as the worker's message carries it."""
+    return json.dumps([r.path, r.at, r.n, r.limit, list(r.lengths), [d.hex() for d in r.digests], r.mac, r.first, at])
+
+
+def _batches(jobs: list[str]):
+    """`jobs` in runs of at most _SEND bytes (one job longer than that alone)."""
+    batch: list[str] = []
+    size = 0
+    for job in jobs:
+        if batch and size + len(job) > _SEND:
+            yield batch
+            batch, size = [], 0
+        batch.append(job)
+        size += len(job) + 2
+    if batch:
+        yield batch
 
 
 _pools: dict[int, RangeProcesses] = {}
