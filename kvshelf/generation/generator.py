@@ -189,7 +189,9 @@ class CachedGenerator:
             if on_logits is not None:
                 on_logits(start[0][1], next_id)
             ttft = time.perf_counter() - t0
-            if reason == reasons.LOOKED_UP and hit == 0 and engine is not None and engine.backend.unavailable_tiers():
+            fell_back = outcome.blend is not None and outcome.blend.fallback  # blended, then recomputed: no miss
+            missed = reason == reasons.LOOKED_UP and hit == 0 and not fell_back
+            if missed and engine is not None and engine.backend.unavailable_tiers():
                 reason = reasons.TIER_DOWN
             self.request_stats.record(len(ids), hit, reason)
             stored = self._store_prompt(engine, request, outcome, kv, budget_s)
