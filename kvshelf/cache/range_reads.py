@@ -61,7 +61,8 @@ class RangeReads:
                     continue
                 got[k - first] = self._ranges[k].read_into(self.a, self.b, spot)
                 if got[k - first] is None:  # the chunks after it are not read, nor those left to a process
-                    return [None if j >= k or j in dict(elsewhere) else g for j, g in enumerate(got, first)]
+                    left = {j for j, _ in elsewhere}
+                    return [None if j >= k or j in left else g for j, g in enumerate(got, first)]
             if elsewhere:
                 self._read_elsewhere(host, elsewhere, got, first)
             return got

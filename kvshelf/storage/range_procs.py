@@ -74,14 +74,16 @@ class RangeProcesses:
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
         self._closed = False
-        with self._lock:
-            for _ in range(processes):
-                self._add()
+        self._fill()
 
-    def _add(self) -> None:
-        worker = _Worker()
-        self._workers.append(worker)
-        self._idle.put(worker)
+    def _fill(self) -> None:
+        """Workers started up to `processes` (replacements of those that failed), under the lock so that calls
+        side by side start each one once; a start that fails raises, loudly."""
+        with self._lock:
+            for _ in range(self.processes - len(self._workers)):
+                worker = _Worker()
+                self._workers.append(worker)
+                self._idle.put(worker)
 
     def read(self, buffer: SharedHost, jobs: list[tuple[FileRange, int]]) -> list[Exception | None]:
         """Each (range, its first byte in `buffer`) read there and checked, in order, on one worker: per job None
@@ -92,9 +94,7 @@ class RangeProcesses:
 
         if self._closed:
             raise RangeWorkerError("the range reader processes are closed")
-        with self._lock:  # replacements of workers that failed, started once (a start that fails raises, loudly)
-            for _ in range(self.processes - len(self._workers)):
-                self._add()
+        self._fill()
         for r, at in jobs:
             if at < 0 or at + r.n > buffer.nbytes:
                 raise ValueError(f"a range of {r.n} bytes at {at} lies outside a buffer of {buffer.nbytes} bytes")
@@ -115,11 +115,8 @@ class RangeProcesses:
             raise
         self._idle.put(worker)
         out: list[Exception | None] = []
-        for k in range(len(jobs)):
-            answer = answers[k] if k < len(answers) else None
-            if k >= len(answers):
-                out.append(NotRead(f"not read: range {len(answers) - 1} of the batch failed"))
-            elif answer is None:
+        for answer in answers:
+            if answer is None:
                 out.append(None)
             elif answer[0] == DAMAGED:
                 out.append(FormatError(answer[1]))
@@ -127,7 +124,8 @@ class RangeProcesses:
                 out.append(FileNotFoundError(answer[1]))
             else:
                 raise OSError(f"range reader: {answer[1]}")
-        return out
+        failed = len(answers) - 1
+        return out + [NotRead(f"not read: range {failed} of the batch failed") for _ in jobs[len(answers) :]]
 
     def close(self) -> None:
         """Stop every worker (each ends when its socket closes) and wait for them."""
