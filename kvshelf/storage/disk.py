@@ -190,7 +190,7 @@ class DiskBackend(ByteStore):
     def _get_range(self, name: str, start: int, length: int, limit: int) -> bytes | None:
         return self._pread(name, start, length, limit)
 
-    def _file_of(self, name: str) -> str | None:  # indexed here: marked as just used
+    def _file_of(self, name: str) -> str | None:
         with self._lock:
             if name not in self._index:
                 return None
@@ -206,11 +206,12 @@ class DiskBackend(ByteStore):
     def _pread(self, name: str, start: int, length: int, limit: int, out: memoryview | None = None):
         """Up to `length` bytes of the file from `start` (the whole file: start 0, length `limit`); with `out`,
         read into it (os.preadv: the page cache's bytes copied once, into the caller's buffer) and their count."""
-        path = self._file_of(name)
-        if path is None:
-            return None
+        with self._lock:
+            if name not in self._index:
+                return None
+            self._index.move_to_end(name)
         try:
-            with open(path, "rb", buffering=0) as f:
+            with open(self._path(name), "rb", buffering=0) as f:
                 fd = f.fileno()
                 size = os.fstat(fd).st_size
                 if size > limit:
